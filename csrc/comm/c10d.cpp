@@ -1,0 +1,86 @@
+// Communicator over any c10d ProcessGroup (gloo on CPU, NCCL on CUDA): the generic backend.
+#include "comm/communicator.h"
+
+#include <c10/util/Exception.h>
+#include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+#include <torch/csrc/distributed/c10d/Work.hpp>
+
+namespace tpext::comm {
+namespace {
+
+class C10dPending final : public Pending {
+ public:
+  explicit C10dPending(c10::intrusive_ptr<c10d::Work> work) : work_(std::move(work)) {}
+  // Work::wait raises on a failed or timed-out collective (the group's timeout), never hangs past it.
+  void wait() override { work_->wait(); }
+
+ private:
+  c10::intrusive_ptr<c10d::Work> work_;
+};
+
+class C10dCommunicator final : public Communicator {
+ public:
+  explicit C10dCommunicator(c10::intrusive_ptr<c10d::ProcessGroup> pg) : pg_(std::move(pg)) {}
+
+  int rank() const override { return pg_->getRank(); }
+  int size() const override { return pg_->getSize(); }
+
+  PendingPtr all_reduce(at::Tensor& buf) override {
+    std::vector<at::Tensor> tensors{buf};
+    return std::make_unique<C10dPending>(pg_->allreduce(tensors));
+  }
+
+  PendingPtr reduce_scatter(at::Tensor& out, at::Tensor& in) override {
+    return std::make_unique<C10dPending>(pg_->_reduce_scatter_base(out, in));
+  }
+
+  PendingPtr all_gather(std::vector<at::Tensor>& outs, at::Tensor& in) override {
+    std::vector<std::vector<at::Tensor>> out_lists{outs};
+    std::vector<at::Tensor> ins{in};
+    return std::make_unique<C10dPending>(pg_->allgather(out_lists, ins));
+  }
+
+ private:
+  c10::intrusive_ptr<c10d::ProcessGroup> pg_;  // shared with torch.distributed; kept alive while in use
+};
+
+// A group of one: every collective is the identity, so no backend call is made at all (the
+// "world size 1 takes the local path" rule). Copies only where the output is a different buffer.
+class LocalCommunicator final : public Communicator {
+ public:
+  int rank() const override { return 0; }
+  int size() const override { return 1; }
+  PendingPtr all_reduce(at::Tensor&) override { return std::make_unique<Done>(); }
+  PendingPtr reduce_scatter(at::Tensor& out, at::Tensor& in) override {
+    out.copy_(in);
+    return std::make_unique<Done>();
+  }
+  PendingPtr all_gather(std::vector<at::Tensor>& outs, at::Tensor& in) override {
+    outs.at(0).copy_(in);
+    return std::make_unique<Done>();
+  }
+
+ private:
+  struct Done final : Pending {
+    void wait() override {}
+  };
+};
+
+}  // namespace
+
+std::unique_ptr<Communicator> make_c10d_communicator(const std::string& group_name, const char* op) {
+  c10::intrusive_ptr<c10d::ProcessGroup> pg;
+  try {
+    pg = c10d::resolve_process_group(group_name);
+  } catch (const c10::Error&) {
+    pg.reset();
+  }
+  TORCH_CHECK(pg, "tpext.", op, ": group_name '", group_name,
+              "' does not name a registered process group; pass ProcessGroup.group_name of a group made "
+              "by torch.distributed (or use the tpext.ops wrappers, which take the group itself)");
+  if (pg->getSize() == 1) return std::make_unique<LocalCommunicator>();
+  return std::make_unique<C10dCommunicator>(std::move(pg));
+}
+
+}  // namespace tpext::comm

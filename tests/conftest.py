@@ -1,0 +1,9 @@
+import pytest
+
+import dist
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_rank_pools():
+    yield
+    dist.shutdown()

@@ -1,0 +1,142 @@
+"""The one multi-rank test harness.
+
+``run_ranks(fn, world_size, *args)`` runs ``fn(*args)`` on every rank of a gloo group and returns the
+per-rank results in rank order. Ranks are spawned processes that meet through a file:// rendezvous;
+every collective runs under the group timeout, so a rank that never joins makes its peers fail within
+that timeout instead of hanging. On any failure all ranks are killed and ``DistFailure`` is raised with
+the failing rank's traceback.
+
+Spawning a rank costs an interpreter start and a torch import (seconds), so ranks are kept in a pool
+per (world_size, group_timeout) and reused by later calls; a failure discards that pool. `fn` must be
+importable by reference (a module-level function); what it returns must be picklable.
+"""
+
+from __future__ import annotations
+
+import atexit
+import multiprocessing as mp
+import os
+import queue
+import shutil
+import tempfile
+import time
+import traceback
+from datetime import timedelta
+from typing import Any, Callable
+
+_CTX = mp.get_context("spawn")
+_POLL_S = 0.05
+
+
+class DistFailure(AssertionError):
+    """A rank raised, died, or did not finish in time. The message holds the failing rank's traceback."""
+
+
+def _rank_main(rank: int, world_size: int, init_file: str, group_timeout_s: float, backend: str,
+               tasks: "mp.Queue", results: "mp.Queue") -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)  # ranks share the machine's cores; one BLAS thread each
+    try:
+        dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=group_timeout_s))
+        results.put((rank, "ready", None))
+    except BaseException:  # noqa: BLE001 - relayed to the parent verbatim
+        results.put((rank, "error", traceback.format_exc()))
+        return
+    while True:
+        task = tasks.get()
+        if task is None:
+            break
+        fn, args = task
+        try:
+            results.put((rank, "ok", fn(*args)))
+        except BaseException:  # noqa: BLE001 - relayed to the parent verbatim
+            results.put((rank, "error", traceback.format_exc()))
+    dist.destroy_process_group()
+
+
+class _RankPool:
+    def __init__(self, world_size: int, group_timeout_s: float, backend: str, start_timeout_s: float = 120.0):
+        self.world_size = world_size
+        self._tmp = tempfile.mkdtemp(prefix="tpext-dist-")
+        self._results: mp.Queue = _CTX.Queue()
+        self._tasks = [_CTX.Queue() for _ in range(world_size)]
+        self._procs = [
+            _CTX.Process(target=_rank_main, daemon=True, name=f"tpext-rank{r}",
+                         args=(r, world_size, os.path.join(self._tmp, "rendezvous"), group_timeout_s, backend,
+                               self._tasks[r], self._results))
+            for r in range(world_size)
+        ]
+        for p in self._procs:
+            p.start()
+        self._collect("ready", start_timeout_s, what="joining the group")
+
+    def run(self, fn: Callable[..., Any], args: tuple, timeout_s: float) -> list[Any]:
+        for q in self._tasks:
+            q.put((fn, args))
+        return self._collect("ok", timeout_s, what=f"running {getattr(fn, '__qualname__', fn)}")
+
+    def _collect(self, expected: str, timeout_s: float, what: str) -> list[Any]:
+        out: dict[int, Any] = {}
+        deadline = time.monotonic() + timeout_s
+        while len(out) < self.world_size:
+            try:
+                rank, status, payload = self._results.get(timeout=_POLL_S)
+            except queue.Empty:
+                dead = [(r, p.exitcode) for r, p in enumerate(self._procs) if not p.is_alive()]
+                if dead:
+                    self._fail(f"rank(s) died while {what}: " +
+                               ", ".join(f"rank {r} exit code {code}" for r, code in dead))
+                if time.monotonic() > deadline:
+                    missing = sorted(set(range(self.world_size)) - set(out))
+                    self._fail(f"rank(s) {missing} did not finish within {timeout_s:.0f}s while {what}")
+                continue
+            if status == "error":
+                self._fail(f"rank {rank} of {self.world_size} failed while {what}:\n{payload}")
+            assert status == expected, (status, expected)
+            out[rank] = payload
+        return [out[r] for r in range(self.world_size)]
+
+    def _fail(self, message: str) -> None:
+        self.close(graceful=False)
+        raise DistFailure(message)
+
+    def close(self, graceful: bool = True) -> None:
+        if graceful:
+            for q in self._tasks:
+                q.put(None)
+            for p in self._procs:
+                p.join(timeout=10)
+        for p in self._procs:  # kill whatever is still there (stuck in a collective, or not graceful)
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=10)
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+_pools: dict[tuple[int, float, str], _RankPool] = {}
+
+
+def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 120.0,
+              group_timeout_s: float = 30.0, backend: str = "gloo") -> list[Any]:
+    """Run ``fn(*args)`` on `world_size` ranks; return the results in rank order, or raise DistFailure."""
+    key = (world_size, group_timeout_s, backend)
+    pool = _pools.get(key)
+    if pool is None:
+        pool = _pools[key] = _RankPool(world_size, group_timeout_s, backend)
+    try:
+        return pool.run(fn, args, timeout_s)
+    except DistFailure:
+        _pools.pop(key, None)  # that pool's ranks are gone
+        raise
+
+
+def shutdown() -> None:
+    """Stop every pooled rank (called at the end of the test session)."""
+    while _pools:
+        _pools.popitem()[1].close()
+
+
+atexit.register(shutdown)

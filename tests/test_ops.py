@@ -1,0 +1,140 @@
+"""torch.ops.tpext.* against the unsharded fp64 reference, on gloo at world sizes 1-4.
+
+Every rank builds all ranks' inputs from fixed seeds, so it can compute the dense reference itself.
+Each rank function sweeps every chunk count from 1 to 8 (including counts that do not divide the rows
+and counts larger than the rows) over several shapes, with and without bias.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as tdist
+
+import tpext
+from dist import run_ranks
+
+WORLD_SIZES = [1, 2, 3, 4]
+CHUNKS = range(1, 9)
+K, N = 16, 12
+REL_TOL = 1e-12  # fp64: chunked and sequential agree with the reference up to rounding
+
+
+def _randn(seed: int, *shape: int, dtype=torch.float64) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)
+
+
+def _assert_close(got: torch.Tensor, want: torch.Tensor, what: str, rel_tol: float = REL_TOL) -> None:
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)}, want {tuple(want.shape)}"
+    err = (got.double() - want.double()).abs().max().item() if got.numel() else 0.0
+    scale = max(1.0, want.abs().max().item() if want.numel() else 0.0)
+    assert err <= rel_tol * scale, f"{what}: max abs error {err:.3e} > {rel_tol:.0e} x {scale:.3g}"
+
+
+# Leading shapes of x (without K). Uneven row counts (7, 5x3) exercise chunk splits that do not divide.
+AR_SHAPES = [(1,), (7,), (12,), (2, 5), (3, 2, 2)]
+# Rows per rank for the sequence-sharded ops, with optional extra dims after dim 0.
+SHARD_SHAPES = [(1,), (5,), (8,), (3, 4)]
+
+
+def _check_gemm_all_reduce() -> list[torch.Tensor]:
+    rank, world = tdist.get_rank(), tdist.get_world_size()
+    outputs = []
+    for si, lead in enumerate(AR_SHAPES):
+        xs = [_randn(100 * si + r, *lead, K) for r in range(world)]
+        ws = [_randn(1000 + 100 * si + r, N, K) for r in range(world)]
+        bias = _randn(7, N)
+        dense = sum(x @ w.T for x, w in zip(xs, ws))
+        for with_bias in (False, True):
+            want = dense + bias if with_bias else dense
+            for chunks in CHUNKS:
+                y = tpext.ops.gemm_all_reduce(xs[rank], ws[rank], bias if with_bias else None, chunks=chunks)
+                _assert_close(y, want, f"gemm_all_reduce x{lead} bias={with_bias} chunks={chunks}")
+                outputs.append(y)
+    return outputs
+
+
+def _check_gemm_reduce_scatter() -> None:
+    rank, world = tdist.get_rank(), tdist.get_world_size()
+    for si, (m, *mid) in enumerate(SHARD_SHAPES):
+        xs = [_randn(200 * si + r, world * m, *mid, K) for r in range(world)]
+        ws = [_randn(2000 + 200 * si + r, N, K) for r in range(world)]
+        bias = _randn(8, N)
+        dense = sum(x @ w.T for x, w in zip(xs, ws))
+        mine = dense[rank * m:(rank + 1) * m]
+        for with_bias in (False, True):
+            want = mine + bias if with_bias else mine
+            for chunks in CHUNKS:
+                y = tpext.ops.gemm_reduce_scatter(xs[rank], ws[rank], bias if with_bias else None, chunks=chunks)
+                _assert_close(y, want, f"gemm_reduce_scatter m={m} mid={mid} bias={with_bias} chunks={chunks}")
+
+
+def _check_all_gather_gemm() -> None:
+    rank, world = tdist.get_rank(), tdist.get_world_size()
+    for si, (m, *mid) in enumerate(SHARD_SHAPES):
+        shards = [_randn(300 * si + r, m, *mid, K) for r in range(world)]
+        w = _randn(3000 + 300 * si + rank, N, K)  # column shards differ per rank
+        bias = _randn(9 + rank, N)
+        x_full = torch.cat(shards)
+        for with_bias in (False, True):
+            want = x_full @ w.T + (bias if with_bias else 0)
+            for chunks in CHUNKS:
+                y, gathered = tpext.ops.all_gather_gemm(shards[rank], w, bias if with_bias else None, chunks=chunks)
+                what = f"all_gather_gemm m={m} mid={mid} bias={with_bias} chunks={chunks}"
+                _assert_close(y, want, what)
+                assert torch.equal(gathered, x_full), f"{what}: gathered input differs from the concatenated shards"
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_gemm_all_reduce(world_size):
+    per_rank = run_ranks(_check_gemm_all_reduce, world_size)
+    # The reduction is the same collective on every rank: results must be bitwise identical.
+    for r in range(1, world_size):
+        assert all(torch.equal(a, b) for a, b in zip(per_rank[0], per_rank[r])), f"rank {r} differs from rank 0"
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_gemm_reduce_scatter(world_size):
+    run_ranks(_check_gemm_reduce_scatter, world_size)
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_all_gather_gemm(world_size):
+    run_ranks(_check_all_gather_gemm, world_size)
+
+
+def _check_fp32_and_strided_inputs() -> None:
+    rank, world = tdist.get_rank(), tdist.get_world_size()
+    # A transposed (non-contiguous) weight and a non-contiguous x: the ops must not assume layouts.
+    xs = [_randn(r, K, 2 * world * 3, dtype=torch.float32).t()[::2] for r in range(world)]
+    ws = [_randn(50 + r, K, N, dtype=torch.float32).t() for r in range(world)]
+    dense = sum(x.double() @ w.double().T for x, w in zip(xs, ws))
+    y = tpext.ops.gemm_all_reduce(xs[rank], ws[rank], chunks=3)
+    assert y.dtype == torch.float32 and y.is_contiguous()
+    _assert_close(y, dense, "fp32 gemm_all_reduce", rel_tol=1e-5)
+    y = tpext.ops.gemm_reduce_scatter(xs[rank], ws[rank], chunks=2)
+    _assert_close(y, dense.chunk(world)[rank], "fp32 gemm_reduce_scatter", rel_tol=1e-5)
+    y, _ = tpext.ops.all_gather_gemm(xs[rank], ws[rank], chunks=2)
+    _assert_close(y, torch.cat([x.double() for x in xs]) @ ws[rank].double().T, "fp32 all_gather_gemm", 1e-5)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_fp32_and_strided_inputs(world_size):
+    run_ranks(_check_fp32_and_strided_inputs, world_size)
+
+
+def _check_empty_rows() -> None:
+    world = tdist.get_world_size()
+    x, w, b = torch.empty(0, K, dtype=torch.float64), _randn(1, N, K), _randn(2, N)
+    assert tpext.ops.gemm_all_reduce(x, w, b, chunks=4).shape == (0, N)
+    assert tpext.ops.gemm_reduce_scatter(x, w, b, chunks=4).shape == (0, N)
+    y, gathered = tpext.ops.all_gather_gemm(x, w, b, chunks=4)
+    assert y.shape == (0, N) and gathered.shape == (0, K)
+    # The group is still usable afterwards (no rank skipped or added a collective).
+    y = tpext.ops.gemm_all_reduce(torch.ones(2, K, dtype=torch.float64), torch.ones(N, K, dtype=torch.float64))
+    assert torch.equal(y, torch.full((2, N), float(K * world), dtype=torch.float64))
+
+
+def test_empty_rows():
+    run_ranks(_check_empty_rows, 2)

@@ -1,0 +1,60 @@
+"""Process-group handling shared by every tpext entry point.
+
+A `group` argument is a ``torch.distributed.ProcessGroup``, a 1-D ``DeviceMesh``, or None for the
+default (world) group. Groups cross into C++ by their registered name, never as pointers.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import torch.distributed as dist
+
+try:
+    from torch.distributed.device_mesh import DeviceMesh
+except ImportError:  # pragma: no cover - DeviceMesh ships with every torch this package supports
+    DeviceMesh = None  # type: ignore[assignment,misc]
+
+GroupLike = Union[dist.ProcessGroup, "DeviceMesh", None]
+
+
+def resolve_group(group: GroupLike = None) -> dist.ProcessGroup:
+    """Return the ProcessGroup that `group` denotes (None: the default group)."""
+    if group is None:
+        if not dist.is_initialized():
+            raise RuntimeError(
+                "tpext: torch.distributed is not initialized; call torch.distributed.init_process_group() "
+                "(torchrun sets up the environment) or pass an explicit group"
+            )
+        return dist.group.WORLD
+    if isinstance(group, dist.ProcessGroup):
+        return group
+    if DeviceMesh is not None and isinstance(group, DeviceMesh):
+        if group.ndim != 1:
+            raise ValueError(
+                f"tpext: a DeviceMesh group must be 1-D, got a {group.ndim}-D mesh with dims "
+                f"{group.mesh_dim_names}; pass the sub-mesh for tensor parallelism, e.g. mesh['tp']"
+            )
+        return group.get_group()
+    raise TypeError(
+        f"tpext: group must be a torch.distributed.ProcessGroup, a 1-D DeviceMesh or None, "
+        f"got {type(group).__name__}"
+    )
+
+
+def group_name(group: GroupLike = None) -> str:
+    """The name under which `group` is registered with c10d (what the C++ ops resolve)."""
+    return resolve_group(group).group_name
+
+
+def group_size(name: str) -> int:
+    """Size of the group registered as `name`, with the same error as the C++ ops for unknown names."""
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    try:
+        return _resolve_process_group(name).size()
+    except Exception as exc:  # c10d raises a bare RuntimeError for unknown names
+        raise RuntimeError(
+            f"tpext: group_name '{name}' does not name a registered process group; pass "
+            "ProcessGroup.group_name of a group made by torch.distributed"
+        ) from exc
