@@ -1,0 +1,97 @@
+"""Bad input to the ops: an error naming the argument, on the rank that made the call, and no hang.
+
+Each case runs on every rank, and afterwards a good call must still succeed: the checks run before any
+collective, so no rank is left waiting in one.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as tdist
+
+import tpext
+from dist import run_ranks
+
+f64 = torch.float64
+
+
+def _t(*shape, dtype=f64):
+    return torch.ones(*shape, dtype=dtype)
+
+
+OPS = {
+    "gemm_all_reduce": tpext.ops.gemm_all_reduce,
+    "gemm_reduce_scatter": tpext.ops.gemm_reduce_scatter,
+    "all_gather_gemm": tpext.ops.all_gather_gemm,
+}
+
+# (case id, op names it applies to, args (x, w, bias), kwargs, regex the message must match)
+CASES = [
+    ("x_1d", OPS, (_t(8), _t(4, 8), None), {}, r"x(_shard)? must be \[\*, K\] with at least 2 dims, got shape \[8\]"),
+    ("w_3d", OPS, (_t(4, 8), _t(2, 4, 8), None), {}, r"w must be 2-D \[N, K\] \(nn.Linear layout\), got shape \[2, 4, 8\]"),
+    ("k_mismatch", OPS, (_t(4, 8), _t(6, 7), None), {},
+     r"x(_shard)?.s last dim K = 8 must equal w.size\(1\) \(w is \[N, K\]\), got x(_shard)? \[4, 8\] and w \[6, 7\]"),
+    ("bias_size", OPS, (_t(4, 8), _t(6, 8), _t(5)), {}, r"bias must be 1-D \[N\] = \[6\] .* got shape \[5\]"),
+    ("bias_2d", OPS, (_t(4, 8), _t(6, 8), _t(1, 6)), {}, r"bias must be 1-D \[N\] = \[6\] .* got shape \[1, 6\]"),
+    ("w_dtype", OPS, (_t(4, 8), _t(6, 8, dtype=torch.float32), None), {},
+     r"w dtype Float must match x(_shard)? dtype Double"),
+    ("bias_dtype", OPS, (_t(4, 8), _t(6, 8), _t(6, dtype=torch.float32)), {},
+     r"bias dtype Float must match x(_shard)? dtype Double"),
+    ("int_x", OPS, (_t(4, 8, dtype=torch.int64), _t(6, 8, dtype=torch.int64), None), {},
+     r"x(_shard)? must be a floating-point tensor, got dtype Long"),
+    ("chunks_0", OPS, (_t(4, 8), _t(6, 8), None), {"chunks": 0}, r"chunks must be >= 1 \(1 = sequential\), got 0"),
+    ("chunks_neg", OPS, (_t(4, 8), _t(6, 8), None), {"chunks": -3}, r"chunks must be >= 1 \(1 = sequential\), got -3"),
+]
+
+
+def _check_errors() -> None:
+    world = tdist.get_world_size()
+    for case, ops, args, kwargs, pattern in CASES:
+        for name in ops:
+            with pytest.raises(RuntimeError, match=rf"tpext\.{name}: {pattern}"):
+                OPS[name](*args, **kwargs)
+    if world > 1:
+        rows = world + 1  # never divisible by world >= 2
+        with pytest.raises(RuntimeError, match=rf"x.size\(0\) = {rows} must be divisible by the group size {world}"):
+            tpext.ops.gemm_reduce_scatter(_t(rows, 8), _t(6, 8))
+    for name in OPS:
+        with pytest.raises(RuntimeError, match=rf"tpext\.{name}: group_name 'no-such-group' does not name a registered"):
+            getattr(torch.ops.tpext, name)(_t(world, 8), _t(6, 8), None, "no-such-group", 1)
+    with pytest.raises(TypeError, match="group must be a torch.distributed.ProcessGroup, a 1-D DeviceMesh or None"):
+        tpext.ops.gemm_all_reduce(_t(4, 8), _t(6, 8), group="world")
+    # Nothing above reached a collective: the group is intact and a good call works on every rank.
+    y = tpext.ops.gemm_all_reduce(_t(3, 8), _t(6, 8), chunks=2)
+    assert torch.equal(y, torch.full((3, 6), 8.0 * world, dtype=f64))
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_bad_input_raises_clear_errors(world_size):
+    run_ranks(_check_errors, world_size)
+
+
+def _check_mesh_groups() -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    with pytest.raises(ValueError, match=r"DeviceMesh group must be 1-D, got a 2-D mesh"):
+        tpext.ops.gemm_all_reduce(_t(2, 8), _t(6, 8), group=mesh)
+    # A 1-D sub-mesh is a group: the all-reduce runs over the 2 ranks of this rank's "tp" row.
+    y = tpext.ops.gemm_all_reduce(_t(2, 8), _t(6, 8), group=mesh["tp"], chunks=2)
+    assert torch.equal(y, torch.full((2, 6), 16.0, dtype=f64))
+
+
+def test_device_mesh_groups():
+    run_ranks(_check_mesh_groups, 4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device for a cross-device call")
+def test_device_mismatch():
+    run_ranks(_check_device_mismatch, 1)
+
+
+def _check_device_mismatch() -> None:
+    x, w = _t(4, 8), _t(6, 8).cuda()
+    for name in OPS:
+        with pytest.raises(RuntimeError, match=rf"tpext\.{name}: w is on cuda:0 but x(_shard)? is on cpu"):
+            OPS[name](x, w)
