@@ -94,7 +94,13 @@ class _RankPool:
                     self._fail(f"rank(s) {missing} did not finish within {timeout_s:.0f}s while {what}")
                 continue
             if status == "error":
-                self._fail(f"rank {rank} of {self.world_size} failed while {what}:\n{payload}")
+                # A rank that died makes its peers fail with connection errors, often before its own
+                # exit is visible: look once more, so the root cause is named first.
+                time.sleep(0.5)
+                dead = "".join(f"rank {r} exit code {p.exitcode}; " for r, p in enumerate(self._procs)
+                               if not p.is_alive())
+                prefix = f"rank(s) died while {what}: {dead}then " if dead else ""
+                self._fail(f"{prefix}rank {rank} of {self.world_size} failed while {what}:\n{payload}")
             assert status == expected, (status, expected)
             out[rank] = payload
         return [out[r] for r in range(self.world_size)]
