@@ -10,6 +10,10 @@
 // (the element-wise fallback), padded aligned strides, both grid-stride directions, rows or cols = 0,
 // and bias / residual each present or absent. Bad arguments must throw std::runtime_error.
 // Prints one line per case; exit status is non-zero on any failure.
+//
+// Build: CMake target tpext_test_epilogue (ctest runs it), or without CMake:
+//   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -Icsrc csrc/kernels/epilogue.cu
+//        tests/cpp/test_epilogue.cu -o build/test_epilogue
 #include "common/cuda_check.h"
 #include "kernels/epilogue.h"
 
@@ -17,6 +21,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
