@@ -1,12 +1,16 @@
 """tpext: tensor parallelism for PyTorch with the GEMM and its collective overlapped in C++/CUDA."""
 
+import torch  # noqa: F401  (loads libtorch, which _C links against)
+
 from tpext import _C  # noqa: F401  (loads the extension: registers torch.ops.tpext.*)
 from tpext import ops
+from tpext.stats import comm_stats
 from tpext.distributed import group_name, resolve_group
+from tpext import nn, random  # noqa: E402  (after ops: the modules use them)
 
 __version__ = "0.1.0"
 
 #: True when the CUDA kernels were compiled into this build.
 cuda_compiled: bool = _C.cuda_compiled
 
-__all__ = ["ops", "group_name", "resolve_group", "cuda_compiled", "__version__"]
+__all__ = ["ops", "nn", "random", "comm_stats", "group_name", "resolve_group", "cuda_compiled", "__version__"]

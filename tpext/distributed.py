@@ -58,3 +58,19 @@ def group_size(name: str) -> int:
             f"tpext: group_name '{name}' does not name a registered process group; pass "
             "ProcessGroup.group_name of a group made by torch.distributed"
         ) from exc
+
+
+# --------------------------------------------------------------------------------------------------
+# Shard sizes. One rule everywhere: n items over R ranks, the first n % R ranks get one more.
+
+
+def shard_sizes(n: int, world_size: int) -> list[int]:
+    """Near-even split of n over world_size ranks: ceil(n/R) for the first n % R ranks, floor after."""
+    base, extra = divmod(n, world_size)
+    return [base + (1 if r < extra else 0) for r in range(world_size)]
+
+
+def shard_range(n: int, world_size: int, rank: int) -> tuple[int, int]:
+    """(start, size) of `rank`'s shard under shard_sizes."""
+    sizes = shard_sizes(n, world_size)
+    return sum(sizes[:rank]), sizes[rank]

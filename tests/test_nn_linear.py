@@ -1,0 +1,181 @@
+"""Column/Row parallel linear layers vs the dense nn.Linear: forward, grad_input, weight and bias grads.
+
+fp64, dense weights sharded with from_dense, world sizes 1-4, with and without SP and bias, even and
+uneven feature counts. Plus the comm accounting of a Column -> Row MLP and the error messages.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as tdist
+import torch.nn.functional as F
+
+import tpext
+from dist import run_ranks
+from tpext.distributed import shard_range
+from tpext.nn import ColumnParallelLinear, RowParallelLinear
+
+f64 = torch.float64
+TOL = {"rtol": 1e-12, "atol": 1e-12}
+DIMS = [(8, 12), (7, 10)]  # (in, out); 7 and 10 are uneven for R = 3, 4
+
+
+def _dense(k: int, n: int, bias: bool, seed: int) -> torch.nn.Linear:
+    torch.manual_seed(seed)
+    return torch.nn.Linear(k, n, bias=bias, dtype=f64)
+
+
+def _data(world: int, k: int, n: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    s, b = 2 * world, 3  # sequence-first [s, b, features]; s divisible by R for SP
+    return torch.randn(s, b, k, generator=g, dtype=f64), torch.randn(s, b, n, generator=g, dtype=f64)
+
+
+def _check_column() -> None:
+    rank, world = tdist.get_rank(), tdist.get_world_size()
+    for (k, n) in DIMS:
+        for bias in (True, False):
+            for sp in (False, True):
+                for gather in (False, True):
+                    dense = _dense(k, n, bias, seed=k * n)
+                    x, dy = _data(world, k, n, seed=k + n)
+                    x_d = x.clone().requires_grad_()
+                    (dense(x_d) * dy).sum().backward()
+                    y_ref = dense(x)
+
+                    layer = ColumnParallelLinear.from_dense(dense, sequence_parallel=sp, gather_output=gather)
+                    start, size = shard_range(n, world, rank)
+                    rows = slice(rank * x.shape[0] // world, (rank + 1) * x.shape[0] // world)
+                    x_in = (x[rows] if sp else x).clone().requires_grad_()
+                    y = layer(x_in)
+                    want = y_ref if gather else y_ref[..., start:start + size]
+                    what = f"column k={k} n={n} bias={bias} sp={sp} gather={gather}"
+                    torch.testing.assert_close(y, want, **TOL, msg=lambda m: f"{what}: forward: {m}")
+                    (y * (dy if gather else dy[..., start:start + size])).sum().backward()
+                    torch.testing.assert_close(x_in.grad, x_d.grad[rows] if sp else x_d.grad, **TOL,
+                                               msg=lambda m: f"{what}: grad_x: {m}")
+                    torch.testing.assert_close(layer.weight.grad, dense.weight.grad[start:start + size], **TOL,
+                                               msg=lambda m: f"{what}: grad_w: {m}")
+                    if bias:
+                        torch.testing.assert_close(layer.bias.grad, dense.bias.grad[start:start + size], **TOL,
+                                                   msg=lambda m: f"{what}: grad_b: {m}")
+
+
+def _check_row() -> None:
+    rank, world = tdist.get_rank(), tdist.get_world_size()
+    for (k, n) in DIMS:
+        for bias in (True, False):
+            for sp in (False, True):
+                for parallel_in in (True, False):
+                    dense = _dense(k, n, bias, seed=k * n + 1)
+                    x, dy = _data(world, k, n, seed=k + n + 1)
+                    x_d = x.clone().requires_grad_()
+                    (dense(x_d) * dy).sum().backward()
+                    y_ref = dense(x)
+
+                    layer = RowParallelLinear.from_dense(dense, sequence_parallel=sp, input_is_parallel=parallel_in)
+                    start, size = shard_range(k, world, rank)
+                    rows = slice(rank * x.shape[0] // world, (rank + 1) * x.shape[0] // world)
+                    x_in = (x[..., start:start + size] if parallel_in else x).clone().requires_grad_()
+                    y = layer(x_in)
+                    what = f"row k={k} n={n} bias={bias} sp={sp} input_is_parallel={parallel_in}"
+                    torch.testing.assert_close(y, y_ref[rows] if sp else y_ref, **TOL,
+                                               msg=lambda m: f"{what}: forward: {m}")
+                    (y * (dy[rows] if sp else dy)).sum().backward()
+                    want_dx = x_d.grad[..., start:start + size] if parallel_in else x_d.grad
+                    torch.testing.assert_close(x_in.grad, want_dx, **TOL, msg=lambda m: f"{what}: grad_x: {m}")
+                    torch.testing.assert_close(layer.weight.grad, dense.weight.grad[:, start:start + size], **TOL,
+                                               msg=lambda m: f"{what}: grad_w: {m}")
+                    if bias:
+                        torch.testing.assert_close(layer.bias.grad, dense.bias.grad, **TOL,
+                                                   msg=lambda m: f"{what}: grad_b: {m}")
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_column_parallel_linear_matches_dense(world_size):
+    run_ranks(_check_column, world_size)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_row_parallel_linear_matches_dense(world_size):
+    run_ranks(_check_row, world_size)
+
+
+def _mlp_comm(sp: bool) -> dict:
+    world = tdist.get_world_size()
+    h, s, b = 8, 2 * world, 3
+    torch.manual_seed(0)
+    up, down = torch.nn.Linear(h, 4 * h, dtype=f64), torch.nn.Linear(4 * h, h, dtype=f64)
+    col = ColumnParallelLinear.from_dense(up, sequence_parallel=sp)
+    row = RowParallelLinear.from_dense(down, sequence_parallel=sp)
+    x_full = torch.randn(s, b, h, dtype=f64)
+    x = (x_full.chunk(world)[tdist.get_rank()] if sp else x_full).clone().requires_grad_()
+    with tpext.comm_stats() as stats:
+        y = row(F.gelu(col(x)))
+        fwd = stats.by_kind("forward")
+        y.sum().backward()
+    # Dense check of the whole block too, so the counts belong to a correct computation.
+    ref = down(F.gelu(up(x_full)))
+    torch.testing.assert_close(y, ref.chunk(world)[tdist.get_rank()] if sp else ref, **TOL)
+    return {"forward": fwd, "backward": stats.by_kind("backward"),
+            "bytes": {k: stats.bytes(k) for k in ("all_reduce", "all_gather", "reduce_scatter")},
+            "modules": sorted({r.module for r in stats.records}), "activation_bytes": s * b * h * 8}
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_mlp_block_communication(world_size):
+    tp = run_ranks(_mlp_comm, world_size, False)[0]
+    assert tp["forward"] == {"all_reduce": 1} and tp["backward"] == {"all_reduce": 1}
+    assert tp["modules"] == ["ColumnParallelLinear", "RowParallelLinear"]
+    sp = run_ranks(_mlp_comm, world_size, True)[0]
+    assert sp["forward"] == {"all_gather": 1, "reduce_scatter": 1}
+    assert sp["backward"] == {"all_gather": 1, "reduce_scatter": 1}
+    # Same bytes: an all-reduce of [s, b, h] each way vs an all-gather + reduce-scatter of [s, b, h].
+    act = tp["activation_bytes"]
+    assert tp["bytes"]["all_reduce"] == 2 * act
+    assert sp["bytes"]["all_gather"] == sp["bytes"]["reduce_scatter"] == 2 * act
+
+
+def test_tp1_is_nn_linear_without_collectives():
+    stats = run_ranks(_mlp_comm, 1, False)[0]
+    assert stats["forward"] == {} and stats["backward"] == {}
+    stats = run_ranks(_mlp_comm, 1, True)[0]
+    assert stats["forward"] == {} and stats["backward"] == {}
+
+
+def _check_errors() -> None:
+    world = tdist.get_world_size()
+    col = ColumnParallelLinear(8, 12)
+    with pytest.raises(ValueError, match=r"ColumnParallelLinear: input must be \[\*, 8\] \(in_features\), got shape \(4, 7\)"):
+        col(torch.ones(4, 7))
+    row = RowParallelLinear(12, 8)
+    with pytest.raises(ValueError, match=r"RowParallelLinear: input must be \[\*, 6\] \(this rank's shard of "
+                                         r"in_features=12 over 2 ranks; is the preceding column-parallel layer"):
+        row(torch.ones(4, 12))  # e.g. the column layer ran on a group of another size
+    sp = RowParallelLinear(8, 12, sequence_parallel=True)
+    with pytest.raises(ValueError, match=r"sequence_parallel needs the sequence length \(dim 0\) divisible by the "
+                                         r"tensor-parallel size 2, got 3"):
+        sp(torch.ones(3, 2, 4))
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
+    assert ColumnParallelLinear(8, 12, group=mesh).tp_size == world
+    with pytest.raises(ValueError, match="chunks must be 'auto' or an int >= 1, got 0"):
+        ColumnParallelLinear(8, 12, chunks=0)
+    with pytest.raises(TypeError, match="group must be a torch.distributed.ProcessGroup, a 1-D DeviceMesh or None"):
+        RowParallelLinear(8, 12, group=3)
+
+
+def test_bad_input_errors():
+    run_ranks(_check_errors, 2)
+
+
+def _check_2d_mesh() -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    with pytest.raises(ValueError, match=r"DeviceMesh group must be 1-D, got a 2-D mesh"):
+        ColumnParallelLinear(8, 12, group=mesh)
+
+
+def test_2d_mesh_is_rejected():
+    run_ranks(_check_2d_mesh, 4)

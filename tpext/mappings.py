@@ -1,0 +1,219 @@
+"""Communication as dual autograd pairs (Megatron's f/g and their sequence-parallel versions).
+
+Each function is a collective in forward whose backward is its dual, so gradients of tensor-parallel
+regions are exact without the user thinking about them:
+
+    function                     forward                          backward
+    copy_to_tp                   identity                         all-reduce
+    reduce_from_tp               all-reduce                       identity
+    scatter_to_sequence          keep this rank's dim-0 block     all-gather dim 0
+    gather_from_sequence         all-gather dim 0                 reduce-scatter dim 0
+    reduce_scatter_to_sequence   reduce-scatter dim 0             all-gather dim 0
+    scatter_to_tp                keep this rank's last-dim shard  all-gather last dim
+    gather_from_tp               all-gather last dim              keep this rank's last-dim shard
+
+Every one returns its input unchanged (and counts nothing) for a group of size 1. Dim-0 splits need
+dim 0 divisible by the group size; last-dim splits follow shard_sizes (uneven allowed).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from tpext import stats
+from tpext.distributed import GroupLike, resolve_group, shard_range, shard_sizes
+
+__all__ = [
+    "copy_to_tp", "reduce_from_tp", "scatter_to_sequence", "gather_from_sequence",
+    "reduce_scatter_to_sequence", "scatter_to_tp", "gather_from_tp",
+    "all_reduce", "all_gather_dim0", "reduce_scatter_dim0",
+]
+
+
+# torch 2.13 renamed the tensor-in/tensor-out collectives; older releases only have the first names.
+_all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+
+
+# ---- plain collectives with accounting (used by the Functions below and by tpext.nn) ----------------
+
+def all_reduce(x: Tensor, group: dist.ProcessGroup, *, backward: bool = False, module: str | None = None,
+               op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> Tensor:
+    """In-place all-reduce of a contiguous tensor; returns it."""
+    x = x.contiguous()
+    stats.record("all_reduce", x.numel(), x.dtype, group.size(), backward=backward, module=module)
+    dist.all_reduce(x, op=op, group=group)
+    return x
+
+
+def check_dim0_divisible(x: Tensor, world: int, what: str) -> None:
+    if x.dim() == 0 or x.shape[0] % world != 0:
+        raise ValueError(
+            f"tpext: {what} needs dim 0 (the sequence dimension under sequence parallelism) divisible by the "
+            f"tensor-parallel size {world}, got shape {tuple(x.shape)}"
+        )
+
+
+def all_gather_dim0(x: Tensor, group: dist.ProcessGroup, *, backward: bool = False,
+                    module: str | None = None) -> Tensor:
+    world = group.size()
+    out = x.new_empty((world * x.shape[0], *x.shape[1:]))
+    stats.record("all_gather", out.numel(), x.dtype, world, backward=backward, module=module)
+    _all_gather_single(out, x.contiguous(), group=group)
+    return out
+
+
+def reduce_scatter_dim0(x: Tensor, group: dist.ProcessGroup, *, backward: bool = False,
+                        module: str | None = None) -> Tensor:
+    world = group.size()
+    check_dim0_divisible(x, world, "reduce-scatter")
+    out = x.new_empty((x.shape[0] // world, *x.shape[1:]))
+    stats.record("reduce_scatter", x.numel(), x.dtype, world, backward=backward, module=module)
+    _reduce_scatter_single(out, x.contiguous(), group=group)
+    return out
+
+
+def _dim0_block(x: Tensor, group: dist.ProcessGroup) -> Tensor:
+    world = group.size()
+    check_dim0_divisible(x, world, "splitting into sequence shards")
+    rows = x.shape[0] // world
+    return x.narrow(0, group.rank() * rows, rows).contiguous()
+
+
+def _last_dim_shard(x: Tensor, group: dist.ProcessGroup) -> Tensor:
+    start, size = shard_range(x.shape[-1], group.size(), group.rank())
+    return x.narrow(-1, start, size).contiguous()
+
+
+def _all_gather_last_dim(x: Tensor, group: dist.ProcessGroup, full: int, *, backward: bool,
+                         module: str | None) -> Tensor:
+    """All-gather of uneven last-dim shards (sizes from shard_sizes(full, R)): padded to the largest."""
+    world = group.size()
+    sizes = shard_sizes(full, world)
+    if x.shape[-1] != sizes[group.rank()]:
+        raise ValueError(f"tpext: last dim {x.shape[-1]} is not this rank's shard of {full} (want "
+                         f"{sizes[group.rank()]}, shard sizes {sizes})")
+    padded = torch.nn.functional.pad(x, (0, sizes[0] - x.shape[-1])).contiguous()
+    buf = padded.new_empty((world * padded.shape[0], *padded.shape[1:]))
+    stats.record("all_gather", math.prod(x.shape[:-1]) * full, x.dtype, world, backward=backward, module=module)
+    _all_gather_single(buf, padded, group=group)
+    buf = buf.view(world, *padded.shape)
+    return torch.cat([buf[r].narrow(-1, 0, sizes[r]) for r in range(world)], dim=-1)
+
+
+# ---- the autograd pairs ------------------------------------------------------------------------------
+
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group, ctx.module = group, stats.current_module()
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_reduce(grad.clone(), ctx.group, backward=True, module=ctx.module), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        return all_reduce(x.clone(), group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _ScatterToSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group, ctx.module = group, stats.current_module()
+        return _dim0_block(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather_dim0(grad, ctx.group, backward=True, module=ctx.module), None
+
+
+class _GatherFromSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group, ctx.module = group, stats.current_module()
+        return all_gather_dim0(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return reduce_scatter_dim0(grad, ctx.group, backward=True, module=ctx.module), None
+
+
+class _ReduceScatterToSequence(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group, ctx.module = group, stats.current_module()
+        return reduce_scatter_dim0(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather_dim0(grad, ctx.group, backward=True, module=ctx.module), None
+
+
+class _ScatterToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group, ctx.module, ctx.full = group, stats.current_module(), x.shape[-1]
+        return _last_dim_shard(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather_last_dim(grad, ctx.group, ctx.full, backward=True, module=ctx.module), None
+
+
+class _GatherFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, full):
+        ctx.group = group
+        return _all_gather_last_dim(x, group, full, backward=False, module=None)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _last_dim_shard(grad, ctx.group), None, None
+
+
+def _apply(fn, x: Tensor, group: GroupLike, *extra):
+    pg = resolve_group(group)
+    if pg.size() == 1:
+        return x
+    return fn.apply(x, pg, *extra)
+
+
+def copy_to_tp(x: Tensor, group: GroupLike = None) -> Tensor:
+    return _apply(_CopyToTP, x, group)
+
+
+def reduce_from_tp(x: Tensor, group: GroupLike = None) -> Tensor:
+    return _apply(_ReduceFromTP, x, group)
+
+
+def scatter_to_sequence(x: Tensor, group: GroupLike = None) -> Tensor:
+    return _apply(_ScatterToSequence, x, group)
+
+
+def gather_from_sequence(x: Tensor, group: GroupLike = None) -> Tensor:
+    return _apply(_GatherFromSequence, x, group)
+
+
+def reduce_scatter_to_sequence(x: Tensor, group: GroupLike = None) -> Tensor:
+    return _apply(_ReduceScatterToSequence, x, group)
+
+
+def scatter_to_tp(x: Tensor, group: GroupLike = None) -> Tensor:
+    return _apply(_ScatterToTP, x, group)
+
+
+def gather_from_tp(x: Tensor, full: int, group: GroupLike = None) -> Tensor:
+    """All-gather last-dim shards of a `full`-wide tensor (shard sizes from shard_sizes(full, R))."""
+    return _apply(_GatherFromTP, x, group, full)

@@ -1,0 +1,136 @@
+"""Autograd Functions of the parallel linear layers: each forward is an overlapped tpext op and each
+backward its dual, overlapped the same way. Shapes: R = tp size, s = tokens (dim 0, flattened with any
+further leading dims into M rows), K = in_features, N = out_features; "x @ W.T" as in nn.Linear.
+Weight/bias gradients are exact; they are computed locally from the saved or gathered activations.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from tpext import ops, stats
+
+__all__ = ["ColumnLinear", "ColumnLinearSP", "RowLinear", "RowLinearSP"]
+
+
+def _wgrad(grad_y: Tensor, x: Tensor) -> Tensor:
+    """grad_W = grad_y.T @ x over all leading dims: [*, N] x [*, K] -> [N, K]."""
+    return grad_y.reshape(-1, grad_y.shape[-1]).t().mm(x.reshape(-1, x.shape[-1]))
+
+
+def _bgrad(grad_y: Tensor, has_bias: bool) -> Tensor | None:
+    return grad_y.reshape(-1, grad_y.shape[-1]).sum(0) if has_bias else None
+
+
+class ColumnLinear(torch.autograd.Function):
+    """Column-parallel linear, replicated input (no sequence parallelism).
+
+        x [*, K] (replicated), W [N/R, K], b [N/R]
+        forward  y [*, N/R]  = x @ W.T + b                       local, no communication
+        dgrad    dx [*, K]   = all_reduce(dy @ W)                gemm_all_reduce(dy, W.T), overlapped
+        wgrad    dW [N/R, K] = dy.T @ x;   db = sum(dy)
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, b, group, chunks):
+        ctx.save_for_backward(x, w)
+        ctx.group, ctx.chunks, ctx.has_bias = group, chunks, b is not None
+        ctx.module = stats.current_module()
+        return torch.nn.functional.linear(x, w, b)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        dx = None
+        if ctx.needs_input_grad[0]:
+            stats.record("all_reduce", x.numel(), dy.dtype, ctx.group.size(), backward=True, module=ctx.module)
+            dx = ops.gemm_all_reduce(dy.contiguous(), w.t(), None, ctx.group, ctx.chunks)
+        dw = _wgrad(dy, x) if ctx.needs_input_grad[1] else None
+        return dx, dw, _bgrad(dy, ctx.has_bias), None, None
+
+
+class ColumnLinearSP(torch.autograd.Function):
+    """Column-parallel linear, sequence-parallel input.
+
+        x_shard [s/R, *, K], W [N/R, K], b [N/R]
+        forward  x_full [s, *, K] = all_gather(x_shard)
+                 y [s, *, N/R]    = x_full @ W.T + b             all_gather_gemm, overlapped
+        dgrad    dx_shard [s/R, *, K] = reduce_scatter(dy @ W)   gemm_reduce_scatter(dy, W.T), overlapped
+        wgrad    dW [N/R, K] = dy.T @ x_full;   db = sum(dy)
+    """
+
+    @staticmethod
+    def forward(ctx, x_shard, w, b, group, chunks):
+        y, x_full = ops.all_gather_gemm(x_shard, w, b, group, chunks)
+        stats.record("all_gather", x_full.numel(), x_full.dtype, group.size())
+        ctx.save_for_backward(x_full, w)
+        ctx.group, ctx.chunks, ctx.has_bias = group, chunks, b is not None
+        ctx.module = stats.current_module()
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x_full, w = ctx.saved_tensors
+        dx = None
+        if ctx.needs_input_grad[0]:
+            stats.record("reduce_scatter", x_full.numel(), dy.dtype, ctx.group.size(), backward=True,
+                              module=ctx.module)
+            dx = ops.gemm_reduce_scatter(dy.contiguous(), w.t(), None, ctx.group, ctx.chunks)
+        dw = _wgrad(dy, x_full) if ctx.needs_input_grad[1] else None
+        return dx, dw, _bgrad(dy, ctx.has_bias), None, None
+
+
+class RowLinear(torch.autograd.Function):
+    """Row-parallel linear, tensor-parallel input (no sequence parallelism).
+
+        x [*, K/R], W [N, K/R], b [N] (replicated, added once after the reduction)
+        forward  y [*, N]     = all_reduce(x @ W.T) + b          gemm_all_reduce, overlapped
+        dgrad    dx [*, K/R]  = dy @ W                           local (dy is replicated)
+        wgrad    dW [N, K/R]  = dy.T @ x;   db = sum(dy)         identical on every rank
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, b, group, chunks):
+        y = ops.gemm_all_reduce(x, w, b, group, chunks)
+        stats.record("all_reduce", y.numel(), y.dtype, group.size())
+        ctx.save_for_backward(x, w)
+        ctx.has_bias = b is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        dx = dy.matmul(w) if ctx.needs_input_grad[0] else None
+        dw = _wgrad(dy, x) if ctx.needs_input_grad[1] else None
+        return dx, dw, _bgrad(dy, ctx.has_bias), None, None
+
+
+class RowLinearSP(torch.autograd.Function):
+    """Row-parallel linear, sequence-parallel output.
+
+        x [s, *, K/R], W [N, K/R], b [N] (replicated, added once after the reduction)
+        forward  y_shard [s/R, *, N] = reduce_scatter(x @ W.T) + b          gemm_reduce_scatter, overlapped
+        dgrad    dy_full [s, *, N]   = all_gather(dy_shard)
+                 dx [s, *, K/R]      = dy_full @ W                          all_gather_gemm(dy, W.T), overlapped
+        wgrad    dW [N, K/R] = dy_full.T @ x;   db = sum(dy_full)           identical on every rank
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, b, group, chunks):
+        y_shard = ops.gemm_reduce_scatter(x, w, b, group, chunks)
+        stats.record("reduce_scatter", y_shard.numel() * group.size(), y_shard.dtype, group.size())
+        ctx.save_for_backward(x, w)
+        ctx.group, ctx.chunks, ctx.has_bias = group, chunks, b is not None
+        ctx.module = stats.current_module()
+        return y_shard
+
+    @staticmethod
+    def backward(ctx, dy_shard):
+        x, w = ctx.saved_tensors
+        stats.record("all_gather", dy_shard.numel() * ctx.group.size(), dy_shard.dtype, ctx.group.size(),
+                          backward=True, module=ctx.module)
+        # The gathered dy is needed for the weight gradient whatever needs_input_grad says.
+        dx, dy_full = ops.all_gather_gemm(dy_shard.contiguous(), w.t(), None, ctx.group, ctx.chunks)
+        dw = _wgrad(dy_full, x) if ctx.needs_input_grad[1] else None
+        return (dx if ctx.needs_input_grad[0] else None), dw, _bgrad(dy_full, ctx.has_bias), None, None

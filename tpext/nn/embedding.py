@@ -1,0 +1,85 @@
+"""Vocabulary-parallel embedding: each rank holds a contiguous slice of the vocabulary."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tpext import mappings, stats
+from tpext.distributed import GroupLike, resolve_group, shard_range
+
+__all__ = ["VocabParallelEmbedding"]
+
+
+class VocabParallelEmbedding(nn.Module):
+    """nn.Embedding with the vocabulary split over the group (ceil or floor of V/R rows per rank).
+
+    Each rank looks up the ids that fall in its slice (others give zeros), then the partial embeddings
+    are summed: an all-reduce, output [*, dim] replicated; or with sequence_parallel a reduce-scatter
+    along dim 0, output this rank's sequence shard [s/R, *, dim] (ids are [s, *], s divisible by R).
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: Optional[int] = None, *,
+                 group: GroupLike = None, sequence_parallel: bool = False, device=None, dtype=None):
+        super().__init__()
+        if padding_idx is not None and not -num_embeddings <= padding_idx < num_embeddings:
+            raise ValueError(f"tpext.VocabParallelEmbedding: padding_idx must be in [-{num_embeddings}, "
+                             f"{num_embeddings}), got {padding_idx}")
+        self.group = resolve_group(group)
+        self.tp_size, self.tp_rank = self.group.size(), self.group.rank()
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.padding_idx = padding_idx % num_embeddings if padding_idx is not None else None
+        self.sequence_parallel = sequence_parallel
+        self.vocab_start, local = shard_range(num_embeddings, self.tp_size, self.tp_rank)
+        self.vocab_end = self.vocab_start + local
+        self.weight = nn.Parameter(torch.empty(local, embedding_dim, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    @property
+    def _local_padding_idx(self) -> Optional[int]:
+        if self.padding_idx is not None and self.vocab_start <= self.padding_idx < self.vocab_end:
+            return self.padding_idx - self.vocab_start
+        return None
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.weight.normal_()
+            if self._local_padding_idx is not None:
+                self.weight[self._local_padding_idx].zero_()
+
+    @classmethod
+    def from_dense(cls, embedding: nn.Embedding, group: GroupLike = None, **kwargs) -> "VocabParallelEmbedding":
+        """Shard an nn.Embedding: this rank keeps rows [vocab_start, vocab_end) of its weight."""
+        layer = cls(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx, group=group,
+                    device=embedding.weight.device, dtype=embedding.weight.dtype, **kwargs)
+        with torch.no_grad():
+            layer.weight.copy_(embedding.weight[layer.vocab_start:layer.vocab_end])
+        return layer
+
+    def _check_ids(self, ids: Tensor) -> None:
+        if ids.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"tpext.VocabParallelEmbedding: ids must be int32/int64, got {ids.dtype}")
+        if ids.device.type == "cpu" and ids.numel() and (ids.min() < 0 or ids.max() >= self.num_embeddings):
+            raise IndexError(f"tpext.VocabParallelEmbedding: ids must be in [0, {self.num_embeddings}), got "
+                             f"min {ids.min().item()} max {ids.max().item()}")
+
+    def forward(self, ids: Tensor) -> Tensor:
+        self._check_ids(ids)
+        with stats.module_scope(stats.current_module() or type(self).__name__):
+            if self.tp_size == 1:
+                return F.embedding(ids, self.weight, self.padding_idx)
+            outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
+            local_ids = (ids - self.vocab_start).masked_fill(outside, 0)
+            partial = F.embedding(local_ids, self.weight, self._local_padding_idx)
+            partial = partial.masked_fill(outside.unsqueeze(-1), 0.0)
+            if self.sequence_parallel:
+                return mappings.reduce_scatter_to_sequence(partial, self.group)
+            return mappings.reduce_from_tp(partial, self.group)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim}, padding_idx={self.padding_idx}, "
+                f"tp={self.tp_rank}/{self.tp_size}, vocab=[{self.vocab_start}, {self.vocab_end}), "
+                f"sequence_parallel={self.sequence_parallel}")

@@ -1,0 +1,90 @@
+"""Functional tensor-parallel ops."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from tpext import mappings
+from tpext.distributed import GroupLike, resolve_group, shard_sizes
+
+__all__ = ["vocab_parallel_cross_entropy"]
+
+
+class _VocabParallelCE(torch.autograd.Function):
+    """Per-token loss  (1-eps) * (lse - z_t) + eps * (lse - mean_v z_v)  on vocab-sharded logits, where
+    z = logits - max (the max over the whole vocabulary), lse = log sum_v exp z_v. Three small all-reduces
+    of [tokens]-sized tensors, never the [tokens, V] logits: max, then (sum exp, target logit, sum z).
+    Backward, local: dlogits = (softmax - (1-eps) * onehot(t) - eps / V) * dloss, zero for ignored tokens.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target, group, vocab_start, vocab_size, ignore_index, label_smoothing):
+        compute = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+        z = compute - mappings.all_reduce(compute.amax(-1), group, op=dist.ReduceOp.MAX).unsqueeze(-1)
+        exp = z.exp()
+        n_local = logits.shape[-1]
+        outside = (target < vocab_start) | (target >= vocab_start + n_local)
+        local_t = (target - vocab_start).masked_fill(outside, 0)
+        z_t = z.gather(-1, local_t.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
+        sums = mappings.all_reduce(torch.stack([exp.sum(-1), z_t, z.sum(-1)]), group)
+        sum_exp, z_t, sum_z = sums[0], sums[1], sums[2]
+        lse = sum_exp.log()
+        loss = (1.0 - label_smoothing) * (lse - z_t) + label_smoothing * (lse - sum_z / vocab_size)
+        valid = target != ignore_index
+        loss = loss.masked_fill(~valid, 0.0)
+        ctx.save_for_backward(exp, sum_exp, local_t, outside, valid)
+        ctx.label_smoothing, ctx.vocab_size, ctx.dtype = label_smoothing, vocab_size, logits.dtype
+        return loss.to(logits.dtype)
+
+    @staticmethod
+    def backward(ctx, dloss):
+        exp, sum_exp, local_t, outside, valid = ctx.saved_tensors
+        eps = ctx.label_smoothing
+        grad = exp / sum_exp.unsqueeze(-1)
+        if eps:
+            grad = grad - eps / ctx.vocab_size
+        onehot = torch.zeros_like(grad).scatter_(-1, local_t.unsqueeze(-1), 1.0)
+        grad = grad - (1.0 - eps) * onehot.masked_fill(outside.unsqueeze(-1), 0.0)
+        grad = grad * (dloss * valid).unsqueeze(-1)
+        return grad.to(ctx.dtype), None, None, None, None, None, None
+
+
+def vocab_parallel_cross_entropy(logits_shard: Tensor, target: Tensor, *, group: GroupLike = None,
+                                 ignore_index: int = -100, label_smoothing: float = 0.0,
+                                 reduction: str = "mean") -> Tensor:
+    """Cross entropy of vocabulary-sharded logits, equal (value and gradient) to F.cross_entropy on the
+    gathered logits, without ever materialising them.
+
+    logits_shard: [*, V_r], this rank's slice of the vocabulary (the layout of a column-parallel lm_head
+    or of VocabParallelEmbedding: shard_sizes(V, R)); target: [*] with ids in [0, V) or ignore_index.
+    reduction: "mean" (over non-ignored tokens), "sum" or "none" (ignored tokens give 0).
+    """
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"tpext.vocab_parallel_cross_entropy: reduction must be 'mean', 'sum' or 'none', "
+                         f"got {reduction!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"tpext.vocab_parallel_cross_entropy: label_smoothing must be in [0, 1], got "
+                         f"{label_smoothing}")
+    if logits_shard.shape[:-1] != target.shape:
+        raise ValueError(f"tpext.vocab_parallel_cross_entropy: target must be logits_shard.shape[:-1] = "
+                         f"{tuple(logits_shard.shape[:-1])}, got {tuple(target.shape)}")
+    pg = resolve_group(group)
+    world, rank = pg.size(), pg.rank()
+    # The full vocabulary size and this rank's offset, from every rank's shard width.
+    widths = torch.zeros(world, dtype=torch.int64)
+    widths[rank] = logits_shard.shape[-1]
+    if world > 1:
+        mappings.all_reduce(widths, pg)
+    vocab_size, vocab_start = int(widths.sum()), int(widths[:rank].sum())
+    if widths.tolist() != shard_sizes(vocab_size, world):
+        raise ValueError(f"tpext.vocab_parallel_cross_entropy: the vocabulary shards {widths.tolist()} are not "
+                         f"the near-even split {shard_sizes(vocab_size, world)} of V = {vocab_size}")
+    loss = _VocabParallelCE.apply(logits_shard, target, pg, vocab_start, vocab_size, ignore_index,
+                                  label_smoothing)
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "mean":
+        return loss.sum() / (target != ignore_index).sum()
+    return loss
