@@ -1,0 +1,137 @@
+"""VocabParallelEmbedding, vocab_parallel_cross_entropy, the SP norms and the RNG tracker vs dense torch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as tdist
+import torch.nn.functional as F
+
+import tpext
+from dist import run_ranks
+from tpext.distributed import shard_range
+from tpext.nn import SequenceParallelLayerNorm, SequenceParallelRMSNorm, VocabParallelEmbedding
+from tpext.nn.functional import vocab_parallel_cross_entropy
+
+f64 = torch.float64
+TOL = {"rtol": 1e-12, "atol": 1e-12}
+
+
+def _check_embedding() -> None:
+    rank, world = tdist.get_rank(), tdist.get_world_size()
+    for vocab in (12, 11):
+        for sp in (False, True):
+            torch.manual_seed(vocab)
+            dense = torch.nn.Embedding(vocab, 5, padding_idx=3, dtype=f64)
+            ids = torch.randint(0, vocab, (2 * world, 3))
+            ids[0, 0] = 3
+            dy = torch.randn(2 * world, 3, 5, dtype=f64)
+            y_ref = dense(ids)
+            (y_ref * dy).sum().backward()
+
+            layer = VocabParallelEmbedding.from_dense(dense, sequence_parallel=sp)
+            y = layer(ids)
+            rows = slice(rank * 2, rank * 2 + 2)
+            what = f"embedding V={vocab} sp={sp}"
+            torch.testing.assert_close(y, y_ref[rows] if sp else y_ref, **TOL, msg=lambda m: f"{what}: {m}")
+            (y * (dy[rows] if sp else dy)).sum().backward()
+            start, size = shard_range(vocab, world, rank)
+            torch.testing.assert_close(layer.weight.grad, dense.weight.grad[start:start + size], **TOL,
+                                       msg=lambda m: f"{what}: grad_w: {m}")
+    with pytest.raises(IndexError, match=r"ids must be in \[0, 12\), got min 0 max 12"):
+        VocabParallelEmbedding(12, 5)(torch.tensor([0, 12]))
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_vocab_parallel_embedding_matches_dense(world_size):
+    run_ranks(_check_embedding, world_size)
+
+
+def _check_cross_entropy() -> None:
+    rank, world = tdist.get_rank(), tdist.get_world_size()
+    for vocab in (16, 13):
+        g = torch.Generator().manual_seed(vocab)
+        logits = 3 * torch.randn(4, 5, vocab, generator=g, dtype=f64)
+        target = torch.randint(0, vocab, (4, 5), generator=g)
+        target[0, :2] = -100
+        start, size = shard_range(vocab, world, rank)
+        for smoothing in (0.0, 0.1):
+            for reduction in ("mean", "sum", "none"):
+                full = logits.clone().requires_grad_()
+                ref = F.cross_entropy(full.view(-1, vocab), target.view(-1), ignore_index=-100,
+                                      label_smoothing=smoothing, reduction=reduction)
+                ref = ref.view(4, 5) if reduction == "none" else ref
+                dloss = torch.randn(ref.shape, generator=g, dtype=f64)
+                (ref * dloss).sum().backward()
+                shard = logits[..., start:start + size].clone().requires_grad_()
+                loss = vocab_parallel_cross_entropy(shard, target, label_smoothing=smoothing, reduction=reduction)
+                what = f"cross entropy V={vocab} smoothing={smoothing} reduction={reduction}"
+                torch.testing.assert_close(loss, ref, **TOL, msg=lambda m: f"{what}: {m}")
+                (loss * dloss).sum().backward()
+                torch.testing.assert_close(shard.grad, full.grad[..., start:start + size], **TOL,
+                                           msg=lambda m: f"{what}: grad: {m}")
+    with pytest.raises(ValueError, match=r"target must be logits_shard.shape\[:-1\] = \(4, 5\), got \(4,\)"):
+        vocab_parallel_cross_entropy(logits[..., :size], target[:, 0])
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
+def test_vocab_parallel_cross_entropy_matches_dense(world_size):
+    run_ranks(_check_cross_entropy, world_size)
+
+
+def _check_norms() -> dict:
+    rank, world = tdist.get_rank(), tdist.get_world_size()
+    g = torch.Generator().manual_seed(0)
+    x, dy = torch.randn(2 * world, 3, 6, generator=g, dtype=f64), torch.randn(2 * world, 3, 6, generator=g, dtype=f64)
+    w, b = torch.randn(6, generator=g, dtype=f64), torch.randn(6, generator=g, dtype=f64)
+    rows = slice(2 * rank, 2 * rank + 2)
+    counts = {}
+    for name, sp_cls, ref_fn in [
+        ("layernorm", SequenceParallelLayerNorm, lambda x, w, b: F.layer_norm(x, (6,), w, b, 1e-5)),
+        ("rmsnorm", SequenceParallelRMSNorm, lambda x, w, b: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w),
+    ]:
+        w_ref, b_ref = w.clone().requires_grad_(), b.clone().requires_grad_()
+        y_ref = ref_fn(x, w_ref, b_ref)
+        (y_ref * dy).sum().backward()
+        norm = sp_cls(6, dtype=f64)
+        with torch.no_grad():
+            norm.weight.copy_(w)
+            if norm.bias is not None:
+                norm.bias.copy_(b)
+        with tpext.comm_stats() as stats:
+            y = norm(x[rows])
+            (y * dy[rows]).sum().backward()
+        counts[name] = stats.count("all_reduce", phase="backward")
+        torch.testing.assert_close(y, y_ref[rows], **TOL)
+        # Each rank saw only its tokens, yet holds the full gradient: identical replicas.
+        torch.testing.assert_close(norm.weight.grad, w_ref.grad, **TOL, msg=lambda m: f"{name} grad_w: {m}")
+        if norm.bias is not None:
+            torch.testing.assert_close(norm.bias.grad, b_ref.grad, **TOL, msg=lambda m: f"{name} grad_b: {m}")
+    return counts
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_sequence_parallel_norms_all_reduce_their_grads(world_size):
+    counts = run_ranks(_check_norms, world_size)[0]
+    assert counts == ({"layernorm": 2, "rmsnorm": 1} if world_size > 1 else {"layernorm": 0, "rmsnorm": 0})
+
+
+def _rng_draws() -> tuple:
+    tpext.random.model_parallel_seed(1234)
+    replicated = torch.rand(4)
+    with tpext.random.get_rng_tracker().fork():
+        tp = torch.nn.functional.dropout(torch.ones(8), 0.5)
+    after = torch.rand(4)  # the fork left the default stream where it was
+    tpext.random.model_parallel_seed(1234)
+    again = torch.rand(4)
+    return replicated, tp, after, again
+
+
+def test_rng_tracker():
+    r0, r1 = run_ranks(_rng_draws, 2)
+    assert torch.equal(r0[0], r1[0]) and torch.equal(r0[2], r1[2])  # replicated regions agree
+    assert not torch.equal(r0[1], r1[1])  # TP regions differ per rank
+    assert torch.equal(r0[0], r0[3])  # reproducible
+    torch.manual_seed(1234)
+    first, second = torch.rand(4), torch.rand(4)
+    assert torch.equal(r0[0], first) and torch.equal(r0[2], second)
