@@ -44,14 +44,15 @@ def _extension():
         for p in glob.glob(os.path.join(CSRC, "**", "*.cpp"), recursive=True)
     )
     torch_version = torch.__version__.split("+")[0]
-    cxx = ["-O3", "-std=c++17", f'-DTPEXT_TORCH_VERSION="{torch_version}"']
+    # No -std flag: torch's extension builder passes the standard its own headers need (C++17 or C++20).
+    cxx = ["-O3", f'-DTPEXT_TORCH_VERSION="{torch_version}"']
     include_dirs = [CSRC]
     if not _cuda_build():
         return cpp_extension.CppExtension("tpext._C", sources, include_dirs=include_dirs,
                                           extra_compile_args={"cxx": cxx})
     sources += sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(CSRC, "kernels", "*.cu")))
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
-    nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-DTPEXT_WITH_CUDA"]
+    nvcc = ["-O3", "--expt-relaxed-constexpr", "-DTPEXT_WITH_CUDA"]
     if archs is None:
         # Hopper first (sm_90a unlocks wgmma/TMA); the device the build runs on otherwise.
         nvcc += ["-gencode=arch=compute_90a,code=sm_90a"]
