@@ -103,6 +103,8 @@ def current_module() -> str:
 def record(kind: str, numel: int, dtype: torch.dtype, world_size: int, *, backward: bool = False,
            module: Optional[str] = None) -> None:
     """Account one collective. Called by tpext's own communication paths, never by users."""
+    if kind not in KINDS:
+        raise ValueError(f"tpext: unknown collective kind {kind!r}; expected one of {KINDS}")
     if not _active or torch.compiler.is_compiling():
         return
     rec = CommRecord(kind, "backward" if backward else "forward", numel * dtype.itemsize,

@@ -14,10 +14,6 @@
 
 namespace tpext::schedule {
 
-Algorithm algorithm_for(int64_t rows, int64_t chunks) {
-  return effective_chunks(rows, chunks) == 1 ? Algorithm::kSequential : Algorithm::kChunkedPipeline;
-}
-
 void gemm_all_reduce(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, comm::Communicator& comm,
                      int64_t chunks, const RowsEpilogue& epilogue) {
   const int64_t rows = x.size(0);

@@ -12,6 +12,7 @@
 #include <ATen/core/Tensor.h>
 
 #include "comm/communicator.h"
+#include "common/rows.h"
 
 namespace tpext::schedule {
 
@@ -22,7 +23,9 @@ enum class Algorithm : int64_t {
   kChunkedPipeline = 1,  // row chunks; the collective of chunk i overlaps the GEMM of chunk i+1
 };
 
-Algorithm algorithm_for(int64_t rows, int64_t chunks);
+inline Algorithm algorithm_for(int64_t rows, int64_t chunks) {
+  return effective_chunks(rows, chunks) == 1 ? Algorithm::kSequential : Algorithm::kChunkedPipeline;
+}
 
 // Applied to each block of finished output rows exactly once, after its collective completed
 // (e.g. "add bias once, after the reduction"). May be empty.
