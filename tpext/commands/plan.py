@@ -1,0 +1,9 @@
+"""`tpext plan`: not implemented yet."""
+
+
+def add_arguments(parser) -> None:
+    pass
+
+
+def run(args) -> int:
+    raise SystemExit("tpext plan: not implemented yet")
