@@ -7,10 +7,14 @@ from tpext import ops
 from tpext.stats import comm_stats
 from tpext.distributed import group_name, resolve_group
 from tpext import nn, random  # noqa: E402  (after ops: the modules use them)
+from tpext.sharding import Piece
+from tpext.parallelize import Style, auto_plan, parallelize
+from tpext import models
 
 __version__ = "0.1.0"
 
 #: True when the CUDA kernels were compiled into this build.
 cuda_compiled: bool = _C.cuda_compiled
 
-__all__ = ["ops", "nn", "random", "comm_stats", "group_name", "resolve_group", "cuda_compiled", "__version__"]
+__all__ = ["ops", "nn", "random", "models", "comm_stats", "group_name", "resolve_group", "parallelize", "auto_plan",
+           "Style", "Piece", "cuda_compiled", "__version__"]

@@ -11,6 +11,9 @@ regions are exact without the user thinking about them:
     reduce_scatter_to_sequence   reduce-scatter dim 0             all-gather dim 0
     scatter_to_tp                keep this rank's last-dim shard  all-gather last dim
     gather_from_tp               all-gather last dim              keep this rank's last-dim shard
+    sum_replica_grads            identity                         sum over the ranks holding the same slice
+
+The sequence functions take `dim`, the sequence dim (0 for [s, b, h], 1 for batch-first [b, s, h]).
 
 Every one returns its input unchanged (and counts nothing) for a group of size 1. Dim-0 splits need
 dim 0 divisible by the group size; last-dim splits follow shard_sizes (uneven allowed).
@@ -30,7 +33,7 @@ from tpext.distributed import GroupLike, resolve_group, shard_range, shard_sizes
 __all__ = [
     "copy_to_tp", "reduce_from_tp", "scatter_to_sequence", "gather_from_sequence",
     "reduce_scatter_to_sequence", "scatter_to_tp", "gather_from_tp",
-    "all_reduce", "all_gather_dim0", "reduce_scatter_dim0",
+    "sum_replica_grads", "all_reduce", "all_gather_dim0", "reduce_scatter_dim0",
 ]
 
 
@@ -183,11 +186,41 @@ class _GatherFromTP(torch.autograd.Function):
         return _last_dim_shard(grad, ctx.group), None, None
 
 
-def _apply(fn, x: Tensor, group: GroupLike, *extra):
+class _SumReplicaGrads(torch.autograd.Function):
+    """Identity forward; backward sums the gradient over the ranks that hold the same dense slice. Each
+    rank scatters its gradient into a zero dense-shaped buffer, one all-reduce sums them, and each keeps
+    its own slices: ranks holding other slices add zeros. The buffer is the dense parameter's size (e.g.
+    a GQA k/v projection), which is what lets every replica set reduce in one call without subgroups."""
+
+    @staticmethod
+    def forward(ctx, x, layout, group):
+        ctx.layout, ctx.group, ctx.module = layout, group, stats.current_module()
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        full = grad.new_zeros(ctx.layout.dense_shape)
+        ctx.layout.scatter_into(full, grad)
+        all_reduce(full, ctx.group, backward=True, module=ctx.module)
+        return ctx.layout.local_from_dense(full).contiguous(), None, None
+
+
+def sum_replica_grads(x: Tensor, layout, group: GroupLike = None) -> Tensor:
+    """`x` (a local parameter with a tpext.sharding.ShardLayout) as is, its gradient summed over the ranks
+    holding the same slices (layout.replicas > 1: a kv head replicated over several ranks)."""
+    pg = resolve_group(group)
+    if pg.size() == 1 or layout.replicas == 1:
+        return x
+    return _SumReplicaGrads.apply(x, layout, pg)
+
+
+def _apply(fn, x: Tensor, group: GroupLike, *extra, dim: int = 0):
     pg = resolve_group(group)
     if pg.size() == 1:
         return x
-    return fn.apply(x, pg, *extra)
+    if dim == 0:
+        return fn.apply(x, pg, *extra)
+    return fn.apply(x.movedim(dim, 0), pg, *extra).movedim(0, dim)
 
 
 def copy_to_tp(x: Tensor, group: GroupLike = None) -> Tensor:
@@ -198,16 +231,16 @@ def reduce_from_tp(x: Tensor, group: GroupLike = None) -> Tensor:
     return _apply(_ReduceFromTP, x, group)
 
 
-def scatter_to_sequence(x: Tensor, group: GroupLike = None) -> Tensor:
-    return _apply(_ScatterToSequence, x, group)
+def scatter_to_sequence(x: Tensor, group: GroupLike = None, dim: int = 0) -> Tensor:
+    return _apply(_ScatterToSequence, x, group, dim=dim)
 
 
-def gather_from_sequence(x: Tensor, group: GroupLike = None) -> Tensor:
-    return _apply(_GatherFromSequence, x, group)
+def gather_from_sequence(x: Tensor, group: GroupLike = None, dim: int = 0) -> Tensor:
+    return _apply(_GatherFromSequence, x, group, dim=dim)
 
 
-def reduce_scatter_to_sequence(x: Tensor, group: GroupLike = None) -> Tensor:
-    return _apply(_ReduceScatterToSequence, x, group)
+def reduce_scatter_to_sequence(x: Tensor, group: GroupLike = None, dim: int = 0) -> Tensor:
+    return _apply(_ReduceScatterToSequence, x, group, dim=dim)
 
 
 def scatter_to_tp(x: Tensor, group: GroupLike = None) -> Tensor:

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from tpext import mappings, stats
 from tpext.distributed import GroupLike, resolve_group, shard_range
+from tpext.sharding import ShardLayout, set_layout
 
 __all__ = ["VocabParallelEmbedding"]
 
@@ -19,11 +20,13 @@ class VocabParallelEmbedding(nn.Module):
 
     Each rank looks up the ids that fall in its slice (others give zeros), then the partial embeddings
     are summed: an all-reduce, output [*, dim] replicated; or with sequence_parallel a reduce-scatter
-    along dim 0, output this rank's sequence shard [s/R, *, dim] (ids are [s, *], s divisible by R).
+    along the sequence dim, output this rank's sequence shard: [s/R, *, dim] for ids [s, *], or
+    [b, s/R, dim] for batch-first ids [b, s] with sequence_dim=1 (s divisible by R).
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: Optional[int] = None, *,
-                 group: GroupLike = None, sequence_parallel: bool = False, device=None, dtype=None):
+                 group: GroupLike = None, sequence_parallel: bool = False, sequence_dim: int = 0, device=None,
+                 dtype=None):
         super().__init__()
         if padding_idx is not None and not -num_embeddings <= padding_idx < num_embeddings:
             raise ValueError(f"tpext.VocabParallelEmbedding: padding_idx must be in [-{num_embeddings}, "
@@ -32,10 +35,11 @@ class VocabParallelEmbedding(nn.Module):
         self.tp_size, self.tp_rank = self.group.size(), self.group.rank()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.padding_idx = padding_idx % num_embeddings if padding_idx is not None else None
-        self.sequence_parallel = sequence_parallel
+        self.sequence_parallel, self.sequence_dim = sequence_parallel, sequence_dim
         self.vocab_start, local = shard_range(num_embeddings, self.tp_size, self.tp_rank)
         self.vocab_end = self.vocab_start + local
         self.weight = nn.Parameter(torch.empty(local, embedding_dim, device=device, dtype=dtype))
+        set_layout(self, "weight", ShardLayout((num_embeddings, embedding_dim), 0, ((self.vocab_start, local),)))
         self.reset_parameters()
 
     @property
@@ -55,8 +59,9 @@ class VocabParallelEmbedding(nn.Module):
         """Shard an nn.Embedding: this rank keeps rows [vocab_start, vocab_end) of its weight."""
         layer = cls(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx, group=group,
                     device=embedding.weight.device, dtype=embedding.weight.dtype, **kwargs)
-        with torch.no_grad():
-            layer.weight.copy_(embedding.weight[layer.vocab_start:layer.vocab_end])
+        if not embedding.weight.is_meta:  # a meta-device model is loaded later, from a checkpoint
+            with torch.no_grad():
+                layer.weight.copy_(embedding.weight[layer.vocab_start:layer.vocab_end])
         return layer
 
     def _check_ids(self, ids: Tensor) -> None:
@@ -76,7 +81,7 @@ class VocabParallelEmbedding(nn.Module):
             partial = F.embedding(local_ids, self.weight, self._local_padding_idx)
             partial = partial.masked_fill(outside.unsqueeze(-1), 0.0)
             if self.sequence_parallel:
-                return mappings.reduce_scatter_to_sequence(partial, self.group)
+                return mappings.reduce_scatter_to_sequence(partial, self.group, dim=self.sequence_dim)
             return mappings.reduce_from_tp(partial, self.group)
 
     def extra_repr(self) -> str:

@@ -10,16 +10,17 @@ the row layer, both overlapped with their GEMM. Uneven feature counts follow sha
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tpext import mappings, stats
-from tpext.distributed import GroupLike, resolve_group, shard_range
+from tpext.distributed import GroupLike, resolve_group
 from tpext.nn._linear_functions import ColumnLinear, ColumnLinearSP, RowLinear, RowLinearSP
 from tpext.planner import resolve_chunks
+from tpext.sharding import Piece, ShardLayout, piece_segments, set_layout
 
 __all__ = ["ColumnParallelLinear", "RowParallelLinear"]
 
@@ -30,22 +31,58 @@ class _ParallelLinear(nn.Module):
     """What both layers share: the group, the local weight/bias, init, and the input checks."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, group: GroupLike, sharded_dim: int,
-                 sequence_parallel: bool, chunks: Chunks, device, dtype):
+                 sequence_parallel: bool, chunks: Chunks, device, dtype, pieces: Optional[Sequence[Piece]] = None,
+                 sequence_dim: int = 0):
         super().__init__()
         self.group = resolve_group(group)
         self.tp_size, self.tp_rank = self.group.size(), self.group.rank()
         self.in_features, self.out_features = in_features, out_features
-        self.sequence_parallel = sequence_parallel
+        self.sequence_parallel, self.sequence_dim = sequence_parallel, sequence_dim
         resolve_chunks(chunks, 1, 1)  # validate now, decide per call
         self.chunks = chunks
         full = (out_features, in_features)
-        self.shard_start, local = shard_range(full[sharded_dim], self.tp_size, self.tp_rank)
-        shape = (local, in_features) if sharded_dim == 0 else (out_features, local)
+        # The sharded dim is one piece (near-even split) unless the caller says it is packed or made of
+        # whole heads; see tpext.sharding.piece_segments.
+        pieces = tuple(pieces) if pieces is not None else (Piece(full[sharded_dim]),)
+        if sum(p.size for p in pieces) != full[sharded_dim]:
+            raise ValueError(f"tpext.{type(self).__name__}: pieces {list(pieces)} add up to "
+                             f"{sum(p.size for p in pieces)}, not the sharded dim's {full[sharded_dim]}")
+        segments, self.replicas = piece_segments(pieces, self.tp_size, self.tp_rank,
+                                                 f"{type(self).__name__}({in_features}, {out_features})")
+        self.packed = len(pieces) > 1
+        self.shard_start = segments[0][0]
+        weight_layout = ShardLayout(full, sharded_dim, segments, self.replicas)
         factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.empty(shape, **factory))
+        self.weight = nn.Parameter(torch.empty(weight_layout.local_shape, **factory))
+        set_layout(self, "weight", weight_layout)
         # The column layer's bias is sharded with its outputs; the row layer's is replicated.
-        self.bias = nn.Parameter(torch.empty(shape[0], **factory)) if bias else None
+        if bias:
+            bias_layout = (ShardLayout((out_features,), 0, segments, self.replicas) if sharded_dim == 0
+                           else ShardLayout.replicated((out_features,)))
+            self.bias = nn.Parameter(torch.empty(bias_layout.local_shape, **factory))
+            set_layout(self, "bias", bias_layout)
+        else:
+            self.bias = None
         self.reset_parameters()
+
+    def _load_dense(self, linear: nn.Linear) -> None:
+        """Copy this rank's slices of a dense nn.Linear (nothing to copy from a meta-device model)."""
+        if linear.weight.is_meta:
+            return
+        with torch.no_grad():
+            self.weight.copy_(self._tpext_layouts["weight"].local_from_dense(linear.weight))
+            if self.bias is not None:
+                self.bias.copy_(self._tpext_layouts["bias"].local_from_dense(linear.bias))
+
+    def _params(self) -> tuple[Tensor, Optional[Tensor]]:
+        """The weights as this forward uses them. A head replicated over several ranks (GQA with more
+        ranks than kv heads) gets only part of its gradient on each: those parts are summed here."""
+        if self.replicas == 1:
+            return self.weight, self.bias
+        w = mappings.sum_replica_grads(self.weight, self._tpext_layouts["weight"], self.group)
+        b = (mappings.sum_replica_grads(self.bias, self._tpext_layouts["bias"], self.group)
+             if self.bias is not None else None)
+        return w, b
 
     def reset_parameters(self) -> None:
         # nn.Linear's init, with the bound of the *full* layer (fan_in = in_features, not its shard).
@@ -60,13 +97,17 @@ class _ParallelLinear(nn.Module):
             raise ValueError(f"tpext.{type(self).__name__}: input must be [*, {want}] ({what}), got shape "
                              f"{tuple(x.shape)}")
 
+    def _sequence_first(self, x: Tensor) -> Tensor:
+        """Under SP the sequence dim (0, or 1 for batch-first [b, s, h]) moves to dim 0 for the ops."""
+        if x.dim() < 2 or self.sequence_dim >= x.dim() - 1:
+            raise ValueError(f"tpext.{type(self).__name__}: with sequence_parallel the input must have the "
+                             f"sequence in dim {self.sequence_dim} and features last, got shape {tuple(x.shape)}")
+        return x.movedim(self.sequence_dim, 0) if self.sequence_dim else x
+
     def _check_sequence(self, x: Tensor, rows: int) -> None:
-        if x.dim() < 2:
-            raise ValueError(f"tpext.{type(self).__name__}: with sequence_parallel the input must be "
-                             f"[s, *, features] with the sequence in dim 0, got shape {tuple(x.shape)}")
         if rows % self.tp_size != 0:
             raise ValueError(f"tpext.{type(self).__name__}: sequence_parallel needs the sequence length "
-                             f"(dim 0) divisible by the tensor-parallel size {self.tp_size}, got {rows} "
+                             f"(dim {self.sequence_dim}) divisible by the tensor-parallel size {self.tp_size}, got {rows} "
                              f"(input shape {tuple(x.shape)})")
 
     def _chunks(self, rows: int) -> int:
@@ -75,6 +116,7 @@ class _ParallelLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"tp={self.tp_rank}/{self.tp_size}, sequence_parallel={self.sequence_parallel}, "
+                f"{'packed, ' if self.packed else ''}{f'replicas={self.replicas}, ' if self.replicas > 1 else ''}"
                 f"local weight={tuple(self.weight.shape)}")
 
 
@@ -90,20 +132,21 @@ class ColumnParallelLinear(_ParallelLinear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, group: GroupLike = None,
                  gather_output: bool = False, sequence_parallel: bool = False, chunks: Chunks = "auto",
-                 device=None, dtype=None):
-        super().__init__(in_features, out_features, bias, group, 0, sequence_parallel, chunks, device, dtype)
+                 pieces: Optional[Sequence[Piece]] = None, sequence_dim: int = 0, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, group, 0, sequence_parallel, chunks, device, dtype,
+                         pieces, sequence_dim)
+        if gather_output and (self.packed or self.replicas > 1):
+            raise ValueError("tpext.ColumnParallelLinear: gather_output needs a plain (one-piece, unreplicated) "
+                             "output sharding; gather packed outputs piece by piece instead")
         self.gather_output = gather_output
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, group: GroupLike = None, **kwargs) -> "ColumnParallelLinear":
-        """Shard an nn.Linear: this rank keeps rows [start, start + out/R) of its weight and bias."""
+        """Shard an nn.Linear: this rank keeps its rows of the weight and bias (rows [start, start + out/R),
+        or with `pieces` its rows of every sub-matrix)."""
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, group=group,
                     device=linear.weight.device, dtype=linear.weight.dtype, **kwargs)
-        rows = slice(layer.shard_start, layer.shard_start + layer.weight.shape[0])
-        with torch.no_grad():
-            layer.weight.copy_(linear.weight[rows])
-            if layer.bias is not None:
-                layer.bias.copy_(linear.bias[rows])
+        layer._load_dense(linear)
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
@@ -111,12 +154,15 @@ class ColumnParallelLinear(_ParallelLinear):
         with stats.module_scope(stats.current_module() or type(self).__name__):
             if self.tp_size == 1:
                 return F.linear(x, self.weight, self.bias)
+            w, b = self._params()
             if self.sequence_parallel:  # x is a sequence shard: any length gathers to R times it
+                x = self._sequence_first(x)
                 rows = x.numel() // max(x.shape[-1], 1) * self.tp_size
-                y = ColumnLinearSP.apply(x, self.weight, self.bias, self.group, self._chunks(rows))
+                y = ColumnLinearSP.apply(x, w, b, self.group, self._chunks(rows))
+                y = y.movedim(0, self.sequence_dim) if self.sequence_dim else y
             else:
                 rows = x.numel() // max(x.shape[-1], 1)
-                y = ColumnLinear.apply(x, self.weight, self.bias, self.group, self._chunks(rows))
+                y = ColumnLinear.apply(x, w, b, self.group, self._chunks(rows))
             if self.gather_output:
                 y = mappings.gather_from_tp(y, self.out_features, self.group)
             return y
@@ -135,8 +181,12 @@ class RowParallelLinear(_ParallelLinear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, group: GroupLike = None,
                  input_is_parallel: bool = True, sequence_parallel: bool = False, chunks: Chunks = "auto",
-                 device=None, dtype=None):
-        super().__init__(in_features, out_features, bias, group, 1, sequence_parallel, chunks, device, dtype)
+                 pieces: Optional[Sequence[Piece]] = None, sequence_dim: int = 0, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, group, 1, sequence_parallel, chunks, device, dtype,
+                         pieces, sequence_dim)
+        if self.replicas > 1 or (self.packed and not input_is_parallel):
+            raise ValueError("tpext.RowParallelLinear: input features must be sharded, not replicated, and a "
+                             "packed input needs input_is_parallel=True")
         self.input_is_parallel = input_is_parallel
 
     @classmethod
@@ -144,11 +194,7 @@ class RowParallelLinear(_ParallelLinear):
         """Shard an nn.Linear: this rank keeps columns [start, start + in/R) of its weight, all the bias."""
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, group=group,
                     device=linear.weight.device, dtype=linear.weight.dtype, **kwargs)
-        cols = slice(layer.shard_start, layer.shard_start + layer.weight.shape[1])
-        with torch.no_grad():
-            layer.weight.copy_(linear.weight[:, cols])
-            if layer.bias is not None:
-                layer.bias.copy_(linear.bias)
+        layer._load_dense(linear)
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
@@ -165,6 +211,8 @@ class RowParallelLinear(_ParallelLinear):
                 return F.linear(x, self.weight, self.bias)
             rows = x.numel() // max(x.shape[-1], 1)
             if self.sequence_parallel:
+                x = self._sequence_first(x)
                 self._check_sequence(x, x.shape[0])
-                return RowLinearSP.apply(x, self.weight, self.bias, self.group, self._chunks(rows))
+                y = RowLinearSP.apply(x, self.weight, self.bias, self.group, self._chunks(rows))
+                return y.movedim(0, self.sequence_dim) if self.sequence_dim else y
             return RowLinear.apply(x, self.weight, self.bias, self.group, self._chunks(rows))

@@ -1,0 +1,235 @@
+"""`tpext.parallelize(model)`: a dense model becomes a tensor-parallel one in place, same names, same numbers.
+
+A plan is data: a dict from module-name patterns (fnmatch wildcards over the dense names, e.g.
+"model.layers.*.mlp.down_proj"; the first matching pattern wins) to a style:
+
+    "colwise"            nn.Linear -> ColumnParallelLinear (output features sharded)
+    "rowwise"            nn.Linear -> RowParallelLinear (input features sharded, output reduced)
+    "vocab"              nn.Embedding -> VocabParallelEmbedding; on an nn.Linear (lm_head) = "colwise":
+                         vocabulary-sharded logits for vocab_parallel_cross_entropy
+    "sequence_parallel"  a norm -> SequenceParallelRMSNorm / LayerNorm when sequence_parallel=True
+                         (replicated as it is otherwise)
+    "replicate"          left as it is, weights replicated on every rank
+
+or a `Style` naming the pieces of a packed or head-structured dim, e.g. a packed QKV weight
+`Style("colwise", (Piece(32, 128), Piece(8, 128), Piece(8, 128)))`: every piece is split on its own,
+in whole heads, so the local weight holds this rank's q, k and v heads, never a naive chunk.
+`plan="auto"` builds such a plan from the Llama / Mistral / Qwen2 names (`auto_plan`).
+
+Grouped-query attention: with tp <= kv heads the kv heads are sharded (tp must divide them); with
+tp > kv heads each kv head is replicated over tp / kv ranks (tp must be a multiple), and the gradients
+of the replicas are summed. Attention modules get their local head counts (`num_heads`,
+`num_key_value_heads`, `num_key_value_groups`).
+
+Sequence parallelism (sequence_parallel=True): between the row-parallel output and the next
+column-parallel input, activations are sequence shards; for batch-first [b, s, h] models the sharded
+dim is 1 (`sequence_dim`), and s must be divisible by the tensor-parallel size.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Mapping, Optional, Union
+
+from torch import nn
+
+from tpext.distributed import GroupLike, resolve_group
+from tpext.nn import (ColumnParallelLinear, RowParallelLinear, SequenceParallelLayerNorm, SequenceParallelRMSNorm,
+                      VocabParallelEmbedding)
+from tpext.sharding import Piece
+
+__all__ = ["Style", "parallelize", "auto_plan", "STYLES"]
+
+STYLES = ("colwise", "rowwise", "vocab", "sequence_parallel", "replicate")
+
+
+@dataclass(frozen=True)
+class Style:
+    """A plan entry. `pieces` describe the sharded dim (output features for colwise, input features for
+    rowwise) when it is packed or made of heads; None means one piece split near-evenly."""
+
+    kind: str
+    pieces: Optional[tuple[Piece, ...]] = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in STYLES:
+            raise ValueError(f"tpext.parallelize: unknown style {self.kind!r}; styles are {', '.join(STYLES)}")
+
+
+Plan = Mapping[str, Union[str, Style]]
+
+_ATTN_PROJ = {"q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj"}
+_COLWISE = {"gate_proj", "up_proj", "gate_up_proj", "c_fc", "fc1", "w1", "w3"}
+_ROWWISE = {"down_proj", "c_proj", "fc2", "w2"}
+_EMBED = {"embed_tokens", "wte", "tok_embeddings"}
+_HEAD = {"lm_head", "output"}
+
+
+def _heads(attn: nn.Module, config) -> tuple[int, int, int]:
+    """(query heads, kv heads, head_dim) of an attention module, from its attributes or the config."""
+
+    def pick(*names):
+        for obj in (attn, config):
+            for n in names:
+                v = getattr(obj, n, None)
+                if isinstance(v, int):
+                    return v
+        return None
+
+    hq = pick("num_heads", "num_attention_heads")
+    hkv = pick("num_key_value_heads") or (hq // g if hq and (g := pick("num_key_value_groups")) else hq)
+    d = pick("head_dim")
+    if d is None and hq:
+        h = pick("hidden_size")
+        d = h // hq if h else None
+    if not (hq and hkv and d):
+        raise ValueError(f"tpext.parallelize: cannot tell the head counts of attention module "
+                         f"{type(attn).__name__}: it needs num_heads (or num_attention_heads), "
+                         "num_key_value_heads and head_dim attributes, or a model config with them")
+    return hq, hkv, d
+
+
+def auto_plan(model: nn.Module, *, sequence_parallel: bool = False) -> dict[str, Style]:
+    """The plan for a Llama / Mistral / Qwen2-style model, exact names (no wildcards), so it can be
+    printed, edited and passed back. Raises listing every module with weights it could not place."""
+    config = getattr(model, "config", None)
+    plan: dict[str, Style] = {}
+    unplaced = []
+    modules = dict(model.named_modules())
+    for name, module in modules.items():
+        if not any(True for _ in module.parameters(recurse=False)):
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        parent = modules.get(name.rsplit(".", 1)[0] if "." in name else "", model)
+        if isinstance(module, nn.Linear) and leaf in _ATTN_PROJ:
+            hq, hkv, d = _heads(parent, config)
+            pieces = {"q_proj": (Piece(hq, d),), "k_proj": (Piece(hkv, d),), "v_proj": (Piece(hkv, d),),
+                      "qkv_proj": (Piece(hq, d), Piece(hkv, d), Piece(hkv, d)), "o_proj": (Piece(hq, d),)}[leaf]
+            plan[name] = Style("rowwise" if leaf == "o_proj" else "colwise", pieces)
+        elif isinstance(module, nn.Linear) and leaf == "gate_up_proj":
+            half = module.out_features // 2
+            plan[name] = Style("colwise", (Piece(half), Piece(half)))
+        elif isinstance(module, nn.Linear) and leaf in _COLWISE:
+            plan[name] = Style("colwise")
+        elif isinstance(module, nn.Linear) and leaf in _ROWWISE:
+            plan[name] = Style("rowwise")
+        elif isinstance(module, nn.Embedding) and leaf in _EMBED:
+            plan[name] = Style("vocab")
+        elif isinstance(module, nn.Linear) and leaf in _HEAD:
+            plan[name] = Style("vocab")
+        elif "norm" in leaf.lower() or "norm" in type(module).__name__.lower():
+            plan[name] = Style("sequence_parallel" if sequence_parallel else "replicate")
+        else:
+            unplaced.append(f"{name} ({type(module).__name__})")
+    if unplaced:
+        raise ValueError(
+            "tpext.parallelize: plan='auto' knows the Llama / Mistral / Qwen2 names (q/k/v/o_proj, qkv_proj, "
+            "gate/up/down_proj, gate_up_proj, embed_tokens, lm_head, *norm) and could not place: "
+            + ", ".join(unplaced) + ". Pass plan={pattern: style} (styles: " + ", ".join(STYLES) + "), e.g. "
+            "start from tpext.auto_plan on a model without them and add entries.")
+    return plan
+
+
+def _style_for(name: str, plan: Plan) -> Optional[Style]:
+    for pattern, style in plan.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            return style if isinstance(style, Style) else Style(style)
+    return None
+
+
+def _norm_eps(norm: nn.Module) -> float:
+    for attr in ("eps", "variance_epsilon"):
+        if isinstance(getattr(norm, attr, None), float):
+            return getattr(norm, attr)
+    raise ValueError(f"tpext.parallelize: norm {type(norm).__name__} has no eps / variance_epsilon attribute")
+
+
+def _sequence_parallel_norm(norm: nn.Module, group, sequence_dim: int) -> nn.Module:
+    # The tpext norms keep the names (weight, bias); their weight gradients are summed over the group.
+    weight = norm.weight
+    bias = getattr(norm, "bias", None)
+    factory = {"device": weight.device, "dtype": weight.dtype}
+    if isinstance(norm, nn.LayerNorm) or bias is not None:
+        new = SequenceParallelLayerNorm(tuple(weight.shape), _norm_eps(norm), bias is not None, group=group, **factory)
+    else:
+        new = SequenceParallelRMSNorm(tuple(weight.shape), _norm_eps(norm), group=group, **factory)
+    if not weight.is_meta:
+        new.load_state_dict(norm.state_dict())
+    return new
+
+
+def _convert(name: str, module: nn.Module, style: Style, group, sp: bool, sequence_dim: int, chunks) -> nn.Module:
+    kind = style.kind
+    common = {"sequence_parallel": sp, "sequence_dim": sequence_dim}
+    if isinstance(module, nn.Linear) and kind in ("colwise", "vocab"):
+        return ColumnParallelLinear.from_dense(module, group, pieces=style.pieces, chunks=chunks, **common)
+    if isinstance(module, nn.Linear) and kind == "rowwise":
+        return RowParallelLinear.from_dense(module, group, pieces=style.pieces, chunks=chunks, **common)
+    if isinstance(module, nn.Embedding) and kind == "vocab":
+        return VocabParallelEmbedding.from_dense(module, group, **common)
+    if kind == "sequence_parallel" and hasattr(module, "weight"):
+        return _sequence_parallel_norm(module, group, sequence_dim) if sp else module
+    if kind == "replicate":
+        return module
+    raise ValueError(f"tpext.parallelize: style {kind!r} does not apply to {name} ({type(module).__name__}); "
+                     "colwise/rowwise take nn.Linear, vocab takes nn.Embedding or nn.Linear, "
+                     "sequence_parallel takes a norm with a weight")
+
+
+def _set_local_heads(model: nn.Module, converted: dict[str, nn.Module], world: int) -> None:
+    """Attention modules whose projections were sharded compute with their local head counts."""
+    config = getattr(model, "config", None)
+    for name, attn in model.named_modules():
+        projections = [f"{name}.{p}" if name else p for p in _ATTN_PROJ]
+        if not any(p in converted for p in projections) or not hasattr(attn, "o_proj"):
+            continue
+        hq, hkv, _ = _heads(attn, config)
+        if hq % world:
+            raise ValueError(f"tpext.parallelize: {name} has {hq} query heads, not divisible by the "
+                             f"tensor-parallel size {world}")
+        local_q, local_kv = hq // world, max(hkv // world, 1)
+        for attr, value in (("num_heads", local_q), ("num_attention_heads", local_q),
+                            ("num_key_value_heads", local_kv), ("num_key_value_groups", local_q // local_kv)):
+            if hasattr(attn, attr):
+                setattr(attn, attr, value)
+
+
+def parallelize(model: nn.Module, group: GroupLike = None, plan: Union[str, Plan] = "auto", *,
+                sequence_parallel: bool = False, sequence_dim: int = 1, chunks: Union[int, str] = "auto") -> nn.Module:
+    """Convert `model` in place to tensor parallelism over `group` (a ProcessGroup, a 1-D DeviceMesh such
+    as mesh["tp"], or None for the world) and return it. Weights are sharded from the dense ones (a
+    meta-device model stays on meta, for tpext.load_checkpoint to fill). State-dict names are unchanged.
+    sequence_dim: the sequence dim of the activations under SP (1 for batch-first [b, s, h]).
+    """
+    pg = resolve_group(group)
+    if plan == "auto":
+        plan = auto_plan(model, sequence_parallel=sequence_parallel)
+    elif isinstance(plan, str):
+        raise ValueError(f"tpext.parallelize: plan must be 'auto' or a dict of pattern -> style, got {plan!r}")
+    converted: dict[str, nn.Module] = {}
+    for name, module in list(model.named_modules()):
+        if not name or name in converted:
+            continue
+        style = _style_for(name, plan)
+        if style is None:
+            continue
+        new = _convert(name, module, style, pg, sequence_parallel, sequence_dim, chunks)
+        if new is not module:
+            parent_name, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
+            converted[name] = new
+    _retie(model, converted)
+    _set_local_heads(model, converted, pg.size())
+    return model
+
+
+def _retie(model: nn.Module, converted: dict[str, nn.Module]) -> None:
+    """Tied embeddings stay tied: the vocabulary-parallel embedding and lm_head shard V identically."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "tie_word_embeddings", False):
+        return
+    heads = [m for n, m in converted.items() if n.rsplit(".", 1)[-1] in _HEAD and isinstance(m, ColumnParallelLinear)]
+    embeds = [m for m in converted.values() if isinstance(m, VocabParallelEmbedding)]
+    if len(heads) == 1 and len(embeds) == 1:
+        heads[0].weight = embeds[0].weight

@@ -1,0 +1,170 @@
+"""Where each local parameter lives in the dense one: the layout every tpext module declares.
+
+A tensor-parallel parameter is a concatenation of slices of its dense parameter along one dim. Plain
+column/row sharding is one slice; a packed weight (QKV, gate_up) is one slice per sub-matrix; a
+grouped-query k/v head replicated over several ranks is the same slice on each of them. A
+`ShardLayout` records exactly that, so checkpoint loading can read only those slices, `gather_state_dict`
+can rebuild the dense tensor, and the replicated heads know their gradients must be summed.
+
+Modules keep their layouts in ``module._tpext_layouts = {param_name: ShardLayout}`` (on the module, not
+the Parameter, so they survive DDP, FSDP2 and ``module.to()``). A parameter without one is replicated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["ShardLayout", "Piece", "Entry", "piece_segments", "layouts", "set_layout", "get_layout"]
+
+Segment = tuple[int, int]  # (start in the dense tensor, length) along the layout's dim
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """Local tensor = cat([dense.narrow(dim, start, length) for start, length in segments], dim).
+
+    dim None means replicated: the local tensor is the whole dense tensor. `replicas` > 1 means every
+    segment of this rank is held by that many ranks of the group, each computing only part of its
+    gradient (GQA kv heads when tp > kv heads): those gradients must be summed over the holders.
+    """
+
+    dense_shape: tuple[int, ...]
+    dim: int | None = None
+    segments: tuple[Segment, ...] = ()
+    replicas: int = 1
+
+    @staticmethod
+    def replicated(shape: Sequence[int]) -> "ShardLayout":
+        return ShardLayout(tuple(shape))
+
+    @property
+    def is_sharded(self) -> bool:
+        return self.dim is not None
+
+    @property
+    def local_shape(self) -> tuple[int, ...]:
+        if self.dim is None:
+            return self.dense_shape
+        shape = list(self.dense_shape)
+        shape[self.dim] = sum(length for _, length in self.segments)
+        return tuple(shape)
+
+    def index(self, start: int, length: int) -> tuple[slice, ...]:
+        """The dense-tensor index of one segment (for safetensors' get_slice, or plain tensors)."""
+        idx = [slice(None)] * len(self.dense_shape)
+        idx[self.dim] = slice(start, start + length)
+        return tuple(idx)
+
+    def local_from_dense(self, dense: Tensor) -> Tensor:
+        """This rank's local tensor cut from the dense one (a copy when there are several segments)."""
+        if tuple(dense.shape) != self.dense_shape:
+            raise ValueError(f"tpext: dense tensor must be {list(self.dense_shape)}, got {list(dense.shape)}")
+        if self.dim is None:
+            return dense
+        parts = [dense[self.index(s, n)] for s, n in self.segments]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, self.dim)
+
+    def scatter_into(self, dense: Tensor, local: Tensor) -> None:
+        """Write `local` into its segments of `dense` (the inverse of local_from_dense)."""
+        if self.dim is None:
+            dense.copy_(local)
+            return
+        offset = 0
+        for s, n in self.segments:
+            dense[self.index(s, n)].copy_(local.narrow(self.dim, offset, n))
+            offset += n
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One sub-matrix of a (possibly packed) dimension: `units` blocks of `unit_size` rows each.
+
+    A plain layer is one piece of (features, 1). A packed QKV weight is three pieces: (Hq, d), (Hkv, d),
+    (Hkv, d). Each piece is sharded over the group independently, in whole units.
+    """
+
+    units: int
+    unit_size: int = 1
+
+    @property
+    def size(self) -> int:
+        return self.units * self.unit_size
+
+
+def piece_segments(pieces: Sequence[Piece], world: int, rank: int, what: str) -> tuple[tuple[Segment, ...], int]:
+    """Segments of `rank` for a dim made of `pieces`, and how many ranks hold each (the replicas).
+
+    Per piece: unit_size 1 splits near-evenly (shard_sizes); whole heads (unit_size > 1) need units % R
+    == 0, or, when R > units and R % units == 0, each unit is replicated over R / units consecutive ranks
+    (rank r holds unit r // (R / units)). Anything else cannot be split without cutting a head.
+    """
+    from tpext.distributed import shard_range
+
+    segments, replicas, offset = [], 1, 0
+    for p in pieces:
+        if p.unit_size == 1 or p.units % world == 0:
+            start, count = shard_range(p.units, world, rank)
+            segments.append((offset + start * p.unit_size, count * p.unit_size))
+        elif world % p.units == 0:
+            per_unit = world // p.units
+            segments.append((offset + (rank // per_unit) * p.unit_size, p.unit_size))
+            replicas = max(replicas, per_unit)
+        else:
+            raise ValueError(
+                f"tpext: cannot shard {what} over {world} ranks: it has {p.units} heads of {p.unit_size}, and "
+                f"{world} neither divides {p.units} (shard the heads) nor is a multiple of it (replicate each "
+                f"head over {world}/{p.units} ranks); pick a tensor-parallel size that does")
+        offset += p.size
+    return tuple(segments), replicas
+
+
+def set_layout(module: nn.Module, name: str, layout: ShardLayout) -> None:
+    if not hasattr(module, "_tpext_layouts"):
+        module._tpext_layouts = {}
+    module._tpext_layouts[name] = layout
+
+
+def get_layout(module: nn.Module, name: str, tensor: Tensor) -> ShardLayout:
+    layout = getattr(module, "_tpext_layouts", {}).get(name)
+    return layout if layout is not None else ShardLayout.replicated(tensor.shape)
+
+
+def _strip_wrappers(fqn: str) -> str:
+    """Names as the dense model has them: without DDP's 'module.' or torch.compile's '_orig_mod.'."""
+    parts = [p for p in fqn.split(".") if p not in ("module", "_orig_mod", "_fsdp_wrapped_module",
+                                                   "_checkpoint_wrapped_module")]
+    return ".".join(parts)
+
+
+@dataclass
+class Entry:
+    """One tensor of a model's state dict: every name it has (tied weights have several), where it lives."""
+
+    names: list[str]
+    module: nn.Module
+    local_name: str
+    tensor: Tensor
+    layout: ShardLayout
+
+
+def layouts(model: nn.Module) -> list[Entry]:
+    """Every parameter and persistent buffer of `model` with its dense names and layout, in
+    state_dict order; a tied tensor is one entry holding all its names."""
+    entries: dict[int, Entry] = {}
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        persistent = [(n, b) for n, b in module.named_buffers(recurse=False)
+                      if n not in getattr(module, "_non_persistent_buffers_set", set())]
+        for name, tensor in list(module.named_parameters(recurse=False)) + persistent:
+            if tensor is None:
+                continue
+            fqn = _strip_wrappers(f"{mod_name}.{name}" if mod_name else name)
+            entry = entries.get(id(tensor))
+            if entry is None:
+                entries[id(tensor)] = Entry([fqn], module, name, tensor, get_layout(module, name, tensor))
+            elif fqn not in entry.names:
+                entry.names.append(fqn)
+    return list(entries.values())
