@@ -10,6 +10,7 @@ from tpext import nn, random  # noqa: E402  (after ops: the modules use them)
 from tpext.sharding import Piece
 from tpext.parallelize import Style, auto_plan, parallelize
 from tpext import models
+from tpext.checkpoint import gather_state_dict, load_checkpoint, save_checkpoint
 
 __version__ = "0.1.0"
 
@@ -17,4 +18,4 @@ __version__ = "0.1.0"
 cuda_compiled: bool = _C.cuda_compiled
 
 __all__ = ["ops", "nn", "random", "models", "comm_stats", "group_name", "resolve_group", "parallelize", "auto_plan",
-           "Style", "Piece", "cuda_compiled", "__version__"]
+           "Style", "Piece", "load_checkpoint", "save_checkpoint", "gather_state_dict", "cuda_compiled", "__version__"]

@@ -73,6 +73,10 @@ class VocabParallelEmbedding(nn.Module):
 
     def forward(self, ids: Tensor) -> Tensor:
         self._check_ids(ids)
+        if self.sequence_parallel and (ids.dim() <= self.sequence_dim or ids.shape[self.sequence_dim] % self.tp_size):
+            raise ValueError(f"tpext.VocabParallelEmbedding: sequence_parallel needs the sequence length (dim "
+                             f"{self.sequence_dim}) divisible by the tensor-parallel size {self.tp_size}, got ids "
+                             f"of shape {tuple(ids.shape)}")
         with stats.module_scope(stats.current_module() or type(self).__name__):
             if self.tp_size == 1:
                 return F.embedding(ids, self.weight, self.padding_idx)

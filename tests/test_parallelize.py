@@ -1,0 +1,154 @@
+"""tpext.parallelize on the Llama-style reference model vs the dense model.
+
+Logits and every parameter gradient, fp64 (tight) and fp32 (<= 1e-5 relative), for tp in {1, 2, 4},
+SP on and off, grouped-query attention with tp < kv heads, tp = kv heads and tp > kv heads, packed
+QKV / gate_up weights, tied embeddings. Plus the collective counts of a step and the error messages.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import tpext
+from dist import run_ranks
+from tpext import mappings
+from tpext.models import LlamaConfig, LlamaForCausalLM
+from tpext.sharding import layouts
+
+f64 = torch.float64
+SMALL = dict(hidden_size=64, intermediate_size=96, vocab_size=100, num_hidden_layers=2, num_attention_heads=8)
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-6)}
+
+# (kv heads, sequence_parallel, packed, tied): per tp size, kv heads above, equal to and below tp.
+CASES = {
+    1: [(4, False, False, False), (2, True, True, True)],
+    2: [(4, False, False, False), (4, True, True, False), (2, True, False, True), (2, False, True, False),
+        (1, True, False, False), (1, False, True, True)],
+    4: [(8, True, False, False), (8, False, True, True), (4, False, False, True), (4, True, True, False),
+        (2, True, False, False), (2, False, True, True), (1, True, True, False), (1, False, False, True)],
+}
+
+
+def _compare(kv: int, sp: bool, packed: bool, tied: bool, dtype: torch.dtype) -> None:
+    world = dist.get_world_size()
+    cfg = LlamaConfig(**SMALL, num_key_value_heads=kv, packed=packed, tie_word_embeddings=tied)
+    torch.manual_seed(0)
+    dense = LlamaForCausalLM(cfg, dtype=dtype)
+    model = tpext.parallelize(copy.deepcopy(dense), sequence_parallel=sp)
+    ids = torch.randint(0, cfg.vocab_size, (2, 4 * world), generator=torch.Generator().manual_seed(1))
+    logits_ref = dense(ids)
+    dense.loss(logits_ref, ids).backward()
+    logits = model(ids)
+    model.loss(logits, ids).backward()
+
+    what = f"tp={world} kv={kv} sp={sp} packed={packed} tied={tied} {dtype}"
+    torch.testing.assert_close(mappings.gather_from_tp(logits, cfg.vocab_size), logits_ref, **TOL[dtype],
+                               msg=lambda m: f"{what}: logits: {m}")
+    entries = layouts(model)
+    assert len(entries) == len(layouts(dense)), what
+    for e in entries:
+        ref = e.layout.local_from_dense(dense.get_parameter(e.names[0]).grad)
+        torch.testing.assert_close(e.tensor.grad, ref, **TOL[dtype], msg=lambda m: f"{what}: grad {e.names}: {m}")
+
+
+def _check_cases(dtype: torch.dtype) -> None:
+    for case in CASES[dist.get_world_size()]:
+        _compare(*case, dtype)
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_model_matches_dense_fp64(world):
+    run_ranks(_check_cases, world, f64)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_model_matches_dense_fp32(world):
+    run_ranks(_check_cases, world, torch.float32)
+
+
+def _comm_counts(sp: bool) -> dict:
+    cfg = LlamaConfig(**SMALL, num_key_value_heads=2)
+    model = tpext.parallelize(LlamaForCausalLM(cfg, dtype=f64), sequence_parallel=sp)
+    ids = torch.randint(0, cfg.vocab_size, (2, 8))
+    with tpext.comm_stats() as stats:
+        model.loss(model(ids), ids).backward()
+    return {phase: stats.by_kind(phase) for phase in ("forward", "backward")}
+
+
+def test_collectives_per_step():
+    layers = SMALL["num_hidden_layers"]
+    no_sp, sp = run_ranks(_comm_counts, 2, False)[0], run_ranks(_comm_counts, 2, True)[0]
+    # Without SP: o_proj and down_proj all-reduce forward; the q/k/v and gate/up inputs backward (one
+    # per column layer: the Functions do not share a gathered input); embedding 1 forward; lm_head 1
+    # backward; the vocab-parallel loss 3 small ones (max, sums, shard widths).
+    assert no_sp["forward"] == {"all_reduce": 2 * layers + 1 + 3}
+    assert no_sp["backward"] == {"all_reduce": 5 * layers + 1}
+    # With SP each all-reduce becomes reduce-scatter + all-gather; the norms' weight gradients (2 per
+    # layer + the final norm) are all-reduced.
+    assert sp["forward"] == {"all_gather": 5 * layers + 1, "reduce_scatter": 2 * layers + 1, "all_reduce": 3}
+    assert sp["backward"] == {"reduce_scatter": 5 * layers + 1, "all_gather": 2 * layers + 1,
+                              "all_reduce": 2 * layers + 1}
+
+
+def _errors() -> list[str]:
+    messages = []
+    for bad in (dict(num_key_value_heads=2, num_attention_heads=6, head_dim=8),   # 6 heads over 4
+                dict(num_key_value_heads=3, num_attention_heads=12, head_dim=8)):  # 3 kv heads over 4
+        cfg = LlamaConfig(**{**SMALL, **bad})
+        with pytest.raises(ValueError) as err:
+            tpext.parallelize(LlamaForCausalLM(cfg))
+        messages.append(str(err.value))
+    model = LlamaForCausalLM(LlamaConfig(**SMALL))
+    model.model.extra = torch.nn.Linear(4, 4)
+    with pytest.raises(ValueError, match=r"could not place: model\.extra \(Linear\)"):
+        tpext.parallelize(model)
+    with pytest.raises(ValueError, match="unknown style 'columnwise'"):
+        tpext.parallelize(LlamaForCausalLM(LlamaConfig(**SMALL)), plan={"*q_proj": "columnwise"})
+    with pytest.raises(ValueError, match="style 'rowwise' does not apply to model.embed_tokens"):
+        tpext.parallelize(LlamaForCausalLM(LlamaConfig(**SMALL)), plan={"model.embed_tokens": "rowwise"})
+    sp_model = tpext.parallelize(LlamaForCausalLM(LlamaConfig(**SMALL)), sequence_parallel=True)
+    with pytest.raises(ValueError, match=r"sequence length \(dim 1\) divisible by the tensor-parallel size 4"):
+        sp_model(torch.zeros(2, 6, dtype=torch.long))
+    return messages
+
+
+def test_errors():
+    messages = run_ranks(_errors, 4)[0]
+    assert "6 heads of 8" in messages[0] and "4 neither divides 6" in messages[0]
+    assert "3 heads of 8" in messages[1] and "4 neither divides 3" in messages[1]
+
+
+def _custom_plan() -> list:
+    """A plan with wildcards and strings: the same numbers as the auto plan on an unpacked model."""
+    cfg = LlamaConfig(**SMALL, num_key_value_heads=4)
+    torch.manual_seed(0)
+    dense = LlamaForCausalLM(cfg, dtype=f64)
+    plan = {"*.q_proj": "colwise", "*.k_proj": "colwise", "*.v_proj": "colwise", "*.o_proj": "rowwise",
+            "*.mlp.gate_proj": "colwise", "*.mlp.up_proj": "colwise", "*.down_proj": "rowwise",
+            "model.embed_tokens": "vocab", "lm_head": "vocab"}
+    model = tpext.parallelize(copy.deepcopy(dense), plan=plan)
+    ids = torch.randint(0, cfg.vocab_size, (2, 6))
+    loss, loss_ref = model.loss(model(ids), ids), dense.loss(dense(ids), ids)
+    return [float(loss - loss_ref), model.model.layers[0].self_attn.num_heads,
+            model.model.layers[0].self_attn.num_key_value_heads]
+
+
+def test_custom_plan():
+    for diff, heads, kv in run_ranks(_custom_plan, 2):
+        assert abs(diff) < 1e-12 and (heads, kv) == (4, 2)
+
+
+def test_auto_plan_is_data():
+    model = LlamaForCausalLM(LlamaConfig(**SMALL, num_key_value_heads=2, packed=True))
+    plan = tpext.auto_plan(model)
+    assert plan["model.layers.0.self_attn.qkv_proj"] == tpext.Style(
+        "colwise", (tpext.Piece(8, 8), tpext.Piece(2, 8), tpext.Piece(2, 8)))
+    assert plan["model.layers.1.mlp.gate_up_proj"] == tpext.Style("colwise", (tpext.Piece(96), tpext.Piece(96)))
+    assert plan["model.layers.1.self_attn.o_proj"].kind == "rowwise"
+    assert plan["model.embed_tokens"].kind == plan["lm_head"].kind == "vocab"
+    assert plan["model.norm"].kind == "replicate"
+    assert tpext.auto_plan(model, sequence_parallel=True)["model.norm"].kind == "sequence_parallel"
