@@ -88,7 +88,11 @@ def load_checkpoint(model: nn.Module, path: PathLike, *, strict: bool = True,
     entries = layouts(model)
     if any(e.tensor.is_meta for e in entries):
         model.to_empty(device=device or "cpu")
-        entries = layouts(model)  # to_empty made new tensors
+        for e in entries:  # to_empty gives each module its own new tensor: tie them again
+            first_module, first_name = e.owners[0]
+            for module, name in e.owners[1:]:
+                setattr(module, name, getattr(first_module, first_name))
+        entries = layouts(model)
     missing = [e.names for e in entries if not any(n in files for n in e.names)]
     if missing:
         shown = ", ".join(" / ".join(names) for names in missing[:8])

@@ -149,6 +149,7 @@ class Entry:
     local_name: str
     tensor: Tensor
     layout: ShardLayout
+    owners: list[tuple[nn.Module, str]]  # (module, attribute) of every name, the first being (module, local_name)
 
 
 def layouts(model: nn.Module) -> list[Entry]:
@@ -164,7 +165,9 @@ def layouts(model: nn.Module) -> list[Entry]:
             fqn = _strip_wrappers(f"{mod_name}.{name}" if mod_name else name)
             entry = entries.get(id(tensor))
             if entry is None:
-                entries[id(tensor)] = Entry([fqn], module, name, tensor, get_layout(module, name, tensor))
+                entries[id(tensor)] = Entry([fqn], module, name, tensor, get_layout(module, name, tensor),
+                                            [(module, name)])
             elif fqn not in entry.names:
                 entry.names.append(fqn)
+                entry.owners.append((module, name))
     return list(entries.values())
