@@ -218,6 +218,7 @@ def parallelize(model: nn.Module, group: GroupLike = None, plan: Union[str, Plan
         if new is not module:
             parent_name, _, leaf = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
+            new._tpext_stats_name = name  # comm_stats attributes its collectives to this name
             converted[name] = new
     _retie(model, converted)
     _set_local_heads(model, converted, pg.size())

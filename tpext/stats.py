@@ -22,7 +22,7 @@ from typing import Iterator, Optional
 
 import torch
 
-__all__ = ["CommRecord", "CommStats", "comm_stats", "record", "module_scope"]
+__all__ = ["CommRecord", "CommStats", "comm_stats", "record", "module_scope", "scope_for"]
 
 KINDS = ("all_reduce", "all_gather", "reduce_scatter")
 
@@ -98,6 +98,12 @@ def module_scope(name: str) -> Iterator[None]:
 
 def current_module() -> str:
     return _module.get()
+
+
+def scope_for(module) -> contextlib.AbstractContextManager:
+    """The scope a tpext module runs its forward in: an enclosing scope if any, else its name in the model
+    (set by tpext.parallelize, e.g. "model.layers.3.mlp.down_proj"), else its class name."""
+    return module_scope(current_module() or getattr(module, "_tpext_stats_name", type(module).__name__))
 
 
 def record(kind: str, numel: int, dtype: torch.dtype, world_size: int, *, backward: bool = False,

@@ -77,7 +77,7 @@ class VocabParallelEmbedding(nn.Module):
             raise ValueError(f"tpext.VocabParallelEmbedding: sequence_parallel needs the sequence length (dim "
                              f"{self.sequence_dim}) divisible by the tensor-parallel size {self.tp_size}, got ids "
                              f"of shape {tuple(ids.shape)}")
-        with stats.module_scope(stats.current_module() or type(self).__name__):
+        with stats.scope_for(self):
             if self.tp_size == 1:
                 return F.embedding(ids, self.weight, self.padding_idx)
             outside = (ids < self.vocab_start) | (ids >= self.vocab_end)

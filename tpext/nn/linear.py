@@ -151,7 +151,7 @@ class ColumnParallelLinear(_ParallelLinear):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_features(x, self.in_features, "in_features")
-        with stats.module_scope(stats.current_module() or type(self).__name__):
+        with stats.scope_for(self):
             if self.tp_size == 1:
                 return F.linear(x, self.weight, self.bias)
             w, b = self._params()
@@ -198,7 +198,7 @@ class RowParallelLinear(_ParallelLinear):
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
-        with stats.module_scope(stats.current_module() or type(self).__name__):
+        with stats.scope_for(self):
             if self.input_is_parallel:
                 self._check_features(x, self.weight.shape[1],
                                      f"this rank's shard of in_features={self.in_features} over "

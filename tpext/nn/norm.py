@@ -54,7 +54,7 @@ class SequenceParallelLayerNorm(_SPNorm):
         super().__init__(normalized_shape, eps, bias, group, sequence_parallel, device, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        with stats.module_scope(stats.current_module() or type(self).__name__):
+        with stats.scope_for(self):
             w, b = self._params()
             return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
 
@@ -67,6 +67,6 @@ class SequenceParallelRMSNorm(_SPNorm):
         super().__init__(normalized_shape, eps, False, group, sequence_parallel, device, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        with stats.module_scope(stats.current_module() or type(self).__name__):
+        with stats.scope_for(self):
             w, _ = self._params()
             return F.rms_norm(x, self.normalized_shape, w, self.eps)
