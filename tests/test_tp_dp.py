@@ -1,6 +1,6 @@
 """TP x DP on a 2-D DeviceMesh ("dp", "tp"): the model parallelized on "tp" composes with DDP or FSDP2
-(`fully_shard`) on "dp". Five AdamW steps on 4 ranks (dp=2, tp=2) give the loss curve of one dense
-process on the whole batch.
+(`fully_shard`) on "dp". Five AdamW steps on 4 ranks (dp=2, tp=2) give the loss curve and the weights of
+one dense process on the whole batch (weights through gather_state_dict, which sees through both wrappers).
 """
 
 from __future__ import annotations
@@ -42,11 +42,12 @@ def _train(model, loss_of, batches, group=None) -> list[float]:
     return losses
 
 
-def _tp_dp(wrapper: str, sp: bool) -> tuple[list[float], list[float]]:
+def _tp_dp(wrapper: str, sp: bool) -> tuple[list[float], list[float], float]:
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
     torch.manual_seed(0)
     dense = LlamaForCausalLM(CFG, dtype=torch.float64)
-    reference = _train(copy.deepcopy(dense), dense.loss, _batches())
+    trained = copy.deepcopy(dense)
+    reference = _train(trained, trained.loss, _batches())
 
     model = tpext.parallelize(dense, mesh["tp"], sequence_parallel=sp)
     loss_of = model.loss
@@ -59,11 +60,16 @@ def _tp_dp(wrapper: str, sp: bool) -> tuple[list[float], list[float]]:
     dp_rank, dp = mesh["dp"].get_local_rank(), mesh["dp"].size()
     rows = BATCH // dp
     local = [ids[dp_rank * rows:(dp_rank + 1) * rows] for ids in _batches()]
-    return _train(model, loss_of, local, mesh["dp"].get_group()), reference
+    losses = _train(model, loss_of, local, mesh["dp"].get_group())
+    gathered, want = tpext.gather_state_dict(model), trained.state_dict()
+    assert gathered.keys() == want.keys()
+    worst = max(float(((gathered[k] - v).abs() / v.abs().clamp_min(1e-3)).max()) for k, v in want.items())
+    return losses, reference, worst
 
 
 @pytest.mark.parametrize("wrapper,sp", [("ddp", False), ("fsdp2", True)])
 def test_tp_dp_loss_curve_matches_dense(wrapper, sp):
-    for rank, (losses, reference) in enumerate(run_ranks(_tp_dp, 4, wrapper, sp)):
+    for rank, (losses, reference, weight_err) in enumerate(run_ranks(_tp_dp, 4, wrapper, sp)):
         assert losses == pytest.approx(reference, rel=1e-10), f"rank {rank}: {losses} vs dense {reference}"
         assert reference[-1] < reference[0]  # it trains
+        assert weight_err < 1e-8, f"rank {rank}: trained weights differ from dense by {weight_err:.1e} (relative)"

@@ -9,7 +9,8 @@ A plan is data: a dict from module-name patterns (fnmatch wildcards over the den
                          vocabulary-sharded logits for vocab_parallel_cross_entropy
     "sequence_parallel"  a norm -> SequenceParallelRMSNorm / LayerNorm when sequence_parallel=True
                          (replicated as it is otherwise)
-    "replicate"          left as it is, weights replicated on every rank
+    "replicate"          left as it is, weights replicated on every rank (under SP a module with weights
+                         that sees sequence shards must be "sequence_parallel", or its gradients are partial)
 
 or a `Style` naming the pieces of a packed or head-structured dim, e.g. a packed QKV weight
 `Style("colwise", (Piece(32, 128), Piece(8, 128), Piece(8, 128)))`: every piece is split on its own,
