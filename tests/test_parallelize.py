@@ -33,19 +33,19 @@ CASES = {
 }
 
 
-def _compare(kv: int, sp: bool, packed: bool, tied: bool, dtype: torch.dtype) -> None:
+def _compare(kv: int, sp: bool, packed: bool, tied: bool, dtype: torch.dtype, share_inputs: bool = True) -> None:
     world = dist.get_world_size()
     cfg = LlamaConfig(**SMALL, num_key_value_heads=kv, packed=packed, tie_word_embeddings=tied)
     torch.manual_seed(0)
     dense = LlamaForCausalLM(cfg, dtype=dtype)
-    model = tpext.parallelize(copy.deepcopy(dense), sequence_parallel=sp)
+    model = tpext.parallelize(copy.deepcopy(dense), sequence_parallel=sp, share_inputs=share_inputs)
     ids = torch.randint(0, cfg.vocab_size, (2, 4 * world), generator=torch.Generator().manual_seed(1))
     logits_ref = dense(ids)
     dense.loss(logits_ref, ids).backward()
     logits = model(ids)
     model.loss(logits, ids).backward()
 
-    what = f"tp={world} kv={kv} sp={sp} packed={packed} tied={tied} {dtype}"
+    what = f"tp={world} kv={kv} sp={sp} packed={packed} tied={tied} share_inputs={share_inputs} {dtype}"
     torch.testing.assert_close(mappings.gather_from_tp(logits, cfg.vocab_size), logits_ref, **TOL[dtype],
                                msg=lambda m: f"{what}: logits: {m}")
     entries = layouts(model)
@@ -56,8 +56,11 @@ def _compare(kv: int, sp: bool, packed: bool, tied: bool, dtype: torch.dtype) ->
 
 
 def _check_cases(dtype: torch.dtype) -> None:
-    for case in CASES[dist.get_world_size()]:
+    cases = CASES[dist.get_world_size()]
+    for case in cases:
         _compare(*case, dtype)
+    for case in cases[:3]:  # one projection, one collective: the unshared path
+        _compare(*case, dtype, share_inputs=False)
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
@@ -70,9 +73,9 @@ def test_model_matches_dense_fp32(world):
     run_ranks(_check_cases, world, torch.float32)
 
 
-def _comm_counts(sp: bool) -> dict:
+def _comm_counts(sp: bool, share_inputs: bool) -> dict:
     cfg = LlamaConfig(**SMALL, num_key_value_heads=2)
-    model = tpext.parallelize(LlamaForCausalLM(cfg, dtype=f64), sequence_parallel=sp)
+    model = tpext.parallelize(LlamaForCausalLM(cfg, dtype=f64), sequence_parallel=sp, share_inputs=share_inputs)
     ids = torch.randint(0, cfg.vocab_size, (2, 8))
     with tpext.comm_stats() as stats:
         model.loss(model(ids), ids).backward()
@@ -80,18 +83,21 @@ def _comm_counts(sp: bool) -> dict:
 
 
 def test_collectives_per_step():
-    layers = SMALL["num_hidden_layers"]
-    no_sp, sp = run_ranks(_comm_counts, 2, False)[0], run_ranks(_comm_counts, 2, True)[0]
-    # Without SP: o_proj and down_proj all-reduce forward; the q/k/v and gate/up inputs backward (one
-    # per column layer: the Functions do not share a gathered input); embedding 1 forward; lm_head 1
-    # backward; the vocab-parallel loss 3 small ones (max, sums, shard widths).
-    assert no_sp["forward"] == {"all_reduce": 2 * layers + 1 + 3}
-    assert no_sp["backward"] == {"all_reduce": 5 * layers + 1}
-    # With SP each all-reduce becomes reduce-scatter + all-gather; the norms' weight gradients (2 per
-    # layer + the final norm) are all-reduced.
-    assert sp["forward"] == {"all_gather": 5 * layers + 1, "reduce_scatter": 2 * layers + 1, "all_reduce": 3}
-    assert sp["backward"] == {"reduce_scatter": 5 * layers + 1, "all_gather": 2 * layers + 1,
-                              "all_reduce": 2 * layers + 1}
+    n = SMALL["num_hidden_layers"]
+    # Without SP: o_proj and down_proj all-reduce forward; embedding 1; the vocab-parallel loss 3 small
+    # ones (max, sums, shard widths). Backward: grad_x of the q/k/v and of the gate/up inputs, once each
+    # with shared inputs (once per projection without), and of lm_head.
+    counts = run_ranks(_comm_counts, 2, False, True)[0]
+    assert counts == {"forward": {"all_reduce": 2 * n + 1 + 3}, "backward": {"all_reduce": 2 * n + 1}}
+    counts = run_ranks(_comm_counts, 2, False, False)[0]
+    assert counts == {"forward": {"all_reduce": 2 * n + 1 + 3}, "backward": {"all_reduce": 5 * n + 1}}
+    # With SP each all-reduce of activations becomes reduce-scatter + all-gather, and the norms' weight
+    # gradients (2 per layer + the final norm) are all-reduced.
+    counts = run_ranks(_comm_counts, 2, True, True)[0]
+    assert counts == {"forward": {"all_gather": 2 * n + 1, "reduce_scatter": 2 * n + 1, "all_reduce": 3},
+                      "backward": {"reduce_scatter": 2 * n + 1, "all_gather": 2 * n + 1, "all_reduce": 2 * n + 1}}
+    counts = run_ranks(_comm_counts, 2, True, False)[0]
+    assert counts["forward"]["all_gather"] == 5 * n + 1 and counts["backward"]["reduce_scatter"] == 5 * n + 1
 
 
 def _errors() -> list[str]:

@@ -37,7 +37,7 @@ from torch import nn
 
 from tpext.distributed import GroupLike, resolve_group
 from tpext.nn import (ColumnParallelLinear, RowParallelLinear, SequenceParallelLayerNorm, SequenceParallelRMSNorm,
-                      VocabParallelEmbedding)
+                      SharedInputColumns, VocabParallelEmbedding)
 from tpext.sharding import Piece
 
 __all__ = ["Style", "parallelize", "auto_plan", "STYLES"]
@@ -197,11 +197,14 @@ def _set_local_heads(model: nn.Module, converted: dict[str, nn.Module], world: i
 
 
 def parallelize(model: nn.Module, group: GroupLike = None, plan: Union[str, Plan] = "auto", *,
-                sequence_parallel: bool = False, sequence_dim: int = 1, chunks: Union[int, str] = "auto") -> nn.Module:
+                sequence_parallel: bool = False, sequence_dim: int = 1, chunks: Union[int, str] = "auto",
+                share_inputs: bool = True) -> nn.Module:
     """Convert `model` in place to tensor parallelism over `group` (a ProcessGroup, a 1-D DeviceMesh such
     as mesh["tp"], or None for the world) and return it. Weights are sharded from the dense ones (a
     meta-device model stays on meta, for tpext.load_checkpoint to fill). State-dict names are unchanged.
     sequence_dim: the sequence dim of the activations under SP (1 for batch-first [b, s, h]).
+    share_inputs: run q/k/v_proj (and gate/up_proj) as one GEMM on one gathered input
+    (tpext.nn.SharedInputColumns); False keeps one collective per projection.
     """
     pg = resolve_group(group)
     if plan == "auto":
@@ -223,7 +226,23 @@ def parallelize(model: nn.Module, group: GroupLike = None, plan: Union[str, Plan
             converted[name] = new
     _retie(model, converted)
     _set_local_heads(model, converted, pg.size())
+    if share_inputs:
+        _share_inputs(model, converted)
     return model
+
+
+# Column-parallel siblings that read the same input in the Llama family's forward.
+_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
+
+
+def _share_inputs(model: nn.Module, converted: dict[str, nn.Module]) -> None:
+    """q/k/v_proj (and gate/up_proj) become one GEMM over their concatenated weights, so their input is
+    gathered once (SP) and its gradient reduced once, as with packed weights; names and weights unchanged."""
+    for name, module in model.named_modules():
+        for group in _SIBLINGS:
+            layers = [getattr(module, leaf, None) for leaf in group]
+            if all(isinstance(m, ColumnParallelLinear) and m in converted.values() for m in layers):
+                SharedInputColumns(layers).attach()
 
 
 def _retie(model: nn.Module, converted: dict[str, nn.Module]) -> None:

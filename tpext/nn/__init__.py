@@ -2,10 +2,10 @@
 
 from tpext.nn import functional
 from tpext.nn.embedding import VocabParallelEmbedding
-from tpext.nn.linear import ColumnParallelLinear, RowParallelLinear
+from tpext.nn.linear import ColumnParallelLinear, RowParallelLinear, SharedInputColumns
 from tpext.nn.norm import SequenceParallelLayerNorm, SequenceParallelRMSNorm
 
 __all__ = [
-    "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding",
+    "ColumnParallelLinear", "RowParallelLinear", "SharedInputColumns", "VocabParallelEmbedding",
     "SequenceParallelLayerNorm", "SequenceParallelRMSNorm", "functional",
 ]

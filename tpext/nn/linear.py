@@ -22,7 +22,7 @@ from tpext.nn._linear_functions import ColumnLinear, ColumnLinearSP, RowLinear, 
 from tpext.planner import resolve_chunks
 from tpext.sharding import Piece, ShardLayout, piece_segments, set_layout
 
-__all__ = ["ColumnParallelLinear", "RowParallelLinear"]
+__all__ = ["ColumnParallelLinear", "RowParallelLinear", "SharedInputColumns"]
 
 Chunks = Union[int, str]
 
@@ -151,21 +151,80 @@ class ColumnParallelLinear(_ParallelLinear):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_features(x, self.in_features, "in_features")
+        if self.tp_size > 1 and self._siblings is not None:
+            return self._siblings(self, x)
         with stats.scope_for(self):
             if self.tp_size == 1:
                 return F.linear(x, self.weight, self.bias)
-            w, b = self._params()
-            if self.sequence_parallel:  # x is a sequence shard: any length gathers to R times it
-                x = self._sequence_first(x)
-                rows = x.numel() // max(x.shape[-1], 1) * self.tp_size
-                y = ColumnLinearSP.apply(x, w, b, self.group, self._chunks(rows))
-                y = y.movedim(0, self.sequence_dim) if self.sequence_dim else y
-            else:
-                rows = x.numel() // max(x.shape[-1], 1)
-                y = ColumnLinear.apply(x, w, b, self.group, self._chunks(rows))
-            if self.gather_output:
-                y = mappings.gather_from_tp(y, self.out_features, self.group)
-            return y
+            return self._column(x, *self._params())
+
+    # Set by SharedInputColumns.attach when this layer shares its input with siblings (q/k/v, gate/up).
+    _siblings: Optional["SharedInputColumns"] = None
+
+    def _column(self, x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
+        """The column-parallel product of x with local weights w, b (this layer's, or concatenated ones)."""
+        if self.sequence_parallel:  # x is a sequence shard: any length gathers to R times it
+            x = self._sequence_first(x)
+            rows = x.numel() // max(x.shape[-1], 1) * self.tp_size
+            y = ColumnLinearSP.apply(x, w, b, self.group, self._chunks(rows))
+            y = y.movedim(0, self.sequence_dim) if self.sequence_dim else y
+        else:
+            rows = x.numel() // max(x.shape[-1], 1)
+            y = ColumnLinear.apply(x, w, b, self.group, self._chunks(rows))
+        if self.gather_output:
+            y = mappings.gather_from_tp(y, self.out_features, self.group)
+        return y
+
+
+class SharedInputColumns:
+    """Column-parallel layers that read the same input (q/k/v_proj, gate/up_proj) computed as one.
+
+    The first of them called with an input x runs one GEMM over the concatenation of all their local
+    weights, so x is all-gathered once under SP (instead of once per layer) and, backward, grad_x is
+    all-reduced or reduce-scattered once; each layer gets its slice of the output. The others, called
+    next with the same x, take their slice. A layer called with another input, or after any weight
+    changed in place (an optimizer step), computes afresh. The weight concatenation costs a copy of the
+    local weights per forward, small beside the activation collectives it removes.
+    """
+
+    def __init__(self, layers: Sequence[ColumnParallelLinear]):
+        first = layers[0]
+        for layer in layers:
+            same = (layer.in_features == first.in_features and layer.group is first.group
+                    and layer.sequence_parallel == first.sequence_parallel
+                    and layer.sequence_dim == first.sequence_dim and (layer.bias is None) == (first.bias is None))
+            if not same or layer.gather_output:
+                raise ValueError("tpext.SharedInputColumns: the layers must share in_features, group, sequence "
+                                 "parallelism and bias presence, without gather_output")
+        self.layers = list(layers)
+        self._x: Optional[Tensor] = None
+        self._outputs: dict[int, Tensor] = {}
+        self._versions: tuple[int, ...] = ()
+
+    def _weight_versions(self) -> tuple[int, ...]:
+        return tuple(t._version for layer in self.layers for t in (layer.weight, layer.bias) if t is not None)
+
+    def __call__(self, layer: ColumnParallelLinear, x: Tensor) -> Tensor:
+        if x is self._x and id(layer) in self._outputs and self._versions == self._weight_versions():
+            out = self._outputs.pop(id(layer))
+            if not self._outputs:
+                self._x = None
+            return out
+        params = [layer._params() for layer in self.layers]
+        w = torch.cat([p[0] for p in params])
+        b = torch.cat([p[1] for p in params]) if params[0][1] is not None else None
+        names = "+".join(getattr(m, "_tpext_stats_name", type(m).__name__) for m in self.layers)
+        with stats.module_scope(stats.current_module() or names):
+            y = layer._column(x, w, b)
+        outputs = y.split([m.weight.shape[0] for m in self.layers], dim=-1)
+        self._outputs = {id(m): out for m, out in zip(self.layers, outputs) if m is not layer}
+        self._x, self._versions = x, self._weight_versions()
+        return outputs[self.layers.index(layer)]
+
+    def attach(self) -> "SharedInputColumns":
+        for layer in self.layers:
+            layer._siblings = self
+        return self
 
 
 class RowParallelLinear(_ParallelLinear):
