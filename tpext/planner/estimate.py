@@ -28,7 +28,7 @@ REMEDIES = {
     "weights": "shard them further: larger TP or PP (or --zero 3 with DP > 1)",
     "grads": "larger TP or PP, or --zero 2 with DP > 1",
     "optimizer": "larger TP or PP, or --zero 1 with DP > 1 (shards the fp32 states over DP)",
-    "activations": "--sp, --recompute full, or a smaller --mbs / --seq",
+    "activations": "{sp}{recompute}a smaller --mbs / --seq, or larger TP / PP",
     "kv_cache": "fewer sequences (--mbs), a shorter context (--seq), or larger TP",
 }
 
@@ -206,7 +206,9 @@ def _memory(model: ModelSpec, w: Workload, tp: int, capacity_GiB: float) -> dict
     if not out["fits"]:
         out["reason"] = (f"needs {total / GiB:.1f} GiB per GPU of {capacity_GiB:.1f} GiB "
                          f"(over by {(total - capacity) / GiB:.1f} GiB); largest term: {dominant} "
-                         f"{mem[dominant] / GiB:.1f} GiB ({mem[dominant] / total:.0%}); {REMEDIES[dominant]}")
+                         f"{mem[dominant] / GiB:.1f} GiB ({mem[dominant] / total:.0%}); try "
+                         + REMEDIES[dominant].format(sp="" if w.sequence_parallel else "--sp, ",
+                                                     recompute="" if w.recompute else "--recompute full, "))
     return out
 
 

@@ -112,6 +112,10 @@ def write_png(doc: dict, path: str | Path) -> Path:
         if any(vals):
             ax_mem.bar(labels, vals, bottom=bottom, label=term)
             bottom = [b + v for b, v in zip(bottom, vals)]
+    for i, c in enumerate(configs):
+        if not c["fits"]:
+            ax_mem.annotate("does not fit", (i, c["memory_total_GiB"]), ha="center", va="bottom", fontsize=8,
+                            color="firebrick")
     if configs:
         ax_mem.axhline(configs[0]["memory_capacity_GiB"], color="k", ls="--", lw=1, label="GPU memory")
     ax_mem.set_ylabel("GiB per GPU")
