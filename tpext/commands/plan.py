@@ -30,7 +30,8 @@ def _reference(value: str):
     try:
         return int(tp), float(rel)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be TP=RELATIVE_THROUGHPUT such as 16=0.45, got {value!r}") from None
+        raise argparse.ArgumentTypeError(f"must be TP=RELATIVE_THROUGHPUT such as 16=0.45, "
+                                         f"got {value!r}") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,15 +39,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     g = parser.add_argument_group("model and hardware")
     g.add_argument("--model", default="llama-7b",
-                   help=f"preset ({', '.join(MODELS)}) or a Hugging Face config.json path (default: llama-7b)")
-    g.add_argument("--gpu", default="H100", help=f"GPU preset, spec-sheet figures ({', '.join(GPUS)}; default H100)")
+                   help=f"preset ({', '.join(MODELS)}) or a Hugging Face config.json path "
+                        f"(default: llama-7b)")
+    g.add_argument("--gpu", default="H100",
+                   help=f"GPU preset, spec-sheet figures ({', '.join(GPUS)}; default H100)")
     g.add_argument("--calibration", metavar="PATH",
-                   help="calibration file written by the benchmarks: its measured figures replace the preset's")
+                   help="calibration file written by the benchmarks: its measured figures replace "
+                        "the preset's")
     g.add_argument("--inter-node", default="ib-ndr400",
                    help=f"network between nodes ({', '.join(INTER_NODE_LINKS)}; default ib-ndr400)")
     g.add_argument("--gpus-per-node", type=int, default=None,
                    help="GPUs sharing NVLink (default: the calibration's, else 8)")
-    g.add_argument("--nvlink-GBps", type=float, help="override the intra-node bus bandwidth, GB/s per direction")
+    g.add_argument("--nvlink-GBps", type=float,
+                   help="override the intra-node bus bandwidth, GB/s per direction")
     g.add_argument("--inter-node-GBps", type=float, help="override the inter-node bandwidth per GPU, GB/s")
     g.add_argument("--matmul-efficiency", type=float, default=1.0,
                    help="fraction of the GEMM TFLOP/s figure reached (default 1.0: the figure as given)")
@@ -55,7 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     w.add_argument("--mode", choices=("train", "prefill", "decode"), default="train",
                    help="training step, inference prefill, or inference decode of one token per sequence")
     w.add_argument("--seq", type=int, default=4096, help="sequence length (decode: the KV-cache context)")
-    w.add_argument("--mbs", "--micro-batch", dest="mbs", type=int, default=1, help="sequences per micro-batch")
+    w.add_argument("--mbs", "--micro-batch", dest="mbs", type=int, default=1,
+                   help="sequences per micro-batch")
     w.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32 (default bf16)")
     w.add_argument("--sp", action="store_true", help="sequence parallelism on")
     w.add_argument("--recompute", choices=("none", "full"), default="none", help="activation recomputation")
@@ -63,7 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="shard optimizer (1), + grads (2), + weights (3) over DP")
     w.add_argument("--microbatches", type=int, default=1,
                    help="micro-batches per optimizer step per replica (gradient accumulation / pipeline)")
-    w.add_argument("--chunks", type=_chunks, default="auto", help="chunks of the overlapped schedule, or auto")
+    w.add_argument("--chunks", type=_chunks, default="auto",
+                   help="chunks of the overlapped schedule, or auto")
     w.add_argument("--allow-kv-replication", action="store_true",
                    help="accept TP above the kv head count (kv heads replicated) instead of an error")
     w.add_argument("--reserve-gib", type=float, default=0.0,

@@ -46,7 +46,8 @@ class Calibration:
 def _number(value, key: str, where: str, *, nullable: bool = True) -> float | None:
     if value is None and nullable:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or value <= 0):
         expected = "a positive number or null" if nullable else "a positive number"
         raise ValueError(f"tpext calibration {where}: {key!r} must be {expected}, got {value!r}")
     return float(value)
@@ -64,7 +65,8 @@ def validate(data, where: str = "<object>") -> Calibration:
         raise ValueError(f"tpext calibration {where}: 'format' must be {FORMAT!r}, got {data['format']!r}")
     for key in ("device", "source"):
         if not isinstance(data[key], str) or not data[key]:
-            raise ValueError(f"tpext calibration {where}: {key!r} must be a non-empty string, got {data[key]!r}")
+            raise ValueError(f"tpext calibration {where}: {key!r} must be a non-empty string, "
+                             f"got {data[key]!r}")
     tflops = data["matmul_tflops"]
     if not isinstance(tflops, dict):
         raise ValueError(f"tpext calibration {where}: 'matmul_tflops' must be an object {{dtype: TFLOP/s}}, "

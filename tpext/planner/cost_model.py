@@ -115,11 +115,12 @@ def check_tp(heads: int, kv_heads: int, tp: int, *, allow_kv_replication: bool =
     if tp > kv_heads:
         if not allow_kv_replication:
             raise ValueError(
-                f"tpext plan: TP={tp} exceeds the {kv_heads} key/value heads: with GQA the useful TP is at most "
-                f"the kv head count ({kv_heads}); beyond it every kv head is replicated on {tp // kv_heads} GPUs "
-                f"(pass --allow-kv-replication to model that)")
+                f"tpext plan: TP={tp} exceeds the {kv_heads} key/value heads: with GQA the useful TP is at "
+                f"most the kv head count ({kv_heads}); beyond it every kv head is replicated on "
+                f"{tp // kv_heads} GPUs (pass --allow-kv-replication to model that)")
         if tp % kv_heads:
-            raise ValueError(f"tpext plan: TP={tp} must be a multiple of the {kv_heads} kv heads to replicate them")
+            raise ValueError(f"tpext plan: TP={tp} must be a multiple of the {kv_heads} kv heads to "
+                             f"replicate them")
     elif kv_heads % tp:
         raise ValueError(f"tpext plan: TP={tp} does not divide the {kv_heads} key/value heads")
 
@@ -199,7 +200,8 @@ def logits_bytes(tokens: int, vocab: int, tp: int) -> int:
 
 def kv_cache_bytes(model, sequences: int, context: int, tp: int, layers: int, dtype_bytes: int) -> int:
     """K and V for `context` positions of `sequences` sequences in `layers` layers, on one GPU."""
-    return 2 * layers * sequences * context * kv_heads_per_gpu(model.kv_heads, tp) * model.head_dim * dtype_bytes
+    kv_width = kv_heads_per_gpu(model.kv_heads, tp) * model.head_dim
+    return 2 * layers * sequences * context * kv_width * dtype_bytes
 
 
 # -------------------------------------------------------------------------------------------- compute

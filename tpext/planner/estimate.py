@@ -61,7 +61,8 @@ class Workload:
         if self.zero not in (0, 1, 2, 3):
             raise ValueError(f"tpext plan: zero stage must be 0, 1, 2 or 3, got {self.zero!r}")
         if not 0 < self.matmul_efficiency <= 1:
-            raise ValueError(f"tpext plan: matmul efficiency must be in (0, 1], got {self.matmul_efficiency!r}")
+            raise ValueError(f"tpext plan: matmul efficiency must be in (0, 1], "
+                             f"got {self.matmul_efficiency!r}")
 
 
 class _Net:
@@ -70,10 +71,12 @@ class _Net:
     def __init__(self, gpu: GPUSpec, link: LinkSpec, gpus_per_node: int):
         self.gpu, self.link, self.gpn = gpu, link, gpus_per_node
 
-    def time_s(self, kind: str, payload: float, n: int, members_per_node: int | None = None) -> tuple[float, float]:
+    def time_s(self, kind: str, payload: float, n: int,
+               members_per_node: int | None = None) -> tuple[float, float]:
         """(bandwidth seconds, latency seconds) of one collective over n GPUs."""
         g = members_per_node or min(n, self.gpn)
-        f = cm.hierarchical_allreduce_time_s if kind == "all_reduce" else cm.hierarchical_reduce_scatter_time_s
+        f = (cm.hierarchical_allreduce_time_s if kind == "all_reduce"
+             else cm.hierarchical_reduce_scatter_time_s)
         args = (n, g, self.gpu.nvlink_GBps, self.link.per_gpu_GBps, self.gpu.intra_latency_us * 1e-6,
                 self.link.latency_us * 1e-6)
         latency = f(0.0, *args)
@@ -108,7 +111,8 @@ def _layer(model: ModelSpec, gpu: GPUSpec, w: Workload, tp: int, net: _Net) -> d
         attn_bytes = (2 * q_local + 2 * kv_local) * T * b
     attn_fwd = max(attn_flops / (tflops * 1e12), attn_bytes / (hbm * 1e9))
     rows_sp = cm.shard_size(T, tp) if w.sequence_parallel else T
-    elem_bytes = b * (ELEMENTWISE_PASSES_PER_LAYER * rows_sp * h + T * (3 * i_local + 2 * (q_local + kv_local)))
+    elem_bytes = b * (ELEMENTWISE_PASSES_PER_LAYER * rows_sp * h
+                      + T * (3 * i_local + 2 * (q_local + kv_local)))   # + SwiGLU, RoPE on the shards
     elem_fwd = elem_bytes / (hbm * 1e9)
 
     compute_fwd = sum(fwd.values()) + attn_fwd + elem_fwd
@@ -148,8 +152,9 @@ def _layer(model: ModelSpec, gpu: GPUSpec, w: Workload, tp: int, net: _Net) -> d
         e["wire_bytes_per_gpu"] += cm.collective_wire_bytes_per_gpu(kind, payload, tp)
         e["time_s"] += bw_s + lat_s
     return {"tokens": T, "chunks": chunks_used, "compute_fwd_s": compute_fwd, "compute_bwd_s": compute_bwd,
-            "compute_s": compute_fwd + compute_bwd, "comm_s": comm_s, "exposed_comm_overlap_s": exposed_overlap_s,
-            "collectives": by_kind, "gemm_fwd_s": fwd, "attention_fwd_s": attn_fwd, "elementwise_fwd_s": elem_fwd,
+            "compute_s": compute_fwd + compute_bwd, "comm_s": comm_s,
+            "exposed_comm_overlap_s": exposed_overlap_s, "collectives": by_kind, "gemm_fwd_s": fwd,
+            "attention_fwd_s": attn_fwd, "elementwise_fwd_s": elem_fwd,
             "tflops_used": tflops}
 
 

@@ -19,7 +19,8 @@ __all__ = [
 
 #: bytes per element of the dtypes the planner knows (names as torch spells them, plus short forms)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16", "float": "float32"}
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16",
+                 "float": "float32"}
 
 
 def canonical_dtype(name: str) -> str:
@@ -162,7 +163,8 @@ def load_hf_config(path: str | Path) -> ModelSpec:
     values["num_key_value_heads"] = cfg.get("num_key_value_heads") or heads
     for key, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"tpext plan: model config {path}: {key!r} must be a positive int, got {value!r}")
+            raise ValueError(f"tpext plan: model config {path}: {key!r} must be a positive int, "
+                             f"got {value!r}")
     if values["hidden_size"] % heads:
         raise ValueError(f"tpext plan: model config {path}: hidden_size {values['hidden_size']} is not a "
                          f"multiple of num_attention_heads {heads}")
@@ -170,9 +172,11 @@ def load_hf_config(path: str | Path) -> ModelSpec:
         raise ValueError(f"tpext plan: model config {path}: num_attention_heads {heads} is not a multiple of "
                          f"num_key_value_heads {values['num_key_value_heads']}")
     return ModelSpec(
-        name=cfg.get("_name_or_path") or (path.parent.name if path.stem == "config" else path.stem) or "config",
+        name=(cfg.get("_name_or_path") or (path.parent.name if path.stem == "config" else path.stem)
+              or "model"),
         hidden=values["hidden_size"], intermediate=values["intermediate_size"], heads=heads,
-        kv_heads=values["num_key_value_heads"], layers=values["num_hidden_layers"], vocab=values["vocab_size"],
+        kv_heads=values["num_key_value_heads"], layers=values["num_hidden_layers"],
+        vocab=values["vocab_size"],
         tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
     )
 

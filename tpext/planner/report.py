@@ -82,7 +82,8 @@ def format_table(doc: dict) -> str:
         if not c["fits"]:
             lines.append(f"TP={c['tp']} does not fit: {c['not_fitting_reason']}")
     for e in doc["errors"]:
-        lines.append(f"error: {e['error']}" if f"TP={e['tp']}" in e["error"] else f"error (TP={e['tp']}): {e['error']}")
+        named = f"TP={e['tp']}" in e["error"]
+        lines.append(f"error: {e['error']}" if named else f"error (TP={e['tp']}): {e['error']}")
     for note in doc.get("notes", []):
         lines.append(f"note: {note}")
     return "\n".join(lines)
