@@ -30,7 +30,7 @@ def test_plan_command_writes_json_and_png(tmp_path):
     for c in doc["configs"]:
         assert set(c["memory_GiB"]) == {"weights", "grads", "optimizer", "activations", "kv_cache"}
         assert c["memory_GiB"]["weights"] > 0 and c["compute_ms"] > 0
-    assert doc["configs"][0]["comm_per_layer_us"] == 0
+    assert doc["configs"][0]["comm_per_layer_us"] == 0 and doc["configs"][0]["comm_per_layer"] == {}
     rs = doc["configs"][2]["comm_per_layer"]["reduce_scatter"]
     assert rs["count"] == 4 and rs["payload_bytes"] == 2048 * 4096 * 2
     assert doc["configs"][0]["relative_throughput"]["no_overlap"] == 1

@@ -25,7 +25,7 @@ CHUNK_CANDIDATES = (1, 2, 4, 8)
 
 
 REMEDIES = {
-    "weights": "shard them further: larger TP or PP (or --zero 3 with DP > 1)",
+    "weights": "larger TP or PP (or --zero 3 with DP > 1)",
     "grads": "larger TP or PP, or --zero 2 with DP > 1",
     "optimizer": "larger TP or PP, or --zero 1 with DP > 1 (shards the fp32 states over DP)",
     "activations": "{sp}{recompute}a smaller --mbs / --seq, or larger TP / PP",
@@ -130,8 +130,8 @@ def _layer(model: ModelSpec, gpu: GPUSpec, w: Workload, tp: int, net: _Net) -> d
     else:
         fwd_colls = [("all_reduce", fwd["o_proj"]), ("all_reduce", fwd["down"])]
         bwd_colls = [("all_reduce", dgrad["qkv"]), ("all_reduce", dgrad["gate_up"])]
-    colls = list(fwd_colls)
-    if w.mode == "train":
+    colls = list(fwd_colls) if tp > 1 else []
+    if w.mode == "train" and tp > 1:
         colls += bwd_colls + (fwd_colls if w.recompute else [])
     payload = cm.allreduce_bytes_per_layer(T, h, b)
     # "auto": the best chunk count of the schedule for each GEMM + collective pair under this model (more
@@ -141,7 +141,7 @@ def _layer(model: ModelSpec, gpu: GPUSpec, w: Workload, tp: int, net: _Net) -> d
     chunks_used = []
     comm_s = exposed_overlap_s = 0.0
     for kind, partner_s in colls:
-        bw_s, lat_s = net.time_s(kind, payload, tp) if tp > 1 else (0.0, 0.0)
+        bw_s, lat_s = net.time_s(kind, payload, tp)
         comm_s += bw_s + lat_s
         best = min(candidates, key=lambda c: cm.pipelined_time_s(partner_s, bw_s, lat_s, c))
         chunks_used.append(best)
