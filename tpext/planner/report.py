@@ -10,6 +10,7 @@ from tpext.planner.estimate import GiB
 __all__ = ["FORMAT", "summarize", "format_table", "write_json", "write_png"]
 
 FORMAT = "tpext-plan/1"
+ABBREV = {"all_reduce": "AR", "reduce_scatter": "RS", "all_gather": "AG"}
 MEMORY_TERMS = ("weights", "grads", "optimizer", "activations", "kv_cache")
 
 
@@ -59,19 +60,23 @@ def format_table(doc: dict) -> str:
         f"{w['mode']}, seq {w['seq']} x micro-batch {w['micro_batch']}, {w['dtype']}, "
         f"SP {'on' if w['sequence_parallel'] else 'off'}, {w['gpus_per_node']} GPUs/node, "
         f"inter-node {inp['inter_node']['name']} {inp['inter_node']['per_gpu_GBps']:g} GB/s per GPU",
-        "memory per GPU in GiB (W weights, G grads, O optimizer, A activations, KV cache); times per "
-        "micro-batch of the slowest pipeline stage; rel = tokens/s per GPU relative to the first TP",
+        "memory per GPU in GiB (W weights, G grads, O optimizer, A activations, KV cache); bytes each GPU "
+        "sends per layer and the time of those collectives; times per micro-batch of the slowest pipeline "
+        "stage; rel = tokens/s per GPU relative to the first TP",
     ]
-    head = ["TP", "DP", "PP", "W", "G", "O", "A", "KV", "total", "fits", "comm/layer", "compute",
-            "exposed", "exposed+ovl", "tok/s/GPU", "rel", "rel+ovl"]
-    units = ["", "", "", "", "", "", "", "", "", "", "MB (us)", "ms", "ms", "ms", "", "", ""]
+    head = ["TP", "DP", "PP", "W", "G", "O", "A", "KV", "total", "fits", "collectives/layer", "sent/GPU/layer",
+            "compute", "exposed", "exposed+ovl", "tok/s/GPU", "rel", "rel+ovl"]
+    units = ["", "", "", "", "", "", "", "", "", "", "count x payload", "MB (us)", "ms", "ms", "ms", "", "",
+             ""]
     rows = []
     for c in doc["configs"]:
         m = c["memory_GiB"]
-        mb = sum(k["payload_bytes"] * k["count"] for k in c["comm_per_layer"].values()) / 1e6
+        mb = sum(k["wire_bytes_per_gpu"] for k in c["comm_per_layer"].values()) / 1e6
         rel = c.get("relative_throughput", {})
+        colls = " + ".join(f"{k['count']} {ABBREV[kind]} x {k['payload_bytes'] / 1e6:.3g} MB"
+                           for kind, k in c["comm_per_layer"].items()) or "-"
         rows.append([c["tp"], c["dp"], c["pp"], *(f"{m[k]:.1f}" for k in MEMORY_TERMS),
-                     f"{c['memory_total_GiB']:.1f}", "yes" if c["fits"] else "NO",
+                     f"{c['memory_total_GiB']:.1f}", "yes" if c["fits"] else "NO", colls,
                      f"{mb:.1f} ({c['comm_per_layer_us']:.0f})", f"{c['compute_ms']:.2f}",
                      f"{c['exposed_comm_ms']['no_overlap']:.2f}", f"{c['exposed_comm_ms']['overlap']:.2f}",
                      f"{c['tokens_per_s_per_gpu']['no_overlap']:.0f}",
