@@ -64,8 +64,8 @@ def format_table(doc: dict) -> str:
         "sends per layer and the time of those collectives; times per micro-batch of the slowest pipeline "
         "stage; rel = tokens/s per GPU relative to the first TP",
     ]
-    head = ["TP", "DP", "PP", "W", "G", "O", "A", "KV", "total", "fits", "collectives/layer", "sent/GPU/layer",
-            "compute", "exposed", "exposed+ovl", "tok/s/GPU", "rel", "rel+ovl"]
+    head = ["TP", "DP", "PP", "W", "G", "O", "A", "KV", "total", "fits", "collectives/layer",
+            "sent/GPU/layer", "compute", "exposed", "exposed+ovl", "tok/s/GPU", "rel", "rel+ovl"]
     units = ["", "", "", "", "", "", "", "", "", "", "count x payload", "MB (us)", "ms", "ms", "ms", "", "",
              ""]
     rows = []
