@@ -1,4 +1,8 @@
-"""Policy: how the overlapped ops are arranged. Pure functions of shapes; C++ only executes the choice."""
+"""Policy: how the overlapped ops are arranged. Pure functions of shapes; C++ only executes the choice.
+
+The cost model behind `tpext plan` lives beside it (cost_model, presets, calibration, estimate, report;
+docs/planner.md) and is imported only by that command.
+"""
 
 from __future__ import annotations
 

@@ -1,0 +1,229 @@
+"""The cost model: small pure functions, units in their names. Formulas and sources: docs/planner.md.
+
+Conventions: `tokens` = rows of one micro-batch's activations (seq * micro_batch, or micro_batch when
+decoding one token per sequence); `*_bytes` are bytes, `*_s` seconds, `*_GBps` 1e9 bytes/s, `n`/`tp` group
+sizes. A collective's `payload_bytes` is the size of the full (unsharded) tensor it produces or reduces.
+"""
+
+from __future__ import annotations
+
+import math
+
+__all__ = [
+    "shard_size", "column_shard_output_bytes", "allreduce_bytes_per_layer", "largest_activation_elems",
+    "ring_allreduce_time_s", "ring_reduce_scatter_time_s", "ring_allgather_time_s",
+    "hierarchical_reduce_scatter_time_s", "hierarchical_allreduce_time_s", "collective_wire_bytes_per_gpu",
+    "kv_heads_per_gpu", "check_tp", "layer_params", "model_params", "params_per_gpu", "weights_bytes",
+    "training_state_bytes_per_param", "layer_activation_bytes", "logits_bytes", "kv_cache_bytes",
+    "gemm_time_s", "pipelined_time_s", "pipeline_bubble_fraction",
+]
+
+GB = 1e9
+
+
+# --------------------------------------------------------------------------------------------- shapes/bytes
+def shard_size(n: int, tp: int) -> int:
+    """Largest per-rank share of n features over tp ranks (tpext gives the first n % tp ranks one more)."""
+    return -(-n // tp)
+
+
+def column_shard_output_bytes(tokens: int, out_features: int, tp: int, dtype_bytes: int) -> int:
+    """Output of a column-parallel projection on one GPU: [tokens, out_features / tp]."""
+    return tokens * shard_size(out_features, tp) * dtype_bytes
+
+
+def allreduce_bytes_per_layer(tokens: int, hidden: int, dtype_bytes: int) -> int:
+    """Payload of the all-reduce after one row-parallel layer: the full [tokens, hidden] activation."""
+    return tokens * hidden * dtype_bytes
+
+
+def largest_activation_elems(seq: int, hidden: int, tp: int, sequence_parallel: bool) -> int:
+    """Largest activation a GPU holds in a TP layer: [seq, hidden] in the replicated regions without SP;
+    with SP the replicated regions are [seq/tp, hidden] and the TP region [seq, hidden/tp]."""
+    if not sequence_parallel or tp == 1:
+        return seq * hidden
+    return max(shard_size(seq, tp) * hidden, seq * shard_size(hidden, tp))
+
+
+# ------------------------------------------------------------------------------------------ collectives
+def ring_reduce_scatter_time_s(payload_bytes: float, n: int, bus_GBps: float, latency_s: float) -> float:
+    """Ring reduce-scatter: every GPU sends (n-1)/n of the payload. (All-gather: the same.)"""
+    if n <= 1:
+        return 0.0
+    return latency_s + (n - 1) / n * payload_bytes / (bus_GBps * GB)
+
+
+ring_allgather_time_s = ring_reduce_scatter_time_s
+
+
+def ring_allreduce_time_s(payload_bytes: float, n: int, bus_GBps: float, latency_s: float) -> float:
+    """Ring all-reduce = reduce-scatter + all-gather: 2(n-1)/n of the payload over the bus bandwidth
+    (nccl-tests' busbw is defined so that this holds), one fixed latency per collective."""
+    if n <= 1:
+        return 0.0
+    return latency_s + 2 * (n - 1) / n * payload_bytes / (bus_GBps * GB)
+
+
+def hierarchical_reduce_scatter_time_s(payload_bytes: float, n: int, gpus_per_node: int, intra_GBps: float,
+                                       inter_GBps_per_gpu: float, intra_latency_s: float,
+                                       inter_latency_s: float) -> float:
+    """Reduce-scatter over n GPUs spread over n / g nodes of g GPUs: inside each node over NVLink, then
+    each GPU's 1/g share across nodes on its own NIC (all g NICs of a node work in parallel). Groups that
+    fit in a node are a plain ring. All-gather costs the same; all-reduce twice this."""
+    g = min(n, gpus_per_node)
+    if n <= g:
+        return ring_reduce_scatter_time_s(payload_bytes, n, intra_GBps, intra_latency_s)
+    if n % g:
+        raise ValueError(f"tpext plan: a group of {n} GPUs over nodes of {gpus_per_node} must fill whole "
+                         f"nodes (n a multiple of gpus_per_node)")
+    return (ring_reduce_scatter_time_s(payload_bytes, g, intra_GBps, intra_latency_s)
+            + ring_reduce_scatter_time_s(payload_bytes / g, n // g, inter_GBps_per_gpu, inter_latency_s))
+
+
+def hierarchical_allreduce_time_s(payload_bytes: float, n: int, gpus_per_node: int, intra_GBps: float,
+                                  inter_GBps_per_gpu: float, intra_latency_s: float,
+                                  inter_latency_s: float) -> float:
+    """Reduce-scatter + all-gather in bandwidth; one fixed latency per level, as for a ring all-reduce."""
+    bandwidth_s = 2 * hierarchical_reduce_scatter_time_s(payload_bytes, n, gpus_per_node, intra_GBps,
+                                                         inter_GBps_per_gpu, 0.0, 0.0)
+    if n <= 1:
+        return 0.0
+    return bandwidth_s + intra_latency_s + (inter_latency_s if n > gpus_per_node else 0.0)
+
+
+def collective_wire_bytes_per_gpu(kind: str, payload_bytes: float, n: int) -> float:
+    """Bytes each GPU sends in a ring collective (what the bus bandwidth is spent on)."""
+    factor = {"all_reduce": 2.0, "reduce_scatter": 1.0, "all_gather": 1.0}
+    if kind not in factor:
+        raise ValueError(f"tpext plan: collective kind must be one of {sorted(factor)}, got {kind!r}")
+    return 0.0 if n <= 1 else factor[kind] * (n - 1) / n * payload_bytes
+
+
+# -------------------------------------------------------------------------------------- sharding rules
+def kv_heads_per_gpu(kv_heads: int, tp: int) -> int:
+    """KV heads a GPU holds: kv/tp, or one replicated head when tp > kv (GQA caps useful TP at kv)."""
+    return max(1, kv_heads // tp)
+
+
+def check_tp(heads: int, kv_heads: int, tp: int, *, allow_kv_replication: bool = False) -> None:
+    """Raise ValueError when `tp` cannot shard the attention heads."""
+    if tp < 1:
+        raise ValueError(f"tpext plan: TP degree must be >= 1, got {tp}")
+    if heads % tp:
+        raise ValueError(f"tpext plan: TP={tp} does not divide the {heads} attention heads "
+                         f"(each GPU must own whole heads)")
+    if tp > kv_heads:
+        if not allow_kv_replication:
+            raise ValueError(
+                f"tpext plan: TP={tp} exceeds the {kv_heads} key/value heads: with GQA the useful TP is at "
+                f"most the kv head count ({kv_heads}); beyond it every kv head is replicated on "
+                f"{tp // kv_heads} GPUs (pass --allow-kv-replication to model that)")
+        if tp % kv_heads:
+            raise ValueError(f"tpext plan: TP={tp} must be a multiple of the {kv_heads} kv heads to "
+                             f"replicate them")
+    elif kv_heads % tp:
+        raise ValueError(f"tpext plan: TP={tp} does not divide the {kv_heads} key/value heads")
+
+
+# ---------------------------------------------------------------------------------------- parameters
+def layer_params(model, tp: int = 1) -> int:
+    """Parameters of one transformer layer held by one GPU (norm weights replicated)."""
+    d = model.head_dim
+    q_and_o = 2 * model.hidden * (model.heads // tp) * d
+    kv = 2 * model.hidden * kv_heads_per_gpu(model.kv_heads, tp) * d
+    mlp = (3 if model.gated_mlp else 2) * model.hidden * shard_size(model.intermediate, tp)
+    return q_and_o + kv + mlp + 2 * model.hidden
+
+
+def embedding_params(model, tp: int = 1, pp: int = 1) -> int:
+    """Vocabulary-parallel embedding and LM head on the GPU that holds the most of them. With PP the
+    embedding sits on the first stage and the head on the last (a tied head is a second copy there)."""
+    table = shard_size(model.vocab, tp) * model.hidden
+    if pp > 1:
+        return table
+    return table if model.tied_embeddings else 2 * table
+
+
+def model_params(model) -> int:
+    return model.layers * layer_params(model) + embedding_params(model) + model.hidden
+
+
+def params_per_gpu(model, tp: int, pp: int) -> int:
+    """Parameters on the most loaded GPU: ceil(layers / pp) layers plus the embedding or the head."""
+    return math.ceil(model.layers / pp) * layer_params(model, tp) + embedding_params(model, tp, pp)
+
+
+def weights_bytes(params: float, dtype_bytes: int) -> float:
+    return params * dtype_bytes
+
+
+def training_state_bytes_per_param(dtype_bytes: int) -> dict:
+    """Mixed-precision Adam (ZeRO paper, Rajbhandari et al. 2020, sec. 3.1): weights and gradients in the
+    training dtype, optimizer = fp32 master weights + Adam's two fp32 moments (16 bytes/param with bf16).
+    Training in fp32 needs no master copy."""
+    optimizer = 8 if dtype_bytes == 4 else 12
+    return {"weights": dtype_bytes, "grads": dtype_bytes, "optimizer": optimizer}
+
+
+# ---------------------------------------------------------------------------------------- activations
+# tpext's ColumnLinearSP saves the gathered input x_full [s, h] for its weight gradient (see
+# tpext/nn/_linear_functions.py) instead of re-gathering it in backward as Megatron-LM does, so with SP
+# two of the four [s, h] tensors a layer saves stay full size.
+SP_SAVES_GATHERED_INPUT = True
+
+
+def layer_activation_bytes(model, tokens: int, tp: int, dtype_bytes: int, sequence_parallel: bool) -> int:
+    """Bytes one layer saves for backward (no recomputation; flash attention: no [s, s] scores).
+
+    Replicated-region tensors [tokens, hidden]: the two norm inputs (residual stream) and the two norm
+    outputs (inputs of the QKV and gate/up GEMMs); SP shards them by tp, except the norm outputs when tpext
+    saves the gathered GEMM input. TP-region tensors are always sharded: q, k, v (for attention backward),
+    the attention output (input of o_proj), gate and up outputs and their product (input of down_proj).
+    Plus fp32 per-row statistics: norm rstd (2 per token) and attention log-sum-exp (one per local head).
+    """
+    h, d = model.hidden, model.head_dim
+    rows_sp = shard_size(tokens, tp) if sequence_parallel else tokens
+    rows_norm_out = tokens if (sequence_parallel and SP_SAVES_GATHERED_INPUT) else rows_sp
+    replicated = (2 * rows_sp + 2 * rows_norm_out) * h
+    q_local = (model.heads // tp) * d
+    kv_local = kv_heads_per_gpu(model.kv_heads, tp) * d
+    i_local = shard_size(model.intermediate, tp)
+    sharded = tokens * (2 * q_local + 2 * kv_local + (3 if model.gated_mlp else 2) * i_local)
+    stats_fp32 = rows_sp * 2 + tokens * (model.heads // tp)
+    return (replicated + sharded) * dtype_bytes + 4 * stats_fp32
+
+
+def logits_bytes(tokens: int, vocab: int, tp: int) -> int:
+    """fp32 logits of the vocabulary-parallel cross entropy, [tokens, vocab / tp]."""
+    return tokens * shard_size(vocab, tp) * 4
+
+
+def kv_cache_bytes(model, sequences: int, context: int, tp: int, layers: int, dtype_bytes: int) -> int:
+    """K and V for `context` positions of `sequences` sequences in `layers` layers, on one GPU."""
+    kv_width = kv_heads_per_gpu(model.kv_heads, tp) * model.head_dim
+    return 2 * layers * sequences * context * kv_width * dtype_bytes
+
+
+# -------------------------------------------------------------------------------------------- compute
+def gemm_time_s(m: int, k: int, n: int, dtype_bytes: int, tflops: float, hbm_GBps: float) -> float:
+    """Roofline of one [m, k] x [k, n] GEMM: the larger of its FLOP time and its HBM traffic time
+    (reading both operands and writing the output once)."""
+    flops = 2.0 * m * k * n
+    traffic = (m * k + k * n + m * n) * dtype_bytes
+    return max(flops / (tflops * 1e12), traffic / (hbm_GBps * GB))
+
+
+def pipelined_time_s(gemm_s: float, comm_bw_s: float, latency_s: float, chunks: int) -> float:
+    """A GEMM and its collective split into `chunks` row chunks, the collective of chunk i running while
+    chunk i+1 is multiplied (tpext's schedule). The first GEMM chunk and the last collective chunk are
+    never hidden; every chunk's collective pays the fixed latency. chunks=1 is the sequential sum."""
+    if chunks < 1:
+        raise ValueError(f"tpext plan: chunks must be >= 1, got {chunks}")
+    g = gemm_s / chunks
+    c = comm_bw_s / chunks + latency_s if comm_bw_s > 0 else 0.0
+    return g + (chunks - 1) * max(g, c) + c
+
+
+def pipeline_bubble_fraction(pp: int, microbatches: int) -> float:
+    """Idle fraction of a 1F1B / GPipe schedule: (pp - 1) / (microbatches + pp - 1)."""
+    return (pp - 1) / (microbatches + pp - 1)
