@@ -177,3 +177,39 @@ def test_strict_false_ignores_extra_tensors(tmp_path):
     gathered = run_ranks(_load_lenient, 2, str(tmp_path / "extra.safetensors"))[0]
     assert gathered.keys() == state.keys()
     assert all(torch.equal(gathered[k], v) for k, v in state.items())
+
+
+def _save_into_a_file_path(path: str) -> str:
+    with pytest.raises(RuntimeError) as err:
+        tpext.save_checkpoint(_meta_parallel(False, False).to_empty(device="cpu"), path)
+    return str(err.value)
+
+
+def test_a_failed_write_raises_on_every_rank(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    for msg in run_ranks(_save_into_a_file_path, 2, str(tmp_path / "file" / "ckpt"), timeout_s=60):
+        assert "rank 0 could not write" in msg
+
+
+class _WithBuffer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 4)
+        self.register_buffer("inv_freq", torch.ones(2), persistent=False)
+
+
+def test_meta_non_persistent_buffers_are_refused(tmp_path):
+    save_file({"proj.weight": torch.zeros(4, 4), "proj.bias": torch.zeros(4)}, str(tmp_path / "m.safetensors"))
+    with torch.device("meta"):
+        model = _WithBuffer()
+    with pytest.raises(ValueError, match=r"non-persistent buffers on the meta device \(inv_freq\)"):
+        tpext.load_checkpoint(model, tmp_path / "m.safetensors")
+
+
+def test_names_keep_a_submodule_called_module():
+    outer = torch.nn.Module()
+    outer.module = torch.nn.Linear(2, 2)
+    assert [e.names for e in layouts(outer)] == [["module.weight"], ["module.bias"]]
+    wrapped = torch.nn.Module()
+    wrapped._orig_mod = outer  # what torch.compile's wrapper looks like
+    assert [e.names for e in layouts(wrapped)] == [["module.weight"], ["module.bias"]]

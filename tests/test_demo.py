@@ -27,10 +27,15 @@ def test_demo_trains_and_matches_dense():
         assert line in text, f"{line!r} missing from the demo output:\n{text}"
 
 
-@pytest.mark.skipif(shutil.which("tpext") is None, reason="the tpext console script is not installed")
 def test_demo_exits_nonzero_when_the_loss_check_fails():
     # Tensor-parallel sums are ordered differently from the dense ones, so fp32 losses differ in the last
     # bits and a zero tolerance must fail.
-    out = _run(["tpext", "demo", "--steps", "2", "--rtol", "0"])
+    out = _run([sys.executable, "-m", "tpext", "demo", "--steps", "2", "--rtol", "0"])
     assert out.returncode != 0, out.stdout + out.stderr
     assert "loss check: FAILED" in out.stdout
+
+
+@pytest.mark.skipif(shutil.which("tpext") is None, reason="the tpext console script is not installed")
+def test_console_script():
+    out = _run(["tpext", "demo", "--help"])
+    assert out.returncode == 0 and "--sp" in out.stdout

@@ -33,9 +33,10 @@ CASES = {
 }
 
 
-def _compare(kv: int, sp: bool, packed: bool, tied: bool, dtype: torch.dtype, share_inputs: bool = True) -> None:
+def _compare(kv: int, sp: bool, packed: bool, tied: bool, dtype: torch.dtype, share_inputs: bool = True,
+             **extra) -> None:
     world = dist.get_world_size()
-    cfg = LlamaConfig(**SMALL, num_key_value_heads=kv, packed=packed, tie_word_embeddings=tied)
+    cfg = LlamaConfig(**{**SMALL, **extra}, num_key_value_heads=kv, packed=packed, tie_word_embeddings=tied)
     torch.manual_seed(0)
     dense = LlamaForCausalLM(cfg, dtype=dtype)
     model = tpext.parallelize(copy.deepcopy(dense), sequence_parallel=sp, share_inputs=share_inputs)
@@ -45,7 +46,7 @@ def _compare(kv: int, sp: bool, packed: bool, tied: bool, dtype: torch.dtype, sh
     logits = model(ids)
     model.loss(logits, ids).backward()
 
-    what = f"tp={world} kv={kv} sp={sp} packed={packed} tied={tied} share_inputs={share_inputs} {dtype}"
+    what = f"tp={world} kv={kv} sp={sp} packed={packed} tied={tied} share_inputs={share_inputs} {extra} {dtype}"
     torch.testing.assert_close(mappings.gather_from_tp(logits, cfg.vocab_size), logits_ref, **TOL[dtype],
                                msg=lambda m: f"{what}: logits: {m}")
     entries = layouts(model)
@@ -61,6 +62,9 @@ def _check_cases(dtype: torch.dtype) -> None:
         _compare(*case, dtype)
     for case in cases[:3]:  # one projection, one collective: the unshared path
         _compare(*case, dtype, share_inputs=False)
+    # Qwen2 q/k/v biases, Qwen3 per-head q/k norms, an intermediate size that does not divide.
+    _compare(1, True, False, False, dtype, attention_bias=True, qk_norm=True, intermediate_size=90)
+    _compare(2, False, True, True, dtype, attention_bias=True, qk_norm=True, intermediate_size=90)
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
@@ -124,13 +128,14 @@ def _errors() -> list[str]:
 
 def test_errors():
     messages = run_ranks(_errors, 4)[0]
-    assert "6 heads of 8" in messages[0] and "4 neither divides 6" in messages[0]
+    assert "has 6 query heads, not divisible by the tensor-parallel size 4" in messages[0]
     assert "3 heads of 8" in messages[1] and "4 neither divides 3" in messages[1]
 
 
-def _custom_plan() -> list:
-    """A plan with wildcards and strings: the same numbers as the auto plan on an unpacked model."""
-    cfg = LlamaConfig(**SMALL, num_key_value_heads=4)
+def _custom_plan(kv: int) -> list:
+    """A plan with wildcards and plain strings: the same numbers as the dense model; the attention
+    projections are still split in whole heads (replicated kv heads when tp > kv)."""
+    cfg = LlamaConfig(**SMALL, num_key_value_heads=kv)
     torch.manual_seed(0)
     dense = LlamaForCausalLM(cfg, dtype=f64)
     plan = {"*.q_proj": "colwise", "*.k_proj": "colwise", "*.v_proj": "colwise", "*.o_proj": "rowwise",
@@ -143,9 +148,10 @@ def _custom_plan() -> list:
             model.model.layers[0].self_attn.num_key_value_heads]
 
 
-def test_custom_plan():
-    for diff, heads, kv in run_ranks(_custom_plan, 2):
-        assert abs(diff) < 1e-12 and (heads, kv) == (4, 2)
+@pytest.mark.parametrize("world,kv", [(2, 4), (4, 2)])
+def test_custom_plan(world, kv):
+    for diff, local_heads, local_kv in run_ranks(_custom_plan, world, kv):
+        assert abs(diff) < 1e-12 and (local_heads, local_kv) == (8 // world, max(kv // world, 1))
 
 
 def test_auto_plan_is_data():
@@ -158,3 +164,67 @@ def test_auto_plan_is_data():
     assert plan["model.embed_tokens"].kind == plan["lm_head"].kind == "vocab"
     assert plan["model.norm"].kind == "replicate"
     assert tpext.auto_plan(model, sequence_parallel=True)["model.norm"].kind == "sequence_parallel"
+
+
+def _edge_cases() -> dict:
+    world = dist.get_world_size()
+    out = {}
+    # Uneven shards (vocab 101 over 2) must not leave the ranks in different RNG states.
+    torch.manual_seed(0)
+    tpext.parallelize(LlamaForCausalLM(LlamaConfig(**{**SMALL, "vocab_size": 101})))
+    draws = [None] * world
+    dist.all_gather_object(draws, torch.rand(4).tolist())
+    out["rng_equal"] = all(d == draws[0] for d in draws)
+
+    # A tie made by assignment, without config.tie_word_embeddings, stays a tie, with exact gradients.
+    torch.manual_seed(0)
+    dense = LlamaForCausalLM(LlamaConfig(**SMALL), dtype=f64)
+    dense.lm_head.weight = dense.model.embed_tokens.weight
+    model = tpext.parallelize(copy.deepcopy(dense))
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(3))
+    dense.loss(dense(ids), ids).backward()
+    model.loss(model(ids), ids).backward()
+    emb = model.model.embed_tokens
+    out["tied"] = model.lm_head.weight is emb.weight
+    out["tied_grad_err"] = float((emb.weight.grad - dense.model.embed_tokens.weight.grad[
+        emb.vocab_start:emb.vocab_end]).abs().max())
+
+    # More ranks than query heads: a clear error, and the model is left as it was.
+    small = LlamaForCausalLM(LlamaConfig(**{**SMALL, "num_attention_heads": 2, "num_key_value_heads": 1}))
+    with pytest.raises(ValueError, match="has 2 query heads, not divisible by the tensor-parallel size 4"):
+        tpext.parallelize(small)
+    out["untouched"] = type(small.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+
+    with pytest.raises(ValueError, match="already parallelized"):
+        tpext.parallelize(model)
+
+    # nn.RMSNorm with its default eps=None under SP; full logits when asked for.
+    torch.manual_seed(0)
+    dense = LlamaForCausalLM(LlamaConfig(**SMALL), dtype=f64)
+    for layer in dense.model.layers:
+        layer.input_layernorm = torch.nn.RMSNorm(SMALL["hidden_size"], dtype=f64)
+    plan = tpext.auto_plan(dense, sequence_parallel=True, vocab_parallel_logits=False)
+    model = tpext.parallelize(copy.deepcopy(dense), plan=plan, sequence_parallel=True)
+    logits, ref = model(ids), dense(ids)
+    out["full_logits_err"] = float((logits - ref).abs().max()) if logits.shape == ref.shape else float("inf")
+
+    # Shared inputs: an input changed in place, or a call under no_grad, is computed afresh.
+    x = torch.randn(2, 8, SMALL["hidden_size"], dtype=f64)
+    attn = tpext.parallelize(copy.deepcopy(dense), plan=tpext.auto_plan(dense)).model.layers[0].self_attn
+    attn.q_proj(x)
+    x.add_(1.0)
+    k_fresh = torch.nn.functional.linear(x, attn.k_proj.weight)
+    out["stale_err"] = float((attn.k_proj(x) - k_fresh).abs().max())
+    attn.q_proj(x)
+    with torch.no_grad():
+        out["no_grad_output_requires_grad"] = attn.k_proj(x).requires_grad
+    return out
+
+
+def test_edge_cases():
+    for rank, out in enumerate(run_ranks(_edge_cases, 4)):
+        assert out["rng_equal"], f"rank {rank}: RNG states differ after parallelize"
+        assert out["tied"] and out["tied_grad_err"] < 1e-12, (rank, out)
+        assert out["untouched"], rank
+        assert out["full_logits_err"] < 1e-12, (rank, out)
+        assert out["stale_err"] < 1e-12 and not out["no_grad_output_requires_grad"], (rank, out)

@@ -1,6 +1,7 @@
 """TP x DP on a 2-D DeviceMesh ("dp", "tp"): the model parallelized on "tp" composes with DDP or FSDP2
 (`fully_shard`) on "dp". Five AdamW steps on 4 ranks (dp=2, tp=2) give the loss curve and the weights of
-one dense process on the whole batch (weights through gather_state_dict, which sees through both wrappers).
+one dense process on the whole batch (weights through gather_state_dict, which sees through both wrappers),
+and a saved checkpoint loads back into a freshly wrapped model.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 
 import tpext
 from dist import run_ranks
@@ -42,7 +44,7 @@ def _train(model, loss_of, batches, group=None) -> list[float]:
     return losses
 
 
-def _tp_dp(wrapper: str, sp: bool) -> tuple[list[float], list[float], float]:
+def _tp_dp(wrapper: str, sp: bool, ckpt_dir: str) -> tuple[list[float], list[float], float]:
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
     torch.manual_seed(0)
     dense = LlamaForCausalLM(CFG, dtype=torch.float64)
@@ -54,8 +56,6 @@ def _tp_dp(wrapper: str, sp: bool) -> tuple[list[float], list[float], float]:
     if wrapper == "ddp":
         model = torch.nn.parallel.DistributedDataParallel(model, process_group=mesh["dp"].get_group())
     else:
-        from torch.distributed.fsdp import fully_shard
-
         fully_shard(model, mesh=mesh["dp"])
     dp_rank, dp = mesh["dp"].get_local_rank(), mesh["dp"].size()
     rows = BATCH // dp
@@ -64,12 +64,23 @@ def _tp_dp(wrapper: str, sp: bool) -> tuple[list[float], list[float], float]:
     gathered, want = tpext.gather_state_dict(model), trained.state_dict()
     assert gathered.keys() == want.keys()
     worst = max(float(((gathered[k] - v).abs() / v.abs().clamp_min(1e-3)).max()) for k, v in want.items())
+
+    # Resume: save, then load into a freshly wrapped model (FSDP2: into its data-parallel shards).
+    tpext.save_checkpoint(model, ckpt_dir)
+    fresh = tpext.parallelize(LlamaForCausalLM(CFG, dtype=torch.float64), mesh["tp"], sequence_parallel=sp)
+    if wrapper == "ddp":
+        fresh = torch.nn.parallel.DistributedDataParallel(fresh, process_group=mesh["dp"].get_group())
+    else:
+        fully_shard(fresh, mesh=mesh["dp"])
+    tpext.load_checkpoint(fresh, ckpt_dir)
+    reloaded = tpext.gather_state_dict(fresh)
+    assert all(torch.equal(reloaded[k], gathered[k]) for k in gathered), "reloaded weights differ"
     return losses, reference, worst
 
 
 @pytest.mark.parametrize("wrapper,sp", [("ddp", False), ("fsdp2", True)])
-def test_tp_dp_loss_curve_matches_dense(wrapper, sp):
-    for rank, (losses, reference, weight_err) in enumerate(run_ranks(_tp_dp, 4, wrapper, sp)):
+def test_tp_dp_loss_curve_matches_dense(wrapper, sp, tmp_path):
+    for rank, (losses, reference, weight_err) in enumerate(run_ranks(_tp_dp, 4, wrapper, sp, str(tmp_path))):
         assert losses == pytest.approx(reference, rel=1e-10), f"rank {rank}: {losses} vs dense {reference}"
         assert reference[-1] < reference[0]  # it trains
         assert weight_err < 1e-8, f"rank {rank}: trained weights differ from dense by {weight_err:.1e} (relative)"

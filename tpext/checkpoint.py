@@ -82,16 +82,12 @@ def load_checkpoint(model: nn.Module, path: PathLike, *, strict: bool = True,
 
     strict: every checkpoint tensor must belong to the model. A model tensor missing from the checkpoint,
     or of another dense shape, is always an error naming it. device: where a meta-device model is
-    materialised (default: CPU, or the current CUDA device when the model is to live there).
+    materialised (default: CPU). Under FSDP2 each rank keeps its data-parallel shard of what it reads.
     """
     files = checkpoint_files(path)
     entries = layouts(model)
     if any(e.tensor.is_meta for e in entries):
-        model.to_empty(device=device or "cpu")
-        for e in entries:  # to_empty gives each module its own new tensor: tie them again
-            first_module, first_name = e.owners[0]
-            for module, name in e.owners[1:]:
-                setattr(module, name, getattr(first_module, first_name))
+        _materialize(model, entries, device)
         entries = layouts(model)
     missing = [e.names for e in entries if not any(n in files for n in e.names)]
     if missing:
@@ -116,7 +112,29 @@ def load_checkpoint(model: nn.Module, path: PathLike, *, strict: bool = True,
             if tuple(local.shape) != tuple(e.tensor.shape):
                 raise CheckpointError(f"tpext: checkpoint tensor '{name}' gives this rank a {list(local.shape)} "
                                       f"slice, the model's local tensor is {list(e.tensor.shape)}")
+            if hasattr(e.tensor, "device_mesh"):  # a DTensor (FSDP2): keep this rank's data-parallel shard
+                from torch.distributed.tensor import distribute_tensor
+
+                local = distribute_tensor(local.to(e.tensor.device), e.tensor.device_mesh, e.tensor.placements,
+                                          src_data_rank=None)  # every rank holds it already: no scatter
             e.tensor.copy_(local)
+
+
+def _materialize(model: nn.Module, entries: list[Entry], device) -> None:
+    """Allocate a meta-device model (to_empty) and tie its tied tensors again. Non-persistent buffers
+    (e.g. a rotary inv_freq) are in no checkpoint and would be left as uninitialised memory: refused."""
+    lost = [f"{mod}.{name}" if mod else name for mod, module in model.named_modules()
+            for name, buf in module.named_buffers(recurse=False)
+            if buf is not None and buf.is_meta and name in getattr(module, "_non_persistent_buffers_set", set())]
+    if lost:
+        raise CheckpointError(f"tpext: the model has non-persistent buffers on the meta device ({', '.join(lost[:4])}"
+                              f"{' ...' if len(lost) > 4 else ''}); no checkpoint holds them, so loading cannot "
+                              "initialise them: create those modules (or their buffers) on a real device")
+    model.to_empty(device=device or "cpu")
+    for e in entries:  # to_empty gives each module its own new tensor: tie them again
+        first_module, first_name = e.owners[0]
+        for module, name in e.owners[1:]:
+            setattr(module, name, getattr(first_module, first_name))
 
 
 def _group_of(e: Entry):
@@ -173,18 +191,27 @@ def gather_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 def save_checkpoint(model: nn.Module, path: PathLike, *, max_shard_bytes: int = 5 * 2**30,
                     metadata: Optional[dict[str, str]] = None) -> None:
-    """Write the dense checkpoint of `model` (Hugging Face layout) from rank 0; collective.
+    """Write the dense checkpoint of `model` (Hugging Face layout) from global rank 0; collective over the
+    world group (every rank calls it), and a write error on rank 0 is raised on every rank.
 
     path ending in .safetensors: one file. Otherwise a directory: model.safetensors, or, above
     max_shard_bytes, model-0000i-of-0000n.safetensors + model.safetensors.index.json.
     A tied tensor is written once, under its first name.
     """
     state = gather_state_dict(model)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank == 0:
+    if not dist.is_initialized():
         _write(state, Path(path), max_shard_bytes, {"format": "pt", **(metadata or {})})
-    if dist.is_initialized():
-        dist.barrier()
+        return
+    error = None
+    if dist.get_rank() == 0:
+        try:
+            _write(state, Path(path), max_shard_bytes, {"format": "pt", **(metadata or {})})
+        except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
+            error = f"{type(exc).__name__}: {exc}"
+    status = [error]
+    dist.broadcast_object_list(status, src=0)  # every rank learns the outcome, so none waits for a writer that died
+    if status[0] is not None:
+        raise RuntimeError(f"tpext.save_checkpoint: rank 0 could not write {path}: {status[0]}")
 
 
 def _write(state: dict[str, Tensor], path: Path, max_shard_bytes: int, metadata: dict[str, str]) -> None:

@@ -188,9 +188,10 @@ class _GatherFromTP(torch.autograd.Function):
 
 class _SumReplicaGrads(torch.autograd.Function):
     """Identity forward; backward sums the gradient over the ranks that hold the same dense slice. Each
-    rank scatters its gradient into a zero dense-shaped buffer, one all-reduce sums them, and each keeps
-    its own slices: ranks holding other slices add zeros. The buffer is the dense parameter's size (e.g.
-    a GQA k/v projection), which is what lets every replica set reduce in one call without subgroups."""
+    rank writes the gradient of its replicated segments into a zero buffer spanning the replicated
+    ranges of the dense tensor (e.g. the k and v rows of a GQA projection, not the q rows), one
+    all-reduce sums them, and each keeps its own: ranks holding other heads add zeros. One call serves
+    every replica set without subgroups, at the price of a buffer tp/kv times this rank's share."""
 
     @staticmethod
     def forward(ctx, x, layout, group):
@@ -199,10 +200,18 @@ class _SumReplicaGrads(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        full = grad.new_zeros(ctx.layout.dense_shape)
-        ctx.layout.scatter_into(full, grad)
-        all_reduce(full, ctx.group, backward=True, module=ctx.module)
-        return ctx.layout.local_from_dense(full).contiguous(), None, None
+        layout, dim = ctx.layout, ctx.layout.dim
+        shape = list(grad.shape)
+        shape[dim] = sum(length for _, length in layout.reduce_ranges)
+        buf = grad.new_zeros(shape)
+        slots = layout.reduce_slots()
+        for local, offset, length in slots:
+            buf.narrow(dim, offset, length).copy_(grad.narrow(dim, local, length))
+        all_reduce(buf, ctx.group, backward=True, module=ctx.module)
+        grad = grad.clone()
+        for local, offset, length in slots:
+            grad.narrow(dim, local, length).copy_(buf.narrow(dim, offset, length))
+        return grad, None, None
 
 
 def sum_replica_grads(x: Tensor, layout, group: GroupLike = None) -> Tensor:

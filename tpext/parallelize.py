@@ -42,16 +42,25 @@ from tpext.sharding import Piece
 
 __all__ = ["Style", "parallelize", "auto_plan", "STYLES"]
 
+_TPEXT_MODULES = (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, SequenceParallelLayerNorm,
+                  SequenceParallelRMSNorm)
+
 STYLES = ("colwise", "rowwise", "vocab", "sequence_parallel", "replicate")
 
 
 @dataclass(frozen=True)
 class Style:
     """A plan entry. `pieces` describe the sharded dim (output features for colwise, input features for
-    rowwise) when it is packed or made of heads; None means one piece split near-evenly."""
+    rowwise) when it is packed or made of heads; None means one piece split near-evenly (q/k/v/o_proj
+    and qkv_proj: whole heads, from the attention module's head counts). gather_output (colwise): every
+    rank gets the full output, e.g. full logits from lm_head for generation code. sum_grads (replicate):
+    the module's replicated weights see only this rank's heads (a per-head q_norm / k_norm), so their
+    gradients are summed over the group."""
 
     kind: str
     pieces: Optional[tuple[Piece, ...]] = None
+    gather_output: bool = False
+    sum_grads: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in STYLES:
@@ -91,23 +100,34 @@ def _heads(attn: nn.Module, config) -> tuple[int, int, int]:
     return hq, hkv, d
 
 
-def auto_plan(model: nn.Module, *, sequence_parallel: bool = False) -> dict[str, Style]:
+def _attention_pieces(leaf: str, attn: nn.Module, config) -> tuple[Piece, ...]:
+    """The head structure of an attention projection's sharded dim."""
+    hq, hkv, d = _heads(attn, config)
+    return {"q_proj": (Piece(hq, d),), "k_proj": (Piece(hkv, d),), "v_proj": (Piece(hkv, d),),
+            "qkv_proj": (Piece(hq, d), Piece(hkv, d), Piece(hkv, d)), "o_proj": (Piece(hq, d),)}[leaf]
+
+
+def _parent(modules: dict[str, nn.Module], name: str) -> nn.Module:
+    return modules[name.rpartition(".")[0]]
+
+
+def auto_plan(model: nn.Module, *, sequence_parallel: bool = False,
+              vocab_parallel_logits: bool = True) -> dict[str, Style]:
     """The plan for a Llama / Mistral / Qwen2-style model, exact names (no wildcards), so it can be
-    printed, edited and passed back. Raises listing every module with weights it could not place."""
+    printed, edited and passed back. Raises listing every module with weights it could not place.
+    vocab_parallel_logits: lm_head returns this rank's vocabulary slice (for vocab_parallel_cross_entropy,
+    never gathering [tokens, V]); False gathers full logits on every rank (generation code)."""
     config = getattr(model, "config", None)
     plan: dict[str, Style] = {}
     unplaced = []
     modules = dict(model.named_modules())
     for name, module in modules.items():
-        if not any(True for _ in module.parameters(recurse=False)):
+        if not name or not any(True for _ in module.parameters(recurse=False)):
             continue
         leaf = name.rsplit(".", 1)[-1]
-        parent = modules.get(name.rsplit(".", 1)[0] if "." in name else "", model)
+        parent = _parent(modules, name)
         if isinstance(module, nn.Linear) and leaf in _ATTN_PROJ:
-            hq, hkv, d = _heads(parent, config)
-            pieces = {"q_proj": (Piece(hq, d),), "k_proj": (Piece(hkv, d),), "v_proj": (Piece(hkv, d),),
-                      "qkv_proj": (Piece(hq, d), Piece(hkv, d), Piece(hkv, d)), "o_proj": (Piece(hq, d),)}[leaf]
-            plan[name] = Style("rowwise" if leaf == "o_proj" else "colwise", pieces)
+            plan[name] = Style("rowwise" if leaf == "o_proj" else "colwise", _attention_pieces(leaf, parent, config))
         elif isinstance(module, nn.Linear) and leaf == "gate_up_proj":
             half = module.out_features // 2
             plan[name] = Style("colwise", (Piece(half), Piece(half)))
@@ -118,8 +138,11 @@ def auto_plan(model: nn.Module, *, sequence_parallel: bool = False) -> dict[str,
         elif isinstance(module, nn.Embedding) and leaf in _EMBED:
             plan[name] = Style("vocab")
         elif isinstance(module, nn.Linear) and leaf in _HEAD:
-            plan[name] = Style("vocab")
-        elif "norm" in leaf.lower() or "norm" in type(module).__name__.lower():
+            plan[name] = Style("vocab", gather_output=not vocab_parallel_logits)
+        elif _is_norm(leaf, module) and hasattr(parent, "o_proj"):
+            # Inside attention (Qwen3's q_norm / k_norm): it normalises this rank's heads only.
+            plan[name] = Style("replicate", sum_grads=True)
+        elif _is_norm(leaf, module):
             plan[name] = Style("sequence_parallel" if sequence_parallel else "replicate")
         else:
             unplaced.append(f"{name} ({type(module).__name__})")
@@ -132,6 +155,10 @@ def auto_plan(model: nn.Module, *, sequence_parallel: bool = False) -> dict[str,
     return plan
 
 
+def _is_norm(leaf: str, module: nn.Module) -> bool:
+    return "norm" in leaf.lower() or "norm" in type(module).__name__.lower()
+
+
 def _style_for(name: str, plan: Plan) -> Optional[Style]:
     for pattern, style in plan.items():
         if fnmatch.fnmatchcase(name, pattern):
@@ -139,14 +166,14 @@ def _style_for(name: str, plan: Plan) -> Optional[Style]:
     return None
 
 
-def _norm_eps(norm: nn.Module) -> float:
+def _norm_eps(norm: nn.Module) -> Optional[float]:
     for attr in ("eps", "variance_epsilon"):
-        if isinstance(getattr(norm, attr, None), float):
-            return getattr(norm, attr)
+        if hasattr(norm, attr) and (getattr(norm, attr) is None or isinstance(getattr(norm, attr), float)):
+            return getattr(norm, attr)  # None: nn.RMSNorm's default, the dtype's machine epsilon
     raise ValueError(f"tpext.parallelize: norm {type(norm).__name__} has no eps / variance_epsilon attribute")
 
 
-def _sequence_parallel_norm(norm: nn.Module, group, sequence_dim: int) -> nn.Module:
+def _grad_summing_norm(norm: nn.Module, group) -> nn.Module:
     # The tpext norms keep the names (weight, bias); their weight gradients are summed over the group.
     weight = norm.weight
     bias = getattr(norm, "bias", None)
@@ -160,22 +187,42 @@ def _sequence_parallel_norm(norm: nn.Module, group, sequence_dim: int) -> nn.Mod
     return new
 
 
-def _convert(name: str, module: nn.Module, style: Style, group, sp: bool, sequence_dim: int, chunks) -> nn.Module:
-    kind = style.kind
+def _check_heads(model: nn.Module, plan: Plan, world: int) -> None:
+    """Every attention module with a sharded projection must split its query heads evenly; checked
+    before any module is replaced, so a bad size leaves the model as it was."""
+    config = getattr(model, "config", None)
+    for name, attn in model.named_modules():
+        projections = [f"{name}.{p}" if name else p for p in _ATTN_PROJ if hasattr(attn, p)]
+        if not hasattr(attn, "o_proj") or not any(_style_for(p, plan) for p in projections):
+            continue
+        hq, hkv, _ = _heads(attn, config)
+        if hq % world:
+            raise ValueError(f"tpext.parallelize: {name or 'the model'} has {hq} query heads, not divisible by the "
+                             f"tensor-parallel size {world}; each rank must hold whole query heads")
+
+
+def _convert(name: str, module: nn.Module, parent: nn.Module, style: Style, group, sp: bool, sequence_dim: int,
+             chunks, config) -> nn.Module:
+    kind, pieces, leaf = style.kind, style.pieces, name.rpartition(".")[2]
     common = {"sequence_parallel": sp, "sequence_dim": sequence_dim}
+    if isinstance(module, nn.Linear) and pieces is None and leaf in _ATTN_PROJ and kind in ("colwise", "rowwise"):
+        pieces = _attention_pieces(leaf, parent, config)  # never cut a head, whatever the plan says
     if isinstance(module, nn.Linear) and kind in ("colwise", "vocab"):
-        return ColumnParallelLinear.from_dense(module, group, pieces=style.pieces, chunks=chunks, **common)
+        return ColumnParallelLinear.from_dense(module, group, pieces=pieces, chunks=chunks,
+                                               gather_output=style.gather_output, **common)
     if isinstance(module, nn.Linear) and kind == "rowwise":
-        return RowParallelLinear.from_dense(module, group, pieces=style.pieces, chunks=chunks, **common)
+        return RowParallelLinear.from_dense(module, group, pieces=pieces, chunks=chunks, **common)
     if isinstance(module, nn.Embedding) and kind == "vocab":
         return VocabParallelEmbedding.from_dense(module, group, **common)
     if kind == "sequence_parallel" and hasattr(module, "weight"):
-        return _sequence_parallel_norm(module, group, sequence_dim) if sp else module
-    if kind == "replicate":
+        return _grad_summing_norm(module, group) if sp else module
+    if kind == "replicate" and style.sum_grads and hasattr(module, "weight"):
+        return _grad_summing_norm(module, group)
+    if kind == "replicate" and not style.sum_grads:
         return module
     raise ValueError(f"tpext.parallelize: style {kind!r} does not apply to {name} ({type(module).__name__}); "
                      "colwise/rowwise take nn.Linear, vocab takes nn.Embedding or nn.Linear, "
-                     "sequence_parallel takes a norm with a weight")
+                     "sequence_parallel and replicate with sum_grads take a norm with a weight")
 
 
 def _set_local_heads(model: nn.Module, converted: dict[str, nn.Module], world: int) -> None:
@@ -185,12 +232,10 @@ def _set_local_heads(model: nn.Module, converted: dict[str, nn.Module], world: i
         projections = [f"{name}.{p}" if name else p for p in _ATTN_PROJ]
         if not any(p in converted for p in projections) or not hasattr(attn, "o_proj"):
             continue
-        hq, hkv, _ = _heads(attn, config)
-        if hq % world:
-            raise ValueError(f"tpext.parallelize: {name} has {hq} query heads, not divisible by the "
-                             f"tensor-parallel size {world}")
+        hq, hkv, d = _heads(attn, config)  # _check_heads made sure hq divides
         local_q, local_kv = hq // world, max(hkv // world, 1)
-        for attr, value in (("num_heads", local_q), ("num_attention_heads", local_q),
+        # hidden_size: older Hugging Face attention reshapes its output to [b, s, self.hidden_size].
+        for attr, value in (("num_heads", local_q), ("num_attention_heads", local_q), ("hidden_size", local_q * d),
                             ("num_key_value_heads", local_kv), ("num_key_value_groups", local_q // local_kv)):
             if hasattr(attn, attr):
                 setattr(attn, attr, value)
@@ -207,28 +252,65 @@ def parallelize(model: nn.Module, group: GroupLike = None, plan: Union[str, Plan
     (tpext.nn.SharedInputColumns); False keeps one collective per projection.
     """
     pg = resolve_group(group)
+    already = [n for n, m in model.named_modules() if isinstance(m, _TPEXT_MODULES)]
+    if already:
+        raise ValueError(f"tpext.parallelize: the model is already parallelized ({already[0]} is a "
+                         f"{type(model.get_submodule(already[0])).__name__}); parallelize the dense model once")
     if plan == "auto":
         plan = auto_plan(model, sequence_parallel=sequence_parallel)
     elif isinstance(plan, str):
         raise ValueError(f"tpext.parallelize: plan must be 'auto' or a dict of pattern -> style, got {plan!r}")
+    _check_heads(model, plan, pg.size())
+    ties = _ties(model)
+    config = getattr(model, "config", None)
+    modules = dict(model.named_modules())
+    # Build every replacement first: an error leaves the model untouched.
     converted: dict[str, nn.Module] = {}
-    for name, module in list(model.named_modules()):
-        if not name or name in converted:
+    for name, module in modules.items():
+        style = _style_for(name, plan) if name else None
+        if style is None or any(name.startswith(c + ".") for c in converted):
             continue
-        style = _style_for(name, plan)
-        if style is None:
-            continue
-        new = _convert(name, module, style, pg, sequence_parallel, sequence_dim, chunks)
+        new = _convert(name, module, _parent(modules, name), style, pg, sequence_parallel, sequence_dim, chunks,
+                       config)
         if new is not module:
-            parent_name, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
             new._tpext_stats_name = name  # comm_stats attributes its collectives to this name
             converted[name] = new
-    _retie(model, converted)
+    for name, new in converted.items():
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
+    _retie(model, ties)
     _set_local_heads(model, converted, pg.size())
     if share_inputs:
         _share_inputs(model, converted)
     return model
+
+
+def _ties(model: nn.Module) -> list[list[tuple[str, str]]]:
+    """Groups of (module name, parameter name) that share one dense parameter."""
+    owners: dict[int, list[tuple[str, str]]] = {}
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        for p_name, p in module.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append((mod_name, p_name))
+    return [group for group in owners.values() if len(group) > 1]
+
+
+def _retie(model: nn.Module, ties: list[list[tuple[str, str]]]) -> None:
+    """Parameters tied in the dense model (e.g. embed_tokens and lm_head) stay tied: every owner gets the
+    first one's local parameter, which needs the same local layout on all of them."""
+    from tpext.sharding import get_layout
+
+    for group in ties:
+        owners = [(model.get_submodule(m), p) for m, p in group]
+        first_module, first_name = owners[0]
+        first = getattr(first_module, first_name)
+        want = get_layout(first_module, first_name, first)
+        for (module, p_name), (m_name, _) in zip(owners[1:], group[1:]):
+            layout = get_layout(module, p_name, getattr(module, p_name))
+            if layout != want:
+                raise ValueError(f"tpext.parallelize: {group[0][0]}.{first_name} and {m_name}.{p_name} are tied in "
+                                 f"the dense model but the plan shards them differently ({want} vs {layout}); "
+                                 "give both the same sharding (e.g. 'vocab' for an embedding and its lm_head)")
+            setattr(module, p_name, first)
 
 
 # Column-parallel siblings that read the same input in the Llama family's forward.
@@ -243,14 +325,3 @@ def _share_inputs(model: nn.Module, converted: dict[str, nn.Module]) -> None:
             layers = [getattr(module, leaf, None) for leaf in group]
             if all(isinstance(m, ColumnParallelLinear) and m in converted.values() for m in layers):
                 SharedInputColumns(layers).attach()
-
-
-def _retie(model: nn.Module, converted: dict[str, nn.Module]) -> None:
-    """Tied embeddings stay tied: the vocabulary-parallel embedding and lm_head shard V identically."""
-    config = getattr(model, "config", None)
-    if not getattr(config, "tie_word_embeddings", False):
-        return
-    heads = [m for n, m in converted.items() if n.rsplit(".", 1)[-1] in _HEAD and isinstance(m, ColumnParallelLinear)]
-    embeds = [m for m in converted.values() if isinstance(m, VocabParallelEmbedding)]
-    if len(heads) == 1 and len(embeds) == 1:
-        heads[0].weight = embeds[0].weight

@@ -27,15 +27,17 @@ Segment = tuple[int, int]  # (start in the dense tensor, length) along the layou
 class ShardLayout:
     """Local tensor = cat([dense.narrow(dim, start, length) for start, length in segments], dim).
 
-    dim None means replicated: the local tensor is the whole dense tensor. `replicas` > 1 means every
-    segment of this rank is held by that many ranks of the group, each computing only part of its
-    gradient (GQA kv heads when tp > kv heads): those gradients must be summed over the holders.
+    dim None means replicated: the local tensor is the whole dense tensor. `replicas` > 1 means some
+    segments are held by that many ranks of the group, each computing only part of their gradient (GQA
+    kv heads when tp > kv heads): the gradients of the dense ranges `reduce_ranges` (along dim) must be
+    summed over their holders.
     """
 
     dense_shape: tuple[int, ...]
     dim: int | None = None
     segments: tuple[Segment, ...] = ()
     replicas: int = 1
+    reduce_ranges: tuple[Segment, ...] = ()
 
     @staticmethod
     def replicated(shape: Sequence[int]) -> "ShardLayout":
@@ -68,6 +70,19 @@ class ShardLayout:
         parts = [dense[self.index(s, n)] for s, n in self.segments]
         return parts[0] if len(parts) == 1 else torch.cat(parts, self.dim)
 
+    def reduce_slots(self) -> list[tuple[int, int, int]]:
+        """(offset in the local tensor, offset in the reduction buffer, length) of every local segment
+        inside a reduce range; the buffer is the reduce ranges concatenated (see sum_replica_grads)."""
+        slots, local_offset = [], 0
+        for start, length in self.segments:
+            buffer_offset = 0
+            for r_start, r_length in self.reduce_ranges:
+                if r_start <= start < r_start + r_length:
+                    slots.append((local_offset, buffer_offset + start - r_start, length))
+                buffer_offset += r_length
+            local_offset += length
+        return slots
+
     def scatter_into(self, dense: Tensor, local: Tensor) -> None:
         """Write `local` into its segments of `dense` (the inverse of local_from_dense)."""
         if self.dim is None:
@@ -95,8 +110,10 @@ class Piece:
         return self.units * self.unit_size
 
 
-def piece_segments(pieces: Sequence[Piece], world: int, rank: int, what: str) -> tuple[tuple[Segment, ...], int]:
-    """Segments of `rank` for a dim made of `pieces`, and how many ranks hold each (the replicas).
+def piece_segments(pieces: Sequence[Piece], world: int, rank: int,
+                   what: str) -> tuple[tuple[Segment, ...], int, tuple[Segment, ...]]:
+    """Segments of `rank` for a dim made of `pieces`, how many ranks hold a replicated one (1: none),
+    and the dense ranges of the replicated pieces (whose gradients are summed over their holders).
 
     Per piece: unit_size 1 splits near-evenly (shard_sizes); whole heads (unit_size > 1) need units % R
     == 0, or, when R > units and R % units == 0, each unit is replicated over R / units consecutive ranks
@@ -104,7 +121,7 @@ def piece_segments(pieces: Sequence[Piece], world: int, rank: int, what: str) ->
     """
     from tpext.distributed import shard_range
 
-    segments, replicas, offset = [], 1, 0
+    segments, replicas, reduce_ranges, offset = [], 1, [], 0
     for p in pieces:
         if p.unit_size == 1 or p.units % world == 0:
             start, count = shard_range(p.units, world, rank)
@@ -113,13 +130,14 @@ def piece_segments(pieces: Sequence[Piece], world: int, rank: int, what: str) ->
             per_unit = world // p.units
             segments.append((offset + (rank // per_unit) * p.unit_size, p.unit_size))
             replicas = max(replicas, per_unit)
+            reduce_ranges.append((offset, p.size))
         else:
             raise ValueError(
                 f"tpext: cannot shard {what} over {world} ranks: it has {p.units} heads of {p.unit_size}, and "
                 f"{world} neither divides {p.units} (shard the heads) nor is a multiple of it (replicate each "
                 f"head over {world}/{p.units} ranks); pick a tensor-parallel size that does")
         offset += p.size
-    return tuple(segments), replicas
+    return tuple(segments), replicas, tuple(reduce_ranges)
 
 
 def set_layout(module: nn.Module, name: str, layout: ShardLayout) -> None:
@@ -133,11 +151,16 @@ def get_layout(module: nn.Module, name: str, tensor: Tensor) -> ShardLayout:
     return layout if layout is not None else ShardLayout.replicated(tensor.shape)
 
 
-def _strip_wrappers(fqn: str) -> str:
-    """Names as the dense model has them: without DDP's 'module.' or torch.compile's '_orig_mod.'."""
-    parts = [p for p in fqn.split(".") if p not in ("module", "_orig_mod", "_fsdp_wrapped_module",
-                                                   "_checkpoint_wrapped_module")]
-    return ".".join(parts)
+_WRAPPER_ATTRS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+
+
+def _strip_wrappers(fqn: str, wrapped_by_ddp: bool) -> str:
+    """Names as the dense model has them: without DDP's leading 'module.' or the attributes through which
+    torch.compile, FSDP1 and activation checkpointing wrap modules."""
+    parts = fqn.split(".")
+    if wrapped_by_ddp and parts[0] == "module":
+        parts = parts[1:]
+    return ".".join(p for p in parts if p not in _WRAPPER_ATTRS)
 
 
 @dataclass
@@ -156,13 +179,14 @@ def layouts(model: nn.Module) -> list[Entry]:
     """Every parameter and persistent buffer of `model` with its dense names and layout, in
     state_dict order; a tied tensor is one entry holding all its names."""
     entries: dict[int, Entry] = {}
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     for mod_name, module in model.named_modules(remove_duplicate=False):
         persistent = [(n, b) for n, b in module.named_buffers(recurse=False)
                       if n not in getattr(module, "_non_persistent_buffers_set", set())]
         for name, tensor in list(module.named_parameters(recurse=False)) + persistent:
             if tensor is None:
                 continue
-            fqn = _strip_wrappers(f"{mod_name}.{name}" if mod_name else name)
+            fqn = _strip_wrappers(f"{mod_name}.{name}" if mod_name else name, ddp)
             entry = entries.get(id(tensor))
             if entry is None:
                 entries[id(tensor)] = Entry([fqn], module, name, tensor, get_layout(module, name, tensor),

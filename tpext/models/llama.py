@@ -1,6 +1,6 @@
-"""A Llama-style decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU MLP, optional tied embeddings)
-in dense form, with the parameter names of the Hugging Face Llama family, so that its state dict and
-Hugging Face checkpoints of the same shape are interchangeable.
+"""A Llama-style decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU MLP, optional tied embeddings,
+optional Qwen3 per-head q/k norms) in dense form, with the parameter names of the Hugging Face Llama
+family, so that its state dict and Hugging Face checkpoints of the same shape are interchangeable.
 
 Attention and MLP read their head counts from module attributes (`num_heads`, `num_key_value_heads`),
 not from the config: tpext.parallelize sets them to the local counts. `packed=True` stores the
@@ -38,6 +38,7 @@ class LlamaConfig:
     mlp_bias: bool = False
     initializer_range: float = 0.02
     packed: bool = False  # qkv_proj / gate_up_proj instead of q/k/v_proj and gate/up_proj
+    qk_norm: bool = False  # Qwen3: RMSNorm of each query / key head (q_norm, k_norm over head_dim)
 
     def __post_init__(self) -> None:
         if self.head_dim is None:
@@ -118,6 +119,9 @@ class LlamaAttention(nn.Module):
             self.k_proj = nn.Linear(h, kv_out, bias=bias, **factory)
             self.v_proj = nn.Linear(h, kv_out, bias=bias, **factory)
         self.o_proj = nn.Linear(q_out, h, bias=False, **factory)
+        if config.qk_norm:
+            self.q_norm = LlamaRMSNorm(d, config.rms_norm_eps, **factory)
+            self.k_norm = LlamaRMSNorm(d, config.rms_norm_eps, **factory)
 
     def _project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         if hasattr(self, "qkv_proj"):
@@ -128,8 +132,11 @@ class LlamaAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         q, k, v = self._project(x)
         b, s = q.shape[:2]  # the full sequence: under SP the projections gathered it
-        q = q.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.view(b, s, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        q = q.view(b, s, self.num_heads, self.head_dim)
+        k = k.view(b, s, self.num_key_value_heads, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(b, s, self.num_key_value_heads, self.head_dim).transpose(1, 2)
         cos, sin = rope_cos_sin(s, self.head_dim, self.rope_theta, q.device, q.dtype)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)

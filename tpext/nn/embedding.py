@@ -57,9 +57,11 @@ class VocabParallelEmbedding(nn.Module):
     @classmethod
     def from_dense(cls, embedding: nn.Embedding, group: GroupLike = None, **kwargs) -> "VocabParallelEmbedding":
         """Shard an nn.Embedding: this rank keeps rows [vocab_start, vocab_end) of its weight."""
+        # On the meta device first: no init, so no RNG draws that depend on this rank's vocabulary share.
         layer = cls(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx, group=group,
-                    device=embedding.weight.device, dtype=embedding.weight.dtype, **kwargs)
+                    device="meta", dtype=embedding.weight.dtype, **kwargs)
         if not embedding.weight.is_meta:  # a meta-device model is loaded later, from a checkpoint
+            layer.to_empty(device=embedding.weight.device)
             with torch.no_grad():
                 layer.weight.copy_(embedding.weight[layer.vocab_start:layer.vocab_end])
         return layer

@@ -73,7 +73,7 @@ def vocab_parallel_cross_entropy(logits_shard: Tensor, target: Tensor, *, group:
     pg = resolve_group(group)
     world, rank = pg.size(), pg.rank()
     # The full vocabulary size and this rank's offset, from every rank's shard width.
-    widths = torch.zeros(world, dtype=torch.int64)
+    widths = torch.zeros(world, dtype=torch.int64, device=logits_shard.device)  # NCCL reduces device tensors only
     widths[rank] = logits_shard.shape[-1]
     if world > 1:
         mappings.all_reduce(widths, pg)

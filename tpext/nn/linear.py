@@ -47,28 +47,37 @@ class _ParallelLinear(nn.Module):
         if sum(p.size for p in pieces) != full[sharded_dim]:
             raise ValueError(f"tpext.{type(self).__name__}: pieces {list(pieces)} add up to "
                              f"{sum(p.size for p in pieces)}, not the sharded dim's {full[sharded_dim]}")
-        segments, self.replicas = piece_segments(pieces, self.tp_size, self.tp_rank,
-                                                 f"{type(self).__name__}({in_features}, {out_features})")
+        segments, self.replicas, reduce_ranges = piece_segments(
+            pieces, self.tp_size, self.tp_rank, f"{type(self).__name__}({in_features}, {out_features})")
         self.packed = len(pieces) > 1
         self.shard_start = segments[0][0]
-        weight_layout = ShardLayout(full, sharded_dim, segments, self.replicas)
+        weight_layout = ShardLayout(full, sharded_dim, segments, self.replicas, reduce_ranges)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(weight_layout.local_shape, **factory))
         set_layout(self, "weight", weight_layout)
         # The column layer's bias is sharded with its outputs; the row layer's is replicated.
         if bias:
-            bias_layout = (ShardLayout((out_features,), 0, segments, self.replicas) if sharded_dim == 0
-                           else ShardLayout.replicated((out_features,)))
+            bias_layout = (ShardLayout((out_features,), 0, segments, self.replicas, reduce_ranges)
+                           if sharded_dim == 0 else ShardLayout.replicated((out_features,)))
             self.bias = nn.Parameter(torch.empty(bias_layout.local_shape, **factory))
             set_layout(self, "bias", bias_layout)
         else:
             self.bias = None
         self.reset_parameters()
 
+    @classmethod
+    def _from_dense(cls, linear: nn.Linear, group: GroupLike, **kwargs):
+        # Built on the meta device, so no init runs: an init would draw from the global RNG a number of
+        # values that depends on the shard size, leaving ranks with uneven shards in different RNG states.
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, group=group, device="meta",
+                    dtype=linear.weight.dtype, **kwargs)
+        if not linear.weight.is_meta:  # a meta-device model is filled later, from a checkpoint
+            layer.to_empty(device=linear.weight.device)
+            layer._load_dense(linear)
+        return layer
+
     def _load_dense(self, linear: nn.Linear) -> None:
-        """Copy this rank's slices of a dense nn.Linear (nothing to copy from a meta-device model)."""
-        if linear.weight.is_meta:
-            return
+        """Copy this rank's slices of a dense nn.Linear."""
         with torch.no_grad():
             self.weight.copy_(self._tpext_layouts["weight"].local_from_dense(linear.weight))
             if self.bias is not None:
@@ -144,10 +153,7 @@ class ColumnParallelLinear(_ParallelLinear):
     def from_dense(cls, linear: nn.Linear, group: GroupLike = None, **kwargs) -> "ColumnParallelLinear":
         """Shard an nn.Linear: this rank keeps its rows of the weight and bias (rows [start, start + out/R),
         or with `pieces` its rows of every sub-matrix)."""
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, group=group,
-                    device=linear.weight.device, dtype=linear.weight.dtype, **kwargs)
-        layer._load_dense(linear)
-        return layer
+        return cls._from_dense(linear, group, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_features(x, self.in_features, "in_features")
@@ -182,8 +188,8 @@ class SharedInputColumns:
     The first of them called with an input x runs one GEMM over the concatenation of all their local
     weights, so x is all-gathered once under SP (instead of once per layer) and, backward, grad_x is
     all-reduced or reduce-scattered once; each layer gets its slice of the output. The others, called
-    next with the same x, take their slice. A layer called with another input, or after any weight
-    changed in place (an optimizer step), computes afresh. The weight concatenation costs a copy of the
+    next with the same x, take their slice. A layer called with another input, or after x or any weight
+    changed in place (an optimizer step), or under another grad / autocast mode, computes afresh. The weight concatenation costs a copy of the
     local weights per forward, small beside the activation collectives it removes.
     """
 
@@ -199,13 +205,19 @@ class SharedInputColumns:
         self.layers = list(layers)
         self._x: Optional[Tensor] = None
         self._outputs: dict[int, Tensor] = {}
-        self._versions: tuple[int, ...] = ()
+        self._state: tuple = ()
 
-    def _weight_versions(self) -> tuple[int, ...]:
-        return tuple(t._version for layer in self.layers for t in (layer.weight, layer.bias) if t is not None)
+    def _state_of(self, x: Tensor) -> tuple:
+        """What the cached outputs depend on besides the identity of x."""
+        tensors = [x] + [t for layer in self.layers for t in (layer.weight, layer.bias) if t is not None]
+        try:
+            versions = tuple(t._version for t in tensors)
+        except RuntimeError:  # inference tensors keep no version counter (and cannot change in place)
+            versions = ()
+        return versions, torch.is_grad_enabled(), torch.is_autocast_enabled(x.device.type)
 
     def __call__(self, layer: ColumnParallelLinear, x: Tensor) -> Tensor:
-        if x is self._x and id(layer) in self._outputs and self._versions == self._weight_versions():
+        if x is self._x and id(layer) in self._outputs and self._state == self._state_of(x):
             out = self._outputs.pop(id(layer))
             if not self._outputs:
                 self._x = None
@@ -218,7 +230,7 @@ class SharedInputColumns:
             y = layer._column(x, w, b)
         outputs = y.split([m.weight.shape[0] for m in self.layers], dim=-1)
         self._outputs = {id(m): out for m, out in zip(self.layers, outputs) if m is not layer}
-        self._x, self._versions = x, self._weight_versions()
+        self._x, self._state = x, self._state_of(x)
         return outputs[self.layers.index(layer)]
 
     def attach(self) -> "SharedInputColumns":
@@ -251,10 +263,7 @@ class RowParallelLinear(_ParallelLinear):
     @classmethod
     def from_dense(cls, linear: nn.Linear, group: GroupLike = None, **kwargs) -> "RowParallelLinear":
         """Shard an nn.Linear: this rank keeps columns [start, start + in/R) of its weight, all the bias."""
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, group=group,
-                    device=linear.weight.device, dtype=linear.weight.dtype, **kwargs)
-        layer._load_dense(linear)
-        return layer
+        return cls._from_dense(linear, group, **kwargs)
 
     def forward(self, x: Tensor) -> Tensor:
         with stats.scope_for(self):
