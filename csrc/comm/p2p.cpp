@@ -105,7 +105,8 @@ SymmetricBuffers::SymmetricBuffers(int rank, int world, int64_t capacity, int de
   TPEXT_CUDA_CHECK(cudaMalloc(&base_[rank], static_cast<size_t>(signal_offset) + kernels::kP2PSignalBytes));
   data_[rank] = base_[rank];
   signals_[rank] = reinterpret_cast<uint32_t*>(static_cast<char*>(base_[rank]) + signal_offset);
-  // Zero before the handle leaves this process: peers write flags only after the exchange.
+  // Flags and epoch counters start at zero, before the handle leaves this process: peers write flags
+  // only after the exchange.
   TPEXT_CUDA_CHECK(cudaMemset(signals_[rank], 0, kernels::kP2PSignalBytes));
   TPEXT_CUDA_CHECK(cudaDeviceSynchronize());
 }
@@ -152,7 +153,7 @@ void SymmetricBuffers::open_peers(const std::vector<std::string>& handles) {
   opened_ = true;
 }
 
-kernels::P2PGroup SymmetricBuffers::next_launch() {
+kernels::P2PGroup SymmetricBuffers::table() const {
   kernels::P2PGroup g{};
   for (int p = 0; p < world_; ++p) {
     g.buffers[p] = data_[p];
@@ -160,7 +161,6 @@ kernels::P2PGroup SymmetricBuffers::next_launch() {
   }
   g.world = world_;
   g.rank = rank_;
-  g.epoch = ++epoch_;
   return g;
 }
 

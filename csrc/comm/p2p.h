@@ -40,9 +40,8 @@ class SymmetricBuffers {
   std::string local_handle() const;                     // cudaIpcMemHandle_t bytes of the own allocation
   void open_peers(const std::vector<std::string>& handles);  // handles[p] from rank p (own one ignored)
 
-  // The pointer table for the next launch: the epoch grows by one per call, on every rank alike
-  // (every rank issues the same ops in the same order), which keeps the barrier values in step.
-  kernels::P2PGroup next_launch();
+  // The pointer table of every launch (the barrier epochs live in the signal areas, on the device).
+  kernels::P2PGroup table() const;
   void* local_data() const { return data_[rank_]; }
   void* peer_data(int peer) const { return data_[peer]; }
   int64_t capacity() const { return capacity_; }
@@ -57,7 +56,6 @@ class SymmetricBuffers {
   void* data_[kernels::kP2PMaxRanks] = {};
   uint32_t* signals_[kernels::kP2PMaxRanks] = {};
   bool opened_ = false;
-  uint32_t epoch_ = 0;
 };
 
 // The registered buffers of `group_name`, or nullptr (then `reason` says why, for the fallback log).

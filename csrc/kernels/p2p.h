@@ -14,8 +14,9 @@
 //  * Two ways to synchronise the ranks, chosen by the launcher used:
 //      - device (launch_p2p_*): one launch per rank, on its own GPU; blocks signal their peers through
 //        the signal areas (st.release.sys / ld.acquire.sys), no host synchronisation. Every rank must
-//        launch the same calls with the same sizes and the same `epoch` (one more per launch), or the
-//        kernels wait for each other forever.
+//        launch the same calls with the same sizes in the same order on one stream, or the kernels
+//        wait for each other forever. The barrier epochs live in device memory (one counter per block,
+//        advanced by the kernel itself), so launches captured in a CUDA graph stay correct on replay.
 //      - host (launch_p2p_*_virtual): R "virtual ranks" whose buffers live on the current device; the
 //        phases are launched one after another on one stream, so stream order is the barrier and no
 //        kernel ever waits for another (cannot deadlock). Signals are unused.
@@ -43,16 +44,17 @@ constexpr int kP2PMaxRanks = 8;
 // peer, and all blocks must be resident at once (a block spinning on a peer must not keep a block it
 // depends on from being scheduled). 64 blocks of 512 threads fit on any sm_80+ GPU.
 constexpr int kP2PMaxBlocks = 64;
-// One rank's signal area: [kP2PMaxBlocks][kP2PMaxRanks] flags; slot [b][q] is written by rank q's
-// block b and read by this rank's block b.
-constexpr size_t kP2PSignalBytes = sizeof(uint32_t) * kP2PMaxBlocks * kP2PMaxRanks;
+// One rank's signal area: [kP2PMaxBlocks][kP2PMaxRanks] flags (slot [b][q] is written by rank q's
+// block b and read by this rank's block b), then [kP2PMaxBlocks] epoch counters (block b's launches so
+// far, read and advanced only by this rank's block b).
+constexpr size_t kP2PFlagWords = static_cast<size_t>(kP2PMaxBlocks) * kP2PMaxRanks;
+constexpr size_t kP2PSignalBytes = sizeof(uint32_t) * (kP2PFlagWords + kP2PMaxBlocks);
 
 struct P2PGroup {
   void* buffers[kP2PMaxRanks];      // rank p's symmetric data buffer, as this process addresses it
   uint32_t* signals[kP2PMaxRanks];  // rank p's signal area (device sync only; nullptr in virtual mode)
   int32_t world;                    // R, 1..8
   int32_t rank;                     // this rank (device sync); ignored by the virtual launchers
-  uint32_t epoch;                   // device sync: one more per launch, identical on every rank (from 1)
 };
 
 enum class P2PAlgo : int32_t {

@@ -72,9 +72,11 @@ __device__ __forceinline__ void segment(int64_t numel, int64_t seg, int s, int64
 
 template <typename T, int N, bool kSync>
 __global__ void __launch_bounds__(kThreads) one_shot_kernel(const P2PGroup g, T* out, int64_t numel) {
-  block_barrier<kSync>(g, 1);  // every rank's input is in its buffer
+  const uint32_t epoch = launch_epoch<kSync>(g);
+  block_barrier<kSync>(g, epoch, 1);  // every rank's input is in its buffer
   reduce_range<T, N>(g, 0, numel, out);
-  block_barrier<kSync>(g, 2);  // every rank is done reading: buffers may be overwritten
+  block_barrier<kSync>(g, epoch, 2);  // every rank is done reading: buffers may be overwritten
+  finish_epoch<kSync>(g, epoch);
 }
 
 constexpr int kReducePhase = 1, kGatherPhase = 2;
@@ -84,33 +86,39 @@ constexpr int kReducePhase = 1, kGatherPhase = 2;
 template <typename T, int N, bool kSync, int kPhases>
 __global__ void __launch_bounds__(kThreads) two_shot_kernel(const P2PGroup g, T* out, int64_t numel, int64_t seg) {
   int64_t begin, len;
+  const uint32_t epoch = launch_epoch<kSync>(g);
   if constexpr ((kPhases & kReducePhase) != 0) {
-    block_barrier<kSync>(g, 1);
+    block_barrier<kSync>(g, epoch, 1);
     segment(numel, seg, g.rank, &begin, &len);
     reduce_range<T, N>(g, begin, len, static_cast<T*>(g.buffers[g.rank]) + begin);
-    block_barrier<kSync>(g, 2);  // every segment is reduced
+    block_barrier<kSync>(g, epoch, 2);  // every segment is reduced
   }
   if constexpr ((kPhases & kGatherPhase) != 0) {
     for (int s = 0; s < g.world; ++s) {
       segment(numel, seg, s, &begin, &len);
       copy_range<T, N>(static_cast<const T*>(g.buffers[s]) + begin, len, out + begin);
     }
-    block_barrier<kSync>(g, 3);
+    block_barrier<kSync>(g, epoch, 3);
   }
+  finish_epoch<kSync>(g, epoch);
 }
 
 template <typename T, int N, bool kSync>
 __global__ void __launch_bounds__(kThreads) reduce_scatter_kernel(const P2PGroup g, T* out, int64_t seg) {
-  block_barrier<kSync>(g, 1);
+  const uint32_t epoch = launch_epoch<kSync>(g);
+  block_barrier<kSync>(g, epoch, 1);
   reduce_range<T, N>(g, g.rank * seg, seg, out);
-  block_barrier<kSync>(g, 2);
+  block_barrier<kSync>(g, epoch, 2);
+  finish_epoch<kSync>(g, epoch);
 }
 
 template <typename T, int N, bool kSync>
 __global__ void __launch_bounds__(kThreads) all_gather_kernel(const P2PGroup g, T* out, int64_t numel) {
-  block_barrier<kSync>(g, 1);
+  const uint32_t epoch = launch_epoch<kSync>(g);
+  block_barrier<kSync>(g, epoch, 1);
   for (int s = 0; s < g.world; ++s) copy_range<T, N>(static_cast<const T*>(g.buffers[s]), numel, out + s * numel);
-  block_barrier<kSync>(g, 2);
+  block_barrier<kSync>(g, epoch, 2);
+  finish_epoch<kSync>(g, epoch);
 }
 
 // ---- host side ----------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 // Device helpers shared by the P2P kernels (p2p_collectives.cu, p2p_norm.cu): dtype conversions,
 // 16-byte packs, the cross-rank block barrier, and a deterministic block reduction.
 //
-// Memory-ordering argument of the barrier (device sync). Block b of rank r, at barrier k of launch e:
+// Memory-ordering argument of the barrier (device sync). Block b of rank r, at barrier k of its e-th
+// launch (e = the block's epoch counter, read at kernel start, advanced by one at kernel end; block b
+// of every rank takes part in the same launches, so the counters agree across ranks):
 //   1. __syncthreads(): every access of this block before the barrier happens-before what thread t
 //      does next (bar.sync orders at CTA scope, and causality order is transitive).
 //   2. thread t < R: st.release.sys of value v = 4e + k into slot [b][r] of rank t's signal area.
@@ -87,12 +89,29 @@ __device__ __forceinline__ uint32_t ld_acquire_sys(const uint32_t* addr) {
   return v;
 }
 
+// This block's epoch counter (device sync): written only by this block's own earlier launches, which
+// precede this one in stream order, so a plain load sees it. 0 in virtual mode (unused there).
+template <bool kSync>
+__device__ __forceinline__ uint32_t launch_epoch(const P2PGroup& g) {
+  if constexpr (kSync) return g.signals[g.rank][kP2PFlagWords + blockIdx.x];
+  return 0;
+}
+
+// Advances the counter; call after the last barrier (whose trailing __syncthreads orders every
+// thread's read of the counter before this write).
+template <bool kSync>
+__device__ __forceinline__ void finish_epoch(const P2PGroup& g, uint32_t epoch) {
+  if constexpr (kSync) {
+    if (threadIdx.x == 0) g.signals[g.rank][kP2PFlagWords + blockIdx.x] = epoch + 1;
+  }
+}
+
 // Barrier k (1..3) of this launch among blocks blockIdx.x of all ranks (see the argument above).
 // kSync = false (virtual ranks): a no-op, stream order is the barrier.
 template <bool kSync>
-__device__ __forceinline__ void block_barrier(const P2PGroup& g, int k) {
+__device__ __forceinline__ void block_barrier(const P2PGroup& g, uint32_t epoch, int k) {
   if constexpr (kSync) {
-    const uint32_t v = g.epoch * 4u + static_cast<uint32_t>(k);
+    const uint32_t v = epoch * 4u + static_cast<uint32_t>(k);
     __syncthreads();
     const int t = static_cast<int>(threadIdx.x);
     if (t < g.world) {

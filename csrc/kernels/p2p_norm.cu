@@ -37,7 +37,8 @@ ar_rmsnorm_kernel(const P2PGroup g, const T* residual, const T* bias, const T* w
   using A = typename AccOf<T>::type;
   __shared__ A scratch[32];
   const int64_t nvec = hidden / N, units = nvec + (hidden - nvec * N);
-  block_barrier<kSync>(g, 1);
+  const uint32_t epoch = launch_epoch<kSync>(g);
+  block_barrier<kSync>(g, epoch, 1);
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const int64_t base = row * hidden;
     A sumsq = 0;
@@ -92,7 +93,8 @@ ar_rmsnorm_kernel(const P2PGroup g, const T* residual, const T* bias, const T* w
       }
     }
   }
-  block_barrier<kSync>(g, 2);  // every rank is done reading the buffers
+  block_barrier<kSync>(g, epoch, 2);  // every rank is done reading the buffers
+  finish_epoch<kSync>(g, epoch);
 }
 
 // Element-wise (the backward is local and far from the decode latency path; no vector variant).

@@ -81,7 +81,7 @@ std::vector<at::Tensor> gather_parts(comm::Communicator& c, const at::Tensor& xc
 kernels::P2PGroup stage(comm::SymmetricBuffers& buf, const at::Tensor& xc) {
   auto stream = c10::cuda::getCurrentCUDAStream(xc.get_device());
   TPEXT_CUDA_CHECK(cudaMemcpyAsync(buf.local_data(), xc.data_ptr(), xc.nbytes(), cudaMemcpyDeviceToDevice, stream));
-  return buf.next_launch();
+  return buf.table();
 }
 cudaStream_t stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.get_device()).stream(); }
 #endif
