@@ -7,7 +7,9 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "comm/p2p.h"
 #include "ops/ops.h"
+#include "ops/p2p.h"
 
 TORCH_LIBRARY(tpext, m) {
   // all_reduce(x @ w.T) + bias, bias added once after the reduction. Row-parallel forward.
@@ -17,12 +19,43 @@ TORCH_LIBRARY(tpext, m) {
   // (all_gather(x_shard) @ w.T + bias, all_gather(x_shard)). Column-parallel forward with SP; the
   // gathered input comes back for the weight gradient (drop it to re-gather in backward instead).
   m.def("all_gather_gemm(Tensor x_shard, Tensor w, Tensor? bias, str group_name, int chunks) -> (Tensor, Tensor)");
+  // P2P ops (csrc/ops/p2p.h): algorithm 0 = the group's collective, 1 = one-shot, 2 = two-shot kernel.
+  // sum over ranks of x, every rank the same bits on the P2P path. Small-message all-reduce.
+  m.def("p2p_all_reduce(Tensor x, str group_name, int algorithm) -> Tensor");
+  // This rank's dim-0 block of the sum over ranks of x ([R*m, *] -> [m, *]).
+  m.def("p2p_reduce_scatter(Tensor x, str group_name, int algorithm) -> Tensor");
+  // Every rank's x stacked along dim 0 ([m, *] -> [R*m, *]).
+  m.def("p2p_all_gather(Tensor x, str group_name, int algorithm) -> Tensor");
+  // (rms_norm(h) * weight, h) with h = all_reduce(x) + bias + residual, one fused pass. Decode epilogue.
+  m.def("p2p_all_reduce_residual_rmsnorm(Tensor x, Tensor? residual, Tensor? bias, Tensor weight, float eps, "
+        "str group_name, int algorithm) -> (Tensor, Tensor)");
+  // (grad_h + grad_residual, grad_weight) of out = rms_norm(h) * weight; local, no communication.
+  m.def("p2p_rmsnorm_backward(Tensor grad_out, Tensor? grad_residual, Tensor h, Tensor weight, float eps) "
+        "-> (Tensor, Tensor)");
+  // Virtual ranks (R inputs on one device, R outputs): the same kernels, stream order as the barrier.
+  m.def("p2p_virtual_all_reduce(Tensor[] xs, int algorithm) -> Tensor[]");
+  // Virtual-rank reduce-scatter: output r is block r of the sum.
+  m.def("p2p_virtual_reduce_scatter(Tensor[] xs) -> Tensor[]");
+  // Virtual-rank all-gather: every output is cat(xs).
+  m.def("p2p_virtual_all_gather(Tensor[] xs) -> Tensor[]");
+  // Virtual-rank fused all-reduce + bias + residual + RMSNorm: (outs, new_residuals).
+  m.def("p2p_virtual_all_reduce_residual_rmsnorm(Tensor[] xs, Tensor? residual, Tensor? bias, Tensor weight, "
+        "float eps) -> (Tensor[], Tensor[])");
 }
 
 TORCH_LIBRARY_IMPL(tpext, CPU, m) {
   m.impl("gemm_all_reduce", &tpext::ops::gemm_all_reduce);
   m.impl("gemm_reduce_scatter", &tpext::ops::gemm_reduce_scatter);
   m.impl("all_gather_gemm", &tpext::ops::all_gather_gemm);
+  m.impl("p2p_all_reduce", &tpext::ops::p2p_all_reduce);
+  m.impl("p2p_reduce_scatter", &tpext::ops::p2p_reduce_scatter);
+  m.impl("p2p_all_gather", &tpext::ops::p2p_all_gather);
+  m.impl("p2p_all_reduce_residual_rmsnorm", &tpext::ops::p2p_all_reduce_residual_rmsnorm);
+  m.impl("p2p_rmsnorm_backward", &tpext::ops::p2p_rmsnorm_backward);
+  m.impl("p2p_virtual_all_reduce", &tpext::ops::p2p_virtual_all_reduce);
+  m.impl("p2p_virtual_reduce_scatter", &tpext::ops::p2p_virtual_reduce_scatter);
+  m.impl("p2p_virtual_all_gather", &tpext::ops::p2p_virtual_all_gather);
+  m.impl("p2p_virtual_all_reduce_residual_rmsnorm", &tpext::ops::p2p_virtual_all_reduce_residual_rmsnorm);
 }
 
 // The same host code drives CUDA tensors: c10d (NCCL) runs the collectives on its own stream and
@@ -31,6 +64,15 @@ TORCH_LIBRARY_IMPL(tpext, CUDA, m) {
   m.impl("gemm_all_reduce", &tpext::ops::gemm_all_reduce);
   m.impl("gemm_reduce_scatter", &tpext::ops::gemm_reduce_scatter);
   m.impl("all_gather_gemm", &tpext::ops::all_gather_gemm);
+  m.impl("p2p_all_reduce", &tpext::ops::p2p_all_reduce);
+  m.impl("p2p_reduce_scatter", &tpext::ops::p2p_reduce_scatter);
+  m.impl("p2p_all_gather", &tpext::ops::p2p_all_gather);
+  m.impl("p2p_all_reduce_residual_rmsnorm", &tpext::ops::p2p_all_reduce_residual_rmsnorm);
+  m.impl("p2p_rmsnorm_backward", &tpext::ops::p2p_rmsnorm_backward);
+  m.impl("p2p_virtual_all_reduce", &tpext::ops::p2p_virtual_all_reduce);
+  m.impl("p2p_virtual_reduce_scatter", &tpext::ops::p2p_virtual_reduce_scatter);
+  m.impl("p2p_virtual_all_gather", &tpext::ops::p2p_virtual_all_gather);
+  m.impl("p2p_virtual_all_reduce_residual_rmsnorm", &tpext::ops::p2p_virtual_all_reduce_residual_rmsnorm);
 }
 
 PYBIND11_MODULE(_C, m) {
@@ -41,4 +83,5 @@ PYBIND11_MODULE(_C, m) {
   m.attr("cuda_compiled") = false;
 #endif
   m.attr("built_with_torch") = TPEXT_TORCH_VERSION;  // set by setup.py; must match torch at import
+  tpext::comm::bind_p2p(m);  // p2p_*: symmetric buffers of a group (tpext/p2p.py drives them)
 }

@@ -14,7 +14,10 @@ from torch import Tensor
 
 from tpext.distributed import GroupLike, group_name, group_size
 
-__all__ = ["gemm_all_reduce", "gemm_reduce_scatter", "all_gather_gemm"]
+__all__ = [
+    "gemm_all_reduce", "gemm_reduce_scatter", "all_gather_gemm",
+    "p2p_all_reduce", "p2p_reduce_scatter", "p2p_all_gather", "p2p_all_reduce_residual_rmsnorm",
+]
 
 
 def gemm_all_reduce(x: Tensor, w: Tensor, bias: Optional[Tensor] = None, group: GroupLike = None,
@@ -59,3 +62,79 @@ def _(x_shard, w, bias, group_name, chunks):
     rows = x_shard.shape[0] * group_size(group_name)
     mid = tuple(x_shard.shape[1:-1])
     return x_shard.new_empty((rows, *mid, w.shape[0])), x_shard.new_empty((rows, *mid, x_shard.shape[-1]))
+
+
+# ---- P2P ops (algorithm: 0 = the group's collective, 1 = one-shot, 2 = two-shot; see tpext/p2p.py) ----
+
+def p2p_all_reduce(x: Tensor, group: GroupLike = None, algorithm: int = 1) -> Tensor:
+    """Sum of x over the group (fp32 accumulation in rank order on the P2P path). x: [*] -> [*]."""
+    return torch.ops.tpext.p2p_all_reduce(x, group_name(group), algorithm)
+
+
+@torch.library.register_fake("tpext::p2p_all_reduce")
+def _(x, group_name, algorithm):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def p2p_reduce_scatter(x: Tensor, group: GroupLike = None, algorithm: int = 1) -> Tensor:
+    """This rank's dim-0 block of the sum over the group. x: [R*m, *] -> [m, *]."""
+    return torch.ops.tpext.p2p_reduce_scatter(x, group_name(group), algorithm)
+
+
+@torch.library.register_fake("tpext::p2p_reduce_scatter")
+def _(x, group_name, algorithm):
+    world = group_size(group_name)
+    torch._check(x.dim() >= 1 and x.shape[0] % world == 0,
+                 lambda: f"tpext.p2p_reduce_scatter: x.size(0) must be divisible by the group size {world}")
+    return x.new_empty((x.shape[0] // world, *x.shape[1:]))
+
+
+def p2p_all_gather(x: Tensor, group: GroupLike = None, algorithm: int = 1) -> Tensor:
+    """Every rank's x stacked along dim 0. x: [m, *] -> [R*m, *]."""
+    return torch.ops.tpext.p2p_all_gather(x, group_name(group), algorithm)
+
+
+@torch.library.register_fake("tpext::p2p_all_gather")
+def _(x, group_name, algorithm):
+    return x.new_empty((x.shape[0] * group_size(group_name), *x.shape[1:]))
+
+
+def p2p_all_reduce_residual_rmsnorm(x: Tensor, residual: Optional[Tensor], weight: Tensor,
+                                    bias: Optional[Tensor] = None, eps: float = 1e-6, group: GroupLike = None,
+                                    algorithm: int = 1) -> tuple[Tensor, Tensor]:
+    """(rms_norm(h) * weight, h) with h = all_reduce(x) + bias + residual. x, residual: [*, H]; weight,
+    bias: [H]. Forward only; tpext.nn.functional.all_reduce_residual_rmsnorm is differentiable."""
+    return torch.ops.tpext.p2p_all_reduce_residual_rmsnorm(x, residual, bias, weight, eps, group_name(group),
+                                                           algorithm)
+
+
+@torch.library.register_fake("tpext::p2p_all_reduce_residual_rmsnorm")
+def _(x, residual, bias, weight, eps, group_name, algorithm):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(x, memory_format=torch.contiguous_format))
+
+
+@torch.library.register_fake("tpext::p2p_rmsnorm_backward")
+def _(grad_out, grad_residual, h, weight, eps):
+    return torch.empty_like(h, memory_format=torch.contiguous_format), torch.empty_like(weight)
+
+
+@torch.library.register_fake("tpext::p2p_virtual_all_reduce")
+def _(xs, algorithm):
+    return [torch.empty_like(x, memory_format=torch.contiguous_format) for x in xs]
+
+
+@torch.library.register_fake("tpext::p2p_virtual_reduce_scatter")
+def _(xs):
+    return [x.new_empty((x.shape[0] // len(xs), *x.shape[1:])) for x in xs]
+
+
+@torch.library.register_fake("tpext::p2p_virtual_all_gather")
+def _(xs):
+    return [x.new_empty((x.shape[0] * len(xs), *x.shape[1:])) for x in xs]
+
+
+@torch.library.register_fake("tpext::p2p_virtual_all_reduce_residual_rmsnorm")
+def _(xs, residual, bias, weight, eps):
+    like = [torch.empty_like(x, memory_format=torch.contiguous_format) for x in xs]
+    return like, [torch.empty_like(x) for x in like]

@@ -6,10 +6,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from tpext import mappings
+from tpext import mappings, p2p
 from tpext.distributed import GroupLike, resolve_group, shard_sizes
+from tpext.p2p_functions import AllReduceResidualRMSNorm
 
-__all__ = ["vocab_parallel_cross_entropy"]
+__all__ = ["vocab_parallel_cross_entropy", "all_reduce_residual_rmsnorm"]
 
 
 class _VocabParallelCE(torch.autograd.Function):
@@ -88,3 +89,19 @@ def vocab_parallel_cross_entropy(logits_shard: Tensor, target: Tensor, *, group:
     if reduction == "mean":
         return loss.sum() / (target != ignore_index).sum()
     return loss
+
+
+def all_reduce_residual_rmsnorm(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float = 1e-6, *,
+                                bias: Tensor | None = None, group: GroupLike = None) -> tuple[Tensor, Tensor]:
+    """(out, new_residual) of a transformer block's epilogue, in one fused pass:
+    new_residual = all_reduce(x) + bias + residual and out = rms_norm(new_residual) * weight.
+
+    x: [*, H], this rank's partial sum (e.g. a row-parallel GEMM's output without bias); residual:
+    [*, H] or None; weight, bias: [H], replicated. Differentiable (RMSNorm backward included). Small
+    CUDA messages on a group where tpext.p2p.enable succeeded use the fused P2P kernel; otherwise the
+    group's all-reduce (NCCL/gloo) followed by the same arithmetic (tpext.p2p decides, by size).
+    """
+    pg = resolve_group(group)
+    algorithm = p2p.algorithm_for(x, pg)
+    return AllReduceResidualRMSNorm.apply(x, residual, weight, bias, eps, pg,
+                                          p2p.ALGO_C10D if algorithm is None else algorithm)

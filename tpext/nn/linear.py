@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tpext import mappings, stats
+from tpext import mappings, p2p, stats
 from tpext.distributed import GroupLike, resolve_group
 from tpext.nn._linear_functions import ColumnLinear, ColumnLinearSP, RowLinear, RowLinearSP
+from tpext.p2p_functions import RowLinearP2P
 from tpext.planner import resolve_chunks
 from tpext.sharding import Piece, ShardLayout, piece_segments, set_layout
 
@@ -283,4 +284,8 @@ class RowParallelLinear(_ParallelLinear):
                 self._check_sequence(x, x.shape[0])
                 y = RowLinearSP.apply(x, self.weight, self.bias, self.group, self._chunks(rows))
                 return y.movedim(0, self.sequence_dim) if self.sequence_dim else y
+            # Small messages (decode): the P2P all-reduce instead of the overlapped NCCL one (tpext.p2p).
+            algorithm = p2p.algorithm_for(x, self.group, nbytes=rows * self.out_features * x.element_size())
+            if algorithm is not None:
+                return RowLinearP2P.apply(x, self.weight, self.bias, self.group, algorithm)
             return RowLinear.apply(x, self.weight, self.bias, self.group, self._chunks(rows))

@@ -1,0 +1,137 @@
+// Collectives over peer memory (CUDA P2P / IPC) for small messages, and the fused all-reduce +
+// bias + residual + RMSNorm of a transformer block (forward, and the RMSNorm backward for training).
+//
+// Why. NCCL is the right engine for large messages, but a decode step all-reduces a few KB to a few
+// hundred KB per layer, where NCCL's fixed cost (tens of µs) dominates. With every rank's buffer
+// mapped into every other rank's address space, one kernel can read all peers' data directly and sum
+// it, with one flag write + one flag wait per block as the only synchronisation.
+//
+// Contract (host side; plain C++, no device code here, so g++ can include it):
+//  * A P2PGroup is a table of R <= 8 symmetric buffers (buffers[p] = rank p's data buffer as this
+//    process addresses it) plus, for device synchronisation, R signal areas of kSignalBytes each,
+//    zeroed before first use. Inputs are in buffers[*] before the launch (the caller copies them in
+//    on the same stream); outputs go to separate pointers that no peer reads.
+//  * Two ways to synchronise the ranks, chosen by the launcher used:
+//      - device (launch_p2p_*): one launch per rank, on its own GPU; blocks signal their peers through
+//        the signal areas (st.release.sys / ld.acquire.sys), no host synchronisation. Every rank must
+//        launch the same calls with the same sizes in the same order on one stream, or the kernels
+//        wait for each other forever. The barrier epochs live in device memory (one counter per block,
+//        advanced by the kernel itself), so launches captured in a CUDA graph stay correct on replay.
+//      - host (launch_p2p_*_virtual): R "virtual ranks" whose buffers live on the current device; the
+//        phases are launched one after another on one stream, so stream order is the barrier and no
+//        kernel ever waits for another (cannot deadlock). Signals are unused.
+//    Both run the same kernels with the same pointer tables; only the barrier differs.
+//  * Arithmetic: every output element is sum_{p = 0..R-1} in[p] in that fixed order, accumulated in
+//    fp32 (fp64 for kFloat64), rounded once to the storage type. Every rank sums in the same order
+//    with the same grid, so all ranks get bitwise identical results.
+//  * 16-byte vector accesses when every pointer (and, per op, the segment/row length) allows; else an
+//    element-wise kernel. Lengths that are not multiples of the vector width are handled element-wise
+//    at the end. Indexing is 64-bit.
+//  * Throws std::runtime_error (never exits) on a bad argument or a CUDA error; no synchronisation.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+#include "epilogue.h"  // DType
+
+namespace tpext::kernels {
+
+constexpr int kP2PMaxRanks = 8;
+// Upper bound on the grid of every device-synchronised launch: each block owns one signal slot per
+// peer, and all blocks must be resident at once (a block spinning on a peer must not keep a block it
+// depends on from being scheduled). 64 blocks of 512 threads fit on any sm_80+ GPU.
+constexpr int kP2PMaxBlocks = 64;
+// One rank's signal area: [kP2PMaxBlocks][kP2PMaxRanks] flags (slot [b][q] is written by rank q's
+// block b and read by this rank's block b), then [kP2PMaxBlocks] epoch counters (block b's launches so
+// far, read and advanced only by this rank's block b).
+constexpr size_t kP2PFlagWords = static_cast<size_t>(kP2PMaxBlocks) * kP2PMaxRanks;
+constexpr size_t kP2PSignalBytes = sizeof(uint32_t) * (kP2PFlagWords + kP2PMaxBlocks);
+
+struct P2PGroup {
+  void* buffers[kP2PMaxRanks];      // rank p's symmetric data buffer, as this process addresses it
+  uint32_t* signals[kP2PMaxRanks];  // rank p's signal area (device sync only; nullptr in virtual mode)
+  int32_t world;                    // R, 1..8
+  int32_t rank;                     // this rank (device sync); ignored by the virtual launchers
+};
+
+enum class P2PAlgo : int32_t {
+  kOneShot = 1,  // each rank reads all R inputs in full: 1 barrier round trip, R x numel read per rank
+  kTwoShot = 2,  // reduce-scatter then all-gather through the buffers: 2 rounds, 2 x numel read per rank
+};
+
+struct P2PAllReduceParams {
+  P2PGroup group;
+  void* out;       // [numel], this rank's result (virtual: out[r] given per launch, see below)
+  int64_t numel;
+  DType dtype;
+  P2PAlgo algo;
+};
+
+// out[i] = sum_p buffers[p][i]. kTwoShot writes the reduced segment of this rank back into
+// buffers[rank] (the buffers are scratch after the call).
+void launch_p2p_all_reduce(const P2PAllReduceParams& p, cudaStream_t stream);
+// Virtual ranks: outs[r] receives rank r's result, r = 0..world-1.
+void launch_p2p_all_reduce_virtual(const P2PAllReduceParams& p, void* const* outs, cudaStream_t stream);
+
+struct P2PScatterGatherParams {
+  P2PGroup group;
+  void* out;
+  int64_t numel;   // reduce-scatter: numel of each input (R x the output); all-gather: of each input
+  DType dtype;
+};
+
+// Reduce-scatter: out[i] = sum_p buffers[p][rank * numel / R + i], numel divisible by R.
+void launch_p2p_reduce_scatter(const P2PScatterGatherParams& p, cudaStream_t stream);
+void launch_p2p_reduce_scatter_virtual(const P2PScatterGatherParams& p, void* const* outs, cudaStream_t stream);
+// All-gather: out[p * numel + i] = buffers[p][i].
+void launch_p2p_all_gather(const P2PScatterGatherParams& p, cudaStream_t stream);
+void launch_p2p_all_gather_virtual(const P2PScatterGatherParams& p, void* const* outs, cudaStream_t stream);
+
+// Fused all-reduce + bias + residual + RMSNorm over [rows, hidden] row-major tensors (one block per
+// row). Per element, in this order, accumulated in fp32 (fp64 for kFloat64):
+//   h   = round(sum_p buffers[p][row, j] + bias[j] + residual[row, j])     -> new_residual
+//   out = round(float(h) * rstd(row) * float(weight[j])),  rstd = 1 / sqrt(mean_j float(h)^2 + eps)
+// i.e. out == rms_norm(new_residual) exactly as an unfused rms_norm of the stored new_residual would
+// see it. bias may be nullptr; residual may be nullptr (then h is the reduced sum plus bias).
+struct P2PResidualRMSNormParams {
+  P2PGroup group;
+  const void* residual;  // [rows, hidden] or nullptr; may equal new_residual (in place)
+  const void* bias;      // [hidden] or nullptr
+  const void* weight;    // [hidden]
+  void* out;             // [rows, hidden]
+  void* new_residual;    // [rows, hidden]
+  int64_t rows, hidden;
+  float eps;
+  DType dtype;
+};
+
+void launch_p2p_all_reduce_residual_rmsnorm(const P2PResidualRMSNormParams& p, cudaStream_t stream);
+// Virtual ranks: outs[r] / new_residuals[r] receive rank r's outputs (the residual is shared).
+void launch_p2p_all_reduce_residual_rmsnorm_virtual(const P2PResidualRMSNormParams& p, void* const* outs,
+                                                     void* const* new_residuals, cudaStream_t stream);
+
+// Backward of out = rms_norm(h) * weight (plus a gradient arriving at h directly, from new_residual):
+//   n = h * rstd,  g = grad_out * weight
+//   grad_h = rstd * (g - n * mean_j(g * n)) + grad_h_in
+//   grad_weight_partial[b, j] = sum over the rows block b handled of grad_out * n
+// Local (no peers). grad_weight = grad_weight_partial.sum(0) (the caller reduces the
+// rmsnorm_backward_blocks(rows) rows, in fp32, fp64 for kFloat64). grad_h_in may be nullptr.
+struct RMSNormBackwardParams {
+  const void* grad_out;   // [rows, hidden]
+  const void* grad_h_in;  // [rows, hidden] or nullptr
+  const void* h;          // [rows, hidden], the normalised input (new_residual)
+  const void* weight;     // [hidden]
+  void* grad_h;           // [rows, hidden]
+  void* grad_weight_partial;  // [rmsnorm_backward_blocks(rows), hidden], fp32 (fp64 for kFloat64)
+  int64_t rows, hidden;
+  float eps;
+  DType dtype;
+};
+
+int64_t rmsnorm_backward_blocks(int64_t rows);
+void launch_rmsnorm_backward(const RMSNormBackwardParams& p, cudaStream_t stream);
+
+}  // namespace tpext::kernels

@@ -1,0 +1,323 @@
+"""P2P ops on gloo (their host references and the c10d fallback) vs an fp64 dense oracle; the fused
+all-reduce + residual + RMSNorm with its backward; the size policy and its wiring into the layers; the
+fallback log; opcheck; error messages. GPU-only checks (the kernels themselves, IPC) are in
+tests/test_p2p_gpu.py and tests/cpp/test_p2p.cu.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as tdist
+
+import tpext
+from dist import run_ranks
+from tpext import p2p
+
+f64, f32, bf16 = torch.float64, torch.float32, torch.bfloat16
+SHAPES = [(7,), (3, 5), (2, 3, 13)]  # odd sizes: no multiple of any vector width
+
+
+def _inputs(world: int, shape, dtype, seed: int) -> list[torch.Tensor]:
+    """Every rank's input (each rank can build all of them, so each checks against the same oracle)."""
+    return [torch.randn(shape, generator=torch.Generator().manual_seed(seed * 31 + r), dtype=f64).to(dtype)
+            for r in range(world)]
+
+
+def _ordered_f32_sum(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The kernels' arithmetic: rank-order sum in fp32 (fp64 for fp64), one rounding."""
+    acc = parts[0].to(f64 if parts[0].dtype == f64 else f32).clone()
+    for p in parts[1:]:
+        acc += p.to(acc.dtype)
+    return acc.to(parts[0].dtype)
+
+
+def _rmsnorm_oracle(parts, residual, bias, weight, eps):
+    h = sum(p.to(f64) for p in parts)
+    if bias is not None:
+        h = h + bias.to(f64)
+    if residual is not None:
+        h = h + residual.to(f64)
+    return h * torch.rsqrt(h.square().mean(-1, keepdim=True) + eps) * weight.to(f64), h
+
+
+def _check_collectives() -> list[bytes]:
+    rank, world = tdist.get_rank(), tdist.get_world_size()
+    digests = []
+    for shape in SHAPES:
+        for dtype in (f64, f32, bf16):
+            xs = _inputs(world, shape, dtype, seed=len(shape))
+            oracle = sum(x.to(f64) for x in xs)
+            tol = {f64: 1e-12, f32: 1e-5, bf16: 2e-2}[dtype]
+            for algo in (p2p.ALGO_C10D, p2p.ALGO_ONE_SHOT, p2p.ALGO_TWO_SHOT):
+                y = tpext.ops.p2p_all_reduce(xs[rank], algorithm=algo)
+                what = f"all_reduce shape={shape} {dtype} algo={algo}"
+                torch.testing.assert_close(y.to(f64), oracle, rtol=tol, atol=tol, msg=lambda m: f"{what}: {m}")
+                if algo != p2p.ALGO_C10D:
+                    assert torch.equal(y, _ordered_f32_sum(xs)), f"{what}: not the kernels' rank-order sum"
+                    digests.append(y.view(-1).to(f64).numpy().tobytes())
+            rows = shape[0] * world
+            xs_rs = _inputs(world, (rows, *shape[1:]), dtype, seed=7)
+            want = sum(x.to(f64) for x in xs_rs)[rank * shape[0]:(rank + 1) * shape[0]]
+            for algo in (p2p.ALGO_C10D, p2p.ALGO_ONE_SHOT):
+                y = tpext.ops.p2p_reduce_scatter(xs_rs[rank], algorithm=algo)
+                torch.testing.assert_close(y.to(f64), want, rtol=tol, atol=tol)
+                g = tpext.ops.p2p_all_gather(xs[rank], algorithm=algo)
+                assert torch.equal(g, torch.cat(xs, 0)), f"all_gather shape={shape} {dtype} algo={algo}"
+    return digests
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_collectives_match_the_oracle_and_agree_bitwise(world):
+    digests = run_ranks(_check_collectives, world)
+    assert all(d == digests[0] for d in digests), "the P2P paths must give every rank the same bits"
+
+
+def _check_fused() -> None:
+    rank, world = tdist.get_rank(), tdist.get_world_size()
+    eps = 1e-6
+    for hidden in (13, 64):
+        for with_res in (True, False):
+            for with_bias in (True, False):
+                for dtype in (f64, f32, bf16):
+                    xs = _inputs(world, (3, 2, hidden), dtype, seed=hidden)
+                    g = torch.Generator().manual_seed(hidden + 1)
+                    res = torch.randn(3, 2, hidden, generator=g, dtype=f64).to(dtype) if with_res else None
+                    bias = torch.randn(hidden, generator=g, dtype=f64).to(dtype) if with_bias else None
+                    w = torch.randn(hidden, generator=g, dtype=f64).to(dtype)
+                    out_ref, h_ref = _rmsnorm_oracle(xs, res, bias, w, eps)
+                    tol = {f64: 1e-12, f32: 1e-5, bf16: 5e-2}[dtype]
+                    for algo in (p2p.ALGO_C10D, p2p.ALGO_ONE_SHOT):
+                        out, h = tpext.ops.p2p_all_reduce_residual_rmsnorm(xs[rank], res, w, bias, eps,
+                                                                          algorithm=algo)
+                        what = f"hidden={hidden} res={with_res} bias={with_bias} {dtype} algo={algo}"
+                        torch.testing.assert_close(h.to(f64), h_ref, rtol=tol, atol=tol, msg=lambda m: f"{what}: h: {m}")
+                        torch.testing.assert_close(out.to(f64), out_ref, rtol=tol, atol=tol,
+                                                   msg=lambda m: f"{what}: out: {m}")
+                        # out is exactly rms_norm of the stored new residual, as an unfused norm would see it
+                        acc = f64 if dtype == f64 else f32
+                        hf = h.to(acc)
+                        unfused = (hf * torch.rsqrt(hf.square().mean(-1, keepdim=True) + eps) * w.to(acc)).to(dtype)
+                        torch.testing.assert_close(out, unfused, rtol=1e-6 if dtype != f64 else 1e-14, atol=0)
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_fused_all_reduce_residual_rmsnorm_matches_the_oracle(world):
+    run_ranks(_check_fused, world)
+
+
+def _check_fused_autograd() -> None:
+    rank, world = tdist.get_rank(), tdist.get_world_size()
+    from tpext.nn.functional import all_reduce_residual_rmsnorm
+    hidden, eps = 11, 1e-6
+    xs = _inputs(world, (4, hidden), f64, seed=3)
+    g = torch.Generator().manual_seed(5)
+    res, bias, w = (torch.randn(s, generator=g, dtype=f64) for s in ((4, hidden), (hidden,), (hidden,)))
+    dout, dh = torch.randn(4, hidden, generator=g, dtype=f64), torch.randn(4, hidden, generator=g, dtype=f64)
+    # Dense oracle: autograd through the fp64 formula of the summed inputs.
+    dense = [t.clone().requires_grad_() for t in (sum(xs), res, bias, w)]
+    out_ref, h_ref = _rmsnorm_oracle([dense[0]], dense[1], dense[2], dense[3], eps)
+    ((out_ref * dout).sum() + (h_ref * dh).sum()).backward()
+    for mode in ("always", "never"):  # the P2P reference op and the c10d path
+        with p2p.mode(mode):
+            ins = [t.clone().requires_grad_() for t in (xs[rank], res, bias, w)]
+            out, h = all_reduce_residual_rmsnorm(ins[0], ins[1], ins[3], eps, bias=ins[2])
+            ((out * dout).sum() + (h * dh).sum()).backward()
+        for name, mine, ref in zip(("x", "residual", "bias", "weight"), ins, dense):
+            torch.testing.assert_close(mine.grad, ref.grad, rtol=1e-10, atol=1e-10,
+                                       msg=lambda m: f"mode={mode} grad_{name}: {m}")
+    if world == 1:  # gradcheck perturbs one rank's input at a time: meaningful for a group of one
+        for with_res, with_bias in ((True, True), (False, False)):
+            args = (xs[0].clone().requires_grad_(), res.clone().requires_grad_() if with_res else None,
+                    w.clone().requires_grad_(), eps)
+            b = bias.clone().requires_grad_() if with_bias else None
+            assert torch.autograd.gradcheck(lambda x, r, ww, e: all_reduce_residual_rmsnorm(x, r, ww, e, bias=b), args)
+        dy, hh = torch.randn(3, hidden, dtype=f64), torch.randn(3, hidden, dtype=f64).requires_grad_()
+        ww = w.clone().requires_grad_()
+        assert torch.autograd.gradcheck(
+            lambda h_, w_: torch.ops.tpext.p2p_rmsnorm_backward(dy, None, h_, w_, eps)[0].sum(-1), (hh, ww))
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_fused_autograd_matches_dense_and_gradcheck(world):
+    run_ranks(_check_fused_autograd, world)
+
+
+def test_policy_picks_p2p_for_small_messages_and_nccl_for_large():
+    assert p2p.choose_algorithm(512, world_size=8, p2p_ready=True) == p2p.ALGO_ONE_SHOT
+    assert p2p.choose_algorithm(p2p.ONE_SHOT_MAX_BYTES, world_size=2, p2p_ready=True) == p2p.ALGO_ONE_SHOT
+    assert p2p.choose_algorithm(p2p.ONE_SHOT_MAX_BYTES + 1, world_size=2, p2p_ready=True) == p2p.ALGO_TWO_SHOT
+    assert p2p.choose_algorithm(p2p.P2P_MAX_BYTES, world_size=4, p2p_ready=True) == p2p.ALGO_TWO_SHOT
+    assert p2p.choose_algorithm(p2p.P2P_MAX_BYTES + 1, world_size=4, p2p_ready=True) == p2p.ALGO_C10D
+    assert p2p.choose_algorithm(512, world_size=4, p2p_ready=False) == p2p.ALGO_C10D
+    assert p2p.choose_algorithm(512, world_size=1, p2p_ready=True) == p2p.ALGO_C10D
+    with pytest.raises(ValueError, match=r"mode must be one of \('auto', 'always', 'never'\), got 'sometimes'"):
+        p2p.set_mode("sometimes")
+
+
+def _check_policy_and_layers() -> None:
+    from tpext.nn import RowParallelLinear
+    world, rank = tdist.get_world_size(), tdist.get_rank()
+    pg = tdist.group.WORLD
+    x = torch.ones(4, 8)
+    assert p2p.algorithm_for(x, pg) is None, "CPU tensors take the layer's own path in auto mode"
+    with p2p.mode("always"):  # a group of one never communicates, P2P or not
+        assert p2p.algorithm_for(x, pg) == (p2p.ALGO_ONE_SHOT if world > 1 else None)
+        assert p2p.algorithm_for(x, pg, nbytes=10 * p2p.P2P_MAX_BYTES) == (p2p.ALGO_TWO_SHOT if world > 1 else None)
+    with p2p.mode("never"):
+        assert p2p.algorithm_for(x, pg) is None
+    # The row-parallel layer through the P2P op: same values and gradients as the dense layer.
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(10, 6, dtype=f64)
+    xin = torch.randn(3, 10, dtype=f64, generator=torch.Generator().manual_seed(1))
+    dy = torch.randn(3, 6, dtype=f64, generator=torch.Generator().manual_seed(2))
+    xd = xin.clone().requires_grad_()
+    (dense(xd) * dy).sum().backward()
+    layer = RowParallelLinear.from_dense(dense, input_is_parallel=False)
+    xl = xin.clone().requires_grad_()
+    with p2p.mode("always"), tpext.comm_stats() as s:
+        y = layer(xl)
+        (y * dy).sum().backward()
+    torch.testing.assert_close(y, dense(xin), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(xl.grad, xd.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(layer.bias.grad, dense.bias.grad, rtol=1e-12, atol=1e-12)
+    if world > 1:
+        assert s.by_kind("forward") == {"all_reduce": 1}, s.table()
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_policy_and_row_parallel_layer_on_the_p2p_path(world):
+    run_ranks(_check_policy_and_layers, world)
+
+
+class _Count(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def _check_fallback_logs_once() -> list[str]:
+    p2p._reset_log()
+    handler = _Count()
+    logging.getLogger("tpext.p2p").addHandler(handler)
+    try:
+        assert p2p.enable() is False, "a CPU build cannot enable P2P"
+        assert p2p.enable() is False
+        reason = p2p.status()
+        assert "without CUDA" in reason, reason
+        # The ops' own note (TORCH_WARN from C++) goes to the process's stderr: capture fd 2.
+        with tempfile.TemporaryFile() as f:
+            saved = os.dup(2)
+            os.dup2(f.fileno(), 2)
+            try:
+                for _ in range(3):
+                    tpext.ops.p2p_all_reduce(torch.ones(5), algorithm=p2p.ALGO_ONE_SHOT)
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+            f.seek(0)
+            said = [line for line in f.read().decode().splitlines() if "P2P kernels not used" in line]
+        assert len(said) == 1 and "on the CPU" in said[0], said
+        p2p.release()
+    finally:
+        logging.getLogger("tpext.p2p").removeHandler(handler)
+    return handler.messages
+
+
+def test_enable_without_p2p_falls_back_and_logs_the_reason_once():
+    if tpext.cuda_compiled and torch.cuda.is_available():
+        pytest.skip("this machine can use P2P; the fallback is tested where it cannot")
+    messages = run_ranks(_check_fallback_logs_once, 2)
+    for m in messages:
+        assert len(m) == 1 and "without CUDA" in m[0], m
+
+
+def _check_opcheck() -> None:
+    name = tpext.group_name()
+    world = tdist.get_world_size()
+    x = torch.randn(2 * world, 5, dtype=f64)
+    w, b = torch.randn(5, dtype=f64), torch.randn(5, dtype=f64)
+    ops = torch.ops.tpext
+    for algo in (0, 1):
+        torch.library.opcheck(ops.p2p_all_reduce.default, (x, name, algo))
+        torch.library.opcheck(ops.p2p_reduce_scatter.default, (x, name, algo))
+        torch.library.opcheck(ops.p2p_all_gather.default, (x, name, algo))
+        torch.library.opcheck(ops.p2p_all_reduce_residual_rmsnorm.default, (x, x, b, w, 1e-6, name, algo))
+        torch.library.opcheck(ops.p2p_all_reduce_residual_rmsnorm.default, (x, None, None, w, 1e-6, name, algo))
+
+
+def test_opcheck_group_ops():
+    run_ranks(_check_opcheck, 2)
+
+
+def test_opcheck_local_and_virtual_ops():
+    xs = [torch.randn(4, 6, dtype=f64) for _ in range(2)]
+    w = torch.randn(6, dtype=f64)
+    ops = torch.ops.tpext
+    torch.library.opcheck(ops.p2p_rmsnorm_backward.default, (xs[0], xs[1], xs[0] + 2, w, 1e-6))
+    torch.library.opcheck(ops.p2p_rmsnorm_backward.default, (xs[0], None, xs[1], w, 1e-6))
+    torch.library.opcheck(ops.p2p_virtual_all_reduce.default, (xs, 2))
+    torch.library.opcheck(ops.p2p_virtual_reduce_scatter.default, (xs,))
+    torch.library.opcheck(ops.p2p_virtual_all_gather.default, (xs,))
+    torch.library.opcheck(ops.p2p_virtual_all_reduce_residual_rmsnorm.default, (xs, xs[0], w, w, 1e-6))
+
+
+@pytest.mark.parametrize("world", [2, 3, 8])
+def test_virtual_ops_host_reference(world):
+    for shape in SHAPES:
+        for dtype in (f64, bf16):
+            xs = _inputs(world, (world * shape[0], *shape[1:]), dtype, seed=world)
+            for algo in (1, 2):
+                outs = torch.ops.tpext.p2p_virtual_all_reduce(xs, algo)
+                assert all(torch.equal(o, _ordered_f32_sum(xs)) for o in outs)
+            m = shape[0]
+            for r, o in enumerate(torch.ops.tpext.p2p_virtual_reduce_scatter(xs)):
+                assert torch.equal(o, _ordered_f32_sum(xs)[r * m:(r + 1) * m])
+            assert all(torch.equal(o, torch.cat(xs)) for o in torch.ops.tpext.p2p_virtual_all_gather(xs))
+    xs = _inputs(world, (5, 19), f64, seed=1)
+    res, w = torch.randn(5, 19, dtype=f64), torch.randn(19, dtype=f64)
+    outs, hs = torch.ops.tpext.p2p_virtual_all_reduce_residual_rmsnorm(xs, res, None, w, 1e-5)
+    out_ref, h_ref = _rmsnorm_oracle(xs, res, None, w, 1e-5)
+    for o, h in zip(outs, hs):
+        torch.testing.assert_close(o, out_ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(h, h_ref, rtol=1e-12, atol=1e-12)
+
+
+def _check_errors() -> None:
+    name = tpext.group_name()
+    ops = torch.ops.tpext
+    x, w = torch.ones(4, 6), torch.ones(6)
+    cases = [
+        (lambda: ops.p2p_all_reduce(torch.ones(4, dtype=torch.int32), name, 1),
+         r"p2p_all_reduce: x must be float32, float16, bfloat16 or float64, got dtype Int"),
+        (lambda: ops.p2p_all_reduce(x, name, 3), r"algorithm must be 0 \(c10d collective\), 1 \(one-shot P2P\) or 2"),
+        (lambda: ops.p2p_reduce_scatter(torch.ones(3, 2), name, 1),
+         r"x must be \[R \* m, \*\] with dim 0 divisible by the group size R = 2, got shape \[3, 2\]"),
+        (lambda: ops.p2p_all_reduce_residual_rmsnorm(x, None, None, torch.ones(5), 1e-6, name, 1),
+         r"weight must be 1-D \[hidden\] = \[6\] to match x \[4, 6\], got shape \[5\]"),
+        (lambda: ops.p2p_all_reduce_residual_rmsnorm(x, torch.ones(4, 5), None, w, 1e-6, name, 1),
+         r"residual must have the shape of x \[4, 6\], got shape \[4, 5\]"),
+        (lambda: ops.p2p_all_reduce_residual_rmsnorm(x, None, torch.ones(6, dtype=f64), w, 1e-6, name, 1),
+         r"bias dtype Double must match x dtype Float"),
+        (lambda: ops.p2p_all_reduce_residual_rmsnorm(x, None, None, w, -1.0, name, 1), r"eps must be >= 0, got -1"),
+        (lambda: ops.p2p_rmsnorm_backward(torch.ones(4, 5), None, x, w, 1e-6), r"grad_out must match h \(\[4, 6\]"),
+        (lambda: ops.p2p_virtual_all_reduce([x, torch.ones(4, 7)], 1),
+         r"every virtual rank's input must match xs\[0\] \(\[4, 6\], Float, cpu\), got xs\[1\] \[4, 7\]"),
+        (lambda: ops.p2p_virtual_all_reduce([x] * 9, 1), r"xs must hold 1 to 8 tensors .* got 9"),
+        (lambda: ops.p2p_all_reduce(x, "no-such-group", 1), r"group_name 'no-such-group' does not name a registered"),
+    ]
+    for fn, pattern in cases:
+        with pytest.raises(RuntimeError, match=pattern):
+            fn()
+    assert torch.equal(ops.p2p_all_reduce(x, name, 1), x * 2)  # nobody was left waiting in a collective
+
+
+def test_error_messages_name_the_argument():
+    run_ranks(_check_errors, 2)

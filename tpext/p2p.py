@@ -1,0 +1,177 @@
+"""P2P collectives for small messages: the size policy, and the symmetric buffers of a group.
+
+NCCL is the right engine for large messages; for the all-reduce of a decode step (KBs to a few hundred
+KB per layer) its fixed cost dominates, and a kernel that reads every peer's buffer directly wins. The
+published anchors on 8xH100: a custom all-reduce at 5.9 us for 512 B and 7.8 us for 32 KB, against
+20-40 us for NCCL; all-reduce + residual + RMSNorm fused at 8.7 us against 13.5 us unfused.
+
+    tpext.p2p.enable(group)          # collective, once per group: buffers + IPC handle exchange
+    y = layer(x)                     # RowParallelLinear / all_reduce_residual_rmsnorm pick P2P or NCCL
+
+`enable` is collective and all ranks agree on its outcome: either every rank of the group has mapped
+every peer's buffer, or none uses P2P and all fall back to the group's collective (NCCL, or gloo on CPU)
+with the reason logged once. Several nodes, no peer access, no CUDA or a CPU-only build are such reasons.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from tpext import _C
+from tpext.distributed import GroupLike, resolve_group
+
+__all__ = [
+    "ALGO_C10D", "ALGO_ONE_SHOT", "ALGO_TWO_SHOT", "ONE_SHOT_MAX_BYTES", "P2P_MAX_BYTES", "MAX_RANKS",
+    "choose_algorithm", "algorithm_for", "enable", "release", "status", "set_mode", "mode",
+]
+
+log = logging.getLogger("tpext.p2p")
+
+# The `algorithm` argument of the p2p ops (csrc/ops/p2p.h).
+ALGO_C10D, ALGO_ONE_SHOT, ALGO_TWO_SHOT = 0, 1, 2
+MAX_RANKS = 8
+
+# Message-size thresholds, in bytes of one rank's input. PROVISIONAL: not yet measured on a GPU. They
+# are placed from the anchors above (P2P beats NCCL by 3-5x at 512 B - 32 KB on 8xH100) and from the
+# traffic of the two algorithms: one-shot reads R x the message per rank in one barrier round, two-shot
+# reads 2 x in two rounds, so one-shot wins while latency dominates and two-shot once bandwidth does;
+# above about 1 MB NCCL's pipelined ring/NVLS is expected to win. To be replaced by the crossovers of
+# the benchmark owed in docs/p2p.md (bench/results/<device>/).
+ONE_SHOT_MAX_BYTES = 64 * 1024
+P2P_MAX_BYTES = 1024 * 1024
+
+_MODES = ("auto", "always", "never")
+_mode = "auto"
+_logged: set[tuple[str, str]] = set()
+
+
+def set_mode(new_mode: str) -> str:
+    """Process-wide P2P policy; returns the previous one. "auto": P2P for CUDA messages up to
+    P2P_MAX_BYTES on groups where `enable` succeeded, NCCL otherwise. "always": the layers always call
+    the P2P ops (CPU tensors run their host reference; CUDA falls back inside the op, saying why).
+    "never": the layers never do. Every rank must use the same mode."""
+    global _mode
+    if new_mode not in _MODES:
+        raise ValueError(f"tpext.p2p.set_mode: mode must be one of {_MODES}, got {new_mode!r}")
+    previous, _mode = _mode, new_mode
+    return previous
+
+
+@contextlib.contextmanager
+def mode(new_mode: str) -> Iterator[None]:
+    """`set_mode` for the duration of a with-block."""
+    previous = set_mode(new_mode)
+    try:
+        yield
+    finally:
+        set_mode(previous)
+
+
+def choose_algorithm(nbytes: int, *, world_size: int, p2p_ready: bool) -> int:
+    """The policy as a pure function of what every rank knows alike: ALGO_C10D (NCCL/gloo),
+    ALGO_ONE_SHOT or ALGO_TWO_SHOT for a message of `nbytes` bytes per rank."""
+    if world_size <= 1 or not p2p_ready or nbytes > P2P_MAX_BYTES:
+        return ALGO_C10D
+    return ALGO_ONE_SHOT if nbytes <= ONE_SHOT_MAX_BYTES else ALGO_TWO_SHOT
+
+
+def status(group: GroupLike = None) -> str:
+    """'' when the group's symmetric buffers are ready, else the reason they are not."""
+    return _C.p2p_status(resolve_group(group).group_name)
+
+
+def algorithm_for(x: Tensor, group: dist.ProcessGroup, nbytes: Optional[int] = None) -> Optional[int]:
+    """What a layer should do with a message shaped like `x` (or of `nbytes`): None = its own
+    collective path; otherwise the `algorithm` to pass to a p2p op."""
+    if _mode == "never" or group.size() == 1:
+        return None
+    nbytes = x.numel() * x.element_size() if nbytes is None else nbytes
+    if _mode == "always":
+        algo = choose_algorithm(min(nbytes, P2P_MAX_BYTES), world_size=group.size(), p2p_ready=True)
+        return algo
+    if not x.is_cuda or nbytes > P2P_MAX_BYTES:
+        return None
+    reason = status(group)
+    if reason:
+        _log_once(group.group_name, reason)
+        return None
+    return choose_algorithm(nbytes, world_size=group.size(), p2p_ready=True)
+
+
+def enable(group: GroupLike = None, capacity_bytes: int = P2P_MAX_BYTES) -> bool:
+    """Collective over `group`: allocate this rank's symmetric buffer on the current CUDA device,
+    exchange the CUDA IPC handles through the group, map every peer's buffer. True when every rank
+    succeeded; otherwise False on every rank, the reason recorded (`status`) and logged once."""
+    pg = resolve_group(group)
+    name, world = pg.group_name, pg.size()
+    if world == 1:
+        return False  # nothing to exchange with; the ops never communicate for a group of one
+    reason, handle = _local_obstacle(world), b""
+    if not reason:
+        try:
+            handle = _C.p2p_create(name, pg.rank(), world, int(capacity_bytes), torch.cuda.current_device())
+        except RuntimeError as exc:
+            reason = f"allocating the symmetric buffer failed: {exc}"
+    infos: list = [None] * world
+    dist.all_gather_object(infos, (socket.gethostname(), reason, handle), group=pg)
+    reason = next((r for _, r, _ in infos if r), "")
+    hosts = sorted({host for host, _, _ in infos})
+    if not reason and len(hosts) > 1:
+        reason = f"the group spans {len(hosts)} hosts; P2P needs all ranks on one node"
+    error = ""
+    if not reason:
+        try:
+            _C.p2p_open(name, [h for _, _, h in infos])
+        except RuntimeError as exc:
+            error = str(exc)
+    # Agree: one rank that could not map its peers makes every rank fall back, or P2P kernels on the
+    # others would wait for it forever.
+    errors: list = [None] * world
+    dist.all_gather_object(errors, error, group=pg)
+    reason = reason or next((e for e in errors if e), "")
+    if reason:
+        _C.p2p_release(name)
+        _C.p2p_mark_unavailable(name, reason)
+        _log_once(name, reason)
+        return False
+    return True
+
+
+def release(group: GroupLike = None) -> None:
+    """Collective: free the group's symmetric buffers once no rank can still be using them."""
+    pg = resolve_group(group)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    if pg.size() > 1:
+        dist.barrier(group=pg)
+    _C.p2p_release(pg.group_name)
+
+
+def _local_obstacle(world: int) -> str:
+    if world > MAX_RANKS:
+        return f"the group has {world} ranks; the P2P kernels support at most {MAX_RANKS}"
+    if not _C.cuda_compiled:
+        return "tpext was built without CUDA"
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible"
+    return ""
+
+
+def _log_once(group_name: str, reason: str) -> None:
+    if (group_name, reason) in _logged:
+        return
+    _logged.add((group_name, reason))
+    log.warning("tpext.p2p: group %r uses its own collective (NCCL/gloo), not P2P: %s", group_name, reason)
+
+
+def _reset_log() -> None:
+    """Forget which reasons were logged, here and in the C++ ops (tests)."""
+    _logged.clear()
+    _C.p2p_reset_warnings()
