@@ -2,21 +2,30 @@
 // module tpext._C (build information; later the C++ objects that are not ops).
 //
 // Conventions for every op: w is [N, K] (nn.Linear layout); x is [*, K] and "dim0" is its flattened
-// token dimension; the group crosses in as its registered name; chunks = 1 is the sequential
-// algorithm and any chunks >= 1 gives the same result up to rounding.
+// token dimension; the group crosses in as its registered name. `algorithm` is a
+// schedule::Algorithm value (tpext.planner.Algorithm): 0 sequential (chunks must be 1), 1 chunked
+// pipeline, 2 chunked pipeline with the chunk GEMMs on two CUDA streams (1 on CPU); the default 1
+// with chunks = 1 is the sequential schedule. Any plan gives the same result up to rounding.
 #include <torch/extension.h>
 #include <torch/library.h>
 
 #include "ops/ops.h"
 
+#ifdef TPEXT_WITH_CUDA
+#include "comm/nccl.h"
+#endif
+
 TORCH_LIBRARY(tpext, m) {
-  // all_reduce(x @ w.T) + bias, bias added once after the reduction. Row-parallel forward.
-  m.def("gemm_all_reduce(Tensor x, Tensor w, Tensor? bias, str group_name, int chunks) -> Tensor");
-  // This rank's dim-0 block of reduce_scatter(x @ w.T) + bias. Row-parallel forward with SP.
-  m.def("gemm_reduce_scatter(Tensor x, Tensor w, Tensor? bias, str group_name, int chunks) -> Tensor");
+  // Row-parallel forward: all_reduce(x @ w.T) + bias + residual, bias and residual added once after the reduction.
+  m.def("gemm_all_reduce(Tensor x, Tensor w, Tensor? bias, str group_name, int chunks, int algorithm=1, "
+        "Tensor? residual=None) -> Tensor");
+  // This rank's dim-0 block of reduce_scatter(x @ w.T) + bias + residual. Row-parallel forward with SP.
+  m.def("gemm_reduce_scatter(Tensor x, Tensor w, Tensor? bias, str group_name, int chunks, int algorithm=1, "
+        "Tensor? residual=None) -> Tensor");
   // (all_gather(x_shard) @ w.T + bias, all_gather(x_shard)). Column-parallel forward with SP; the
   // gathered input comes back for the weight gradient (drop it to re-gather in backward instead).
-  m.def("all_gather_gemm(Tensor x_shard, Tensor w, Tensor? bias, str group_name, int chunks) -> (Tensor, Tensor)");
+  m.def("all_gather_gemm(Tensor x_shard, Tensor w, Tensor? bias, str group_name, int chunks, int algorithm=1) "
+        "-> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(tpext, CPU, m) {
@@ -25,8 +34,9 @@ TORCH_LIBRARY_IMPL(tpext, CPU, m) {
   m.impl("all_gather_gemm", &tpext::ops::all_gather_gemm);
 }
 
-// The same host code drives CUDA tensors: c10d (NCCL) runs the collectives on its own stream and
-// the epilogue kernels come from csrc/kernels when they are compiled in.
+// The same host code drives CUDA tensors: in a CUDA build the collectives run on tpext's own NCCL
+// communicator and streams (comm/nccl.h) and the epilogue is the kernel in csrc/kernels; a CPU build
+// falls back to the group's c10d backend and ATen.
 TORCH_LIBRARY_IMPL(tpext, CUDA, m) {
   m.impl("gemm_all_reduce", &tpext::ops::gemm_all_reduce);
   m.impl("gemm_reduce_scatter", &tpext::ops::gemm_reduce_scatter);
@@ -37,6 +47,33 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "tpext native extension: build information (the ops are torch.ops.tpext.*)";
 #ifdef TPEXT_WITH_CUDA
   m.attr("cuda_compiled") = true;
+  namespace py = pybind11;
+  using tpext::comm::NcclOptions;
+  auto options_dict = [](const NcclOptions& o) {
+    py::dict d;
+    d["max_ctas"] = o.max_ctas;
+    d["cga_cluster_size"] = o.cga_cluster_size;
+    d["local_fast_path"] = o.local_fast_path;
+    return d;
+  };
+  // NCCL communicator options of a group (tpext.ops.set_nccl_options documents them).
+  m.def("_set_nccl_options", [](const std::string& group_name, int64_t max_ctas, int64_t cga_cluster_size,
+                                bool local_fast_path) {
+    tpext::comm::set_nccl_options(group_name, NcclOptions{max_ctas, cga_cluster_size, local_fast_path});
+  });
+  m.def("_nccl_options", [options_dict](const std::string& g) { return options_dict(tpext::comm::nccl_options(g)); });
+  m.def("_nccl_comm_info", [options_dict](const std::string& g) {
+    const auto info = tpext::comm::nccl_comm_info(g);
+    py::dict d;
+    d["created"] = info.created;
+    d["rank"] = info.rank;
+    d["size"] = info.size;
+    d["device"] = info.device;
+    d["options"] = options_dict(info.options);
+    return d;
+  });
+  m.def("_nccl_version", &tpext::comm::nccl_runtime_version);
+  m.def("_destroy_nccl_communicators", &tpext::comm::destroy_nccl_communicators);
 #else
   m.attr("cuda_compiled") = false;
 #endif

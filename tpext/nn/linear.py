@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from tpext import mappings, stats
 from tpext.distributed import GroupLike, resolve_group, shard_range
 from tpext.nn._linear_functions import ColumnLinear, ColumnLinearSP, RowLinear, RowLinearSP
-from tpext.planner import resolve_chunks
+from tpext.planner import AlgorithmLike, Plan, resolve_chunks, resolve_plan
 
 __all__ = ["ColumnParallelLinear", "RowParallelLinear"]
 
@@ -28,6 +28,10 @@ Chunks = Union[int, str]
 
 class _ParallelLinear(nn.Module):
     """What both layers share: the group, the local weight/bias, init, and the input checks."""
+
+    #: Schedule of the overlapped ops (tpext.planner.Algorithm or "auto"); set on an instance to override
+    #: the planner's choice, like the `chunks` argument overrides its chunk count.
+    algorithm: AlgorithmLike = "auto"
 
     def __init__(self, in_features: int, out_features: int, bias: bool, group: GroupLike, sharded_dim: int,
                  sequence_parallel: bool, chunks: Chunks, device, dtype):
@@ -69,8 +73,9 @@ class _ParallelLinear(nn.Module):
                              f"(dim 0) divisible by the tensor-parallel size {self.tp_size}, got {rows} "
                              f"(input shape {tuple(x.shape)})")
 
-    def _chunks(self, rows: int) -> int:
-        return resolve_chunks(self.chunks, rows, self.tp_size)
+    def _chunks(self, rows: int) -> Plan:
+        """The (chunks, algorithm) plan the ops get for `rows` rows of GEMM output."""
+        return resolve_plan(self.chunks, self.algorithm, rows, self.tp_size, self.weight.device.type)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

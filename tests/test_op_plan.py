@@ -1,0 +1,43 @@
+"""The plan policy (tpext.planner): chunk counts and algorithms, pure functions of shapes and device."""
+
+from __future__ import annotations
+
+import pytest
+
+from tpext.planner import Algorithm, Plan, auto_plan, default_algorithm, resolve_plan
+
+
+def test_algorithm_values_match_the_op_schema():
+    # csrc/schedule/schedule.h: kSequential = 0, kChunkedPipeline = 1, kChunkedTwoStreams = 2.
+    assert [int(a) for a in Algorithm] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_auto_is_sequential_for_one_rank_or_few_rows(device):
+    assert auto_plan(1 << 20, 1, device) == Plan(1, Algorithm.SEQUENTIAL)
+    assert auto_plan(8, 4, device) == Plan(1, Algorithm.SEQUENTIAL)
+
+
+def test_auto_pipelines_large_gemms_on_the_device_pipeline():
+    assert auto_plan(2048, 2, "cpu") == Plan(4, Algorithm.CHUNKED_PIPELINE)
+    assert auto_plan(8192, 8, "cuda") == Plan(4, Algorithm.CHUNKED_TWO_STREAMS)
+    assert auto_plan(2048, 8, "cuda") == Plan(2, Algorithm.CHUNKED_TWO_STREAMS)
+
+
+def test_explicit_values_override_the_heuristic():
+    assert resolve_plan(3, "auto", 10, 2, "cpu") == Plan(3, Algorithm.CHUNKED_PIPELINE)
+    assert resolve_plan(3, "auto", 10, 2, "cuda") == Plan(3, Algorithm.CHUNKED_TWO_STREAMS)
+    assert resolve_plan(1, "auto", 1 << 20, 8, "cuda") == Plan(1, Algorithm.SEQUENTIAL)
+    assert resolve_plan("auto", Algorithm.SEQUENTIAL, 1 << 20, 8, "cuda") == Plan(1, Algorithm.SEQUENTIAL)
+    assert resolve_plan("auto", Algorithm.CHUNKED_PIPELINE, 8192, 8, "cuda") == Plan(4, Algorithm.CHUNKED_PIPELINE)
+    assert resolve_plan(5, 2, 10, 2, "cpu") == Plan(5, 2)
+    # Out-of-range ints pass through: the op itself rejects them with its own message (test_op_errors).
+    assert resolve_plan(0, 7, 10, 2, "cpu") == Plan(0, 7)
+    assert default_algorithm(2, "cpu") is Algorithm.CHUNKED_PIPELINE
+
+
+@pytest.mark.parametrize("chunks, algorithm, what", [("many", "auto", "chunks"), (2, "fast", "algorithm"),
+                                                     (2.0, "auto", "chunks"), (True, "auto", "chunks")])
+def test_bad_plan_arguments(chunks, algorithm, what):
+    with pytest.raises(ValueError, match=rf"tpext: {what} must be 'auto' or an int, got"):
+        resolve_plan(chunks, algorithm, 10, 2)
