@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include "ops/ops.h"
+#include "ops/virtual_ranks.h"
 
 #ifdef TPEXT_WITH_CUDA
 #include "comm/nccl.h"
@@ -77,5 +78,8 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("cuda_compiled") = false;
 #endif
-  m.attr("built_with_torch") = TPEXT_TORCH_VERSION;  // set by setup.py; must match torch at import
+  m.attr("built_with_torch") = TPEXT_TORCH_VERSION;
+  // Test machinery (tests/test_op_virtual_ranks.py, tests/test_cuda_ops.py): an op on R virtual ranks
+  // of one process, one thread each (comm/virtual.h). The ranks run without the GIL.
+  m.def("_run_on_virtual_ranks", &tpext::ops::run_on_virtual_ranks, pybind11::call_guard<pybind11::gil_scoped_release>());  // set by setup.py; must match torch at import
 }

@@ -6,7 +6,8 @@ op and of its backward dual is checked against an fp64 reference. Accuracy rule 
 error of tpext's output vs fp64 must be at most 2x the RMS error of the dense PyTorch layer
 (F.linear in the same dtype) vs fp64, plus a floor of a few ulps for outputs that are exact.
 
-The two-rank test gives each rank its own NCCL_HOSTID so that NCCL treats two processes on one GPU as
+Multi-rank schedules run on one GPU with virtual ranks (threads of one process, each on its own
+stream; csrc/comm/virtual.h). The two-rank test gives each rank its own NCCL_HOSTID so that NCCL treats two processes on one GPU as
 two hosts (socket transport over loopback). This is an experiment from DESIGN.md section 4, not yet run
 on a GPU: NCCL may refuse it, or the two processes' spinning NCCL kernels may only progress through the
 GPU's time-slicing (slow; the test is marked slow). Multi-rank correctness of the schedules stays
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 
 import tpext
 from dist import run_ranks
+from test_op_virtual_ranks import check_all_ops
 from tpext.planner import Algorithm
 
 pytestmark = [pytest.mark.gpu,
@@ -148,6 +150,15 @@ def _check_sm_budget() -> None:
 
 def test_sm_budget_is_set_per_group():
     run_ranks(_check_sm_budget, 1, **GPU_POOL)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("dtype, rel_tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
+def test_virtual_ranks_on_one_gpu(world, dtype, rel_tol):
+    """Multi-rank schedules in one process: each virtual rank on its own stream, collectives ordered by
+    events on the communication stream. A missing wait shows up as stale rows, far outside rel_tol."""
+    check_all_ops(world, device="cuda", dtype=dtype, rel_tol=rel_tol, m=300)
+    torch.cuda.synchronize()
 
 
 def _check_two_ranks_one_gpu() -> None:

@@ -1,6 +1,7 @@
 // Communicator over any c10d ProcessGroup (gloo on CPU, NCCL on CUDA): the generic backend.
 #include "comm/communicator.h"
 #include "comm/nccl.h"
+#include "comm/virtual.h"
 
 #include <c10/util/Exception.h>
 #include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
@@ -90,6 +91,7 @@ c10::intrusive_ptr<c10d::ProcessGroup> resolve_group(const std::string& group_na
 }  // namespace
 
 int64_t group_size(const std::string& group_name, const char* op) {
+  if (const int64_t virtual_size = virtual_group_size(group_name); virtual_size >= 0) return virtual_size;
   return resolve_group(group_name, op)->getSize();
 }
 
@@ -101,6 +103,7 @@ std::unique_ptr<Communicator> make_c10d_communicator(const std::string& group_na
 
 std::unique_ptr<Communicator> make_communicator(const std::string& group_name, const char* op,
                                                 const c10::Device& device) {
+  if (auto virtual_comm = make_virtual_communicator(group_name)) return virtual_comm;
   auto pg = resolve_group(group_name, op);
 #ifdef TPEXT_WITH_CUDA
   if (device.is_cuda()) {

@@ -47,7 +47,8 @@ std::unique_ptr<Communicator> make_c10d_communicator(const std::string& group_na
 // Size of the named group (checks that depend on it run before any communicator is made).
 int64_t group_size(const std::string& group_name, const char* op);
 
-// The communicator an op on `device` uses: the local identity for a group of one (unless the group's
+// The communicator an op on `device` uses: a virtual group's rank (comm/virtual.h) for such a name;
+// the local identity for a group of one (unless the group's
 // NCCL options ask for the real path, see comm/nccl.h), tpext's cached NCCL communicator for CUDA
 // tensors in a CUDA build, the c10d ProcessGroup otherwise.
 std::unique_ptr<Communicator> make_communicator(const std::string& group_name, const char* op,
