@@ -29,7 +29,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="4096x8192x8192,8192x8192x8192,8192x8192x28672,16384x8192x8192",
                    help="comma-separated MxNxK (rows x out features x in features)")
     p.add_argument("--chunks", default="2,4,8", help="comma-separated chunk counts")

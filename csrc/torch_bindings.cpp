@@ -1,5 +1,5 @@
 // The one schema file: every tpext op is declared here, with its implementations, and the pybind11
-// module tpext._C (build information; later the C++ objects that are not ops).
+// module tpext._C (build information, the NCCL communicator options, the virtual-rank test driver).
 //
 // Conventions for every op: w is [N, K] (nn.Linear layout); x is [*, K] and "dim0" is its flattened
 // token dimension; the group crosses in as its registered name. `algorithm` is a
@@ -17,7 +17,7 @@
 #endif
 
 TORCH_LIBRARY(tpext, m) {
-  // Row-parallel forward: all_reduce(x @ w.T) + bias + residual, bias and residual added once after the reduction.
+  // all_reduce(x @ w.T) + bias + residual, both added once after the reduction. Row-parallel forward.
   m.def("gemm_all_reduce(Tensor x, Tensor w, Tensor? bias, str group_name, int chunks, int algorithm=1, "
         "Tensor? residual=None) -> Tensor");
   // This rank's dim-0 block of reduce_scatter(x @ w.T) + bias + residual. Row-parallel forward with SP.
@@ -78,8 +78,9 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("cuda_compiled") = false;
 #endif
-  m.attr("built_with_torch") = TPEXT_TORCH_VERSION;
+  m.attr("built_with_torch") = TPEXT_TORCH_VERSION;  // set by setup.py; must match torch at import
   // Test machinery (tests/test_op_virtual_ranks.py, tests/test_cuda_ops.py): an op on R virtual ranks
   // of one process, one thread each (comm/virtual.h). The ranks run without the GIL.
-  m.def("_run_on_virtual_ranks", &tpext::ops::run_on_virtual_ranks, pybind11::call_guard<pybind11::gil_scoped_release>());  // set by setup.py; must match torch at import
+  m.def("_run_on_virtual_ranks", &tpext::ops::run_on_virtual_ranks,
+        pybind11::call_guard<pybind11::gil_scoped_release>());
 }

@@ -7,11 +7,10 @@ error of tpext's output vs fp64 must be at most 2x the RMS error of the dense Py
 (F.linear in the same dtype) vs fp64, plus a floor of a few ulps for outputs that are exact.
 
 Multi-rank schedules run on one GPU with virtual ranks (threads of one process, each on its own
-stream; csrc/comm/virtual.h). The two-rank test gives each rank its own NCCL_HOSTID so that NCCL treats two processes on one GPU as
-two hosts (socket transport over loopback). This is an experiment from DESIGN.md section 4, not yet run
-on a GPU: NCCL may refuse it, or the two processes' spinning NCCL kernels may only progress through the
-GPU's time-slicing (slow; the test is marked slow). Multi-rank correctness of the schedules stays
-covered by the gloo suite (tests/test_ops.py), which runs the same C++ chunk loops.
+stream; csrc/comm/virtual.h). The two-rank test gives each rank its own NCCL_HOSTID so that NCCL
+treats two processes on one GPU as two hosts (socket transport over loopback): an experiment from
+DESIGN.md section 4, not yet run on a GPU. NCCL may refuse it, or the two processes' spinning NCCL
+kernels may only progress through the GPU's time-slicing (slow; the test is marked slow).
 """
 
 from __future__ import annotations

@@ -95,12 +95,6 @@ int64_t group_size(const std::string& group_name, const char* op) {
   return resolve_group(group_name, op)->getSize();
 }
 
-std::unique_ptr<Communicator> make_c10d_communicator(const std::string& group_name, const char* op) {
-  auto pg = resolve_group(group_name, op);
-  if (pg->getSize() == 1) return std::make_unique<LocalCommunicator>();
-  return std::make_unique<C10dCommunicator>(std::move(pg));
-}
-
 std::unique_ptr<Communicator> make_communicator(const std::string& group_name, const char* op,
                                                 const c10::Device& device) {
   if (auto virtual_comm = make_virtual_communicator(group_name)) return virtual_comm;

@@ -40,9 +40,8 @@ class Communicator {
   virtual PendingPtr all_gather(std::vector<at::Tensor>& outs, at::Tensor& in) = 0;
 };
 
-// Resolves a torch.distributed group by its registered name (ProcessGroup.group_name). `op` names
-// the calling op in the error raised for an unknown name.
-std::unique_ptr<Communicator> make_c10d_communicator(const std::string& group_name, const char* op);
+// Groups are named by their registered name (ProcessGroup.group_name); `op` names the calling op in
+// the error raised for an unknown name.
 
 // Size of the named group (checks that depend on it run before any communicator is made).
 int64_t group_size(const std::string& group_name, const char* op);
