@@ -7,6 +7,7 @@
 // pipeline, 2 chunked pipeline with the chunk GEMMs on two CUDA streams (1 on CPU); the default 1
 // with chunks = 1 is the sequential schedule. Any plan gives the same result up to rounding.
 #include <torch/extension.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include "ops/ops.h"
@@ -33,6 +34,15 @@ TORCH_LIBRARY_IMPL(tpext, CPU, m) {
   m.impl("gemm_all_reduce", &tpext::ops::gemm_all_reduce);
   m.impl("gemm_reduce_scatter", &tpext::ops::gemm_reduce_scatter);
   m.impl("all_gather_gemm", &tpext::ops::all_gather_gemm);
+}
+
+// Called directly (outside tpext.nn's autograd Functions) with inputs that require grad, the ops run
+// below autograd and return outputs whose backward raises "not implemented", instead of failing inside
+// an out= GEMM; tpext.nn provides the differentiable layers.
+TORCH_LIBRARY_IMPL(tpext, Autograd, m) {
+  m.impl("gemm_all_reduce", torch::autograd::autogradNotImplementedFallback());
+  m.impl("gemm_reduce_scatter", torch::autograd::autogradNotImplementedFallback());
+  m.impl("all_gather_gemm", torch::autograd::autogradNotImplementedFallback());
 }
 
 // The same host code drives CUDA tensors: in a CUDA build the collectives run on tpext's own NCCL

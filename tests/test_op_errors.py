@@ -117,3 +117,15 @@ def _check_device_mismatch() -> None:
     for name in OPS:
         with pytest.raises(RuntimeError, match=rf"tpext\.{name}: w is on cuda:0 but x(_shard)? is on cpu"):
             OPS[name](x, w)
+
+
+def _check_direct_call_with_grad() -> None:
+    w = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    y = tpext.ops.gemm_all_reduce(torch.randn(4, 8, dtype=torch.float64), w, chunks=2)
+    assert y.requires_grad
+    with pytest.raises(RuntimeError, match="not implemented"):
+        y.sum().backward()
+
+
+def test_direct_call_with_grad_inputs_runs_and_names_the_missing_backward():
+    run_ranks(_check_direct_call_with_grad, 2)

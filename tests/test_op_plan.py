@@ -1,9 +1,15 @@
-"""The plan policy (tpext.planner): chunk counts and algorithms, pure functions of shapes and device."""
+"""The plan policy (tpext.planner): chunk counts and algorithms, pure functions of shapes and device;
+and that the plans of tpext.nn layers and of chunks="auto" reach the ops."""
 
 from __future__ import annotations
 
 import pytest
+import torch
+import torch.distributed as tdist
 
+import tpext
+from dist import run_ranks
+from tpext.nn import RowParallelLinear
 from tpext.planner import Algorithm, Plan, auto_plan, default_algorithm, resolve_plan
 
 
@@ -41,3 +47,22 @@ def test_explicit_values_override_the_heuristic():
 def test_bad_plan_arguments(chunks, algorithm, what):
     with pytest.raises(ValueError, match=rf"tpext: {what} must be 'auto' or an int, got"):
         resolve_plan(chunks, algorithm, 10, 2)
+
+
+def _check_plans_reach_the_ops() -> None:
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(8, 6, dtype=torch.float64)
+    x = torch.randn(600, 8, dtype=torch.float64)
+    want = dense(x)
+    layer = RowParallelLinear.from_dense(dense, input_is_parallel=False, chunks="auto")
+    for algorithm in ("auto", *Algorithm):
+        layer.algorithm = algorithm
+        torch.testing.assert_close(layer(x), want, rtol=1e-12, atol=1e-12, msg=f"algorithm={algorithm}")
+    w_shard = dense.weight[:, tdist.get_rank() * 4:(tdist.get_rank() + 1) * 4]
+    y = tpext.ops.gemm_all_reduce(x[:, tdist.get_rank() * 4:(tdist.get_rank() + 1) * 4], w_shard, chunks="auto")
+    torch.testing.assert_close(y, x @ dense.weight.T, rtol=1e-12, atol=1e-12)
+
+
+def test_module_override_and_auto_chunks_reach_the_ops():
+    run_ranks(_check_plans_reach_the_ops, 2)
+
