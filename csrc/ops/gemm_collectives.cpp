@@ -1,5 +1,6 @@
 // The three overlapped GEMM + collective ops: argument checks, flattening of leading dims, output
-// allocation, device guard; the chunk loops themselves live in csrc/schedule.
+// allocation, device guard, the bias/residual epilogue and the group-of-one fast path (one GEMM, no
+// collective); the chunk loops themselves live in csrc/schedule.
 #include "ops/ops.h"
 
 #include <vector>
@@ -16,8 +17,8 @@
 namespace tpext::ops {
 namespace {
 
-// Validates what every op shares and returns the rows of the flattened [rows, K] input. Runs before
-// any collective and depends only on local arguments, so a bad call fails on the rank that made it
+// Validates what every op shares (including the plan: chunks and algorithm). Runs before any
+// communicator is made or used and depends only on local arguments, so a bad call fails on the rank that made it
 // instead of leaving its peers waiting.
 void check_gemm_args(const char* op, const char* x_name, const at::Tensor& x, const at::Tensor& w,
                      const std::optional<at::Tensor>& bias, int64_t chunks, int64_t algorithm) {
