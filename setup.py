@@ -1,7 +1,8 @@
 """Builds tpext._C against the installed torch.
 
 CPU-only when torch has no CUDA or nvcc is missing; with torch's CUDA and nvcc it also compiles the
-hand-written kernels in csrc/kernels. Always install with `pip install --no-build-isolation`, so the
+hand-written kernels in csrc/kernels and the CUDA host code (-DTPEXT_WITH_CUDA: own NCCL communicator,
+streams), and links libnccl. Always install with `pip install --no-build-isolation`, so the
 build uses the torch already installed instead of fetching another one.
 """
 
@@ -38,6 +39,22 @@ def _nccl_include_dirs() -> list[str]:
     return [os.path.join(p, "include") for p in nvidia.nccl.__path__ if os.path.isdir(os.path.join(p, "include"))]
 
 
+def _nccl_link_args() -> list[str]:
+    """Link libnccl: from the nvidia-nccl wheel torch's CUDA build loads (rpath'd, so the extension finds
+    the very library torch uses), else the toolkit's / system's libnccl."""
+    try:
+        import nvidia.nccl  # type: ignore[import-not-found]
+    except ImportError:
+        nccl_dirs = []
+    else:
+        nccl_dirs = [os.path.join(p, "lib") for p in nvidia.nccl.__path__]
+    for lib_dir in nccl_dirs:
+        libs = sorted(glob.glob(os.path.join(lib_dir, "libnccl.so*")))
+        if libs:
+            return [f"-L{lib_dir}", f"-l:{os.path.basename(libs[-1])}", f"-Wl,-rpath,{lib_dir}"]
+    return ["-lnccl"]
+
+
 def _extension():
     sources = sorted(
         os.path.relpath(p, ROOT)
@@ -59,6 +76,7 @@ def _extension():
     return cpp_extension.CUDAExtension(
         "tpext._C", sources, include_dirs=include_dirs + _nccl_include_dirs(),
         extra_compile_args={"cxx": cxx + ["-DTPEXT_WITH_CUDA"], "nvcc": nvcc},
+        extra_link_args=_nccl_link_args(),
     )
 
 

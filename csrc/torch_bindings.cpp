@@ -1,24 +1,35 @@
 // The one schema file: every tpext op is declared here, with its implementations, and the pybind11
-// module tpext._C (build information; later the C++ objects that are not ops).
+// module tpext._C (build information, the NCCL communicator options, the virtual-rank test driver).
 //
 // Conventions for every op: w is [N, K] (nn.Linear layout); x is [*, K] and "dim0" is its flattened
-// token dimension; the group crosses in as its registered name; chunks = 1 is the sequential
-// algorithm and any chunks >= 1 gives the same result up to rounding.
+// token dimension; the group crosses in as its registered name. `algorithm` is a
+// schedule::Algorithm value (tpext.planner.Algorithm): 0 sequential (chunks must be 1), 1 chunked
+// pipeline, 2 chunked pipeline with the chunk GEMMs on two CUDA streams (1 on CPU); the default 1
+// with chunks = 1 is the sequential schedule. Any plan gives the same result up to rounding.
 #include <torch/extension.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include "comm/p2p.h"
 #include "ops/ops.h"
 #include "ops/p2p.h"
+#include "ops/virtual_ranks.h"
+
+#ifdef TPEXT_WITH_CUDA
+#include "comm/nccl.h"
+#endif
 
 TORCH_LIBRARY(tpext, m) {
-  // all_reduce(x @ w.T) + bias, bias added once after the reduction. Row-parallel forward.
-  m.def("gemm_all_reduce(Tensor x, Tensor w, Tensor? bias, str group_name, int chunks) -> Tensor");
-  // This rank's dim-0 block of reduce_scatter(x @ w.T) + bias. Row-parallel forward with SP.
-  m.def("gemm_reduce_scatter(Tensor x, Tensor w, Tensor? bias, str group_name, int chunks) -> Tensor");
+  // all_reduce(x @ w.T) + bias + residual, both added once after the reduction. Row-parallel forward.
+  m.def("gemm_all_reduce(Tensor x, Tensor w, Tensor? bias, str group_name, int chunks, int algorithm=1, "
+        "Tensor? residual=None) -> Tensor");
+  // This rank's dim-0 block of reduce_scatter(x @ w.T) + bias + residual. Row-parallel forward with SP.
+  m.def("gemm_reduce_scatter(Tensor x, Tensor w, Tensor? bias, str group_name, int chunks, int algorithm=1, "
+        "Tensor? residual=None) -> Tensor");
   // (all_gather(x_shard) @ w.T + bias, all_gather(x_shard)). Column-parallel forward with SP; the
   // gathered input comes back for the weight gradient (drop it to re-gather in backward instead).
-  m.def("all_gather_gemm(Tensor x_shard, Tensor w, Tensor? bias, str group_name, int chunks) -> (Tensor, Tensor)");
+  m.def("all_gather_gemm(Tensor x_shard, Tensor w, Tensor? bias, str group_name, int chunks, int algorithm=1) "
+        "-> (Tensor, Tensor)");
   // P2P ops (csrc/ops/p2p.h): algorithm 0 = the group's collective, 1 = one-shot, 2 = two-shot kernel.
   // sum over ranks of x, every rank the same bits on the P2P path. Small-message all-reduce.
   m.def("p2p_all_reduce(Tensor x, str group_name, int algorithm) -> Tensor");
@@ -58,8 +69,18 @@ TORCH_LIBRARY_IMPL(tpext, CPU, m) {
   m.impl("p2p_virtual_all_reduce_residual_rmsnorm", &tpext::ops::p2p_virtual_all_reduce_residual_rmsnorm);
 }
 
-// The same host code drives CUDA tensors: c10d (NCCL) runs the collectives on its own stream and
-// the epilogue kernels come from csrc/kernels when they are compiled in.
+// Called directly (outside tpext.nn's autograd Functions) with inputs that require grad, the ops run
+// below autograd and return outputs whose backward raises "not implemented", instead of failing inside
+// an out= GEMM; tpext.nn provides the differentiable layers.
+TORCH_LIBRARY_IMPL(tpext, Autograd, m) {
+  m.impl("gemm_all_reduce", torch::autograd::autogradNotImplementedFallback());
+  m.impl("gemm_reduce_scatter", torch::autograd::autogradNotImplementedFallback());
+  m.impl("all_gather_gemm", torch::autograd::autogradNotImplementedFallback());
+}
+
+// The same host code drives CUDA tensors: in a CUDA build the collectives run on tpext's own NCCL
+// communicator and streams (comm/nccl.h) and the epilogue is the kernel in csrc/kernels; a CPU build
+// falls back to the group's c10d backend and ATen.
 TORCH_LIBRARY_IMPL(tpext, CUDA, m) {
   m.impl("gemm_all_reduce", &tpext::ops::gemm_all_reduce);
   m.impl("gemm_reduce_scatter", &tpext::ops::gemm_reduce_scatter);
@@ -79,9 +100,40 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "tpext native extension: build information (the ops are torch.ops.tpext.*)";
 #ifdef TPEXT_WITH_CUDA
   m.attr("cuda_compiled") = true;
+  namespace py = pybind11;
+  using tpext::comm::NcclOptions;
+  auto options_dict = [](const NcclOptions& o) {
+    py::dict d;
+    d["max_ctas"] = o.max_ctas;
+    d["cga_cluster_size"] = o.cga_cluster_size;
+    d["local_fast_path"] = o.local_fast_path;
+    return d;
+  };
+  // NCCL communicator options of a group (tpext.ops.set_nccl_options documents them).
+  m.def("_set_nccl_options", [](const std::string& group_name, int64_t max_ctas, int64_t cga_cluster_size,
+                                bool local_fast_path) {
+    tpext::comm::set_nccl_options(group_name, NcclOptions{max_ctas, cga_cluster_size, local_fast_path});
+  });
+  m.def("_nccl_options", [options_dict](const std::string& g) { return options_dict(tpext::comm::nccl_options(g)); });
+  m.def("_nccl_comm_info", [options_dict](const std::string& g) {
+    const auto info = tpext::comm::nccl_comm_info(g);
+    py::dict d;
+    d["created"] = info.created;
+    d["rank"] = info.rank;
+    d["size"] = info.size;
+    d["device"] = info.device;
+    d["options"] = options_dict(info.options);
+    return d;
+  });
+  m.def("_nccl_version", &tpext::comm::nccl_runtime_version);
+  m.def("_destroy_nccl_communicators", &tpext::comm::destroy_nccl_communicators);
 #else
   m.attr("cuda_compiled") = false;
 #endif
   m.attr("built_with_torch") = TPEXT_TORCH_VERSION;  // set by setup.py; must match torch at import
   tpext::comm::bind_p2p(m);  // p2p_*: symmetric buffers of a group (tpext/p2p.py drives them)
+  // Test machinery (tests/test_op_virtual_ranks.py, tests/test_cuda_ops.py): an op on R virtual ranks
+  // of one process, one thread each (comm/virtual.h). The ranks run without the GIL.
+  m.def("_run_on_virtual_ranks", &tpext::ops::run_on_virtual_ranks,
+        pybind11::call_guard<pybind11::gil_scoped_release>());
 }

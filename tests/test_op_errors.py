@@ -42,6 +42,17 @@ CASES = [
      r"x(_shard)? must be a floating-point tensor, got dtype Long"),
     ("chunks_0", OPS, (_t(4, 8), _t(6, 8), None), {"chunks": 0}, r"chunks must be >= 1 \(1 = sequential\), got 0"),
     ("chunks_neg", OPS, (_t(4, 8), _t(6, 8), None), {"chunks": -3}, r"chunks must be >= 1 \(1 = sequential\), got -3"),
+    ("algorithm_3", OPS, (_t(4, 8), _t(6, 8), None), {"algorithm": 3},
+     r"algorithm must be 0 \(sequential\), 1 \(chunked_pipeline\) or 2 \(chunked_two_streams\), got 3"),
+    ("algorithm_neg", OPS, (_t(4, 8), _t(6, 8), None), {"algorithm": -1}, r"algorithm must be 0 .* got -1"),
+    ("sequential_chunks", OPS, (_t(4, 8), _t(6, 8), None), {"chunks": 4, "algorithm": 0},
+     r"algorithm 0 \(sequential\) runs one chunk, so chunks must be 1, got 4"),
+]
+
+REDUCING = {k: OPS[k] for k in ("gemm_all_reduce", "gemm_reduce_scatter")}
+RESIDUAL_CASES = [
+    ("residual_shape", {"residual": _t(4, 5)}, r"residual must have the output's shape \[4, 6\], got \[4, 5\]"),
+    ("residual_dtype", {"residual": _t(4, 6, dtype=torch.float32)}, r"residual dtype Float must match x dtype Double"),
 ]
 
 
@@ -51,6 +62,17 @@ def _check_errors() -> None:
         for name in ops:
             with pytest.raises(RuntimeError, match=rf"tpext\.{name}: {pattern}"):
                 OPS[name](*args, **kwargs)
+    for case, kwargs, pattern in RESIDUAL_CASES:
+        for name, op in REDUCING.items():
+            x = _t(4 * world, 8)  # gemm_reduce_scatter's output is [4, 6] on every group size
+            if name == "gemm_all_reduce":
+                x = _t(4, 8)
+            with pytest.raises(RuntimeError, match=rf"tpext\.{name}: {pattern}"):
+                op(x, _t(6, 8), **kwargs)
+    with pytest.raises(ValueError, match=r"tpext: algorithm must be 'auto' or an int, got 'fast'"):
+        tpext.ops.gemm_all_reduce(_t(4, 8), _t(6, 8), algorithm="fast")
+    with pytest.raises(ValueError, match=r"tpext: chunks must be 'auto' or an int, got 'many'"):
+        tpext.ops.gemm_all_reduce(_t(4, 8), _t(6, 8), chunks="many")
     if world > 1:
         rows = world + 1  # never divisible by world >= 2
         with pytest.raises(RuntimeError, match=rf"x.size\(0\) = {rows} must be divisible by the group size {world}"):
@@ -95,3 +117,15 @@ def _check_device_mismatch() -> None:
     for name in OPS:
         with pytest.raises(RuntimeError, match=rf"tpext\.{name}: w is on cuda:0 but x(_shard)? is on cpu"):
             OPS[name](x, w)
+
+
+def _check_direct_call_with_grad() -> None:
+    w = torch.randn(6, 8, dtype=torch.float64, requires_grad=True)
+    y = tpext.ops.gemm_all_reduce(torch.randn(4, 8, dtype=torch.float64), w, chunks=2)
+    assert y.requires_grad
+    with pytest.raises(RuntimeError, match="not implemented"):
+        y.sum().backward()
+
+
+def test_direct_call_with_grad_inputs_runs_and_names_the_missing_backward():
+    run_ranks(_check_direct_call_with_grad, 2)

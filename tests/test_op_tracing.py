@@ -23,10 +23,13 @@ def _check_opcheck() -> None:
     name = tpext.group_name()
     world = tdist.get_world_size()
     x, w, b = _inputs(2 * world)
-    for args in [(x, w, b, name, 3), (x, w, None, name, 1)]:
+    residual = torch.randn(2 * world, 3, 6, dtype=f64)
+    for args in [(x, w, b, name, 3), (x, w, None, name, 1), (x, w, b, name, 1, 0), (x, w, b, name, 2, 2)]:
         torch.library.opcheck(torch.ops.tpext.gemm_all_reduce.default, args)
         torch.library.opcheck(torch.ops.tpext.gemm_reduce_scatter.default, args)
         torch.library.opcheck(torch.ops.tpext.all_gather_gemm.default, args)
+    torch.library.opcheck(torch.ops.tpext.gemm_all_reduce.default, (x, w, b, name, 2, 1, residual))
+    torch.library.opcheck(torch.ops.tpext.gemm_reduce_scatter.default, (x, w, b, name, 2, 2, residual[:2]))
 
 
 def test_opcheck():

@@ -2,7 +2,8 @@
 
 Every rank builds all ranks' inputs from fixed seeds, so it can compute the dense reference itself.
 Each rank function sweeps every chunk count from 1 to 8 (including counts that do not divide the rows
-and counts larger than the rows) over several shapes, with and without bias.
+and counts larger than the rows) and every algorithm that takes it over several shapes, with and without
+bias (and residual, for the reducing ops).
 """
 
 from __future__ import annotations
@@ -13,11 +14,21 @@ import torch.distributed as tdist
 
 import tpext
 from dist import run_ranks
+from tpext.planner import Algorithm
 
 WORLD_SIZES = [1, 2, 3, 4]
 CHUNKS = range(1, 9)
+EPILOGUE_CHUNKS = (1, 3, 8)  # the epilogue runs once per finished block: fewer counts cover its row offsets
 K, N = 16, 12
 REL_TOL = 1e-12  # fp64: chunked and sequential agree with the reference up to rounding
+
+
+def _plans(chunk_counts=CHUNKS):
+    """(chunks, algorithm) pairs: all three algorithms for one chunk, both pipelines for more."""
+    for chunks in chunk_counts:
+        algorithms = list(Algorithm) if chunks == 1 else [Algorithm.CHUNKED_PIPELINE, Algorithm.CHUNKED_TWO_STREAMS]
+        for algorithm in algorithms:
+            yield chunks, algorithm
 
 
 def _randn(seed: int, *shape: int, dtype=torch.float64) -> torch.Tensor:
@@ -45,12 +56,15 @@ def _check_gemm_all_reduce() -> list[torch.Tensor]:
         xs = [_randn(100 * si + r, *lead, K) for r in range(world)]
         ws = [_randn(1000 + 100 * si + r, N, K) for r in range(world)]
         bias = _randn(7, N)
+        residual = _randn(11, *lead, N)
         dense = sum(x @ w.T for x, w in zip(xs, ws))
-        for with_bias in (False, True):
-            want = dense + bias if with_bias else dense
-            for chunks in CHUNKS:
-                y = tpext.ops.gemm_all_reduce(xs[rank], ws[rank], bias if with_bias else None, chunks=chunks)
-                _assert_close(y, want, f"gemm_all_reduce x{lead} bias={with_bias} chunks={chunks}")
+        for with_bias, with_res in ((False, False), (True, False), (True, True)):
+            want = dense + (bias if with_bias else 0) + (residual if with_res else 0)
+            for chunks, algorithm in _plans(CHUNKS if not with_bias else EPILOGUE_CHUNKS):
+                y = tpext.ops.gemm_all_reduce(xs[rank], ws[rank], bias if with_bias else None, chunks=chunks,
+                                              algorithm=algorithm, residual=residual if with_res else None)
+                _assert_close(y, want, f"gemm_all_reduce x{lead} bias={with_bias} residual={with_res} "
+                                       f"chunks={chunks} {algorithm.name}")
                 outputs.append(y)
     return outputs
 
@@ -61,13 +75,16 @@ def _check_gemm_reduce_scatter() -> None:
         xs = [_randn(200 * si + r, world * m, *mid, K) for r in range(world)]
         ws = [_randn(2000 + 200 * si + r, N, K) for r in range(world)]
         bias = _randn(8, N)
+        residual = _randn(12 + rank, m, *mid, N)  # the residual is per rank: it belongs to this shard
         dense = sum(x @ w.T for x, w in zip(xs, ws))
         mine = dense[rank * m:(rank + 1) * m]
-        for with_bias in (False, True):
-            want = mine + bias if with_bias else mine
-            for chunks in CHUNKS:
-                y = tpext.ops.gemm_reduce_scatter(xs[rank], ws[rank], bias if with_bias else None, chunks=chunks)
-                _assert_close(y, want, f"gemm_reduce_scatter m={m} mid={mid} bias={with_bias} chunks={chunks}")
+        for with_bias, with_res in ((False, False), (True, False), (True, True)):
+            want = mine + (bias if with_bias else 0) + (residual if with_res else 0)
+            for chunks, algorithm in _plans(CHUNKS if not with_bias else EPILOGUE_CHUNKS):
+                y = tpext.ops.gemm_reduce_scatter(xs[rank], ws[rank], bias if with_bias else None, chunks=chunks,
+                                                  algorithm=algorithm, residual=residual if with_res else None)
+                _assert_close(y, want, f"gemm_reduce_scatter m={m} mid={mid} bias={with_bias} "
+                                       f"residual={with_res} chunks={chunks} {algorithm.name}")
 
 
 def _check_all_gather_gemm() -> None:
@@ -79,9 +96,10 @@ def _check_all_gather_gemm() -> None:
         x_full = torch.cat(shards)
         for with_bias in (False, True):
             want = x_full @ w.T + (bias if with_bias else 0)
-            for chunks in CHUNKS:
-                y, gathered = tpext.ops.all_gather_gemm(shards[rank], w, bias if with_bias else None, chunks=chunks)
-                what = f"all_gather_gemm m={m} mid={mid} bias={with_bias} chunks={chunks}"
+            for chunks, algorithm in _plans():
+                y, gathered = tpext.ops.all_gather_gemm(shards[rank], w, bias if with_bias else None, chunks=chunks,
+                                                        algorithm=algorithm)
+                what = f"all_gather_gemm m={m} mid={mid} bias={with_bias} chunks={chunks} {algorithm.name}"
                 _assert_close(y, want, what)
                 assert torch.equal(gathered, x_full), f"{what}: gathered input differs from the concatenated shards"
 

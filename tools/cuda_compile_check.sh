@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # CI compile check of tpext's CUDA code: builds every CMake target (kernels library, kernel tests,
-# benchmarks, NCCL/cuBLAS header check) for sm_90a, with warnings as errors, on a machine that has nvcc
-# but no GPU. Nothing is run. CMakeLists.txt fails the configure if any .cu under csrc/, tests/cpp/ or
+# benchmarks, NCCL/cuBLAS header check, and the extension's C++ sources compiled with -DTPEXT_WITH_CUDA
+# against the installed torch's headers, objects only) for sm_90a, with warnings as errors, on a machine
+# that has nvcc but no GPU. Nothing is run. CMakeLists.txt fails the configure if any .cu under csrc/, tests/cpp/ or
 # bench/ is left out of a target, so "green" means every .cu in the repo compiled.
 #
 #   tools/cuda_compile_check.sh            # exit 0: all compiled (or no nvcc: skipped); non-zero: error
@@ -55,6 +56,11 @@ def output(e):  # the object named after -o (CMake 3.25 writes no "output" key f
 missing = [output(e) for e in entries if not os.path.isfile(output(e))]
 print(f"cuda_compile_check: {len(cu)} .cu files compiled (objects up to date):")
 for f in cu:
+    print(f"  {f}")
+host = sorted({os.path.relpath(e["file"], root) for e in json.load(open(db))
+               if e["file"].endswith(".cpp") and "-DTPEXT_WITH_CUDA" in e["command"]})
+print(f"cuda_compile_check: {len(host)} extension .cpp files compiled with -DTPEXT_WITH_CUDA (no link):")
+for f in host:
     print(f"  {f}")
 if missing:
     sys.exit(f"cuda_compile_check: objects missing after the build: {missing}")

@@ -1,5 +1,7 @@
 // Communicator over any c10d ProcessGroup (gloo on CPU, NCCL on CUDA): the generic backend.
 #include "comm/communicator.h"
+#include "comm/nccl.h"
+#include "comm/virtual.h"
 
 #include <c10/util/Exception.h>
 #include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
@@ -31,8 +33,13 @@ class C10dCommunicator final : public Communicator {
     return std::make_unique<C10dPending>(pg_->allreduce(tensors));
   }
 
+  // _reduce_scatter_base is deprecated in newer torch for reduce_scatter_single, which older releases
+  // (2.11, on the GPU machines) lack; it is the one call both have.
   PendingPtr reduce_scatter(at::Tensor& out, at::Tensor& in) override {
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wdeprecated-declarations"
     return std::make_unique<C10dPending>(pg_->_reduce_scatter_base(out, in));
+#pragma GCC diagnostic pop
   }
 
   PendingPtr all_gather(std::vector<at::Tensor>& outs, at::Tensor& in) override {
@@ -51,6 +58,7 @@ class LocalCommunicator final : public Communicator {
  public:
   int rank() const override { return 0; }
   int size() const override { return 1; }
+  bool local() const override { return true; }
   PendingPtr all_reduce(at::Tensor&) override { return std::make_unique<Done>(); }
   PendingPtr reduce_scatter(at::Tensor& out, at::Tensor& in) override {
     out.copy_(in);
@@ -67,9 +75,7 @@ class LocalCommunicator final : public Communicator {
   };
 };
 
-}  // namespace
-
-std::unique_ptr<Communicator> make_c10d_communicator(const std::string& group_name, const char* op) {
+c10::intrusive_ptr<c10d::ProcessGroup> resolve_group(const std::string& group_name, const char* op) {
   c10::intrusive_ptr<c10d::ProcessGroup> pg;
   try {
     pg = c10d::resolve_process_group(group_name);
@@ -79,6 +85,35 @@ std::unique_ptr<Communicator> make_c10d_communicator(const std::string& group_na
   TORCH_CHECK(pg, "tpext.", op, ": group_name '", group_name,
               "' does not name a registered process group; pass ProcessGroup.group_name of a group made "
               "by torch.distributed (or use the tpext.ops wrappers, which take the group itself)");
+  return pg;
+}
+
+}  // namespace
+
+int64_t group_size(const std::string& group_name, const char* op) {
+  if (const int64_t virtual_size = virtual_group_size(group_name); virtual_size >= 0) return virtual_size;
+  return resolve_group(group_name, op)->getSize();
+}
+
+std::unique_ptr<Communicator> make_c10d_communicator(const std::string& group_name, const char* op) {
+  auto pg = resolve_group(group_name, op);
+  if (pg->getSize() == 1) return std::make_unique<LocalCommunicator>();
+  return std::make_unique<C10dCommunicator>(std::move(pg));
+}
+
+std::unique_ptr<Communicator> make_communicator(const std::string& group_name, const char* op,
+                                                const c10::Device& device) {
+  if (auto virtual_comm = make_virtual_communicator(group_name)) return virtual_comm;
+  auto pg = resolve_group(group_name, op);
+#ifdef TPEXT_WITH_CUDA
+  if (device.is_cuda()) {
+    const NcclOptions options = nccl_options(group_name);
+    if (pg->getSize() == 1 && options.local_fast_path) return std::make_unique<LocalCommunicator>();
+    return make_nccl_communicator(group_name, pg, device.index());
+  }
+#else
+  (void)device;
+#endif
   if (pg->getSize() == 1) return std::make_unique<LocalCommunicator>();
   return std::make_unique<C10dCommunicator>(std::move(pg));
 }

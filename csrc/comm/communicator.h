@@ -1,5 +1,6 @@
-// The one small interface every communication backend implements (c10d today; an own NCCL
-// communicator and P2P symmetric buffers later). Schedules talk only to this.
+// The one small interface every communication backend implements: c10d (any ProcessGroup), tpext's
+// own NCCL communicator (comm/nccl.h, CUDA tensors), the local identity for groups of one; P2P
+// symmetric buffers later. Schedules talk only to this.
 #pragma once
 
 #include <memory>
@@ -7,11 +8,13 @@
 #include <vector>
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
 
 namespace tpext::comm {
 
 // A collective in flight. wait() makes the caller's consumer ordered after it: on CPU (gloo) it
-// blocks the host; on CUDA (NCCL) it only makes the current stream wait, so loops stay host-async.
+// blocks the host; on CUDA (NCCL) it only makes the *current* stream wait, so loops stay host-async.
+// Call it at most once.
 class Pending {
  public:
   virtual ~Pending() = default;
@@ -19,13 +22,16 @@ class Pending {
 };
 using PendingPtr = std::unique_ptr<Pending>;
 
-// Every call is asynchronous and sum-reducing. Invariant the schedules rely on: every rank of the
+// Every call is asynchronous and sum-reducing, and ordered after the work already queued by the caller
+// (on CUDA: on the current stream at the call). Invariant the schedules rely on: every rank of the
 // group issues the same calls, with the same sizes, in the same order.
 class Communicator {
  public:
   virtual ~Communicator() = default;
   virtual int rank() const = 0;
   virtual int size() const = 0;
+  // True for the group-of-one identity: no collective is ever made, so callers may skip them.
+  virtual bool local() const { return false; }
   // In place: buf <- sum over ranks of buf.
   virtual PendingPtr all_reduce(at::Tensor& buf) = 0;
   // in: [size() * rows, ...] contiguous, block r destined to rank r; out: [rows, ...] contiguous.
@@ -34,8 +40,21 @@ class Communicator {
   virtual PendingPtr all_gather(std::vector<at::Tensor>& outs, at::Tensor& in) = 0;
 };
 
-// Resolves a torch.distributed group by its registered name (ProcessGroup.group_name). `op` names
-// the calling op in the error raised for an unknown name.
+// Groups are named by their registered name (ProcessGroup.group_name); `op` names the calling op in
+// the error raised for an unknown name.
+
+// The group's own c10d ProcessGroup (gloo, NCCL), or the local identity for a group of one: what the
+// P2P ops fall back to and compute their CPU reference over (ops/p2p.cpp).
 std::unique_ptr<Communicator> make_c10d_communicator(const std::string& group_name, const char* op);
+
+// Size of the named group (checks that depend on it run before any communicator is made).
+int64_t group_size(const std::string& group_name, const char* op);
+
+// The communicator an op on `device` uses: a virtual group's rank (comm/virtual.h) for such a name;
+// the local identity for a group of one (unless the group's
+// NCCL options ask for the real path, see comm/nccl.h), tpext's cached NCCL communicator for CUDA
+// tensors in a CUDA build, the c10d ProcessGroup otherwise.
+std::unique_ptr<Communicator> make_communicator(const std::string& group_name, const char* op,
+                                                const c10::Device& device);
 
 }  // namespace tpext::comm

@@ -19,9 +19,11 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <mutex>
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace tpext::kernels {
 namespace {
@@ -107,6 +109,29 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 template <typename T>
 using KernelFn = void (*)(T*, int64_t, const T*, const T*, int64_t, int64_t, int64_t);
 
+// One full wave of `kernel` on device `dev`: SMs x resident blocks per SM. Queried once per (device,
+// kernel) and cached: the occupancy query costs microseconds of host time, as much as the launch itself
+// for small outputs, and its answer never changes within a process. Each instantiation of the kernel
+// (dtype x vector width x operands) is its own entry.
+int64_t resident_blocks(const void* kernel, int dev) {
+  struct Entry { const void* kernel; int dev; int64_t wave; };
+  static std::mutex mu;
+  static std::vector<Entry> cache;  // a few dozen entries at most: a linear scan beats hashing
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    for (const Entry& e : cache) {
+      if (e.kernel == kernel && e.dev == dev) return e.wave;
+    }
+  }
+  int sms = 0, blocks_per_sm = 0;
+  TPEXT_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  TPEXT_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, kThreads, 0));
+  const int64_t wave = std::max<int64_t>(1, static_cast<int64_t>(sms) * std::max(1, blocks_per_sm));
+  std::lock_guard<std::mutex> lock(mu);
+  cache.push_back({kernel, dev, wave});
+  return wave;
+}
+
 // Block: kThreads threads, as wide in x as a row has units (a power of two in [32, kThreads]), the rest
 // stacked in y so that narrow matrices still fill the block with rows. Grid: one full wave of resident
 // blocks (SMs x blocks per SM for this very kernel), split between units and rows; the grid-stride
@@ -119,11 +144,9 @@ void launch_config(KernelFn<T> kernel, int64_t rows, int64_t units, dim3* grid, 
   while (bx < kThreads && bx < units) bx *= 2;
   const int by = kThreads / bx;
 
-  int dev = 0, sms = 0, blocks_per_sm = 0;
+  int dev = 0;
   TPEXT_CUDA_CHECK(cudaGetDevice(&dev));
-  TPEXT_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  TPEXT_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks_per_sm, kernel, kThreads, 0));
-  const int64_t wave = std::max<int64_t>(1, static_cast<int64_t>(sms) * std::max(1, blocks_per_sm));
+  const int64_t wave = resident_blocks(reinterpret_cast<const void*>(kernel), dev);
 
   const int64_t gx = std::min(ceil_div(units, bx), wave);
   const int64_t gy = std::min({ceil_div(rows, by), std::max<int64_t>(1, wave / gx), int64_t{65535}});

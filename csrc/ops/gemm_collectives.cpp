@@ -1,10 +1,12 @@
 // The three overlapped GEMM + collective ops: argument checks, flattening of leading dims, output
-// allocation, device guard; the chunk loops themselves live in csrc/schedule.
+// allocation, device guard, the bias/residual epilogue and the group-of-one fast path (one GEMM, no
+// collective); the chunk loops themselves live in csrc/schedule.
 #include "ops/ops.h"
 
 #include <vector>
 
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/util/Exception.h>
 
@@ -15,11 +17,11 @@
 namespace tpext::ops {
 namespace {
 
-// Validates what every op shares and returns the rows of the flattened [rows, K] input. Runs before
-// any collective and depends only on local arguments, so a bad call fails on the rank that made it
+// Validates what every op shares (including the plan: chunks and algorithm). Runs before any
+// communicator is made or used and depends only on local arguments, so a bad call fails on the rank that made it
 // instead of leaving its peers waiting.
 void check_gemm_args(const char* op, const char* x_name, const at::Tensor& x, const at::Tensor& w,
-                     const std::optional<at::Tensor>& bias, int64_t chunks) {
+                     const std::optional<at::Tensor>& bias, int64_t chunks, int64_t algorithm) {
   TORCH_CHECK(x.dim() >= 2, "tpext.", op, ": ", x_name, " must be [*, K] with at least 2 dims, got shape ",
               x.sizes());
   TORCH_CHECK(w.dim() == 2, "tpext.", op, ": w must be 2-D [N, K] (nn.Linear layout), got shape ", w.sizes());
@@ -40,6 +42,27 @@ void check_gemm_args(const char* op, const char* x_name, const at::Tensor& x, co
                 " is on ", x.device(), "; all tensors must be on one device");
   }
   TORCH_CHECK(chunks >= 1, "tpext.", op, ": chunks must be >= 1 (1 = sequential), got ", chunks);
+  TORCH_CHECK(algorithm >= 0 && algorithm < schedule::kNumAlgorithms, "tpext.", op,
+              ": algorithm must be 0 (sequential), 1 (chunked_pipeline) or 2 (chunked_two_streams), got ",
+              algorithm);
+  TORCH_CHECK(algorithm != static_cast<int64_t>(schedule::Algorithm::kSequential) || chunks == 1, "tpext.", op,
+              ": algorithm 0 (sequential) runs one chunk, so chunks must be 1, got ", chunks);
+}
+
+schedule::Plan plan_of(int64_t chunks, int64_t algorithm) {
+  return {static_cast<schedule::Algorithm>(algorithm), chunks};
+}
+
+// The residual has the op's output shape; checked before any collective like everything else.
+void check_residual(const char* op, const std::optional<at::Tensor>& residual, const at::Tensor& out,
+                    const at::Tensor& x) {
+  if (!residual.has_value()) return;
+  TORCH_CHECK(residual->sizes() == out.sizes(), "tpext.", op, ": residual must have the output's shape ",
+              out.sizes(), ", got ", residual->sizes());
+  TORCH_CHECK(residual->scalar_type() == x.scalar_type(), "tpext.", op, ": residual dtype ",
+              residual->scalar_type(), " must match x dtype ", x.scalar_type());
+  TORCH_CHECK(residual->device() == x.device(), "tpext.", op, ": residual is on ", residual->device(),
+              " but x is on ", x.device(), "; all tensors must be on one device");
 }
 
 // [d0, d1, ..., K] -> [d0 * d1 * ..., K], contiguous (a view whenever the input allows it).
@@ -53,51 +76,79 @@ std::vector<int64_t> sizes_like(const at::Tensor& t, int64_t dim0, int64_t last)
   return sizes;
 }
 
-schedule::RowsEpilogue bias_epilogue(const std::optional<at::Tensor>& bias) {
-  if (!bias.has_value()) return {};
-  at::Tensor b = bias->contiguous();
-  return [b](at::Tensor& rows) { add_bias_(rows, b); };
+// Bias and residual, added once to each finished block of output rows.
+schedule::RowsEpilogue add_epilogue(const std::optional<at::Tensor>& bias,
+                                    const std::optional<at::Tensor>& residual) {
+  if (!bias.has_value() && !residual.has_value()) return {};
+  std::optional<at::Tensor> b, res;
+  if (bias.has_value()) b.emplace(bias->contiguous());
+  if (residual.has_value()) res.emplace(rows_of(*residual));
+  return [b, res](at::Tensor& rows, int64_t first_row) {
+    std::optional<at::Tensor> res_rows;
+    if (res) res_rows = res->narrow(0, first_row, rows.size(0));
+    add_bias_residual_(rows, b, res_rows);
+  };
+}
+
+// A group of one: the collective is the identity, so the op is one GEMM straight into its output.
+void local_gemm(const at::Tensor& x_rows, const at::Tensor& w, at::Tensor& y_rows,
+                const schedule::RowsEpilogue& epilogue) {
+  at::mm_out(y_rows, x_rows, w.t());
+  if (epilogue) epilogue(y_rows, 0);
 }
 
 }  // namespace
 
 at::Tensor gemm_all_reduce(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
-                           const std::string& group_name, int64_t chunks) {
-  check_gemm_args("gemm_all_reduce", "x", x, w, bias, chunks);
-  c10::DeviceGuard guard(x.device());
-  auto comm = comm::make_c10d_communicator(group_name, "gemm_all_reduce");
-
+                           const std::string& group_name, int64_t chunks, int64_t algorithm,
+                           const std::optional<at::Tensor>& residual) {
+  check_gemm_args("gemm_all_reduce", "x", x, w, bias, chunks, algorithm);
   at::Tensor y = at::empty(sizes_like(x, x.size(0), w.size(0)), x.options());
+  check_residual("gemm_all_reduce", residual, y, x);
+  c10::DeviceGuard guard(x.device());
+  auto comm = comm::make_communicator(group_name, "gemm_all_reduce", x.device());
   if (y.numel() == 0) return y;
   at::Tensor y_rows = y.view({-1, w.size(0)});
-  schedule::gemm_all_reduce(rows_of(x), w, y_rows, *comm, chunks, bias_epilogue(bias));
+  const auto epilogue = add_epilogue(bias, residual);
+  if (comm->local()) {
+    local_gemm(rows_of(x), w, y_rows, epilogue);
+  } else {
+    schedule::gemm_all_reduce(rows_of(x), w, y_rows, *comm, plan_of(chunks, algorithm), epilogue);
+  }
   return y;
 }
 
 at::Tensor gemm_reduce_scatter(const at::Tensor& x, const at::Tensor& w,
                                const std::optional<at::Tensor>& bias, const std::string& group_name,
-                               int64_t chunks) {
-  check_gemm_args("gemm_reduce_scatter", "x", x, w, bias, chunks);
-  c10::DeviceGuard guard(x.device());
-  auto comm = comm::make_c10d_communicator(group_name, "gemm_reduce_scatter");
-  const int64_t world = comm->size();
+                               int64_t chunks, int64_t algorithm, const std::optional<at::Tensor>& residual) {
+  check_gemm_args("gemm_reduce_scatter", "x", x, w, bias, chunks, algorithm);
+  const int64_t world = comm::group_size(group_name, "gemm_reduce_scatter");
   TORCH_CHECK(x.size(0) % world == 0, "tpext.gemm_reduce_scatter: x.size(0) = ", x.size(0),
               " must be divisible by the group size ", world, " (each rank receives x.size(0) / ", world,
               " rows), got x ", x.sizes());
 
   at::Tensor y_shard = at::empty(sizes_like(x, x.size(0) / world, w.size(0)), x.options());
+  check_residual("gemm_reduce_scatter", residual, y_shard, x);
+  c10::DeviceGuard guard(x.device());
+  auto comm = comm::make_communicator(group_name, "gemm_reduce_scatter", x.device());
   if (y_shard.numel() == 0) return y_shard;
   at::Tensor y_rows = y_shard.view({-1, w.size(0)});
-  schedule::gemm_reduce_scatter(rows_of(x), w, y_rows, *comm, chunks, bias_epilogue(bias));
+  const auto epilogue = add_epilogue(bias, residual);
+  if (comm->local()) {
+    local_gemm(rows_of(x), w, y_rows, epilogue);
+  } else {
+    schedule::gemm_reduce_scatter(rows_of(x), w, y_rows, *comm, plan_of(chunks, algorithm), epilogue);
+  }
   return y_shard;
 }
 
 std::tuple<at::Tensor, at::Tensor> all_gather_gemm(const at::Tensor& x_shard, const at::Tensor& w,
                                                    const std::optional<at::Tensor>& bias,
-                                                   const std::string& group_name, int64_t chunks) {
-  check_gemm_args("all_gather_gemm", "x_shard", x_shard, w, bias, chunks);
+                                                   const std::string& group_name, int64_t chunks,
+                                                   int64_t algorithm) {
+  check_gemm_args("all_gather_gemm", "x_shard", x_shard, w, bias, chunks, algorithm);
   c10::DeviceGuard guard(x_shard.device());
-  auto comm = comm::make_c10d_communicator(group_name, "all_gather_gemm");
+  auto comm = comm::make_communicator(group_name, "all_gather_gemm", x_shard.device());
   const int64_t world = comm->size();
 
   at::Tensor x_full = at::empty(sizes_like(x_shard, world * x_shard.size(0), x_shard.size(-1)), x_shard.options());
@@ -105,7 +156,14 @@ std::tuple<at::Tensor, at::Tensor> all_gather_gemm(const at::Tensor& x_shard, co
   if (y.numel() == 0) return {y, x_full};
   at::Tensor x_full_rows = x_full.view({-1, x_shard.size(-1)});
   at::Tensor y_rows = y.view({-1, w.size(0)});
-  schedule::all_gather_gemm(rows_of(x_shard), w, x_full_rows, y_rows, *comm, chunks, bias_epilogue(bias));
+  const auto epilogue = add_epilogue(bias, std::nullopt);
+  if (comm->local()) {
+    x_full_rows.copy_(rows_of(x_shard));  // returned for the weight gradient: the one copy a group of one makes
+    local_gemm(x_full_rows, w, y_rows, epilogue);
+  } else {
+    schedule::all_gather_gemm(rows_of(x_shard), w, x_full_rows, y_rows, *comm, plan_of(chunks, algorithm),
+                              epilogue);
+  }
   return {y, x_full};
 }
 

@@ -1,9 +1,10 @@
 // GEMM + all-reduce (row-parallel forward without sequence parallelism).
 //
-// Chunk j = output rows split_rows(M, c, j). The loop issues GEMM j, then the all-reduce of chunk j,
-// and moves on to GEMM j+1 without waiting: the all-reduces queue up behind each other on the
-// communication side while the GEMMs run here. Each chunk's epilogue runs once its reduction is done.
-// With c = 1 this is exactly the sequential algorithm: one GEMM, one all-reduce.
+// Chunk j = output rows split_rows(M, c, j). The loop issues GEMM j (on lane j % lanes), then the
+// all-reduce of chunk j, and moves on to GEMM j+1 without waiting: the all-reduces queue up behind
+// each other on the communication side while the GEMMs run. Each chunk's epilogue runs on the caller's
+// stream once its reduction is done. With c = 1 this is exactly the sequential algorithm: one GEMM,
+// one all-reduce.
 #include "schedule/schedule.h"
 
 #include <vector>
@@ -15,17 +16,19 @@
 namespace tpext::schedule {
 
 void gemm_all_reduce(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, comm::Communicator& comm,
-                     int64_t chunks, const RowsEpilogue& epilogue) {
+                     const Plan& plan, const RowsEpilogue& epilogue) {
   const int64_t rows = x.size(0);
-  const int64_t c = effective_chunks(rows, chunks);
+  const int64_t c = plan.chunks_for(rows);
   const at::Tensor w_t = w.t();
 
   std::vector<at::Tensor> y_chunks;
   std::vector<comm::PendingPtr> pending;
   y_chunks.reserve(c);
   pending.reserve(c);
+  ComputeLanes lanes(y.device(), plan.lanes_for(rows));
   for (int64_t j = 0; j < c; ++j) {
     const RowRange r = split_rows(rows, c, j);
+    auto on_lane = lanes.enter(j);
     // A row slice of a contiguous matrix is contiguous: the GEMM writes straight into the buffer
     // the all-reduce works on, no staging copy.
     y_chunks.push_back(y.narrow(0, r.begin, r.size));
@@ -34,8 +37,9 @@ void gemm_all_reduce(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, co
   }
   for (int64_t j = 0; j < c; ++j) {
     pending[j]->wait();
-    if (epilogue) epilogue(y_chunks[j]);
+    if (epilogue) epilogue(y_chunks[j], split_rows(rows, c, j).begin);
   }
+  lanes.join();
 }
 
 }  // namespace tpext::schedule

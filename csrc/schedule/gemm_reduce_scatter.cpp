@@ -1,8 +1,9 @@
 // GEMM + reduce-scatter (row-parallel forward with sequence parallelism).
 //
 // The partial product P = x @ w.T is [M, N], viewed as R blocks of m = M/R rows, block r destined to
-// rank r. Chunk j takes rows split_rows(m, c, j) of every block: its send buffer is [R, h, N]
-// (contiguous, block r first), its result is rows [b, b+h) of this rank's y_shard. GEMM j+1 runs
+// rank r. Chunk j takes rows split_rows(m, c, j) = [b, b+h) of every block: its send buffer is [R, h, N]
+// (contiguous, block r first), its result is rows [b, b+h) of this rank's y_shard. The GEMMs write
+// straight into the send buffer, one GEMM per destination block, on lane j % lanes; GEMM j+1 runs
 // while the reduce-scatter of chunk j is in flight. With c = 1 the chunk is all of P, computed by one
 // GEMM: the sequential algorithm.
 #include "schedule/schedule.h"
@@ -17,22 +18,25 @@
 namespace tpext::schedule {
 
 void gemm_reduce_scatter(const at::Tensor& x, const at::Tensor& w, at::Tensor& y_shard,
-                         comm::Communicator& comm, int64_t chunks, const RowsEpilogue& epilogue) {
+                         comm::Communicator& comm, const Plan& plan, const RowsEpilogue& epilogue) {
   const int64_t world = comm.size();
   const int64_t m = y_shard.size(0);
   const int64_t n = y_shard.size(1);
-  const int64_t c = effective_chunks(m, chunks);
+  const int64_t c = plan.chunks_for(m);
   const at::Tensor w_t = w.t();
 
-  std::vector<at::Tensor> sends;  // kept alive until their reduce-scatter completed
+  // One allocation for every chunk's send buffer, on the caller's stream and before the lanes fork
+  // (lanes.h): chunk j's buffer is rows [R*b, R*(b+h)), contiguous.
+  at::Tensor sends = at::empty({world * m, n}, y_shard.options());
   std::vector<at::Tensor> y_chunks;
   std::vector<comm::PendingPtr> pending;
-  sends.reserve(c);
   y_chunks.reserve(c);
   pending.reserve(c);
+  ComputeLanes lanes(y_shard.device(), plan.lanes_for(m));
   for (int64_t j = 0; j < c; ++j) {
     const RowRange r = split_rows(m, c, j);
-    at::Tensor send = at::empty({world * r.size, n}, y_shard.options());
+    auto on_lane = lanes.enter(j);
+    at::Tensor send = sends.narrow(0, world * r.begin, world * r.size);
     if (r.size == m) {
       at::mm_out(send, x, w_t);  // one chunk: the blocks are already in rank order
     } else {
@@ -43,12 +47,12 @@ void gemm_reduce_scatter(const at::Tensor& x, const at::Tensor& w, at::Tensor& y
     }
     y_chunks.push_back(y_shard.narrow(0, r.begin, r.size));
     pending.push_back(comm.reduce_scatter(y_chunks.back(), send));
-    sends.push_back(std::move(send));
   }
   for (int64_t j = 0; j < c; ++j) {
     pending[j]->wait();
-    if (epilogue) epilogue(y_chunks[j]);
+    if (epilogue) epilogue(y_chunks[j], split_rows(m, c, j).begin);
   }
+  lanes.join();
 }
 
 }  // namespace tpext::schedule

@@ -2,8 +2,9 @@
 //
 // All tensors are 2-D, row-major contiguous outputs preallocated by csrc/ops. w is [N, K] (nn.Linear
 // layout, any strides). R = comm.size(). The same code serves gloo (collectives run on gloo's
-// threads while this thread runs the next GEMM) and NCCL (collectives on NCCL's stream while the
-// current stream runs the next GEMM; wait() orders streams without a host sync).
+// threads while this thread runs the next GEMM) and CUDA (chunk GEMMs on one or two compute lanes,
+// collectives on the communication stream, events between them; wait() orders streams without a host
+// sync, so the loop is CUDA-graph capturable). Streams and lanes: csrc/schedule/lanes.h, docs/cuda.md.
 #pragma once
 
 #include <cstdint>
@@ -13,34 +14,60 @@
 
 #include "comm/communicator.h"
 #include "common/rows.h"
+#include "schedule/lanes.h"
 
 namespace tpext::schedule {
 
-// How the loop is arranged. Chosen from `chunks` today (1 -> sequential); Python policy will pick
-// it explicitly once there is more than one pipelined algorithm per op.
+// How the loop is arranged. Chosen in Python (tpext.planner.Algorithm mirrors the values, which are
+// part of the op schemas) and passed down with the chunk count.
 enum class Algorithm : int64_t {
-  kSequential = 0,       // one GEMM, then one collective (or the reverse for all-gather)
-  kChunkedPipeline = 1,  // row chunks; the collective of chunk i overlaps the GEMM of chunk i+1
+  kSequential = 0,         // one GEMM, then one collective (or the reverse for all-gather); chunks must be 1
+  kChunkedPipeline = 1,    // row chunks; the collective of chunk i overlaps the GEMM of chunk i+1
+  kChunkedTwoStreams = 2,  // as kChunkedPipeline, chunk GEMMs alternating between two compute streams
+                           // (CUDA; on CPU identical to kChunkedPipeline)
 };
+constexpr int64_t kNumAlgorithms = 3;
 
-inline Algorithm algorithm_for(int64_t rows, int64_t chunks) {
-  return effective_chunks(rows, chunks) == 1 ? Algorithm::kSequential : Algorithm::kChunkedPipeline;
+inline const char* algorithm_name(Algorithm a) {
+  switch (a) {
+    case Algorithm::kSequential: return "sequential";
+    case Algorithm::kChunkedPipeline: return "chunked_pipeline";
+    case Algorithm::kChunkedTwoStreams: return "chunked_two_streams";
+  }
+  return "unknown";
 }
 
+// What a schedule executes: the algorithm and the chunk count the op was given (validated by csrc/ops).
+struct Plan {
+  Algorithm algorithm;
+  int64_t chunks;
+
+  // Chunks actually used for `rows` rows (1 for kSequential, or when rows allow no more).
+  int64_t chunks_for(int64_t rows) const {
+    return algorithm == Algorithm::kSequential ? 1 : effective_chunks(rows, chunks);
+  }
+  // Compute streams the chunk GEMMs alternate over.
+  int64_t lanes_for(int64_t rows) const {
+    return algorithm == Algorithm::kChunkedTwoStreams && chunks_for(rows) > 1 ? 2 : 1;
+  }
+};
+
 // Applied to each block of finished output rows exactly once, after its collective completed
-// (e.g. "add bias once, after the reduction"). May be empty.
-using RowsEpilogue = std::function<void(at::Tensor& rows)>;
+// (e.g. "add bias and residual once, after the reduction"); first_row is the block's first row in the
+// op's output. Runs on the current stream (or thread) at the call, which is ordered after the rows are
+// final. May be empty.
+using RowsEpilogue = std::function<void(at::Tensor& rows, int64_t first_row)>;
 
 // y[M, N] = all_reduce(x[M, K] @ w.T)
 void gemm_all_reduce(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, comm::Communicator& comm,
-                     int64_t chunks, const RowsEpilogue& epilogue);
+                     const Plan& plan, const RowsEpilogue& epilogue);
 
 // y_shard[M/R, N] = rows [rank*M/R, (rank+1)*M/R) of reduce_scatter_dim0(x[M, K] @ w.T)
 void gemm_reduce_scatter(const at::Tensor& x, const at::Tensor& w, at::Tensor& y_shard,
-                         comm::Communicator& comm, int64_t chunks, const RowsEpilogue& epilogue);
+                         comm::Communicator& comm, const Plan& plan, const RowsEpilogue& epilogue);
 
 // x_full[R*m, K] = all_gather_dim0(x_shard[m, K]);  y[R*m, N] = x_full @ w.T
 void all_gather_gemm(const at::Tensor& x_shard, const at::Tensor& w, at::Tensor& x_full, at::Tensor& y,
-                     comm::Communicator& comm, int64_t chunks, const RowsEpilogue& epilogue);
+                     comm::Communicator& comm, const Plan& plan, const RowsEpilogue& epilogue);
 
 }  // namespace tpext::schedule

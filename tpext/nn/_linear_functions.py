@@ -2,6 +2,7 @@
 backward its dual, overlapped the same way. Shapes: R = tp size, s = tokens (dim 0, flattened with any
 further leading dims into M rows), K = in_features, N = out_features; "x @ W.T" as in nn.Linear.
 Weight/bias gradients are exact; they are computed locally from the saved or gathered activations.
+`schedule` is a tpext.planner.Schedule (chunks, algorithm), used by the forward op and its dual alike.
 """
 
 from __future__ import annotations
@@ -33,9 +34,9 @@ class ColumnLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w, b, group, chunks):
+    def forward(ctx, x, w, b, group, schedule):
         ctx.save_for_backward(x, w)
-        ctx.group, ctx.chunks, ctx.has_bias = group, chunks, b is not None
+        ctx.group, ctx.schedule, ctx.has_bias = group, schedule, b is not None
         ctx.module = stats.current_module()
         return torch.nn.functional.linear(x, w, b)
 
@@ -45,7 +46,7 @@ class ColumnLinear(torch.autograd.Function):
         dx = None
         if ctx.needs_input_grad[0]:
             stats.record("all_reduce", x.numel(), dy.dtype, ctx.group.size(), backward=True, module=ctx.module)
-            dx = ops.gemm_all_reduce(dy.contiguous(), w.t(), None, ctx.group, ctx.chunks)
+            dx = ops.gemm_all_reduce(dy.contiguous(), w.t(), None, ctx.group, *ctx.schedule)
         dw = _wgrad(dy, x) if ctx.needs_input_grad[1] else None
         return dx, dw, _bgrad(dy, ctx.has_bias), None, None
 
@@ -61,11 +62,11 @@ class ColumnLinearSP(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_shard, w, b, group, chunks):
-        y, x_full = ops.all_gather_gemm(x_shard, w, b, group, chunks)
+    def forward(ctx, x_shard, w, b, group, schedule):
+        y, x_full = ops.all_gather_gemm(x_shard, w, b, group, *schedule)
         stats.record("all_gather", x_full.numel(), x_full.dtype, group.size())
         ctx.save_for_backward(x_full, w)
-        ctx.group, ctx.chunks, ctx.has_bias = group, chunks, b is not None
+        ctx.group, ctx.schedule, ctx.has_bias = group, schedule, b is not None
         ctx.module = stats.current_module()
         return y
 
@@ -76,7 +77,7 @@ class ColumnLinearSP(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             stats.record("reduce_scatter", x_full.numel(), dy.dtype, ctx.group.size(), backward=True,
                               module=ctx.module)
-            dx = ops.gemm_reduce_scatter(dy.contiguous(), w.t(), None, ctx.group, ctx.chunks)
+            dx = ops.gemm_reduce_scatter(dy.contiguous(), w.t(), None, ctx.group, *ctx.schedule)
         dw = _wgrad(dy, x_full) if ctx.needs_input_grad[1] else None
         return dx, dw, _bgrad(dy, ctx.has_bias), None, None
 
@@ -91,8 +92,8 @@ class RowLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w, b, group, chunks):
-        y = ops.gemm_all_reduce(x, w, b, group, chunks)
+    def forward(ctx, x, w, b, group, schedule):
+        y = ops.gemm_all_reduce(x, w, b, group, *schedule)
         stats.record("all_reduce", y.numel(), y.dtype, group.size())
         ctx.save_for_backward(x, w)
         ctx.has_bias = b is not None
@@ -117,11 +118,11 @@ class RowLinearSP(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w, b, group, chunks):
-        y_shard = ops.gemm_reduce_scatter(x, w, b, group, chunks)
+    def forward(ctx, x, w, b, group, schedule):
+        y_shard = ops.gemm_reduce_scatter(x, w, b, group, *schedule)
         stats.record("reduce_scatter", y_shard.numel() * group.size(), y_shard.dtype, group.size())
         ctx.save_for_backward(x, w)
-        ctx.group, ctx.chunks, ctx.has_bias = group, chunks, b is not None
+        ctx.group, ctx.schedule, ctx.has_bias = group, schedule, b is not None
         ctx.module = stats.current_module()
         return y_shard
 
@@ -131,6 +132,6 @@ class RowLinearSP(torch.autograd.Function):
         stats.record("all_gather", dy_shard.numel() * ctx.group.size(), dy_shard.dtype, ctx.group.size(),
                           backward=True, module=ctx.module)
         # The gathered dy is needed for the weight gradient whatever needs_input_grad says.
-        dx, dy_full = ops.all_gather_gemm(dy_shard.contiguous(), w.t(), None, ctx.group, ctx.chunks)
+        dx, dy_full = ops.all_gather_gemm(dy_shard.contiguous(), w.t(), None, ctx.group, *ctx.schedule)
         dw = _wgrad(dy_full, x) if ctx.needs_input_grad[1] else None
         return (dx if ctx.needs_input_grad[0] else None), dw, _bgrad(dy_full, ctx.has_bias), None, None

@@ -20,7 +20,7 @@ from tpext import mappings, p2p, stats
 from tpext.distributed import GroupLike, resolve_group
 from tpext.nn._linear_functions import ColumnLinear, ColumnLinearSP, RowLinear, RowLinearSP
 from tpext.p2p_functions import RowLinearP2P
-from tpext.planner import resolve_chunks
+from tpext.planner import AlgorithmLike, Schedule, resolve_chunks, resolve_schedule
 from tpext.sharding import Piece, ShardLayout, piece_segments, set_layout
 
 __all__ = ["ColumnParallelLinear", "RowParallelLinear", "SharedInputColumns"]
@@ -30,6 +30,10 @@ Chunks = Union[int, str]
 
 class _ParallelLinear(nn.Module):
     """What both layers share: the group, the local weight/bias, init, and the input checks."""
+
+    #: Schedule of the overlapped ops (tpext.planner.Algorithm or "auto"); set on an instance to override
+    #: the planner's choice, like the `chunks` argument overrides its chunk count.
+    algorithm: AlgorithmLike = "auto"
 
     def __init__(self, in_features: int, out_features: int, bias: bool, group: GroupLike, sharded_dim: int,
                  sequence_parallel: bool, chunks: Chunks, device, dtype, pieces: Optional[Sequence[Piece]] = None,
@@ -117,11 +121,12 @@ class _ParallelLinear(nn.Module):
     def _check_sequence(self, x: Tensor, rows: int) -> None:
         if rows % self.tp_size != 0:
             raise ValueError(f"tpext.{type(self).__name__}: sequence_parallel needs the sequence length "
-                             f"(dim {self.sequence_dim}) divisible by the tensor-parallel size {self.tp_size}, got {rows} "
-                             f"(input shape {tuple(x.shape)})")
+                             f"(dim {self.sequence_dim}) divisible by the tensor-parallel size {self.tp_size}, "
+                             f"got {rows} (input shape {tuple(x.shape)})")
 
-    def _chunks(self, rows: int) -> int:
-        return resolve_chunks(self.chunks, rows, self.tp_size)
+    def _schedule(self, rows: int) -> Schedule:
+        """The (chunks, algorithm) schedule the ops get for `rows` rows of GEMM output."""
+        return resolve_schedule(self.chunks, self.algorithm, rows, self.tp_size, self.weight.device.type)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -173,11 +178,11 @@ class ColumnParallelLinear(_ParallelLinear):
         if self.sequence_parallel:  # x is a sequence shard: any length gathers to R times it
             x = self._sequence_first(x)
             rows = x.numel() // max(x.shape[-1], 1) * self.tp_size
-            y = ColumnLinearSP.apply(x, w, b, self.group, self._chunks(rows))
+            y = ColumnLinearSP.apply(x, w, b, self.group, self._schedule(rows))
             y = y.movedim(0, self.sequence_dim) if self.sequence_dim else y
         else:
             rows = x.numel() // max(x.shape[-1], 1)
-            y = ColumnLinear.apply(x, w, b, self.group, self._chunks(rows))
+            y = ColumnLinear.apply(x, w, b, self.group, self._schedule(rows))
         if self.gather_output:
             y = mappings.gather_from_tp(y, self.out_features, self.group)
         return y
@@ -282,10 +287,10 @@ class RowParallelLinear(_ParallelLinear):
             if self.sequence_parallel:
                 x = self._sequence_first(x)
                 self._check_sequence(x, x.shape[0])
-                y = RowLinearSP.apply(x, self.weight, self.bias, self.group, self._chunks(rows))
+                y = RowLinearSP.apply(x, self.weight, self.bias, self.group, self._schedule(rows))
                 return y.movedim(0, self.sequence_dim) if self.sequence_dim else y
             # Small messages (decode): the P2P all-reduce instead of the overlapped NCCL one (tpext.p2p).
             algorithm = p2p.algorithm_for(x, self.group, nbytes=rows * self.out_features * x.element_size())
             if algorithm is not None:
                 return RowLinearP2P.apply(x, self.weight, self.bias, self.group, algorithm)
-            return RowLinear.apply(x, self.weight, self.bias, self.group, self._chunks(rows))
+            return RowLinear.apply(x, self.weight, self.bias, self.group, self._schedule(rows))

@@ -1,0 +1,312 @@
+// NcclComm (RAII over ncclComm_t), the Communicator over it, and the registry keyed by group name.
+#ifdef TPEXT_WITH_CUDA
+
+#include "comm/nccl.h"
+
+#include <cstring>
+#include <mutex>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <c10/cuda/CUDAEvent.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/Exception.h>
+#include <nccl.h>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+#include <torch/csrc/distributed/c10d/Types.hpp>
+
+#include "common/cuda_streams.h"
+#include "common/nccl_check.h"
+
+// ncclConfig_t (blocking, cgaClusterSize, minCTAs, maxCTAs) exists since NCCL 2.14.
+#define TPEXT_NCCL_HAS_CONFIG (NCCL_VERSION_CODE >= NCCL_VERSION(2, 14, 0))
+
+namespace tpext::comm {
+namespace {
+
+ncclDataType_t nccl_dtype(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return ncclFloat32;
+    case at::kHalf: return ncclFloat16;
+    case at::kBFloat16: return ncclBfloat16;
+    case at::kDouble: return ncclFloat64;
+    default: break;
+  }
+  TORCH_CHECK(false, "tpext: the NCCL communicator reduces float32, float16, bfloat16 or float64 tensors, got ",
+              t.scalar_type());
+  return ncclFloat32;
+}
+
+// The unique id crosses the group through c10d once, at creation: rank 0 makes it, a broadcast on the
+// group's CPU backend (or its CUDA one, e.g. a pure "nccl" group) hands it to everyone.
+ncclUniqueId exchange_unique_id(c10d::ProcessGroup& pg, c10::DeviceIndex device) {
+  ncclUniqueId id;
+  std::memset(&id, 0, sizeof(id));
+  if (pg.getRank() == 0) TPEXT_NCCL_CHECK(ncclGetUniqueId(&id));
+  const bool on_cpu = pg.hasBackendForDeviceType(c10::DeviceType::CPU);
+  const auto bytes = static_cast<int64_t>(sizeof(id));
+  at::Tensor host = at::from_blob(&id, {bytes}, at::TensorOptions().dtype(at::kByte)).clone();
+  at::Tensor buf = on_cpu ? host : host.to(at::Device(at::kCUDA, device));
+  std::vector<at::Tensor> tensors{buf};
+  c10d::BroadcastOptions opts;
+  opts.rootRank = 0;
+  pg.broadcast(tensors, opts)->wait();
+  at::Tensor got = buf.cpu();
+  std::memcpy(&id, got.data_ptr(), sizeof(id));
+  return id;
+}
+
+class NcclComm {
+ public:
+  NcclComm(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, c10::DeviceIndex device, const NcclOptions& options)
+      : pg_(pg), device_(device), rank_(pg->getRank()), size_(pg->getSize()), options_(options),
+        stream_(cuda::comm_stream(device)) {
+    const ncclUniqueId id = exchange_unique_id(*pg, device);
+    c10::cuda::CUDAGuard guard(device);
+#if TPEXT_NCCL_HAS_CONFIG
+    ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
+    config.blocking = 1;
+    if (options.max_ctas > 0) {
+      config.minCTAs = 1;
+      config.maxCTAs = static_cast<int>(options.max_ctas);
+    }
+    if (options.cga_cluster_size > 0) config.cgaClusterSize = static_cast<int>(options.cga_cluster_size);
+    TPEXT_NCCL_CHECK(ncclCommInitRankConfig(&comm_, size_, id, rank_, &config));
+#else
+    TORCH_CHECK(options.max_ctas == 0 && options.cga_cluster_size == 0,
+                "tpext: max_ctas / cga_cluster_size need NCCL >= 2.14, this build has ", NCCL_VERSION_CODE);
+    TPEXT_NCCL_CHECK(ncclCommInitRank(&comm_, size_, id, rank_));
+#endif
+  }
+
+  ~NcclComm() {
+    // Finalize flushes the collectives still queued on the communication stream before the destroy;
+    // a destructor cannot throw, so a failure is reported and the communicator leaked.
+    c10::cuda::CUDAGuard guard(device_);
+#if TPEXT_NCCL_HAS_CONFIG
+    if (ncclCommFinalize(comm_) != ncclSuccess) {
+      TORCH_WARN("tpext: ncclCommFinalize failed: ", ncclGetLastError(comm_));
+      return;
+    }
+#endif
+    if (ncclCommDestroy(comm_) != ncclSuccess) TORCH_WARN("tpext: ncclCommDestroy failed");
+  }
+
+  NcclComm(const NcclComm&) = delete;
+  NcclComm& operator=(const NcclComm&) = delete;
+
+  bool serves(const c10d::ProcessGroup* pg) const { return pg_.lock().get() == pg; }
+  c10::DeviceIndex device() const { return device_; }
+  int rank() const { return rank_; }
+  int size() const { return size_; }
+  const NcclOptions& options() const { return options_; }
+  ncclComm_t get() const { return comm_; }
+  const c10::cuda::CUDAStream& stream() const { return stream_; }
+
+ private:
+  c10::weak_intrusive_ptr<c10d::ProcessGroup> pg_;  // identity only: a re-made group reusing the name is a new comm
+  c10::DeviceIndex device_;
+  int rank_, size_;
+  NcclOptions options_;
+  c10::cuda::CUDAStream stream_;
+  ncclComm_t comm_ = nullptr;
+};
+
+class NcclPending final : public Pending {
+ public:
+  NcclPending(std::unique_ptr<c10::cuda::CUDAEvent> done, c10::DeviceIndex device)
+      : done_(std::move(done)), device_(device) {}
+  void wait() override { done_->block(c10::cuda::getCurrentCUDAStream(device_)); }
+
+ private:
+  std::unique_ptr<c10::cuda::CUDAEvent> done_;
+  c10::DeviceIndex device_;
+};
+
+class NcclCommunicator final : public Communicator {
+ public:
+  explicit NcclCommunicator(std::shared_ptr<NcclComm> comm) : comm_(std::move(comm)) {}
+
+  int rank() const override { return comm_->rank(); }
+  int size() const override { return comm_->size(); }
+
+  PendingPtr all_reduce(at::Tensor& buf) override {
+    check(buf, "all_reduce buffer");
+    return enqueue([&](cudaStream_t s) {
+      TPEXT_NCCL_CHECK(ncclAllReduce(buf.data_ptr(), buf.data_ptr(), buf.numel(), nccl_dtype(buf), ncclSum,
+                                     comm_->get(), s));
+    });
+  }
+
+  PendingPtr reduce_scatter(at::Tensor& out, at::Tensor& in) override {
+    check(out, "reduce_scatter output");
+    check(in, "reduce_scatter input");
+    TORCH_CHECK(in.numel() == out.numel() * size(), "tpext: reduce_scatter input has ", in.numel(),
+                " elements, expected ", size(), " x ", out.numel());
+    return enqueue([&](cudaStream_t s) {
+      TPEXT_NCCL_CHECK(ncclReduceScatter(in.data_ptr(), out.data_ptr(), out.numel(), nccl_dtype(out), ncclSum,
+                                         comm_->get(), s));
+    });
+  }
+
+  // Outputs that tile one buffer in rank order (the sequential schedule) take one ncclAllGather; the
+  // chunked schedule's outputs are rows spread over x_full, received in place by one grouped
+  // broadcast per source rank instead of being gathered contiguously and copied.
+  PendingPtr all_gather(std::vector<at::Tensor>& outs, at::Tensor& in) override {
+    check(in, "all_gather input");
+    TORCH_CHECK(static_cast<int>(outs.size()) == size(), "tpext: all_gather needs ", size(), " outputs, got ",
+                outs.size());
+    const auto bytes = static_cast<int64_t>(in.nbytes());
+    bool tiled = true;
+    for (int r = 0; r < size(); ++r) {
+      check(outs[r], "all_gather output");
+      TORCH_CHECK(outs[r].numel() == in.numel(), "tpext: all_gather output ", r, " has ", outs[r].numel(),
+                  " elements, the input ", in.numel());
+      tiled = tiled && static_cast<char*>(outs[r].data_ptr()) == static_cast<char*>(outs[0].data_ptr()) + r * bytes;
+    }
+    return enqueue([&](cudaStream_t s) {
+      const ncclDataType_t dt = nccl_dtype(in);
+      if (tiled) {
+        TPEXT_NCCL_CHECK(ncclAllGather(in.data_ptr(), outs[0].data_ptr(), in.numel(), dt, comm_->get(), s));
+        return;
+      }
+      TPEXT_NCCL_CHECK(ncclGroupStart());
+      ncclResult_t first_error = ncclSuccess;
+      for (int r = 0; r < size() && first_error == ncclSuccess; ++r) {
+        first_error = ncclBroadcast(in.data_ptr(), outs[r].data_ptr(), in.numel(), dt, r, comm_->get(), s);
+      }
+      const ncclResult_t end = ncclGroupEnd();  // always closes the group, even after a failed call
+      TPEXT_NCCL_CHECK(first_error);
+      TPEXT_NCCL_CHECK(end);
+    });
+  }
+
+ private:
+  void check(const at::Tensor& t, const char* what) const {
+    TORCH_CHECK(t.is_cuda() && t.get_device() == comm_->device(), "tpext: NCCL ", what, " must be on cuda:",
+                static_cast<int>(comm_->device()), " (the group's communicator device), got ", t.device());
+    TORCH_CHECK(t.is_contiguous(), "tpext: NCCL ", what, " must be contiguous, got strides ", t.strides());
+  }
+
+  // ready (caller's stream) -> comm stream -> launch -> done (returned).
+  template <typename Launch>
+  PendingPtr enqueue(Launch&& launch) {
+    const c10::DeviceIndex dev = comm_->device();
+    c10::cuda::CUDAEvent ready;
+    ready.record(c10::cuda::getCurrentCUDAStream(dev));
+    ready.block(comm_->stream());
+    launch(comm_->stream().stream());
+    auto done = std::make_unique<c10::cuda::CUDAEvent>();
+    done->record(comm_->stream());
+    return std::make_unique<NcclPending>(std::move(done), dev);
+  }
+
+  std::shared_ptr<NcclComm> comm_;
+};
+
+// Never destroyed implicitly (see destroy_nccl_communicators).
+struct Registry {
+  std::mutex mu;
+  std::unordered_map<std::string, NcclOptions> options;
+  std::unordered_map<std::string, std::shared_ptr<NcclComm>> comms;
+};
+
+Registry& registry() {
+  static auto* r = new Registry();
+  return *r;
+}
+
+bool same(const NcclOptions& a, const NcclOptions& b) {
+  return a.max_ctas == b.max_ctas && a.cga_cluster_size == b.cga_cluster_size &&
+         a.local_fast_path == b.local_fast_path;
+}
+
+}  // namespace
+
+void set_nccl_options(const std::string& group_name, const NcclOptions& options) {
+  TORCH_CHECK(options.max_ctas >= 0 && options.max_ctas <= 1024, "tpext: max_ctas must be in [0, 1024] (0 = NCCL's "
+              "default), got ", options.max_ctas);
+  TORCH_CHECK(options.cga_cluster_size >= 0 && options.cga_cluster_size <= 8, "tpext: cga_cluster_size must be in "
+              "[0, 8] (0 = NCCL's default), got ", options.cga_cluster_size);
+  std::shared_ptr<NcclComm> dropped;  // destroyed outside the lock
+  {
+    Registry& r = registry();
+    std::lock_guard<std::mutex> lock(r.mu);
+    auto it = r.options.find(group_name);
+    if (it != r.options.end() && same(it->second, options)) return;
+    r.options[group_name] = options;
+    auto c = r.comms.find(group_name);
+    if (c != r.comms.end()) {
+      dropped = std::move(c->second);
+      r.comms.erase(c);
+    }
+  }
+}
+
+NcclOptions nccl_options(const std::string& group_name) {
+  Registry& r = registry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  auto it = r.options.find(group_name);
+  return it == r.options.end() ? NcclOptions{} : it->second;
+}
+
+std::unique_ptr<Communicator> make_nccl_communicator(const std::string& group_name,
+                                                     const c10::intrusive_ptr<c10d::ProcessGroup>& pg,
+                                                     c10::DeviceIndex device) {
+  Registry& r = registry();
+  std::shared_ptr<NcclComm> stale;  // destroyed outside the lock, after the new one exists
+  std::lock_guard<std::mutex> lock(r.mu);
+  auto it = r.comms.find(group_name);
+  if (it != r.comms.end() && !it->second->serves(pg.get())) {
+    stale = std::move(it->second);
+    r.comms.erase(it);
+    it = r.comms.end();
+  }
+  if (it == r.comms.end()) {
+    auto opt = r.options.find(group_name);
+    const NcclOptions options = opt == r.options.end() ? NcclOptions{} : opt->second;
+    it = r.comms.emplace(group_name, std::make_shared<NcclComm>(pg, device, options)).first;
+  }
+  TORCH_CHECK(it->second->device() == device, "tpext: group '", group_name, "' has its NCCL communicator on cuda:",
+              static_cast<int>(it->second->device()), " but this op's tensors are on cuda:", static_cast<int>(device),
+              "; use one device per group and process");
+  return std::make_unique<NcclCommunicator>(it->second);
+}
+
+NcclCommInfo nccl_comm_info(const std::string& group_name) {
+  Registry& r = registry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  NcclCommInfo info;
+  auto it = r.comms.find(group_name);
+  if (it == r.comms.end()) return info;
+  info.created = true;
+  info.rank = it->second->rank();
+  info.size = it->second->size();
+  info.device = it->second->device();
+  info.options = it->second->options();
+  return info;
+}
+
+int nccl_runtime_version() {
+  int v = 0;
+  TPEXT_NCCL_CHECK(ncclGetVersion(&v));
+  return v;
+}
+
+void destroy_nccl_communicators() {
+  std::unordered_map<std::string, std::shared_ptr<NcclComm>> comms;
+  {
+    Registry& r = registry();
+    std::lock_guard<std::mutex> lock(r.mu);
+    comms.swap(r.comms);
+  }
+}
+
+}  // namespace tpext::comm
+
+#endif  // TPEXT_WITH_CUDA

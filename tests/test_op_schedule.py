@@ -1,0 +1,68 @@
+"""The plan policy (tpext.planner): chunk counts and algorithms, pure functions of shapes and device;
+and that the plans of tpext.nn layers and of chunks="auto" reach the ops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as tdist
+
+import tpext
+from dist import run_ranks
+from tpext.nn import RowParallelLinear
+from tpext.planner import Algorithm, Schedule, auto_schedule, default_algorithm, resolve_schedule
+
+
+def test_algorithm_values_match_the_op_schema():
+    # csrc/schedule/schedule.h: kSequential = 0, kChunkedPipeline = 1, kChunkedTwoStreams = 2.
+    assert [int(a) for a in Algorithm] == [0, 1, 2]
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_auto_is_sequential_for_one_rank_or_few_rows(device):
+    assert auto_schedule(1 << 20, 1, device) == Schedule(1, Algorithm.SEQUENTIAL)
+    assert auto_schedule(8, 4, device) == Schedule(1, Algorithm.SEQUENTIAL)
+
+
+def test_auto_pipelines_large_gemms_on_the_device_pipeline():
+    assert auto_schedule(2048, 2, "cpu") == Schedule(4, Algorithm.CHUNKED_PIPELINE)
+    assert auto_schedule(8192, 8, "cuda") == Schedule(4, Algorithm.CHUNKED_TWO_STREAMS)
+    assert auto_schedule(2048, 8, "cuda") == Schedule(2, Algorithm.CHUNKED_TWO_STREAMS)
+
+
+def test_explicit_values_override_the_heuristic():
+    assert resolve_schedule(3, "auto", 10, 2, "cpu") == Schedule(3, Algorithm.CHUNKED_PIPELINE)
+    assert resolve_schedule(3, "auto", 10, 2, "cuda") == Schedule(3, Algorithm.CHUNKED_TWO_STREAMS)
+    assert resolve_schedule(1, "auto", 1 << 20, 8, "cuda") == Schedule(1, Algorithm.SEQUENTIAL)
+    assert resolve_schedule("auto", Algorithm.SEQUENTIAL, 1 << 20, 8, "cuda") == Schedule(1, Algorithm.SEQUENTIAL)
+    assert resolve_schedule("auto", Algorithm.CHUNKED_PIPELINE, 8192, 8, "cuda") == Schedule(4, Algorithm.CHUNKED_PIPELINE)
+    assert resolve_schedule(5, 2, 10, 2, "cpu") == Schedule(5, 2)
+    # Out-of-range ints pass through: the op itself rejects them with its own message (test_op_errors).
+    assert resolve_schedule(0, 7, 10, 2, "cpu") == Schedule(0, 7)
+    assert default_algorithm(2, "cpu") is Algorithm.CHUNKED_PIPELINE
+
+
+@pytest.mark.parametrize("chunks, algorithm, what", [("many", "auto", "chunks"), (2, "fast", "algorithm"),
+                                                     (2.0, "auto", "chunks"), (True, "auto", "chunks")])
+def test_bad_plan_arguments(chunks, algorithm, what):
+    with pytest.raises(ValueError, match=rf"tpext: {what} must be 'auto' or an int, got"):
+        resolve_schedule(chunks, algorithm, 10, 2)
+
+
+def _check_plans_reach_the_ops() -> None:
+    torch.manual_seed(0)
+    dense = torch.nn.Linear(8, 6, dtype=torch.float64)
+    x = torch.randn(600, 8, dtype=torch.float64)
+    want = dense(x)
+    layer = RowParallelLinear.from_dense(dense, input_is_parallel=False, chunks="auto")
+    for algorithm in ("auto", *Algorithm):
+        layer.algorithm = algorithm
+        torch.testing.assert_close(layer(x), want, rtol=1e-12, atol=1e-12, msg=f"algorithm={algorithm}")
+    w_shard = dense.weight[:, tdist.get_rank() * 4:(tdist.get_rank() + 1) * 4]
+    y = tpext.ops.gemm_all_reduce(x[:, tdist.get_rank() * 4:(tdist.get_rank() + 1) * 4], w_shard, chunks="auto")
+    torch.testing.assert_close(y, x @ dense.weight.T, rtol=1e-12, atol=1e-12)
+
+
+def test_module_override_and_auto_chunks_reach_the_ops():
+    run_ranks(_check_plans_reach_the_ops, 2)
+
