@@ -44,7 +44,9 @@ def _check_column() -> None:
                     (dense(x_d) * dy).sum().backward()
                     y_ref = dense(x)
 
-                    layer = ColumnParallelLinear.from_dense(dense, sequence_parallel=sp, gather_output=gather)
+                    # Under SP, alternate between keeping the gathered input and gathering it again.
+                    layer = ColumnParallelLinear.from_dense(dense, sequence_parallel=sp, gather_output=gather,
+                                                            keep_gathered_input=bias)
                     start, size = shard_range(n, world, rank)
                     rows = slice(rank * x.shape[0] // world, (rank + 1) * x.shape[0] // world)
                     x_in = (x[rows] if sp else x).clone().requires_grad_()
@@ -102,12 +104,12 @@ def test_row_parallel_linear_matches_dense(world_size):
     run_ranks(_check_row, world_size)
 
 
-def _mlp_comm(sp: bool) -> dict:
+def _mlp_comm(sp: bool, keep_gathered: bool = False) -> dict:
     world = tdist.get_world_size()
     h, s, b = 8, 2 * world, 3
     torch.manual_seed(0)
     up, down = torch.nn.Linear(h, 4 * h, dtype=f64), torch.nn.Linear(4 * h, h, dtype=f64)
-    col = ColumnParallelLinear.from_dense(up, sequence_parallel=sp)
+    col = ColumnParallelLinear.from_dense(up, sequence_parallel=sp, keep_gathered_input=keep_gathered)
     row = RowParallelLinear.from_dense(down, sequence_parallel=sp)
     x_full = torch.randn(s, b, h, dtype=f64)
     x = (x_full.chunk(world)[tdist.get_rank()] if sp else x_full).clone().requires_grad_()
@@ -128,13 +130,18 @@ def test_mlp_block_communication(world_size):
     tp = run_ranks(_mlp_comm, world_size, False)[0]
     assert tp["forward"] == {"all_reduce": 1} and tp["backward"] == {"all_reduce": 1}
     assert tp["modules"] == ["ColumnParallelLinear", "RowParallelLinear"]
-    sp = run_ranks(_mlp_comm, world_size, True)[0]
+    sp = run_ranks(_mlp_comm, world_size, True, True)[0]
     assert sp["forward"] == {"all_gather": 1, "reduce_scatter": 1}
     assert sp["backward"] == {"all_gather": 1, "reduce_scatter": 1}
     # Same bytes: an all-reduce of [s, b, h] each way vs an all-gather + reduce-scatter of [s, b, h].
     act = tp["activation_bytes"]
     assert tp["bytes"]["all_reduce"] == 2 * act
     assert sp["bytes"]["all_gather"] == sp["bytes"]["reduce_scatter"] == 2 * act
+    # By default the column layer keeps only its input shard and gathers it again for the weight gradient.
+    regather = run_ranks(_mlp_comm, world_size, True)[0]
+    assert regather["forward"] == {"all_gather": 1, "reduce_scatter": 1}
+    assert regather["backward"] == {"all_gather": 2, "reduce_scatter": 1}
+    assert regather["bytes"]["all_gather"] == 3 * act
 
 
 def test_tp1_is_nn_linear_without_collectives():

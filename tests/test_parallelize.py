@@ -95,11 +95,13 @@ def test_collectives_per_step():
     assert counts == {"forward": {"all_reduce": 2 * n + 1 + 3}, "backward": {"all_reduce": 2 * n + 1}}
     counts = run_ranks(_comm_counts, 2, False, False)[0]
     assert counts == {"forward": {"all_reduce": 2 * n + 1 + 3}, "backward": {"all_reduce": 5 * n + 1}}
-    # With SP each all-reduce of activations becomes reduce-scatter + all-gather, and the norms' weight
-    # gradients (2 per layer + the final norm) are all-reduced.
+    # With SP each all-reduce of activations becomes reduce-scatter + all-gather, the column layers gather
+    # their input again for the weight gradient (2 per layer + lm_head), and the norms' weight gradients
+    # (2 per layer + the final norm) are all-reduced.
     counts = run_ranks(_comm_counts, 2, True, True)[0]
     assert counts == {"forward": {"all_gather": 2 * n + 1, "reduce_scatter": 2 * n + 1, "all_reduce": 3},
-                      "backward": {"reduce_scatter": 2 * n + 1, "all_gather": 2 * n + 1, "all_reduce": 2 * n + 1}}
+                      "backward": {"reduce_scatter": 2 * n + 1, "all_gather": 2 * (2 * n + 1),
+                                   "all_reduce": 2 * n + 1}}
     counts = run_ranks(_comm_counts, 2, True, False)[0]
     assert counts["forward"]["all_gather"] == 5 * n + 1 and counts["backward"]["reduce_scatter"] == 5 * n + 1
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from tpext import ops, stats
+from tpext import mappings, ops, stats
 
 __all__ = ["ColumnLinear", "ColumnLinearSP", "RowLinear", "RowLinearSP"]
 
@@ -24,62 +24,85 @@ def _bgrad(grad_y: Tensor, has_bias: bool) -> Tensor | None:
     return grad_y.reshape(-1, grad_y.shape[-1]).sum(0) if has_bias else None
 
 
+def _cat(ws: tuple[Tensor, ...]) -> Tensor:
+    return ws[0] if len(ws) == 1 else torch.cat(ws)
+
+
+def _wgrads(dy: Tensor, x: Tensor, ws: tuple[Tensor, ...], needs: tuple[bool, ...]) -> tuple:
+    """The weight gradient of each part of W = cat(ws): one GEMM, split by rows."""
+    if not any(needs):
+        return (None,) * len(ws)
+    parts = _wgrad(dy, x).split([w.shape[0] for w in ws])
+    return tuple(p if need else None for p, need in zip(parts, needs))
+
+
+# The column Functions take W as its parts ws (one part, or the layers of a SharedInputColumns group):
+# the GEMMs use cat(ws), and backward concatenates again rather than keeping the copy alive between
+# forward and backward (the parts are parameters, saved at no cost).
+
+
 class ColumnLinear(torch.autograd.Function):
     """Column-parallel linear, replicated input (no sequence parallelism).
 
-        x [*, K] (replicated), W [N/R, K], b [N/R]
+        x [*, K] (replicated), W [N/R, K] = cat(ws), b [N/R]
         forward  y [*, N/R]  = x @ W.T + b                       local, no communication
         dgrad    dx [*, K]   = all_reduce(dy @ W)                gemm_all_reduce(dy, W.T), overlapped
         wgrad    dW [N/R, K] = dy.T @ x;   db = sum(dy)
     """
 
     @staticmethod
-    def forward(ctx, x, w, b, group, schedule):
-        ctx.save_for_backward(x, w)
+    def forward(ctx, x, b, group, schedule, *ws):
+        ctx.save_for_backward(x, *ws)
         ctx.group, ctx.schedule, ctx.has_bias = group, schedule, b is not None
         ctx.module = stats.current_module()
-        return torch.nn.functional.linear(x, w, b)
+        return torch.nn.functional.linear(x, _cat(ws), b)
 
     @staticmethod
     def backward(ctx, dy):
-        x, w = ctx.saved_tensors
+        x, *ws = ctx.saved_tensors
         dx = None
         if ctx.needs_input_grad[0]:
             stats.record("all_reduce", x.numel(), dy.dtype, ctx.group.size(), backward=True, module=ctx.module)
-            dx = ops.gemm_all_reduce(dy.contiguous(), w.t(), None, ctx.group, *ctx.schedule)
-        dw = _wgrad(dy, x) if ctx.needs_input_grad[1] else None
-        return dx, dw, _bgrad(dy, ctx.has_bias), None, None
+            dx = ops.gemm_all_reduce(dy.contiguous(), _cat(ws).t(), None, ctx.group, *ctx.schedule)
+        return (dx, _bgrad(dy, ctx.has_bias), None, None, *_wgrads(dy, x, ws, ctx.needs_input_grad[4:]))
 
 
 class ColumnLinearSP(torch.autograd.Function):
     """Column-parallel linear, sequence-parallel input.
 
-        x_shard [s/R, *, K], W [N/R, K], b [N/R]
+        x_shard [s/R, *, K], W [N/R, K] = cat(ws), b [N/R]
         forward  x_full [s, *, K] = all_gather(x_shard)
                  y [s, *, N/R]    = x_full @ W.T + b             all_gather_gemm, overlapped
         dgrad    dx_shard [s/R, *, K] = reduce_scatter(dy @ W)   gemm_reduce_scatter(dy, W.T), overlapped
         wgrad    dW [N/R, K] = dy.T @ x_full;   db = sum(dy)
+
+    keep_gathered=True saves x_full for wgrad (R times the shard's memory). False saves only x_shard
+    and all-gathers it again in backward, after dgrad: 1/R of the activation memory for one more
+    (not overlapped) all-gather per backward, Megatron's choice under SP.
     """
 
     @staticmethod
-    def forward(ctx, x_shard, w, b, group, schedule):
-        y, x_full = ops.all_gather_gemm(x_shard, w, b, group, *schedule)
+    def forward(ctx, x_shard, b, group, schedule, keep_gathered, *ws):
+        y, x_full = ops.all_gather_gemm(x_shard, _cat(ws), b, group, *schedule)
         stats.record("all_gather", x_full.numel(), x_full.dtype, group.size())
-        ctx.save_for_backward(x_full, w)
-        ctx.group, ctx.schedule, ctx.has_bias = group, schedule, b is not None
+        ctx.save_for_backward(x_full if keep_gathered else x_shard, *ws)
+        ctx.group, ctx.schedule, ctx.has_bias, ctx.keep_gathered = group, schedule, b is not None, keep_gathered
         ctx.module = stats.current_module()
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x_full, w = ctx.saved_tensors
+        x_saved, *ws = ctx.saved_tensors
         dx = None
         if ctx.needs_input_grad[0]:
-            stats.record("reduce_scatter", x_full.numel(), dy.dtype, ctx.group.size(), backward=True,
-                              module=ctx.module)
-            dx = ops.gemm_reduce_scatter(dy.contiguous(), w.t(), None, ctx.group, *ctx.schedule)
-        dw = _wgrad(dy, x_full) if ctx.needs_input_grad[1] else None
-        return dx, dw, _bgrad(dy, ctx.has_bias), None, None
+            stats.record("reduce_scatter", dy.shape[:-1].numel() * ws[0].shape[1], dy.dtype, ctx.group.size(),
+                         backward=True, module=ctx.module)
+            dx = ops.gemm_reduce_scatter(dy.contiguous(), _cat(ws).t(), None, ctx.group, *ctx.schedule)
+        needs = ctx.needs_input_grad[5:]
+        x_full = x_saved
+        if any(needs) and not ctx.keep_gathered:
+            x_full = mappings.all_gather_dim0(x_saved, ctx.group, backward=True, module=ctx.module)
+        return (dx, _bgrad(dy, ctx.has_bias), None, None, None, *_wgrads(dy, x_full, ws, needs))
 
 
 class RowLinear(torch.autograd.Function):

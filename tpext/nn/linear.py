@@ -142,14 +142,19 @@ class ColumnParallelLinear(_ParallelLinear):
     sequence_parallel=False: x is [*, in], replicated; the output is [*, out/R] (this rank's features),
     or [*, out] with gather_output=True. Backward all-reduces grad_x, overlapped with its GEMM.
     sequence_parallel=True: x is this rank's sequence shard [s/R, *, in]; the forward all-gathers the
-    sequence overlapped with the GEMM and returns [s, *, out/R]; backward reduce-scatters grad_x.
+    sequence overlapped with the GEMM and returns [s, *, out/R]; backward reduce-scatters grad_x. The
+    gathered input is not kept for the weight gradient but gathered again in backward (activation memory
+    1/R of it, as Megatron and TransformerEngine do); keep_gathered_input=True keeps it instead, trading
+    R times the memory for one all-gather less per backward.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, group: GroupLike = None,
                  gather_output: bool = False, sequence_parallel: bool = False, chunks: Chunks = "auto",
-                 pieces: Optional[Sequence[Piece]] = None, sequence_dim: int = 0, device=None, dtype=None):
+                 pieces: Optional[Sequence[Piece]] = None, sequence_dim: int = 0, keep_gathered_input: bool = False,
+                 device=None, dtype=None):
         super().__init__(in_features, out_features, bias, group, 0, sequence_parallel, chunks, device, dtype,
                          pieces, sequence_dim)
+        self.keep_gathered_input = keep_gathered_input
         if gather_output and (self.packed or self.replicas > 1):
             raise ValueError("tpext.ColumnParallelLinear: gather_output needs a plain (one-piece, unreplicated) "
                              "output sharding; gather packed outputs piece by piece instead")
@@ -168,21 +173,23 @@ class ColumnParallelLinear(_ParallelLinear):
         with stats.scope_for(self):
             if self.tp_size == 1:
                 return F.linear(x, self.weight, self.bias)
-            return self._column(x, *self._params())
+            w, b = self._params()
+            return self._column(x, (w,), b)
 
     # Set by SharedInputColumns.attach when this layer shares its input with siblings (q/k/v, gate/up).
     _siblings: Optional["SharedInputColumns"] = None
 
-    def _column(self, x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
-        """The column-parallel product of x with local weights w, b (this layer's, or concatenated ones)."""
+    def _column(self, x: Tensor, ws: tuple[Tensor, ...], b: Optional[Tensor]) -> Tensor:
+        """The column-parallel product of x with the local weight cat(ws) and bias b (this layer's, or
+        those of a SharedInputColumns group)."""
         if self.sequence_parallel:  # x is a sequence shard: any length gathers to R times it
             x = self._sequence_first(x)
             rows = x.numel() // max(x.shape[-1], 1) * self.tp_size
-            y = ColumnLinearSP.apply(x, w, b, self.group, self._schedule(rows))
+            y = ColumnLinearSP.apply(x, b, self.group, self._schedule(rows), self.keep_gathered_input, *ws)
             y = y.movedim(0, self.sequence_dim) if self.sequence_dim else y
         else:
             rows = x.numel() // max(x.shape[-1], 1)
-            y = ColumnLinear.apply(x, w, b, self.group, self._schedule(rows))
+            y = ColumnLinear.apply(x, b, self.group, self._schedule(rows), *ws)
         if self.gather_output:
             y = mappings.gather_from_tp(y, self.out_features, self.group)
         return y
@@ -193,10 +200,11 @@ class SharedInputColumns:
 
     The first of them called with an input x runs one GEMM over the concatenation of all their local
     weights, so x is all-gathered once under SP (instead of once per layer) and, backward, grad_x is
-    all-reduced or reduce-scattered once; each layer gets its slice of the output. The others, called
-    next with the same x, take their slice. A layer called with another input, or after x or any weight
-    changed in place (an optimizer step), or under another grad / autocast mode, computes afresh. The weight concatenation costs a copy of the
-    local weights per forward, small beside the activation collectives it removes.
+    all-reduced or reduce-scattered once; each layer gets its slice of the output. The concatenated
+    weight is a copy made per GEMM (forward, and again in backward), never kept alive in between. The
+    others, called next with the same x, take their slice. A layer called with another input, after x or
+    any weight changed in place (an optimizer step), or under another grad / autocast mode, computes
+    afresh.
     """
 
     def __init__(self, layers: Sequence[ColumnParallelLinear]):
@@ -229,11 +237,11 @@ class SharedInputColumns:
                 self._x = None
             return out
         params = [layer._params() for layer in self.layers]
-        w = torch.cat([p[0] for p in params])
+        ws = tuple(p[0] for p in params)
         b = torch.cat([p[1] for p in params]) if params[0][1] is not None else None
         names = "+".join(getattr(m, "_tpext_stats_name", type(m).__name__) for m in self.layers)
         with stats.module_scope(stats.current_module() or names):
-            y = layer._column(x, w, b)
+            y = layer._column(x, ws, b)
         outputs = y.split([m.weight.shape[0] for m in self.layers], dim=-1)
         self._outputs = {id(m): out for m, out in zip(self.layers, outputs) if m is not layer}
         self._x, self._state = x, self._state_of(x)
