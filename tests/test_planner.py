@@ -47,7 +47,8 @@ def test_tp_with_sp_moves_the_same_bytes_as_tp_alone():
     model = model_preset("llama-7b")
     per_layer = {}
     for sp in (False, True):
-        r = estimate(model, H100, NDR, Workload(seq=2048, sequence_parallel=sp), 4)
+        # keep_gathered_inputs: the pattern of the seeds, without tpext's re-gather for the weight gradient
+        r = estimate(model, H100, NDR, Workload(seq=2048, sequence_parallel=sp, keep_gathered_inputs=True), 4)
         colls = r["layer"]["collectives"]
         per_layer[sp] = (sum(c["count"] * c["payload_bytes"] * (2 if k == "all_reduce" else 1)
                              for k, c in colls.items()),
@@ -56,6 +57,9 @@ def test_tp_with_sp_moves_the_same_bytes_as_tp_alone():
                                                                else {"all_reduce": 4})
     assert per_layer[True] == per_layer[False]
     assert per_layer[False][0] == 4 * 2 * 2048 * 4096 * 2
+    # tpext's default under SP gathers the inputs of the QKV and gate/up GEMMs again in backward.
+    regather = estimate(model, H100, NDR, Workload(seq=2048, sequence_parallel=True), 4)["layer"]["collectives"]
+    assert {k: c["count"] for k, c in regather.items()} == {"all_gather": 6, "reduce_scatter": 4}
 
 
 def test_sp_cuts_the_largest_activation():
@@ -66,8 +70,11 @@ def test_sp_cuts_the_largest_activation():
     model = model_preset("llama-70b")
     no_sp = cm.layer_activation_bytes(model, seq, tp, 2, False)
     sp = cm.layer_activation_bytes(model, seq, tp, 2, True)
-    # SP shards the two residual-stream tensors [seq, hidden] (tpext keeps the gathered GEMM inputs full).
-    assert no_sp - sp == 2 * (seq - seq // tp) * hidden * 2 + 4 * 2 * (seq - seq // tp)
+    kept = cm.layer_activation_bytes(model, seq, tp, 2, True, keep_gathered_inputs=True)
+    # SP shards the four replicated-region tensors [seq, hidden] (two residual-stream, two norm outputs);
+    # keeping the gathered GEMM inputs leaves the norm outputs full.
+    assert no_sp - sp == 4 * (seq - seq // tp) * hidden * 2 + 4 * 2 * (seq - seq // tp)
+    assert no_sp - kept == 2 * (seq - seq // tp) * hidden * 2 + 4 * 2 * (seq - seq // tp)
 
 
 def test_70b_fp16_weights_are_about_140_GB():

@@ -166,24 +166,20 @@ def training_state_bytes_per_param(dtype_bytes: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- activations
-# tpext's ColumnLinearSP saves the gathered input x_full [s, h] for its weight gradient (see
-# tpext/nn/_linear_functions.py) instead of re-gathering it in backward as Megatron-LM does, so with SP
-# two of the four [s, h] tensors a layer saves stay full size.
-SP_SAVES_GATHERED_INPUT = True
-
-
-def layer_activation_bytes(model, tokens: int, tp: int, dtype_bytes: int, sequence_parallel: bool) -> int:
+def layer_activation_bytes(model, tokens: int, tp: int, dtype_bytes: int, sequence_parallel: bool,
+                           keep_gathered_inputs: bool = False) -> int:
     """Bytes one layer saves for backward (no recomputation; flash attention: no [s, s] scores).
 
     Replicated-region tensors [tokens, hidden]: the two norm inputs (residual stream) and the two norm
-    outputs (inputs of the QKV and gate/up GEMMs); SP shards them by tp, except the norm outputs when tpext
-    saves the gathered GEMM input. TP-region tensors are always sharded: q, k, v (for attention backward),
+    outputs (inputs of the QKV and gate/up GEMMs); SP shards them by tp (tpext's SP column layers keep
+    their input shard and gather it again for the weight gradient), all but the norm outputs when the
+    layers keep the gathered input (keep_gathered_inputs, tpext's keep_gathered_input=True). TP-region tensors are always sharded: q, k, v (for attention backward),
     the attention output (input of o_proj), gate and up outputs and their product (input of down_proj).
     Plus fp32 per-row statistics: norm rstd (2 per token) and attention log-sum-exp (one per local head).
     """
     h, d = model.hidden, model.head_dim
     rows_sp = shard_size(tokens, tp) if sequence_parallel else tokens
-    rows_norm_out = tokens if (sequence_parallel and SP_SAVES_GATHERED_INPUT) else rows_sp
+    rows_norm_out = tokens if (sequence_parallel and keep_gathered_inputs) else rows_sp
     replicated = (2 * rows_sp + 2 * rows_norm_out) * h
     q_local = (model.heads // tp) * d
     kv_local = kv_heads_per_gpu(model.kv_heads, tp) * d

@@ -40,6 +40,7 @@ class Workload:
     micro_batch: int = 1
     dtype: str = "bfloat16"
     sequence_parallel: bool = False
+    keep_gathered_inputs: bool = False  # SP: column layers keep x_full (tpext's keep_gathered_input)
     dp: int = 1
     pp: int = 1
     microbatches: int = 1
@@ -127,6 +128,8 @@ def _layer(model: ModelSpec, gpu: GPUSpec, w: Workload, tp: int, net: _Net) -> d
                      ("all_gather", fwd["gate_up"]), ("reduce_scatter", fwd["down"])]
         bwd_colls = [("reduce_scatter", dgrad["qkv"]), ("all_gather", dgrad["o_proj"]),
                      ("reduce_scatter", dgrad["gate_up"]), ("all_gather", dgrad["down"])]
+        if not w.keep_gathered_inputs:  # the column layers gather their input again for wgrad, not overlapped
+            bwd_colls += [("all_gather", 0.0), ("all_gather", 0.0)]
     else:
         fwd_colls = [("all_reduce", fwd["o_proj"]), ("all_reduce", fwd["down"])]
         bwd_colls = [("all_reduce", dgrad["qkv"]), ("all_reduce", dgrad["gate_up"])]
@@ -175,6 +178,8 @@ def _head(model: ModelSpec, gpu: GPUSpec, w: Workload, tp: int, net: _Net, tflop
             comm += 3 * sum(net.time_s("all_reduce", rows * 4, tp))        # CE: max, sum-exp, target logit
         if w.sequence_parallel:
             comm += sum(net.time_s("all_gather", rows * model.hidden * b, tp))
+            if w.mode == "train" and not w.keep_gathered_inputs:   # lm_head's input, gathered again for wgrad
+                comm += sum(net.time_s("all_gather", rows * model.hidden * b, tp))
     return {"compute_s": compute, "comm_s": comm}
 
 
@@ -190,7 +195,7 @@ def _memory(model: ModelSpec, w: Workload, tp: int, capacity_GiB: float) -> dict
         mem["weights"] = params * per["weights"] / (w.dp if w.zero >= 3 else 1)
         mem["grads"] = params * per["grads"] / (w.dp if w.zero >= 2 else 1)
         mem["optimizer"] = params * per["optimizer"] / (w.dp if w.zero >= 1 else 1)
-        layer_act = cm.layer_activation_bytes(model, T, tp, b, w.sequence_parallel)
+        layer_act = cm.layer_activation_bytes(model, T, tp, b, w.sequence_parallel, w.keep_gathered_inputs)
         in_flight = min(w.pp, w.microbatches)   # 1F1B: the first stage holds pp micro-batches
         if w.recompute:
             rows = cm.shard_size(T, tp) if w.sequence_parallel else T
