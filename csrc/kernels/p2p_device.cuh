@@ -27,33 +27,20 @@
 
 #include <cstdint>
 
+#include "numeric.cuh"
 #include "p2p.h"
 
 namespace tpext::kernels::p2p_detail {
 
-template <typename T> struct AccOf { using type = float; };
-template <> struct AccOf<double> { using type = double; };
-
-__device__ __forceinline__ float to_acc(float x) { return x; }
-__device__ __forceinline__ double to_acc(double x) { return x; }
-__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T> __device__ __forceinline__ T from_acc(typename AccOf<T>::type x);
-template <> __device__ __forceinline__ float from_acc<float>(float x) { return x; }
-template <> __device__ __forceinline__ double from_acc<double>(double x) { return x; }
-template <> __device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
+using numeric::AccOf;
+using numeric::from_acc;
+using numeric::Pack;
+using numeric::to_acc;
 
 // IEEE 1/sqrt (sqrt and division are correctly rounded by default): the same rstd on every rank and
 // as close as possible to the host references.
 __device__ __forceinline__ float inv_sqrt(float x) { return 1.0f / sqrtf(x); }
 __device__ __forceinline__ double inv_sqrt(double x) { return 1.0 / sqrt(x); }
-
-// N consecutive elements moved as one access: with N * sizeof(T) == 16, one 128-bit load/store.
-template <typename T, int N> struct alignas(N * sizeof(T)) Pack { T v[N]; };
 
 template <typename T, int N>
 __device__ __forceinline__ Pack<T, N> load_pack(const T* p) { return *reinterpret_cast<const Pack<T, N>*>(p); }
