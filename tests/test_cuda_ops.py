@@ -143,8 +143,9 @@ def _check_sm_budget() -> None:
     torch.testing.assert_close(y, F.linear(x, w, b), rtol=1e-4, atol=1e-4)
     info = tpext.ops.nccl_comm_info()
     assert info["created"] and info["options"]["max_ctas"] == 2, info
-    with pytest.raises(RuntimeError, match=r"max_ctas must be in \[0, 1024\]"):
-        tpext.ops.set_nccl_options(max_ctas=-1)
+    for bad in (-1, 65):
+        with pytest.raises(RuntimeError, match=r"max_ctas must be in \[0, 64\]"):
+            tpext.ops.set_nccl_options(max_ctas=bad)
 
 
 def test_sm_budget_is_set_per_group():

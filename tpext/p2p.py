@@ -105,10 +105,35 @@ def algorithm_for(x: Tensor, group: dist.ProcessGroup, nbytes: Optional[int] = N
     return choose_algorithm(nbytes, world_size=group.size(), p2p_ready=True)
 
 
+def _group_obstacle(infos: list) -> str:
+    """Why the ranks (hostname, reason, handle, capacity, GPU uuid) cannot share P2P buffers, or ''.
+    Every rank computes it from the same gathered list, so all agree."""
+    hosts = sorted({info[0] for info in infos})
+    if len(hosts) > 1:
+        return f"the group spans {len(hosts)} hosts; P2P needs all ranks on one node"
+    capacities = sorted({info[3] for info in infos})
+    if len(capacities) > 1:  # each rank finds a peer's signal flags after the data, by its own capacity
+        return f"ranks asked for different buffer capacities {capacities}; pass the same capacity_bytes everywhere"
+    uuids = [info[4] for info in infos]
+    if len(set(uuids)) < len(uuids):  # two ranks spinning on one GPU would wait on each other forever
+        return "several ranks share one GPU; P2P needs one GPU per rank"
+    visible = {str(torch.cuda.get_device_properties(i).uuid): i for i in range(torch.cuda.device_count())}
+    me = torch.cuda.current_device()
+    for uuid in uuids:
+        peer = visible.get(uuid)
+        if peer is None:
+            return "a peer's GPU is not visible to this process, so peer access cannot be checked"
+        if peer != me and not torch.cuda.can_device_access_peer(me, peer):
+            return f"GPU {me} cannot access GPU {peer} directly (no P2P between them)"
+    return ""
+
+
 def enable(group: GroupLike = None, capacity_bytes: int = P2P_MAX_BYTES) -> bool:
     """Collective over `group`: allocate this rank's symmetric buffer on the current CUDA device,
-    exchange the CUDA IPC handles through the group, map every peer's buffer. True when every rank
-    succeeded; otherwise False on every rank, the reason recorded (`status`) and logged once."""
+    exchange the CUDA IPC handles through the group, map every peer's buffer. Every rank must pass the
+    same capacity_bytes; ranks must be on one node, one GPU each, with peer access between all GPUs.
+    True when every rank succeeded; otherwise False on every rank, the reason recorded (`status`) and
+    logged once."""
     pg = resolve_group(group)
     name, world = pg.group_name, pg.size()
     if world == 1:
@@ -119,16 +144,14 @@ def enable(group: GroupLike = None, capacity_bytes: int = P2P_MAX_BYTES) -> bool
             handle = _C.p2p_create(name, pg.rank(), world, int(capacity_bytes), torch.cuda.current_device())
         except RuntimeError as exc:
             reason = f"allocating the symmetric buffer failed: {exc}"
+    uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid) if not reason else ""
     infos: list = [None] * world
-    dist.all_gather_object(infos, (socket.gethostname(), reason, handle), group=pg)
-    reason = next((r for _, r, _ in infos if r), "")
-    hosts = sorted({host for host, _, _ in infos})
-    if not reason and len(hosts) > 1:
-        reason = f"the group spans {len(hosts)} hosts; P2P needs all ranks on one node"
+    dist.all_gather_object(infos, (socket.gethostname(), reason, handle, int(capacity_bytes), uuid), group=pg)
+    reason = next((info[1] for info in infos if info[1]), "") or _group_obstacle(infos)
     error = ""
     if not reason:
         try:
-            _C.p2p_open(name, [h for _, _, h in infos])
+            _C.p2p_open(name, [info[2] for info in infos])
         except RuntimeError as exc:
             error = str(exc)
     # Agree: one rank that could not map its peers makes every rank fall back, or P2P kernels on the

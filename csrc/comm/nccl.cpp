@@ -229,8 +229,9 @@ bool same(const NcclOptions& a, const NcclOptions& b) {
 }  // namespace
 
 void set_nccl_options(const std::string& group_name, const NcclOptions& options) {
-  TORCH_CHECK(options.max_ctas >= 0 && options.max_ctas <= 1024, "tpext: max_ctas must be in [0, 1024] (0 = NCCL's "
-              "default), got ", options.max_ctas);
+  // NCCL runs at most MAXCHANNELS (64) CTAs per collective; a larger cap would only look like a setting.
+  TORCH_CHECK(options.max_ctas >= 0 && options.max_ctas <= 64, "tpext: max_ctas must be in [0, 64] (0 = NCCL's "
+              "default; NCCL runs at most 64 CTAs per collective), got ", options.max_ctas);
   TORCH_CHECK(options.cga_cluster_size >= 0 && options.cga_cluster_size <= 8, "tpext: cga_cluster_size must be in "
               "[0, 8] (0 = NCCL's default), got ", options.cga_cluster_size);
   std::shared_ptr<NcclComm> dropped;  // destroyed outside the lock

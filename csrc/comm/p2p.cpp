@@ -50,9 +50,11 @@ struct Registry {
   std::set<std::string> warned;
 };
 
+// Leaked on purpose: its buffers hold CUDA IPC mappings, which must not be released during static
+// destruction, after the CUDA runtime may be gone (tpext.p2p releases them at exit instead).
 Registry& registry() {
-  static Registry r;
-  return r;
+  static Registry* r = new Registry();
+  return *r;
 }
 
 void register_entry(const std::string& name, Entry e) {
@@ -115,11 +117,23 @@ SymmetricBuffers::~SymmetricBuffers() {
   // No throwing here: a failure at teardown (e.g. after the CUDA context is gone at exit) is ignored.
   const int prev = [] { int d = 0; return cudaGetDevice(&d) == cudaSuccess ? d : -1; }();
   cudaSetDevice(device_);
+  // Kernels of this device may still read peers' buffers: unmapping them under a running kernel faults.
+  cudaDeviceSynchronize();
   for (int p = 0; p < world_; ++p) {
     if (p != rank_ && base_[p] != nullptr) cudaIpcCloseMemHandle(base_[p]);
   }
   if (base_[rank_] != nullptr) cudaFree(base_[rank_]);
   if (prev >= 0) cudaSetDevice(prev);
+}
+
+void SymmetricBuffers::check_stream(cudaStream_t stream, const char* op) {
+  if (!stream_set_) {
+    stream_ = stream;
+    stream_set_ = true;
+  }
+  TORCH_CHECK(stream == stream_, "tpext.", op, ": the P2P buffers of this group are used on one CUDA stream, ",
+              "the one of their first call; this call is on another. Run the group's P2P ops on one stream, ",
+              "or release and enable the group again");
 }
 
 std::string SymmetricBuffers::local_handle() const {

@@ -49,7 +49,14 @@ class SymmetricBuffers {
   int rank() const { return rank_; }
   int world() const { return world_; }
 
+  // Every launch on this group's buffers must use one stream: a call on another stream could copy its
+  // input in while peers still read the previous call's, and would share its barrier epochs. Checked
+  // per call (the first call picks the stream).
+  void check_stream(cudaStream_t stream, const char* op);
+
  private:
+  cudaStream_t stream_ = nullptr;
+  bool stream_set_ = false;
   int rank_, world_, device_;
   int64_t capacity_;  // data bytes per rank; the signal area follows at an aligned offset
   void* base_[kernels::kP2PMaxRanks] = {};  // allocation base of every rank, as mapped here

@@ -41,8 +41,9 @@ namespace tpext::kernels {
 
 constexpr int kP2PMaxRanks = 8;
 // Upper bound on the grid of every device-synchronised launch: each block owns one signal slot per
-// peer, and all blocks must be resident at once (a block spinning on a peer must not keep a block it
-// depends on from being scheduled). 64 blocks of 512 threads fit on any sm_80+ GPU.
+// peer. A block waits only on the blocks of the same index on the other ranks, never on another block
+// of its own GPU; 64 blocks (of up to 1024 threads) are resident at once on any sm_80+ GPU, so no
+// block waits on one that cannot be scheduled.
 constexpr int kP2PMaxBlocks = 64;
 // One rank's signal area: [kP2PMaxBlocks][kP2PMaxRanks] flags (slot [b][q] is written by rank q's
 // block b and read by this rank's block b), then [kP2PMaxBlocks] epoch counters (block b's launches so
@@ -104,7 +105,7 @@ struct P2PResidualRMSNormParams {
   void* out;             // [rows, hidden]
   void* new_residual;    // [rows, hidden]
   int64_t rows, hidden;
-  float eps;
+  double eps;  // rounded to the accumulation type in the kernel (fp64 keeps it exact)
   DType dtype;
 };
 
@@ -127,7 +128,7 @@ struct RMSNormBackwardParams {
   void* grad_h;           // [rows, hidden]
   void* grad_weight_partial;  // [rmsnorm_backward_blocks(rows), hidden], fp32 (fp64 for kFloat64)
   int64_t rows, hidden;
-  float eps;
+  double eps;
   DType dtype;
 };
 

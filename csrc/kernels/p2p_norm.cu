@@ -33,7 +33,7 @@ unsigned norm_threads(int64_t units) {
 template <typename T, int N, bool kSync, bool kBias, bool kRes>
 __global__ void __launch_bounds__(kNormThreads)
 ar_rmsnorm_kernel(const P2PGroup g, const T* residual, const T* bias, const T* weight, T* out, T* new_res,
-                  int64_t rows, int64_t hidden, float eps) {
+                  int64_t rows, int64_t hidden, double eps) {
   using A = typename AccOf<T>::type;
   __shared__ A scratch[32];
   const int64_t nvec = hidden / N, units = nvec + (hidden - nvec * N);
@@ -103,7 +103,7 @@ ar_rmsnorm_kernel(const P2PGroup g, const T* residual, const T* bias, const T* w
 template <typename T, bool kGradIn>
 __global__ void __launch_bounds__(kNormThreads)
 rmsnorm_backward_kernel(const T* grad_out, const T* grad_h_in, const T* h, const T* weight, T* grad_h,
-                        typename AccOf<T>::type* dw_part, int64_t rows, int64_t hidden, float eps) {
+                        typename AccOf<T>::type* dw_part, int64_t rows, int64_t hidden, double eps) {
   using A = typename AccOf<T>::type;
   __shared__ A scratch[32];
   A* dw = dw_part + static_cast<int64_t>(blockIdx.x) * hidden;

@@ -78,12 +78,15 @@ std::vector<at::Tensor> gather_parts(comm::Communicator& c, const at::Tensor& xc
 
 #ifdef TPEXT_WITH_CUDA
 // Stream-ordered copy of this rank's input into its symmetric buffer, then the table for the launch.
-kernels::P2PGroup stage(comm::SymmetricBuffers& buf, const at::Tensor& xc) {
+kernels::P2PGroup stage(comm::SymmetricBuffers& buf, const at::Tensor& xc, const char* op) {
   auto stream = c10::cuda::getCurrentCUDAStream(xc.get_device());
+  buf.check_stream(stream.stream(), op);
   TPEXT_CUDA_CHECK(cudaMemcpyAsync(buf.local_data(), xc.data_ptr(), xc.nbytes(), cudaMemcpyDeviceToDevice, stream));
   return buf.table();
 }
 cudaStream_t stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.get_device()).stream(); }
+// t itself when 16-byte aligned, else an aligned copy (fresh allocations are).
+at::Tensor aligned(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 ? t : t.clone(); }
 #endif
 
 }  // namespace
@@ -102,7 +105,7 @@ at::Tensor p2p_all_reduce(const at::Tensor& x, const std::string& group_name, in
   if (plan.path == Path::kKernel) {
     at::Tensor out = at::empty_like(xc);
     kernels::P2PAllReduceParams p{};
-    p.group = stage(*plan.buffers, xc);
+    p.group = stage(*plan.buffers, xc, op);
     p.out = out.data_ptr();
     p.numel = xc.numel();
     p.dtype = p2p_ref::kernel_dtype(x.scalar_type());
@@ -139,7 +142,7 @@ at::Tensor p2p_reduce_scatter(const at::Tensor& x, const std::string& group_name
 #ifdef TPEXT_WITH_CUDA
   if (plan.path == Path::kKernel) {
     kernels::P2PScatterGatherParams p{};
-    p.group = stage(*plan.buffers, xc);
+    p.group = stage(*plan.buffers, xc, op);
     p.out = out.data_ptr();
     p.numel = xc.numel();
     p.dtype = p2p_ref::kernel_dtype(x.scalar_type());
@@ -168,7 +171,7 @@ at::Tensor p2p_all_gather(const at::Tensor& x, const std::string& group_name, in
 #ifdef TPEXT_WITH_CUDA
   if (plan.path == Path::kKernel) {
     kernels::P2PScatterGatherParams p{};
-    p.group = stage(*plan.buffers, xc);
+    p.group = stage(*plan.buffers, xc, op);
     p.out = out.data_ptr();
     p.numel = xc.numel();
     p.dtype = p2p_ref::kernel_dtype(x.scalar_type());
@@ -202,11 +205,14 @@ std::tuple<at::Tensor, at::Tensor> p2p_all_reduce_residual_rmsnorm(
 #ifdef TPEXT_WITH_CUDA
   if (plan.path == Path::kKernel) {
     at::Tensor out = at::empty_like(xc), new_res = at::empty_like(xc);
-    at::Tensor res_c = residual.has_value() ? residual->contiguous() : at::Tensor();
-    at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
-    at::Tensor w_c = weight.contiguous();
+    // 16-byte aligned copies where needed: the kernel picks its vector width (and with it the block size
+    // and the reduction tree) from the pointers' alignment, which must not differ between ranks or the
+    // ranks' results would differ in the last bit.
+    at::Tensor res_c = residual.has_value() ? aligned(residual->contiguous()) : at::Tensor();
+    at::Tensor bias_c = bias.has_value() ? aligned(bias->contiguous()) : at::Tensor();
+    at::Tensor w_c = aligned(weight.contiguous());
     kernels::P2PResidualRMSNormParams p{};
-    p.group = stage(*plan.buffers, xc);
+    p.group = stage(*plan.buffers, xc, op);
     p.residual = res_c.defined() ? res_c.data_ptr() : nullptr;
     p.bias = bias_c.defined() ? bias_c.data_ptr() : nullptr;
     p.weight = w_c.data_ptr();
@@ -214,7 +220,7 @@ std::tuple<at::Tensor, at::Tensor> p2p_all_reduce_residual_rmsnorm(
     p.new_residual = new_res.data_ptr();
     p.hidden = x.size(-1);
     p.rows = xc.numel() / p.hidden;
-    p.eps = static_cast<float>(eps);
+    p.eps = eps;
     p.dtype = p2p_ref::kernel_dtype(x.scalar_type());
     kernels::launch_p2p_all_reduce_residual_rmsnorm(p, stream_of(x));
     return {out, new_res};
@@ -258,7 +264,7 @@ std::tuple<at::Tensor, at::Tensor> p2p_rmsnorm_backward(const at::Tensor& grad_o
     p.weight = w_c.data_ptr();
     p.grad_h = dh.data_ptr();
     p.grad_weight_partial = part.data_ptr();
-    p.eps = static_cast<float>(eps);
+    p.eps = eps;
     p.dtype = p2p_ref::kernel_dtype(h.scalar_type());
     kernels::launch_rmsnorm_backward(p, stream_of(h));
     return {dh, part.sum(0).to(weight.scalar_type())};

@@ -154,7 +154,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> p2p_virtual_all_red
     p.weight = w_c.data_ptr();
     p.hidden = xs[0].dim() > 0 ? xs[0].size(-1) : 0;
     p.rows = p.hidden > 0 ? xs[0].numel() / p.hidden : 0;
-    p.eps = static_cast<float>(eps);
+    p.eps = eps;
     p.dtype = p2p_ref::kernel_dtype(xs[0].scalar_type());
     kernels::launch_p2p_all_reduce_residual_rmsnorm_virtual(p, out_ptrs.data(), res_ptrs.data(), stream_of(xs[0]));
     return {outs, new_res};
