@@ -73,28 +73,35 @@ inline unsigned long long count_mismatches(Ranks& rk, int r, const void* a, cons
   return host[0];
 }
 
-// Rank r's [rows, cols] output (device) as doubles on the host.
-inline std::vector<double> download(Ranks& rk, int r, const void* p, int64_t rows, int64_t cols) {
-  const DtypeInfo& dt = rk.dtype();
-  const size_t n = static_cast<size_t>(rows * cols);
-  std::vector<unsigned char> raw(n * dt.size);
-  rk.set_device(r);
-  TPEXT_CUDA_CHECK(cudaMemcpy(raw.data(), p, raw.size(), cudaMemcpyDeviceToHost));
-  std::vector<double> out(n);
-  dispatch_dtype(dt, [&](auto tag) {
-    using T = decltype(tag);
-    const T* v = reinterpret_cast<const T*>(raw.data());
-    for (size_t i = 0; i < n; ++i) out[i] = to_double(v[i]);
-  });
-  return out;
-}
+// Rank r's [rows, cols] output (device), copied to the host in its storage type; at(i) reads one
+// element as a double (no full-size double copy: outputs can be GBs).
+class HostCopy {
+ public:
+  HostCopy(Ranks& rk, int r, const void* p, int64_t rows, int64_t cols) : dt_(rk.dtype()) {
+    raw_.resize(static_cast<size_t>(rows * cols) * dt_.size);
+    rk.set_device(r);
+    TPEXT_CUDA_CHECK(cudaMemcpy(raw_.data(), p, raw_.size(), cudaMemcpyDeviceToHost));
+  }
+  double at(int64_t i) const {
+    double v = 0;
+    dispatch_dtype(dt_, [&](auto tag) {
+      using T = decltype(tag);
+      v = to_double(reinterpret_cast<const T*>(raw_.data())[i]);
+    });
+    return v;
+  }
+
+ private:
+  DtypeInfo dt_;
+  std::vector<unsigned char> raw_;
+};
 
 // Check 1 for rank r: returns the number of bad elements (printing the first few) and sets *rms to
 // the RMS of the checked elements.
 template <typename RefFn>
 int64_t check_against_reference(Ranks& rk, int r, const void* out, int64_t rows, int64_t cols, int64_t k,
                                 int summed_ranks, RefFn&& ref, bool full, double* rms) {
-  const std::vector<double> got = download(rk, r, out, rows, cols);
+  const HostCopy got(rk, r, out, rows, cols);
   const double u = rk.dtype().unit_roundoff;
   std::vector<std::pair<int64_t, int64_t>> at;
   if (full) {
@@ -105,7 +112,8 @@ int64_t check_against_reference(Ranks& rk, int r, const void* out, int64_t rows,
       at.emplace_back(0, j);
       at.emplace_back(rows - 1, j);
     }
-    for (int s = 0; s < 1024; ++s) {
+    // Each reference element costs R k products (reductions), so the sample shrinks as R grows.
+    for (int s = 0; s < std::max(128, 1024 / rk.world()); ++s) {
       at.emplace_back(static_cast<int64_t>(rng() % static_cast<uint64_t>(rows)),
                       static_cast<int64_t>(rng() % static_cast<uint64_t>(cols)));
     }
@@ -114,7 +122,7 @@ int64_t check_against_reference(Ranks& rk, int r, const void* out, int64_t rows,
   double sq = 0;
   for (const auto& [i, j] : at) {
     const RefValue want = ref(r, i, j);
-    const double y = got[static_cast<size_t>(i * cols + j)];
+    const double y = got.at(i * cols + j);
     const double tol = 2.0 * (summed_ranks + 1) * u * want.mag + 2.0 * static_cast<double>(k) * 0x1p-24 * want.abs;
     sq += y * y;
     if (!(std::fabs(y - want.value) <= tol)) {
