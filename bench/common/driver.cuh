@@ -65,8 +65,20 @@ inline bool check_op(Ranks& rk, Op& op, const Shape& s, const std::vector<std::p
         rk, r, op.output(r, true), rows, cols, op.inner(), op.summed_ranks(),
         [&](int rr, int64_t i, int64_t j) { return op.reference(rr, i, j); }, full, &rms[r]);
   }
-  std::printf("check: sequential vs fp64 host reference (%s): %s\n", full ? "every element" : "sampled elements",
-              bad ? "MISMATCH" : "ok");
+  // Every element, not only the sampled ones, must have been written: the 0xFF fill is NaN, and a NaN
+  // compares unequal even to itself.
+  for (int r = 0; r < rk.world(); ++r) {
+    int64_t first = 0;
+    const void* y = op.output(r, true);
+    const unsigned long long n_nan = count_mismatches(rk, r, y, y, rows * cols, 0.0, 0.0, &first);
+    if (n_nan) {
+      std::fprintf(stderr, "  rank %d: %llu elements not finite (first at row %lld, column %lld)\n", r, n_nan,
+                   static_cast<long long>(first / cols), static_cast<long long>(first % cols));
+      bad += static_cast<int64_t>(n_nan);
+    }
+  }
+  std::printf("check: sequential vs fp64 host reference (%s) and all finite: %s\n",
+              full ? "every element" : "sampled elements", bad ? "MISMATCH" : "ok");
   if (bad) return false;
   const double u = rk.dtype().unit_roundoff;
   const double rel = (op.summed_ranks() + 2) * u + static_cast<double>(op.inner()) * 0x1p-24;
@@ -146,6 +158,8 @@ inline int run_main(int argc, char** argv, Op& op) {
     TPEXT_CUBLAS_CHECK(cublasGetVersion(rk.ctx(0).blas[0], &cublas_version));
     std::printf("%s: %s, %s; warm-up %d, median of %d runs (CUDA events)\n", op.name(), rk.describe().c_str(), dt.name,
                 o.warmup, o.iters);
+    std::printf("columns: ms = median of the slowest device; busGB/s as nccl-tests counts it; speedup = T_seq / T; "
+                "E = 1 - (T - T_gemm) / (T_seq - T_gemm); napkin = max(T_gemm, T_comm)\n");
     std::vector<ShapeResult> results;
     for (Shape s : o.shapes()) {
       if (!op.has_gemm()) {  // --k means nothing without a GEMM: one pass per (m, n)
