@@ -16,6 +16,7 @@
 
 #include "common/cuda_check.h"
 #include "dtype.cuh"
+#include "op.cuh"
 #include "ranks.cuh"
 
 #include <cuda_runtime.h>
@@ -31,11 +32,6 @@
 
 namespace tpext::bench {
 
-struct RefValue {
-  double value;  // sum over ranks of the exact partial products
-  double mag;    // B: sum over ranks of |partial product|
-  double abs;    // A: sum over ranks and k of |x w|
-};
 
 template <typename T>
 __global__ void compare_kernel(const T* a, const T* b, int64_t n, double rel, double floor_abs,
@@ -50,9 +46,17 @@ __global__ void compare_kernel(const T* a, const T* b, int64_t n, double rel, do
   }
 }
 
-// Elements of a[0, n) (rank r's device) outside the bound against b; *first = the first such index.
-inline unsigned long long count_mismatches(Ranks& rk, int r, const void* a, const void* b, int64_t n, double rel,
-                                           double floor_abs, int64_t* first) {
+// Per-element bound |a - b| <= rel (|a| + |b| + floor).
+struct Tolerance {
+  double rel, floor;
+};
+struct Mismatches {
+  unsigned long long count;
+  int64_t first;  // index of the first element outside the bound (valid when count > 0)
+};
+
+// Elements of a[0, n) (rank r's device) outside `tol` against b[0, n).
+inline Mismatches count_mismatches(Ranks& rk, int r, const void* a, const void* b, int64_t n, Tolerance tol) {
   rk.set_device(r);
   cudaStream_t s = rk.ctx(r).lanes[0];
   unsigned long long* counters = nullptr;
@@ -61,7 +65,7 @@ inline unsigned long long count_mismatches(Ranks& rk, int r, const void* a, cons
   TPEXT_CUDA_CHECK(cudaMemsetAsync(counters + 1, 0xFF, sizeof(unsigned long long), s));
   dispatch_dtype(rk.dtype(), [&](auto tag) {
     using T = decltype(tag);
-    compare_kernel<T><<<1024, 256, 0, s>>>(static_cast<const T*>(a), static_cast<const T*>(b), n, rel, floor_abs,
+    compare_kernel<T><<<1024, 256, 0, s>>>(static_cast<const T*>(a), static_cast<const T*>(b), n, tol.rel, tol.floor,
                                            counters, counters + 1);
   });
   TPEXT_CUDA_CHECK(cudaGetLastError());
@@ -69,8 +73,7 @@ inline unsigned long long count_mismatches(Ranks& rk, int r, const void* a, cons
   TPEXT_CUDA_CHECK(cudaMemcpyAsync(host, counters, sizeof(host), cudaMemcpyDeviceToHost, s));
   TPEXT_CUDA_CHECK(cudaStreamSynchronize(s));
   TPEXT_CUDA_CHECK(cudaFree(counters));
-  *first = static_cast<int64_t>(host[1]);
-  return host[0];
+  return {host[0], static_cast<int64_t>(host[1])};
 }
 
 // Rank r's [rows, cols] output (device), copied to the host in its storage type; at(i) reads one
@@ -96,12 +99,11 @@ class HostCopy {
   std::vector<unsigned char> raw_;
 };
 
-// Check 1 for rank r: returns the number of bad elements (printing the first few) and sets *rms to
-// the RMS of the checked elements.
-template <typename RefFn>
-int64_t check_against_reference(Ranks& rk, int r, const void* out, int64_t rows, int64_t cols, int64_t k,
-                                int summed_ranks, RefFn&& ref, bool full, double* rms) {
-  const HostCopy got(rk, r, out, rows, cols);
+// Check 1 for rank r's sequential output: returns the number of bad elements (printing the first
+// few) and sets *rms to the RMS of the checked elements.
+inline int64_t check_against_reference(Ranks& rk, int r, const Op& op, bool full, double* rms) {
+  const int64_t rows = op.output_rows(), cols = op.output_cols();
+  const HostCopy got(rk, r, op.output(r, true), rows, cols);
   const double u = rk.dtype().unit_roundoff;
   std::vector<std::pair<int64_t, int64_t>> at;
   if (full) {
@@ -121,9 +123,10 @@ int64_t check_against_reference(Ranks& rk, int r, const void* out, int64_t rows,
   int64_t bad = 0;
   double sq = 0;
   for (const auto& [i, j] : at) {
-    const RefValue want = ref(r, i, j);
+    const RefValue want = op.reference(r, i, j);
     const double y = got.at(i * cols + j);
-    const double tol = 2.0 * (summed_ranks + 1) * u * want.mag + 2.0 * static_cast<double>(k) * 0x1p-24 * want.abs;
+    const double tol = 2.0 * (op.summed_ranks() + 1) * u * want.mag +
+                       2.0 * static_cast<double>(op.inner()) * 0x1p-24 * want.abs;
     sq += y * y;
     if (!(std::fabs(y - want.value) <= tol)) {
       if (bad < 5) {

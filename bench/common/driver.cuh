@@ -4,6 +4,7 @@
 #pragma once
 
 #include "check.cuh"
+#include "op.cuh"
 #include "common/rows.h"
 #include "dtype.cuh"
 #include "options.cuh"
@@ -25,30 +26,6 @@
 
 namespace tpext::bench {
 
-// One op family. run()/gemm_alone()/comm_alone() only enqueue work between the driver's fork() and
-// join() (ranks.cuh); `seq` selects the sequential baseline's output buffers instead of the chunked ones.
-class Op {
- public:
-  virtual ~Op() = default;
-  virtual const char* name() const = 0;
-  virtual bool has_gemm() const { return true; }
-  // Allocates and fills rank buffers for `s` (throws, naming the option, if the shape cannot run).
-  virtual void setup(Ranks& rk, const Shape& s) = 0;
-  virtual int64_t chunk_rows() const = 0;  // rows the chunks split: never more chunks than these
-  virtual void gemm_alone() = 0;
-  virtual void comm_alone() = 0;
-  virtual void run(int chunks, int lanes, bool seq) = 0;  // chunks == 1: the sequential baseline
-  virtual void reset(bool seq) = 0;                       // 0xFF into outputs and scratch, fresh inputs
-  virtual const void* output(int r, bool seq) const = 0;  // [output_rows, output_cols]
-  virtual int64_t output_rows() const = 0;
-  virtual int64_t output_cols() const = 0;
-  virtual RefValue reference(int r, int64_t i, int64_t j) const = 0;
-  virtual int summed_ranks() const = 0;     // R for a reduction, 0 for a gather
-  virtual int64_t inner() const = 0;        // the GEMM's k (0 without a GEMM)
-  virtual double device_flops() const = 0;  // GEMM FLOPs one device executes per run
-  virtual double bus_bytes() const = 0;     // nccl-tests: algorithm bytes x bus factor
-};
-
 // Check 1 on the sequential run, then check 2 on every configuration; false (after printing) on failure.
 inline bool check_op(Ranks& rk, Op& op, const Shape& s, const std::vector<std::pair<int, int>>& configs) {
   op.reset(true);
@@ -61,20 +38,17 @@ inline bool check_op(Ranks& rk, Op& op, const Shape& s, const std::vector<std::p
   std::vector<double> rms(static_cast<size_t>(rk.world()));
   int64_t bad = 0;
   for (int r = 0; r < rk.world(); ++r) {
-    bad += check_against_reference(
-        rk, r, op.output(r, true), rows, cols, op.inner(), op.summed_ranks(),
-        [&](int rr, int64_t i, int64_t j) { return op.reference(rr, i, j); }, full, &rms[r]);
+    bad += check_against_reference(rk, r, op, full, &rms[r]);
   }
   // Every element, not only the sampled ones, must have been written: the 0xFF fill is NaN, and a NaN
   // compares unequal even to itself.
   for (int r = 0; r < rk.world(); ++r) {
-    int64_t first = 0;
     const void* y = op.output(r, true);
-    const unsigned long long n_nan = count_mismatches(rk, r, y, y, rows * cols, 0.0, 0.0, &first);
-    if (n_nan) {
-      std::fprintf(stderr, "  rank %d: %llu elements not finite (first at row %lld, column %lld)\n", r, n_nan,
-                   static_cast<long long>(first / cols), static_cast<long long>(first % cols));
-      bad += static_cast<int64_t>(n_nan);
+    const Mismatches nan = count_mismatches(rk, r, y, y, rows * cols, {0.0, 0.0});
+    if (nan.count) {
+      std::fprintf(stderr, "  rank %d: %llu elements not finite (first at row %lld, column %lld)\n", r, nan.count,
+                   static_cast<long long>(nan.first / cols), static_cast<long long>(nan.first % cols));
+      bad += static_cast<int64_t>(nan.count);
     }
   }
   std::printf("check: sequential vs fp64 host reference (%s) and all finite: %s\n",
@@ -89,13 +63,12 @@ inline bool check_op(Ranks& rk, Op& op, const Shape& s, const std::vector<std::p
     rk.join();
     rk.sync();
     for (int r = 0; r < rk.world(); ++r) {
-      int64_t first = 0;
-      const unsigned long long n_bad = count_mismatches(rk, r, op.output(r, false), op.output(r, true), rows * cols,
-                                                        rel, 4 * rms[r], &first);
-      if (n_bad) {
+      const Mismatches bad_c = count_mismatches(rk, r, op.output(r, false), op.output(r, true), rows * cols,
+                                                {rel, 4 * rms[r]});
+      if (bad_c.count) {
         std::fprintf(stderr, "check: chunks=%d streams=%d, rank %d: %llu elements differ from the sequential output "
-                     "(first at row %lld, column %lld) for m=%lld n=%lld k=%lld\n", c, l, r, n_bad,
-                     static_cast<long long>(first / cols), static_cast<long long>(first % cols),
+                     "(first at row %lld, column %lld) for m=%lld n=%lld k=%lld\n", c, l, r, bad_c.count,
+                     static_cast<long long>(bad_c.first / cols), static_cast<long long>(bad_c.first % cols),
                      static_cast<long long>(s.m), static_cast<long long>(s.n), static_cast<long long>(s.k));
         return false;
       }
