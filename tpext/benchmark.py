@@ -110,7 +110,8 @@ def environment(device: torch.device, backend: str) -> dict:
     }
     if device.type == "cuda":
         env["cuda"] = torch.version.cuda
-        env["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
+        version = torch.cuda.nccl.version()  # a tuple in recent releases, an int in older ones
+        env["nccl"] = ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
     return env
 
 
