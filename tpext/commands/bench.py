@@ -151,10 +151,12 @@ def run(args) -> int:
             print(f"tpext bench: note: {max(cfg['tp'])} ranks share {os.cpu_count()} cores", file=sys.stderr)
         for n in cfg["tp"]:
             results[n] = launch(worker, n, cfg)
+            if any(out["failures"] for out in results[n].values()):
+                break
 
     failures = [msg for per_rank in results.values() for out in per_rank.values() for msg in out["failures"]]
     if failures:
-        print("tpext bench: correctness check failed, nothing timed:\n  " + "\n  ".join(failures),
+        print("tpext bench: correctness check failed; stopped, no results written:\n  " + "\n  ".join(failures),
               file=sys.stderr)
         return 1
 
