@@ -17,15 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
-import subprocess
-import time
 
 import torch
 import torch.distributed as dist
 
 import tpext
+from tpext.benchmark import commit, device_name, median_slowest
 
 # (op, rows M of the full activation, K, N). fp32. For gemm_all_reduce, x is [M, K] per rank and the
 # all-reduce moves [M, N]; the reduce-scatter/all-gather ops split M across ranks. K is chosen so the
@@ -38,20 +35,6 @@ SHAPES = [
     ("gemm_reduce_scatter", 2048, 256, 1024),
     ("all_gather_gemm", 2048, 1024, 128),
 ]
-
-
-def _median_slowest(fn, reps: int, warmup: int = 3) -> float:
-    """Median over `reps` of the slowest rank's wall time for fn(), in seconds."""
-    times = []
-    for i in range(warmup + reps):
-        dist.barrier()
-        t0 = time.perf_counter()
-        fn()
-        elapsed = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-        dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
-        if i >= warmup:
-            times.append(elapsed.item())
-    return statistics.median(times)
 
 
 def _case(op: str, m: int, k: int, n: int, chunks_list: list[int], reps: int) -> dict:
@@ -84,9 +67,9 @@ def _case(op: str, m: int, k: int, n: int, chunks_list: list[int], reps: int) ->
     for c in chunks_list:
         torch.testing.assert_close(run(c), reference, rtol=1e-5, atol=1e-4)
 
-    t_gemm = _median_slowest(gemm, reps)
-    t_comm = _median_slowest(comm, reps)
-    t = {c: _median_slowest(lambda: run(c), reps) for c in [1, *chunks_list]}
+    t_gemm = median_slowest(gemm, reps)
+    t_comm = median_slowest(comm, reps)
+    t = {c: median_slowest(lambda: run(c), reps) for c in [1, *chunks_list]}
     best_c = min(chunks_list, key=lambda c: t[c])
     return {
         "op": op, "M": m, "K": k, "N": n, "dtype": "float32", "world_size": world,
@@ -99,25 +82,6 @@ def _case(op: str, m: int, k: int, n: int, chunks_list: list[int], reps: int) ->
         "napkin_speedup": (t_gemm + t_comm) / max(t_gemm, t_comm),
         "napkin_limit_ms": 1e3 * max(t_gemm, t_comm),
     }
-
-
-def _device_name() -> str:
-    model = platform.processor() or "cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    slug = "".join(ch if ch.isalnum() else "-" for ch in model.lower()).strip("-")
-    return f"cpu-{slug}-{os.cpu_count()}cores"
-
-
-def _commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:
@@ -144,11 +108,11 @@ def main() -> None:
                   f" {r['speedup']:>7.2f}x {r['napkin_speedup']:>6.2f}x")
         print("speedup = T(c=1) / T(best c); napkin = (T_gemm + T_comm) / max(T_gemm, T_comm), "
               "the best any overlap can do")
-        out_dir = os.path.join(args.out, _device_name())
+        out_dir = os.path.join(args.out, device_name("cpu"))
         os.makedirs(out_dir, exist_ok=True)
         path = os.path.join(out_dir, "ops_cpu.json")
         with open(path, "w") as f:
-            json.dump({"commit": _commit(), "torch": torch.__version__, "backend": "gloo",
+            json.dump({"commit": commit(), "torch": torch.__version__, "backend": "gloo",
                        "world_size": dist.get_world_size(), "reps": args.reps, "results": rows}, f, indent=1)
         print(f"wrote {path}")
     dist.destroy_process_group()

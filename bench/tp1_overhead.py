@@ -13,17 +13,14 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ops_cpu import _commit, _device_name  # noqa: E402
-
-from tpext.nn import ColumnParallelLinear, RowParallelLinear  # noqa: E402
+from tpext.benchmark import commit, device_name
+from tpext.nn import ColumnParallelLinear, RowParallelLinear
 
 SHAPES = [(64, 256, 256), (512, 1024, 1024), (2048, 1024, 4096)]  # (tokens, in, out)
 
@@ -61,11 +58,11 @@ def main() -> None:
             rows.append({"layer": cls.__name__, "tokens": tokens, "in": k, "out": n, "reps": reps,
                          "nn_linear_ms": d, "tpext_ms": t, "overhead": t / d - 1})
             print(f"{cls.__name__:<22} {tokens:>6} {k:>5} {n:>5} {d:>13.3f} {t:>9.3f} {100 * (t / d - 1):>8.1f}%")
-    out_dir = os.path.join(args.out, _device_name())
+    out_dir = os.path.join(args.out, device_name("cpu"))
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "tp1_overhead.json")
     with open(path, "w") as f:
-        json.dump({"commit": _commit(), "torch": torch.__version__, "results": rows}, f, indent=1)
+        json.dump({"commit": commit(), "torch": torch.__version__, "results": rows}, f, indent=1)
     print(f"wrote {path}")
     dist.destroy_process_group()
 
