@@ -109,18 +109,7 @@ class GemmReduceScatter final : public Op {
   RefValue reference(int r, int64_t i, int64_t j) const override {
     const DtypeInfo& dt = rk_->dtype();
     const int64_t row = r * shard_ + i;
-    RefValue v{0, 0, 0};
-    for (int q = 0; q < rk_->world(); ++q) {
-      double p = 0;
-      for (int64_t t = 0; t < s_.k; ++t) {
-        const double xw = input_value(dt, 2 * q, row * s_.k + t) * input_value(dt, 2 * q + 1, j * s_.k + t);
-        p += xw;
-        v.abs += std::fabs(xw);
-      }
-      v.value += p;
-      v.mag += std::fabs(p);
-    }
-    return v;
+    return summed_dot_reference(dt, rk_->world(), row, j, s_.k);
   }
 
   int summed_ranks() const override { return rk_->world(); }

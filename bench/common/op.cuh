@@ -4,6 +4,7 @@
 #include "options.cuh"
 #include "ranks.cuh"
 
+#include <cmath>
 #include <cstdint>
 
 namespace tpext::bench {
@@ -14,6 +15,23 @@ struct RefValue {
   double mag;    // B: sum over ranks of |partial product|
   double abs;    // A: sum over ranks and k of |x w|
 };
+
+// Element (row, j) of sum over the `world` ranks of x_q @ w_q.T, rank q's inputs being generated
+// tensors 2q (x, [*, k]) and 2q + 1 (w, [n, k]): the reference of the reducing ops.
+inline RefValue summed_dot_reference(const DtypeInfo& dt, int world, int64_t row, int64_t j, int64_t k) {
+  RefValue v{0, 0, 0};
+  for (int q = 0; q < world; ++q) {
+    double p = 0;
+    for (int64_t t = 0; t < k; ++t) {
+      const double xw = input_value(dt, 2 * q, row * k + t) * input_value(dt, 2 * q + 1, j * k + t);
+      p += xw;
+      v.abs += std::fabs(xw);
+    }
+    v.value += p;
+    v.mag += std::fabs(p);
+  }
+  return v;
+}
 
 // One op family. run()/gemm_alone()/comm_alone() only enqueue work between the driver's fork() and
 // join() (ranks.cuh); `seq` selects the sequential baseline's output buffers instead of the chunked ones.
