@@ -26,6 +26,11 @@ def test_auto_is_sequential_for_one_rank_or_few_rows(device):
 
 def test_auto_pipelines_large_gemms_on_the_device_pipeline():
     assert auto_schedule(2048, 2, "cpu") == Schedule(4, Algorithm.CHUNKED_PIPELINE)
+    # On CPU each chunk must move >= 1 MiB: gloo's per-collective latency is paid once per chunk.
+    assert auto_schedule(2048, 2, "cpu", row_bytes=4096) == Schedule(4, Algorithm.CHUNKED_PIPELINE)  # 8 MiB
+    assert auto_schedule(2048, 2, "cpu", row_bytes=1024) == Schedule(2, Algorithm.CHUNKED_PIPELINE)  # 2 MiB
+    assert auto_schedule(1024, 2, "cpu", row_bytes=512) == Schedule(1, Algorithm.SEQUENTIAL)  # 512 KiB
+    assert auto_schedule(8192, 8, "cuda", row_bytes=16) == Schedule(4, Algorithm.CHUNKED_TWO_STREAMS)
     assert auto_schedule(8192, 8, "cuda") == Schedule(4, Algorithm.CHUNKED_TWO_STREAMS)
     assert auto_schedule(2048, 8, "cuda") == Schedule(2, Algorithm.CHUNKED_TWO_STREAMS)
 

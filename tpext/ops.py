@@ -30,8 +30,10 @@ __all__ = [
 Chunks = Union[int, str]
 
 
-def _plan(chunks: Chunks, algorithm: AlgorithmLike, out_rows: int, group: GroupLike, device: torch.device):
-    chunks, algorithm = resolve_schedule(chunks, algorithm, out_rows, resolve_group(group).size(), device.type)
+def _plan(chunks: Chunks, algorithm: AlgorithmLike, out_rows: int, group: GroupLike, width: int, like: Tensor):
+    """The schedule for `out_rows` rows whose collective moves `width` elements of like's dtype per row."""
+    chunks, algorithm = resolve_schedule(chunks, algorithm, out_rows, resolve_group(group).size(),
+                                         like.device.type, width * like.element_size())
     return chunks, int(algorithm)
 
 
@@ -45,7 +47,7 @@ def gemm_all_reduce(x: Tensor, w: Tensor, bias: Optional[Tensor] = None, group: 
     """``all_reduce(x @ w.T) + bias + residual`` with the GEMM split into `chunks` row chunks that overlap
     the all-reduce. x: [*, K], w: [N, K], bias: [N], residual: [*, N] (both added once, after the
     reduction) -> [*, N]."""
-    plan = _plan(chunks, algorithm, _rows(x), group, x.device)
+    plan = _plan(chunks, algorithm, _rows(x), group, w.shape[0], x)  # all-reduces [M, N]
     return torch.ops.tpext.gemm_all_reduce(x, w, bias, group_name(group), *plan, residual)
 
 
@@ -59,7 +61,7 @@ def gemm_reduce_scatter(x: Tensor, w: Tensor, bias: Optional[Tensor] = None, gro
                         residual: Optional[Tensor] = None) -> Tensor:
     """This rank's dim-0 block of ``reduce_scatter(x @ w.T) + bias + residual``.
     x: [M, *, K] with M divisible by R, w: [N, K], bias: [N], residual: [M/R, *, N] -> [M/R, *, N]."""
-    plan = _plan(chunks, algorithm, _rows(x), group, x.device)
+    plan = _plan(chunks, algorithm, _rows(x), group, w.shape[0], x)  # reduce-scatters [M, N]
     return torch.ops.tpext.gemm_reduce_scatter(x, w, bias, group_name(group), *plan, residual)
 
 
@@ -78,7 +80,8 @@ def all_gather_gemm(x_shard: Tensor, w: Tensor, bias: Optional[Tensor] = None, g
     """``(all_gather(x_shard) @ w.T + bias, all_gather(x_shard))``, gathers overlapped with the GEMM.
     x_shard: [m, *, K], w: [N, K], bias: [N] -> ([R*m, *, N], [R*m, *, K]). The gathered input is
     returned for the weight gradient; drop it to save memory and re-gather in backward."""
-    plan = _plan(chunks, algorithm, _rows(x_shard) * resolve_group(group).size(), group, x_shard.device)
+    plan = _plan(chunks, algorithm, _rows(x_shard) * resolve_group(group).size(), group, x_shard.shape[-1],
+                 x_shard)  # gathers x
     return torch.ops.tpext.all_gather_gemm(x_shard, w, bias, group_name(group), *plan)
 
 

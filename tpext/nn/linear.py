@@ -126,7 +126,11 @@ class _ParallelLinear(nn.Module):
 
     def _schedule(self, rows: int) -> Schedule:
         """The (chunks, algorithm) schedule the ops get for `rows` rows of GEMM output."""
-        return resolve_schedule(self.chunks, self.algorithm, rows, self.tp_size, self.weight.device.type)
+        # What the collectives move per row: the input features of a column layer (its dgrad, and the
+        # gathered input under SP), the output features of a row layer.
+        features = self.in_features if isinstance(self, ColumnParallelLinear) else self.out_features
+        return resolve_schedule(self.chunks, self.algorithm, rows, self.tp_size, self.weight.device.type,
+                                features * self.weight.element_size())
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -39,14 +39,24 @@ AlgorithmLike = Union[Algorithm, int, str]
 MIN_ROWS_PER_CHUNK = 256
 MIN_ROWS_PER_CHUNK_CUDA = 1024
 MAX_AUTO_CHUNKS = 4
+# Every chunk pays the collective's fixed cost once, so a chunk must carry enough bytes for that cost to
+# be small beside its transfer. gloo on the 2-core CI machine: 263 us per collective at 1.5 GB/s bus
+# bandwidth (bench/results/cpu-amd-epyc-2cores/calibration.json), i.e. the time of ~400 KB. Measured
+# there: 4 chunks of 128-512 KB lost 3-44% to one chunk (tpext bench, 1024x128 and 2048x256), 4 chunks
+# of 2 MB won 17% (bench/ops_cpu.py). CPU only: the CUDA figure waits for a GPU calibration.
+MIN_BYTES_PER_CHUNK_CPU = 1 << 20
 
 
-def auto_chunks(rows: int, world_size: int, device_type: str = "cpu") -> int:
-    """Chunk count for `rows` rows of GEMM output on a group of `world_size` ranks."""
+def auto_chunks(rows: int, world_size: int, device_type: str = "cpu", row_bytes: int = 0) -> int:
+    """Chunk count for `rows` rows of GEMM output on a group of `world_size` ranks; row_bytes, when known,
+    is the size of one row of what the collective moves (0: unknown, the row rule alone)."""
     if world_size <= 1:
         return 1
     min_rows = MIN_ROWS_PER_CHUNK_CUDA if device_type == "cuda" else MIN_ROWS_PER_CHUNK
-    return max(1, min(MAX_AUTO_CHUNKS, rows // min_rows))
+    chunks = min(MAX_AUTO_CHUNKS, rows // min_rows)
+    if device_type != "cuda" and row_bytes > 0:
+        chunks = min(chunks, rows * row_bytes // MIN_BYTES_PER_CHUNK_CPU)
+    return max(1, chunks)
 
 
 def default_algorithm(chunks: int, device_type: str = "cpu") -> Algorithm:
@@ -56,9 +66,10 @@ def default_algorithm(chunks: int, device_type: str = "cpu") -> Algorithm:
     return Algorithm.CHUNKED_TWO_STREAMS if device_type == "cuda" else Algorithm.CHUNKED_PIPELINE
 
 
-def auto_schedule(rows: int, world_size: int, device_type: str = "cpu") -> Schedule:
-    """The heuristic behind ``chunks="auto"``: chunk count from the rows, algorithm from the device."""
-    chunks = auto_chunks(rows, world_size, device_type)
+def auto_schedule(rows: int, world_size: int, device_type: str = "cpu", row_bytes: int = 0) -> Schedule:
+    """The heuristic behind ``chunks="auto"``: chunk count from the rows (and bytes), algorithm from the
+    device."""
+    chunks = auto_chunks(rows, world_size, device_type, row_bytes)
     return Schedule(chunks, default_algorithm(chunks, device_type))
 
 
@@ -79,16 +90,17 @@ def _check_auto(value, what: str) -> None:
 
 
 def resolve_schedule(chunks: Chunks, algorithm: AlgorithmLike, rows: int, world_size: int,
-                     device_type: str = "cpu") -> Schedule:
-    """Fill in whatever is "auto"; explicit ints pass through (the op checks their ranges)."""
+                     device_type: str = "cpu", row_bytes: int = 0) -> Schedule:
+    """Fill in whatever is "auto"; explicit ints pass through (the op checks their ranges). row_bytes:
+    bytes of one row of the collective's payload (see auto_chunks)."""
     _check_auto(chunks, "chunks")
     _check_auto(algorithm, "algorithm")
     if chunks == "auto":
         if algorithm == "auto":
-            return auto_schedule(rows, world_size, device_type)
+            return auto_schedule(rows, world_size, device_type, row_bytes)
         if int(algorithm) == Algorithm.SEQUENTIAL:
             return Schedule(1, Algorithm.SEQUENTIAL)
-        return Schedule(auto_chunks(rows, world_size, device_type), int(algorithm))
+        return Schedule(auto_chunks(rows, world_size, device_type, row_bytes), int(algorithm))
     if algorithm == "auto":
         return Schedule(chunks, default_algorithm(chunks, device_type))
     return Schedule(chunks, int(algorithm))
