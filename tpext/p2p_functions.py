@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from tpext import ops, stats
+from tpext.nn._linear_functions import _bgrad, _wgrad
 
 __all__ = ["RowLinearP2P", "AllReduceResidualRMSNorm"]
 
@@ -35,9 +36,8 @@ class RowLinearP2P(torch.autograd.Function):
     def backward(ctx, dy):
         x, w = ctx.saved_tensors
         dx = dy.matmul(w) if ctx.needs_input_grad[0] else None
-        dw = dy.reshape(-1, dy.shape[-1]).t().mm(x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
-        db = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.has_bias else None
-        return dx, dw, db, None, None
+        dw = _wgrad(dy, x) if ctx.needs_input_grad[1] else None
+        return dx, dw, _bgrad(dy, ctx.has_bias), None, None
 
 
 class AllReduceResidualRMSNorm(torch.autograd.Function):
