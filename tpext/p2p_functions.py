@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from tpext import ops, stats
-from tpext.nn._linear_functions import _bgrad, _wgrad
+from tpext.nn._linear_functions import RowLinear
 
 __all__ = ["RowLinearP2P", "AllReduceResidualRMSNorm"]
 
@@ -32,12 +32,8 @@ class RowLinearP2P(torch.autograd.Function):
         ctx.has_bias = b is not None
         return y
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, w = ctx.saved_tensors
-        dx = dy.matmul(w) if ctx.needs_input_grad[0] else None
-        dw = _wgrad(dy, x) if ctx.needs_input_grad[1] else None
-        return dx, dw, _bgrad(dy, ctx.has_bias), None, None
+    # The same local backward as the NCCL row layer: same saved tensors, same argument layout.
+    backward = RowLinear.backward
 
 
 class AllReduceResidualRMSNorm(torch.autograd.Function):
