@@ -87,7 +87,7 @@ bias_residual_add_kernel(T* __restrict__ y, int64_t ld_y, const T* __restrict__ 
   throw std::runtime_error("tpext::kernels::launch_bias_residual_add: " + what);
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
+using numeric::aligned16;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -188,12 +188,7 @@ void launch_bias_residual_add(const BiasResidualParams& p, cudaStream_t stream) 
   }
   if (!p.bias && !p.residual) return;  // y += 0
 
-  switch (p.dtype) {
-    case DType::kFloat32: launch_typed<float>(p, stream); break;
-    case DType::kFloat16: launch_typed<__half>(p, stream); break;
-    case DType::kBFloat16: launch_typed<__nv_bfloat16>(p, stream); break;
-    case DType::kFloat64: launch_typed<double>(p, stream); break;
-  }
+  numeric::dispatch(p.dtype, [&](auto t) { launch_typed<decltype(t)>(p, stream); });
 }
 
 }  // namespace tpext::kernels

@@ -1,9 +1,14 @@
-// Device numerics shared by tpext's kernels: the accumulation type of each storage type, the
-// conversions to and from it, and the 16-byte vector of the fast paths. Header-only, torch-free.
+// Numerics shared by tpext's kernels: the accumulation type of each storage type, the conversions to
+// and from it, the 16-byte vector of the fast paths, and the host-side dtype dispatch and alignment
+// test of their launchers. Header-only, torch-free.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "epilogue.h"  // DType
 
 namespace tpext::kernels::numeric {
 
@@ -28,5 +33,19 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(flo
 // N consecutive elements moved as one access. With N * sizeof(T) == 16 the compiler emits a single
 // 128-bit LDG/STG (ld.global.v4 in PTX); the caller guarantees the alignment.
 template <typename T, int N> struct alignas(N * sizeof(T)) Pack { T v[N]; };
+
+// Host: calls f(T{}) with T the storage type of `dtype` (launchers validate dtype before).
+template <typename F>
+void dispatch(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32: f(float{}); break;
+    case DType::kFloat16: f(__half{}); break;
+    case DType::kBFloat16: f(__nv_bfloat16{}); break;
+    case DType::kFloat64: f(double{}); break;
+  }
+}
+
+// Host: whether p allows 16-byte vector accesses (nullptr, an absent operand, does).
+inline bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
 
 }  // namespace tpext::kernels::numeric

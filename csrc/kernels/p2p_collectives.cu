@@ -20,6 +20,8 @@ namespace tpext::kernels {
 namespace {
 
 using namespace p2p_detail;
+using numeric::aligned16;
+using numeric::dispatch;
 
 constexpr int kThreads = 512;
 
@@ -127,8 +129,6 @@ __global__ void __launch_bounds__(kThreads) all_gather_kernel(const P2PGroup g, 
   throw std::runtime_error(std::string("tpext::kernels::") + fn + ": " + what);
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
-
 // The grid depends on the sizes only (never on the device), so every rank launches the same grid.
 unsigned grid_for(int64_t units) {
   const int64_t blocks = (units + kThreads - 1) / kThreads;
@@ -155,17 +155,6 @@ bool buffers_aligned(const P2PGroup& g) {
     if (!aligned16(g.buffers[q])) return false;
   }
   return true;
-}
-
-// Calls f(T{}) with T the storage type of `dtype`.
-template <typename F>
-void dispatch(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kFloat32: f(float{}); break;
-    case DType::kFloat16: f(__half{}); break;
-    case DType::kBFloat16: f(__nv_bfloat16{}); break;
-    case DType::kFloat64: f(double{}); break;
-  }
 }
 
 template <typename T>

@@ -21,6 +21,8 @@ namespace tpext::kernels {
 namespace {
 
 using namespace p2p_detail;
+using numeric::aligned16;
+using numeric::dispatch;
 
 constexpr int kNormThreads = 1024;  // max per block; the launch uses ceil(units / 32) warps up to this
 constexpr int64_t kBackwardMaxBlocks = 256;
@@ -131,18 +133,6 @@ rmsnorm_backward_kernel(const T* grad_out, const T* grad_h_in, const T* h, const
 
 [[noreturn]] void fail(const char* fn, const std::string& what) {
   throw std::runtime_error(std::string("tpext::kernels::") + fn + ": " + what);
-}
-
-bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<std::uintptr_t>(p) % 16 == 0; }
-
-template <typename F>
-void dispatch(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::kFloat32: f(float{}); break;
-    case DType::kFloat16: f(__half{}); break;
-    case DType::kBFloat16: f(__nv_bfloat16{}); break;
-    case DType::kFloat64: f(double{}); break;
-  }
 }
 
 void check_dtype(const char* fn, DType dtype) {
