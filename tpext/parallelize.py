@@ -275,10 +275,10 @@ def parallelize(model: nn.Module, group: GroupLike = None, plan: Union[str, Plan
         if new is not module:
             new._tpext_stats_name = name  # comm_stats attributes its collectives to this name
             converted[name] = new
+    _retie(model, ties, converted)
     for name, new in converted.items():
         parent_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
-    _retie(model, ties)
     _set_local_heads(model, converted, pg.size())
     if share_inputs:
         _share_inputs(model, converted)
@@ -294,22 +294,26 @@ def _ties(model: nn.Module) -> list[list[tuple[str, str]]]:
     return [group for group in owners.values() if len(group) > 1]
 
 
-def _retie(model: nn.Module, ties: list[list[tuple[str, str]]]) -> None:
-    """Parameters tied in the dense model (e.g. embed_tokens and lm_head) stay tied: every owner gets the
-    first one's local parameter, which needs the same local layout on all of them."""
+def _retie(model: nn.Module, ties: list[list[tuple[str, str]]], converted: dict[str, nn.Module]) -> None:
+    """Parameters tied in the dense model (e.g. embed_tokens and lm_head) stay tied: every owner (its
+    replacement, if any) gets the first one's local parameter, which needs the same local layout on all
+    of them. All groups are checked before any is tied, so an error changes nothing."""
     from tpext.sharding import get_layout
 
+    plans = []
     for group in ties:
-        owners = [(model.get_submodule(m), p) for m, p in group]
-        first_module, first_name = owners[0]
-        first = getattr(first_module, first_name)
-        want = get_layout(first_module, first_name, first)
+        owners = [(converted.get(m) or model.get_submodule(m), p) for m, p in group]
+        first = getattr(*owners[0])
+        want = get_layout(owners[0][0], owners[0][1], first)
         for (module, p_name), (m_name, _) in zip(owners[1:], group[1:]):
             layout = get_layout(module, p_name, getattr(module, p_name))
             if layout != want:
-                raise ValueError(f"tpext.parallelize: {group[0][0]}.{first_name} and {m_name}.{p_name} are tied in "
+                raise ValueError(f"tpext.parallelize: {group[0][0]}.{group[0][1]} and {m_name}.{p_name} are tied in "
                                  f"the dense model but the plan shards them differently ({want} vs {layout}); "
                                  "give both the same sharding (e.g. 'vocab' for an embedding and its lm_head)")
+        plans.append((first, owners[1:]))
+    for first, owners in plans:
+        for module, p_name in owners:
             setattr(module, p_name, first)
 
 
