@@ -139,13 +139,9 @@ def _train(model, loss_of, batches, group, device, lr: float, progress):
 
 
 def _param_bytes(model: torch.nn.Module) -> int:
-    seen, total = set(), 0
-    for p in model.parameters():
-        local = p.to_local() if hasattr(p, "to_local") else p
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += local.numel() * local.element_size()
-    return total
+    """Bytes of this rank's parameters (parameters() lists a tied one once; a DTensor by its local shard)."""
+    locals_ = (p.to_local() if hasattr(p, "to_local") else p for p in model.parameters())
+    return sum(t.numel() * t.element_size() for t in locals_)
 
 
 def _layer_of(module_name: str) -> str:
