@@ -14,7 +14,9 @@ namespace tpext::comm {
 
 // A collective in flight. wait() makes the caller's consumer ordered after it: on CPU (gloo) it
 // blocks the host; on CUDA (NCCL) it only makes the *current* stream wait, so loops stay host-async.
-// Call it at most once.
+// Call it at most once. On CUDA, destroying one that was never waited for (a schedule unwinding after
+// an error) makes the current stream wait instead, so its buffers are never freed under the collective;
+// on CPU the c10d Work keeps its tensors alive by itself.
 class Pending {
  public:
   virtual ~Pending() = default;

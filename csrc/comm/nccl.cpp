@@ -121,11 +121,25 @@ class NcclPending final : public Pending {
  public:
   NcclPending(std::unique_ptr<c10::cuda::CUDAEvent> done, c10::DeviceIndex device)
       : done_(std::move(done)), device_(device) {}
-  void wait() override { done_->block(c10::cuda::getCurrentCUDAStream(device_)); }
+  void wait() override {
+    done_->block(c10::cuda::getCurrentCUDAStream(device_));
+    waited_ = true;
+  }
+  // Dropped without wait() (a schedule unwinding after an error): the current stream, on which the
+  // caller frees the collective's buffers, still waits for it, so the caching allocator does not hand
+  // them out to new work while NCCL reads or writes them.
+  ~NcclPending() override {
+    if (waited_) return;
+    try {
+      wait();
+    } catch (...) {  // NOLINT(bugprone-empty-catch): a destructor cannot report; the first error is propagating
+    }
+  }
 
  private:
   std::unique_ptr<c10::cuda::CUDAEvent> done_;
   c10::DeviceIndex device_;
+  bool waited_ = false;
 };
 
 class NcclCommunicator final : public Communicator {
@@ -209,16 +223,33 @@ class NcclCommunicator final : public Communicator {
   std::shared_ptr<NcclComm> comm_;
 };
 
+// One entry per group name, never erased. `create` serialises the creation of that group's
+// communicator only: creation is a collective that waits for the group's other ranks, and while one
+// thread waits in it, ops on other groups (whose ranks may reach their own creation in another order)
+// must not be held up, or two threads of one process could deadlock across processes.
+struct Entry {
+  std::mutex create;               // taken before Registry::mu, never while holding it
+  NcclOptions options;             // guarded by Registry::mu
+  std::shared_ptr<NcclComm> comm;  // guarded by Registry::mu; null until the group's first op
+};
+
 // Never destroyed implicitly (see destroy_nccl_communicators).
 struct Registry {
   std::mutex mu;
-  std::unordered_map<std::string, NcclOptions> options;
-  std::unordered_map<std::string, std::shared_ptr<NcclComm>> comms;
+  std::unordered_map<std::string, std::shared_ptr<Entry>> entries;
 };
 
 Registry& registry() {
   static auto* r = new Registry();
   return *r;
+}
+
+std::shared_ptr<Entry> entry(const std::string& group_name) {
+  Registry& r = registry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  std::shared_ptr<Entry>& e = r.entries[group_name];
+  if (!e) e = std::make_shared<Entry>();
+  return e;
 }
 
 bool same(const NcclOptions& a, const NcclOptions& b) {
@@ -234,62 +265,64 @@ void set_nccl_options(const std::string& group_name, const NcclOptions& options)
               "default; NCCL runs at most 64 CTAs per collective), got ", options.max_ctas);
   TORCH_CHECK(options.cga_cluster_size >= 0 && options.cga_cluster_size <= 8, "tpext: cga_cluster_size must be in "
               "[0, 8] (0 = NCCL's default), got ", options.cga_cluster_size);
-  std::shared_ptr<NcclComm> dropped;  // destroyed outside the lock
-  {
-    Registry& r = registry();
-    std::lock_guard<std::mutex> lock(r.mu);
-    auto it = r.options.find(group_name);
-    if (it != r.options.end() && same(it->second, options)) return;
-    r.options[group_name] = options;
-    auto c = r.comms.find(group_name);
-    if (c != r.comms.end()) {
-      dropped = std::move(c->second);
-      r.comms.erase(c);
-    }
-  }
+  const std::shared_ptr<Entry> e = entry(group_name);
+  std::lock_guard<std::mutex> creating(e->create);  // a creation in flight finishes with the old options first
+  std::shared_ptr<NcclComm> dropped;                // destroyed outside Registry::mu
+  Registry& r = registry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  if (same(e->options, options)) return;
+  e->options = options;
+  dropped = std::move(e->comm);
 }
 
 NcclOptions nccl_options(const std::string& group_name) {
   Registry& r = registry();
   std::lock_guard<std::mutex> lock(r.mu);
-  auto it = r.options.find(group_name);
-  return it == r.options.end() ? NcclOptions{} : it->second;
+  auto it = r.entries.find(group_name);
+  return it == r.entries.end() ? NcclOptions{} : it->second->options;
 }
 
 std::unique_ptr<Communicator> make_nccl_communicator(const std::string& group_name,
                                                      const c10::intrusive_ptr<c10d::ProcessGroup>& pg,
                                                      c10::DeviceIndex device) {
+  const std::shared_ptr<Entry> e = entry(group_name);
+  std::lock_guard<std::mutex> creating(e->create);
   Registry& r = registry();
-  std::shared_ptr<NcclComm> stale;  // destroyed outside the lock, after the new one exists
-  std::lock_guard<std::mutex> lock(r.mu);
-  auto it = r.comms.find(group_name);
-  if (it != r.comms.end() && !it->second->serves(pg.get())) {
-    stale = std::move(it->second);
-    r.comms.erase(it);
-    it = r.comms.end();
+  std::shared_ptr<NcclComm> comm;
+  NcclOptions options;
+  {
+    std::lock_guard<std::mutex> lock(r.mu);
+    comm = e->comm;
+    options = e->options;
   }
-  if (it == r.comms.end()) {
-    auto opt = r.options.find(group_name);
-    const NcclOptions options = opt == r.options.end() ? NcclOptions{} : opt->second;
-    it = r.comms.emplace(group_name, std::make_shared<NcclComm>(pg, device, options)).first;
+  if (!comm || !comm->serves(pg.get())) {
+    // A group re-made under the same name gets a new communicator; the stale one is destroyed when
+    // `comm` is reassigned here, after the new one exists, outside Registry::mu.
+    auto made = std::make_shared<NcclComm>(pg, device, options);
+    {
+      std::lock_guard<std::mutex> lock(r.mu);
+      e->comm = made;
+    }
+    comm = std::move(made);
   }
-  TORCH_CHECK(it->second->device() == device, "tpext: group '", group_name, "' has its NCCL communicator on cuda:",
-              static_cast<int>(it->second->device()), " but this op's tensors are on cuda:", static_cast<int>(device),
+  TORCH_CHECK(comm->device() == device, "tpext: group '", group_name, "' has its NCCL communicator on cuda:",
+              static_cast<int>(comm->device()), " but this op's tensors are on cuda:", static_cast<int>(device),
               "; use one device per group and process");
-  return std::make_unique<NcclCommunicator>(it->second);
+  return std::make_unique<NcclCommunicator>(std::move(comm));
 }
 
 NcclCommInfo nccl_comm_info(const std::string& group_name) {
   Registry& r = registry();
   std::lock_guard<std::mutex> lock(r.mu);
   NcclCommInfo info;
-  auto it = r.comms.find(group_name);
-  if (it == r.comms.end()) return info;
+  auto it = r.entries.find(group_name);
+  if (it == r.entries.end() || !it->second->comm) return info;
+  const NcclComm& comm = *it->second->comm;
   info.created = true;
-  info.rank = it->second->rank();
-  info.size = it->second->size();
-  info.device = it->second->device();
-  info.options = it->second->options();
+  info.rank = comm.rank();
+  info.size = comm.size();
+  info.device = comm.device();
+  info.options = comm.options();
   return info;
 }
 
@@ -300,11 +333,11 @@ int nccl_runtime_version() {
 }
 
 void destroy_nccl_communicators() {
-  std::unordered_map<std::string, std::shared_ptr<NcclComm>> comms;
-  {
-    Registry& r = registry();
-    std::lock_guard<std::mutex> lock(r.mu);
-    comms.swap(r.comms);
+  std::vector<std::shared_ptr<NcclComm>> comms;  // destroyed outside the lock
+  Registry& r = registry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  for (auto& kv : r.entries) {
+    if (kv.second->comm) comms.push_back(std::move(kv.second->comm));
   }
 }
 

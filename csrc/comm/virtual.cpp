@@ -143,10 +143,20 @@ class VirtualPending final : public Pending {
 #ifdef TPEXT_WITH_CUDA
     if (done_) done_->block(c10::cuda::getCurrentCUDAStream(done_->device_index()));
 #endif
+    waited_ = true;
+  }
+  // As NcclPending: one dropped without wait() still orders the current stream after the collective.
+  ~VirtualPending() override {
+    if (waited_) return;
+    try {
+      wait();
+    } catch (...) {  // NOLINT(bugprone-empty-catch): a destructor cannot report; the first error is propagating
+    }
   }
 
  private:
   EventPtr done_;
+  bool waited_ = false;
 };
 
 class VirtualCommunicator final : public Communicator {
