@@ -156,3 +156,34 @@ def _check_empty_rows() -> None:
 
 def test_empty_rows():
     run_ranks(_check_empty_rows, 2)
+
+
+def _check_empty_k_and_n() -> None:
+    rank, world = tdist.get_rank(), tdist.get_world_size()
+    b = _randn(2, N)
+    for chunks in (1, 3):
+        # Row-parallel with an uneven K split: rank 0 holds no columns of K, the others do. Every rank
+        # still joins the reduction, so the sum is the other ranks' products plus the bias once.
+        k_local = 0 if rank == 0 else K
+        xs = [_randn(10 + r, 6, 0 if r == 0 else K) for r in range(world)]
+        ws = [_randn(20 + r, N, 0 if r == 0 else K) for r in range(world)]
+        dense = sum(x @ w.T for x, w in zip(xs, ws)) + b
+        assert xs[rank].shape[-1] == k_local
+        y = tpext.ops.gemm_all_reduce(xs[rank], ws[rank], b, chunks=chunks)
+        _assert_close(y, dense, f"gemm_all_reduce, K = {k_local} on rank {rank}, chunks={chunks}")
+        y = tpext.ops.gemm_reduce_scatter(xs[rank], ws[rank], b, chunks=chunks)
+        _assert_close(y, dense.chunk(world)[rank], f"gemm_reduce_scatter, K = {k_local} on rank {rank}")
+        # K = 0 everywhere: nothing to gather, the output is the bias.
+        y, gathered = tpext.ops.all_gather_gemm(torch.empty(3, 0, dtype=torch.float64),
+                                                torch.empty(N, 0, dtype=torch.float64), b, chunks=chunks)
+        assert gathered.shape == (3 * world, 0)
+        _assert_close(y, b.expand(3 * world, N), "all_gather_gemm, K = 0")
+        # N = 0: no output columns, but the gathered input (kept for the weight gradient) is complete.
+        shards = [_randn(30 + r, 3, K) for r in range(world)]
+        y, gathered = tpext.ops.all_gather_gemm(shards[rank], torch.empty(0, K, dtype=torch.float64), chunks=chunks)
+        assert y.shape == (3 * world, 0)
+        assert torch.equal(gathered, torch.cat(shards)), "all_gather_gemm with N = 0 returned an incomplete gather"
+
+
+def test_empty_k_and_n():
+    run_ranks(_check_empty_k_and_n, 2)

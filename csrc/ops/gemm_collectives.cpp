@@ -9,6 +9,7 @@
 #include <ATen/ops/mm.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/util/Exception.h>
+#include <c10/util/accumulate.h>
 
 #include "comm/communicator.h"
 #include "ops/epilogue.h"
@@ -65,8 +66,11 @@ void check_residual(const char* op, const std::optional<at::Tensor>& residual, c
               " but x is on ", x.device(), "; all tensors must be on one device");
 }
 
-// [d0, d1, ..., K] -> [d0 * d1 * ..., K], contiguous (a view whenever the input allows it).
-at::Tensor rows_of(const at::Tensor& t) { return t.reshape({-1, t.size(-1)}).contiguous(); }
+// [d0, d1, ..., K] -> [d0 * d1 * ..., K], contiguous (a view whenever the input allows it). The row
+// count is explicit: with K = 0 a -1 would be ambiguous.
+at::Tensor rows_of(const at::Tensor& t) {
+  return t.reshape({c10::multiply_integers(t.sizes().slice(0, t.dim() - 1)), t.size(-1)}).contiguous();
+}
 
 // Output sizes: `t`'s sizes with dim 0 replaced by `dim0` and the last dim by `last`.
 std::vector<int64_t> sizes_like(const at::Tensor& t, int64_t dim0, int64_t last) {
@@ -108,7 +112,7 @@ at::Tensor gemm_all_reduce(const at::Tensor& x, const at::Tensor& w, const std::
   c10::DeviceGuard guard(x.device());
   auto comm = comm::make_communicator(group_name, "gemm_all_reduce", x.device());
   if (y.numel() == 0) return y;
-  at::Tensor y_rows = y.view({-1, w.size(0)});
+  at::Tensor y_rows = rows_of(y);  // a view: y is contiguous
   const auto epilogue = add_epilogue(bias, residual);
   if (comm->local()) {
     local_gemm(rows_of(x), w, y_rows, epilogue);
@@ -132,7 +136,7 @@ at::Tensor gemm_reduce_scatter(const at::Tensor& x, const at::Tensor& w,
   c10::DeviceGuard guard(x.device());
   auto comm = comm::make_communicator(group_name, "gemm_reduce_scatter", x.device());
   if (y_shard.numel() == 0) return y_shard;
-  at::Tensor y_rows = y_shard.view({-1, w.size(0)});
+  at::Tensor y_rows = rows_of(y_shard);  // a view: y_shard is contiguous
   const auto epilogue = add_epilogue(bias, residual);
   if (comm->local()) {
     local_gemm(rows_of(x), w, y_rows, epilogue);
@@ -153,11 +157,14 @@ std::tuple<at::Tensor, at::Tensor> all_gather_gemm(const at::Tensor& x_shard, co
 
   at::Tensor x_full = at::empty(sizes_like(x_shard, world * x_shard.size(0), x_shard.size(-1)), x_shard.options());
   at::Tensor y = at::empty(sizes_like(x_shard, world * x_shard.size(0), w.size(0)), x_shard.options());
-  if (y.numel() == 0) return {y, x_full};
-  at::Tensor x_full_rows = x_full.view({-1, x_shard.size(-1)});
-  at::Tensor y_rows = y.view({-1, w.size(0)});
+  // Views (both are contiguous). N = 0 still gathers: x_full is returned for the weight gradient.
+  at::Tensor x_full_rows = rows_of(x_full);
+  at::Tensor y_rows = rows_of(y);
   const auto epilogue = add_epilogue(bias, std::nullopt);
-  if (comm->local()) {
+  if (x_full.numel() == 0) {
+    // No rows, or K = 0 (both the same on every rank): nothing to gather, and y is the bias alone.
+    local_gemm(x_full_rows, w, y_rows, epilogue);
+  } else if (comm->local()) {
     x_full_rows.copy_(rows_of(x_shard));  // returned for the weight gradient: the one copy a group of one makes
     local_gemm(x_full_rows, w, y_rows, epilogue);
   } else {
