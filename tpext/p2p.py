@@ -107,7 +107,8 @@ def algorithm_for(x: Tensor, group: dist.ProcessGroup, nbytes: Optional[int] = N
 
 def _group_obstacle(infos: list) -> str:
     """Why the ranks (hostname, reason, handle, capacity, GPU uuid) cannot share P2P buffers, or ''.
-    Every rank computes it from the same gathered list, so all agree."""
+    The checks of hosts, capacities and GPUs agree on every rank (same gathered list); peer visibility
+    and access are this process's view, which `enable` shares before deciding."""
     hosts = sorted({info[0] for info in infos})
     if len(hosts) > 1:
         return f"the group spans {len(hosts)} hosts; P2P needs all ranks on one node"
@@ -154,11 +155,12 @@ def enable(group: GroupLike = None, capacity_bytes: int = P2P_MAX_BYTES) -> bool
             _C.p2p_open(name, [info[2] for info in infos])
         except RuntimeError as exc:
             error = str(exc)
-    # Agree: one rank that could not map its peers makes every rank fall back, or P2P kernels on the
-    # others would wait for it forever.
+    # Agree: one rank that could not map its peers, or that found an obstacle only it can see (peer
+    # access, visibility), makes every rank fall back, or P2P kernels on the others would wait for it
+    # forever.
     errors: list = [None] * world
-    dist.all_gather_object(errors, error, group=pg)
-    reason = reason or next((e for e in errors if e), "")
+    dist.all_gather_object(errors, reason or error, group=pg)
+    reason = next((e for e in errors if e), "")
     if reason:
         _C.p2p_release(name)
         _C.p2p_mark_unavailable(name, reason)

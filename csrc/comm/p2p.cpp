@@ -51,7 +51,7 @@ struct Registry {
 };
 
 // Leaked on purpose: its buffers hold CUDA IPC mappings, which must not be released during static
-// destruction, after the CUDA runtime may be gone (tpext.p2p releases them at exit instead).
+// destruction, after the CUDA runtime may be gone (the driver reclaims them with the context).
 Registry& registry() {
   static Registry* r = new Registry();
   return *r;
@@ -109,8 +109,13 @@ SymmetricBuffers::SymmetricBuffers(int rank, int world, int64_t capacity, int de
   signals_[rank] = reinterpret_cast<uint32_t*>(static_cast<char*>(base_[rank]) + signal_offset);
   // Flags and epoch counters start at zero, before the handle leaves this process: peers write flags
   // only after the exchange.
-  TPEXT_CUDA_CHECK(cudaMemset(signals_[rank], 0, kernels::kP2PSignalBytes));
-  TPEXT_CUDA_CHECK(cudaDeviceSynchronize());
+  try {
+    TPEXT_CUDA_CHECK(cudaMemset(signals_[rank], 0, kernels::kP2PSignalBytes));
+    TPEXT_CUDA_CHECK(cudaDeviceSynchronize());
+  } catch (...) {
+    cudaFree(base_[rank]);  // the destructor does not run for a constructor that throws
+    throw;
+  }
 }
 
 SymmetricBuffers::~SymmetricBuffers() {
@@ -130,6 +135,14 @@ void SymmetricBuffers::check_stream(cudaStream_t stream, const char* op) {
   if (!stream_set_) {
     stream_ = stream;
     stream_set_ = true;
+  }
+  if (stream != stream_) {
+    // A CUDA-graph capture runs on its own stream; torch.cuda.graph synchronises the device on entry, so
+    // no eager call is in flight beside it. The stream stays pinned for eager calls, and replays must
+    // be ordered with them by the caller (replay on the pinned stream, as torch does by default).
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    TPEXT_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+    if (capture == cudaStreamCaptureStatusActive) return;
   }
   TORCH_CHECK(stream == stream_, "tpext.", op, ": the P2P buffers of this group are used on one CUDA stream, ",
               "the one of their first call; this call is on another. Run the group's P2P ops on one stream, ",

@@ -10,8 +10,9 @@
 //      buffers under the group name. Any failure leaves nothing registered; Python then agrees with
 //      the other ranks and records the reason (p2p_mark_unavailable), so all ranks fall back together.
 // The registry owns the buffers (RAII: peers' mappings closed, own allocation freed on release). An
-// entry is dropped, and so released, by p2p_release(name), at exit, or on the first lookup after the
-// process group it was made for is destroyed (the name then resolves to another group, or to none).
+// entry is dropped, and so released, by p2p_release(name), or on the first lookup after the process
+// group it was made for is destroyed (the name then resolves to another group, or to none). Entries
+// left at exit are not released: the driver reclaims them with the process's CUDA context.
 #pragma once
 
 #include <cstdint>

@@ -41,9 +41,9 @@ namespace tpext::kernels {
 
 constexpr int kP2PMaxRanks = 8;
 // Upper bound on the grid of every device-synchronised launch: each block owns one signal slot per
-// peer. A block waits only on the blocks of the same index on the other ranks, never on another block
-// of its own GPU; 64 blocks (of up to 1024 threads) are resident at once on any sm_80+ GPU, so no
-// block waits on one that cannot be scheduled.
+// peer. A block waits only on the blocks of the same index on the other ranks (other GPUs), never on
+// another block of its own GPU, so progress needs only that each GPU runs its blocks in index order,
+// not that all of them are resident at once.
 constexpr int kP2PMaxBlocks = 64;
 // One rank's signal area: [kP2PMaxBlocks][kP2PMaxRanks] flags (slot [b][q] is written by rank q's
 // block b and read by this rank's block b), then [kP2PMaxBlocks] epoch counters (block b's launches so
@@ -99,7 +99,8 @@ void launch_p2p_all_gather_virtual(const P2PScatterGatherParams& p, void* const*
 // see it. bias may be nullptr; residual may be nullptr (then h is the reduced sum plus bias).
 struct P2PResidualRMSNormParams {
   P2PGroup group;
-  const void* residual;  // [rows, hidden] or nullptr; may equal new_residual (in place)
+  const void* residual;  // [rows, hidden] or nullptr; may equal new_residual (in place) with device sync,
+                         // must not equal any new_residuals[r] with virtual ranks (rank 0 would overwrite it)
   const void* bias;      // [hidden] or nullptr
   const void* weight;    // [hidden]
   void* out;             // [rows, hidden]

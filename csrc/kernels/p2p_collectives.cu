@@ -148,6 +148,12 @@ void check_common(const char* fn, const P2PGroup& g, bool device_sync, const voi
     if (device_sync && g.signals[q] == nullptr) fail(fn, "signals[" + std::to_string(q) + "] is nullptr (device sync)");
   }
   if (numel > 0 && out == nullptr) fail(fn, "out is nullptr for numel = " + std::to_string(numel));
+  // The launch shape (vector width, grid, two-shot segments) must be the same on every rank, or blocks
+  // wait for peers that never run: with device sync it may depend only on what all ranks share.
+  if (device_sync && numel > 0 && !aligned16(out)) {
+    fail(fn, "out must be 16-byte aligned with device synchronisation (a rank-local misalignment would give "
+             "this rank another launch shape than its peers)");
+  }
 }
 
 bool buffers_aligned(const P2PGroup& g) {

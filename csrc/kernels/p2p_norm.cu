@@ -169,6 +169,11 @@ void norm_impl(const P2PResidualRMSNormParams& p, void* const* outs, void* const
   if (p.rows == 0 || p.hidden == 0) return;
   if (p.weight == nullptr) fail(fn, "weight is nullptr");
   bool ptrs_ok = aligned16(p.residual) && aligned16(p.bias) && aligned16(p.weight);
+  // As launch_p2p_all_reduce: with device sync the launch shape may depend only on what all ranks share.
+  if (sync && !(ptrs_ok && aligned16(p.out) && aligned16(p.new_residual))) {
+    fail(fn, "residual, bias, weight, out and new_residual must be 16-byte aligned with device synchronisation "
+             "(a rank-local misalignment would give this rank another launch shape than its peers)");
+  }
   for (int q = 0; q < g.world; ++q) {
     if (g.buffers[q] == nullptr) fail(fn, "buffers[" + std::to_string(q) + "] is nullptr");
     if (sync && g.signals[q] == nullptr) fail(fn, "signals[" + std::to_string(q) + "] is nullptr (device sync)");
@@ -178,6 +183,10 @@ void norm_impl(const P2PResidualRMSNormParams& p, void* const* outs, void* const
     void* o = sync ? p.out : outs[r];
     void* nr = sync ? p.new_residual : new_residuals[r];
     if (o == nullptr || nr == nullptr) fail(fn, "out / new_residual of rank " + std::to_string(r) + " is nullptr");
+    if (!sync && p.residual != nullptr && nr == p.residual) {
+      fail(fn, "new_residuals[" + std::to_string(r) + "] is the shared residual: with virtual ranks the ranks run one "
+               "after another, and the later ones would read rank " + std::to_string(r) + "'s new residual");
+    }
     ptrs_ok = ptrs_ok && aligned16(o) && aligned16(nr);
   }
   const unsigned grid = static_cast<unsigned>(std::min<int64_t>(p.rows, kP2PMaxBlocks));

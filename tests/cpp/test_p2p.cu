@@ -342,6 +342,24 @@ int run_argument_checks() {
   expect_throw("bad algo", [&] { auto p = ar; p.algo = static_cast<P2PAlgo>(5); launch_p2p_all_reduce_virtual(p, outs, nullptr); });
   expect_throw("null buffer", [&] { auto p = ar; p.group.buffers[1] = nullptr; launch_p2p_all_reduce_virtual(p, outs, nullptr); });
   expect_throw("device sync without signals", [&] { launch_p2p_all_reduce(ar, nullptr); });
+  P2PGroup synced = g;  // device sync; the signal areas are never touched: every case throws before a launch
+  synced.rank = 0;
+  for (int q = 0; q < 2; ++q) synced.signals[q] = reinterpret_cast<uint32_t*>(d);
+  expect_throw("device sync, misaligned out", [&] {
+    auto p = ar;
+    p.group = synced;
+    p.out = d + 33;
+    launch_p2p_all_reduce(p, nullptr);
+  });
+  expect_throw("device sync, misaligned weight", [&] {
+    P2PResidualRMSNormParams p{};
+    p.group = synced;
+    p.weight = d + 1;
+    p.out = d + 32;
+    p.new_residual = d + 48;
+    p.rows = 1, p.hidden = 16, p.eps = 1e-6, p.dtype = DType::kFloat32;
+    launch_p2p_all_reduce_residual_rmsnorm(p, nullptr);
+  });
   expect_throw("reduce-scatter numel % world", [&] {
     P2PScatterGatherParams p{g, d, 15, DType::kFloat32};
     launch_p2p_reduce_scatter_virtual(p, outs, nullptr);
