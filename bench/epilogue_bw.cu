@@ -201,6 +201,10 @@ Options parse(int argc, char** argv) {
   };
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
+    if (a == "--help" || a == "-h") {
+      std::printf("%s\n", "usage: tpext_bench_epilogue_bw [--json PATH] [--repeats N] [--warmup N] [--sizes 1024x4096,8192x8192] [--dtypes bf16,fp16,fp32]");
+      std::exit(0);
+    }
     if (i + 1 >= argc) throw std::runtime_error("missing value after " + a);
     const std::string v = argv[++i];
     if (a == "--json") o.json_path = v;

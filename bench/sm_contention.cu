@@ -162,6 +162,10 @@ Options parse(int argc, char** argv) {
   Options o;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
+    if (a == "--help" || a == "-h") {
+      std::printf("%s\n", "usage: tpext_bench_sm_contention [--mnk 8192x8192x8192] [--ks 1,2,4,8,16,32] [--copy-mb 256] [--repeats 20] [--json PATH]");
+      std::exit(0);
+    }
     if (i + 1 >= argc) throw std::runtime_error("missing value after " + a);
     const std::string v = argv[++i];
     if (a == "--mnk") {
@@ -222,6 +226,9 @@ int main(int argc, char** argv) {
     TPEXT_CUDA_CHECK(cudaMalloc(&bn.src, copy_bytes));
     TPEXT_CUDA_CHECK(cudaMalloc(&bn.dst, copy_bytes));
     TPEXT_CUDA_CHECK(cudaMemset(bn.src, 0x5a, copy_bytes));
+    // The uploads and the memset may still be in flight (pageable copies, the legacy stream), and the
+    // GEMM and copy streams are non-blocking: nothing else orders them before the first use.
+    TPEXT_CUDA_CHECK(cudaDeviceSynchronize());
     check_correct(bn);
 
     const double flops = 2.0 * o.m * o.n * o.k;

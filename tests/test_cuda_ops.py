@@ -4,7 +4,8 @@ World size 1 goes through the real NCCL path (``set_nccl_options(local_fast_path
 ncclComm, the communication stream, the events and both compute lanes all run, so every plan of every
 op and of its backward dual is checked against an fp64 reference. Accuracy rule (DESIGN.md): the RMS
 error of tpext's output vs fp64 must be at most 2x the RMS error of the dense PyTorch layer
-(F.linear in the same dtype) vs fp64, plus a floor of a few ulps for outputs that are exact.
+(F.linear in the same dtype) vs fp64, and its worst element at most 4x the dense layer's worst (a floor
+of a few ulps only where the dense layer is exact).
 
 Multi-rank schedules run on one GPU with virtual ranks (threads of one process, each on its own
 stream; csrc/comm/virtual.h). The two-rank test gives each rank its own NCCL_HOSTID so that NCCL
@@ -36,15 +37,22 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 GPU_POOL = {"group_timeout_s": 61.0, "timeout_s": 300.0}
 
 
-def _rms(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return (a.double() - ref).pow(2).mean().sqrt().item()
+def _err(a: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """(RMS, max) absolute error of `a` against the fp64 `ref`."""
+    diff = (a.double() - ref).abs()
+    return diff.pow(2).mean().sqrt().item(), diff.max().item()
 
 
 def _check(got: torch.Tensor, ref: torch.Tensor, dense: torch.Tensor, what: str) -> None:
     assert got.shape == ref.shape, f"{what}: shape {tuple(got.shape)}, want {tuple(ref.shape)}"
-    floor = 4 * torch.finfo(got.dtype).eps * ref.abs().mean().item()
-    err, dense_err = _rms(got, ref), _rms(dense, ref)
-    assert err <= 2 * dense_err + floor, f"{what}: RMS error {err:.3e} > 2 x dense {dense_err:.3e} + {floor:.1e}"
+    (rms, worst), (dense_rms, dense_worst) = _err(got, ref), _err(dense, ref)
+    # The floor only serves outputs the dense layer gets exactly right; for any other output it would
+    # hide a whole wrong row among a thousand.
+    floor = 4 * torch.finfo(got.dtype).eps * ref.abs().mean().item() if dense_rms == 0 else 0.0
+    assert rms <= 2 * dense_rms + floor, f"{what}: RMS error {rms:.3e} > 2 x dense {dense_rms:.3e} + {floor:.1e}"
+    # Elementwise: one rounding more than the dense layer (bias added after the reduction) at most
+    # doubles the worst element's error; a wrong element is far outside.
+    assert worst <= 4 * dense_worst + floor, f"{what}: max error {worst:.3e} > 4 x dense {dense_worst:.3e} + {floor:.1e}"
 
 
 def _inputs(dtype, m=1000, k=512, n=768, seed=0):
@@ -64,29 +72,32 @@ def _force_nccl() -> None:
 def _check_world1_nccl(dtype_name: str) -> None:
     _force_nccl()
     dtype = DTYPES[dtype_name]
-    x, w, b, res = _inputs(dtype)
-    x64, w64, b64, res64 = x.double(), w.double(), b.double(), res.double()
-    ref = x64 @ w64.T + b64
-    dense = F.linear(x, w, b)
+    # Every call gets inputs of its own seed: an output block the caching allocator hands back still
+    # holding an earlier call's result then holds wrong values, never the expected ones.
+    seeds = iter(range(1000))
     for chunks, algorithm in PLANS:
         plan = dict(chunks=chunks, algorithm=algorithm)
         what = f"{dtype_name} chunks={chunks} {algorithm.name}"
-        _check(tpext.ops.gemm_all_reduce(x, w, b, **plan), ref, dense, f"gemm_all_reduce {what}")
-        _check(tpext.ops.gemm_all_reduce(x, w, b, residual=res, **plan), ref + res64, dense + res,
-               f"gemm_all_reduce+residual {what}")
-        _check(tpext.ops.gemm_reduce_scatter(x, w, b, **plan), ref, dense, f"gemm_reduce_scatter {what}")
-        _check(tpext.ops.gemm_reduce_scatter(x, w, b, residual=res, **plan), ref + res64, dense + res,
-               f"gemm_reduce_scatter+residual {what}")
+        for op in ("gemm_all_reduce", "gemm_reduce_scatter"):
+            for with_residual in (False, True):
+                x, w, b, res = _inputs(dtype, seed=next(seeds))
+                ref = x.double() @ w.double().T + b.double()
+                dense = F.linear(x, w, b)
+                extra = {}
+                if with_residual:
+                    ref, dense, extra = ref + res.double(), dense + res, {"residual": res}
+                _check(getattr(tpext.ops, op)(x, w, b, **extra, **plan), ref, dense,
+                       f"{op}{'+residual' if with_residual else ''} {what}")
+        x, w, b, _ = _inputs(dtype, seed=next(seeds))
         y, gathered = tpext.ops.all_gather_gemm(x, w, b, **plan)
-        _check(y, ref, dense, f"all_gather_gemm {what}")
+        _check(y, x.double() @ w.double().T + b.double(), F.linear(x, w, b), f"all_gather_gemm {what}")
         assert torch.equal(gathered, x), f"all_gather_gemm {what}: gathered input differs"
         # The backward duals: the weight transposed (non-contiguous), no bias, as tpext.nn calls them.
-        dy = y
-        dref, ddense = dy.double() @ w64, dy @ w
-        _check(tpext.ops.gemm_all_reduce(dy, w.t(), None, **plan), dref, ddense, f"dual gemm_all_reduce {what}")
-        _check(tpext.ops.gemm_reduce_scatter(dy, w.t(), None, **plan), dref, ddense, f"dual gemm_reduce_scatter {what}")
-        dx, _ = tpext.ops.all_gather_gemm(dy, w.t(), None, **plan)
-        _check(dx, dref, ddense, f"dual all_gather_gemm {what}")
+        for op in ("gemm_all_reduce", "gemm_reduce_scatter", "all_gather_gemm"):
+            _, w, _, dy = _inputs(dtype, seed=next(seeds))  # dy [m, n] like the layer's output, w [n, k]
+            out = getattr(tpext.ops, op)(dy, w.t(), None, **plan)
+            dx = out[0] if op == "all_gather_gemm" else out
+            _check(dx, dy.double() @ w.double(), dy @ w, f"dual {op} {what}")
     torch.cuda.synchronize()
     info = tpext.ops.nccl_comm_info()
     assert info["created"] and info["size"] == 1 and info["device"] == 0, info
@@ -111,31 +122,38 @@ def test_world1_local_fast_path_makes_no_nccl_call():
     run_ranks(_check_local_fast_path, 1, **GPU_POOL)
 
 
-def _check_graph_capture() -> None:
+def _check_graph_capture(op: str) -> None:
     _force_nccl()
     x, w, b, res = _inputs(torch.bfloat16)
     static_x = x.clone()
     plan = dict(chunks=4, algorithm=Algorithm.CHUNKED_TWO_STREAMS)
-    tpext.ops.gemm_all_reduce(static_x, w, b, residual=res, **plan)  # warm-up: comm, streams, cuBLAS
+    extra = {} if op == "all_gather_gemm" else {"residual": res}
+
+    def call(inp):
+        out = getattr(tpext.ops, op)(inp, w, b, **extra, **plan)
+        return out[0] if op == "all_gather_gemm" else out
+
+    call(static_x)  # warm-up: communicator, streams, cuBLAS workspaces
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        static_y = tpext.ops.gemm_all_reduce(static_x, w, b, residual=res, **plan)
+        static_y = call(static_x)
     for seed in (1, 2):
         fresh, *_ = _inputs(torch.bfloat16, seed=seed)
         static_x.copy_(fresh)
         graph.replay()
         torch.cuda.synchronize()
-        eager = tpext.ops.gemm_all_reduce(fresh, w, b, residual=res, **plan)
-        torch.testing.assert_close(static_y, eager)
+        torch.testing.assert_close(static_y, call(fresh))
 
 
-def test_chunked_schedule_is_cuda_graph_capturable():
-    run_ranks(_check_graph_capture, 1, **GPU_POOL)
+@pytest.mark.parametrize("op", ["gemm_all_reduce", "gemm_reduce_scatter", "all_gather_gemm"])
+def test_chunked_schedule_is_cuda_graph_capturable(op):
+    run_ranks(_check_graph_capture, 1, op, **GPU_POOL)
 
 
 def _check_sm_budget() -> None:
     torch.cuda.set_device(0)
+    tpext.ops.set_nccl_options()  # defaults first, so the next line changes the options even on a re-run
     tpext.ops.set_nccl_options(max_ctas=2, local_fast_path=False)
     assert not tpext.ops.nccl_comm_info()["created"], "changed options must drop the cached communicator"
     x, w, b, _ = _inputs(torch.float32)

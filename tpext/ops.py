@@ -179,9 +179,10 @@ def set_nccl_options(group: GroupLike = None, *, max_ctas: int = 0, cga_cluster_
     """Options of tpext's NCCL communicator for `group` (CUDA tensors). Call on every rank with the same
     values, before the ops (a changed setting drops the cached communicator; the next op re-creates it).
 
-    max_ctas: most SMs (CTAs) one NCCL kernel of this group occupies, so the overlapped GEMM keeps the
-    rest (ncclConfig_t.maxCTAs; 0 = NCCL's default). cga_cluster_size: ncclConfig_t.cgaClusterSize
-    (0 = default). local_fast_path=False sends a group of one through the real NCCL path (tests).
+    max_ctas: most CTAs (NCCL channels, hence SMs) one NCCL kernel of this group launches, so the
+    overlapped GEMM keeps the rest (ncclConfig_t.maxCTAs; 0 = NCCL's default). cga_cluster_size:
+    ncclConfig_t.cgaClusterSize (0 = default). local_fast_path=False sends a group of one through the
+    real NCCL path (tests).
     """
     _require_cuda_build("set_nccl_options")
     _C._set_nccl_options(group_name(group), int(max_ctas), int(cga_cluster_size), bool(local_fast_path))

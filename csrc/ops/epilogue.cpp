@@ -49,7 +49,8 @@ void add_bias_residual_(at::Tensor& y_rows, const std::optional<at::Tensor>& bia
     return;
   }
 #endif
-  // Same order as the kernel (y + bias, then + residual), so both paths round alike in fp32/fp64.
+  // Same order as the kernel (y + bias, then + residual), so both paths round alike in fp32/fp64; in
+  // fp16/bf16 this path rounds after each add, the kernel once.
   if (bias) y_rows.add_(*bias);
   if (residual_rows) y_rows.add_(*residual_rows);
 }
