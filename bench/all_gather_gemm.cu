@@ -5,15 +5,17 @@
 // (csrc/schedule/all_gather_gemm.cpp):
 //  * sequential (the baseline): one all-gather of everything, then one GEMM of all m rows;
 //  * chunked: chunk j = rows split_rows(s, c, j) = [b, b + h) of every rank's block (s need not divide
-//    by c), gathered into [R, h, k] at row R b of the gather buffer (block q at R b + q h). All c
-//    gathers are issued first on the comm stream, each followed by an event. Meanwhile lane 0
+//    by c). With --gather rank-major (the default, what tpext's schedule does) its rows land where they
+//    belong in the rank-major gather buffer (block q's at q s + b), by one broadcast per source rank;
+//    with --gather chunk-major they are gathered by one all-gather into [R, h, k] at row R b (block q
+//    at R b + q h). All c gathers are issued first on the comm stream, each followed by an event. Meanwhile lane 0
 //    multiplies the rank's own block, which needs no communication; then chunk j's GEMMs (the other
 //    ranks' h-row blocks) run on lane (j + 1) % streams once gather j's event has fired, overlapping
 //    gathers j + 1, ... The first chunk goes to the other lane, so it need not queue behind the own block.
 //
 // usage: tpext_bench_all_gather_gemm [--gpus N | --virtual-ranks R] [--m LIST] [--n LIST] [--k LIST]
-//          [--dtype bf16|fp16|fp32] [--chunks LIST] [--streams LIST] [--warmup N] [--iters N] [--check]
-//          [--json PATH]      (docs/benchmarks-cuda.md)
+//          [--dtype bf16|fp16|fp32] [--chunks LIST] [--streams LIST] [--gather rank-major|chunk-major]
+//          [--warmup N] [--iters N] [--check] [--json PATH]      (docs/benchmarks-cuda.md)
 // Needs cuBLAS and NCCL: CMake links them where found and compiles this file without linking otherwise.
 #include "common/driver.cuh"
 
@@ -32,6 +34,11 @@ using namespace tpext::bench;
 class AllGatherGemm final : public Op {
  public:
   const char* name() const override { return "all_gather_gemm"; }
+
+  std::string configure(const Options& o) override {
+    rank_major_ = o.rank_major_gather;
+    return rank_major_ ? "gather rank-major (as tpext)" : "gather chunk-major";
+  }
 
   void setup(Ranks& rk, const Shape& s) override {
     rk_ = &rk;
@@ -79,13 +86,19 @@ class AllGatherGemm final : public Op {
       return;
     }
     std::vector<void*> send(world), recv(world);
+    std::vector<std::vector<void*>> recv_blocks(world, std::vector<void*>(world));
     for (int64_t j = 0; j < c; ++j) {
       const tpext::RowRange rows = tpext::split_rows(shard_, c, j);
       for (int r = 0; r < world; ++r) {
         send[r] = advance(x_[r], rows.begin * s_.k, dt);
         recv[r] = advance(gathered_[r], world * rows.begin * s_.k, dt);
+        for (int q = 0; q < world; ++q) recv_blocks[r][q] = advance(gathered_[r], gathered_row(q, rows) * s_.k, dt);
       }
-      rk_->all_gather(send, recv, rows.size * s_.k);
+      if (rank_major_) {
+        rk_->gather_into(send, recv_blocks, rows.size * s_.k);
+      } else {
+        rk_->all_gather(send, recv, rows.size * s_.k);
+      }
       rk_->mark_comm(static_cast<int>(j));
     }
     for (int r = 0; r < world; ++r) rk_->gemm(r, 0, gemm_rows(r, x_[r], 0, shard_, advance(out[r], r * shard_ * s_.n, dt)));
@@ -97,7 +110,7 @@ class AllGatherGemm final : public Op {
         for (int q = 0; q < world; ++q) {
           if (q == r) continue;
           void* y = advance(out[r], (q * shard_ + rows.begin) * s_.n, dt);
-          rk_->gemm(r, lane, gemm_rows(r, gathered_[r], world * rows.begin + q * rows.size, rows.size, y));
+          rk_->gemm(r, lane, gemm_rows(r, gathered_[r], gathered_row(q, rows), rows.size, y));
         }
       }
     }
@@ -147,8 +160,14 @@ class AllGatherGemm final : public Op {
     return {advance(a, a_row * s_.k, dt), s_.k, w_[r], s_.k, y, s_.n, rows, s_.n, s_.k};
   }
 
+  // First row of rank q's rows `rows` in the gather buffer, in the chosen layout.
+  int64_t gathered_row(int q, const tpext::RowRange& rows) const {
+    return rank_major_ ? q * shard_ + rows.begin : rk_->world() * rows.begin + q * rows.size;
+  }
+
   Ranks* rk_ = nullptr;
   Shape s_{};
+  bool rank_major_ = true;
   int64_t shard_ = 0;
   std::vector<void*> x_, w_, gathered_, out_, out_seq_;
 };

@@ -125,11 +125,13 @@ inline int run_main(int argc, char** argv, Op& op) {
     const Options o = parse_options(argc, argv);
     const DtypeInfo dt = dtype_info(o.dtype);
     Ranks rk(o, dt);
+    const std::string variant = op.configure(o);
+    const std::string setup = rk.describe() + (variant.empty() ? "" : "; " + variant);
     int nccl_version = 0, cublas_version = 0;
     TPEXT_NCCL_CHECK(ncclGetVersion(&nccl_version));
     rk.set_device(0);
     TPEXT_CUBLAS_CHECK(cublasGetVersion(rk.ctx(0).blas[0], &cublas_version));
-    std::printf("%s: %s, %s; warm-up %d, median of %d runs (CUDA events)\n", op.name(), rk.describe().c_str(), dt.name,
+    std::printf("%s: %s, %s; warm-up %d, median of %d runs (CUDA events)\n", op.name(), setup.c_str(), dt.name,
                 o.warmup, o.iters);
     std::printf("columns: ms = median of the slowest device; busGB/s as nccl-tests counts it; speedup = T_seq / T; "
                 "E = 1 - (T - T_gemm) / (T_seq - T_gemm); napkin = max(T_gemm, T_comm)\n");
@@ -159,14 +161,14 @@ inline int run_main(int argc, char** argv, Op& op) {
       ShapeResult res = measure(rk, op, o, configs);
       res.shape = s;
       print_table(std::string(op.name()) + " m=" + std::to_string(s.m) + " n=" + std::to_string(s.n) + " k=" +
-                      std::to_string(s.k) + " " + dt.name + ", " + rk.describe(), res);
+                      std::to_string(s.k) + " " + dt.name + ", " + setup, res);
       results.push_back(res);
     }
     if (!o.json_path.empty() && !o.check_only) {
       const char* commit = std::getenv("TPEXT_COMMIT");
       write_json(o.json_path,
                  {{"bench", json_str(op.name())},
-                  {"setup", json_str(rk.describe())},
+                  {"setup", json_str(setup)},
                   {"mode", json_str(rk.is_virtual() ? "virtual-ranks" : "nccl")},
                   {"world", std::to_string(rk.world())},
                   {"dtype", json_str(dt.name)},

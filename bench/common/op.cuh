@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <string>
 
 namespace tpext::bench {
 
@@ -40,6 +41,9 @@ class Op {
   virtual ~Op() = default;
   virtual const char* name() const = 0;
   virtual bool has_gemm() const { return true; }
+  // Reads the options that only this op has; returns what they select ("" for none), for the table
+  // and the JSON.
+  virtual std::string configure(const Options&) { return ""; }
   // Allocates and fills rank buffers for `s` (throws, naming the option, if the shape cannot run).
   virtual void setup(Ranks& rk, const Shape& s) = 0;
   virtual int64_t chunk_rows() const = 0;  // rows the chunks split: never more chunks than these

@@ -24,6 +24,7 @@ struct Options {
   int gpus = 0;           // 0: every visible GPU (NCCL mode)
   int virtual_ranks = 0;  // > 0: R virtual ranks on the current GPU (P2P kernels, no NCCL)
   int p2p_algo = 2;       // virtual all-reduce: 1 one-shot, 2 two-shot
+  bool rank_major_gather = true;  // all_gather_gemm's chunked gather: into rank-major x_full as tpext does
   int warmup = 5, iters = 20;
   bool check_only = false;
   std::string json_path;
@@ -64,6 +65,9 @@ inline const char* usage_text() {
          "  --gpus N                    one process drives N local GPUs through NCCL (default: all)\n"
          "  --virtual-ranks R           R ranks on one GPU, collectives by tpext's P2P kernels (R <= 8)\n"
          "  --p2p-algo 1|2              virtual-rank all-reduce: one-shot or two-shot (default 2)\n"
+         "  --gather rank-major|chunk-major  all_gather_gemm's chunked gather: into rank-major rows with one\n"
+         "                              broadcast per source, as tpext's schedule (default), or one all-gather\n"
+         "                              per chunk into chunk-major rows\n"
          "  --warmup N --iters N        untimed warm-up runs, timed runs (median reported)\n"
          "  --check                     run the correctness checks only, no timing\n"
          "  --json PATH                 also write the results as JSON\n";
@@ -95,6 +99,12 @@ inline Options parse_options(int argc, char** argv) {
     else if (a == "--warmup") o.warmup = static_cast<int>(parse_int(a, v, 0, 100000));
     else if (a == "--iters") o.iters = static_cast<int>(parse_int(a, v, 1, 100000));
     else if (a == "--json") o.json_path = v;
+    else if (a == "--gather") {
+      if (v != "rank-major" && v != "chunk-major") {
+        throw std::runtime_error("--gather: expected rank-major or chunk-major, got '" + v + "'");
+      }
+      o.rank_major_gather = v == "rank-major";
+    }
     else if (a == "--dtype") {
       if (v != "bf16" && v != "fp16" && v != "fp32") throw std::runtime_error("--dtype: expected bf16, fp16 or fp32, got '" + v + "'");
       o.dtype = v;

@@ -224,6 +224,30 @@ class Ranks {
     TPEXT_NCCL_CHECK(ncclGroupEnd());
   }
 
+  // recv[r][q] (rank r's copy of rank q's block) <- send[q], count elements each: the all-gather as
+  // tpext's schedule issues it for rows spread over a rank-major buffer. NCCL: one broadcast per source
+  // rank, all in one group (csrc/comm/nccl.cpp); virtual ranks: one copy per pair on the comm stream,
+  // as tpext's virtual hub makes them.
+  void gather_into(const std::vector<void*>& send, const std::vector<std::vector<void*>>& recv, int64_t count) {
+    if (virtual_) {
+      set_device(0);
+      const size_t bytes = static_cast<size_t>(count) * dt_.size;
+      for (int r = 0; r < world_; ++r) {
+        for (int q = 0; q < world_; ++q) {
+          TPEXT_CUDA_CHECK(cudaMemcpyAsync(recv[r][q], send[q], bytes, cudaMemcpyDeviceToDevice, devs_[0].comm));
+        }
+      }
+      return;
+    }
+    TPEXT_NCCL_CHECK(ncclGroupStart());
+    for (int q = 0; q < world_; ++q) {  // every communicator sees the roots in the same order
+      for (int r = 0; r < world_; ++r) {
+        TPEXT_NCCL_CHECK(ncclBroadcast(send[r], recv[r][q], static_cast<size_t>(count), dt_.nccl, q, ctx(r).nccl, ctx(r).comm));
+      }
+    }
+    TPEXT_NCCL_CHECK(ncclGroupEnd());
+  }
+
   void sync() {
     for (DeviceCtx& c : devs_) {
       TPEXT_CUDA_CHECK(cudaSetDevice(c.device));
