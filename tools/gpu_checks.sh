@@ -68,10 +68,10 @@ stage_test() {
       build/tpext_bench_gemm_all_reduce     --gpus 1 --m 1001 --n 96 --k 40 --chunks 1,3,7 --streams 1,2 --dtype $dt --check"
   done
   step check_all_gather_chunk_major "build/tpext_bench_all_gather_gemm --virtual-ranks 3 --m 999 --n 96 --k 40 --chunks 1,2,3,7 --streams 1,2 --gather chunk-major --check"
-  # Hidden 1000 is no multiple of the bf16 vector (8): the element-wise kernels.
+  # Hidden 1001 is no multiple of any vector width: the element-wise kernels.
   step check_p2p_rmsnorm "set -e
       build/tpext_bench_p2p_rmsnorm --ranks 3 --rows 1,7,130 --hidden 8192 --check
-      build/tpext_bench_p2p_rmsnorm --ranks 8 --rows 1,7,130 --hidden 1000 --check"
+      build/tpext_bench_p2p_rmsnorm --ranks 8 --rows 1,7,130 --hidden 1001 --check"
 }
 
 stage_sanitize() {
