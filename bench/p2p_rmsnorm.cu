@@ -28,6 +28,7 @@
 // The JSON records TPEXT_COMMIT from the environment (docs/benchmarks-cuda.md).
 #include "common/cuda_check.h"
 #include "common/dtype.cuh"
+#include "common/options.cuh"
 #include "kernels/epilogue.h"
 #include "kernels/p2p.h"
 #include "kernels/p2p_device.cuh"
@@ -79,13 +80,6 @@ std::vector<std::string> split(const std::string& s) {
   return out;
 }
 
-int64_t positive(const std::string& flag, const std::string& v) {
-  char* end = nullptr;
-  const long long x = std::strtoll(v.c_str(), &end, 10);
-  if (end == v.c_str() || *end != '\0' || x <= 0) throw std::runtime_error(flag + ": expected a positive integer, got '" + v + "'");
-  return x;
-}
-
 Options parse(int argc, char** argv) {
   Options o;
   for (int i = 1; i < argc; ++i) {
@@ -100,23 +94,19 @@ Options parse(int argc, char** argv) {
     }
     if (i + 1 >= argc) throw std::runtime_error("missing value after " + a);
     const std::string v = argv[++i];
-    if (a == "--ranks") o.ranks = static_cast<int>(positive(a, v));
-    else if (a == "--rows") {
-      o.rows.clear();
-      for (const auto& s : split(v)) o.rows.push_back(positive(a, s));
-    } else if (a == "--hidden") o.hidden = positive(a, v);
+    constexpr long long kBig = int64_t{1} << 31;
+    if (a == "--ranks") o.ranks = static_cast<int>(tpext::bench::parse_int(a, v, 1, kP2PMaxRanks));
+    else if (a == "--rows") o.rows = tpext::bench::parse_list<int64_t>(a, v, 1, kBig);
+    else if (a == "--hidden") o.hidden = tpext::bench::parse_int(a, v, 1, kBig);
     else if (a == "--dtypes") o.dtypes = split(v);
-    else if (a == "--iters") o.iters = static_cast<int>(positive(a, v));
-    else if (a == "--graph-runs") o.graph_runs = static_cast<int>(positive(a, v));
-    else if (a == "--copy-mb") o.copy_mb = positive(a, v);
+    else if (a == "--iters") o.iters = static_cast<int>(tpext::bench::parse_int(a, v, 1, 100000));
+    else if (a == "--graph-runs") o.graph_runs = static_cast<int>(tpext::bench::parse_int(a, v, 1, 100000));
+    else if (a == "--copy-mb") o.copy_mb = tpext::bench::parse_int(a, v, 1, 1 << 20);
     else if (a == "--eps") o.eps = std::strtod(v.c_str(), nullptr);
     else if (a == "--json") o.json_path = v;
     else throw std::runtime_error("unknown argument " + a + "\n" + kUsage);
   }
-  if (o.ranks > kP2PMaxRanks) {
-    throw std::runtime_error("--ranks: at most " + std::to_string(kP2PMaxRanks) + ", got " + std::to_string(o.ranks));
-  }
-  if (o.rows.empty() || o.dtypes.empty()) throw std::runtime_error("--rows and --dtypes need at least one value");
+  if (o.dtypes.empty()) throw std::runtime_error("--dtypes needs at least one value");
   for (const auto& d : o.dtypes) (void)tpext::bench::dtype_info(d);  // reject an unknown dtype before any work
   return o;
 }
