@@ -91,8 +91,8 @@ class AllGatherGemm final : public Op {
       const tpext::RowRange rows = tpext::split_rows(shard_, c, j);
       for (int r = 0; r < world; ++r) {
         send[r] = advance(x_[r], rows.begin * s_.k, dt);
-        recv[r] = advance(gathered_[r], world * rows.begin * s_.k, dt);
-        for (int q = 0; q < world; ++q) recv_blocks[r][q] = advance(gathered_[r], gathered_row(q, rows) * s_.k, dt);
+        if (!rank_major_) recv[r] = advance(gathered_[r], gathered_row(0, rows) * s_.k, dt);
+        for (int q = 0; rank_major_ && q < world; ++q) recv_blocks[r][q] = advance(gathered_[r], gathered_row(q, rows) * s_.k, dt);
       }
       if (rank_major_) {
         rk_->gather_into(send, recv_blocks, rows.size * s_.k);

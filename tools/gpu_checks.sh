@@ -8,7 +8,7 @@
 #   bash tools/gpu_checks.sh build test       # several stages, in order
 #
 # Each step runs even when an earlier one failed; its command and output go to <logs>/<step>.log and one
-# line per step (status, seconds, name) to <logs>/summary.txt, printed at the end. The exit status is the
+# line per step (status, seconds, name) to <logs>/summary.txt (this invocation's), printed at the end. The exit status is the
 # number of failed steps (0: all passed). Benchmark JSON goes to bench/results/<device>/ (the lower-cased
 # GPU name, as docs/cuda.md says), tagged with TPEXT_COMMIT; logs go to ${TPEXT_GPU_LOGS:-build/gpu-checks}.
 # Multi-GPU steps (the layer bench over NCCL, the 8-GPU overlap benches) run only when that many GPUs
@@ -24,6 +24,7 @@ export PYTHONUNBUFFERED=1
 export TPEXT_COMMIT="${TPEXT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 
 failed=0
+: >"$logs/summary.txt"  # this invocation's steps only
 # step NAME CMD...: runs CMD (through bash -c when it is one string); <logs>/NAME.log gets the command,
 # then its output.
 step() {
