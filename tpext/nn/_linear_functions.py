@@ -79,6 +79,9 @@ class ColumnLinearSP(torch.autograd.Function):
     keep_gathered=True saves x_full for wgrad (R times the shard's memory). False saves only x_shard
     and all-gathers it again in backward, after dgrad: 1/R of the activation memory for one more
     (not overlapped) all-gather per backward, Megatron's choice under SP.
+
+    Returns (y, x_full). x_full is differentiable: a gradient that other code sends into it (each rank's
+    partial, like dy @ W) is reduce-scattered into dx_shard too; unused, it costs nothing.
     """
 
     @staticmethod
@@ -88,16 +91,22 @@ class ColumnLinearSP(torch.autograd.Function):
         ctx.save_for_backward(x_full if keep_gathered else x_shard, *ws)
         ctx.group, ctx.schedule, ctx.has_bias, ctx.keep_gathered = group, schedule, b is not None, keep_gathered
         ctx.module = stats.current_module()
-        return y
+        ctx.set_materialize_grads(False)  # an unused x_full gets None, not a zero tensor to reduce-scatter
+        return y, x_full
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, dy, dx_full):
         x_saved, *ws = ctx.saved_tensors
         dx = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and dy is not None:
             stats.record("reduce_scatter", dy.shape[:-1].numel() * ws[0].shape[1], dy.dtype, ctx.group.size(),
                          backward=True, module=ctx.module)
             dx = ops.gemm_reduce_scatter(dy.contiguous(), _cat(ws).t(), None, ctx.group, *ctx.schedule)
+        if ctx.needs_input_grad[0] and dx_full is not None:
+            dx_other = mappings.reduce_scatter_dim0(dx_full, ctx.group, backward=True, module=ctx.module)
+            dx = dx_other if dx is None else dx + dx_other
+        if dy is None:
+            return (dx, None, None, None, None, *(None,) * len(ws))
         needs = ctx.needs_input_grad[5:]
         x_full = x_saved
         if any(needs) and not ctx.keep_gathered:

@@ -186,17 +186,27 @@ class ColumnParallelLinear(_ParallelLinear):
     def _column(self, x: Tensor, ws: tuple[Tensor, ...], b: Optional[Tensor]) -> Tensor:
         """The column-parallel product of x with the local weight cat(ws) and bias b (this layer's, or
         those of a SharedInputColumns group)."""
-        if self.sequence_parallel:  # x is a sequence shard: any length gathers to R times it
-            x = self._sequence_first(x)
-            rows = x.numel() // max(x.shape[-1], 1) * self.tp_size
-            y = ColumnLinearSP.apply(x, b, self.group, self._schedule(rows), self.keep_gathered_input, *ws)
-            y = y.movedim(0, self.sequence_dim) if self.sequence_dim else y
+        if self.sequence_parallel and self._siblings is not None and self._siblings.gathers_before_call:
+            # x is the full sequence that SharedInputColumns.gather returned (a call it did not cache): its
+            # gradient, partial on each rank, is reduce-scattered by the gather's backward.
+            y = F.linear(x, ws[0] if len(ws) == 1 else torch.cat(ws), b)
+        elif self.sequence_parallel:  # x is a sequence shard: any length gathers to R times it
+            y, _ = self._column_sp(x, ws, b)
         else:
             rows = x.numel() // max(x.shape[-1], 1)
             y = ColumnLinear.apply(x, b, self.group, self._schedule(rows), *ws)
         if self.gather_output:
             y = mappings.gather_from_tp(y, self.out_features, self.group)
         return y
+
+    def _column_sp(self, x_shard: Tensor, ws: tuple[Tensor, ...], b: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        """(y, x_full): the sequence-parallel product and the gathered input, both in x_shard's layout."""
+        x_shard = self._sequence_first(x_shard)
+        rows = x_shard.numel() // max(x_shard.shape[-1], 1) * self.tp_size
+        y, x_full = ColumnLinearSP.apply(x_shard, b, self.group, self._schedule(rows), self.keep_gathered_input, *ws)
+        if self.sequence_dim:
+            y, x_full = y.movedim(0, self.sequence_dim), x_full.movedim(0, self.sequence_dim)
+        return y, x_full
 
 
 class SharedInputColumns:
@@ -210,6 +220,10 @@ class SharedInputColumns:
     any weight changed in place (an optimizer step), or under another grad / autocast mode, computes
     afresh.
     """
+
+    #: True when gather() runs before the layers are called (an attention module's q/k/v under SP, see
+    #: tpext.parallelize): their input is then the full sequence, never a shard.
+    gathers_before_call = False
 
     def __init__(self, layers: Sequence[ColumnParallelLinear]):
         first = layers[0]
@@ -240,16 +254,41 @@ class SharedInputColumns:
             if not self._outputs:
                 self._x = None
             return out
+        with self._scope():
+            y = layer._column(x, *self._weights())
+        return self._hand_out(y, x, skip=layer)[self.layers.index(layer)]
+
+    def gather(self, x_shard: Tensor) -> Tensor:
+        """Under SP: all-gather x_shard overlapped with the one GEMM of every layer, keep each layer's output
+        for its call with the gathered input, and return that input, the full sequence, for code that takes
+        shapes from it (Hugging Face attention does). Whoever calls it sets gathers_before_call, and the
+        layers then treat any input as the full sequence. Gradients that each rank sends into the returned
+        tensor, from the layers or from other code, are partial: they are summed over the ranks
+        (reduce-scatter) into x_shard's, the dual of the gather."""
+        first = self.layers[0]
+        if first.tp_size == 1 or not first.sequence_parallel:
+            return x_shard
+        first._check_features(x_shard, first.in_features, "in_features")
+        with self._scope():
+            y, x_full = first._column_sp(x_shard, *self._weights())
+        self._hand_out(y, x_full, skip=None)
+        return x_full
+
+    def _weights(self) -> tuple[tuple[Tensor, ...], Optional[Tensor]]:
         params = [layer._params() for layer in self.layers]
-        ws = tuple(p[0] for p in params)
         b = torch.cat([p[1] for p in params]) if params[0][1] is not None else None
+        return tuple(p[0] for p in params), b
+
+    def _scope(self):
         names = "+".join(getattr(m, "_tpext_stats_name", type(m).__name__) for m in self.layers)
-        with stats.module_scope(stats.current_module() or names):
-            y = layer._column(x, ws, b)
+        return stats.module_scope(stats.current_module() or names)
+
+    def _hand_out(self, y: Tensor, x: Tensor, skip: Optional[ColumnParallelLinear]) -> list[Tensor]:
+        """Split y into the layers' outputs and keep those of the layers still to be called with x."""
         outputs = y.split([m.weight.shape[0] for m in self.layers], dim=-1)
-        self._outputs = {id(m): out for m, out in zip(self.layers, outputs) if m is not layer}
+        self._outputs = {id(m): out for m, out in zip(self.layers, outputs) if m is not skip}
         self._x, self._state = x, self._state_of(x)
-        return outputs[self.layers.index(layer)]
+        return list(outputs)
 
     def attach(self) -> "SharedInputColumns":
         for layer in self.layers:
