@@ -95,15 +95,17 @@ def test_collectives_per_step():
     assert counts == {"forward": {"all_reduce": 2 * n + 1 + 3}, "backward": {"all_reduce": 2 * n + 1}}
     counts = run_ranks(_comm_counts, 2, False, False)[0]
     assert counts == {"forward": {"all_reduce": 2 * n + 1 + 3}, "backward": {"all_reduce": 5 * n + 1}}
-    # With SP each all-reduce of activations becomes reduce-scatter + all-gather, the column layers gather
-    # their input again for the weight gradient (2 per layer + lm_head), and the norms' weight gradients
-    # (2 per layer + the final norm) are all-reduced.
+    # With SP each all-reduce of activations in the layers becomes reduce-scatter + all-gather; the
+    # embedding still all-reduces (the sequence is split at the first layer's input, whose backward
+    # all-gathers), the column layers gather their input again for the weight gradient (2 per layer +
+    # lm_head), and the norms' weight gradients (2 per layer + the final norm) are all-reduced.
     counts = run_ranks(_comm_counts, 2, True, True)[0]
-    assert counts == {"forward": {"all_gather": 2 * n + 1, "reduce_scatter": 2 * n + 1, "all_reduce": 3},
+    assert counts == {"forward": {"all_gather": 2 * n + 1, "reduce_scatter": 2 * n, "all_reduce": 1 + 3},
                       "backward": {"reduce_scatter": 2 * n + 1, "all_gather": 2 * (2 * n + 1),
                                    "all_reduce": 2 * n + 1}}
+    # Unshared, gate and up gather on their own; q/k/v still share the gather at the attention input.
     counts = run_ranks(_comm_counts, 2, True, False)[0]
-    assert counts["forward"]["all_gather"] == 5 * n + 1 and counts["backward"]["reduce_scatter"] == 5 * n + 1
+    assert counts["forward"]["all_gather"] == 3 * n + 1 and counts["backward"]["reduce_scatter"] == 3 * n + 1
 
 
 def _errors() -> list[str]:

@@ -24,7 +24,10 @@ of the replicas are summed. Attention modules get their local head counts (`num_
 
 Sequence parallelism (sequence_parallel=True): between the row-parallel output and the next
 column-parallel input, activations are sequence shards; for batch-first [b, s, h] models the sharded
-dim is 1 (`sequence_dim`), and s must be divisible by the tensor-parallel size.
+dim is 1 (`sequence_dim`), and s must be divisible by the tensor-parallel size. The sequence is split
+at the input of the first decoder layer and each attention module is called with the full sequence,
+gathered by its q/k/v projections (tpext.model_hooks), so model code that takes shapes from its
+activations (Hugging Face's) sees the dense ones.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from torch import nn
 from tpext.distributed import GroupLike, resolve_group
 from tpext.nn import (ColumnParallelLinear, RowParallelLinear, SequenceParallelLayerNorm, SequenceParallelRMSNorm,
                       SharedInputColumns, VocabParallelEmbedding)
+from tpext.model_hooks import add_causal_lm_loss, add_sequence_hooks
 from tpext.sharding import Piece
 
 __all__ = ["Style", "parallelize", "auto_plan", "STYLES"]
@@ -187,14 +191,23 @@ def _grad_summing_norm(norm: nn.Module, group) -> nn.Module:
     return new
 
 
-def _check_heads(model: nn.Module, plan: Plan, world: int) -> None:
+def _sharded_attention(model: nn.Module, plan: Plan) -> list[str]:
+    """The names of the attention modules (those with an o_proj) whose projections the plan shards, in
+    module order."""
+    names = []
+    for name, attn in model.named_modules():
+        projections = [f"{name}.{p}" if name else p for p in _ATTN_PROJ if hasattr(attn, p)]
+        if hasattr(attn, "o_proj") and any(_style_for(p, plan) for p in projections):
+            names.append(name)
+    return names
+
+
+def _check_heads(model: nn.Module, attention: list[str], world: int) -> None:
     """Every attention module with a sharded projection must split its query heads evenly; checked
     before any module is replaced, so a bad size leaves the model as it was."""
     config = getattr(model, "config", None)
-    for name, attn in model.named_modules():
-        projections = [f"{name}.{p}" if name else p for p in _ATTN_PROJ if hasattr(attn, p)]
-        if not hasattr(attn, "o_proj") or not any(_style_for(p, plan) for p in projections):
-            continue
+    for name in attention:
+        attn = model.get_submodule(name)
         hq, hkv, _ = _heads(attn, config)
         if hq % world:
             raise ValueError(f"tpext.parallelize: {name or 'the model'} has {hq} query heads, not divisible by the "
@@ -260,18 +273,25 @@ def parallelize(model: nn.Module, group: GroupLike = None, plan: Union[str, Plan
         plan = auto_plan(model, sequence_parallel=sequence_parallel)
     elif isinstance(plan, str):
         raise ValueError(f"tpext.parallelize: plan must be 'auto' or a dict of pattern -> style, got {plan!r}")
-    _check_heads(model, plan, pg.size())
+    attention = _sharded_attention(model, plan)
+    _check_heads(model, attention, pg.size())
+    # Under SP the sequence is split at the input of the first decoder layer (the first sharded attention
+    # module's parent): what runs before it, the embedding and the model-level code that takes positions
+    # and the attention mask from its output's shape, sees the full sequence as in the dense model.
+    split_at = attention[0].rpartition(".")[0] if sequence_parallel and pg.size() > 1 and attention else ""
     ties = _ties(model)
     config = getattr(model, "config", None)
     modules = dict(model.named_modules())
     # Build every replacement first: an error leaves the model untouched.
     converted: dict[str, nn.Module] = {}
+    in_sp_region = not split_at
     for name, module in modules.items():
+        in_sp_region = in_sp_region or name == split_at
         style = _style_for(name, plan) if name else None
         if style is None or any(name.startswith(c + ".") for c in converted):
             continue
-        new = _convert(name, module, _parent(modules, name), style, pg, sequence_parallel, sequence_dim, chunks,
-                       config)
+        new = _convert(name, module, _parent(modules, name), style, pg, sequence_parallel and in_sp_region,
+                       sequence_dim, chunks, config)
         if new is not module:
             new._tpext_stats_name = name  # comm_stats attributes its collectives to this name
             converted[name] = new
@@ -282,6 +302,9 @@ def parallelize(model: nn.Module, group: GroupLike = None, plan: Union[str, Plan
     _set_local_heads(model, converted, pg.size())
     if share_inputs:
         _share_inputs(model, converted)
+    if split_at:
+        add_sequence_hooks(model, split_at, attention, converted, pg, sequence_dim)
+    add_causal_lm_loss(model, converted)
     return model
 
 
@@ -329,3 +352,4 @@ def _share_inputs(model: nn.Module, converted: dict[str, nn.Module]) -> None:
             layers = [getattr(module, leaf, None) for leaf in group]
             if all(isinstance(m, ColumnParallelLinear) and m in converted.values() for m in layers):
                 SharedInputColumns(layers).attach()
+

@@ -1,0 +1,88 @@
+"""tpext.parallelize on Hugging Face transformers models vs the dense model.
+
+Hugging Face code takes shapes from its activations: the model derives positions and the causal mask
+from the embedding output, attention reshapes by its input's sequence length, and the loss reads logits
+as [*, V]. Under SP and with a vocab-parallel lm_head all of that must still see the dense shapes.
+Checked: logits, the labels loss and every parameter gradient, fp32, tp 2 and 4, SP on and off, kv heads
+above, equal to and below tp, Llama (sdpa and eager attention), Qwen2 (q/k/v biases) and Qwen3
+(per-head q/k norms).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import tpext
+from dist import run_ranks
+from tpext import mappings
+from tpext.sharding import layouts
+
+transformers = pytest.importorskip("transformers")
+
+SMALL = dict(hidden_size=64, intermediate_size=96, vocab_size=100, num_hidden_layers=2, num_attention_heads=8,
+             max_position_embeddings=64, use_cache=False)
+TOL = dict(rtol=1e-5, atol=1e-6)
+
+# (architecture, kv heads, sequence_parallel, attention implementation)
+CASES = [("llama", 4, False, "sdpa"), ("llama", 4, True, "sdpa"), ("llama", 2, True, "eager"),
+         ("llama", 1, True, "sdpa"), ("qwen2", 2, True, "sdpa"), ("qwen3", 1, True, "eager"),
+         ("qwen3", 4, False, "sdpa")]
+
+
+def _model(arch: str, kv: int, attn: str):
+    import transformers
+
+    config_cls, model_cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                             "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+                             "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)}[arch]
+    extra = {"head_dim": 8} if arch == "qwen3" else {}
+    config = config_cls(**SMALL, **extra, num_key_value_heads=kv, attn_implementation=attn)
+    torch.manual_seed(0)
+    return model_cls(config).float()
+
+
+def _compare(arch: str, kv: int, sp: bool, attn: str) -> None:
+    world = torch.distributed.get_world_size()
+    dense = _model(arch, kv, attn)
+    model = tpext.parallelize(copy.deepcopy(dense), sequence_parallel=sp)
+    ids = torch.randint(0, SMALL["vocab_size"], (2, 4 * world), generator=torch.Generator().manual_seed(1))
+    labels = ids.masked_fill(torch.rand(ids.shape, generator=torch.Generator().manual_seed(2)) < 0.2, -100)
+    ref = dense(input_ids=ids, labels=labels)
+    ref.loss.backward()
+    out = model(input_ids=ids, labels=labels)
+    out.loss.backward()
+
+    what = f"{arch} tp={world} kv={kv} sp={sp} attn={attn}"
+    torch.testing.assert_close(mappings.gather_from_tp(out.logits, SMALL["vocab_size"]), ref.logits, **TOL,
+                               msg=lambda m: f"{what}: logits: {m}")
+    torch.testing.assert_close(out.loss, ref.loss, **TOL, msg=lambda m: f"{what}: loss: {m}")
+    entries = layouts(model)
+    assert len(entries) == len(layouts(dense)), what
+    for e in entries:
+        ref_grad = e.layout.local_from_dense(dense.get_parameter(e.names[0]).grad)
+        torch.testing.assert_close(e.tensor.grad, ref_grad, **TOL, msg=lambda m: f"{what}: grad {e.names}: {m}")
+
+
+def _check_cases() -> None:
+    for case in CASES:
+        _compare(*case)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_hf_model_matches_dense(world):
+    run_ranks(_check_cases, world)
+
+
+def _sp_errors() -> str:
+    model = tpext.parallelize(_model("llama", 2, "sdpa"), sequence_parallel=True)
+    with pytest.raises(ValueError) as err:
+        model(input_ids=torch.zeros(2, 6, dtype=torch.long))
+    return str(err.value)
+
+
+def test_sp_sequence_not_divisible():
+    message = run_ranks(_sp_errors, 4)[0]
+    assert "sequence length (dim 1) divisible by the tensor-parallel size 4" in message, message

@@ -1,0 +1,118 @@
+"""What tpext.parallelize attaches to a model besides its converted modules.
+
+Under sequence parallelism, two forward pre-hooks:
+  * the first decoder layer splits the sequence (`_SplitSequence`): the embedding and the model-level
+    code that derives positions and the causal mask from its output's shape see the full sequence, as
+    in the dense model; the layers see this rank's shard;
+  * each sharded attention module gathers it back (`_GatherSequence`), overlapped with the q/k/v GEMM,
+    so attention code that takes the sequence length from its input sees the dense shapes.
+And for models that compute their own loss from labels (Hugging Face's `loss_function`), a causal-LM
+loss on the vocabulary-sharded logits of a vocab-parallel lm_head.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tpext import mappings, stats
+from tpext.nn import ColumnParallelLinear, SharedInputColumns
+from tpext.nn.functional import vocab_parallel_cross_entropy
+
+__all__ = ["add_sequence_hooks", "add_causal_lm_loss"]
+
+
+def _hidden_states(module: nn.Module, args: tuple, kwargs: dict) -> tuple[Tensor, Callable[[Tensor], tuple]]:
+    """The activation a decoder layer or attention module is called with (its first positional argument,
+    or hidden_states=), and how to call it with another one instead."""
+    if args:
+        return args[0], lambda x: ((x, *args[1:]), kwargs)
+    if "hidden_states" in kwargs:
+        return kwargs["hidden_states"], lambda x: (args, {**kwargs, "hidden_states": x})
+    raise TypeError(f"tpext.parallelize: under sequence parallelism {type(module).__name__} must be called with "
+                    "its activations as the first positional argument or as hidden_states=")
+
+
+class _SplitSequence:
+    """Forward pre-hook of the first decoder layer under SP: from here on activations are this rank's
+    sequence shard (the dual of the split, an all-gather, runs in backward)."""
+
+    def __init__(self, group, sequence_dim: int, name: str):
+        self.group, self.sequence_dim, self.name = group, sequence_dim, name
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple:
+        x, call_with = _hidden_states(module, args, kwargs)
+        world, dim = self.group.size(), self.sequence_dim
+        if x.dim() <= dim or x.shape[dim] % world:
+            raise ValueError(f"tpext.parallelize: sequence_parallel needs the sequence length (dim {dim}) divisible "
+                             f"by the tensor-parallel size {world}, got hidden states of shape {tuple(x.shape)}")
+        with stats.module_scope(stats.current_module() or self.name):  # its backward's all-gather counts here
+            return call_with(mappings.scatter_to_sequence(x, self.group, dim=dim))
+
+
+class _GatherSequence:
+    """Forward pre-hook of an attention module under SP: its column projections all-gather the sequence
+    shard overlapped with their one GEMM (SharedInputColumns.gather), and the module is called with the
+    full sequence, so attention code that takes the sequence length from its input (Hugging Face's does)
+    sees the dense shapes. o_proj reduce-scatters the output back to a shard."""
+
+    def __init__(self, shared: SharedInputColumns):
+        shared.gathers_before_call = True
+        self.shared = shared
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple:
+        x, call_with = _hidden_states(module, args, kwargs)
+        return call_with(self.shared.gather(x))
+
+
+def add_sequence_hooks(model: nn.Module, split_at: str, attention: list[str], converted: dict[str, nn.Module],
+                        group, sequence_dim: int) -> None:
+    model.get_submodule(split_at).register_forward_pre_hook(_SplitSequence(group, sequence_dim, split_at), with_kwargs=True)
+    for name in attention:
+        columns = [converted[p] for leaf in ("q_proj", "k_proj", "v_proj", "qkv_proj")
+                   if (p := f"{name}.{leaf}" if name else leaf) in converted]
+        columns = [m for m in columns if isinstance(m, ColumnParallelLinear)]
+        if not columns:
+            continue
+        shared = columns[0]._siblings
+        if shared is None or shared.layers != columns:
+            shared = SharedInputColumns(columns).attach()
+        model.get_submodule(name).register_forward_pre_hook(_GatherSequence(shared), with_kwargs=True)
+
+
+class _VocabParallelCausalLMLoss:
+    """Hugging Face's causal-LM loss contract (labels shifted left by one and padded with ignore_index,
+    mean over the counted tokens, or sum / num_items_in_batch), computed on the vocabulary-sharded
+    logits of a vocab-parallel lm_head by vocab_parallel_cross_entropy, never gathering [tokens, V]."""
+
+    def __init__(self, lm_head: ColumnParallelLinear):
+        self.lm_head = lm_head
+
+    def __call__(self, logits: Tensor, labels: Tensor, vocab_size: Optional[int] = None,
+                 num_items_in_batch: Optional[Tensor] = None, ignore_index: int = -100,
+                 shift_labels: Optional[Tensor] = None, **_: object) -> Tensor:
+        if vocab_size is not None and vocab_size != self.lm_head.out_features:
+            raise ValueError(f"tpext: the loss was asked for a vocabulary of {vocab_size}, but the vocab-parallel "
+                             f"lm_head has {self.lm_head.out_features} outputs")
+        if shift_labels is None:
+            shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        reduction = "mean" if num_items_in_batch is None else "sum"
+        loss = vocab_parallel_cross_entropy(logits.float(), shift_labels.to(logits.device), group=self.lm_head.group,
+                                            ignore_index=ignore_index, reduction=reduction)
+        if num_items_in_batch is not None:
+            loss = loss / (num_items_in_batch.to(loss.device) if isinstance(num_items_in_batch, Tensor)
+                           else num_items_in_batch)
+        return loss
+
+
+def add_causal_lm_loss(model: nn.Module, converted: dict[str, nn.Module]) -> None:
+    """A model that computes its loss from labels through a settable `loss_function` (Hugging Face's
+    PreTrainedModel) gets one that understands the vocabulary-sharded logits of its lm_head; its own would
+    read [*, V/R] logits as [*, V] and be wrong."""
+    head = next((converted[n] for n in ("lm_head", "output") if n in converted), None)
+    prop = getattr(type(model), "loss_function", None)
+    if (isinstance(head, ColumnParallelLinear) and not head.gather_output and head.tp_size > 1
+            and isinstance(prop, property) and prop.fset is not None):
+        model.loss_function = _VocabParallelCausalLMLoss(head)
