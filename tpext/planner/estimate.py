@@ -172,9 +172,13 @@ def _head(model: ModelSpec, gpu: GPUSpec, w: Workload, tp: int, net: _Net, tflop
     comm = 0.0
     if tp > 1:
         kind = "reduce_scatter" if w.sequence_parallel else "all_reduce"
-        comm += sum(net.time_s(kind, T * model.hidden * b, tp))            # embedding output
+        # Embedding output: all-reduced also under SP, which splits the sequence at the first layer's input
+        # (tpext.parallelize) and all-gathers its gradient there in backward.
+        comm += sum(net.time_s("all_reduce", T * model.hidden * b, tp))
         if w.mode == "train":
             comm += sum(net.time_s(kind, T * model.hidden * b, tp))        # head input gradient
+            if w.sequence_parallel:
+                comm += sum(net.time_s("all_gather", T * model.hidden * b, tp))
             comm += 3 * sum(net.time_s("all_reduce", rows * 4, tp))        # CE: max, sum-exp, target logit
         if w.sequence_parallel:
             comm += sum(net.time_s("all_gather", rows * model.hidden * b, tp))
