@@ -4,8 +4,8 @@ Hugging Face code takes shapes from its activations: the model derives positions
 from the embedding output, attention reshapes by its input's sequence length, and the loss reads logits
 as [*, V]. Under SP and with a vocab-parallel lm_head all of that must still see the dense shapes.
 Checked: logits, the labels loss and every parameter gradient, fp32, tp 2 and 4, SP on and off, kv heads
-above, equal to and below tp, Llama (sdpa and eager attention), Qwen2 (q/k/v biases) and Qwen3
-(per-head q/k norms).
+above, equal to and below tp, a padded batch, Llama (sdpa and eager attention), Mistral, Qwen2 (q/k/v
+biases) and Qwen3 (per-head q/k norms); and greedy generation with gathered logits, token for token.
 """
 
 from __future__ import annotations
@@ -26,16 +26,17 @@ SMALL = dict(hidden_size=64, intermediate_size=96, vocab_size=100, num_hidden_la
              max_position_embeddings=64, use_cache=False)
 TOL = dict(rtol=1e-5, atol=1e-6)
 
-# (architecture, kv heads, sequence_parallel, attention implementation)
-CASES = [("llama", 4, False, "sdpa"), ("llama", 4, True, "sdpa"), ("llama", 2, True, "eager"),
-         ("llama", 1, True, "sdpa"), ("qwen2", 2, True, "sdpa"), ("qwen3", 1, True, "eager"),
-         ("qwen3", 4, False, "sdpa")]
+# (architecture, kv heads, sequence_parallel, attention implementation, padded batch)
+CASES = [("llama", 4, False, "sdpa", False), ("llama", 4, True, "sdpa", False), ("llama", 2, True, "eager", True),
+         ("llama", 1, True, "sdpa", False), ("mistral", 2, True, "sdpa", True), ("qwen2", 2, True, "sdpa", False),
+         ("qwen3", 1, True, "eager", False), ("qwen3", 4, False, "sdpa", True)]
 
 
 def _model(arch: str, kv: int, attn: str):
     import transformers
 
     config_cls, model_cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                             "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
                              "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
                              "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)}[arch]
     extra = {"head_dim": 8} if arch == "qwen3" else {}
@@ -44,18 +45,22 @@ def _model(arch: str, kv: int, attn: str):
     return model_cls(config).float()
 
 
-def _compare(arch: str, kv: int, sp: bool, attn: str) -> None:
+def _compare(arch: str, kv: int, sp: bool, attn: str, padded: bool) -> None:
     world = torch.distributed.get_world_size()
     dense = _model(arch, kv, attn)
     model = tpext.parallelize(copy.deepcopy(dense), sequence_parallel=sp)
     ids = torch.randint(0, SMALL["vocab_size"], (2, 4 * world), generator=torch.Generator().manual_seed(1))
     labels = ids.masked_fill(torch.rand(ids.shape, generator=torch.Generator().manual_seed(2)) < 0.2, -100)
-    ref = dense(input_ids=ids, labels=labels)
+    mask = torch.ones_like(ids)
+    if padded:  # the second sequence is 3 tokens shorter, right-padded
+        mask[1, -3:] = 0
+        labels[1, -3:] = -100
+    ref = dense(input_ids=ids, attention_mask=mask, labels=labels)
     ref.loss.backward()
-    out = model(input_ids=ids, labels=labels)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
     out.loss.backward()
 
-    what = f"{arch} tp={world} kv={kv} sp={sp} attn={attn}"
+    what = f"{arch} tp={world} kv={kv} sp={sp} attn={attn} padded={padded}"
     torch.testing.assert_close(mappings.gather_from_tp(out.logits, SMALL["vocab_size"]), ref.logits, **TOL,
                                msg=lambda m: f"{what}: logits: {m}")
     torch.testing.assert_close(out.loss, ref.loss, **TOL, msg=lambda m: f"{what}: loss: {m}")
@@ -74,6 +79,24 @@ def _check_cases() -> None:
 @pytest.mark.parametrize("world", [2, 4])
 def test_hf_model_matches_dense(world):
     run_ranks(_check_cases, world)
+
+
+def _generate(arch: str) -> list:
+    """Greedy decoding with gathered logits (no SP: decoding steps are one token): the dense tokens."""
+    dense = _model(arch, 2, "sdpa").eval()
+    model = tpext.parallelize(copy.deepcopy(dense), plan=tpext.auto_plan(dense, vocab_parallel_logits=False))
+    ids = torch.randint(0, SMALL["vocab_size"], (2, 5), generator=torch.Generator().manual_seed(3))
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, pad_token_id=0,
+                  use_cache=True)
+    with torch.no_grad():
+        ref, out = dense.generate(ids, **kwargs), model.generate(ids, **kwargs)
+    assert torch.equal(out, ref), f"{arch}: {out.tolist()} != {ref.tolist()}"
+    return out.tolist()
+
+
+def test_generate_matches_dense():
+    tokens = run_ranks(_generate, 2, "llama")
+    assert tokens[0] == tokens[1]
 
 
 def _sp_errors() -> str:
