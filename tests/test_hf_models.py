@@ -51,13 +51,14 @@ def _compare(arch: str, kv: int, sp: bool, attn: str, padded: bool) -> None:
     model = tpext.parallelize(copy.deepcopy(dense), sequence_parallel=sp)
     ids = torch.randint(0, SMALL["vocab_size"], (2, 4 * world), generator=torch.Generator().manual_seed(1))
     labels = ids.masked_fill(torch.rand(ids.shape, generator=torch.Generator().manual_seed(2)) < 0.2, -100)
-    mask = torch.ones_like(ids)
-    if padded:  # the second sequence is 3 tokens shorter, right-padded
+    mask, extra = torch.ones_like(ids), {}
+    if padded:  # the second sequence is 3 tokens shorter, right-padded; the loss is a sum over a given count
         mask[1, -3:] = 0
         labels[1, -3:] = -100
-    ref = dense(input_ids=ids, attention_mask=mask, labels=labels)
+        extra = {"num_items_in_batch": torch.tensor(7)}
+    ref = dense(input_ids=ids, attention_mask=mask, labels=labels, **extra)
     ref.loss.backward()
-    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    out = model(input_ids=ids, attention_mask=mask, labels=labels, **extra)
     out.loss.backward()
 
     what = f"{arch} tp={world} kv={kv} sp={sp} attn={attn} padded={padded}"
