@@ -5,7 +5,8 @@ from the embedding output, attention reshapes by its input's sequence length, an
 as [*, V]. Under SP and with a vocab-parallel lm_head all of that must still see the dense shapes.
 Checked: logits, the labels loss and every parameter gradient, fp32, tp 2 and 4, SP on and off, kv heads
 above, equal to and below tp, a padded batch, Llama (sdpa and eager attention), Mistral, Qwen2 (q/k/v
-biases) and Qwen3 (per-head q/k norms); and greedy generation with gathered logits, token for token.
+biases) and Qwen3 (per-head q/k norms, tied embeddings); and greedy generation with gathered logits,
+token for token.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def _model(arch: str, kv: int, attn: str):
                              "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
                              "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
                              "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)}[arch]
-    extra = {"head_dim": 8} if arch == "qwen3" else {}
+    extra = {"head_dim": 8, "tie_word_embeddings": True} if arch == "qwen3" else {}  # as the small Qwen3 models
     config = config_cls(**SMALL, **extra, num_key_value_heads=kv, attn_implementation=attn)
     torch.manual_seed(0)
     return model_cls(config).float()

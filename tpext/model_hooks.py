@@ -69,7 +69,8 @@ class _GatherSequence:
 
 def add_sequence_hooks(model: nn.Module, split_at: str, attention: list[str], converted: dict[str, nn.Module],
                         group, sequence_dim: int) -> None:
-    model.get_submodule(split_at).register_forward_pre_hook(_SplitSequence(group, sequence_dim, split_at), with_kwargs=True)
+    split = _SplitSequence(group, sequence_dim, split_at)
+    model.get_submodule(split_at).register_forward_pre_hook(split, with_kwargs=True)
     for name in attention:
         columns = [converted[p] for leaf in ("q_proj", "k_proj", "v_proj", "qkv_proj")
                    if (p := f"{name}.{leaf}" if name else leaf) in converted]
