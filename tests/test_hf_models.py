@@ -46,10 +46,10 @@ def _model(arch: str, kv: int, attn: str):
     return model_cls(config).float()
 
 
-def _compare(arch: str, kv: int, sp: bool, attn: str, padded: bool) -> None:
+def _compare(arch: str, kv: int, sp: bool, attn: str, padded: bool, share_inputs: bool = True) -> None:
     world = torch.distributed.get_world_size()
     dense = _model(arch, kv, attn)
-    model = tpext.parallelize(copy.deepcopy(dense), sequence_parallel=sp)
+    model = tpext.parallelize(copy.deepcopy(dense), sequence_parallel=sp, share_inputs=share_inputs)
     ids = torch.randint(0, SMALL["vocab_size"], (2, 4 * world), generator=torch.Generator().manual_seed(1))
     labels = ids.masked_fill(torch.rand(ids.shape, generator=torch.Generator().manual_seed(2)) < 0.2, -100)
     mask, extra = torch.ones_like(ids), {}
@@ -62,7 +62,7 @@ def _compare(arch: str, kv: int, sp: bool, attn: str, padded: bool) -> None:
     out = model(input_ids=ids, attention_mask=mask, labels=labels, **extra)
     out.loss.backward()
 
-    what = f"{arch} tp={world} kv={kv} sp={sp} attn={attn} padded={padded}"
+    what = f"{arch} tp={world} kv={kv} sp={sp} attn={attn} padded={padded} share_inputs={share_inputs}"
     torch.testing.assert_close(mappings.gather_from_tp(out.logits, SMALL["vocab_size"]), ref.logits, **TOL,
                                msg=lambda m: f"{what}: logits: {m}")
     torch.testing.assert_close(out.loss, ref.loss, **TOL, msg=lambda m: f"{what}: loss: {m}")
@@ -76,6 +76,22 @@ def _compare(arch: str, kv: int, sp: bool, attn: str, padded: bool) -> None:
 def _check_cases() -> None:
     for case in CASES:
         _compare(*case)
+    _compare("llama", 2, True, "eager", True, share_inputs=False)  # q/k/v each multiply the gathered input
+
+
+def _loss_installed() -> list[bool]:
+    """The vocab-parallel loss replaces only a causal-LM loss (a masked-LM head's is not shifted)."""
+    installed = []
+    for loss_type in ("ForCausalLM", "ForMaskedLM"):
+        model = _model("llama", 2, "sdpa")
+        model.loss_type = loss_type
+        tpext.parallelize(model)
+        installed.append("_loss_function" in vars(model))
+    return installed
+
+
+def test_loss_replaced_for_causal_lm_only():
+    assert run_ranks(_loss_installed, 2)[0] == [True, False]
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -153,36 +153,39 @@ def test_tp1_is_nn_linear_without_collectives():
 
 
 def _check_gather_before_call() -> None:
-    """SharedInputColumns.gather (the SP attention-input hook of tpext.parallelize): the layers take their
-    outputs from the one overlapped gather + GEMM; a call with another full-sequence tensor computes
-    locally; gradients that other code sends into the gathered input are summed over the ranks into x_shard's
-    (here each rank's loss has its own x_full term, the dense loss their sum)."""
+    """SharedInputColumns.gather, as the SP attention-input hook of tpext.parallelize uses it: the layers
+    take their outputs from the one overlapped gather + GEMM; a call with the gathered sequence that the
+    cache does not answer computes locally; a call with another (replicated) tensor, as cross-attention's
+    memory, is the plain column layer; gradients that other code sends into the gathered input are summed
+    over the ranks into x_shard's (here each rank's loss has its own x_full term, the dense loss their sum)."""
     from tpext.nn import SharedInputColumns
 
     rank, world = tdist.get_rank(), tdist.get_world_size()
     dense_q, dense_k = _dense(8, 12, True, seed=1), _dense(8, 4 * world, True, seed=2)
     x = _data(world, 8, 12, seed=3)[0].transpose(0, 1).contiguous()  # batch-first [b, s, k]
-    c = torch.randn(x.shape, generator=torch.Generator().manual_seed(4), dtype=f64)
+    g = torch.Generator().manual_seed(4)
+    c, mem = torch.randn(x.shape, generator=g, dtype=f64), torch.randn(2, 5, 8, generator=g, dtype=f64)
 
-    def loss(q, k, x_full, scale):
-        return (q(x_full).square().sum() + k(x_full).sin().sum() + (k(x_full.mul(2)) * 3).sum()
+    def loss(q, k, x_full, mem, scale):
+        return (q(x_full).square().sum() + k(x_full).sin().sum() + (q(x_full) * 3).sum() + k(mem).cos().sum()
                 + (x_full * c).sum() * scale)
 
-    x_d = x.clone().requires_grad_()
-    loss(dense_q, dense_k, x_d, world * (world + 1) / 2).backward()
+    x_d, mem_d = x.clone().requires_grad_(), mem.clone().requires_grad_()
+    loss(dense_q, dense_k, x_d, mem_d, world * (world + 1) / 2).backward()
     q, k = (ColumnParallelLinear.from_dense(d, sequence_parallel=True, sequence_dim=1) for d in (dense_q, dense_k))
     shared = SharedInputColumns([q, k]).attach()
-    shared.gathers_before_call = True
     rows = slice(rank * x.shape[1] // world, (rank + 1) * x.shape[1] // world)
-    x_shard = x[:, rows].clone().requires_grad_()  # batch-first: the sequence is dim 1
+    x_shard, mem_r = x[:, rows].clone().requires_grad_(), mem.clone().requires_grad_()
     x_full = shared.gather(x_shard)
+    q._is_gathered_input = k._is_gathered_input = lambda t: t is x_full
     torch.testing.assert_close(x_full, x, **TOL)
     with tpext.comm_stats() as stats:
-        y = mappings.reduce_from_tp(loss(q, k, x_full, rank + 1))  # the ranks' partial losses, summed
+        y = mappings.reduce_from_tp(loss(q, k, x_full, mem_r, rank + 1))  # the ranks' partial losses, summed
         y.backward()
     assert stats.by_kind("forward") == {"all_reduce": 1}, stats.by_kind("forward")  # the gather ran before
-    torch.testing.assert_close(y, loss(dense_q, dense_k, x, world * (world + 1) / 2), **TOL)
+    torch.testing.assert_close(y, loss(dense_q, dense_k, x, mem, world * (world + 1) / 2), **TOL)
     torch.testing.assert_close(x_shard.grad, x_d.grad[:, rows], **TOL)
+    torch.testing.assert_close(mem_r.grad, mem_d.grad, **TOL)
     for layer, dense in ((q, dense_q), (k, dense_k)):
         start, size = shard_range(dense.out_features, world, rank)
         torch.testing.assert_close(layer.weight.grad, dense.weight.grad[start:start + size], **TOL)

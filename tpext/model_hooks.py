@@ -12,6 +12,7 @@ loss on the vocabulary-sharded logits of a vocab-parallel lm_head.
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Optional
 
 import torch.nn.functional as F
@@ -53,22 +54,37 @@ class _SplitSequence:
 
 
 class _GatherSequence:
-    """Forward pre-hook of an attention module under SP: its column projections all-gather the sequence
-    shard overlapped with their one GEMM (SharedInputColumns.gather), and the module is called with the
-    full sequence, so attention code that takes the sequence length from its input (Hugging Face's does)
-    sees the dense shapes. o_proj reduce-scatters the output back to a shard."""
+    """Forward pre-hook of an attention module under SP: the module is called with the full sequence, so
+    attention code that takes the sequence length from its input (Hugging Face's does) sees the dense
+    shapes; o_proj reduce-scatters its output back to a shard. With q/k/v in one SharedInputColumns (or
+    one packed qkv_proj) the gather is overlapped with their one GEMM (SharedInputColumns.gather);
+    otherwise a plain all-gather, and each projection multiplies the gathered sequence locally."""
 
-    def __init__(self, shared: SharedInputColumns):
-        shared.gathers_before_call = True
-        self.shared = shared
+    def __init__(self, columns: list[ColumnParallelLinear], shared: Optional[SharedInputColumns], name: str):
+        self.shared, self.name = shared, name
+        self.group, self.sequence_dim = columns[0].group, columns[0].sequence_dim
+        self._gathered: Optional[weakref.ref] = None
+        for layer in columns:
+            layer._is_gathered_input = self.is_gathered
+
+    def is_gathered(self, x: Tensor) -> bool:
+        """Whether x is the sequence this hook gathered last (a projection called with another tensor, such
+        as cross-attention's memory, treats it as a replicated input of its own)."""
+        return self._gathered is not None and self._gathered() is x
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple:
         x, call_with = _hidden_states(module, args, kwargs)
-        return call_with(self.shared.gather(x))
+        if self.shared is not None:
+            x_full = self.shared.gather(x)
+        else:
+            with stats.module_scope(stats.current_module() or self.name):
+                x_full = mappings.gather_from_sequence(x, self.group, dim=self.sequence_dim)
+        self._gathered = weakref.ref(x_full)
+        return call_with(x_full)
 
 
 def add_sequence_hooks(model: nn.Module, split_at: str, attention: list[str], converted: dict[str, nn.Module],
-                        group, sequence_dim: int) -> None:
+                       group, sequence_dim: int) -> None:
     split = _SplitSequence(group, sequence_dim, split_at)
     model.get_submodule(split_at).register_forward_pre_hook(split, with_kwargs=True)
     for name in attention:
@@ -78,9 +94,12 @@ def add_sequence_hooks(model: nn.Module, split_at: str, attention: list[str], co
         if not columns:
             continue
         shared = columns[0]._siblings
-        if shared is None or shared.layers != columns:
+        if len(columns) == 1 and shared is None:  # a packed qkv_proj: its own gather + GEMM
             shared = SharedInputColumns(columns).attach()
-        model.get_submodule(name).register_forward_pre_hook(_GatherSequence(shared), with_kwargs=True)
+        elif shared is not None and shared.layers != columns:
+            shared = None
+        hook = _GatherSequence(columns, shared, f"{name}.gather" if name else "gather")
+        model.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=True)
 
 
 class _VocabParallelCausalLMLoss:
@@ -108,12 +127,17 @@ class _VocabParallelCausalLMLoss:
         return loss
 
 
+# Hugging Face's loss types whose loss is the shifted causal-LM cross entropy (its LOSS_MAPPING).
+_CAUSAL_LOSS_TYPES = ("ForCausalLM", "ForConditionalGeneration")
+
+
 def add_causal_lm_loss(model: nn.Module, converted: dict[str, nn.Module]) -> None:
     """A model that computes its loss from labels through a settable `loss_function` (Hugging Face's
     PreTrainedModel) gets one that understands the vocabulary-sharded logits of its lm_head; its own would
     read [*, V/R] logits as [*, V] and be wrong."""
     head = next((converted[n] for n in ("lm_head", "output") if n in converted), None)
     prop = getattr(type(model), "loss_function", None)
-    if (isinstance(head, ColumnParallelLinear) and not head.gather_output and head.tp_size > 1
+    causal = getattr(model, "loss_type", None) in _CAUSAL_LOSS_TYPES  # not a masked-LM or other head's loss
+    if (isinstance(head, ColumnParallelLinear) and not head.gather_output and head.tp_size > 1 and causal
             and isinstance(prop, property) and prop.fset is not None):
         model.loss_function = _VocabParallelCausalLMLoss(head)

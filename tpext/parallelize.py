@@ -27,7 +27,9 @@ column-parallel input, activations are sequence shards; for batch-first [b, s, h
 dim is 1 (`sequence_dim`), and s must be divisible by the tensor-parallel size. The sequence is split
 at the input of the first decoder layer and each attention module is called with the full sequence,
 gathered by its q/k/v projections (tpext.model_hooks), so model code that takes shapes from its
-activations (Hugging Face's) sees the dense ones.
+activations (Hugging Face's) sees the dense ones. Modules registered before the first decoder layer
+are taken to run before it, on the whole sequence (not sequence-parallel); the model's outputs before
+its lm_head (hidden states) are sequence shards.
 """
 
 from __future__ import annotations
@@ -262,7 +264,8 @@ def parallelize(model: nn.Module, group: GroupLike = None, plan: Union[str, Plan
     meta-device model stays on meta, for tpext.load_checkpoint to fill). State-dict names are unchanged.
     sequence_dim: the sequence dim of the activations under SP (1 for batch-first [b, s, h]).
     share_inputs: run q/k/v_proj (and gate/up_proj) as one GEMM on one gathered input
-    (tpext.nn.SharedInputColumns); False keeps one collective per projection.
+    (tpext.nn.SharedInputColumns); False keeps one GEMM, and one collective, per projection (under SP
+    an attention module's input is still gathered once, by a plain all-gather before the projections).
     """
     pg = resolve_group(group)
     already = [n for n, m in model.named_modules() if isinstance(m, _TPEXT_MODULES)]
@@ -350,6 +353,7 @@ def _share_inputs(model: nn.Module, converted: dict[str, nn.Module]) -> None:
     for name, module in model.named_modules():
         for group in _SIBLINGS:
             layers = [getattr(module, leaf, None) for leaf in group]
-            if all(isinstance(m, ColumnParallelLinear) and m in converted.values() for m in layers):
+            if (all(isinstance(m, ColumnParallelLinear) and m in converted.values() for m in layers)
+                    and SharedInputColumns.can_share(layers)):  # e.g. q with a bias and k without cannot
                 SharedInputColumns(layers).attach()
 

@@ -10,7 +10,7 @@ the row layer, both overlapped with their GEMM. Uneven feature counts follow sha
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -146,7 +146,8 @@ class ColumnParallelLinear(_ParallelLinear):
     sequence_parallel=False: x is [*, in], replicated; the output is [*, out/R] (this rank's features),
     or [*, out] with gather_output=True. Backward all-reduces grad_x, overlapped with its GEMM.
     sequence_parallel=True: x is this rank's sequence shard [s/R, *, in]; the forward all-gathers the
-    sequence overlapped with the GEMM and returns [s, *, out/R]; backward reduce-scatters grad_x. The
+    sequence overlapped with the GEMM and returns [s, *, out/R]; backward reduce-scatters grad_x (in an
+    attention module converted by tpext.parallelize, a hook has gathered the sequence before the call). The
     gathered input is not kept for the weight gradient but gathered again in backward (activation memory
     1/R of it, as Megatron and TransformerEngine do); keep_gathered_input=True keeps it instead, trading
     R times the memory for one all-gather less per backward.
@@ -182,17 +183,21 @@ class ColumnParallelLinear(_ParallelLinear):
 
     # Set by SharedInputColumns.attach when this layer shares its input with siblings (q/k/v, gate/up).
     _siblings: Optional["SharedInputColumns"] = None
+    # Set by tpext.parallelize under SP on an attention module's projections, whose input a forward pre-hook
+    # all-gathers (tpext.model_hooks): tells whether a tensor is the full sequence that hook returned.
+    _is_gathered_input: Optional[Callable[[Tensor], bool]] = None
 
     def _column(self, x: Tensor, ws: tuple[Tensor, ...], b: Optional[Tensor]) -> Tensor:
         """The column-parallel product of x with the local weight cat(ws) and bias b (this layer's, or
         those of a SharedInputColumns group)."""
-        if self.sequence_parallel and self._siblings is not None and self._siblings.gathers_before_call:
-            # x is the full sequence that SharedInputColumns.gather returned (a call it did not cache): its
-            # gradient, partial on each rank, is reduce-scattered by the gather's backward.
+        hooked = self._is_gathered_input
+        if self.sequence_parallel and hooked is not None and hooked(x):
+            # The full sequence the attention's hook gathered (in a call SharedInputColumns did not answer):
+            # the gradient, partial on each rank, is summed by the gather's backward.
             y = F.linear(x, ws[0] if len(ws) == 1 else torch.cat(ws), b)
-        elif self.sequence_parallel:  # x is a sequence shard: any length gathers to R times it
+        elif self.sequence_parallel and hooked is None:  # x is a sequence shard: any length gathers to R times it
             y, _ = self._column_sp(x, ws, b)
-        else:
+        else:  # a replicated input: without SP, or another input of a hooked projection (cross-attention memory)
             rows = x.numel() // max(x.shape[-1], 1)
             y = ColumnLinear.apply(x, b, self.group, self._schedule(rows), *ws)
         if self.gather_output:
@@ -221,23 +226,21 @@ class SharedInputColumns:
     afresh.
     """
 
-    #: True when gather() runs before the layers are called (an attention module's q/k/v under SP, see
-    #: tpext.parallelize): their input is then the full sequence, never a shard.
-    gathers_before_call = False
-
     def __init__(self, layers: Sequence[ColumnParallelLinear]):
-        first = layers[0]
-        for layer in layers:
-            same = (layer.in_features == first.in_features and layer.group is first.group
-                    and layer.sequence_parallel == first.sequence_parallel
-                    and layer.sequence_dim == first.sequence_dim and (layer.bias is None) == (first.bias is None))
-            if not same or layer.gather_output:
-                raise ValueError("tpext.SharedInputColumns: the layers must share in_features, group, sequence "
-                                 "parallelism and bias presence, without gather_output")
+        if not self.can_share(layers):
+            raise ValueError("tpext.SharedInputColumns: the layers must share in_features, group, sequence "
+                             "parallelism and bias presence, without gather_output")
         self.layers = list(layers)
         self._x: Optional[Tensor] = None
         self._outputs: dict[int, Tensor] = {}
         self._state: tuple = ()
+
+    @staticmethod
+    def can_share(layers: Sequence[ColumnParallelLinear]) -> bool:
+        first = layers[0]
+        return all(layer.in_features == first.in_features and layer.group is first.group
+                   and layer.sequence_parallel == first.sequence_parallel and layer.sequence_dim == first.sequence_dim
+                   and (layer.bias is None) == (first.bias is None) and not layer.gather_output for layer in layers)
 
     def _state_of(self, x: Tensor) -> tuple:
         """What the cached outputs depend on besides the identity of x."""
@@ -261,10 +264,9 @@ class SharedInputColumns:
     def gather(self, x_shard: Tensor) -> Tensor:
         """Under SP: all-gather x_shard overlapped with the one GEMM of every layer, keep each layer's output
         for its call with the gathered input, and return that input, the full sequence, for code that takes
-        shapes from it (Hugging Face attention does). Whoever calls it sets gathers_before_call, and the
-        layers then treat any input as the full sequence. Gradients that each rank sends into the returned
-        tensor, from the layers or from other code, are partial: they are summed over the ranks
-        (reduce-scatter) into x_shard's, the dual of the gather."""
+        shapes from it (Hugging Face attention does; tpext.model_hooks). Gradients that each rank sends into
+        the returned tensor, from the layers or from other code, are partial: they are summed over the
+        ranks (reduce-scatter) into x_shard's, the dual of the gather."""
         first = self.layers[0]
         if first.tp_size == 1 or not first.sequence_parallel:
             return x_shard
