@@ -34,8 +34,6 @@ CASES = [("llama", 4, False, "sdpa", False), ("llama", 4, True, "sdpa", False), 
 
 
 def _model(arch: str, kv: int, attn: str):
-    import transformers
-
     config_cls, model_cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
                              "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
                              "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),

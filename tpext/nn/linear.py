@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from tpext import mappings, p2p, stats
 from tpext.distributed import GroupLike, resolve_group
-from tpext.nn._linear_functions import ColumnLinear, ColumnLinearSP, RowLinear, RowLinearSP
+from tpext.nn._linear_functions import ColumnLinear, ColumnLinearSP, RowLinear, RowLinearSP, _cat
 from tpext.p2p_functions import RowLinearP2P
 from tpext.planner import AlgorithmLike, Schedule, resolve_chunks, resolve_schedule
 from tpext.sharding import Piece, ShardLayout, piece_segments, set_layout
@@ -194,7 +194,7 @@ class ColumnParallelLinear(_ParallelLinear):
         if self.sequence_parallel and hooked is not None and hooked(x):
             # The full sequence the attention's hook gathered (in a call SharedInputColumns did not answer):
             # the gradient, partial on each rank, is summed by the gather's backward.
-            y = F.linear(x, ws[0] if len(ws) == 1 else torch.cat(ws), b)
+            y = F.linear(x, _cat(ws), b)
         elif self.sequence_parallel and hooked is None:  # x is a sequence shard: any length gathers to R times it
             y, _ = self._column_sp(x, ws, b)
         else:  # a replicated input: without SP, or another input of a hooked projection (cross-attention memory)
