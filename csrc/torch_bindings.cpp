@@ -6,6 +6,7 @@
 // schedule::Algorithm value (tpext.planner.Algorithm): 0 sequential (chunks must be 1), 1 chunked
 // pipeline, 2 chunked pipeline with the chunk GEMMs on two CUDA streams (1 on CPU); the default 1
 // with chunks = 1 is the sequential schedule. Any plan gives the same result up to rounding.
+#include <ATen/autocast_mode.h>
 #include <torch/extension.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
@@ -77,6 +78,35 @@ TORCH_LIBRARY_IMPL(tpext, Autograd, m) {
   m.impl("gemm_reduce_scatter", torch::autograd::autogradNotImplementedFallback());
   m.impl("all_gather_gemm", torch::autograd::autogradNotImplementedFallback());
 }
+
+namespace {
+
+// Under torch.autocast the GEMM ops follow aten::linear's policy: their floating-point tensors are cast to
+// the device's autocast dtype (weights through autocast's cache, as nn.Linear's are) and the op runs again
+// below autocast, so torch.ops.tpext.* mix with autocast code exactly as the layers they replace do.
+template <c10::DeviceType kDevice>
+void autocast_lower_precision(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  const auto dtype = at::autocast::get_lower_precision_fp_from_device_type(kDevice);
+  const size_t n = op.schema().arguments().size();
+  for (size_t i = stack->size() - n; i < stack->size(); ++i) {
+    auto& arg = (*stack)[i];
+    if (arg.isTensor()) arg = at::autocast::cached_cast(dtype, arg.toTensor(), kDevice);
+  }
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(at::autocast::get_autocast_dispatch_key_from_device_type(kDevice));
+  op.callBoxed(stack);
+}
+
+template <c10::DeviceType kDevice>
+void register_autocast(torch::Library& m) {
+  for (const char* name : {"gemm_all_reduce", "gemm_reduce_scatter", "all_gather_gemm"}) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&autocast_lower_precision<kDevice>>());
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tpext, AutocastCPU, m) { register_autocast<c10::DeviceType::CPU>(m); }
+TORCH_LIBRARY_IMPL(tpext, AutocastCUDA, m) { register_autocast<c10::DeviceType::CUDA>(m); }
 
 // The same host code drives CUDA tensors: in a CUDA build the collectives run on tpext's own NCCL
 // communicator and streams (comm/nccl.h) and the epilogue is the kernel in csrc/kernels; a CPU build

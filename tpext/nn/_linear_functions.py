@@ -12,7 +12,7 @@ from torch import Tensor
 
 from tpext import mappings, ops, stats
 
-__all__ = ["ColumnLinear", "ColumnLinearSP", "RowLinear", "RowLinearSP"]
+__all__ = ["ColumnLinear", "ColumnLinearSP", "RowLinear", "RowLinearSP", "autocast_inputs"]
 
 
 def _wgrad(grad_y: Tensor, x: Tensor) -> Tensor:
@@ -22,6 +22,18 @@ def _wgrad(grad_y: Tensor, x: Tensor) -> Tensor:
 
 def _bgrad(grad_y: Tensor, has_bias: bool) -> Tensor | None:
     return grad_y.reshape(-1, grad_y.shape[-1]).sum(0) if has_bias else None
+
+
+def autocast_inputs(x: Tensor, *tensors: Tensor | None) -> tuple:
+    """(x, *tensors) in the dtype nn.Linear computes in: under torch.autocast for x's device, each
+    floating-point tensor (fp64 excepted, as autocast does) cast to the autocast dtype, by a differentiable
+    cast, so the Functions below see one dtype and the gradients reach fp32 parameters in fp32."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return (x, *tensors)
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in (x, *tensors))
 
 
 def _cat(ws: tuple[Tensor, ...]) -> Tensor:

@@ -61,6 +61,7 @@ def vocab_parallel_cross_entropy(logits_shard: Tensor, target: Tensor, *, group:
     logits_shard: [*, V_r], this rank's slice of the vocabulary (the layout of a column-parallel lm_head
     or of VocabParallelEmbedding: shard_sizes(V, R)); target: [*] with ids in [0, V) or ignore_index.
     reduction: "mean" (over non-ignored tokens), "sum" or "none" (ignored tokens give 0).
+    The loss has the logits' dtype, or fp32 under torch.autocast, as F.cross_entropy's has.
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"tpext.vocab_parallel_cross_entropy: reduction must be 'mean', 'sum' or 'none', "
@@ -71,6 +72,8 @@ def vocab_parallel_cross_entropy(logits_shard: Tensor, target: Tensor, *, group:
     if logits_shard.shape[:-1] != target.shape:
         raise ValueError(f"tpext.vocab_parallel_cross_entropy: target must be logits_shard.shape[:-1] = "
                          f"{tuple(logits_shard.shape[:-1])}, got {tuple(target.shape)}")
+    if torch.is_autocast_enabled(logits_shard.device.type) and logits_shard.dtype in (torch.float16, torch.bfloat16):
+        logits_shard = logits_shard.float()  # autocast runs cross entropy in fp32: the loss comes back in fp32
     pg = resolve_group(group)
     world, rank = pg.size(), pg.rank()
     # The full vocabulary size and this rank's offset, from every rank's shard width.
@@ -100,7 +103,15 @@ def all_reduce_residual_rmsnorm(x: Tensor, residual: Tensor | None, weight: Tens
     [*, H] or None; weight, bias: [H], replicated. Differentiable (RMSNorm backward included). Small
     CUDA messages on a group where tpext.p2p.enable succeeded use the fused P2P kernel; otherwise the
     group's all-reduce (NCCL/gloo) followed by the same arithmetic (tpext.p2p decides, by size).
+    The tensors share one dtype; under torch.autocast they are promoted to the widest of theirs, as
+    autocast promotes x + residual (a bf16 partial sum into an fp32 residual stream runs in fp32).
     """
+    if torch.is_autocast_enabled(x.device.type):
+        tensors = (x, residual, weight, bias)
+        dtype = x.dtype
+        for t in tensors[1:]:
+            dtype = torch.promote_types(dtype, t.dtype) if t is not None else dtype
+        x, residual, weight, bias = (t.to(dtype) if t is not None else None for t in tensors)
     pg = resolve_group(group)
     algorithm = p2p.algorithm_for(x, pg)
     return AllReduceResidualRMSNorm.apply(x, residual, weight, bias, eps, pg,

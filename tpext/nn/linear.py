@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from tpext import mappings, p2p, stats
 from tpext.distributed import GroupLike, resolve_group
-from tpext.nn._linear_functions import ColumnLinear, ColumnLinearSP, RowLinear, RowLinearSP, _cat
+from tpext.nn._linear_functions import ColumnLinear, ColumnLinearSP, RowLinear, RowLinearSP, _cat, autocast_inputs
 from tpext.p2p_functions import RowLinearP2P
 from tpext.planner import AlgorithmLike, Schedule, resolve_chunks, resolve_schedule
 from tpext.sharding import Piece, ShardLayout, piece_segments, set_layout
@@ -124,13 +124,13 @@ class _ParallelLinear(nn.Module):
                              f"(dim {self.sequence_dim}) divisible by the tensor-parallel size {self.tp_size}, "
                              f"got {rows} (input shape {tuple(x.shape)})")
 
-    def _schedule(self, rows: int) -> Schedule:
-        """The (chunks, algorithm) schedule the ops get for `rows` rows of GEMM output."""
+    def _schedule(self, rows: int, x: Tensor) -> Schedule:
+        """The (chunks, algorithm) schedule the ops get for `rows` rows of GEMM output from input x."""
         # What the collectives move per row: the input features of a column layer (its dgrad, and the
         # gathered input under SP), the output features of a row layer.
         features = self.in_features if isinstance(self, ColumnParallelLinear) else self.out_features
-        return resolve_schedule(self.chunks, self.algorithm, rows, self.tp_size, self.weight.device.type,
-                                features * self.weight.element_size())
+        return resolve_schedule(self.chunks, self.algorithm, rows, self.tp_size, x.device.type,
+                                features * x.element_size())
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -191,24 +191,28 @@ class ColumnParallelLinear(_ParallelLinear):
         """The column-parallel product of x with the local weight cat(ws) and bias b (this layer's, or
         those of a SharedInputColumns group)."""
         hooked = self._is_gathered_input
-        if self.sequence_parallel and hooked is not None and hooked(x):
-            # The full sequence the attention's hook gathered (in a call SharedInputColumns did not answer):
-            # the gradient, partial on each rank, is summed by the gather's backward.
-            y = F.linear(x, _cat(ws), b)
-        elif self.sequence_parallel and hooked is None:  # x is a sequence shard: any length gathers to R times it
+        if self.sequence_parallel and hooked is None:  # x is a sequence shard: any length gathers to R times it
             y, _ = self._column_sp(x, ws, b)
-        else:  # a replicated input: without SP, or another input of a hooked projection (cross-attention memory)
-            rows = x.numel() // max(x.shape[-1], 1)
-            y = ColumnLinear.apply(x, b, self.group, self._schedule(rows), *ws)
+        else:
+            gathered = self.sequence_parallel and hooked(x)
+            x, b, *ws = autocast_inputs(x, b, *ws)
+            if gathered:
+                # The full sequence the attention's hook gathered (in a call SharedInputColumns did not
+                # answer): the gradient, partial on each rank, is summed by the gather's backward.
+                y = F.linear(x, _cat(tuple(ws)), b)
+            else:  # a replicated input: without SP, or another input of a hooked projection (cross-attention)
+                rows = x.numel() // max(x.shape[-1], 1)
+                y = ColumnLinear.apply(x, b, self.group, self._schedule(rows, x), *ws)
         if self.gather_output:
             y = mappings.gather_from_tp(y, self.out_features, self.group)
         return y
 
     def _column_sp(self, x_shard: Tensor, ws: tuple[Tensor, ...], b: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         """(y, x_full): the sequence-parallel product and the gathered input, both in x_shard's layout."""
-        x_shard = self._sequence_first(x_shard)
+        x_shard, b, *ws = autocast_inputs(self._sequence_first(x_shard), b, *ws)
         rows = x_shard.numel() // max(x_shard.shape[-1], 1) * self.tp_size
-        y, x_full = ColumnLinearSP.apply(x_shard, b, self.group, self._schedule(rows), self.keep_gathered_input, *ws)
+        schedule = self._schedule(rows, x_shard)
+        y, x_full = ColumnLinearSP.apply(x_shard, b, self.group, schedule, self.keep_gathered_input, *ws)
         if self.sequence_dim:
             y, x_full = y.movedim(0, self.sequence_dim), x_full.movedim(0, self.sequence_dim)
         return y, x_full
@@ -337,13 +341,14 @@ class RowParallelLinear(_ParallelLinear):
             if self.tp_size == 1:
                 return F.linear(x, self.weight, self.bias)
             rows = x.numel() // max(x.shape[-1], 1)
+            x, w, b = autocast_inputs(x, self.weight, self.bias)
             if self.sequence_parallel:
                 x = self._sequence_first(x)
                 self._check_sequence(x, x.shape[0])
-                y = RowLinearSP.apply(x, self.weight, self.bias, self.group, self._schedule(rows))
+                y = RowLinearSP.apply(x, w, b, self.group, self._schedule(rows, x))
                 return y.movedim(0, self.sequence_dim) if self.sequence_dim else y
             # Small messages (decode): the P2P all-reduce instead of the overlapped NCCL one (tpext.p2p).
             algorithm = p2p.algorithm_for(x, self.group, nbytes=rows * self.out_features * x.element_size())
             if algorithm is not None:
-                return RowLinearP2P.apply(x, self.weight, self.bias, self.group, algorithm)
-            return RowLinear.apply(x, self.weight, self.bias, self.group, self._schedule(rows))
+                return RowLinearP2P.apply(x, w, b, self.group, algorithm)
+            return RowLinear.apply(x, w, b, self.group, self._schedule(rows, x))
