@@ -232,3 +232,35 @@ def test_edge_cases():
         assert out["untouched"], rank
         assert out["full_logits_err"] < 1e-12, (rank, out)
         assert out["stale_err"] < 1e-12 and not out["no_grad_output_requires_grad"], (rank, out)
+
+
+def _deepcopy() -> None:
+    """copy.deepcopy of a parallelized model (an EMA or reference copy): the copy shares the process group,
+    owns its parameters, and its hooks and shared-input groups use its own layers."""
+    world = dist.get_world_size()
+    torch.manual_seed(0)
+    dense = LlamaForCausalLM(LlamaConfig(**SMALL, num_key_value_heads=4), dtype=f64)
+    model = tpext.parallelize(copy.deepcopy(dense), sequence_parallel=True)
+    ids = torch.randint(0, 100, (2, 4 * world), generator=torch.Generator().manual_seed(1))
+    twin = copy.deepcopy(model)
+    q, q_orig = twin.model.layers[0].self_attn.q_proj, model.model.layers[0].self_attn.q_proj
+    assert q.group is q_orig.group and q.weight is not q_orig.weight
+    assert q._siblings.layers[0] is q and q_orig._siblings.layers[0] is q_orig
+    with torch.no_grad():  # the twin drifts away; the original and its dense model must not
+        for p in twin.parameters():
+            p.mul_(0.5)
+        for p in dense.parameters():
+            p.mul_(0.5)
+    logits = twin(ids)
+    twin.loss(logits, ids).backward()
+    ref = dense(ids)
+    dense.loss(ref, ids).backward()
+    torch.testing.assert_close(mappings.gather_from_tp(logits, SMALL["vocab_size"]), ref, **TOL[f64])
+    for e in layouts(twin):
+        torch.testing.assert_close(e.tensor.grad, e.layout.local_from_dense(dense.get_parameter(e.names[0]).grad),
+                                   **TOL[f64], msg=lambda m: f"grad {e.names}: {m}")
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_deepcopy():
+    run_ranks(_deepcopy, 2)

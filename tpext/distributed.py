@@ -6,6 +6,7 @@ default (world) group. Groups cross into C++ by their registered name, never as 
 
 from __future__ import annotations
 
+import copy
 from typing import Union
 
 import torch.distributed as dist
@@ -40,6 +41,25 @@ def resolve_group(group: GroupLike = None) -> dist.ProcessGroup:
         f"tpext: group must be a torch.distributed.ProcessGroup, a 1-D DeviceMesh or None, "
         f"got {type(group).__name__}"
     )
+
+
+class SharesGroupOnCopy:
+    """Mixin of the objects that hold a process group as `self.group` (modules, hooks): copy.deepcopy
+    shares the group instead of copying it (a ProcessGroup cannot be copied, and a copy of a
+    tensor-parallel module runs on the same ranks); everything else is copied as deepcopy would."""
+
+    def __deepcopy__(self, memo: dict):
+        group = self.__dict__.get("group")
+        if group is not None:
+            memo.setdefault(id(group), group)
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        state = copy.deepcopy(self.__dict__, memo)
+        if hasattr(new, "__setstate__"):  # nn.Module restores its defaults there
+            new.__setstate__(state)
+        else:
+            new.__dict__.update(state)
+        return new
 
 
 def group_name(group: GroupLike = None) -> str:

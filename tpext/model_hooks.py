@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tpext import mappings, stats
+from tpext.distributed import SharesGroupOnCopy
 from tpext.nn import ColumnParallelLinear, SharedInputColumns
 from tpext.nn.functional import vocab_parallel_cross_entropy
 
@@ -36,7 +37,7 @@ def _hidden_states(module: nn.Module, args: tuple, kwargs: dict) -> tuple[Tensor
                     "its activations as the first positional argument or as hidden_states=")
 
 
-class _SplitSequence:
+class _SplitSequence(SharesGroupOnCopy):
     """Forward pre-hook of the first decoder layer under SP: from here on activations are this rank's
     sequence shard (the dual of the split, an all-gather, runs in backward)."""
 
@@ -53,7 +54,7 @@ class _SplitSequence:
             return call_with(mappings.scatter_to_sequence(x, self.group, dim=dim))
 
 
-class _GatherSequence:
+class _GatherSequence(SharesGroupOnCopy):
     """Forward pre-hook of an attention module under SP: the module is called with the full sequence, so
     attention code that takes the sequence length from its input (Hugging Face's does) sees the dense
     shapes; o_proj reduce-scatters its output back to a shard. With q/k/v in one SharedInputColumns (or

@@ -9,13 +9,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tpext import mappings, stats
-from tpext.distributed import GroupLike, resolve_group, shard_range
+from tpext.distributed import GroupLike, SharesGroupOnCopy, resolve_group, shard_range
 from tpext.sharding import ShardLayout, set_layout
 
 __all__ = ["VocabParallelEmbedding"]
 
 
-class VocabParallelEmbedding(nn.Module):
+class VocabParallelEmbedding(SharesGroupOnCopy, nn.Module):
     """nn.Embedding with the vocabulary split over the group (ceil or floor of V/R rows per rank).
 
     Each rank looks up the ids that fall in its slice (others give zeros), then the partial embeddings

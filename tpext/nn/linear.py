@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tpext import mappings, p2p, stats
-from tpext.distributed import GroupLike, resolve_group
+from tpext.distributed import GroupLike, SharesGroupOnCopy, resolve_group
 from tpext.nn._linear_functions import ColumnLinear, ColumnLinearSP, RowLinear, RowLinearSP, _cat, autocast_inputs
 from tpext.p2p_functions import RowLinearP2P
 from tpext.planner import AlgorithmLike, Schedule, resolve_chunks, resolve_schedule
@@ -28,7 +28,7 @@ __all__ = ["ColumnParallelLinear", "RowParallelLinear", "SharedInputColumns"]
 Chunks = Union[int, str]
 
 
-class _ParallelLinear(nn.Module):
+class _ParallelLinear(SharesGroupOnCopy, nn.Module):
     """What both layers share: the group, the local weight/bias, init, and the input checks."""
 
     #: Schedule of the overlapped ops (tpext.planner.Algorithm or "auto"); set on an instance to override

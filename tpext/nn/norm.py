@@ -15,14 +15,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tpext import mappings, stats
-from tpext.distributed import GroupLike, resolve_group
+from tpext.distributed import GroupLike, SharesGroupOnCopy, resolve_group
 
 __all__ = ["SequenceParallelLayerNorm", "SequenceParallelRMSNorm"]
 
 Shape = Union[int, Sequence[int]]
 
 
-class _SPNorm(nn.Module):
+class _SPNorm(SharesGroupOnCopy, nn.Module):
     def __init__(self, normalized_shape: Shape, eps: float, bias: bool, group: GroupLike, sequence_parallel: bool,
                  device, dtype):
         super().__init__()
