@@ -129,3 +129,36 @@ def _check_direct_call_with_grad() -> None:
 
 def test_direct_call_with_grad_inputs_runs_and_names_the_missing_backward():
     run_ranks(_check_direct_call_with_grad, 2)
+
+
+def _check_ranks_disagree() -> None:
+    """Arguments that differ between ranks would hang or abort inside the collective; under torch's
+    TORCH_DISTRIBUTED_DEBUG=DETAIL the ops compare them first and every rank raises the same error."""
+    rank, world = tdist.get_rank(), tdist.get_world_size()
+    last = world - 1
+    cases = [  # (op, args, kwargs on this rank, the difference the message names)
+        ("all_gather_gemm", (_t(2 + (rank == last), 8), _t(6, 8)), dict(chunks=2),
+         rf"rows \(leading dims of x flattened\) = 3 on rank {last} but 2 on rank 0"),
+        ("gemm_all_reduce", (_t(4, 8), _t(6, 8)), dict(chunks=1 + (rank == last)),
+         rf"chunks = 2 on rank {last} but 1 on rank 0"),
+        ("gemm_reduce_scatter", (_t(2 * world, 8, dtype=torch.float32 if rank == last else f64),
+                                 _t(6, 8, dtype=torch.float32 if rank == last else f64)), dict(chunks=1),
+         rf"dtype = Float on rank {last} but Double on rank 0"),
+    ]
+    tdist.set_debug_level(tdist.DebugLevel.DETAIL)
+    try:
+        for name, args, kwargs, difference in cases:
+            with pytest.raises(RuntimeError, match=rf"tpext\.{name}: the ranks of group .* called it with different "
+                                                   rf"arguments \(checked because TORCH_DISTRIBUTED_DEBUG=DETAIL\):.* "
+                                                   rf"{difference}"):
+                OPS[name](*args, **kwargs)
+        # The same calls with agreeing arguments pass the check and compute.
+        y = tpext.ops.gemm_all_reduce(_t(3, 8), _t(6, 8), chunks=2)
+        assert torch.equal(y, torch.full((3, 6), 8.0 * world, dtype=f64))
+    finally:
+        tdist.set_debug_level(tdist.DebugLevel.OFF)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_that_disagree_raise_under_distributed_debug(world_size):
+    run_ranks(_check_ranks_disagree, world_size)

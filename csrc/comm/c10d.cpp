@@ -3,8 +3,13 @@
 #include "comm/nccl.h"
 #include "comm/virtual.h"
 
+#include <sstream>
+
+#include <ATen/ops/empty.h>
+#include <ATen/ops/tensor.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
+#include <torch/csrc/distributed/c10d/debug.h>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <torch/csrc/distributed/c10d/Work.hpp>
 
@@ -93,6 +98,38 @@ c10::intrusive_ptr<c10d::ProcessGroup> resolve_group(const std::string& group_na
 int64_t group_size(const std::string& group_name, const char* op) {
   if (const int64_t virtual_size = virtual_group_size(group_name); virtual_size >= 0) return virtual_size;
   return resolve_group(group_name, op)->getSize();
+}
+
+void check_ranks_agree(const std::string& group_name, const char* op, const c10::Device& device,
+                       const std::vector<std::pair<const char*, int64_t>>& fields) {
+  if (c10d::debug_level() < c10d::DebugLevel::Detail || virtual_group_size(group_name) >= 0) return;
+  auto pg = resolve_group(group_name, op);
+  const int world = pg->getSize();
+  if (world == 1) return;
+  std::vector<int64_t> mine;
+  for (const auto& field : fields) mine.push_back(field.second);
+  const auto n = static_cast<int64_t>(mine.size());
+  at::Tensor in = at::tensor(mine, at::TensorOptions().dtype(at::kLong)).to(device);
+  std::vector<at::Tensor> outs;
+  for (int r = 0; r < world; ++r) outs.push_back(at::empty({n}, in.options()));
+  C10dCommunicator(pg).all_gather(outs, in)->wait();
+  std::ostringstream differ;
+  const at::Tensor first = outs[0].cpu();
+  for (int r = 1; r < world; ++r) {
+    const at::Tensor theirs = outs[r].cpu();
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t a = first[i].item<int64_t>(), b = theirs[i].item<int64_t>();
+      if (a == b) continue;
+      const bool dtype = std::string(fields[i].first) == "dtype";
+      const auto show = [dtype](int64_t v) {
+        return dtype ? std::string(c10::toString(static_cast<at::ScalarType>(v))) : std::to_string(v);
+      };
+      differ << " " << fields[i].first << " = " << show(b) << " on rank " << r << " but " << show(a) << " on rank 0;";
+    }
+  }
+  TORCH_CHECK(differ.str().empty(), "tpext.", op, ": the ranks of group '", group_name,
+              "' called it with different arguments (checked because TORCH_DISTRIBUTED_DEBUG=DETAIL):",
+              differ.str(), " every rank must pass the same shapes, dtype and plan");
 }
 
 std::unique_ptr<Communicator> make_c10d_communicator(const std::string& group_name, const char* op) {

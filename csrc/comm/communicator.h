@@ -5,6 +5,7 @@
 
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <ATen/core/Tensor.h>
@@ -51,6 +52,14 @@ std::unique_ptr<Communicator> make_c10d_communicator(const std::string& group_na
 
 // Size of the named group (checks that depend on it run before any communicator is made).
 int64_t group_size(const std::string& group_name, const char* op);
+
+// Under TORCH_DISTRIBUTED_DEBUG=DETAIL (torch's collective-checking level), checks before an op's first
+// collective that every rank of the group calls it with the same `fields` (sizes, dtype, plan; named for
+// the error), by one all-gather over the group's c10d ProcessGroup, and raises the same error on every
+// rank if not, where a mismatch would otherwise hang or abort inside the collective. Does nothing at
+// other levels, for groups of one and for virtual groups.
+void check_ranks_agree(const std::string& group_name, const char* op, const c10::Device& device,
+                       const std::vector<std::pair<const char*, int64_t>>& fields);
 
 // The communicator an op on `device` uses: a virtual group's rank (comm/virtual.h) for such a name;
 // the local identity for a group of one (unless the group's

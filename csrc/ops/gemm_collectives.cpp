@@ -50,6 +50,17 @@ void check_gemm_args(const char* op, const char* x_name, const at::Tensor& x, co
               ": algorithm 0 (sequential) runs one chunk, so chunks must be 1, got ", chunks);
 }
 
+// Under TORCH_DISTRIBUTED_DEBUG=DETAIL: every rank calls the op with the same collective sizes (rows of
+// x, the width the collective moves), dtype and plan; see comm::check_ranks_agree.
+void check_ranks_agree(const std::string& group_name, const char* op, const at::Tensor& x, const char* width_name,
+                       int64_t width, int64_t chunks, int64_t algorithm) {
+  const int64_t rows = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+  comm::check_ranks_agree(group_name, op, x.device(),
+                          {{"rows (leading dims of x flattened)", rows}, {width_name, width},
+                           {"dtype", static_cast<int64_t>(x.scalar_type())}, {"chunks", chunks},
+                           {"algorithm", algorithm}});
+}
+
 schedule::Plan plan_of(int64_t chunks, int64_t algorithm) {
   return {static_cast<schedule::Algorithm>(algorithm), chunks};
 }
@@ -110,6 +121,7 @@ at::Tensor gemm_all_reduce(const at::Tensor& x, const at::Tensor& w, const std::
   at::Tensor y = at::empty(sizes_like(x, x.size(0), w.size(0)), x.options());
   check_residual("gemm_all_reduce", residual, y, x);
   c10::DeviceGuard guard(x.device());
+  check_ranks_agree(group_name, "gemm_all_reduce", x, "N (w.size(0))", w.size(0), chunks, algorithm);
   auto comm = comm::make_communicator(group_name, "gemm_all_reduce", x.device());
   if (y.numel() == 0) return y;
   at::Tensor y_rows = rows_of(y);  // a view: y is contiguous
@@ -134,6 +146,7 @@ at::Tensor gemm_reduce_scatter(const at::Tensor& x, const at::Tensor& w,
   at::Tensor y_shard = at::empty(sizes_like(x, x.size(0) / world, w.size(0)), x.options());
   check_residual("gemm_reduce_scatter", residual, y_shard, x);
   c10::DeviceGuard guard(x.device());
+  check_ranks_agree(group_name, "gemm_reduce_scatter", x, "N (w.size(0))", w.size(0), chunks, algorithm);
   auto comm = comm::make_communicator(group_name, "gemm_reduce_scatter", x.device());
   if (y_shard.numel() == 0) return y_shard;
   at::Tensor y_rows = rows_of(y_shard);  // a view: y_shard is contiguous
@@ -152,6 +165,8 @@ std::tuple<at::Tensor, at::Tensor> all_gather_gemm(const at::Tensor& x_shard, co
                                                    int64_t algorithm) {
   check_gemm_args("all_gather_gemm", "x_shard", x_shard, w, bias, chunks, algorithm);
   c10::DeviceGuard guard(x_shard.device());
+  check_ranks_agree(group_name, "all_gather_gemm", x_shard, "K (x_shard.size(-1))", x_shard.size(-1), chunks,
+                    algorithm);
   auto comm = comm::make_communicator(group_name, "all_gather_gemm", x_shard.device());
   const int64_t world = comm->size();
 
