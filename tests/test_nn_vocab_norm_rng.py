@@ -64,14 +64,21 @@ def _check_cross_entropy() -> None:
                 dloss = torch.randn(ref.shape, generator=g, dtype=f64)
                 (ref * dloss).sum().backward()
                 shard = logits[..., start:start + size].clone().requires_grad_()
-                loss = vocab_parallel_cross_entropy(shard, target, label_smoothing=smoothing, reduction=reduction)
-                what = f"cross entropy V={vocab} smoothing={smoothing} reduction={reduction}"
+                # V given (as a vocab-parallel lm_head knows it) or found by all-reducing the shard widths.
+                known = vocab if smoothing else None
+                loss = vocab_parallel_cross_entropy(shard, target, label_smoothing=smoothing, reduction=reduction,
+                                                    vocab_size=known)
+                what = f"cross entropy V={vocab} smoothing={smoothing} reduction={reduction} vocab_size={known}"
                 torch.testing.assert_close(loss, ref, **TOL, msg=lambda m: f"{what}: {m}")
                 (loss * dloss).sum().backward()
                 torch.testing.assert_close(shard.grad, full.grad[..., start:start + size], **TOL,
                                            msg=lambda m: f"{what}: grad: {m}")
     with pytest.raises(ValueError, match=r"target must be logits_shard.shape\[:-1\] = \(4, 5\), got \(4,\)"):
         vocab_parallel_cross_entropy(logits[..., :size], target[:, 0])
+    if world > 1:
+        with pytest.raises(ValueError, match=rf"rank {rank}'s shard of V = {vocab + world} over {world} ranks has "
+                                             rf"{size + 1} logits, got {size}"):
+            vocab_parallel_cross_entropy(logits[..., :size], target, vocab_size=vocab + world)
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3, 4])

@@ -121,7 +121,8 @@ class _VocabParallelCausalLMLoss:
             shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
         reduction = "mean" if num_items_in_batch is None else "sum"
         loss = vocab_parallel_cross_entropy(logits.float(), shift_labels.to(logits.device), group=self.lm_head.group,
-                                            ignore_index=ignore_index, reduction=reduction)
+                                            ignore_index=ignore_index, reduction=reduction,
+                                            vocab_size=self.lm_head.out_features)
         if num_items_in_batch is not None:
             loss = loss / (num_items_in_batch.to(loss.device) if isinstance(num_items_in_batch, Tensor)
                            else num_items_in_batch)

@@ -86,9 +86,14 @@ def comm_stats() -> Iterator[CommStats]:
         _active.remove(stats)
 
 
+def module_scope(name: str) -> contextlib.AbstractContextManager:
+    """Attribute the collectives issued inside the block to module `name` (nothing under torch.compile,
+    which records nothing)."""
+    return contextlib.nullcontext() if torch.compiler.is_compiling() else _set_module(name)
+
+
 @contextlib.contextmanager
-def module_scope(name: str) -> Iterator[None]:
-    """Attribute the collectives issued inside the block to module `name`."""
+def _set_module(name: str) -> Iterator[None]:
     token = _module.set(name)
     try:
         yield
@@ -97,7 +102,7 @@ def module_scope(name: str) -> Iterator[None]:
 
 
 def current_module() -> str:
-    return _module.get()
+    return "" if torch.compiler.is_compiling() else _module.get()
 
 
 def scope_for(module) -> contextlib.AbstractContextManager:

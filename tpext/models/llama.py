@@ -233,5 +233,5 @@ class LlamaForCausalLM(nn.Module):
         if getattr(lm_head, "tp_size", 1) > 1 and not getattr(lm_head, "gather_output", True):
             from tpext.nn.functional import vocab_parallel_cross_entropy
 
-            return vocab_parallel_cross_entropy(logits, target, group=lm_head.group)
+            return vocab_parallel_cross_entropy(logits, target, group=lm_head.group, vocab_size=lm_head.out_features)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))

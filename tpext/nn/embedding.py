@@ -69,7 +69,10 @@ class VocabParallelEmbedding(SharesGroupOnCopy, nn.Module):
     def _check_ids(self, ids: Tensor) -> None:
         if ids.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"tpext.VocabParallelEmbedding: ids must be int32/int64, got {ids.dtype}")
-        if ids.device.type == "cpu" and ids.numel() and (ids.min() < 0 or ids.max() >= self.num_embeddings):
+        # A host-side range check (CPU only: on CUDA it would synchronise; skipped under torch.compile,
+        # where it would be a data-dependent branch).
+        if (ids.device.type == "cpu" and ids.numel() and not torch.compiler.is_compiling()
+                and (ids.min() < 0 or ids.max() >= self.num_embeddings)):
             raise IndexError(f"tpext.VocabParallelEmbedding: ids must be in [0, {self.num_embeddings}), got "
                              f"min {ids.min().item()} max {ids.max().item()}")
 

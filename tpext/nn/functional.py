@@ -7,7 +7,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from tpext import mappings, p2p
-from tpext.distributed import GroupLike, resolve_group, shard_sizes
+from tpext.distributed import GroupLike, resolve_group, shard_range, shard_sizes
 from tpext.p2p_functions import AllReduceResidualRMSNorm
 
 __all__ = ["vocab_parallel_cross_entropy", "all_reduce_residual_rmsnorm"]
@@ -54,13 +54,16 @@ class _VocabParallelCE(torch.autograd.Function):
 
 def vocab_parallel_cross_entropy(logits_shard: Tensor, target: Tensor, *, group: GroupLike = None,
                                  ignore_index: int = -100, label_smoothing: float = 0.0,
-                                 reduction: str = "mean") -> Tensor:
+                                 reduction: str = "mean", vocab_size: int | None = None) -> Tensor:
     """Cross entropy of vocabulary-sharded logits, equal (value and gradient) to F.cross_entropy on the
     gathered logits, without ever materialising them.
 
     logits_shard: [*, V_r], this rank's slice of the vocabulary (the layout of a column-parallel lm_head
     or of VocabParallelEmbedding: shard_sizes(V, R)); target: [*] with ids in [0, V) or ignore_index.
     reduction: "mean" (over non-ignored tokens), "sum" or "none" (ignored tokens give 0).
+    vocab_size: the full V, if known (a column-parallel lm_head's out_features): this rank's shard is then
+    checked locally, where without it the shard widths are all-reduced to find V and this rank's offset
+    (one more small collective, and a data-dependent step that breaks a torch.compile graph).
     The loss has the logits' dtype, or fp32 under torch.autocast, as F.cross_entropy's has.
     """
     if reduction not in ("mean", "sum", "none"):
@@ -76,15 +79,21 @@ def vocab_parallel_cross_entropy(logits_shard: Tensor, target: Tensor, *, group:
         logits_shard = logits_shard.float()  # autocast runs cross entropy in fp32: the loss comes back in fp32
     pg = resolve_group(group)
     world, rank = pg.size(), pg.rank()
-    # The full vocabulary size and this rank's offset, from every rank's shard width.
-    widths = torch.zeros(world, dtype=torch.int64, device=logits_shard.device)  # NCCL reduces device tensors only
-    widths[rank] = logits_shard.shape[-1]
-    if world > 1:
-        mappings.all_reduce(widths, pg)
-    vocab_size, vocab_start = int(widths.sum()), int(widths[:rank].sum())
-    if widths.tolist() != shard_sizes(vocab_size, world):
-        raise ValueError(f"tpext.vocab_parallel_cross_entropy: the vocabulary shards {widths.tolist()} are not "
-                         f"the near-even split {shard_sizes(vocab_size, world)} of V = {vocab_size}")
+    if vocab_size is not None:
+        vocab_start, width = shard_range(vocab_size, world, rank)
+        if logits_shard.shape[-1] != width:
+            raise ValueError(f"tpext.vocab_parallel_cross_entropy: rank {rank}'s shard of V = {vocab_size} over "
+                             f"{world} ranks has {width} logits, got {logits_shard.shape[-1]}")
+    else:
+        # The full vocabulary size and this rank's offset, from every rank's shard width.
+        widths = torch.zeros(world, dtype=torch.int64, device=logits_shard.device)  # NCCL reduces device tensors
+        widths[rank] = logits_shard.shape[-1]
+        if world > 1:
+            mappings.all_reduce(widths, pg)
+        vocab_size, vocab_start = int(widths.sum()), int(widths[:rank].sum())
+        if widths.tolist() != shard_sizes(vocab_size, world):
+            raise ValueError(f"tpext.vocab_parallel_cross_entropy: the vocabulary shards {widths.tolist()} are "
+                             f"not the near-even split {shard_sizes(vocab_size, world)} of V = {vocab_size}")
     loss = _VocabParallelCE.apply(logits_shard, target, pg, vocab_start, vocab_size, ignore_index,
                                   label_smoothing)
     if reduction == "sum":

@@ -250,7 +250,8 @@ class SharedInputColumns:
         """What the cached outputs depend on besides the identity of x."""
         tensors = [x] + [t for layer in self.layers for t in (layer.weight, layer.bias) if t is not None]
         try:
-            versions = tuple(t._version for t in tensors)
+            # Not traced under torch.compile: there, an in-place change between the calls goes unseen.
+            versions = () if torch.compiler.is_compiling() else tuple(t._version for t in tensors)
         except RuntimeError:  # inference tensors keep no version counter (and cannot change in place)
             versions = ()
         return versions, torch.is_grad_enabled(), torch.is_autocast_enabled(x.device.type)
