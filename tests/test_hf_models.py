@@ -5,8 +5,10 @@ from the embedding output, attention reshapes by its input's sequence length, an
 as [*, V]. Under SP and with a vocab-parallel lm_head all of that must still see the dense shapes.
 Checked: logits, the labels loss and every parameter gradient, fp32, tp 2 and 4, SP on and off, kv heads
 above, equal to and below tp, a padded batch, Llama (sdpa and eager attention), Mistral, Qwen2 (q/k/v
-biases) and Qwen3 (per-head q/k norms, tied embeddings); and greedy generation with gathered logits,
-token for token.
+biases), Qwen3 (per-head q/k norms, tied embeddings), Gemma (a scaled embedding subclass, norms that
+scale by 1 + weight) and Cohere (mean-centred norms without bias, attention and MLP side by side): the
+model's own embedding and norm code runs unchanged. Also greedy generation with gathered logits, token
+for token, and heads with replicated weights (sequence classification) and base models under SP.
 """
 
 from __future__ import annotations
@@ -30,18 +32,26 @@ TOL = dict(rtol=1e-5, atol=1e-6)
 # (architecture, kv heads, sequence_parallel, attention implementation, padded batch)
 CASES = [("llama", 4, False, "sdpa", False), ("llama", 4, True, "sdpa", False), ("llama", 2, True, "eager", True),
          ("llama", 1, True, "sdpa", False), ("mistral", 2, True, "sdpa", True), ("qwen2", 2, True, "sdpa", False),
-         ("qwen3", 1, True, "eager", False), ("qwen3", 4, False, "sdpa", True)]
+         ("qwen3", 1, True, "eager", False), ("qwen3", 4, False, "sdpa", True), ("gemma", 2, True, "sdpa", True),
+         ("gemma", 4, False, "eager", False), ("cohere", 2, True, "sdpa", False)]
 
 
 def _model(arch: str, kv: int, attn: str):
     config_cls, model_cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
                              "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
                              "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-                             "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)}[arch]
-    extra = {"head_dim": 8, "tie_word_embeddings": True} if arch == "qwen3" else {}  # as the small Qwen3 models
+                             "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+                             "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
+                             "cohere": (transformers.CohereConfig, transformers.CohereForCausalLM)}[arch]
+    extra = {"head_dim": 8, "tie_word_embeddings": True} if arch in ("qwen3", "gemma") else {}  # as the small ones
     config = config_cls(**SMALL, **extra, num_key_value_heads=kv, attn_implementation=attn)
     torch.manual_seed(0)
-    return model_cls(config).float()
+    model = model_cls(config).float()
+    with torch.no_grad():  # norms away from their init (Gemma's scales by 1 + weight, from zeros)
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))))
+    return model
 
 
 def _compare(arch: str, kv: int, sp: bool, attn: str, padded: bool, share_inputs: bool = True) -> None:
@@ -125,3 +135,42 @@ def _sp_errors() -> str:
 def test_sp_sequence_not_divisible():
     message = run_ranks(_sp_errors, 4)[0]
     assert "sequence length (dim 1) divisible by the tensor-parallel size 4" in message, message
+
+
+def _heads(sp: bool) -> None:
+    """Models with no vocab-parallel lm_head after the decoder stack: a sequence-classification head (small,
+    replicated; it pools each sequence's last non-pad token) and a base model whose hidden states feed
+    user code. Under SP the stack's output is gathered back, so both see the dense sequence: logits,
+    loss, every hidden state and every gradient as the dense model's (fp64, to fp32 accuracy: Hugging
+    Face's RMSNorm computes in fp32)."""
+    world = torch.distributed.get_world_size()
+    config = transformers.LlamaConfig(**SMALL, num_key_value_heads=2, num_labels=3, pad_token_id=0)
+    ids = torch.randint(1, SMALL["vocab_size"], (2, 4 * world), generator=torch.Generator().manual_seed(1))
+    ids[1, -3:] = 0  # right padding: the head reads token -4 of the second sequence
+    for cls in (transformers.LlamaForSequenceClassification, transformers.LlamaModel):
+        torch.manual_seed(0)
+        dense = cls(config).double()
+        model = tpext.parallelize(copy.deepcopy(dense), sequence_parallel=sp)
+        what = f"{cls.__name__} tp={world} sp={sp}"
+        outs = []
+        for m in (dense, model):
+            if cls is transformers.LlamaModel:  # a pooled-embedding loss, computed alike on every rank
+                out = m(input_ids=ids, output_hidden_states=True)
+                out.loss = out.last_hidden_state.mean(1).pow(2).sum()
+            else:
+                out = m(input_ids=ids, labels=torch.tensor([0, 2]), output_hidden_states=True)
+                torch.testing.assert_close(out.logits, outs[0].logits if outs else out.logits, **TOL,
+                                           msg=lambda msg: f"{what}: logits: {msg}")
+            out.loss.backward()
+            outs.append(out)
+        torch.testing.assert_close(outs[1].loss, outs[0].loss, **TOL, msg=lambda m: f"{what}: loss: {m}")
+        for i, (h, ref) in enumerate(zip(outs[1].hidden_states, outs[0].hidden_states, strict=True)):
+            torch.testing.assert_close(h, ref, **TOL, msg=lambda m: f"{what}: hidden state {i}: {m}")
+        for e in layouts(model):
+            ref_grad = e.layout.local_from_dense(dense.get_parameter(e.names[0]).grad)
+            torch.testing.assert_close(e.tensor.grad, ref_grad, **TOL, msg=lambda m: f"{what}: grad {e.names}: {m}")
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_classification_head_and_base_model(sp):
+    run_ranks(_heads, 2, sp)

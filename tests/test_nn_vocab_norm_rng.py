@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import tpext
 from dist import run_ranks
 from tpext.distributed import shard_range
-from tpext.nn import SequenceParallelLayerNorm, SequenceParallelRMSNorm, VocabParallelEmbedding
+from tpext.nn import SequenceParallelLayerNorm, SequenceParallelRMSNorm, VocabParallelEmbedding, sum_param_grads
 from tpext.nn.functional import vocab_parallel_cross_entropy
 
 f64 = torch.float64
@@ -93,14 +93,31 @@ def _check_norms() -> dict:
     w, b = torch.randn(6, generator=g, dtype=f64), torch.randn(6, generator=g, dtype=f64)
     rows = slice(2 * rank, 2 * rank + 2)
     counts = {}
-    for name, sp_cls, ref_fn in [
-        ("layernorm", SequenceParallelLayerNorm, lambda x, w, b: F.layer_norm(x, (6,), w, b, 1e-5)),
-        ("rmsnorm", SequenceParallelRMSNorm, lambda x, w, b: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w),
+    rms = lambda x: x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)  # noqa: E731
+
+    class OnePlusWeightNorm(torch.nn.Module):  # Gemma's arithmetic, a class tpext does not know
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(6, dtype=f64))
+            self.bias = None
+
+        def forward(self, x):
+            return rms(x) * (1 + self.weight)
+
+    for name, make, ref_fn in [
+        ("layernorm", lambda: SequenceParallelLayerNorm(6, dtype=f64), lambda x, w, b: F.layer_norm(x, (6,), w, b, 1e-5)),
+        ("rmsnorm", lambda: SequenceParallelRMSNorm(6, dtype=f64), lambda x, w, b: rms(x) * w),
+        ("sum_param_grads(nn.LayerNorm)", lambda: sum_param_grads(torch.nn.LayerNorm(6, dtype=f64)),
+         lambda x, w, b: F.layer_norm(x, (6,), w, b, 1e-5)),
+        ("sum_param_grads(1 + weight)", lambda: sum_param_grads(OnePlusWeightNorm()), lambda x, w, b: rms(x) * (1 + w)),
     ]:
         w_ref, b_ref = w.clone().requires_grad_(), b.clone().requires_grad_()
         y_ref = ref_fn(x, w_ref, b_ref)
         (y_ref * dy).sum().backward()
-        norm = sp_cls(6, dtype=f64)
+        norm = make()
+        if name.startswith("sum_param_grads"):  # the module keeps its class, names and arithmetic
+            assert isinstance(norm, (torch.nn.LayerNorm, OnePlusWeightNorm)), name
+            assert list(norm.state_dict()) == (["weight", "bias"] if norm.bias is not None else ["weight"]), name
         with torch.no_grad():
             norm.weight.copy_(w)
             if norm.bias is not None:
@@ -120,7 +137,8 @@ def _check_norms() -> dict:
 @pytest.mark.parametrize("world_size", [1, 2, 4])
 def test_sequence_parallel_norms_all_reduce_their_grads(world_size):
     counts = run_ranks(_check_norms, world_size)[0]
-    assert counts == ({"layernorm": 2, "rmsnorm": 1} if world_size > 1 else {"layernorm": 0, "rmsnorm": 0})
+    want = {"layernorm": 2, "rmsnorm": 1, "sum_param_grads(nn.LayerNorm)": 2, "sum_param_grads(1 + weight)": 1}
+    assert counts == (want if world_size > 1 else {name: 0 for name in want})
 
 
 def _rng_draws() -> tuple:

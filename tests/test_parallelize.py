@@ -17,6 +17,7 @@ import tpext
 from dist import run_ranks
 from tpext import mappings
 from tpext.models import LlamaConfig, LlamaForCausalLM
+from tpext.models.llama import LlamaRMSNorm
 from tpext.sharding import layouts
 
 f64 = torch.float64
@@ -127,6 +128,33 @@ def _errors() -> list[str]:
     sp_model = tpext.parallelize(LlamaForCausalLM(LlamaConfig(**SMALL)), sequence_parallel=True)
     with pytest.raises(ValueError, match=r"sequence length \(dim 1\) divisible by the tensor-parallel size 4"):
         sp_model(torch.zeros(2, 6, dtype=torch.long))
+
+    # Subclasses whose forward does more than the plain layer's are not sharded as if they were plain.
+    class ScaledLinear(torch.nn.Linear):  # an adapter or quantized layer, say
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    class DirectEmbedding(torch.nn.Embedding):  # indexes its weight itself: no place for a vocab-parallel lookup
+        def forward(self, ids):
+            return self.weight[ids] * 2
+
+    model = LlamaForCausalLM(LlamaConfig(**SMALL))
+    model.model.layers[1].mlp.up_proj.__class__ = ScaledLinear
+    with pytest.raises(ValueError, match=r"could not place: model\.layers\.1\.mlp\.up_proj \(ScaledLinear: an "
+                                         r"nn\.Linear with a forward of its own\)"):
+        tpext.parallelize(model)
+    plan = {"*.up_proj": "colwise", "*norm": "sequence_parallel"}
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj is a ScaledLinear, an nn\.Linear subclass "
+                                         r"with a forward of its own"):
+        tpext.parallelize(model, plan=plan, sequence_parallel=True)
+    # The layer-0 norms, converted before the error, were copies: the model is as it was.
+    assert type(model.model.layers[0].post_attention_layernorm) is type(model.model.norm) is LlamaRMSNorm
+    model = LlamaForCausalLM(LlamaConfig(**SMALL))
+    model.model.embed_tokens.__class__ = DirectEmbedding
+    with pytest.raises(ValueError, match=r"model\.embed_tokens: tpext: cannot shard the vocabulary of a "
+                                         r"DirectEmbedding: DirectEmbedding\.forward does not look up through "
+                                         r"nn\.Embedding\.forward"):
+        tpext.parallelize(model)
     return messages
 
 

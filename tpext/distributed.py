@@ -44,14 +44,14 @@ def resolve_group(group: GroupLike = None) -> dist.ProcessGroup:
 
 
 class SharesGroupOnCopy:
-    """Mixin of the objects that hold a process group as `self.group` (modules, hooks): copy.deepcopy
-    shares the group instead of copying it (a ProcessGroup cannot be copied, and a copy of a
-    tensor-parallel module runs on the same ranks); everything else is copied as deepcopy would."""
+    """Mixin of the objects that hold a process group (modules, hooks): copy.deepcopy shares the group
+    instead of copying it (a ProcessGroup cannot be copied, and a copy of a tensor-parallel module runs
+    on the same ranks); everything else is copied as deepcopy would."""
 
     def __deepcopy__(self, memo: dict):
-        group = self.__dict__.get("group")
-        if group is not None:
-            memo.setdefault(id(group), group)
+        for value in self.__dict__.values():
+            if isinstance(value, dist.ProcessGroup):
+                memo.setdefault(id(value), value)
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         state = copy.deepcopy(self.__dict__, memo)

@@ -8,6 +8,7 @@ regions are exact without the user thinking about them:
     reduce_from_tp               all-reduce                       identity
     scatter_to_sequence          keep this rank's dim-0 block     all-gather dim 0
     gather_from_sequence         all-gather dim 0                 reduce-scatter dim 0
+      (replicated_grad=True)     all-gather dim 0                 keep this rank's dim-0 block
     reduce_scatter_to_sequence   reduce-scatter dim 0             all-gather dim 0
     scatter_to_tp                keep this rank's last-dim shard  all-gather last dim
     gather_from_tp               all-gather last dim              keep this rank's last-dim shard
@@ -153,6 +154,19 @@ class _GatherFromSequence(torch.autograd.Function):
         return reduce_scatter_dim0(grad, ctx.group, backward=True, module=ctx.module), None
 
 
+class _GatherFromSequenceReplicatedGrad(torch.autograd.Function):
+    """The gather for consumers with replicated weights: every rank's gradient is already the whole."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return all_gather_dim0(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _dim0_block(grad, ctx.group), None
+
+
 class _ReduceScatterToSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
@@ -244,8 +258,12 @@ def scatter_to_sequence(x: Tensor, group: GroupLike = None, dim: int = 0) -> Ten
     return _apply(_ScatterToSequence, x, group, dim=dim)
 
 
-def gather_from_sequence(x: Tensor, group: GroupLike = None, dim: int = 0) -> Tensor:
-    return _apply(_GatherFromSequence, x, group, dim=dim)
+def gather_from_sequence(x: Tensor, group: GroupLike = None, dim: int = 0, *, replicated_grad: bool = False) -> Tensor:
+    """The full sequence from every rank's shard. Backward: the gradient each rank sends is a partial sum
+    (tensor-parallel consumers, such as a column-parallel layer) and is reduce-scattered; or, with
+    replicated_grad=True, it is the whole gradient (consumers with replicated weights, every rank computing
+    the same thing) and each rank keeps its block."""
+    return _apply(_GatherFromSequenceReplicatedGrad if replicated_grad else _GatherFromSequence, x, group, dim=dim)
 
 
 def reduce_scatter_to_sequence(x: Tensor, group: GroupLike = None, dim: int = 0) -> Tensor:

@@ -44,12 +44,16 @@ class _SplitSequence(SharesGroupOnCopy):
     def __init__(self, group, sequence_dim: int, name: str):
         self.group, self.sequence_dim, self.name = group, sequence_dim, name
 
+    #: The sequence length of the last split (what _GatherStackOutput gathers shards back to).
+    full_length: Optional[int] = None
+
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple:
         x, call_with = _hidden_states(module, args, kwargs)
         world, dim = self.group.size(), self.sequence_dim
         if x.dim() <= dim or x.shape[dim] % world:
             raise ValueError(f"tpext.parallelize: sequence_parallel needs the sequence length (dim {dim}) divisible "
                              f"by the tensor-parallel size {world}, got hidden states of shape {tuple(x.shape)}")
+        self.full_length = x.shape[dim]
         with stats.module_scope(stats.current_module() or self.name):  # its backward's all-gather counts here
             return call_with(mappings.scatter_to_sequence(x, self.group, dim=dim))
 
@@ -84,10 +88,49 @@ class _GatherSequence(SharesGroupOnCopy):
         return call_with(x_full)
 
 
+class _GatherStackOutput(SharesGroupOnCopy):
+    """Forward hook of the module that owns the decoder stack (Hugging Face's LlamaModel), for models with
+    no sequence-parallel head after it (a base model, a classification or QA head with replicated
+    weights): the sequence shards in its output (last_hidden_state, and hidden_states when asked for)
+    are all-gathered back to the full sequence, so what reads them sees the dense shapes. Their readers
+    compute the same thing on every rank, so backward keeps each rank's block of the gradient."""
+
+    def __init__(self, split: _SplitSequence, name: str):
+        self.split, self.name = split, name
+        self.group, self.sequence_dim = split.group, split.sequence_dim
+
+    def _gather(self, value):
+        if isinstance(value, Tensor):
+            dim = self.sequence_dim
+            if (value.is_floating_point() and value.dim() > dim and self.split.full_length is not None
+                    and value.shape[dim] * self.group.size() == self.split.full_length):
+                return mappings.gather_from_sequence(value, self.group, dim, replicated_grad=True)
+            return value
+        if isinstance(value, (tuple, list)) and not hasattr(value, "_fields"):
+            return type(value)(self._gather(v) for v in value)
+        if isinstance(value, dict):  # Hugging Face's ModelOutput is an ordered dict (setting an item sets the field)
+            for key in ("last_hidden_state", "hidden_states"):
+                if value.get(key) is not None:
+                    value[key] = self._gather(value[key])
+        return value
+
+    def __call__(self, module: nn.Module, args: tuple, output):
+        with stats.module_scope(stats.current_module() or self.name):
+            return self._gather(output)
+
+
 def add_sequence_hooks(model: nn.Module, split_at: str, attention: list[str], converted: dict[str, nn.Module],
                        group, sequence_dim: int) -> None:
     split = _SplitSequence(group, sequence_dim, split_at)
     model.get_submodule(split_at).register_forward_pre_hook(split, with_kwargs=True)
+    # The decoder stack (model.layers) and its owner (model): a sequence-parallel column layer outside the
+    # stack (lm_head) gathers the shards itself, overlapped with its GEMM; without one, the owner's output
+    # is gathered.
+    stack = split_at.rpartition(".")[0]
+    owner = stack.rpartition(".")[0]
+    if not any(isinstance(m, ColumnParallelLinear) and m.sequence_parallel and not name.startswith(stack + ".")
+               for name, m in converted.items()):
+        model.get_submodule(owner).register_forward_hook(_GatherStackOutput(split, f"{owner or 'model'}.gather"))
     for name in attention:
         columns = [converted[p] for leaf in ("q_proj", "k_proj", "v_proj", "qkv_proj")
                    if (p := f"{name}.{leaf}" if name else leaf) in converted]

@@ -7,8 +7,8 @@ A plan is data: a dict from module-name patterns (fnmatch wildcards over the den
     "rowwise"            nn.Linear -> RowParallelLinear (input features sharded, output reduced)
     "vocab"              nn.Embedding -> VocabParallelEmbedding; on an nn.Linear (lm_head) = "colwise":
                          vocabulary-sharded logits for vocab_parallel_cross_entropy
-    "sequence_parallel"  a norm -> SequenceParallelRMSNorm / LayerNorm when sequence_parallel=True
-                         (replicated as it is otherwise)
+    "sequence_parallel"  a norm, kept as it is, whose weight gradients are summed over the group when
+                         sequence_parallel=True (tpext.nn.sum_param_grads); replicated as it is otherwise
     "replicate"          left as it is, weights replicated on every rank (under SP a module with weights
                          that sees sequence shards must be "sequence_parallel", or its gradients are partial)
 
@@ -28,8 +28,13 @@ dim is 1 (`sequence_dim`), and s must be divisible by the tensor-parallel size. 
 at the input of the first decoder layer and each attention module is called with the full sequence,
 gathered by its q/k/v projections (tpext.model_hooks), so model code that takes shapes from its
 activations (Hugging Face's) sees the dense ones. Modules registered before the first decoder layer
-are taken to run before it, on the whole sequence (not sequence-parallel); the model's outputs before
-its lm_head (hidden states) are sequence shards.
+are taken to run before it, on the whole sequence (not sequence-parallel). A vocab-parallel lm_head
+gathers the decoder stack's output itself (the hidden states the model returns are then sequence
+shards); without one (a base model, a replicated classification head) the stack's output is gathered
+back to the full sequence.
+
+Converted norms keep their own class and code (tpext.nn.sum_param_grads); an nn.Embedding subclass
+keeps its forward around the vocab-parallel lookup; an nn.Linear subclass with its own forward is refused.
 """
 
 from __future__ import annotations
@@ -42,14 +47,17 @@ from torch import nn
 
 from tpext.distributed import GroupLike, resolve_group
 from tpext.nn import (ColumnParallelLinear, RowParallelLinear, SequenceParallelLayerNorm, SequenceParallelRMSNorm,
-                      SharedInputColumns, VocabParallelEmbedding)
+                      SharedInputColumns, VocabParallelEmbedding, sum_param_grads)
+from tpext.nn._class_swap import shell_copy
+from tpext.nn.embedding import _VocabParallelLookup, vocab_parallel_subclass
+from tpext.nn.norm import _SumsParamGrads
 from tpext.model_hooks import add_causal_lm_loss, add_sequence_hooks
 from tpext.sharding import Piece
 
 __all__ = ["Style", "parallelize", "auto_plan", "STYLES"]
 
 _TPEXT_MODULES = (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, SequenceParallelLayerNorm,
-                  SequenceParallelRMSNorm)
+                  SequenceParallelRMSNorm, _SumsParamGrads, _VocabParallelLookup)
 
 STYLES = ("colwise", "rowwise", "vocab", "sequence_parallel", "replicate")
 
@@ -80,6 +88,9 @@ _COLWISE = {"gate_proj", "up_proj", "gate_up_proj", "c_fc", "fc1", "w1", "w3"}
 _ROWWISE = {"down_proj", "c_proj", "fc2", "w2"}
 _EMBED = {"embed_tokens", "wte", "tok_embeddings"}
 _HEAD = {"lm_head", "output"}
+# Small task heads (sequence / token classification, question answering): replicated; under SP they read
+# the full sequence, gathered at the decoder stack's output.
+_REPLICATED_HEADS = {"score", "qa_outputs", "classifier"}
 
 
 def _heads(attn: nn.Module, config) -> tuple[int, int, int]:
@@ -132,7 +143,9 @@ def auto_plan(model: nn.Module, *, sequence_parallel: bool = False,
             continue
         leaf = name.rsplit(".", 1)[-1]
         parent = _parent(modules, name)
-        if isinstance(module, nn.Linear) and leaf in _ATTN_PROJ:
+        if isinstance(module, nn.Linear) and not _plain_linear(module):
+            unplaced.append(f"{name} ({type(module).__name__}: an nn.Linear with a forward of its own)")
+        elif isinstance(module, nn.Linear) and leaf in _ATTN_PROJ:
             plan[name] = Style("rowwise" if leaf == "o_proj" else "colwise", _attention_pieces(leaf, parent, config))
         elif isinstance(module, nn.Linear) and leaf == "gate_up_proj":
             half = module.out_features // 2
@@ -145,6 +158,8 @@ def auto_plan(model: nn.Module, *, sequence_parallel: bool = False,
             plan[name] = Style("vocab")
         elif isinstance(module, nn.Linear) and leaf in _HEAD:
             plan[name] = Style("vocab", gather_output=not vocab_parallel_logits)
+        elif isinstance(module, nn.Linear) and leaf in _REPLICATED_HEADS:
+            plan[name] = Style("replicate")
         elif _is_norm(leaf, module) and hasattr(parent, "o_proj"):
             # Inside attention (Qwen3's q_norm / k_norm): it normalises this rank's heads only.
             plan[name] = Style("replicate", sum_grads=True)
@@ -155,8 +170,8 @@ def auto_plan(model: nn.Module, *, sequence_parallel: bool = False,
     if unplaced:
         raise ValueError(
             "tpext.parallelize: plan='auto' knows the Llama / Mistral / Qwen2 names (q/k/v/o_proj, qkv_proj, "
-            "gate/up/down_proj, gate_up_proj, embed_tokens, lm_head, *norm) and could not place: "
-            + ", ".join(unplaced) + ". Pass plan={pattern: style} (styles: " + ", ".join(STYLES) + "), e.g. "
+            "gate/up/down_proj, gate_up_proj, embed_tokens, lm_head, score, qa_outputs, classifier, *norm) and "
+            "could not place: " + ", ".join(unplaced) + ". Pass plan={pattern: style} (styles: " + ", ".join(STYLES) + "), e.g. "
             "start from tpext.auto_plan on a model without them and add entries.")
     return plan
 
@@ -170,27 +185,6 @@ def _style_for(name: str, plan: Plan) -> Optional[Style]:
         if fnmatch.fnmatchcase(name, pattern):
             return style if isinstance(style, Style) else Style(style)
     return None
-
-
-def _norm_eps(norm: nn.Module) -> Optional[float]:
-    for attr in ("eps", "variance_epsilon"):
-        if hasattr(norm, attr) and (getattr(norm, attr) is None or isinstance(getattr(norm, attr), float)):
-            return getattr(norm, attr)  # None: nn.RMSNorm's default, the dtype's machine epsilon
-    raise ValueError(f"tpext.parallelize: norm {type(norm).__name__} has no eps / variance_epsilon attribute")
-
-
-def _grad_summing_norm(norm: nn.Module, group) -> nn.Module:
-    # The tpext norms keep the names (weight, bias); their weight gradients are summed over the group.
-    weight = norm.weight
-    bias = getattr(norm, "bias", None)
-    factory = {"device": weight.device, "dtype": weight.dtype}
-    if isinstance(norm, nn.LayerNorm) or bias is not None:
-        new = SequenceParallelLayerNorm(tuple(weight.shape), _norm_eps(norm), bias is not None, group=group, **factory)
-    else:
-        new = SequenceParallelRMSNorm(tuple(weight.shape), _norm_eps(norm), group=group, **factory)
-    if not weight.is_meta:
-        new.load_state_dict(norm.state_dict())
-    return new
 
 
 def _sharded_attention(model: nn.Module, plan: Plan) -> list[str]:
@@ -220,6 +214,10 @@ def _convert(name: str, module: nn.Module, parent: nn.Module, style: Style, grou
              chunks, config) -> nn.Module:
     kind, pieces, leaf = style.kind, style.pieces, name.rpartition(".")[2]
     common = {"sequence_parallel": sp, "sequence_dim": sequence_dim}
+    if isinstance(module, nn.Linear) and kind in ("colwise", "rowwise", "vocab") and not _plain_linear(module):
+        raise ValueError(f"tpext.parallelize: {name} is a {type(module).__name__}, an nn.Linear subclass with a forward "
+                         "of its own (a quantized or adapter layer?); tpext shards plain nn.Linear layers, whose "
+                         "forward is x @ W.T + b. Give it the style 'replicate', or parallelize the plain model")
     if isinstance(module, nn.Linear) and pieces is None and leaf in _ATTN_PROJ and kind in ("colwise", "rowwise"):
         pieces = _attention_pieces(leaf, parent, config)  # never cut a head, whatever the plan says
     if isinstance(module, nn.Linear) and kind in ("colwise", "vocab"):
@@ -228,16 +226,25 @@ def _convert(name: str, module: nn.Module, parent: nn.Module, style: Style, grou
     if isinstance(module, nn.Linear) and kind == "rowwise":
         return RowParallelLinear.from_dense(module, group, pieces=pieces, chunks=chunks, **common)
     if isinstance(module, nn.Embedding) and kind == "vocab":
-        return VocabParallelEmbedding.from_dense(module, group, **common)
+        if type(module).forward is nn.Embedding.forward:
+            return VocabParallelEmbedding.from_dense(module, group, **common)
+        try:  # a subclass that adds to the lookup (Gemma's scaled embedding): its code around tpext's lookup
+            return vocab_parallel_subclass(module, group, **common)
+        except ValueError as exc:
+            raise ValueError(f"tpext.parallelize: {name}: {exc}") from exc
     if kind == "sequence_parallel" and hasattr(module, "weight"):
-        return _grad_summing_norm(module, group) if sp else module
+        return sum_param_grads(shell_copy(module), group) if sp else module
     if kind == "replicate" and style.sum_grads and hasattr(module, "weight"):
-        return _grad_summing_norm(module, group)
+        return sum_param_grads(shell_copy(module), group)
     if kind == "replicate" and not style.sum_grads:
         return module
     raise ValueError(f"tpext.parallelize: style {kind!r} does not apply to {name} ({type(module).__name__}); "
                      "colwise/rowwise take nn.Linear, vocab takes nn.Embedding or nn.Linear, "
                      "sequence_parallel and replicate with sum_grads take a norm with a weight")
+
+
+def _plain_linear(module: nn.Linear) -> bool:
+    return type(module).forward is nn.Linear.forward
 
 
 def _set_local_heads(model: nn.Module, converted: dict[str, nn.Module], world: int) -> None:

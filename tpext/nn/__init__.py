@@ -3,9 +3,9 @@
 from tpext.nn import functional
 from tpext.nn.embedding import VocabParallelEmbedding
 from tpext.nn.linear import ColumnParallelLinear, RowParallelLinear, SharedInputColumns
-from tpext.nn.norm import SequenceParallelLayerNorm, SequenceParallelRMSNorm
+from tpext.nn.norm import SequenceParallelLayerNorm, SequenceParallelRMSNorm, sum_param_grads
 
 __all__ = [
     "ColumnParallelLinear", "RowParallelLinear", "SharedInputColumns", "VocabParallelEmbedding",
-    "SequenceParallelLayerNorm", "SequenceParallelRMSNorm", "functional",
+    "SequenceParallelLayerNorm", "SequenceParallelRMSNorm", "sum_param_grads", "functional",
 ]

@@ -10,9 +10,10 @@ from torch import Tensor, nn
 
 from tpext import mappings, stats
 from tpext.distributed import GroupLike, SharesGroupOnCopy, resolve_group, shard_range
+from tpext.nn._class_swap import derived_class, shell_copy
 from tpext.sharding import ShardLayout, set_layout
 
-__all__ = ["VocabParallelEmbedding"]
+__all__ = ["VocabParallelEmbedding", "vocab_parallel_subclass"]
 
 
 class VocabParallelEmbedding(SharesGroupOnCopy, nn.Module):
@@ -97,3 +98,56 @@ class VocabParallelEmbedding(SharesGroupOnCopy, nn.Module):
         return (f"{self.num_embeddings}, {self.embedding_dim}, padding_idx={self.padding_idx}, "
                 f"tp={self.tp_rank}/{self.tp_size}, vocab=[{self.vocab_start}, {self.vocab_end}), "
                 f"sequence_parallel={self.sequence_parallel}")
+
+
+class _VocabParallelLookup(SharesGroupOnCopy, nn.Embedding):
+    """Stands in for nn.Embedding's lookup under a subclass of it (vocab_parallel_subclass): the
+    subclass's forward runs as written and its super().forward() is VocabParallelEmbedding's."""
+
+    forward = VocabParallelEmbedding.forward
+    _check_ids = VocabParallelEmbedding._check_ids
+    _local_padding_idx = VocabParallelEmbedding._local_padding_idx
+    extra_repr = VocabParallelEmbedding.extra_repr
+
+
+class _LookupCalled(Exception):
+    pass
+
+
+class _ProbeLookup(nn.Embedding):
+    def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - nn.Embedding's name
+        raise _LookupCalled
+
+
+def vocab_parallel_subclass(embedding: nn.Embedding, group: GroupLike = None, **kwargs) -> nn.Embedding:
+    """A vocabulary-parallel copy of an instance of an nn.Embedding subclass whose forward adds to the
+    lookup (Gemma's scaled embedding: super().forward(ids) * scale): a new module of the same class, with
+    this rank's rows of the weight, whose forward runs the subclass's code around VocabParallelEmbedding's
+    lookup and reduction. Names, buffers and isinstance are kept. Raises if the subclass's forward does
+    not go through nn.Embedding.forward (it would index the local rows with global ids). kwargs as for
+    VocabParallelEmbedding.from_dense."""
+    cls = type(embedding)
+    name = f"{cls.__name__}.forward"
+    probe = shell_copy(embedding)
+    probe.__class__ = derived_class(cls, _ProbeLookup, wraps=False)
+    try:
+        probe.forward(torch.zeros(1, 1, dtype=torch.long, device=embedding.weight.device))  # no hooks
+        reached = False
+    except _LookupCalled:
+        reached = True
+    except Exception as exc:
+        raise ValueError(f"tpext: cannot shard the vocabulary of a {cls.__name__}: calling {name} with ids "
+                         f"alone failed ({type(exc).__name__}: {exc})") from exc
+    if not reached:
+        raise ValueError(f"tpext: cannot shard the vocabulary of a {cls.__name__}: {name} does not look up "
+                         "through nn.Embedding.forward (super().forward), so it would index this rank's rows "
+                         "with global ids; keep it replicated")
+    lookup = VocabParallelEmbedding.from_dense(embedding, group, **kwargs)
+    new = shell_copy(embedding)
+    new.__class__ = derived_class(cls, _VocabParallelLookup, wraps=False)
+    for attr in ("group", "tp_size", "tp_rank", "vocab_start", "vocab_end", "sequence_parallel", "sequence_dim",
+                 "padding_idx"):
+        new.__dict__[attr] = getattr(lookup, attr)
+    new._parameters["weight"] = lookup.weight
+    set_layout(new, "weight", lookup._tpext_layouts["weight"])
+    return new

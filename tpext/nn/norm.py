@@ -3,7 +3,8 @@
 Under sequence parallelism each rank normalises only its sequence shard, but the weights are replicated:
 every rank's weight gradient covers only its tokens, so the gradients must be summed over the group.
 These modules do that themselves (the weights pass through copy_to_tp, whose backward all-reduces), so
-the replicas stay identical without any hook or step for the user to remember.
+the replicas stay identical without any hook or step for the user to remember. `sum_param_grads` gives
+any existing norm module (a model's own class, with its own arithmetic) the same gradient rule.
 """
 
 from __future__ import annotations
@@ -11,13 +12,15 @@ from __future__ import annotations
 from typing import Sequence, Union
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tpext import mappings, stats
 from tpext.distributed import GroupLike, SharesGroupOnCopy, resolve_group
+from tpext.nn._class_swap import derived_class
 
-__all__ = ["SequenceParallelLayerNorm", "SequenceParallelRMSNorm"]
+__all__ = ["SequenceParallelLayerNorm", "SequenceParallelRMSNorm", "sum_param_grads"]
 
 Shape = Union[int, Sequence[int]]
 
@@ -70,3 +73,40 @@ class SequenceParallelRMSNorm(_SPNorm):
         with stats.scope_for(self):
             w, _ = self._params()
             return F.rms_norm(x, self.normalized_shape, w, self.eps)
+
+
+class _SumsParamGrads(SharesGroupOnCopy):
+    """Wraps a module's own class (sum_param_grads; tpext.parallelize's norms): its forward runs unchanged,
+    with the module's own parameters read through copy_to_tp, so their gradients are summed over the
+    group. Whatever the module computes (Hugging Face's RMSNorm in fp32, Gemma's (1 + weight), Cohere's
+    mean-centred norm) stays exactly as it was; only the gradients change."""
+
+    _tpext_group: dist.ProcessGroup
+
+    def forward(self, *args, **kwargs):
+        own = dict(self._parameters)
+        try:
+            for name, param in own.items():
+                if param is not None:
+                    self._parameters[name] = mappings.copy_to_tp(param, self._tpext_group)
+            with stats.scope_for(self):
+                return super().forward(*args, **kwargs)
+        finally:
+            self._parameters.update(own)
+
+    def extra_repr(self) -> str:
+        inner = super().extra_repr()
+        return f"{inner}{', ' if inner else ''}grads summed over tp={self._tpext_group.size()}"
+
+
+def sum_param_grads(module: nn.Module, group: GroupLike = None) -> nn.Module:
+    """Make `module` (in place, and return it) sum the gradients of its own parameters over `group`: for a
+    module with replicated weights that each rank applies to different tokens (a norm under sequence
+    parallelism) or to different heads (a per-head q/k norm). Names, state dict and arithmetic are
+    unchanged; `isinstance` still holds. A group of size 1 leaves the module as it is."""
+    pg = resolve_group(group)
+    if pg.size() == 1 or isinstance(module, _SumsParamGrads):
+        return module
+    module.__class__ = derived_class(type(module), _SumsParamGrads, wraps=True)
+    module._tpext_group = pg
+    return module

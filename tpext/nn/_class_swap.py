@@ -1,0 +1,30 @@
+"""Giving an existing module tpext behaviour without replacing its code: a copy of the module whose class
+is derived from its own class and a tpext mixin, so its forward, names, buffers and `isinstance` stay."""
+
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+
+_DERIVED: dict[tuple[type, type, bool], type] = {}
+
+
+def derived_class(cls: type, mixin: type, *, wraps: bool) -> type:
+    """A class derived from `cls` and `mixin`, named as cls. wraps=True puts the mixin first in the MRO (its
+    forward wraps cls's, reached by super()); False puts it after cls (cls's super().forward reaches the
+    mixin's, which stands in for cls's base class's)."""
+    key = (cls, mixin, wraps)
+    if key not in _DERIVED:
+        bases = (mixin, cls) if wraps else (cls, mixin)
+        _DERIVED[key] = type(cls.__name__, bases, {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
+    return _DERIVED[key]
+
+
+def shell_copy(module: nn.Module) -> nn.Module:
+    """A new module object with module's attributes, the same parameters, buffers and children, and dicts
+    of its own for them, so changing the copy leaves the original as it was."""
+    new = copy.copy(module)
+    for attr in ("_parameters", "_buffers", "_modules"):
+        new.__dict__[attr] = dict(module.__dict__[attr])
+    return new
