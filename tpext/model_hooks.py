@@ -15,6 +15,7 @@ from __future__ import annotations
 import weakref
 from typing import Callable, Optional
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -44,8 +45,8 @@ class _SplitSequence(SharesGroupOnCopy):
     def __init__(self, group, sequence_dim: int, name: str):
         self.group, self.sequence_dim, self.name = group, sequence_dim, name
 
-    #: The sequence length of the last split (what _GatherStackOutput gathers shards back to).
-    full_length: Optional[int] = None
+    #: The shape of the last shard this hook made (what _GatherStackOutput recognises as a shard).
+    shard_shape: Optional[torch.Size] = None
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple:
         x, call_with = _hidden_states(module, args, kwargs)
@@ -53,9 +54,10 @@ class _SplitSequence(SharesGroupOnCopy):
         if x.dim() <= dim or x.shape[dim] % world:
             raise ValueError(f"tpext.parallelize: sequence_parallel needs the sequence length (dim {dim}) divisible "
                              f"by the tensor-parallel size {world}, got hidden states of shape {tuple(x.shape)}")
-        self.full_length = x.shape[dim]
         with stats.module_scope(stats.current_module() or self.name):  # its backward's all-gather counts here
-            return call_with(mappings.scatter_to_sequence(x, self.group, dim=dim))
+            shard = mappings.scatter_to_sequence(x, self.group, dim=dim)
+        self.shard_shape = shard.shape
+        return call_with(shard)
 
 
 class _GatherSequence(SharesGroupOnCopy):
@@ -101,10 +103,8 @@ class _GatherStackOutput(SharesGroupOnCopy):
 
     def _gather(self, value):
         if isinstance(value, Tensor):
-            dim = self.sequence_dim
-            if (value.is_floating_point() and value.dim() > dim and self.split.full_length is not None
-                    and value.shape[dim] * self.group.size() == self.split.full_length):
-                return mappings.gather_from_sequence(value, self.group, dim, replicated_grad=True)
+            if value.shape == self.split.shard_shape and value.is_floating_point():
+                return mappings.gather_from_sequence(value, self.group, self.sequence_dim, replicated_grad=True)
             return value
         if isinstance(value, (tuple, list)) and not hasattr(value, "_fields"):
             return type(value)(self._gather(v) for v in value)
