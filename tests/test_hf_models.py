@@ -174,3 +174,13 @@ def _heads(sp: bool) -> None:
 @pytest.mark.parametrize("sp", [False, True])
 def test_classification_head_and_base_model(sp):
     run_ranks(_heads, 2, sp)
+
+
+def test_norm_over_all_heads_is_refused():
+    """OLMo2 normalises q and k over all heads' features together: sharding the heads would split what the
+    norm averages over, so plan='auto' names those norms instead of converting the model wrongly."""
+    config = transformers.Olmo2Config(**SMALL, num_key_value_heads=2, pad_token_id=0)
+    model = transformers.Olmo2ForCausalLM(config)
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_norm \(Olmo2RMSNorm over all heads' "
+                                         r"features: tensor parallelism would split what it normalises\)"):
+        tpext.auto_plan(model)

@@ -160,9 +160,12 @@ def auto_plan(model: nn.Module, *, sequence_parallel: bool = False,
             plan[name] = Style("vocab", gather_output=not vocab_parallel_logits)
         elif isinstance(module, nn.Linear) and leaf in _REPLICATED_HEADS:
             plan[name] = Style("replicate")
-        elif _is_norm(leaf, module) and hasattr(parent, "o_proj"):
-            # Inside attention (Qwen3's q_norm / k_norm): it normalises this rank's heads only.
+        elif _is_norm(leaf, module) and hasattr(parent, "o_proj") and _per_head(module, parent, config):
+            # Inside attention (Qwen3's q_norm / k_norm): it normalises each head, so this rank's heads only.
             plan[name] = Style("replicate", sum_grads=True)
+        elif _is_norm(leaf, module) and hasattr(parent, "o_proj"):
+            unplaced.append(f"{name} ({type(module).__name__} over all heads' features: tensor parallelism would "
+                            "split what it normalises)")
         elif _is_norm(leaf, module):
             plan[name] = Style("sequence_parallel" if sequence_parallel else "replicate")
         else:
@@ -174,6 +177,13 @@ def auto_plan(model: nn.Module, *, sequence_parallel: bool = False,
             "could not place: " + ", ".join(unplaced) + ". Pass plan={pattern: style} (styles: " + ", ".join(STYLES) + "), e.g. "
             "start from tpext.auto_plan on a model without them and add entries.")
     return plan
+
+
+def _per_head(norm: nn.Module, attn: nn.Module, config) -> bool:
+    """Whether a norm inside attention normalises each head on its own (weight of head_dim features, as
+    Qwen3's), rather than all heads' features together (as OLMo2's)."""
+    weight = getattr(norm, "weight", None)
+    return weight is None or weight.shape[-1] == _heads(attn, config)[2]
 
 
 def _is_norm(leaf: str, module: nn.Module) -> bool:
