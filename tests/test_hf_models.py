@@ -125,16 +125,25 @@ def test_generate_matches_dense():
     assert tokens[0] == tokens[1]
 
 
-def _sp_errors() -> str:
+def _sp_errors() -> list[str]:
     model = tpext.parallelize(_model("llama", 2, "sdpa"), sequence_parallel=True)
+    messages = []
     with pytest.raises(ValueError) as err:
         model(input_ids=torch.zeros(2, 6, dtype=torch.long))
-    return str(err.value)
+    messages.append(str(err.value))
+    ids = torch.zeros(2, 8, dtype=torch.long)
+    with pytest.raises(ValueError) as err:  # generation's prefill keeps the last position's logits only
+        model(input_ids=ids, logits_to_keep=1)
+    messages.append(str(err.value))
+    assert model(input_ids=ids).logits.shape == (2, 8, SMALL["vocab_size"] // 4)
+    return messages
 
 
-def test_sp_sequence_not_divisible():
-    message = run_ranks(_sp_errors, 4)[0]
-    assert "sequence length (dim 1) divisible by the tensor-parallel size 4" in message, message
+def test_sp_errors():
+    messages = run_ranks(_sp_errors, 4)[0]
+    assert "sequence length (dim 1) divisible by the tensor-parallel size 4" in messages[0], messages[0]
+    assert ("under sequence parallelism lm_head must get the decoder's output shard (2, 2, 64) whole, got "
+            "(2, 1, 64)") in messages[1], messages[1]
 
 
 def _heads(sp: bool) -> None:

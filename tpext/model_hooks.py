@@ -119,6 +119,23 @@ class _GatherStackOutput(SharesGroupOnCopy):
             return self._gather(output)
 
 
+class _CheckHeadInput:
+    """Forward pre-hook of a sequence-parallel head (lm_head): it must get the decoder's output shards as
+    they are. A slice of them (Hugging Face's logits_to_keep, which generation uses) would be gathered
+    into tokens of different ranks' positions; that is an error, not wrong logits."""
+
+    def __init__(self, split: _SplitSequence, name: str):
+        self.split, self.name = split, name
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        x = args[0] if args else None
+        if isinstance(x, Tensor) and self.split.shard_shape is not None and x.shape != self.split.shard_shape:
+            raise ValueError(f"tpext.parallelize: under sequence parallelism {self.name} must get the decoder's "
+                             f"output shard {tuple(self.split.shard_shape)} whole, got {tuple(x.shape)} (a slice, "
+                             "as logits_to_keep or generation takes); generate with a model parallelized without "
+                             "sequence_parallel")
+
+
 def add_sequence_hooks(model: nn.Module, split_at: str, attention: list[str], converted: dict[str, nn.Module],
                        group, sequence_dim: int) -> None:
     split = _SplitSequence(group, sequence_dim, split_at)
@@ -128,9 +145,12 @@ def add_sequence_hooks(model: nn.Module, split_at: str, attention: list[str], co
     # is gathered.
     stack = split_at.rpartition(".")[0]
     owner = stack.rpartition(".")[0]
-    if not any(isinstance(m, ColumnParallelLinear) and m.sequence_parallel and not name.startswith(stack + ".")
-               for name, m in converted.items()):
+    heads = [name for name, m in converted.items()
+             if isinstance(m, ColumnParallelLinear) and m.sequence_parallel and not name.startswith(stack + ".")]
+    if not heads:
         model.get_submodule(owner).register_forward_hook(_GatherStackOutput(split, f"{owner or 'model'}.gather"))
+    for name in heads:
+        converted[name].register_forward_pre_hook(_CheckHeadInput(split, name))
     for name in attention:
         columns = [converted[p] for leaf in ("q_proj", "k_proj", "v_proj", "qkv_proj")
                    if (p := f"{name}.{leaf}" if name else leaf) in converted]
