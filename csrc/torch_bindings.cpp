@@ -83,17 +83,31 @@ namespace {
 
 // Under torch.autocast the GEMM ops follow aten::linear's policy: their floating-point tensors are cast to
 // the device's autocast dtype (weights through autocast's cache, as nn.Linear's are) and the op runs again
-// below autocast, so torch.ops.tpext.* mix with autocast code exactly as the layers they replace do.
+// below autocast, so torch.ops.tpext.* mix with autocast code exactly as the layers they replace do. A
+// residual of another dtype is added after the op instead, as `linear(...) + residual` would be: in the
+// wider dtype (an fp32 residual stream is not rounded to bf16).
 template <c10::DeviceType kDevice>
 void autocast_lower_precision(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
   const auto dtype = at::autocast::get_lower_precision_fp_from_device_type(kDevice);
-  const size_t n = op.schema().arguments().size();
-  for (size_t i = stack->size() - n; i < stack->size(); ++i) {
-    auto& arg = (*stack)[i];
-    if (arg.isTensor()) arg = at::autocast::cached_cast(dtype, arg.toTensor(), kDevice);
+  const auto& arguments = op.schema().arguments();
+  const size_t first = stack->size() - arguments.size();
+  std::optional<at::Tensor> wide_residual;
+  for (size_t i = 0; i < arguments.size(); ++i) {
+    auto& arg = (*stack)[first + i];
+    if (!arg.isTensor()) continue;
+    const at::Tensor t = arg.toTensor();
+    if (arguments[i].name() == "residual" && t.is_floating_point() && t.scalar_type() != dtype) {
+      wide_residual = t;
+      arg = c10::IValue();
+    } else {
+      arg = at::autocast::cached_cast(dtype, t, kDevice);
+    }
   }
-  c10::impl::ExcludeDispatchKeyGuard no_autocast(at::autocast::get_autocast_dispatch_key_from_device_type(kDevice));
-  op.callBoxed(stack);
+  {
+    c10::impl::ExcludeDispatchKeyGuard no_autocast(at::autocast::get_autocast_dispatch_key_from_device_type(kDevice));
+    op.callBoxed(stack);
+  }
+  if (wide_residual.has_value()) stack->back() = stack->back().toTensor() + *wide_residual;
 }
 
 template <c10::DeviceType kDevice>

@@ -1,7 +1,8 @@
 """Mixed precision: tpext under torch.autocast, as nn.Linear / the dense model under it.
 
 The ops follow aten::linear's autocast policy (floating-point inputs cast to the autocast dtype, then
-the op runs below autocast), checked bit for bit against the op on cast inputs, eagerly and compiled.
+the op runs below autocast; a residual of a wider dtype is added after, as `linear(...) + residual`
+would be), checked bit for bit against the op on cast inputs, eagerly and compiled.
 The layers and parallelized models (tpext's Llama and Hugging Face Llama, SP on and off) run their
 GEMMs and collectives in the autocast dtype and leave fp32 gradients on fp32 parameters. Accuracy is
 held to the dense model's own: against an fp64 reference, the error of the tensor-parallel output, loss
@@ -52,13 +53,21 @@ def _check_ops() -> None:
     world = dist.get_world_size()
     for name, (op, args, kwargs) in _op_cases(world).items():
         for dtype in LOW:
-            with torch.autocast("cpu", dtype=dtype):
-                got = op(*args, chunks=3, **kwargs)
             cast = lambda t: t.to(dtype)  # noqa: E731
-            want = op(*map(cast, args), chunks=3, **{k: cast(v) for k, v in kwargs.items()})
+            with torch.autocast("cpu", dtype=dtype):
+                got = op(*args, chunks=3)
+            want = op(*map(cast, args), chunks=3)
             for g, r in zip(*(t if isinstance(t, tuple) else (t,) for t in (got, want))):
                 assert g.dtype == dtype, f"{name} under autocast({dtype}): output {g.dtype}"
                 assert torch.equal(g, r), f"{name} under autocast({dtype}) differs from the op on cast inputs"
+            if "residual" in kwargs:
+                residual = kwargs["residual"]
+                # An fp32 residual is added after the op, in fp32, as linear(...) + residual is under autocast;
+                # one already in the autocast dtype is fused into the op's epilogue.
+                with torch.autocast("cpu", dtype=dtype):
+                    wide, fused = op(*args, chunks=3, residual=residual), op(*args, chunks=3, residual=cast(residual))
+                assert wide.dtype == torch.float32 and torch.equal(wide, want + residual), name
+                assert fused.dtype == dtype and torch.equal(fused, op(*map(cast, args), chunks=3, residual=cast(residual)))
         # fp64 is left alone by autocast, as aten::linear leaves it; so is everything outside autocast.
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = op(*(t.double() for t in args), chunks=2)
@@ -80,7 +89,7 @@ def _check_ops_compiled() -> None:
     torch._dynamo.reset()
     got = torch.compile(f, fullgraph=True)(x, w, b, kwargs["residual"])
     want = f(x, w, b, kwargs["residual"])
-    assert got.dtype == torch.bfloat16
+    assert got.dtype == want.dtype == torch.float32  # the fp32 residual is added after the bf16 op
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 

@@ -191,5 +191,24 @@ def test_norm_over_all_heads_is_refused():
     config = transformers.Olmo2Config(**SMALL, num_key_value_heads=2, pad_token_id=0)
     model = transformers.Olmo2ForCausalLM(config)
     with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_norm \(Olmo2RMSNorm over all heads' "
-                                         r"features: tensor parallelism would split what it normalises\)"):
+                                         r"features or with a weight per head: tensor parallelism would split it\)"):
         tpext.auto_plan(model)
+
+
+def _gemma_padding() -> tuple:
+    """Gemma's scaled embedding, vocab-parallel: padding_idx is this rank's row of the padding token (None
+    where another rank holds it), so nn.Embedding's and Hugging Face's init zero that token's row only."""
+    config = transformers.GemmaConfig(**SMALL, head_dim=8, num_key_value_heads=2, pad_token_id=60)
+    model = tpext.parallelize(transformers.GemmaForCausalLM(config))
+    emb = model.model.embed_tokens
+    for init in (emb.reset_parameters, lambda: model._init_weights(emb)):
+        with torch.no_grad():
+            emb.weight.fill_(1.0)
+        init()
+        zero_rows = (emb.weight == 0).all(-1).nonzero().flatten().tolist()
+        assert zero_rows == ([60 - emb.vocab_start] if emb.padding_idx is not None else []), zero_rows
+    return emb.vocab_start, emb.padding_idx
+
+
+def test_gemma_embedding_padding_row():
+    assert run_ranks(_gemma_padding, 2) == [(0, None), (50, 10)]

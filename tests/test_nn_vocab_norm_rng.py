@@ -160,3 +160,47 @@ def test_rng_tracker():
     torch.manual_seed(1234)
     first, second = torch.rand(4), torch.rand(4)
     assert torch.equal(r0[0], first) and torch.equal(r0[2], second)
+
+
+class _ScaleNorm(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(4, dtype=f64))
+
+    def forward(self, x):
+        return x * self.weight
+
+
+def _sum_param_grads_wrapped(kind: str) -> list:
+    """sum_param_grads under wrappers that hold the parameters their own way during forward (FSDP1 keeps
+    plain tensor views, in _parameters or as attributes), and with forwards from two threads at once:
+    the gradient is the sum over the ranks' tokens, and the module keeps its Parameter."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    rank = tdist.get_rank()
+    model = torch.nn.Sequential(sum_param_grads(_ScaleNorm()))
+    norm = model[0]
+    x = torch.full((3, 4), float(rank + 1), dtype=f64)  # each rank its own tokens
+    if kind.startswith("fsdp1"):
+        solo = [tdist.new_group([r], backend="gloo") for r in range(tdist.get_world_size())][rank]  # dp = 1
+        model = FSDP(model, process_group=solo, device_id=torch.device("cpu"), use_orig_params=kind == "fsdp1_orig")
+    if kind == "threads":
+        import threading
+
+        outs = []
+        threads = [threading.Thread(target=lambda: outs.append(model(x))) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        torch.stack(outs).sum().backward()
+        assert isinstance(norm._parameters["weight"], torch.nn.Parameter)
+        return (norm.weight.grad / 4).tolist()
+    model(x).sum().backward()
+    return next(iter(model.parameters())).grad.flatten().tolist()
+
+
+@pytest.mark.parametrize("kind", ["plain", "fsdp1", "fsdp1_orig", "threads"])
+def test_sum_param_grads_under_wrappers_and_threads(kind):
+    for grad in run_ranks(_sum_param_grads_wrapped, 2, kind):
+        assert grad == [9.0] * 4, (kind, grad)  # 3 tokens of 1 on rank 0 + 3 tokens of 2 on rank 1

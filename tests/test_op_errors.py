@@ -144,6 +144,9 @@ def _check_ranks_disagree() -> None:
         ("gemm_reduce_scatter", (_t(2 * world, 8, dtype=torch.float32 if rank == last else f64),
                                  _t(6, 8, dtype=torch.float32 if rank == last else f64)), dict(chunks=1),
          rf"dtype = Float on rank {last} but Double on rank 0"),
+        # A rank whose own check fails (rows not divisible by the group) still takes part in the comparison.
+        ("gemm_reduce_scatter", (_t(2 * world - (rank == last), 8), _t(6, 8)), dict(chunks=1),
+         rf"arguments accepted \(1\) or rejected \(0\) = 0 on rank {last} but 1 on rank 0"),
     ]
     tdist.set_debug_level(tdist.DebugLevel.DETAIL)
     try:

@@ -270,8 +270,10 @@ def _deepcopy() -> None:
     dense = LlamaForCausalLM(LlamaConfig(**SMALL, num_key_value_heads=4), dtype=f64)
     model = tpext.parallelize(copy.deepcopy(dense), sequence_parallel=True)
     ids = torch.randint(0, 100, (2, 4 * world), generator=torch.Generator().manual_seed(1))
-    twin = copy.deepcopy(model)
+    model.model.layers[0].self_attn.q_proj(torch.zeros(2, 4 * world, SMALL["hidden_size"], dtype=f64))
+    twin = copy.deepcopy(model)  # with k/v outputs still kept for their calls: the copy starts afresh
     q, q_orig = twin.model.layers[0].self_attn.q_proj, model.model.layers[0].self_attn.q_proj
+    assert q._siblings._outputs == {} and q_orig._siblings._outputs
     assert q.group is q_orig.group and q.weight is not q_orig.weight
     assert q._siblings.layers[0] is q and q_orig._siblings.layers[0] is q_orig
     with torch.no_grad():  # the twin drifts away; the original and its dense model must not

@@ -164,8 +164,8 @@ def auto_plan(model: nn.Module, *, sequence_parallel: bool = False,
             # Inside attention (Qwen3's q_norm / k_norm): it normalises each head, so this rank's heads only.
             plan[name] = Style("replicate", sum_grads=True)
         elif _is_norm(leaf, module) and hasattr(parent, "o_proj"):
-            unplaced.append(f"{name} ({type(module).__name__} over all heads' features: tensor parallelism would "
-                            "split what it normalises)")
+            unplaced.append(f"{name} ({type(module).__name__} over all heads' features or with a weight per head: "
+                            "tensor parallelism would split it)")
         elif _is_norm(leaf, module):
             plan[name] = Style("sequence_parallel" if sequence_parallel else "replicate")
         else:
@@ -180,10 +180,10 @@ def auto_plan(model: nn.Module, *, sequence_parallel: bool = False,
 
 
 def _per_head(norm: nn.Module, attn: nn.Module, config) -> bool:
-    """Whether a norm inside attention normalises each head on its own (weight of head_dim features, as
-    Qwen3's), rather than all heads' features together (as OLMo2's)."""
+    """Whether a norm inside attention normalises each head on its own with one weight of head_dim features
+    (Qwen3's), rather than all heads' features together (OLMo2's) or with a weight per head (Cohere's)."""
     weight = getattr(norm, "weight", None)
-    return weight is None or weight.shape[-1] == _heads(attn, config)[2]
+    return weight is None or weight.numel() == _heads(attn, config)[2]  # one weight shared by all heads
 
 
 def _is_norm(leaf: str, module: nn.Module) -> bool:

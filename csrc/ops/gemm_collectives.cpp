@@ -3,6 +3,8 @@
 // collective); the chunk loops themselves live in csrc/schedule.
 #include "ops/ops.h"
 
+#include <exception>
+#include <functional>
 #include <vector>
 
 #include <ATen/ops/empty.h>
@@ -50,15 +52,26 @@ void check_gemm_args(const char* op, const char* x_name, const at::Tensor& x, co
               ": algorithm 0 (sequential) runs one chunk, so chunks must be 1, got ", chunks);
 }
 
-// Under TORCH_DISTRIBUTED_DEBUG=DETAIL: every rank calls the op with the same collective sizes (rows of
-// x, the width the collective moves), dtype and plan; see comm::check_ranks_agree.
-void check_ranks_agree(const std::string& group_name, const char* op, const at::Tensor& x, const char* width_name,
-                       int64_t width, int64_t chunks, int64_t algorithm) {
-  const int64_t rows = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+// Runs an op's argument checks. `local_checks` see only this rank's arguments and run before any
+// collective, so a bad call fails on the rank that made it. Under TORCH_DISTRIBUTED_DEBUG=DETAIL the
+// ranks first compare what they cannot see alone (comm::check_ranks_agree): the collective's sizes (rows
+// of x, the width it moves), dtype and plan, and whether each rank's local checks passed, so a rank that
+// rejects its arguments does not leave the others waiting in that comparison.
+void check_args(const std::string& group_name, const char* op, const at::Tensor& x, const char* width_name,
+                int64_t width, int64_t chunks, int64_t algorithm, const std::function<void()>& local_checks) {
+  std::exception_ptr rejected;
+  try {
+    local_checks();
+  } catch (...) {
+    rejected = std::current_exception();
+  }
+  const int64_t rows = x.dim() >= 1 ? c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1) : 0;
   comm::check_ranks_agree(group_name, op, x.device(),
-                          {{"rows (leading dims of x flattened)", rows}, {width_name, width},
+                          {{"arguments accepted (1) or rejected (0)", rejected ? 0 : 1},
+                           {"rows (leading dims of x flattened)", rows}, {width_name, width},
                            {"dtype", static_cast<int64_t>(x.scalar_type())}, {"chunks", chunks},
                            {"algorithm", algorithm}});
+  if (rejected) std::rethrow_exception(rejected);
 }
 
 schedule::Plan plan_of(int64_t chunks, int64_t algorithm) {
@@ -66,11 +79,11 @@ schedule::Plan plan_of(int64_t chunks, int64_t algorithm) {
 }
 
 // The residual has the op's output shape; checked before any collective like everything else.
-void check_residual(const char* op, const std::optional<at::Tensor>& residual, const at::Tensor& out,
+void check_residual(const char* op, const std::optional<at::Tensor>& residual, c10::IntArrayRef out_sizes,
                     const at::Tensor& x) {
   if (!residual.has_value()) return;
-  TORCH_CHECK(residual->sizes() == out.sizes(), "tpext.", op, ": residual must have the output's shape ",
-              out.sizes(), ", got ", residual->sizes());
+  TORCH_CHECK(residual->sizes() == out_sizes, "tpext.", op, ": residual must have the output's shape ",
+              out_sizes, ", got ", residual->sizes());
   TORCH_CHECK(residual->scalar_type() == x.scalar_type(), "tpext.", op, ": residual dtype ",
               residual->scalar_type(), " must match x dtype ", x.scalar_type());
   TORCH_CHECK(residual->device() == x.device(), "tpext.", op, ": residual is on ", residual->device(),
@@ -117,11 +130,13 @@ void local_gemm(const at::Tensor& x_rows, const at::Tensor& w, at::Tensor& y_row
 at::Tensor gemm_all_reduce(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
                            const std::string& group_name, int64_t chunks, int64_t algorithm,
                            const std::optional<at::Tensor>& residual) {
-  check_gemm_args("gemm_all_reduce", "x", x, w, bias, chunks, algorithm);
-  at::Tensor y = at::empty(sizes_like(x, x.size(0), w.size(0)), x.options());
-  check_residual("gemm_all_reduce", residual, y, x);
   c10::DeviceGuard guard(x.device());
-  check_ranks_agree(group_name, "gemm_all_reduce", x, "N (w.size(0))", w.size(0), chunks, algorithm);
+  check_args(group_name, "gemm_all_reduce", x, "N (w.size(0))", w.dim() >= 1 ? w.size(0) : -1, chunks, algorithm,
+             [&] {
+               check_gemm_args("gemm_all_reduce", "x", x, w, bias, chunks, algorithm);
+               check_residual("gemm_all_reduce", residual, sizes_like(x, x.size(0), w.size(0)), x);
+             });
+  at::Tensor y = at::empty(sizes_like(x, x.size(0), w.size(0)), x.options());
   auto comm = comm::make_communicator(group_name, "gemm_all_reduce", x.device());
   if (y.numel() == 0) return y;
   at::Tensor y_rows = rows_of(y);  // a view: y is contiguous
@@ -137,16 +152,17 @@ at::Tensor gemm_all_reduce(const at::Tensor& x, const at::Tensor& w, const std::
 at::Tensor gemm_reduce_scatter(const at::Tensor& x, const at::Tensor& w,
                                const std::optional<at::Tensor>& bias, const std::string& group_name,
                                int64_t chunks, int64_t algorithm, const std::optional<at::Tensor>& residual) {
-  check_gemm_args("gemm_reduce_scatter", "x", x, w, bias, chunks, algorithm);
   const int64_t world = comm::group_size(group_name, "gemm_reduce_scatter");
-  TORCH_CHECK(x.size(0) % world == 0, "tpext.gemm_reduce_scatter: x.size(0) = ", x.size(0),
-              " must be divisible by the group size ", world, " (each rank receives x.size(0) / ", world,
-              " rows), got x ", x.sizes());
-
-  at::Tensor y_shard = at::empty(sizes_like(x, x.size(0) / world, w.size(0)), x.options());
-  check_residual("gemm_reduce_scatter", residual, y_shard, x);
   c10::DeviceGuard guard(x.device());
-  check_ranks_agree(group_name, "gemm_reduce_scatter", x, "N (w.size(0))", w.size(0), chunks, algorithm);
+  check_args(group_name, "gemm_reduce_scatter", x, "N (w.size(0))", w.dim() >= 1 ? w.size(0) : -1, chunks,
+             algorithm, [&] {
+               check_gemm_args("gemm_reduce_scatter", "x", x, w, bias, chunks, algorithm);
+               TORCH_CHECK(x.size(0) % world == 0, "tpext.gemm_reduce_scatter: x.size(0) = ", x.size(0),
+                           " must be divisible by the group size ", world, " (each rank receives x.size(0) / ",
+                           world, " rows), got x ", x.sizes());
+               check_residual("gemm_reduce_scatter", residual, sizes_like(x, x.size(0) / world, w.size(0)), x);
+             });
+  at::Tensor y_shard = at::empty(sizes_like(x, x.size(0) / world, w.size(0)), x.options());
   auto comm = comm::make_communicator(group_name, "gemm_reduce_scatter", x.device());
   if (y_shard.numel() == 0) return y_shard;
   at::Tensor y_rows = rows_of(y_shard);  // a view: y_shard is contiguous
@@ -163,10 +179,10 @@ std::tuple<at::Tensor, at::Tensor> all_gather_gemm(const at::Tensor& x_shard, co
                                                    const std::optional<at::Tensor>& bias,
                                                    const std::string& group_name, int64_t chunks,
                                                    int64_t algorithm) {
-  check_gemm_args("all_gather_gemm", "x_shard", x_shard, w, bias, chunks, algorithm);
   c10::DeviceGuard guard(x_shard.device());
-  check_ranks_agree(group_name, "all_gather_gemm", x_shard, "K (x_shard.size(-1))", x_shard.size(-1), chunks,
-                    algorithm);
+  check_args(group_name, "all_gather_gemm", x_shard, "K (x_shard.size(-1))",
+             x_shard.dim() >= 1 ? x_shard.size(-1) : -1, chunks, algorithm,
+             [&] { check_gemm_args("all_gather_gemm", "x_shard", x_shard, w, bias, chunks, algorithm); });
   auto comm = comm::make_communicator(group_name, "all_gather_gemm", x_shard.device());
   const int64_t world = comm->size();
 

@@ -102,12 +102,18 @@ class VocabParallelEmbedding(SharesGroupOnCopy, nn.Module):
 
 class _VocabParallelLookup(SharesGroupOnCopy, nn.Embedding):
     """Stands in for nn.Embedding's lookup under a subclass of it (vocab_parallel_subclass): the
-    subclass's forward runs as written and its super().forward() is VocabParallelEmbedding's."""
+    subclass's forward runs as written and its super().forward() is VocabParallelEmbedding's.
+    padding_idx is the local row of the padding token (None where another rank holds it), as code that
+    initialises `weight[padding_idx]` (nn.Embedding's reset_parameters, Hugging Face's init) needs."""
 
     forward = VocabParallelEmbedding.forward
     _check_ids = VocabParallelEmbedding._check_ids
-    _local_padding_idx = VocabParallelEmbedding._local_padding_idx
+    reset_parameters = VocabParallelEmbedding.reset_parameters
     extra_repr = VocabParallelEmbedding.extra_repr
+
+    @property
+    def _local_padding_idx(self) -> Optional[int]:
+        return self.padding_idx
 
 
 class _LookupCalled(Exception):
@@ -145,9 +151,9 @@ def vocab_parallel_subclass(embedding: nn.Embedding, group: GroupLike = None, **
     lookup = VocabParallelEmbedding.from_dense(embedding, group, **kwargs)
     new = shell_copy(embedding)
     new.__class__ = derived_class(cls, _VocabParallelLookup, wraps=False)
-    for attr in ("group", "tp_size", "tp_rank", "vocab_start", "vocab_end", "sequence_parallel", "sequence_dim",
-                 "padding_idx"):
+    for attr in ("group", "tp_size", "tp_rank", "vocab_start", "vocab_end", "sequence_parallel", "sequence_dim"):
         new.__dict__[attr] = getattr(lookup, attr)
+    new.__dict__["padding_idx"] = lookup._local_padding_idx
     new._parameters["weight"] = lookup.weight
     set_layout(new, "weight", lookup._tpext_layouts["weight"])
     return new

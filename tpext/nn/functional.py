@@ -113,7 +113,7 @@ def all_reduce_residual_rmsnorm(x: Tensor, residual: Tensor | None, weight: Tens
     CUDA messages on a group where tpext.p2p.enable succeeded use the fused P2P kernel; otherwise the
     group's all-reduce (NCCL/gloo) followed by the same arithmetic (tpext.p2p decides, by size).
     The tensors share one dtype; under torch.autocast they are promoted to the widest of theirs, as
-    autocast promotes x + residual (a bf16 partial sum into an fp32 residual stream runs in fp32).
+    x + residual would be (a bf16 partial sum into an fp32 residual stream runs in fp32).
     """
     if torch.is_autocast_enabled(x.device.type):
         tensors = (x, residual, weight, bias)

@@ -9,6 +9,7 @@ the row layer, both overlapped with their GEMM. Uneven feature counts follow sha
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Callable, Optional, Sequence, Union
 
@@ -226,8 +227,8 @@ class SharedInputColumns:
     all-reduced or reduce-scattered once; each layer gets its slice of the output. The concatenated
     weight is a copy made per GEMM (forward, and again in backward), never kept alive in between. The
     others, called next with the same x, take their slice. A layer called with another input, after x or
-    any weight changed in place (an optimizer step), or under another grad / autocast mode, computes
-    afresh.
+    any weight changed in place (an optimizer step; not seen inside a torch.compile graph), or under another
+    grad / autocast mode, computes afresh.
     """
 
     def __init__(self, layers: Sequence[ColumnParallelLinear]):
@@ -246,6 +247,14 @@ class SharedInputColumns:
                    and layer.sequence_parallel == first.sequence_parallel and layer.sequence_dim == first.sequence_dim
                    and (layer.bias is None) == (first.bias is None) and not layer.gather_output for layer in layers)
 
+    def __deepcopy__(self, memo: dict) -> "SharedInputColumns":
+        # The copy shares nothing in flight: outputs kept for layers still to be called stay behind.
+        new = SharedInputColumns.__new__(SharedInputColumns)
+        memo[id(self)] = new
+        new.layers = copy.deepcopy(self.layers, memo)
+        new._x, new._outputs, new._state = None, {}, ()
+        return new
+
     def _state_of(self, x: Tensor) -> tuple:
         """What the cached outputs depend on besides the identity of x."""
         tensors = [x] + [t for layer in self.layers for t in (layer.weight, layer.bias) if t is not None]
@@ -254,7 +263,8 @@ class SharedInputColumns:
             versions = () if torch.compiler.is_compiling() else tuple(t._version for t in tensors)
         except RuntimeError:  # inference tensors keep no version counter (and cannot change in place)
             versions = ()
-        return versions, torch.is_grad_enabled(), torch.is_autocast_enabled(x.device.type)
+        autocast = torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type)
+        return versions, torch.is_grad_enabled(), autocast
 
     def __call__(self, layer: ColumnParallelLinear, x: Tensor) -> Tensor:
         if x is self._x and id(layer) in self._outputs and self._state == self._state_of(x):

@@ -9,6 +9,8 @@ any existing norm module (a model's own class, with its own arithmetic) the same
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import Sequence, Union
 
 import torch
@@ -75,24 +77,39 @@ class SequenceParallelRMSNorm(_SPNorm):
             return F.rms_norm(x, self.normalized_shape, w, self.eps)
 
 
+# One forward at a time swaps parameters (threads, or a checkpoint recompute on the autograd thread):
+# a second one would take the first one's stand-ins for the parameters.
+_SWAP_LOCK = threading.RLock()
+
+
 class _SumsParamGrads(SharesGroupOnCopy):
     """Wraps a module's own class (sum_param_grads; tpext.parallelize's norms): its forward runs unchanged,
     with the module's own parameters read through copy_to_tp, so their gradients are summed over the
     group. Whatever the module computes (Hugging Face's RMSNorm in fp32, Gemma's (1 + weight), Cohere's
-    mean-centred norm) stays exactly as it was; only the gradients change."""
+    mean-centred norm) stays exactly as it was; only the gradients change. A parameter that a wrapper
+    keeps as a plain tensor attribute during forward (FSDP1's views) is read through copy_to_tp too."""
 
     _tpext_group: dist.ProcessGroup
+    _tpext_param_names: tuple[str, ...]
 
     def forward(self, *args, **kwargs):
-        own = dict(self._parameters)
-        try:
-            for name, param in own.items():
-                if param is not None:
-                    self._parameters[name] = mappings.copy_to_tp(param, self._tpext_group)
-            with stats.scope_for(self):
+        # A compiled graph inlines the swap as functional ops: nothing shared changes when it runs.
+        with contextlib.nullcontext() if torch.compiler.is_compiling() else _SWAP_LOCK, stats.scope_for(self):
+            swapped = []  # (where the tensor lives, name, the tensor, its stand-in)
+            try:
+                for name in self._tpext_param_names:
+                    # Where `self.<name>` reads from: the instance dict first (a wrapper's plain tensor).
+                    where = self.__dict__ if isinstance(self.__dict__.get(name), Tensor) else self._parameters
+                    tensor = where.get(name)
+                    if isinstance(tensor, Tensor):
+                        stand_in = mappings.copy_to_tp(tensor, self._tpext_group)
+                        where[name] = stand_in
+                        swapped.append((where, name, tensor, stand_in))
                 return super().forward(*args, **kwargs)
-        finally:
-            self._parameters.update(own)
+            finally:
+                for where, name, tensor, stand_in in swapped:
+                    if where.get(name) is stand_in:  # unless the forward itself replaced it
+                        where[name] = tensor
 
     def extra_repr(self) -> str:
         inner = super().extra_repr()
@@ -109,4 +126,5 @@ def sum_param_grads(module: nn.Module, group: GroupLike = None) -> nn.Module:
         return module
     module.__class__ = derived_class(type(module), _SumsParamGrads, wraps=True)
     module._tpext_group = pg
+    module._tpext_param_names = tuple(name for name, _ in module.named_parameters(recurse=False))
     return module
