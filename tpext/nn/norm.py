@@ -9,7 +9,6 @@ any existing norm module (a model's own class, with its own arithmetic) the same
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from typing import Sequence, Union
 
@@ -93,23 +92,27 @@ class _SumsParamGrads(SharesGroupOnCopy):
     _tpext_param_names: tuple[str, ...]
 
     def forward(self, *args, **kwargs):
-        # A compiled graph inlines the swap as functional ops: nothing shared changes when it runs.
-        with contextlib.nullcontext() if torch.compiler.is_compiling() else _SWAP_LOCK, stats.scope_for(self):
-            swapped = []  # (where the tensor lives, name, the tensor, its stand-in)
-            try:
-                for name in self._tpext_param_names:
-                    # Where `self.<name>` reads from: the instance dict first (a wrapper's plain tensor).
-                    where = self.__dict__ if isinstance(self.__dict__.get(name), Tensor) else self._parameters
-                    tensor = where.get(name)
-                    if isinstance(tensor, Tensor):
-                        stand_in = mappings.copy_to_tp(tensor, self._tpext_group)
-                        where[name] = stand_in
-                        swapped.append((where, name, tensor, stand_in))
-                return super().forward(*args, **kwargs)
-            finally:
-                for where, name, tensor, stand_in in swapped:
-                    if where.get(name) is stand_in:  # unless the forward itself replaced it
-                        where[name] = tensor
+        if torch.compiler.is_compiling():  # the graph inlines the swap as functional ops: nothing shared changes
+            return self._forward_swapped(args, kwargs)
+        with _SWAP_LOCK, stats.scope_for(self):
+            return self._forward_swapped(args, kwargs)
+
+    def _forward_swapped(self, args: tuple, kwargs: dict):
+        swapped = []  # (where the tensor lives, name, the tensor, its stand-in)
+        try:
+            for name in self._tpext_param_names:
+                # Where `self.<name>` reads from: the instance dict first (a wrapper's plain tensor).
+                where = self.__dict__ if isinstance(self.__dict__.get(name), Tensor) else self._parameters
+                tensor = where.get(name)
+                if isinstance(tensor, Tensor):
+                    stand_in = mappings.copy_to_tp(tensor, self._tpext_group)
+                    where[name] = stand_in
+                    swapped.append((where, name, tensor, stand_in))
+            return super().forward(*args, **kwargs)
+        finally:
+            for where, name, tensor, stand_in in swapped:
+                if where.get(name) is stand_in:  # unless the forward itself replaced it
+                    where[name] = tensor
 
     def extra_repr(self) -> str:
         inner = super().extra_repr()
