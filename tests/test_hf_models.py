@@ -6,8 +6,9 @@ as [*, V]. Under SP and with a vocab-parallel lm_head all of that must still see
 Checked: logits, the labels loss and every parameter gradient, fp32, tp 2 and 4, SP on and off, kv heads
 above, equal to and below tp, a padded batch, Llama (sdpa and eager attention), Mistral, Qwen2 (q/k/v
 biases), Qwen3 (per-head q/k norms, tied embeddings), Gemma (a scaled embedding subclass, norms that
-scale by 1 + weight) and Cohere (mean-centred norms without bias, attention and MLP side by side): the
-model's own embedding and norm code runs unchanged. Also greedy generation with gathered logits, token
+scale by 1 + weight), Cohere (mean-centred norms without bias, attention and MLP side by side) and Phi3
+(packed qkv / gate_up, split at the config's head count): the model's own embedding, norm and attention
+code runs unchanged. Also greedy generation with gathered logits, token
 for token, and heads with replicated weights (sequence classification) and base models under SP.
 """
 
@@ -33,7 +34,7 @@ TOL = dict(rtol=1e-5, atol=1e-6)
 CASES = [("llama", 4, False, "sdpa", False), ("llama", 4, True, "sdpa", False), ("llama", 2, True, "eager", True),
          ("llama", 1, True, "sdpa", False), ("mistral", 2, True, "sdpa", True), ("qwen2", 2, True, "sdpa", False),
          ("qwen3", 1, True, "eager", False), ("qwen3", 4, False, "sdpa", True), ("gemma", 2, True, "sdpa", True),
-         ("gemma", 4, False, "eager", False), ("cohere", 2, True, "sdpa", False)]
+         ("gemma", 4, False, "eager", False), ("cohere", 2, True, "sdpa", False), ("phi3", 2, True, "sdpa", True)]
 
 
 def _model(arch: str, kv: int, attn: str):
@@ -42,8 +43,11 @@ def _model(arch: str, kv: int, attn: str):
                              "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
                              "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
                              "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
-                             "cohere": (transformers.CohereConfig, transformers.CohereForCausalLM)}[arch]
+                             "cohere": (transformers.CohereConfig, transformers.CohereForCausalLM),
+                             "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM)}[arch]
     extra = {"head_dim": 8, "tie_word_embeddings": True} if arch in ("qwen3", "gemma") else {}  # as the small ones
+    if arch == "phi3":  # its default token ids are beyond this vocabulary
+        extra.update(pad_token_id=0, eos_token_id=1)
     config = config_cls(**SMALL, **extra, num_key_value_heads=kv, attn_implementation=attn)
     torch.manual_seed(0)
     model = model_cls(config).float()

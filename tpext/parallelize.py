@@ -20,7 +20,7 @@ in whole heads, so the local weight holds this rank's q, k and v heads, never a 
 Grouped-query attention: with tp <= kv heads the kv heads are sharded (tp must divide them); with
 tp > kv heads each kv head is replicated over tp / kv ranks (tp must be a multiple), and the gradients
 of the replicas are summed. Attention modules get their local head counts (`num_heads`,
-`num_key_value_heads`, `num_key_value_groups`).
+`num_key_value_heads`, `num_key_value_groups`, and in a view of their `config`).
 
 Sequence parallelism (sequence_parallel=True): between the row-parallel output and the next
 column-parallel input, activations are sequence shards; for batch-first [b, s, h] models the sharded
@@ -271,6 +271,27 @@ def _set_local_heads(model: nn.Module, converted: dict[str, nn.Module], world: i
                             ("num_key_value_heads", local_kv), ("num_key_value_groups", local_q // local_kv)):
             if hasattr(attn, attr):
                 setattr(attn, attr, value)
+        if hasattr(getattr(attn, "config", None), "num_attention_heads"):
+            heads = {"num_attention_heads": local_q, "num_key_value_heads": local_kv}
+            attn.config = _LocalHeadsConfig(attn.config, heads)
+
+
+class _LocalHeadsConfig:
+    """An attention module's view of the model config with this rank's head counts, for attention code that
+    reads them from its config in forward (Phi3 splits its packed qkv at config.num_attention_heads *
+    head_dim). Every other attribute, and every write, is the model's config itself."""
+
+    def __init__(self, config, heads: dict[str, int]):
+        self.__dict__.update(_tpext_config=config, _tpext_heads=heads)
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):  # copy/pickle protocols stay this object's own
+            raise AttributeError(name)
+        heads = self.__dict__["_tpext_heads"]
+        return heads[name] if name in heads else getattr(self.__dict__["_tpext_config"], name)
+
+    def __setattr__(self, name: str, value) -> None:
+        setattr(self.__dict__["_tpext_config"], name, value)
 
 
 def parallelize(model: nn.Module, group: GroupLike = None, plan: Union[str, Plan] = "auto", *,
