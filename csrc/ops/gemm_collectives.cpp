@@ -125,6 +125,27 @@ void local_gemm(const at::Tensor& x_rows, const at::Tensor& w, at::Tensor& y_row
   if (epilogue) epilogue(y_rows, 0);
 }
 
+// The body the two reducing ops share once their arguments are checked: x @ w.T into `out` (y, or this
+// rank's y_shard), reduced by `schedule_fn` over the group's communicator, or one local GEMM for a
+// group of one; bias and residual added once by the epilogue.
+using ReducingSchedule = void (*)(const at::Tensor&, const at::Tensor&, at::Tensor&, comm::Communicator&,
+                                  const schedule::Plan&, const schedule::RowsEpilogue&);
+at::Tensor reducing_gemm(at::Tensor out, const at::Tensor& x, const at::Tensor& w,
+                         const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                         const std::string& group_name, const char* op, const schedule::Plan& plan,
+                         ReducingSchedule schedule_fn) {
+  auto comm = comm::make_communicator(group_name, op, x.device());
+  if (out.numel() == 0) return out;
+  at::Tensor out_rows = rows_of(out);  // a view: out is contiguous
+  const auto epilogue = add_epilogue(bias, residual);
+  if (comm->local()) {
+    local_gemm(rows_of(x), w, out_rows, epilogue);
+  } else {
+    schedule_fn(rows_of(x), w, out_rows, *comm, plan, epilogue);
+  }
+  return out;
+}
+
 }  // namespace
 
 at::Tensor gemm_all_reduce(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
@@ -136,17 +157,8 @@ at::Tensor gemm_all_reduce(const at::Tensor& x, const at::Tensor& w, const std::
                check_gemm_args("gemm_all_reduce", "x", x, w, bias, chunks, algorithm);
                check_residual("gemm_all_reduce", residual, sizes_like(x, x.size(0), w.size(0)), x);
              });
-  at::Tensor y = at::empty(sizes_like(x, x.size(0), w.size(0)), x.options());
-  auto comm = comm::make_communicator(group_name, "gemm_all_reduce", x.device());
-  if (y.numel() == 0) return y;
-  at::Tensor y_rows = rows_of(y);  // a view: y is contiguous
-  const auto epilogue = add_epilogue(bias, residual);
-  if (comm->local()) {
-    local_gemm(rows_of(x), w, y_rows, epilogue);
-  } else {
-    schedule::gemm_all_reduce(rows_of(x), w, y_rows, *comm, plan_of(chunks, algorithm), epilogue);
-  }
-  return y;
+  return reducing_gemm(at::empty(sizes_like(x, x.size(0), w.size(0)), x.options()), x, w, bias, residual,
+                       group_name, "gemm_all_reduce", plan_of(chunks, algorithm), &schedule::gemm_all_reduce);
 }
 
 at::Tensor gemm_reduce_scatter(const at::Tensor& x, const at::Tensor& w,
@@ -162,17 +174,8 @@ at::Tensor gemm_reduce_scatter(const at::Tensor& x, const at::Tensor& w,
                            world, " rows), got x ", x.sizes());
                check_residual("gemm_reduce_scatter", residual, sizes_like(x, x.size(0) / world, w.size(0)), x);
              });
-  at::Tensor y_shard = at::empty(sizes_like(x, x.size(0) / world, w.size(0)), x.options());
-  auto comm = comm::make_communicator(group_name, "gemm_reduce_scatter", x.device());
-  if (y_shard.numel() == 0) return y_shard;
-  at::Tensor y_rows = rows_of(y_shard);  // a view: y_shard is contiguous
-  const auto epilogue = add_epilogue(bias, residual);
-  if (comm->local()) {
-    local_gemm(rows_of(x), w, y_rows, epilogue);
-  } else {
-    schedule::gemm_reduce_scatter(rows_of(x), w, y_rows, *comm, plan_of(chunks, algorithm), epilogue);
-  }
-  return y_shard;
+  return reducing_gemm(at::empty(sizes_like(x, x.size(0) / world, w.size(0)), x.options()), x, w, bias, residual,
+                       group_name, "gemm_reduce_scatter", plan_of(chunks, algorithm), &schedule::gemm_reduce_scatter);
 }
 
 std::tuple<at::Tensor, at::Tensor> all_gather_gemm(const at::Tensor& x_shard, const at::Tensor& w,
