@@ -1,8 +1,8 @@
 """torch.compile(fullgraph=True) of a parallelized model: one graph, no break, same numbers as eager.
 
-tpext's Llama and a Hugging Face Llama at tp 2 with sequence parallelism (the split and gather hooks,
-the shared q/k/v input, the overlapped ops, the vocab-parallel loss): logits, loss and every parameter
-gradient of the compiled model against the eager one, fp32.
+tpext's Llama and Hugging Face's Llama and OLMo2 at tp 2 with sequence parallelism (the split and
+gather hooks, the shared q/k/v input, the overlapped ops, the vocab-parallel loss, OLMo2's q/k norms over
+the group): logits, loss and every parameter gradient of the compiled model against the eager one, fp32.
 """
 
 from __future__ import annotations
@@ -29,8 +29,10 @@ def _check(kind: str) -> None:
         dense = LlamaForCausalLM(LlamaConfig(**SMALL), dtype=torch.float32)
     else:
         transformers = pytest.importorskip("transformers")
-        dense = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMALL, use_cache=False,
-                                                                       max_position_embeddings=64)).float()
+        config_cls, model_cls = {"hf": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+                                 "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM)}[kind]
+        config = config_cls(**SMALL, use_cache=False, max_position_embeddings=64, pad_token_id=0, eos_token_id=1)
+        dense = model_cls(config).float()
     eager = tpext.parallelize(dense, sequence_parallel=True)
     compiled_model = copy.deepcopy(eager)
     ids = torch.randint(0, 100, (2, 4 * world), generator=torch.Generator().manual_seed(1))
@@ -53,6 +55,6 @@ def _check(kind: str) -> None:
         torch.testing.assert_close(p.grad, q.grad, **TOL, msg=lambda m: f"{kind}: grad {name}: {m}")
 
 
-@pytest.mark.parametrize("kind", ["tpext", "hf"])
+@pytest.mark.parametrize("kind", ["tpext", "hf", "olmo2"])
 def test_compiled_model_fullgraph(kind):
     run_ranks(_check, 2, kind, timeout_s=600)

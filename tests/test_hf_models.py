@@ -6,9 +6,10 @@ as [*, V]. Under SP and with a vocab-parallel lm_head all of that must still see
 Checked: logits, the labels loss and every parameter gradient, fp32, tp 2 and 4, SP on and off, kv heads
 above, equal to and below tp, a padded batch, Llama (sdpa and eager attention), Mistral, Qwen2 (q/k/v
 biases), Qwen3 (per-head q/k norms, tied embeddings), Gemma (a scaled embedding subclass, norms that
-scale by 1 + weight), Cohere (mean-centred norms without bias, attention and MLP side by side) and Phi3
-(packed qkv / gate_up, split at the config's head count): the model's own embedding, norm and attention
-code runs unchanged. Also greedy generation with gathered logits, token
+scale by 1 + weight), Cohere (mean-centred norms without bias, attention and MLP side by side, q/k
+norms with a weight per head), Phi3 (packed qkv / gate_up, split at the config's head count) and OLMo2
+(q/k RMSNorms over all heads' features, kv heads replicated at tp 4): the model's own embedding, norm
+and attention code runs unchanged (OLMo2's q/k norms excepted: their statistic spans the group). Also greedy generation with gathered logits, token
 for token, and heads with replicated weights (sequence classification) and base models under SP.
 """
 
@@ -22,7 +23,7 @@ import torch
 import tpext
 from dist import run_ranks
 from tpext import mappings
-from tpext.sharding import layouts
+from tpext.sharding import Piece, layouts
 
 transformers = pytest.importorskip("transformers")
 
@@ -34,7 +35,8 @@ TOL = dict(rtol=1e-5, atol=1e-6)
 CASES = [("llama", 4, False, "sdpa", False), ("llama", 4, True, "sdpa", False), ("llama", 2, True, "eager", True),
          ("llama", 1, True, "sdpa", False), ("mistral", 2, True, "sdpa", True), ("qwen2", 2, True, "sdpa", False),
          ("qwen3", 1, True, "eager", False), ("qwen3", 4, False, "sdpa", True), ("gemma", 2, True, "sdpa", True),
-         ("gemma", 4, False, "eager", False), ("cohere", 2, True, "sdpa", False), ("phi3", 2, True, "sdpa", True)]
+         ("gemma", 4, False, "eager", False), ("cohere", 2, True, "sdpa", False), ("phi3", 2, True, "sdpa", True),
+         ("olmo2", 2, True, "sdpa", True), ("olmo2", 1, False, "eager", False)]
 
 
 def _model(arch: str, kv: int, attn: str):
@@ -44,10 +46,13 @@ def _model(arch: str, kv: int, attn: str):
                              "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
                              "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
                              "cohere": (transformers.CohereConfig, transformers.CohereForCausalLM),
-                             "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM)}[arch]
+                             "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
+                             "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM)}[arch]
     extra = {"head_dim": 8, "tie_word_embeddings": True} if arch in ("qwen3", "gemma") else {}  # as the small ones
-    if arch == "phi3":  # its default token ids are beyond this vocabulary
+    if arch in ("phi3", "olmo2", "cohere"):  # their default token ids are beyond this vocabulary
         extra.update(pad_token_id=0, eos_token_id=1)
+    if arch == "cohere":  # a layer norm per head, with a weight per head
+        extra.update(use_qk_norm=True)
     config = config_cls(**SMALL, **extra, num_key_value_heads=kv, attn_implementation=attn)
     torch.manual_seed(0)
     model = model_cls(config).float()
@@ -189,14 +194,45 @@ def test_classification_head_and_base_model(sp):
     run_ranks(_heads, 2, sp)
 
 
-def test_norm_over_all_heads_is_refused():
-    """OLMo2 normalises q and k over all heads' features together: sharding the heads would split what the
-    norm averages over, so plan='auto' names those norms instead of converting the model wrongly."""
-    config = transformers.Olmo2Config(**SMALL, num_key_value_heads=2, pad_token_id=0)
+def test_attention_norm_plans():
+    """q/k norms inside attention, by the features their weight covers: all query or all key heads (OLMo2's
+    RMSNorm, Cohere's weight per head) are sharded with those heads; any other size is named, not guessed."""
+    config = transformers.Olmo2Config(**SMALL, num_key_value_heads=2, pad_token_id=0, eos_token_id=1)
     model = transformers.Olmo2ForCausalLM(config)
-    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_norm \(Olmo2RMSNorm over all heads' "
-                                         r"features or with a weight per head: tensor parallelism would split it\)"):
+    plan = tpext.auto_plan(model)
+    assert plan["model.layers.0.self_attn.q_norm"] == tpext.Style("colwise", (Piece(8, 8),))
+    assert plan["model.layers.0.self_attn.k_norm"] == tpext.Style("colwise", (Piece(2, 8),))
+    model.model.layers[1].self_attn.k_norm = type(model.model.layers[1].self_attn.k_norm)(24)
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.k_norm \(Olmo2RMSNorm with a weight of 24 "
+                                         r"features: neither one head's, nor all query or key heads'\)"):
         tpext.auto_plan(model)
+
+
+def _qk_norm_checkpoint(arch: str, path: str) -> None:
+    """OLMo2's and Cohere's sharded q/k norm weights gather back to the dense state dict bit for bit, load
+    from the dense checkpoint into their slices, and survive copy.deepcopy: the dense logits every time."""
+    world = torch.distributed.get_world_size()
+    dense = _model(arch, 2, "sdpa")
+    model = tpext.parallelize(copy.deepcopy(dense))
+    state = tpext.gather_state_dict(model)
+    for name, tensor in dense.state_dict().items():
+        assert torch.equal(state[name], tensor), f"{arch} tp={world}: {name}"
+    ids = torch.randint(0, SMALL["vocab_size"], (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = dense(input_ids=ids).logits
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+        tpext.load_checkpoint(model, path)
+        for m in (model, copy.deepcopy(model)):
+            logits = mappings.gather_from_tp(m(input_ids=ids).logits, SMALL["vocab_size"])
+            torch.testing.assert_close(logits, ref, **TOL, msg=lambda msg: f"{arch} tp={world}: {msg}")
+
+
+@pytest.mark.parametrize("arch", ["olmo2", "cohere"])
+def test_qk_norm_checkpoint_and_copy(tmp_path, arch):
+    tpext.save_checkpoint(_model(arch, 2, "sdpa"), tmp_path / "dense.safetensors")
+    run_ranks(_qk_norm_checkpoint, 4, arch, str(tmp_path / "dense.safetensors"))
 
 
 def _gemma_padding() -> tuple:

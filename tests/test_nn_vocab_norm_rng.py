@@ -1,4 +1,5 @@
-"""VocabParallelEmbedding, vocab_parallel_cross_entropy, the SP norms and the RNG tracker vs dense torch."""
+"""VocabParallelEmbedding, vocab_parallel_cross_entropy, the SP norms, the norms of column-sharded heads
+and the RNG tracker vs dense torch."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import torch.nn.functional as F
 import tpext
 from dist import run_ranks
 from tpext.distributed import shard_range
-from tpext.nn import SequenceParallelLayerNorm, SequenceParallelRMSNorm, VocabParallelEmbedding, sum_param_grads
+from tpext.nn import (ColumnParallelLinear, ColumnParallelRMSNorm, RowParallelLinear, SequenceParallelLayerNorm,
+                      SequenceParallelRMSNorm, VocabParallelEmbedding, shard_norm_features, sum_param_grads)
 from tpext.nn.functional import vocab_parallel_cross_entropy
+from tpext.sharding import Piece
 
 f64 = torch.float64
 TOL = {"rtol": 1e-12, "atol": 1e-12}
@@ -139,6 +142,117 @@ def test_sequence_parallel_norms_all_reduce_their_grads(world_size):
     counts = run_ranks(_check_norms, world_size)[0]
     want = {"layernorm": 2, "rmsnorm": 1, "sum_param_grads(nn.LayerNorm)": 2, "sum_param_grads(1 + weight)": 1}
     assert counts == (want if world_size > 1 else {name: 0 for name in want})
+
+
+class _PerHeadNorm(torch.nn.Module):
+    """Cohere's q/k norm: a mean-centred norm of each head of x [*, heads, head_dim], with a weight per head."""
+
+    def __init__(self, heads: int, head_dim: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(heads, head_dim, dtype=f64))
+
+    def forward(self, x):
+        return F.layer_norm(x, x.shape[-1:], eps=1e-5) * self.weight
+
+
+def _check_head_norms() -> dict:
+    """Column-parallel linear -> a norm of its heads -> row-parallel linear, vs the dense chain in fp64:
+    an RMSNorm over all heads' features (ColumnParallelRMSNorm, and nn.RMSNorm converted with its class
+    kept) and a per-head norm with a weight per head. Output, input gradient and every weight gradient."""
+    world = tdist.get_world_size()
+    heads, d = 4, 3
+    g = torch.Generator().manual_seed(0)
+    x, dy = torch.randn(2, 5, 8, generator=g, dtype=f64), torch.randn(2, 5, 6, generator=g, dtype=f64)
+    repr_of = {}
+    for name in ("ColumnParallelRMSNorm", "nn.RMSNorm", "per-head weights"):
+        torch.manual_seed(1)
+        up, down = torch.nn.Linear(8, heads * d, dtype=f64), torch.nn.Linear(heads * d, 6, dtype=f64)
+        dense_norm = (_PerHeadNorm(heads, d) if name == "per-head weights"
+                      else torch.nn.RMSNorm(heads * d, eps=1e-6, dtype=f64))
+        with torch.no_grad():
+            dense_norm.weight.copy_(torch.rand(dense_norm.weight.shape, generator=g, dtype=f64) + 0.5)
+        pieces = (Piece(heads, d),)
+        col = ColumnParallelLinear.from_dense(up, pieces=pieces)
+        row = RowParallelLinear.from_dense(down, pieces=pieces)
+        if name == "ColumnParallelRMSNorm":
+            norm = ColumnParallelRMSNorm(heads * d, eps=1e-6, pieces=pieces, dtype=f64)
+            with torch.no_grad():
+                norm.weight.copy_(norm._tpext_layouts["weight"].local_from_dense(dense_norm.weight))
+        else:
+            norm = shard_norm_features(dense_norm, None, pieces)
+            assert type(norm).__name__ == type(dense_norm).__name__ and isinstance(norm, type(dense_norm)), name
+        repr_of[name] = repr(norm)
+        xr, xd = x.clone().requires_grad_(), x.clone().requires_grad_()
+        def call(m, h):  # the per-head norm gets [*, heads, head_dim], as Cohere's attention calls it
+            return m(h.unflatten(-1, (-1, d))).flatten(-2) if name == "per-head weights" else m(h)
+
+        y_ref = down(call(dense_norm, up(xr)))
+        (y_ref * dy).sum().backward()
+        y = row(call(norm, col(xd)))
+        (y * dy).sum().backward()
+        what = f"{name} tp={world}"
+        torch.testing.assert_close(y, y_ref, **TOL, msg=lambda m: f"{what}: output: {m}")
+        torch.testing.assert_close(xd.grad, xr.grad, **TOL, msg=lambda m: f"{what}: grad x: {m}")
+        for module, dense in ((col, up), (norm, dense_norm), (row, down)):
+            layout = getattr(module, "_tpext_layouts", {}).get("weight")
+            want = layout.local_from_dense(dense.weight.grad) if layout else dense.weight.grad
+            torch.testing.assert_close(module.weight.grad, want, **TOL,
+                                       msg=lambda m: f"{what}: grad {type(module).__name__}: {m}")
+    return repr_of
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_norms_of_column_sharded_heads_match_dense(world_size):
+    reprs = run_ranks(_check_head_norms, world_size)[0]
+    if world_size == 4:
+        assert "12 features over tp=4, local=3, eps=1e-06" in reprs["ColumnParallelRMSNorm"], reprs
+        assert reprs["nn.RMSNorm"].startswith("RMSNorm(12 features over tp=4"), reprs
+
+
+class _OnePlusWeightRMS(torch.nn.Module):
+    def __init__(self, n: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(n))
+        self.eps = 1e-6
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * (1 + self.weight)
+
+
+def _head_norm_errors() -> list[str]:
+    pieces = (Piece(4, 3),)
+    cases = [
+        torch.nn.LayerNorm((4, 3)),  # normalises across heads
+        torch.nn.LayerNorm(12),  # a mean and a bias: not an RMSNorm
+        _OnePlusWeightRMS(12),  # scales by 1 + weight
+        torch.nn.RMSNorm(10),  # not the features of the pieces
+    ]
+    messages = []
+    for module in cases:
+        with pytest.raises(ValueError) as err:
+            shard_norm_features(module, None, pieces)
+        messages.append(str(err.value))
+    norm = ColumnParallelRMSNorm(12, pieces=pieces)
+    with pytest.raises(ValueError) as err:
+        norm(torch.zeros(2, 12))
+    messages.append(str(err.value))
+    with pytest.raises(ValueError) as err:
+        ColumnParallelRMSNorm(12, pieces=(Piece(4, 4),))
+    messages.append(str(err.value))
+    return messages
+
+
+def test_norms_of_column_sharded_heads_errors():
+    messages = run_ranks(_head_norm_errors, 2)[0]
+    want = ["cannot shard LayerNorm by heads: on this rank's heads alone it does not compute what it computes on "
+            "all of them",
+            "cannot shard LayerNorm over features: it has parameters ['bias', 'weight']",
+            "cannot shard _OnePlusWeightRMS over features: it does not compute RMSNorm",
+            "cannot shard RMSNorm over 12 features ([Piece(units=4, unit_size=3)]): its weight is [10]",
+            "ColumnParallelRMSNorm: input must be [*, 6] (this rank's features of 12), got shape (2, 12)",
+            "ColumnParallelRMSNorm: pieces [Piece(units=4, unit_size=4)] add up to 16, not normalized_size 12"]
+    for message, expected in zip(messages, want, strict=True):
+        assert expected in message, (expected, message)
 
 
 def _rng_draws() -> tuple:

@@ -138,7 +138,10 @@ def _materialize(model: nn.Module, entries: list[Entry], device) -> None:
 
 
 def _group_of(e: Entry):
-    return getattr(e.module, "group", None)
+    """The group a sharded tensor is split over: tpext's modules' `group`, or `_tpext_group` of a model's
+    own module that tpext converted (a q/k norm holding this rank's heads)."""
+    group = getattr(e.module, "_tpext_group", None)
+    return group if group is not None else getattr(e.module, "group", None)
 
 
 def _full_local(t: Tensor) -> Tensor:

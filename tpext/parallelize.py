@@ -3,7 +3,9 @@
 A plan is data: a dict from module-name patterns (fnmatch wildcards over the dense names, e.g.
 "model.layers.*.mlp.down_proj"; the first matching pattern wins) to a style:
 
-    "colwise"            nn.Linear -> ColumnParallelLinear (output features sharded)
+    "colwise"            nn.Linear -> ColumnParallelLinear (output features sharded); on a norm of a
+                         colwise layer's output (a q/k norm over all heads, or with a weight per head):
+                         this rank's heads of its weight (tpext.nn.shard_norm_features)
     "rowwise"            nn.Linear -> RowParallelLinear (input features sharded, output reduced)
     "vocab"              nn.Embedding -> VocabParallelEmbedding; on an nn.Linear (lm_head) = "colwise":
                          vocabulary-sharded logits for vocab_parallel_cross_entropy
@@ -33,8 +35,10 @@ gathers the decoder stack's output itself (the hidden states the model returns a
 shards); without one (a base model, a replicated classification head) the stack's output is gathered
 back to the full sequence.
 
-Converted norms keep their own class and code (tpext.nn.sum_param_grads); an nn.Embedding subclass
-keeps its forward around the vocab-parallel lookup; an nn.Linear subclass with its own forward is refused.
+Converted norms keep their own class and code (tpext.nn.sum_param_grads), except a q/k RMSNorm over all
+heads' features (OLMo2's), which keeps its class and computes its statistic over the group (checked against
+its own forward first); an nn.Embedding subclass keeps its forward around the vocab-parallel lookup; an
+nn.Linear subclass with its own forward is refused.
 """
 
 from __future__ import annotations
@@ -50,14 +54,14 @@ from tpext.nn import (ColumnParallelLinear, RowParallelLinear, SequenceParallelL
                       SharedInputColumns, VocabParallelEmbedding, sum_param_grads)
 from tpext.nn._class_swap import shell_copy
 from tpext.nn.embedding import _VocabParallelLookup, vocab_parallel_subclass
-from tpext.nn.norm import _SumsParamGrads
+from tpext.nn.norm import _ColumnParallelRMS, _SumsParamGrads, shard_norm_features
 from tpext.model_hooks import add_causal_lm_loss, add_sequence_hooks
 from tpext.sharding import Piece
 
 __all__ = ["Style", "parallelize", "auto_plan", "STYLES"]
 
 _TPEXT_MODULES = (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, SequenceParallelLayerNorm,
-                  SequenceParallelRMSNorm, _SumsParamGrads, _VocabParallelLookup)
+                  SequenceParallelRMSNorm, _SumsParamGrads, _ColumnParallelRMS, _VocabParallelLookup)
 
 STYLES = ("colwise", "rowwise", "vocab", "sequence_parallel", "replicate")
 
@@ -163,9 +167,12 @@ def auto_plan(model: nn.Module, *, sequence_parallel: bool = False,
         elif _is_norm(leaf, module) and hasattr(parent, "o_proj") and _per_head(module, parent, config):
             # Inside attention (Qwen3's q_norm / k_norm): it normalises each head, so this rank's heads only.
             plan[name] = Style("replicate", sum_grads=True)
+        elif _is_norm(leaf, module) and hasattr(parent, "o_proj") and (pieces := _norm_pieces(module, parent, config)):
+            # Over all heads' features (OLMo2's) or with a weight per head (Cohere's): this rank's heads.
+            plan[name] = Style("colwise", pieces)
         elif _is_norm(leaf, module) and hasattr(parent, "o_proj"):
-            unplaced.append(f"{name} ({type(module).__name__} over all heads' features or with a weight per head: "
-                            "tensor parallelism would split it)")
+            unplaced.append(f"{name} ({type(module).__name__} with a weight of {getattr(module, 'weight').numel()} "
+                            "features: neither one head's, nor all query or key heads')")
         elif _is_norm(leaf, module):
             plan[name] = Style("sequence_parallel" if sequence_parallel else "replicate")
         else:
@@ -184,6 +191,15 @@ def _per_head(norm: nn.Module, attn: nn.Module, config) -> bool:
     (Qwen3's), rather than all heads' features together (OLMo2's) or with a weight per head (Cohere's)."""
     weight = getattr(norm, "weight", None)
     return weight is None or weight.numel() == _heads(attn, config)[2]  # one weight shared by all heads
+
+
+def _norm_pieces(norm: nn.Module, attn: nn.Module, config) -> Optional[tuple[Piece, ...]]:
+    """The heads of a norm inside attention whose weight covers all query heads or all kv heads (the
+    features of q_proj's or k_proj's output), or None."""
+    hq, hkv, d = _heads(attn, config)
+    weight = getattr(norm, "weight", None)
+    numel = weight.numel() if weight is not None else 0
+    return (Piece(hq, d),) if numel == hq * d else (Piece(hkv, d),) if numel == hkv * d else None
 
 
 def _is_norm(leaf: str, module: nn.Module) -> bool:
@@ -242,6 +258,16 @@ def _convert(name: str, module: nn.Module, parent: nn.Module, style: Style, grou
             return vocab_parallel_subclass(module, group, **common)
         except ValueError as exc:
             raise ValueError(f"tpext.parallelize: {name}: {exc}") from exc
+    if kind == "colwise" and not isinstance(module, (nn.Linear, nn.Embedding)) and hasattr(module, "weight"):
+        pieces = pieces or (_norm_pieces(module, parent, config) if hasattr(parent, "o_proj") else None)
+        if pieces is None:
+            raise ValueError(f"tpext.parallelize: {name} ({type(module).__name__}) is colwise, which for a norm "
+                             "needs the pieces of the features it normalises: Style('colwise', (Piece(heads, "
+                             "head_dim),))")
+        try:
+            return shard_norm_features(module, group, pieces)
+        except ValueError as exc:
+            raise ValueError(f"tpext.parallelize: {name}: {exc}") from exc
     if kind == "sequence_parallel" and hasattr(module, "weight"):
         return sum_param_grads(shell_copy(module), group) if sp else module
     if kind == "replicate" and style.sum_grads and hasattr(module, "weight"):
@@ -249,7 +275,8 @@ def _convert(name: str, module: nn.Module, parent: nn.Module, style: Style, grou
     if kind == "replicate" and not style.sum_grads:
         return module
     raise ValueError(f"tpext.parallelize: style {kind!r} does not apply to {name} ({type(module).__name__}); "
-                     "colwise/rowwise take nn.Linear, vocab takes nn.Embedding or nn.Linear, "
+                     "colwise/rowwise take nn.Linear (colwise also a norm of a colwise layer's heads), vocab "
+                     "takes nn.Embedding or nn.Linear, "
                      "sequence_parallel and replicate with sum_grads take a norm with a weight")
 
 

@@ -3,9 +3,11 @@
 from tpext.nn import functional
 from tpext.nn.embedding import VocabParallelEmbedding
 from tpext.nn.linear import ColumnParallelLinear, RowParallelLinear, SharedInputColumns
-from tpext.nn.norm import SequenceParallelLayerNorm, SequenceParallelRMSNorm, sum_param_grads
+from tpext.nn.norm import (ColumnParallelRMSNorm, SequenceParallelLayerNorm, SequenceParallelRMSNorm,
+                           shard_norm_features, sum_param_grads)
 
 __all__ = [
     "ColumnParallelLinear", "RowParallelLinear", "SharedInputColumns", "VocabParallelEmbedding",
-    "SequenceParallelLayerNorm", "SequenceParallelRMSNorm", "sum_param_grads", "functional",
+    "SequenceParallelLayerNorm", "SequenceParallelRMSNorm", "ColumnParallelRMSNorm", "sum_param_grads",
+    "shard_norm_features", "functional",
 ]

@@ -5,12 +5,20 @@ every rank's weight gradient covers only its tokens, so the gradients must be su
 These modules do that themselves (the weights pass through copy_to_tp, whose backward all-reduces), so
 the replicas stay identical without any hook or step for the user to remember. `sum_param_grads` gives
 any existing norm module (a model's own class, with its own arithmetic) the same gradient rule.
+
+Norms of a column-parallel layer's output (q/k norms inside sharded attention) see only this rank's heads.
+A norm of each head on its own with one shared weight (Qwen3's) needs only summed gradients. A norm
+with a weight per head (Cohere's, weight [heads, head_dim]) keeps its code with this rank's rows of the
+weight. A norm over all heads' features together (OLMo2's) is ColumnParallelRMSNorm: each rank sums
+the squares of its features and one all-reduce of a number per token gives the dense statistic.
+`shard_norm_features` picks between the last two, checking first that the module computes what it assumes.
 """
 
 from __future__ import annotations
 
+import copy
 import threading
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -19,9 +27,11 @@ from torch import Tensor, nn
 
 from tpext import mappings, stats
 from tpext.distributed import GroupLike, SharesGroupOnCopy, resolve_group
-from tpext.nn._class_swap import derived_class
+from tpext.nn._class_swap import derived_class, shell_copy
+from tpext.sharding import Piece, ShardLayout, get_layout, piece_segments, set_layout
 
-__all__ = ["SequenceParallelLayerNorm", "SequenceParallelRMSNorm", "sum_param_grads"]
+__all__ = ["SequenceParallelLayerNorm", "SequenceParallelRMSNorm", "ColumnParallelRMSNorm", "sum_param_grads",
+           "shard_norm_features"]
 
 Shape = Union[int, Sequence[int]]
 
@@ -83,19 +93,29 @@ _SWAP_LOCK = threading.RLock()
 
 class _SumsParamGrads(SharesGroupOnCopy):
     """Wraps a module's own class (sum_param_grads; tpext.parallelize's norms): its forward runs unchanged,
-    with the module's own parameters read through copy_to_tp, so their gradients are summed over the
-    group. Whatever the module computes (Hugging Face's RMSNorm in fp32, Gemma's (1 + weight), Cohere's
-    mean-centred norm) stays exactly as it was; only the gradients change. A parameter that a wrapper
-    keeps as a plain tensor attribute during forward (FSDP1's views) is read through copy_to_tp too."""
+    with the module's own parameters read through stand-ins whose backward sums their gradients over the
+    ranks that hold the same values: every rank of the group for a replicated parameter (copy_to_tp), the
+    ranks holding the same slice for a sharded one (sum_replica_grads: a kv head's norm weight when kv heads
+    are replicated). Whatever the module computes (Hugging Face's RMSNorm in fp32, Gemma's (1 + weight),
+    Cohere's mean-centred norm) stays exactly as it was; only the gradients change. A parameter that a
+    wrapper keeps as a plain tensor attribute during forward (FSDP1's views) is read through it too."""
 
     _tpext_group: dist.ProcessGroup
-    _tpext_param_names: tuple[str, ...]
+    _tpext_param_names: tuple[str, ...]  # the parameters whose gradients are summed
 
     def forward(self, *args, **kwargs):
+        if not self._tpext_param_names:  # sharded weights that no other rank holds: nothing to sum
+            return super().forward(*args, **kwargs)
         if torch.compiler.is_compiling():  # the graph inlines the swap as functional ops: nothing shared changes
             return self._forward_swapped(args, kwargs)
         with _SWAP_LOCK, stats.scope_for(self):
             return self._forward_swapped(args, kwargs)
+
+    def _stand_in(self, name: str, tensor: Tensor) -> Tensor:
+        layout = get_layout(self, name, tensor)
+        if layout.is_sharded:
+            return mappings.sum_replica_grads(tensor, layout, self._tpext_group)
+        return mappings.copy_to_tp(tensor, self._tpext_group)
 
     def _forward_swapped(self, args: tuple, kwargs: dict):
         swapped = []  # (where the tensor lives, name, the tensor, its stand-in)
@@ -105,7 +125,7 @@ class _SumsParamGrads(SharesGroupOnCopy):
                 where = self.__dict__ if isinstance(self.__dict__.get(name), Tensor) else self._parameters
                 tensor = where.get(name)
                 if isinstance(tensor, Tensor):
-                    stand_in = mappings.copy_to_tp(tensor, self._tpext_group)
+                    stand_in = self._stand_in(name, tensor)
                     where[name] = stand_in
                     swapped.append((where, name, tensor, stand_in))
             return super().forward(*args, **kwargs)
@@ -116,18 +136,214 @@ class _SumsParamGrads(SharesGroupOnCopy):
 
     def extra_repr(self) -> str:
         inner = super().extra_repr()
-        return f"{inner}{', ' if inner else ''}grads summed over tp={self._tpext_group.size()}"
+        what = f"tp={self._tpext_group.size()}"
+        for name in getattr(self, "_tpext_layouts", {}):  # this rank's heads of a sharded weight
+            what += f", local {name}={tuple(getattr(self, name).shape)}"
+        what += ", grads summed" if self._tpext_param_names else ""
+        return f"{inner}{', ' if inner else ''}{what}"
 
 
 def sum_param_grads(module: nn.Module, group: GroupLike = None) -> nn.Module:
     """Make `module` (in place, and return it) sum the gradients of its own parameters over `group`: for a
     module with replicated weights that each rank applies to different tokens (a norm under sequence
-    parallelism) or to different heads (a per-head q/k norm). Names, state dict and arithmetic are
-    unchanged; `isinstance` still holds. A group of size 1 leaves the module as it is."""
+    parallelism) or to different heads (a per-head q/k norm). A parameter with a tpext.sharding layout
+    has its gradient summed over the ranks holding the same slice only. Names, state dict and arithmetic
+    are unchanged; `isinstance` still holds. A group of size 1 leaves the module as it is."""
     pg = resolve_group(group)
     if pg.size() == 1 or isinstance(module, _SumsParamGrads):
         return module
     module.__class__ = derived_class(type(module), _SumsParamGrads, wraps=True)
     module._tpext_group = pg
-    module._tpext_param_names = tuple(name for name, _ in module.named_parameters(recurse=False))
+    layouts = {name: get_layout(module, name, p) for name, p in module.named_parameters(recurse=False)}
+    module._tpext_param_names = tuple(name for name, lay in layouts.items() if not lay.is_sharded or lay.replicas > 1)
     return module
+
+
+def _feature_layout(shape: Sequence[int], pieces: Sequence[Piece], group: dist.ProcessGroup,
+                    what: str) -> ShardLayout:
+    """The layout of a norm weight over column-sharded features: [features] split as `pieces`, or
+    [heads, head_dim] (one piece of heads) split by rows."""
+    segments, replicas, ranges = piece_segments(pieces, group.size(), group.rank(), what)
+    if len(shape) == 2:  # rows are heads: the feature segments in units of head_dim
+        d = pieces[0].unit_size
+        segments, ranges = (tuple((s // d, n // d) for s, n in seg) for seg in (segments, ranges))
+    return ShardLayout(tuple(shape), 0, segments, replicas, ranges)
+
+
+def _column_parallel_rms_norm(x: Tensor, weight: Tensor, eps: Optional[float], layout: ShardLayout,
+                              group: dist.ProcessGroup, what: str) -> Tensor:
+    """RMSNorm of features sharded over `group` (x holds this rank's, laid out as `layout`), in fp32 (fp64
+    for fp64 input): x * rsqrt(mean over all features of x^2 + eps) * weight, cast back to x's dtype
+    (OLMo2's arithmetic)."""
+    local, dense = layout.local_shape[0], layout.dense_shape[0]
+    if x.dim() < 1 or x.shape[-1] != local:
+        raise ValueError(f"tpext.{what}: input must be [*, {local}] (this rank's features of {dense}), got shape "
+                         f"{tuple(x.shape)}")
+    h = x.to(torch.promote_types(x.dtype, torch.float32))
+    squares = h.square()
+    total = squares.sum(-1, keepdim=True)
+    if layout.replicas > 1:  # features that several ranks hold count once in the dense sum
+        for offset, _, length in layout.reduce_slots():
+            total = total - (1 - 1 / layout.replicas) * squares.narrow(-1, offset, length).sum(-1, keepdim=True)
+        weight = mappings.sum_replica_grads(weight, layout, group)
+    # Forward: the dense sum of squares on every rank. Backward: every rank's heads used it, so its
+    # gradient is the sum of theirs.
+    total = mappings.reduce_from_tp(mappings.copy_to_tp(total, group), group)
+    eps = torch.finfo(x.dtype).eps if eps is None else eps
+    return (weight * (h * torch.rsqrt(total / dense + eps))).to(x.dtype)
+
+
+class _ColumnParallelRMS(SharesGroupOnCopy):
+    """The forward of an RMSNorm over features sharded across the group (ColumnParallelRMSNorm, and a
+    model's own RMSNorm class converted by shard_norm_features)."""
+
+    _tpext_group: dist.ProcessGroup
+    _tpext_eps: Optional[float]
+
+    def forward(self, x: Tensor) -> Tensor:
+        with stats.scope_for(self):
+            return _column_parallel_rms_norm(x, self.weight, self._tpext_eps, self._tpext_layouts["weight"],
+                                             self._tpext_group, type(self).__name__)
+
+    def extra_repr(self) -> str:
+        layout = self._tpext_layouts["weight"]
+        return (f"{layout.dense_shape[0]} features over tp={self._tpext_group.size()}, local={layout.local_shape[0]}, "
+                f"eps={self._tpext_eps}{f', replicas={layout.replicas}' if layout.replicas > 1 else ''}")
+
+
+class ColumnParallelRMSNorm(_ColumnParallelRMS, nn.Module):
+    """RMSNorm over `normalized_size` features that a ColumnParallelLinear's output shards over the group
+    (a query/key norm over all heads, OLMo2's): each rank holds its features of the weight and of the
+    input, and the mean square is taken over all features (one all-reduce of a number per token, and one
+    in backward). `pieces` as the column layer's (e.g. (Piece(heads, head_dim),), so each rank holds the
+    norm weight of its heads; a kv head replicated over several ranks counts once)."""
+
+    def __init__(self, normalized_size: int, eps: Optional[float] = 1e-6, *, group: GroupLike = None,
+                 pieces: Optional[Sequence[Piece]] = None, device=None, dtype=None):
+        super().__init__()
+        pieces = tuple(pieces) if pieces is not None else (Piece(normalized_size),)
+        if sum(p.size for p in pieces) != normalized_size:
+            raise ValueError(f"tpext.ColumnParallelRMSNorm: pieces {list(pieces)} add up to "
+                             f"{sum(p.size for p in pieces)}, not normalized_size {normalized_size}")
+        self._tpext_group = resolve_group(group)
+        self._tpext_eps = eps
+        layout = _feature_layout((normalized_size,), pieces, self._tpext_group,
+                                 f"ColumnParallelRMSNorm({normalized_size})")
+        set_layout(self, "weight", layout)
+        self.weight = nn.Parameter(torch.ones(layout.local_shape, device=device, dtype=dtype))
+
+    @property
+    def group(self) -> dist.ProcessGroup:
+        return self._tpext_group
+
+    @property
+    def eps(self) -> Optional[float]:
+        return self._tpext_eps
+
+
+def _probe_copy(norm: nn.Module) -> nn.Module:
+    """A CPU fp32 copy of `norm` with random parameters (the model's may be on meta, or all ones), to check
+    what its forward computes; the global RNG is left alone."""
+    probe = copy.deepcopy(norm).to_empty(device="cpu").float()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in probe.parameters():
+            p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
+    return probe
+
+
+def _epsilon(norm: nn.Module):
+    for attr in ("variance_epsilon", "eps", "epsilon"):
+        if hasattr(norm, attr):
+            return getattr(norm, attr)
+    raise ValueError("it has no variance_epsilon, eps or epsilon attribute giving its epsilon")
+
+
+def shard_norm_features(norm: nn.Module, group: GroupLike, pieces: Sequence[Piece]) -> nn.Module:
+    """A copy of `norm` (a model's own module) for this rank's part of features that a column-parallel
+    layer shards as `pieces` (a q/k norm after q_proj / k_proj: (Piece(heads, head_dim),)).
+
+    * weight [heads, head_dim], normalising each head on its own (Cohere's): the module's class and code
+      with this rank's rows of its parameters (gradients of replicated kv heads summed over their holders).
+    * weight [features], an RMSNorm over all of them (OLMo2's): the module's class with
+      ColumnParallelRMSNorm's forward (fp32 statistics, weight applied in fp32, cast back).
+
+    A copy of the module is run first on a random input to check that it computes what that assumes;
+    anything else raises ValueError. A group of size 1 returns `norm` as it is."""
+    pg = resolve_group(group)
+    cls = type(norm).__name__
+    weight = getattr(norm, "weight", None)
+    features = sum(p.size for p in pieces)
+    if not isinstance(weight, Tensor):
+        raise ValueError(f"tpext: cannot shard {cls} over features: it has no weight")
+    if pg.size() == 1:
+        return norm
+    layout = _feature_layout(weight.shape, pieces, pg, f"the weight of {cls}")
+    if weight.dim() == 2 and len(pieces) == 1 and tuple(weight.shape) == (pieces[0].units, pieces[0].unit_size):
+        return _head_rows(norm, layout, pg)
+    if weight.dim() == 1 and weight.numel() == features:
+        return _sharded_rms(norm, layout, pg)
+    raise ValueError(f"tpext: cannot shard {cls} over {features} features ({list(pieces)}): its weight is "
+                     f"{list(weight.shape)}, neither [{features}] nor [heads, head_dim]")
+
+
+def _head_rows(norm: nn.Module, layout: ShardLayout, pg: dist.ProcessGroup) -> nn.Module:
+    """`norm` with this rank's rows (heads) of its [heads, head_dim] parameters, its own code unchanged."""
+    cls, params = type(norm).__name__, dict(norm.named_parameters(recurse=False))
+    if any(p.shape != norm.weight.shape for p in params.values()):
+        raise ValueError(f"tpext: cannot shard {cls} by heads: its parameters "
+                         f"{ {n: list(p.shape) for n, p in params.items()} } are not all [heads, head_dim]")
+
+    def local_heads(t: Tensor) -> Tensor:  # [tokens, heads, head_dim] -> this rank's heads
+        return torch.cat([t.narrow(1, start, length) for start, length in layout.segments], 1)
+
+    probe = _probe_copy(norm)
+    rows = shell_copy(probe)
+    for name in params:
+        rows._parameters[name] = nn.Parameter(layout.local_from_dense(probe._parameters[name].detach()))
+    x = torch.randn(3, *norm.weight.shape, generator=torch.Generator().manual_seed(1))
+    try:
+        with torch.no_grad():
+            got, want = rows.forward(local_heads(x)), local_heads(probe.forward(x))
+        why = "" if torch.allclose(got, want, rtol=1e-5, atol=1e-6) else " (it normalises across heads?)"
+    except Exception as exc:  # e.g. a shape check against the dense head count
+        why = f" ({type(exc).__name__}: {exc})"
+    if why:
+        raise ValueError(f"tpext: cannot shard {cls} by heads: on this rank's heads alone it does not compute "
+                         f"what it computes on all of them{why}")
+    new = shell_copy(norm)
+    for name, p in params.items():
+        new._parameters[name] = nn.Parameter(layout.local_from_dense(p.detach()).clone(), requires_grad=p.requires_grad)
+        set_layout(new, name, layout)
+    return sum_param_grads(new, pg)
+
+
+def _sharded_rms(norm: nn.Module, layout: ShardLayout, pg: dist.ProcessGroup) -> nn.Module:
+    """`norm`, an RMSNorm over all the features, with this rank's features of its weight and
+    ColumnParallelRMSNorm's forward; its class is kept."""
+    cls, params = type(norm).__name__, dict(norm.named_parameters(recurse=False))
+    if set(params) != {"weight"}:
+        raise ValueError(f"tpext: cannot shard {cls} over features: it has parameters {sorted(params)}; only "
+                         "an RMSNorm with a weight alone can be computed from sharded features")
+    try:
+        eps = _epsilon(norm)
+    except ValueError as exc:
+        raise ValueError(f"tpext: cannot shard {cls} over features: {exc}") from exc
+    probe = _probe_copy(norm)
+    x = torch.randn(3, *norm.weight.shape, generator=torch.Generator().manual_seed(1))
+    try:
+        with torch.no_grad():
+            rms = torch.rsqrt(x.square().mean(-1, keepdim=True) + (torch.finfo(x.dtype).eps if eps is None else eps))
+            why = "" if torch.allclose(probe.forward(x), probe.weight * x * rms, rtol=1e-5, atol=1e-6) else "it differs"
+    except Exception as exc:
+        why = f"{type(exc).__name__}: {exc}"
+    if why:
+        raise ValueError(f"tpext: cannot shard {cls} over features: it does not compute RMSNorm "
+                         f"(x * rsqrt(mean(x^2) + eps) * weight) on its features ({why})")
+    new = shell_copy(norm)
+    new.__class__ = derived_class(type(norm), _ColumnParallelRMS, wraps=True)
+    new._tpext_group, new._tpext_eps = pg, eps
+    new._parameters["weight"] = nn.Parameter(layout.local_from_dense(norm.weight.detach()).clone(),
+                                             requires_grad=norm.weight.requires_grad)
+    set_layout(new, "weight", layout)
+    return new
