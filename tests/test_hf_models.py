@@ -7,9 +7,11 @@ Checked: logits, the labels loss and every parameter gradient, fp32, tp 2 and 4,
 above, equal to and below tp, a padded batch, Llama (sdpa and eager attention), Mistral, Qwen2 (q/k/v
 biases), Qwen3 (per-head q/k norms, tied embeddings), Gemma (a scaled embedding subclass, norms that
 scale by 1 + weight), Cohere (mean-centred norms without bias, attention and MLP side by side, q/k
-norms with a weight per head), Phi3 (packed qkv / gate_up, split at the config's head count) and OLMo2
-(q/k RMSNorms over all heads' features, kv heads replicated at tp 4): the model's own embedding, norm
-and attention code runs unchanged (OLMo2's q/k norms excepted: their statistic spans the group). Also greedy generation with gathered logits, token
+norms with a weight per head), Phi3 (packed qkv / gate_up, split at the config's head count), OLMo2
+(q/k RMSNorms over all heads' features, kv heads replicated at tp 4), Gemma2 (four norms a layer,
+attention and final logit soft-capping, sliding-window layers) and Apertus (a learned activation with
+scalar parameters between the MLP's layers): the model's own embedding, norm, activation and attention
+code runs unchanged (OLMo2's q/k norms excepted: their statistic spans the group). Also greedy generation with gathered logits, token
 for token, and heads with replicated weights (sequence classification) and base models under SP.
 """
 
@@ -36,7 +38,8 @@ CASES = [("llama", 4, False, "sdpa", False), ("llama", 4, True, "sdpa", False), 
          ("llama", 1, True, "sdpa", False), ("mistral", 2, True, "sdpa", True), ("qwen2", 2, True, "sdpa", False),
          ("qwen3", 1, True, "eager", False), ("qwen3", 4, False, "sdpa", True), ("gemma", 2, True, "sdpa", True),
          ("gemma", 4, False, "eager", False), ("cohere", 2, True, "sdpa", False), ("phi3", 2, True, "sdpa", True),
-         ("olmo2", 2, True, "sdpa", True), ("olmo2", 1, False, "eager", False)]
+         ("olmo2", 2, True, "sdpa", True), ("olmo2", 1, False, "eager", False), ("gemma2", 2, True, "eager", True),
+         ("apertus", 2, True, "sdpa", False)]
 
 
 def _model(arch: str, kv: int, attn: str):
@@ -47,10 +50,12 @@ def _model(arch: str, kv: int, attn: str):
                              "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
                              "cohere": (transformers.CohereConfig, transformers.CohereForCausalLM),
                              "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
-                             "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM)}[arch]
-    extra = {"head_dim": 8, "tie_word_embeddings": True} if arch in ("qwen3", "gemma") else {}  # as the small ones
-    if arch in ("phi3", "olmo2", "cohere"):  # their default token ids are beyond this vocabulary
-        extra.update(pad_token_id=0, eos_token_id=1)
+                             "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM),
+                             "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
+                             "apertus": (transformers.ApertusConfig, transformers.ApertusForCausalLM)}[arch]
+    extra = {"head_dim": 8, "tie_word_embeddings": True} if arch in ("qwen3", "gemma", "gemma2") else {}
+    if arch in ("phi3", "olmo2", "cohere", "gemma2", "apertus"):  # default token ids beyond this vocabulary
+        extra.update(pad_token_id=0, eos_token_id=1, bos_token_id=1)
     if arch == "cohere":  # a layer norm per head, with a weight per head
         extra.update(use_qk_norm=True)
     config = config_cls(**SMALL, **extra, num_key_value_heads=kv, attn_implementation=attn)
@@ -85,7 +90,7 @@ def _compare(arch: str, kv: int, sp: bool, attn: str, padded: bool, share_inputs
     torch.testing.assert_close(out.loss, ref.loss, **TOL, msg=lambda m: f"{what}: loss: {m}")
     entries = layouts(model)
     assert len(entries) == len(layouts(dense)), what
-    for e in entries:
+    for e in (e for e in entries if isinstance(e.tensor, torch.nn.Parameter)):  # buffers too (xIELU's beta)
         ref_grad = e.layout.local_from_dense(dense.get_parameter(e.names[0]).grad)
         torch.testing.assert_close(e.tensor.grad, ref_grad, **TOL, msg=lambda m: f"{what}: grad {e.names}: {m}")
 

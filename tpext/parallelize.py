@@ -35,10 +35,12 @@ gathers the decoder stack's output itself (the hidden states the model returns a
 shards); without one (a base model, a replicated classification head) the stack's output is gathered
 back to the full sequence.
 
-Converted norms keep their own class and code (tpext.nn.sum_param_grads), except a q/k RMSNorm over all
-heads' features (OLMo2's), which keeps its class and computes its statistic over the group (checked against
-its own forward first); an nn.Embedding subclass keeps its forward around the vocab-parallel lookup; an
-nn.Linear subclass with its own forward is refused.
+A learned activation with scalar parameters between an MLP's column and row layers (Apertus's xIELU)
+is replicated with its gradients summed. Converted norms keep their own class and code
+(tpext.nn.sum_param_grads), except a q/k RMSNorm over all heads' features (OLMo2's), which keeps its
+class and computes its statistic over the group (checked against its own forward first); an
+nn.Embedding subclass keeps its forward around the vocab-parallel lookup; an nn.Linear subclass with
+its own forward is refused.
 """
 
 from __future__ import annotations
@@ -47,12 +49,13 @@ import fnmatch
 from dataclasses import dataclass
 from typing import Mapping, Optional, Union
 
+import torch
 from torch import nn
 
 from tpext.distributed import GroupLike, resolve_group
 from tpext.nn import (ColumnParallelLinear, RowParallelLinear, SequenceParallelLayerNorm, SequenceParallelRMSNorm,
                       SharedInputColumns, VocabParallelEmbedding, sum_param_grads)
-from tpext.nn._class_swap import shell_copy
+from tpext.nn._class_swap import probe_copy, shell_copy
 from tpext.nn.embedding import _VocabParallelLookup, vocab_parallel_subclass
 from tpext.nn.norm import _ColumnParallelRMS, _SumsParamGrads, shard_norm_features
 from tpext.model_hooks import add_causal_lm_loss, add_sequence_hooks
@@ -175,12 +178,17 @@ def auto_plan(model: nn.Module, *, sequence_parallel: bool = False,
                             "features: neither one head's, nor all query or key heads')")
         elif _is_norm(leaf, module):
             plan[name] = Style("sequence_parallel" if sequence_parallel else "replicate")
+        elif any(hasattr(parent, r) for r in _ROWWISE) and _elementwise_with_scalars(module):
+            # A learned activation between the MLP's column and row layers (Apertus's xIELU): its scalar
+            # parameters act on this rank's features only, so their gradients are summed over the group.
+            plan[name] = Style("replicate", sum_grads=True)
         else:
             unplaced.append(f"{name} ({type(module).__name__})")
     if unplaced:
         raise ValueError(
             "tpext.parallelize: plan='auto' knows the Llama / Mistral / Qwen2 names (q/k/v/o_proj, qkv_proj, "
-            "gate/up/down_proj, gate_up_proj, embed_tokens, lm_head, score, qa_outputs, classifier, *norm) and "
+            "gate/up/down_proj, gate_up_proj, embed_tokens, lm_head, score, qa_outputs, classifier, *norm, MLP "
+            "activations with scalar parameters) and "
             "could not place: " + ", ".join(unplaced) + ". Pass plan={pattern: style} (styles: " + ", ".join(STYLES) + "), e.g. "
             "start from tpext.auto_plan on a model without them and add entries.")
     return plan
@@ -200,6 +208,20 @@ def _norm_pieces(norm: nn.Module, attn: nn.Module, config) -> Optional[tuple[Pie
     weight = getattr(norm, "weight", None)
     numel = weight.numel() if weight is not None else 0
     return (Piece(hq, d),) if numel == hq * d else (Piece(hkv, d),) if numel == hkv * d else None
+
+
+def _elementwise_with_scalars(module: nn.Module) -> bool:
+    """Whether `module` has only scalar parameters and maps each feature on its own (checked on a copy:
+    its output on half the features is that half of its output on all of them)."""
+    if isinstance(module, (nn.Linear, nn.Embedding)) or any(p.numel() != 1 for p in module.parameters()):
+        return False
+    probe = probe_copy(module)
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            return torch.allclose(probe.forward(x)[:, :4], probe.forward(x[:, :4]), rtol=1e-6, atol=1e-7)
+    except Exception:  # not a function of one tensor of features
+        return False
 
 
 def _is_norm(leaf: str, module: nn.Module) -> bool:
@@ -270,14 +292,14 @@ def _convert(name: str, module: nn.Module, parent: nn.Module, style: Style, grou
             raise ValueError(f"tpext.parallelize: {name}: {exc}") from exc
     if kind == "sequence_parallel" and hasattr(module, "weight"):
         return sum_param_grads(shell_copy(module), group) if sp else module
-    if kind == "replicate" and style.sum_grads and hasattr(module, "weight"):
+    if kind == "replicate" and style.sum_grads and any(True for _ in module.parameters(recurse=False)):
         return sum_param_grads(shell_copy(module), group)
     if kind == "replicate" and not style.sum_grads:
         return module
     raise ValueError(f"tpext.parallelize: style {kind!r} does not apply to {name} ({type(module).__name__}); "
                      "colwise/rowwise take nn.Linear (colwise also a norm of a colwise layer's heads), vocab "
                      "takes nn.Embedding or nn.Linear, "
-                     "sequence_parallel and replicate with sum_grads take a norm with a weight")
+                     "sequence_parallel takes a norm with a weight, replicate with sum_grads a module with parameters")
 
 
 def _plain_linear(module: nn.Linear) -> bool:

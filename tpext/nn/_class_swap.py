@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import torch
 from torch import nn
 
 _DERIVED: dict[tuple[type, type, bool], type] = {}
@@ -28,3 +29,14 @@ def shell_copy(module: nn.Module) -> nn.Module:
     for attr in ("_parameters", "_buffers", "_modules"):
         new.__dict__[attr] = dict(module.__dict__[attr])
     return new
+
+
+def probe_copy(module: nn.Module) -> nn.Module:
+    """A CPU fp32 copy of `module` with random parameters in [0.5, 1.5) (the model's may be on meta, or all
+    ones), to check what its forward computes before tpext relies on it; the global RNG is left alone."""
+    probe = copy.deepcopy(module).to_empty(device="cpu").float()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in probe.parameters():
+            p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
+    return probe

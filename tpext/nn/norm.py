@@ -16,7 +16,6 @@ the squares of its features and one all-reduce of a number per token gives the d
 
 from __future__ import annotations
 
-import copy
 import threading
 from typing import Optional, Sequence, Union
 
@@ -27,7 +26,7 @@ from torch import Tensor, nn
 
 from tpext import mappings, stats
 from tpext.distributed import GroupLike, SharesGroupOnCopy, resolve_group
-from tpext.nn._class_swap import derived_class, shell_copy
+from tpext.nn._class_swap import derived_class, probe_copy, shell_copy
 from tpext.sharding import Piece, ShardLayout, get_layout, piece_segments, set_layout
 
 __all__ = ["SequenceParallelLayerNorm", "SequenceParallelRMSNorm", "ColumnParallelRMSNorm", "sum_param_grads",
@@ -241,17 +240,6 @@ class ColumnParallelRMSNorm(_ColumnParallelRMS, nn.Module):
         return self._tpext_eps
 
 
-def _probe_copy(norm: nn.Module) -> nn.Module:
-    """A CPU fp32 copy of `norm` with random parameters (the model's may be on meta, or all ones), to check
-    what its forward computes; the global RNG is left alone."""
-    probe = copy.deepcopy(norm).to_empty(device="cpu").float()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in probe.parameters():
-            p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
-    return probe
-
-
 def _epsilon(norm: nn.Module):
     for attr in ("variance_epsilon", "eps", "epsilon"):
         if hasattr(norm, attr):
@@ -297,7 +285,7 @@ def _head_rows(norm: nn.Module, layout: ShardLayout, pg: dist.ProcessGroup) -> n
     def local_heads(t: Tensor) -> Tensor:  # [tokens, heads, head_dim] -> this rank's heads
         return torch.cat([t.narrow(1, start, length) for start, length in layout.segments], 1)
 
-    probe = _probe_copy(norm)
+    probe = probe_copy(norm)
     rows = shell_copy(probe)
     for name in params:
         rows._parameters[name] = nn.Parameter(layout.local_from_dense(probe._parameters[name].detach()))
@@ -329,7 +317,7 @@ def _sharded_rms(norm: nn.Module, layout: ShardLayout, pg: dist.ProcessGroup) ->
         eps = _epsilon(norm)
     except ValueError as exc:
         raise ValueError(f"tpext: cannot shard {cls} over features: {exc}") from exc
-    probe = _probe_copy(norm)
+    probe = probe_copy(norm)
     x = torch.randn(3, *norm.weight.shape, generator=torch.Generator().manual_seed(1))
     try:
         with torch.no_grad():
