@@ -55,7 +55,10 @@ TORCH_LIBRARY(tpext, m) {
         "float eps) -> (Tensor[], Tensor[])");
 }
 
-TORCH_LIBRARY_IMPL(tpext, CPU, m) {
+namespace {
+
+// One host implementation per op serves CPU and CUDA tensors (below).
+void register_kernels(torch::Library& m) {
   m.impl("gemm_all_reduce", &tpext::ops::gemm_all_reduce);
   m.impl("gemm_reduce_scatter", &tpext::ops::gemm_reduce_scatter);
   m.impl("all_gather_gemm", &tpext::ops::all_gather_gemm);
@@ -69,6 +72,10 @@ TORCH_LIBRARY_IMPL(tpext, CPU, m) {
   m.impl("p2p_virtual_all_gather", &tpext::ops::p2p_virtual_all_gather);
   m.impl("p2p_virtual_all_reduce_residual_rmsnorm", &tpext::ops::p2p_virtual_all_reduce_residual_rmsnorm);
 }
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tpext, CPU, m) { register_kernels(m); }
 
 // Called directly (outside tpext.nn's autograd Functions) with inputs that require grad, the ops run
 // below autograd and return outputs whose backward raises "not implemented", instead of failing inside
@@ -125,20 +132,7 @@ TORCH_LIBRARY_IMPL(tpext, AutocastCUDA, m) { register_autocast<c10::DeviceType::
 // The same host code drives CUDA tensors: in a CUDA build the collectives run on tpext's own NCCL
 // communicator and streams (comm/nccl.h) and the epilogue is the kernel in csrc/kernels; a CPU build
 // falls back to the group's c10d backend and ATen.
-TORCH_LIBRARY_IMPL(tpext, CUDA, m) {
-  m.impl("gemm_all_reduce", &tpext::ops::gemm_all_reduce);
-  m.impl("gemm_reduce_scatter", &tpext::ops::gemm_reduce_scatter);
-  m.impl("all_gather_gemm", &tpext::ops::all_gather_gemm);
-  m.impl("p2p_all_reduce", &tpext::ops::p2p_all_reduce);
-  m.impl("p2p_reduce_scatter", &tpext::ops::p2p_reduce_scatter);
-  m.impl("p2p_all_gather", &tpext::ops::p2p_all_gather);
-  m.impl("p2p_all_reduce_residual_rmsnorm", &tpext::ops::p2p_all_reduce_residual_rmsnorm);
-  m.impl("p2p_rmsnorm_backward", &tpext::ops::p2p_rmsnorm_backward);
-  m.impl("p2p_virtual_all_reduce", &tpext::ops::p2p_virtual_all_reduce);
-  m.impl("p2p_virtual_reduce_scatter", &tpext::ops::p2p_virtual_reduce_scatter);
-  m.impl("p2p_virtual_all_gather", &tpext::ops::p2p_virtual_all_gather);
-  m.impl("p2p_virtual_all_reduce_residual_rmsnorm", &tpext::ops::p2p_virtual_all_reduce_residual_rmsnorm);
-}
+TORCH_LIBRARY_IMPL(tpext, CUDA, m) { register_kernels(m); }
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "tpext native extension: build information (the ops are torch.ops.tpext.*)";
