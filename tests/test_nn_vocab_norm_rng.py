@@ -209,14 +209,20 @@ def test_norms_of_column_sharded_heads_match_dense(world_size):
         assert reprs["nn.RMSNorm"].startswith("RMSNorm(12 features over tp=4"), reprs
 
 
-class _OnePlusWeightRMS(torch.nn.Module):
-    def __init__(self, n: int):
+class _RMS(torch.nn.Module):
+    """An RMSNorm-like module tpext does not know: `plus` is added to the weight, `use_eps` is the epsilon
+    its forward really uses (`eps` the one it declares), `shift` a buffer added to the output."""
+
+    def __init__(self, n: int, plus: float = 0.0, use_eps: float = 1e-6, shift: float | None = None):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.zeros(n))
-        self.eps = 1e-6
+        self.eps, self.use_eps, self.plus = 1e-6, use_eps, plus
+        if shift is not None:
+            self.register_buffer("shift", torch.tensor(shift))
 
     def forward(self, x):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * (1 + self.weight)
+        y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.use_eps) * (self.plus + self.weight)
+        return y + self.shift if hasattr(self, "shift") else y
 
 
 def _head_norm_errors() -> list[str]:
@@ -224,7 +230,9 @@ def _head_norm_errors() -> list[str]:
     cases = [
         torch.nn.LayerNorm((4, 3)),  # normalises across heads
         torch.nn.LayerNorm(12),  # a mean and a bias: not an RMSNorm
-        _OnePlusWeightRMS(12),  # scales by 1 + weight
+        _RMS(12, plus=1.0),  # scales by 1 + weight (Gemma's)
+        _RMS(12, use_eps=1e-5),  # declares another epsilon than it uses
+        _RMS(12, shift=0.0),  # a buffer the sharded forward would not read
         torch.nn.RMSNorm(10),  # not the features of the pieces
     ]
     messages = []
@@ -236,21 +244,33 @@ def _head_norm_errors() -> list[str]:
     with pytest.raises(ValueError) as err:
         norm(torch.zeros(2, 12))
     messages.append(str(err.value))
-    with pytest.raises(ValueError) as err:
-        ColumnParallelRMSNorm(12, pieces=(Piece(4, 4),))
-    messages.append(str(err.value))
+    for bad in ((Piece(4, 4),), (Piece(2, 3), Piece(1, 6))):  # 16 features; kv heads replicated 2 and 4 times
+        with pytest.raises(ValueError) as err:
+            ColumnParallelRMSNorm(12, pieces=bad)
+        messages.append(str(err.value))
+    # eps=None is that of the compute dtype (fp32), as torch's RMSNorm: bf16 inputs of small values.
+    dense = torch.nn.RMSNorm(12, eps=None, dtype=torch.bfloat16)
+    x = 0.01 * torch.randn(5, 12, generator=torch.Generator().manual_seed(0)).bfloat16()
+    (start, length), = ColumnParallelRMSNorm(12, pieces=pieces)._tpext_layouts["weight"].segments
+    mine = slice(start, start + length)
+    torch.testing.assert_close(shard_norm_features(dense, None, pieces)(x[:, mine]), dense(x)[:, mine],
+                               rtol=1e-2, atol=1e-2)
     return messages
 
 
 def test_norms_of_column_sharded_heads_errors():
-    messages = run_ranks(_head_norm_errors, 2)[0]
+    messages = run_ranks(_head_norm_errors, 4)[0]
     want = ["cannot shard LayerNorm by heads: on this rank's heads alone it does not compute what it computes on "
             "all of them",
             "cannot shard LayerNorm over features: it has parameters ['bias', 'weight']",
-            "cannot shard _OnePlusWeightRMS over features: it does not compute RMSNorm",
+            "cannot shard _RMS over features: it does not compute RMSNorm",
+            "cannot shard _RMS over features: it does not compute RMSNorm",
+            "cannot shard _RMS over features: it has parameters ['weight'] and buffers ['shift']",
             "cannot shard RMSNorm over 12 features ([Piece(units=4, unit_size=3)]): its weight is [10]",
-            "ColumnParallelRMSNorm: input must be [*, 6] (this rank's features of 12), got shape (2, 12)",
-            "ColumnParallelRMSNorm: pieces [Piece(units=4, unit_size=4)] add up to 16, not normalized_size 12"]
+            "ColumnParallelRMSNorm: input must be [*, 3] (this rank's features of 12), got shape (2, 12)",
+            "ColumnParallelRMSNorm: pieces [Piece(units=4, unit_size=4)] add up to 16, not normalized_size 12",
+            "pieces [Piece(units=2, unit_size=3), Piece(units=1, unit_size=6)] would be replicated over different "
+            "numbers of ranks ([2, 4]) at tp=4"]
     for message, expected in zip(messages, want, strict=True):
         assert expected in message, (expected, message)
 

@@ -32,11 +32,18 @@ def shell_copy(module: nn.Module) -> nn.Module:
 
 
 def probe_copy(module: nn.Module) -> nn.Module:
-    """A CPU fp32 copy of `module` with random parameters in [0.5, 1.5) (the model's may be on meta, or all
-    ones), to check what its forward computes before tpext relies on it; the global RNG is left alone."""
-    probe = copy.deepcopy(module).to_empty(device="cpu").float()
+    """A CPU fp32 copy of `module` to check what its forward computes before tpext relies on it: random
+    parameters in [0.5, 1.5) (the model's may be on meta, or all ones), the module's own buffers (random
+    too where they are on meta). The same on every rank; the global RNG is left alone."""
+    probe = copy.deepcopy(module).to_empty(device="cpu")
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in probe.parameters():
             p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
-    return probe
+        own = dict(module.named_buffers())
+        for name, b in probe.named_buffers():
+            if own[name].is_meta:
+                b.copy_(torch.rand(b.shape, generator=gen) + 0.5 if b.is_floating_point() else torch.zeros(b.shape))
+            else:
+                b.copy_(own[name])
+    return probe.float()

@@ -163,6 +163,12 @@ def _feature_layout(shape: Sequence[int], pieces: Sequence[Piece], group: dist.P
     """The layout of a norm weight over column-sharded features: [features] split as `pieces`, or
     [heads, head_dim] (one piece of heads) split by rows."""
     segments, replicas, ranges = piece_segments(pieces, group.size(), group.rank(), what)
+    world = group.size()
+    factors = {world // p.units for p in pieces if p.unit_size > 1 and p.units % world and world % p.units == 0}
+    if len(factors) > 1:  # the sum of squares weighs a replicated feature by 1 / layout.replicas
+        raise ValueError(f"tpext: {what}: pieces {list(pieces)} would be replicated over different numbers of "
+                         f"ranks ({sorted(factors)}) at tp={world}; give them head counts that tp divides, or "
+                         "one count for all")
     if len(shape) == 2:  # rows are heads: the feature segments in units of head_dim
         d = pieces[0].unit_size
         segments, ranges = (tuple((s // d, n // d) for s, n in seg) for seg in (segments, ranges))
@@ -188,7 +194,7 @@ def _column_parallel_rms_norm(x: Tensor, weight: Tensor, eps: Optional[float], l
     # Forward: the dense sum of squares on every rank. Backward: every rank's heads used it, so its
     # gradient is the sum of theirs.
     total = mappings.reduce_from_tp(mappings.copy_to_tp(total, group), group)
-    eps = torch.finfo(x.dtype).eps if eps is None else eps
+    eps = torch.finfo(h.dtype).eps if eps is None else eps  # None: that of the compute dtype, as F.rms_norm
     return (weight * (h * torch.rsqrt(total / dense + eps))).to(x.dtype)
 
 
@@ -240,6 +246,12 @@ class ColumnParallelRMSNorm(_ColumnParallelRMS, nn.Module):
         return self._tpext_eps
 
 
+def _probe_input(shape: Sequence[int]) -> Tensor:
+    """Random inputs for a norm probe, some scaled down so that its epsilon counts in the result."""
+    x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(1))
+    return x * torch.tensor([1.0, 1.0, 1e-3, 1e-3]).view(-1, *[1] * len(shape))
+
+
 def _epsilon(norm: nn.Module):
     for attr in ("variance_epsilon", "eps", "epsilon"):
         if hasattr(norm, attr):
@@ -281,6 +293,10 @@ def _head_rows(norm: nn.Module, layout: ShardLayout, pg: dist.ProcessGroup) -> n
     if any(p.shape != norm.weight.shape for p in params.values()):
         raise ValueError(f"tpext: cannot shard {cls} by heads: its parameters "
                          f"{ {n: list(p.shape) for n, p in params.items()} } are not all [heads, head_dim]")
+    per_head = [name for name, b in norm.named_buffers(recurse=False) if b.dim() and b.shape[0] == norm.weight.shape[0]]
+    if per_head:
+        raise ValueError(f"tpext: cannot shard {cls} by heads: its buffers {per_head} look per head; tpext "
+                         "slices only its parameters")
 
     def local_heads(t: Tensor) -> Tensor:  # [tokens, heads, head_dim] -> this rank's heads
         return torch.cat([t.narrow(1, start, length) for start, length in layout.segments], 1)
@@ -289,7 +305,7 @@ def _head_rows(norm: nn.Module, layout: ShardLayout, pg: dist.ProcessGroup) -> n
     rows = shell_copy(probe)
     for name in params:
         rows._parameters[name] = nn.Parameter(layout.local_from_dense(probe._parameters[name].detach()))
-    x = torch.randn(3, *norm.weight.shape, generator=torch.Generator().manual_seed(1))
+    x = _probe_input(norm.weight.shape)
     try:
         with torch.no_grad():
             got, want = rows.forward(local_heads(x)), local_heads(probe.forward(x))
@@ -310,15 +326,17 @@ def _sharded_rms(norm: nn.Module, layout: ShardLayout, pg: dist.ProcessGroup) ->
     """`norm`, an RMSNorm over all the features, with this rank's features of its weight and
     ColumnParallelRMSNorm's forward; its class is kept."""
     cls, params = type(norm).__name__, dict(norm.named_parameters(recurse=False))
-    if set(params) != {"weight"}:
-        raise ValueError(f"tpext: cannot shard {cls} over features: it has parameters {sorted(params)}; only "
-                         "an RMSNorm with a weight alone can be computed from sharded features")
+    buffers = sorted(name for name, _ in norm.named_buffers(recurse=False))
+    if set(params) != {"weight"} or buffers:
+        raise ValueError(f"tpext: cannot shard {cls} over features: it has parameters {sorted(params)}"
+                         f"{f' and buffers {buffers}' if buffers else ''}; only an RMSNorm with a weight alone "
+                         "can be computed from sharded features")
     try:
         eps = _epsilon(norm)
     except ValueError as exc:
         raise ValueError(f"tpext: cannot shard {cls} over features: {exc}") from exc
     probe = probe_copy(norm)
-    x = torch.randn(3, *norm.weight.shape, generator=torch.Generator().manual_seed(1))
+    x = _probe_input(norm.weight.shape)
     try:
         with torch.no_grad():
             rms = torch.rsqrt(x.square().mean(-1, keepdim=True) + (torch.finfo(x.dtype).eps if eps is None else eps))
