@@ -10,8 +10,11 @@ scale by 1 + weight), Cohere (mean-centred norms without bias, attention and MLP
 norms with a weight per head), Phi3 (packed qkv / gate_up, split at the config's head count), OLMo2
 (q/k RMSNorms over all heads' features, kv heads replicated at tp 4), Gemma2 (four norms a layer,
 attention and final logit soft-capping, sliding-window layers) and Apertus (a learned activation with
-scalar parameters between the MLP's layers): the model's own embedding, norm, activation and attention
-code runs unchanged (OLMo2's q/k norms excepted: their statistic spans the group). Also greedy generation with gathered logits, token
+scalar parameters between the MLP's layers), Phi (dense as o_proj, partial rotary, fc1 / fc2, an lm_head
+with a bias) and GPT-NeoX (query_key_value with each head's q, k and v rows together, LayerNorms with
+biases, attention and MLP side by side) and GPT-J (out_proj, fc_in / fc_out; without SP): the model's own
+embedding, norm, activation and attention code runs unchanged (OLMo2's q/k norms excepted: their
+statistic spans the group). Also greedy generation with gathered logits, token
 for token, and heads with replicated weights (sequence classification) and base models under SP.
 """
 
@@ -39,7 +42,8 @@ CASES = [("llama", 4, False, "sdpa", False), ("llama", 4, True, "sdpa", False), 
          ("qwen3", 1, True, "eager", False), ("qwen3", 4, False, "sdpa", True), ("gemma", 2, True, "sdpa", True),
          ("gemma", 4, False, "eager", False), ("cohere", 2, True, "sdpa", False), ("phi3", 2, True, "sdpa", True),
          ("olmo2", 2, True, "sdpa", True), ("olmo2", 1, False, "eager", False), ("gemma2", 2, True, "eager", True),
-         ("apertus", 2, True, "sdpa", False)]
+         ("apertus", 2, True, "sdpa", False), ("phi", 2, True, "sdpa", True), ("gpt_neox", 8, True, "eager", True),
+         ("gpt_neox", 8, False, "sdpa", False), ("gptj", 8, False, "eager", True)]
 
 
 def _model(arch: str, kv: int, attn: str):
@@ -52,13 +56,20 @@ def _model(arch: str, kv: int, attn: str):
                              "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
                              "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM),
                              "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
-                             "apertus": (transformers.ApertusConfig, transformers.ApertusForCausalLM)}[arch]
+                             "apertus": (transformers.ApertusConfig, transformers.ApertusForCausalLM),
+                             "phi": (transformers.PhiConfig, transformers.PhiForCausalLM),
+                             "gpt_neox": (transformers.GPTNeoXConfig, transformers.GPTNeoXForCausalLM),
+                             "gptj": (transformers.GPTJConfig, transformers.GPTJForCausalLM)}[arch]
     extra = {"head_dim": 8, "tie_word_embeddings": True} if arch in ("qwen3", "gemma", "gemma2") else {}
-    if arch in ("phi3", "olmo2", "cohere", "gemma2", "apertus"):  # default token ids beyond this vocabulary
+    if arch in ("phi3", "olmo2", "cohere", "gemma2", "apertus", "phi", "gpt_neox", "gptj"):  # ids beyond the vocabulary
         extra.update(pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    if arch == "gptj":  # rotary over part of each head, MLP width n_inner
+        extra.update(rotary_dim=4, n_inner=SMALL["intermediate_size"])
+    if arch not in ("gpt_neox", "gptj"):  # they have no grouped-query attention (kv must be 8)
+        extra.update(num_key_value_heads=kv)
     if arch == "cohere":  # a layer norm per head, with a weight per head
         extra.update(use_qk_norm=True)
-    config = config_cls(**SMALL, **extra, num_key_value_heads=kv, attn_implementation=attn)
+    config = config_cls(**SMALL, **extra, attn_implementation=attn)
     torch.manual_seed(0)
     model = model_cls(config).float()
     with torch.no_grad():  # norms away from their init (Gemma's scales by 1 + weight, from zeros)

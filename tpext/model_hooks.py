@@ -24,7 +24,11 @@ from tpext.distributed import SharesGroupOnCopy
 from tpext.nn import ColumnParallelLinear, SharedInputColumns
 from tpext.nn.functional import vocab_parallel_cross_entropy
 
-__all__ = ["add_sequence_hooks", "add_causal_lm_loss"]
+__all__ = ["add_sequence_hooks", "add_causal_lm_loss", "ATTENTION_INPUTS"]
+
+# The input projections of an attention module, by name: separate q/k/v, a packed qkv_proj, or
+# query_key_value (GPT-NeoX's: each head's q, k and v rows together).
+ATTENTION_INPUTS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value")
 
 
 def _hidden_states(module: nn.Module, args: tuple, kwargs: dict) -> tuple[Tensor, Callable[[Tensor], tuple]]:
@@ -152,7 +156,7 @@ def add_sequence_hooks(model: nn.Module, split_at: str, attention: list[str], co
     for name in heads:
         converted[name].register_forward_pre_hook(_CheckHeadInput(split, name))
     for name in attention:
-        columns = [converted[p] for leaf in ("q_proj", "k_proj", "v_proj", "qkv_proj")
+        columns = [converted[p] for leaf in ATTENTION_INPUTS
                    if (p := f"{name}.{leaf}" if name else leaf) in converted]
         columns = [m for m in columns if isinstance(m, ColumnParallelLinear)]
         if not columns:

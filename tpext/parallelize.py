@@ -17,7 +17,8 @@ A plan is data: a dict from module-name patterns (fnmatch wildcards over the den
 or a `Style` naming the pieces of a packed or head-structured dim, e.g. a packed QKV weight
 `Style("colwise", (Piece(32, 128), Piece(8, 128), Piece(8, 128)))`: every piece is split on its own,
 in whole heads, so the local weight holds this rank's q, k and v heads, never a naive chunk.
-`plan="auto"` builds such a plan from the Llama / Mistral / Qwen2 names (`auto_plan`).
+`plan="auto"` builds such a plan from the Llama / Mistral / Qwen2 names and their GPT-NeoX / Phi / GPT-J
+kin (`auto_plan`).
 
 Grouped-query attention: with tp <= kv heads the kv heads are sharded (tp must divide them); with
 tp > kv heads each kv head is replicated over tp / kv ranks (tp must be a multiple), and the gradients
@@ -58,7 +59,7 @@ from tpext.nn import (ColumnParallelLinear, RowParallelLinear, SequenceParallelL
 from tpext.nn._class_swap import probe_copy, shell_copy
 from tpext.nn.embedding import _VocabParallelLookup, vocab_parallel_subclass
 from tpext.nn.norm import _ColumnParallelRMS, _SumsParamGrads, shard_norm_features
-from tpext.model_hooks import add_causal_lm_loss, add_sequence_hooks
+from tpext.model_hooks import ATTENTION_INPUTS, add_causal_lm_loss, add_sequence_hooks
 from tpext.sharding import Piece
 
 __all__ = ["Style", "parallelize", "auto_plan", "STYLES"]
@@ -90,11 +91,14 @@ class Style:
 
 Plan = Mapping[str, Union[str, Style]]
 
-_ATTN_PROJ = {"q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj"}
-_COLWISE = {"gate_proj", "up_proj", "gate_up_proj", "c_fc", "fc1", "w1", "w3"}
-_ROWWISE = {"down_proj", "c_proj", "fc2", "w2"}
-_EMBED = {"embed_tokens", "wte", "tok_embeddings"}
-_HEAD = {"lm_head", "output"}
+# An attention module has input projections (ATTENTION_INPUTS: q/k/v_proj, a packed qkv_proj, or
+# query_key_value with each head's q, k and v rows together, GPT-NeoX's) and an output projection.
+_ATTN_OUT = ("o_proj", "dense", "out_proj")
+_ATTN_PROJ = set(ATTENTION_INPUTS) | set(_ATTN_OUT)
+_COLWISE = {"gate_proj", "up_proj", "gate_up_proj", "c_fc", "fc1", "fc_in", "dense_h_to_4h", "w1", "w3"}
+_ROWWISE = {"down_proj", "c_proj", "fc2", "fc_out", "dense_4h_to_h", "w2"}
+_EMBED = {"embed_tokens", "embed_in", "wte", "tok_embeddings"}
+_HEAD = {"lm_head", "embed_out", "output"}
 # Small task heads (sequence / token classification, question answering): replicated; under SP they read
 # the full sequence, gathered at the decoder stack's output.
 _REPLICATED_HEADS = {"score", "qa_outputs", "classifier"}
@@ -124,11 +128,21 @@ def _heads(attn: nn.Module, config) -> tuple[int, int, int]:
     return hq, hkv, d
 
 
+def _is_attention(module: nn.Module) -> bool:
+    return any(hasattr(module, p) for p in _ATTN_OUT) and any(hasattr(module, p) for p in ATTENTION_INPUTS)
+
+
 def _attention_pieces(leaf: str, attn: nn.Module, config) -> tuple[Piece, ...]:
     """The head structure of an attention projection's sharded dim."""
     hq, hkv, d = _heads(attn, config)
+    if leaf == "query_key_value" and hkv != hq:
+        raise ValueError(f"tpext.parallelize: {type(attn).__name__}.query_key_value with {hq} query and {hkv} kv "
+                         "heads: tpext knows its layout (each head's q, k and v rows together, GPT-NeoX's) only "
+                         "with as many kv heads as query heads; give it a plan with the pieces of its layout")
+    if leaf in _ATTN_OUT:
+        return (Piece(hq, d),)
     return {"q_proj": (Piece(hq, d),), "k_proj": (Piece(hkv, d),), "v_proj": (Piece(hkv, d),),
-            "qkv_proj": (Piece(hq, d), Piece(hkv, d), Piece(hkv, d)), "o_proj": (Piece(hq, d),)}[leaf]
+            "qkv_proj": (Piece(hq, d), Piece(hkv, d), Piece(hkv, d)), "query_key_value": (Piece(hq, 3 * d),)}[leaf]
 
 
 def _parent(modules: dict[str, nn.Module], name: str) -> nn.Module:
@@ -137,8 +151,9 @@ def _parent(modules: dict[str, nn.Module], name: str) -> nn.Module:
 
 def auto_plan(model: nn.Module, *, sequence_parallel: bool = False,
               vocab_parallel_logits: bool = True) -> dict[str, Style]:
-    """The plan for a Llama / Mistral / Qwen2-style model, exact names (no wildcards), so it can be
-    printed, edited and passed back. Raises listing every module with weights it could not place.
+    """The plan for a Llama / Mistral / Qwen2-style model (and GPT-NeoX / Phi / GPT-J names), exact names
+    (no wildcards), so it can be printed, edited and passed back. Raises listing every module with weights
+    it could not place.
     vocab_parallel_logits: lm_head returns this rank's vocabulary slice (for vocab_parallel_cross_entropy,
     never gathering [tokens, V]); False gathers full logits on every rank (generation code)."""
     config = getattr(model, "config", None)
@@ -152,8 +167,8 @@ def auto_plan(model: nn.Module, *, sequence_parallel: bool = False,
         parent = _parent(modules, name)
         if isinstance(module, nn.Linear) and not _plain_linear(module):
             unplaced.append(f"{name} ({type(module).__name__}: an nn.Linear with a forward of its own)")
-        elif isinstance(module, nn.Linear) and leaf in _ATTN_PROJ:
-            plan[name] = Style("rowwise" if leaf == "o_proj" else "colwise", _attention_pieces(leaf, parent, config))
+        elif isinstance(module, nn.Linear) and leaf in _ATTN_PROJ and _is_attention(parent):
+            plan[name] = Style("rowwise" if leaf in _ATTN_OUT else "colwise", _attention_pieces(leaf, parent, config))
         elif isinstance(module, nn.Linear) and leaf == "gate_up_proj":
             half = module.out_features // 2
             plan[name] = Style("colwise", (Piece(half), Piece(half)))
@@ -167,13 +182,13 @@ def auto_plan(model: nn.Module, *, sequence_parallel: bool = False,
             plan[name] = Style("vocab", gather_output=not vocab_parallel_logits)
         elif isinstance(module, nn.Linear) and leaf in _REPLICATED_HEADS:
             plan[name] = Style("replicate")
-        elif _is_norm(leaf, module) and hasattr(parent, "o_proj") and _per_head(module, parent, config):
+        elif _is_norm(leaf, module) and _is_attention(parent) and _per_head(module, parent, config):
             # Inside attention (Qwen3's q_norm / k_norm): it normalises each head, so this rank's heads only.
             plan[name] = Style("replicate", sum_grads=True)
-        elif _is_norm(leaf, module) and hasattr(parent, "o_proj") and (pieces := _norm_pieces(module, parent, config)):
+        elif _is_norm(leaf, module) and _is_attention(parent) and (pieces := _norm_pieces(module, parent, config)):
             # Over all heads' features (OLMo2's) or with a weight per head (Cohere's): this rank's heads.
             plan[name] = Style("colwise", pieces)
-        elif _is_norm(leaf, module) and hasattr(parent, "o_proj"):
+        elif _is_norm(leaf, module) and _is_attention(parent):
             unplaced.append(f"{name} ({type(module).__name__} with a weight of {getattr(module, 'weight').numel()} "
                             "features: neither one head's, nor all query or key heads')")
         elif _is_norm(leaf, module):
@@ -188,7 +203,8 @@ def auto_plan(model: nn.Module, *, sequence_parallel: bool = False,
         raise ValueError(
             "tpext.parallelize: plan='auto' knows the Llama / Mistral / Qwen2 names (q/k/v/o_proj, qkv_proj, "
             "gate/up/down_proj, gate_up_proj, embed_tokens, lm_head, score, qa_outputs, classifier, *norm, MLP "
-            "activations with scalar parameters) and "
+            "activations with scalar parameters) and their GPT-NeoX / Phi / GPT-J kin (query_key_value, dense, "
+            "out_proj, dense_h_to_4h / dense_4h_to_h, fc1 / fc2, fc_in / fc_out, embed_in / embed_out), and "
             "could not place: " + ", ".join(unplaced) + ". Pass plan={pattern: style} (styles: " + ", ".join(STYLES) + "), e.g. "
             "start from tpext.auto_plan on a model without them and add entries.")
     return plan
@@ -236,12 +252,12 @@ def _style_for(name: str, plan: Plan) -> Optional[Style]:
 
 
 def _sharded_attention(model: nn.Module, plan: Plan) -> list[str]:
-    """The names of the attention modules (those with an o_proj) whose projections the plan shards, in
+    """The names of the attention modules (with input and output projections) whose projections the plan shards, in
     module order."""
     names = []
     for name, attn in model.named_modules():
         projections = [f"{name}.{p}" if name else p for p in _ATTN_PROJ if hasattr(attn, p)]
-        if hasattr(attn, "o_proj") and any(_style_for(p, plan) for p in projections):
+        if _is_attention(attn) and any(_style_for(p, plan) for p in projections):
             names.append(name)
     return names
 
@@ -266,7 +282,8 @@ def _convert(name: str, module: nn.Module, parent: nn.Module, style: Style, grou
         raise ValueError(f"tpext.parallelize: {name} is a {type(module).__name__}, an nn.Linear subclass with a forward "
                          "of its own (a quantized or adapter layer?); tpext shards plain nn.Linear layers, whose "
                          "forward is x @ W.T + b. Give it the style 'replicate', or parallelize the plain model")
-    if isinstance(module, nn.Linear) and pieces is None and leaf in _ATTN_PROJ and kind in ("colwise", "rowwise"):
+    if (isinstance(module, nn.Linear) and pieces is None and leaf in _ATTN_PROJ and _is_attention(parent)
+            and kind in ("colwise", "rowwise")):
         pieces = _attention_pieces(leaf, parent, config)  # never cut a head, whatever the plan says
     if isinstance(module, nn.Linear) and kind in ("colwise", "vocab"):
         return ColumnParallelLinear.from_dense(module, group, pieces=pieces, chunks=chunks,
@@ -281,7 +298,7 @@ def _convert(name: str, module: nn.Module, parent: nn.Module, style: Style, grou
         except ValueError as exc:
             raise ValueError(f"tpext.parallelize: {name}: {exc}") from exc
     if kind == "colwise" and not isinstance(module, (nn.Linear, nn.Embedding)) and hasattr(module, "weight"):
-        pieces = pieces or (_norm_pieces(module, parent, config) if hasattr(parent, "o_proj") else None)
+        pieces = pieces or (_norm_pieces(module, parent, config) if _is_attention(parent) else None)
         if pieces is None:
             raise ValueError(f"tpext.parallelize: {name} ({type(module).__name__}) is colwise, which for a norm "
                              "needs the pieces of the features it normalises: Style('colwise', (Piece(heads, "
@@ -311,7 +328,7 @@ def _set_local_heads(model: nn.Module, converted: dict[str, nn.Module], world: i
     config = getattr(model, "config", None)
     for name, attn in model.named_modules():
         projections = [f"{name}.{p}" if name else p for p in _ATTN_PROJ]
-        if not any(p in converted for p in projections) or not hasattr(attn, "o_proj"):
+        if not any(p in converted for p in projections) or not _is_attention(attn):
             continue
         hq, hkv, d = _heads(attn, config)  # _check_heads made sure hq divides
         local_q, local_kv = hq // world, max(hkv // world, 1)
