@@ -161,7 +161,7 @@ def test_policy_picks_p2p_for_small_messages_and_nccl_for_large():
 
 def _check_policy_and_layers() -> None:
     from tpext.nn import RowParallelLinear
-    world, rank = tdist.get_world_size(), tdist.get_rank()
+    world = tdist.get_world_size()
     pg = tdist.group.WORLD
     x = torch.ones(4, 8)
     assert p2p.algorithm_for(x, pg) is None, "CPU tensors take the layer's own path in auto mode"
