@@ -251,6 +251,23 @@ def test_qk_norm_checkpoint_and_copy(tmp_path, arch):
     run_ranks(_qk_norm_checkpoint, 4, arch, str(tmp_path / "dense.safetensors"))
 
 
+def _save_pretrained(path: str) -> None:
+    """save_pretrained of a parallelized model writes the dense model (from global rank 0): its config with
+    the dense head counts, and weights that from_pretrained loads into the dense model's."""
+    tpext.parallelize(_model("qwen3", 2, "sdpa"), sequence_parallel=True).save_pretrained(path)
+
+
+def test_save_pretrained_writes_the_dense_model(tmp_path):
+    run_ranks(_save_pretrained, 4, str(tmp_path))
+    dense = _model("qwen3", 2, "sdpa")
+    loaded = transformers.Qwen3ForCausalLM.from_pretrained(tmp_path)
+    assert loaded.config.num_attention_heads == 8 and loaded.config.num_key_value_heads == 2
+    state = loaded.state_dict()
+    assert state.keys() == dense.state_dict().keys()
+    for name, tensor in dense.state_dict().items():
+        assert torch.equal(state[name], tensor), name
+
+
 def _gemma_padding() -> tuple:
     """Gemma's scaled embedding, vocab-parallel: padding_idx is this rank's row of the padding token (None
     where another rank holds it), so nn.Embedding's and Hugging Face's init zero that token's row only."""

@@ -7,11 +7,13 @@ Under sequence parallelism, two forward pre-hooks:
   * each sharded attention module gathers it back (`_GatherSequence`), overlapped with the q/k/v GEMM,
     so attention code that takes the sequence length from its input sees the dense shapes.
 And for models that compute their own loss from labels (Hugging Face's `loss_function`), a causal-LM
-loss on the vocabulary-sharded logits of a vocab-parallel lm_head.
+loss on the vocabulary-sharded logits of a vocab-parallel lm_head; for models with Hugging Face's
+`save_pretrained`, one that writes the dense model.
 """
 
 from __future__ import annotations
 
+import types
 import weakref
 from typing import Callable, Optional
 
@@ -24,11 +26,13 @@ from tpext.distributed import SharesGroupOnCopy
 from tpext.nn import ColumnParallelLinear, SharedInputColumns
 from tpext.nn.functional import vocab_parallel_cross_entropy
 
-__all__ = ["add_sequence_hooks", "add_causal_lm_loss", "ATTENTION_INPUTS"]
+__all__ = ["add_sequence_hooks", "add_causal_lm_loss", "add_dense_save_pretrained", "ATTENTION_INPUTS", "LM_HEADS"]
 
 # The input projections of an attention module, by name: separate q/k/v, a packed qkv_proj, or
 # query_key_value (GPT-NeoX's: each head's q, k and v rows together).
 ATTENTION_INPUTS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value")
+# A language model's output layer, by name (embed_out: older GPT-NeoX).
+LM_HEADS = ("lm_head", "embed_out", "output")
 
 
 def _hidden_states(module: nn.Module, args: tuple, kwargs: dict) -> tuple[Tensor, Callable[[Tensor], tuple]]:
@@ -204,9 +208,34 @@ def add_causal_lm_loss(model: nn.Module, converted: dict[str, nn.Module]) -> Non
     """A model that computes its loss from labels through a settable `loss_function` (Hugging Face's
     PreTrainedModel) gets one that understands the vocabulary-sharded logits of its lm_head; its own would
     read [*, V/R] logits as [*, V] and be wrong."""
-    head = next((converted[n] for n in ("lm_head", "output") if n in converted), None)
+    head = next((converted[n] for n in LM_HEADS if n in converted), None)
     prop = getattr(type(model), "loss_function", None)
     causal = getattr(model, "loss_type", None) in _CAUSAL_LOSS_TYPES  # not a masked-LM or other head's loss
     if (isinstance(head, ColumnParallelLinear) and not head.gather_output and head.tp_size > 1 and causal
             and isinstance(prop, property) and prop.fset is not None):
         model.loss_function = _VocabParallelCausalLMLoss(head)
+
+
+def add_dense_save_pretrained(model: nn.Module) -> None:
+    """A model with Hugging Face's `save_pretrained` gets one that saves the dense model (what
+    from_pretrained loads at any tensor-parallel size, or without tensor parallelism) instead of each rank's
+    shards under the dense names."""
+    if callable(getattr(type(model), "save_pretrained", None)):
+        model.save_pretrained = types.MethodType(_save_pretrained_dense, model)
+
+
+def _save_pretrained_dense(self: nn.Module, save_directory, *args, is_main_process: Optional[bool] = None,
+                           state_dict: Optional[dict] = None, **kwargs):
+    """Hugging Face's save_pretrained of the dense model: the state dict is gathered over the tensor-parallel
+    groups (collective: every rank calls it) and global rank 0 writes it, with the model's config, unless
+    is_main_process says otherwise."""
+    from tpext.checkpoint import gather_state_dict
+
+    if state_dict is not None:
+        raise ValueError("tpext: save_pretrained of a tensor-parallel model gathers the dense state dict itself; "
+                         "pass no state_dict (or call type(model).save_pretrained with a dense one)")
+    dense = gather_state_dict(self)
+    if is_main_process is None:
+        is_main_process = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    return type(self).save_pretrained(self, save_directory, *args, is_main_process=is_main_process,
+                                      state_dict=dense, **kwargs)

@@ -59,7 +59,8 @@ from tpext.nn import (ColumnParallelLinear, RowParallelLinear, SequenceParallelL
 from tpext.nn._class_swap import probe_copy, shell_copy
 from tpext.nn.embedding import _VocabParallelLookup, vocab_parallel_subclass
 from tpext.nn.norm import _ColumnParallelRMS, _SumsParamGrads, shard_norm_features
-from tpext.model_hooks import ATTENTION_INPUTS, add_causal_lm_loss, add_sequence_hooks
+from tpext.model_hooks import (ATTENTION_INPUTS, LM_HEADS, add_causal_lm_loss, add_dense_save_pretrained,
+                               add_sequence_hooks)
 from tpext.sharding import Piece
 
 __all__ = ["Style", "parallelize", "auto_plan", "STYLES"]
@@ -98,7 +99,7 @@ _ATTN_PROJ = set(ATTENTION_INPUTS) | set(_ATTN_OUT)
 _COLWISE = {"gate_proj", "up_proj", "gate_up_proj", "c_fc", "fc1", "fc_in", "dense_h_to_4h", "w1", "w3"}
 _ROWWISE = {"down_proj", "c_proj", "fc2", "fc_out", "dense_4h_to_h", "w2"}
 _EMBED = {"embed_tokens", "embed_in", "wte", "tok_embeddings"}
-_HEAD = {"lm_head", "embed_out", "output"}
+_HEAD = set(LM_HEADS)
 # Small task heads (sequence / token classification, question answering): replicated; under SP they read
 # the full sequence, gathered at the decoder stack's output.
 _REPLICATED_HEADS = {"score", "qa_outputs", "classifier"}
@@ -412,6 +413,7 @@ def parallelize(model: nn.Module, group: GroupLike = None, plan: Union[str, Plan
     if split_at:
         add_sequence_hooks(model, split_at, attention, converted, pg, sequence_dim)
     add_causal_lm_loss(model, converted)
+    add_dense_save_pretrained(model)
     return model
 
 
