@@ -8,6 +8,7 @@ QKV / gate_up weights, tied embeddings. Plus the collective counts of a step and
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
@@ -290,6 +291,11 @@ def _deepcopy() -> None:
         torch.testing.assert_close(e.tensor.grad, e.layout.local_from_dense(dense.get_parameter(e.names[0]).grad),
                                    **TOL[f64], msg=lambda m: f"grad {e.names}: {m}")
     assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(TypeError, match=r"tpext: a \w+ holds a process group and cannot be pickled \(torch.save of "
+                                        r"a tensor-parallel model\); save its weights with tpext.save_checkpoint"):
+        torch.save(model, io.BytesIO())
+    shallow = copy.copy(model.model.layers[0].self_attn.q_proj)
+    assert shallow.weight is q_orig.weight and shallow.group is q_orig.group
 
 
 def test_deepcopy():

@@ -46,7 +46,19 @@ def resolve_group(group: GroupLike = None) -> dist.ProcessGroup:
 class SharesGroupOnCopy:
     """Mixin of the objects that hold a process group (modules, hooks): copy.deepcopy shares the group
     instead of copying it (a ProcessGroup cannot be copied, and a copy of a tensor-parallel module runs
-    on the same ranks); everything else is copied as deepcopy would."""
+    on the same ranks); everything else is copied as deepcopy would. Pickling (torch.save(model)) is
+    refused with the ways to save that work: a process group means nothing in another process."""
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(f"tpext: a {type(self).__name__} holds a process group and cannot be pickled (torch.save of "
+                        "a tensor-parallel model); save its weights with tpext.save_checkpoint(model, path) (the "
+                        "dense safetensors), model.save_pretrained(dir) (Hugging Face models) or "
+                        "torch.distributed.checkpoint on model.state_dict(), and parallelize again on load")
+
+    def __copy__(self):
+        new = type(self).__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
 
     def __deepcopy__(self, memo: dict):
         for value in self.__dict__.values():
