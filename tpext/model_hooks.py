@@ -117,6 +117,12 @@ class _GatherStackOutput(SharesGroupOnCopy):
         if isinstance(value, (tuple, list)) and not hasattr(value, "_fields"):
             return type(value)(self._gather(v) for v in value)
         if isinstance(value, dict):  # Hugging Face's ModelOutput is an ordered dict (setting an item sets the field)
+            last = value.get("last_hidden_state")
+            if isinstance(last, Tensor) and self.split.shard_shape is not None and last.shape != self.split.shard_shape:
+                raise ValueError(f"tpext.parallelize: under sequence parallelism {self.name.rpartition('.')[0]} must "
+                                 f"return its decoder stack's output shard {tuple(self.split.shard_shape)} as "
+                                 f"last_hidden_state, got shape {tuple(last.shape)}: the model reshapes it (GPT-J's "
+                                 "does); parallelize it without sequence_parallel")
             for key in ("last_hidden_state", "hidden_states"):
                 if value.get(key) is not None:
                     value[key] = self._gather(value[key])
@@ -140,8 +146,8 @@ class _CheckHeadInput:
         if isinstance(x, Tensor) and self.split.shard_shape is not None and x.shape != self.split.shard_shape:
             raise ValueError(f"tpext.parallelize: under sequence parallelism {self.name} must get the decoder's "
                              f"output shard {tuple(self.split.shard_shape)} whole, got {tuple(x.shape)} (a slice, "
-                             "as logits_to_keep or generation takes); generate with a model parallelized without "
-                             "sequence_parallel")
+                             "as logits_to_keep or generation takes, or a reshape of it, as GPT-J's model does); "
+                             "generate with, or parallelize such a model, without sequence_parallel")
 
 
 def add_sequence_hooks(model: nn.Module, split_at: str, attention: list[str], converted: dict[str, nn.Module],

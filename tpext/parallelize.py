@@ -74,11 +74,12 @@ STYLES = ("colwise", "rowwise", "vocab", "sequence_parallel", "replicate")
 @dataclass(frozen=True)
 class Style:
     """A plan entry. `pieces` describe the sharded dim (output features for colwise, input features for
-    rowwise) when it is packed or made of heads; None means one piece split near-evenly (q/k/v/o_proj
-    and qkv_proj: whole heads, from the attention module's head counts). gather_output (colwise): every
-    rank gets the full output, e.g. full logits from lm_head for generation code. sum_grads (replicate):
-    the module's replicated weights see only this rank's heads (a per-head q_norm / k_norm), so their
-    gradients are summed over the group."""
+    rowwise) when it is packed or made of heads; None means one piece split near-evenly (an attention
+    module's q/k/v_proj, qkv_proj, query_key_value and its o_proj / dense / out_proj: whole heads, from its
+    head counts). gather_output (colwise): every rank gets the full output, e.g. full logits from lm_head
+    for generation code. sum_grads (replicate): the module's replicated weights see only this rank's heads
+    or features (a per-head q_norm / k_norm, a learned activation), so their gradients are summed over
+    the group."""
 
     kind: str
     pieces: Optional[tuple[Piece, ...]] = None
@@ -136,6 +137,10 @@ def _is_attention(module: nn.Module) -> bool:
 def _attention_pieces(leaf: str, attn: nn.Module, config) -> tuple[Piece, ...]:
     """The head structure of an attention projection's sharded dim."""
     hq, hkv, d = _heads(attn, config)
+    if leaf == "qkv_proj" and not hasattr(attn, "o_proj"):
+        raise ValueError(f"tpext.parallelize: {type(attn).__name__}.qkv_proj: tpext knows a packed qkv_proj's layout "
+                         "([q | k | v] rows) beside an o_proj (Phi3's); other models pack theirs differently "
+                         "(CodeGen's interleaves blocks); give it a plan with the pieces of its layout")
     if leaf == "query_key_value" and hkv != hq:
         raise ValueError(f"tpext.parallelize: {type(attn).__name__}.query_key_value with {hq} query and {hkv} kv "
                          "heads: tpext knows its layout (each head's q, k and v rows together, GPT-NeoX's) only "
@@ -168,6 +173,10 @@ def auto_plan(model: nn.Module, *, sequence_parallel: bool = False,
         parent = _parent(modules, name)
         if isinstance(module, nn.Linear) and not _plain_linear(module):
             unplaced.append(f"{name} ({type(module).__name__}: an nn.Linear with a forward of its own)")
+        elif not _is_attention(parent) and (attn := _attention_above(name, modules)) is not None:
+            # e.g. StableLM's per-head norms in a list: which heads each one serves is the model's code
+            unplaced.append(f"{name} ({type(module).__name__} nested inside attention module {attn or 'the model'}: "
+                            "tpext cannot tell which heads it serves)")
         elif isinstance(module, nn.Linear) and leaf in _ATTN_PROJ and _is_attention(parent):
             plan[name] = Style("rowwise" if leaf in _ATTN_OUT else "colwise", _attention_pieces(leaf, parent, config))
         elif isinstance(module, nn.Linear) and leaf == "gate_up_proj":
@@ -194,7 +203,7 @@ def auto_plan(model: nn.Module, *, sequence_parallel: bool = False,
                             "features: neither one head's, nor all query or key heads')")
         elif _is_norm(leaf, module):
             plan[name] = Style("sequence_parallel" if sequence_parallel else "replicate")
-        elif any(hasattr(parent, r) for r in _ROWWISE) and _elementwise_with_scalars(module):
+        elif "act" in leaf.lower() and _is_mlp(parent) and _elementwise_with_scalars(module):
             # A learned activation between the MLP's column and row layers (Apertus's xIELU): its scalar
             # parameters act on this rank's features only, so their gradients are summed over the group.
             plan[name] = Style("replicate", sum_grads=True)
@@ -227,16 +236,33 @@ def _norm_pieces(norm: nn.Module, attn: nn.Module, config) -> Optional[tuple[Pie
     return (Piece(hq, d),) if numel == hq * d else (Piece(hkv, d),) if numel == hkv * d else None
 
 
+def _attention_above(name: str, modules: dict[str, nn.Module]) -> Optional[str]:
+    """The name of an attention module that holds `name` deeper than as its direct child, or None."""
+    parts = name.split(".")
+    for depth in range(len(parts) - 2, -1, -1):
+        ancestor = ".".join(parts[:depth])
+        if _is_attention(modules[ancestor]):
+            return ancestor
+    return None
+
+
+def _is_mlp(module: nn.Module) -> bool:
+    """Whether `module` holds an MLP's column and row layers, by name."""
+    return any(hasattr(module, c) for c in _COLWISE) and any(hasattr(module, r) for r in _ROWWISE)
+
+
 def _elementwise_with_scalars(module: nn.Module) -> bool:
     """Whether `module` has only scalar parameters and maps each feature on its own (checked on a copy:
-    its output on half the features is that half of its output on all of them)."""
+    its output on either half of the features is that half of its output on all of them)."""
     if isinstance(module, (nn.Linear, nn.Embedding)) or any(p.numel() != 1 for p in module.parameters()):
         return False
     probe = probe_copy(module)
     x = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
     try:
         with torch.no_grad():
-            return torch.allclose(probe.forward(x)[:, :4], probe.forward(x[:, :4]), rtol=1e-6, atol=1e-7)
+            full = probe.forward(x)
+            return all(torch.allclose(full[:, half], probe.forward(x[:, half]), rtol=1e-6, atol=1e-7)
+                       for half in (slice(0, 4), slice(4, 8)))
     except Exception:  # not a function of one tensor of features
         return False
 
@@ -335,6 +361,7 @@ def _set_local_heads(model: nn.Module, converted: dict[str, nn.Module], world: i
         local_q, local_kv = hq // world, max(hkv // world, 1)
         # hidden_size: older Hugging Face attention reshapes its output to [b, s, self.hidden_size].
         for attr, value in (("num_heads", local_q), ("num_attention_heads", local_q), ("hidden_size", local_q * d),
+                            ("embed_dim", local_q * d),
                             ("num_key_value_heads", local_kv), ("num_key_value_groups", local_q // local_kv)):
             if hasattr(attn, attr):
                 setattr(attn, attr, value)
