@@ -51,32 +51,33 @@ CASES = [("llama", 4, False, "sdpa", False), ("llama", 4, True, "sdpa", False), 
          ("gpt_neox", 8, False, "sdpa", False), ("gptj", 8, False, "eager", True), ("xglm", 8, True, "eager", True)]
 
 
+_IDS = dict(pad_token_id=0, eos_token_id=1, bos_token_id=1)  # their default token ids are beyond this vocabulary
+_SMALL_HEADS = dict(head_dim=8, tie_word_embeddings=True)  # as the small ones
+# architecture: (config class, model class, config settings); kv heads are set where the model has GQA
+ARCHS = {"llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+         "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+         "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+         "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", _SMALL_HEADS),
+         "gemma": ("GemmaConfig", "GemmaForCausalLM", _SMALL_HEADS),
+         "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {**_SMALL_HEADS, **_IDS}),
+         "cohere": ("CohereConfig", "CohereForCausalLM", {**_IDS, "use_qk_norm": True}),  # a weight per head
+         "phi3": ("Phi3Config", "Phi3ForCausalLM", _IDS),
+         "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", _IDS),
+         "apertus": ("ApertusConfig", "ApertusForCausalLM", _IDS),
+         "phi": ("PhiConfig", "PhiForCausalLM", _IDS),
+         "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", _IDS),
+         # rotary over part of each head, MLP width n_inner
+         "gptj": ("GPTJConfig", "GPTJForCausalLM", {**_IDS, "rotary_dim": 4, "n_inner": SMALL["intermediate_size"]}),
+         # its dropout is on by default
+         "xglm": ("XGLMConfig", "XGLMForCausalLM", {**_IDS, "ffn_dim": SMALL["intermediate_size"], "dropout": 0.0,
+                                                     "attention_dropout": 0.0})}
+_NO_GQA = ("gpt_neox", "gptj", "xglm")  # kv must be the 8 query heads
+
+
 def _model(arch: str, kv: int, attn: str):
-    config_cls, model_cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-                             "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-                             "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-                             "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
-                             "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
-                             "cohere": (transformers.CohereConfig, transformers.CohereForCausalLM),
-                             "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
-                             "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM),
-                             "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
-                             "apertus": (transformers.ApertusConfig, transformers.ApertusForCausalLM),
-                             "phi": (transformers.PhiConfig, transformers.PhiForCausalLM),
-                             "gpt_neox": (transformers.GPTNeoXConfig, transformers.GPTNeoXForCausalLM),
-                             "gptj": (transformers.GPTJConfig, transformers.GPTJForCausalLM),
-                             "xglm": (transformers.XGLMConfig, transformers.XGLMForCausalLM)}[arch]
-    extra = {"head_dim": 8, "tie_word_embeddings": True} if arch in ("qwen3", "gemma", "gemma2") else {}
-    if arch in ("phi3", "olmo2", "cohere", "gemma2", "apertus", "phi", "gpt_neox", "gptj", "xglm"):  # ids beyond V
-        extra.update(pad_token_id=0, eos_token_id=1, bos_token_id=1)
-    if arch == "gptj":  # rotary over part of each head, MLP width n_inner
-        extra.update(rotary_dim=4, n_inner=SMALL["intermediate_size"])
-    if arch == "xglm":  # its dropout is on by default
-        extra.update(ffn_dim=SMALL["intermediate_size"], dropout=0.0, attention_dropout=0.0)
-    if arch not in ("gpt_neox", "gptj", "xglm"):  # they have no grouped-query attention (kv must be 8)
-        extra.update(num_key_value_heads=kv)
-    if arch == "cohere":  # a layer norm per head, with a weight per head
-        extra.update(use_qk_norm=True)
+    config_name, model_name, settings = ARCHS[arch]
+    config_cls, model_cls = getattr(transformers, config_name), getattr(transformers, model_name)
+    extra = dict(settings) if arch in _NO_GQA else dict(settings, num_key_value_heads=kv)
     config = config_cls(**SMALL, **extra, attn_implementation=attn)
     torch.manual_seed(0)
     model = model_cls(config).float()
