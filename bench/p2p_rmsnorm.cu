@@ -82,18 +82,8 @@ std::vector<std::string> split(const std::string& s) {
 
 Options parse(int argc, char** argv) {
   Options o;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    if (a == "--help" || a == "-h") {
-      std::printf("%s\n", kUsage);
-      std::exit(0);
-    }
-    if (a == "--check") {
-      o.check_only = true;
-      continue;
-    }
-    if (i + 1 >= argc) throw std::runtime_error("missing value after " + a);
-    const std::string v = argv[++i];
+  tpext::bench::walk_flags(argc, argv, std::string(kUsage) + "\n", &o.check_only,
+                           [&](const std::string& a, const std::string& v) {
     constexpr long long kBig = int64_t{1} << 31;
     if (a == "--ranks") o.ranks = static_cast<int>(tpext::bench::parse_int(a, v, 1, kP2PMaxRanks));
     else if (a == "--rows") o.rows = tpext::bench::parse_list<int64_t>(a, v, 1, kBig);
@@ -105,7 +95,7 @@ Options parse(int argc, char** argv) {
     else if (a == "--eps") o.eps = std::strtod(v.c_str(), nullptr);
     else if (a == "--json") o.json_path = v;
     else throw std::runtime_error("unknown argument " + a + "\n" + kUsage);
-  }
+  });
   if (o.dtypes.empty()) throw std::runtime_error("--dtypes needs at least one value");
   for (const auto& d : o.dtypes) (void)tpext::bench::dtype_info(d);  // reject an unknown dtype before any work
   return o;

@@ -73,20 +73,30 @@ inline const char* usage_text() {
          "  --json PATH                 also write the results as JSON\n";
 }
 
-inline Options parse_options(int argc, char** argv) {
-  Options o;
+// The command-line walk every bench shares: --help / -h prints `usage` and exits, --check sets
+// *check_only, and every other flag takes the next argument as its value, handed to
+// on_value(flag, value), which throws for a flag it does not know.
+template <class OnValue>
+void walk_flags(int argc, char** argv, const std::string& usage, bool* check_only, OnValue&& on_value) {
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--help" || a == "-h") {
-      std::printf("usage: %s [options]\n%s", argv[0], usage_text());
+      std::printf("%s", usage.c_str());
       std::exit(0);
     }
     if (a == "--check") {
-      o.check_only = true;
+      *check_only = true;
       continue;
     }
     if (i + 1 >= argc) throw std::runtime_error("missing value after " + a);
-    const std::string v = argv[++i];
+    on_value(a, std::string(argv[++i]));
+  }
+}
+
+inline Options parse_options(int argc, char** argv) {
+  Options o;
+  const std::string usage = std::string("usage: ") + argv[0] + " [options]\n" + usage_text();
+  walk_flags(argc, argv, usage, &o.check_only, [&](const std::string& a, const std::string& v) {
     constexpr long long kBig = int64_t{1} << 31;
     if (a == "--m") o.ms = parse_list<int64_t>(a, v, 1, kBig);
     else if (a == "--n") o.ns = parse_list<int64_t>(a, v, 1, kBig);
@@ -111,7 +121,7 @@ inline Options parse_options(int argc, char** argv) {
     } else {
       throw std::runtime_error("unknown argument " + a + "\n" + usage_text());
     }
-  }
+  });
   if (o.gpus > 0 && o.virtual_ranks > 0) throw std::runtime_error("--gpus and --virtual-ranks exclude each other, got both");
   return o;
 }
