@@ -13,8 +13,10 @@ attention and final logit soft-capping, sliding-window layers) and Apertus (a le
 scalar parameters between the MLP's layers), Phi (dense as o_proj, partial rotary, fc1 / fc2, an lm_head
 with a bias) and GPT-NeoX (query_key_value with each head's q, k and v rows together, LayerNorms with
 biases, attention and MLP side by side), GPT-J (out_proj, fc_in / fc_out; without SP) and XGLM (sinusoidal
-positions, attention reshaping by its embed_dim): the model's own
-embedding, norm, activation and attention code runs unchanged (OLMo2's q/k norms excepted: their
+positions, attention reshaping by its embed_dim), and mixture-of-experts models with the router's
+load-balancing loss in the loss: Mixtral, Qwen2-MoE (a shared expert and its gate beside the experts,
+a dense first layer), Qwen3-MoE and OLMoE: the model's own
+embedding, norm, activation, attention and experts code runs unchanged (OLMo2's q/k norms excepted: their
 statistic spans the group). Also greedy generation with gathered logits, token
 for token, and heads with replicated weights (sequence classification) and base models under SP.
 """
@@ -48,7 +50,9 @@ CASES = [("llama", 4, False, "sdpa", False), ("llama", 4, True, "sdpa", False), 
          ("gemma", 4, False, "eager", False), ("cohere", 2, True, "sdpa", False), ("phi3", 2, True, "sdpa", True),
          ("olmo2", 2, True, "sdpa", True), ("olmo2", 1, False, "eager", False), ("gemma2", 2, True, "eager", True),
          ("apertus", 2, True, "sdpa", False), ("phi", 2, True, "sdpa", True), ("gpt_neox", 8, True, "eager", True),
-         ("gpt_neox", 8, False, "sdpa", False), ("gptj", 8, False, "eager", True), ("xglm", 8, True, "eager", True)]
+         ("gpt_neox", 8, False, "sdpa", False), ("gptj", 8, False, "eager", True), ("xglm", 8, True, "eager", True),
+         ("mixtral", 2, False, "sdpa", False), ("mixtral", 2, True, "sdpa", True), ("qwen2_moe", 2, True, "sdpa", True),
+         ("qwen3_moe", 4, False, "eager", False), ("olmoe", 2, True, "sdpa", False)]
 
 
 _IDS = dict(pad_token_id=0, eos_token_id=1, bos_token_id=1)  # their default token ids are beyond this vocabulary
@@ -71,6 +75,17 @@ ARCHS = {"llama": ("LlamaConfig", "LlamaForCausalLM", {}),
          # its dropout is on by default
          "xglm": ("XGLMConfig", "XGLMForCausalLM", {**_IDS, "ffn_dim": SMALL["intermediate_size"], "dropout": 0.0,
                                                      "attention_dropout": 0.0})}
+_MOE = dict(output_router_logits=True, router_aux_loss_coef=0.5, num_experts_per_tok=2)  # the aux loss counts
+ARCHS.update({
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {**_MOE, "num_local_experts": 4}),
+    # a shared expert (an MLP) and its sigmoid gate beside the routed experts; the first layer's MLP dense
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", {**_MOE, "num_experts": 4, "moe_intermediate_size": 32,
+                                                             "shared_expert_intermediate_size": 48,
+                                                             "mlp_only_layers": [0]}),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {**_MOE, **_SMALL_HEADS, "num_experts": 8,
+                                                             "moe_intermediate_size": 32}),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", {**_MOE, **_IDS, "num_experts": 4}),
+})
 _NO_GQA = ("gpt_neox", "gptj", "xglm")  # kv must be the 8 query heads
 
 
@@ -234,6 +249,18 @@ def test_attention_norm_plans():
         tpext.auto_plan(model)
 
 
+def test_moe_plan():
+    """A mixture-of-experts block: the experts sharded, the router and the shared expert's gate replicated, the
+    shared expert an MLP; the dense first layer's MLP as any MLP."""
+    plan = tpext.auto_plan(_model("qwen2_moe", 2, "sdpa"), sequence_parallel=True)
+    layer = "model.layers.1.mlp"
+    assert {name: style.kind for name, style in plan.items() if name.startswith(layer)} == {
+        f"{layer}.gate": "replicate", f"{layer}.experts": "experts", f"{layer}.shared_expert_gate": "replicate",
+        f"{layer}.shared_expert.gate_proj": "colwise", f"{layer}.shared_expert.up_proj": "colwise",
+        f"{layer}.shared_expert.down_proj": "rowwise"}
+    assert plan["model.layers.0.mlp.down_proj"].kind == "rowwise"
+
+
 def test_layouts_tpext_cannot_tell_are_refused():
     """Packed or nested attention weights whose head layout the names do not tell are named, not guessed:
     CodeGen's qkv_proj (blocks of [q | v | k]) and StableLM's per-head norms in a list."""
@@ -268,9 +295,10 @@ def test_gptj_under_sequence_parallelism_is_an_error():
     assert "got (4, 4, 64) (a slice, as logits_to_keep or generation takes, or a reshape of it" in causal, causal
 
 
-def _qk_norm_checkpoint(arch: str, path: str) -> None:
-    """OLMo2's and Cohere's sharded q/k norm weights gather back to the dense state dict bit for bit, load
-    from the dense checkpoint into their slices, and survive copy.deepcopy: the dense logits every time."""
+def _checkpoint_and_copy(arch: str, path: str) -> None:
+    """Sharded q/k norm weights (OLMo2's, Cohere's) and 3-D expert weights (Qwen2-MoE's) gather back to the
+    dense state dict bit for bit, load from the dense checkpoint into their slices, and survive
+    copy.deepcopy: the dense logits every time."""
     world = torch.distributed.get_world_size()
     dense = _model(arch, 2, "sdpa")
     model = tpext.parallelize(copy.deepcopy(dense))
@@ -280,19 +308,18 @@ def _qk_norm_checkpoint(arch: str, path: str) -> None:
     ids = torch.randint(0, SMALL["vocab_size"], (2, 7), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = dense(input_ids=ids).logits
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.fill_(1.0)
+        for p in model.parameters():
+            p.fill_(1.0)
         tpext.load_checkpoint(model, path)
         for m in (model, copy.deepcopy(model)):
             logits = mappings.gather_from_tp(m(input_ids=ids).logits, SMALL["vocab_size"])
             torch.testing.assert_close(logits, ref, **TOL, msg=lambda msg: f"{arch} tp={world}: {msg}")
 
 
-@pytest.mark.parametrize("arch", ["olmo2", "cohere"])
-def test_qk_norm_checkpoint_and_copy(tmp_path, arch):
+@pytest.mark.parametrize("arch", ["olmo2", "cohere", "qwen2_moe"])
+def test_checkpoint_and_copy(tmp_path, arch):
     tpext.save_checkpoint(_model(arch, 2, "sdpa"), tmp_path / "dense.safetensors")
-    run_ranks(_qk_norm_checkpoint, 4, arch, str(tmp_path / "dense.safetensors"))
+    run_ranks(_checkpoint_and_copy, 4, arch, str(tmp_path / "dense.safetensors"))
 
 
 def _save_pretrained(path: str) -> None:

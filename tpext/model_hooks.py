@@ -5,7 +5,9 @@ Under sequence parallelism, two forward pre-hooks:
     code that derives positions and the causal mask from its output's shape see the full sequence, as
     in the dense model; the layers see this rank's shard;
   * each sharded attention module gathers it back (`_GatherSequence`), overlapped with the q/k/v GEMM,
-    so attention code that takes the sequence length from its input sees the dense shapes.
+    so attention code that takes the sequence length from its input sees the dense shapes;
+  * each mixture-of-experts block runs on the full sequence (`_FullSequenceBlock`) and returns this
+    rank's shard.
 And for models that compute their own loss from labels (Hugging Face's `loss_function`), a causal-LM
 loss on the vocabulary-sharded logits of a vocab-parallel lm_head; for models with Hugging Face's
 `save_pretrained`, one that writes the dense model.
@@ -98,6 +100,34 @@ class _GatherSequence(SharesGroupOnCopy):
         return call_with(x_full)
 
 
+class _FullSequenceBlock(SharesGroupOnCopy):
+    """Forward pre-hook and hook of a mixture-of-experts block under SP. Its experts (and a shared expert)
+    hold a slice of every token's features, so every rank needs every token: the block runs on the full
+    sequence, replicated on every rank (its router routes it as the dense model does, its experts reduce
+    their own output), and returns this rank's shard. Everything in the block reads the gathered input
+    alike on every rank, so the gather's backward keeps this rank's block of the gradient; the split's
+    backward all-gathers. (An all-reduce and an all-gather where a reduce-scatter would do: the price of
+    running the block's own code unchanged.)"""
+
+    def __init__(self, group, sequence_dim: int, name: str):
+        self.group, self.sequence_dim, self.name = group, sequence_dim, name
+
+    def gather(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple:
+        x, call_with = _hidden_states(module, args, kwargs)
+        with stats.module_scope(stats.current_module() or f"{self.name}.gather"):
+            x_full = mappings.gather_from_sequence(x, self.group, self.sequence_dim, replicated_grad=True)
+        return call_with(x_full.contiguous())  # the block's code may view() it
+
+    def split(self, module: nn.Module, args: tuple, output):
+        with stats.module_scope(stats.current_module() or f"{self.name}.split"):
+            if isinstance(output, Tensor):
+                return mappings.scatter_to_sequence(output, self.group, self.sequence_dim)
+            if isinstance(output, tuple) and output and isinstance(output[0], Tensor):  # (hidden states, router logits)
+                return (mappings.scatter_to_sequence(output[0], self.group, self.sequence_dim), *output[1:])
+        raise TypeError(f"tpext.parallelize: under sequence parallelism the mixture-of-experts block {self.name} must "
+                        f"return its hidden states (or a tuple starting with them), got {type(output).__name__}")
+
+
 class _GatherStackOutput(SharesGroupOnCopy):
     """Forward hook of the module that owns the decoder stack (Hugging Face's LlamaModel), for models with
     no sequence-parallel head after it (a base model, a classification or QA head with replicated
@@ -151,7 +181,7 @@ class _CheckHeadInput:
 
 
 def add_sequence_hooks(model: nn.Module, split_at: str, attention: list[str], converted: dict[str, nn.Module],
-                       group, sequence_dim: int) -> None:
+                       group, sequence_dim: int, full_sequence_blocks: list[str]) -> None:
     split = _SplitSequence(group, sequence_dim, split_at)
     model.get_submodule(split_at).register_forward_pre_hook(split, with_kwargs=True)
     # The decoder stack (model.layers) and its owner (model): a sequence-parallel column layer outside the
@@ -178,6 +208,10 @@ def add_sequence_hooks(model: nn.Module, split_at: str, attention: list[str], co
             shared = None
         hook = _GatherSequence(columns, shared, f"{name}.gather" if name else "gather")
         model.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=True)
+    for name in full_sequence_blocks:
+        block, hook = model.get_submodule(name), _FullSequenceBlock(group, sequence_dim, name)
+        block.register_forward_pre_hook(hook.gather, with_kwargs=True)
+        block.register_forward_hook(hook.split)
 
 
 class _VocabParallelCausalLMLoss:

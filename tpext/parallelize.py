@@ -18,7 +18,9 @@ activations (Hugging Face's) sees the dense ones. Modules registered before the 
 are taken to run before it, on the whole sequence (not sequence-parallel). A vocab-parallel lm_head
 gathers the decoder stack's output itself (the hidden states the model returns are then sequence
 shards); without one (a base model, a replicated classification head) the stack's output is gathered
-back to the full sequence.
+back to the full sequence. A mixture-of-experts block (the parent of a module planned "experts") runs
+on the full sequence too, gathered at its input and split at its output; what it holds is converted
+without SP.
 
 Converted norms keep their own class and code (tpext.nn.sum_param_grads), except a q/k RMSNorm over
 all heads' features (OLMo2's), which keeps its class and computes its statistic over the group (checked
@@ -36,6 +38,7 @@ from tpext.distributed import GroupLike, resolve_group
 from tpext.nn import (ColumnParallelLinear, RowParallelLinear, SequenceParallelLayerNorm, SequenceParallelRMSNorm,
                       SharedInputColumns, VocabParallelEmbedding, sum_param_grads)
 from tpext.nn._class_swap import shell_copy
+from tpext.nn.experts import _ShardedExperts, shard_experts
 from tpext.nn.embedding import _VocabParallelLookup, vocab_parallel_subclass
 from tpext.nn.norm import _ColumnParallelRMS, _SumsParamGrads, shard_norm_features
 from tpext.model_hooks import add_causal_lm_loss, add_dense_save_pretrained, add_sequence_hooks
@@ -45,7 +48,7 @@ from tpext.plans import (_ATTN_PROJ, STYLES, Plan, Style, _attention_pieces, _he
 __all__ = ["Style", "parallelize", "auto_plan", "STYLES"]
 
 _TPEXT_MODULES = (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, SequenceParallelLayerNorm,
-                  SequenceParallelRMSNorm, _SumsParamGrads, _ColumnParallelRMS, _VocabParallelLookup)
+                  SequenceParallelRMSNorm, _SumsParamGrads, _ColumnParallelRMS, _VocabParallelLookup, _ShardedExperts)
 
 def _sharded_attention(model: nn.Module, plan: Plan) -> list[str]:
     """The names of the attention modules (with input and output projections) whose projections the plan shards, in
@@ -103,6 +106,11 @@ def _convert(name: str, module: nn.Module, parent: nn.Module, style: Style, grou
             return shard_norm_features(module, group, pieces)
         except ValueError as exc:
             raise ValueError(f"tpext.parallelize: {name}: {exc}") from exc
+    if kind == "experts":
+        try:
+            return shard_experts(module, group)
+        except ValueError as exc:
+            raise ValueError(f"tpext.parallelize: {name}: {exc}") from exc
     if kind == "sequence_parallel" and hasattr(module, "weight"):
         return sum_param_grads(shell_copy(module), group) if sp else module
     if kind == "replicate" and style.sum_grads and any(True for _ in module.parameters(recurse=False)):
@@ -112,7 +120,8 @@ def _convert(name: str, module: nn.Module, parent: nn.Module, style: Style, grou
     raise ValueError(f"tpext.parallelize: style {kind!r} does not apply to {name} ({type(module).__name__}); "
                      "colwise/rowwise take nn.Linear (colwise also a norm of a colwise layer's heads), vocab "
                      "takes nn.Embedding or nn.Linear, "
-                     "sequence_parallel takes a norm with a weight, replicate with sum_grads a module with parameters")
+                     "sequence_parallel takes a norm with a weight, replicate with sum_grads a module with parameters, "
+                     "experts a module with 3-D expert weights")
 
 
 def _set_local_heads(model: nn.Module, converted: dict[str, nn.Module], world: int) -> None:
@@ -182,16 +191,20 @@ def parallelize(model: nn.Module, group: GroupLike = None, plan: Union[str, Plan
     ties = _ties(model)
     config = getattr(model, "config", None)
     modules = dict(model.named_modules())
+    # Under SP a mixture-of-experts block runs on the full sequence: what it holds is converted without SP.
+    moe_blocks, full_sequence_blocks = _moe_blocks(modules, plan) if split_at else set(), []
     # Build every replacement first: an error leaves the model untouched.
     converted: dict[str, nn.Module] = {}
     in_sp_region = not split_at
     for name, module in modules.items():
         in_sp_region = in_sp_region or name == split_at
+        if name in moe_blocks and in_sp_region:
+            full_sequence_blocks.append(name)
         style = _style_for(name, plan) if name else None
         if style is None or any(name.startswith(c + ".") for c in converted):
             continue
-        new = _convert(name, module, _parent(modules, name), style, pg, sequence_parallel and in_sp_region,
-                       sequence_dim, chunks, config)
+        sp = sequence_parallel and in_sp_region and not any(name.startswith(b + ".") for b in full_sequence_blocks)
+        new = _convert(name, module, _parent(modules, name), style, pg, sp, sequence_dim, chunks, config)
         if new is not module:
             new._tpext_stats_name = name  # comm_stats attributes its collectives to this name
             converted[name] = new
@@ -203,10 +216,16 @@ def parallelize(model: nn.Module, group: GroupLike = None, plan: Union[str, Plan
     if share_inputs:
         _share_inputs(model, converted)
     if split_at:
-        add_sequence_hooks(model, split_at, attention, converted, pg, sequence_dim)
+        add_sequence_hooks(model, split_at, attention, converted, pg, sequence_dim, full_sequence_blocks)
     add_causal_lm_loss(model, converted)
     add_dense_save_pretrained(model)
     return model
+
+
+def _moe_blocks(modules: dict[str, nn.Module], plan: Plan) -> set[str]:
+    """The names of the modules holding a module the plan gives the style "experts" (mixture-of-experts blocks)."""
+    return {name.rpartition(".")[0] for name in modules
+            if name and (style := _style_for(name, plan)) is not None and style.kind == "experts"}
 
 
 def _ties(model: nn.Module) -> list[list[tuple[str, str]]]:

@@ -13,12 +13,18 @@ A plan is data: a dict from module-name patterns (fnmatch wildcards over the den
                          sequence_parallel=True (tpext.nn.sum_param_grads); replicated as it is otherwise
     "replicate"          left as it is, weights replicated on every rank (under SP a module with weights
                          that sees sequence shards must be "sequence_parallel", or its gradients are partial)
+    "experts"            a mixture-of-experts module with 3-D expert weights (Hugging Face's gate_up_proj
+                         [E, 2I, H] / down_proj [E, H, I]): every expert's intermediate features sharded,
+                         its output all-reduced (tpext.nn.shard_experts); the router beside it replicated.
+                         Under SP the block holding it runs on the full sequence, gathered at its input,
+                         and returns this rank's shard
 
 or a `Style` naming the pieces of a packed or head-structured dim, e.g. a packed QKV weight
 `Style("colwise", (Piece(32, 128), Piece(8, 128), Piece(8, 128)))`: every piece is split on its own,
 in whole heads, so the local weight holds this rank's q, k and v heads, never a naive chunk.
 `plan="auto"` builds such a plan from the Llama / Mistral / Qwen2 names and their GPT-NeoX / Phi / GPT-J
-kin (`auto_plan`).
+kin, and from mixture-of-experts blocks with 3-D expert weights (Mixtral, Qwen2/3-MoE, OLMoE: the
+experts, their router and any shared expert) (`auto_plan`).
 
 A learned activation with scalar parameters between an MLP's column and row layers (Apertus's xIELU)
 is replicated with its gradients summed. Layouts the names do not tell (a packed qkv_proj beside anything but an o_proj, weights nested deeper
@@ -36,11 +42,12 @@ from torch import nn
 
 from tpext.model_hooks import ATTENTION_INPUTS, LM_HEADS
 from tpext.nn._class_swap import probe_copy
+from tpext.nn.experts import is_experts
 from tpext.sharding import Piece
 
 __all__ = ["Style", "Plan", "STYLES", "auto_plan"]
 
-STYLES = ("colwise", "rowwise", "vocab", "sequence_parallel", "replicate")
+STYLES = ("colwise", "rowwise", "vocab", "sequence_parallel", "replicate", "experts")
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,9 @@ _HEAD = set(LM_HEADS)
 # Small task heads (sequence / token classification, question answering): replicated; under SP they read
 # the full sequence, gathered at the decoder stack's output.
 _REPLICATED_HEADS = {"score", "qa_outputs", "classifier"}
+# Beside a mixture-of-experts module: its router and a shared expert's gate, replicated (they see the
+# block's replicated input; the experts' all-reduce sums the gradients that reach them through the experts).
+_MOE_REPLICATED = {"gate", "router", "shared_expert_gate"}
 
 
 def _heads(attn: nn.Module, config) -> tuple[int, int, int]:
@@ -145,6 +155,10 @@ def auto_plan(model: nn.Module, *, sequence_parallel: bool = False,
         parent = _parent(modules, name)
         if isinstance(module, nn.Linear) and not _plain_linear(module):
             unplaced.append(f"{name} ({type(module).__name__}: an nn.Linear with a forward of its own)")
+        elif is_experts(module):
+            plan[name] = Style("experts")
+        elif leaf in _MOE_REPLICATED and _is_moe(parent):
+            plan[name] = Style("replicate")
         elif not _is_attention(parent) and (attn := _attention_above(name, modules)) is not None:
             # e.g. StableLM's per-head norms in a list: which heads each one serves is the model's code
             unplaced.append(f"{name} ({type(module).__name__} nested inside attention module {attn or 'the model'}: "
@@ -185,8 +199,8 @@ def auto_plan(model: nn.Module, *, sequence_parallel: bool = False,
         raise ValueError(
             "tpext.parallelize: plan='auto' knows the Llama / Mistral / Qwen2 names (q/k/v/o_proj, qkv_proj, "
             "gate/up/down_proj, gate_up_proj, embed_tokens, lm_head, score, qa_outputs, classifier, *norm, MLP "
-            "activations with scalar parameters) and their GPT-NeoX / Phi / GPT-J kin (query_key_value, dense, "
-            "out_proj, dense_h_to_4h / dense_4h_to_h, fc1 / fc2, fc_in / fc_out, embed_in / embed_out), and "
+            "activations with scalar parameters, experts with 3-D weights beside their gate / router) and their "
+            "GPT-NeoX / Phi / GPT-J kin (query_key_value, dense, out_proj, dense_h_to_4h / dense_4h_to_h, fc1 / fc2, fc_in / fc_out, embed_in / embed_out), and "
             "could not place: " + ", ".join(unplaced) + ". Pass plan={pattern: style} (styles: " + ", ".join(STYLES) + "), e.g. "
             "start from tpext.auto_plan on a model without them and add entries.")
     return plan
@@ -216,6 +230,11 @@ def _attention_above(name: str, modules: dict[str, nn.Module]) -> Optional[str]:
         if _is_attention(modules[ancestor]):
             return ancestor
     return None
+
+
+def _is_moe(module: nn.Module) -> bool:
+    """Whether `module` is a mixture-of-experts block: it holds an experts module with 3-D weights."""
+    return any(is_experts(child) for child in module.children())
 
 
 def _is_mlp(module: nn.Module) -> bool:
