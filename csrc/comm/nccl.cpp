@@ -23,8 +23,10 @@
 #include "common/cuda_streams.h"
 #include "common/nccl_check.h"
 
-// ncclConfig_t (blocking, cgaClusterSize, minCTAs, maxCTAs) exists since NCCL 2.14.
+// ncclConfig_t (blocking) and ncclCommFinalize exist since NCCL 2.14; its cgaClusterSize, minCTAs and
+// maxCTAs since 2.17.
 #define TPEXT_NCCL_HAS_CONFIG (NCCL_VERSION_CODE >= NCCL_VERSION(2, 14, 0))
+#define TPEXT_NCCL_HAS_CTA_CONFIG (NCCL_VERSION_CODE >= NCCL_VERSION(2, 17, 0))
 
 namespace tpext::comm {
 namespace {
@@ -68,7 +70,7 @@ class NcclComm {
         stream_(cuda::comm_stream(device)) {
     const ncclUniqueId id = exchange_unique_id(*pg, device);
     c10::cuda::CUDAGuard guard(device);
-#if TPEXT_NCCL_HAS_CONFIG
+#if TPEXT_NCCL_HAS_CTA_CONFIG
     ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
     config.blocking = 1;
     if (options.max_ctas > 0) {
@@ -79,7 +81,7 @@ class NcclComm {
     TPEXT_NCCL_CHECK(ncclCommInitRankConfig(&comm_, size_, id, rank_, &config));
 #else
     TORCH_CHECK(options.max_ctas == 0 && options.cga_cluster_size == 0,
-                "tpext: max_ctas / cga_cluster_size need NCCL >= 2.14, this build has ", NCCL_VERSION_CODE);
+                "tpext: max_ctas / cga_cluster_size need NCCL >= 2.17, this build has ", NCCL_VERSION_CODE);
     TPEXT_NCCL_CHECK(ncclCommInitRank(&comm_, size_, id, rank_));
 #endif
   }
