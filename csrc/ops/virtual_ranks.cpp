@@ -8,6 +8,7 @@
 #include <c10/util/Exception.h>
 
 #ifdef TPEXT_WITH_CUDA
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -65,23 +66,20 @@ std::vector<std::vector<at::Tensor>> run_on_virtual_ranks(const std::string& op,
   std::vector<std::thread> threads;
   for (size_t r = 0; r < world; ++r) {
     threads.emplace_back([&, r] {
+#ifdef TPEXT_WITH_CUDA
+      // Each rank on a stream of its own, as if on its own GPU; ordered after the caller's inputs.
+      std::optional<c10::cuda::CUDAStream> stream;
+      if (cuda) {
+        stream = c10::cuda::getStreamFromPool(false, xs[r].device().index());
+        inputs_ready->block(*stream);
+      }
+#endif
       try {
 #ifdef TPEXT_WITH_CUDA
         std::optional<c10::cuda::CUDAStreamGuard> on_rank_stream;
-        if (cuda) {
-          // Each rank on a stream of its own, as if on its own GPU; ordered after the caller's inputs.
-          auto s = c10::cuda::getStreamFromPool(false, xs[r].device().index());
-          inputs_ready->block(s);
-          on_rank_stream.emplace(s);
-        }
+        if (cuda) on_rank_stream.emplace(*stream);
 #endif
         outputs[r] = call_op(op, xs[r], ws[r], nth(biases, r), nth(residuals, r), names[r], chunks, algorithm);
-#ifdef TPEXT_WITH_CUDA
-        if (cuda) {
-          rank_done[r].emplace();
-          rank_done[r]->record(c10::cuda::getCurrentCUDAStream(xs[r].device().index()));
-        }
-#endif
       } catch (const std::exception& e) {
         errors[r] = std::current_exception();
         {
@@ -90,16 +88,29 @@ std::vector<std::vector<at::Tensor>> run_on_virtual_ranks(const std::string& op,
         }
         comm::abort_virtual_group(names[r], "rank " + std::to_string(r) + " failed: " + e.what());
       }
+#ifdef TPEXT_WITH_CUDA
+      if (cuda) {  // also after a failure: the caller must not reuse inputs a rank's kernels still read
+        rank_done[r].emplace();
+        rank_done[r]->record(*stream);
+      }
+#endif
     });
   }
   for (auto& t : threads) t.join();
   comm::release_virtual_group(names[0]);
-  if (first_failed) std::rethrow_exception(errors[*first_failed]);
 #ifdef TPEXT_WITH_CUDA
   if (cuda) {
-    for (auto& done : rank_done) done->block(c10::cuda::getCurrentCUDAStream(xs[0].device().index()));
+    const auto caller = c10::cuda::getCurrentCUDAStream(xs[0].device().index());
+    for (auto& done : rank_done) done->block(caller);
+    // The outputs were allocated on the ranks' streams: freeing them must wait for the caller's use too.
+    for (auto& rank_outputs : outputs) {
+      for (auto& t : rank_outputs) {
+        if (t.defined()) c10::cuda::CUDACachingAllocator::recordStream(t.storage().data_ptr(), caller);
+      }
+    }
   }
 #endif
+  if (first_failed) std::rethrow_exception(errors[*first_failed]);
   return outputs;
 }
 
