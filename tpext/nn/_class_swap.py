@@ -4,9 +4,10 @@ is derived from its own class and a tpext mixin, so its forward, names, buffers 
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 _DERIVED: dict[tuple[type, type, bool], type] = {}
 
@@ -47,3 +48,14 @@ def probe_copy(module: nn.Module) -> nn.Module:
             else:
                 b.copy_(own[name])
     return probe.float()
+
+
+def probe_disagrees(run: Callable[[], tuple[Tensor, Tensor]], *, rtol: float, atol: float, differs: str) -> str:
+    """Why a probe's (got, want), computed by `run` without autograd, disagree: "" when they are close,
+    `differs` when they are not, or the exception `run` raised (the module cannot run that way)."""
+    try:
+        with torch.no_grad():
+            got, want = run()
+        return "" if torch.allclose(got, want, rtol=rtol, atol=atol) else differs
+    except Exception as exc:  # e.g. a shape check against the dense sizes
+        return f"{type(exc).__name__}: {exc}"

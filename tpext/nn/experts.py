@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from tpext import mappings, stats
 from tpext.distributed import GroupLike, SharesGroupOnCopy, resolve_group, shard_range
-from tpext.nn._class_swap import derived_class, shell_copy
+from tpext.nn._class_swap import derived_class, probe_disagrees, shell_copy
 from tpext.sharding import ShardLayout, set_layout
 
 __all__ = ["shard_experts", "is_experts"]
@@ -113,15 +113,13 @@ def _check_sums(experts: nn.Module, world: int) -> None:
     index = torch.stack([torch.randperm(n_experts, generator=gen)[:top_k] for _ in range(tokens)])
     weights = torch.rand(tokens, top_k, generator=gen)
     probe = _with_params(experts, {n: nn.Parameter(t) for n, t in dense.items()})
-    try:
-        with torch.no_grad():
-            want = probe.forward(x, index, weights)
-            got = sum(_with_params(experts, {n: nn.Parameter(lay.local_from_dense(dense[n]))
-                                             for n, lay in _layouts(probe, world, r).items()}).forward(x, index, weights)
-                      for r in range(world))
-        why = "" if torch.allclose(got, want, rtol=1e-4, atol=1e-5) else "they differ"
-    except Exception as exc:  # e.g. code that reads the dense sizes from attributes
-        why = f"{type(exc).__name__}: {exc}"
+
+    def dense_and_summed() -> tuple[Tensor, Tensor]:
+        ranks = [_with_params(experts, {n: nn.Parameter(lay.local_from_dense(dense[n]))
+                                        for n, lay in _layouts(probe, world, r).items()}) for r in range(world)]
+        return sum(rank.forward(x, index, weights) for rank in ranks), probe.forward(x, index, weights)
+
+    why = probe_disagrees(dense_and_summed, rtol=1e-4, atol=1e-5, differs="they differ")
     if why:
         raise ValueError(f"tpext: cannot shard {cls}: its outputs on slices of every expert's intermediate features "
                          f"do not add up to its output ({why}); give it the style 'replicate'")

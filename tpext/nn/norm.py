@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from tpext import mappings, stats
 from tpext.distributed import GroupLike, SharesGroupOnCopy, resolve_group
-from tpext.nn._class_swap import derived_class, probe_copy, shell_copy
+from tpext.nn._class_swap import derived_class, probe_copy, probe_disagrees, shell_copy
 from tpext.sharding import Piece, ShardLayout, get_layout, piece_segments, set_layout
 
 __all__ = ["SequenceParallelLayerNorm", "SequenceParallelRMSNorm", "ColumnParallelRMSNorm", "sum_param_grads",
@@ -306,15 +306,11 @@ def _head_rows(norm: nn.Module, layout: ShardLayout, pg: dist.ProcessGroup) -> n
     for name in params:
         rows._parameters[name] = nn.Parameter(layout.local_from_dense(probe._parameters[name].detach()))
     x = _probe_input(norm.weight.shape)
-    try:
-        with torch.no_grad():
-            got, want = rows.forward(local_heads(x)), local_heads(probe.forward(x))
-        why = "" if torch.allclose(got, want, rtol=1e-5, atol=1e-6) else " (it normalises across heads?)"
-    except Exception as exc:  # e.g. a shape check against the dense head count
-        why = f" ({type(exc).__name__}: {exc})"
+    why = probe_disagrees(lambda: (rows.forward(local_heads(x)), local_heads(probe.forward(x))), rtol=1e-5, atol=1e-6,
+                          differs="it normalises across heads?")
     if why:
         raise ValueError(f"tpext: cannot shard {cls} by heads: on this rank's heads alone it does not compute "
-                         f"what it computes on all of them{why}")
+                         f"what it computes on all of them ({why})")
     new = shell_copy(norm)
     for name, p in params.items():
         new._parameters[name] = nn.Parameter(layout.local_from_dense(p.detach()).clone(), requires_grad=p.requires_grad)
@@ -337,12 +333,12 @@ def _sharded_rms(norm: nn.Module, layout: ShardLayout, pg: dist.ProcessGroup) ->
         raise ValueError(f"tpext: cannot shard {cls} over features: {exc}") from exc
     probe = probe_copy(norm)
     x = _probe_input(norm.weight.shape)
-    try:
-        with torch.no_grad():
-            rms = torch.rsqrt(x.square().mean(-1, keepdim=True) + (torch.finfo(x.dtype).eps if eps is None else eps))
-            why = "" if torch.allclose(probe.forward(x), probe.weight * x * rms, rtol=1e-5, atol=1e-6) else "it differs"
-    except Exception as exc:
-        why = f"{type(exc).__name__}: {exc}"
+
+    def rms_norm() -> tuple[Tensor, Tensor]:
+        rms = torch.rsqrt(x.square().mean(-1, keepdim=True) + (torch.finfo(x.dtype).eps if eps is None else eps))
+        return probe.forward(x), probe.weight * x * rms
+
+    why = probe_disagrees(rms_norm, rtol=1e-5, atol=1e-6, differs="it differs")
     if why:
         raise ValueError(f"tpext: cannot shard {cls} over features: it does not compute RMSNorm "
                          f"(x * rsqrt(mean(x^2) + eps) * weight) on its features ({why})")
