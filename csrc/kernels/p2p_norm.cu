@@ -183,9 +183,10 @@ void norm_impl(const P2PResidualRMSNormParams& p, void* const* outs, void* const
     void* o = sync ? p.out : outs[r];
     void* nr = sync ? p.new_residual : new_residuals[r];
     if (o == nullptr || nr == nullptr) fail(fn, "out / new_residual of rank " + std::to_string(r) + " is nullptr");
-    if (!sync && p.residual != nullptr && nr == p.residual) {
-      fail(fn, "new_residuals[" + std::to_string(r) + "] is the shared residual: with virtual ranks the ranks run one "
-               "after another, and the later ones would read rank " + std::to_string(r) + "'s new residual");
+    if (!sync && p.residual != nullptr && (nr == p.residual || o == p.residual)) {
+      fail(fn, std::string(nr == p.residual ? "new_residuals[" : "outs[") + std::to_string(r) + "] is the shared "
+               "residual: with virtual ranks the ranks run one after another, and the later ones would read rank " +
+               std::to_string(r) + "'s output");
     }
     ptrs_ok = ptrs_ok && aligned16(o) && aligned16(nr);
   }

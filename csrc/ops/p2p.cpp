@@ -85,8 +85,6 @@ kernels::P2PGroup stage(comm::SymmetricBuffers& buf, const at::Tensor& xc, const
   return buf.table();
 }
 cudaStream_t stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.get_device()).stream(); }
-// t itself when 16-byte aligned, else an aligned copy (fresh allocations are).
-at::Tensor aligned(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 ? t : t.clone(); }
 #endif
 
 }  // namespace
@@ -208,9 +206,9 @@ std::tuple<at::Tensor, at::Tensor> p2p_all_reduce_residual_rmsnorm(
     // 16-byte aligned copies where needed: the kernel picks its vector width (and with it the block size
     // and the reduction tree) from the pointers' alignment, which must not differ between ranks or the
     // ranks' results would differ in the last bit.
-    at::Tensor res_c = residual.has_value() ? aligned(residual->contiguous()) : at::Tensor();
-    at::Tensor bias_c = bias.has_value() ? aligned(bias->contiguous()) : at::Tensor();
-    at::Tensor w_c = aligned(weight.contiguous());
+    at::Tensor res_c = residual.has_value() ? p2p_ref::aligned(residual->contiguous()) : at::Tensor();
+    at::Tensor bias_c = bias.has_value() ? p2p_ref::aligned(bias->contiguous()) : at::Tensor();
+    at::Tensor w_c = p2p_ref::aligned(weight.contiguous());
     kernels::P2PResidualRMSNormParams p{};
     p.group = stage(*plan.buffers, xc, op);
     p.residual = res_c.defined() ? res_c.data_ptr() : nullptr;

@@ -60,6 +60,9 @@ void check_algorithm(const char* op, int64_t algorithm);
 void check_norm_args(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& residual,
                      const std::optional<at::Tensor>& bias, const at::Tensor& weight, double eps);
 void check_virtual(const char* op, at::TensorList xs);
+// t itself when 16-byte aligned, else an aligned copy (fresh allocations are): the fused norm kernel picks
+// its vector width, and with it its reduction tree, from its operands' alignment.
+at::Tensor aligned(const at::Tensor& t);
 
 #ifdef TPEXT_WITH_CUDA
 kernels::DType kernel_dtype(at::ScalarType t);

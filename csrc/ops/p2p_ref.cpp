@@ -112,4 +112,8 @@ kernels::DType kernel_dtype(at::ScalarType t) {
 }
 #endif
 
+at::Tensor aligned(const at::Tensor& t) {
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 ? t : t.clone();
+}
+
 }  // namespace tpext::ops::p2p_ref

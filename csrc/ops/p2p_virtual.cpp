@@ -144,9 +144,10 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> p2p_virtual_all_red
     std::vector<void*> out_ptrs, res_ptrs;
     auto outs = empties(xs[0], xs[0].sizes(), xs.size(), &out_ptrs);
     auto new_res = empties(xs[0], xs[0].sizes(), xs.size(), &res_ptrs);
-    at::Tensor res_c = residual.has_value() ? residual->contiguous() : at::Tensor();
-    at::Tensor bias_c = bias.has_value() ? bias->contiguous() : at::Tensor();
-    at::Tensor w_c = weight.contiguous();
+    // Aligned as p2p_all_reduce_residual_rmsnorm's: the same vector width, block size and reduction tree.
+    at::Tensor res_c = residual.has_value() ? p2p_ref::aligned(residual->contiguous()) : at::Tensor();
+    at::Tensor bias_c = bias.has_value() ? p2p_ref::aligned(bias->contiguous()) : at::Tensor();
+    at::Tensor w_c = p2p_ref::aligned(weight.contiguous());
     kernels::P2PResidualRMSNormParams p{};
     p.group = virtual_group(xs, &scratch);
     p.residual = res_c.defined() ? res_c.data_ptr() : nullptr;
