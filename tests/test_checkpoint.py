@@ -206,6 +206,20 @@ def test_meta_non_persistent_buffers_are_refused(tmp_path):
         tpext.load_checkpoint(model, tmp_path / "m.safetensors")
 
 
+def test_meta_model_keeps_its_real_tensors(tmp_path):
+    """A meta-device model whose non-persistent buffers were created on a real device, as the error above asks:
+    loading allocates the meta tensors only, and those buffers keep their values."""
+    dense = _WithBuffer()
+    dense.inv_freq.fill_(3.0)
+    tpext.save_checkpoint(dense, tmp_path / "m.safetensors")
+    with torch.device("meta"):
+        model = _WithBuffer()
+    model.register_buffer("inv_freq", torch.full((2,), 3.0), persistent=False)
+    tpext.load_checkpoint(model, tmp_path / "m.safetensors")
+    assert torch.equal(model.inv_freq, torch.full((2,), 3.0))
+    assert torch.equal(model.proj.weight, dense.proj.weight) and not model.proj.weight.is_meta
+
+
 def test_names_keep_a_submodule_called_module():
     outer = torch.nn.Module()
     outer.module = torch.nn.Linear(2, 2)

@@ -121,8 +121,8 @@ def load_checkpoint(model: nn.Module, path: PathLike, *, strict: bool = True,
 
 
 def _materialize(model: nn.Module, entries: list[Entry], device) -> None:
-    """Allocate a meta-device model (to_empty) and tie its tied tensors again. Non-persistent buffers
-    (e.g. a rotary inv_freq) are in no checkpoint and would be left as uninitialised memory: refused."""
+    """Allocate the meta tensors of a model (to_empty) and tie its tied tensors again. Non-persistent buffers
+    on meta (e.g. a rotary inv_freq) are in no checkpoint and would be left as uninitialised memory: refused."""
     lost = [f"{mod}.{name}" if mod else name for mod, module in model.named_modules()
             for name, buf in module.named_buffers(recurse=False)
             if buf is not None and buf.is_meta and name in getattr(module, "_non_persistent_buffers_set", set())]
@@ -130,7 +130,14 @@ def _materialize(model: nn.Module, entries: list[Entry], device) -> None:
         raise CheckpointError(f"tpext: the model has non-persistent buffers on the meta device ({', '.join(lost[:4])}"
                               f"{' ...' if len(lost) > 4 else ''}); no checkpoint holds them, so loading cannot "
                               "initialise them: create those modules (or their buffers) on a real device")
+    # to_empty replaces every tensor; the ones already on a real device (a rotary module created there, as
+    # the error above asks) are put back as they were.
+    real = [(tensors, name, t) for module in model.modules()
+            for tensors in (module._parameters, module._buffers) for name, t in tensors.items()
+            if t is not None and not t.is_meta]
     model.to_empty(device=device or "cpu")
+    for tensors, name, t in real:
+        tensors[name] = t
     for e in entries:  # to_empty gives each module its own new tensor: tie them again
         first_module, first_name = e.owners[0]
         for module, name in e.owners[1:]:
