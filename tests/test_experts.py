@@ -1,11 +1,13 @@
 """tpext.nn.shard_experts: a mixture-of-experts module with 3-D weights, every expert's intermediate features
 sharded, vs the dense module (fp64): its output and the gradients of the tokens, of the routing weights and
 of every weight, for each layout Hugging Face's experts declare ([gate; up] or interleaved rows, transposed
-or not), at world sizes 1, 2 and 3; and the modules it must refuse, each with its reason."""
+or not), with a forward that reads its intermediate size, at world sizes 1, 2 and 3; and the modules it
+must refuse, each with its reason."""
 
 from __future__ import annotations
 
 import copy
+import types
 
 import pytest
 import torch
@@ -25,6 +27,7 @@ class Experts(nn.Module):
     def __init__(self, *, transposed: bool = False, concatenated: bool = True, across_features: bool = False):
         super().__init__()
         self.num_experts, self.is_transposed, self.is_concatenated = E, transposed, concatenated
+        self.intermediate_dim = I  # splits gate from up: tpext sets this rank's
         self.across_features = across_features  # normalise the intermediate features: not shardable
         gen = torch.Generator().manual_seed(0)
         up, down = ((E, H, 2 * I), (E, I, H)) if transposed else ((E, 2 * I, H), (E, H, I))
@@ -37,7 +40,10 @@ class Experts(nn.Module):
             token, slot = torch.where(top_k_index == e)
             up, down = self.gate_up_proj[e], self.down_proj[e]
             gate_up = x[token] @ (up if self.is_transposed else up.T)
-            gate, up = gate_up.chunk(2, -1) if self.is_concatenated else (gate_up[:, 0::2], gate_up[:, 1::2])
+            if self.is_concatenated:
+                gate, up = gate_up[:, :self.intermediate_dim], gate_up[:, self.intermediate_dim:]
+            else:
+                gate, up = gate_up[:, 0::2], gate_up[:, 1::2]
             h = F.silu(gate) * up
             if self.across_features:
                 h = h - h.mean(-1, keepdim=True)
@@ -89,7 +95,9 @@ def _refusals() -> list[str]:
     uneven = Experts()
     uneven.gate_up_proj = nn.Parameter(torch.zeros(E, 14, H))
     uneven.down_proj = nn.Parameter(torch.zeros(E, H, 7))
-    for module in modules + [uneven]:
+    grouped_mm = Experts().float()  # 6 fp32 features a rank: 24-byte rows
+    grouped_mm.config = types.SimpleNamespace(_experts_implementation="grouped_mm")
+    for module in modules + [uneven, grouped_mm]:
         with pytest.raises(ValueError) as err:
             tpext.nn.shard_experts(module, None)
         messages.append(str(err.value))
@@ -97,9 +105,11 @@ def _refusals() -> list[str]:
 
 
 def test_refusals():
-    across, bias, linear, uneven = run_ranks(_refusals, 2)[0]
+    across, bias, linear, uneven, grouped_mm = run_ranks(_refusals, 2)[0]
     assert ("cannot shard Experts: its outputs on slices of every expert's intermediate features do not add up to "
             "its output (they differ); give it the style 'replicate'") in across, across
     assert "besides ['down_proj', 'gate_up_proj'] it has ['down_proj_bias'], which tpext does not slice" in bias, bias
     assert "cannot shard Linear as experts: it needs 3-D down_proj and gate_up_proj (or up_proj)" in linear, linear
     assert "its experts' intermediate size 7 is not divisible by 2" in uneven, uneven
+    assert ("with experts_implementation='grouped_mm': it needs rows of a multiple of 16 bytes, and this rank's 6 "
+            "intermediate features of torch.float32 make 24") in grouped_mm, grouped_mm

@@ -103,10 +103,14 @@ def _model(arch: str, kv: int, attn: str):
     return model
 
 
-def _compare(arch: str, kv: int, sp: bool, attn: str, padded: bool, share_inputs: bool = True) -> None:
+def _compare(arch: str, kv: int, sp: bool, attn: str, padded: bool, share_inputs: bool = True,
+             replicate_experts: bool = False) -> None:
     world = torch.distributed.get_world_size()
     dense = _model(arch, kv, attn)
-    model = tpext.parallelize(copy.deepcopy(dense), sequence_parallel=sp, share_inputs=share_inputs)
+    plan = tpext.auto_plan(dense, sequence_parallel=sp)
+    if replicate_experts:  # what a model with experts tpext cannot shard does: under SP its block still sees every token
+        plan = {name: "replicate" if style.kind == "experts" else style for name, style in plan.items()}
+    model = tpext.parallelize(copy.deepcopy(dense), plan=plan, sequence_parallel=sp, share_inputs=share_inputs)
     ids = torch.randint(0, SMALL["vocab_size"], (2, 4 * world), generator=torch.Generator().manual_seed(1))
     labels = ids.masked_fill(torch.rand(ids.shape, generator=torch.Generator().manual_seed(2)) < 0.2, -100)
     mask, extra = torch.ones_like(ids), {}
@@ -119,7 +123,8 @@ def _compare(arch: str, kv: int, sp: bool, attn: str, padded: bool, share_inputs
     out = model(input_ids=ids, attention_mask=mask, labels=labels, **extra)
     out.loss.backward()
 
-    what = f"{arch} tp={world} kv={kv} sp={sp} attn={attn} padded={padded} share_inputs={share_inputs}"
+    what = (f"{arch} tp={world} kv={kv} sp={sp} attn={attn} padded={padded} share_inputs={share_inputs} "
+            f"replicate_experts={replicate_experts}")
     torch.testing.assert_close(mappings.gather_from_tp(out.logits, SMALL["vocab_size"]), ref.logits, **TOL,
                                msg=lambda m: f"{what}: logits: {m}")
     torch.testing.assert_close(out.loss, ref.loss, **TOL, msg=lambda m: f"{what}: loss: {m}")
@@ -135,6 +140,7 @@ def _check_cases() -> None:
     for case in CASES:
         _compare(*case)
     _compare("llama", 2, True, "eager", True, share_inputs=False)  # q/k/v each multiply the gathered input
+    _compare("qwen3_moe", 2, True, "sdpa", True, replicate_experts=True)
 
 
 def _loss_installed() -> list[bool]:

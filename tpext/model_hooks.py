@@ -196,6 +196,8 @@ def add_sequence_hooks(model: nn.Module, split_at: str, attention: list[str], co
     for name in heads:
         converted[name].register_forward_pre_hook(_CheckHeadInput(split, name))
     for name in attention:
+        if any(name.startswith(block + ".") for block in full_sequence_blocks):
+            continue  # inside a block that runs on the full sequence (Gemma4's experts beside attention)
         columns = [converted[p] for leaf in ATTENTION_INPUTS
                    if (p := f"{name}.{leaf}" if name else leaf) in converted]
         columns = [m for m in columns if isinstance(m, ColumnParallelLinear)]

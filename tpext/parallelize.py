@@ -18,8 +18,8 @@ activations (Hugging Face's) sees the dense ones. Modules registered before the 
 are taken to run before it, on the whole sequence (not sequence-parallel). A vocab-parallel lm_head
 gathers the decoder stack's output itself (the hidden states the model returns are then sequence
 shards); without one (a base model, a replicated classification head) the stack's output is gathered
-back to the full sequence. A mixture-of-experts block (the parent of a module planned "experts") runs
-on the full sequence too, gathered at its input and split at its output; what it holds is converted
+back to the full sequence. A mixture-of-experts block (the parent of an experts module with 3-D weights)
+runs on the full sequence too, gathered at its input and split at its output; what it holds is converted
 without SP.
 
 Converted norms keep their own class and code (tpext.nn.sum_param_grads), except a q/k RMSNorm over
@@ -38,7 +38,7 @@ from tpext.distributed import GroupLike, resolve_group
 from tpext.nn import (ColumnParallelLinear, RowParallelLinear, SequenceParallelLayerNorm, SequenceParallelRMSNorm,
                       SharedInputColumns, VocabParallelEmbedding, sum_param_grads)
 from tpext.nn._class_swap import shell_copy
-from tpext.nn.experts import _ShardedExperts, shard_experts
+from tpext.nn.experts import _ShardedExperts, is_experts, shard_experts
 from tpext.nn.embedding import _VocabParallelLookup, vocab_parallel_subclass
 from tpext.nn.norm import _ColumnParallelRMS, _SumsParamGrads, shard_norm_features
 from tpext.model_hooks import add_causal_lm_loss, add_dense_save_pretrained, add_sequence_hooks
@@ -192,7 +192,7 @@ def parallelize(model: nn.Module, group: GroupLike = None, plan: Union[str, Plan
     config = getattr(model, "config", None)
     modules = dict(model.named_modules())
     # Under SP a mixture-of-experts block runs on the full sequence: what it holds is converted without SP.
-    moe_blocks, full_sequence_blocks = _moe_blocks(modules, plan) if split_at else set(), []
+    moe_blocks, full_sequence_blocks = _moe_blocks(modules) if split_at else set(), []
     # Build every replacement first: an error leaves the model untouched.
     converted: dict[str, nn.Module] = {}
     in_sp_region = not split_at
@@ -222,10 +222,10 @@ def parallelize(model: nn.Module, group: GroupLike = None, plan: Union[str, Plan
     return model
 
 
-def _moe_blocks(modules: dict[str, nn.Module], plan: Plan) -> set[str]:
-    """The names of the modules holding a module the plan gives the style "experts" (mixture-of-experts blocks)."""
-    return {name.rpartition(".")[0] for name in modules
-            if name and (style := _style_for(name, plan)) is not None and style.kind == "experts"}
+def _moe_blocks(modules: dict[str, nn.Module]) -> set[str]:
+    """The names of the mixture-of-experts blocks: the modules holding an experts module with 3-D weights,
+    sharded or replicated (either way its router and experts must see every token)."""
+    return {name.rpartition(".")[0] for name, module in modules.items() if name and is_experts(module)}
 
 
 def _ties(model: nn.Module) -> list[list[tuple[str, str]]]:

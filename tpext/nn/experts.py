@@ -12,11 +12,13 @@ weights passing through copy_to_tp) gives the dense output and the dense gradien
 of the routing weights. The router stays replicated: every rank routes the same tokens the same way.
 
 `shard_experts` keeps the module's class and code (its experts implementation: eager, grouped_mm,
-batched_mm) and checks first, on a small copy with random weights, that the ranks' outputs add up to
-the dense one.
+batched_mm) and checks first, on copies of its eager forward with random weights, that the ranks'
+outputs add up to the dense one.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -89,20 +91,29 @@ def _layouts(experts: nn.Module, world: int, rank: int) -> dict[str, ShardLayout
             "down_proj": ShardLayout(tuple(down.shape), down_dim, ((start, count),))}
 
 
-def _with_params(experts: nn.Module, params: dict[str, Tensor]) -> nn.Module:
-    new = shell_copy(experts)
-    for name, p in params.items():
-        new._parameters[name] = p
-    return new
+_INTERMEDIATE_ATTRS = ("intermediate_dim", "intermediate_size")
+_HIDDEN_ATTRS = ("hidden_dim", "hidden_size")
+
+
+def _set_sizes(experts: nn.Module, dense_inter: int, inter: int, hidden: Optional[int] = None) -> None:
+    """Set the size attributes the module may read in forward: its intermediate size (where it holds the dense
+    one) to `inter`, and its hidden size to `hidden`."""
+    for attr in _INTERMEDIATE_ATTRS:
+        if getattr(experts, attr, None) == dense_inter:
+            setattr(experts, attr, inter)
+    for attr in _HIDDEN_ATTRS if hidden is not None else ():
+        if isinstance(getattr(experts, attr, None), int):
+            setattr(experts, attr, hidden)
 
 
 def _check_sums(experts: nn.Module, world: int) -> None:
-    """Run the module's own forward on a small copy with random weights (same expert count, one token per
-    few experts, intermediate size 4 * world: 16-byte rows for grouped_mm): the ranks' sliced outputs must add up to the dense output."""
+    """Run the module's eager forward (the code its other experts implementations reproduce; some need a GPU or
+    a package) on copies with random weights, at its intermediate size and hidden size 8: the ranks' sliced
+    outputs must add up to the dense output."""
     cls, up_name = type(experts).__name__, _input_weight(experts)
     up, down = getattr(experts, up_name), experts.down_proj
     transposed = bool(getattr(experts, "is_transposed", False))
-    n_experts, hidden, inter = up.shape[0], 8, 4 * world
+    n_experts, hidden, inter = up.shape[0], 8, down.shape[1 if transposed else 2]
     gen = torch.Generator().manual_seed(0)
     up_rows = (2 if up_name == "gate_up_proj" else 1) * inter
     small = {up_name: (n_experts, hidden, up_rows) if transposed else (n_experts, up_rows, hidden),
@@ -112,17 +123,38 @@ def _check_sums(experts: nn.Module, world: int) -> None:
     x = torch.randn(tokens, hidden, generator=gen)
     index = torch.stack([torch.randperm(n_experts, generator=gen)[:top_k] for _ in range(tokens)])
     weights = torch.rand(tokens, top_k, generator=gen)
-    probe = _with_params(experts, {n: nn.Parameter(t) for n, t in dense.items()})
+    eager = getattr(type(experts).forward, "__wrapped__", type(experts).forward)  # under @use_experts_implementation
+
+    def copy_with(params: dict[str, Tensor], local_inter: int) -> nn.Module:
+        new = shell_copy(experts)
+        new._parameters.update({name: nn.Parameter(t) for name, t in params.items()})
+        _set_sizes(new, inter, local_inter, hidden)
+        return new
 
     def dense_and_summed() -> tuple[Tensor, Tensor]:
-        ranks = [_with_params(experts, {n: nn.Parameter(lay.local_from_dense(dense[n]))
-                                        for n, lay in _layouts(probe, world, r).items()}) for r in range(world)]
-        return sum(rank.forward(x, index, weights) for rank in ranks), probe.forward(x, index, weights)
+        probe = copy_with(dense, inter)
+        ranks = [copy_with({n: lay.local_from_dense(dense[n]) for n, lay in _layouts(probe, world, r).items()},
+                           inter // world) for r in range(world)]
+        return sum(eager(rank, x, index, weights) for rank in ranks), eager(probe, x, index, weights)
 
     why = probe_disagrees(dense_and_summed, rtol=1e-4, atol=1e-5, differs="they differ")
     if why:
         raise ValueError(f"tpext: cannot shard {cls}: its outputs on slices of every expert's intermediate features "
                          f"do not add up to its output ({why}); give it the style 'replicate'")
+
+
+def _check_grouped_mm(experts: nn.Module, local_inter: int, world: int) -> None:
+    """grouped_mm (transformers' default experts implementation) needs rows of a multiple of 16 bytes: this
+    rank's intermediate features must make one."""
+    config = getattr(experts, "config", None)
+    itemsize = experts.down_proj.element_size()
+    if getattr(config, "_experts_implementation", None) == "grouped_mm" and (local_inter * itemsize) % 16:
+        raise ValueError(f"tpext: cannot shard {type(experts).__name__} over {world} ranks with "
+                         f"experts_implementation='grouped_mm': it needs rows of a multiple of 16 bytes, and this "
+                         f"rank's {local_inter} intermediate features of {experts.down_proj.dtype} make "
+                         f"{local_inter * itemsize}; pick a tensor-parallel size that leaves a multiple of "
+                         f"{16 // itemsize} features per rank, or load the model with "
+                         "experts_implementation='batched_mm' (or 'eager')")
 
 
 def shard_experts(experts: nn.Module, group: GroupLike = None) -> nn.Module:
@@ -145,6 +177,8 @@ def shard_experts(experts: nn.Module, group: GroupLike = None) -> nn.Module:
                          f"{others + buffers or 'biases or a norm after each expert'}, which tpext does not "
                          "slice (a bias added once, or a norm over the whole output, would need the reduced "
                          "output); give it the style 'replicate'")
+    down = layouts["down_proj"]
+    _check_grouped_mm(experts, down.local_shape[down.dim], pg.size())
     _check_sums(experts, pg.size())
     new = shell_copy(experts)
     new.__class__ = derived_class(type(experts), _ShardedExperts, wraps=True)
@@ -153,6 +187,5 @@ def shard_experts(experts: nn.Module, group: GroupLike = None) -> nn.Module:
         p = experts._parameters[name]
         new._parameters[name] = nn.Parameter(layout.local_from_dense(p.detach()).clone(), requires_grad=p.requires_grad)
         set_layout(new, name, layout)
-    if isinstance(getattr(new, "intermediate_dim", None), int):
-        new.intermediate_dim = layouts["down_proj"].local_shape[layouts["down_proj"].dim]
+    _set_sizes(new, down.dense_shape[down.dim], down.local_shape[down.dim])
     return new
