@@ -108,7 +108,7 @@ def _compare(arch: str, kv: int, sp: bool, attn: str, padded: bool, share_inputs
     world = torch.distributed.get_world_size()
     dense = _model(arch, kv, attn)
     plan = tpext.auto_plan(dense, sequence_parallel=sp)
-    if replicate_experts:  # what a model with experts tpext cannot shard does: under SP its block still sees every token
+    if replicate_experts:  # experts tpext cannot shard: under SP their block must still see every token
         plan = {name: "replicate" if style.kind == "experts" else style for name, style in plan.items()}
     model = tpext.parallelize(copy.deepcopy(dense), plan=plan, sequence_parallel=sp, share_inputs=share_inputs)
     ids = torch.randint(0, SMALL["vocab_size"], (2, 4 * world), generator=torch.Generator().manual_seed(1))

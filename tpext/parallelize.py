@@ -38,12 +38,12 @@ from tpext.distributed import GroupLike, resolve_group
 from tpext.nn import (ColumnParallelLinear, RowParallelLinear, SequenceParallelLayerNorm, SequenceParallelRMSNorm,
                       SharedInputColumns, VocabParallelEmbedding, sum_param_grads)
 from tpext.nn._class_swap import shell_copy
-from tpext.nn.experts import _ShardedExperts, is_experts, shard_experts
+from tpext.nn.experts import _ShardedExperts, shard_experts
 from tpext.nn.embedding import _VocabParallelLookup, vocab_parallel_subclass
 from tpext.nn.norm import _ColumnParallelRMS, _SumsParamGrads, shard_norm_features
 from tpext.model_hooks import add_causal_lm_loss, add_dense_save_pretrained, add_sequence_hooks
-from tpext.plans import (_ATTN_PROJ, STYLES, Plan, Style, _attention_pieces, _heads, _is_attention, _norm_pieces,
-                         _parent, _plain_linear, _style_for, auto_plan)
+from tpext.plans import (_ATTN_PROJ, STYLES, Plan, Style, _attention_pieces, _heads, _is_attention, _is_moe,
+                         _norm_pieces, _parent, _plain_linear, _style_for, auto_plan)
 
 __all__ = ["Style", "parallelize", "auto_plan", "STYLES"]
 
@@ -225,7 +225,7 @@ def parallelize(model: nn.Module, group: GroupLike = None, plan: Union[str, Plan
 def _moe_blocks(modules: dict[str, nn.Module]) -> set[str]:
     """The names of the mixture-of-experts blocks: the modules holding an experts module with 3-D weights,
     sharded or replicated (either way its router and experts must see every token)."""
-    return {name.rpartition(".")[0] for name, module in modules.items() if name and is_experts(module)}
+    return {name for name, module in modules.items() if _is_moe(module)}
 
 
 def _ties(model: nn.Module) -> list[list[tuple[str, str]]]:

@@ -200,7 +200,8 @@ def auto_plan(model: nn.Module, *, sequence_parallel: bool = False,
             "tpext.parallelize: plan='auto' knows the Llama / Mistral / Qwen2 names (q/k/v/o_proj, qkv_proj, "
             "gate/up/down_proj, gate_up_proj, embed_tokens, lm_head, score, qa_outputs, classifier, *norm, MLP "
             "activations with scalar parameters, experts with 3-D weights beside their gate / router) and their "
-            "GPT-NeoX / Phi / GPT-J kin (query_key_value, dense, out_proj, dense_h_to_4h / dense_4h_to_h, fc1 / fc2, fc_in / fc_out, embed_in / embed_out), and "
+            "GPT-NeoX / Phi / GPT-J kin (query_key_value, dense, out_proj, dense_h_to_4h / dense_4h_to_h, "
+            "fc1 / fc2, fc_in / fc_out, embed_in / embed_out), and "
             "could not place: " + ", ".join(unplaced) + ". Pass plan={pattern: style} (styles: " + ", ".join(STYLES) + "), e.g. "
             "start from tpext.auto_plan on a model without them and add entries.")
     return plan
