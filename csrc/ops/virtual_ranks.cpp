@@ -69,15 +69,15 @@ std::vector<std::vector<at::Tensor>> run_on_virtual_ranks(const std::string& op,
 #ifdef TPEXT_WITH_CUDA
       // Each rank on a stream of its own, as if on its own GPU; ordered after the caller's inputs.
       std::optional<c10::cuda::CUDAStream> stream;
-      if (cuda) {
-        stream = c10::cuda::getStreamFromPool(false, xs[r].device().index());
-        inputs_ready->block(*stream);
-      }
+      if (cuda) stream = c10::cuda::getStreamFromPool(false, xs[r].device().index());
 #endif
       try {
 #ifdef TPEXT_WITH_CUDA
         std::optional<c10::cuda::CUDAStreamGuard> on_rank_stream;
-        if (cuda) on_rank_stream.emplace(*stream);
+        if (cuda) {
+          inputs_ready->block(*stream);
+          on_rank_stream.emplace(*stream);
+        }
 #endif
         outputs[r] = call_op(op, xs[r], ws[r], nth(biases, r), nth(residuals, r), names[r], chunks, algorithm);
       } catch (const std::exception& e) {
