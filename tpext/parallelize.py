@@ -191,8 +191,10 @@ def parallelize(model: nn.Module, group: GroupLike = None, plan: Union[str, Plan
     ties = _ties(model)
     config = getattr(model, "config", None)
     modules = dict(model.named_modules())
-    # Under SP a mixture-of-experts block runs on the full sequence: what it holds is converted without SP.
-    moe_blocks, full_sequence_blocks = _moe_blocks(modules) if split_at else set(), []
+    # Under SP a mixture-of-experts block (its experts sharded or replicated, its router must see every
+    # token) runs on the full sequence: what it holds is converted without SP.
+    moe_blocks = {name for name, module in modules.items() if _is_moe(module)} if split_at else set()
+    full_sequence_blocks: list[str] = []
     # Build every replacement first: an error leaves the model untouched.
     converted: dict[str, nn.Module] = {}
     in_sp_region = not split_at
@@ -220,12 +222,6 @@ def parallelize(model: nn.Module, group: GroupLike = None, plan: Union[str, Plan
     add_causal_lm_loss(model, converted)
     add_dense_save_pretrained(model)
     return model
-
-
-def _moe_blocks(modules: dict[str, nn.Module]) -> set[str]:
-    """The names of the mixture-of-experts blocks: the modules holding an experts module with 3-D weights,
-    sharded or replicated (either way its router and experts must see every token)."""
-    return {name for name, module in modules.items() if _is_moe(module)}
 
 
 def _ties(model: nn.Module) -> list[list[tuple[str, str]]]:
