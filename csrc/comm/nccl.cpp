@@ -3,7 +3,9 @@
 
 #include "comm/nccl.h"
 
+#include <cstdint>
 #include <cstring>
+#include <string>
 #include <mutex>
 #include <unordered_map>
 #include <utility>
@@ -11,13 +13,13 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
 #include <c10/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
 #include <nccl.h>
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+#include <torch/csrc/distributed/c10d/Store.hpp>
 #include <torch/csrc/distributed/c10d/Types.hpp>
 
 #include "common/cuda_streams.h"
@@ -44,31 +46,38 @@ ncclDataType_t nccl_dtype(const at::Tensor& t) {
   return ncclFloat32;
 }
 
-// The unique id crosses the group through c10d once, at creation: rank 0 makes it, a broadcast on the
-// group's CPU backend (or its CUDA one, e.g. a pure "nccl" group) hands it to everyone.
-ncclUniqueId exchange_unique_id(c10d::ProcessGroup& pg, c10::DeviceIndex device) {
+// The unique id crosses the group once, at creation, through the group's own store (the rendezvous
+// store every c10d group holds): rank 0 makes it and sets it, the others wait for the key. A collective
+// would do too, but on a pure "nccl" group it would create a second NCCL communicator just to move 128
+// bytes. `generation` counts this group's communicators in this process (every rank creates them in the
+// same order, as creation is collective), so a re-made communicator never reads an earlier id.
+ncclUniqueId exchange_unique_id(c10d::ProcessGroup& pg, int64_t generation) {
+  const c10::intrusive_ptr<c10d::Store> store = pg.getStore();
+  TORCH_CHECK(store, "tpext: group '", pg.getGroupName(), "' has no store to exchange the NCCL unique id "
+              "through; create it with torch.distributed.new_group or init_process_group");
+  const std::string key = "tpext/nccl_unique_id/" + std::to_string(generation);
   ncclUniqueId id;
   std::memset(&id, 0, sizeof(id));
-  if (pg.getRank() == 0) TPEXT_NCCL_CHECK(ncclGetUniqueId(&id));
-  const bool on_cpu = pg.hasBackendForDeviceType(c10::DeviceType::CPU);
-  const auto bytes = static_cast<int64_t>(sizeof(id));
-  at::Tensor host = at::from_blob(&id, {bytes}, at::TensorOptions().dtype(at::kByte)).clone();
-  at::Tensor buf = on_cpu ? host : host.to(at::Device(at::kCUDA, device));
-  std::vector<at::Tensor> tensors{buf};
-  c10d::BroadcastOptions opts;
-  opts.rootRank = 0;
-  pg.broadcast(tensors, opts)->wait();
-  at::Tensor got = buf.cpu();
-  std::memcpy(&id, got.data_ptr(), sizeof(id));
+  if (pg.getRank() == 0) {
+    TPEXT_NCCL_CHECK(ncclGetUniqueId(&id));
+    const auto* bytes = reinterpret_cast<const uint8_t*>(&id);
+    store->set(key, std::vector<uint8_t>(bytes, bytes + sizeof(id)));
+  } else {
+    const std::vector<uint8_t> got = store->get(key);  // waits up to the store's timeout
+    TORCH_CHECK(got.size() == sizeof(id), "tpext: the NCCL unique id in the store of group '", pg.getGroupName(),
+                "' has ", got.size(), " bytes, expected ", sizeof(id));
+    std::memcpy(&id, got.data(), sizeof(id));
+  }
   return id;
 }
 
 class NcclComm {
  public:
-  NcclComm(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, c10::DeviceIndex device, const NcclOptions& options)
+  NcclComm(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, c10::DeviceIndex device, const NcclOptions& options,
+           int64_t generation)
       : pg_(pg), device_(device), rank_(pg->getRank()), size_(pg->getSize()), options_(options),
         stream_(cuda::comm_stream(device)) {
-    const ncclUniqueId id = exchange_unique_id(*pg, device);
+    const ncclUniqueId id = exchange_unique_id(*pg, generation);
     c10::cuda::CUDAGuard guard(device);
 #if TPEXT_NCCL_HAS_CTA_CONFIG
     ncclConfig_t config = NCCL_CONFIG_INITIALIZER;
@@ -231,6 +240,7 @@ class NcclCommunicator final : public Communicator {
 // must not be held up, or two threads of one process could deadlock across processes.
 struct Entry {
   std::mutex create;               // taken before Registry::mu, never while holding it
+  int64_t generation = 0;          // guarded by `create`: communicators made for this name so far
   NcclOptions options;             // guarded by Registry::mu
   std::shared_ptr<NcclComm> comm;  // guarded by Registry::mu; null until the group's first op
 };
@@ -300,7 +310,7 @@ std::unique_ptr<Communicator> make_nccl_communicator(const std::string& group_na
   if (!comm || !comm->serves(pg.get())) {
     // A group re-made under the same name gets a new communicator; the stale one is destroyed when
     // `comm` is reassigned here, after the new one exists, outside Registry::mu.
-    auto made = std::make_shared<NcclComm>(pg, device, options);
+    auto made = std::make_shared<NcclComm>(pg, device, options, e->generation++);
     {
       std::lock_guard<std::mutex> lock(r.mu);
       e->comm = made;
