@@ -20,8 +20,8 @@ import shutil
 import subprocess
 import sys
 
-# The oldest torch tpext is built and tested against (.ci/run: 2.11 with CUDA 13.0, and 2.13 CPU).
-MIN_TORCH = (2, 11)
+# The torch versions tpext is built and tested against in CI (.ci/run: 2.11 with CUDA 13.0, 2.13 CPU).
+MIN_TORCH, NEWEST_TESTED_TORCH = (2, 11), (2, 13)
 
 
 def _fail(problem: str, fix: str):
@@ -54,6 +54,10 @@ except ImportError:  # an isolated build environment has no torch
 if _version_tuple(torch.__version__) < MIN_TORCH:
     _fail(f"torch {torch.__version__} is older than the oldest supported, {'.'.join(map(str, MIN_TORCH))}",
           f"pip install 'torch>={'.'.join(map(str, MIN_TORCH))}'")
+if _version_tuple(torch.__version__)[:2] > NEWEST_TESTED_TORCH:
+    print(f"tpext build: warning: torch {torch.__version__} is newer than the newest tested, "
+          f"{'.'.join(map(str, NEWEST_TESTED_TORCH))}; run the test suite (python -m pytest) before relying on it",
+          file=sys.stderr)
 if importlib.util.find_spec("ninja") is None and shutil.which("ninja") is None:
     _fail("ninja is missing (the extension is compiled with it, in parallel)", "pip install ninja")
 

@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # CI compile check of tpext's CUDA code: builds every CMake target (kernels library, kernel tests,
 # benchmarks, NCCL/cuBLAS header check, and the extension's C++ sources compiled with -DTPEXT_WITH_CUDA
-# against the installed torch's headers, objects only) for sm_90a, with warnings as errors, on a machine
+# against the headers of the torch that `python3` imports, objects only) for sm_90a, with warnings as errors, on a machine
 # that has nvcc but no GPU. Nothing is run. CMakeLists.txt fails the configure if any .cu under csrc/, tests/cpp/ or
 # bench/ is left out of a target, so "green" means every .cu in the repo compiled.
 #
 #   tools/cuda_compile_check.sh            # exit 0: all compiled (or no nvcc: skipped); non-zero: error
 #
+# Every executable is linked too (TPEXT_REQUIRE_LINK): against libcublas and libnccl from NVIDIA's wheels
+# in the cached torch CUDA venv (tools/cuda_venv.sh), the libraries torch itself loads.
+#
 # Environment: TPEXT_NCCL_INCLUDE_DIR and TPEXT_CUBLAS_INCLUDE_DIR, when both set, are used instead of
-# downloading headers (tools/cuda_headers.sh); TPEXT_CUDA_ARCHS overrides 90a; CUDACXX picks the nvcc.
+# the venv's wheels (libraries looked up in ../lib beside each); TPEXT_CUDA_ARCHS overrides 90a; CUDACXX
+# picks the nvcc.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -29,9 +33,12 @@ if [[ -n "${TPEXT_NCCL_INCLUDE_DIR:-}" && -n "${TPEXT_CUBLAS_INCLUDE_DIR:-}" ]];
   nccl_inc="$TPEXT_NCCL_INCLUDE_DIR"
   cublas_inc="$TPEXT_CUBLAS_INCLUDE_DIR"
 else
-  headers="$(bash "$root/tools/cuda_headers.sh" | tail -n 1)"
-  nccl_inc="$headers/nccl/include"
-  cublas_inc="$headers/cublas/include"
+  # NVIDIA's wheels that torch's CUDA build depends on: headers and the libraries beside them, so the
+  # kernel tests and benches link against the very cuBLAS and NCCL that torch loads.
+  venv="$(bash "$root/tools/cuda_venv.sh" | tail -n 1)"
+  site="$("$venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")"
+  nccl_inc="$site/nvidia/nccl/include"
+  cublas_inc="$site/nvidia/cu13/include"
 fi
 
 echo "cuda_compile_check: $("$nvcc" --version | tail -n 2 | head -n 1)"
@@ -40,6 +47,7 @@ cmake -S "$root" -B "$build" -G Ninja \
   -DCMAKE_CUDA_COMPILER="$nvcc" \
   -DTPEXT_CUDA_ARCHS="${TPEXT_CUDA_ARCHS:-90a}" \
   -DTPEXT_WERROR=ON \
+  -DTPEXT_REQUIRE_LINK=ON \
   -DTPEXT_NCCL_INCLUDE_DIR="$nccl_inc" \
   -DTPEXT_CUBLAS_INCLUDE_DIR="$cublas_inc"
 cmake --build "$build" --parallel "$(nproc 2>/dev/null || echo 4)"

@@ -6,6 +6,18 @@
 #   bash tools/gpu_checks.sh sanitize         # compute-sanitizer memcheck / racecheck / synccheck on the kernel tests
 #   bash tools/gpu_checks.sh bench            # the benchmarks of docs/cuda.md, docs/p2p.md, docs/benchmarks-cuda.md
 #   bash tools/gpu_checks.sh build test       # several stages, in order
+#   bash tools/gpu_checks.sh quick            # what fits a 15-minute GPU lease, into one archive (below)
+#
+# `quick` builds (extension, then only the CMake targets it runs), runs `pytest -m "gpu and not slow"` (all
+# GPU tests but the two-process NCCL_HOSTID one), compute-sanitizer memcheck on the kernel tests, and the
+# three headline figures: the decomposition tax at M = 4096, the P2P all-reduce of 32 KB, and the fused
+# all-reduce + residual + RMSNorm against unfused. It then packs the summary, the logs and the JSON into
+# ${TPEXT_GPU_ARCHIVE_DIR:-<logs>}/tpext-gpu-quick-<device>-<commit>.tar.gz (a few hundred KB; named in
+# letters, digits, '.', '-' only, so it can be copied out as it is). Measured budget: see docs/cuda.md.
+#
+# TPEXT_GPU_DRY_RUN=1 rehearses any stage on a machine without a GPU: the build steps run for real, and each
+# GPU step runs its real command too, which must then fail only for want of a GPU (its log names the
+# missing device, not a bad flag or a missing file); pytest only collects. Each such step is "dry-ok".
 #
 # Each step runs even when an earlier one failed; its command and output go to <logs>/<step>.log and one
 # line per step (status, seconds, name) to <logs>/summary.txt (this invocation's), printed at the end. The exit status is the
@@ -38,6 +50,26 @@ step() {
   printf '%-12s %5ds  %s\n' "$status" $((SECONDS - start)) "$name" | tee -a "$logs/summary.txt"
 }
 
+# gpu_step NAME CMD...: a step that needs the GPU. In a dry run (TPEXT_GPU_DRY_RUN=1, no GPU) the command
+# still runs, and passes as "dry-ok" when it failed for want of a device and for nothing else.
+NO_GPU='no CUDA-capable device|cudaErrorNoDevice|CUDA driver version is insufficient|Found no NVIDIA driver|no CUDA GPUs are available|Torch not compiled with CUDA|needs a CUDA device|no CUDA device'
+gpu_step() {
+  if [[ "${TPEXT_GPU_DRY_RUN:-0}" != 1 ]]; then step "$@"; return; fi
+  local name="$1"; shift
+  local start=$SECONDS status
+  echo "=== $name (dry run)"
+  printf '$ %s\n' "$*" >"$logs/$name.log"
+  if (( $# == 1 )); then bash -c "$1" >>"$logs/$name.log" 2>&1; else "$@" >>"$logs/$name.log" 2>&1; fi
+  if (( $? == 0 )); then
+    status=ok
+  elif grep -Eq "$NO_GPU" "$logs/$name.log" && ! grep -Eq 'usage:|unknown argument|expected |No such file|command not found|Traceback \(most recent call last\):.*(Argument|Import)Error' "$logs/$name.log"; then
+    status=dry-ok
+  else
+    status=FAIL; failed=$((failed + 1)); tail -n 20 "$logs/$name.log"
+  fi
+  printf '%-12s %5ds  %s\n' "$status" $((SECONDS - start)) "$name" | tee -a "$logs/summary.txt"
+}
+
 gpus() { nvidia-smi --list-gpus 2>/dev/null | wc -l; }
 device_dir() {
   local name
@@ -45,12 +77,24 @@ device_dir() {
   echo "bench/results/$(echo "${name:-unknown-gpu}" | tr 'A-Z' 'a-z' | sed -E 's/[^a-z0-9]+/-/g; s/^-+|-+$//g')"
 }
 
-stage_build() {
-  step env "nvidia-smi; nvcc --version | tail -n 2; $py -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())'"
+build_extension() {
+  gpu_step env "nvcc --version | tail -n 2; $py -c 'import torch; print(torch.__version__, torch.version.cuda)'
+      command -v nvidia-smi >/dev/null && nvidia-smi || { echo 'Found no NVIDIA driver (nvidia-smi missing or failing)'; exit 1; }"
   step pip_install "$py -m pip install -q --no-build-isolation --no-deps -e . && $py -c 'import tpext; assert tpext.cuda_compiled, \"tpext built without CUDA\"; print(\"tpext.cuda_compiled\", tpext.cuda_compiled)'"
-  # Configure must link the benches (no 'compiled, not linked' line): NCCL/cuBLAS from site-packages/nvidia.
-  step cmake "set -o pipefail; mkdir -p build && cmake -S . -B build -G Ninja | tee build/configure.log && ! grep 'not linked' build/configure.log &&
-      cmake --build build --parallel $(nproc)"
+}
+
+# build_cmake [TARGET...]: configure (it must link the benches: no 'compiled, not linked' line; NCCL/cuBLAS
+# from site-packages/nvidia), then build the named targets, or all.
+build_cmake() {
+  local targets=""
+  (( $# == 0 )) || targets="--target $*"
+  step cmake "set -o pipefail; mkdir -p build && cmake -S . -B build -G Ninja -DTPEXT_REQUIRE_LINK=ON | tee build/configure.log &&
+      ! grep 'not linked' build/configure.log && cmake --build build --parallel $(nproc) $targets"
+}
+
+stage_build() {
+  build_extension
+  build_cmake
 }
 
 stage_test() {
@@ -116,11 +160,43 @@ stage_bench() {
   cp "$logs"/bench_*.log "$d/" 2>/dev/null
 }
 
-(( $# > 0 )) || { sed -n '2,8p' "${BASH_SOURCE[0]}"; exit 2; }
+stage_quick() {
+  local d name archive
+  d="$(device_dir)"
+  [[ "${TPEXT_GPU_DRY_RUN:-0}" == 1 ]] && d="${logs#"$root"/}/dry-run-results"  # no device to name a folder after
+  mkdir -p "$d"
+  build_extension
+  build_cmake tpext_test_epilogue tpext_test_p2p tpext_bench_all_reduce tpext_bench_p2p_rmsnorm
+  if [[ "${TPEXT_GPU_DRY_RUN:-0}" == 1 ]]; then
+    step pytest_gpu_collect "$py -m pytest -q --collect-only -m 'gpu and not slow' tests/test_cuda_ops.py tests/test_p2p_gpu.py | tail -n 3 | grep -E '[1-9][0-9]* (tests )?(selected|collected)'"
+  else
+    step pytest_gpu "out=\$($py -m pytest -q -rs -m 'gpu and not slow' --timeout 300 tests/test_cuda_ops.py tests/test_p2p_gpu.py 2>&1)
+        rc=\$?; echo \"\$out\"; [ \$rc -eq 0 ] && ! grep -q SKIPPED <<<\"\$out\""
+  fi
+  for name in epilogue p2p; do
+    gpu_step "sanitize_${name}_memcheck" "command -v compute-sanitizer >/dev/null || { echo 'compute-sanitizer is not installed'; [ \"\${TPEXT_GPU_DRY_RUN:-0}\" = 1 ] && build/tpext_test_$name; exit 1; }
+        compute-sanitizer --tool memcheck --error-exitcode 1 build/tpext_test_$name"
+  done
+  gpu_step bench_decomposition_m4096 "$py bench/gemm_decomposition.py --shapes 4096x8192x8192 --chunks 2,4,8 --repeats 20 --out $d/gemm_decomposition_m4096.json"
+  # 32 KB per rank: 16384 bf16 elements in one row, one- and two-shot, 8 virtual ranks on one GPU.
+  gpu_step bench_p2p_all_reduce_32k "set -e
+      build/tpext_bench_all_reduce --virtual-ranks 8 --m 1 --n 16384 --chunks 1 --p2p-algo 1 --json $d/p2p_all_reduce_32k_one_shot.json
+      build/tpext_bench_all_reduce --virtual-ranks 8 --m 1 --n 16384 --chunks 1 --p2p-algo 2 --json $d/p2p_all_reduce_32k_two_shot.json"
+  gpu_step bench_p2p_rmsnorm "build/tpext_bench_p2p_rmsnorm --ranks 8 --json $d/p2p_rmsnorm.json"
+  archive="${TPEXT_GPU_ARCHIVE_DIR:-$logs}/tpext-gpu-quick-$(basename "$d")-$TPEXT_COMMIT.tar.gz"
+  mkdir -p "$(dirname "$archive")"
+  cp "$logs/summary.txt" "$logs/quick-summary.txt"
+  # Logs and this run's JSON (the device folder's other files are older runs', already in the repo).
+  tar -czf "$archive" -C "$root" "${logs#"$root"/}" \
+      $(cd "$root" && find "${d}" -newer "$logs/env.log" -type f 2>/dev/null)
+  echo "gpu_checks: archive $archive ($(du -h "$archive" | cut -f1))" | tee -a "$logs/summary.txt"
+}
+
+(( $# > 0 )) || { sed -n '2,9p' "${BASH_SOURCE[0]}"; exit 2; }
 for stage in "$@"; do
   case "$stage" in
-    build | test | sanitize | bench) "stage_$stage" ;;
-    *) echo "gpu_checks: unknown stage '$stage' (build, test, sanitize, bench)" >&2; exit 2 ;;
+    build | test | sanitize | bench | quick) "stage_$stage" ;;
+    *) echo "gpu_checks: unknown stage '$stage' (build, test, sanitize, bench, quick)" >&2; exit 2 ;;
   esac
 done
 echo "--- summary ($logs/summary.txt), commit $TPEXT_COMMIT"
