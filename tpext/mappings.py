@@ -81,16 +81,35 @@ def reduce_scatter_dim0(x: Tensor, group: dist.ProcessGroup, *, backward: bool =
     return out
 
 
+def new_output(t: Tensor) -> Tensor:
+    """`t` as a tensor object of its own (same storage, no copy): what an autograd.Function's forward
+    returns when `t` is a buffer it wrote in place or the result of a no-op (`contiguous()`, `to()` of
+    the same dtype). torch 2.11's dynamo returns every intermediate of a Function's forward as an extra
+    output of the traced Function; an intermediate that is at run time the returned tensor itself (what
+    an in-place write returns, the input of a no-op) takes the returned tensor's slot in autograd, so the
+    gradient of the real output never reaches backward, which gets zeros: silently zero input gradients
+    under torch.compile (pytorch/pytorch#180642; torch 2.13 adds the extra outputs only for forwards with
+    side effects). detach() makes a new tensor that no intermediate can be, and in eager it is still a
+    plain output (not a view: in-place ops on it stay allowed)."""
+    return t.detach()
+
+
+def _contiguous(t: Tensor) -> Tensor:
+    # Not t.contiguous() on a contiguous t: that traces as a second tensor identical to t (see new_output),
+    # and a view of the input must stay one (autograd's check of in-place ops on a Function's views).
+    return t if t.is_contiguous() else t.contiguous()
+
+
 def _dim0_block(x: Tensor, group: dist.ProcessGroup) -> Tensor:
     world = group.size()
     check_dim0_divisible(x, world, "splitting into sequence shards")
     rows = x.shape[0] // world
-    return x.narrow(0, group.rank() * rows, rows).contiguous()
+    return _contiguous(x.narrow(0, group.rank() * rows, rows))
 
 
 def _last_dim_shard(x: Tensor, group: dist.ProcessGroup) -> Tensor:
     start, size = shard_range(x.shape[-1], group.size(), group.rank())
-    return x.narrow(-1, start, size).contiguous()
+    return _contiguous(x.narrow(-1, start, size))
 
 
 def _all_gather_last_dim(x: Tensor, group: dist.ProcessGroup, full: int, *, backward: bool,
@@ -125,7 +144,7 @@ class _CopyToTP(torch.autograd.Function):
 class _ReduceFromTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
-        return all_reduce(x.clone(), group)
+        return new_output(all_reduce(x.clone(), group))
 
     @staticmethod
     def backward(ctx, grad):
@@ -147,7 +166,7 @@ class _GatherFromSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group, ctx.module = group, stats.current_module()
-        return all_gather_dim0(x, group)
+        return new_output(all_gather_dim0(x, group))
 
     @staticmethod
     def backward(ctx, grad):
@@ -160,7 +179,7 @@ class _GatherFromSequenceReplicatedGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        return all_gather_dim0(x, group)
+        return new_output(all_gather_dim0(x, group))
 
     @staticmethod
     def backward(ctx, grad):
@@ -171,7 +190,7 @@ class _ReduceScatterToSequence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group, ctx.module = group, stats.current_module()
-        return reduce_scatter_dim0(x, group)
+        return new_output(reduce_scatter_dim0(x, group))
 
     @staticmethod
     def backward(ctx, grad):

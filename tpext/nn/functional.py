@@ -37,7 +37,7 @@ class _VocabParallelCE(torch.autograd.Function):
         loss = loss.masked_fill(~valid, 0.0)
         ctx.save_for_backward(exp, sum_exp, local_t, outside, valid)
         ctx.label_smoothing, ctx.vocab_size, ctx.dtype = label_smoothing, vocab_size, logits.dtype
-        return loss.to(logits.dtype)
+        return mappings.new_output(loss.to(logits.dtype))  # to() of fp32 logits' loss is loss itself
 
     @staticmethod
     def backward(ctx, dloss):
