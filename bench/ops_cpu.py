@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 import tpext
-from tpext.benchmark import commit, device_name, gemm_calls, median_slowest
+from tpext.benchmark import commit, device_name, gemm_calls, load_average, median_slowest
 
 # (op, rows M of the full activation, K, N). fp32. For gemm_all_reduce, x is [M, K] per rank and the
 # all-reduce moves [M, N]; the reduce-scatter/all-gather ops split M across ranks. K is chosen so the
@@ -102,13 +102,15 @@ def main() -> None:
     torch.set_num_threads(1)  # one BLAS thread per rank: the ranks share the machine's cores
     dist.init_process_group("gloo")
     rank = dist.get_rank()
+    load_before = load_average()
     rows = [_case(op, m, k, n, args.chunks, args.reps) for op, m, k, n in shapes]
+    load_after = load_average()
 
     if rank == 0:
         head = f"{'op':<20} {'M':>5} {'K':>5} {'N':>5} {'T_gemm':>8} {'T_comm':>8} {'seq c=1':>8} " + \
                " ".join(f"{'c=' + str(c):>8}" for c in args.chunks) + f" {'speedup':>8} {'napkin':>7}"
         print(f"tpext ops on gloo, {dist.get_world_size()} ranks, fp32, times in ms "
-              f"(median of {args.reps}, slowest rank)")
+              f"(median of {args.reps}, slowest rank); load average {load_before} before, {load_after} after")
         print(head)
         for r in rows:
             print(f"{r['op']:<20} {r['M']:>5} {r['K']:>5} {r['N']:>5} {r['t_gemm_ms']:>8.2f} {r['t_comm_ms']:>8.2f} "
@@ -123,7 +125,8 @@ def main() -> None:
         path = os.path.join(out_dir, f"{args.name}.json")
         with open(path, "w") as f:
             json.dump({"commit": commit(), "torch": torch.__version__, "backend": "gloo",
-                       "world_size": dist.get_world_size(), "reps": args.reps, "results": rows}, f, indent=1)
+                       "world_size": dist.get_world_size(), "reps": args.reps,
+                       "load_average": {"before": load_before, "after": load_after}, "results": rows}, f, indent=1)
         print(f"wrote {path}")
     dist.destroy_process_group()
 
