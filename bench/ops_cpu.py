@@ -1,15 +1,17 @@
 """CPU microbenchmark of the three overlapped ops on gloo: sequential (chunks=1) vs chunked.
 
     torchrun --nproc-per-node 2 bench/ops_cpu.py [--reps 15] [--chunks 2 4 8] [--out bench/results]
+                                                 [--ops gemm_reduce_scatter ...] [--name ops_cpu]
 
 For every shape it measures, on the same ranks and buffers:
   T_gemm  the local GEMM alone (torch.mm on this rank's operands)
   T_comm  the collective alone (torch.distributed on a tensor of the op's communicated size)
   T(c)    the tpext op with c chunks (c = 1 is the sequential algorithm)
 and prints speedup T(1)/T(c) beside the napkin limit: no schedule beats max(T_gemm, T_comm), so the
-best possible speedup is (T_gemm + T_comm) / max(T_gemm, T_comm) (2x when the two are equal).
+best possible speedup is (T_gemm + T_comm) / max(T_gemm, T_comm) (2x when the two are equal), and the
+GEMM calls one op makes for each c (tpext.benchmark.gemm_calls: one launch each on CUDA).
 Each time is the median over repeats of the slowest rank. Results are checked against chunks=1 first.
-JSON goes to <out>/<device>/ops_cpu.json.
+--ops keeps the shapes of those ops only. JSON goes to <out>/<device>/<name>.json.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 import tpext
-from tpext.benchmark import commit, device_name, median_slowest
+from tpext.benchmark import commit, device_name, gemm_calls, load_average, median_slowest
 
 # (op, rows M of the full activation, K, N). fp32. For gemm_all_reduce, x is [M, K] per rank and the
 # all-reduce moves [M, N]; the reduce-scatter/all-gather ops split M across ranks. K is chosen so the
@@ -69,6 +71,7 @@ def _case(op: str, m: int, k: int, n: int, chunks_list: list[int], reps: int) ->
 
     t_gemm = median_slowest(gemm, reps)
     t_comm = median_slowest(comm, reps)
+    calls = {c: gemm_calls(lambda: run(c)) for c in [1, *chunks_list]}
     t = {c: median_slowest(lambda: run(c), reps) for c in [1, *chunks_list]}
     best_c = min(chunks_list, key=lambda c: t[c])
     return {
@@ -77,6 +80,7 @@ def _case(op: str, m: int, k: int, n: int, chunks_list: list[int], reps: int) ->
         "comm_bytes": comm_bytes,
         "t_gemm_ms": 1e3 * t_gemm, "t_comm_ms": 1e3 * t_comm,
         "t_ms": {str(c): 1e3 * v for c, v in t.items()},
+        "gemm_calls": {str(c): n for c, n in calls.items()},
         "best_chunks": best_c,
         "speedup": t[1] / t[best_c],
         "napkin_speedup": (t_gemm + t_comm) / max(t_gemm, t_comm),
@@ -89,18 +93,24 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--chunks", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--ops", nargs="+", choices=sorted({s[0] for s in SHAPES}), default=None,
+                        help="only the shapes of these ops (default: all)")
+    parser.add_argument("--name", default="ops_cpu", help="JSON file name, without .json")
     args = parser.parse_args()
+    shapes = [s for s in SHAPES if args.ops is None or s[0] in args.ops]
 
     torch.set_num_threads(1)  # one BLAS thread per rank: the ranks share the machine's cores
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    rows = [_case(op, m, k, n, args.chunks, args.reps) for op, m, k, n in SHAPES]
+    load_before = load_average()
+    rows = [_case(op, m, k, n, args.chunks, args.reps) for op, m, k, n in shapes]
+    load_after = load_average()
 
     if rank == 0:
         head = f"{'op':<20} {'M':>5} {'K':>5} {'N':>5} {'T_gemm':>8} {'T_comm':>8} {'seq c=1':>8} " + \
                " ".join(f"{'c=' + str(c):>8}" for c in args.chunks) + f" {'speedup':>8} {'napkin':>7}"
         print(f"tpext ops on gloo, {dist.get_world_size()} ranks, fp32, times in ms "
-              f"(median of {args.reps}, slowest rank)")
+              f"(median of {args.reps}, slowest rank); load average {load_before} before, {load_after} after")
         print(head)
         for r in rows:
             print(f"{r['op']:<20} {r['M']:>5} {r['K']:>5} {r['N']:>5} {r['t_gemm_ms']:>8.2f} {r['t_comm_ms']:>8.2f} "
@@ -108,12 +118,15 @@ def main() -> None:
                   f" {r['speedup']:>7.2f}x {r['napkin_speedup']:>6.2f}x")
         print("speedup = T(c=1) / T(best c); napkin = (T_gemm + T_comm) / max(T_gemm, T_comm), "
               "the best any overlap can do")
+        print("GEMM calls per op: " + "; ".join(
+            f"{r['op']} " + " ".join(f"c={c}: {n}" for c, n in r["gemm_calls"].items()) for r in rows))
         out_dir = os.path.join(args.out, device_name("cpu"))
         os.makedirs(out_dir, exist_ok=True)
-        path = os.path.join(out_dir, "ops_cpu.json")
+        path = os.path.join(out_dir, f"{args.name}.json")
         with open(path, "w") as f:
             json.dump({"commit": commit(), "torch": torch.__version__, "backend": "gloo",
-                       "world_size": dist.get_world_size(), "reps": args.reps, "results": rows}, f, indent=1)
+                       "world_size": dist.get_world_size(), "reps": args.reps,
+                       "load_average": {"before": load_before, "after": load_after}, "results": rows}, f, indent=1)
         print(f"wrote {path}")
     dist.destroy_process_group()
 

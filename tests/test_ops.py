@@ -14,6 +14,7 @@ import torch.distributed as tdist
 
 import tpext
 from dist import run_ranks
+from tpext.benchmark import gemm_calls
 from tpext.planner import Algorithm
 
 WORLD_SIZES = [1, 2, 3, 4]
@@ -135,6 +136,30 @@ def _check_fp32_and_strided_inputs() -> None:
     _assert_close(y, dense.chunk(world)[rank], "fp32 gemm_reduce_scatter", rel_tol=1e-5)
     y, _ = tpext.ops.all_gather_gemm(xs[rank], ws[rank], chunks=2)
     _assert_close(y, torch.cat([x.double() for x in xs]) @ ws[rank].double().T, "fp32 all_gather_gemm", 1e-5)
+
+
+def _check_one_gemm_per_chunk() -> None:
+    rank, world = tdist.get_rank(), tdist.get_world_size()
+    m = 5  # rows per rank (and of gemm_all_reduce's x): chunk counts above 5 use 5 chunks
+    x = _randn(rank, world * m, K)
+    w = _randn(50 + rank, N, K)
+    bias = _randn(9, N)
+    ops = {
+        "gemm_all_reduce": lambda c, a: tpext.ops.gemm_all_reduce(x[:m], w, bias, chunks=c, algorithm=a),
+        "gemm_reduce_scatter": lambda c, a: tpext.ops.gemm_reduce_scatter(x, w, bias, chunks=c, algorithm=a),
+        "all_gather_gemm": lambda c, a: tpext.ops.all_gather_gemm(x[:m], w, bias, chunks=c, algorithm=a),
+    }
+    for chunks, algorithm in _plans((1, 2, 3, 8)):
+        calls = {name: gemm_calls(lambda: op(chunks, algorithm)) for name, op in ops.items()}
+        used = min(chunks, m)
+        assert calls == dict.fromkeys(ops, used), f"chunks={chunks} {algorithm.name}: GEMM calls {calls}, want {used} each"
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_one_gemm_per_chunk(world_size):
+    # One GEMM call per chunk, whatever the group size: the chunk's rows of every rank's block are one
+    # batched GEMM (one launch on CUDA), not one GEMM per block.
+    run_ranks(_check_one_gemm_per_chunk, world_size)
 
 
 @pytest.mark.parametrize("world_size", [2, 3])

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["slowest_times", "median_slowest", "device_name", "commit", "environment", "load_average",
+__all__ = ["slowest_times", "median_slowest", "gemm_calls", "device_name", "commit", "environment", "load_average",
            "memory_gib", "probe_matmul_tflops", "probe_allreduce", "CALIBRATION_FORMAT"]
 
 CALIBRATION_FORMAT = "tpext-calibration/1"
@@ -61,6 +61,33 @@ def median_slowest(fn: Callable[[], object], reps: int, warmup: int = 3,
                    device: torch.device = torch.device("cpu")) -> float:
     """Median over `reps` of the slowest rank's wall time for fn(), in seconds."""
     return statistics.median(slowest_times({"fn": fn}, reps, warmup, device)["fn"])
+
+
+# The ATen GEMM entry points a tpext schedule (or an epilogue) can reach: each call is one GEMM launch on
+# CUDA (cuBLAS gemm or strided-batched gemm), whatever its batch size.
+GEMM_OPS = frozenset({"aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm"})
+
+
+def gemm_calls(fn: Callable[[], object]) -> int:
+    """GEMM calls fn() makes on this thread: ATen GEMM ops (GEMM_OPS) not nested inside another one.
+
+    Counted with torch.profiler on the CPU, so it sees the calls the C++ schedules make through the
+    dispatcher; a GEMM op that ATen splits internally (a CPU bmm into per-batch BLAS calls) counts once.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+
+    def inside_gemm(event) -> bool:
+        parent = event.cpu_parent
+        while parent is not None:
+            if parent.name in GEMM_OPS:
+                return True
+            parent = parent.cpu_parent
+        return False
+
+    return sum(1 for e in prof.events() if e.name in GEMM_OPS and not inside_gemm(e))
 
 
 def _slug(text: str) -> str:

@@ -179,35 +179,38 @@ class NcclCommunicator final : public Communicator {
     });
   }
 
-  // Outputs that tile one buffer in rank order (the sequential schedule) take one ncclAllGather; the
-  // chunked schedule's outputs are rows spread over x_full, received in place by one grouped
-  // broadcast per source rank instead of being gathered contiguously and copied.
+  // Outputs that tile one buffer in rank order (the sequential schedule) take one ncclAllGather
+  // straight into it. Outputs spread at a fixed stride over one buffer (the chunked all_gather_gemm:
+  // rows [b, b+h) of every rank's block of x_full) take one ncclAllGather into a [R, numel] staging
+  // buffer and one strided copy out of it, on the communication stream: two launches per chunk where
+  // a broadcast per source rank made R NCCL operations. Any other outputs get a copy each.
   PendingPtr all_gather(std::vector<at::Tensor>& outs, at::Tensor& in) override {
     check(in, "all_gather input");
     TORCH_CHECK(static_cast<int>(outs.size()) == size(), "tpext: all_gather needs ", size(), " outputs, got ",
                 outs.size());
-    const auto bytes = static_cast<int64_t>(in.nbytes());
-    bool tiled = true;
     for (int r = 0; r < size(); ++r) {
       check(outs[r], "all_gather output");
-      TORCH_CHECK(outs[r].numel() == in.numel(), "tpext: all_gather output ", r, " has ", outs[r].numel(),
-                  " elements, the input ", in.numel());
-      tiled = tiled && static_cast<char*>(outs[r].data_ptr()) == static_cast<char*>(outs[0].data_ptr()) + r * bytes;
+      TORCH_CHECK(outs[r].numel() == in.numel() && outs[r].scalar_type() == in.scalar_type(),
+                  "tpext: all_gather output ", r, " has ", outs[r].numel(), " ", outs[r].scalar_type(),
+                  " elements, the input ", in.numel(), " ", in.scalar_type());
     }
+    const int64_t stride = block_stride(outs);  // elements from one output to the next; 0: none
     return enqueue([&](cudaStream_t s) {
       const ncclDataType_t dt = nccl_dtype(in);
-      if (tiled) {
+      if (stride == in.numel()) {
         TPEXT_NCCL_CHECK(ncclAllGather(in.data_ptr(), outs[0].data_ptr(), in.numel(), dt, comm_->get(), s));
         return;
       }
-      TPEXT_NCCL_CHECK(ncclGroupStart());
-      ncclResult_t first_error = ncclSuccess;
-      for (int r = 0; r < size() && first_error == ncclSuccess; ++r) {
-        first_error = ncclBroadcast(in.data_ptr(), outs[r].data_ptr(), in.numel(), dt, r, comm_->get(), s);
+      // Allocated and read while the communication stream is current: the caching allocator hands the
+      // block out again only to work queued on that stream after the copy.
+      c10::cuda::CUDAStreamGuard on_comm(comm_->stream());
+      at::Tensor staging = at::empty({size(), in.numel()}, in.options());
+      TPEXT_NCCL_CHECK(ncclAllGather(in.data_ptr(), staging.data_ptr(), in.numel(), dt, comm_->get(), s));
+      if (stride > 0) {
+        outs[0].as_strided({size(), in.numel()}, {stride, 1}).copy_(staging);
+      } else {
+        for (int r = 0; r < size(); ++r) outs[r].view(-1).copy_(staging[r]);
       }
-      const ncclResult_t end = ncclGroupEnd();  // always closes the group, even after a failed call
-      TPEXT_NCCL_CHECK(first_error);
-      TPEXT_NCCL_CHECK(end);
     });
   }
 
@@ -216,6 +219,23 @@ class NcclCommunicator final : public Communicator {
     TORCH_CHECK(t.is_cuda() && t.get_device() == comm_->device(), "tpext: NCCL ", what, " must be on cuda:",
                 static_cast<int>(comm_->device()), " (the group's communicator device), got ", t.device());
     TORCH_CHECK(t.is_contiguous(), "tpext: NCCL ", what, " must be contiguous, got strides ", t.strides());
+  }
+
+  // The distance in elements from each output to the next when they lie in one storage at one fixed
+  // stride, without overlapping (outs[r] = outs[0] + r * stride); 0 otherwise.
+  static int64_t block_stride(const std::vector<at::Tensor>& outs) {
+    const int64_t numel = outs[0].numel();
+    if (outs.size() == 1) return numel;
+    if (!outs[1].storage().is_alias_of(outs[0].storage())) return 0;
+    const int64_t stride = outs[1].storage_offset() - outs[0].storage_offset();
+    if (stride < numel) return 0;
+    for (size_t r = 2; r < outs.size(); ++r) {
+      if (!outs[r].storage().is_alias_of(outs[0].storage()) ||
+          outs[r].storage_offset() != outs[0].storage_offset() + static_cast<int64_t>(r) * stride) {
+        return 0;
+      }
+    }
+    return stride;
   }
 
   // ready (caller's stream) -> comm stream -> launch -> done (returned).

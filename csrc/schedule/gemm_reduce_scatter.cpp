@@ -2,10 +2,10 @@
 //
 // The partial product P = x @ w.T is [M, N], viewed as R blocks of m = M/R rows, block r destined to
 // rank r. Chunk j takes rows split_rows(m, c, j) = [b, b+h) of every block: its send buffer is [R, h, N]
-// (contiguous, block r first), its result is rows [b, b+h) of this rank's y_shard. The GEMMs write
-// straight into the send buffer, one GEMM per destination block, on lane j % lanes; GEMM j+1 runs
-// while the reduce-scatter of chunk j is in flight. With c = 1 the chunk is all of P, computed by one
-// GEMM: the sequential algorithm.
+// (contiguous, block r first), its result is rows [b, b+h) of this rank's y_shard. One batched GEMM
+// per chunk writes straight into the send buffer: x viewed as [R, m, K], rows [b, b+h) of every block
+// (a strided batch, no copy), on lane j % lanes; GEMM j+1 runs while the reduce-scatter of chunk j is
+// in flight. With c = 1 the chunk is all of P, computed by one GEMM: the sequential algorithm.
 #include "schedule/schedule.h"
 
 #include <vector>
@@ -24,6 +24,7 @@ void gemm_reduce_scatter(const at::Tensor& x, const at::Tensor& w, at::Tensor& y
   const int64_t n = y_shard.size(1);
   const int64_t c = plan.chunks_for(m);
   const at::Tensor w_t = w.t();
+  const at::Tensor x_blocks = x.view({world, m, x.size(1)});  // block r: the rows destined to rank r
 
   // One allocation for every chunk's send buffer, on the caller's stream and before the lanes fork
   // (lanes.h): chunk j's buffer is rows [R*b, R*(b+h)), contiguous.
@@ -40,10 +41,8 @@ void gemm_reduce_scatter(const at::Tensor& x, const at::Tensor& w, at::Tensor& y
     if (r.size == m) {
       at::mm_out(send, x, w_t);  // one chunk: the blocks are already in rank order
     } else {
-      for (int64_t dst = 0; dst < world; ++dst) {
-        at::Tensor block = send.narrow(0, dst * r.size, r.size);
-        at::mm_out(block, x.narrow(0, dst * m + r.begin, r.size), w_t);
-      }
+      at::Tensor send_blocks = send.view({world, r.size, n});
+      batched_gemm_out(send_blocks, x_blocks.narrow(1, r.begin, r.size), w_t);
     }
     y_chunks.push_back(y_shard.narrow(0, r.begin, r.size));
     pending.push_back(comm.reduce_scatter(y_chunks.back(), send));

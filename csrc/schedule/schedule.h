@@ -11,6 +11,7 @@
 #include <functional>
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/bmm.h>
 
 #include "comm/communicator.h"
 #include "common/rows.h"
@@ -57,6 +58,14 @@ struct Plan {
 // op's output. Runs on the current stream (or thread) at the call, which is ordered after the rows are
 // final. May be empty.
 using RowsEpilogue = std::function<void(at::Tensor& rows, int64_t first_row)>;
+
+// out[i] = x[i] @ w_t for every i of a batch: x [B, rows, K] and out [B, rows, N] are strided views
+// (any batch stride; rows of K and N elements), w_t is [K, N], shared by every item (expanded with
+// batch stride 0, no copy). One GEMM call for the whole batch: one strided-batched cuBLAS launch on
+// CUDA where a loop of mm would make B. Each element is one dot product over K, as in mm.
+inline void batched_gemm_out(at::Tensor& out, const at::Tensor& x, const at::Tensor& w_t) {
+  at::bmm_out(out, x, w_t.unsqueeze(0).expand({x.size(0), w_t.size(0), w_t.size(1)}));
+}
 
 // y[M, N] = all_reduce(x[M, K] @ w.T)
 void gemm_all_reduce(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, comm::Communicator& comm,
