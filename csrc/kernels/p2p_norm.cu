@@ -24,12 +24,18 @@ using namespace p2p_detail;
 using numeric::aligned16;
 using numeric::dispatch;
 
-constexpr int kNormThreads = 1024;  // max per block; the launch uses ceil(units / 32) warps up to this
+// Most threads per block; a launch uses ceil(units / 32) warps up to this. The fused kernel holds a
+// 16-byte pack of every peer in flight (8 ranks x 4 registers) beside its fp32 accumulators: at 1024
+// threads (64 registers a thread) ptxas spilled 20 of its 64 variants (bf16: up to 148 B stored and
+// 396 B loaded per thread); at 512 (128 registers) none spills (tools/cuda_compile_check.sh reports
+// spills). A decode row of 16384 bf16 is 2048 packs: 4 per thread.
+constexpr int kNormThreads = 512;
+constexpr int kBackwardThreads = 1024;  // local kernel, no peer packs: no spills at 1024
 constexpr int64_t kBackwardMaxBlocks = 256;
 
-// Threads per block for a row of `units` units: whole warps (block_sum relies on it), at most kNormThreads.
-unsigned norm_threads(int64_t units) {
-  return static_cast<unsigned>(std::clamp<int64_t>((units + 31) / 32 * 32, 32, kNormThreads));
+// Threads per block for a row of `units` units: whole warps (block_sum relies on it), at most `cap`.
+unsigned norm_threads(int64_t units, int cap) {
+  return static_cast<unsigned>(std::clamp<int64_t>((units + 31) / 32 * 32, 32, cap));
 }
 
 template <typename T, int N, bool kSync, bool kBias, bool kRes>
@@ -103,7 +109,7 @@ ar_rmsnorm_kernel(const P2PGroup g, const T* residual, const T* bias, const T* w
 // Thread t owns columns t, t + blockDim, ... of every row it handles, so its grad_weight partials are
 // plain read-modify-writes of its own slots: no atomics, deterministic.
 template <typename T, bool kGradIn>
-__global__ void __launch_bounds__(kNormThreads)
+__global__ void __launch_bounds__(kBackwardThreads)
 rmsnorm_backward_kernel(const T* grad_out, const T* grad_h_in, const T* h, const T* weight, T* grad_h,
                         typename AccOf<T>::type* dw_part, int64_t rows, int64_t hidden, double eps) {
   using A = typename AccOf<T>::type;
@@ -195,7 +201,7 @@ void norm_impl(const P2PResidualRMSNormParams& p, void* const* outs, void* const
     using T = decltype(tag);
     constexpr int V = 16 / static_cast<int>(sizeof(T));
     const bool vec = ptrs_ok && p.hidden % V == 0;  // every row start 16-byte aligned
-    const unsigned threads = norm_threads(vec ? p.hidden / V : p.hidden);
+    const unsigned threads = norm_threads(vec ? p.hidden / V : p.hidden, kNormThreads);
     for (int r = 0; r < (sync ? 1 : g.world); ++r) {
       P2PGroup gr = g;
       if (!sync) gr.rank = r;
@@ -238,7 +244,7 @@ void launch_rmsnorm_backward(const RMSNormBackwardParams& p, cudaStream_t stream
   }
   // rows == 0 still launches: the partials must come back zeroed.
   const unsigned grid = static_cast<unsigned>(rmsnorm_backward_blocks(p.rows));
-  const unsigned threads = norm_threads(p.hidden);
+  const unsigned threads = norm_threads(p.hidden, kBackwardThreads);
   dispatch(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     using A = typename AccOf<T>::type;
