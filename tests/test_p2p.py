@@ -203,15 +203,20 @@ class _Count(logging.Handler):
         self.messages.append(record.getMessage())
 
 
+def _fallback_reason() -> str:
+    """What this machine lacks for P2P: the CUDA kernels (a CPU build), or a GPU (a CUDA build)."""
+    return "no CUDA device is visible" if tpext.cuda_compiled else "tpext was built without CUDA"
+
+
 def _check_fallback_logs_once() -> list[str]:
     p2p._reset_log()
     handler = _Count()
     logging.getLogger("tpext.p2p").addHandler(handler)
     try:
-        assert p2p.enable() is False, "a CPU build cannot enable P2P"
+        assert p2p.enable() is False, "P2P cannot be enabled without a CUDA build and a GPU"
         assert p2p.enable() is False
         reason = p2p.status()
-        assert "without CUDA" in reason, reason
+        assert _fallback_reason() in reason, reason
         # The ops' own note (TORCH_WARN from C++) goes to the process's stderr: capture fd 2.
         with tempfile.TemporaryFile() as f:
             saved = os.dup(2)
@@ -236,7 +241,7 @@ def test_enable_without_p2p_falls_back_and_logs_the_reason_once():
         pytest.skip("this machine can use P2P; the fallback is tested where it cannot")
     messages = run_ranks(_check_fallback_logs_once, 2)
     for m in messages:
-        assert len(m) == 1 and "without CUDA" in m[0], m
+        assert len(m) == 1 and _fallback_reason() in m[0], m
 
 
 def _check_opcheck() -> None:
@@ -321,3 +326,8 @@ def _check_errors() -> None:
 
 def test_error_messages_name_the_argument():
     run_ranks(_check_errors, 2)
+
+
+def test_nccl_teardown_functions_are_safe_without_communicators():
+    tpext.ops.destroy_nccl_communicators()
+    tpext.ops.abort_nccl_communicators()
