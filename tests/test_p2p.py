@@ -324,7 +324,8 @@ def test_error_messages_name_the_argument():
 
 
 def _info(max_blocks: int, timeout_s: float) -> tuple:
-    """One rank's entry of enable's exchange: (host, reason, handle, capacity, uuid, max_blocks, timeout_s)."""
+    """One rank's entry of enable's exchange:
+    (host, reason, handle, capacity, uuid, max_blocks, timeout_s)."""
     return ("node0", "", b"h", 1 << 20, f"GPU-{max_blocks}-{timeout_s}", max_blocks, timeout_s)
 
 

@@ -33,8 +33,8 @@ from tpext.distributed import GroupLike, resolve_group
 
 __all__ = [
     "ALGO_C10D", "ALGO_ONE_SHOT", "ALGO_TWO_SHOT", "ONE_SHOT_MAX_BYTES", "P2P_MAX_BYTES", "MAX_RANKS",
-    "DEFAULT_TIMEOUT_S", "choose_algorithm", "algorithm_for", "enable", "release", "status", "check", "set_mode",
-    "mode",
+    "DEFAULT_TIMEOUT_S", "choose_algorithm", "algorithm_for", "enable", "release", "status", "check",
+    "set_mode", "mode",
 ]
 
 log = logging.getLogger("tpext.p2p")
