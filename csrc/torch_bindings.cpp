@@ -165,6 +165,7 @@ PYBIND11_MODULE(_C, m) {
   });
   m.def("_nccl_version", &tpext::comm::nccl_runtime_version);
   m.def("_destroy_nccl_communicators", &tpext::comm::destroy_nccl_communicators);
+  m.def("_abort_nccl_communicators", &tpext::comm::abort_nccl_communicators);
 #else
   m.attr("cuda_compiled") = false;
 #endif

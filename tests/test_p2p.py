@@ -326,3 +326,44 @@ def _check_errors() -> None:
 
 def test_error_messages_name_the_argument():
     run_ranks(_check_errors, 2)
+
+
+def _info(max_blocks: int, timeout_s: float) -> tuple:
+    """One rank's entry of enable's exchange:
+    (host, reason, handle, capacity, uuid, max_blocks, timeout_s)."""
+    return ("node0", "", b"h", 1 << 20, f"GPU-{max_blocks}-{timeout_s}", max_blocks, timeout_s)
+
+
+def test_enable_agrees_grid_cap_and_timeout_over_ranks():
+    # The grid cap is the fewest co-resident blocks of any rank (all blocks of a launch resident on every
+    # GPU, the same grid everywhere); the budget is the longest any rank asked for.
+    infos = [_info(64, 60.0), _info(32, 5.0), _info(48, 90.5)]
+    assert p2p._agreed_launch(infos) == (32, 90_500_000_000)
+    assert p2p._agreed_launch([_info(64, 1e-3)]) == (64, 1_000_000)
+    # A rank whose GPU holds no block of the kernels makes P2P unavailable on every rank.
+    assert "occupancy 0" in p2p._group_obstacle([_info(64, 60.0), _info(0, 60.0)])
+
+
+def test_enable_refuses_a_non_positive_timeout_before_any_exchange():
+    for bad in (0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="timeout_s must be > 0"):
+            p2p.enable(None, timeout_s=bad)  # raises before resolving the group: no process group needed
+
+
+def _check_check_and_drain() -> None:
+    # Without usable buffers there is nothing aborted: check() is silent, and the safe points (release,
+    # enable's drain) have nothing to destroy.
+    p2p.check()
+    assert tpext._C.p2p_drain() == 0
+    assert p2p.enable() is False
+    p2p.check()
+    p2p.release()
+
+
+def test_check_and_drain_without_buffers():
+    run_ranks(_check_check_and_drain, 2)
+
+
+def test_nccl_teardown_functions_are_safe_without_communicators():
+    tpext.ops.destroy_nccl_communicators()
+    tpext.ops.abort_nccl_communicators()

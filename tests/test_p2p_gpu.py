@@ -94,7 +94,7 @@ def _ipc_exchange() -> list[float]:
     handle = tpext._C.p2p_create(name, rank, world, 1 << 20, 0)
     handles: list = [None] * world
     tdist.all_gather_object(handles, handle)
-    tpext._C.p2p_open(name, handles)
+    tpext._C.p2p_open(name, handles, tpext._C.p2p_max_blocks(0), int(p2p.DEFAULT_TIMEOUT_S * 1e9))
     mine = torch.full((1000,), float(rank + 1), device="cuda")
     tpext._C.p2p_copy_to_local(name, mine)
     torch.cuda.synchronize()

@@ -12,7 +12,8 @@
 #
 # Environment: TPEXT_NCCL_INCLUDE_DIR and TPEXT_CUBLAS_INCLUDE_DIR, when both set, are used instead of
 # the venv's wheels (libraries looked up in ../lib beside each); TPEXT_CUDA_ARCHS overrides 90a; CUDACXX
-# picks the nvcc.
+# picks the nvcc; TPEXT_MAX_SPILL_BYTES (32) is the most spill bytes a kernel may have;
+# TPEXT_ALLOW_SPILLS=1 only reports.
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -48,6 +49,7 @@ cmake -S "$root" -B "$build" -G Ninja \
   -DTPEXT_CUDA_ARCHS="${TPEXT_CUDA_ARCHS:-90a}" \
   -DTPEXT_WERROR=ON \
   -DTPEXT_REQUIRE_LINK=ON \
+  -DTPEXT_PTXAS_VERBOSE=ON \
   -DTPEXT_NCCL_INCLUDE_DIR="$nccl_inc" \
   -DTPEXT_CUBLAS_INCLUDE_DIR="$cublas_inc"
 cmake --build "$build" --parallel "$(nproc 2>/dev/null || echo 4)"
@@ -73,4 +75,9 @@ for f in host:
 if missing:
     sys.exit(f"cuda_compile_check: objects missing after the build: {missing}")
 PY
+# Register spills of the kernels library (ptxas -v, kept per object by tools/ptxas_log.sh): a spill is
+# local-memory traffic in a kernel that was written not to have any, usually a launch bound too tight
+# for its register use. Every spill is listed; more than TPEXT_MAX_SPILL_BYTES (32) in one kernel fails,
+# unless TPEXT_ALLOW_SPILLS=1.
+python3 "$root/tools/ptxas_spills.py" "$build/CMakeFiles/tpext_kernels.dir"
 echo "cuda_compile_check: OK in $((SECONDS - start)) s (archs ${TPEXT_CUDA_ARCHS:-90a}, build dir ${build#"$root"/})"

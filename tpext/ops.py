@@ -24,6 +24,7 @@ from tpext.planner import AlgorithmLike, resolve_schedule
 
 __all__ = [
     "gemm_all_reduce", "gemm_reduce_scatter", "all_gather_gemm", "set_nccl_options", "nccl_options", "nccl_comm_info",
+    "destroy_nccl_communicators", "abort_nccl_communicators",
     "p2p_all_reduce", "p2p_reduce_scatter", "p2p_all_gather", "p2p_all_reduce_residual_rmsnorm",
 ]
 
@@ -198,6 +199,31 @@ def nccl_comm_info(group: GroupLike = None) -> dict:
     """Whether `group`'s NCCL communicator exists, and its rank, size, device and creation options."""
     _require_cuda_build("nccl_comm_info")
     return _C._nccl_comm_info(group_name(group))
+
+
+def destroy_nccl_communicators() -> None:
+    """Finalize and destroy every NCCL communicator tpext made (all groups). Finalize waits for the
+    peers to finalize too; a communicator with an asynchronous NCCL error is aborted instead. Runs at
+    exit; the next op on a group creates a new communicator (collectively). A no-op in a CPU build."""
+    if _C.cuda_compiled:
+        _C._destroy_nccl_communicators()
+
+
+def abort_nccl_communicators() -> None:
+    """Abort every NCCL communicator tpext made (ncclCommAbort): never waits for peers and drops the
+    collectives still queued. Call it when a peer failed or the group is given up (e.g. in an exception
+    handler before exiting), where `destroy_nccl_communicators` would wait for the gone peer. The next
+    op on a group creates a new communicator (collectively). A no-op in a CPU build.
+
+    Example:
+        >>> try:
+        ...     train_step()
+        ... except Exception:
+        ...     tpext.ops.abort_nccl_communicators()
+        ...     raise
+    """
+    if _C.cuda_compiled:
+        _C._abort_nccl_communicators()
 
 
 if _C.cuda_compiled:

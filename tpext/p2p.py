@@ -11,6 +11,10 @@ published anchors on 8xH100: a custom all-reduce at 5.9 us for 512 B and 7.8 us 
 `enable` is collective and all ranks agree on its outcome: either every rank of the group has mapped
 every peer's buffer, or none uses P2P and all fall back to the group's collective (NCCL, or gloo on CPU)
 with the reason logged once. Several nodes, no peer access, no CUDA or a CPU-only build are such reasons.
+
+The kernels' waits for peers are bounded (`timeout_s` of `enable`): a rank that never arrives (it failed,
+refused the call, or runs other work) makes its peers' kernels give up instead of hanging the GPUs, and
+the next P2P op on the group, or `check`, raises naming the op, the group and the ranks.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ from tpext.distributed import GroupLike, resolve_group
 
 __all__ = [
     "ALGO_C10D", "ALGO_ONE_SHOT", "ALGO_TWO_SHOT", "ONE_SHOT_MAX_BYTES", "P2P_MAX_BYTES", "MAX_RANKS",
-    "choose_algorithm", "algorithm_for", "enable", "release", "status", "set_mode", "mode",
+    "DEFAULT_TIMEOUT_S", "choose_algorithm", "algorithm_for", "enable", "release", "status", "check",
+    "set_mode", "mode",
 ]
 
 log = logging.getLogger("tpext.p2p")
@@ -46,6 +51,15 @@ MAX_RANKS = 8
 # the benchmark owed in docs/p2p.md (bench/results/<device>/).
 ONE_SHOT_MAX_BYTES = 64 * 1024
 P2P_MAX_BYTES = 1024 * 1024
+
+# The longest a P2P kernel's block waits for one peer before it gives up (and the group becomes
+# unusable until enabled again). The kernels themselves take microseconds, so a wait this long means a
+# peer is not running the same op. It must still outlast legitimate skew between ranks, because a
+# rank's kernel starts waiting as soon as its stream reaches it: one rank compiling (torch.compile) or
+# autotuning its first step, lazy initialisation, a GC pause or rank-local logging can hold a peer back
+# for seconds to tens of seconds. 60 s covers those and still fails ten times sooner than torch's NCCL
+# watchdog (600 s by default), so the P2P error, which names the op and ranks, comes first.
+DEFAULT_TIMEOUT_S = 60.0
 
 _MODES = ("auto", "always", "never")
 _mode = "auto"
@@ -105,8 +119,19 @@ def algorithm_for(x: Tensor, group: dist.ProcessGroup, nbytes: Optional[int] = N
     return choose_algorithm(nbytes, world_size=group.size(), p2p_ready=True)
 
 
+def _agreed_launch(infos: list) -> tuple[int, int]:
+    """(grid cap, wait budget in ns) every rank uses, from the ranks' (..., max_blocks, timeout_s): the
+    fewest blocks any rank's GPU holds at once (so the blocks of a launch are co-resident on every GPU:
+    the grid must be the same on all ranks, and a block waits only on blocks of its own index), and the
+    longest budget any rank asked for."""
+    max_blocks = min(int(info[5]) for info in infos)
+    timeout_ns = max(int(round(float(info[6]) * 1e9)) for info in infos)
+    return max_blocks, timeout_ns
+
+
 def _group_obstacle(infos: list) -> str:
-    """Why the ranks (hostname, reason, handle, capacity, GPU uuid) cannot share P2P buffers, or ''.
+    """Why the ranks (hostname, reason, handle, capacity, GPU uuid, max_blocks, timeout_s) cannot share
+    P2P buffers, or ''.
     The checks of hosts, capacities and GPUs agree on every rank (same gathered list); peer visibility
     and access are this process's view, which `enable` shares before deciding."""
     hosts = sorted({info[0] for info in infos})
@@ -115,6 +140,8 @@ def _group_obstacle(infos: list) -> str:
     capacities = sorted({info[3] for info in infos})
     if len(capacities) > 1:  # each rank finds a peer's signal flags after the data, by its own capacity
         return f"ranks asked for different buffer capacities {capacities}; pass the same capacity_bytes everywhere"
+    if min(int(info[5]) for info in infos) < 1:
+        return "a rank's GPU cannot hold one block of the P2P kernels at once (occupancy 0)"
     uuids = [info[4] for info in infos]
     if len(set(uuids)) < len(uuids):  # two ranks spinning on one GPU would wait on each other forever
         return "several ranks share one GPU; P2P needs one GPU per rank"
@@ -129,30 +156,50 @@ def _group_obstacle(infos: list) -> str:
     return ""
 
 
-def enable(group: GroupLike = None, capacity_bytes: int = P2P_MAX_BYTES) -> bool:
+def enable(group: GroupLike = None, capacity_bytes: int = P2P_MAX_BYTES,
+           timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
     """Collective over `group`: allocate this rank's symmetric buffer on the current CUDA device,
-    exchange the CUDA IPC handles through the group, map every peer's buffer. Every rank must pass the
-    same capacity_bytes; ranks must be on one node, one GPU each, with peer access between all GPUs.
-    True when every rank succeeded; otherwise False on every rank, the reason recorded (`status`) and
-    logged once."""
+    exchange the CUDA IPC handles through the group, map every peer's buffer.
+
+    Args:
+        group: the process group (default: the world).
+        capacity_bytes: bytes of one rank's buffer, the largest message P2P serves; the same on every rank.
+        timeout_s: the longest a kernel's block waits for one peer (see DEFAULT_TIMEOUT_S); the ranks
+            use the largest value any of them passed.
+
+    Returns:
+        True when every rank succeeded; otherwise False on every rank, the reason recorded (`status`)
+        and logged once. Ranks must be on one node, one GPU each, with peer access between all GPUs.
+
+    Raises:
+        ValueError: timeout_s is not a positive number (on the rank that passed it, before any exchange).
+
+    Also destroys the buffers of groups dropped earlier (a safe point: no op in flight on this thread).
+    """
+    if not timeout_s > 0:
+        raise ValueError(f"tpext.p2p.enable: timeout_s must be > 0 seconds, got {timeout_s!r}")
     pg = resolve_group(group)
     name, world = pg.group_name, pg.size()
+    _C.p2p_drain()
     if world == 1:
         return False  # nothing to exchange with; the ops never communicate for a group of one
-    reason, handle = _local_obstacle(world), b""
+    reason, handle, max_blocks, uuid = _local_obstacle(world), b"", 0, ""
     if not reason:
         try:
-            handle = _C.p2p_create(name, pg.rank(), world, int(capacity_bytes), torch.cuda.current_device())
+            device = torch.cuda.current_device()
+            max_blocks = _C.p2p_max_blocks(device)
+            handle = _C.p2p_create(name, pg.rank(), world, int(capacity_bytes), device)
+            uuid = str(torch.cuda.get_device_properties(device).uuid)
         except RuntimeError as exc:
             reason = f"allocating the symmetric buffer failed: {exc}"
-    uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid) if not reason else ""
     infos: list = [None] * world
-    dist.all_gather_object(infos, (socket.gethostname(), reason, handle, int(capacity_bytes), uuid), group=pg)
+    mine = (socket.gethostname(), reason, handle, int(capacity_bytes), uuid, max_blocks, float(timeout_s))
+    dist.all_gather_object(infos, mine, group=pg)
     reason = next((info[1] for info in infos if info[1]), "") or _group_obstacle(infos)
     error = ""
     if not reason:
         try:
-            _C.p2p_open(name, [info[2] for info in infos])
+            _C.p2p_open(name, [info[2] for info in infos], *_agreed_launch(infos))
         except RuntimeError as exc:
             error = str(exc)
     # Agree: one rank that could not map its peers, or that found an obstacle only it can see (peer
@@ -169,8 +216,24 @@ def enable(group: GroupLike = None, capacity_bytes: int = P2P_MAX_BYTES) -> bool
     return True
 
 
+def check(group: GroupLike = None) -> None:
+    """Raises RuntimeError when the group's P2P kernels gave up waiting (a peer never arrived, or a rank
+    refused a call its peers had launched): the message names the op, the group and the ranks. Reads
+    one host word; no synchronisation, so it reports what the kernels finished so far (synchronise the
+    stream first to include the launches in flight). The P2P ops make the same check on every call.
+
+    Args:
+        group: the process group (default: the world).
+
+    Raises:
+        RuntimeError: the group's kernels were aborted; release and enable it again on every rank.
+    """
+    _C.p2p_check(resolve_group(group).group_name)
+
+
 def release(group: GroupLike = None) -> None:
-    """Collective: free the group's symmetric buffers once no rank can still be using them."""
+    """Collective: free the group's symmetric buffers once no rank can still be using them (and the
+    buffers of groups dropped earlier)."""
     pg = resolve_group(group)
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()

@@ -3,6 +3,7 @@
 
 #include "comm/nccl.h"
 
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <string>
@@ -95,17 +96,43 @@ class NcclComm {
 #endif
   }
 
+  // Graceful (finalize, then destroy) unless abort() was called or NCCL reports an asynchronous error
+  // (a peer failed, a network error): then ncclCommAbort, which never waits for peers. A destructor
+  // cannot throw: failures are reported as warnings.
   ~NcclComm() {
-    // Finalize flushes the collectives still queued on the communication stream before the destroy;
-    // a destructor cannot throw, so a failure is reported and the communicator leaked.
     c10::cuda::CUDAGuard guard(device_);
+    if (!abort_ && async_error() == ncclSuccess) {
 #if TPEXT_NCCL_HAS_CONFIG
-    if (ncclCommFinalize(comm_) != ncclSuccess) {
-      TORCH_WARN("tpext: ncclCommFinalize failed: ", ncclGetLastError(comm_));
+      // Finalize flushes the collectives still queued on the communication stream. With blocking
+      // communicators it waits for every peer to finalize too: a peer that is gone makes it wait, which
+      // is what abort_nccl_communicators is for (call it when a peer failed).
+      const ncclResult_t fin = ncclCommFinalize(comm_);
+      const ncclResult_t after = async_error();
+      if (fin == ncclSuccess && after == ncclSuccess) {
+        if (ncclCommDestroy(comm_) != ncclSuccess) TORCH_WARN("tpext: ncclCommDestroy failed");
+        return;
+      }
+      TORCH_WARN("tpext: ncclCommFinalize of a ", size_, "-rank communicator returned ", ncclGetErrorString(fin),
+                 ", asynchronous error ", ncclGetErrorString(after), " (", ncclGetLastError(comm_),
+                 "); aborting it instead");
+#else
+      if (ncclCommDestroy(comm_) != ncclSuccess) TORCH_WARN("tpext: ncclCommDestroy failed");
       return;
-    }
 #endif
-    if (ncclCommDestroy(comm_) != ncclSuccess) TORCH_WARN("tpext: ncclCommDestroy failed");
+    }
+    const ncclResult_t res = ncclCommAbort(comm_);
+    if (res != ncclSuccess) TORCH_WARN("tpext: ncclCommAbort returned ", ncclGetErrorString(res));
+  }
+
+  // The next destruction aborts instead of finalizing.
+  void abort() { abort_ = true; }
+
+  // ncclCommGetAsyncError's state (ncclSuccess, or the error a peer failure or the network left);
+  // a failing query counts as an error.
+  ncclResult_t async_error() const {
+    ncclResult_t state = ncclSuccess;
+    const ncclResult_t res = ncclCommGetAsyncError(comm_, &state);
+    return res != ncclSuccess ? res : state;
   }
 
   NcclComm(const NcclComm&) = delete;
@@ -126,6 +153,7 @@ class NcclComm {
   NcclOptions options_;
   c10::cuda::CUDAStream stream_;
   ncclComm_t comm_ = nullptr;
+  std::atomic<bool> abort_{false};
 };
 
 class NcclPending final : public Pending {
@@ -364,13 +392,28 @@ int nccl_runtime_version() {
   return v;
 }
 
-void destroy_nccl_communicators() {
-  std::vector<std::shared_ptr<NcclComm>> comms;  // destroyed outside the lock
+namespace {
+// Moves every cached communicator out of the registry (the next op on a group creates a new one).
+std::vector<std::shared_ptr<NcclComm>> take_communicators() {
+  std::vector<std::shared_ptr<NcclComm>> comms;
   Registry& r = registry();
   std::lock_guard<std::mutex> lock(r.mu);
   for (auto& kv : r.entries) {
     if (kv.second->comm) comms.push_back(std::move(kv.second->comm));
   }
+  return comms;
+}
+}  // namespace
+
+void destroy_nccl_communicators() {
+  // Destroyed here, outside the lock (an op still holding one destroys it when it finishes).
+  take_communicators().clear();
+}
+
+void abort_nccl_communicators() {
+  std::vector<std::shared_ptr<NcclComm>> comms = take_communicators();
+  for (auto& c : comms) c->abort();
+  comms.clear();
 }
 
 }  // namespace tpext::comm

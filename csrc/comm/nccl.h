@@ -58,8 +58,14 @@ NcclCommInfo nccl_comm_info(const std::string& group_name);
 int nccl_runtime_version();
 
 // Finalizes and destroys every cached communicator (registered with atexit by tpext/ops.py, because
-// destroying them during static destruction would race the CUDA runtime's teardown).
+// destroying them during static destruction would race the CUDA runtime's teardown). One whose
+// ncclCommGetAsyncError reports an error, before or after the finalize, is aborted instead. Finalize
+// waits for the peers: when one failed, use abort_nccl_communicators.
 void destroy_nccl_communicators();
+
+// Aborts every cached communicator (ncclCommAbort: never waits for peers, drops queued collectives).
+// For a process whose peer failed, or that gives up on the group; the next op creates a new one.
+void abort_nccl_communicators();
 
 }  // namespace tpext::comm
 

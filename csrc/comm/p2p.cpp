@@ -46,6 +46,8 @@ struct Registry {
   std::map<std::string, Entry> entries;
 #ifdef TPEXT_WITH_CUDA
   std::map<std::string, std::shared_ptr<SymmetricBuffers>> pending;  // created, handles not yet exchanged
+  // Dropped buffers not yet destroyed (p2p.h: destroyed by drain_graveyard, outside the lock).
+  std::vector<std::shared_ptr<SymmetricBuffers>> graveyard;
 #endif
   std::set<std::string> warned;
 };
@@ -57,11 +59,22 @@ Registry& registry() {
   return *r;
 }
 
+// Moves the entry of `name`, if any, out of the map; its buffers go to the graveyard (buffers being
+// created for the name, in `pending`, are not touched). Caller holds the lock.
+void drop_locked(Registry& r, const std::string& name) {
+  auto it = r.entries.find(name);
+  if (it == r.entries.end()) return;
+#ifdef TPEXT_WITH_CUDA
+  if (it->second.buffers) r.graveyard.push_back(std::move(it->second.buffers));
+#endif
+  r.entries.erase(it);
+}
+
 void register_entry(const std::string& name, Entry e) {
   e.group = c10::weak_intrusive_ptr<c10d::ProcessGroup>(try_resolve(name));
   auto& r = registry();
   std::lock_guard<std::mutex> lock(r.mu);
-  r.entries.erase(name);
+  drop_locked(r, name);
   r.entries.emplace(name, std::move(e));
 }
 
@@ -79,7 +92,6 @@ void warn_fallback_once(const std::string& group_name, const char* op, const std
 
 #ifdef TPEXT_WITH_CUDA
 namespace {
-constexpr int64_t kAlign = 256;
 
 // An entry outlives its group when the group is destroyed (or its name is reused by a new group):
 // then it must not serve the name any more. Caller holds the lock.
@@ -94,102 +106,32 @@ std::string no_entry_reason(const std::string& name) {
          "' (call tpext.p2p.enable(group) on every rank first)";
 }
 
-int64_t round_up(int64_t n, int64_t a) { return (n + a - 1) / a * a; }
+// Destroys the graveyard's buffers (device synchronisation, IPC unmapping) outside the registry lock,
+// unless the current stream is being captured (then they wait for the next safe point). Returns how
+// many were destroyed.
+int drain_graveyard() {
+  {
+    auto& r = registry();
+    std::lock_guard<std::mutex> lock(r.mu);
+    if (r.graveyard.empty()) return 0;  // no CUDA call: safe in a process without a device
+  }
+  int device = 0;
+  TPEXT_CUDA_CHECK(cudaGetDevice(&device));
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  TPEXT_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)),
+                                         &capture));
+  if (capture != cudaStreamCaptureStatusNone) return 0;
+  std::vector<std::shared_ptr<SymmetricBuffers>> dead;
+  {
+    auto& r = registry();
+    std::lock_guard<std::mutex> lock(r.mu);
+    dead.swap(r.graveyard);
+  }
+  const int n = static_cast<int>(dead.size());
+  dead.clear();  // an op still holding one destroys it when it finishes
+  return n;
+}
 }  // namespace
-
-SymmetricBuffers::SymmetricBuffers(int rank, int world, int64_t capacity, int device)
-    : rank_(rank), world_(world), device_(device), capacity_(capacity) {
-  TORCH_CHECK(world >= 1 && world <= kernels::kP2PMaxRanks, "tpext.p2p: world must be in [1, 8], got ", world);
-  TORCH_CHECK(rank >= 0 && rank < world, "tpext.p2p: rank must be in [0, ", world, "), got ", rank);
-  TORCH_CHECK(capacity > 0, "tpext.p2p: capacity_bytes must be > 0, got ", capacity);
-  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
-  const int64_t signal_offset = round_up(capacity, kAlign);
-  TPEXT_CUDA_CHECK(cudaMalloc(&base_[rank], static_cast<size_t>(signal_offset) + kernels::kP2PSignalBytes));
-  data_[rank] = base_[rank];
-  signals_[rank] = reinterpret_cast<uint32_t*>(static_cast<char*>(base_[rank]) + signal_offset);
-  // Flags and epoch counters start at zero, before the handle leaves this process: peers write flags
-  // only after the exchange.
-  try {
-    TPEXT_CUDA_CHECK(cudaMemset(signals_[rank], 0, kernels::kP2PSignalBytes));
-    TPEXT_CUDA_CHECK(cudaDeviceSynchronize());
-  } catch (...) {
-    cudaFree(base_[rank]);  // the destructor does not run for a constructor that throws
-    throw;
-  }
-}
-
-SymmetricBuffers::~SymmetricBuffers() {
-  // No throwing here: a failure at teardown (e.g. after the CUDA context is gone at exit) is ignored.
-  const int prev = [] { int d = 0; return cudaGetDevice(&d) == cudaSuccess ? d : -1; }();
-  cudaSetDevice(device_);
-  // Kernels of this device may still read peers' buffers: unmapping them under a running kernel faults.
-  cudaDeviceSynchronize();
-  for (int p = 0; p < world_; ++p) {
-    if (p != rank_ && base_[p] != nullptr) cudaIpcCloseMemHandle(base_[p]);
-  }
-  if (base_[rank_] != nullptr) cudaFree(base_[rank_]);
-  if (prev >= 0) cudaSetDevice(prev);
-}
-
-void SymmetricBuffers::check_stream(cudaStream_t stream, const char* op) {
-  if (!stream_set_) {
-    stream_ = stream;
-    stream_set_ = true;
-  }
-  if (stream != stream_) {
-    // A CUDA-graph capture runs on its own stream; torch.cuda.graph synchronises the device on entry, so
-    // no eager call is in flight beside it. The stream stays pinned for eager calls, and replays must
-    // be ordered with them by the caller (replay on the pinned stream, as torch does by default).
-    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-    TPEXT_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-    if (capture == cudaStreamCaptureStatusActive) return;
-  }
-  TORCH_CHECK(stream == stream_, "tpext.", op, ": the P2P buffers of this group are used on one CUDA stream, ",
-              "the one of their first call; this call is on another. Run the group's P2P ops on one stream, ",
-              "or release and enable the group again");
-}
-
-std::string SymmetricBuffers::local_handle() const {
-  cudaIpcMemHandle_t h;
-  TPEXT_CUDA_CHECK(cudaIpcGetMemHandle(&h, base_[rank_]));
-  return std::string(reinterpret_cast<const char*>(&h), sizeof(h));
-}
-
-void SymmetricBuffers::open_peers(const std::vector<std::string>& handles) {
-  TORCH_CHECK(!opened_, "tpext.p2p: the peers of these buffers are already open");
-  TORCH_CHECK(static_cast<int>(handles.size()) == world_, "tpext.p2p: expected ", world_, " IPC handles (one per rank), got ",
-              handles.size());
-  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device_));
-  const int64_t signal_offset = round_up(capacity_, kAlign);
-  for (int p = 0; p < world_; ++p) {
-    if (p == rank_) continue;
-    TORCH_CHECK(handles[p].size() == sizeof(cudaIpcMemHandle_t), "tpext.p2p: IPC handle of rank ", p, " has ",
-                handles[p].size(), " bytes, expected ", sizeof(cudaIpcMemHandle_t));
-    cudaIpcMemHandle_t h;
-    std::memcpy(&h, handles[p].data(), sizeof(h));
-    const cudaError_t err = cudaIpcOpenMemHandle(&base_[p], h, cudaIpcMemLazyEnablePeerAccess);
-    if (err != cudaSuccess) {
-      base_[p] = nullptr;
-      cudaGetLastError();  // clear the sticky-free error so later calls are unaffected
-      TORCH_CHECK(false, "tpext.p2p: rank ", rank_, " cannot map the buffer of rank ", p, " (cudaIpcOpenMemHandle: ",
-                  cudaGetErrorName(err), ": ", cudaGetErrorString(err), "); the GPUs cannot access each other");
-    }
-    data_[p] = base_[p];
-    signals_[p] = reinterpret_cast<uint32_t*>(static_cast<char*>(base_[p]) + signal_offset);
-  }
-  opened_ = true;
-}
-
-kernels::P2PGroup SymmetricBuffers::table() const {
-  kernels::P2PGroup g{};
-  for (int p = 0; p < world_; ++p) {
-    g.buffers[p] = data_[p];
-    g.signals[p] = signals_[p];
-  }
-  g.world = world_;
-  g.rank = rank_;
-  return g;
-}
 
 std::shared_ptr<SymmetricBuffers> find_symmetric_buffers(const std::string& group_name, std::string* reason) {
   auto& r = registry();
@@ -200,7 +142,7 @@ std::shared_ptr<SymmetricBuffers> find_symmetric_buffers(const std::string& grou
     return nullptr;
   }
   if (stale(it->second, group_name)) {
-    r.entries.erase(it);  // releases the buffers of the destroyed group
+    drop_locked(r, group_name);  // destroyed at the next safe point (drain_graveyard), not here
     *reason = "the process group the buffers were made for was destroyed; " + no_entry_reason(group_name);
     return nullptr;
   }
@@ -217,10 +159,17 @@ void bind_p2p(pybind11::module_& m) {
     std::string handle = buf->local_handle();
     auto& r = registry();
     std::lock_guard<std::mutex> lock(r.mu);
-    r.pending[name] = std::move(buf);
+    auto& slot = r.pending[name];
+    if (slot) r.graveyard.push_back(std::move(slot));  // an earlier enable that never opened
+    slot = std::move(buf);
     return py::bytes(handle);
   }, "Allocate this rank's symmetric buffer for group `name`; returns its CUDA IPC handle (bytes).");
-  m.def("p2p_open", [](const std::string& name, const std::vector<std::string>& handles) {
+  m.def("p2p_max_blocks", [](int device) {
+    c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+    return kernels::p2p_max_coresident_blocks(device);
+  }, "The largest device-synchronised P2P grid whose blocks are all resident at once on `device`.");
+  m.def("p2p_open", [](const std::string& name, const std::vector<std::string>& handles, int max_blocks,
+                       uint64_t timeout_ns) {
     std::shared_ptr<SymmetricBuffers> buf;
     {
       auto& r = registry();
@@ -230,11 +179,17 @@ void bind_p2p(pybind11::module_& m) {
       buf = std::move(it->second);
       r.pending.erase(it);
     }
-    buf->open_peers(handles);  // throws: buf (and any peer mapping) is released here
+    buf->open_peers(handles, max_blocks, timeout_ns);  // throws: buf (and any peer mapping) is released here
     Entry e;
     e.buffers = std::move(buf);
     register_entry(name, std::move(e));
-  }, "Map every peer's buffer and register the group's symmetric buffers.");
+  }, "Map every peer's buffer and register the group's symmetric buffers (grid cap and wait budget agreed).");
+  m.def("p2p_check", [](const std::string& name) {
+    std::string reason;
+    if (auto buf = find_symmetric_buffers(name, &reason)) buf->check_health(name, "p2p.check");
+  }, "Raise if the group's P2P kernels were aborted (timeout, or a rank's refusal); no synchronisation.");
+  m.def("p2p_drain", [] { return drain_graveyard(); },
+        "Destroy dropped symmetric buffers (synchronises the device); not while the current stream captures.");
   m.def("p2p_copy_to_local", [](const std::string& name, const at::Tensor& src) {
     std::string reason;
     auto buf = find_symmetric_buffers(name, &reason);
@@ -258,16 +213,29 @@ void bind_p2p(pybind11::module_& m) {
   auto no_cuda = [](py::args, py::kwargs) {
     TORCH_CHECK(false, "tpext was built without CUDA: symmetric buffers need a CUDA build of tpext");
   };
-  for (const char* fn : {"p2p_create", "p2p_open", "p2p_copy_to_local", "p2p_copy_from_peer"}) m.def(fn, no_cuda);
+  for (const char* fn : {"p2p_create", "p2p_open", "p2p_copy_to_local", "p2p_copy_from_peer", "p2p_max_blocks"}) {
+    m.def(fn, no_cuda);
+  }
+  m.def("p2p_check", [](const std::string&) {}, "Nothing to check without CUDA.");
+  m.def("p2p_drain", [] { return 0; }, "Nothing to destroy without CUDA.");
 #endif
   m.def("p2p_release", [](const std::string& name) {
-    auto& r = registry();
-    std::lock_guard<std::mutex> lock(r.mu);
+    {
+      auto& r = registry();
+      std::lock_guard<std::mutex> lock(r.mu);
+      drop_locked(r, name);
 #ifdef TPEXT_WITH_CUDA
-    r.pending.erase(name);
+      auto pending = r.pending.find(name);
+      if (pending != r.pending.end()) {
+        r.graveyard.push_back(std::move(pending->second));
+        r.pending.erase(pending);
+      }
 #endif
-    r.entries.erase(name);
-  }, "Drop the group's symmetric buffers (or its unavailability record).");
+    }
+#ifdef TPEXT_WITH_CUDA
+    drain_graveyard();
+#endif
+  }, "Drop the group's symmetric buffers (or its unavailability record) and destroy dropped buffers.");
   m.def("p2p_mark_unavailable", [](const std::string& name, const std::string& reason) {
     Entry e;
     e.unavailable = reason;
@@ -276,7 +244,8 @@ void bind_p2p(pybind11::module_& m) {
   m.def("p2p_status", [](const std::string& name) -> std::string {
 #ifdef TPEXT_WITH_CUDA
     std::string reason;
-    return find_symmetric_buffers(name, &reason) ? std::string() : reason;
+    auto buf = find_symmetric_buffers(name, &reason);
+    return buf ? buf->aborted(name) : reason;
 #else
     (void)name;
     return "tpext was built without CUDA";

@@ -6,17 +6,24 @@
 //      signal area (cudaMalloc, signals zeroed) and returns its CUDA IPC handle as 64 bytes.
 //   2. Python exchanges the handles through the group itself (torch.distributed all_gather_object,
 //      so no store of our own), and checks that all ranks are on one host.
-//   3. p2p_open(name, handles): maps every peer's buffer (cudaIpcOpenMemHandle) and registers the
-//      buffers under the group name. Any failure leaves nothing registered; Python then agrees with
-//      the other ranks and records the reason (p2p_mark_unavailable), so all ranks fall back together.
+//   3. p2p_open(name, handles, max_blocks, timeout_ns): maps every peer's buffer and registers the
+//      buffers under the group name, with the launch grid cap and the wait budget all ranks agreed on
+//      (min of every rank's p2p_max_blocks, max of the asked timeouts). Any failure leaves nothing
+//      registered; Python then agrees with the other ranks and records the reason
+//      (p2p_mark_unavailable), so all ranks fall back together.
 // The registry owns the buffers (RAII: peers' mappings closed, own allocation freed on release). An
-// entry is dropped, and so released, by p2p_release(name), or on the first lookup after the process
-// group it was made for is destroyed (the name then resolves to another group, or to none). Entries
-// left at exit are not released: the driver reclaims them with the process's CUDA context.
+// entry is dropped by p2p_release(name), or on the first lookup after the process group it was made
+// for is destroyed (the name then resolves to another group, or to none), or when the name is
+// registered again. A dropped entry is not destroyed there: destruction synchronises the device and
+// unmaps peer memory, which must not happen under the registry lock, inside an op, or inside a CUDA
+// graph capture. It goes to a graveyard that p2p_release / p2p_drain (enable, release, teardown) empty
+// outside the lock, when the current stream is not capturing. Entries left at exit are not released:
+// the driver reclaims them with the process's CUDA context.
 #pragma once
 
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -29,8 +36,9 @@
 namespace tpext::comm {
 
 #ifdef TPEXT_WITH_CUDA
-// One rank's view of a group's symmetric buffers. Owns: its own allocation (data + signals) and the
-// mappings of the peers' allocations. Not copyable; shared by the registry and in-flight ops.
+// One rank's view of a group's symmetric buffers. Owns: its own allocation (data + signals), the
+// mappings of the peers' allocations, a host-mapped abort word (p2p.h), and an event and a stream for
+// ordering stream switches and storing refusals. Not copyable; shared by the registry and in-flight ops.
 class SymmetricBuffers {
  public:
   SymmetricBuffers(int rank, int world, int64_t capacity, int device);
@@ -38,8 +46,9 @@ class SymmetricBuffers {
   SymmetricBuffers(const SymmetricBuffers&) = delete;
   SymmetricBuffers& operator=(const SymmetricBuffers&) = delete;
 
-  std::string local_handle() const;                     // cudaIpcMemHandle_t bytes of the own allocation
-  void open_peers(const std::vector<std::string>& handles);  // handles[p] from rank p (own one ignored)
+  std::string local_handle() const;  // cudaIpcMemHandle_t bytes of the own allocation
+  // handles[p] from rank p (own one ignored); max_blocks (1..64) and timeout_ns (> 0) agreed by all ranks.
+  void open_peers(const std::vector<std::string>& handles, int max_blocks, uint64_t timeout_ns);
 
   // The pointer table of every launch (the barrier epochs live in the signal areas, on the device).
   kernels::P2PGroup table() const;
@@ -50,19 +59,44 @@ class SymmetricBuffers {
   int rank() const { return rank_; }
   int world() const { return world_; }
 
-  // Every launch on this group's buffers must use one stream: a call on another stream could copy its
-  // input in while peers still read the previous call's, and would share its barrier epochs. Checked
-  // per call (the first call picks the stream).
-  void check_stream(cudaStream_t stream, const char* op);
+  // Held by an op from its last check through its launch, so this process's launches on the group
+  // are one sequence. Throws, naming `op` and `group`, when the group's kernels were aborted (timeout
+  // or a peer's refusal: the buffers are unusable until made anew) or the stream cannot be used.
+  // Streams: eager launches must be ordered (a call on another stream could copy its input in while
+  // peers still read the previous call's, and would race on the barrier epochs). The first eager
+  // stream is pinned; an eager call on another stream is ordered after all work already queued on the
+  // pinned one (event, no host sync) and becomes the pinned stream. A stream being captured into a CUDA
+  // graph is never pinned: torch.cuda.graph synchronises the device on entry, and replays are ordered
+  // with eager calls by the caller (replay on the stream of the eager calls, as torch does by default).
+  std::unique_lock<std::mutex> begin_launch(cudaStream_t stream, const std::string& group, const char* op);
+  // Throws as begin_launch does when the group's kernels were aborted (an explicit, cheap check: one
+  // read of host memory, no synchronisation).
+  void check_health(const std::string& group, const char* op);
+  // '' while usable, else why not (the decoded abort).
+  std::string aborted(const std::string& group);
+  // For a rank-local refusal after this rank's peers may have launched `op`: stores a refusal code in
+  // every rank's abort word, so their waiting blocks return now instead of at the timeout, and marks
+  // the buffers unusable here. Best effort, never throws (the caller is about to throw).
+  void refuse(kernels::P2POp op) noexcept;
 
  private:
+  void check_health_locked(const std::string& group, const char* op);
+  std::string describe_locked(const std::string& group);
+
+  std::mutex mu_;  // guards stream_, stream_set_ and the launch sequence
   cudaStream_t stream_ = nullptr;
   bool stream_set_ = false;
+  cudaEvent_t switch_event_ = nullptr;   // records the pinned stream's work at a stream switch
+  cudaStream_t refuse_stream_ = nullptr; // non-blocking: a refusal's stores never queue behind a kernel
   int rank_, world_, device_;
   int64_t capacity_;  // data bytes per rank; the signal area follows at an aligned offset
+  int max_blocks_ = 0;
+  uint64_t timeout_ns_ = 0;
   void* base_[kernels::kP2PMaxRanks] = {};  // allocation base of every rank, as mapped here
   void* data_[kernels::kP2PMaxRanks] = {};
   uint32_t* signals_[kernels::kP2PMaxRanks] = {};
+  uint32_t* host_abort_ = nullptr;  // pinned, mapped: written by this rank's kernels, read here
+  uint32_t* host_abort_dev_ = nullptr;
   bool opened_ = false;
 };
 

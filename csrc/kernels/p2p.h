@@ -15,8 +15,9 @@
 //      - device (launch_p2p_*): one launch per rank, on its own GPU; blocks signal their peers through
 //        the signal areas (st.release.sys / ld.acquire.sys), no host synchronisation. Every rank must
 //        launch the same calls with the same sizes in the same order on one stream, or the kernels
-//        wait for each other forever. The barrier epochs live in device memory (one counter per block,
-//        advanced by the kernel itself), so launches captured in a CUDA graph stay correct on replay.
+//        wait for each other until the timeout (below). The barrier epochs live in device memory (one
+//        counter per block, advanced by the kernel itself), so launches captured in a CUDA graph stay
+//        correct on replay.
 //      - host (launch_p2p_*_virtual): R "virtual ranks" whose buffers live on the current device; the
 //        phases are launched one after another on one stream, so stream order is the barrier and no
 //        kernel ever waits for another (cannot deadlock). Signals are unused.
@@ -27,6 +28,15 @@
 //  * 16-byte vector accesses when every pointer (and, per op, the segment/row length) allows; else an
 //    element-wise kernel. Lengths that are not multiples of the vector width are handled element-wise
 //    at the end. Indexing is 64-bit.
+//  * Bounded waits (device sync). A block that waits longer than group.timeout_ns for a peer gives up:
+//    it stores an abort code (p2p_abort::encode: what, which op, rank, peer, barrier, block) into the
+//    abort word of every rank's signal area, so every rank's blocks stop waiting too, and into
+//    group.host_abort, a host-mapped word this rank's host reads without synchronising. A block that
+//    finds its rank's abort word set (at launch, or while waiting) returns at once and copies the code
+//    to host_abort. After an abort the outputs of the aborted launches are undefined and the signal
+//    areas inconsistent: the group's buffers must be made anew (the host refuses them until then).
+//  * Grid: at most group.max_blocks blocks (agreed by all ranks, at most what every rank's GPU holds at
+//    once, p2p_max_coresident_blocks), so every block of a launch is resident while it waits.
 //  * Throws std::runtime_error (never exits) on a bad argument or a CUDA error; no synchronisation.
 #pragma once
 
@@ -47,16 +57,56 @@ constexpr int kP2PMaxRanks = 8;
 constexpr int kP2PMaxBlocks = 64;
 // One rank's signal area: [kP2PMaxBlocks][kP2PMaxRanks] flags (slot [b][q] is written by rank q's
 // block b and read by this rank's block b), then [kP2PMaxBlocks] epoch counters (block b's launches so
-// far, read and advanced only by this rank's block b).
+// far, read and advanced only by this rank's block b), then the abort word (0, or the first abort code
+// any rank stored into it).
 constexpr size_t kP2PFlagWords = static_cast<size_t>(kP2PMaxBlocks) * kP2PMaxRanks;
-constexpr size_t kP2PSignalBytes = sizeof(uint32_t) * (kP2PFlagWords + kP2PMaxBlocks);
+constexpr size_t kP2PAbortWord = kP2PFlagWords + kP2PMaxBlocks;
+constexpr size_t kP2PSignalBytes = sizeof(uint32_t) * (kP2PAbortWord + 1);
 
 struct P2PGroup {
   void* buffers[kP2PMaxRanks];      // rank p's symmetric data buffer, as this process addresses it
   uint32_t* signals[kP2PMaxRanks];  // rank p's signal area (device sync only; nullptr in virtual mode)
   int32_t world;                    // R, 1..8
   int32_t rank;                     // this rank (device sync); ignored by the virtual launchers
+  uint32_t* host_abort;             // device sync: device address of this rank's host-mapped abort word
+  uint64_t timeout_ns;              // device sync: longest wait of one block for one peer; 0 = unbounded
+  int32_t max_blocks;               // grid cap, 1..kP2PMaxBlocks, the same on every rank; 0 = kP2PMaxBlocks
 };
+
+// What the device-synchronised kernels report in an abort code.
+enum class P2POp : uint32_t {
+  kAllReduceOneShot = 1, kAllReduceTwoShot = 2, kReduceScatter = 3, kAllGather = 4, kResidualRMSNorm = 5,
+};
+
+#ifdef __CUDACC__
+#define TPEXT_P2P_HD __host__ __device__
+#else
+#define TPEXT_P2P_HD
+#endif
+
+// Abort codes: bit 31 set; kind (bits 24-27), op (16-23), the rank that stored it (12-15), the peer it
+// waited for (8-11), the barrier (6-7) and the block (0-5) of the wait that gave up. Decoded on the host.
+namespace p2p_abort {
+static_assert(kP2PMaxBlocks <= 64 && kP2PMaxRanks <= 16, "abort codes hold a block in 6 bits, a rank in 4");
+constexpr uint32_t kTimeout = 1;  // a block waited timeout_ns for a peer
+constexpr uint32_t kRefused = 2;  // a rank's host refused a call its peers may have launched (peer, barrier, block: 0)
+TPEXT_P2P_HD constexpr uint32_t encode(uint32_t kind, P2POp op, int rank, int peer, int barrier, int block) {
+  return 0x80000000u | ((kind & 0xFu) << 24) | ((static_cast<uint32_t>(op) & 0xFFu) << 16) |
+         ((static_cast<uint32_t>(rank) & 0xFu) << 12) | ((static_cast<uint32_t>(peer) & 0xFu) << 8) |
+         ((static_cast<uint32_t>(barrier) & 0x3u) << 6) | (static_cast<uint32_t>(block) & 0x3Fu);
+}
+constexpr uint32_t kind(uint32_t c) { return (c >> 24) & 0xFu; }
+constexpr P2POp op(uint32_t c) { return static_cast<P2POp>((c >> 16) & 0xFFu); }
+constexpr int rank(uint32_t c) { return static_cast<int>((c >> 12) & 0xFu); }
+constexpr int peer(uint32_t c) { return static_cast<int>((c >> 8) & 0xFu); }
+constexpr int barrier(uint32_t c) { return static_cast<int>((c >> 6) & 0x3u); }
+constexpr int block(uint32_t c) { return static_cast<int>(c & 0x3Fu); }
+}  // namespace p2p_abort
+
+// The largest grid of a device-synchronised launch whose blocks are all resident at once on `device`
+// (occupancy of every such kernel at its largest block x SM count), at most kP2PMaxBlocks. Sets no
+// device state beyond the occupancy queries (the caller selects `device`).
+int p2p_max_coresident_blocks(int device);
 
 enum class P2PAlgo : int32_t {
   kOneShot = 1,  // each rank reads all R inputs in full: 1 barrier round trip, R x numel read per rank

@@ -13,6 +13,7 @@
 #include "../common/cuda_check.h"
 
 #include <algorithm>
+#include <limits>
 #include <stdexcept>
 #include <string>
 
@@ -74,10 +75,12 @@ __device__ __forceinline__ void segment(int64_t numel, int64_t seg, int s, int64
 
 template <typename T, int N, bool kSync>
 __global__ void __launch_bounds__(kThreads) one_shot_kernel(const P2PGroup g, T* out, int64_t numel) {
-  const uint32_t epoch = launch_epoch<kSync>(g);
-  block_barrier<kSync>(g, epoch, 1);  // every rank's input is in its buffer
+  constexpr P2POp kOp = P2POp::kAllReduceOneShot;
+  uint32_t epoch;
+  if (!launch_begin<kSync>(g, &epoch)) return;
+  if (!block_barrier<kSync>(g, epoch, 1, kOp)) return;  // every rank's input is in its buffer
   reduce_range<T, N>(g, 0, numel, out);
-  block_barrier<kSync>(g, epoch, 2);  // every rank is done reading: buffers may be overwritten
+  if (!block_barrier<kSync>(g, epoch, 2, kOp)) return;  // every rank is done reading: buffers may be overwritten
   finish_epoch<kSync>(g, epoch);
 }
 
@@ -87,39 +90,45 @@ constexpr int kReducePhase = 1, kGatherPhase = 2;
 // peer reads that segment of this buffer in phase 1). Phase 2: every segment from its owner's buffer.
 template <typename T, int N, bool kSync, int kPhases>
 __global__ void __launch_bounds__(kThreads) two_shot_kernel(const P2PGroup g, T* out, int64_t numel, int64_t seg) {
+  constexpr P2POp kOp = P2POp::kAllReduceTwoShot;
   int64_t begin, len;
-  const uint32_t epoch = launch_epoch<kSync>(g);
+  uint32_t epoch;
+  if (!launch_begin<kSync>(g, &epoch)) return;
   if constexpr ((kPhases & kReducePhase) != 0) {
-    block_barrier<kSync>(g, epoch, 1);
+    if (!block_barrier<kSync>(g, epoch, 1, kOp)) return;
     segment(numel, seg, g.rank, &begin, &len);
     reduce_range<T, N>(g, begin, len, static_cast<T*>(g.buffers[g.rank]) + begin);
-    block_barrier<kSync>(g, epoch, 2);  // every segment is reduced
+    if (!block_barrier<kSync>(g, epoch, 2, kOp)) return;  // every segment is reduced
   }
   if constexpr ((kPhases & kGatherPhase) != 0) {
     for (int s = 0; s < g.world; ++s) {
       segment(numel, seg, s, &begin, &len);
       copy_range<T, N>(static_cast<const T*>(g.buffers[s]) + begin, len, out + begin);
     }
-    block_barrier<kSync>(g, epoch, 3);
+    if (!block_barrier<kSync>(g, epoch, 3, kOp)) return;
   }
   finish_epoch<kSync>(g, epoch);
 }
 
 template <typename T, int N, bool kSync>
 __global__ void __launch_bounds__(kThreads) reduce_scatter_kernel(const P2PGroup g, T* out, int64_t seg) {
-  const uint32_t epoch = launch_epoch<kSync>(g);
-  block_barrier<kSync>(g, epoch, 1);
+  constexpr P2POp kOp = P2POp::kReduceScatter;
+  uint32_t epoch;
+  if (!launch_begin<kSync>(g, &epoch)) return;
+  if (!block_barrier<kSync>(g, epoch, 1, kOp)) return;
   reduce_range<T, N>(g, g.rank * seg, seg, out);
-  block_barrier<kSync>(g, epoch, 2);
+  if (!block_barrier<kSync>(g, epoch, 2, kOp)) return;
   finish_epoch<kSync>(g, epoch);
 }
 
 template <typename T, int N, bool kSync>
 __global__ void __launch_bounds__(kThreads) all_gather_kernel(const P2PGroup g, T* out, int64_t numel) {
-  const uint32_t epoch = launch_epoch<kSync>(g);
-  block_barrier<kSync>(g, epoch, 1);
+  constexpr P2POp kOp = P2POp::kAllGather;
+  uint32_t epoch;
+  if (!launch_begin<kSync>(g, &epoch)) return;
+  if (!block_barrier<kSync>(g, epoch, 1, kOp)) return;
   for (int s = 0; s < g.world; ++s) copy_range<T, N>(static_cast<const T*>(g.buffers[s]), numel, out + s * numel);
-  block_barrier<kSync>(g, epoch, 2);
+  if (!block_barrier<kSync>(g, epoch, 2, kOp)) return;
   finish_epoch<kSync>(g, epoch);
 }
 
@@ -129,10 +138,11 @@ __global__ void __launch_bounds__(kThreads) all_gather_kernel(const P2PGroup g, 
   throw std::runtime_error(std::string("tpext::kernels::") + fn + ": " + what);
 }
 
-// The grid depends on the sizes only (never on the device), so every rank launches the same grid.
-unsigned grid_for(int64_t units) {
+// The grid depends on the sizes and the group's agreed cap only (never on the device), so every rank
+// launches the same grid.
+unsigned grid_for(int64_t units, const P2PGroup& g) {
   const int64_t blocks = (units + kThreads - 1) / kThreads;
-  return static_cast<unsigned>(std::clamp<int64_t>(blocks, 1, kP2PMaxBlocks));
+  return static_cast<unsigned>(std::clamp<int64_t>(blocks, 1, max_blocks(g)));
 }
 
 void check_common(const char* fn, const P2PGroup& g, bool device_sync, const void* out, int64_t numel, DType dtype) {
@@ -141,6 +151,9 @@ void check_common(const char* fn, const P2PGroup& g, bool device_sync, const voi
     fail(fn, "rank must be in [0, " + std::to_string(g.world) + "), got " + std::to_string(g.rank));
   }
   if (numel < 0) fail(fn, "numel must be >= 0, got " + std::to_string(numel));
+  if (g.max_blocks < 0 || g.max_blocks > kP2PMaxBlocks) {
+    fail(fn, "max_blocks must be in [0, " + std::to_string(kP2PMaxBlocks) + "], got " + std::to_string(g.max_blocks));
+  }
   const auto dt = static_cast<int32_t>(dtype);
   if (dt < 0 || dt > 3) fail(fn, "dtype must be kFloat32, kFloat16, kBFloat16 or kFloat64, got " + std::to_string(dt));
   for (int q = 0; q < g.world; ++q) {
@@ -202,7 +215,7 @@ void all_reduce_impl(const P2PAllReduceParams& p, void* const* outs, cudaStream_
     const bool vec = ptrs_ok;
     const int N = vec ? V : 1;
     if (p.algo == P2PAlgo::kOneShot) {
-      const unsigned grid = grid_for(p.numel / N + p.numel % N);
+      const unsigned grid = grid_for(p.numel / N + p.numel % N, p.group);
       for_ranks(p.group, sync, p.out, outs, [&](const P2PGroup& g, void* o) {
         T* out = static_cast<T*>(o);
         if (sync && vec) one_shot_kernel<T, V, true><<<grid, kThreads, 0, stream>>>(g, out, p.numel);
@@ -215,7 +228,7 @@ void all_reduce_impl(const P2PAllReduceParams& p, void* const* outs, cudaStream_
     }
     // Segments are whole packs, so every segment starts 16-byte aligned when the buffers do.
     const int64_t seg = ((p.numel + world - 1) / world + N - 1) / N * N;
-    const unsigned grid = grid_for(seg / N + seg % N);
+    const unsigned grid = grid_for(seg / N + seg % N, p.group);
     if (sync) {
       T* out = static_cast<T*>(p.out);
       if (vec) two_shot_kernel<T, V, true, 3><<<grid, kThreads, 0, stream>>>(p.group, out, p.numel, seg);
@@ -260,7 +273,7 @@ void scatter_gather_impl(SG kind, const P2PScatterGatherParams& p, void* const* 
     using T = decltype(tag);
     constexpr int V = vec_of<T>();
     const bool vec = ptrs_ok && len % V == 0;
-    const unsigned grid = grid_for(vec ? len / V : len);
+    const unsigned grid = grid_for(vec ? len / V : len, p.group);
     for_ranks(p.group, sync, p.out, outs, [&](const P2PGroup& g, void* o) {
       T* out = static_cast<T*>(o);
       if (kind == SG::kReduceScatter) {
@@ -279,7 +292,41 @@ void scatter_gather_impl(SG kind, const P2PScatterGatherParams& p, void* const* 
   });
 }
 
+// Fewest blocks per SM of any device-synchronised collective kernel (kThreads each).
+int collectives_min_blocks_per_sm() {
+  int fewest = std::numeric_limits<int>::max();
+  auto take = [&](const void* kernel) {
+    int n = 0;
+    TPEXT_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, 0));
+    fewest = std::min(fewest, n);
+  };
+  for (DType dt : {DType::kFloat32, DType::kFloat16, DType::kBFloat16, DType::kFloat64}) {
+    dispatch(dt, [&](auto tag) {
+      using T = decltype(tag);
+      constexpr int V = vec_of<T>();
+      for (const void* k : {reinterpret_cast<const void*>(one_shot_kernel<T, V, true>),
+                            reinterpret_cast<const void*>(one_shot_kernel<T, 1, true>),
+                            reinterpret_cast<const void*>(two_shot_kernel<T, V, true, 3>),
+                            reinterpret_cast<const void*>(two_shot_kernel<T, 1, true, 3>),
+                            reinterpret_cast<const void*>(reduce_scatter_kernel<T, V, true>),
+                            reinterpret_cast<const void*>(reduce_scatter_kernel<T, 1, true>),
+                            reinterpret_cast<const void*>(all_gather_kernel<T, V, true>),
+                            reinterpret_cast<const void*>(all_gather_kernel<T, 1, true>)}) {
+        take(k);
+      }
+    });
+  }
+  return fewest;
+}
+
 }  // namespace
+
+int p2p_max_coresident_blocks(int device) {
+  int sms = 0;
+  TPEXT_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int per_sm = std::min(collectives_min_blocks_per_sm(), p2p_detail::norm_min_blocks_per_sm());
+  return static_cast<int>(std::min<int64_t>(static_cast<int64_t>(per_sm) * sms, kP2PMaxBlocks));
+}
 
 void launch_p2p_all_reduce(const P2PAllReduceParams& p, cudaStream_t stream) { all_reduce_impl(p, nullptr, stream); }
 

@@ -1,8 +1,8 @@
 // Fused all-reduce + bias + residual + RMSNorm over peer memory, and the RMSNorm backward (contract:
 // p2p.h; barrier: p2p_device.cuh).
 //
-// One block per token row (grid-stride over rows, at most kP2PMaxBlocks blocks, so that all blocks
-// are resident while they wait on their peers). The block reads the row from every rank, sums it in
+// One block per token row (grid-stride over rows, at most the group's max_blocks blocks, so that all
+// blocks are resident while they wait on their peers). The block reads the row from every rank, sums it in
 // rank order, adds bias and residual, rounds once (the new residual), accumulates the sum of squares of
 // the rounded values, reduces it over the block with a fixed tree (the same bits on every rank), then
 // rescales its own elements. A thread re-reads only the new-residual elements it wrote itself, so the
@@ -14,6 +14,7 @@
 #include "../common/cuda_check.h"
 
 #include <algorithm>
+#include <limits>
 #include <stdexcept>
 #include <string>
 
@@ -24,12 +25,18 @@ using namespace p2p_detail;
 using numeric::aligned16;
 using numeric::dispatch;
 
-constexpr int kNormThreads = 1024;  // max per block; the launch uses ceil(units / 32) warps up to this
+// Most threads per block; a launch uses ceil(units / 32) warps up to this. The fused kernel holds a
+// 16-byte pack of every peer in flight (8 ranks x 4 registers) beside its fp32 accumulators: at 1024
+// threads (64 registers a thread) ptxas spilled 20 of its 64 variants (bf16: up to 148 B stored and
+// 396 B loaded per thread); at 512 (128 registers) none spills (tools/cuda_compile_check.sh reports
+// spills). A decode row of 16384 bf16 is 2048 packs: 4 per thread.
+constexpr int kNormThreads = 512;
+constexpr int kBackwardThreads = 1024;  // local kernel, no peer packs: no spills at 1024
 constexpr int64_t kBackwardMaxBlocks = 256;
 
-// Threads per block for a row of `units` units: whole warps (block_sum relies on it), at most kNormThreads.
-unsigned norm_threads(int64_t units) {
-  return static_cast<unsigned>(std::clamp<int64_t>((units + 31) / 32 * 32, 32, kNormThreads));
+// Threads per block for a row of `units` units: whole warps (block_sum relies on it), at most `cap`.
+unsigned norm_threads(int64_t units, int cap) {
+  return static_cast<unsigned>(std::clamp<int64_t>((units + 31) / 32 * 32, 32, cap));
 }
 
 template <typename T, int N, bool kSync, bool kBias, bool kRes>
@@ -37,10 +44,12 @@ __global__ void __launch_bounds__(kNormThreads)
 ar_rmsnorm_kernel(const P2PGroup g, const T* residual, const T* bias, const T* weight, T* out, T* new_res,
                   int64_t rows, int64_t hidden, double eps) {
   using A = typename AccOf<T>::type;
+  constexpr P2POp kOp = P2POp::kResidualRMSNorm;
   __shared__ A scratch[32];
   const int64_t nvec = hidden / N, units = nvec + (hidden - nvec * N);
-  const uint32_t epoch = launch_epoch<kSync>(g);
-  block_barrier<kSync>(g, epoch, 1);
+  uint32_t epoch;
+  if (!launch_begin<kSync>(g, &epoch)) return;
+  if (!block_barrier<kSync>(g, epoch, 1, kOp)) return;
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const int64_t base = row * hidden;
     A sumsq = 0;
@@ -95,7 +104,7 @@ ar_rmsnorm_kernel(const P2PGroup g, const T* residual, const T* bias, const T* w
       }
     }
   }
-  block_barrier<kSync>(g, epoch, 2);  // every rank is done reading the buffers
+  if (!block_barrier<kSync>(g, epoch, 2, kOp)) return;  // every rank is done reading the buffers
   finish_epoch<kSync>(g, epoch);
 }
 
@@ -103,7 +112,7 @@ ar_rmsnorm_kernel(const P2PGroup g, const T* residual, const T* bias, const T* w
 // Thread t owns columns t, t + blockDim, ... of every row it handles, so its grad_weight partials are
 // plain read-modify-writes of its own slots: no atomics, deterministic.
 template <typename T, bool kGradIn>
-__global__ void __launch_bounds__(kNormThreads)
+__global__ void __launch_bounds__(kBackwardThreads)
 rmsnorm_backward_kernel(const T* grad_out, const T* grad_h_in, const T* h, const T* weight, T* grad_h,
                         typename AccOf<T>::type* dw_part, int64_t rows, int64_t hidden, double eps) {
   using A = typename AccOf<T>::type;
@@ -190,12 +199,15 @@ void norm_impl(const P2PResidualRMSNormParams& p, void* const* outs, void* const
     }
     ptrs_ok = ptrs_ok && aligned16(o) && aligned16(nr);
   }
-  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(p.rows, kP2PMaxBlocks));
+  if (g.max_blocks < 0 || g.max_blocks > kP2PMaxBlocks) {
+    fail(fn, "max_blocks must be in [0, " + std::to_string(kP2PMaxBlocks) + "], got " + std::to_string(g.max_blocks));
+  }
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(p.rows, max_blocks(g)));
   dispatch(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     constexpr int V = 16 / static_cast<int>(sizeof(T));
     const bool vec = ptrs_ok && p.hidden % V == 0;  // every row start 16-byte aligned
-    const unsigned threads = norm_threads(vec ? p.hidden / V : p.hidden);
+    const unsigned threads = norm_threads(vec ? p.hidden / V : p.hidden, kNormThreads);
     for (int r = 0; r < (sync ? 1 : g.world); ++r) {
       P2PGroup gr = g;
       if (!sync) gr.rank = r;
@@ -210,6 +222,31 @@ void norm_impl(const P2PResidualRMSNormParams& p, void* const* outs, void* const
 }
 
 }  // namespace
+
+namespace p2p_detail {
+int norm_min_blocks_per_sm() {
+  int fewest = std::numeric_limits<int>::max();
+  for (DType dt : {DType::kFloat32, DType::kFloat16, DType::kBFloat16, DType::kFloat64}) {
+    dispatch(dt, [&](auto tag) {
+      using T = decltype(tag);
+      constexpr int V = 16 / static_cast<int>(sizeof(T));
+      for (const void* k : {reinterpret_cast<const void*>(ar_rmsnorm_kernel<T, V, true, true, true>),
+                            reinterpret_cast<const void*>(ar_rmsnorm_kernel<T, V, true, true, false>),
+                            reinterpret_cast<const void*>(ar_rmsnorm_kernel<T, V, true, false, true>),
+                            reinterpret_cast<const void*>(ar_rmsnorm_kernel<T, V, true, false, false>),
+                            reinterpret_cast<const void*>(ar_rmsnorm_kernel<T, 1, true, true, true>),
+                            reinterpret_cast<const void*>(ar_rmsnorm_kernel<T, 1, true, true, false>),
+                            reinterpret_cast<const void*>(ar_rmsnorm_kernel<T, 1, true, false, true>),
+                            reinterpret_cast<const void*>(ar_rmsnorm_kernel<T, 1, true, false, false>)}) {
+        int n = 0;
+        TPEXT_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, k, kNormThreads, 0));
+        fewest = std::min(fewest, n);
+      }
+    });
+  }
+  return fewest;
+}
+}  // namespace p2p_detail
 
 void launch_p2p_all_reduce_residual_rmsnorm(const P2PResidualRMSNormParams& p, cudaStream_t stream) {
   norm_impl(p, nullptr, nullptr, stream);
@@ -238,7 +275,7 @@ void launch_rmsnorm_backward(const RMSNormBackwardParams& p, cudaStream_t stream
   }
   // rows == 0 still launches: the partials must come back zeroed.
   const unsigned grid = static_cast<unsigned>(rmsnorm_backward_blocks(p.rows));
-  const unsigned threads = norm_threads(p.hidden);
+  const unsigned threads = norm_threads(p.hidden, kBackwardThreads);
   dispatch(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     using A = typename AccOf<T>::type;

@@ -3,6 +3,16 @@
 // buffers (CUDA). The path depends only on arguments that are equal on every rank (algorithm, sizes,
 // the group's agreed P2P state), so all ranks take the same one: a rank in a P2P kernel never waits
 // for a peer that went to NCCL.
+//
+// Checks on the kernel path, in order, all before this rank launches: (1) arguments (dtype, shapes)
+// and what the ranks agreed at enable (world, capacity): the same answer on every rank, given the
+// contract that every rank passes the same shapes; (2) rank-local ones (the tensor's device, the
+// group's abort word, the stream, and any failure while staging or launching): these cannot be agreed
+// without a collective per call, so a refusal is stored into every rank's abort word
+// (SymmetricBuffers::refuse) and peers that already launched return at once with an error naming this
+// rank, instead of waiting for it. The launch shape never depends on a rank-local pointer: outputs and
+// operands are 16-byte aligned by construction (p2p_ref::aligned), so the launchers' alignment checks
+// pass on every rank.
 #include "ops/p2p.h"
 
 #include <memory>
@@ -24,17 +34,35 @@
 namespace tpext::ops {
 namespace {
 
+// The kernel of each op, as plan_call takes it (kernels::P2POp values; plain ints so that a CPU build,
+// which has no kernels header, compiles the same calls). All-reduce passes its algorithm (1, 2).
+constexpr int kReduceScatterOp = 3, kAllGatherOp = 4, kNormOp = 5;
+#ifdef TPEXT_WITH_CUDA
+static_assert(kReduceScatterOp == static_cast<int>(kernels::P2POp::kReduceScatter) &&
+                  kAllGatherOp == static_cast<int>(kernels::P2POp::kAllGather) &&
+                  kNormOp == static_cast<int>(kernels::P2POp::kResidualRMSNorm) &&
+                  static_cast<int>(kernels::P2POp::kAllReduceOneShot) == 1 &&
+                  static_cast<int>(kernels::P2POp::kAllReduceTwoShot) == 2,
+              "plan_call's op numbers are kernels::P2POp's");
+#endif
+
 enum class Path { kC10d, kReference, kKernel };
 
 struct Plan {
   Path path = Path::kC10d;
 #ifdef TPEXT_WITH_CUDA
   std::shared_ptr<comm::SymmetricBuffers> buffers;  // kKernel only
+  std::unique_lock<std::mutex> launch;              // kKernel: held through the launch (begin_launch)
+  kernels::P2POp kernel_op = kernels::P2POp::kAllReduceOneShot;
 #endif
 };
 
+#ifdef TPEXT_WITH_CUDA
+cudaStream_t stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.get_device()).stream(); }
+#endif
+
 Plan plan_call(const char* op, const at::Tensor& x, const comm::Communicator& c, const std::string& group,
-               int64_t algorithm, int64_t nbytes) {
+               int64_t algorithm, int64_t nbytes, [[maybe_unused]] int kernel_op) {
   if (algorithm == 0 || c.size() == 1) return {};
   if (!x.is_cuda()) {
     comm::warn_fallback_once(group, op,
@@ -50,11 +78,21 @@ Plan plan_call(const char* op, const at::Tensor& x, const comm::Communicator& c,
   if (buf) {
     TORCH_CHECK(buf->world() == c.size(), "tpext.", op, ": the symmetric buffers of group '", group, "' were made for ",
                 buf->world(), " ranks, the group has ", c.size());
-    TORCH_CHECK(buf->device() == x.get_device(), "tpext.", op, ": x is on cuda:", x.get_device(),
-                " but the symmetric buffers of group '", group, "' are on cuda:", buf->device());
     if (nbytes <= buf->capacity()) {
       Plan p;
       p.path = Path::kKernel;
+      p.kernel_op = static_cast<kernels::P2POp>(kernel_op);
+      if (buf->device() != x.get_device()) {
+        buf->refuse(p.kernel_op);
+        TORCH_CHECK(false, "tpext.", op, ": x is on cuda:", x.get_device(), " but the symmetric buffers of group '",
+                    group, "' are on cuda:", buf->device(), " (refused on this rank; its peers are told)");
+      }
+      try {
+        p.launch = buf->begin_launch(stream_of(x), group, op);
+      } catch (...) {
+        buf->refuse(p.kernel_op);  // a no-op when the group was already aborted
+        throw;
+      }
       p.buffers = std::move(buf);
       return p;
     }
@@ -78,13 +116,22 @@ std::vector<at::Tensor> gather_parts(comm::Communicator& c, const at::Tensor& xc
 
 #ifdef TPEXT_WITH_CUDA
 // Stream-ordered copy of this rank's input into its symmetric buffer, then the table for the launch.
-kernels::P2PGroup stage(comm::SymmetricBuffers& buf, const at::Tensor& xc, const char* op) {
-  auto stream = c10::cuda::getCurrentCUDAStream(xc.get_device());
-  buf.check_stream(stream.stream(), op);
-  TPEXT_CUDA_CHECK(cudaMemcpyAsync(buf.local_data(), xc.data_ptr(), xc.nbytes(), cudaMemcpyDeviceToDevice, stream));
+kernels::P2PGroup stage(comm::SymmetricBuffers& buf, const at::Tensor& xc) {
+  TPEXT_CUDA_CHECK(cudaMemcpyAsync(buf.local_data(), xc.data_ptr(), xc.nbytes(), cudaMemcpyDeviceToDevice, stream_of(xc)));
   return buf.table();
 }
-cudaStream_t stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.get_device()).stream(); }
+
+// Runs the allocation, staging and launch of a kernel-path call. A failure there is rank-local while
+// the peers may have launched: it is refused to them first (see the top of this file).
+template <typename F>
+void launch_or_refuse(const Plan& plan, F&& f) {
+  try {
+    f();
+  } catch (...) {
+    plan.buffers->refuse(plan.kernel_op);
+    throw;
+  }
+}
 #endif
 
 }  // namespace
@@ -97,18 +144,21 @@ at::Tensor p2p_all_reduce(const at::Tensor& x, const std::string& group_name, in
   auto c = comm::make_c10d_communicator(group_name, op);
   at::Tensor xc = x.contiguous();
   if (xc.numel() == 0) return xc.clone();
-  const Plan plan = plan_call(op, x, *c, group_name, algorithm, static_cast<int64_t>(xc.nbytes()));
+  const Plan plan = plan_call(op, x, *c, group_name, algorithm, static_cast<int64_t>(xc.nbytes()), algorithm == 1 ? 1 : 2);
   if (plan.path == Path::kReference) return p2p_ref::ordered_sum(gather_parts(*c, xc)).to(x.scalar_type());
 #ifdef TPEXT_WITH_CUDA
   if (plan.path == Path::kKernel) {
-    at::Tensor out = at::empty_like(xc);
-    kernels::P2PAllReduceParams p{};
-    p.group = stage(*plan.buffers, xc, op);
-    p.out = out.data_ptr();
-    p.numel = xc.numel();
-    p.dtype = p2p_ref::kernel_dtype(x.scalar_type());
-    p.algo = algorithm == 1 ? kernels::P2PAlgo::kOneShot : kernels::P2PAlgo::kTwoShot;
-    kernels::launch_p2p_all_reduce(p, stream_of(x));
+    at::Tensor out;
+    launch_or_refuse(plan, [&] {
+      out = p2p_ref::aligned(at::empty_like(xc));
+      kernels::P2PAllReduceParams p{};
+      p.group = stage(*plan.buffers, xc);
+      p.out = out.data_ptr();
+      p.numel = xc.numel();
+      p.dtype = p2p_ref::kernel_dtype(x.scalar_type());
+      p.algo = algorithm == 1 ? kernels::P2PAlgo::kOneShot : kernels::P2PAlgo::kTwoShot;
+      kernels::launch_p2p_all_reduce(p, stream_of(x));
+    });
     return out;
   }
 #endif
@@ -131,7 +181,8 @@ at::Tensor p2p_reduce_scatter(const at::Tensor& x, const std::string& group_name
   sizes[0] /= world;
   at::Tensor out = at::empty(sizes, x.options());
   if (xc.numel() == 0) return out;
-  const Plan plan = plan_call(op, x, *c, group_name, algorithm, static_cast<int64_t>(xc.nbytes()));
+  const Plan plan = plan_call(op, x, *c, group_name, algorithm, static_cast<int64_t>(xc.nbytes()),
+                              static_cast<int>(kReduceScatterOp));
   if (plan.path == Path::kReference) {
     std::vector<at::Tensor> blocks;
     for (const at::Tensor& part : gather_parts(*c, xc)) blocks.push_back(part.narrow(0, c->rank() * sizes[0], sizes[0]));
@@ -139,12 +190,15 @@ at::Tensor p2p_reduce_scatter(const at::Tensor& x, const std::string& group_name
   }
 #ifdef TPEXT_WITH_CUDA
   if (plan.path == Path::kKernel) {
-    kernels::P2PScatterGatherParams p{};
-    p.group = stage(*plan.buffers, xc, op);
-    p.out = out.data_ptr();
-    p.numel = xc.numel();
-    p.dtype = p2p_ref::kernel_dtype(x.scalar_type());
-    kernels::launch_p2p_reduce_scatter(p, stream_of(x));
+    launch_or_refuse(plan, [&] {
+      out = p2p_ref::aligned(out);
+      kernels::P2PScatterGatherParams p{};
+      p.group = stage(*plan.buffers, xc);
+      p.out = out.data_ptr();
+      p.numel = xc.numel();
+      p.dtype = p2p_ref::kernel_dtype(x.scalar_type());
+      kernels::launch_p2p_reduce_scatter(p, stream_of(x));
+    });
     return out;
   }
 #endif
@@ -165,15 +219,19 @@ at::Tensor p2p_all_gather(const at::Tensor& x, const std::string& group_name, in
   sizes[0] *= world;
   at::Tensor out = at::empty(sizes, x.options());
   if (xc.numel() == 0) return out;
-  [[maybe_unused]] const Plan plan = plan_call(op, x, *c, group_name, algorithm, static_cast<int64_t>(xc.nbytes()));
+  [[maybe_unused]] const Plan plan = plan_call(op, x, *c, group_name, algorithm, static_cast<int64_t>(xc.nbytes()),
+                                               static_cast<int>(kAllGatherOp));
 #ifdef TPEXT_WITH_CUDA
   if (plan.path == Path::kKernel) {
-    kernels::P2PScatterGatherParams p{};
-    p.group = stage(*plan.buffers, xc, op);
-    p.out = out.data_ptr();
-    p.numel = xc.numel();
-    p.dtype = p2p_ref::kernel_dtype(x.scalar_type());
-    kernels::launch_p2p_all_gather(p, stream_of(x));
+    launch_or_refuse(plan, [&] {
+      out = p2p_ref::aligned(out);
+      kernels::P2PScatterGatherParams p{};
+      p.group = stage(*plan.buffers, xc);
+      p.out = out.data_ptr();
+      p.numel = xc.numel();
+      p.dtype = p2p_ref::kernel_dtype(x.scalar_type());
+      kernels::launch_p2p_all_gather(p, stream_of(x));
+    });
     return out;
   }
 #endif
@@ -195,32 +253,37 @@ std::tuple<at::Tensor, at::Tensor> p2p_all_reduce_residual_rmsnorm(
   at::Tensor xc = x.contiguous();
   if (xc.numel() == 0) return {at::empty_like(xc), at::empty_like(xc)};
   // The kernel has no two-shot variant: it is one-shot whatever P2P algorithm was asked for.
-  const Plan plan = plan_call(op, x, *c, group_name, algorithm, static_cast<int64_t>(xc.nbytes()));
+  const Plan plan = plan_call(op, x, *c, group_name, algorithm, static_cast<int64_t>(xc.nbytes()),
+                              static_cast<int>(kNormOp));
   if (plan.path == Path::kReference) {
     return p2p_ref::residual_rmsnorm(p2p_ref::ordered_sum(gather_parts(*c, xc)), residual, bias, weight, eps,
                                      x.scalar_type());
   }
 #ifdef TPEXT_WITH_CUDA
   if (plan.path == Path::kKernel) {
-    at::Tensor out = at::empty_like(xc), new_res = at::empty_like(xc);
-    // 16-byte aligned copies where needed: the kernel picks its vector width (and with it the block size
-    // and the reduction tree) from the pointers' alignment, which must not differ between ranks or the
-    // ranks' results would differ in the last bit.
-    at::Tensor res_c = residual.has_value() ? p2p_ref::aligned(residual->contiguous()) : at::Tensor();
-    at::Tensor bias_c = bias.has_value() ? p2p_ref::aligned(bias->contiguous()) : at::Tensor();
-    at::Tensor w_c = p2p_ref::aligned(weight.contiguous());
-    kernels::P2PResidualRMSNormParams p{};
-    p.group = stage(*plan.buffers, xc, op);
-    p.residual = res_c.defined() ? res_c.data_ptr() : nullptr;
-    p.bias = bias_c.defined() ? bias_c.data_ptr() : nullptr;
-    p.weight = w_c.data_ptr();
-    p.out = out.data_ptr();
-    p.new_residual = new_res.data_ptr();
-    p.hidden = x.size(-1);
-    p.rows = xc.numel() / p.hidden;
-    p.eps = eps;
-    p.dtype = p2p_ref::kernel_dtype(x.scalar_type());
-    kernels::launch_p2p_all_reduce_residual_rmsnorm(p, stream_of(x));
+    at::Tensor out, new_res;
+    launch_or_refuse(plan, [&] {
+      out = p2p_ref::aligned(at::empty_like(xc));
+      new_res = p2p_ref::aligned(at::empty_like(xc));
+      // 16-byte aligned copies where needed: the kernel picks its vector width (and with it the block size
+      // and the reduction tree) from the pointers' alignment, which must not differ between ranks or the
+      // ranks' results would differ in the last bit (and the device-sync launcher refuses misalignment).
+      at::Tensor res_c = residual.has_value() ? p2p_ref::aligned(residual->contiguous()) : at::Tensor();
+      at::Tensor bias_c = bias.has_value() ? p2p_ref::aligned(bias->contiguous()) : at::Tensor();
+      at::Tensor w_c = p2p_ref::aligned(weight.contiguous());
+      kernels::P2PResidualRMSNormParams p{};
+      p.group = stage(*plan.buffers, xc);
+      p.residual = res_c.defined() ? res_c.data_ptr() : nullptr;
+      p.bias = bias_c.defined() ? bias_c.data_ptr() : nullptr;
+      p.weight = w_c.data_ptr();
+      p.out = out.data_ptr();
+      p.new_residual = new_res.data_ptr();
+      p.hidden = x.size(-1);
+      p.rows = xc.numel() / p.hidden;
+      p.eps = eps;
+      p.dtype = p2p_ref::kernel_dtype(x.scalar_type());
+      kernels::launch_p2p_all_reduce_residual_rmsnorm(p, stream_of(x));
+    });
     return {out, new_res};
   }
 #endif
