@@ -9,7 +9,8 @@
 #   bash tools/gpu_checks.sh quick            # what fits a 15-minute GPU lease, into one archive (below)
 #
 # `quick` builds (extension, then only the CMake targets it runs), runs `pytest -m "gpu and not slow"` (all
-# GPU tests but the two-process NCCL_HOSTID one), compute-sanitizer memcheck on the kernel tests, and the
+# GPU tests but the two-process NCCL_HOSTID one), the P2P timeout test, compute-sanitizer memcheck on the
+# kernel tests, and the
 # three headline figures: the decomposition tax at M = 4096, the P2P all-reduce of 32 KB, and the fused
 # all-reduce + residual + RMSNorm against unfused. It then packs the summary, the logs and the JSON into
 # ${TPEXT_GPU_ARCHIVE_DIR:-<logs>}/tpext-gpu-quick-<device>-<commit>.tar.gz (a few hundred KB; named in
@@ -166,13 +167,15 @@ stage_quick() {
   [[ "${TPEXT_GPU_DRY_RUN:-0}" == 1 ]] && d="${logs#"$root"/}/dry-run-results"  # no device to name a folder after
   mkdir -p "$d"
   build_extension
-  build_cmake tpext_test_epilogue tpext_test_p2p tpext_bench_all_reduce tpext_bench_p2p_rmsnorm
+  build_cmake tpext_test_epilogue tpext_test_p2p tpext_test_p2p_timeout tpext_bench_all_reduce tpext_bench_p2p_rmsnorm
   if [[ "${TPEXT_GPU_DRY_RUN:-0}" == 1 ]]; then
     step pytest_gpu_collect "$py -m pytest -q --collect-only -m 'gpu and not slow' tests/test_cuda_ops.py tests/test_p2p_gpu.py | tail -n 3 | grep -E '[1-9][0-9]* (tests )?(selected|collected)'"
   else
     step pytest_gpu "out=\$($py -m pytest -q -rs -m 'gpu and not slow' --timeout 300 tests/test_cuda_ops.py tests/test_p2p_gpu.py 2>&1)
         rc=\$?; echo \"\$out\"; [ \$rc -eq 0 ] && ! grep -q SKIPPED <<<\"\$out\""
   fi
+  # The bounded P2P waits: a rank that never arrives makes its peers return with an abort code.
+  gpu_step p2p_timeout "build/tpext_test_p2p_timeout"
   for name in epilogue p2p; do
     gpu_step "sanitize_${name}_memcheck" "command -v compute-sanitizer >/dev/null || { echo 'compute-sanitizer is not installed'; [ \"\${TPEXT_GPU_DRY_RUN:-0}\" = 1 ] && build/tpext_test_$name; exit 1; }
         compute-sanitizer --tool memcheck --error-exitcode 1 build/tpext_test_$name"
