@@ -132,6 +132,20 @@ void launch_or_refuse(const Plan& plan, F&& f) {
     throw;
   }
 }
+
+// The reduce-scatter and all-gather kernels take one params shape: x staged, `out` (aligned here) written.
+void launch_scatter_gather(const Plan& plan, at::Tensor& out, const at::Tensor& xc,
+                           void (*launch)(const kernels::P2PScatterGatherParams&, cudaStream_t)) {
+  launch_or_refuse(plan, [&] {
+    out = p2p_ref::aligned(out);
+    kernels::P2PScatterGatherParams p{};
+    p.group = stage(*plan.buffers, xc);
+    p.out = out.data_ptr();
+    p.numel = xc.numel();
+    p.dtype = p2p_ref::kernel_dtype(xc.scalar_type());
+    launch(p, stream_of(xc));
+  });
+}
 #endif
 
 }  // namespace
@@ -190,15 +204,7 @@ at::Tensor p2p_reduce_scatter(const at::Tensor& x, const std::string& group_name
   }
 #ifdef TPEXT_WITH_CUDA
   if (plan.path == Path::kKernel) {
-    launch_or_refuse(plan, [&] {
-      out = p2p_ref::aligned(out);
-      kernels::P2PScatterGatherParams p{};
-      p.group = stage(*plan.buffers, xc);
-      p.out = out.data_ptr();
-      p.numel = xc.numel();
-      p.dtype = p2p_ref::kernel_dtype(x.scalar_type());
-      kernels::launch_p2p_reduce_scatter(p, stream_of(x));
-    });
+    launch_scatter_gather(plan, out, xc, &kernels::launch_p2p_reduce_scatter);
     return out;
   }
 #endif
@@ -223,15 +229,7 @@ at::Tensor p2p_all_gather(const at::Tensor& x, const std::string& group_name, in
                                                static_cast<int>(kAllGatherOp));
 #ifdef TPEXT_WITH_CUDA
   if (plan.path == Path::kKernel) {
-    launch_or_refuse(plan, [&] {
-      out = p2p_ref::aligned(out);
-      kernels::P2PScatterGatherParams p{};
-      p.group = stage(*plan.buffers, xc);
-      p.out = out.data_ptr();
-      p.numel = xc.numel();
-      p.dtype = p2p_ref::kernel_dtype(x.scalar_type());
-      kernels::launch_p2p_all_gather(p, stream_of(x));
-    });
+    launch_scatter_gather(plan, out, xc, &kernels::launch_p2p_all_gather);
     return out;
   }
 #endif
