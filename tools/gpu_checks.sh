@@ -53,7 +53,7 @@ step() {
 
 # gpu_step NAME CMD...: a step that needs the GPU. In a dry run (TPEXT_GPU_DRY_RUN=1, no GPU) the command
 # still runs, and passes as "dry-ok" when it failed for want of a device and for nothing else.
-NO_GPU='no CUDA-capable device|cudaErrorNoDevice|CUDA driver version is insufficient|Found no NVIDIA driver|no CUDA GPUs are available|Torch not compiled with CUDA|needs a CUDA device|no CUDA device'
+NO_GPU='no CUDA-capable device|cudaErrorNoDevice|CUDA driver version is insufficient|Found no NVIDIA driver|no CUDA GPUs are available|Torch not compiled with CUDA|needs a CUDA device|needs an NVIDIA GPU|no CUDA device'
 gpu_step() {
   if [[ "${TPEXT_GPU_DRY_RUN:-0}" != 1 ]]; then step "$@"; return; fi
   local name="$1"; shift
@@ -189,9 +189,10 @@ stage_quick() {
   archive="${TPEXT_GPU_ARCHIVE_DIR:-$logs}/tpext-gpu-quick-$(basename "$d")-$TPEXT_COMMIT.tar.gz"
   mkdir -p "$(dirname "$archive")"
   cp "$logs/summary.txt" "$logs/quick-summary.txt"
-  # Logs and this run's JSON (the device folder's other files are older runs', already in the repo).
-  tar -czf "$archive" -C "$root" "${logs#"$root"/}" \
-      $(cd "$root" && find "${d}" -newer "$logs/env.log" -type f 2>/dev/null)
+  # Logs and this run's JSON (the device folder's other files are older runs', already in the repo),
+  # packed beside the logs under a temporary name, then renamed: never an archive of itself.
+  tar -czf "$archive.part" --exclude='*.tar.gz' --exclude='*.tar.gz.part' -C "$root" "${logs#"$root"/}" \
+      $(cd "$root" && find "${d}" -newer "$logs/env.log" -type f 2>/dev/null) && mv "$archive.part" "$archive"
   echo "gpu_checks: archive $archive ($(du -h "$archive" | cut -f1))" | tee -a "$logs/summary.txt"
 }
 
