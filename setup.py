@@ -147,7 +147,8 @@ def _nccl_link_args() -> list[str]:
 
 
 def _extension():
-    # Imported only now: it fixes CUDA_HOME when imported, and _cuda_setup has set it by then.
+    # Reads CUDA_HOME when first imported (set by _cuda_setup by then); set again below in case
+    # something imported it earlier.
     from torch.utils import cpp_extension
 
     sources = sorted(
@@ -162,6 +163,7 @@ def _extension():
         return cpp_extension.CppExtension("tpext._C", sources, include_dirs=include_dirs,
                                           extra_compile_args={"cxx": cxx})
     cuda_includes, link_args = CUDA_SETUP
+    cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]
     sources += sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(CSRC, "kernels", "*.cu")))
     nvcc = ["-O3", "--expt-relaxed-constexpr", "-DTPEXT_WITH_CUDA"]
     if os.environ.get("TORCH_CUDA_ARCH_LIST") is None:
