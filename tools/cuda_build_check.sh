@@ -31,9 +31,9 @@ venv="$(bash "$root/tools/cuda_venv.sh" | tail -n 1)"
 py="$venv/bin/python"
 log "torch $("$py" -c 'import torch; print(torch.__version__)') from $venv ($((SECONDS - start)) s)"
 
-# A fresh copy each run (the build directory inside it is kept: ninja rebuilds only what changed).
+# A fresh copy each run. pip's editable build compiles in a temporary folder, so nothing is reused anyway.
+rm -rf "$work/src"
 mkdir -p "$work/src"
-find "$work/src" -mindepth 1 -maxdepth 1 ! -name build -exec rm -rf {} +
 (cd "$root" && git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf -) | tar -C "$work/src" -xf -
 cd "$work/src"
 
