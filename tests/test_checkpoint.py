@@ -14,7 +14,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 import tpext
-import tpext.checkpoint as ckpt
+import tpext.checkpoint.dense as ckpt
 from dist import run_ranks
 from tpext.models import LlamaConfig, LlamaForCausalLM
 from tpext.sharding import layouts

@@ -1,0 +1,10 @@
+"""Checkpoints of tensor-parallel models.
+
+* `tpext.checkpoint.dense`: the dense safetensors format Hugging Face writes, read shard by shard into a
+  parallelized model (`load_checkpoint`), or gathered and written by rank 0 (`save_checkpoint`).
+"""
+
+from tpext.checkpoint.dense import (CheckpointError, checkpoint_files, gather_state_dict, load_checkpoint,
+                                    save_checkpoint)
+
+__all__ = ["CheckpointError", "checkpoint_files", "gather_state_dict", "load_checkpoint", "save_checkpoint"]
