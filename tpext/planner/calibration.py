@@ -121,7 +121,7 @@ def apply_calibration(gpu: GPUSpec, cal: Calibration) -> GPUSpec:
         matmul_tflops=matmul,
         memory_GiB=cal.memory_GiB if cal.memory_GiB is not None else gpu.memory_GiB,
         nvlink_GBps=cal.allreduce_bus_GBps if cal.allreduce_bus_GBps is not None else gpu.nvlink_GBps,
-        intra_latency_us=(cal.collective_latency_us if cal.collective_latency_us is not None
-                          else gpu.intra_latency_us),
+        measured_latency_us=cal.collective_latency_us,
+        measured_dtypes=tuple(k for k, v in cal.matmul_tflops.items() if v is not None),
         source=f"calibration {cal.path} (measured by: {cal.source}); spec figures of {gpu.name} where null",
     )

@@ -15,7 +15,8 @@ __all__ = [
     "hierarchical_reduce_scatter_time_s", "hierarchical_allreduce_time_s", "collective_wire_bytes_per_gpu",
     "kv_heads_per_gpu", "check_tp", "layer_params", "model_params", "params_per_gpu", "weights_bytes",
     "training_state_bytes_per_param", "layer_activation_bytes", "logits_bytes", "kv_cache_bytes",
-    "gemm_time_s", "pipelined_time_s", "pipeline_bubble_fraction",
+    "gemm_time_s", "pipelined_time_s", "pipeline_bubble_fraction", "wave_efficiency", "nccl_ring_time_s",
+    "overlapped_time_s",
 ]
 
 GB = 1e9
@@ -201,12 +202,79 @@ def kv_cache_bytes(model, sequences: int, context: int, tp: int, layers: int, dt
 
 
 # -------------------------------------------------------------------------------------------- compute
-def gemm_time_s(m: int, k: int, n: int, dtype_bytes: int, tflops: float, hbm_GBps: float) -> float:
+# Output tiles cuBLAS uses for large bf16/fp16 GEMMs on Hopper/Ampere (NVIDIA, "Matrix Multiplication
+# Background User's Guide": tile and wave quantization); the best-filling one is taken.
+GEMM_TILES = ((128, 256), (256, 128), (128, 128))
+
+
+def wave_efficiency(m: int, n: int, sms: int) -> float:
+    """Fraction of the GPU a GEMM with an [m, n] output keeps busy: its output tiles run in waves of one
+    tile per SM, and a last partial wave leaves SMs idle (wave quantization). 1.0 when sms is 0 (unknown)."""
+    if sms <= 0:
+        return 1.0
+    best = 0.0
+    for tm, tn in GEMM_TILES:
+        tiles = -(-m // tm) * -(-n // tn)
+        best = max(best, tiles / (-(-tiles // sms) * sms))
+    return best
+
+
+def gemm_time_s(m: int, k: int, n: int, dtype_bytes: int, tflops: float, hbm_GBps: float, *, sms: int = 0,
+                efficiency: float = 1.0) -> float:
     """Roofline of one [m, k] x [k, n] GEMM: the larger of its FLOP time and its HBM traffic time
-    (reading both operands and writing the output once)."""
+    (reading both operands and writing the output once). The FLOP rate is the spec figure times the
+    measured fraction cuBLAS reaches on large shapes (`efficiency`) times the wave efficiency on `sms`."""
     flops = 2.0 * m * k * n
     traffic = (m * k + k * n + m * n) * dtype_bytes
-    return max(flops / (tflops * 1e12), traffic / (hbm_GBps * GB))
+    rate = tflops * 1e12 * efficiency * wave_efficiency(m, n, sms)
+    return max(flops / rate, traffic / (hbm_GBps * GB))
+
+
+def nccl_ring_time_s(kind: str, payload_bytes: float, n: int, nodes: int, bus_GBps: float,
+                     protocols: dict, *, nvlink_step_scale: float = 1.0, net_step_us: float | None = None,
+                     multinode_ring_factor: float = 1.0, ll_multinode_intra_factor: float = 1.0
+                     ) -> tuple[float, float]:
+    """(bandwidth seconds, latency seconds) of one ring collective under NCCL's cost model, with the
+    protocol NCCL would pick (the fastest): latency = base + intra-node steps x NVLink step + inter-node
+    steps x network step; bandwidth = wire bytes / (bus bandwidth x the protocol's fraction).
+
+    protocols: {name: (base_us, nvlink_step_us, net_step_us, bandwidth_fraction)}; nvlink_step_scale scales
+    every protocol's NVLink step (a calibrated or overridden step latency); net_step_us replaces Simple's
+    network step (the link preset's)."""
+    if n <= 1:
+        return 0.0, 0.0
+    wire = collective_wire_bytes_per_gpu(kind, payload_bytes, n)
+    steps = 2 * (n - 1) if kind == "all_reduce" else n - 1
+    inter = (2 * (nodes - 1) if kind == "all_reduce" else nodes - 1) if nodes > 1 else 0
+    best = None
+    for name, (base, nvl, net, fraction) in protocols.items():
+        nvl *= nvlink_step_scale
+        if name == "simple" and net_step_us is not None:
+            net = net_step_us
+        if nodes > 1 and name == "ll":
+            nvl *= ll_multinode_intra_factor
+        lat = base + (steps - inter) * nvl + inter * net
+        if nodes > 1 and name == "simple" and kind == "all_reduce":
+            lat *= multinode_ring_factor
+        bw_s = wire / (bus_GBps * fraction * GB)
+        if best is None or bw_s + lat * 1e-6 < sum(best):
+            best = (bw_s, lat * 1e-6)
+    return best
+
+
+def overlapped_time_s(gemm_s: float, chunk_comm_s: float, chunks: int, sm_fraction: float = 0.0) -> float:
+    """A GEMM split into `chunks` row chunks, the collective of chunk i (chunk_comm_s each, latency
+    included) running while chunk i+1 is multiplied. While a collective runs it holds `sm_fraction` of the
+    SMs, so the GEMM beside it runs that much slower: a stage takes max(c, g + f c) (the GEMM does c (1-f)
+    of work while the collective runs, the rest at full speed). The first GEMM chunk and the last
+    collective are never hidden; chunks=1 is the sequential sum, with no SM cost."""
+    if chunks < 1:
+        raise ValueError(f"tpext plan: chunks must be >= 1, got {chunks}")
+    if not 0 <= sm_fraction < 1:
+        raise ValueError(f"tpext plan: sm_fraction must be in [0, 1), got {sm_fraction}")
+    g = gemm_s / chunks
+    c = chunk_comm_s
+    return g + (chunks - 1) * max(c, g + sm_fraction * c) + c
 
 
 def pipelined_time_s(gemm_s: float, comm_bw_s: float, latency_s: float, chunks: int) -> float:

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 from tpext.planner import cost_model as cm
 from tpext.planner import resolve_chunks
-from tpext.planner.presets import DTYPE_BYTES, GPUSpec, LinkSpec, ModelSpec
+from tpext.planner.presets import (DTYPE_BYTES, NCCL_LL_MULTINODE_INTRA_FACTOR, NCCL_MULTINODE_RING_LATENCY_FACTOR,
+                                   NCCL_PROTOCOLS, NVLINK_LATENCY_US, GPUSpec, LinkSpec, ModelSpec)
 
 __all__ = ["Workload", "estimate", "GiB"]
 
@@ -67,21 +68,34 @@ class Workload:
 
 
 class _Net:
-    """Collective times for groups laid out on nodes of `gpus_per_node` GPUs."""
+    """Collective times for groups laid out on nodes of `gpus_per_node` GPUs (NCCL's ring cost model)."""
 
     def __init__(self, gpu: GPUSpec, link: LinkSpec, gpus_per_node: int):
         self.gpu, self.link, self.gpn = gpu, link, gpus_per_node
 
     def time_s(self, kind: str, payload: float, n: int,
                members_per_node: int | None = None) -> tuple[float, float]:
-        """(bandwidth seconds, latency seconds) of one collective over n GPUs."""
+        """(bandwidth seconds, latency seconds) of one collective over n GPUs, `members_per_node` of them
+        on each node (default: as many as fit). Inside a node the bus bandwidth is the NVLink figure;
+        across nodes a ring runs one ring per NIC, so it is at most members_per_node x the NIC figure."""
+        if n <= 1:
+            return 0.0, 0.0
         g = members_per_node or min(n, self.gpn)
-        f = (cm.hierarchical_allreduce_time_s if kind == "all_reduce"
-             else cm.hierarchical_reduce_scatter_time_s)
-        args = (n, g, self.gpu.nvlink_GBps, self.link.per_gpu_GBps, self.gpu.intra_latency_us * 1e-6,
-                self.link.latency_us * 1e-6)
-        latency = f(0.0, *args)
-        return f(payload, *args) - latency, latency
+        nodes = -(-n // g)
+        bus = self.gpu.nvlink_GBps if nodes == 1 else min(self.gpu.nvlink_GBps, g * self.link.per_gpu_GBps)
+        if nodes == 1 and self.gpu.measured_latency_us is not None:   # calibrated: its own latency
+            return (cm.collective_wire_bytes_per_gpu(kind, payload, n) / (bus * cm.GB),
+                    self.gpu.measured_latency_us * 1e-6)
+        return cm.nccl_ring_time_s(
+            kind, payload, n, nodes, bus, NCCL_PROTOCOLS,
+            nvlink_step_scale=self.gpu.intra_latency_us / NVLINK_LATENCY_US, net_step_us=self.link.latency_us,
+            multinode_ring_factor=NCCL_MULTINODE_RING_LATENCY_FACTOR,
+            ll_multinode_intra_factor=NCCL_LL_MULTINODE_INTRA_FACTOR)
+
+    @property
+    def sm_fraction(self) -> float:
+        """Share of the SMs an NCCL collective takes from a GEMM running beside it."""
+        return self.gpu.nccl_sms / self.gpu.sms if self.gpu.sms else 0.0
 
 
 def _layer(model: ModelSpec, gpu: GPUSpec, w: Workload, tp: int, net: _Net) -> dict:
@@ -100,9 +114,12 @@ def _layer(model: ModelSpec, gpu: GPUSpec, w: Workload, tp: int, net: _Net) -> d
     up_cols = (2 if model.gated_mlp else 1) * i_local
     shapes = {"qkv": (T, h, q_local + 2 * kv_local), "o_proj": (T, q_local, h),
               "gate_up": (T, h, up_cols), "down": (T, i_local, h)}
-    fwd = {k: cm.gemm_time_s(m, kk, n, b, tflops, hbm) for k, (m, kk, n) in shapes.items()}
-    dgrad = {k: cm.gemm_time_s(m, n, kk, b, tflops, hbm) for k, (m, kk, n) in shapes.items()}
-    wgrad = {k: cm.gemm_time_s(n, m, kk, b, tflops, hbm) for k, (m, kk, n) in shapes.items()}
+    measured = w.dtype in gpu.measured_dtypes   # a calibrated rate is already what cuBLAS reaches
+    gemm_eff = 1.0 if measured else gpu.gemm_efficiency
+    eff = {"sms": gpu.sms, "efficiency": gemm_eff}
+    fwd = {k: cm.gemm_time_s(m, kk, n, b, tflops, hbm, **eff) for k, (m, kk, n) in shapes.items()}
+    dgrad = {k: cm.gemm_time_s(m, n, kk, b, tflops, hbm, **eff) for k, (m, kk, n) in shapes.items()}
+    wgrad = {k: cm.gemm_time_s(kk, m, n, b, tflops, hbm, **eff) for k, (m, kk, n) in shapes.items()}
 
     if decode:
         attn_flops = 4.0 * w.micro_batch * w.seq * q_local
@@ -110,7 +127,9 @@ def _layer(model: ModelSpec, gpu: GPUSpec, w: Workload, tp: int, net: _Net) -> d
     else:
         attn_flops = 4.0 * w.micro_batch * w.seq * w.seq * q_local * 0.5   # causal: half the score matrix
         attn_bytes = (2 * q_local + 2 * kv_local) * T * b
-    attn_fwd = max(attn_flops / (tflops * 1e12), attn_bytes / (hbm * 1e9))
+    # flash attention's published fraction is of the spec peak; a measured GEMM rate stands for spec x MAMF
+    attn_tflops = tflops * gpu.attention_efficiency / (gpu.gemm_efficiency if measured else 1.0)
+    attn_fwd = max(attn_flops / (attn_tflops * 1e12), attn_bytes / (hbm * 1e9))
     rows_sp = cm.shard_size(T, tp) if w.sequence_parallel else T
     elem_bytes = b * (ELEMENTWISE_PASSES_PER_LAYER * rows_sp * h
                       + T * (3 * i_local + 2 * (q_local + kv_local)))   # + SwiGLU, RoPE on the shards
@@ -137,8 +156,10 @@ def _layer(model: ModelSpec, gpu: GPUSpec, w: Workload, tp: int, net: _Net) -> d
     if w.mode == "train" and tp > 1:
         colls += bwd_colls + (fwd_colls if w.recompute else [])
     payload = cm.allreduce_bytes_per_layer(T, h, b)
-    # "auto": the best chunk count of the schedule for each GEMM + collective pair under this model (more
-    # chunks hide more bandwidth time but pay the collective latency once per chunk).
+    # "auto": the best chunk count of the schedule for each GEMM + collective pair under this model. More
+    # chunks hide more of the collective but pay its latency once per chunk, and while a collective runs
+    # beside the GEMM it holds net.sm_fraction of the SMs; chunks=1 (sequential) is always a candidate, so
+    # "auto" is never slower than no overlap.
     candidates = CHUNK_CANDIDATES if w.chunks == "auto" else (resolve_chunks(w.chunks, T, tp),)
     by_kind: dict = {}
     chunks_used = []
@@ -146,9 +167,13 @@ def _layer(model: ModelSpec, gpu: GPUSpec, w: Workload, tp: int, net: _Net) -> d
     for kind, partner_s in colls:
         bw_s, lat_s = net.time_s(kind, payload, tp)
         comm_s += bw_s + lat_s
-        best = min(candidates, key=lambda c: cm.pipelined_time_s(partner_s, bw_s, lat_s, c))
+
+        def pipelined(c, kind=kind, partner_s=partner_s):
+            return cm.overlapped_time_s(partner_s, sum(net.time_s(kind, payload / c, tp)), c, net.sm_fraction)
+
+        best = min(candidates, key=pipelined)
         chunks_used.append(best)
-        exposed_overlap_s += cm.pipelined_time_s(partner_s, bw_s, lat_s, best) - partner_s
+        exposed_overlap_s += pipelined(best) - partner_s
         e = by_kind.setdefault(kind, {"count": 0, "payload_bytes": payload, "wire_bytes_per_gpu": 0.0,
                                       "time_s": 0.0})
         e["count"] += 1
@@ -158,7 +183,7 @@ def _layer(model: ModelSpec, gpu: GPUSpec, w: Workload, tp: int, net: _Net) -> d
             "compute_s": compute_fwd + compute_bwd, "comm_s": comm_s,
             "exposed_comm_overlap_s": exposed_overlap_s, "collectives": by_kind, "gemm_fwd_s": fwd,
             "attention_fwd_s": attn_fwd, "elementwise_fwd_s": elem_fwd,
-            "tflops_used": tflops}
+            "tflops_used": tflops, "gemm_efficiency": gemm_eff}
 
 
 def _head(model: ModelSpec, gpu: GPUSpec, w: Workload, tp: int, net: _Net, tflops: float) -> dict:
@@ -167,7 +192,8 @@ def _head(model: ModelSpec, gpu: GPUSpec, w: Workload, tp: int, net: _Net, tflop
     rows = w.micro_batch if w.mode != "train" else w.micro_batch * w.seq   # serving needs last-token logits
     T = w.micro_batch if w.mode == "decode" else w.micro_batch * w.seq
     v_local = cm.shard_size(model.vocab, tp)
-    fwd = cm.gemm_time_s(rows, model.hidden, v_local, b, tflops, gpu.hbm_GBps)
+    fwd = cm.gemm_time_s(rows, model.hidden, v_local, b, tflops, gpu.hbm_GBps, sms=gpu.sms,
+                         efficiency=1.0 if w.dtype in gpu.measured_dtypes else gpu.gemm_efficiency)
     compute = fwd * (3 if w.mode == "train" else 1)
     comm = 0.0
     if tp > 1:
