@@ -15,7 +15,7 @@ from tpext.planner import cost_model as cm
 from tpext.planner.calibration import apply_calibration, load_calibration
 from tpext.planner.compare import CASES, comparison_markdown, comparison_rows
 from tpext.planner.estimate import Workload, estimate
-from tpext.planner.presets import NCCL_PROTOCOLS, gpu_preset, inter_node_preset, model_preset
+from tpext.planner.presets import NCCL_PROTOCOLS, gpu_preset, inter_node_preset, model_preset, resolve_model
 
 ROOT = Path(__file__).resolve().parents[1]
 NDR = inter_node_preset("ib-ndr400")
@@ -177,3 +177,67 @@ def test_rows_and_errors():
         assert r["error_points"] == pytest.approx(100 * (r["predicted"] - r["published"]))
     # the first TP of a relative case is the baseline
     assert all(r["predicted"] == 1.0 for r in rows if r["metric"] != "overlap_gain" and r["published"] == 1.0)
+
+
+# ------------------------------------------------------------------------------------------- MoE
+MIXTRAL = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+               num_hidden_layers=32, vocab_size=32000, num_local_experts=8, num_experts_per_tok=2)
+QWEN_MOE = dict(hidden_size=2048, intermediate_size=5632, moe_intermediate_size=1408,
+                shared_expert_intermediate_size=5632, num_experts=60, num_experts_per_tok=4,
+                num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16, vocab_size=151936,
+                decoder_sparse_step=1, mlp_only_layers=[])
+DEEPSEEK_MOE = dict(hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408, n_routed_experts=64,
+                    n_shared_experts=2, num_experts_per_tok=6, num_hidden_layers=28, first_k_dense_replace=1,
+                    moe_layer_freq=1, num_attention_heads=16, num_key_value_heads=16, vocab_size=102400)
+
+
+def _config(tmp_path, cfg, name="config.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(cfg))
+    return str(path)
+
+
+@pytest.mark.parametrize("cfg,billions", [(MIXTRAL, 46.7), (QWEN_MOE, 14.3), (DEEPSEEK_MOE, 16.4)])
+def test_moe_configs_have_their_published_parameter_counts(tmp_path, cfg, billions):
+    # Mixtral-8x7B: 46.7B; Qwen1.5-MoE-A2.7B: 14.3B; deepseek-moe-16b: 16.4B (their model cards)
+    model = resolve_model(_config(tmp_path, cfg))
+    assert model.moe
+    assert cm.model_params(model) / 1e9 == pytest.approx(billions, rel=0.01)
+
+
+def test_moe_under_tp_shards_experts_and_keeps_the_dense_collectives(tmp_path):
+    moe = resolve_model(_config(tmp_path, MIXTRAL))
+    dense = model_preset("llama3-8b")                # same attention and hidden size, one dense MLP
+    h100 = gpu_preset("H100")
+    for tp in (2, 4, 8):
+        r_moe, r_dense = (estimate(m, h100, NDR, Workload(seq=4096), tp) for m in (moe, dense))
+        assert r_moe["layer"]["collectives"] == r_dense["layer"]["collectives"]     # all-reduce of [T, h]
+        # expert weights shard by TP: 8 experts x 3 x 4096 x 14336 / tp, router replicated
+        expert = cm.mlp_params(moe, tp, True) - cm.mlp_params(moe, 1, True) / tp
+        assert expert == pytest.approx(4096 * 8 * (1 - 1 / tp), rel=1e-9)
+        # two experts per token: about twice the dense MLP's GEMM time
+        mlp = lambda r: r["layer"]["gemm_fwd_s"]["mlp_in"] + r["layer"]["gemm_fwd_s"]["mlp_out"]
+        assert 1.9 < mlp(r_moe) / mlp(r_dense) < 2.6
+    mem = estimate(moe, h100, NDR, Workload(mode="prefill"), 8)["memory"]["bytes"]["weights"]
+    assert mem == cm.params_per_gpu(moe, 8, 1) * 2
+
+
+def test_moe_leading_dense_layers(tmp_path):
+    model = resolve_model(_config(tmp_path, DEEPSEEK_MOE))
+    assert (model.dense_layers, model.shared_intermediate) == (1, 2 * 1408)
+    assert cm.moe_layer_counts(model) == (1, 27)
+    r = estimate(model, gpu_preset("H100"), NDR, Workload(seq=2048), 4)
+    assert (r["layer"]["dense_layers_in_stage"], r["layer"]["moe_layers_in_stage"]) == (1, 27)
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"kv_lora_rank": 512}, "multi-head latent attention"),
+    ({"decoder_sparse_step": 2}, "interleaved with dense ones"),
+    ({"num_experts_per_tok": None}, "needs 'num_experts_per_tok' as a positive int"),
+])
+def test_moe_configs_not_modelled_are_refused_with_the_reason(tmp_path, extra, message, capsys):
+    path = _config(tmp_path, {**QWEN_MOE, **extra})
+    with pytest.raises(ValueError, match=message):
+        resolve_model(path)
+    assert main(["plan", "--model", path, "--tp", "2"]) == 2
+    assert message in capsys.readouterr().err

@@ -13,7 +13,7 @@ __all__ = [
     "shard_size", "column_shard_output_bytes", "allreduce_bytes_per_layer", "largest_activation_elems",
     "ring_allreduce_time_s", "ring_reduce_scatter_time_s", "ring_allgather_time_s",
     "hierarchical_reduce_scatter_time_s", "hierarchical_allreduce_time_s", "collective_wire_bytes_per_gpu",
-    "kv_heads_per_gpu", "check_tp", "layer_params", "model_params", "params_per_gpu", "weights_bytes",
+    "kv_heads_per_gpu", "check_tp", "layer_params", "mlp_params", "mlp_width", "moe_layer_counts", "model_params", "params_per_gpu", "weights_bytes",
     "training_state_bytes_per_param", "layer_activation_bytes", "logits_bytes", "kv_cache_bytes",
     "gemm_time_s", "pipelined_time_s", "pipeline_bubble_fraction", "wave_efficiency", "nccl_ring_time_s",
     "overlapped_time_s",
@@ -127,13 +127,32 @@ def check_tp(heads: int, kv_heads: int, tp: int, *, allow_kv_replication: bool =
 
 
 # ---------------------------------------------------------------------------------------- parameters
-def layer_params(model, tp: int = 1) -> int:
+def mlp_params(model, tp: int = 1, moe_layer: bool = False) -> int:
+    """MLP parameters of one layer on one GPU. A MoE layer under TP (no expert parallelism) shards every
+    routed and shared expert like the dense MLP (gate/up column-, down row-parallel: Megatron-LM's expert
+    tensor parallelism); its router [hidden, experts] is replicated."""
+    mats = 3 if model.gated_mlp else 2
+    if not moe_layer:
+        return mats * model.hidden * shard_size(model.intermediate, tp)
+    width = model.experts * shard_size(model.expert_intermediate, tp) + shard_size(model.shared_intermediate, tp)
+    return mats * model.hidden * width + model.hidden * model.experts
+
+
+def moe_layer_counts(model, layers: int | None = None) -> tuple[int, int]:
+    """(dense, MoE) layers among `layers` (default: the model's); the dense ones come first."""
+    layers = model.layers if layers is None else layers
+    if not model.moe:
+        return layers, 0
+    moe = min(layers, model.layers - model.dense_layers)
+    return layers - moe, moe
+
+
+def layer_params(model, tp: int = 1, moe_layer: bool = False) -> int:
     """Parameters of one transformer layer held by one GPU (norm weights replicated)."""
     d = model.head_dim
     q_and_o = 2 * model.hidden * (model.heads // tp) * d
     kv = 2 * model.hidden * kv_heads_per_gpu(model.kv_heads, tp) * d
-    mlp = (3 if model.gated_mlp else 2) * model.hidden * shard_size(model.intermediate, tp)
-    return q_and_o + kv + mlp + 2 * model.hidden
+    return q_and_o + kv + mlp_params(model, tp, moe_layer) + 2 * model.hidden
 
 
 def embedding_params(model, tp: int = 1, pp: int = 1) -> int:
@@ -146,12 +165,15 @@ def embedding_params(model, tp: int = 1, pp: int = 1) -> int:
 
 
 def model_params(model) -> int:
-    return model.layers * layer_params(model) + embedding_params(model) + model.hidden
+    dense, moe = moe_layer_counts(model)
+    return dense * layer_params(model) + moe * layer_params(model, 1, True) + embedding_params(model) + model.hidden
 
 
 def params_per_gpu(model, tp: int, pp: int) -> int:
     """Parameters on the most loaded GPU: ceil(layers / pp) layers plus the embedding or the head."""
-    return math.ceil(model.layers / pp) * layer_params(model, tp) + embedding_params(model, tp, pp)
+    dense, moe = moe_layer_counts(model, math.ceil(model.layers / pp))   # a stage of MoE layers, if any
+    return (dense * layer_params(model, tp) + moe * layer_params(model, tp, True)
+            + embedding_params(model, tp, pp))
 
 
 def weights_bytes(params: float, dtype_bytes: int) -> float:
@@ -168,7 +190,7 @@ def training_state_bytes_per_param(dtype_bytes: int) -> dict:
 
 # ---------------------------------------------------------------------------------------- activations
 def layer_activation_bytes(model, tokens: int, tp: int, dtype_bytes: int, sequence_parallel: bool,
-                           keep_gathered_inputs: bool = False) -> int:
+                           keep_gathered_inputs: bool = False, moe_layer: bool = False) -> int:
     """Bytes one layer saves for backward (no recomputation; flash attention: no [s, s] scores).
 
     Replicated-region tensors [tokens, hidden]: the two norm inputs (residual stream) and the two norm
@@ -184,10 +206,21 @@ def layer_activation_bytes(model, tokens: int, tp: int, dtype_bytes: int, sequen
     replicated = (2 * rows_sp + 2 * rows_norm_out) * h
     q_local = (model.heads // tp) * d
     kv_local = kv_heads_per_gpu(model.kv_heads, tp) * d
-    i_local = shard_size(model.intermediate, tp)
-    sharded = tokens * (2 * q_local + 2 * kv_local + (3 if model.gated_mlp else 2) * i_local)
+    sharded = tokens * (2 * q_local + 2 * kv_local + (3 if model.gated_mlp else 2) * mlp_width(model, tp, moe_layer))
     stats_fp32 = rows_sp * 2 + tokens * (model.heads // tp)
+    if moe_layer:   # fp32 router logits and the routed copies of each token's input to its k experts
+        stats_fp32 += tokens * model.experts
+        sharded += tokens * model.experts_per_token * h
     return (replicated + sharded) * dtype_bytes + 4 * stats_fp32
+
+
+def mlp_width(model, tp: int, moe_layer: bool = False) -> int:
+    """Intermediate features one token activates on one GPU: the dense MLP's shard, or its k routed
+    experts' shards plus the shared experts' shard."""
+    if not moe_layer:
+        return shard_size(model.intermediate, tp)
+    return (model.experts_per_token * shard_size(model.expert_intermediate, tp)
+            + shard_size(model.shared_intermediate, tp))
 
 
 def logits_bytes(tokens: int, vocab: int, tp: int) -> int:

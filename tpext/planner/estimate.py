@@ -98,7 +98,26 @@ class _Net:
         return self.gpu.nccl_sms / self.gpu.sms if self.gpu.sms else 0.0
 
 
-def _layer(model: ModelSpec, gpu: GPUSpec, w: Workload, tp: int, net: _Net) -> dict:
+def _mlp_shapes(model: ModelSpec, T: int, tp: int, moe_layer: bool) -> dict:
+    """name -> (count, m, k, n) of the MLP's GEMMs on one GPU. A MoE layer's tokens go to their k experts
+    (balanced routing: the T*k routed rows spread evenly over the experts they reach); each expert is a
+    [rows, h] x [h, i_e/t] GEMM, so small experts lose to wave quantization; the router is replicated."""
+    h, mats = model.hidden, (2 if model.gated_mlp else 1)
+    if not moe_layer:
+        i_local = cm.shard_size(model.intermediate, tp)
+        return {"gate_up": (1, T, h, mats * i_local), "down": (1, T, i_local, h)}
+    active = min(model.experts, T * model.experts_per_token)
+    rows = -(-T * model.experts_per_token // active)
+    e_local = cm.shard_size(model.expert_intermediate, tp)
+    shapes = {"gate_up": (active, rows, h, mats * e_local), "down": (active, rows, e_local, h),
+              "router": (1, T, h, model.experts)}
+    if model.shared_intermediate:
+        s_local = cm.shard_size(model.shared_intermediate, tp)
+        shapes.update(shared_gate_up=(1, T, h, mats * s_local), shared_down=(1, T, s_local, h))
+    return shapes
+
+
+def _layer(model: ModelSpec, gpu: GPUSpec, w: Workload, tp: int, net: _Net, moe_layer: bool = False) -> dict:
     b = DTYPE_BYTES[w.dtype]
     tflops = gpu.matmul_tflops.get(w.dtype)
     if not tflops:
@@ -110,16 +129,19 @@ def _layer(model: ModelSpec, gpu: GPUSpec, w: Workload, tp: int, net: _Net) -> d
     h, d = model.hidden, model.head_dim
     q_local = (model.heads // tp) * d
     kv_local = cm.kv_heads_per_gpu(model.kv_heads, tp) * d
-    i_local = cm.shard_size(model.intermediate, tp)
-    up_cols = (2 if model.gated_mlp else 1) * i_local
-    shapes = {"qkv": (T, h, q_local + 2 * kv_local), "o_proj": (T, q_local, h),
-              "gate_up": (T, h, up_cols), "down": (T, i_local, h)}
+    i_local = cm.mlp_width(model, tp, moe_layer)
+    shapes = {"qkv": (1, T, h, q_local + 2 * kv_local), "o_proj": (1, T, q_local, h),
+              **_mlp_shapes(model, T, tp, moe_layer)}
     measured = w.dtype in gpu.measured_dtypes   # a calibrated rate is already what cuBLAS reaches
     gemm_eff = 1.0 if measured else gpu.gemm_efficiency
     eff = {"sms": gpu.sms, "efficiency": gemm_eff}
-    fwd = {k: cm.gemm_time_s(m, kk, n, b, tflops, hbm, **eff) for k, (m, kk, n) in shapes.items()}
-    dgrad = {k: cm.gemm_time_s(m, n, kk, b, tflops, hbm, **eff) for k, (m, kk, n) in shapes.items()}
-    wgrad = {k: cm.gemm_time_s(kk, m, n, b, tflops, hbm, **eff) for k, (m, kk, n) in shapes.items()}
+    fwd = {k: c * cm.gemm_time_s(m, kk, n, b, tflops, hbm, **eff) for k, (c, m, kk, n) in shapes.items()}
+    dgrad = {k: c * cm.gemm_time_s(m, n, kk, b, tflops, hbm, **eff) for k, (c, m, kk, n) in shapes.items()}
+    wgrad = {k: c * cm.gemm_time_s(kk, m, n, b, tflops, hbm, **eff) for k, (c, m, kk, n) in shapes.items()}
+    # the GEMMs a collective of the MLP is paired with (a MoE layer's shared experts run beside its routed)
+    for table in (fwd, dgrad):
+        table["mlp_in"] = table["gate_up"] + table.get("shared_gate_up", 0.0)
+        table["mlp_out"] = table["down"] + table.get("shared_down", 0.0)
 
     if decode:
         attn_flops = 4.0 * w.micro_batch * w.seq * q_local
@@ -135,23 +157,24 @@ def _layer(model: ModelSpec, gpu: GPUSpec, w: Workload, tp: int, net: _Net) -> d
                       + T * (3 * i_local + 2 * (q_local + kv_local)))   # + SwiGLU, RoPE on the shards
     elem_fwd = elem_bytes / (hbm * 1e9)
 
-    compute_fwd = sum(fwd.values()) + attn_fwd + elem_fwd
+    gemm_names = list(shapes)
+    compute_fwd = sum(fwd[k] for k in gemm_names) + attn_fwd + elem_fwd
     compute_bwd = 0.0
     if w.mode == "train":
-        compute_bwd = (sum(dgrad.values()) + sum(wgrad.values()) + ATTENTION_BACKWARD_FLOP_RATIO * attn_fwd
+        compute_bwd = (sum(dgrad[k] + wgrad[k] for k in gemm_names) + ATTENTION_BACKWARD_FLOP_RATIO * attn_fwd
                        + 2 * elem_fwd + (compute_fwd if w.recompute else 0.0))
 
     # (kind, partner GEMM time) of each collective; every payload is the full [T, h] activation.
     if w.sequence_parallel:
         fwd_colls = [("all_gather", fwd["qkv"]), ("reduce_scatter", fwd["o_proj"]),
-                     ("all_gather", fwd["gate_up"]), ("reduce_scatter", fwd["down"])]
+                     ("all_gather", fwd["mlp_in"]), ("reduce_scatter", fwd["mlp_out"])]
         bwd_colls = [("reduce_scatter", dgrad["qkv"]), ("all_gather", dgrad["o_proj"]),
-                     ("reduce_scatter", dgrad["gate_up"]), ("all_gather", dgrad["down"])]
+                     ("reduce_scatter", dgrad["mlp_in"]), ("all_gather", dgrad["mlp_out"])]
         if not w.keep_gathered_inputs:  # the column layers gather their input again for wgrad, not overlapped
             bwd_colls += [("all_gather", 0.0), ("all_gather", 0.0)]
     else:
-        fwd_colls = [("all_reduce", fwd["o_proj"]), ("all_reduce", fwd["down"])]
-        bwd_colls = [("all_reduce", dgrad["qkv"]), ("all_reduce", dgrad["gate_up"])]
+        fwd_colls = [("all_reduce", fwd["o_proj"]), ("all_reduce", fwd["mlp_out"])]
+        bwd_colls = [("all_reduce", dgrad["qkv"]), ("all_reduce", dgrad["mlp_in"])]
     colls = list(fwd_colls) if tp > 1 else []
     if w.mode == "train" and tp > 1:
         colls += bwd_colls + (fwd_colls if w.recompute else [])
@@ -183,7 +206,24 @@ def _layer(model: ModelSpec, gpu: GPUSpec, w: Workload, tp: int, net: _Net) -> d
             "compute_s": compute_fwd + compute_bwd, "comm_s": comm_s,
             "exposed_comm_overlap_s": exposed_overlap_s, "collectives": by_kind, "gemm_fwd_s": fwd,
             "attention_fwd_s": attn_fwd, "elementwise_fwd_s": elem_fwd,
-            "tflops_used": tflops, "gemm_efficiency": gemm_eff}
+            "tflops_used": tflops, "gemm_efficiency": gemm_eff, "moe_layer": moe_layer}
+
+
+_LAYER_SUMS = ("compute_fwd_s", "compute_bwd_s", "compute_s", "comm_s", "exposed_comm_overlap_s")
+
+
+def _stage_layer(model: ModelSpec, gpu: GPUSpec, w: Workload, tp: int, net: _Net) -> dict:
+    """The average layer of the slowest stage: a dense model's layer, or for a MoE model the mean of its
+    dense and MoE layers weighted by how many of each the stage holds (the collectives are the same)."""
+    dense, moe = cm.moe_layer_counts(model, math.ceil(model.layers / w.pp))
+    if not moe:
+        return _layer(model, gpu, w, tp, net)
+    out = _layer(model, gpu, w, tp, net, moe_layer=True)
+    if dense:
+        d = _layer(model, gpu, w, tp, net)
+        out = {**out, **{k: (dense * d[k] + moe * out[k]) / (dense + moe) for k in _LAYER_SUMS}}
+    out["dense_layers_in_stage"], out["moe_layers_in_stage"] = dense, moe
+    return out
 
 
 def _head(model: ModelSpec, gpu: GPUSpec, w: Workload, tp: int, net: _Net, tflops: float) -> dict:
@@ -225,17 +265,19 @@ def _memory(model: ModelSpec, w: Workload, tp: int, capacity_GiB: float) -> dict
         mem["weights"] = params * per["weights"] / (w.dp if w.zero >= 3 else 1)
         mem["grads"] = params * per["grads"] / (w.dp if w.zero >= 2 else 1)
         mem["optimizer"] = params * per["optimizer"] / (w.dp if w.zero >= 1 else 1)
-        layer_act = cm.layer_activation_bytes(model, T, tp, b, w.sequence_parallel, w.keep_gathered_inputs)
+        dense, moe = cm.moe_layer_counts(model, layers)
+        acts = [cm.layer_activation_bytes(model, T, tp, b, w.sequence_parallel, w.keep_gathered_inputs, m)
+                for m in (False, True)]
         in_flight = min(w.pp, w.microbatches)   # 1F1B: the first stage holds pp micro-batches
         if w.recompute:
             rows = cm.shard_size(T, tp) if w.sequence_parallel else T
-            stored = layers * rows * model.hidden * b * in_flight + layer_act
+            stored = layers * rows * model.hidden * b * in_flight + acts[moe > 0]
         else:
-            stored = layers * layer_act * in_flight
+            stored = (dense * acts[0] + moe * acts[1]) * in_flight
         mem["activations"] = stored + cm.logits_bytes(T, model.vocab, tp)
     else:
         mem["kv_cache"] = cm.kv_cache_bytes(model, w.micro_batch, w.seq, tp, layers, b)
-        i_local = cm.shard_size(model.intermediate, tp)
+        i_local = cm.mlp_width(model, tp, model.moe)
         mem["activations"] = (T * (2 * model.hidden + 3 * i_local) * b
                               + cm.logits_bytes(w.micro_batch, model.vocab, tp))
     total = sum(mem.values()) + w.reserve_GiB * GiB
@@ -259,7 +301,7 @@ def estimate(model: ModelSpec, gpu: GPUSpec, link: LinkSpec, w: Workload, tp: in
         raise ValueError(f"tpext plan: TP={tp} spans nodes of {w.gpus_per_node} GPUs but does not fill whole "
                          f"nodes (use a multiple of {w.gpus_per_node})")
     net = _Net(gpu, link, w.gpus_per_node)
-    layer = _layer(model, gpu, w, tp, net)
+    layer = _stage_layer(model, gpu, w, tp, net)
     head = _head(model, gpu, w, tp, net, layer["tflops_used"])
     layers = math.ceil(model.layers / w.pp)
     mem = _memory(model, w, tp, gpu.memory_GiB)

@@ -204,7 +204,8 @@ HF_REQUIRED = ("hidden_size", "intermediate_size", "num_attention_heads", "num_h
 
 
 def load_hf_config(path: str | Path) -> ModelSpec:
-    """A Hugging Face config.json of a Llama-style model (gated MLP assumed).
+    """A Hugging Face config.json of a Llama-style model (gated MLP assumed), dense or MoE (Mixtral,
+    Qwen-MoE, DeepSeek-MoE keys; see _moe_fields).
 
     `num_key_value_heads` defaults to `num_attention_heads` and `tie_word_embeddings` to false when absent,
     as in transformers' LlamaConfig; the other shape keys are required.
@@ -240,7 +241,50 @@ def load_hf_config(path: str | Path) -> ModelSpec:
         kv_heads=values["num_key_value_heads"], layers=values["num_hidden_layers"],
         vocab=values["vocab_size"],
         tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        **_moe_fields(cfg, path, values["num_hidden_layers"], values["intermediate_size"]),
     )
+
+
+# Keys of the MoE configs in transformers: Mixtral (num_local_experts; experts of intermediate_size),
+# Qwen2/Qwen3-MoE (num_experts, moe_intermediate_size, shared_expert_intermediate_size, decoder_sparse_step,
+# mlp_only_layers), DeepSeek-MoE (n_routed_experts, n_shared_experts, moe_intermediate_size,
+# first_k_dense_replace, moe_layer_freq).
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
+def _moe_fields(cfg: dict, path: Path, layers: int, intermediate: int) -> dict:
+    """The MoE fields of ModelSpec from a config, or {} for a dense model; ValueError for what the planner
+    does not model (naming the key and why)."""
+    if cfg.get("kv_lora_rank") or cfg.get("q_lora_rank"):
+        raise ValueError(
+            f"tpext plan: model config {path} uses multi-head latent attention (kv_lora_rank / q_lora_rank, "
+            f"DeepSeek-V2/V3): its compressed K/V projections are not modelled (their sharding under TP "
+            f"differs from Llama attention); plan a Llama-style approximation with a config without them")
+    key = next((k for k in EXPERT_COUNT_KEYS if cfg.get(k)), None)
+    if key is None:
+        return {}
+    experts = cfg[key]
+    k = cfg.get("num_experts_per_tok")
+    for name, value in ((key, experts), ("num_experts_per_tok", k)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"tpext plan: model config {path}: a MoE config needs {name!r} as a positive "
+                             f"int, got {value!r}")
+    expert_i = cfg.get("moe_intermediate_size") or intermediate
+    shared = cfg.get("shared_expert_intermediate_size") or 0
+    if cfg.get("n_shared_experts"):
+        shared = cfg["n_shared_experts"] * expert_i
+    dense = cfg.get("first_k_dense_replace") or 0
+    step = cfg.get("decoder_sparse_step") or cfg.get("moe_layer_freq") or 1
+    only_mlp = cfg.get("mlp_only_layers") or []
+    if step != 1 or only_mlp and sorted(only_mlp) != list(range(len(only_mlp))):
+        raise ValueError(f"tpext plan: model config {path}: MoE layers interleaved with dense ones "
+                         f"(decoder_sparse_step / moe_layer_freq = {step}, mlp_only_layers = {only_mlp}) are "
+                         f"not modelled; only leading dense layers are (first_k_dense_replace)")
+    dense = max(dense, len(only_mlp))
+    if dense >= layers:
+        return {}
+    return {"experts": experts, "experts_per_token": k, "expert_intermediate": expert_i,
+            "shared_intermediate": shared, "dense_layers": dense}
 
 
 def resolve_model(name_or_path: str) -> ModelSpec:
