@@ -42,10 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"preset ({', '.join(MODELS)}) or a Hugging Face config.json path "
                         f"(default: llama-7b)")
     g.add_argument("--gpu", default="H100",
-                   help=f"GPU preset, spec-sheet figures ({', '.join(GPUS)}; default H100)")
+                   help=f"GPU preset, public curves ({', '.join(GPUS)}; default H100)")
     g.add_argument("--calibration", metavar="PATH",
-                   help="calibration file written by the benchmarks: its measured figures replace "
-                        "the preset's")
+                   help="calibration file written by the benchmarks, or a `tpext bench` report "
+                        "(layers.json): its measured figures replace the preset's")
     g.add_argument("--inter-node", default="ib-ndr400",
                    help=f"network between nodes ({', '.join(INTER_NODE_LINKS)}; default ib-ndr400)")
     g.add_argument("--gpus-per-node", type=int, default=None,
@@ -54,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="override the intra-node bus bandwidth, GB/s per direction")
     g.add_argument("--inter-node-GBps", type=float, help="override the inter-node bandwidth per GPU, GB/s")
     g.add_argument("--matmul-efficiency", type=float, default=1.0,
-                   help="fraction of the GEMM TFLOP/s figure reached (default 1.0: the figure as given)")
+                   help="a further factor on every GEMM and attention rate, on top of the public "
+                        "curves (default 1.0: the curves as given)")
 
     w = parser.add_argument_group("workload")
     w.add_argument("--mode", choices=("train", "prefill", "decode"), default="train",

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field, replace
 from tpext.planner.estimate import Workload, estimate
 from tpext.planner.presets import ModelSpec, gpu_preset, inter_node_preset, model_preset
 
-__all__ = ["Case", "CASES", "predict", "comparison_rows", "comparison_markdown", "TARGET_POINTS"]
+__all__ = ["Case", "CASES", "predict", "matched_efficiency", "comparison_rows", "comparison_markdown",
+           "TARGET_POINTS"]
 
 #: the issue's target: every row of the seed's and the Playbook's tables within this many points
 TARGET_POINTS = 8.0
@@ -53,6 +54,7 @@ class Case:
     per_tp: dict = field(default_factory=dict)   # tp -> workload overrides
     in_target: bool = False              # rows held to TARGET_POINTS
     forward_only: bool = False
+    absolute: dict = field(default_factory=dict)  # tp -> published tokens/s per GPU, where given
 
 
 def _rel(values: dict) -> dict:
@@ -69,11 +71,13 @@ CASES = (
          "3B (ASSUMED OpenLLaMA-3B shapes: 32 heads divide TP=32), seq 4096 ASSUMED, max micro-batch per TP "
          "3/8/12/16/20 (published), no SP, relative to TP=2",
          "relative", _rel(_PLAYBOOK_TP), workload={"seq": 4096},
-         per_tp={tp: {"micro_batch": b} for tp, b in _PLAYBOOK_TP_MBS.items()}, in_target=True),
+         per_tp={tp: {"micro_batch": b} for tp, b in _PLAYBOOK_TP_MBS.items()}, in_target=True,
+         absolute=_PLAYBOOK_TP),
     Case("playbook-sp", "Ultra-Scale Playbook, tp_sp_scaling.html (tokens/s/GPU 14167 ... 3610)",
          "as above with SP, max micro-batch per TP 4/10/20/40/100 (published)",
          "relative", _rel(_PLAYBOOK_SP), workload={"seq": 4096, "sequence_parallel": True},
-         per_tp={tp: {"micro_batch": b} for tp, b in _PLAYBOOK_SP_MBS.items()}, in_target=True),
+         per_tp={tp: {"micro_batch": b} for tp, b in _PLAYBOOK_SP_MBS.items()}, in_target=True,
+         absolute=_PLAYBOOK_SP),
     Case("megatron-2019", "Megatron-LM (Shoeybi et al. 2019) fig. 5: model-parallel weak scaling",
          "V100 DGX-2H, fp16, GPT-2 1.2B/2.5B/4.2B/8.3B at TP 1/2/4/8 (table 1), seq 1024, batch 8",
          "weak_scaling", {1: 1.0, 2: 0.95, 4: 0.82, 8: 0.77}, model=_MEGATRON, gpu="V100",
@@ -102,13 +106,11 @@ def _flops_per_token(model: ModelSpec, seq: int) -> float:
     return 6 * (model.layers * (mlp + attn) + model.hidden * model.vocab) + 6 * model.layers * seq * model.hidden
 
 
-def predict(case: Case, gpu=None, link=None) -> dict:
-    """tp -> predicted value of the case's metric (the model's figures; `gpu` replaces the case's)."""
-    gpu = gpu or gpu_preset(case.gpu)
-    link = link or inter_node_preset("ib-ndr400")
+def _raw(case: Case, gpu, link, matmul_efficiency: float = 1.0) -> dict:
     raw = {}
     for tp in case.published:
-        w = Workload(**{**case.workload, **case.per_tp.get(tp, {}), "allow_kv_replication": True})
+        w = Workload(**{**case.workload, **case.per_tp.get(tp, {}), "allow_kv_replication": True,
+                        "matmul_efficiency": matmul_efficiency})
         r = estimate(_model(case, tp), gpu, link, w, tp)
         if case.metric == "overlap_gain":
             raw[tp] = r["step_s"]["no_overlap"] / r["step_s"]["overlap"]
@@ -116,38 +118,72 @@ def predict(case: Case, gpu=None, link=None) -> dict:
             raw[tp] = r["tokens_per_s_per_gpu"]["no_overlap"] * _flops_per_token(_model(case, tp), w.seq)
         else:
             raw[tp] = r["tokens_per_s_per_gpu"]["no_overlap"]
+    return raw
+
+
+def predict(case: Case, gpu=None, link=None, matmul_efficiency: float = 1.0) -> dict:
+    """tp -> predicted value of the case's metric (the model's figures; `gpu` replaces the case's)."""
+    gpu = gpu or gpu_preset(case.gpu)
+    link = link or inter_node_preset("ib-ndr400")
+    raw = _raw(case, gpu, link, matmul_efficiency)
     return raw if case.metric == "overlap_gain" else _rel(raw)
+
+
+def matched_efficiency(case: Case) -> float | None:
+    """The --matmul-efficiency at which the model's tokens/s per GPU at the case's first TP equals the
+    published absolute figure there (bisection), or None when the source gives no absolute figure. This
+    uses one number of the run (its baseline throughput), never the relative figures it is compared on."""
+    if not case.absolute:
+        return None
+    gpu, link = gpu_preset(case.gpu), inter_node_preset("ib-ndr400")
+    first = min(case.published)
+    target = case.absolute[first]
+    lo, hi = 0.01, 1.0
+    if _raw(replace(case, published={first: 1.0}), gpu, link, hi)[first] <= target:
+        return hi
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if _raw(replace(case, published={first: 1.0}), gpu, link, mid)[first] > target:
+            hi = mid
+        else:
+            lo = mid
+    return (lo + hi) / 2
 
 
 def comparison_rows(cases=CASES) -> list[dict]:
     rows = []
     for case in cases:
         pred = predict(case)
+        eff = matched_efficiency(case)
+        matched = predict(case, matmul_efficiency=eff) if eff is not None else {}
         for tp, pub in case.published.items():
             rows.append({"case": case.name, "tp": tp, "published": pub, "predicted": pred[tp],
                          "error_points": 100 * (pred[tp] - pub), "in_target": case.in_target,
-                         "metric": case.metric})
+                         "metric": case.metric, "matched_efficiency": eff,
+                         "predicted_matched": matched.get(tp),
+                         "error_points_matched": 100 * (matched[tp] - pub) if matched else None})
     return rows
 
 
 def comparison_markdown(cases=CASES) -> str:
     """The comparison table of docs/planner.md (percent; gains as speedups)."""
-    lines = ["| case | TP | published | predicted | error (points) | config and source |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| case | TP | published | predicted | error (points) | compute matched: predicted (error) "
+             "| config and source |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     by_name = {c.name: c for c in cases}
     seen = set()
     for r in comparison_rows(cases):
         case = by_name[r["case"]]
-        note = "" if case.name in seen else f"{case.config}; {case.source}"
+        note = ""
+        if case.name not in seen:
+            note = f"{case.config}; {case.source}"
+            if r["matched_efficiency"] is not None:
+                note += f"; matched: --matmul-efficiency {r['matched_efficiency']:.2f}"
         seen.add(case.name)
-        if r["metric"] == "overlap_gain":
-            pub, pred = f"{r['published']:.2f}x", f"{r['predicted']:.2f}x"
-        else:
-            pub, pred = f"{100 * r['published']:.0f}%", f"{100 * r['predicted']:.0f}%"
+        fmt = (lambda v: f"{v:.2f}x") if r["metric"] == "overlap_gain" else (lambda v: f"{100 * v:.0f}%")
         flag = "" if not r["in_target"] or abs(r["error_points"]) <= TARGET_POINTS else " (over target)"
-        lines.append(f"| {r['case']} | {r['tp']} | {pub} | {pred} | {r['error_points']:+.0f}{flag} | {note} |")
+        matched = (f"{fmt(r['predicted_matched'])} ({r['error_points_matched']:+.0f})"
+                   if r["predicted_matched"] is not None else "-")
+        lines.append(f"| {r['case']} | {r['tp']} | {fmt(r['published'])} | {fmt(r['predicted'])} | "
+                     f"{r['error_points']:+.0f}{flag} | {matched} | {note} |")
     return "\n".join(lines)
-
-
-def with_gpu(case: Case, **changes) -> Case:
-    return replace(case, **changes)
