@@ -241,3 +241,12 @@ def test_moe_configs_not_modelled_are_refused_with_the_reason(tmp_path, extra, m
         resolve_model(path)
     assert main(["plan", "--model", path, "--tp", "2"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_moe_config_through_the_command(tmp_path, capsys):
+    path = _config(tmp_path, MIXTRAL)
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--model", path, "--tp", "2", "8", "--gpus", "8", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["inputs"]["model"]["experts"] == 8 and [c["tp"] for c in doc["configs"]] == [2, 8]
+    assert doc["configs"][1]["memory_GiB"]["weights"] < doc["configs"][0]["memory_GiB"]["weights"] / 3
