@@ -123,7 +123,7 @@ def test_bench_report_feeds_straight_in(tmp_path):
     ratio = cal_r["layer"]["gemm_fwd_s"]["gate_up"] / spec_r["layer"]["gemm_fwd_s"]["gate_up"]
     assert ratio == pytest.approx(989.0 * h100.gemm_efficiency / 650.0)
     assert cal_r["layer"]["gemm_efficiency"] == 1.0
-    bw, lat = cal_r["layer"]["collectives"]["all_reduce"], None
+    bw = cal_r["layer"]["collectives"]["all_reduce"]
     payload = 4096 * 4096 * 2
     expected = 4 * (2 * 7 / 8 * payload / 380e9 + 22e-6)
     assert bw["time_s"] == pytest.approx(expected)
@@ -156,7 +156,7 @@ def test_docs_table_is_the_regenerated_one():
     must regenerate the table (python -c 'from tpext.planner.compare import comparison_markdown as c;
     print(c())')."""
     text = (ROOT / "docs/planner.md").read_text()
-    block = re.search(r"<!-- comparison:begin -->\n(.*?)\n<!-- comparison:end -->", text, re.S)
+    block = re.search(r"<!-- comparison:begin -->\n(.*?)\n<!-- comparison:end -->", text, re.DOTALL)
     assert block, "docs/planner.md lost its comparison block markers"
     assert block.group(1) == comparison_markdown()
 
@@ -180,15 +180,16 @@ def test_rows_and_errors():
 
 
 # ------------------------------------------------------------------------------------------- MoE
-MIXTRAL = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
-               num_hidden_layers=32, vocab_size=32000, num_local_experts=8, num_experts_per_tok=2)
-QWEN_MOE = dict(hidden_size=2048, intermediate_size=5632, moe_intermediate_size=1408,
-                shared_expert_intermediate_size=5632, num_experts=60, num_experts_per_tok=4,
-                num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16, vocab_size=151936,
-                decoder_sparse_step=1, mlp_only_layers=[])
-DEEPSEEK_MOE = dict(hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408, n_routed_experts=64,
-                    n_shared_experts=2, num_experts_per_tok=6, num_hidden_layers=28, first_k_dense_replace=1,
-                    moe_layer_freq=1, num_attention_heads=16, num_key_value_heads=16, vocab_size=102400)
+MIXTRAL = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
+           "num_hidden_layers": 32, "vocab_size": 32000, "num_local_experts": 8, "num_experts_per_tok": 2}
+QWEN_MOE = {"hidden_size": 2048, "intermediate_size": 5632, "moe_intermediate_size": 1408,
+            "shared_expert_intermediate_size": 5632, "num_experts": 60, "num_experts_per_tok": 4,
+            "num_hidden_layers": 24, "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": 151936,
+            "decoder_sparse_step": 1, "mlp_only_layers": []}
+DEEPSEEK_MOE = {"hidden_size": 2048, "intermediate_size": 10944, "moe_intermediate_size": 1408,
+                "n_routed_experts": 64, "n_shared_experts": 2, "num_experts_per_tok": 6, "num_hidden_layers": 28,
+                "first_k_dense_replace": 1, "moe_layer_freq": 1, "num_attention_heads": 16,
+                "num_key_value_heads": 16, "vocab_size": 102400}
 
 
 def _config(tmp_path, cfg, name="config.json"):

@@ -124,7 +124,7 @@ def _command_line() -> str | None:
 def build(args) -> dict:
     """Parsed arguments -> the plan document (raises ValueError on bad input)."""
     from tpext.planner.estimate import Workload, estimate
-    from tpext.planner.presets import canonical_dtype, resolve_model
+    from tpext.planner.presets import canonical_dtype, nccl_model, resolve_model
     from tpext.planner.report import FORMAT, summarize
 
     model = resolve_model(args.model)
@@ -152,7 +152,8 @@ def build(args) -> dict:
         "format": FORMAT,
         "command": _command_line(),
         "inputs": {"model": dataclasses.asdict(model), "gpu": dataclasses.asdict(gpu),
-                   "inter_node": dataclasses.asdict(link), "workload": {**base, "gpus": args.gpus}},
+                   "inter_node": dataclasses.asdict(link), "workload": {**base, "gpus": args.gpus},
+                   "nccl_model": nccl_model()},
         "configs": configs, "errors": errors,
         "notes": ["figures are predictions of the cost model in docs/planner.md, not measurements"],
     }

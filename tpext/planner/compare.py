@@ -13,8 +13,8 @@ from dataclasses import dataclass, field, replace
 from tpext.planner.estimate import Workload, estimate
 from tpext.planner.presets import ModelSpec, gpu_preset, inter_node_preset, model_preset
 
-__all__ = ["Case", "CASES", "predict", "matched_efficiency", "comparison_rows", "comparison_markdown",
-           "TARGET_POINTS"]
+__all__ = ["CASES", "TARGET_POINTS", "Case", "comparison_markdown", "comparison_rows", "matched_efficiency",
+           "predict"]
 
 #: the issue's target: every row of the seed's and the Playbook's tables within this many points
 TARGET_POINTS = 8.0
@@ -167,8 +167,8 @@ def comparison_rows(cases=CASES) -> list[dict]:
 
 def comparison_markdown(cases=CASES) -> str:
     """The comparison table of docs/planner.md (percent; gains as speedups)."""
-    lines = ["| case | TP | published | predicted | error (points) | compute matched: predicted (error) "
-             "| config and source |",
+    lines = [("| case | TP | published | predicted | error (points) | compute matched: predicted (error) "
+              "| config and source |"),
              "| --- | --- | --- | --- | --- | --- | --- |"]
     by_name = {c.name: c for c in cases}
     seen = set()

@@ -10,8 +10,16 @@ from dataclasses import dataclass
 
 from tpext.planner import cost_model as cm
 from tpext.planner import resolve_chunks
-from tpext.planner.presets import (DTYPE_BYTES, NCCL_LL_MULTINODE_INTRA_FACTOR, NCCL_MULTINODE_RING_LATENCY_FACTOR,
-                                   NCCL_PROTOCOLS, NVLINK_LATENCY_US, GPUSpec, LinkSpec, ModelSpec)
+from tpext.planner.presets import (
+    DTYPE_BYTES,
+    NCCL_LL_MULTINODE_INTRA_FACTOR,
+    NCCL_MULTINODE_RING_LATENCY_FACTOR,
+    NCCL_PROTOCOLS,
+    NVLINK_LATENCY_US,
+    GPUSpec,
+    LinkSpec,
+    ModelSpec,
+)
 
 __all__ = ["Workload", "estimate", "GiB"]
 

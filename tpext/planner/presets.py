@@ -15,7 +15,7 @@ from pathlib import Path
 
 __all__ = [
     "DTYPE_BYTES", "ModelSpec", "GPUSpec", "LinkSpec", "MODELS", "GPUS", "INTER_NODE_LINKS",
-    "model_preset", "gpu_preset", "inter_node_preset", "load_hf_config", "resolve_model",
+    "model_preset", "gpu_preset", "inter_node_preset", "load_hf_config", "resolve_model", "nccl_model",
 ]
 
 #: bytes per element of the dtypes the planner knows (names as torch spells them, plus short forms)
@@ -127,6 +127,15 @@ NCCL_MULTINODE_RING_LATENCY_FACTOR = 1.9
 # NCCL's model: the LL NVLink step latency is 1.8x when the communicator spans nodes.
 NCCL_LL_MULTINODE_INTRA_FACTOR = 1.8
 NVLINK_LATENCY_US = NCCL_PROTOCOLS["simple"][1]
+
+
+def nccl_model() -> dict:
+    """The NCCL cost-model constants in use, for a plan's recorded inputs."""
+    return {"protocols": {k: dict(zip(("base_us", "nvlink_step_us", "net_step_us", "bandwidth_fraction"), v))
+                          for k, v in NCCL_PROTOCOLS.items()},
+            "multinode_ring_latency_factor": NCCL_MULTINODE_RING_LATENCY_FACTOR,
+            "ll_multinode_intra_factor": NCCL_LL_MULTINODE_INTRA_FACTOR,
+            "source": "NVIDIA/nccl src/graph/tuning.cc (ncclTopoTuneModel)"}
 
 # Spec sheets: NVIDIA H100 Tensor Core GPU data sheet (SXM5 80GB: 989 TFLOP/s dense BF16/FP16, 67 TFLOP/s
 # FP32, 3.35 TB/s HBM3, 132 SMs); H200 data sheet (SXM 141GB, 4.8 TB/s HBM3e, same chip and NVLink as

@@ -65,10 +65,10 @@ def format_table(doc: dict) -> str:
         f"{w['mode']}, seq {w['seq']} x micro-batch {w['micro_batch']}, {w['dtype']}, "
         f"SP {'on' if w['sequence_parallel'] else 'off'}, {w['gpus_per_node']} GPUs/node, "
         f"inter-node {inp['inter_node']['name']} {inp['inter_node']['per_gpu_GBps']:g} GB/s per GPU",
-        "memory per GPU in GiB (W weights, G grads, O optimizer, A activations, KV cache); bytes each GPU "
-        "sends per layer and the time of those collectives; times per micro-batch of the slowest pipeline "
-        "stage; rel / rel+ovl = tokens/s per GPU without / with overlap, both relative to the first TP's "
-        "without overlap; gain = with / without overlap at the same TP",
+        ("memory per GPU in GiB (W weights, G grads, O optimizer, A activations, KV cache); bytes each GPU "
+         "sends per layer and the time of those collectives; times per micro-batch of the slowest pipeline "
+         "stage; rel / rel+ovl = tokens/s per GPU without / with overlap, both relative to the first TP's "
+         "without overlap; gain = with / without overlap at the same TP"),
     ]
     head = ["TP", "DP", "PP", "W", "G", "O", "A", "KV", "total", "fits", "collectives/layer",
             "sent/GPU/layer", "compute", "exposed", "exposed+ovl", "tok/s/GPU", "rel", "rel+ovl", "gain"]
