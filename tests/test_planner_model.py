@@ -14,7 +14,7 @@ from tpext.cli import main
 from tpext.planner import cost_model as cm
 from tpext.planner.calibration import apply_calibration, load_calibration
 from tpext.planner.compare import CASES, comparison_markdown, comparison_rows
-from tpext.planner.estimate import Workload, estimate
+from tpext.planner.estimate import Workload, _Net, estimate
 from tpext.planner.presets import NCCL_PROTOCOLS, gpu_preset, inter_node_preset, model_preset, resolve_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,6 +71,24 @@ def test_nccl_model_bounds(kind, n, nodes):
         assert t >= cm.collective_wire_bytes_per_gpu(kind, p, n) / (bus * 1e9)   # bus bandwidth bound
     # a 1 GB message nearly reaches the bus bandwidth: the Simple protocol's latency is a small share
     assert times[-1] <= 1.15 * cm.collective_wire_bytes_per_gpu(kind, 1e9, n) / (bus * 1e9)
+
+
+def test_nccl_model_hand_computed():
+    p = 4096 * 3200 * 2                                   # one [T, h] activation of llama-3b at seq 4096
+    # 8 GPUs, one node: Simple wins; latency 8.4 + 14 steps x 3.4 us; 2 (n-1)/n of the payload at 460 GB/s
+    bw, lat = cm.nccl_ring_time_s("all_reduce", p, 8, 1, 460.0, NCCL_PROTOCOLS)
+    assert (bw, lat) == (pytest.approx(1.75 * p / 460e9), pytest.approx(56e-6))
+    # 16 GPUs on two nodes: 28 NVLink steps + 2 network steps, x1.9 for a multi-node Simple all-reduce;
+    # bus bandwidth min(460, 8 NICs x 50 GB/s)
+    bw, lat = cm.nccl_ring_time_s("all_reduce", p, 16, 2, 400.0, NCCL_PROTOCOLS, net_step_us=9.6,
+                                  multinode_ring_factor=1.9)
+    assert (bw, lat) == (pytest.approx(1.875 * p / 400e9), pytest.approx((8.4 + 28 * 3.4 + 2 * 9.6) * 1.9e-6))
+    # a 4 KB all-reduce takes LL: 3.6 + 14 x 0.47 us, at a quarter of the bandwidth
+    bw, lat = cm.nccl_ring_time_s("all_reduce", 4096, 8, 1, 460.0, NCCL_PROTOCOLS)
+    assert (bw, lat) == (pytest.approx(1.75 * 4096 / 115e9), pytest.approx((3.6 + 14 * 0.47) * 1e-6))
+    # the planner's network for these groups gives the same numbers
+    net = _Net(gpu_preset("H100"), NDR, 8)
+    assert sum(net.time_s("all_reduce", p, 16)) == pytest.approx(1.875 * p / 400e9 + 233.32e-6)
 
 
 def test_crossing_a_node_costs_more_per_byte_than_staying_inside():

@@ -289,6 +289,8 @@ def nccl_ring_time_s(kind: str, payload_bytes: float, n: int, nodes: int, bus_GB
         lat = base + (steps - inter) * nvl + inter * net
         if nodes > 1 and name == "simple" and kind == "all_reduce":
             lat *= multinode_ring_factor
+        if name == "ll" and nodes == 1 and kind != "all_reduce":
+            fraction = max(fraction, 1 / 3)      # NCCL: LL reaches a third for intra-node RS / AG
         bw_s = wire / (bus_GBps * fraction * GB)
         if best is None or bw_s + lat * 1e-6 < sum(best):
             best = (bw_s, lat * 1e-6)
