@@ -63,7 +63,7 @@ def _rel(values: dict) -> dict:
 
 
 CASES = (
-    Case("seed", "seed tutorial ch. 4 table (shared/seeds/000, cites the Playbook)",
+    Case("seed", "seed tutorial (Tazi et al., ch. 4) table, shared/seeds/000",
          "model ASSUMED llama-7b (the simulator's default 7B), seq 4096, mbs 1, no SP, relative to TP=1",
          "relative", {1: 1.0, 4: 0.90, 8: 0.80, 16: 0.45, 32: 0.25}, model="llama-7b",
          workload={"seq": 4096, "micro_batch": 1}, in_target=True),
