@@ -135,6 +135,7 @@ def build(args) -> dict:
                 allow_kv_replication=args.allow_kv_replication, matmul_efficiency=args.matmul_efficiency,
                 reserve_GiB=args.reserve_gib)
     configs, errors, baseline = [], [], None
+    notes = ["figures are predictions of the cost model in docs/planner.md, not measurements"]
     for tp in args.tp:
         try:
             dp = args.dp
@@ -148,6 +149,14 @@ def build(args) -> dict:
             continue
         baseline = baseline or result
         configs.append(summarize(result, baseline))
+        layer = result["layer"]
+        if layer["exposed_comm_overlap_s"] > layer["comm_s"]:   # only an explicit --chunks gets here
+            c = layer["overlap_costs_s"]
+            notes.append(f"TP={tp}: overlap with --chunks {args.chunks} is slower than none by "
+                         f"{(layer['exposed_comm_overlap_s'] - layer['comm_s']) * 1e6:.0f} us per layer: "
+                         f"splitting each collective adds {c['chunk_latency'] * 1e6:.0f} us of latency, more "
+                         f"than the GEMMs beside it hide (NCCL's SMs take up to {c['nccl_sms'] * 1e6:.0f} us "
+                         f"of that); --chunks auto never picks a slower schedule")
     doc = {
         "format": FORMAT,
         "command": _command_line(),
@@ -155,7 +164,7 @@ def build(args) -> dict:
                    "inter_node": dataclasses.asdict(link), "workload": {**base, "gpus": args.gpus},
                    "nccl_model": nccl_model()},
         "configs": configs, "errors": errors,
-        "notes": ["figures are predictions of the cost model in docs/planner.md, not measurements"],
+        "notes": notes,
     }
     if args.reference:
         doc["reference"] = {"label": args.reference_label,

@@ -195,16 +195,25 @@ def _layer(model: ModelSpec, gpu: GPUSpec, w: Workload, tp: int, net: _Net, moe_
     by_kind: dict = {}
     chunks_used = []
     comm_s = exposed_overlap_s = 0.0
+    costs = {"chunk_latency": 0.0, "nccl_sms": 0.0}
     for kind, partner_s in colls:
         bw_s, lat_s = net.time_s(kind, payload, tp)
         comm_s += bw_s + lat_s
 
-        def pipelined(c, kind=kind, partner_s=partner_s):
-            return cm.overlapped_time_s(partner_s, sum(net.time_s(kind, payload / c, tp)), c, net.sm_fraction)
+        def chunk_s(c, kind=kind):
+            return sum(net.time_s(kind, payload / c, tp))
+
+        def pipelined(c, partner_s=partner_s):
+            return cm.overlapped_time_s(partner_s, chunk_s(c), c, net.sm_fraction)
 
         best = min(candidates, key=pipelined)
         chunks_used.append(best)
         exposed_overlap_s += pipelined(best) - partner_s
+        # The two costs overlap can pay (what bounds its loss against the sequential schedule, since
+        # max(c, g + f c) <= c + g + f c): the collective split in `best` pieces costs more than whole
+        # (a latency per piece), and each overlapped stage gives f of its collective's time to NCCL's SMs.
+        costs["chunk_latency"] += best * chunk_s(best) - (bw_s + lat_s)
+        costs["nccl_sms"] += (best - 1) * net.sm_fraction * chunk_s(best)
         e = by_kind.setdefault(kind, {"count": 0, "payload_bytes": payload, "wire_bytes_per_gpu": 0.0,
                                       "time_s": 0.0})
         e["count"] += 1
@@ -212,7 +221,8 @@ def _layer(model: ModelSpec, gpu: GPUSpec, w: Workload, tp: int, net: _Net, moe_
         e["time_s"] += bw_s + lat_s
     return {"tokens": T, "chunks": chunks_used, "compute_fwd_s": compute_fwd, "compute_bwd_s": compute_bwd,
             "compute_s": compute_fwd + compute_bwd, "comm_s": comm_s,
-            "exposed_comm_overlap_s": exposed_overlap_s, "collectives": by_kind, "gemm_fwd_s": fwd,
+            "exposed_comm_overlap_s": exposed_overlap_s, "overlap_costs_s": costs, "collectives": by_kind,
+            "gemm_fwd_s": fwd,
             "attention_fwd_s": attn_fwd, "elementwise_fwd_s": elem_fwd,
             "tflops_used": tflops, "gemm_efficiency": gemm_eff, "moe_layer": moe_layer}
 
