@@ -39,6 +39,7 @@ def test_plan_command_writes_json_and_png(tmp_path):
     for c in doc["configs"]:   # both columns relative to the baseline without overlap: overlap never below
         assert c["relative_throughput"]["overlap"] >= c["relative_throughput"]["no_overlap"]
         assert c["overlap_gain"] >= 1.0
+        assert set(c["overlap_costs_per_layer_us"]) == {"chunk_latency", "nccl_sms"}
     assert (out / "plan.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -31,6 +31,7 @@ def summarize(result: dict, baseline: dict | None) -> dict:
         "exposed_comm_per_layer_us": {"no_overlap": layer["comm_s"] * 1e6,
                                       "overlap": layer["exposed_comm_overlap_s"] * 1e6},
         "chunks": layer["chunks"],
+        "overlap_costs_per_layer_us": {k: v * 1e6 for k, v in layer["overlap_costs_s"].items()},
         "compute_per_layer_us": layer["compute_s"] * 1e6,
         "compute_ms": result["compute_s"] * 1e3,
         "exposed_comm_ms": {k: v * 1e3 for k, v in result["exposed_comm_s"].items()},
