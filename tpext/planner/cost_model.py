@@ -12,7 +12,7 @@ import math
 __all__ = [
     "shard_size", "column_shard_output_bytes", "allreduce_bytes_per_layer", "largest_activation_elems",
     "ring_allreduce_time_s", "ring_reduce_scatter_time_s", "ring_allgather_time_s",
-    "hierarchical_reduce_scatter_time_s", "hierarchical_allreduce_time_s", "collective_wire_bytes_per_gpu",
+    "collective_wire_bytes_per_gpu",
     "kv_heads_per_gpu", "check_tp", "layer_params", "mlp_params", "mlp_width", "moe_layer_counts", "model_params", "params_per_gpu", "weights_bytes",
     "training_state_bytes_per_param", "layer_activation_bytes", "logits_bytes", "kv_cache_bytes",
     "gemm_time_s", "pipelined_time_s", "pipeline_bubble_fraction", "wave_efficiency", "nccl_ring_time_s",
@@ -63,33 +63,6 @@ def ring_allreduce_time_s(payload_bytes: float, n: int, bus_GBps: float, latency
     if n <= 1:
         return 0.0
     return latency_s + 2 * (n - 1) / n * payload_bytes / (bus_GBps * GB)
-
-
-def hierarchical_reduce_scatter_time_s(payload_bytes: float, n: int, gpus_per_node: int, intra_GBps: float,
-                                       inter_GBps_per_gpu: float, intra_latency_s: float,
-                                       inter_latency_s: float) -> float:
-    """Reduce-scatter over n GPUs spread over n / g nodes of g GPUs: inside each node over NVLink, then
-    each GPU's 1/g share across nodes on its own NIC (all g NICs of a node work in parallel). Groups that
-    fit in a node are a plain ring. All-gather costs the same; all-reduce twice this."""
-    g = min(n, gpus_per_node)
-    if n <= g:
-        return ring_reduce_scatter_time_s(payload_bytes, n, intra_GBps, intra_latency_s)
-    if n % g:
-        raise ValueError(f"tpext plan: a group of {n} GPUs over nodes of {gpus_per_node} must fill whole "
-                         f"nodes (n a multiple of gpus_per_node)")
-    return (ring_reduce_scatter_time_s(payload_bytes, g, intra_GBps, intra_latency_s)
-            + ring_reduce_scatter_time_s(payload_bytes / g, n // g, inter_GBps_per_gpu, inter_latency_s))
-
-
-def hierarchical_allreduce_time_s(payload_bytes: float, n: int, gpus_per_node: int, intra_GBps: float,
-                                  inter_GBps_per_gpu: float, intra_latency_s: float,
-                                  inter_latency_s: float) -> float:
-    """Reduce-scatter + all-gather in bandwidth; one fixed latency per level, as for a ring all-reduce."""
-    bandwidth_s = 2 * hierarchical_reduce_scatter_time_s(payload_bytes, n, gpus_per_node, intra_GBps,
-                                                         inter_GBps_per_gpu, 0.0, 0.0)
-    if n <= 1:
-        return 0.0
-    return bandwidth_s + intra_latency_s + (inter_latency_s if n > gpus_per_node else 0.0)
 
 
 def collective_wire_bytes_per_gpu(kind: str, payload_bytes: float, n: int) -> float:
