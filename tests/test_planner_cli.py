@@ -34,6 +34,12 @@ def test_plan_command_writes_json_and_png(tmp_path):
     rs = doc["configs"][2]["comm_per_layer"]["reduce_scatter"]
     assert rs["count"] == 4 and rs["payload_bytes"] == 2048 * 4096 * 2
     assert doc["configs"][0]["relative_throughput"]["no_overlap"] == 1
+    assert doc["inputs"]["nccl_model"]["protocols"]["simple"]["base_us"] == 8.4       # every constant recorded
+    assert doc["inputs"]["gpu"]["gemm_efficiency"] == 0.80
+    for c in doc["configs"]:   # both columns relative to the baseline without overlap: overlap never below
+        assert c["relative_throughput"]["overlap"] >= c["relative_throughput"]["no_overlap"]
+        assert c["overlap_gain"] >= 1.0
+        assert set(c["overlap_costs_per_layer_us"]) == {"chunk_latency", "nccl_sms"}
     assert (out / "plan.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -42,10 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"preset ({', '.join(MODELS)}) or a Hugging Face config.json path "
                         f"(default: llama-7b)")
     g.add_argument("--gpu", default="H100",
-                   help=f"GPU preset, spec-sheet figures ({', '.join(GPUS)}; default H100)")
+                   help=f"GPU preset, public curves ({', '.join(GPUS)}; default H100)")
     g.add_argument("--calibration", metavar="PATH",
-                   help="calibration file written by the benchmarks: its measured figures replace "
-                        "the preset's")
+                   help="calibration file written by the benchmarks, or a `tpext bench` report "
+                        "(layers.json): its measured figures replace the preset's")
     g.add_argument("--inter-node", default="ib-ndr400",
                    help=f"network between nodes ({', '.join(INTER_NODE_LINKS)}; default ib-ndr400)")
     g.add_argument("--gpus-per-node", type=int, default=None,
@@ -54,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="override the intra-node bus bandwidth, GB/s per direction")
     g.add_argument("--inter-node-GBps", type=float, help="override the inter-node bandwidth per GPU, GB/s")
     g.add_argument("--matmul-efficiency", type=float, default=1.0,
-                   help="fraction of the GEMM TFLOP/s figure reached (default 1.0: the figure as given)")
+                   help="a further factor on every GEMM and attention rate, on top of the public "
+                        "curves (default 1.0: the curves as given)")
 
     w = parser.add_argument_group("workload")
     w.add_argument("--mode", choices=("train", "prefill", "decode"), default="train",
@@ -123,7 +124,7 @@ def _command_line() -> str | None:
 def build(args) -> dict:
     """Parsed arguments -> the plan document (raises ValueError on bad input)."""
     from tpext.planner.estimate import Workload, estimate
-    from tpext.planner.presets import canonical_dtype, resolve_model
+    from tpext.planner.presets import canonical_dtype, nccl_model, resolve_model
     from tpext.planner.report import FORMAT, summarize
 
     model = resolve_model(args.model)
@@ -134,6 +135,7 @@ def build(args) -> dict:
                 allow_kv_replication=args.allow_kv_replication, matmul_efficiency=args.matmul_efficiency,
                 reserve_GiB=args.reserve_gib)
     configs, errors, baseline = [], [], None
+    notes = ["figures are predictions of the cost model in docs/planner.md, not measurements"]
     for tp in args.tp:
         try:
             dp = args.dp
@@ -147,13 +149,22 @@ def build(args) -> dict:
             continue
         baseline = baseline or result
         configs.append(summarize(result, baseline))
+        layer = result["layer"]
+        if layer["exposed_comm_overlap_s"] > layer["comm_s"]:   # only an explicit --chunks gets here
+            c = layer["overlap_costs_s"]
+            notes.append(f"TP={tp}: overlap with --chunks {args.chunks} is slower than none by "
+                         f"{(layer['exposed_comm_overlap_s'] - layer['comm_s']) * 1e6:.0f} us per layer: "
+                         f"splitting each collective adds {c['chunk_latency'] * 1e6:.0f} us of latency, more "
+                         f"than the GEMMs beside it hide (NCCL's SMs take up to {c['nccl_sms'] * 1e6:.0f} us "
+                         f"of that); --chunks auto never picks a slower schedule")
     doc = {
         "format": FORMAT,
         "command": _command_line(),
         "inputs": {"model": dataclasses.asdict(model), "gpu": dataclasses.asdict(gpu),
-                   "inter_node": dataclasses.asdict(link), "workload": {**base, "gpus": args.gpus}},
+                   "inter_node": dataclasses.asdict(link), "workload": {**base, "gpus": args.gpus},
+                   "nccl_model": nccl_model()},
         "configs": configs, "errors": errors,
-        "notes": ["figures are predictions of the cost model in docs/planner.md, not measurements"],
+        "notes": notes,
     }
     if args.reference:
         doc["reference"] = {"label": args.reference_label,

@@ -12,7 +12,8 @@ Format "tpext-calibration/1" (a JSON object; extra keys are allowed and ignored)
     gpus_per_node          devices that share the measured link (a TP group up to this size uses it)
 
 Every key must be present; a measured value may be null (not measured), and the planner then falls back
-to the preset's spec figure for it.
+to the preset's figure for it. A `tpext bench` report (layers.json, "tpext-bench-layers/1") is accepted
+too: its probes of the largest group measured are read as this format.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from pathlib import Path
 
 from tpext.planner.presets import DTYPE_BYTES, GPUSpec
 
-__all__ = ["FORMAT", "Calibration", "load_calibration", "write_calibration", "apply_calibration"]
+__all__ = ["FORMAT", "BENCH_FORMAT", "Calibration", "load_calibration", "write_calibration", "apply_calibration",
+           "from_bench_report"]
 
 FORMAT = "tpext-calibration/1"
 REQUIRED = ("format", "device", "source", "matmul_tflops", "allreduce_bus_GBps", "collective_latency_us",
@@ -88,12 +90,39 @@ def validate(data, where: str = "<object>") -> Calibration:
     )
 
 
+BENCH_FORMAT = "tpext-bench-layers/1"
+
+
+def from_bench_report(report: dict, where: str = "<bench report>") -> dict:
+    """A `tpext bench` report (layers.json, format tpext-bench-layers/1) -> calibration data: the probes
+    of the largest group measured (the closest to the groups the planner sizes), as `tpext bench
+    --calibration` writes them."""
+    probes = report.get("probes")
+    if not isinstance(probes, dict) or not probes:
+        raise ValueError(f"tpext calibration {where}: a {BENCH_FORMAT} report needs a non-empty 'probes' "
+                         f"object {{tp: probes}}")
+    try:
+        n = max(probes, key=int)
+        p, env = probes[n], report["environment"]
+        return {"format": FORMAT, "device": report["device"], "source": report["command"],
+                "matmul_tflops": p["matmul_tflops"], "allreduce_bus_GBps": p["allreduce"]["bus_GBps"],
+                "collective_latency_us": p["allreduce"]["latency_us"], "memory_GiB": env["memory_GiB"],
+                "gpus_per_node": env["local_ranks"]}
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"tpext calibration {where}: a {BENCH_FORMAT} report lacks {e} (expected probes."
+                         f"<tp>.matmul_tflops / allreduce.bus_GBps / allreduce.latency_us, environment."
+                         f"memory_GiB / local_ranks, device, command)") from e
+
+
 def load_calibration(path: str | Path) -> Calibration:
+    """A calibration file, or a `tpext bench` report (layers.json) read straight as one."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"tpext calibration {path}: cannot read it: {e}") from e
+    if isinstance(data, dict) and data.get("format") == BENCH_FORMAT:
+        data = from_bench_report(data, str(path))
     return validate(data, str(path))
 
 
@@ -121,7 +150,7 @@ def apply_calibration(gpu: GPUSpec, cal: Calibration) -> GPUSpec:
         matmul_tflops=matmul,
         memory_GiB=cal.memory_GiB if cal.memory_GiB is not None else gpu.memory_GiB,
         nvlink_GBps=cal.allreduce_bus_GBps if cal.allreduce_bus_GBps is not None else gpu.nvlink_GBps,
-        intra_latency_us=(cal.collective_latency_us if cal.collective_latency_us is not None
-                          else gpu.intra_latency_us),
+        measured_latency_us=cal.collective_latency_us,
+        measured_dtypes=tuple(k for k, v in cal.matmul_tflops.items() if v is not None),
         source=f"calibration {cal.path} (measured by: {cal.source}); spec figures of {gpu.name} where null",
     )

@@ -12,10 +12,11 @@ import math
 __all__ = [
     "shard_size", "column_shard_output_bytes", "allreduce_bytes_per_layer", "largest_activation_elems",
     "ring_allreduce_time_s", "ring_reduce_scatter_time_s", "ring_allgather_time_s",
-    "hierarchical_reduce_scatter_time_s", "hierarchical_allreduce_time_s", "collective_wire_bytes_per_gpu",
-    "kv_heads_per_gpu", "check_tp", "layer_params", "model_params", "params_per_gpu", "weights_bytes",
+    "collective_wire_bytes_per_gpu",
+    "kv_heads_per_gpu", "check_tp", "layer_params", "mlp_params", "mlp_width", "moe_layer_counts", "model_params", "params_per_gpu", "weights_bytes",
     "training_state_bytes_per_param", "layer_activation_bytes", "logits_bytes", "kv_cache_bytes",
-    "gemm_time_s", "pipelined_time_s", "pipeline_bubble_fraction",
+    "gemm_time_s", "pipelined_time_s", "pipeline_bubble_fraction", "wave_efficiency", "nccl_ring_time_s",
+    "overlapped_time_s",
 ]
 
 GB = 1e9
@@ -64,33 +65,6 @@ def ring_allreduce_time_s(payload_bytes: float, n: int, bus_GBps: float, latency
     return latency_s + 2 * (n - 1) / n * payload_bytes / (bus_GBps * GB)
 
 
-def hierarchical_reduce_scatter_time_s(payload_bytes: float, n: int, gpus_per_node: int, intra_GBps: float,
-                                       inter_GBps_per_gpu: float, intra_latency_s: float,
-                                       inter_latency_s: float) -> float:
-    """Reduce-scatter over n GPUs spread over n / g nodes of g GPUs: inside each node over NVLink, then
-    each GPU's 1/g share across nodes on its own NIC (all g NICs of a node work in parallel). Groups that
-    fit in a node are a plain ring. All-gather costs the same; all-reduce twice this."""
-    g = min(n, gpus_per_node)
-    if n <= g:
-        return ring_reduce_scatter_time_s(payload_bytes, n, intra_GBps, intra_latency_s)
-    if n % g:
-        raise ValueError(f"tpext plan: a group of {n} GPUs over nodes of {gpus_per_node} must fill whole "
-                         f"nodes (n a multiple of gpus_per_node)")
-    return (ring_reduce_scatter_time_s(payload_bytes, g, intra_GBps, intra_latency_s)
-            + ring_reduce_scatter_time_s(payload_bytes / g, n // g, inter_GBps_per_gpu, inter_latency_s))
-
-
-def hierarchical_allreduce_time_s(payload_bytes: float, n: int, gpus_per_node: int, intra_GBps: float,
-                                  inter_GBps_per_gpu: float, intra_latency_s: float,
-                                  inter_latency_s: float) -> float:
-    """Reduce-scatter + all-gather in bandwidth; one fixed latency per level, as for a ring all-reduce."""
-    bandwidth_s = 2 * hierarchical_reduce_scatter_time_s(payload_bytes, n, gpus_per_node, intra_GBps,
-                                                         inter_GBps_per_gpu, 0.0, 0.0)
-    if n <= 1:
-        return 0.0
-    return bandwidth_s + intra_latency_s + (inter_latency_s if n > gpus_per_node else 0.0)
-
-
 def collective_wire_bytes_per_gpu(kind: str, payload_bytes: float, n: int) -> float:
     """Bytes each GPU sends in a ring collective (what the bus bandwidth is spent on)."""
     factor = {"all_reduce": 2.0, "reduce_scatter": 1.0, "all_gather": 1.0}
@@ -126,13 +100,32 @@ def check_tp(heads: int, kv_heads: int, tp: int, *, allow_kv_replication: bool =
 
 
 # ---------------------------------------------------------------------------------------- parameters
-def layer_params(model, tp: int = 1) -> int:
+def mlp_params(model, tp: int = 1, moe_layer: bool = False) -> int:
+    """MLP parameters of one layer on one GPU. A MoE layer under TP (no expert parallelism) shards every
+    routed and shared expert like the dense MLP (gate/up column-, down row-parallel: Megatron-LM's expert
+    tensor parallelism); its router [hidden, experts] is replicated."""
+    mats = 3 if model.gated_mlp else 2
+    if not moe_layer:
+        return mats * model.hidden * shard_size(model.intermediate, tp)
+    width = model.experts * shard_size(model.expert_intermediate, tp) + shard_size(model.shared_intermediate, tp)
+    return mats * model.hidden * width + model.hidden * model.experts
+
+
+def moe_layer_counts(model, layers: int | None = None) -> tuple[int, int]:
+    """(dense, MoE) layers among `layers` (default: the model's); the dense ones come first."""
+    layers = model.layers if layers is None else layers
+    if not model.moe:
+        return layers, 0
+    moe = min(layers, model.layers - model.dense_layers)
+    return layers - moe, moe
+
+
+def layer_params(model, tp: int = 1, moe_layer: bool = False) -> int:
     """Parameters of one transformer layer held by one GPU (norm weights replicated)."""
     d = model.head_dim
     q_and_o = 2 * model.hidden * (model.heads // tp) * d
     kv = 2 * model.hidden * kv_heads_per_gpu(model.kv_heads, tp) * d
-    mlp = (3 if model.gated_mlp else 2) * model.hidden * shard_size(model.intermediate, tp)
-    return q_and_o + kv + mlp + 2 * model.hidden
+    return q_and_o + kv + mlp_params(model, tp, moe_layer) + 2 * model.hidden
 
 
 def embedding_params(model, tp: int = 1, pp: int = 1) -> int:
@@ -145,12 +138,15 @@ def embedding_params(model, tp: int = 1, pp: int = 1) -> int:
 
 
 def model_params(model) -> int:
-    return model.layers * layer_params(model) + embedding_params(model) + model.hidden
+    dense, moe = moe_layer_counts(model)
+    return dense * layer_params(model) + moe * layer_params(model, 1, True) + embedding_params(model) + model.hidden
 
 
 def params_per_gpu(model, tp: int, pp: int) -> int:
     """Parameters on the most loaded GPU: ceil(layers / pp) layers plus the embedding or the head."""
-    return math.ceil(model.layers / pp) * layer_params(model, tp) + embedding_params(model, tp, pp)
+    dense, moe = moe_layer_counts(model, math.ceil(model.layers / pp))   # a stage of MoE layers, if any
+    return (dense * layer_params(model, tp) + moe * layer_params(model, tp, True)
+            + embedding_params(model, tp, pp))
 
 
 def weights_bytes(params: float, dtype_bytes: int) -> float:
@@ -167,7 +163,7 @@ def training_state_bytes_per_param(dtype_bytes: int) -> dict:
 
 # ---------------------------------------------------------------------------------------- activations
 def layer_activation_bytes(model, tokens: int, tp: int, dtype_bytes: int, sequence_parallel: bool,
-                           keep_gathered_inputs: bool = False) -> int:
+                           keep_gathered_inputs: bool = False, moe_layer: bool = False) -> int:
     """Bytes one layer saves for backward (no recomputation; flash attention: no [s, s] scores).
 
     Replicated-region tensors [tokens, hidden]: the two norm inputs (residual stream) and the two norm
@@ -183,10 +179,21 @@ def layer_activation_bytes(model, tokens: int, tp: int, dtype_bytes: int, sequen
     replicated = (2 * rows_sp + 2 * rows_norm_out) * h
     q_local = (model.heads // tp) * d
     kv_local = kv_heads_per_gpu(model.kv_heads, tp) * d
-    i_local = shard_size(model.intermediate, tp)
-    sharded = tokens * (2 * q_local + 2 * kv_local + (3 if model.gated_mlp else 2) * i_local)
+    sharded = tokens * (2 * q_local + 2 * kv_local + (3 if model.gated_mlp else 2) * mlp_width(model, tp, moe_layer))
     stats_fp32 = rows_sp * 2 + tokens * (model.heads // tp)
+    if moe_layer:   # fp32 router logits and the routed copies of each token's input to its k experts
+        stats_fp32 += tokens * model.experts
+        sharded += tokens * model.experts_per_token * h
     return (replicated + sharded) * dtype_bytes + 4 * stats_fp32
+
+
+def mlp_width(model, tp: int, moe_layer: bool = False) -> int:
+    """Intermediate features one token activates on one GPU: the dense MLP's shard, or its k routed
+    experts' shards plus the shared experts' shard."""
+    if not moe_layer:
+        return shard_size(model.intermediate, tp)
+    return (model.experts_per_token * shard_size(model.expert_intermediate, tp)
+            + shard_size(model.shared_intermediate, tp))
 
 
 def logits_bytes(tokens: int, vocab: int, tp: int) -> int:
@@ -201,12 +208,81 @@ def kv_cache_bytes(model, sequences: int, context: int, tp: int, layers: int, dt
 
 
 # -------------------------------------------------------------------------------------------- compute
-def gemm_time_s(m: int, k: int, n: int, dtype_bytes: int, tflops: float, hbm_GBps: float) -> float:
+# Output tiles cuBLAS uses for large bf16/fp16 GEMMs on Hopper/Ampere (NVIDIA, "Matrix Multiplication
+# Background User's Guide": tile and wave quantization); the best-filling one is taken.
+GEMM_TILES = ((128, 256), (256, 128), (128, 128))
+
+
+def wave_efficiency(m: int, n: int, sms: int) -> float:
+    """Fraction of the GPU a GEMM with an [m, n] output keeps busy: its output tiles run in waves of one
+    tile per SM, and a last partial wave leaves SMs idle (wave quantization). 1.0 when sms is 0 (unknown)."""
+    if sms <= 0:
+        return 1.0
+    best = 0.0
+    for tm, tn in GEMM_TILES:
+        tiles = -(-m // tm) * -(-n // tn)
+        best = max(best, tiles / (-(-tiles // sms) * sms))
+    return best
+
+
+def gemm_time_s(m: int, k: int, n: int, dtype_bytes: int, tflops: float, hbm_GBps: float, *, sms: int = 0,
+                efficiency: float = 1.0) -> float:
     """Roofline of one [m, k] x [k, n] GEMM: the larger of its FLOP time and its HBM traffic time
-    (reading both operands and writing the output once)."""
+    (reading both operands and writing the output once). The FLOP rate is the spec figure times the
+    measured fraction cuBLAS reaches on large shapes (`efficiency`) times the wave efficiency on `sms`."""
     flops = 2.0 * m * k * n
     traffic = (m * k + k * n + m * n) * dtype_bytes
-    return max(flops / (tflops * 1e12), traffic / (hbm_GBps * GB))
+    rate = tflops * 1e12 * efficiency * wave_efficiency(m, n, sms)
+    return max(flops / rate, traffic / (hbm_GBps * GB))
+
+
+def nccl_ring_time_s(kind: str, payload_bytes: float, n: int, nodes: int, bus_GBps: float,
+                     protocols: dict, *, nvlink_step_scale: float = 1.0, net_step_us: float | None = None,
+                     multinode_ring_factor: float = 1.0, ll_multinode_intra_factor: float = 1.0
+                     ) -> tuple[float, float]:
+    """(bandwidth seconds, latency seconds) of one ring collective under NCCL's cost model, with the
+    protocol NCCL would pick (the fastest): latency = base + intra-node steps x NVLink step + inter-node
+    steps x network step; bandwidth = wire bytes / (bus bandwidth x the protocol's fraction).
+
+    protocols: {name: (base_us, nvlink_step_us, net_step_us, bandwidth_fraction)}; nvlink_step_scale scales
+    every protocol's NVLink step (a calibrated or overridden step latency); net_step_us replaces Simple's
+    network step (the link preset's)."""
+    if n <= 1:
+        return 0.0, 0.0
+    wire = collective_wire_bytes_per_gpu(kind, payload_bytes, n)
+    steps = 2 * (n - 1) if kind == "all_reduce" else n - 1
+    inter = (2 * (nodes - 1) if kind == "all_reduce" else nodes - 1) if nodes > 1 else 0
+    best = None
+    for name, (base, nvl, net, fraction) in protocols.items():
+        nvl *= nvlink_step_scale
+        if name == "simple" and net_step_us is not None:
+            net = net_step_us
+        if nodes > 1 and name == "ll":
+            nvl *= ll_multinode_intra_factor
+        lat = base + (steps - inter) * nvl + inter * net
+        if nodes > 1 and name == "simple" and kind == "all_reduce":
+            lat *= multinode_ring_factor
+        if name == "ll" and nodes == 1 and kind != "all_reduce":
+            fraction = max(fraction, 1 / 3)      # NCCL: LL reaches a third for intra-node RS / AG
+        bw_s = wire / (bus_GBps * fraction * GB)
+        if best is None or bw_s + lat * 1e-6 < sum(best):
+            best = (bw_s, lat * 1e-6)
+    return best
+
+
+def overlapped_time_s(gemm_s: float, chunk_comm_s: float, chunks: int, sm_fraction: float = 0.0) -> float:
+    """A GEMM split into `chunks` row chunks, the collective of chunk i (chunk_comm_s each, latency
+    included) running while chunk i+1 is multiplied. While a collective runs it holds `sm_fraction` of the
+    SMs, so the GEMM beside it runs that much slower: a stage takes max(c, g + f c) (the GEMM does c (1-f)
+    of work while the collective runs, the rest at full speed). The first GEMM chunk and the last
+    collective are never hidden; chunks=1 is the sequential sum, with no SM cost."""
+    if chunks < 1:
+        raise ValueError(f"tpext plan: chunks must be >= 1, got {chunks}")
+    if not 0 <= sm_fraction < 1:
+        raise ValueError(f"tpext plan: sm_fraction must be in [0, 1), got {sm_fraction}")
+    g = gemm_s / chunks
+    c = chunk_comm_s
+    return g + (chunks - 1) * max(c, g + sm_fraction * c) + c
 
 
 def pipelined_time_s(gemm_s: float, comm_bw_s: float, latency_s: float, chunks: int) -> float:

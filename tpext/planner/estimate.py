@@ -10,7 +10,16 @@ from dataclasses import dataclass
 
 from tpext.planner import cost_model as cm
 from tpext.planner import resolve_chunks
-from tpext.planner.presets import DTYPE_BYTES, GPUSpec, LinkSpec, ModelSpec
+from tpext.planner.presets import (
+    DTYPE_BYTES,
+    NCCL_LL_MULTINODE_INTRA_FACTOR,
+    NCCL_MULTINODE_RING_LATENCY_FACTOR,
+    NCCL_PROTOCOLS,
+    NVLINK_LATENCY_US,
+    GPUSpec,
+    LinkSpec,
+    ModelSpec,
+)
 
 __all__ = ["Workload", "estimate", "GiB"]
 
@@ -67,24 +76,56 @@ class Workload:
 
 
 class _Net:
-    """Collective times for groups laid out on nodes of `gpus_per_node` GPUs."""
+    """Collective times for groups laid out on nodes of `gpus_per_node` GPUs (NCCL's ring cost model)."""
 
     def __init__(self, gpu: GPUSpec, link: LinkSpec, gpus_per_node: int):
         self.gpu, self.link, self.gpn = gpu, link, gpus_per_node
 
     def time_s(self, kind: str, payload: float, n: int,
                members_per_node: int | None = None) -> tuple[float, float]:
-        """(bandwidth seconds, latency seconds) of one collective over n GPUs."""
+        """(bandwidth seconds, latency seconds) of one collective over n GPUs, `members_per_node` of them
+        on each node (default: as many as fit). Inside a node the bus bandwidth is the NVLink figure;
+        across nodes a ring runs one ring per NIC, so it is at most members_per_node x the NIC figure."""
+        if n <= 1:
+            return 0.0, 0.0
         g = members_per_node or min(n, self.gpn)
-        f = (cm.hierarchical_allreduce_time_s if kind == "all_reduce"
-             else cm.hierarchical_reduce_scatter_time_s)
-        args = (n, g, self.gpu.nvlink_GBps, self.link.per_gpu_GBps, self.gpu.intra_latency_us * 1e-6,
-                self.link.latency_us * 1e-6)
-        latency = f(0.0, *args)
-        return f(payload, *args) - latency, latency
+        nodes = -(-n // g)
+        bus = self.gpu.nvlink_GBps if nodes == 1 else min(self.gpu.nvlink_GBps, g * self.link.per_gpu_GBps)
+        if nodes == 1 and self.gpu.measured_latency_us is not None:   # calibrated: its own latency
+            return (cm.collective_wire_bytes_per_gpu(kind, payload, n) / (bus * cm.GB),
+                    self.gpu.measured_latency_us * 1e-6)
+        return cm.nccl_ring_time_s(
+            kind, payload, n, nodes, bus, NCCL_PROTOCOLS,
+            nvlink_step_scale=self.gpu.intra_latency_us / NVLINK_LATENCY_US, net_step_us=self.link.latency_us,
+            multinode_ring_factor=NCCL_MULTINODE_RING_LATENCY_FACTOR,
+            ll_multinode_intra_factor=NCCL_LL_MULTINODE_INTRA_FACTOR)
+
+    @property
+    def sm_fraction(self) -> float:
+        """Share of the SMs an NCCL collective takes from a GEMM running beside it."""
+        return self.gpu.nccl_sms / self.gpu.sms if self.gpu.sms else 0.0
 
 
-def _layer(model: ModelSpec, gpu: GPUSpec, w: Workload, tp: int, net: _Net) -> dict:
+def _mlp_shapes(model: ModelSpec, T: int, tp: int, moe_layer: bool) -> dict:
+    """name -> (count, m, k, n) of the MLP's GEMMs on one GPU. A MoE layer's tokens go to their k experts
+    (balanced routing: the T*k routed rows spread evenly over the experts they reach); each expert is a
+    [rows, h] x [h, i_e/t] GEMM, so small experts lose to wave quantization; the router is replicated."""
+    h, mats = model.hidden, (2 if model.gated_mlp else 1)
+    if not moe_layer:
+        i_local = cm.shard_size(model.intermediate, tp)
+        return {"gate_up": (1, T, h, mats * i_local), "down": (1, T, i_local, h)}
+    active = min(model.experts, T * model.experts_per_token)
+    rows = -(-T * model.experts_per_token // active)
+    e_local = cm.shard_size(model.expert_intermediate, tp)
+    shapes = {"gate_up": (active, rows, h, mats * e_local), "down": (active, rows, e_local, h),
+              "router": (1, T, h, model.experts)}
+    if model.shared_intermediate:
+        s_local = cm.shard_size(model.shared_intermediate, tp)
+        shapes.update(shared_gate_up=(1, T, h, mats * s_local), shared_down=(1, T, s_local, h))
+    return shapes
+
+
+def _layer(model: ModelSpec, gpu: GPUSpec, w: Workload, tp: int, net: _Net, moe_layer: bool = False) -> dict:
     b = DTYPE_BYTES[w.dtype]
     tflops = gpu.matmul_tflops.get(w.dtype)
     if not tflops:
@@ -96,13 +137,19 @@ def _layer(model: ModelSpec, gpu: GPUSpec, w: Workload, tp: int, net: _Net) -> d
     h, d = model.hidden, model.head_dim
     q_local = (model.heads // tp) * d
     kv_local = cm.kv_heads_per_gpu(model.kv_heads, tp) * d
-    i_local = cm.shard_size(model.intermediate, tp)
-    up_cols = (2 if model.gated_mlp else 1) * i_local
-    shapes = {"qkv": (T, h, q_local + 2 * kv_local), "o_proj": (T, q_local, h),
-              "gate_up": (T, h, up_cols), "down": (T, i_local, h)}
-    fwd = {k: cm.gemm_time_s(m, kk, n, b, tflops, hbm) for k, (m, kk, n) in shapes.items()}
-    dgrad = {k: cm.gemm_time_s(m, n, kk, b, tflops, hbm) for k, (m, kk, n) in shapes.items()}
-    wgrad = {k: cm.gemm_time_s(n, m, kk, b, tflops, hbm) for k, (m, kk, n) in shapes.items()}
+    i_local = cm.mlp_width(model, tp, moe_layer)
+    shapes = {"qkv": (1, T, h, q_local + 2 * kv_local), "o_proj": (1, T, q_local, h),
+              **_mlp_shapes(model, T, tp, moe_layer)}
+    measured = w.dtype in gpu.measured_dtypes   # a calibrated rate is already what cuBLAS reaches
+    gemm_eff = 1.0 if measured else gpu.gemm_efficiency
+    eff = {"sms": gpu.sms, "efficiency": gemm_eff}
+    fwd = {k: c * cm.gemm_time_s(m, kk, n, b, tflops, hbm, **eff) for k, (c, m, kk, n) in shapes.items()}
+    dgrad = {k: c * cm.gemm_time_s(m, n, kk, b, tflops, hbm, **eff) for k, (c, m, kk, n) in shapes.items()}
+    wgrad = {k: c * cm.gemm_time_s(kk, m, n, b, tflops, hbm, **eff) for k, (c, m, kk, n) in shapes.items()}
+    # the GEMMs a collective of the MLP is paired with (a MoE layer's shared experts run beside its routed)
+    for table in (fwd, dgrad):
+        table["mlp_in"] = table["gate_up"] + table.get("shared_gate_up", 0.0)
+        table["mlp_out"] = table["down"] + table.get("shared_down", 0.0)
 
     if decode:
         attn_flops = 4.0 * w.micro_batch * w.seq * q_local
@@ -110,45 +157,63 @@ def _layer(model: ModelSpec, gpu: GPUSpec, w: Workload, tp: int, net: _Net) -> d
     else:
         attn_flops = 4.0 * w.micro_batch * w.seq * w.seq * q_local * 0.5   # causal: half the score matrix
         attn_bytes = (2 * q_local + 2 * kv_local) * T * b
-    attn_fwd = max(attn_flops / (tflops * 1e12), attn_bytes / (hbm * 1e9))
+    # flash attention's published fraction is of the spec peak; a measured GEMM rate stands for spec x MAMF
+    attn_tflops = tflops * gpu.attention_efficiency / (gpu.gemm_efficiency if measured else 1.0)
+    attn_fwd = max(attn_flops / (attn_tflops * 1e12), attn_bytes / (hbm * 1e9))
     rows_sp = cm.shard_size(T, tp) if w.sequence_parallel else T
     elem_bytes = b * (ELEMENTWISE_PASSES_PER_LAYER * rows_sp * h
                       + T * (3 * i_local + 2 * (q_local + kv_local)))   # + SwiGLU, RoPE on the shards
     elem_fwd = elem_bytes / (hbm * 1e9)
 
-    compute_fwd = sum(fwd.values()) + attn_fwd + elem_fwd
+    gemm_names = list(shapes)
+    compute_fwd = sum(fwd[k] for k in gemm_names) + attn_fwd + elem_fwd
     compute_bwd = 0.0
     if w.mode == "train":
-        compute_bwd = (sum(dgrad.values()) + sum(wgrad.values()) + ATTENTION_BACKWARD_FLOP_RATIO * attn_fwd
+        compute_bwd = (sum(dgrad[k] + wgrad[k] for k in gemm_names) + ATTENTION_BACKWARD_FLOP_RATIO * attn_fwd
                        + 2 * elem_fwd + (compute_fwd if w.recompute else 0.0))
 
     # (kind, partner GEMM time) of each collective; every payload is the full [T, h] activation.
     if w.sequence_parallel:
         fwd_colls = [("all_gather", fwd["qkv"]), ("reduce_scatter", fwd["o_proj"]),
-                     ("all_gather", fwd["gate_up"]), ("reduce_scatter", fwd["down"])]
+                     ("all_gather", fwd["mlp_in"]), ("reduce_scatter", fwd["mlp_out"])]
         bwd_colls = [("reduce_scatter", dgrad["qkv"]), ("all_gather", dgrad["o_proj"]),
-                     ("reduce_scatter", dgrad["gate_up"]), ("all_gather", dgrad["down"])]
+                     ("reduce_scatter", dgrad["mlp_in"]), ("all_gather", dgrad["mlp_out"])]
         if not w.keep_gathered_inputs:  # the column layers gather their input again for wgrad, not overlapped
             bwd_colls += [("all_gather", 0.0), ("all_gather", 0.0)]
     else:
-        fwd_colls = [("all_reduce", fwd["o_proj"]), ("all_reduce", fwd["down"])]
-        bwd_colls = [("all_reduce", dgrad["qkv"]), ("all_reduce", dgrad["gate_up"])]
+        fwd_colls = [("all_reduce", fwd["o_proj"]), ("all_reduce", fwd["mlp_out"])]
+        bwd_colls = [("all_reduce", dgrad["qkv"]), ("all_reduce", dgrad["mlp_in"])]
     colls = list(fwd_colls) if tp > 1 else []
     if w.mode == "train" and tp > 1:
         colls += bwd_colls + (fwd_colls if w.recompute else [])
     payload = cm.allreduce_bytes_per_layer(T, h, b)
-    # "auto": the best chunk count of the schedule for each GEMM + collective pair under this model (more
-    # chunks hide more bandwidth time but pay the collective latency once per chunk).
+    # "auto": the best chunk count of the schedule for each GEMM + collective pair under this model. More
+    # chunks hide more of the collective but pay its latency once per chunk, and while a collective runs
+    # beside the GEMM it holds net.sm_fraction of the SMs; chunks=1 (sequential) is always a candidate, so
+    # "auto" is never slower than no overlap.
     candidates = CHUNK_CANDIDATES if w.chunks == "auto" else (resolve_chunks(w.chunks, T, tp),)
     by_kind: dict = {}
     chunks_used = []
     comm_s = exposed_overlap_s = 0.0
+    costs = {"chunk_latency": 0.0, "nccl_sms": 0.0}
     for kind, partner_s in colls:
         bw_s, lat_s = net.time_s(kind, payload, tp)
         comm_s += bw_s + lat_s
-        best = min(candidates, key=lambda c: cm.pipelined_time_s(partner_s, bw_s, lat_s, c))
+
+        def chunk_s(c, kind=kind):
+            return sum(net.time_s(kind, payload / c, tp))
+
+        def pipelined(c, partner_s=partner_s):
+            return cm.overlapped_time_s(partner_s, chunk_s(c), c, net.sm_fraction)
+
+        best = min(candidates, key=pipelined)
         chunks_used.append(best)
-        exposed_overlap_s += cm.pipelined_time_s(partner_s, bw_s, lat_s, best) - partner_s
+        exposed_overlap_s += pipelined(best) - partner_s
+        # The two costs overlap can pay (what bounds its loss against the sequential schedule, since
+        # max(c, g + f c) <= c + g + f c): the collective split in `best` pieces costs more than whole
+        # (a latency per piece), and each overlapped stage gives f of its collective's time to NCCL's SMs.
+        costs["chunk_latency"] += best * chunk_s(best) - (bw_s + lat_s)
+        costs["nccl_sms"] += (best - 1) * net.sm_fraction * chunk_s(best)
         e = by_kind.setdefault(kind, {"count": 0, "payload_bytes": payload, "wire_bytes_per_gpu": 0.0,
                                       "time_s": 0.0})
         e["count"] += 1
@@ -156,9 +221,27 @@ def _layer(model: ModelSpec, gpu: GPUSpec, w: Workload, tp: int, net: _Net) -> d
         e["time_s"] += bw_s + lat_s
     return {"tokens": T, "chunks": chunks_used, "compute_fwd_s": compute_fwd, "compute_bwd_s": compute_bwd,
             "compute_s": compute_fwd + compute_bwd, "comm_s": comm_s,
-            "exposed_comm_overlap_s": exposed_overlap_s, "collectives": by_kind, "gemm_fwd_s": fwd,
+            "exposed_comm_overlap_s": exposed_overlap_s, "overlap_costs_s": costs, "collectives": by_kind,
+            "gemm_fwd_s": fwd,
             "attention_fwd_s": attn_fwd, "elementwise_fwd_s": elem_fwd,
-            "tflops_used": tflops}
+            "tflops_used": tflops, "gemm_efficiency": gemm_eff, "moe_layer": moe_layer}
+
+
+_LAYER_SUMS = ("compute_fwd_s", "compute_bwd_s", "compute_s", "comm_s", "exposed_comm_overlap_s")
+
+
+def _stage_layer(model: ModelSpec, gpu: GPUSpec, w: Workload, tp: int, net: _Net) -> dict:
+    """The average layer of the slowest stage: a dense model's layer, or for a MoE model the mean of its
+    dense and MoE layers weighted by how many of each the stage holds (the collectives are the same)."""
+    dense, moe = cm.moe_layer_counts(model, math.ceil(model.layers / w.pp))
+    if not moe:
+        return _layer(model, gpu, w, tp, net)
+    out = _layer(model, gpu, w, tp, net, moe_layer=True)
+    if dense:
+        d = _layer(model, gpu, w, tp, net)
+        out = {**out, **{k: (dense * d[k] + moe * out[k]) / (dense + moe) for k in _LAYER_SUMS}}
+    out["dense_layers_in_stage"], out["moe_layers_in_stage"] = dense, moe
+    return out
 
 
 def _head(model: ModelSpec, gpu: GPUSpec, w: Workload, tp: int, net: _Net, tflops: float) -> dict:
@@ -167,7 +250,8 @@ def _head(model: ModelSpec, gpu: GPUSpec, w: Workload, tp: int, net: _Net, tflop
     rows = w.micro_batch if w.mode != "train" else w.micro_batch * w.seq   # serving needs last-token logits
     T = w.micro_batch if w.mode == "decode" else w.micro_batch * w.seq
     v_local = cm.shard_size(model.vocab, tp)
-    fwd = cm.gemm_time_s(rows, model.hidden, v_local, b, tflops, gpu.hbm_GBps)
+    fwd = cm.gemm_time_s(rows, model.hidden, v_local, b, tflops, gpu.hbm_GBps, sms=gpu.sms,
+                         efficiency=1.0 if w.dtype in gpu.measured_dtypes else gpu.gemm_efficiency)
     compute = fwd * (3 if w.mode == "train" else 1)
     comm = 0.0
     if tp > 1:
@@ -199,17 +283,19 @@ def _memory(model: ModelSpec, w: Workload, tp: int, capacity_GiB: float) -> dict
         mem["weights"] = params * per["weights"] / (w.dp if w.zero >= 3 else 1)
         mem["grads"] = params * per["grads"] / (w.dp if w.zero >= 2 else 1)
         mem["optimizer"] = params * per["optimizer"] / (w.dp if w.zero >= 1 else 1)
-        layer_act = cm.layer_activation_bytes(model, T, tp, b, w.sequence_parallel, w.keep_gathered_inputs)
+        dense, moe = cm.moe_layer_counts(model, layers)
+        acts = [cm.layer_activation_bytes(model, T, tp, b, w.sequence_parallel, w.keep_gathered_inputs, m)
+                for m in (False, True)]
         in_flight = min(w.pp, w.microbatches)   # 1F1B: the first stage holds pp micro-batches
         if w.recompute:
             rows = cm.shard_size(T, tp) if w.sequence_parallel else T
-            stored = layers * rows * model.hidden * b * in_flight + layer_act
+            stored = layers * rows * model.hidden * b * in_flight + acts[moe > 0]
         else:
-            stored = layers * layer_act * in_flight
+            stored = (dense * acts[0] + moe * acts[1]) * in_flight
         mem["activations"] = stored + cm.logits_bytes(T, model.vocab, tp)
     else:
         mem["kv_cache"] = cm.kv_cache_bytes(model, w.micro_batch, w.seq, tp, layers, b)
-        i_local = cm.shard_size(model.intermediate, tp)
+        i_local = cm.mlp_width(model, tp, model.moe)
         mem["activations"] = (T * (2 * model.hidden + 3 * i_local) * b
                               + cm.logits_bytes(w.micro_batch, model.vocab, tp))
     total = sum(mem.values()) + w.reserve_GiB * GiB
@@ -233,7 +319,7 @@ def estimate(model: ModelSpec, gpu: GPUSpec, link: LinkSpec, w: Workload, tp: in
         raise ValueError(f"tpext plan: TP={tp} spans nodes of {w.gpus_per_node} GPUs but does not fill whole "
                          f"nodes (use a multiple of {w.gpus_per_node})")
     net = _Net(gpu, link, w.gpus_per_node)
-    layer = _layer(model, gpu, w, tp, net)
+    layer = _stage_layer(model, gpu, w, tp, net)
     head = _head(model, gpu, w, tp, net, layer["tflops_used"])
     layers = math.ceil(model.layers / w.pp)
     mem = _memory(model, w, tp, gpu.memory_GiB)
