@@ -6,8 +6,8 @@ Each tp size runs in fresh processes (one per rank). A rank resets its peak RSS 
 after the imports, calls tpext.from_pretrained on a save_pretrained directory (fp32, one file), and
 reports its peak RSS above where it started (VmHWM - VmRSS before; the file's memory-mapped pages count).
 Beside it: this rank's local share of the model, the largest dense tensor, and the baseline, the
-dense load transformers' own from_pretrained does in one process (what `parallelize` after a dense
-load costs every rank). The napkin bound is share + one dense tensor.
+path that worked before: transformers' own from_pretrained of the dense model on every rank, then
+tpext.parallelize (at the largest tp size). The napkin bound is share + one dense tensor.
 JSON + PNG: results/<device>/checkpoints-from-pretrained.{json,png}.
 """
 
@@ -45,12 +45,15 @@ def _rank(rank: int, world: int, path: str, init_file: str, out: str, dense_base
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    cls = transformers.LlamaForCausalLM  # transformers imports a model's code lazily: not part of the load
+    with torch.device("meta"):
+        cls(config(1))
     before = _status("VmRSS")
     _reset_peak()
     if dense_baseline:
-        model = transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = tpext.parallelize(cls.from_pretrained(path, dtype=torch.float32))  # today's dense path
     else:
-        model = tpext.from_pretrained(transformers.LlamaForCausalLM, path, dtype=torch.float32)
+        model = tpext.from_pretrained(cls, path, dtype=torch.float32)
     peak = _status("VmHWM") - before
     local = sum(t.numel() * t.element_size() for t in {id(t): t for t in model.state_dict().values()}.values())
     with open(f"{out}.{rank}", "w") as f:
@@ -79,7 +82,7 @@ def config(layers: int = 8):
 
 def measure(tp_sizes=(1, 2, 4), layers: int = 8, workdir: str | None = None) -> list[dict]:
     """Rows {"load", "tp", "rank", "peak_rss_above_start_mb", "local_mb", "dense_mb", "largest_tensor_mb",
-    "napkin_mb"}, the baseline (transformers' dense from_pretrained, tp 1) first."""
+    "napkin_mb"}, the baseline (dense from_pretrained, then parallelize) first."""
     import transformers
 
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
@@ -92,7 +95,7 @@ def measure(tp_sizes=(1, 2, 4), layers: int = 8, workdir: str | None = None) -> 
         params = sum(p.numel() for p in dense.parameters())
         del dense, tensors
         rows = []
-        for load, tp in [("transformers dense", 1)] + [("tpext.from_pretrained", tp) for tp in tp_sizes]:
+        for load, tp in [("dense, then parallelize", max(tp_sizes))] + [("tpext.from_pretrained", tp) for tp in tp_sizes]:
             for r in _spawn(tp, tmp, dense_baseline=load != "tpext.from_pretrained"):
                 rows.append({"load": load, "tp": tp, **r, "dense_mb": dense_mb, "largest_tensor_mb": largest_mb,
                              "napkin_mb": r["local_mb"] + largest_mb, "params": params})
@@ -106,16 +109,16 @@ def plot(rows: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     tps = sorted({r["tp"] for r in rows if r["load"] == "tpext.from_pretrained"})
-    worst = [max(r["peak_rss_above_start_mb"] for r in rows if r["tp"] == tp and r["load"] != "transformers dense")
+    worst = [max(r["peak_rss_above_start_mb"] for r in rows if r["tp"] == tp and r["load"] != "dense, then parallelize")
              for tp in tps]
-    share = [max(r["local_mb"] for r in rows if r["tp"] == tp and r["load"] != "transformers dense") for tp in tps]
-    napkin = [max(r["napkin_mb"] for r in rows if r["tp"] == tp and r["load"] != "transformers dense") for tp in tps]
-    baseline = max(r["peak_rss_above_start_mb"] for r in rows if r["load"] == "transformers dense")
+    share = [max(r["local_mb"] for r in rows if r["tp"] == tp and r["load"] != "dense, then parallelize") for tp in tps]
+    napkin = [max(r["napkin_mb"] for r in rows if r["tp"] == tp and r["load"] != "dense, then parallelize") for tp in tps]
+    baseline = max(r["peak_rss_above_start_mb"] for r in rows if r["load"] == "dense, then parallelize")
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(tps, worst, "o-", label="tpext.from_pretrained: peak RSS above start (worst rank)")
     ax.plot(tps, napkin, "s--", label="bound: share + largest dense tensor")
     ax.plot(tps, share, "^:", label="this rank's share of the model")
-    ax.axhline(baseline, color="gray", label="transformers from_pretrained, dense (one process)")
+    ax.axhline(baseline, color="gray", label=f"transformers from_pretrained + parallelize, tp={max(tps)} (worst rank)")
     ax.set_xlabel("tensor-parallel size")
     ax.set_ylabel("MiB per rank")
     ax.set_xticks(tps)
