@@ -66,7 +66,7 @@ def _read_local(source, layout: ShardLayout, opener) -> Tensor:
     """This rank's part of a dense checkpoint tensor: only its slices are read from the files."""
     if tuple(source.shape) != layout.dense_shape:
         raise CheckpointError(f"tpext: checkpoint tensor {source.what} has shape {list(source.shape)}, the model "
-                              f"expects the dense shape {list(layout.dense_shape)}")
+                              f"expects the dense shape {list(layout.dense_shape)} (in {source.where})")
     if not layout.is_sharded:
         return source.read(tuple(slice(None) for _ in source.shape), opener)
     parts = [source.read(layout.index(start, length), opener) for start, length in layout.segments]
@@ -138,18 +138,11 @@ def load_checkpoint(model: nn.Module, path: PathLike, *, strict: bool = True,
                               "(pass strict=False to ignore them)")
     for e in entries:
         source = sources[next(n for n in e.names if n in sources)]
-        with ExitStack() as stack:
-            handles: dict[Path, object] = {}
-
-            def opener(file: Path):
-                if file not in handles:
-                    handles[file] = stack.enter_context(safe_open(str(file), framework="pt"))
-                return handles[file]
-
+        with _Opener() as opener:  # the files of this tensor only: closed (unmapped) before the next one
             local = _read_local(source, e.layout, opener)
         if tuple(local.shape) != tuple(e.tensor.shape):
-            raise CheckpointError(f"tpext: checkpoint tensor {source.what} gives this rank a {list(local.shape)} "
-                                  f"slice, the model's local tensor is {list(e.tensor.shape)}")
+            raise CheckpointError(f"tpext: checkpoint tensor {source.what} ({source.where}) gives this rank a "
+                                  f"{list(local.shape)} slice, the model's local tensor is {list(e.tensor.shape)}")
         if hasattr(e.tensor, "device_mesh"):  # a DTensor (FSDP2): keep this rank's data-parallel shard
             from torch.distributed.tensor import distribute_tensor
 
@@ -159,6 +152,19 @@ def load_checkpoint(model: nn.Module, path: PathLike, *, strict: bool = True,
         del local
     if lost:
         init_hf_buffers(model, [e.tensor for e in entries], lost)
+
+
+class _Opener(ExitStack):
+    """Opens each safetensors file once, on first use; closes them all on exit."""
+
+    def __init__(self):
+        super().__init__()
+        self.handles: dict[Path, object] = {}
+
+    def __call__(self, file: Path):
+        if file not in self.handles:
+            self.handles[file] = self.enter_context(safe_open(str(file), framework="pt"))
+        return self.handles[file]
 
 
 def _meta_buffers(model: nn.Module) -> list[tuple[str, nn.Module, str]]:

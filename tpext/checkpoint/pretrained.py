@@ -56,7 +56,8 @@ class Source:
     dense[index] for an index of unit-step slices, reading only that part from the files."""
 
     shape: tuple[int, ...]
-    what: str  # the checkpoint key(s) and file, for error messages
+    what: str  # the checkpoint key(s), for error messages
+    where: str  # the file(s) holding them
 
     def read(self, index: tuple[slice, ...], opener: Opener) -> Tensor:
         raise NotImplementedError
@@ -67,7 +68,7 @@ class FileTensor(Source):
 
     def __init__(self, file: Path, key: str, shape: tuple[int, ...]):
         self.file, self.key, self.shape = file, key, tuple(shape)
-        self.what = f"'{key}' in {file}"
+        self.what, self.where = f"'{key}'", str(file)
 
     def read(self, index, opener):
         return opener(self.file).get_slice(self.key)[tuple(index)]
@@ -85,6 +86,7 @@ class Stacked(Source):
         shape.insert(dim, len(parts))
         self.parts, self.dim, self.shape = parts, dim, tuple(shape)
         self.what = f"{parts[0].what} and {len(parts) - 1} more, stacked"
+        self.where = ", ".join(dict.fromkeys(p.where for p in parts))
 
     def read(self, index, opener):
         start, stop = _bounds(index[self.dim], self.shape[self.dim])
@@ -104,6 +106,7 @@ class Concatenated(Source):
         shape[dim] = sum(p.shape[dim] for p in parts)
         self.parts, self.dim, self.shape = parts, dim, tuple(shape)
         self.what = " + ".join(p.what for p in parts)
+        self.where = ", ".join(dict.fromkeys(p.where for p in parts))
 
     def read(self, index, opener):
         start, stop = _bounds(index[self.dim], self.shape[self.dim])
