@@ -175,3 +175,56 @@ def test_checkpoint_flavours_dtypes_and_errors(tmp_path):
     tpext.save_checkpoint(tpext.models.LlamaForCausalLM(config), tmp_path / "tpext_llama")
     checks = run_ranks(_flavours, 2, str(tmp_path), timeout_s=300)[0]
     assert len(checks) == 6, checks
+
+
+def test_stacked_and_concatenated_sources_read_slices(tmp_path):
+    """Fused expert tensors read by slices equal the slices of stack-then-cat, as transformers fuses them."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from tpext.checkpoint.pretrained import Concatenated, FileTensor, Stacked
+
+    g = torch.Generator().manual_seed(0)
+    gate = [torch.randn(6, 5, generator=g) for _ in range(3)]
+    up = [torch.randn(6, 5, generator=g) for _ in range(3)]
+    save_file({f"e.{i}.{n}": t for i, (a, b) in enumerate(zip(gate, up)) for n, t in (("gate", a), ("up", b))},
+              str(tmp_path / "m.safetensors"))
+    file = tmp_path / "m.safetensors"
+    fused = Concatenated([Stacked([FileTensor(file, f"e.{i}.{n}", (6, 5)) for i in range(3)], 0)
+                          for n in ("gate", "up")], 1)
+    dense = torch.cat([torch.stack(gate), torch.stack(up)], 1)
+    assert fused.shape == tuple(dense.shape) == (3, 12, 5)
+    with safe_open(str(file), framework="pt") as f:
+        for index in [(slice(None), slice(4, 9), slice(None)), (slice(1, 3), slice(0, 6), slice(2, 4)),
+                      (slice(None), slice(6, 12), slice(None))]:
+            assert torch.equal(fused.read(index, lambda _: f), dense[index]), index
+
+
+class _Config(transformers.PretrainedConfig):
+    model_type = "tpext_test_buffers"
+
+
+class _ForgetsItsBuffer(transformers.PreTrainedModel):
+    """A transformers model whose _init_weights does not write its non-persistent buffer."""
+
+    config_class = _Config
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.proj = torch.nn.Linear(4, 4)
+        self.register_buffer("table", torch.ones(3), persistent=False)
+        self.post_init()
+
+    def _init_weights(self, module):
+        pass
+
+
+def test_a_buffer_the_models_init_misses_is_named(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"proj.weight": torch.zeros(4, 4), "proj.bias": torch.zeros(4)}, str(tmp_path / "m.safetensors"))
+    with torch.device("meta"):
+        model = _ForgetsItsBuffer(_Config())
+    with pytest.raises(ValueError, match=r"non-persistent buffer\(s\) table are in no checkpoint and "
+                                         r"_ForgetsItsBuffer._init_weights does not initialise them"):
+        tpext.load_checkpoint(model, tmp_path / "m.safetensors")
