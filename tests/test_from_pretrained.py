@@ -124,6 +124,14 @@ def _flavours(root: str) -> list[str]:
         torch.testing.assert_close(model(input_ids=ids).last_hidden_state,
                                    dense.model(input_ids=ids).last_hidden_state, **TOL)
     checks.append("ForCausalLM keys into the base model")
+    # The recipe by hand, as the issue tried it: built on meta, parallelized, then load_checkpoint
+    with torch.device("meta"):
+        by_hand = transformers.LlamaForCausalLM(dense.config)
+    tpext.load_checkpoint(tpext.parallelize(by_hand, sequence_parallel=True), f"{root}/llama")
+    with torch.no_grad():
+        torch.testing.assert_close(mappings.gather_from_tp(by_hand(input_ids=ids).logits, hf.SMALL["vocab_size"]),
+                                   dense(input_ids=ids).logits, **TOL)
+    checks.append("meta + parallelize + load_checkpoint")
     # dtypes: parameters in the asked dtype, converted per slice; the rotary inv_freq stays fp32 as in transformers
     for dtype in (torch.bfloat16, torch.float16):
         model = tpext.from_pretrained(transformers.LlamaForCausalLM, f"{root}/llama", dtype=dtype)
@@ -174,7 +182,7 @@ def test_checkpoint_flavours_dtypes_and_errors(tmp_path):
     (tmp_path / "tpext_llama" / "config.json").write_text(json.dumps(config.to_dict()))
     tpext.save_checkpoint(tpext.models.LlamaForCausalLM(config), tmp_path / "tpext_llama")
     checks = run_ranks(_flavours, 2, str(tmp_path), timeout_s=300)[0]
-    assert len(checks) == 6, checks
+    assert len(checks) == 7, checks
 
 
 def test_stacked_and_concatenated_sources_read_slices(tmp_path):
