@@ -81,7 +81,7 @@ def _sources(model: nn.Module, files: dict[str, Path], model_keys: set[str]):
     shapes: dict[str, tuple[Path, tuple[int, ...]]] = {}
     for file in dict.fromkeys(files.values()):
         with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118  (a safetensors handle is not iterable)
                 if files.get(key) == file:
                     shapes[key] = (file, tuple(f.get_slice(key).get_shape()))
     if is_hf_model(model):

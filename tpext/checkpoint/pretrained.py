@@ -24,7 +24,6 @@ import os
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Union
 
 import torch
 from torch import Tensor, nn
@@ -40,7 +39,7 @@ __all__ = [
     "is_hf_model",
 ]
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 Opener = Callable[[Path], object]  # file -> an open safetensors handle (opened once per model tensor)
 
 
