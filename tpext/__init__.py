@@ -11,7 +11,7 @@ from tpext import nn, random  # noqa: E402  (after ops: the modules use them)
 from tpext.sharding import Piece
 from tpext.parallelize import Style, auto_plan, parallelize
 from tpext import models
-from tpext.checkpoint import gather_state_dict, load_checkpoint, save_checkpoint
+from tpext.checkpoint import from_pretrained, gather_state_dict, load_checkpoint, save_checkpoint
 
 __version__ = "0.1.0"
 
@@ -19,5 +19,6 @@ __version__ = "0.1.0"
 cuda_compiled: bool = _C.cuda_compiled
 
 __all__ = ["ops", "nn", "p2p", "random", "models", "comm_stats", "group_name", "resolve_group", "parallelize",
-           "auto_plan", "Style", "Piece", "load_checkpoint", "save_checkpoint", "gather_state_dict", "cuda_compiled",
+           "auto_plan", "Style", "Piece", "load_checkpoint", "save_checkpoint", "gather_state_dict", "from_pretrained",
+           "cuda_compiled",
            "__version__"]

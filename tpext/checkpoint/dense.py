@@ -19,7 +19,7 @@ import json
 import os
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Optional, Union
+from typing import Union
 
 import torch
 import torch.distributed as dist
@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from tpext.sharding import Entry, ShardLayout, layouts
 
-__all__ = ["load_checkpoint", "gather_state_dict", "save_checkpoint", "checkpoint_files"]
+__all__ = ["checkpoint_files", "gather_state_dict", "load_checkpoint", "save_checkpoint"]
 
 PathLike = Union[str, os.PathLike]
 INDEX_NAME = "model.safetensors.index.json"
@@ -62,73 +62,128 @@ def checkpoint_files(path: PathLike) -> dict[str, Path]:
         return {name: path for name in f.keys()}
 
 
-def _read_local(f, name: str, layout: ShardLayout) -> Tensor:
-    """This rank's part of tensor `name`: only its slices are read from the file."""
-    sl = f.get_slice(name)
-    shape = tuple(sl.get_shape())
-    if shape != layout.dense_shape:
-        raise CheckpointError(f"tpext: checkpoint tensor '{name}' has shape {list(shape)}, the model expects the "
-                              f"dense shape {list(layout.dense_shape)}")
+def _read_local(source, layout: ShardLayout, opener) -> Tensor:
+    """This rank's part of a dense checkpoint tensor: only its slices are read from the files."""
+    if tuple(source.shape) != layout.dense_shape:
+        raise CheckpointError(f"tpext: checkpoint tensor {source.what} has shape {list(source.shape)}, the model "
+                              f"expects the dense shape {list(layout.dense_shape)} (in {source.where})")
     if not layout.is_sharded:
-        return sl[tuple(slice(None) for _ in shape)]
-    parts = [sl[layout.index(start, length)] for start, length in layout.segments]
+        return source.read(tuple(slice(None) for _ in source.shape), opener)
+    parts = [source.read(layout.index(start, length), opener) for start, length in layout.segments]
     return parts[0] if len(parts) == 1 else torch.cat(parts, layout.dim)
+
+
+def _sources(model: nn.Module, files: dict[str, Path], model_keys: set[str]):
+    """{model key: Source}, the checkpoint keys no model key takes, and {model key: why it is unreadable}.
+    A Hugging Face model's keys go through transformers' own renaming (prefixes, renamed and fused keys)."""
+    from tpext.checkpoint.pretrained import FileTensor, hf_sources, is_hf_model
+
+    shapes: dict[str, tuple[Path, tuple[int, ...]]] = {}
+    for file in dict.fromkeys(files.values()):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118  (a safetensors handle is not iterable)
+                if files.get(key) == file:
+                    shapes[key] = (file, tuple(f.get_slice(key).get_shape()))
+    if is_hf_model(model):
+        return hf_sources(model, shapes, model_keys)
+    sources = {k: FileTensor(file, k, shape) for k, (file, shape) in shapes.items() if k in model_keys}
+    return sources, [k for k in shapes if k not in model_keys], {}
 
 
 @torch.no_grad()
 def load_checkpoint(model: nn.Module, path: PathLike, *, strict: bool = True,
-                    device: Optional[Union[str, torch.device]] = None) -> None:
+                    device: str | torch.device | None = None) -> None:
     """Fill `model` (dense or parallelized, possibly on the meta device) from a dense checkpoint.
 
-    strict: every checkpoint tensor must belong to the model. A model tensor missing from the checkpoint,
-    or of another dense shape, is always an error naming it. device: where a meta-device model is
-    materialised (default: CPU). Under FSDP2 each rank keeps its data-parallel shard of what it reads.
+    Every rank reads only its own slices, one model tensor at a time (each file is opened for that
+    tensor and closed after it, so the pages of its memory map never add up to more than one tensor),
+    and each slice is converted to the model tensor's dtype and device as it is copied in.
+
+    A meta-device model is materialised on `device` (default: CPU). Non-persistent buffers (no
+    checkpoint holds them) are initialised by a Hugging Face model's own ``_init_weights``, as
+    transformers' from_pretrained does; for other models they must not be on the meta device.
+    Hugging Face checkpoint keys are mapped as transformers maps them (base-model prefix added or
+    stripped, renamed keys, per-expert weights fused). Under FSDP2 each rank keeps its data-parallel
+    shard of what it reads.
+
+    Args:
+        strict: every checkpoint tensor must belong to the model (False: extra tensors are ignored).
+    Raises:
+        CheckpointError: a model tensor missing from the checkpoint, of another dense shape, or (strict)
+            a checkpoint tensor the model does not have, naming the key (and the file).
     """
+    from tpext.checkpoint.pretrained import init_hf_buffers, is_hf_model
+
     files = checkpoint_files(path)
     entries = layouts(model)
-    if any(e.tensor.is_meta for e in entries):
-        _materialize(model, entries, device)
+    lost = []
+    if any(e.tensor.is_meta for e in entries) or _meta_buffers(model):
+        lost = _materialize(model, entries, device, allow_lost=is_hf_model(model))
         entries = layouts(model)
-    missing = [e.names for e in entries if not any(n in files for n in e.names)]
+    model_keys = {n for e in entries for n in e.names}
+    sources, unexpected, refused = _sources(model, files, model_keys)
+    bad = [f"{n}: {refused[n]}" for e in entries for n in e.names if n in refused]
+    if bad:
+        raise CheckpointError(f"tpext: checkpoint {path}: cannot read {'; '.join(bad[:4])}"
+                              f"{' ...' if len(bad) > 4 else ''}; load the dense model with its own "
+                              "from_pretrained, then tpext.parallelize it")
+    missing = [e.names for e in entries if not any(n in sources for n in e.names)]
     if missing:
         shown = ", ".join(" / ".join(names) for names in missing[:8])
         raise CheckpointError(f"tpext: checkpoint {path} is missing {len(missing)} tensor(s) of the model: {shown}"
                               + (" ..." if len(missing) > 8 else ""))
-    if strict:
-        known = {n for e in entries for n in e.names}
-        unexpected = sorted(set(files) - known)
-        if unexpected:
-            raise CheckpointError(f"tpext: checkpoint {path} has tensor(s) the model does not: "
-                                  f"{', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''} "
-                                  "(pass strict=False to ignore them)")
-    with ExitStack() as stack:
-        handles = {}
-        for e in entries:
-            name = next(n for n in e.names if n in files)
-            file = files[name]
-            if file not in handles:
-                handles[file] = stack.enter_context(safe_open(str(file), framework="pt"))
-            local = _read_local(handles[file], name, e.layout)
-            if tuple(local.shape) != tuple(e.tensor.shape):
-                raise CheckpointError(f"tpext: checkpoint tensor '{name}' gives this rank a {list(local.shape)} "
-                                      f"slice, the model's local tensor is {list(e.tensor.shape)}")
-            if hasattr(e.tensor, "device_mesh"):  # a DTensor (FSDP2): keep this rank's data-parallel shard
-                from torch.distributed.tensor import distribute_tensor
+    if strict and unexpected:
+        raise CheckpointError(f"tpext: checkpoint {path} has tensor(s) the model does not: "
+                              f"{', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''} "
+                              "(pass strict=False to ignore them)")
+    for e in entries:
+        source = sources[next(n for n in e.names if n in sources)]
+        with _Opener() as opener:  # the files of this tensor only: closed (unmapped) before the next one
+            local = _read_local(source, e.layout, opener)
+        if tuple(local.shape) != tuple(e.tensor.shape):
+            raise CheckpointError(f"tpext: checkpoint tensor {source.what} ({source.where}) gives this rank a "
+                                  f"{list(local.shape)} slice, the model's local tensor is {list(e.tensor.shape)}")
+        if hasattr(e.tensor, "device_mesh"):  # a DTensor (FSDP2): keep this rank's data-parallel shard
+            from torch.distributed.tensor import distribute_tensor
 
-                local = distribute_tensor(local.to(e.tensor.device), e.tensor.device_mesh, e.tensor.placements,
-                                          src_data_rank=None)  # every rank holds it already: no scatter
-            e.tensor.copy_(local)
+            local = distribute_tensor(local.to(e.tensor.device), e.tensor.device_mesh, e.tensor.placements,
+                                      src_data_rank=None)  # every rank holds it already: no scatter
+        e.tensor.copy_(local)  # converts dtype and device, one slice at a time
+        del local
+    if lost:
+        init_hf_buffers(model, [e.tensor for e in entries], lost)
 
 
-def _materialize(model: nn.Module, entries: list[Entry], device) -> None:
-    """Allocate the meta tensors of a model (to_empty) and tie its tied tensors again. Non-persistent buffers
-    on meta (e.g. a rotary inv_freq) are in no checkpoint and would be left as uninitialised memory: refused."""
-    lost = [f"{mod}.{name}" if mod else name for mod, module in model.named_modules()
+class _Opener(ExitStack):
+    """Opens each safetensors file once, on first use; closes them all on exit."""
+
+    def __init__(self):
+        super().__init__()
+        self.handles: dict[Path, object] = {}
+
+    def __call__(self, file: Path):
+        if file not in self.handles:
+            self.handles[file] = self.enter_context(safe_open(str(file), framework="pt"))
+        return self.handles[file]
+
+
+def _meta_buffers(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
+    """(module name, module, buffer name) of every non-persistent buffer on the meta device."""
+    return [(mod, module, name) for mod, module in model.named_modules()
             for name, buf in module.named_buffers(recurse=False)
             if buf is not None and buf.is_meta and name in getattr(module, "_non_persistent_buffers_set", set())]
-    if lost:
-        raise CheckpointError(f"tpext: the model has non-persistent buffers on the meta device ({', '.join(lost[:4])}"
-                              f"{' ...' if len(lost) > 4 else ''}); no checkpoint holds them, so loading cannot "
+
+
+def _materialize(model: nn.Module, entries: list[Entry], device, allow_lost: bool = False) -> list:
+    """Allocate the meta tensors of a model (to_empty) and tie its tied tensors again. Non-persistent buffers
+    on meta (e.g. a rotary inv_freq) are in no checkpoint: with allow_lost (a model whose own init code
+    computes them) they are returned, floating ones filled with NaN so that a buffer its init misses is
+    caught; otherwise they would be left as uninitialised memory, and are refused."""
+    lost = _meta_buffers(model)
+    if lost and not allow_lost:
+        names = [f"{m}.{b}" if m else b for m, _, b in lost]
+        raise CheckpointError(f"tpext: the model has non-persistent buffers on the meta device ({', '.join(names[:4])}"
+                              f"{' ...' if len(names) > 4 else ''}); no checkpoint holds them, so loading cannot "
                               "initialise them: create those modules (or their buffers) on a real device")
     # to_empty replaces every tensor; the ones already on a real device (a rotary module created there, as
     # the error above asks) are put back as they were.
@@ -142,6 +197,11 @@ def _materialize(model: nn.Module, entries: list[Entry], device) -> None:
         first_module, first_name = e.owners[0]
         for module, name in e.owners[1:]:
             setattr(module, name, getattr(first_module, first_name))
+    for _, module, name in lost:
+        buf = getattr(module, name)
+        if buf.is_floating_point():
+            buf.fill_(float("nan"))
+    return lost
 
 
 def _group_of(e: Entry):
@@ -200,7 +260,7 @@ def gather_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 
 def save_checkpoint(model: nn.Module, path: PathLike, *, max_shard_bytes: int = 5 * 2**30,
-                    metadata: Optional[dict[str, str]] = None) -> None:
+                    metadata: dict[str, str] | None = None) -> None:
     """Write the dense checkpoint of `model` (Hugging Face layout) from global rank 0; collective over the
     world group (every rank calls it), and a write error on rank 0 is raised on every rank.
 
