@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 
 import pytest
 import torch
@@ -34,7 +35,7 @@ from tpext.sharding import ShardLayout, layouts
 # vocab 101 and intermediate 80 split unevenly at tp 3 (and the vocab at 2 and 4); 2 kv heads are replicated
 # at tp 4, 1 kv head at every tp > 1 (tp 3 needs it: 2 kv heads cannot be split or replicated over 3 ranks).
 CFG = dict(hidden_size=48, intermediate_size=80, vocab_size=101, num_hidden_layers=2, num_attention_heads=12)
-BATCH, SEQ, LR = 4, 6, 1e-2
+BATCH, SEQ, LR = 4, 12, 1e-2  # SEQ divisible by every tp (sequence parallel)
 
 
 def _dense(packed: bool, tied: bool, kv: int = 2) -> LlamaForCausalLM:
@@ -221,3 +222,89 @@ def test_save_dp2_tp2_load_other_tp_and_dense(tmp_path, arch, sp, wrapper, kind,
                 assert torch.equal(local, want), f"tp={tp} rank {rank}: optimizer {k} of {name}"
             for name, tensor in ref_next.state_dict().items():
                 _close(stepped[name], tensor, f"tp={tp} rank {rank}: resumed step {name}")
+
+
+def _per_rank_save(path: str) -> None:
+    """torch.save(model.state_dict()) per rank at tp=2: each file holds that rank's slices, with their layout."""
+    model = tpext.parallelize(_dense(False, False))
+    torch.save(model.state_dict(), f"{path}/rank{dist.get_rank()}.pt")
+    dcp.save(model.state_dict(), checkpoint_id=f"{path}/dcp")  # the plain model.state_dict(), no get_state_dict
+
+
+def _per_rank_load(path: str) -> tuple[str, bool]:
+    """Load rank (r % 2)'s file: at tp=2 it is this rank's own; at tp=4 it must be refused, naming the key."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = tpext.parallelize(_dense(False, False))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    state = torch.load(f"{path}/rank{rank % 2}.pt")  # weights_only: ShardedState is an allowed global
+    try:
+        model.load_state_dict(state)
+    except ValueError as err:
+        return str(err), False
+    reloaded = tpext.gather_state_dict(model)
+    assert world == 2
+    fresh = tpext.parallelize(_dense(False, False))
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.zero_()
+    dcp_state = fresh.state_dict()
+    dcp.load(dcp_state, checkpoint_id=f"{path}/dcp")
+    fresh.load_state_dict(dcp_state)
+    dense = _dense(False, False).state_dict()
+    same = all(torch.equal(reloaded[k], v) and torch.equal(tpext.gather_state_dict(fresh)[k], v)
+               for k, v in dense.items())
+    return "", same
+
+
+def test_per_rank_torch_save_refused_at_another_tp(tmp_path):
+    run_ranks(_per_rank_save, 2, str(tmp_path))
+    for message, same in run_ranks(_per_rank_load, 2, str(tmp_path)):  # same tp, same rank: loads, bit for bit
+        assert message == "" and same
+    for rank, (message, _) in enumerate(run_ranks(_per_rank_load, 4, str(tmp_path))):
+        assert "model.embed_tokens.weight" in message, f"rank {rank}: {message}"
+        assert "per-rank save" in message and "dcp.save" in message, message
+
+
+def _other_architecture(path: str, config: dict) -> str:
+    torch.manual_seed(0)
+    model = tpext.parallelize(LlamaForCausalLM(LlamaConfig(**config), dtype=torch.float64))
+    if config.get("intermediate_size") == 80 and not config.get("qk_norm"):
+        dcp.save(get_state_dict(model, [])[0], checkpoint_id=path)
+        return ""
+    try:
+        dcp.load(get_state_dict(model, [])[0], checkpoint_id=path)
+    except BaseException as err:  # noqa: BLE001 - DCP's CheckpointException is a BaseException; its message is the point
+        return str(err)
+    return "loaded"
+
+
+def test_other_architecture_names_the_key(tmp_path):
+    base = dict(CFG, num_key_value_heads=2)
+    run_ranks(_other_architecture, 2, str(tmp_path), base)
+    wider = run_ranks(_other_architecture, 2, str(tmp_path), dict(base, intermediate_size=96))
+    assert all(re.search(r"Size mismatch .* for model\.layers\.\d\.mlp\.\w+_proj\.weight", m) for m in wider), wider[0]
+    qk_norm = run_ranks(_other_architecture, 2, str(tmp_path), dict(base, qk_norm=True))
+    assert all(re.search(r"Missing key .*: model\.layers\.\d\.self_attn\.[qk]_norm\.weight", m) for m in qk_norm), qk_norm[0]
+
+
+def test_chunks_of_packed_layout_under_fsdp2_rows():
+    # Packed [q 4 | k 2 | v 2] rows, this rank holding q 2..3, k 1, v 1 (local rows 0..3); FSDP2 keeps rows 1..2.
+    layout = ShardLayout((8, 3), 0, ((2, 2), (5, 1), (7, 1)))
+    assert _chunks(layout, None) == (((2, 0), (2, 3), 0, 0, 2), ((5, 0), (1, 3), 0, 2, 1), ((7, 0), (1, 3), 0, 3, 1))
+    assert _chunks(layout, (1, 2)) == (((3, 0), (1, 3), 0, 0, 1), ((5, 0), (1, 3), 0, 1, 1))
+    row_parallel = ShardLayout((4, 6), 1, ((3, 3),))  # [out, in/R] under FSDP2's rows 2..3
+    assert _chunks(row_parallel, (2, 2)) == (((2, 3), (2, 3), 1, 0, 3),)
+
+
+def test_sharded_state_moves_and_refuses_math():
+    layout = ShardLayout((5, 2), 0, ((3, 2),))
+    local = torch.arange(4.0).view(2, 2)
+    state = ShardedState(local, layout)
+    assert state.shape == (5, 2) and torch.equal(state.detach().to(torch.float64).local, local.double())
+    dense = torch.arange(10.0).view(5, 2)
+    state.copy_(dense)  # a dense tensor: this rank's slice of it
+    assert torch.equal(local, dense[3:])
+    with pytest.raises(NotImplementedError, match=r"aten.add.Tensor on a ShardedState.*\.local"):
+        state + 1
