@@ -122,6 +122,12 @@ class ShardedState(Tensor):
         kwargs = kwargs or {}
         aten = torch.ops.aten
         me = args[0]
+        if not isinstance(me, ShardedState):  # e.g. dense.copy_(sharded): the dense tensor is not on this rank
+            other = next(a for a in args if isinstance(a, ShardedState))
+            raise NotImplementedError(
+                f"tpext: {func} with a ShardedState argument (this rank's slices of a tensor-parallel tensor, "
+                f"dense shape {list(other.shape)}) into a plain tensor: the dense tensor is not on this rank. Use "
+                "tpext.gather_state_dict(model) for dense tensors, or torch.distributed.checkpoint to load")
         if func in (aten.detach.default, aten.alias.default, aten.clone.default, aten._to_copy.default):
             return ShardedState(func(me.local, *args[1:], **kwargs), me.shard_layout, me.window)
         if func is aten.new_empty.default:  # async_save's staging: new_empty, then sets .local itself
