@@ -229,7 +229,8 @@ def _per_rank_save(path: str) -> None:
     """torch.save(model.state_dict()) per rank at tp=2: each file holds that rank's slices, with their layout."""
     model = tpext.parallelize(_dense(False, False))
     torch.save(model.state_dict(), f"{path}/rank{dist.get_rank()}.pt")
-    dcp.save(model.state_dict(), checkpoint_id=f"{path}/dcp")  # the plain model.state_dict(), no get_state_dict
+    # The plain model.state_dict(), no get_state_dict; async_save stages a CPU copy of each ShardedState.
+    dcp.async_save(model.state_dict(), checkpoint_id=f"{path}/dcp").result()
 
 
 def _per_rank_load(path: str) -> tuple[str, bool]:

@@ -342,7 +342,17 @@ def _install_optimizer_step_hook() -> None:
 
 
 def local_state(state_dict: dict) -> dict:
-    """The state dict with every ShardedState replaced by this rank's local tensor (recursively)."""
+    """This rank's view of a state dict: every ShardedState replaced by its local tensor.
+
+    Args:
+        state_dict: a (possibly nested) state dict, as ``model.state_dict()`` or ``get_state_dict`` return.
+
+    Returns:
+        A new dict (lists and dicts rebuilt, tensors shared) with plain tensors only.
+
+    Example:
+        >>> local = tpext.checkpoint.local_state(model.state_dict())  # what this rank holds, local shapes
+    """
     if isinstance(state_dict, dict):
         return {k: local_state(v) for k, v in state_dict.items()}
     if isinstance(state_dict, list):
