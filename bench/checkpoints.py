@@ -75,7 +75,7 @@ def _rank_main(work: str, layers: int) -> dict:
     from tpext.launch import init_worker
     from tpext.models import LlamaForCausalLM
 
-    rank, world = init_worker("gloo", timeout_s=1800)
+    rank, _ = init_worker("gloo", timeout_s=1800)
     with torch.device("meta"):
         model = LlamaForCausalLM(_config(layers))
     model = tpext.parallelize(model)

@@ -22,13 +22,17 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from dist import run_ranks
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, HuggingFaceStorageReader
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
-                                                     set_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 from torch.distributed.device_mesh import init_device_mesh
 
 import tpext
-from dist import run_ranks
 from tpext.checkpoint.dcp import ShardedState, _chunks
 from tpext.models import LlamaConfig, LlamaForCausalLM
 from tpext.sharding import ShardLayout, layouts
@@ -255,8 +259,14 @@ def _per_rank_load(path: str) -> tuple[str, bool]:
     dcp.load(dcp_state, checkpoint_id=f"{path}/dcp")
     fresh.load_state_dict(dcp_state)
     dense = _dense(False, False).state_dict()
-    same = all(torch.equal(reloaded[k], v) and torch.equal(tpext.gather_state_dict(fresh)[k], v)
-               for k, v in dense.items())
+    from_dcp = tpext.gather_state_dict(fresh)
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.zero_()
+    fresh.load_state_dict(dense)  # a dense state dict: each rank takes its slices
+    from_dense = tpext.gather_state_dict(fresh)
+    assert all(torch.equal(from_dense[k], v) for k, v in dense.items())
+    same = all(torch.equal(reloaded[k], v) and torch.equal(from_dcp[k], v) for k, v in dense.items())
     return "", same
 
 
@@ -286,15 +296,18 @@ def test_other_architecture_names_the_key(tmp_path):
     base = dict(CFG, num_key_value_heads=2)
     run_ranks(_other_architecture, 2, str(tmp_path), base)
     wider = run_ranks(_other_architecture, 2, str(tmp_path), dict(base, intermediate_size=96))
-    assert all(re.search(r"Size mismatch .* for model\.layers\.\d\.mlp\.\w+_proj\.weight", m) for m in wider), wider[0]
+    mlp_weight = r"Size mismatch .* for model\.layers\.\d\.mlp\.\w+_proj\.weight"
+    assert all(re.search(mlp_weight, m) for m in wider), wider[0]
     qk_norm = run_ranks(_other_architecture, 2, str(tmp_path), dict(base, qk_norm=True))
-    assert all(re.search(r"Missing key .*: model\.layers\.\d\.self_attn\.[qk]_norm\.weight", m) for m in qk_norm), qk_norm[0]
+    norm_weight = r"Missing key .*: model\.layers\.\d\.self_attn\.[qk]_norm\.weight"
+    assert all(re.search(norm_weight, m) for m in qk_norm), qk_norm[0]
 
 
 def test_chunks_of_packed_layout_under_fsdp2_rows():
     # Packed [q 4 | k 2 | v 2] rows, this rank holding q 2..3, k 1, v 1 (local rows 0..3); FSDP2 keeps rows 1..2.
     layout = ShardLayout((8, 3), 0, ((2, 2), (5, 1), (7, 1)))
-    assert _chunks(layout, None) == (((2, 0), (2, 3), 0, 0, 2), ((5, 0), (1, 3), 0, 2, 1), ((7, 0), (1, 3), 0, 3, 1))
+    assert _chunks(layout, None) == (((2, 0), (2, 3), 0, 0, 2), ((5, 0), (1, 3), 0, 2, 1),
+                                     ((7, 0), (1, 3), 0, 3, 1))
     assert _chunks(layout, (1, 2)) == (((3, 0), (1, 3), 0, 0, 1), ((5, 0), (1, 3), 0, 1, 1))
     row_parallel = ShardLayout((4, 6), 1, ((3, 3),))  # [out, in/R] under FSDP2's rows 2..3
     assert _chunks(row_parallel, (2, 2)) == (((2, 3), (2, 3), 1, 0, 3),)

@@ -7,9 +7,9 @@
   writes each slice once and reshards on load. Nothing to call: the hooks come with the layouts.
 """
 
+from tpext.checkpoint.dcp import ShardedState, local_state
 from tpext.checkpoint.dense import (CheckpointError, checkpoint_files, gather_state_dict, load_checkpoint,
                                     save_checkpoint)
-from tpext.checkpoint.dcp import ShardedState, local_state
 
 __all__ = ["CheckpointError", "checkpoint_files", "gather_state_dict", "load_checkpoint", "save_checkpoint",
            "ShardedState", "local_state"]

@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, Wri
 
 from tpext.sharding import ShardLayout
 
-__all__ = ["ShardedState", "install_state_dict_hooks", "install_optimizer_hooks", "local_state"]
+__all__ = ["ShardedState", "install_optimizer_hooks", "install_state_dict_hooks", "local_state"]
 
 Window = Optional[tuple[int, int]]  # (first row, rows) of the tp-local tensor this rank holds (FSDP2), None: all
 Chunk = tuple[tuple[int, ...], tuple[int, ...], int, int, int]  # dense offsets, sizes, local dim, start, length
@@ -76,15 +76,16 @@ class ShardedState(Tensor):
     window: Window
 
     @staticmethod
-    def __new__(cls, local: Tensor, layout: ShardLayout, window: Window = None) -> "ShardedState":
+    def __new__(cls, local: Tensor, layout: ShardLayout, window: Window = None) -> ShardedState:
         t = Tensor._make_wrapper_subclass(cls, layout.dense_shape, dtype=local.dtype, device=local.device,
                                           requires_grad=False)
         t.local, t.shard_layout, t.window = local, layout, window
         return t
 
-    def __repr__(self) -> str:  # noqa: D105
-        return (f"ShardedState(dense={list(self.shard_layout.dense_shape)}, dim={self.shard_layout.dim}, "
-                f"segments={list(self.shard_layout.segments)}, window={self.window}, local={list(self.local.shape)})")
+    def __repr__(self) -> str:
+        lay = self.shard_layout
+        return (f"ShardedState(dense={list(lay.dense_shape)}, dim={lay.dim}, segments={list(lay.segments)}, "
+                f"window={self.window}, local={list(self.local.shape)})")
 
     # ----- DCP's protocol for tensors that know their chunks (the one DTensor implements)
     def _views(self):
@@ -142,13 +143,15 @@ class ShardedState(Tensor):
                 for offsets, sizes, view in me._views():
                     view.copy_(src[tuple(slice(o, o + s) for o, s in zip(offsets, sizes))])
             return me
-        if func in (aten.is_pinned.default, aten.is_same_size.default):
-            return func(me.local, *args[1:], **kwargs) if func is aten.is_pinned.default else \
-                tuple(args[0].shape) == tuple(args[1].shape)
+        if func is aten.is_pinned.default:
+            return func(me.local, *args[1:], **kwargs)
+        if func is aten.is_same_size.default:
+            return tuple(args[0].shape) == tuple(args[1].shape)
         raise NotImplementedError(
             f"tpext: {func} on a ShardedState (a state-dict entry of a tensor-parallel tensor, dense shape "
-            f"{list(me.shard_layout.dense_shape)}, holding only this rank's slices). Use .local for this rank's tensor, "
-            "tpext.gather_state_dict(model) for the dense one, or torch.distributed.checkpoint to save/load it")
+            f"{list(me.shard_layout.dense_shape)}, holding only this rank's slices). Use .local for this rank's "
+            "tensor, tpext.gather_state_dict(model) for the dense one, or torch.distributed.checkpoint to save or "
+            "load it")
 
 
 def _rebuild(local, dense_shape, dim, segments, replicas, reduce_ranges, window) -> ShardedState:
@@ -187,7 +190,7 @@ def _window(tensor: Tensor, layout: ShardLayout, key: str) -> Window:
     return (offset[0], shape[0])
 
 
-def to_state(value: Tensor, layout: ShardLayout, key: str, like: Optional[Tensor] = None) -> Tensor:
+def to_state(value: Tensor, layout: ShardLayout, key: str, like: Tensor | None = None) -> Tensor:
     """A module's (or optimizer's) tensor as its state-dict entry: a ShardedState when sharded."""
     if not _needs_wrapping(layout) or isinstance(value, ShardedState):
         return value
@@ -211,9 +214,10 @@ def from_state(value: Any, layout: ShardLayout, key: str, current: Tensor) -> An
     window = _window(current, layout, key)
     if isinstance(value, ShardedState):
         if (value.shard_layout, value.window) != (layout, window):
+            saved = value.shard_layout
             raise ValueError(
-                f"tpext: '{key}' in the state dict holds the slices {list(value.shard_layout.segments)} (dim "
-                f"{value.shard_layout.dim}, rows {value.window}) of the dense {list(value.shard_layout.dense_shape)}, this rank "
+                f"tpext: '{key}' in the state dict holds the slices {list(saved.segments)} (dim {saved.dim}, rows "
+                f"{value.window}) of the dense {list(saved.dense_shape)}, this rank "
                 f"holds {list(layout.segments)} (dim {layout.dim}, rows {window}) of {list(layout.dense_shape)}: "
                 "a per-rank save (torch.save(model.state_dict())) loads only at the same tensor-parallel size and "
                 "rank; save with torch.distributed.checkpoint (dcp.save), which reshards on load")
@@ -235,10 +239,11 @@ def from_state(value: Any, layout: ShardLayout, key: str, current: Tensor) -> An
 
 # ----- module hooks (installed by tpext.sharding.set_layout)
 
-_MODULES: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+_MODULES: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 def _state_dict_post_hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    _MODULES.add(module)  # a copy.deepcopy of a module carries its hooks, not its place in _MODULES
     for name, layout in getattr(module, "_tpext_layouts", {}).items():
         key = prefix + name
         if key in state_dict:
