@@ -141,9 +141,18 @@ def piece_segments(pieces: Sequence[Piece], world: int, rank: int,
 
 
 def set_layout(module: nn.Module, name: str, layout: ShardLayout) -> None:
+    """Record that `module`'s tensor `name` is `layout` of its dense tensor.
+
+    Also makes the module's state dict speak dense (tpext.checkpoint.dcp): ``state_dict()`` hands a sharded
+    tensor out as a ShardedState (dense shape, this rank's slices, for torch.distributed.checkpoint) and
+    ``load_state_dict()`` takes it back, so the modules keep plain local tensors and forward is untouched.
+    """
     if not hasattr(module, "_tpext_layouts"):
         module._tpext_layouts = {}
     module._tpext_layouts[name] = layout
+    from tpext.checkpoint.dcp import install_state_dict_hooks  # here: tpext.checkpoint imports this module
+
+    install_state_dict_hooks(module)
 
 
 def get_layout(module: nn.Module, name: str, tensor: Tensor) -> ShardLayout:
