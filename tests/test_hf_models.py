@@ -52,7 +52,9 @@ CASES = [("llama", 4, False, "sdpa", False), ("llama", 4, True, "sdpa", False), 
          ("apertus", 2, True, "sdpa", False), ("phi", 2, True, "sdpa", True), ("gpt_neox", 8, True, "eager", True),
          ("gpt_neox", 8, False, "sdpa", False), ("gptj", 8, False, "eager", True), ("xglm", 8, True, "eager", True),
          ("mixtral", 2, False, "sdpa", False), ("mixtral", 2, True, "sdpa", True), ("qwen2_moe", 2, True, "sdpa", True),
-         ("qwen3_moe", 4, False, "eager", False), ("olmoe", 2, True, "sdpa", False)]
+         ("qwen3_moe", 4, False, "eager", False), ("olmoe", 2, True, "sdpa", False),
+         ("gpt2", 8, False, "eager", True), ("gpt2", 8, False, "sdpa", False), ("opt", 8, False, "sdpa", True),
+         ("opt", 8, False, "eager", False)]
 
 
 _IDS = dict(pad_token_id=0, eos_token_id=1, bos_token_id=1)  # their default token ids are beyond this vocabulary
@@ -86,7 +88,15 @@ ARCHS.update({
                                                              "moe_intermediate_size": 32}),
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", {**_MOE, **_IDS, "num_experts": 4}),
 })
-_NO_GQA = ("gpt_neox", "gptj", "xglm")  # kv must be the 8 query heads
+# The classic families: GPT-2 (Conv1D layers, c_attn packed [q | k | v], learned positions wpe), OPT (fc1 / fc2
+# in the decoder layer, learned positions embed_positions); their dropout is on by default.
+_GPT2_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+ARCHS.update({
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", {**_IDS, **_GPT2_DROPOUT, "n_inner": SMALL["intermediate_size"]}),
+    "opt": ("OPTConfig", "OPTForCausalLM", {**_IDS, "ffn_dim": SMALL["intermediate_size"], "dropout": 0.0,
+                                             "word_embed_proj_dim": SMALL["hidden_size"]}),
+})
+_NO_GQA = ("gpt_neox", "gptj", "xglm", "gpt2", "opt")  # kv must be the 8 query heads
 
 
 def _model(arch: str, kv: int, attn: str):

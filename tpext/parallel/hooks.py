@@ -27,14 +27,9 @@ from tpext import mappings, stats
 from tpext.distributed import SharesGroupOnCopy
 from tpext.nn import ColumnParallelLinear, SharedInputColumns
 from tpext.nn.functional import vocab_parallel_cross_entropy
+from tpext.parallel.structure import ATTENTION_INPUTS, LM_HEADS
 
-__all__ = ["add_sequence_hooks", "add_causal_lm_loss", "add_dense_save_pretrained", "ATTENTION_INPUTS", "LM_HEADS"]
-
-# The input projections of an attention module, by name: separate q/k/v, a packed qkv_proj, or
-# query_key_value (GPT-NeoX's: each head's q, k and v rows together).
-ATTENTION_INPUTS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value")
-# A language model's output layer, by name (embed_out: older GPT-NeoX).
-LM_HEADS = ("lm_head", "embed_out", "output")
+__all__ = ["add_sequence_hooks", "add_causal_lm_loss", "add_dense_save_pretrained"]
 
 
 def _hidden_states(module: nn.Module, args: tuple, kwargs: dict) -> tuple[Tensor, Callable[[Tensor], tuple]]:
@@ -252,7 +247,8 @@ def add_causal_lm_loss(model: nn.Module, converted: dict[str, nn.Module]) -> Non
     read [*, V/R] logits as [*, V] and be wrong."""
     head = next((converted[n] for n in LM_HEADS if n in converted), None)
     prop = getattr(type(model), "loss_function", None)
-    causal = getattr(model, "loss_type", None) in _CAUSAL_LOSS_TYPES  # not a masked-LM or other head's loss
+    # Not a masked-LM or other head's loss; None: Hugging Face falls back to the causal-LM loss (GPT-2's).
+    causal = getattr(model, "loss_type", None) in (*_CAUSAL_LOSS_TYPES, None)
     if (isinstance(head, ColumnParallelLinear) and not head.gather_output and head.tp_size > 1 and causal
             and isinstance(prop, property) and prop.fset is not None):
         model.loss_function = _VocabParallelCausalLMLoss(head)

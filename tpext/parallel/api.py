@@ -1,8 +1,8 @@
 """`tpext.parallelize(model)`: a dense model becomes a tensor-parallel one in place, same names, same numbers.
 
-A plan maps module-name patterns to styles (tpext.plans: "colwise", "rowwise", "vocab",
-"sequence_parallel", "replicate", or a `Style` with the pieces of a packed or head-structured dim);
-`plan="auto"` builds one from the model's names (`auto_plan`).
+A plan maps module-name patterns to styles (tpext.parallel.styles: objects such as Colwise() or their
+names "colwise", "rowwise", "vocab", "sequence_parallel", "replicate", "experts"; a Style of your own for
+a layer of your own); `plan="auto"` builds one from the model's own TP plan and its names (`auto_plan`).
 
 Grouped-query attention: with tp <= kv heads the kv heads are sharded (tp must divide them); with
 tp > kv heads each kv head is replicated over tp / kv ranks (tp must be a multiple), and the gradients
@@ -13,7 +13,7 @@ Sequence parallelism (sequence_parallel=True): between the row-parallel output a
 column-parallel input, activations are sequence shards; for batch-first [b, s, h] models the sharded
 dim is 1 (`sequence_dim`), and s must be divisible by the tensor-parallel size. The sequence is split
 at the input of the first decoder layer and each attention module is called with the full sequence,
-gathered by its q/k/v projections (tpext.model_hooks), so model code that takes shapes from its
+gathered by its q/k/v projections (tpext.parallel.hooks), so model code that takes shapes from its
 activations (Hugging Face's) sees the dense ones. Modules registered before the first decoder layer
 are taken to run before it, on the whole sequence (not sequence-parallel). A vocab-parallel lm_head
 gathers the decoder stack's output itself (the hidden states the model returns are then sequence
@@ -35,28 +35,23 @@ from typing import Union
 from torch import nn
 
 from tpext.distributed import GroupLike, resolve_group
-from tpext.nn import (ColumnParallelLinear, RowParallelLinear, SequenceParallelLayerNorm, SequenceParallelRMSNorm,
-                      SharedInputColumns, VocabParallelEmbedding, sum_param_grads)
-from tpext.nn._class_swap import shell_copy
-from tpext.nn.experts import _ShardedExperts, shard_experts
-from tpext.nn.embedding import _VocabParallelLookup, vocab_parallel_subclass
-from tpext.nn.norm import _ColumnParallelRMS, _SumsParamGrads, shard_norm_features
-from tpext.model_hooks import add_causal_lm_loss, add_dense_save_pretrained, add_sequence_hooks
-from tpext.plans import (_ATTN_PROJ, STYLES, Plan, Style, _attention_pieces, _heads, _is_attention, _is_moe,
-                         _norm_pieces, _parent, _plain_linear, _style_for, auto_plan)
+from tpext.nn import ColumnParallelLinear, SharedInputColumns
+from tpext.parallel import structure as st
+from tpext.parallel.hooks import add_causal_lm_loss, add_dense_save_pretrained, add_sequence_hooks
+from tpext.parallel.plans import PlanLike, auto_plan, style_for
+from tpext.parallel.styles import Site
+from tpext.sharding import get_layout
 
-__all__ = ["Style", "parallelize", "auto_plan", "STYLES"]
+__all__ = ["parallelize"]
 
-_TPEXT_MODULES = (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, SequenceParallelLayerNorm,
-                  SequenceParallelRMSNorm, _SumsParamGrads, _ColumnParallelRMS, _VocabParallelLookup, _ShardedExperts)
 
-def _sharded_attention(model: nn.Module, plan: Plan) -> list[str]:
+def _sharded_attention(model: nn.Module, plan: PlanLike) -> list[str]:
     """The names of the attention modules (with input and output projections) whose projections the plan shards, in
     module order."""
     names = []
     for name, attn in model.named_modules():
-        projections = [f"{name}.{p}" if name else p for p in _ATTN_PROJ if hasattr(attn, p)]
-        if _is_attention(attn) and any(_style_for(p, plan) for p in projections):
+        projections = [f"{name}.{p}" if name else p for p in st.ATTENTION_PROJECTIONS if hasattr(attn, p)]
+        if st.is_attention(attn) and any(style_for(p, plan) for p in projections):
             names.append(name)
     return names
 
@@ -67,75 +62,24 @@ def _check_heads(model: nn.Module, attention: list[str], world: int) -> None:
     config = getattr(model, "config", None)
     for name in attention:
         attn = model.get_submodule(name)
-        hq, hkv, _ = _heads(attn, config)
+        hq, hkv, _ = st.heads(attn, config)
         if hq % world:
             raise ValueError(f"tpext.parallelize: {name or 'the model'} has {hq} query heads, not divisible by the "
                              f"tensor-parallel size {world}; each rank must hold whole query heads")
-
-
-def _convert(name: str, module: nn.Module, parent: nn.Module, style: Style, group, sp: bool, sequence_dim: int,
-             chunks, config) -> nn.Module:
-    kind, pieces, leaf = style.kind, style.pieces, name.rpartition(".")[2]
-    common = {"sequence_parallel": sp, "sequence_dim": sequence_dim}
-    if isinstance(module, nn.Linear) and kind in ("colwise", "rowwise", "vocab") and not _plain_linear(module):
-        raise ValueError(f"tpext.parallelize: {name} is a {type(module).__name__}, an nn.Linear subclass with a forward "
-                         "of its own (a quantized or adapter layer?); tpext shards plain nn.Linear layers, whose "
-                         "forward is x @ W.T + b. Give it the style 'replicate', or parallelize the plain model")
-    if (isinstance(module, nn.Linear) and pieces is None and leaf in _ATTN_PROJ and _is_attention(parent)
-            and kind in ("colwise", "rowwise")):
-        pieces = _attention_pieces(leaf, parent, config)  # never cut a head, whatever the plan says
-    if isinstance(module, nn.Linear) and kind in ("colwise", "vocab"):
-        return ColumnParallelLinear.from_dense(module, group, pieces=pieces, chunks=chunks,
-                                               gather_output=style.gather_output, **common)
-    if isinstance(module, nn.Linear) and kind == "rowwise":
-        return RowParallelLinear.from_dense(module, group, pieces=pieces, chunks=chunks, **common)
-    if isinstance(module, nn.Embedding) and kind == "vocab":
-        if type(module).forward is nn.Embedding.forward:
-            return VocabParallelEmbedding.from_dense(module, group, **common)
-        try:  # a subclass that adds to the lookup (Gemma's scaled embedding): its code around tpext's lookup
-            return vocab_parallel_subclass(module, group, **common)
-        except ValueError as exc:
-            raise ValueError(f"tpext.parallelize: {name}: {exc}") from exc
-    if kind == "colwise" and not isinstance(module, (nn.Linear, nn.Embedding)) and hasattr(module, "weight"):
-        pieces = pieces or (_norm_pieces(module, parent, config) if _is_attention(parent) else None)
-        if pieces is None:
-            raise ValueError(f"tpext.parallelize: {name} ({type(module).__name__}) is colwise, which for a norm "
-                             "needs the pieces of the features it normalises: Style('colwise', (Piece(heads, "
-                             "head_dim),))")
-        try:
-            return shard_norm_features(module, group, pieces)
-        except ValueError as exc:
-            raise ValueError(f"tpext.parallelize: {name}: {exc}") from exc
-    if kind == "experts":
-        try:
-            return shard_experts(module, group)
-        except ValueError as exc:
-            raise ValueError(f"tpext.parallelize: {name}: {exc}") from exc
-    if kind == "sequence_parallel" and hasattr(module, "weight"):
-        return sum_param_grads(shell_copy(module), group) if sp else module
-    if kind == "replicate" and style.sum_grads and any(True for _ in module.parameters(recurse=False)):
-        return sum_param_grads(shell_copy(module), group)
-    if kind == "replicate" and not style.sum_grads:
-        return module
-    raise ValueError(f"tpext.parallelize: style {kind!r} does not apply to {name} ({type(module).__name__}); "
-                     "colwise/rowwise take nn.Linear (colwise also a norm of a colwise layer's heads), vocab "
-                     "takes nn.Embedding or nn.Linear, "
-                     "sequence_parallel takes a norm with a weight, replicate with sum_grads a module with parameters, "
-                     "experts a module with 3-D expert weights")
 
 
 def _set_local_heads(model: nn.Module, converted: dict[str, nn.Module], world: int) -> None:
     """Attention modules whose projections were sharded compute with their local head counts."""
     config = getattr(model, "config", None)
     for name, attn in model.named_modules():
-        projections = [f"{name}.{p}" if name else p for p in _ATTN_PROJ]
-        if not any(p in converted for p in projections) or not _is_attention(attn):
+        projections = [f"{name}.{p}" if name else p for p in st.ATTENTION_PROJECTIONS]
+        if not any(p in converted for p in projections) or not st.is_attention(attn):
             continue
-        hq, hkv, d = _heads(attn, config)  # _check_heads made sure hq divides
+        hq, hkv, d = st.heads(attn, config)  # _check_heads made sure hq divides
         local_q, local_kv = hq // world, max(hkv // world, 1)
         # hidden_size: older Hugging Face attention reshapes its output to [b, s, self.hidden_size].
         for attr, value in (("num_heads", local_q), ("num_attention_heads", local_q), ("hidden_size", local_q * d),
-                            ("embed_dim", local_q * d),
+                            ("embed_dim", local_q * d), ("split_size", local_q * d),
                             ("num_key_value_heads", local_kv), ("num_key_value_groups", local_q // local_kv)):
             if hasattr(attn, attr):
                 setattr(attn, attr, value)
@@ -162,7 +106,7 @@ class _LocalHeadsConfig:
         setattr(self.__dict__["_tpext_config"], name, value)
 
 
-def parallelize(model: nn.Module, group: GroupLike = None, plan: Union[str, Plan] = "auto", *,
+def parallelize(model: nn.Module, group: GroupLike = None, plan: Union[str, PlanLike] = "auto", *,
                 sequence_parallel: bool = False, sequence_dim: int = 1, chunks: Union[int, str] = "auto",
                 share_inputs: bool = True) -> nn.Module:
     """Convert `model` in place to tensor parallelism over `group` (a ProcessGroup, a 1-D DeviceMesh such
@@ -174,7 +118,8 @@ def parallelize(model: nn.Module, group: GroupLike = None, plan: Union[str, Plan
     an attention module's input is still gathered once, by a plain all-gather before the projections).
     """
     pg = resolve_group(group)
-    already = [n for n, m in model.named_modules() if isinstance(m, _TPEXT_MODULES)]
+    # Every tpext module declares its layouts (tpext.sharding) or its group.
+    already = [n for n, m in model.named_modules() if vars(m).get("_tpext_layouts") or vars(m).get("_tpext_group")]
     if already:
         raise ValueError(f"tpext.parallelize: the model is already parallelized ({already[0]} is a "
                          f"{type(model.get_submodule(already[0])).__name__}); parallelize the dense model once")
@@ -193,7 +138,7 @@ def parallelize(model: nn.Module, group: GroupLike = None, plan: Union[str, Plan
     modules = dict(model.named_modules())
     # Under SP a mixture-of-experts block (its experts sharded or replicated, its router must see every
     # token) runs on the full sequence: what it holds is converted without SP.
-    moe_blocks = {name for name, module in modules.items() if _is_moe(module)} if split_at else set()
+    moe_blocks = {name for name, module in modules.items() if st.is_moe(module)} if split_at else set()
     full_sequence_blocks: list[str] = []
     # Build every replacement first: an error leaves the model untouched.
     converted: dict[str, nn.Module] = {}
@@ -202,11 +147,12 @@ def parallelize(model: nn.Module, group: GroupLike = None, plan: Union[str, Plan
         in_sp_region = in_sp_region or name == split_at
         if name in moe_blocks and in_sp_region:
             full_sequence_blocks.append(name)
-        style = _style_for(name, plan) if name else None
+        style = style_for(name, plan) if name else None
         if style is None or any(name.startswith(c + ".") for c in converted):
             continue
         sp = sequence_parallel and in_sp_region and not any(name.startswith(b + ".") for b in full_sequence_blocks)
-        new = _convert(name, module, _parent(modules, name), style, pg, sp, sequence_dim, chunks, config)
+        site = Site(name, modules[name.rpartition(".")[0]], pg, sp, sequence_dim, chunks, config)
+        new = style.convert(module, site)
         if new is not module:
             new._tpext_stats_name = name  # comm_stats attributes its collectives to this name
             converted[name] = new
@@ -237,8 +183,6 @@ def _retie(model: nn.Module, ties: list[list[tuple[str, str]]], converted: dict[
     """Parameters tied in the dense model (e.g. embed_tokens and lm_head) stay tied: every owner (its
     replacement, if any) gets the first one's local parameter, which needs the same local layout on all
     of them. All groups are checked before any is tied, so an error changes nothing."""
-    from tpext.sharding import get_layout
-
     plans = []
     for group in ties:
         owners = [(converted.get(m) or model.get_submodule(m), p) for m, p in group]
