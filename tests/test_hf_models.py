@@ -54,7 +54,7 @@ CASES = [("llama", 4, False, "sdpa", False), ("llama", 4, True, "sdpa", False), 
          ("mixtral", 2, False, "sdpa", False), ("mixtral", 2, True, "sdpa", True), ("qwen2_moe", 2, True, "sdpa", True),
          ("qwen3_moe", 4, False, "eager", False), ("olmoe", 2, True, "sdpa", False),
          ("gpt2", 8, False, "eager", True), ("gpt2", 8, False, "sdpa", False), ("opt", 8, False, "sdpa", True),
-         ("opt", 8, False, "eager", False)]
+         ("opt", 8, False, "eager", False), ("bloom", 8, True, "eager", True), ("bloom", 8, False, "eager", False)]
 
 
 _IDS = dict(pad_token_id=0, eos_token_id=1, bos_token_id=1)  # their default token ids are beyond this vocabulary
@@ -96,7 +96,8 @@ ARCHS.update({
     "opt": ("OPTConfig", "OPTForCausalLM", {**_IDS, "ffn_dim": SMALL["intermediate_size"], "dropout": 0.0,
                                              "word_embed_proj_dim": SMALL["hidden_size"]}),
 })
-_NO_GQA = ("gpt_neox", "gptj", "xglm", "gpt2", "opt")  # kv must be the 8 query heads
+ARCHS["bloom"] = ("BloomConfig", "BloomForCausalLM", {**_IDS, "hidden_dropout": 0.0, "attention_dropout": 0.0})
+_NO_GQA = ("gpt_neox", "gptj", "xglm", "gpt2", "opt", "bloom")  # kv must be the 8 query heads
 
 
 def _model(arch: str, kv: int, attn: str):

@@ -37,7 +37,7 @@ from torch import nn
 from tpext.distributed import GroupLike, resolve_group
 from tpext.nn import ColumnParallelLinear, SharedInputColumns
 from tpext.parallel import structure as st
-from tpext.parallel.hooks import add_causal_lm_loss, add_dense_save_pretrained, add_sequence_hooks
+from tpext.parallel.hooks import add_alibi_slices, add_causal_lm_loss, add_dense_save_pretrained, add_sequence_hooks
 from tpext.parallel.plans import PlanLike, auto_plan, style_for
 from tpext.parallel.styles import Site
 from tpext.sharding import get_layout
@@ -68,15 +68,20 @@ def _check_heads(model: nn.Module, attention: list[str], world: int) -> None:
                              f"tensor-parallel size {world}; each rank must hold whole query heads")
 
 
-def _set_local_heads(model: nn.Module, converted: dict[str, nn.Module], world: int) -> None:
-    """Attention modules whose projections were sharded compute with their local head counts."""
+def _set_local_heads(model: nn.Module, converted: dict[str, nn.Module], world: int,
+                     rank: int) -> dict[str, tuple[int, int, int]]:
+    """Attention modules whose projections were sharded compute with their local head counts. Returns, for
+    ALiBi attention, {name: (all heads, this rank's first head, its head count)}."""
     config = getattr(model, "config", None)
+    alibi = {}
     for name, attn in model.named_modules():
         projections = [f"{name}.{p}" if name else p for p in st.ATTENTION_PROJECTIONS]
         if not any(p in converted for p in projections) or not st.is_attention(attn):
             continue
         hq, hkv, d = st.heads(attn, config)  # _check_heads made sure hq divides
         local_q, local_kv = hq // world, max(hkv // world, 1)
+        if st.takes_alibi(attn):
+            alibi[name] = (hq, rank * local_q, local_q)
         # hidden_size: older Hugging Face attention reshapes its output to [b, s, self.hidden_size].
         for attr, value in (("num_heads", local_q), ("num_attention_heads", local_q), ("hidden_size", local_q * d),
                             ("embed_dim", local_q * d), ("split_size", local_q * d),
@@ -86,6 +91,7 @@ def _set_local_heads(model: nn.Module, converted: dict[str, nn.Module], world: i
         if hasattr(getattr(attn, "config", None), "num_attention_heads"):
             heads = {"num_attention_heads": local_q, "num_key_value_heads": local_kv}
             attn.config = _LocalHeadsConfig(attn.config, heads)
+    return alibi
 
 
 class _LocalHeadsConfig:
@@ -160,7 +166,8 @@ def parallelize(model: nn.Module, group: GroupLike = None, plan: Union[str, Plan
     for name, new in converted.items():
         parent_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
-    _set_local_heads(model, converted, pg.size())
+    alibi = _set_local_heads(model, converted, pg.size(), pg.rank())
+    add_alibi_slices(model, attention, alibi)
     if share_inputs:
         _share_inputs(model, converted)
     if split_at:

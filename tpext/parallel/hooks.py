@@ -29,7 +29,7 @@ from tpext.nn import ColumnParallelLinear, SharedInputColumns
 from tpext.nn.functional import vocab_parallel_cross_entropy
 from tpext.parallel.structure import ATTENTION_INPUTS, LM_HEADS
 
-__all__ = ["add_sequence_hooks", "add_causal_lm_loss", "add_dense_save_pretrained"]
+__all__ = ["add_sequence_hooks", "add_causal_lm_loss", "add_dense_save_pretrained", "add_alibi_slices"]
 
 
 def _hidden_states(module: nn.Module, args: tuple, kwargs: dict) -> tuple[Tensor, Callable[[Tensor], tuple]]:
@@ -277,3 +277,32 @@ def _save_pretrained_dense(self: nn.Module, save_directory, *args, is_main_proce
         is_main_process = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     return type(self).save_pretrained(self, save_directory, *args, is_main_process=is_main_process,
                                       state_dict=dense, **kwargs)
+
+
+class _SliceAlibi:
+    """Forward pre-hook of an ALiBi attention module whose heads are sharded (BLOOM's): the model builds the
+    biases of all heads, [batch * heads, 1, keys] batch-major; this rank's heads take their own slopes."""
+
+    def __init__(self, heads: int, start: int, count: int, name: str):
+        self.heads, self.start, self.count, self.name = heads, start, count, name
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
+        alibi = kwargs.get("alibi")
+        if alibi is None:
+            raise TypeError(f"tpext.parallelize: {self.name} takes ALiBi biases for all heads; tpext gives it its "
+                            "heads' slice, and needs them passed as alibi= (as Hugging Face's BLOOM does)")
+        rows, *rest = alibi.shape
+        if rows % self.heads:
+            raise ValueError(f"tpext.parallelize: {self.name}: alibi of shape {tuple(alibi.shape)} is not "
+                             f"[batch * {self.heads} heads, ...]")
+        mine = alibi.reshape(rows // self.heads, self.heads, *rest)[:, self.start:self.start + self.count]
+        return args, {**kwargs, "alibi": mine.reshape(-1, *rest)}
+
+
+def add_alibi_slices(model: nn.Module, attention: list[str], heads: dict[str, tuple[int, int, int]]) -> None:
+    """Every ALiBi attention module in `attention` gets its heads' biases: heads[name] = (all heads, first
+    head of this rank, heads of this rank)."""
+    for name in attention:
+        module = model.get_submodule(name)
+        if name in heads:
+            module.register_forward_pre_hook(_SliceAlibi(*heads[name], name or "model"), with_kwargs=True)

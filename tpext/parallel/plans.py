@@ -157,7 +157,10 @@ def _plan_from_names(model: nn.Module, *, sequence_parallel: bool,
                           "tpext cannot tell which heads it serves")
         elif linear and leaf in st.ATTENTION_PROJECTIONS and st.is_attention(parent):
             kind = Rowwise if leaf in st.ATTENTION_OUTPUTS else Colwise
-            plan[name] = kind(st.attention_pieces(leaf, parent, config))
+            try:
+                plan[name] = kind(st.attention_pieces(leaf, parent, config))
+            except ValueError as exc:
+                raise ValueError(f"tpext.parallelize: {name}: {exc}") from exc
         elif linear and leaf == "gate_up_proj":
             half = st.linear_dims(module)[1] // 2
             plan[name] = Colwise((Piece(half), Piece(half)))

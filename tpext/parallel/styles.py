@@ -135,7 +135,7 @@ def _refuse_linear_subclass(style: Style, module: nn.Module, site: Site) -> None
 def _head_pieces(module: nn.Module, site: Site, pieces):
     """pieces, or on an attention projection the heads its attention module has: never cut a head."""
     if pieces is None and site.leaf in structure.ATTENTION_PROJECTIONS and structure.is_attention(site.parent):
-        return structure.attention_pieces(site.leaf, site.parent, site.config)
+        return _checked(site, structure.attention_pieces, site.leaf, site.parent, site.config)
     return pieces
 
 
