@@ -54,7 +54,9 @@ CASES = [("llama", 4, False, "sdpa", False), ("llama", 4, True, "sdpa", False), 
          ("mixtral", 2, False, "sdpa", False), ("mixtral", 2, True, "sdpa", True), ("qwen2_moe", 2, True, "sdpa", True),
          ("qwen3_moe", 4, False, "eager", False), ("olmoe", 2, True, "sdpa", False),
          ("gpt2", 8, False, "eager", True), ("gpt2", 8, False, "sdpa", False), ("opt", 8, False, "sdpa", True),
-         ("opt", 8, False, "eager", False), ("bloom", 8, True, "eager", True), ("bloom", 8, False, "eager", False)]
+         ("opt", 8, False, "eager", False), ("bloom", 8, True, "eager", True), ("bloom", 8, False, "eager", False),
+         ("gpt_bigcode", 8, False, "eager", True), ("gpt_bigcode", 8, False, "sdpa", False),
+         ("gpt_bigcode_mha", 8, False, "sdpa", True)]
 
 
 _IDS = dict(pad_token_id=0, eos_token_id=1, bos_token_id=1)  # their default token ids are beyond this vocabulary
@@ -97,7 +99,12 @@ ARCHS.update({
                                              "word_embed_proj_dim": SMALL["hidden_size"]}),
 })
 ARCHS["bloom"] = ("BloomConfig", "BloomForCausalLM", {**_IDS, "hidden_dropout": 0.0, "attention_dropout": 0.0})
-_NO_GQA = ("gpt_neox", "gptj", "xglm", "gpt2", "opt", "bloom")  # kv must be the 8 query heads
+# multi_query: c_attn is [q | k | v] with one kv head, replicated on every rank; without it each head's q, k, v
+ARCHS["gpt_bigcode"] = ("GPTBigCodeConfig", "GPTBigCodeForCausalLM", {**_IDS, **_GPT2_DROPOUT,
+                                                                      "n_inner": SMALL["intermediate_size"]})
+ARCHS["gpt_bigcode_mha"] = ("GPTBigCodeConfig", "GPTBigCodeForCausalLM", {**ARCHS["gpt_bigcode"][2],
+                                                                          "multi_query": False})
+_NO_GQA = ("gpt_neox", "gptj", "xglm", "gpt2", "opt", "bloom", "gpt_bigcode", "gpt_bigcode_mha")  # kv must be the 8 query heads
 
 
 def _model(arch: str, kv: int, attn: str):

@@ -20,8 +20,7 @@ from tpext.sharding import Piece
 __all__ = ["ATTENTION_INPUTS", "ATTENTION_OUTPUTS", "ATTENTION_PROJECTIONS", "MLP_COLUMNS", "MLP_ROWS", "EMBEDDINGS",
            "POSITION_EMBEDDINGS", "LM_HEADS", "REPLICATED_HEADS", "MOE_REPLICATED", "heads", "is_attention",
            "attention_pieces", "norm_pieces", "per_head_norm", "attention_above", "is_moe", "is_mlp", "is_norm",
-           "is_conv1d", "plain_linear", "elementwise_with_scalars", "linear_dims", "refuse_unverified",
-           "takes_alibi"]
+           "is_conv1d", "plain_linear", "elementwise_with_scalars", "linear_dims", "takes_alibi"]
 
 # The input projections of an attention module, by name: separate q/k/v, a packed qkv_proj, query_key_value
 # (GPT-NeoX's: each head's q, k and v rows together; BLOOM's the same), or GPT-2's c_attn Conv1D ([q | k | v]).
@@ -60,7 +59,7 @@ def heads(attn: nn.Module, config) -> tuple[int, int, int]:
         return None
 
     hq = pick("num_heads", "num_attention_heads", "n_head")
-    hkv = pick("num_key_value_heads") or (hq // g if hq and (g := pick("num_key_value_groups")) else hq)
+    hkv = pick("num_key_value_heads", "kv_heads") or (hq // g if hq and (g := pick("num_key_value_groups")) else hq)
     d = pick("head_dim")
     if d is None and hq:
         h = pick("hidden_size", "embed_dim", "n_embd")
@@ -86,7 +85,6 @@ def attention_pieces(leaf: str, attn: nn.Module, config) -> tuple[Piece, ...]:
         ValueError: the layout is not one the names tell (a packed qkv_proj beside anything but an o_proj,
             query_key_value with fewer kv than query heads).
     """
-    refuse_unverified(attn)
     hq, hkv, d = heads(attn, config)
     if leaf == "qkv_proj" and not hasattr(attn, "o_proj"):
         raise ValueError(f"tpext.parallelize: {type(attn).__name__}.qkv_proj: tpext knows a packed qkv_proj's layout "
@@ -100,20 +98,11 @@ def attention_pieces(leaf: str, attn: nn.Module, config) -> tuple[Piece, ...]:
         return (Piece(hq, d),)
     return {"q_proj": (Piece(hq, d),), "k_proj": (Piece(hkv, d),), "v_proj": (Piece(hkv, d),),
             "qkv_proj": (Piece(hq, d), Piece(hkv, d), Piece(hkv, d)),
-            "c_attn": (Piece(hq, d), Piece(hkv, d), Piece(hkv, d)),
+            # GPT-2's [q | k | v]; GPT-BigCode's the same with one kv head (multi-query), or each head's q, k
+            # and v together without it (its multi_query=False)
+            "c_attn": ((Piece(hq, 3 * d),) if getattr(attn, "multi_query", None) is False
+                       else (Piece(hq, d), Piece(hkv, d), Piece(hkv, d))),
             "query_key_value": (Piece(hq, 3 * d),)}[leaf]
-
-
-def refuse_unverified(attn: nn.Module) -> None:
-    """Attention that tpext cannot shard by heads yet, refused with the reason.
-
-    Raises:
-        ValueError: GPT-BigCode's multi-query c_attn.
-    """
-    if getattr(attn, "multi_query", False) is True:
-        raise ValueError(f"tpext.parallelize: {type(attn).__name__} is multi-query attention with one packed "
-                         "c_attn ([q | k | v], one kv head): not verified against the dense model yet; "
-                         "parallelize its MLPs only (a plan without the attention projections)")
 
 
 def takes_alibi(attn: nn.Module) -> bool:
