@@ -56,7 +56,7 @@ CASES = [("llama", 4, False, "sdpa", False), ("llama", 4, True, "sdpa", False), 
          ("gpt2", 8, False, "eager", True), ("gpt2", 8, False, "sdpa", False), ("opt", 8, False, "sdpa", True),
          ("opt", 8, False, "eager", False), ("bloom", 8, True, "eager", True), ("bloom", 8, False, "eager", False),
          ("gpt_bigcode", 8, False, "eager", True), ("gpt_bigcode", 8, False, "sdpa", False),
-         ("gpt_bigcode_mha", 8, False, "sdpa", True)]
+         ("gpt_bigcode_mha", 8, False, "sdpa", True), ("mpt", 8, True, "eager", True), ("mpt", 8, False, "eager", False)]
 
 
 _IDS = dict(pad_token_id=0, eos_token_id=1, bos_token_id=1)  # their default token ids are beyond this vocabulary
@@ -104,7 +104,9 @@ ARCHS["gpt_bigcode"] = ("GPTBigCodeConfig", "GPTBigCodeForCausalLM", {**_IDS, **
                                                                       "n_inner": SMALL["intermediate_size"]})
 ARCHS["gpt_bigcode_mha"] = ("GPTBigCodeConfig", "GPTBigCodeForCausalLM", {**ARCHS["gpt_bigcode"][2],
                                                                           "multi_query": False})
-_NO_GQA = ("gpt_neox", "gptj", "xglm", "gpt2", "opt", "bloom", "gpt_bigcode", "gpt_bigcode_mha")  # kv must be the 8 query heads
+ARCHS["mpt"] = ("MptConfig", "MptForCausalLM", {**_IDS, "d_model": SMALL["hidden_size"], "n_heads": 8,
+                                               "n_layers": 2, "max_seq_len": 64, "expansion_ratio": 2})
+_NO_GQA = ("gpt_neox", "gptj", "xglm", "gpt2", "opt", "bloom", "gpt_bigcode", "gpt_bigcode_mha", "mpt")  # kv must be the 8 query heads
 
 
 def _model(arch: str, kv: int, attn: str):

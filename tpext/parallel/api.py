@@ -71,7 +71,8 @@ def _check_heads(model: nn.Module, attention: list[str], world: int) -> None:
 def _set_local_heads(model: nn.Module, converted: dict[str, nn.Module], world: int,
                      rank: int) -> dict[str, tuple[int, int, int]]:
     """Attention modules whose projections were sharded compute with their local head counts. Returns, for
-    ALiBi attention, {name: (all heads, this rank's first head, its head count)}."""
+    attention with per-head position biases (ALiBi), {name: (argument, all heads, this rank's first head,
+    its head count)}."""
     config = getattr(model, "config", None)
     alibi = {}
     for name, attn in model.named_modules():
@@ -80,10 +81,11 @@ def _set_local_heads(model: nn.Module, converted: dict[str, nn.Module], world: i
             continue
         hq, hkv, d = st.heads(attn, config)  # _check_heads made sure hq divides
         local_q, local_kv = hq // world, max(hkv // world, 1)
-        if st.takes_alibi(attn):
-            alibi[name] = (hq, rank * local_q, local_q)
+        if (argument := st.alibi_argument(attn)) is not None:
+            alibi[name] = (argument, hq, rank * local_q, local_q)
         # hidden_size: older Hugging Face attention reshapes its output to [b, s, self.hidden_size].
-        for attr, value in (("num_heads", local_q), ("num_attention_heads", local_q), ("hidden_size", local_q * d),
+        for attr, value in (("num_heads", local_q), ("num_attention_heads", local_q), ("n_heads", local_q),
+                            ("n_head", local_q), ("hidden_size", local_q * d),
                             ("embed_dim", local_q * d), ("split_size", local_q * d),
                             ("num_key_value_heads", local_kv), ("num_key_value_groups", local_q // local_kv)):
             if hasattr(attn, attr):
@@ -167,7 +169,7 @@ def parallelize(model: nn.Module, group: GroupLike = None, plan: Union[str, Plan
         parent_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
     alibi = _set_local_heads(model, converted, pg.size(), pg.rank())
-    add_alibi_slices(model, attention, alibi)
+    add_alibi_slices(model, alibi)
     if share_inputs:
         _share_inputs(model, converted)
     if split_at:

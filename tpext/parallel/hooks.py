@@ -280,29 +280,34 @@ def _save_pretrained_dense(self: nn.Module, save_directory, *args, is_main_proce
 
 
 class _SliceAlibi:
-    """Forward pre-hook of an ALiBi attention module whose heads are sharded (BLOOM's): the model builds the
-    biases of all heads, [batch * heads, 1, keys] batch-major; this rank's heads take their own slopes."""
+    """Forward pre-hook of an attention module with per-head position biases (ALiBi) whose heads are sharded:
+    the model builds the biases of all heads, BLOOM's `alibi` [batch * heads, 1, keys] batch-major, MPT's
+    `position_bias` [heads, 1, keys]; this rank's heads take their own."""
 
-    def __init__(self, heads: int, start: int, count: int, name: str):
-        self.heads, self.start, self.count, self.name = heads, start, count, name
+    def __init__(self, argument: str, heads: int, start: int, count: int, name: str):
+        self.argument, self.heads, self.start, self.count, self.name = argument, heads, start, count, name
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
-        alibi = kwargs.get("alibi")
-        if alibi is None:
-            raise TypeError(f"tpext.parallelize: {self.name} takes ALiBi biases for all heads; tpext gives it its "
-                            "heads' slice, and needs them passed as alibi= (as Hugging Face's BLOOM does)")
-        rows, *rest = alibi.shape
-        if rows % self.heads:
-            raise ValueError(f"tpext.parallelize: {self.name}: alibi of shape {tuple(alibi.shape)} is not "
-                             f"[batch * {self.heads} heads, ...]")
-        mine = alibi.reshape(rows // self.heads, self.heads, *rest)[:, self.start:self.start + self.count]
-        return args, {**kwargs, "alibi": mine.reshape(-1, *rest)}
+        bias = kwargs.get(self.argument)
+        if bias is None:
+            if self.argument in kwargs:  # the model runs without position biases
+                return None
+            raise TypeError(f"tpext.parallelize: {self.name} takes position biases for all heads; tpext gives it "
+                            f"its heads' slice, and needs them passed as {self.argument}= (as Hugging Face's "
+                            "models do)")
+        if self.argument == "alibi" and bias.shape[0] % self.heads == 0:  # [batch * heads, ...], batch-major
+            rows, *rest = bias.shape
+            mine = bias.reshape(rows // self.heads, self.heads, *rest)[:, self.start:self.start + self.count]
+            return args, {**kwargs, self.argument: mine.reshape(-1, *rest)}
+        if bias.dim() >= 3 and bias.shape[-3] == self.heads:  # [heads, q, k] or [batch, heads, q, k]
+            return args, {**kwargs, self.argument: bias.narrow(-3, self.start, self.count)}
+        raise ValueError(f"tpext.parallelize: {self.name}: {self.argument} of shape {tuple(bias.shape)} has no "
+                         f"dim of its {self.heads} heads where tpext looks for it; parallelize its MLPs only")
 
 
-def add_alibi_slices(model: nn.Module, attention: list[str], heads: dict[str, tuple[int, int, int]]) -> None:
-    """Every ALiBi attention module in `attention` gets its heads' biases: heads[name] = (all heads, first
-    head of this rank, heads of this rank)."""
-    for name in attention:
-        module = model.get_submodule(name)
-        if name in heads:
-            module.register_forward_pre_hook(_SliceAlibi(*heads[name], name or "model"), with_kwargs=True)
+def add_alibi_slices(model: nn.Module, alibi: dict[str, tuple[str, int, int, int]]) -> None:
+    """Every attention module in `alibi` gets its heads' position biases: alibi[name] = (argument, all
+    heads, first head of this rank, heads of this rank)."""
+    for name, (argument, heads, start, count) in alibi.items():
+        hook = _SliceAlibi(argument, heads, start, count, name or "model")
+        model.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=True)

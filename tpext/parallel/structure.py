@@ -20,11 +20,12 @@ from tpext.sharding import Piece
 __all__ = ["ATTENTION_INPUTS", "ATTENTION_OUTPUTS", "ATTENTION_PROJECTIONS", "MLP_COLUMNS", "MLP_ROWS", "EMBEDDINGS",
            "POSITION_EMBEDDINGS", "LM_HEADS", "REPLICATED_HEADS", "MOE_REPLICATED", "heads", "is_attention",
            "attention_pieces", "norm_pieces", "per_head_norm", "attention_above", "is_moe", "is_mlp", "is_norm",
-           "is_conv1d", "plain_linear", "elementwise_with_scalars", "linear_dims", "takes_alibi"]
+           "is_conv1d", "plain_linear", "elementwise_with_scalars", "linear_dims", "alibi_argument"]
 
 # The input projections of an attention module, by name: separate q/k/v, a packed qkv_proj, query_key_value
-# (GPT-NeoX's: each head's q, k and v rows together; BLOOM's the same), or GPT-2's c_attn Conv1D ([q | k | v]).
-ATTENTION_INPUTS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "c_attn")
+# (GPT-NeoX's: each head's q, k and v rows together; BLOOM's the same), GPT-2's c_attn Conv1D ([q | k | v]),
+# MPT's Wqkv ([q | k | v]).
+ATTENTION_INPUTS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "c_attn", "Wqkv")
 # Its output projection (GPT-2's c_proj, which is also the MLP's row layer: told apart by the parent).
 ATTENTION_OUTPUTS = ("o_proj", "dense", "out_proj", "c_proj")
 ATTENTION_PROJECTIONS = frozenset(ATTENTION_INPUTS) | frozenset(ATTENTION_OUTPUTS)
@@ -58,7 +59,7 @@ def heads(attn: nn.Module, config) -> tuple[int, int, int]:
                     return v
         return None
 
-    hq = pick("num_heads", "num_attention_heads", "n_head")
+    hq = pick("num_heads", "num_attention_heads", "n_head", "n_heads")
     hkv = pick("num_key_value_heads", "kv_heads") or (hq // g if hq and (g := pick("num_key_value_groups")) else hq)
     d = pick("head_dim")
     if d is None and hq:
@@ -102,16 +103,19 @@ def attention_pieces(leaf: str, attn: nn.Module, config) -> tuple[Piece, ...]:
             # and v together without it (its multi_query=False)
             "c_attn": ((Piece(hq, 3 * d),) if getattr(attn, "multi_query", None) is False
                        else (Piece(hq, d), Piece(hkv, d), Piece(hkv, d))),
+            "Wqkv": (Piece(hq, d), Piece(hkv, d), Piece(hkv, d)),
             "query_key_value": (Piece(hq, 3 * d),)}[leaf]
 
 
-def takes_alibi(attn: nn.Module) -> bool:
-    """Whether an attention module's forward takes the model's ALiBi biases (BLOOM's `alibi`, one per head
-    for all heads, [batch * heads, 1, keys])."""
+def alibi_argument(attn: nn.Module) -> Optional[str]:
+    """The argument through which an attention module's forward takes the model's per-head position biases
+    for all heads: BLOOM's `alibi` ([batch * heads, 1, keys]) or MPT's `position_bias` ([heads, 1, keys]),
+    or None."""
     try:
-        return "alibi" in inspect.signature(type(attn).forward).parameters
+        params = inspect.signature(type(attn).forward).parameters
     except (TypeError, ValueError):
-        return False
+        return None
+    return next((p for p in ("alibi", "position_bias") if p in params), None)
 
 
 def per_head_norm(norm: nn.Module, attn: nn.Module, config) -> bool:
