@@ -63,6 +63,16 @@ def _check_heads(model: nn.Module, attention: list[str], world: int) -> None:
     for name in attention:
         attn = model.get_submodule(name)
         hq, hkv, _ = st.heads(attn, config)
+        if st.grouped_qkv(attn) and hkv % world:
+            raise ValueError(f"tpext.parallelize: {name or 'the model'} packs each of its {hkv} kv heads with its "
+                             f"query heads (query_key_value), and {hkv} is not divisible by the tensor-parallel "
+                             f"size {world}; each rank must hold whole groups: pick a size that divides {hkv}")
+        blocks = st.interleaved_blocks(attn)
+        if blocks and (hq // blocks) % world:
+            raise ValueError(f"tpext.parallelize: {name or 'the model'} interleaves its {hq} query heads in "
+                             f"{blocks} blocks of [q | v | k] (qkv_proj), and the {hq // blocks} heads of a block "
+                             f"are not divisible by the tensor-parallel size {world}; each rank takes its heads "
+                             f"of every block: pick a size that divides {hq // blocks}")
         if hq % world:
             raise ValueError(f"tpext.parallelize: {name or 'the model'} has {hq} query heads, not divisible by the "
                              f"tensor-parallel size {world}; each rank must hold whole query heads")
@@ -87,7 +97,7 @@ def _set_local_heads(model: nn.Module, converted: dict[str, nn.Module], world: i
         for attr, value in (("num_heads", local_q), ("num_attention_heads", local_q), ("n_heads", local_q),
                             ("n_head", local_q), ("hidden_size", local_q * d),
                             ("embed_dim", local_q * d), ("split_size", local_q * d),
-                            ("num_key_value_heads", local_kv), ("num_key_value_groups", local_q // local_kv)):
+                            ("num_key_value_heads", local_kv), ("num_kv_heads", local_kv), ("num_key_value_groups", local_q // local_kv)):
             if hasattr(attn, attr):
                 setattr(attn, attr, value)
         if hasattr(getattr(attn, "config", None), "num_attention_heads"):

@@ -160,7 +160,7 @@ def _plan_from_names(model: nn.Module, *, sequence_parallel: bool,
             try:
                 plan[name] = kind(st.attention_pieces(leaf, parent, config))
             except ValueError as exc:
-                raise ValueError(f"tpext.parallelize: {name}: {exc}") from exc
+                raise ValueError(f"tpext.parallelize: {name}: {str(exc).removeprefix('tpext.parallelize: ')}") from exc
         elif linear and leaf == "gate_up_proj":
             half = st.linear_dims(module)[1] // 2
             plan[name] = Colwise((Piece(half), Piece(half)))

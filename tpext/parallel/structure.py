@@ -11,16 +11,18 @@ import inspect
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from tpext.nn.class_swap import probe_copy
+from tpext.nn.class_swap import probe_copy, probe_disagrees
 from tpext.nn.experts import is_experts
 from tpext.sharding import Piece
 
 __all__ = ["ATTENTION_INPUTS", "ATTENTION_OUTPUTS", "ATTENTION_PROJECTIONS", "MLP_COLUMNS", "MLP_ROWS", "EMBEDDINGS",
            "POSITION_EMBEDDINGS", "LM_HEADS", "REPLICATED_HEADS", "MOE_REPLICATED", "heads", "is_attention",
            "attention_pieces", "norm_pieces", "per_head_norm", "attention_above", "is_moe", "is_mlp", "is_norm",
-           "is_conv1d", "plain_linear", "elementwise_with_scalars", "linear_dims", "alibi_argument"]
+           "is_conv1d", "plain_linear", "elementwise_with_scalars", "linear_dims", "alibi_argument",
+           "grouped_qkv", "interleaved_blocks"]
 
 # The input projections of an attention module, by name: separate q/k/v, a packed qkv_proj, query_key_value
 # (GPT-NeoX's: each head's q, k and v rows together; BLOOM's the same), GPT-2's c_attn Conv1D ([q | k | v]),
@@ -60,7 +62,7 @@ def heads(attn: nn.Module, config) -> tuple[int, int, int]:
         return None
 
     hq = pick("num_heads", "num_attention_heads", "n_head", "n_heads")
-    hkv = pick("num_key_value_heads", "kv_heads") or (hq // g if hq and (g := pick("num_key_value_groups")) else hq)
+    hkv = pick("num_key_value_heads", "kv_heads", "num_kv_heads") or (hq // g if hq and (g := pick("num_key_value_groups")) else hq)
     d = pick("head_dim")
     if d is None and hq:
         h = pick("hidden_size", "embed_dim", "n_embd")
@@ -87,10 +89,22 @@ def attention_pieces(leaf: str, attn: nn.Module, config) -> tuple[Piece, ...]:
             query_key_value with fewer kv than query heads).
     """
     hq, hkv, d = heads(attn, config)
+    blocks = interleaved_blocks(attn)
+    if blocks and leaf in ("qkv_proj", *ATTENTION_OUTPUTS):
+        # CodeGen's: qkv_proj is `blocks` blocks of [q | v | k], each with hq / blocks heads; its heads are
+        # numbered block-major, so out_proj's input is `blocks` runs of hq / blocks heads. Each rank takes
+        # its share of every block, which keeps the model's own reshape into `blocks` blocks right.
+        per_block = Piece(hq // blocks, d)
+        return (per_block,) * (3 * blocks if leaf == "qkv_proj" else blocks)
     if leaf == "qkv_proj" and not hasattr(attn, "o_proj"):
         raise ValueError(f"tpext.parallelize: {type(attn).__name__}.qkv_proj: tpext knows a packed qkv_proj's layout "
                          "([q | k | v] rows) beside an o_proj (Phi3's); other models pack theirs differently "
                          "(CodeGen's interleaves blocks); give it a plan with the pieces of its layout")
+    if leaf == "query_key_value" and getattr(attn, "new_decoder_architecture", False) is True:
+        # Falcon's new decoder: per kv head, its group's query heads, then its k and v
+        return (Piece(hkv, (hq // hkv + 2) * d),)
+    if leaf == "query_key_value" and getattr(attn, "multi_query", False) is True:
+        return (Piece(hq, d), Piece(1, d), Piece(1, d))  # Falcon's multi-query: [q | k | v], one kv head
     if leaf == "query_key_value" and hkv != hq:
         raise ValueError(f"tpext.parallelize: {type(attn).__name__}.query_key_value with {hq} query and {hkv} kv "
                          "heads: tpext knows its layout (each head's q, k and v rows together, GPT-NeoX's) only "
@@ -105,6 +119,18 @@ def attention_pieces(leaf: str, attn: nn.Module, config) -> tuple[Piece, ...]:
                        else (Piece(hq, d), Piece(hkv, d), Piece(hkv, d))),
             "Wqkv": (Piece(hq, d), Piece(hkv, d), Piece(hkv, d)),
             "query_key_value": (Piece(hq, 3 * d),)}[leaf]
+
+
+def interleaved_blocks(attn: nn.Module) -> int:
+    """How many [q | v | k] blocks an attention module's qkv_proj interleaves (CodeGen's: 4, fixed in its code),
+    or 0."""
+    return 4 if type(attn).__name__.startswith("CodeGen") and hasattr(attn, "qkv_proj") else 0
+
+
+def grouped_qkv(attn: nn.Module) -> bool:
+    """Whether an attention module packs each kv head with its group of query heads (Falcon's new decoder):
+    its kv heads cannot be replicated over ranks, each group must stay whole."""
+    return hasattr(attn, "query_key_value") and getattr(attn, "new_decoder_architecture", False) is True
 
 
 def alibi_argument(attn: nn.Module) -> Optional[str]:
@@ -158,9 +184,23 @@ def is_norm(leaf: str, module: nn.Module) -> bool:
     return "norm" in leaf.lower() or "norm" in type(module).__name__.lower()
 
 
+_PLAIN_LINEAR: dict[type, bool] = {}
+
+
 def plain_linear(module: nn.Module) -> bool:
-    """An nn.Linear whose forward is nn.Linear's: x @ W.T + b."""
-    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+    """An nn.Linear whose forward is x @ W.T + b: nn.Linear's own, or a subclass's that computes the same
+    (Falcon's FalconLinear), checked once per class on a copy with random weights and input."""
+    if not isinstance(module, nn.Linear):
+        return False
+    cls = type(module)
+    if cls.forward is nn.Linear.forward:
+        return True
+    if cls not in _PLAIN_LINEAR:
+        probe = probe_copy(module)
+        x = torch.randn(3, module.in_features, generator=torch.Generator().manual_seed(0))
+        _PLAIN_LINEAR[cls] = not probe_disagrees(lambda: (probe.forward(x), F.linear(x, probe.weight, probe.bias)),
+                                                 rtol=1e-5, atol=1e-6, differs="differs")
+    return _PLAIN_LINEAR[cls]
 
 
 def is_conv1d(module: nn.Module) -> bool:

@@ -122,7 +122,7 @@ def _checked(site: Site, fn, *args, **kwargs) -> nn.Module:
     try:
         return fn(*args, **kwargs)
     except ValueError as exc:
-        raise ValueError(f"tpext.parallelize: {site.name}: {exc}") from exc
+        raise ValueError(f"tpext.parallelize: {site.name}: {str(exc).removeprefix('tpext.parallelize: ')}") from exc
 
 
 def _refuse_linear_subclass(style: Style, module: nn.Module, site: Site) -> None:
