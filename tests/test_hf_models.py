@@ -13,7 +13,9 @@ attention and final logit soft-capping, sliding-window layers) and Apertus (a le
 scalar parameters between the MLP's layers), Phi (dense as o_proj, partial rotary, fc1 / fc2, an lm_head
 with a bias) and GPT-NeoX (query_key_value with each head's q, k and v rows together, LayerNorms with
 biases, attention and MLP side by side), GPT-J (out_proj, fc_in / fc_out; without SP) and XGLM (sinusoidal
-positions, attention reshaping by its embed_dim), and mixture-of-experts models with the router's
+positions, attention reshaping by its embed_dim), the classic families (GPT-2's Conv1D layers and wpe, OPT,
+BLOOM and MPT with ALiBi slopes per rank's heads, Falcon's FalconLinear and its three query_key_value layouts,
+GPT-BigCode's multi-query c_attn, CodeGen's interleaved qkv_proj), and mixture-of-experts models with the router's
 load-balancing loss in the loss: Mixtral, Qwen2-MoE (a shared expert and its gate beside the experts,
 a dense first layer), Qwen3-MoE and OLMoE: the model's own
 embedding, norm, activation, attention and experts code runs unchanged (OLMo2's q/k norms excepted: their
