@@ -126,3 +126,27 @@ def test_refusals_give_the_reason_for_the_module_kind():
     assert "transformer.h.0.mlp.act (NewGELUActivation): sequence_parallel takes a module with parameters" in \
         activation, activation
     assert conv1d == "ColumnParallelConv1D (64, 96)", conv1d  # [in, 3 * 64 / 2]
+
+
+def _sizes_that_cut_a_block() -> list[str]:
+    """CodeGen's 4 blocks of 2 heads, Falcon's new decoder with 2 kv groups: 4 ranks cannot take whole ones."""
+    codegen = transformers.CodeGenForCausalLM(transformers.CodeGenConfig(
+        n_embd=64, n_head=8, n_layer=1, rotary_dim=4, n_inner=96, n_positions=64, vocab_size=100))
+    falcon = transformers.FalconForCausalLM(transformers.FalconConfig(
+        **SMALL, new_decoder_architecture=True, num_kv_heads=2))
+    messages = []
+    for model in (codegen, falcon):
+        with pytest.raises(ValueError) as err:
+            tpext.parallelize(model)
+        messages.append(str(err.value))
+    assert type(codegen.transformer.h[0].attn.qkv_proj) is torch.nn.Linear  # nothing replaced
+    return messages
+
+
+def test_sizes_that_cut_a_block_are_refused():
+    codegen, falcon = run_ranks(_sizes_that_cut_a_block, 4)[0]
+    assert codegen == ("tpext.parallelize: transformer.h.0.attn interleaves its 8 query heads in 4 blocks of "
+                       "[q | v | k] (qkv_proj), and the 2 heads of a block are not divisible by the tensor-parallel "
+                       "size 4; each rank takes its heads of every block: pick a size that divides 2"), codegen
+    assert falcon.startswith("tpext.parallelize: transformer.h.0.self_attention packs each of its 2 kv heads with its "
+                             "query heads (query_key_value)"), falcon
