@@ -127,13 +127,33 @@ class _LocalHeadsConfig:
 def parallelize(model: nn.Module, group: GroupLike = None, plan: Union[str, PlanLike] = "auto", *,
                 sequence_parallel: bool = False, sequence_dim: int = 1, chunks: Union[int, str] = "auto",
                 share_inputs: bool = True) -> nn.Module:
-    """Convert `model` in place to tensor parallelism over `group` (a ProcessGroup, a 1-D DeviceMesh such
-    as mesh["tp"], or None for the world) and return it. Weights are sharded from the dense ones (a
-    meta-device model stays on meta, for tpext.load_checkpoint to fill). State-dict names are unchanged.
-    sequence_dim: the sequence dim of the activations under SP (1 for batch-first [b, s, h]).
-    share_inputs: run q/k/v_proj (and gate/up_proj) as one GEMM on one gathered input
-    (tpext.nn.SharedInputColumns); False keeps one GEMM, and one collective, per projection (under SP
-    an attention module's input is still gathered once, by a plain all-gather before the projections).
+    """Convert `model` in place to tensor parallelism over `group` and return it. Weights are sharded from
+    the dense ones (a meta-device model stays on meta, for tpext.load_checkpoint to fill). State-dict names
+    are unchanged.
+
+    Args:
+        model: the dense model.
+        group: a ProcessGroup, a 1-D DeviceMesh such as mesh["tp"], or None for the world.
+        plan: "auto" (`auto_plan`: the model's own TP plan, then its module names), or {pattern: style} with
+            styles as objects (tpext.parallel.Colwise(), a Style of your own) or their names ("colwise").
+        sequence_parallel: activations between a row layer and the next column layer are sequence shards.
+        sequence_dim: the sequence dim of the activations under SP (1 for batch-first [b, s, h]).
+        chunks: the chunk count of the overlapped ops ("auto": the planner's).
+        share_inputs: run q/k/v_proj (and gate/up_proj) as one GEMM on one gathered input
+            (tpext.nn.SharedInputColumns); False keeps one GEMM, and one collective, per projection (under SP
+            an attention module's input is still gathered once, by a plain all-gather before the projections).
+
+    Returns:
+        `model`, converted.
+
+    Raises:
+        ValueError: a module the plan names cannot be converted (the message names it, says why for its
+            kind, and the way out), head counts or packed groups that the group size would cut, a model
+            already parallelized. Every check runs before any module is replaced: an error leaves the model
+            as it was.
+
+    Example:
+        >>> model = tpext.parallelize(transformers.GPT2LMHeadModel(config), sequence_parallel=False)
     """
     pg = resolve_group(group)
     # Every tpext module declares its layouts (tpext.sharding) or its group.
