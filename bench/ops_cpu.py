@@ -9,7 +9,7 @@ For every shape it measures, on the same ranks and buffers:
   T(c)    the tpext op with c chunks (c = 1 is the sequential algorithm)
 and prints speedup T(1)/T(c) beside the napkin limit: no schedule beats max(T_gemm, T_comm), so the
 best possible speedup is (T_gemm + T_comm) / max(T_gemm, T_comm) (2x when the two are equal), and the
-GEMM calls one op makes for each c (tpext.benchmark.gemm_calls: one launch each on CUDA).
+GEMM calls one op makes for each c (tpext.commands.benchmark.gemm_calls: one launch each on CUDA).
 Each time is the median over repeats of the slowest rank. Results are checked against chunks=1 first.
 --ops keeps the shapes of those ops only. JSON goes to <out>/<device>/<name>.json.
 """
@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 import tpext
-from tpext.benchmark import commit, device_name, gemm_calls, load_average, median_slowest
+from tpext.commands.benchmark import commit, device_name, gemm_calls, load_average, median_slowest
 
 # (op, rows M of the full activation, K, N). fp32. For gemm_all_reduce, x is [M, K] per rank and the
 # all-reduce moves [M, N]; the reduce-scatter/all-gather ops split M across ranks. K is chosen so the

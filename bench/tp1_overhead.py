@@ -19,7 +19,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from tpext.benchmark import commit, device_name
+from tpext.commands.benchmark import commit, device_name
 from tpext.nn import ColumnParallelLinear, RowParallelLinear
 
 SHAPES = [(64, 256, 256), (512, 1024, 1024), (2048, 1024, 4096)]  # (tokens, in, out)

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as tdist
 
 from dist import run_ranks
-from tpext.benchmark_layers import IMPLS, LAYERS, MODES, Spec, _check, _dense, _tpext, check_close
+from tpext.commands.benchmark_layers import IMPLS, LAYERS, MODES, Spec, _check, _dense, _tpext, check_close
 from tpext.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,7 +13,9 @@ attention and final logit soft-capping, sliding-window layers) and Apertus (a le
 scalar parameters between the MLP's layers), Phi (dense as o_proj, partial rotary, fc1 / fc2, an lm_head
 with a bias) and GPT-NeoX (query_key_value with each head's q, k and v rows together, LayerNorms with
 biases, attention and MLP side by side), GPT-J (out_proj, fc_in / fc_out; without SP) and XGLM (sinusoidal
-positions, attention reshaping by its embed_dim), and mixture-of-experts models with the router's
+positions, attention reshaping by its embed_dim), the classic families (GPT-2's Conv1D layers and wpe, OPT,
+BLOOM and MPT with ALiBi slopes per rank's heads, Falcon's FalconLinear and its three query_key_value layouts,
+GPT-BigCode's multi-query c_attn, CodeGen's interleaved qkv_proj), and mixture-of-experts models with the router's
 load-balancing loss in the loss: Mixtral, Qwen2-MoE (a shared expert and its gate beside the experts,
 a dense first layer), Qwen3-MoE and OLMoE: the model's own
 embedding, norm, activation, attention and experts code runs unchanged (OLMo2's q/k norms excepted: their
@@ -52,7 +54,13 @@ CASES = [("llama", 4, False, "sdpa", False), ("llama", 4, True, "sdpa", False), 
          ("apertus", 2, True, "sdpa", False), ("phi", 2, True, "sdpa", True), ("gpt_neox", 8, True, "eager", True),
          ("gpt_neox", 8, False, "sdpa", False), ("gptj", 8, False, "eager", True), ("xglm", 8, True, "eager", True),
          ("mixtral", 2, False, "sdpa", False), ("mixtral", 2, True, "sdpa", True), ("qwen2_moe", 2, True, "sdpa", True),
-         ("qwen3_moe", 4, False, "eager", False), ("olmoe", 2, True, "sdpa", False)]
+         ("qwen3_moe", 4, False, "eager", False), ("olmoe", 2, True, "sdpa", False),
+         ("gpt2", 8, False, "eager", True), ("gpt2", 8, False, "sdpa", False), ("opt", 8, False, "sdpa", True),
+         ("opt", 8, False, "eager", False), ("bloom", 8, True, "eager", True), ("bloom", 8, False, "eager", False),
+         ("gpt_bigcode", 8, False, "eager", True), ("gpt_bigcode", 8, False, "sdpa", False),
+         ("gpt_bigcode_mha", 8, False, "sdpa", True), ("mpt", 8, True, "eager", True), ("mpt", 8, False, "eager", False),
+         ("falcon", 8, True, "sdpa", True), ("falcon", 8, False, "eager", False), ("falcon_new", 8, True, "eager", True),
+         ("falcon_mha", 8, False, "sdpa", False), ("codegen", 16, False, "eager", True)]
 
 
 _IDS = dict(pad_token_id=0, eos_token_id=1, bos_token_id=1)  # their default token ids are beyond this vocabulary
@@ -86,14 +94,42 @@ ARCHS.update({
                                                              "moe_intermediate_size": 32}),
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", {**_MOE, **_IDS, "num_experts": 4}),
 })
-_NO_GQA = ("gpt_neox", "gptj", "xglm")  # kv must be the 8 query heads
+# The classic families: GPT-2 (Conv1D layers, c_attn packed [q | k | v], learned positions wpe), OPT (fc1 / fc2
+# in the decoder layer, learned positions embed_positions); their dropout is on by default.
+_GPT2_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+ARCHS.update({
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", {**_IDS, **_GPT2_DROPOUT, "n_inner": SMALL["intermediate_size"]}),
+    "opt": ("OPTConfig", "OPTForCausalLM", {**_IDS, "ffn_dim": SMALL["intermediate_size"], "dropout": 0.0,
+                                             "word_embed_proj_dim": SMALL["hidden_size"]}),
+})
+ARCHS["bloom"] = ("BloomConfig", "BloomForCausalLM", {**_IDS, "hidden_dropout": 0.0, "attention_dropout": 0.0})
+# multi_query: c_attn is [q | k | v] with one kv head, replicated on every rank; without it each head's q, k, v
+ARCHS["gpt_bigcode"] = ("GPTBigCodeConfig", "GPTBigCodeForCausalLM", {**_IDS, **_GPT2_DROPOUT,
+                                                                      "n_inner": SMALL["intermediate_size"]})
+ARCHS["gpt_bigcode_mha"] = ("GPTBigCodeConfig", "GPTBigCodeForCausalLM", {**ARCHS["gpt_bigcode"][2],
+                                                                          "multi_query": False})
+ARCHS["mpt"] = ("MptConfig", "MptForCausalLM", {**_IDS, "d_model": SMALL["hidden_size"], "n_heads": 8,
+                                               "n_layers": 2, "max_seq_len": 64, "expansion_ratio": 2})
+# Falcon: FalconLinear (an nn.Linear subclass computing x @ W.T + b), multi-query query_key_value by default;
+# the new decoder packs each kv head with its query heads (4 kv heads here), the old without multi-query
+# each head's q, k, v together
+_FALCON = {**_IDS, "hidden_dropout": 0.0, "attention_dropout": 0.0}
+ARCHS.update({"falcon": ("FalconConfig", "FalconForCausalLM", _FALCON),
+              "falcon_new": ("FalconConfig", "FalconForCausalLM", {**_FALCON, "new_decoder_architecture": True,
+                                                                    "num_kv_heads": 4}),
+              "falcon_mha": ("FalconConfig", "FalconForCausalLM", {**_FALCON, "multi_query": False})})
+# CodeGen: qkv_proj is 4 blocks of [q | v | k]; 16 heads, so that a block's 4 heads split over 4 ranks
+ARCHS["codegen"] = ("CodeGenConfig", "CodeGenForCausalLM", {**_IDS, "num_attention_heads": 16, "rotary_dim": 4, "n_inner": 96,
+                                                            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0})
+_NO_GQA = ("gpt_neox", "gptj", "xglm", "gpt2", "opt", "bloom", "gpt_bigcode", "gpt_bigcode_mha", "mpt", "falcon",
+           "falcon_new", "falcon_mha", "codegen")  # kv must be the 8 query heads
 
 
 def _model(arch: str, kv: int, attn: str):
     config_name, model_name, settings = ARCHS[arch]
     config_cls, model_cls = getattr(transformers, config_name), getattr(transformers, model_name)
     extra = dict(settings) if arch in _NO_GQA else dict(settings, num_key_value_heads=kv)
-    config = config_cls(**SMALL, **extra, attn_implementation=attn)
+    config = config_cls(**{**SMALL, **extra}, attn_implementation=attn)
     torch.manual_seed(0)
     model = model_cls(config).float()
     with torch.no_grad():  # norms away from their init (Gemma's scales by 1 + weight, from zeros)
@@ -269,10 +305,12 @@ def test_moe_plan():
 
 def test_layouts_tpext_cannot_tell_are_refused():
     """Packed or nested attention weights whose head layout the names do not tell are named, not guessed:
-    CodeGen's qkv_proj (blocks of [q | v | k]) and StableLM's per-head norms in a list."""
+    a packed qkv_proj beside an out_proj (not CodeGen's, whose blocks tpext knows) and StableLM's per-head
+    norms in a list."""
     codegen = transformers.CodeGenForCausalLM(transformers.CodeGenConfig(
         n_embd=64, n_head=8, n_layer=1, rotary_dim=4, n_inner=96, n_positions=64, vocab_size=100))
-    with pytest.raises(ValueError, match=r"CodeGenAttention\.qkv_proj: tpext knows a packed qkv_proj's layout"):
+    codegen.transformer.h[0].attn.__class__ = type("OtherAttention", (type(codegen.transformer.h[0].attn),), {})
+    with pytest.raises(ValueError, match=r"transformer\.h\.0\.attn\.qkv_proj: OtherAttention\.qkv_proj: tpext knows a packed qkv_proj's layout"):
         tpext.auto_plan(codegen)
     stablelm = transformers.StableLmForCausalLM(transformers.StableLmConfig(**SMALL, qk_layernorm=True))
     with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_layernorm\.norms\.0 \(LayerNorm nested "

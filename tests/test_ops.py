@@ -14,7 +14,7 @@ import torch.distributed as tdist
 
 import tpext
 from dist import run_ranks
-from tpext.benchmark import gemm_calls
+from tpext.commands.benchmark import gemm_calls
 from tpext.planner import Algorithm
 
 WORLD_SIZES = [1, 2, 3, 4]

@@ -9,7 +9,8 @@ from tpext.distributed import group_name, resolve_group
 from tpext import p2p  # noqa: E402  (after ops)
 from tpext import nn, random  # noqa: E402  (after ops: the modules use them)
 from tpext.sharding import Piece
-from tpext.parallelize import Style, auto_plan, parallelize
+from tpext import parallel
+from tpext.parallel import Style, auto_plan, parallelize
 from tpext import models
 from tpext.checkpoint import from_pretrained, gather_state_dict, load_checkpoint, save_checkpoint
 
@@ -18,7 +19,7 @@ __version__ = "0.1.0"
 #: True when the CUDA kernels were compiled into this build.
 cuda_compiled: bool = _C.cuda_compiled
 
-__all__ = ["ops", "nn", "p2p", "random", "models", "comm_stats", "group_name", "resolve_group", "parallelize",
-           "auto_plan", "Style", "Piece", "load_checkpoint", "save_checkpoint", "gather_state_dict", "from_pretrained",
-           "cuda_compiled",
+__all__ = ["ops", "nn", "p2p", "random", "models", "parallel", "comm_stats", "group_name", "resolve_group",
+           "parallelize", "auto_plan", "Style", "Piece", "load_checkpoint", "save_checkpoint", "gather_state_dict",
+           "from_pretrained", "cuda_compiled",
            "__version__"]

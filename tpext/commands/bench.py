@@ -2,11 +2,11 @@
 
     python -m tpext bench [--tp 2 4] [--sizes 2048x512 ...] [--quick] [--out DIR] [--calibration PATH]
 
-For every tp degree it starts that many local ranks (tpext.launch; under torchrun it runs on the job's
-ranks instead), checks every implementation against the dense layer, then times forward and
+For every tp degree it starts that many local ranks (tpext/commands/launch.py; under torchrun it runs on
+the job's ranks instead), checks every implementation against the dense layer, then times forward and
 forward+backward. Prints one table; writes layers.json and layers.png to bench/results/<device>/ (or
 --out), and with --calibration the measured GEMM rate and all-reduce bandwidth for `tpext plan`.
-The rank side is tpext/benchmark_layers.py; timing and probes are tpext/benchmark.py.
+The rank side is benchmark_layers.py beside this file; timing and probes are benchmark.py.
 """
 
 from __future__ import annotations
@@ -84,8 +84,8 @@ def _config(args) -> dict:
     """The run's configuration from the arguments and the device's preset; every check before any launch."""
     import torch
 
-    from tpext.benchmark_layers import LAYERS
-    from tpext.launch import default_backend, launched_by_torchrun
+    from tpext.commands.benchmark_layers import LAYERS
+    from tpext.commands.launch import default_backend, launched_by_torchrun
 
     unknown = sorted(set(args.layers or []) - set(LAYERS))
     if unknown:
@@ -132,9 +132,9 @@ def _command_line() -> str:
 
 
 def run(args) -> int:
-    from tpext.benchmark import device_name, load_average
-    from tpext.benchmark_layers import worker
-    from tpext.launch import launch, launched_by_torchrun
+    from tpext.commands.benchmark import device_name, load_average
+    from tpext.commands.benchmark_layers import worker
+    from tpext.commands.launch import launch, launched_by_torchrun
 
     cfg = _config(args)
     load_before = load_average()
@@ -186,7 +186,7 @@ def run(args) -> int:
 def _write_calibration(path: str, report: dict, results: dict) -> None:
     """The planner's inputs, from the probes of the largest group measured (the closest to the groups
     the planner sizes); format tpext-calibration/1, read by tpext.planner."""
-    from tpext.benchmark import CALIBRATION_FORMAT
+    from tpext.commands.benchmark import CALIBRATION_FORMAT
 
     n = max(results)
     probes, env = results[n][0]["probes"], results[n][0]["environment"]

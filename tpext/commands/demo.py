@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tpext.launch import launch, launched_by_torchrun
+    from tpext.commands.launch import launch, launched_by_torchrun
 
     if launched_by_torchrun():
         return _worker(args)
@@ -174,7 +174,7 @@ def _mib(n: int) -> str:
 
 def _worker(args) -> int:
     import tpext
-    from tpext.launch import init_worker
+    from tpext.commands.launch import init_worker
 
     rank, world = init_worker(args.backend)
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")

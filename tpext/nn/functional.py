@@ -8,7 +8,7 @@ from torch import Tensor
 
 from tpext import mappings, p2p
 from tpext.distributed import GroupLike, resolve_group, shard_range, shard_sizes
-from tpext.p2p_functions import AllReduceResidualRMSNorm
+from tpext.nn.p2p_functions import AllReduceResidualRMSNorm
 
 __all__ = ["vocab_parallel_cross_entropy", "all_reduce_residual_rmsnorm"]
 

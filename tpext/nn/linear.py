@@ -20,11 +20,12 @@ from torch import Tensor, nn
 from tpext import mappings, p2p, stats
 from tpext.distributed import GroupLike, SharesGroupOnCopy, resolve_group
 from tpext.nn._linear_functions import ColumnLinear, ColumnLinearSP, RowLinear, RowLinearSP, _cat, autocast_inputs
-from tpext.p2p_functions import RowLinearP2P
+from tpext.nn.p2p_functions import RowLinearP2P
 from tpext.planner import AlgorithmLike, Schedule, resolve_chunks, resolve_schedule
 from tpext.sharding import Piece, ShardLayout, piece_segments, set_layout
 
-__all__ = ["ColumnParallelLinear", "RowParallelLinear", "SharedInputColumns"]
+__all__ = ["ColumnParallelLinear", "RowParallelLinear", "SharedInputColumns", "ColumnParallelConv1D",
+           "RowParallelConv1D"]
 
 Chunks = Union[int, str]
 
@@ -35,6 +36,8 @@ class _ParallelLinear(SharesGroupOnCopy, nn.Module):
     #: Schedule of the overlapped ops (tpext.planner.Algorithm or "auto"); set on an instance to override
     #: the planner's choice, like the `chunks` argument overrides its chunk count.
     algorithm: AlgorithmLike = "auto"
+    #: The weight is stored as Hugging Face's Conv1D stores it, [in, out] (x @ W + b), and used transposed.
+    transposed_weight = False
 
     def __init__(self, in_features: int, out_features: int, bias: bool, group: GroupLike, sharded_dim: int,
                  sequence_parallel: bool, chunks: Chunks, device, dtype, pieces: Optional[Sequence[Piece]] = None,
@@ -57,7 +60,9 @@ class _ParallelLinear(SharesGroupOnCopy, nn.Module):
             pieces, self.tp_size, self.tp_rank, f"{type(self).__name__}({in_features}, {out_features})")
         self.packed = len(pieces) > 1
         self.shard_start = segments[0][0]
-        weight_layout = ShardLayout(full, sharded_dim, segments, self.replicas, reduce_ranges)
+        weight_layout = (ShardLayout(full[::-1], 1 - sharded_dim, segments, self.replicas, reduce_ranges)
+                         if self.transposed_weight else ShardLayout(full, sharded_dim, segments, self.replicas,
+                                                                    reduce_ranges))
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(weight_layout.local_shape, **factory))
         set_layout(self, "weight", weight_layout)
@@ -72,10 +77,11 @@ class _ParallelLinear(SharesGroupOnCopy, nn.Module):
         self.reset_parameters()
 
     @classmethod
-    def _from_dense(cls, linear: nn.Linear, group: GroupLike, **kwargs):
+    def _from_dense(cls, linear: nn.Module, group: GroupLike, **kwargs):
         # Built on the meta device, so no init runs: an init would draw from the global RNG a number of
         # values that depends on the shard size, leaving ranks with uneven shards in different RNG states.
-        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, group=group, device="meta",
+        in_features, out_features = linear.weight.shape[::-1] if not cls.transposed_weight else linear.weight.shape
+        layer = cls(in_features, out_features, linear.bias is not None, group=group, device="meta",
                     dtype=linear.weight.dtype, **kwargs)
         if not linear.weight.is_meta:  # a meta-device model is filled later, from a checkpoint
             layer.to_empty(device=linear.weight.device)
@@ -90,14 +96,24 @@ class _ParallelLinear(SharesGroupOnCopy, nn.Module):
                 self.bias.copy_(self._tpext_layouts["bias"].local_from_dense(linear.bias))
 
     def _params(self) -> tuple[Tensor, Optional[Tensor]]:
-        """The weights as this forward uses them. A head replicated over several ranks (GQA with more
-        ranks than kv heads) gets only part of its gradient on each: those parts are summed here."""
+        """The weights as this forward uses them, [out, in] ([out/R, in] or [out, in/R] here). A head
+        replicated over several ranks (GQA with more ranks than kv heads) gets only part of its gradient on
+        each: those parts are summed here."""
         if self.replicas == 1:
-            return self.weight, self.bias
-        w = mappings.sum_replica_grads(self.weight, self._tpext_layouts["weight"], self.group)
-        b = (mappings.sum_replica_grads(self.bias, self._tpext_layouts["bias"], self.group)
-             if self.bias is not None else None)
-        return w, b
+            w, b = self.weight, self.bias
+        else:
+            w = mappings.sum_replica_grads(self.weight, self._tpext_layouts["weight"], self.group)
+            b = (mappings.sum_replica_grads(self.bias, self._tpext_layouts["bias"], self.group)
+                 if self.bias is not None else None)
+        # A Conv1D's [in, out] weight: the ops take [out, in] rows, so a transposed copy per call (the
+        # gradient flows back through it into the stored layout).
+        return (w.t().contiguous() if self.transposed_weight else w), b
+
+    @property
+    def local_weight_shape(self) -> tuple[int, int]:
+        """This rank's weight as [out, in], whichever way it is stored."""
+        shape = tuple(self.weight.shape)
+        return shape[::-1] if self.transposed_weight else shape
 
     def reset_parameters(self) -> None:
         # nn.Linear's init, with the bound of the *full* layer (fan_in = in_features, not its shard).
@@ -135,6 +151,7 @@ class _ParallelLinear(SharesGroupOnCopy, nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"{'weight stored [in, out], ' if self.transposed_weight else ''}"
                 f"tp={self.tp_rank}/{self.tp_size}, sequence_parallel={self.sequence_parallel}, "
                 f"{'packed, ' if self.packed else ''}{f'replicas={self.replicas}, ' if self.replicas > 1 else ''}"
                 f"local weight={tuple(self.weight.shape)}")
@@ -177,15 +194,15 @@ class ColumnParallelLinear(_ParallelLinear):
         if self.tp_size > 1 and self._siblings is not None:
             return self._siblings(self, x)
         with stats.scope_for(self):
-            if self.tp_size == 1:
-                return F.linear(x, self.weight, self.bias)
             w, b = self._params()
+            if self.tp_size == 1:
+                return F.linear(x, w, b)
             return self._column(x, (w,), b)
 
     # Set by SharedInputColumns.attach when this layer shares its input with siblings (q/k/v, gate/up).
     _siblings: Optional["SharedInputColumns"] = None
     # Set by tpext.parallelize under SP on an attention module's projections, whose input a forward pre-hook
-    # all-gathers (tpext.model_hooks): tells whether a tensor is the full sequence that hook returned.
+    # all-gathers (tpext.parallel.hooks): tells whether a tensor is the full sequence that hook returned.
     _is_gathered_input: Optional[Callable[[Tensor], bool]] = None
 
     def _column(self, x: Tensor, ws: tuple[Tensor, ...], b: Optional[Tensor]) -> Tensor:
@@ -279,7 +296,7 @@ class SharedInputColumns:
     def gather(self, x_shard: Tensor) -> Tensor:
         """Under SP: all-gather x_shard overlapped with the one GEMM of every layer, keep each layer's output
         for its call with the gathered input, and return that input, the full sequence, for code that takes
-        shapes from it (Hugging Face attention does; tpext.model_hooks). Gradients that each rank sends into
+        shapes from it (Hugging Face attention does; tpext.parallel.hooks). Gradients that each rank sends into
         the returned tensor, from the layers or from other code, are partial: they are summed over the
         ranks (reduce-scatter) into x_shard's, the dual of the gather."""
         first = self.layers[0]
@@ -302,7 +319,7 @@ class SharedInputColumns:
 
     def _hand_out(self, y: Tensor, x: Tensor, skip: Optional[ColumnParallelLinear]) -> list[Tensor]:
         """Split y into the layers' outputs and keep those of the layers still to be called with x."""
-        outputs = y.split([m.weight.shape[0] for m in self.layers], dim=-1)
+        outputs = y.split([m.local_weight_shape[0] for m in self.layers], dim=-1)
         self._outputs = {id(m): out for m, out in zip(self.layers, outputs) if m is not skip}
         self._x, self._state = x, self._state_of(x)
         return list(outputs)
@@ -342,17 +359,18 @@ class RowParallelLinear(_ParallelLinear):
     def forward(self, x: Tensor) -> Tensor:
         with stats.scope_for(self):
             if self.input_is_parallel:
-                self._check_features(x, self.weight.shape[1],
+                self._check_features(x, self.local_weight_shape[1],
                                      f"this rank's shard of in_features={self.in_features} over "
                                      f"{self.tp_size} ranks; is the preceding column-parallel layer on "
                                      "another group or tensor-parallel size?")
             else:
                 self._check_features(x, self.in_features, "in_features")
                 x = mappings.scatter_to_tp(x, self.group)
+            w, b = self._params()
             if self.tp_size == 1:
-                return F.linear(x, self.weight, self.bias)
+                return F.linear(x, w, b)
             rows = x.numel() // max(x.shape[-1], 1)
-            x, w, b = autocast_inputs(x, self.weight, self.bias)
+            x, w, b = autocast_inputs(x, w, b)
             if self.sequence_parallel:
                 x = self._sequence_first(x)
                 self._check_sequence(x, x.shape[0])
@@ -363,3 +381,31 @@ class RowParallelLinear(_ParallelLinear):
             if algorithm is not None:
                 return RowLinearP2P.apply(x, w, b, self.group, algorithm)
             return RowLinear.apply(x, w, b, self.group, self._schedule(rows, x))
+
+
+class ColumnParallelConv1D(ColumnParallelLinear):
+    """ColumnParallelLinear for a Hugging Face Conv1D (GPT-2's layers: y = x @ W + b, W [in, out]).
+
+    The weight keeps Conv1D's orientation and name, so state dicts and checkpoints read as the dense
+    model's: this rank holds weight [in, out/R] (or its columns of every piece) and bias [out/R]. The ops
+    multiply by its transpose, a copy made per call.
+    """
+
+    transposed_weight = True
+
+    @classmethod
+    def from_dense(cls, conv1d: nn.Module, group: GroupLike = None, **kwargs) -> "ColumnParallelConv1D":
+        """Shard a Conv1D (weight [in, out]): this rank keeps its columns of the weight and its bias slice."""
+        return cls._from_dense(conv1d, group, **kwargs)
+
+
+class RowParallelConv1D(RowParallelLinear):
+    """RowParallelLinear for a Hugging Face Conv1D: this rank holds weight [in/R, out] (Conv1D's
+    orientation, the dense names) and the full bias, added once after the reduction."""
+
+    transposed_weight = True
+
+    @classmethod
+    def from_dense(cls, conv1d: nn.Module, group: GroupLike = None, **kwargs) -> "RowParallelConv1D":
+        """Shard a Conv1D (weight [in, out]): this rank keeps its rows of the weight, all the bias."""
+        return cls._from_dense(conv1d, group, **kwargs)

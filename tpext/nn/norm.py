@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from tpext import mappings, stats
 from tpext.distributed import GroupLike, SharesGroupOnCopy, resolve_group
-from tpext.nn._class_swap import derived_class, probe_copy, probe_disagrees, shell_copy
+from tpext.nn.class_swap import derived_class, probe_copy, probe_disagrees, shell_copy
 from tpext.sharding import Piece, ShardLayout, get_layout, piece_segments, set_layout
 
 __all__ = ["SequenceParallelLayerNorm", "SequenceParallelRMSNorm", "ColumnParallelRMSNorm", "sum_param_grads",

@@ -1,8 +1,8 @@
 """`tpext.parallelize(model)`: a dense model becomes a tensor-parallel one in place, same names, same numbers.
 
-A plan maps module-name patterns to styles (tpext.plans: "colwise", "rowwise", "vocab",
-"sequence_parallel", "replicate", or a `Style` with the pieces of a packed or head-structured dim);
-`plan="auto"` builds one from the model's names (`auto_plan`).
+A plan maps module-name patterns to styles (tpext.parallel.styles: objects such as Colwise() or their
+names "colwise", "rowwise", "vocab", "sequence_parallel", "replicate", "experts"; a Style of your own for
+a layer of your own); `plan="auto"` builds one from the model's own TP plan and its names (`auto_plan`).
 
 Grouped-query attention: with tp <= kv heads the kv heads are sharded (tp must divide them); with
 tp > kv heads each kv head is replicated over tp / kv ranks (tp must be a multiple), and the gradients
@@ -13,7 +13,7 @@ Sequence parallelism (sequence_parallel=True): between the row-parallel output a
 column-parallel input, activations are sequence shards; for batch-first [b, s, h] models the sharded
 dim is 1 (`sequence_dim`), and s must be divisible by the tensor-parallel size. The sequence is split
 at the input of the first decoder layer and each attention module is called with the full sequence,
-gathered by its q/k/v projections (tpext.model_hooks), so model code that takes shapes from its
+gathered by its q/k/v projections (tpext.parallel.hooks), so model code that takes shapes from its
 activations (Hugging Face's) sees the dense ones. Modules registered before the first decoder layer
 are taken to run before it, on the whole sequence (not sequence-parallel). A vocab-parallel lm_head
 gathers the decoder stack's output itself (the hidden states the model returns are then sequence
@@ -35,28 +35,23 @@ from typing import Union
 from torch import nn
 
 from tpext.distributed import GroupLike, resolve_group
-from tpext.nn import (ColumnParallelLinear, RowParallelLinear, SequenceParallelLayerNorm, SequenceParallelRMSNorm,
-                      SharedInputColumns, VocabParallelEmbedding, sum_param_grads)
-from tpext.nn._class_swap import shell_copy
-from tpext.nn.experts import _ShardedExperts, shard_experts
-from tpext.nn.embedding import _VocabParallelLookup, vocab_parallel_subclass
-from tpext.nn.norm import _ColumnParallelRMS, _SumsParamGrads, shard_norm_features
-from tpext.model_hooks import add_causal_lm_loss, add_dense_save_pretrained, add_sequence_hooks
-from tpext.plans import (_ATTN_PROJ, STYLES, Plan, Style, _attention_pieces, _heads, _is_attention, _is_moe,
-                         _norm_pieces, _parent, _plain_linear, _style_for, auto_plan)
+from tpext.nn import ColumnParallelLinear, SharedInputColumns
+from tpext.parallel import structure as st
+from tpext.parallel.hooks import add_alibi_slices, add_causal_lm_loss, add_dense_save_pretrained, add_sequence_hooks
+from tpext.parallel.plans import PlanLike, auto_plan, style_for
+from tpext.parallel.styles import Site
+from tpext.sharding import get_layout
 
-__all__ = ["Style", "parallelize", "auto_plan", "STYLES"]
+__all__ = ["parallelize"]
 
-_TPEXT_MODULES = (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, SequenceParallelLayerNorm,
-                  SequenceParallelRMSNorm, _SumsParamGrads, _ColumnParallelRMS, _VocabParallelLookup, _ShardedExperts)
 
-def _sharded_attention(model: nn.Module, plan: Plan) -> list[str]:
+def _sharded_attention(model: nn.Module, plan: PlanLike) -> list[str]:
     """The names of the attention modules (with input and output projections) whose projections the plan shards, in
     module order."""
     names = []
     for name, attn in model.named_modules():
-        projections = [f"{name}.{p}" if name else p for p in _ATTN_PROJ if hasattr(attn, p)]
-        if _is_attention(attn) and any(_style_for(p, plan) for p in projections):
+        projections = [f"{name}.{p}" if name else p for p in st.ATTENTION_PROJECTIONS if hasattr(attn, p)]
+        if st.is_attention(attn) and any(style_for(p, plan) for p in projections):
             names.append(name)
     return names
 
@@ -67,81 +62,48 @@ def _check_heads(model: nn.Module, attention: list[str], world: int) -> None:
     config = getattr(model, "config", None)
     for name in attention:
         attn = model.get_submodule(name)
-        hq, hkv, _ = _heads(attn, config)
+        hq, hkv, _ = st.heads(attn, config)
+        if st.grouped_qkv(attn) and hkv % world:
+            raise ValueError(f"tpext.parallelize: {name or 'the model'} packs each of its {hkv} kv heads with its "
+                             f"query heads (query_key_value), and {hkv} is not divisible by the tensor-parallel "
+                             f"size {world}; each rank must hold whole groups: pick a size that divides {hkv}")
+        blocks = st.interleaved_blocks(attn)
+        if blocks and (hq // blocks) % world:
+            raise ValueError(f"tpext.parallelize: {name or 'the model'} interleaves its {hq} query heads in "
+                             f"{blocks} blocks of [q | v | k] (qkv_proj), and the {hq // blocks} heads of a block "
+                             f"are not divisible by the tensor-parallel size {world}; each rank takes its heads "
+                             f"of every block: pick a size that divides {hq // blocks}")
         if hq % world:
             raise ValueError(f"tpext.parallelize: {name or 'the model'} has {hq} query heads, not divisible by the "
                              f"tensor-parallel size {world}; each rank must hold whole query heads")
 
 
-def _convert(name: str, module: nn.Module, parent: nn.Module, style: Style, group, sp: bool, sequence_dim: int,
-             chunks, config) -> nn.Module:
-    kind, pieces, leaf = style.kind, style.pieces, name.rpartition(".")[2]
-    common = {"sequence_parallel": sp, "sequence_dim": sequence_dim}
-    if isinstance(module, nn.Linear) and kind in ("colwise", "rowwise", "vocab") and not _plain_linear(module):
-        raise ValueError(f"tpext.parallelize: {name} is a {type(module).__name__}, an nn.Linear subclass with a forward "
-                         "of its own (a quantized or adapter layer?); tpext shards plain nn.Linear layers, whose "
-                         "forward is x @ W.T + b. Give it the style 'replicate', or parallelize the plain model")
-    if (isinstance(module, nn.Linear) and pieces is None and leaf in _ATTN_PROJ and _is_attention(parent)
-            and kind in ("colwise", "rowwise")):
-        pieces = _attention_pieces(leaf, parent, config)  # never cut a head, whatever the plan says
-    if isinstance(module, nn.Linear) and kind in ("colwise", "vocab"):
-        return ColumnParallelLinear.from_dense(module, group, pieces=pieces, chunks=chunks,
-                                               gather_output=style.gather_output, **common)
-    if isinstance(module, nn.Linear) and kind == "rowwise":
-        return RowParallelLinear.from_dense(module, group, pieces=pieces, chunks=chunks, **common)
-    if isinstance(module, nn.Embedding) and kind == "vocab":
-        if type(module).forward is nn.Embedding.forward:
-            return VocabParallelEmbedding.from_dense(module, group, **common)
-        try:  # a subclass that adds to the lookup (Gemma's scaled embedding): its code around tpext's lookup
-            return vocab_parallel_subclass(module, group, **common)
-        except ValueError as exc:
-            raise ValueError(f"tpext.parallelize: {name}: {exc}") from exc
-    if kind == "colwise" and not isinstance(module, (nn.Linear, nn.Embedding)) and hasattr(module, "weight"):
-        pieces = pieces or (_norm_pieces(module, parent, config) if _is_attention(parent) else None)
-        if pieces is None:
-            raise ValueError(f"tpext.parallelize: {name} ({type(module).__name__}) is colwise, which for a norm "
-                             "needs the pieces of the features it normalises: Style('colwise', (Piece(heads, "
-                             "head_dim),))")
-        try:
-            return shard_norm_features(module, group, pieces)
-        except ValueError as exc:
-            raise ValueError(f"tpext.parallelize: {name}: {exc}") from exc
-    if kind == "experts":
-        try:
-            return shard_experts(module, group)
-        except ValueError as exc:
-            raise ValueError(f"tpext.parallelize: {name}: {exc}") from exc
-    if kind == "sequence_parallel" and hasattr(module, "weight"):
-        return sum_param_grads(shell_copy(module), group) if sp else module
-    if kind == "replicate" and style.sum_grads and any(True for _ in module.parameters(recurse=False)):
-        return sum_param_grads(shell_copy(module), group)
-    if kind == "replicate" and not style.sum_grads:
-        return module
-    raise ValueError(f"tpext.parallelize: style {kind!r} does not apply to {name} ({type(module).__name__}); "
-                     "colwise/rowwise take nn.Linear (colwise also a norm of a colwise layer's heads), vocab "
-                     "takes nn.Embedding or nn.Linear, "
-                     "sequence_parallel takes a norm with a weight, replicate with sum_grads a module with parameters, "
-                     "experts a module with 3-D expert weights")
-
-
-def _set_local_heads(model: nn.Module, converted: dict[str, nn.Module], world: int) -> None:
-    """Attention modules whose projections were sharded compute with their local head counts."""
+def _set_local_heads(model: nn.Module, converted: dict[str, nn.Module], world: int,
+                     rank: int) -> dict[str, tuple[int, int, int]]:
+    """Attention modules whose projections were sharded compute with their local head counts. Returns, for
+    attention with per-head position biases (ALiBi), {name: (argument, all heads, this rank's first head,
+    its head count)}."""
     config = getattr(model, "config", None)
+    alibi = {}
     for name, attn in model.named_modules():
-        projections = [f"{name}.{p}" if name else p for p in _ATTN_PROJ]
-        if not any(p in converted for p in projections) or not _is_attention(attn):
+        projections = [f"{name}.{p}" if name else p for p in st.ATTENTION_PROJECTIONS]
+        if not any(p in converted for p in projections) or not st.is_attention(attn):
             continue
-        hq, hkv, d = _heads(attn, config)  # _check_heads made sure hq divides
+        hq, hkv, d = st.heads(attn, config)  # _check_heads made sure hq divides
         local_q, local_kv = hq // world, max(hkv // world, 1)
+        if (argument := st.alibi_argument(attn)) is not None:
+            alibi[name] = (argument, hq, rank * local_q, local_q)
         # hidden_size: older Hugging Face attention reshapes its output to [b, s, self.hidden_size].
-        for attr, value in (("num_heads", local_q), ("num_attention_heads", local_q), ("hidden_size", local_q * d),
-                            ("embed_dim", local_q * d),
-                            ("num_key_value_heads", local_kv), ("num_key_value_groups", local_q // local_kv)):
+        for attr, value in (("num_heads", local_q), ("num_attention_heads", local_q), ("n_heads", local_q),
+                            ("n_head", local_q), ("hidden_size", local_q * d),
+                            ("embed_dim", local_q * d), ("split_size", local_q * d),
+                            ("num_key_value_heads", local_kv), ("num_kv_heads", local_kv), ("num_key_value_groups", local_q // local_kv)):
             if hasattr(attn, attr):
                 setattr(attn, attr, value)
         if hasattr(getattr(attn, "config", None), "num_attention_heads"):
             heads = {"num_attention_heads": local_q, "num_key_value_heads": local_kv}
             attn.config = _LocalHeadsConfig(attn.config, heads)
+    return alibi
 
 
 class _LocalHeadsConfig:
@@ -162,19 +124,40 @@ class _LocalHeadsConfig:
         setattr(self.__dict__["_tpext_config"], name, value)
 
 
-def parallelize(model: nn.Module, group: GroupLike = None, plan: Union[str, Plan] = "auto", *,
+def parallelize(model: nn.Module, group: GroupLike = None, plan: Union[str, PlanLike] = "auto", *,
                 sequence_parallel: bool = False, sequence_dim: int = 1, chunks: Union[int, str] = "auto",
                 share_inputs: bool = True) -> nn.Module:
-    """Convert `model` in place to tensor parallelism over `group` (a ProcessGroup, a 1-D DeviceMesh such
-    as mesh["tp"], or None for the world) and return it. Weights are sharded from the dense ones (a
-    meta-device model stays on meta, for tpext.load_checkpoint to fill). State-dict names are unchanged.
-    sequence_dim: the sequence dim of the activations under SP (1 for batch-first [b, s, h]).
-    share_inputs: run q/k/v_proj (and gate/up_proj) as one GEMM on one gathered input
-    (tpext.nn.SharedInputColumns); False keeps one GEMM, and one collective, per projection (under SP
-    an attention module's input is still gathered once, by a plain all-gather before the projections).
+    """Convert `model` in place to tensor parallelism over `group` and return it. Weights are sharded from
+    the dense ones (a meta-device model stays on meta, for tpext.load_checkpoint to fill). State-dict names
+    are unchanged.
+
+    Args:
+        model: the dense model.
+        group: a ProcessGroup, a 1-D DeviceMesh such as mesh["tp"], or None for the world.
+        plan: "auto" (`auto_plan`: the model's own TP plan, then its module names), or {pattern: style} with
+            styles as objects (tpext.parallel.Colwise(), a Style of your own) or their names ("colwise").
+        sequence_parallel: activations between a row layer and the next column layer are sequence shards.
+        sequence_dim: the sequence dim of the activations under SP (1 for batch-first [b, s, h]).
+        chunks: the chunk count of the overlapped ops ("auto": the planner's).
+        share_inputs: run q/k/v_proj (and gate/up_proj) as one GEMM on one gathered input
+            (tpext.nn.SharedInputColumns); False keeps one GEMM, and one collective, per projection (under SP
+            an attention module's input is still gathered once, by a plain all-gather before the projections).
+
+    Returns:
+        `model`, converted.
+
+    Raises:
+        ValueError: a module the plan names cannot be converted (the message names it, says why for its
+            kind, and the way out), head counts or packed groups that the group size would cut, a model
+            already parallelized. Every check runs before any module is replaced: an error leaves the model
+            as it was.
+
+    Example:
+        >>> model = tpext.parallelize(transformers.GPT2LMHeadModel(config), sequence_parallel=False)
     """
     pg = resolve_group(group)
-    already = [n for n, m in model.named_modules() if isinstance(m, _TPEXT_MODULES)]
+    # Every tpext module declares its layouts (tpext.sharding) or its group.
+    already = [n for n, m in model.named_modules() if vars(m).get("_tpext_layouts") or vars(m).get("_tpext_group")]
     if already:
         raise ValueError(f"tpext.parallelize: the model is already parallelized ({already[0]} is a "
                          f"{type(model.get_submodule(already[0])).__name__}); parallelize the dense model once")
@@ -193,7 +176,7 @@ def parallelize(model: nn.Module, group: GroupLike = None, plan: Union[str, Plan
     modules = dict(model.named_modules())
     # Under SP a mixture-of-experts block (its experts sharded or replicated, its router must see every
     # token) runs on the full sequence: what it holds is converted without SP.
-    moe_blocks = {name for name, module in modules.items() if _is_moe(module)} if split_at else set()
+    moe_blocks = {name for name, module in modules.items() if st.is_moe(module)} if split_at else set()
     full_sequence_blocks: list[str] = []
     # Build every replacement first: an error leaves the model untouched.
     converted: dict[str, nn.Module] = {}
@@ -202,11 +185,12 @@ def parallelize(model: nn.Module, group: GroupLike = None, plan: Union[str, Plan
         in_sp_region = in_sp_region or name == split_at
         if name in moe_blocks and in_sp_region:
             full_sequence_blocks.append(name)
-        style = _style_for(name, plan) if name else None
+        style = style_for(name, plan) if name else None
         if style is None or any(name.startswith(c + ".") for c in converted):
             continue
         sp = sequence_parallel and in_sp_region and not any(name.startswith(b + ".") for b in full_sequence_blocks)
-        new = _convert(name, module, _parent(modules, name), style, pg, sp, sequence_dim, chunks, config)
+        site = Site(name, modules[name.rpartition(".")[0]], pg, sp, sequence_dim, chunks, config)
+        new = style.convert(module, site)
         if new is not module:
             new._tpext_stats_name = name  # comm_stats attributes its collectives to this name
             converted[name] = new
@@ -214,7 +198,8 @@ def parallelize(model: nn.Module, group: GroupLike = None, plan: Union[str, Plan
     for name, new in converted.items():
         parent_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
-    _set_local_heads(model, converted, pg.size())
+    alibi = _set_local_heads(model, converted, pg.size(), pg.rank())
+    add_alibi_slices(model, alibi)
     if share_inputs:
         _share_inputs(model, converted)
     if split_at:
@@ -237,8 +222,6 @@ def _retie(model: nn.Module, ties: list[list[tuple[str, str]]], converted: dict[
     """Parameters tied in the dense model (e.g. embed_tokens and lm_head) stay tied: every owner (its
     replacement, if any) gets the first one's local parameter, which needs the same local layout on all
     of them. All groups are checked before any is tied, so an error changes nothing."""
-    from tpext.sharding import get_layout
-
     plans = []
     for group in ties:
         owners = [(converted.get(m) or model.get_submodule(m), p) for m, p in group]

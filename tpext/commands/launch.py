@@ -38,7 +38,7 @@ def launch(fn: Callable[..., Any], nproc: int, *args: Any, max_restarts: int = 0
     torch's ChildFailedError here, with that rank's traceback, after the others have been stopped.
     """
     if nproc < 1:
-        raise ValueError(f"tpext.launch: nproc must be >= 1, got {nproc}")
+        raise ValueError(f"tpext.commands.launch: nproc must be >= 1, got {nproc}")
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     config = LaunchConfig(

@@ -27,14 +27,9 @@ from tpext import mappings, stats
 from tpext.distributed import SharesGroupOnCopy
 from tpext.nn import ColumnParallelLinear, SharedInputColumns
 from tpext.nn.functional import vocab_parallel_cross_entropy
+from tpext.parallel.structure import ATTENTION_INPUTS, LM_HEADS
 
-__all__ = ["add_sequence_hooks", "add_causal_lm_loss", "add_dense_save_pretrained", "ATTENTION_INPUTS", "LM_HEADS"]
-
-# The input projections of an attention module, by name: separate q/k/v, a packed qkv_proj, or
-# query_key_value (GPT-NeoX's: each head's q, k and v rows together).
-ATTENTION_INPUTS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value")
-# A language model's output layer, by name (embed_out: older GPT-NeoX).
-LM_HEADS = ("lm_head", "embed_out", "output")
+__all__ = ["add_sequence_hooks", "add_causal_lm_loss", "add_dense_save_pretrained", "add_alibi_slices"]
 
 
 def _hidden_states(module: nn.Module, args: tuple, kwargs: dict) -> tuple[Tensor, Callable[[Tensor], tuple]]:
@@ -252,7 +247,8 @@ def add_causal_lm_loss(model: nn.Module, converted: dict[str, nn.Module]) -> Non
     read [*, V/R] logits as [*, V] and be wrong."""
     head = next((converted[n] for n in LM_HEADS if n in converted), None)
     prop = getattr(type(model), "loss_function", None)
-    causal = getattr(model, "loss_type", None) in _CAUSAL_LOSS_TYPES  # not a masked-LM or other head's loss
+    # Not a masked-LM or other head's loss; None: Hugging Face falls back to the causal-LM loss (GPT-2's).
+    causal = getattr(model, "loss_type", None) in (*_CAUSAL_LOSS_TYPES, None)
     if (isinstance(head, ColumnParallelLinear) and not head.gather_output and head.tp_size > 1 and causal
             and isinstance(prop, property) and prop.fset is not None):
         model.loss_function = _VocabParallelCausalLMLoss(head)
@@ -281,3 +277,37 @@ def _save_pretrained_dense(self: nn.Module, save_directory, *args, is_main_proce
         is_main_process = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     return type(self).save_pretrained(self, save_directory, *args, is_main_process=is_main_process,
                                       state_dict=dense, **kwargs)
+
+
+class _SliceAlibi:
+    """Forward pre-hook of an attention module with per-head position biases (ALiBi) whose heads are sharded:
+    the model builds the biases of all heads, BLOOM's `alibi` [batch * heads, 1, keys] batch-major, MPT's
+    `position_bias` [heads, 1, keys]; this rank's heads take their own."""
+
+    def __init__(self, argument: str, heads: int, start: int, count: int, name: str):
+        self.argument, self.heads, self.start, self.count, self.name = argument, heads, start, count, name
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
+        bias = kwargs.get(self.argument)
+        if bias is None:
+            if self.argument in kwargs:  # the model runs without position biases
+                return None
+            raise TypeError(f"tpext.parallelize: {self.name} takes position biases for all heads; tpext gives it "
+                            f"its heads' slice, and needs them passed as {self.argument}= (as Hugging Face's "
+                            "models do)")
+        if self.argument == "alibi" and bias.shape[0] % self.heads == 0:  # [batch * heads, ...], batch-major
+            rows, *rest = bias.shape
+            mine = bias.reshape(rows // self.heads, self.heads, *rest)[:, self.start:self.start + self.count]
+            return args, {**kwargs, self.argument: mine.reshape(-1, *rest)}
+        if bias.dim() >= 3 and bias.shape[-3] == self.heads:  # [heads, q, k] or [batch, heads, q, k]
+            return args, {**kwargs, self.argument: bias.narrow(-3, self.start, self.count)}
+        raise ValueError(f"tpext.parallelize: {self.name}: {self.argument} of shape {tuple(bias.shape)} has no "
+                         f"dim of its {self.heads} heads where tpext looks for it; parallelize its MLPs only")
+
+
+def add_alibi_slices(model: nn.Module, alibi: dict[str, tuple[str, int, int, int]]) -> None:
+    """Every attention module in `alibi` gets its heads' position biases: alibi[name] = (argument, all
+    heads, first head of this rank, heads of this rank)."""
+    for name, (argument, heads, start, count) in alibi.items():
+        hook = _SliceAlibi(argument, heads, start, count, name or "model")
+        model.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=True)

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from tpext.benchmark import probe_allreduce, probe_matmul_tflops, slowest_times
+from tpext.commands.benchmark import probe_allreduce, probe_matmul_tflops, slowest_times
 from tpext.mappings import _all_gather_single, _reduce_scatter_single
 
 __all__ = ["LAYERS", "IMPLS", "MODES", "worker", "check_close", "layer_flops"]
@@ -302,7 +302,7 @@ def worker(cfg: dict) -> dict:
 
     Returns {"rows", "probes", "environment", "failures"}; rows/probes/environment from rank 0 only.
     """
-    from tpext.launch import init_worker
+    from tpext.commands.launch import init_worker
 
     init_worker(cfg["backend"])
     try:
@@ -315,7 +315,7 @@ def _work(cfg: dict) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from tqdm import tqdm
 
-    from tpext.benchmark import environment
+    from tpext.commands.benchmark import environment
 
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cfg["backend"] == "nccl" \

@@ -38,7 +38,7 @@ def slowest_times(fns: dict[str, Callable[[], object]], reps: int, warmup: int =
     and the per-iteration max is reduced with a tensor on it (NCCL only reduces device tensors).
     """
     if reps < 1:
-        raise ValueError(f"tpext.benchmark: reps must be >= 1, got {reps}")
+        raise ValueError(f"tpext.commands.benchmark: reps must be >= 1, got {reps}")
     names = list(fns)
     elapsed = torch.zeros(len(names), dtype=torch.float64, device=device)
     times: dict[str, list[float]] = {name: [] for name in names}

@@ -1,0 +1,18 @@
+"""tpext.parallel: a dense model made tensor-parallel in place (`parallelize`), by a plan {pattern: style}.
+
+    api.py        parallelize: finds each module's style, converts, ties, attaches the hooks
+    styles.py     the styles (objects that convert one module and check it first) and their shorthands
+    plans.py      plans as data, auto_plan (the model's own TP plan first, then module names)
+    hf_plan.py    a Hugging Face model's own plan, translated into tpext styles
+    structure.py  reading a model: attention, heads, packed layouts, norms, mixture-of-experts blocks
+    hooks.py      what parallelize attaches besides converted modules (SP hooks, the loss, save_pretrained)
+
+Imports run one way: api -> plans -> hf_plan -> styles -> structure -> tpext.nn / tpext.sharding.
+"""
+
+from tpext.parallel.api import parallelize
+from tpext.parallel.plans import FROM_NAMES, Plan, PlanLike, auto_plan
+from tpext.parallel.styles import STYLES, Colwise, Experts, Replicate, Rowwise, SequenceParallel, Site, Style, Vocab
+
+__all__ = ["parallelize", "auto_plan", "Plan", "PlanLike", "FROM_NAMES", "Style", "Site", "Colwise", "Rowwise",
+           "Vocab", "SequenceParallel", "Replicate", "Experts", "STYLES"]

@@ -1,0 +1,195 @@
+"""Plans: {module-name pattern: style}, and `auto_plan`, which builds one from the model itself.
+
+A plan is plain data: a dict from fnmatch patterns over the dense module names (the first matching pattern
+wins) to a style, an object (tpext.parallel.styles) or its shorthand name. `auto_plan` returns a `Plan`, a
+dict that also says where each entry came from and prints as a readable table.
+
+auto_plan reads, in this order:
+  1. the model's own tensor-parallel plan, where it has one: Hugging Face's `config.base_model_tp_plan`
+     (patterns under the base model) and the model class's `_tp_plan` (the head), translated into tpext's
+     styles (tpext.parallel.hf_plan). tpext's structure reading still fills in what they leave open (the
+     heads of a packed projection), and the styles' checks still run when the model is converted;
+  2. module names, for every module the model's plan does not cover (norms, embeddings, position
+     embeddings, routers) and for models without one.
+Whatever neither places is named in an error, never guessed.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Mapping, Optional, Union
+
+from torch import nn
+
+from tpext.nn.experts import is_experts
+from tpext.parallel import structure as st
+from tpext.parallel.hf_plan import model_tp_plan, translate
+from tpext.parallel.styles import STYLES, Colwise, Experts, Replicate, Rowwise, SequenceParallel, Style, Vocab, \
+    as_style
+from tpext.sharding import Piece
+
+__all__ = ["Plan", "PlanLike", "auto_plan", "style_for", "FROM_NAMES"]
+
+PlanLike = Mapping[str, Union[str, Style]]
+#: The source of a plan entry auto_plan read from the module's name and structure.
+FROM_NAMES = "module names"
+
+
+class Plan(dict):
+    """A plan {pattern: style} (a dict), with `sources` {pattern: where the entry came from}. Prints one
+    entry a line with its source; edit it as a dict and pass it to tpext.parallelize."""
+
+    def __init__(self, entries=(), sources: Optional[Mapping[str, str]] = None):
+        super().__init__(entries)
+        self.sources: dict[str, str] = dict(sources or {})
+
+    def __repr__(self) -> str:
+        if not self:
+            return "Plan({})"
+        width = max(len(repr(k)) for k in self)
+        lines = [f"    {k!r:<{width}}: {v!r},  # from {self.sources[k]}" if k in self.sources
+                 else f"    {k!r:<{width}}: {v!r}," for k, v in self.items()]
+        return "Plan({\n" + "\n".join(lines) + "\n})"
+
+    __str__ = __repr__
+
+
+def style_for(name: str, plan: PlanLike) -> Optional[Style]:
+    """The style of the first pattern in `plan` that matches `name`, or None."""
+    for pattern, entry in plan.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            return as_style(entry)
+    return None
+
+
+def auto_plan(model: nn.Module, *, sequence_parallel: bool = False, vocab_parallel_logits: bool = True,
+              use_model_plan: bool = True) -> Plan:
+    """The plan for `model`: its own tensor-parallel plan first, then its module names (see the module's
+    docstring), with exact names (no wildcards), so it can be printed, edited and passed back.
+
+    Args:
+        model: the dense model.
+        sequence_parallel: norms get SequenceParallel (else Replicate).
+        vocab_parallel_logits: the output layer returns this rank's vocabulary slice (for
+            vocab_parallel_cross_entropy, never gathering [tokens, V]); False gathers full logits on every
+            rank (generation code).
+        use_model_plan: read the model's own plan (config.base_model_tp_plan, the class's _tp_plan); False
+            reads module names only.
+
+    Returns:
+        A Plan: {module name: style}, with `plan.sources[name]` saying where each entry came from.
+
+    Raises:
+        ValueError: listing every module with weights that neither source places, or naming a model-plan
+            entry tpext cannot honour.
+
+    Example:
+        >>> plan = tpext.auto_plan(model)
+        >>> print(plan)   # 'model.layers.0.self_attn.q_proj': Colwise(...),  # from config.base_model_tp_plan
+    """
+    names = _plan_from_names(model, sequence_parallel=sequence_parallel, vocab_parallel_logits=vocab_parallel_logits)
+    entries, sources = {}, {}
+    model_plan = model_tp_plan(model) if use_model_plan else []
+    modules = dict(model.named_modules())
+    unplaced = []
+    for name, module in modules.items():
+        if not name or (not any(True for _ in module.parameters(recurse=False)) and not is_experts(module)):
+            continue
+        found = next(((pattern, hf_style, source) for pattern, hf_style, source in model_plan
+                      if fnmatch.fnmatchcase(name, pattern)), None)
+        by_name = names.get(name)
+        if found is not None:
+            pattern, hf_style, source = found
+            style, why = translate(hf_style, name, module, modules, by_name, sequence_parallel=sequence_parallel,
+                                   vocab_parallel_logits=vocab_parallel_logits)
+            if style is not None:
+                entries[name], sources[name] = style, f"{source} ({pattern!r}: {hf_style!r})"
+                continue
+            if by_name is None or isinstance(by_name, str):
+                raise ValueError(f"tpext.parallelize: {name} ({type(module).__name__}): the model's plan "
+                                 f"({source}, {pattern!r}) gives it {hf_style!r}, which {why}; and its name "
+                                 "places it nowhere either. Pass plan={pattern: style} for it (tpext.auto_plan "
+                                 "with use_model_plan=False shows the rest)")
+            entries[name], sources[name] = by_name, f"{FROM_NAMES} ({source}'s {hf_style!r} {why})"
+        elif isinstance(by_name, Style):
+            entries[name], sources[name] = by_name, FROM_NAMES
+        else:
+            unplaced.append(f"{name} ({by_name or type(module).__name__})")
+    if unplaced:
+        raise ValueError(
+            "tpext.parallelize: plan='auto' reads the model's own plan (config.base_model_tp_plan, the class's "
+            "_tp_plan) and these names: attention " + _names(st.ATTENTION_PROJECTIONS) + "; MLP columns "
+            + _names(st.MLP_COLUMNS) + ", rows " + _names(st.MLP_ROWS) + "; embeddings " + _names(st.EMBEDDINGS)
+            + ", positions " + _names(st.POSITION_EMBEDDINGS) + "; heads " + _names(st.LM_HEADS)
+            + ", replicated " + _names(st.REPLICATED_HEADS) + "; *norm; experts with 3-D weights beside "
+            + _names(st.MOE_REPLICATED) + "; MLP activations with scalar parameters. It could not place: "
+            + ", ".join(unplaced) + ". Pass plan={pattern: style} (styles: " + ", ".join(STYLES)
+            + ", or a tpext.Style), e.g. start from tpext.auto_plan on a model without them and add entries.")
+    return Plan(entries, sources)
+
+
+def _names(names) -> str:
+    return "/".join(sorted(names))
+
+
+def _plan_from_names(model: nn.Module, *, sequence_parallel: bool,
+                     vocab_parallel_logits: bool) -> dict[str, Union[Style, str]]:
+    """{name: style} for every module with weights that its name and structure place, {name: why not} for
+    the others (a str)."""
+    config = getattr(model, "config", None)
+    plan: dict[str, Union[Style, str]] = {}
+    modules = dict(model.named_modules())
+    for name, module in modules.items():
+        if not name or not any(True for _ in module.parameters(recurse=False)):
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        parent = modules[name.rpartition(".")[0]]
+        linear = st.plain_linear(module) or st.is_conv1d(module)
+        if isinstance(module, nn.Linear) and not linear:
+            plan[name] = f"{type(module).__name__}: an nn.Linear with a forward of its own"
+        elif is_experts(module):
+            plan[name] = Experts()
+        elif leaf in st.MOE_REPLICATED and st.is_moe(parent):
+            plan[name] = Replicate()
+        elif not st.is_attention(parent) and (attn := st.attention_above(name, modules)) is not None:
+            # e.g. StableLM's per-head norms in a list: which heads each one serves is the model's code
+            plan[name] = (f"{type(module).__name__} nested inside attention module {attn or 'the model'}: "
+                          "tpext cannot tell which heads it serves")
+        elif linear and leaf in st.ATTENTION_PROJECTIONS and st.is_attention(parent):
+            kind = Rowwise if leaf in st.ATTENTION_OUTPUTS else Colwise
+            try:
+                plan[name] = kind(st.attention_pieces(leaf, parent, config))
+            except ValueError as exc:
+                raise ValueError(f"tpext.parallelize: {name}: {str(exc).removeprefix('tpext.parallelize: ')}") from exc
+        elif linear and leaf == "gate_up_proj":
+            half = st.linear_dims(module)[1] // 2
+            plan[name] = Colwise((Piece(half), Piece(half)))
+        elif linear and leaf in st.MLP_COLUMNS:
+            plan[name] = Colwise()
+        elif linear and leaf in st.MLP_ROWS:
+            plan[name] = Rowwise()
+        elif isinstance(module, nn.Embedding) and leaf in st.EMBEDDINGS:
+            plan[name] = Vocab()
+        elif isinstance(module, nn.Embedding) and leaf in st.POSITION_EMBEDDINGS:
+            plan[name] = Replicate()  # runs before the decoder stack, on the whole sequence, the same on every rank
+        elif isinstance(module, nn.Linear) and leaf in st.LM_HEADS:
+            plan[name] = Vocab(gather_output=not vocab_parallel_logits)
+        elif isinstance(module, nn.Linear) and leaf in st.REPLICATED_HEADS:
+            plan[name] = Replicate()
+        elif st.is_norm(leaf, module) and st.is_attention(parent) and st.per_head_norm(module, parent, config):
+            # Inside attention (Qwen3's q_norm / k_norm): it normalises each head, so this rank's heads only.
+            plan[name] = Replicate(sum_grads=True)
+        elif st.is_norm(leaf, module) and st.is_attention(parent) and (
+                pieces := st.norm_pieces(module, parent, config)):
+            # Over all heads' features (OLMo2's) or with a weight per head (Cohere's): this rank's heads.
+            plan[name] = Colwise(pieces)
+        elif st.is_norm(leaf, module) and st.is_attention(parent):
+            plan[name] = (f"{type(module).__name__} with a weight of {getattr(module, 'weight').numel()} "
+                          "features: neither one head's, nor all query or key heads'")
+        elif st.is_norm(leaf, module):
+            plan[name] = SequenceParallel() if sequence_parallel else Replicate()
+        elif "act" in leaf.lower() and st.is_mlp(parent) and st.elementwise_with_scalars(module):
+            # A learned activation between the MLP's column and row layers (Apertus's xIELU): its scalar
+            # parameters act on this rank's features only, so their gradients are summed over the group.
+            plan[name] = Replicate(sum_grads=True)
+    return plan
