@@ -72,7 +72,7 @@ def _rank_main(work: str, layers: int) -> dict:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
     import tpext
-    from tpext.launch import init_worker
+    from tpext.commands.launch import init_worker
     from tpext.models import LlamaForCausalLM
 
     rank, _ = init_worker("gloo", timeout_s=1800)
@@ -115,7 +115,7 @@ def _rank_main(work: str, layers: int) -> dict:
 
 
 def run(tp: int, layers: int, work: str) -> dict:
-    from tpext.launch import launch
+    from tpext.commands.launch import launch
 
     per_rank = launch(_rank_main, tp, work, layers)
     ranks = [per_rank[r] for r in range(tp)]
@@ -167,7 +167,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import tpext
-    from tpext.benchmark import device_name, environment
+    from tpext.commands.benchmark import device_name, environment
     from tpext.models import LlamaForCausalLM
 
     work = tempfile.mkdtemp(prefix="tpext-ckpt-bench-")

@@ -129,7 +129,7 @@ def plot(rows: list[dict], path: str) -> None:
 
 
 def main() -> None:
-    from tpext.benchmark import commit, device_name
+    from tpext.commands.benchmark import commit, device_name
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4])
