@@ -168,6 +168,12 @@ def _build_and_run(family: str):
         return (dense, *dense_run(dense))
 
 
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The dense weights, for every later build to load: a weight the model's init leaves uninitialized
+    (torch.empty) differs from one build to the next, and so would the models."""
+    return {name: t.detach().clone() for name, t in model.state_dict().items()}
+
+
 def _full_logits(logits: torch.Tensor, vocab: int) -> torch.Tensor:
     """The dense logits from this rank's: a vocab-parallel lm_head returns an even slice of the vocabulary."""
     import torch.distributed as dist
@@ -180,12 +186,14 @@ def _full_logits(logits: torch.Tensor, vocab: int) -> torch.Tensor:
     return torch.cat(pieces, dim=-1)
 
 
-def _check(family: str, dtype: torch.dtype, ref_logits, ref_loss, sequence_parallel: bool) -> tuple[str, str]:
-    """(outcome, reason) of one family at this world size: a fresh copy of the dense model (built again from
-    the same seed; some models cannot be deep-copied), parallelized, run forward and backward."""
+def _check(family: str, dtype: torch.dtype, state: dict, ref_logits, ref_loss, sequence_parallel: bool
+           ) -> tuple[str, str]:
+    """(outcome, reason) of one family at this world size: a fresh copy of the dense model (built again, with
+    the dense weights loaded; some models cannot be deep-copied), parallelized, run forward and backward."""
     import tpext
 
     model = build(family, dtype)
+    model.load_state_dict(state)
     try:
         tpext.parallelize(model, plan="auto", sequence_parallel=sequence_parallel)
     except ValueError as exc:
@@ -239,11 +247,12 @@ def census_rank(names: list[str], with_sp: bool) -> dict[str, dict[str, Any]]:
         entry["tp_plan"] = has_tp_plan(dense)
         dtype = ref_logits.dtype
         entry["dtype"] = str(dtype).replace("torch.", "")
+        state = _state(dense)
         del dense
         try:
-            entry[f"tp{world}"] = _check(family, dtype, ref_logits, ref_loss, False)
+            entry[f"tp{world}"] = _check(family, dtype, state, ref_logits, ref_loss, False)
             if with_sp and entry[f"tp{world}"][0] == "match":  # SP where the family runs at all
-                entry["sp"] = _check(family, dtype, ref_logits, ref_loss, True)
+                entry["sp"] = _check(family, dtype, state, ref_logits, ref_loss, True)
         except Exception as exc:  # noqa: BLE001 - the census itself must go on
             entry[f"tp{world}"] = ("crash", "in the census: " + _first_line(exc))
         entry["cpu_seconds"] = round(time.process_time() - start, 2)
