@@ -11,14 +11,28 @@ all-reduce (copy_to_tp / reduce_from_tp around the module's own forward, the tok
 weights passing through copy_to_tp) gives the dense output and the dense gradients of the tokens and
 of the routing weights. The router stays replicated: every rank routes the same tokens the same way.
 
+Also accepted:
+  * expert biases (GPT-OSS's): gate_up_proj_bias [E, 2I] (up_proj_bias [E, I]) is sliced with its
+    intermediate features; down_proj_bias [E, H] stays whole and is added once, after the reduction, as
+    the routing-weighted sum sum_k w[t, k] * b[idx[t, k]] (the module's own forward runs with zeros in its
+    place, so the reduction does not count it R times; its gradient and the routing weights' gradient
+    from it are computed once, from the replicated output gradient);
+  * experts called with the routed tokens alone (Llama 4's: tokens already weighted and laid out
+    expert by expert, [E * tokens, H]);
+  * weights whose layout the module does not declare (no is_transposed / is_concatenated): the layout is
+    read from the shapes, and where gate and up may be concatenated or interleaved, the one whose sums
+    check out on the module's own forward is taken.
+
 `shard_experts` keeps the module's class and code (its experts implementation: eager, grouped_mm,
-batched_mm) and checks first, on copies of its eager forward with random weights, that the ranks'
-outputs add up to the dense one.
+batched_mm) and checks first, on copies of its eager forward with random weights (and biases), that the
+ranks' outputs (plus the down bias, added once) add up to the dense one.
 """
 
 from __future__ import annotations
 
 from typing import Optional
+
+import inspect
 
 import torch
 import torch.distributed as dist
@@ -39,13 +53,32 @@ class _ShardedExperts(SharesGroupOnCopy):
 
     _tpext_group: dist.ProcessGroup
 
-    def forward(self, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor, *args, **kwargs) -> Tensor:
+    def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
+        # (hidden_states, top_k_index, top_k_weights) for most; (hidden_states,) for Llama 4's, whose
+        # tokens come weighted by their routing weights.
+        args = list(args)
+        for name in _forward_params(self)[1 + len(args):]:  # routing arguments passed by name: positional
+            if name not in kwargs:
+                break
+            args.append(kwargs.pop(name))
+        index, weights = (args[0], args[1]) if len(args) >= 2 else (None, None)
         with stats.scope_for(self):
-            hidden_states = mappings.copy_to_tp(hidden_states, self._tpext_group)
-            top_k_weights = mappings.copy_to_tp(top_k_weights, self._tpext_group)
-        partial = super().forward(hidden_states, top_k_index, top_k_weights, *args, **kwargs)
+            local_args = (mappings.copy_to_tp(hidden_states, self._tpext_group),
+                          *(mappings.copy_to_tp(a, self._tpext_group) if a is weights else a for a in args))
+        bias = self._parameters.get("down_proj_bias")
+        if bias is None:
+            partial = super().forward(*local_args, **kwargs)
+        else:  # the module's code with no down bias: each rank's output is a partial sum without it
+            self.__dict__["down_proj_bias"] = torch.zeros_like(bias)
+            try:
+                partial = super().forward(*local_args, **kwargs)
+            finally:
+                del self.__dict__["down_proj_bias"]
         with stats.scope_for(self):
-            return mappings.reduce_from_tp(partial, self._tpext_group)
+            out = mappings.reduce_from_tp(partial, self._tpext_group)
+        if bias is not None:  # once, after the reduction: sum_k w[t, k] * b[idx[t, k]]
+            out = out + (weights.unsqueeze(-1) * bias[index]).sum(-2).to(out.dtype)
+        return out
 
     def extra_repr(self) -> str:
         inner = super().extra_repr()
@@ -65,12 +98,26 @@ def is_experts(module: nn.Module) -> bool:
     return up is not None and down is not None and up.dim() == down.dim() == 3 and up.shape[0] == down.shape[0]
 
 
-def _layouts(experts: nn.Module, world: int, rank: int) -> dict[str, ShardLayout]:
-    """The layouts of this rank's intermediate features in the experts' weights; ValueError for weights
-    that are not the layout Hugging Face's experts declare."""
+def _is_transposed(experts: nn.Module) -> bool:
+    """Whether the weights are [E, H, kI] / [E, I, H] (k = 2 for gate_up_proj): as the module declares, or
+    else as its shapes say ([E, kI, H] / [E, H, I], Hugging Face's default, where they say either)."""
+    declared = getattr(experts, "is_transposed", None)
+    if declared is not None:
+        return bool(declared)
+    up, down = getattr(experts, _input_weight(experts)), experts.down_proj
+    k = 2 if _input_weight(experts) == "gate_up_proj" else 1
+    plain = up.shape[1] == k * down.shape[2] and up.shape[2] == down.shape[1]
+    transposed = up.shape[2] == k * down.shape[1] and up.shape[1] == down.shape[2]
+    return transposed and not plain
+
+
+def _layouts(experts: nn.Module, world: int, rank: int, concatenated: Optional[bool] = None) -> dict[str, ShardLayout]:
+    """The layouts of this rank's intermediate features in the experts' weights (and in gate_up_proj_bias);
+    ValueError for weights that are not the layout Hugging Face's experts declare. concatenated: gate and up
+    rows as [gate; up] (True) or interleaved (False); None: as the module declares (default [gate; up])."""
     cls, up_name = type(experts).__name__, _input_weight(experts)
     up, down = getattr(experts, up_name), experts.down_proj
-    transposed = bool(getattr(experts, "is_transposed", False))
+    transposed = _is_transposed(experts)
     up_dim, down_dim = (2, 1) if transposed else (1, 2)
     inter = down.shape[down_dim]
     gated = up_name == "gate_up_proj"
@@ -81,14 +128,44 @@ def _layouts(experts: nn.Module, world: int, rank: int) -> dict[str, ShardLayout
         raise ValueError(f"tpext: cannot shard {cls} over {world} ranks: its experts' intermediate size {inter} is "
                          f"not divisible by {world}; pick a tensor-parallel size that divides it")
     start, count = shard_range(inter, world, rank)
+    if concatenated is None:
+        concatenated = bool(getattr(experts, "is_concatenated", True))
     if not gated:
         up_segments = ((start, count),)
-    elif getattr(experts, "is_concatenated", True):  # [gate; up]
+    elif concatenated:  # [gate; up]
         up_segments = ((start, count), (inter + start, count))
     else:  # gate and up rows interleaved: this rank's pairs
         up_segments = ((2 * start, 2 * count),)
-    return {up_name: ShardLayout(tuple(up.shape), up_dim, up_segments),
-            "down_proj": ShardLayout(tuple(down.shape), down_dim, ((start, count),))}
+    layouts = {up_name: ShardLayout(tuple(up.shape), up_dim, up_segments),
+               "down_proj": ShardLayout(tuple(down.shape), down_dim, ((start, count),))}
+    bias = experts._parameters.get(f"{up_name}_bias")
+    if bias is not None:
+        if tuple(bias.shape) != (up.shape[0], up.shape[up_dim]):
+            raise ValueError(f"tpext: cannot shard {cls}: {up_name}_bias {list(bias.shape)} is not "
+                             f"[E, {'2I' if gated else 'I'}] = {[up.shape[0], up.shape[up_dim]]}")
+        layouts[f"{up_name}_bias"] = ShardLayout(tuple(bias.shape), 1, up_segments)
+    return layouts
+
+
+def _down_bias_ok(experts: nn.Module) -> Optional[str]:
+    """Why the module's down_proj_bias cannot be added once after the reduction, or None (also when it has none)."""
+    bias = experts._parameters.get("down_proj_bias")
+    if bias is None:
+        return None
+    down = experts.down_proj
+    hidden = down.shape[2 if _is_transposed(experts) else 1]
+    if tuple(bias.shape) != (down.shape[0], hidden):
+        return f"down_proj_bias {list(bias.shape)} is not [E, H] = {[down.shape[0], hidden]}"
+    if len(_forward_params(experts)) < 3:
+        return "a down_proj_bias, and no routing weights passed to it to weight the bias with"
+    return None
+
+
+def _forward_params(experts: nn.Module) -> list[str]:
+    """The names of the positional parameters of the module's eager forward, after self."""
+    eager = getattr(type(experts).forward, "__wrapped__", type(experts).forward)
+    params = list(inspect.signature(eager).parameters.values())[1:]
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
 _INTERMEDIATE_ATTRS = ("intermediate_dim", "intermediate_size")
@@ -106,41 +183,68 @@ def _set_sizes(experts: nn.Module, dense_inter: int, inter: int, hidden: Optiona
             setattr(experts, attr, hidden)
 
 
-def _check_sums(experts: nn.Module, world: int) -> None:
+def _sums_disagree(experts: nn.Module, world: int, concatenated: Optional[bool]) -> str:
     """Run the module's eager forward (the code its other experts implementations reproduce; some need a GPU or
-    a package) on copies with random weights, at its intermediate size and hidden size 8: the ranks' sliced
-    outputs must add up to the dense output."""
-    cls, up_name = type(experts).__name__, _input_weight(experts)
+    a package) on copies with random weights and biases, at its intermediate size and hidden size 8: the
+    ranks' sliced outputs, plus the down bias once, must add up to the dense output. Returns why not, or ""."""
+    up_name = _input_weight(experts)
     up, down = getattr(experts, up_name), experts.down_proj
-    transposed = bool(getattr(experts, "is_transposed", False))
+    transposed = _is_transposed(experts)
     n_experts, hidden, inter = up.shape[0], 8, down.shape[1 if transposed else 2]
     gen = torch.Generator().manual_seed(0)
     up_rows = (2 if up_name == "gate_up_proj" else 1) * inter
     small = {up_name: (n_experts, hidden, up_rows) if transposed else (n_experts, up_rows, hidden),
              "down_proj": (n_experts, inter, hidden) if transposed else (n_experts, hidden, inter)}
+    if f"{up_name}_bias" in experts._parameters:
+        small[f"{up_name}_bias"] = (n_experts, up_rows)
+    if "down_proj_bias" in experts._parameters:
+        small["down_proj_bias"] = (n_experts, hidden)
     dense = {name: torch.randn(shape, generator=gen) for name, shape in small.items()}
     tokens, top_k = 6, min(2, n_experts)
-    x = torch.randn(tokens, hidden, generator=gen)
+    routed_only = len(_forward_params(experts)) < 3  # Llama 4's: the weighted tokens, expert by expert
+    x = torch.randn(n_experts * tokens if routed_only else tokens, hidden, generator=gen)
     index = torch.stack([torch.randperm(n_experts, generator=gen)[:top_k] for _ in range(tokens)])
     weights = torch.rand(tokens, top_k, generator=gen)
+    args = (x,) if routed_only else (x, index, weights)
     eager = getattr(type(experts).forward, "__wrapped__", type(experts).forward)  # under @use_experts_implementation
 
     def copy_with(params: dict[str, Tensor], local_inter: int) -> nn.Module:
         new = shell_copy(experts)
         new._parameters.update({name: nn.Parameter(t) for name, t in params.items()})
+        new.is_transposed = transposed  # as read from the module's own shapes
         _set_sizes(new, inter, local_inter, hidden)
         return new
 
     def dense_and_summed() -> tuple[Tensor, Tensor]:
         probe = copy_with(dense, inter)
-        ranks = [copy_with({n: lay.local_from_dense(dense[n]) for n, lay in _layouts(probe, world, r).items()},
-                           inter // world) for r in range(world)]
-        return sum(eager(rank, x, index, weights) for rank in ranks), eager(probe, x, index, weights)
+        ranks = []
+        for r in range(world):
+            local = {n: lay.local_from_dense(dense[n]) for n, lay in _layouts(probe, world, r, concatenated).items()}
+            if "down_proj_bias" in dense:
+                local["down_proj_bias"] = torch.zeros_like(dense["down_proj_bias"])
+            ranks.append(copy_with(local, inter // world))
+        summed = sum(eager(rank, *args) for rank in ranks)
+        if "down_proj_bias" in dense:
+            summed = summed + (weights.unsqueeze(-1) * dense["down_proj_bias"][index]).sum(-2)
+        return summed, eager(probe, *args)
 
-    why = probe_disagrees(dense_and_summed, rtol=1e-4, atol=1e-5, differs="they differ")
-    if why:
-        raise ValueError(f"tpext: cannot shard {cls}: its outputs on slices of every expert's intermediate features "
-                         f"do not add up to its output ({why}); give it the style 'replicate'")
+    return probe_disagrees(dense_and_summed, rtol=1e-4, atol=1e-5, differs="they differ")
+
+
+def _checked_layout(experts: nn.Module, world: int) -> Optional[bool]:
+    """The gate/up layout (concatenated or not, None: as declared) whose sums check out; ValueError if none."""
+    declared = getattr(experts, "is_concatenated", None) is not None or _input_weight(experts) == "up_proj"
+    candidates = (None,) if declared else (True, False)
+    reasons = []
+    for concatenated in candidates:
+        why = _sums_disagree(experts, world, concatenated)
+        if not why:
+            return concatenated
+        reasons.append(why)
+    raise ValueError(f"tpext: cannot shard {type(experts).__name__}: its outputs on slices of every expert's "
+                     f"intermediate features do not add up to its output ({reasons[0]}"
+                     f"{'' if declared else ', with gate and up rows concatenated or interleaved'}); "
+                     "give it the style 'replicate'")
 
 
 def _check_grouped_mm(experts: nn.Module, local_inter: int, world: int) -> None:
@@ -160,8 +264,24 @@ def _check_grouped_mm(experts: nn.Module, local_inter: int, world: int) -> None:
 def shard_experts(experts: nn.Module, group: GroupLike = None) -> nn.Module:
     """A copy of `experts` (a model's own mixture-of-experts module with 3-D weights) holding this rank's slice
     of every expert's intermediate features, whose output is all-reduced: the dense output and gradients.
-    Its class and code are kept. A group of size 1 returns `experts` as it is; weights it cannot slice
-    (biases, a norm after each expert, per-expert buffers) raise ValueError."""
+
+    Args:
+        experts: a module with 3-D gate_up_proj (or up_proj) and down_proj parameters, one matrix per expert,
+            optionally gate_up_proj_bias [E, 2I] (sliced with its features) and down_proj_bias [E, H] (kept
+            whole, added once after the reduction, weighted by the routing weights).
+        group: a ProcessGroup, a 1-D DeviceMesh, or None for the world.
+
+    Returns:
+        The sharded copy (its class and code kept); a group of size 1 returns `experts` as it is.
+
+    Raises:
+        ValueError: naming the module, for weights it cannot slice (a norm after each expert, per-expert
+            buffers, other parameters), sizes the group does not divide, or a forward whose outputs on the
+            slices do not add up to its output.
+
+    Example:
+        >>> block.experts = tpext.nn.shard_experts(block.experts)  # the router beside it stays replicated
+    """
     pg = resolve_group(group)
     cls = type(experts).__name__
     if not is_experts(experts):
@@ -170,16 +290,22 @@ def shard_experts(experts: nn.Module, group: GroupLike = None) -> nn.Module:
     if pg.size() == 1:
         return experts
     layouts = _layouts(experts, pg.size(), pg.rank())
-    others = sorted(n for n, _ in experts.named_parameters() if n not in layouts)
+    others = sorted(n for n, _ in experts.named_parameters() if n not in layouts and n != "down_proj_bias")
     buffers = sorted(n for n, _ in experts.named_buffers())
-    if others or buffers or getattr(experts, "has_bias", False) or getattr(experts, "has_post_expert_norm", False):
+    if others or buffers or getattr(experts, "has_post_expert_norm", False):
         raise ValueError(f"tpext: cannot shard {cls}: besides {sorted(layouts)} it has "
-                         f"{others + buffers or 'biases or a norm after each expert'}, which tpext does not "
-                         "slice (a bias added once, or a norm over the whole output, would need the reduced "
-                         "output); give it the style 'replicate'")
+                         f"{others + buffers or 'a norm after each expert'}, which tpext does not slice (a norm "
+                         "over the whole output would need the reduced output); give it the style 'replicate'")
+    if getattr(experts, "has_bias", False) and "down_proj_bias" not in experts._parameters:
+        raise ValueError(f"tpext: cannot shard {cls}: it declares biases (has_bias) but holds no down_proj_bias "
+                         "parameter tpext can add after the reduction; give it the style 'replicate'")
+    why = _down_bias_ok(experts)
+    if why:
+        raise ValueError(f"tpext: cannot shard {cls}: {why}; give it the style 'replicate'")
     down = layouts["down_proj"]
     _check_grouped_mm(experts, down.local_shape[down.dim], pg.size())
-    _check_sums(experts, pg.size())
+    concatenated = _checked_layout(experts, pg.size())
+    layouts = _layouts(experts, pg.size(), pg.rank(), concatenated)
     new = shell_copy(experts)
     new.__class__ = derived_class(type(experts), _ShardedExperts, wraps=True)
     new._tpext_group = pg

@@ -1,0 +1,72 @@
+"""The model-zoo census (tests/model_census.py) against its recorded outcomes (tests/model_census_expected.json).
+
+Every causal-LM family of the pinned transformers, tiny, `plan="auto"`, at tp 2 and 4 and under SP, vs the
+dense model. Fails on any silent mismatch, on any crash the record does not already hold, on any family
+whose outcome drops (match -> refused, refused -> crash), and on any change at all that the record does not
+hold yet (an improvement is recorded by regenerating the file; the message prints the command). One world
+per tp size runs every family (no process per family).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import model_census
+
+pytest.importorskip("transformers")
+
+# Better is higher; a mismatch is never accepted, and a crash only where the record holds it.
+_RANK = {"mismatch": 0, "crash": 1, "refused": 2, "match": 3}
+
+
+def compare(expected: dict[str, dict[str, str]], got: dict[str, dict[str, str]]) -> tuple[list[str], list[str]]:
+    """(failures, changes to record) between the recorded statuses and this run's."""
+    failures, changes = [], []
+    for family in sorted(set(expected) | set(got)):
+        if family not in got:
+            changes.append(f"{family}: recorded, but transformers no longer registers it")
+            continue
+        if family not in expected:
+            changes.append(f"{family}: new family, not recorded ({got[family]})")
+            for setting, status in got[family].items():
+                if status in ("mismatch", "crash"):
+                    failures.append(f"{family} {setting}: {status}")
+            continue
+        want, have = expected[family], got[family]
+        for setting in sorted(set(want) | set(have)):
+            w, h = want.get(setting, "not run"), have.get(setting, "not run")
+            if h == "mismatch" or (h == "crash" and w != "crash"):
+                failures.append(f"{family} {setting}: {h} (recorded: {w})")
+            elif w != h and w in _RANK and h in _RANK and _RANK[h] < _RANK[w]:
+                failures.append(f"{family} {setting}: dropped from {w} to {h}")
+            elif w != h:
+                changes.append(f"{family} {setting}: {w} -> {h}")
+    return failures, changes
+
+
+def test_compare_flags_drops_and_silent_errors():
+    """The checker itself: drops, mismatches and new crashes fail; improvements are changes to record."""
+    expected = {"a": {"tp2": "match"}, "b": {"tp2": "refused"}, "c": {"tp2": "crash"}, "d": {"tp2": "match"},
+                "e": {"build": "not buildable"}}
+    got = {"a": {"tp2": "refused"}, "b": {"tp2": "match"}, "c": {"tp2": "crash"}, "d": {"tp2": "mismatch"},
+           "e": {"build": "not buildable"}, "f": {"tp2": "crash"}}
+    failures, changes = compare(expected, got)
+    assert failures == ["a tp2: dropped from match to refused", "d tp2: mismatch (recorded: match)", "f tp2: crash"]
+    assert changes == ["b tp2: refused -> match", "f: new family, not recorded ({'tp2': 'crash'})"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_model_census_matches_record():
+    results = model_census.run_census()
+    got = model_census.statuses(results)
+    expected = json.loads(model_census.EXPECTED.read_text())
+    failures, changes = compare(expected, got)
+    how = (f"\nIf the changes are intended, record them: {model_census.WRITE_COMMAND} "
+           "(rewrites tests/model_census_expected.json and docs/model-support.md)")
+    reasons = {f: {k: v[1] for k, v in e.items() if isinstance(v, (list, tuple)) and v[1]} for f, e in results.items()}
+    assert not failures, ("model census: silently wrong, crashed or dropped:\n  " + "\n  ".join(
+        f"{line}  [{reasons.get(line.split()[0], {})}]" for line in failures) + how)
+    assert not changes, "model census: outcomes changed from the record:\n  " + "\n  ".join(changes) + how
