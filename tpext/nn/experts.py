@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from tpext import mappings, stats
 from tpext.distributed import GroupLike, SharesGroupOnCopy, resolve_group, shard_range
-from tpext.nn._class_swap import derived_class, probe_disagrees, shell_copy
+from tpext.nn.class_swap import derived_class, probe_disagrees, shell_copy
 from tpext.sharding import ShardLayout, set_layout
 
 __all__ = ["shard_experts", "is_experts"]
