@@ -148,8 +148,8 @@ PYBIND11_MODULE(_C, m) {
     return d;
   };
   // NCCL communicator options of a group (tpext.ops.set_nccl_options documents them).
-  m.def("_set_nccl_options", [](const std::string& group_name, int64_t max_ctas, int64_t cga_cluster_size,
-                                bool local_fast_path) {
+  m.def("_set_nccl_options",
+        [](const std::string& group_name, int64_t max_ctas, int64_t cga_cluster_size, bool local_fast_path) {
     tpext::comm::set_nccl_options(group_name, NcclOptions{max_ctas, cga_cluster_size, local_fast_path});
   });
   m.def("_nccl_options", [options_dict](const std::string& g) { return options_dict(tpext::comm::nccl_options(g)); });
@@ -170,7 +170,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("cuda_compiled") = false;
 #endif
   m.attr("built_with_torch") = TPEXT_TORCH_VERSION;  // set by setup.py; must match torch at import
-  tpext::comm::bind_p2p(m);  // p2p_*: symmetric buffers of a group (tpext/p2p.py drives them)
+  tpext::comm::bind_p2p(m);                          // p2p_*: symmetric buffers of a group (tpext/p2p.py drives them)
   // Test machinery (tests/test_op_virtual_ranks.py, tests/test_cuda_ops.py): an op on R virtual ranks
   // of one process, one thread each (comm/virtual.h). The ranks run without the GIL.
   m.def("_run_on_virtual_ranks", &tpext::ops::run_on_virtual_ranks,

@@ -128,8 +128,8 @@ void check_ranks_agree(const std::string& group_name, const char* op, const c10:
     }
   }
   TORCH_CHECK(differ.str().empty(), "tpext.", op, ": the ranks of group '", group_name,
-              "' called it with different arguments (checked because TORCH_DISTRIBUTED_DEBUG=DETAIL):",
-              differ.str(), " every rank must pass the same shapes, dtype and plan");
+              "' called it with different arguments (checked because TORCH_DISTRIBUTED_DEBUG=DETAIL):", differ.str(),
+              " every rank must pass the same shapes, dtype and plan");
 }
 
 std::unique_ptr<Communicator> make_c10d_communicator(const std::string& group_name, const char* op) {

@@ -118,8 +118,8 @@ int drain_graveyard() {
   int device = 0;
   TPEXT_CUDA_CHECK(cudaGetDevice(&device));
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  TPEXT_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)),
-                                         &capture));
+  TPEXT_CUDA_CHECK(
+      cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)), &capture));
   if (capture != cudaStreamCaptureStatusNone) return 0;
   std::vector<std::shared_ptr<SymmetricBuffers>> dead;
   {
@@ -168,8 +168,8 @@ void bind_p2p(pybind11::module_& m) {
     c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
     return kernels::p2p_max_coresident_blocks(device);
   }, "The largest device-synchronised P2P grid whose blocks are all resident at once on `device`.");
-  m.def("p2p_open", [](const std::string& name, const std::vector<std::string>& handles, int max_blocks,
-                       uint64_t timeout_ns) {
+  m.def("p2p_open",
+        [](const std::string& name, const std::vector<std::string>& handles, int max_blocks, uint64_t timeout_ns) {
     std::shared_ptr<SymmetricBuffers> buf;
     {
       auto& r = registry();
@@ -197,17 +197,21 @@ void bind_p2p(pybind11::module_& m) {
     TORCH_CHECK(src.is_cuda() && src.is_contiguous() && src.nbytes() <= static_cast<size_t>(buf->capacity()),
                 "tpext.p2p_copy_to_local: src must be a contiguous CUDA tensor of at most ", buf->capacity(), " bytes");
     auto stream = c10::cuda::getCurrentCUDAStream(src.get_device());
-    TPEXT_CUDA_CHECK(cudaMemcpyAsync(buf->local_data(), src.data_ptr(), src.nbytes(), cudaMemcpyDeviceToDevice, stream));
+    TPEXT_CUDA_CHECK(
+        cudaMemcpyAsync(buf->local_data(), src.data_ptr(), src.nbytes(), cudaMemcpyDeviceToDevice, stream));
   }, "Copy a tensor's bytes into this rank's symmetric buffer (stream-ordered).");
   m.def("p2p_copy_from_peer", [](const std::string& name, int peer, at::Tensor& dst) {
     std::string reason;
     auto buf = find_symmetric_buffers(name, &reason);
     TORCH_CHECK(buf, "tpext.p2p_copy_from_peer: ", reason);
-    TORCH_CHECK(peer >= 0 && peer < buf->world(), "tpext.p2p_copy_from_peer: peer must be in [0, ", buf->world(), "), got ", peer);
+    TORCH_CHECK(peer >= 0 && peer < buf->world(), "tpext.p2p_copy_from_peer: peer must be in [0, ", buf->world(),
+                "), got ", peer);
     TORCH_CHECK(dst.is_cuda() && dst.is_contiguous() && dst.nbytes() <= static_cast<size_t>(buf->capacity()),
-                "tpext.p2p_copy_from_peer: dst must be a contiguous CUDA tensor of at most ", buf->capacity(), " bytes");
+                "tpext.p2p_copy_from_peer: dst must be a contiguous CUDA tensor of at most ", buf->capacity(),
+                " bytes");
     auto stream = c10::cuda::getCurrentCUDAStream(dst.get_device());
-    TPEXT_CUDA_CHECK(cudaMemcpyAsync(dst.data_ptr(), buf->peer_data(peer), dst.nbytes(), cudaMemcpyDeviceToDevice, stream));
+    TPEXT_CUDA_CHECK(
+        cudaMemcpyAsync(dst.data_ptr(), buf->peer_data(peer), dst.nbytes(), cudaMemcpyDeviceToDevice, stream));
   }, "Copy the first dst.nbytes() bytes of a peer's symmetric buffer into dst (stream-ordered).");
 #else
   auto no_cuda = [](py::args, py::kwargs) {

@@ -86,8 +86,8 @@ class SymmetricBuffers {
   std::mutex mu_;  // guards stream_, stream_set_ and the launch sequence
   cudaStream_t stream_ = nullptr;
   bool stream_set_ = false;
-  cudaEvent_t switch_event_ = nullptr;   // records the pinned stream's work at a stream switch
-  cudaStream_t refuse_stream_ = nullptr; // non-blocking: a refusal's stores never queue behind a kernel
+  cudaEvent_t switch_event_ = nullptr;    // records the pinned stream's work at a stream switch
+  cudaStream_t refuse_stream_ = nullptr;  // non-blocking: a refusal's stores never queue behind a kernel
   int rank_, world_, device_;
   int64_t capacity_;  // data bytes per rank; the signal area follows at an aligned offset
   int max_blocks_ = 0;

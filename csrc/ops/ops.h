@@ -16,13 +16,12 @@ at::Tensor gemm_all_reduce(const at::Tensor& x, const at::Tensor& w, const std::
                            const std::string& group_name, int64_t chunks, int64_t algorithm,
                            const std::optional<at::Tensor>& residual);
 
-at::Tensor gemm_reduce_scatter(const at::Tensor& x, const at::Tensor& w,
-                               const std::optional<at::Tensor>& bias, const std::string& group_name,
-                               int64_t chunks, int64_t algorithm, const std::optional<at::Tensor>& residual);
+at::Tensor gemm_reduce_scatter(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                               const std::string& group_name, int64_t chunks, int64_t algorithm,
+                               const std::optional<at::Tensor>& residual);
 
 std::tuple<at::Tensor, at::Tensor> all_gather_gemm(const at::Tensor& x_shard, const at::Tensor& w,
-                                                   const std::optional<at::Tensor>& bias,
-                                                   const std::string& group_name, int64_t chunks,
-                                                   int64_t algorithm);
+                                                   const std::optional<at::Tensor>& bias, const std::string& group_name,
+                                                   int64_t chunks, int64_t algorithm);
 
 }  // namespace tpext::ops

@@ -117,7 +117,8 @@ std::vector<at::Tensor> gather_parts(comm::Communicator& c, const at::Tensor& xc
 #ifdef TPEXT_WITH_CUDA
 // Stream-ordered copy of this rank's input into its symmetric buffer, then the table for the launch.
 kernels::P2PGroup stage(comm::SymmetricBuffers& buf, const at::Tensor& xc) {
-  TPEXT_CUDA_CHECK(cudaMemcpyAsync(buf.local_data(), xc.data_ptr(), xc.nbytes(), cudaMemcpyDeviceToDevice, stream_of(xc)));
+  TPEXT_CUDA_CHECK(
+      cudaMemcpyAsync(buf.local_data(), xc.data_ptr(), xc.nbytes(), cudaMemcpyDeviceToDevice, stream_of(xc)));
   return buf.table();
 }
 
@@ -158,7 +159,8 @@ at::Tensor p2p_all_reduce(const at::Tensor& x, const std::string& group_name, in
   auto c = comm::make_c10d_communicator(group_name, op);
   at::Tensor xc = x.contiguous();
   if (xc.numel() == 0) return xc.clone();
-  const Plan plan = plan_call(op, x, *c, group_name, algorithm, static_cast<int64_t>(xc.nbytes()), algorithm == 1 ? 1 : 2);
+  const Plan plan =
+      plan_call(op, x, *c, group_name, algorithm, static_cast<int64_t>(xc.nbytes()), algorithm == 1 ? 1 : 2);
   if (plan.path == Path::kReference) return p2p_ref::ordered_sum(gather_parts(*c, xc)).to(x.scalar_type());
 #ifdef TPEXT_WITH_CUDA
   if (plan.path == Path::kKernel) {
@@ -188,8 +190,9 @@ at::Tensor p2p_reduce_scatter(const at::Tensor& x, const std::string& group_name
   c10::DeviceGuard guard(x.device());
   auto c = comm::make_c10d_communicator(group_name, op);
   const int world = c->size();
-  TORCH_CHECK(x.dim() >= 1 && x.size(0) % world == 0, "tpext.", op, ": x must be [R * m, *] with dim 0 divisible by the ",
-              "group size R = ", world, ", got shape ", x.sizes());
+  TORCH_CHECK(x.dim() >= 1 && x.size(0) % world == 0, "tpext.", op,
+              ": x must be [R * m, *] with dim 0 divisible by the ", "group size R = ", world, ", got shape ",
+              x.sizes());
   at::Tensor xc = x.contiguous();
   std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
   sizes[0] /= world;
@@ -199,7 +202,8 @@ at::Tensor p2p_reduce_scatter(const at::Tensor& x, const std::string& group_name
                               static_cast<int>(kReduceScatterOp));
   if (plan.path == Path::kReference) {
     std::vector<at::Tensor> blocks;
-    for (const at::Tensor& part : gather_parts(*c, xc)) blocks.push_back(part.narrow(0, c->rank() * sizes[0], sizes[0]));
+    for (const at::Tensor& part : gather_parts(*c, xc))
+      blocks.push_back(part.narrow(0, c->rank() * sizes[0], sizes[0]));
     return p2p_ref::ordered_sum(blocks).to(x.scalar_type());
   }
 #ifdef TPEXT_WITH_CUDA
@@ -225,8 +229,8 @@ at::Tensor p2p_all_gather(const at::Tensor& x, const std::string& group_name, in
   sizes[0] *= world;
   at::Tensor out = at::empty(sizes, x.options());
   if (xc.numel() == 0) return out;
-  [[maybe_unused]] const Plan plan = plan_call(op, x, *c, group_name, algorithm, static_cast<int64_t>(xc.nbytes()),
-                                               static_cast<int>(kAllGatherOp));
+  [[maybe_unused]] const Plan plan =
+      plan_call(op, x, *c, group_name, algorithm, static_cast<int64_t>(xc.nbytes()), static_cast<int>(kAllGatherOp));
 #ifdef TPEXT_WITH_CUDA
   if (plan.path == Path::kKernel) {
     launch_scatter_gather(plan, out, xc, &kernels::launch_p2p_all_gather);
@@ -240,9 +244,11 @@ at::Tensor p2p_all_gather(const at::Tensor& x, const std::string& group_name, in
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> p2p_all_reduce_residual_rmsnorm(
-    const at::Tensor& x, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& bias,
-    const at::Tensor& weight, double eps, const std::string& group_name, int64_t algorithm) {
+std::tuple<at::Tensor, at::Tensor> p2p_all_reduce_residual_rmsnorm(const at::Tensor& x,
+                                                                   const std::optional<at::Tensor>& residual,
+                                                                   const std::optional<at::Tensor>& bias,
+                                                                   const at::Tensor& weight, double eps,
+                                                                   const std::string& group_name, int64_t algorithm) {
   const char* op = "p2p_all_reduce_residual_rmsnorm";
   p2p_ref::check_norm_args(op, x, residual, bias, weight, eps);
   p2p_ref::check_algorithm(op, algorithm);
@@ -251,8 +257,8 @@ std::tuple<at::Tensor, at::Tensor> p2p_all_reduce_residual_rmsnorm(
   at::Tensor xc = x.contiguous();
   if (xc.numel() == 0) return {at::empty_like(xc), at::empty_like(xc)};
   // The kernel has no two-shot variant: it is one-shot whatever P2P algorithm was asked for.
-  const Plan plan = plan_call(op, x, *c, group_name, algorithm, static_cast<int64_t>(xc.nbytes()),
-                              static_cast<int>(kNormOp));
+  const Plan plan =
+      plan_call(op, x, *c, group_name, algorithm, static_cast<int64_t>(xc.nbytes()), static_cast<int>(kNormOp));
   if (plan.path == Path::kReference) {
     return p2p_ref::residual_rmsnorm(p2p_ref::ordered_sum(gather_parts(*c, xc)), residual, bias, weight, eps,
                                      x.scalar_type());
@@ -296,10 +302,10 @@ std::tuple<at::Tensor, at::Tensor> p2p_rmsnorm_backward(const at::Tensor& grad_o
                                                         const at::Tensor& h, const at::Tensor& weight, double eps) {
   const char* op = "p2p_rmsnorm_backward";
   p2p_ref::check_norm_args(op, h, std::nullopt, std::nullopt, weight, eps);
-  TORCH_CHECK(grad_out.sizes() == h.sizes() && grad_out.scalar_type() == h.scalar_type() &&
-                  grad_out.device() == h.device(),
-              "tpext.", op, ": grad_out must match h (", h.sizes(), ", ", h.scalar_type(), ", ", h.device(), "), got ",
-              grad_out.sizes(), ", ", grad_out.scalar_type(), ", ", grad_out.device());
+  TORCH_CHECK(
+      grad_out.sizes() == h.sizes() && grad_out.scalar_type() == h.scalar_type() && grad_out.device() == h.device(),
+      "tpext.", op, ": grad_out must match h (", h.sizes(), ", ", h.scalar_type(), ", ", h.device(), "), got ",
+      grad_out.sizes(), ", ", grad_out.scalar_type(), ", ", grad_out.device());
   if (grad_residual.has_value()) {
     TORCH_CHECK(grad_residual->sizes() == h.sizes() && grad_residual->scalar_type() == h.scalar_type() &&
                     grad_residual->device() == h.device(),

@@ -23,9 +23,11 @@ namespace tpext::ops {
 at::Tensor p2p_all_reduce(const at::Tensor& x, const std::string& group_name, int64_t algorithm);
 at::Tensor p2p_reduce_scatter(const at::Tensor& x, const std::string& group_name, int64_t algorithm);
 at::Tensor p2p_all_gather(const at::Tensor& x, const std::string& group_name, int64_t algorithm);
-std::tuple<at::Tensor, at::Tensor> p2p_all_reduce_residual_rmsnorm(
-    const at::Tensor& x, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& bias,
-    const at::Tensor& weight, double eps, const std::string& group_name, int64_t algorithm);
+std::tuple<at::Tensor, at::Tensor> p2p_all_reduce_residual_rmsnorm(const at::Tensor& x,
+                                                                   const std::optional<at::Tensor>& residual,
+                                                                   const std::optional<at::Tensor>& bias,
+                                                                   const at::Tensor& weight, double eps,
+                                                                   const std::string& group_name, int64_t algorithm);
 std::tuple<at::Tensor, at::Tensor> p2p_rmsnorm_backward(const at::Tensor& grad_out,
                                                         const std::optional<at::Tensor>& grad_residual,
                                                         const at::Tensor& h, const at::Tensor& weight, double eps);
@@ -51,8 +53,8 @@ std::tuple<at::Tensor, at::Tensor> residual_rmsnorm(at::Tensor acc, const std::o
                                                     double eps, at::ScalarType dtype);
 // Backward of out = rms_norm(h) * weight: (grad_h [+ grad_residual], grad_weight).
 std::tuple<at::Tensor, at::Tensor> rmsnorm_backward(const at::Tensor& grad_out,
-                                                    const std::optional<at::Tensor>& grad_residual,
-                                                    const at::Tensor& h, const at::Tensor& weight, double eps);
+                                                    const std::optional<at::Tensor>& grad_residual, const at::Tensor& h,
+                                                    const at::Tensor& weight, double eps);
 
 // Argument checks, naming the argument, before any collective.
 void check_dtype(const char* op, const char* arg, const at::Tensor& t);

@@ -17,8 +17,8 @@
 
 namespace tpext::schedule {
 
-void gemm_reduce_scatter(const at::Tensor& x, const at::Tensor& w, at::Tensor& y_shard,
-                         comm::Communicator& comm, const Plan& plan, const RowsEpilogue& epilogue) {
+void gemm_reduce_scatter(const at::Tensor& x, const at::Tensor& w, at::Tensor& y_shard, comm::Communicator& comm,
+                         const Plan& plan, const RowsEpilogue& epilogue) {
   const int64_t world = comm.size();
   const int64_t m = y_shard.size(0);
   const int64_t n = y_shard.size(1);

@@ -72,8 +72,8 @@ void gemm_all_reduce(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, co
                      const Plan& plan, const RowsEpilogue& epilogue);
 
 // y_shard[M/R, N] = rows [rank*M/R, (rank+1)*M/R) of reduce_scatter_dim0(x[M, K] @ w.T)
-void gemm_reduce_scatter(const at::Tensor& x, const at::Tensor& w, at::Tensor& y_shard,
-                         comm::Communicator& comm, const Plan& plan, const RowsEpilogue& epilogue);
+void gemm_reduce_scatter(const at::Tensor& x, const at::Tensor& w, at::Tensor& y_shard, comm::Communicator& comm,
+                         const Plan& plan, const RowsEpilogue& epilogue);
 
 // x_full[R*m, K] = all_gather_dim0(x_shard[m, K]);  y[R*m, N] = x_full @ w.T
 void all_gather_gemm(const at::Tensor& x_shard, const at::Tensor& w, at::Tensor& x_full, at::Tensor& y,
