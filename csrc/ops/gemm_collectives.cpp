@@ -1,7 +1,7 @@
 // The three overlapped GEMM + collective ops: argument checks, flattening of leading dims, output
 // allocation, device guard, the bias/residual epilogue and the group-of-one fast path (one GEMM, no
 // collective); the chunk loops themselves live in csrc/schedule.
-#include "ops/ops.h"
+#include "ops/gemm_collectives.h"
 
 #include <exception>
 #include <functional>
@@ -13,6 +13,7 @@
 #include <c10/util/Exception.h>
 #include <c10/util/accumulate.h>
 
+#include "comm/c10d.h"
 #include "comm/communicator.h"
 #include "ops/epilogue.h"
 #include "schedule/schedule.h"
@@ -20,7 +21,7 @@
 namespace tpext::ops {
 namespace {
 
-// Validates what every op shares (including the plan: chunks and algorithm). Runs before any
+// Validates what every op shares (including the schedule: chunks and algorithm). Runs before any
 // communicator is made or used and depends only on local arguments, so a bad call fails on the rank that made it
 // instead of leaving its peers waiting.
 void check_gemm_args(const char* op, const char* x_name, const at::Tensor& x, const at::Tensor& w,
@@ -53,7 +54,7 @@ void check_gemm_args(const char* op, const char* x_name, const at::Tensor& x, co
 // Runs an op's argument checks. `local_checks` see only this rank's arguments and run before any
 // collective, so a bad call fails on the rank that made it. Under TORCH_DISTRIBUTED_DEBUG=DETAIL the
 // ranks first compare what they cannot see alone (comm::check_ranks_agree): the collective's sizes (rows
-// of x, the width it moves), dtype and plan, and whether each rank's local checks passed, so a rank that
+// of x, the width it moves), dtype and schedule, and whether each rank's local checks passed, so a rank that
 // rejects its arguments does not leave the others waiting in that comparison.
 void check_args(const std::string& group_name, const char* op, const at::Tensor& x, const char* width_name,
                 int64_t width, int64_t chunks, int64_t algorithm, const std::function<void()>& local_checks) {
@@ -74,7 +75,7 @@ void check_args(const std::string& group_name, const char* op, const at::Tensor&
   if (rejected) std::rethrow_exception(rejected);
 }
 
-schedule::Plan plan_of(int64_t chunks, int64_t algorithm) {
+schedule::Schedule schedule_of(int64_t chunks, int64_t algorithm) {
   return {static_cast<schedule::Algorithm>(algorithm), chunks};
 }
 
@@ -128,10 +129,10 @@ void local_gemm(const at::Tensor& x_rows, const at::Tensor& w, at::Tensor& y_row
 // rank's y_shard), reduced by `schedule_fn` over the group's communicator, or one local GEMM for a
 // group of one; bias and residual added once by the epilogue.
 using ReducingSchedule = void (*)(const at::Tensor&, const at::Tensor&, at::Tensor&, comm::Communicator&,
-                                  const schedule::Plan&, const schedule::RowsEpilogue&);
+                                  const schedule::Schedule&, const schedule::RowsEpilogue&);
 at::Tensor reducing_gemm(at::Tensor out, const at::Tensor& x, const at::Tensor& w,
                          const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
-                         const std::string& group_name, const char* op, const schedule::Plan& plan,
+                         const std::string& group_name, const char* op, const schedule::Schedule& sched,
                          ReducingSchedule schedule_fn) {
   auto comm = comm::make_communicator(group_name, op, x.device());
   if (out.numel() == 0) return out;
@@ -140,7 +141,7 @@ at::Tensor reducing_gemm(at::Tensor out, const at::Tensor& x, const at::Tensor& 
   if (comm->local()) {
     local_gemm(rows_of(x), w, out_rows, epilogue);
   } else {
-    schedule_fn(rows_of(x), w, out_rows, *comm, plan, epilogue);
+    schedule_fn(rows_of(x), w, out_rows, *comm, sched, epilogue);
   }
   return out;
 }
@@ -156,7 +157,7 @@ at::Tensor gemm_all_reduce(const at::Tensor& x, const at::Tensor& w, const std::
     check_residual("gemm_all_reduce", residual, sizes_like(x, x.size(0), w.size(0)), x);
   });
   return reducing_gemm(at::empty(sizes_like(x, x.size(0), w.size(0)), x.options()), x, w, bias, residual, group_name,
-                       "gemm_all_reduce", plan_of(chunks, algorithm), &schedule::gemm_all_reduce);
+                       "gemm_all_reduce", schedule_of(chunks, algorithm), &schedule::gemm_all_reduce);
 }
 
 at::Tensor gemm_reduce_scatter(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
@@ -173,7 +174,8 @@ at::Tensor gemm_reduce_scatter(const at::Tensor& x, const at::Tensor& w, const s
     check_residual("gemm_reduce_scatter", residual, sizes_like(x, x.size(0) / world, w.size(0)), x);
   });
   return reducing_gemm(at::empty(sizes_like(x, x.size(0) / world, w.size(0)), x.options()), x, w, bias, residual,
-                       group_name, "gemm_reduce_scatter", plan_of(chunks, algorithm), &schedule::gemm_reduce_scatter);
+                       group_name, "gemm_reduce_scatter", schedule_of(chunks, algorithm),
+                       &schedule::gemm_reduce_scatter);
 }
 
 std::tuple<at::Tensor, at::Tensor> all_gather_gemm(const at::Tensor& x_shard, const at::Tensor& w,
@@ -199,7 +201,8 @@ std::tuple<at::Tensor, at::Tensor> all_gather_gemm(const at::Tensor& x_shard, co
     x_full_rows.copy_(rows_of(x_shard));  // returned for the weight gradient: the one copy a group of one makes
     local_gemm(x_full_rows, w, y_rows, epilogue);
   } else {
-    schedule::all_gather_gemm(rows_of(x_shard), w, x_full_rows, y_rows, *comm, plan_of(chunks, algorithm), epilogue);
+    schedule::all_gather_gemm(rows_of(x_shard), w, x_full_rows, y_rows, *comm, schedule_of(chunks, algorithm),
+                              epilogue);
   }
   return {y, x_full};
 }

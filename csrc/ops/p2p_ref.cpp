@@ -53,9 +53,12 @@ void check_dtype(const char* op, const char* arg, const at::Tensor& t) {
               " must be float32, float16, bfloat16 or float64, got dtype ", s);
 }
 
-void check_algorithm(const char* op, int64_t algorithm) {
-  TORCH_CHECK(algorithm >= 0 && algorithm <= 2, "tpext.", op,
-              ": algorithm must be 0 (c10d collective), 1 (one-shot P2P) or 2 (two-shot P2P), got ", algorithm);
+P2PAlgorithm check_algorithm(const char* op, int64_t algorithm) {
+  TORCH_CHECK(algorithm >= static_cast<int64_t>(P2PAlgorithm::kCollective) &&
+                  algorithm <= static_cast<int64_t>(P2PAlgorithm::kTwoShot),
+              "tpext.", op, ": algorithm must be 0 (c10d collective), 1 (one-shot P2P) or 2 (two-shot P2P), got ",
+              algorithm);
+  return static_cast<P2PAlgorithm>(algorithm);
 }
 
 namespace {

@@ -15,7 +15,7 @@
 #endif
 
 #include "comm/virtual.h"
-#include "ops/ops.h"
+#include "ops/gemm_collectives.h"
 
 namespace tpext::ops {
 namespace {

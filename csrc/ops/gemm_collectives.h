@@ -1,4 +1,5 @@
-// The op implementations registered in csrc/torch_bindings.cpp (CPU and CUDA share them).
+// The three overlapped GEMM + collective ops (gemm_collectives.cpp), registered for CPU and CUDA alike
+// in csrc/torch_bindings.cpp.
 //
 // `algorithm` is a schedule::Algorithm value (0 sequential, 1 chunked pipeline, 2 chunked pipeline on
 // two compute streams); `residual`, where taken, has the output's shape and is added once with the bias.
