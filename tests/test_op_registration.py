@@ -32,7 +32,8 @@ def _expected_keys(op: str) -> set[str]:
 
 
 def _registered(namespace: str) -> set[str]:
-    return {n.split("::", 1)[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith(f"{namespace}::")}
+    names = torch._C._dispatch_get_all_op_names()
+    return {n.split("::", 1)[1] for n in names if n.startswith(f"{namespace}::")}
 
 
 @pytest.mark.parametrize("namespace, table", [("tpext", GEMM_OPS + P2P_OPS), ("tpext_testing", TESTING_OPS)])
@@ -59,6 +60,7 @@ def test_op_has_its_kernels(op):
 def test_testing_op_has_its_kernels(op):
     # run_on_virtual_ranks has no fake kernel: it is a test driver, never traced.
     keys = {"CPU", "CUDA"} | (set() if op == "run_on_virtual_ranks" else {"Meta"})
-    missing = sorted(k for k in keys if not torch._C._dispatch_has_kernel_for_dispatch_key(f"tpext_testing::{op}", k))
-    assert not missing, f"tpext_testing::{op} has no kernel for {missing} (cuda_compiled={tpext.cuda_compiled})"
+    name = f"tpext_testing::{op}"
+    missing = sorted(k for k in keys if not torch._C._dispatch_has_kernel_for_dispatch_key(name, k))
+    assert not missing, f"{name} has no kernel for {missing} (cuda_compiled={tpext.cuda_compiled})"
 

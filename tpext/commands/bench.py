@@ -5,7 +5,8 @@
 For every tp degree it starts that many local ranks (tpext.launch; under torchrun it runs on the job's
 ranks instead), checks every implementation against the dense layer, then times forward and
 forward+backward. Prints one table; writes layers.json and layers.png to bench/results/<device>/ (or
---out; without matplotlib, which it checks before starting, the JSON alone), and with --calibration the measured GEMM rate and all-reduce bandwidth for `tpext plan`.
+--out; without matplotlib, which it checks before starting, the JSON alone), and with --calibration
+the measured GEMM rate and all-reduce bandwidth for `tpext plan`.
 The rank side is tpext/benchmark_layers.py; timing and probes are tpext/benchmark.py.
 """
 
@@ -140,8 +141,8 @@ def run(args) -> int:
     cfg = _config(args)
     plot = _can_plot()
     if not plot:  # said before the minutes of work, not after them
-        print("tpext bench: note: matplotlib is not installed; layers.json will be written and the plot skipped "
-              "(pip install matplotlib for layers.png)", file=sys.stderr)
+        print("tpext bench: note: matplotlib is not installed; layers.json will be written and the plot "
+              "skipped (pip install matplotlib for layers.png)", file=sys.stderr)
     load_before = load_average()
     results: dict[int, dict] = {}
     if launched_by_torchrun():

@@ -94,7 +94,8 @@ def _(x, w, bias, group_name, chunks, algorithm=1, residual=None):
     world = group_size(group_name)
     torch._check(
         x.shape[0] % world == 0,
-        lambda: f"tpext.gemm_reduce_scatter: x.size(0) = {x.shape[0]} must be divisible by the group size {world}",
+        lambda: (f"tpext.gemm_reduce_scatter: x.size(0) = {x.shape[0]} must be divisible by the group size "
+                 f"{world}"),
     )
     return x.new_empty((x.shape[0] // world, *x.shape[1:-1], w.shape[0]))
 

@@ -13,8 +13,8 @@ __all__ = ["set_nccl_options", "nccl_options", "nccl_comm_info", "destroy_nccl_c
 
 def _require_cuda_build(what: str) -> None:
     if not _C.cuda_compiled:
-        raise RuntimeError(f"tpext.ops.{what}: this tpext build has no CUDA support (built against a CPU torch "
-                           "or with TPEXT_FORCE_CPU=1); the NCCL communicator exists only in CUDA builds")
+        raise RuntimeError(f"tpext.ops.{what}: this tpext build has no CUDA support (built against a CPU "
+                           "torch or with TPEXT_FORCE_CPU=1); the NCCL communicator exists only in CUDA builds")
 
 
 def set_nccl_options(group: GroupLike = None, *, max_ctas: int = 0, cga_cluster_size: int = 0,

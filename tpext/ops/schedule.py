@@ -15,8 +15,8 @@ from __future__ import annotations
 import enum
 from typing import NamedTuple, Union
 
-__all__ = ["Algorithm", "AlgorithmLike", "Chunks", "Schedule", "auto_chunks", "auto_schedule", "default_algorithm",
-           "resolve_chunks", "resolve_schedule"]
+__all__ = ["Algorithm", "AlgorithmLike", "Chunks", "Schedule", "auto_chunks", "auto_schedule",
+           "default_algorithm", "resolve_chunks", "resolve_schedule"]
 
 
 class Algorithm(enum.IntEnum):
@@ -24,7 +24,7 @@ class Algorithm(enum.IntEnum):
 
     SEQUENTIAL = 0           # one GEMM, one collective; chunks must be 1
     CHUNKED_PIPELINE = 1     # row chunks; collective of chunk i overlaps the GEMM of chunk i+1
-    CHUNKED_TWO_STREAMS = 2  # as CHUNKED_PIPELINE, chunk GEMMs alternating over two CUDA streams (CPU: same as 1)
+    CHUNKED_TWO_STREAMS = 2  # as CHUNKED_PIPELINE, chunk GEMMs over two CUDA streams (CPU: same as 1)
 
 
 class Schedule(NamedTuple):
