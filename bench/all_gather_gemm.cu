@@ -92,7 +92,8 @@ class AllGatherGemm final : public Op {
       for (int r = 0; r < world; ++r) {
         send[r] = advance(x_[r], rows.begin * s_.k, dt);
         if (!rank_major_) recv[r] = advance(gathered_[r], gathered_row(0, rows) * s_.k, dt);
-        for (int q = 0; rank_major_ && q < world; ++q) recv_blocks[r][q] = advance(gathered_[r], gathered_row(q, rows) * s_.k, dt);
+        for (int q = 0; rank_major_ && q < world; ++q)
+          recv_blocks[r][q] = advance(gathered_[r], gathered_row(q, rows) * s_.k, dt);
       }
       if (rank_major_) {
         rk_->gather_into(send, recv_blocks, rows.size * s_.k);
@@ -101,7 +102,8 @@ class AllGatherGemm final : public Op {
       }
       rk_->mark_comm(static_cast<int>(j));
     }
-    for (int r = 0; r < world; ++r) rk_->gemm(r, 0, gemm_rows(r, x_[r], 0, shard_, advance(out[r], r * shard_ * s_.n, dt)));
+    for (int r = 0; r < world; ++r)
+      rk_->gemm(r, 0, gemm_rows(r, x_[r], 0, shard_, advance(out[r], r * shard_ * s_.n, dt)));
     for (int64_t j = 0; j < c; ++j) {
       const tpext::RowRange rows = tpext::split_rows(shard_, c, j);
       const int lane = lanes == 2 ? static_cast<int>((j + 1) % 2) : 0;
@@ -135,8 +137,8 @@ class AllGatherGemm final : public Op {
     const int64_t q = i / shard_, row = i % shard_;
     RefValue v{0, 0, 0};
     for (int64_t t = 0; t < s_.k; ++t) {
-      const double xw = input_value(dt, 2 * static_cast<uint32_t>(q), row * s_.k + t) *
-                        input_value(dt, 2 * r + 1, j * s_.k + t);
+      const double xw =
+          input_value(dt, 2 * static_cast<uint32_t>(q), row * s_.k + t) * input_value(dt, 2 * r + 1, j * s_.k + t);
       v.value += xw;
       v.abs += std::fabs(xw);
     }

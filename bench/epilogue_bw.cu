@@ -61,13 +61,23 @@ __host__ __device__ inline float gen(uint32_t tensor, uint64_t i) {
 __device__ inline double dev_f64(float x) { return x; }
 __device__ inline double dev_f64(__half x) { return __half2float(x); }
 __device__ inline double dev_f64(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T> __device__ inline T dev_from_f32(float x) { return x; }
-template <> __device__ inline __half dev_from_f32<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ inline __nv_bfloat16 dev_from_f32<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <typename T>
+__device__ inline T dev_from_f32(float x) {
+  return x;
+}
+template <>
+__device__ inline __half dev_from_f32<__half>(float x) {
+  return __float2half_rn(x);
+}
+template <>
+__device__ inline __nv_bfloat16 dev_from_f32<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
 
 template <typename T>
 __global__ void init_kernel(T* p, int64_t n, uint32_t tensor) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     p[i] = dev_from_f32<T>(gen(tensor, i));
   }
 }
@@ -76,7 +86,8 @@ __global__ void init_kernel(T* p, int64_t n, uint32_t tensor) {
 template <typename T>
 __global__ void verify_kernel(const T* y, int64_t rows, int64_t cols, double eps, unsigned long long* bad) {
   const int64_t n = rows * cols;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n; i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const double y0 = dev_f64(dev_from_f32<T>(gen(0, i)));
     const double r = dev_f64(dev_from_f32<T>(gen(1, i)));
     const double b = dev_f64(dev_from_f32<T>(gen(2, i % cols)));
@@ -86,7 +97,12 @@ __global__ void verify_kernel(const T* y, int64_t rows, int64_t cols, double eps
   }
 }
 
-struct DtypeInfo { const char* name; DType dtype; size_t size; double eps; };
+struct DtypeInfo {
+  const char* name;
+  DType dtype;
+  size_t size;
+  double eps;
+};
 DtypeInfo dtype_info(const std::string& s) {
   if (s == "bf16") return {"bf16", DType::kBFloat16, 2, 0x1p-7};
   if (s == "fp16") return {"fp16", DType::kFloat16, 2, 0x1p-10};
@@ -113,7 +129,9 @@ unsigned long long verify_any(DType dt, const void* y, int64_t rows, int64_t col
   TPEXT_CUDA_CHECK(cudaMalloc(&bad, sizeof(*bad)));
   TPEXT_CUDA_CHECK(cudaMemset(bad, 0, sizeof(*bad)));
   switch (dt) {
-    case DType::kBFloat16: verify_kernel<<<1024, 256>>>(static_cast<const __nv_bfloat16*>(y), rows, cols, eps, bad); break;
+    case DType::kBFloat16:
+      verify_kernel<<<1024, 256>>>(static_cast<const __nv_bfloat16*>(y), rows, cols, eps, bad);
+      break;
     case DType::kFloat16: verify_kernel<<<1024, 256>>>(static_cast<const __half*>(y), rows, cols, eps, bad); break;
     default: verify_kernel<<<1024, 256>>>(static_cast<const float*>(y), rows, cols, eps, bad); break;
   }
@@ -127,7 +145,8 @@ unsigned long long verify_any(DType dt, const void* y, int64_t rows, int64_t col
 // Median over `repeats` of the per-launch time (ms) of `fn`, each sample a batch of `batch` calls.
 template <typename Fn>
 double time_ms(Fn fn, int batch, int warmup, int repeats, cudaEvent_t start, cudaEvent_t stop) {
-  for (int w = 0; w < warmup; ++w) for (int i = 0; i < batch; ++i) fn();
+  for (int w = 0; w < warmup; ++w)
+    for (int i = 0; i < batch; ++i) fn();
   std::vector<double> samples;
   for (int rep = 0; rep < repeats; ++rep) {
     TPEXT_CUDA_CHECK(cudaEventRecord(start));
@@ -151,8 +170,8 @@ struct Result {
   double fused_ms, two_pass_ms, memcpy_ms;
 };
 
-Result run_one(const Options& o, const DtypeInfo& di, int64_t rows, int64_t cols, int64_t l2_bytes,
-               cudaEvent_t start, cudaEvent_t stop) {
+Result run_one(const Options& o, const DtypeInfo& di, int64_t rows, int64_t cols, int64_t l2_bytes, cudaEvent_t start,
+               cudaEvent_t stop) {
   const int64_t n = rows * cols;
   const int64_t tensor_bytes = n * static_cast<int64_t>(di.size);
   // Bytes the fused epilogue moves: read y + read residual + read bias + write y.
@@ -178,7 +197,8 @@ Result run_one(const Options& o, const DtypeInfo& di, int64_t rows, int64_t cols
   r.correct = r.bad == 0;
 
   const int batch = static_cast<int>(std::clamp<int64_t>((int64_t{1} << 30) / bytes, 1, 1000));
-  r.fused_ms = time_ms([&] { tpext::kernels::launch_bias_residual_add(fused, nullptr); }, batch, o.warmup, o.repeats, start, stop);
+  r.fused_ms = time_ms([&] { tpext::kernels::launch_bias_residual_add(fused, nullptr); }, batch, o.warmup, o.repeats,
+                       start, stop);
   r.two_pass_ms = time_ms([&] {
     tpext::kernels::launch_bias_residual_add(bias_only, nullptr);
     tpext::kernels::launch_bias_residual_add(res_only, nullptr);
@@ -196,13 +216,15 @@ Options parse(int argc, char** argv) {
   auto split = [](const std::string& s) {
     std::vector<std::string> out;
     std::stringstream ss(s);
-    for (std::string item; std::getline(ss, item, ',');) if (!item.empty()) out.push_back(item);
+    for (std::string item; std::getline(ss, item, ',');)
+      if (!item.empty()) out.push_back(item);
     return out;
   };
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--help" || a == "-h") {
-      std::printf("%s\n", "usage: tpext_bench_epilogue_bw [--json PATH] [--repeats N] [--warmup N] [--sizes 1024x4096,8192x8192] [--dtypes bf16,fp16,fp32]");
+      std::printf("%s\n", "usage: tpext_bench_epilogue_bw [--json PATH] [--repeats N] [--warmup N] [--sizes "
+                          "1024x4096,8192x8192] [--dtypes bf16,fp16,fp32]");
       std::exit(0);
     }
     if (i + 1 >= argc) throw std::runtime_error("missing value after " + a);
@@ -231,14 +253,16 @@ void write_json(const std::string& path, const cudaDeviceProp& prop, int runtime
                 const std::vector<Result>& results) {
   FILE* f = std::fopen(path.c_str(), "w");
   if (!f) throw std::runtime_error("cannot open --json path " + path + ": " + std::strerror(errno));
-  std::fprintf(f, "{\n  \"bench\": \"epilogue_bw\",\n  \"device\": \"%s\",\n  \"sm_count\": %d,\n"
+  std::fprintf(f,
+               "{\n  \"bench\": \"epilogue_bw\",\n  \"device\": \"%s\",\n  \"sm_count\": %d,\n"
                "  \"l2_bytes\": %d,\n  \"cuda_runtime\": %d,\n  \"repeats\": %d,\n  \"statistic\": \"median\",\n"
                "  \"baseline\": \"two launches: y += bias, then y += residual\",\n"
                "  \"napkin\": \"cudaMemcpyAsync D2D moving the same bytes\",\n  \"results\": [\n",
                prop.name, prop.multiProcessorCount, prop.l2CacheSize, runtime, o.repeats);
   for (size_t i = 0; i < results.size(); ++i) {
     const Result& r = results[i];
-    std::fprintf(f, "    {\"dtype\": \"%s\", \"rows\": %lld, \"cols\": %lld, \"bytes\": %lld, \"fits_l2\": %s, "
+    std::fprintf(f,
+                 "    {\"dtype\": \"%s\", \"rows\": %lld, \"cols\": %lld, \"bytes\": %lld, \"fits_l2\": %s, "
                  "\"correct\": %s, \"bad_elements\": %llu, \"fused_us\": %.3f, \"fused_gbps\": %.1f, "
                  "\"two_pass_us\": %.3f, \"two_pass_gbps\": %.1f, \"memcpy_us\": %.3f, \"memcpy_gbps\": %.1f, "
                  "\"fused_pct_of_memcpy\": %.1f}%s\n",

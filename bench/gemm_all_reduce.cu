@@ -105,8 +105,15 @@ class GemmAllReduce final : public Op {
   // Rows [begin, begin + rows) of P_r = x_r @ w_r^T, written into the collective's buffer.
   GemmArgs gemm_rows(int r, int64_t begin, int64_t rows) const {
     const DtypeInfo& dt = rk_->dtype();
-    return {advance(x_[r], begin * s_.k, dt), s_.k, w_[r], s_.k, advance(part_[r], begin * s_.n, dt), s_.n,
-            rows, s_.n, s_.k};
+    return {advance(x_[r], begin * s_.k, dt),
+            s_.k,
+            w_[r],
+            s_.k,
+            advance(part_[r], begin * s_.n, dt),
+            s_.n,
+            rows,
+            s_.n,
+            s_.k};
   }
 
   Ranks* rk_ = nullptr;

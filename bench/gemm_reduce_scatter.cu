@@ -125,8 +125,15 @@ class GemmReduceScatter final : public Op {
   // `rows` rows of P_r from x_r's row x_row, written at row send_row of rank r's send buffer.
   GemmArgs gemm_rows(int r, int64_t x_row, int64_t send_row, int64_t rows) const {
     const DtypeInfo& dt = rk_->dtype();
-    return {advance(x_[r], x_row * s_.k, dt), s_.k, w_[r], s_.k, advance(send_[r], send_row * s_.n, dt), s_.n,
-            rows, s_.n, s_.k};
+    return {advance(x_[r], x_row * s_.k, dt),
+            s_.k,
+            w_[r],
+            s_.k,
+            advance(send_[r], send_row * s_.n, dt),
+            s_.n,
+            rows,
+            s_.n,
+            s_.k};
   }
 
   Ranks* rk_ = nullptr;

@@ -106,7 +106,7 @@ Options parse(int argc, char** argv) {
 // 16-byte access (1 when the rows are not 16-byte aligned).
 template <typename T, int N>
 __global__ void __launch_bounds__(1024)
-rmsnorm_kernel(const T* h, const T* weight, T* out, int64_t rows, int64_t hidden, double eps) {
+    rmsnorm_kernel(const T* h, const T* weight, T* out, int64_t rows, int64_t hidden, double eps) {
   using A = typename AccOf<T>::type;
   __shared__ A scratch[32];
   const int64_t units = hidden / N;
@@ -140,8 +140,12 @@ void launch_rmsnorm(const DtypeInfo& dt, const void* h, const void* w, void* out
     const int64_t units = vec ? hidden / V : hidden;
     const unsigned threads = static_cast<unsigned>(std::clamp<int64_t>((units + 31) / 32 * 32, 32, 1024));
     const unsigned grid = static_cast<unsigned>(std::min<int64_t>(rows, 65535));
-    if (vec) rmsnorm_kernel<T, V><<<grid, threads, 0, s>>>(static_cast<const T*>(h), static_cast<const T*>(w), static_cast<T*>(out), rows, hidden, eps);
-    else rmsnorm_kernel<T, 1><<<grid, threads, 0, s>>>(static_cast<const T*>(h), static_cast<const T*>(w), static_cast<T*>(out), rows, hidden, eps);
+    if (vec)
+      rmsnorm_kernel<T, V><<<grid, threads, 0, s>>>(static_cast<const T*>(h), static_cast<const T*>(w),
+                                                    static_cast<T*>(out), rows, hidden, eps);
+    else
+      rmsnorm_kernel<T, 1><<<grid, threads, 0, s>>>(static_cast<const T*>(h), static_cast<const T*>(w),
+                                                    static_cast<T*>(out), rows, hidden, eps);
   });
   TPEXT_CUDA_CHECK(cudaGetLastError());
 }
@@ -270,7 +274,8 @@ std::string check(Case& c, cudaStream_t s) {
       if (!err.empty()) return err;
     }
     TPEXT_CUDA_CHECK(cudaMemcpy(other.data(), c.fused_out[r], bytes, cudaMemcpyDeviceToHost));
-    if (std::memcmp(first.data(), other.data(), bytes) != 0) return "fused output of rank " + std::to_string(r) + " differs from rank 0's";
+    if (std::memcmp(first.data(), other.data(), bytes) != 0)
+      return "fused output of rank " + std::to_string(r) + " differs from rank 0's";
   }
   return "";
 }
@@ -318,8 +323,9 @@ double copy_gbps(int64_t mb, cudaStream_t s, int iters) {
   TPEXT_CUDA_CHECK(cudaMalloc(&a, bytes));
   TPEXT_CUDA_CHECK(cudaMalloc(&b, bytes));
   TPEXT_CUDA_CHECK(cudaMemsetAsync(a, 0, bytes, s));
-  const double ms = time_graph_ms([&](cudaStream_t st) { TPEXT_CUDA_CHECK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, st)); },
-                                  s, 4, iters);
+  const double ms = time_graph_ms([&](cudaStream_t st) {
+    TPEXT_CUDA_CHECK(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, st));
+  }, s, 4, iters);
   TPEXT_CUDA_CHECK(cudaFree(a));
   TPEXT_CUDA_CHECK(cudaFree(b));
   return 2.0 * static_cast<double>(bytes) / (ms * 1e-3) / 1e9;
@@ -335,20 +341,26 @@ void write_json(const Options& o, const cudaDeviceProp& prop, double gbps, const
   FILE* f = std::fopen(o.json_path.c_str(), "w");
   if (!f) throw std::runtime_error("cannot open --json path " + o.json_path + ": " + std::strerror(errno));
   const char* commit = std::getenv("TPEXT_COMMIT");
-  std::fprintf(f, "{\n  \"bench\": \"p2p_rmsnorm\",\n  \"device\": \"%s\",\n  \"commit\": \"%s\",\n  \"virtual_ranks\": %d,\n"
-               "  \"hidden\": %lld,\n  \"graph_runs\": %d,\n  \"iters\": %d,\n  \"statistic\": \"median\",\n"
-               "  \"baseline\": \"one-shot P2P all-reduce, then y += residual, then RMSNorm: one kernel each per rank\",\n"
-               "  \"napkin\": \"fused bytes (R ranks x (R inputs + residual read, out + new residual written)) at the D2D copy bandwidth\",\n"
-               "  \"copy_gbps\": %.1f,\n  \"results\": [\n",
-               prop.name, commit ? commit : "unknown", o.ranks, static_cast<long long>(o.hidden), o.graph_runs, o.iters, gbps);
+  std::fprintf(
+      f,
+      "{\n  \"bench\": \"p2p_rmsnorm\",\n  \"device\": \"%s\",\n  \"commit\": \"%s\",\n  \"virtual_ranks\": %d,\n"
+      "  \"hidden\": %lld,\n  \"graph_runs\": %d,\n  \"iters\": %d,\n  \"statistic\": \"median\",\n"
+      "  \"baseline\": \"one-shot P2P all-reduce, then y += residual, then RMSNorm: one kernel each per rank\",\n"
+      "  \"napkin\": \"fused bytes (R ranks x (R inputs + residual read, out + new residual written)) at the D2D copy "
+      "bandwidth\",\n"
+      "  \"copy_gbps\": %.1f,\n  \"results\": [\n",
+      prop.name, commit ? commit : "unknown", o.ranks, static_cast<long long>(o.hidden), o.graph_runs, o.iters, gbps);
   for (size_t i = 0; i < results.size(); ++i) {
     const Result& r = results[i];
-    std::fprintf(f, "    {\"dtype\": \"%s\", \"rows\": %lld, \"message_bytes\": %lld, \"fused_us\": %.3f, \"fused_us_per_rank\": %.3f, "
-                 "\"unfused_us\": %.3f, \"speedup\": %.3f, \"napkin_us\": %.3f}%s\n",
-                 r.dtype.c_str(), static_cast<long long>(r.rows),
-                 static_cast<long long>(r.rows * o.hidden * static_cast<int64_t>(tpext::bench::dtype_info(r.dtype).size)),
-                 r.fused_ms * 1e3, r.fused_ms * 1e3 / o.ranks, r.unfused_ms * 1e3, r.unfused_ms / r.fused_ms,
-                 r.napkin_ms * 1e3, i + 1 < results.size() ? "," : "");
+    std::fprintf(
+        f,
+        "    {\"dtype\": \"%s\", \"rows\": %lld, \"message_bytes\": %lld, \"fused_us\": %.3f, \"fused_us_per_rank\": "
+        "%.3f, "
+        "\"unfused_us\": %.3f, \"speedup\": %.3f, \"napkin_us\": %.3f}%s\n",
+        r.dtype.c_str(), static_cast<long long>(r.rows),
+        static_cast<long long>(r.rows * o.hidden * static_cast<int64_t>(tpext::bench::dtype_info(r.dtype).size)),
+        r.fused_ms * 1e3, r.fused_ms * 1e3 / o.ranks, r.unfused_ms * 1e3, r.unfused_ms / r.fused_ms, r.napkin_ms * 1e3,
+        i + 1 < results.size() ? "," : "");
   }
   std::fprintf(f, "  ]\n}\n");
   if (std::fclose(f) != 0) throw std::runtime_error("cannot write --json path " + o.json_path);
@@ -393,9 +405,9 @@ int main(int argc, char** argv) {
         r.fused_ms = time_graph_ms([&](cudaStream_t st) { c.fused(st); }, s, o.graph_runs, o.iters);
         r.unfused_ms = time_graph_ms([&](cudaStream_t st) { c.unfused(st); }, s, o.graph_runs, o.iters);
         r.napkin_ms = c.fused_bytes() / (gbps * 1e9) * 1e3;
-        std::printf("%-5s %6lld %10.1f %10.2f %12.2f %11.2f %7.2fx %10.2f\n", name.c_str(), static_cast<long long>(rows),
-                    static_cast<double>(c.n) * dt.size / 1024.0, r.fused_ms * 1e3, r.fused_ms * 1e3 / o.ranks,
-                    r.unfused_ms * 1e3, r.unfused_ms / r.fused_ms, r.napkin_ms * 1e3);
+        std::printf("%-5s %6lld %10.1f %10.2f %12.2f %11.2f %7.2fx %10.2f\n", name.c_str(),
+                    static_cast<long long>(rows), static_cast<double>(c.n) * dt.size / 1024.0, r.fused_ms * 1e3,
+                    r.fused_ms * 1e3 / o.ranks, r.unfused_ms * 1e3, r.unfused_ms / r.fused_ms, r.napkin_ms * 1e3);
         results.push_back(r);
       }
     }

@@ -143,7 +143,8 @@ void check_correct(Bench& bn) {
   std::vector<int4> got(static_cast<size_t>(std::min<int64_t>(bn.n16, 1 << 20))), want(got.size());
   TPEXT_CUDA_CHECK(cudaMemcpy(got.data(), bn.dst, got.size() * sizeof(int4), cudaMemcpyDeviceToHost));
   TPEXT_CUDA_CHECK(cudaMemcpy(want.data(), bn.src, want.size() * sizeof(int4), cudaMemcpyDeviceToHost));
-  if (std::memcmp(got.data(), want.data(), got.size() * sizeof(int4)) != 0) throw std::runtime_error("copy kernel output differs from its input");
+  if (std::memcmp(got.data(), want.data(), got.size() * sizeof(int4)) != 0)
+    throw std::runtime_error("copy kernel output differs from its input");
   std::mt19937_64 rng(7);
   for (int s = 0; s < 64; ++s) {
     const int64_t i = static_cast<int64_t>(rng() % bn.o.m), j = static_cast<int64_t>(rng() % bn.o.n);
@@ -152,8 +153,8 @@ void check_correct(Bench& bn) {
     float y = 0.f;
     TPEXT_CUDA_CHECK(cudaMemcpy(&y, bn.c + i * bn.o.n + j, sizeof(float), cudaMemcpyDeviceToHost));
     if (static_cast<double>(y) != ref) {
-      throw std::runtime_error("GEMM output [" + std::to_string(i) + ", " + std::to_string(j) + "] = " +
-                               std::to_string(y) + ", expected " + std::to_string(ref));
+      throw std::runtime_error("GEMM output [" + std::to_string(i) + ", " + std::to_string(j) +
+                               "] = " + std::to_string(y) + ", expected " + std::to_string(ref));
     }
   }
 }
@@ -163,7 +164,8 @@ Options parse(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--help" || a == "-h") {
-      std::printf("%s\n", "usage: tpext_bench_sm_contention [--mnk 8192x8192x8192] [--ks 1,2,4,8,16,32] [--copy-mb 256] [--repeats 20] [--json PATH]");
+      std::printf("%s\n", "usage: tpext_bench_sm_contention [--mnk 8192x8192x8192] [--ks 1,2,4,8,16,32] [--copy-mb "
+                          "256] [--repeats 20] [--json PATH]");
       std::exit(0);
     }
     if (i + 1 >= argc) throw std::runtime_error("missing value after " + a);
@@ -203,7 +205,8 @@ int main(int argc, char** argv) {
     TPEXT_CUDA_CHECK(cudaGetDeviceProperties(&bn.prop, dev));
     const int sms = bn.prop.multiProcessorCount;
     bn.smem = bn.prop.sharedMemPerMultiprocessor / 2 + 1024;
-    TPEXT_CUDA_CHECK(cudaFuncSetAttribute(copy_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bn.smem)));
+    TPEXT_CUDA_CHECK(
+        cudaFuncSetAttribute(copy_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bn.smem)));
     TPEXT_CUBLAS_CHECK(cublasCreate(&bn.blas));
     TPEXT_CUDA_CHECK(cudaStreamCreateWithFlags(&bn.gemm_stream, cudaStreamNonBlocking));
     TPEXT_CUDA_CHECK(cudaStreamCreateWithFlags(&bn.copy_stream, cudaStreamNonBlocking));
@@ -214,8 +217,10 @@ int main(int argc, char** argv) {
     bn.host_a.resize(static_cast<size_t>(o.m * o.k));
     bn.host_b.resize(static_cast<size_t>(o.k * o.n));
     std::vector<__nv_bfloat16> tmp_a(bn.host_a.size()), tmp_b(bn.host_b.size());
-    for (size_t i = 0; i < bn.host_a.size(); ++i) tmp_a[i] = __float2bfloat16(bn.host_a[i] = static_cast<float>(tri(rng)));
-    for (size_t i = 0; i < bn.host_b.size(); ++i) tmp_b[i] = __float2bfloat16(bn.host_b[i] = static_cast<float>(tri(rng)));
+    for (size_t i = 0; i < bn.host_a.size(); ++i)
+      tmp_a[i] = __float2bfloat16(bn.host_a[i] = static_cast<float>(tri(rng)));
+    for (size_t i = 0; i < bn.host_b.size(); ++i)
+      tmp_b[i] = __float2bfloat16(bn.host_b[i] = static_cast<float>(tri(rng)));
     TPEXT_CUDA_CHECK(cudaMalloc(&bn.a, tmp_a.size() * sizeof(__nv_bfloat16)));
     TPEXT_CUDA_CHECK(cudaMalloc(&bn.b, tmp_b.size() * sizeof(__nv_bfloat16)));
     TPEXT_CUDA_CHECK(cudaMalloc(&bn.c, static_cast<size_t>(o.m * o.n) * sizeof(float)));
@@ -234,8 +239,8 @@ int main(int argc, char** argv) {
     const double flops = 2.0 * o.m * o.n * o.k;
     const double gemm_alone = time_on(bn.gemm_stream, [&] { bn.gemm(); }, o.warmup, o.repeats);
     std::printf("sm_contention on %s (%d SMs): GEMM %lldx%lldx%lld bf16 alone %.3f ms (%.1f TFLOP/s); copy %lld MiB\n",
-                bn.prop.name, sms, static_cast<long long>(o.m), static_cast<long long>(o.n), static_cast<long long>(o.k),
-                gemm_alone, flops / gemm_alone / 1e9, static_cast<long long>(o.copy_mb));
+                bn.prop.name, sms, static_cast<long long>(o.m), static_cast<long long>(o.n),
+                static_cast<long long>(o.k), gemm_alone, flops / gemm_alone / 1e9, static_cast<long long>(o.copy_mb));
     std::printf("%4s | %10s %9s | %12s %9s %9s | %10s\n", "k", "copy us", "GB/s", "gemm+copy ms", "slowdown",
                 "napkin>=", "copy GB/s");
     std::ostringstream rows;
@@ -256,7 +261,8 @@ int main(int argc, char** argv) {
     if (!o.json_path.empty()) {
       FILE* f = std::fopen(o.json_path.c_str(), "w");
       if (!f) throw std::runtime_error("cannot open --json path " + o.json_path + ": " + std::strerror(errno));
-      std::fprintf(f, "{\n  \"bench\": \"sm_contention\",\n  \"device\": \"%s\",\n  \"sm_count\": %d,\n"
+      std::fprintf(f,
+                   "{\n  \"bench\": \"sm_contention\",\n  \"device\": \"%s\",\n  \"sm_count\": %d,\n"
                    "  \"gemm\": {\"m\": %lld, \"n\": %lld, \"k\": %lld, \"dtype\": \"bf16\", \"alone_ms\": %f},\n"
                    "  \"copy_bytes\": %zu,\n  \"statistic\": \"median\",\n  \"repeats\": %d,\n"
                    "  \"baseline\": \"the GEMM alone\",\n  \"napkin\": \"slowdown >= S / (S - k)\",\n"

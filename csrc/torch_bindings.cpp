@@ -1,20 +1,20 @@
 // The one schema file: every tpext op is declared here, with its implementations, and the pybind11
-// module tpext._C (build information, the NCCL communicator options, the virtual-rank test driver).
+// module tpext._C (build information, the NCCL communicator options, the P2P registry of
+// csrc/p2p_bindings.cpp). The test-only ops are torch.ops.tpext_testing.* (csrc/testing_bindings.cpp).
 //
 // Conventions for every op: w is [N, K] (nn.Linear layout); x is [*, K] and "dim0" is its flattened
 // token dimension; the group crosses in as its registered name. `algorithm` is a
-// schedule::Algorithm value (tpext.planner.Algorithm): 0 sequential (chunks must be 1), 1 chunked
+// schedule::Algorithm value (tpext.ops.Algorithm): 0 sequential (chunks must be 1), 1 chunked
 // pipeline, 2 chunked pipeline with the chunk GEMMs on two CUDA streams (1 on CPU); the default 1
-// with chunks = 1 is the sequential schedule. Any plan gives the same result up to rounding.
+// with chunks = 1 is the sequential schedule. Any schedule gives the same result up to rounding.
 #include <ATen/autocast_mode.h>
 #include <torch/extension.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
-#include "comm/p2p.h"
-#include "ops/ops.h"
+#include "ops/gemm_collectives.h"
 #include "ops/p2p.h"
-#include "ops/virtual_ranks.h"
+#include "p2p_bindings.h"
 
 #ifdef TPEXT_WITH_CUDA
 #include "comm/nccl.h"
@@ -31,7 +31,8 @@ TORCH_LIBRARY(tpext, m) {
   // gathered input comes back for the weight gradient (drop it to re-gather in backward instead).
   m.def("all_gather_gemm(Tensor x_shard, Tensor w, Tensor? bias, str group_name, int chunks, int algorithm=1) "
         "-> (Tensor, Tensor)");
-  // P2P ops (csrc/ops/p2p.h): algorithm 0 = the group's collective, 1 = one-shot, 2 = two-shot kernel.
+  // P2P ops (csrc/ops/p2p.h): algorithm is an ops::P2PAlgorithm (tpext.p2p.P2PAlgorithm): 0 = the group's
+  // collective, 1 = one-shot, 2 = two-shot kernel.
   // sum over ranks of x, every rank the same bits on the P2P path. Small-message all-reduce.
   m.def("p2p_all_reduce(Tensor x, str group_name, int algorithm) -> Tensor");
   // This rank's dim-0 block of the sum over ranks of x ([R*m, *] -> [m, *]).
@@ -44,15 +45,6 @@ TORCH_LIBRARY(tpext, m) {
   // (grad_h + grad_residual, grad_weight) of out = rms_norm(h) * weight; local, no communication.
   m.def("p2p_rmsnorm_backward(Tensor grad_out, Tensor? grad_residual, Tensor h, Tensor weight, float eps) "
         "-> (Tensor, Tensor)");
-  // Virtual ranks (R inputs on one device, R outputs): the same kernels, stream order as the barrier.
-  m.def("p2p_virtual_all_reduce(Tensor[] xs, int algorithm) -> Tensor[]");
-  // Virtual-rank reduce-scatter: output r is block r of the sum.
-  m.def("p2p_virtual_reduce_scatter(Tensor[] xs) -> Tensor[]");
-  // Virtual-rank all-gather: every output is cat(xs).
-  m.def("p2p_virtual_all_gather(Tensor[] xs) -> Tensor[]");
-  // Virtual-rank fused all-reduce + bias + residual + RMSNorm: (outs, new_residuals).
-  m.def("p2p_virtual_all_reduce_residual_rmsnorm(Tensor[] xs, Tensor? residual, Tensor? bias, Tensor weight, "
-        "float eps) -> (Tensor[], Tensor[])");
 }
 
 namespace {
@@ -67,10 +59,6 @@ void register_kernels(torch::Library& m) {
   m.impl("p2p_all_gather", &tpext::ops::p2p_all_gather);
   m.impl("p2p_all_reduce_residual_rmsnorm", &tpext::ops::p2p_all_reduce_residual_rmsnorm);
   m.impl("p2p_rmsnorm_backward", &tpext::ops::p2p_rmsnorm_backward);
-  m.impl("p2p_virtual_all_reduce", &tpext::ops::p2p_virtual_all_reduce);
-  m.impl("p2p_virtual_reduce_scatter", &tpext::ops::p2p_virtual_reduce_scatter);
-  m.impl("p2p_virtual_all_gather", &tpext::ops::p2p_virtual_all_gather);
-  m.impl("p2p_virtual_all_reduce_residual_rmsnorm", &tpext::ops::p2p_virtual_all_reduce_residual_rmsnorm);
 }
 
 }  // namespace
@@ -148,8 +136,8 @@ PYBIND11_MODULE(_C, m) {
     return d;
   };
   // NCCL communicator options of a group (tpext.ops.set_nccl_options documents them).
-  m.def("_set_nccl_options", [](const std::string& group_name, int64_t max_ctas, int64_t cga_cluster_size,
-                                bool local_fast_path) {
+  m.def("_set_nccl_options",
+        [](const std::string& group_name, int64_t max_ctas, int64_t cga_cluster_size, bool local_fast_path) {
     tpext::comm::set_nccl_options(group_name, NcclOptions{max_ctas, cga_cluster_size, local_fast_path});
   });
   m.def("_nccl_options", [options_dict](const std::string& g) { return options_dict(tpext::comm::nccl_options(g)); });
@@ -170,9 +158,5 @@ PYBIND11_MODULE(_C, m) {
   m.attr("cuda_compiled") = false;
 #endif
   m.attr("built_with_torch") = TPEXT_TORCH_VERSION;  // set by setup.py; must match torch at import
-  tpext::comm::bind_p2p(m);  // p2p_*: symmetric buffers of a group (tpext/p2p.py drives them)
-  // Test machinery (tests/test_op_virtual_ranks.py, tests/test_cuda_ops.py): an op on R virtual ranks
-  // of one process, one thread each (comm/virtual.h). The ranks run without the GIL.
-  m.def("_run_on_virtual_ranks", &tpext::ops::run_on_virtual_ranks,
-        pybind11::call_guard<pybind11::gil_scoped_release>());
+  tpext::bind_p2p(m);                                // p2p_*: symmetric buffers of a group (tpext/p2p.py drives them)
 }

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import tpext
 from dist import run_ranks
 from test_op_virtual_ranks import check_all_ops
-from tpext.planner import Algorithm
+from tpext.ops import Algorithm
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")]

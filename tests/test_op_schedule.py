@@ -1,5 +1,6 @@
-"""The plan policy (tpext.planner): chunk counts and algorithms, pure functions of shapes and device;
-and that the plans of tpext.nn layers and of chunks="auto" reach the ops."""
+"""The runtime schedule policy (tpext/ops/schedule.py): chunk counts and algorithms, pure functions of
+shapes and device; its old names in tpext.planner; and that the schedules of tpext.nn layers and of
+chunks="auto" reach the ops."""
 
 from __future__ import annotations
 
@@ -10,7 +11,16 @@ import torch.distributed as tdist
 import tpext
 from dist import run_ranks
 from tpext.nn import RowParallelLinear
-from tpext.planner import Algorithm, Schedule, auto_schedule, default_algorithm, resolve_schedule
+from tpext.ops import Algorithm, Schedule, auto_schedule, default_algorithm, resolve_schedule
+
+
+def test_planner_re_exports_the_policy():
+    # Users call tpext.planner.auto_schedule / .Algorithm: the policy moved beside the ops, the names stay.
+    import tpext.planner as planner
+    from tpext.ops import schedule
+    for name in ("Algorithm", "AlgorithmLike", "Chunks", "Schedule", "auto_chunks", "auto_schedule",
+                 "default_algorithm", "resolve_chunks", "resolve_schedule", "MIN_ROWS_PER_CHUNK"):
+        assert getattr(planner, name) is getattr(schedule, name), name
 
 
 def test_algorithm_values_match_the_op_schema():
@@ -49,12 +59,12 @@ def test_explicit_values_override_the_heuristic():
 
 @pytest.mark.parametrize("chunks, algorithm, what", [("many", "auto", "chunks"), (2, "fast", "algorithm"),
                                                      (2.0, "auto", "chunks"), (True, "auto", "chunks")])
-def test_bad_plan_arguments(chunks, algorithm, what):
+def test_bad_schedule_arguments(chunks, algorithm, what):
     with pytest.raises(ValueError, match=rf"tpext: {what} must be 'auto' or an int, got"):
         resolve_schedule(chunks, algorithm, 10, 2)
 
 
-def _check_plans_reach_the_ops() -> None:
+def _check_schedules_reach_the_ops() -> None:
     torch.manual_seed(0)
     dense = torch.nn.Linear(8, 6, dtype=torch.float64)
     x = torch.randn(600, 8, dtype=torch.float64)
@@ -66,8 +76,11 @@ def _check_plans_reach_the_ops() -> None:
     w_shard = dense.weight[:, tdist.get_rank() * 4:(tdist.get_rank() + 1) * 4]
     y = tpext.ops.gemm_all_reduce(x[:, tdist.get_rank() * 4:(tdist.get_rank() + 1) * 4], w_shard, chunks="auto")
     torch.testing.assert_close(y, x @ dense.weight.T, rtol=1e-12, atol=1e-12)
+    # The wrappers' default is chunks="auto" too (README): the same result.
+    y = tpext.ops.gemm_all_reduce(x[:, tdist.get_rank() * 4:(tdist.get_rank() + 1) * 4], w_shard)
+    torch.testing.assert_close(y, x @ dense.weight.T, rtol=1e-12, atol=1e-12)
 
 
 def test_module_override_and_auto_chunks_reach_the_ops():
-    run_ranks(_check_plans_reach_the_ops, 2)
+    run_ranks(_check_schedules_reach_the_ops, 2)
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import tpext  # noqa: F401  (loads the extension)
-from tpext import _C
-from tpext.planner import Algorithm
+from tpext.ops import Algorithm
+from tpext.ops.testing import run_on_virtual_ranks
 
 K, N = 16, 12
 PLANS = [(1, Algorithm.SEQUENTIAL), (1, Algorithm.CHUNKED_PIPELINE), (3, Algorithm.CHUNKED_PIPELINE),
@@ -38,16 +38,16 @@ def check_all_ops(world: int, device: str = "cpu", dtype=torch.float64, rel_tol:
     for chunks, algorithm in PLANS:
         what = f"world={world} chunks={chunks} {algorithm.name}"
         res = [_randn(200 + r, world * m, 2, N, device=device, dtype=dtype) for r in range(world)]
-        outs = _C._run_on_virtual_ranks("gemm_all_reduce", xs, ws, [bias] * world, res, chunks, int(algorithm))
+        outs = run_on_virtual_ranks("gemm_all_reduce", xs, ws, [bias] * world, res, chunks, int(algorithm))
         for r, (y,) in enumerate(outs):
             close(y, dense + bias.double() + res[r].double(), f"gemm_all_reduce rank {r} {what}")
         res = [_randn(300 + r, m, 2, N, device=device, dtype=dtype) for r in range(world)]
-        outs = _C._run_on_virtual_ranks("gemm_reduce_scatter", xs, ws, [bias] * world, res, chunks, int(algorithm))
+        outs = run_on_virtual_ranks("gemm_reduce_scatter", xs, ws, [bias] * world, res, chunks, int(algorithm))
         for r, (y,) in enumerate(outs):
             want = dense[r * m:(r + 1) * m] + bias.double() + res[r].double()
             close(y, want, f"gemm_reduce_scatter rank {r} {what}")
         shards = [x[:m] for x in xs]
-        outs = _C._run_on_virtual_ranks("all_gather_gemm", shards, ws, [bias] * world, [], chunks, int(algorithm))
+        outs = run_on_virtual_ranks("all_gather_gemm", shards, ws, [bias] * world, [], chunks, int(algorithm))
         x_full = torch.cat(shards)
         for r, (y, gathered) in enumerate(outs):
             assert torch.equal(gathered, x_full), f"all_gather_gemm rank {r} {what}: gathered input differs"
@@ -62,7 +62,7 @@ def test_virtual_ranks_match_fp64(world):
 def test_all_reduce_is_bitwise_identical_on_every_rank():
     xs = [_randn(r, 9, K) for r in range(3)]
     ws = [_randn(10 + r, N, K) for r in range(3)]
-    outs = _C._run_on_virtual_ranks("gemm_all_reduce", xs, ws, [], [], 4, int(Algorithm.CHUNKED_TWO_STREAMS))
+    outs = run_on_virtual_ranks("gemm_all_reduce", xs, ws, [], [], 4, int(Algorithm.CHUNKED_TWO_STREAMS))
     assert all(torch.equal(o[0], outs[0][0]) for o in outs)
 
 
@@ -71,4 +71,4 @@ def test_a_failing_rank_aborts_its_peers_instead_of_hanging():
     ws = [_randn(10 + r, N, K) for r in range(3)]
     ws[1] = _randn(11, N, K + 1)  # rank 1 fails its argument check; ranks 0 and 2 wait in the first collective
     with pytest.raises(RuntimeError, match=r"tpext.gemm_all_reduce: x's last dim K = 16 must equal w.size\(1\)"):
-        _C._run_on_virtual_ranks("gemm_all_reduce", xs, ws, [], [], 2, int(Algorithm.CHUNKED_PIPELINE))
+        run_on_virtual_ranks("gemm_all_reduce", xs, ws, [], [], 2, int(Algorithm.CHUNKED_PIPELINE))

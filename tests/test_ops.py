@@ -15,7 +15,7 @@ import torch.distributed as tdist
 import tpext
 from dist import run_ranks
 from tpext.commands.benchmark import gemm_calls
-from tpext.planner import Algorithm
+from tpext.ops import Algorithm
 
 WORLD_SIZES = [1, 2, 3, 4]
 CHUNKS = range(1, 9)

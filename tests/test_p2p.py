@@ -147,6 +147,13 @@ def test_fused_autograd_matches_dense_and_gradcheck(world):
     run_ranks(_check_fused_autograd, world)
 
 
+def test_p2p_algorithm_values_match_the_op_schema():
+    # csrc/ops/p2p.h: P2PAlgorithm kCollective = 0, kOneShot = 1, kTwoShot = 2; the ALGO_* names alias them.
+    assert [(a.name, int(a)) for a in p2p.P2PAlgorithm] == [("COLLECTIVE", 0), ("ONE_SHOT", 1), ("TWO_SHOT", 2)]
+    assert (p2p.ALGO_C10D, p2p.ALGO_ONE_SHOT, p2p.ALGO_TWO_SHOT) == tuple(p2p.P2PAlgorithm)
+    assert isinstance(p2p.choose_algorithm(512, world_size=2, p2p_ready=True), p2p.P2PAlgorithm)
+
+
 def test_policy_picks_p2p_for_small_messages_and_nccl_for_large():
     assert p2p.choose_algorithm(512, world_size=8, p2p_ready=True) == p2p.ALGO_ONE_SHOT
     assert p2p.choose_algorithm(p2p.ONE_SHOT_MAX_BYTES, world_size=2, p2p_ready=True) == p2p.ALGO_ONE_SHOT
@@ -265,13 +272,13 @@ def test_opcheck_group_ops():
 def test_opcheck_local_and_virtual_ops():
     xs = [torch.randn(4, 6, dtype=f64) for _ in range(2)]
     w = torch.randn(6, dtype=f64)
-    ops = torch.ops.tpext
+    ops, testing = torch.ops.tpext, torch.ops.tpext_testing
     torch.library.opcheck(ops.p2p_rmsnorm_backward.default, (xs[0], xs[1], xs[0] + 2, w, 1e-6))
     torch.library.opcheck(ops.p2p_rmsnorm_backward.default, (xs[0], None, xs[1], w, 1e-6))
-    torch.library.opcheck(ops.p2p_virtual_all_reduce.default, (xs, 2))
-    torch.library.opcheck(ops.p2p_virtual_reduce_scatter.default, (xs,))
-    torch.library.opcheck(ops.p2p_virtual_all_gather.default, (xs,))
-    torch.library.opcheck(ops.p2p_virtual_all_reduce_residual_rmsnorm.default, (xs, xs[0], w, w, 1e-6))
+    torch.library.opcheck(testing.p2p_virtual_all_reduce.default, (xs, 2))
+    torch.library.opcheck(testing.p2p_virtual_reduce_scatter.default, (xs,))
+    torch.library.opcheck(testing.p2p_virtual_all_gather.default, (xs,))
+    torch.library.opcheck(testing.p2p_virtual_all_reduce_residual_rmsnorm.default, (xs, xs[0], w, w, 1e-6))
 
 
 @pytest.mark.parametrize("world", [2, 3, 8])
@@ -279,16 +286,16 @@ def test_virtual_ops_host_reference(world):
     for shape in SHAPES:
         for dtype in (f64, bf16):
             xs = _inputs(world, (world * shape[0], *shape[1:]), dtype, seed=world)
-            for algo in (1, 2):
-                outs = torch.ops.tpext.p2p_virtual_all_reduce(xs, algo)
+            for algo in (p2p.P2PAlgorithm.ONE_SHOT, p2p.P2PAlgorithm.TWO_SHOT):
+                outs = torch.ops.tpext_testing.p2p_virtual_all_reduce(xs, algo)
                 assert all(torch.equal(o, _ordered_f32_sum(xs)) for o in outs)
             m = shape[0]
-            for r, o in enumerate(torch.ops.tpext.p2p_virtual_reduce_scatter(xs)):
+            for r, o in enumerate(torch.ops.tpext_testing.p2p_virtual_reduce_scatter(xs)):
                 assert torch.equal(o, _ordered_f32_sum(xs)[r * m:(r + 1) * m])
-            assert all(torch.equal(o, torch.cat(xs)) for o in torch.ops.tpext.p2p_virtual_all_gather(xs))
+            assert all(torch.equal(o, torch.cat(xs)) for o in torch.ops.tpext_testing.p2p_virtual_all_gather(xs))
     xs = _inputs(world, (5, 19), f64, seed=1)
     res, w = torch.randn(5, 19, dtype=f64), torch.randn(19, dtype=f64)
-    outs, hs = torch.ops.tpext.p2p_virtual_all_reduce_residual_rmsnorm(xs, res, None, w, 1e-5)
+    outs, hs = torch.ops.tpext_testing.p2p_virtual_all_reduce_residual_rmsnorm(xs, res, None, w, 1e-5)
     out_ref, h_ref = _rmsnorm_oracle(xs, res, None, w, 1e-5)
     for o, h in zip(outs, hs):
         torch.testing.assert_close(o, out_ref, rtol=1e-12, atol=1e-12)
@@ -313,9 +320,9 @@ def _check_errors() -> None:
          r"bias dtype Double must match x dtype Float"),
         (lambda: ops.p2p_all_reduce_residual_rmsnorm(x, None, None, w, -1.0, name, 1), r"eps must be >= 0, got -1"),
         (lambda: ops.p2p_rmsnorm_backward(torch.ones(4, 5), None, x, w, 1e-6), r"grad_out must match h \(\[4, 6\]"),
-        (lambda: ops.p2p_virtual_all_reduce([x, torch.ones(4, 7)], 1),
+        (lambda: torch.ops.tpext_testing.p2p_virtual_all_reduce([x, torch.ones(4, 7)], 1),
          r"every virtual rank's input must match xs\[0\] \(\[4, 6\], Float, cpu\), got xs\[1\] \[4, 7\]"),
-        (lambda: ops.p2p_virtual_all_reduce([x] * 9, 1), r"xs must hold 1 to 8 tensors .* got 9"),
+        (lambda: torch.ops.tpext_testing.p2p_virtual_all_reduce([x] * 9, 1), r"xs must hold 1 to 8 tensors .* got 9"),
         (lambda: ops.p2p_all_reduce(x, "no-such-group", 1), r"group_name 'no-such-group' does not name a registered"),
     ]
     for fn, pattern in cases:

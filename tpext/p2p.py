@@ -20,6 +20,7 @@ the next P2P op on the group, or `check`, raises naming the op, the group and th
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 import socket
 from typing import Iterator, Optional
@@ -32,15 +33,24 @@ from tpext import _C
 from tpext.distributed import GroupLike, resolve_group
 
 __all__ = [
-    "ALGO_C10D", "ALGO_ONE_SHOT", "ALGO_TWO_SHOT", "ONE_SHOT_MAX_BYTES", "P2P_MAX_BYTES", "MAX_RANKS",
+    "P2PAlgorithm", "ALGO_C10D", "ALGO_ONE_SHOT", "ALGO_TWO_SHOT", "ONE_SHOT_MAX_BYTES", "P2P_MAX_BYTES", "MAX_RANKS",
     "DEFAULT_TIMEOUT_S", "choose_algorithm", "algorithm_for", "enable", "release", "status", "check",
     "set_mode", "mode",
 ]
 
 log = logging.getLogger("tpext.p2p")
 
-# The `algorithm` argument of the p2p ops (csrc/ops/p2p.h).
-ALGO_C10D, ALGO_ONE_SHOT, ALGO_TWO_SHOT = 0, 1, 2
+
+class P2PAlgorithm(enum.IntEnum):
+    """The `algorithm` argument of the p2p ops; mirrors ``tpext::ops::P2PAlgorithm`` (csrc/ops/p2p.h)."""
+
+    COLLECTIVE = 0  # the group's own collective (NCCL, or gloo on CPU)
+    ONE_SHOT = 1    # every rank reads every peer's whole buffer: one round, for latency-bound sizes
+    TWO_SHOT = 2    # reduce-scatter then all-gather over the buffers: two rounds, 1/R of the reads each
+
+
+# The names the layers and tests used before the enum (the same values).
+ALGO_C10D, ALGO_ONE_SHOT, ALGO_TWO_SHOT = P2PAlgorithm.COLLECTIVE, P2PAlgorithm.ONE_SHOT, P2PAlgorithm.TWO_SHOT
 MAX_RANKS = 8
 
 # Message-size thresholds, in bytes of one rank's input. PROVISIONAL: not yet measured on a GPU. They
@@ -88,9 +98,9 @@ def mode(new_mode: str) -> Iterator[None]:
         set_mode(previous)
 
 
-def choose_algorithm(nbytes: int, *, world_size: int, p2p_ready: bool) -> int:
-    """The policy as a pure function of what every rank knows alike: ALGO_C10D (NCCL/gloo),
-    ALGO_ONE_SHOT or ALGO_TWO_SHOT for a message of `nbytes` bytes per rank."""
+def choose_algorithm(nbytes: int, *, world_size: int, p2p_ready: bool) -> P2PAlgorithm:
+    """The policy as a pure function of what every rank knows alike: COLLECTIVE (NCCL/gloo), ONE_SHOT or
+    TWO_SHOT for a message of `nbytes` bytes per rank."""
     if world_size <= 1 or not p2p_ready or nbytes > P2P_MAX_BYTES:
         return ALGO_C10D
     return ALGO_ONE_SHOT if nbytes <= ONE_SHOT_MAX_BYTES else ALGO_TWO_SHOT
@@ -101,7 +111,7 @@ def status(group: GroupLike = None) -> str:
     return _C.p2p_status(resolve_group(group).group_name)
 
 
-def algorithm_for(x: Tensor, group: dist.ProcessGroup, nbytes: Optional[int] = None) -> Optional[int]:
+def algorithm_for(x: Tensor, group: dist.ProcessGroup, nbytes: Optional[int] = None) -> Optional[P2PAlgorithm]:
     """What a layer should do with a message shaped like `x` (or of `nbytes`): None = its own
     collective path; otherwise the `algorithm` to pass to a p2p op."""
     if _mode == "never" or group.size() == 1:

@@ -32,10 +32,9 @@
 
 namespace tpext::bench {
 
-
 template <typename T>
-__global__ void compare_kernel(const T* a, const T* b, int64_t n, double rel, double floor_abs,
-                               unsigned long long* bad, unsigned long long* first_bad) {
+__global__ void compare_kernel(const T* a, const T* b, int64_t n, double rel, double floor_abs, unsigned long long* bad,
+                               unsigned long long* first_bad) {
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += step) {
     const double x = to_double(a[i]), y = to_double(b[i]);
@@ -107,7 +106,8 @@ inline int64_t check_against_reference(Ranks& rk, int r, const Op& op, bool full
   const double u = rk.dtype().unit_roundoff;
   std::vector<std::pair<int64_t, int64_t>> at;
   if (full) {
-    for (int64_t i = 0; i < rows; ++i) for (int64_t j = 0; j < cols; ++j) at.emplace_back(i, j);
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < cols; ++j) at.emplace_back(i, j);
   } else {
     std::mt19937_64 rng(1234 + static_cast<uint64_t>(r));
     for (int64_t j = 0; j < std::min<int64_t>(cols, 64); ++j) {
@@ -125,8 +125,8 @@ inline int64_t check_against_reference(Ranks& rk, int r, const Op& op, bool full
   for (const auto& [i, j] : at) {
     const RefValue want = op.reference(r, i, j);
     const double y = got.at(i * cols + j);
-    const double tol = 2.0 * (op.summed_ranks() + 1) * u * want.mag +
-                       2.0 * static_cast<double>(op.inner()) * 0x1p-24 * want.abs;
+    const double tol =
+        2.0 * (op.summed_ranks() + 1) * u * want.mag + 2.0 * static_cast<double>(op.inner()) * 0x1p-24 * want.abs;
     sq += y * y;
     if (!(std::fabs(y - want.value) <= tol)) {
       if (bad < 5) {

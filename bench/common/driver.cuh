@@ -63,13 +63,15 @@ inline bool check_op(Ranks& rk, Op& op, const Shape& s, const std::vector<std::p
     rk.join();
     rk.sync();
     for (int r = 0; r < rk.world(); ++r) {
-      const Mismatches bad_c = count_mismatches(rk, r, op.output(r, false), op.output(r, true), rows * cols,
-                                                {rel, 4 * rms[r]});
+      const Mismatches bad_c =
+          count_mismatches(rk, r, op.output(r, false), op.output(r, true), rows * cols, {rel, 4 * rms[r]});
       if (bad_c.count) {
-        std::fprintf(stderr, "check: chunks=%d streams=%d, rank %d: %llu elements differ from the sequential output "
-                     "(first at row %lld, column %lld) for m=%lld n=%lld k=%lld\n", c, l, r, bad_c.count,
-                     static_cast<long long>(bad_c.first / cols), static_cast<long long>(bad_c.first % cols),
-                     static_cast<long long>(s.m), static_cast<long long>(s.n), static_cast<long long>(s.k));
+        std::fprintf(stderr,
+                     "check: chunks=%d streams=%d, rank %d: %llu elements differ from the sequential output "
+                     "(first at row %lld, column %lld) for m=%lld n=%lld k=%lld\n",
+                     c, l, r, bad_c.count, static_cast<long long>(bad_c.first / cols),
+                     static_cast<long long>(bad_c.first % cols), static_cast<long long>(s.m),
+                     static_cast<long long>(s.n), static_cast<long long>(s.k));
         return false;
       }
     }
@@ -160,8 +162,9 @@ inline int run_main(int argc, char** argv, Op& op) {
       if (o.check_only) continue;
       ShapeResult res = measure(rk, op, o, configs);
       res.shape = s;
-      print_table(std::string(op.name()) + " m=" + std::to_string(s.m) + " n=" + std::to_string(s.n) + " k=" +
-                      std::to_string(s.k) + " " + dt.name + ", " + setup, res);
+      print_table(std::string(op.name()) + " m=" + std::to_string(s.m) + " n=" + std::to_string(s.n) +
+                      " k=" + std::to_string(s.k) + " " + dt.name + ", " + setup,
+                  res);
       results.push_back(res);
     }
     if (!o.json_path.empty() && !o.check_only) {

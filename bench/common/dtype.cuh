@@ -50,9 +50,18 @@ __host__ __device__ inline float hash_uniform(uint32_t tensor, uint64_t i) {
   return static_cast<float>(z >> 40) * 0x1p-23f - 1.0f;
 }
 
-template <typename T> __host__ __device__ inline T from_float(float x) { return x; }
-template <> __host__ __device__ inline __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <> __host__ __device__ inline __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <typename T>
+__host__ __device__ inline T from_float(float x) {
+  return x;
+}
+template <>
+__host__ __device__ inline __half from_float<__half>(float x) {
+  return __float2half_rn(x);
+}
+template <>
+__host__ __device__ inline __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
 __host__ __device__ inline double to_double(float x) { return x; }
 __host__ __device__ inline double to_double(__half x) { return __half2float(x); }
 __host__ __device__ inline double to_double(__nv_bfloat16 x) { return __bfloat162float(x); }

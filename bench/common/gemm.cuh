@@ -15,14 +15,18 @@
 namespace tpext::bench {
 
 struct GemmArgs {
-  const void* a; int64_t lda;  // [m, k] row-major, row stride lda
-  const void* b; int64_t ldb;  // [n, k] row-major, row stride ldb
-  void* c; int64_t ldc;        // [m, n] row-major, row stride ldc
+  const void* a;
+  int64_t lda;  // [m, k] row-major, row stride lda
+  const void* b;
+  int64_t ldb;  // [n, k] row-major, row stride ldb
+  void* c;
+  int64_t ldc;  // [m, n] row-major, row stride ldc
   int64_t m, n, k;
 };
 
 inline int as_int(int64_t v, const char* what) {
-  if (v < 0 || v > INT_MAX) throw std::runtime_error(std::string("gemm: ") + what + " = " + std::to_string(v) + " does not fit cuBLAS's int");
+  if (v < 0 || v > INT_MAX)
+    throw std::runtime_error(std::string("gemm: ") + what + " = " + std::to_string(v) + " does not fit cuBLAS's int");
   return static_cast<int>(v);
 }
 

@@ -21,9 +21,9 @@ struct Options {
   std::string dtype = "bf16";
   std::vector<int> chunks = {1, 2, 4, 8};
   std::vector<int> streams = {2};
-  int gpus = 0;           // 0: every visible GPU (NCCL mode)
-  int virtual_ranks = 0;  // > 0: R virtual ranks on the current GPU (P2P kernels, no NCCL)
-  int p2p_algo = 2;       // virtual all-reduce: 1 one-shot, 2 two-shot
+  int gpus = 0;                   // 0: every visible GPU (NCCL mode)
+  int virtual_ranks = 0;          // > 0: R virtual ranks on the current GPU (P2P kernels, no NCCL)
+  int p2p_algo = 2;               // virtual all-reduce: 1 one-shot, 2 two-shot
   bool rank_major_gather = true;  // all_gather_gemm's chunked gather: into rank-major x_full as tpext does
   int warmup = 5, iters = 20;
   bool check_only = false;
@@ -32,7 +32,9 @@ struct Options {
   // Every combination of the --m, --n and --k lists, m outermost.
   std::vector<Shape> shapes() const {
     std::vector<Shape> out;
-    for (int64_t m : ms) for (int64_t n : ns) for (int64_t k : ks) out.push_back({m, n, k});
+    for (int64_t m : ms)
+      for (int64_t n : ns)
+        for (int64_t k : ks) out.push_back({m, n, k});
     return out;
   }
 };
@@ -114,15 +116,16 @@ inline Options parse_options(int argc, char** argv) {
         throw std::runtime_error("--gather: expected rank-major or chunk-major, got '" + v + "'");
       }
       o.rank_major_gather = v == "rank-major";
-    }
-    else if (a == "--dtype") {
-      if (v != "bf16" && v != "fp16" && v != "fp32") throw std::runtime_error("--dtype: expected bf16, fp16 or fp32, got '" + v + "'");
+    } else if (a == "--dtype") {
+      if (v != "bf16" && v != "fp16" && v != "fp32")
+        throw std::runtime_error("--dtype: expected bf16, fp16 or fp32, got '" + v + "'");
       o.dtype = v;
     } else {
       throw std::runtime_error("unknown argument " + a + "\n" + usage_text());
     }
   });
-  if (o.gpus > 0 && o.virtual_ranks > 0) throw std::runtime_error("--gpus and --virtual-ranks exclude each other, got both");
+  if (o.gpus > 0 && o.virtual_ranks > 0)
+    throw std::runtime_error("--gpus and --virtual-ranks exclude each other, got both");
   return o;
 }
 

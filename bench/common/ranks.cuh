@@ -106,8 +106,10 @@ class Ranks {
         if (c.lanes[l] != nullptr) cudaStreamDestroy(c.lanes[l]);
       }
       if (c.comm != nullptr) cudaStreamDestroy(c.comm);
-      for (cudaEvent_t e : {c.fork, c.lane1_done, c.comm_done}) if (e != nullptr) cudaEventDestroy(e);
-      for (cudaEvent_t e : c.chunk) if (e != nullptr) cudaEventDestroy(e);
+      for (cudaEvent_t e : {c.fork, c.lane1_done, c.comm_done})
+        if (e != nullptr) cudaEventDestroy(e);
+      for (cudaEvent_t e : c.chunk)
+        if (e != nullptr) cudaEventDestroy(e);
     }
   }
 
@@ -183,15 +185,17 @@ class Ranks {
   // Collectives over all ranks on the comm streams; send[r] / recv[r] are rank r's buffers.
   void all_reduce(const std::vector<void*>& send, const std::vector<void*>& recv, int64_t count) {
     if (virtual_) {
-      tpext::kernels::P2PAllReduceParams p{group(send), nullptr, count, dt_.p2p,
-                                           p2p_algo_ == 1 ? tpext::kernels::P2PAlgo::kOneShot : tpext::kernels::P2PAlgo::kTwoShot};
+      tpext::kernels::P2PAllReduceParams p{
+          group(send), nullptr, count, dt_.p2p,
+          p2p_algo_ == 1 ? tpext::kernels::P2PAlgo::kOneShot : tpext::kernels::P2PAlgo::kTwoShot};
       set_device(0);
       tpext::kernels::launch_p2p_all_reduce_virtual(p, recv.data(), devs_[0].comm);
       return;
     }
     TPEXT_NCCL_CHECK(ncclGroupStart());
     for (int r = 0; r < world_; ++r) {
-      TPEXT_NCCL_CHECK(ncclAllReduce(send[r], recv[r], static_cast<size_t>(count), dt_.nccl, ncclSum, ctx(r).nccl, ctx(r).comm));
+      TPEXT_NCCL_CHECK(
+          ncclAllReduce(send[r], recv[r], static_cast<size_t>(count), dt_.nccl, ncclSum, ctx(r).nccl, ctx(r).comm));
     }
     TPEXT_NCCL_CHECK(ncclGroupEnd());
   }
@@ -205,7 +209,8 @@ class Ranks {
     }
     TPEXT_NCCL_CHECK(ncclGroupStart());
     for (int r = 0; r < world_; ++r) {
-      TPEXT_NCCL_CHECK(ncclReduceScatter(send[r], recv[r], static_cast<size_t>(recv_count), dt_.nccl, ncclSum, ctx(r).nccl, ctx(r).comm));
+      TPEXT_NCCL_CHECK(ncclReduceScatter(send[r], recv[r], static_cast<size_t>(recv_count), dt_.nccl, ncclSum,
+                                         ctx(r).nccl, ctx(r).comm));
     }
     TPEXT_NCCL_CHECK(ncclGroupEnd());
   }
@@ -219,7 +224,8 @@ class Ranks {
     }
     TPEXT_NCCL_CHECK(ncclGroupStart());
     for (int r = 0; r < world_; ++r) {
-      TPEXT_NCCL_CHECK(ncclAllGather(send[r], recv[r], static_cast<size_t>(send_count), dt_.nccl, ctx(r).nccl, ctx(r).comm));
+      TPEXT_NCCL_CHECK(
+          ncclAllGather(send[r], recv[r], static_cast<size_t>(send_count), dt_.nccl, ctx(r).nccl, ctx(r).comm));
     }
     TPEXT_NCCL_CHECK(ncclGroupEnd());
   }
@@ -242,7 +248,8 @@ class Ranks {
     TPEXT_NCCL_CHECK(ncclGroupStart());
     for (int q = 0; q < world_; ++q) {  // every communicator sees the roots in the same order
       for (int r = 0; r < world_; ++r) {
-        TPEXT_NCCL_CHECK(ncclBroadcast(send[r], recv[r][q], static_cast<size_t>(count), dt_.nccl, q, ctx(r).nccl, ctx(r).comm));
+        TPEXT_NCCL_CHECK(
+            ncclBroadcast(send[r], recv[r][q], static_cast<size_t>(count), dt_.nccl, q, ctx(r).nccl, ctx(r).comm));
       }
     }
     TPEXT_NCCL_CHECK(ncclGroupEnd());
@@ -259,7 +266,8 @@ class Ranks {
     std::string names;
     for (const DeviceCtx& c : devs_) {
       cudaDeviceProp prop{};
-      if (cudaGetDeviceProperties(&prop, c.device) == cudaSuccess) names += (names.empty() ? "" : ", ") + std::string(prop.name);
+      if (cudaGetDeviceProperties(&prop, c.device) == cudaSuccess)
+        names += (names.empty() ? "" : ", ") + std::string(prop.name);
     }
     if (virtual_) {
       return std::to_string(world_) + " virtual ranks on one " + names +

@@ -1,6 +1,6 @@
 // Communicator over any c10d ProcessGroup (gloo on CPU, NCCL on CUDA): the generic backend.
-#include "comm/communicator.h"
-#include "comm/nccl.h"
+#include "comm/c10d.h"
+
 #include "comm/virtual.h"
 
 #include <sstream>
@@ -80,6 +80,8 @@ class LocalCommunicator final : public Communicator {
   };
 };
 
+}  // namespace
+
 c10::intrusive_ptr<c10d::ProcessGroup> resolve_group(const std::string& group_name, const char* op) {
   c10::intrusive_ptr<c10d::ProcessGroup> pg;
   try {
@@ -93,7 +95,7 @@ c10::intrusive_ptr<c10d::ProcessGroup> resolve_group(const std::string& group_na
   return pg;
 }
 
-}  // namespace
+std::unique_ptr<Communicator> make_local_communicator() { return std::make_unique<LocalCommunicator>(); }
 
 int64_t group_size(const std::string& group_name, const char* op) {
   if (const int64_t virtual_size = virtual_group_size(group_name); virtual_size >= 0) return virtual_size;
@@ -128,29 +130,12 @@ void check_ranks_agree(const std::string& group_name, const char* op, const c10:
     }
   }
   TORCH_CHECK(differ.str().empty(), "tpext.", op, ": the ranks of group '", group_name,
-              "' called it with different arguments (checked because TORCH_DISTRIBUTED_DEBUG=DETAIL):",
-              differ.str(), " every rank must pass the same shapes, dtype and plan");
+              "' called it with different arguments (checked because TORCH_DISTRIBUTED_DEBUG=DETAIL):", differ.str(),
+              " every rank must pass the same shapes, dtype and schedule");
 }
 
 std::unique_ptr<Communicator> make_c10d_communicator(const std::string& group_name, const char* op) {
   auto pg = resolve_group(group_name, op);
-  if (pg->getSize() == 1) return std::make_unique<LocalCommunicator>();
-  return std::make_unique<C10dCommunicator>(std::move(pg));
-}
-
-std::unique_ptr<Communicator> make_communicator(const std::string& group_name, const char* op,
-                                                const c10::Device& device) {
-  if (auto virtual_comm = make_virtual_communicator(group_name)) return virtual_comm;
-  auto pg = resolve_group(group_name, op);
-#ifdef TPEXT_WITH_CUDA
-  if (device.is_cuda()) {
-    const NcclOptions options = nccl_options(group_name);
-    if (pg->getSize() == 1 && options.local_fast_path) return std::make_unique<LocalCommunicator>();
-    return make_nccl_communicator(group_name, pg, device.index());
-  }
-#else
-  (void)device;
-#endif
   if (pg->getSize() == 1) return std::make_unique<LocalCommunicator>();
   return std::make_unique<C10dCommunicator>(std::move(pg));
 }

@@ -1,6 +1,8 @@
-// The one small interface every communication backend implements: c10d (any ProcessGroup), tpext's
-// own NCCL communicator (comm/nccl.h, CUDA tensors), the local identity for groups of one; P2P
-// symmetric buffers later. Schedules talk only to this.
+// The one small interface every communication backend implements: c10d (any ProcessGroup, comm/c10d.h),
+// tpext's own NCCL communicator (comm/nccl.h, CUDA tensors), the virtual ranks of the tests
+// (comm/virtual.h) and the local identity for groups of one; make_communicator (communicator.cpp) picks
+// one. Schedules talk only to this. The P2P symmetric buffers (comm/p2p.h) are not a Communicator: the
+// P2P ops drive their kernels directly and fall back to a c10d Communicator.
 #pragma once
 
 #include <memory>
@@ -43,28 +45,11 @@ class Communicator {
   virtual PendingPtr all_gather(std::vector<at::Tensor>& outs, at::Tensor& in) = 0;
 };
 
-// Groups are named by their registered name (ProcessGroup.group_name); `op` names the calling op in
-// the error raised for an unknown name.
-
-// The group's own c10d ProcessGroup (gloo, NCCL), or the local identity for a group of one: what the
-// P2P ops fall back to and compute their CPU reference over (ops/p2p.cpp).
-std::unique_ptr<Communicator> make_c10d_communicator(const std::string& group_name, const char* op);
-
-// Size of the named group (checks that depend on it run before any communicator is made).
-int64_t group_size(const std::string& group_name, const char* op);
-
-// Under TORCH_DISTRIBUTED_DEBUG=DETAIL (torch's collective-checking level), checks before an op's first
-// collective that every rank of the group calls it with the same `fields` (sizes, dtype, plan; named for
-// the error), by one all-gather over the group's c10d ProcessGroup, and raises the same error on every
-// rank if not, where a mismatch would otherwise hang or abort inside the collective. Does nothing at
-// other levels, for groups of one and for virtual groups.
-void check_ranks_agree(const std::string& group_name, const char* op, const c10::Device& device,
-                       const std::vector<std::pair<const char*, int64_t>>& fields);
-
-// The communicator an op on `device` uses: a virtual group's rank (comm/virtual.h) for such a name;
-// the local identity for a group of one (unless the group's
-// NCCL options ask for the real path, see comm/nccl.h), tpext's cached NCCL communicator for CUDA
-// tensors in a CUDA build, the c10d ProcessGroup otherwise.
+// The communicator an op on `device` uses, for the group of that registered name
+// (ProcessGroup.group_name; `op` names the calling op in the error raised for an unknown name): a
+// virtual group's rank (comm/virtual.h) for such a name; the local identity for a group of one (unless
+// the group's NCCL options ask for the real path, see comm/nccl.h), tpext's cached NCCL communicator
+// for CUDA tensors in a CUDA build, the c10d ProcessGroup otherwise.
 std::unique_ptr<Communicator> make_communicator(const std::string& group_name, const char* op,
                                                 const c10::Device& device);
 

@@ -54,7 +54,8 @@ ncclDataType_t nccl_dtype(const at::Tensor& t) {
 // same order, as creation is collective), so a re-made communicator never reads an earlier id.
 ncclUniqueId exchange_unique_id(c10d::ProcessGroup& pg, int64_t generation) {
   const c10::intrusive_ptr<c10d::Store> store = pg.getStore();
-  TORCH_CHECK(store, "tpext: group '", pg.getGroupName(), "' has no store to exchange the NCCL unique id "
+  TORCH_CHECK(store, "tpext: group '", pg.getGroupName(),
+              "' has no store to exchange the NCCL unique id "
               "through; create it with torch.distributed.new_group or init_process_group");
   const std::string key = "tpext/nccl_unique_id/" + std::to_string(generation);
   ncclUniqueId id;
@@ -76,7 +77,11 @@ class NcclComm {
  public:
   NcclComm(const c10::intrusive_ptr<c10d::ProcessGroup>& pg, c10::DeviceIndex device, const NcclOptions& options,
            int64_t generation)
-      : pg_(pg), device_(device), rank_(pg->getRank()), size_(pg->getSize()), options_(options),
+      : pg_(pg),
+        device_(device),
+        rank_(pg->getRank()),
+        size_(pg->getSize()),
+        options_(options),
         stream_(cuda::comm_stream(device)) {
     const ncclUniqueId id = exchange_unique_id(*pg, generation);
     c10::cuda::CUDAGuard guard(device);
@@ -191,8 +196,8 @@ class NcclCommunicator final : public Communicator {
   PendingPtr all_reduce(at::Tensor& buf) override {
     check(buf, "all_reduce buffer");
     return enqueue([&](cudaStream_t s) {
-      TPEXT_NCCL_CHECK(ncclAllReduce(buf.data_ptr(), buf.data_ptr(), buf.numel(), nccl_dtype(buf), ncclSum,
-                                     comm_->get(), s));
+      TPEXT_NCCL_CHECK(
+          ncclAllReduce(buf.data_ptr(), buf.data_ptr(), buf.numel(), nccl_dtype(buf), ncclSum, comm_->get(), s));
     });
   }
 
@@ -202,8 +207,8 @@ class NcclCommunicator final : public Communicator {
     TORCH_CHECK(in.numel() == out.numel() * size(), "tpext: reduce_scatter input has ", in.numel(),
                 " elements, expected ", size(), " x ", out.numel());
     return enqueue([&](cudaStream_t s) {
-      TPEXT_NCCL_CHECK(ncclReduceScatter(in.data_ptr(), out.data_ptr(), out.numel(), nccl_dtype(out), ncclSum,
-                                         comm_->get(), s));
+      TPEXT_NCCL_CHECK(
+          ncclReduceScatter(in.data_ptr(), out.data_ptr(), out.numel(), nccl_dtype(out), ncclSum, comm_->get(), s));
     });
   }
 
@@ -244,8 +249,9 @@ class NcclCommunicator final : public Communicator {
 
  private:
   void check(const at::Tensor& t, const char* what) const {
-    TORCH_CHECK(t.is_cuda() && t.get_device() == comm_->device(), "tpext: NCCL ", what, " must be on cuda:",
-                static_cast<int>(comm_->device()), " (the group's communicator device), got ", t.device());
+    TORCH_CHECK(t.is_cuda() && t.get_device() == comm_->device(), "tpext: NCCL ", what,
+                " must be on cuda:", static_cast<int>(comm_->device()), " (the group's communicator device), got ",
+                t.device());
     TORCH_CHECK(t.is_contiguous(), "tpext: NCCL ", what, " must be contiguous, got strides ", t.strides());
   }
 
@@ -313,18 +319,21 @@ std::shared_ptr<Entry> entry(const std::string& group_name) {
 }
 
 bool same(const NcclOptions& a, const NcclOptions& b) {
-  return a.max_ctas == b.max_ctas && a.cga_cluster_size == b.cga_cluster_size &&
-         a.local_fast_path == b.local_fast_path;
+  return a.max_ctas == b.max_ctas && a.cga_cluster_size == b.cga_cluster_size && a.local_fast_path == b.local_fast_path;
 }
 
 }  // namespace
 
 void set_nccl_options(const std::string& group_name, const NcclOptions& options) {
   // NCCL runs at most MAXCHANNELS (64) CTAs per collective; a larger cap would only look like a setting.
-  TORCH_CHECK(options.max_ctas >= 0 && options.max_ctas <= 64, "tpext: max_ctas must be in [0, 64] (0 = NCCL's "
-              "default; NCCL runs at most 64 CTAs per collective), got ", options.max_ctas);
-  TORCH_CHECK(options.cga_cluster_size >= 0 && options.cga_cluster_size <= 8, "tpext: cga_cluster_size must be in "
-              "[0, 8] (0 = NCCL's default), got ", options.cga_cluster_size);
+  TORCH_CHECK(options.max_ctas >= 0 && options.max_ctas <= 64,
+              "tpext: max_ctas must be in [0, 64] (0 = NCCL's "
+              "default; NCCL runs at most 64 CTAs per collective), got ",
+              options.max_ctas);
+  TORCH_CHECK(options.cga_cluster_size >= 0 && options.cga_cluster_size <= 8,
+              "tpext: cga_cluster_size must be in "
+              "[0, 8] (0 = NCCL's default), got ",
+              options.cga_cluster_size);
   const std::shared_ptr<Entry> e = entry(group_name);
   std::lock_guard<std::mutex> creating(e->create);  // a creation in flight finishes with the old options first
   std::shared_ptr<NcclComm> dropped;                // destroyed outside Registry::mu
@@ -365,8 +374,9 @@ std::unique_ptr<Communicator> make_nccl_communicator(const std::string& group_na
     }
     comm = std::move(made);
   }
-  TORCH_CHECK(comm->device() == device, "tpext: group '", group_name, "' has its NCCL communicator on cuda:",
-              static_cast<int>(comm->device()), " but this op's tensors are on cuda:", static_cast<int>(device),
+  TORCH_CHECK(comm->device() == device, "tpext: group '", group_name,
+              "' has its NCCL communicator on cuda:", static_cast<int>(comm->device()),
+              " but this op's tensors are on cuda:", static_cast<int>(device),
               "; use one device per group and process");
   return std::make_unique<NcclCommunicator>(std::move(comm));
 }

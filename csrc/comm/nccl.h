@@ -57,7 +57,7 @@ NcclCommInfo nccl_comm_info(const std::string& group_name);
 // NCCL's runtime version code (ncclGetVersion), e.g. 22809 for 2.28.9.
 int nccl_runtime_version();
 
-// Finalizes and destroys every cached communicator (registered with atexit by tpext/ops.py, because
+// Finalizes and destroys every cached communicator (registered with atexit by tpext/ops/nccl.py, because
 // destroying them during static destruction would race the CUDA runtime's teardown). One whose
 // ncclCommGetAsyncError reports an error, before or after the finalize, is aborted instead. Finalize
 // waits for the peers: when one failed, use abort_nccl_communicators.

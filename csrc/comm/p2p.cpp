@@ -11,7 +11,7 @@
 
 #include <c10/util/Exception.h>
 #include <torch/csrc/distributed/c10d/GroupRegistry.hpp>
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
 
 #ifdef TPEXT_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
@@ -118,8 +118,8 @@ int drain_graveyard() {
   int device = 0;
   TPEXT_CUDA_CHECK(cudaGetDevice(&device));
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  TPEXT_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)),
-                                         &capture));
+  TPEXT_CUDA_CHECK(
+      cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device)), &capture));
   if (capture != cudaStreamCaptureStatusNone) return 0;
   std::vector<std::shared_ptr<SymmetricBuffers>> dead;
   {
@@ -151,111 +151,124 @@ std::shared_ptr<SymmetricBuffers> find_symmetric_buffers(const std::string& grou
 }
 #endif
 
-void bind_p2p(pybind11::module_& m) {
-  namespace py = pybind11;
 #ifdef TPEXT_WITH_CUDA
-  m.def("p2p_create", [](const std::string& name, int rank, int world, int64_t capacity, int device) {
-    auto buf = std::make_shared<SymmetricBuffers>(rank, world, capacity, device);
-    std::string handle = buf->local_handle();
+std::string create_symmetric_buffers(const std::string& name, int rank, int world, int64_t capacity, int device) {
+  auto buf = std::make_shared<SymmetricBuffers>(rank, world, capacity, device);
+  std::string handle = buf->local_handle();
+  auto& r = registry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  auto& slot = r.pending[name];
+  if (slot) r.graveyard.push_back(std::move(slot));  // an earlier enable that never opened
+  slot = std::move(buf);
+  return handle;
+}
+
+int max_coresident_blocks(int device) {
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  return kernels::p2p_max_coresident_blocks(device);
+}
+
+void open_symmetric_buffers(const std::string& name, const std::vector<std::string>& handles, int max_blocks,
+                            uint64_t timeout_ns) {
+  std::shared_ptr<SymmetricBuffers> buf;
+  {
     auto& r = registry();
     std::lock_guard<std::mutex> lock(r.mu);
-    auto& slot = r.pending[name];
-    if (slot) r.graveyard.push_back(std::move(slot));  // an earlier enable that never opened
-    slot = std::move(buf);
-    return py::bytes(handle);
-  }, "Allocate this rank's symmetric buffer for group `name`; returns its CUDA IPC handle (bytes).");
-  m.def("p2p_max_blocks", [](int device) {
-    c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
-    return kernels::p2p_max_coresident_blocks(device);
-  }, "The largest device-synchronised P2P grid whose blocks are all resident at once on `device`.");
-  m.def("p2p_open", [](const std::string& name, const std::vector<std::string>& handles, int max_blocks,
-                       uint64_t timeout_ns) {
-    std::shared_ptr<SymmetricBuffers> buf;
-    {
-      auto& r = registry();
-      std::lock_guard<std::mutex> lock(r.mu);
-      auto it = r.pending.find(name);
-      TORCH_CHECK(it != r.pending.end(), "tpext.p2p_open: no buffers were created for group '", name, "'");
-      buf = std::move(it->second);
-      r.pending.erase(it);
-    }
-    buf->open_peers(handles, max_blocks, timeout_ns);  // throws: buf (and any peer mapping) is released here
-    Entry e;
-    e.buffers = std::move(buf);
-    register_entry(name, std::move(e));
-  }, "Map every peer's buffer and register the group's symmetric buffers (grid cap and wait budget agreed).");
-  m.def("p2p_check", [](const std::string& name) {
-    std::string reason;
-    if (auto buf = find_symmetric_buffers(name, &reason)) buf->check_health(name, "p2p.check");
-  }, "Raise if the group's P2P kernels were aborted (timeout, or a rank's refusal); no synchronisation.");
-  m.def("p2p_drain", [] { return drain_graveyard(); },
-        "Destroy dropped symmetric buffers (synchronises the device); not while the current stream captures.");
-  m.def("p2p_copy_to_local", [](const std::string& name, const at::Tensor& src) {
-    std::string reason;
-    auto buf = find_symmetric_buffers(name, &reason);
-    TORCH_CHECK(buf, "tpext.p2p_copy_to_local: ", reason);
-    TORCH_CHECK(src.is_cuda() && src.is_contiguous() && src.nbytes() <= static_cast<size_t>(buf->capacity()),
-                "tpext.p2p_copy_to_local: src must be a contiguous CUDA tensor of at most ", buf->capacity(), " bytes");
-    auto stream = c10::cuda::getCurrentCUDAStream(src.get_device());
-    TPEXT_CUDA_CHECK(cudaMemcpyAsync(buf->local_data(), src.data_ptr(), src.nbytes(), cudaMemcpyDeviceToDevice, stream));
-  }, "Copy a tensor's bytes into this rank's symmetric buffer (stream-ordered).");
-  m.def("p2p_copy_from_peer", [](const std::string& name, int peer, at::Tensor& dst) {
-    std::string reason;
-    auto buf = find_symmetric_buffers(name, &reason);
-    TORCH_CHECK(buf, "tpext.p2p_copy_from_peer: ", reason);
-    TORCH_CHECK(peer >= 0 && peer < buf->world(), "tpext.p2p_copy_from_peer: peer must be in [0, ", buf->world(), "), got ", peer);
-    TORCH_CHECK(dst.is_cuda() && dst.is_contiguous() && dst.nbytes() <= static_cast<size_t>(buf->capacity()),
-                "tpext.p2p_copy_from_peer: dst must be a contiguous CUDA tensor of at most ", buf->capacity(), " bytes");
-    auto stream = c10::cuda::getCurrentCUDAStream(dst.get_device());
-    TPEXT_CUDA_CHECK(cudaMemcpyAsync(dst.data_ptr(), buf->peer_data(peer), dst.nbytes(), cudaMemcpyDeviceToDevice, stream));
-  }, "Copy the first dst.nbytes() bytes of a peer's symmetric buffer into dst (stream-ordered).");
-#else
-  auto no_cuda = [](py::args, py::kwargs) {
-    TORCH_CHECK(false, "tpext was built without CUDA: symmetric buffers need a CUDA build of tpext");
-  };
-  for (const char* fn : {"p2p_create", "p2p_open", "p2p_copy_to_local", "p2p_copy_from_peer", "p2p_max_blocks"}) {
-    m.def(fn, no_cuda);
+    auto it = r.pending.find(name);
+    TORCH_CHECK(it != r.pending.end(), "tpext.p2p_open: no buffers were created for group '", name, "'");
+    buf = std::move(it->second);
+    r.pending.erase(it);
   }
-  m.def("p2p_check", [](const std::string&) {}, "Nothing to check without CUDA.");
-  m.def("p2p_drain", [] { return 0; }, "Nothing to destroy without CUDA.");
-#endif
-  m.def("p2p_release", [](const std::string& name) {
-    {
-      auto& r = registry();
-      std::lock_guard<std::mutex> lock(r.mu);
-      drop_locked(r, name);
-#ifdef TPEXT_WITH_CUDA
-      auto pending = r.pending.find(name);
-      if (pending != r.pending.end()) {
-        r.graveyard.push_back(std::move(pending->second));
-        r.pending.erase(pending);
-      }
-#endif
-    }
-#ifdef TPEXT_WITH_CUDA
-    drain_graveyard();
-#endif
-  }, "Drop the group's symmetric buffers (or its unavailability record) and destroy dropped buffers.");
-  m.def("p2p_mark_unavailable", [](const std::string& name, const std::string& reason) {
-    Entry e;
-    e.unavailable = reason;
-    register_entry(name, std::move(e));
-  }, "Record why P2P cannot serve group `name` (the ops then fall back and say so once).");
-  m.def("p2p_status", [](const std::string& name) -> std::string {
-#ifdef TPEXT_WITH_CUDA
-    std::string reason;
-    auto buf = find_symmetric_buffers(name, &reason);
-    return buf ? buf->aborted(name) : reason;
+  buf->open_peers(handles, max_blocks, timeout_ns);  // throws: buf (and any peer mapping) is released here
+  Entry e;
+  e.buffers = std::move(buf);
+  register_entry(name, std::move(e));
+}
+
+void check_symmetric_buffers(const std::string& name) {
+  std::string reason;
+  if (auto buf = find_symmetric_buffers(name, &reason)) buf->check_health(name, "p2p.check");
+}
+
+int drain_symmetric_buffers() { return drain_graveyard(); }
+
+void copy_to_local(const std::string& name, const at::Tensor& src) {
+  std::string reason;
+  auto buf = find_symmetric_buffers(name, &reason);
+  TORCH_CHECK(buf, "tpext.p2p_copy_to_local: ", reason);
+  TORCH_CHECK(src.is_cuda() && src.is_contiguous() && src.nbytes() <= static_cast<size_t>(buf->capacity()),
+              "tpext.p2p_copy_to_local: src must be a contiguous CUDA tensor of at most ", buf->capacity(), " bytes");
+  auto stream = c10::cuda::getCurrentCUDAStream(src.get_device());
+  TPEXT_CUDA_CHECK(cudaMemcpyAsync(buf->local_data(), src.data_ptr(), src.nbytes(), cudaMemcpyDeviceToDevice, stream));
+}
+
+void copy_from_peer(const std::string& name, int peer, at::Tensor& dst) {
+  std::string reason;
+  auto buf = find_symmetric_buffers(name, &reason);
+  TORCH_CHECK(buf, "tpext.p2p_copy_from_peer: ", reason);
+  TORCH_CHECK(peer >= 0 && peer < buf->world(), "tpext.p2p_copy_from_peer: peer must be in [0, ", buf->world(),
+              "), got ", peer);
+  TORCH_CHECK(dst.is_cuda() && dst.is_contiguous() && dst.nbytes() <= static_cast<size_t>(buf->capacity()),
+              "tpext.p2p_copy_from_peer: dst must be a contiguous CUDA tensor of at most ", buf->capacity(), " bytes");
+  auto stream = c10::cuda::getCurrentCUDAStream(dst.get_device());
+  TPEXT_CUDA_CHECK(
+      cudaMemcpyAsync(dst.data_ptr(), buf->peer_data(peer), dst.nbytes(), cudaMemcpyDeviceToDevice, stream));
+}
 #else
-    (void)name;
-    return "tpext was built without CUDA";
+namespace {
+[[noreturn]] void no_cuda() {
+  TORCH_CHECK(false, "tpext was built without CUDA: symmetric buffers need a CUDA build of tpext");
+}
+}  // namespace
+
+std::string create_symmetric_buffers(const std::string&, int, int, int64_t, int) { no_cuda(); }
+int max_coresident_blocks(int) { no_cuda(); }
+void open_symmetric_buffers(const std::string&, const std::vector<std::string>&, int, uint64_t) { no_cuda(); }
+void check_symmetric_buffers(const std::string&) {}
+int drain_symmetric_buffers() { return 0; }
+void copy_to_local(const std::string&, const at::Tensor&) { no_cuda(); }
+void copy_from_peer(const std::string&, int, at::Tensor&) { no_cuda(); }
 #endif
-  }, "'' when the group's symmetric buffers are ready, else why not.");
-  m.def("p2p_reset_warnings", [] {
+
+void release_symmetric_buffers(const std::string& name) {
+  {
     auto& r = registry();
     std::lock_guard<std::mutex> lock(r.mu);
-    r.warned.clear();
-  }, "Forget which fallback reasons were already logged (tests).");
+    drop_locked(r, name);
+#ifdef TPEXT_WITH_CUDA
+    auto pending = r.pending.find(name);
+    if (pending != r.pending.end()) {
+      r.graveyard.push_back(std::move(pending->second));
+      r.pending.erase(pending);
+    }
+#endif
+  }
+#ifdef TPEXT_WITH_CUDA
+  drain_graveyard();
+#endif
+}
+
+void mark_unavailable(const std::string& name, const std::string& reason) {
+  Entry e;
+  e.unavailable = reason;
+  register_entry(name, std::move(e));
+}
+
+std::string symmetric_buffers_status(const std::string& name) {
+#ifdef TPEXT_WITH_CUDA
+  std::string reason;
+  auto buf = find_symmetric_buffers(name, &reason);
+  return buf ? buf->aborted(name) : reason;
+#else
+  (void)name;
+  return "tpext was built without CUDA";
+#endif
+}
+
+void reset_fallback_warnings() {
+  auto& r = registry();
+  std::lock_guard<std::mutex> lock(r.mu);
+  r.warned.clear();
 }
 
 }  // namespace tpext::comm

@@ -27,7 +27,7 @@
 #include <string>
 #include <vector>
 
-#include <pybind11/pybind11.h>
+#include <ATen/core/Tensor.h>
 
 #ifdef TPEXT_WITH_CUDA
 #include "kernels/p2p.h"
@@ -86,8 +86,8 @@ class SymmetricBuffers {
   std::mutex mu_;  // guards stream_, stream_set_ and the launch sequence
   cudaStream_t stream_ = nullptr;
   bool stream_set_ = false;
-  cudaEvent_t switch_event_ = nullptr;   // records the pinned stream's work at a stream switch
-  cudaStream_t refuse_stream_ = nullptr; // non-blocking: a refusal's stores never queue behind a kernel
+  cudaEvent_t switch_event_ = nullptr;    // records the pinned stream's work at a stream switch
+  cudaStream_t refuse_stream_ = nullptr;  // non-blocking: a refusal's stores never queue behind a kernel
   int rank_, world_, device_;
   int64_t capacity_;  // data bytes per rank; the signal area follows at an aligned offset
   int max_blocks_ = 0;
@@ -108,7 +108,32 @@ std::shared_ptr<SymmetricBuffers> find_symmetric_buffers(const std::string& grou
 // process; later calls are silent. `op` names the calling op.
 void warn_fallback_once(const std::string& group_name, const char* op, const std::string& reason);
 
-// Python-side entry points (tpext._C.p2p_*), registered by csrc/torch_bindings.cpp.
-void bind_p2p(pybind11::module_& m);
+// The registry's entry points, which tpext/p2p.py drives collectively through tpext._C.p2p_*
+// (csrc/p2p_bindings.cpp binds them under those names). In a CPU build those that need CUDA raise,
+// check does nothing, drain returns 0 and status says the build has no CUDA.
+// p2p_create: allocates this rank's buffer for the group, returns its CUDA IPC handle (64 bytes).
+std::string create_symmetric_buffers(const std::string& name, int rank, int world, int64_t capacity, int device);
+// p2p_max_blocks: the largest device-synchronised P2P grid whose blocks are all resident at once.
+int max_coresident_blocks(int device);
+// p2p_open: maps every peer's buffer and registers the group's buffers (grid cap and wait budget agreed).
+void open_symmetric_buffers(const std::string& name, const std::vector<std::string>& handles, int max_blocks,
+                            uint64_t timeout_ns);
+// p2p_check: raises if the group's P2P kernels were aborted (timeout, or a rank's refusal); no sync.
+void check_symmetric_buffers(const std::string& name);
+// p2p_drain: destroys dropped buffers (synchronises the device), not while the current stream captures;
+// returns how many.
+int drain_symmetric_buffers();
+// p2p_copy_to_local / p2p_copy_from_peer: stream-ordered copies into this rank's buffer / out of a
+// peer's (first dst.nbytes() bytes), for tests.
+void copy_to_local(const std::string& name, const at::Tensor& src);
+void copy_from_peer(const std::string& name, int peer, at::Tensor& dst);
+// p2p_release: drops the group's buffers (or its unavailability record) and destroys dropped buffers.
+void release_symmetric_buffers(const std::string& name);
+// p2p_mark_unavailable: records why P2P cannot serve the group (the ops then fall back, saying so once).
+void mark_unavailable(const std::string& name, const std::string& reason);
+// p2p_status: '' when the group's buffers are ready, else why not.
+std::string symmetric_buffers_status(const std::string& name);
+// p2p_reset_warnings: forgets which fallback reasons were already logged (tests).
+void reset_fallback_warnings();
 
 }  // namespace tpext::comm

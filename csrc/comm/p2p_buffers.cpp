@@ -68,7 +68,10 @@ SymmetricBuffers::SymmetricBuffers(int rank, int world, int64_t capacity, int de
 
 SymmetricBuffers::~SymmetricBuffers() {
   // No throwing here: a failure at teardown (e.g. after the CUDA context is gone at exit) is ignored.
-  const int prev = [] { int d = 0; return cudaGetDevice(&d) == cudaSuccess ? d : -1; }();
+  const int prev = [] {
+    int d = 0;
+    return cudaGetDevice(&d) == cudaSuccess ? d : -1;
+  }();
   cudaSetDevice(device_);
   // Kernels of this device may still read peers' buffers: unmapping them under a running kernel faults.
   // Bounded: every wait of those kernels is (timeout_ns_).
@@ -149,7 +152,10 @@ void SymmetricBuffers::refuse(kernels::P2POp op) noexcept {
   uint32_t clear = 0;
   // Already aborted: every rank's abort word holds the first code, which a refusal must not overwrite.
   if (!__atomic_compare_exchange_n(host_abort_, &clear, code, false, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) return;
-  const int prev = [] { int d = 0; return cudaGetDevice(&d) == cudaSuccess ? d : -1; }();
+  const int prev = [] {
+    int d = 0;
+    return cudaGetDevice(&d) == cudaSuccess ? d : -1;
+  }();
   cudaSetDevice(device_);
   // Stores into peer memory on a stream of its own: they do not wait for this device's kernels, which
   // may themselves be waiting for the peers.
@@ -169,8 +175,8 @@ std::string SymmetricBuffers::local_handle() const {
 
 void SymmetricBuffers::open_peers(const std::vector<std::string>& handles, int max_blocks, uint64_t timeout_ns) {
   TORCH_CHECK(!opened_, "tpext.p2p: the peers of these buffers are already open");
-  TORCH_CHECK(static_cast<int>(handles.size()) == world_, "tpext.p2p: expected ", world_, " IPC handles (one per rank), got ",
-              handles.size());
+  TORCH_CHECK(static_cast<int>(handles.size()) == world_, "tpext.p2p: expected ", world_,
+              " IPC handles (one per rank), got ", handles.size());
   TORCH_CHECK(max_blocks >= 1 && max_blocks <= kernels::kP2PMaxBlocks, "tpext.p2p: max_blocks must be in [1, ",
               kernels::kP2PMaxBlocks, "], got ", max_blocks);
   TORCH_CHECK(timeout_ns > 0, "tpext.p2p: timeout_ns must be > 0, got ", timeout_ns);
@@ -186,8 +192,9 @@ void SymmetricBuffers::open_peers(const std::vector<std::string>& handles, int m
     if (err != cudaSuccess) {
       base_[p] = nullptr;
       cudaGetLastError();  // clear the sticky-free error so later calls are unaffected
-      TORCH_CHECK(false, "tpext.p2p: rank ", rank_, " cannot map the buffer of rank ", p, " (cudaIpcOpenMemHandle: ",
-                  cudaGetErrorName(err), ": ", cudaGetErrorString(err), "); the GPUs cannot access each other");
+      TORCH_CHECK(false, "tpext.p2p: rank ", rank_, " cannot map the buffer of rank ", p,
+                  " (cudaIpcOpenMemHandle: ", cudaGetErrorName(err), ": ", cudaGetErrorString(err),
+                  "); the GPUs cannot access each other");
     }
     data_[p] = base_[p];
     signals_[p] = reinterpret_cast<uint32_t*>(static_cast<char*>(base_[p]) + signal_offset);

@@ -31,9 +31,9 @@ using EventPtr = std::shared_ptr<void>;
 
 struct Slot {
   Kind kind;
-  at::Tensor in;                  // all_reduce: the buffer; reduce_scatter / all_gather: the input
-  std::vector<at::Tensor> outs;   // reduce_scatter: {out}; all_gather: one per source rank
-  EventPtr ready;                 // CUDA: recorded on the rank's current stream at the call
+  at::Tensor in;                 // all_reduce: the buffer; reduce_scatter / all_gather: the input
+  std::vector<at::Tensor> outs;  // reduce_scatter: {out}; all_gather: one per source rank
+  EventPtr ready;                // CUDA: recorded on the rank's current stream at the call
 };
 
 class Hub {

@@ -29,8 +29,7 @@ c10::cuda::CUDAStream owned_stream(c10::DeviceIndex device, Kind kind) {
     c10::cuda::CUDAGuard guard(device);
     int least = 0, greatest = 0;
     TPEXT_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
-    TPEXT_CUDA_CHECK(cudaStreamCreateWithPriority(&s, cudaStreamNonBlocking,
-                                                  kind == Kind::kComm ? greatest : least));
+    TPEXT_CUDA_CHECK(cudaStreamCreateWithPriority(&s, cudaStreamNonBlocking, kind == Kind::kComm ? greatest : least));
   }
   return c10::cuda::getStreamFromExternal(s, device);
 }
@@ -39,9 +38,7 @@ c10::cuda::CUDAStream owned_stream(c10::DeviceIndex device, Kind kind) {
 
 c10::cuda::CUDAStream comm_stream(c10::DeviceIndex device) { return owned_stream(device, Kind::kComm); }
 
-c10::cuda::CUDAStream side_compute_stream(c10::DeviceIndex device) {
-  return owned_stream(device, Kind::kCompute);
-}
+c10::cuda::CUDAStream side_compute_stream(c10::DeviceIndex device) { return owned_stream(device, Kind::kCompute); }
 
 }  // namespace tpext::cuda
 

@@ -15,17 +15,17 @@ namespace tpext::detail {
 
 [[noreturn]] inline void throw_nccl_error(ncclResult_t res, const char* expr, const char* file, int line) {
   std::ostringstream msg;
-  msg << "tpext: NCCL error at " << file << ":" << line << ": `" << expr << "` returned "
-      << static_cast<int>(res) << ": " << ncclGetErrorString(res);
+  msg << "tpext: NCCL error at " << file << ":" << line << ": `" << expr << "` returned " << static_cast<int>(res)
+      << ": " << ncclGetErrorString(res);
   throw std::runtime_error(msg.str());
 }
 
 }  // namespace tpext::detail
 
-#define TPEXT_NCCL_CHECK(expr)                                                        \
-  do {                                                                                \
-    const ncclResult_t tpext_nccl_res_ = (expr);                                      \
-    if (tpext_nccl_res_ != ncclSuccess) {                                             \
-      ::tpext::detail::throw_nccl_error(tpext_nccl_res_, #expr, __FILE__, __LINE__);  \
-    }                                                                                 \
+#define TPEXT_NCCL_CHECK(expr)                                                       \
+  do {                                                                               \
+    const ncclResult_t tpext_nccl_res_ = (expr);                                     \
+    if (tpext_nccl_res_ != ncclSuccess) {                                            \
+      ::tpext::detail::throw_nccl_error(tpext_nccl_res_, #expr, __FILE__, __LINE__); \
+    }                                                                                \
   } while (0)

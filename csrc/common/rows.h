@@ -14,9 +14,7 @@ struct RowRange {
 
 // Number of chunks actually used for `rows` rows: never more chunks than rows (an empty chunk would
 // still cost a collective), and one chunk for zero rows so the loops stay uniform.
-inline int64_t effective_chunks(int64_t rows, int64_t chunks) {
-  return std::max<int64_t>(1, std::min(rows, chunks));
-}
+inline int64_t effective_chunks(int64_t rows, int64_t chunks) { return std::max<int64_t>(1, std::min(rows, chunks)); }
 
 // Near-even split of `rows` into `parts`: the first rows % parts parts get one row more. Every rank
 // computes the same split from the same sizes, so chunk j covers the same rows on all ranks.

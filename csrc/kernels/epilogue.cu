@@ -51,10 +51,10 @@ __device__ __forceinline__ T add_one(T y, T b, T r) {
 // compiler hoist the next iteration's loads above this iteration's store.
 template <typename T, int N, bool kBias, bool kRes>
 __global__ void __launch_bounds__(kThreads)
-bias_residual_add_kernel(T* __restrict__ y, int64_t ld_y, const T* __restrict__ bias,
-                         const T* __restrict__ residual, int64_t ld_res, int64_t rows, int64_t cols) {
+    bias_residual_add_kernel(T* __restrict__ y, int64_t ld_y, const T* __restrict__ bias,
+                             const T* __restrict__ residual, int64_t ld_res, int64_t rows, int64_t cols) {
   using P = Pack<T, N>;
-  const int64_t nvec = cols / N;                // full packs per row
+  const int64_t nvec = cols / N;                   // full packs per row
   const int64_t units = nvec + (cols - nvec * N);  // packs, then the < N trailing elements one by one
   const int64_t row_step = static_cast<int64_t>(gridDim.y) * blockDim.y;
   const int64_t unit_step = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -99,7 +99,11 @@ using KernelFn = void (*)(T*, int64_t, const T*, const T*, int64_t, int64_t, int
 // for small outputs, and its answer never changes within a process. Each instantiation of the kernel
 // (dtype x vector width x operands) is its own entry.
 int64_t resident_blocks(const void* kernel, int dev) {
-  struct Entry { const void* kernel; int dev; int64_t wave; };
+  struct Entry {
+    const void* kernel;
+    int dev;
+    int64_t wave;
+  };
   static std::mutex mu;
   static std::vector<Entry> cache;  // a few dozen entries at most: a linear scan beats hashing
   {
@@ -179,12 +183,14 @@ void launch_bias_residual_add(const BiasResidualParams& p, cudaStream_t stream) 
   const auto dt = static_cast<int32_t>(p.dtype);
   if (dt < 0 || dt > 3) fail("dtype must be kFloat32, kFloat16, kBFloat16 or kFloat64, got " + std::to_string(dt));
   if (p.rows == 0 || p.cols == 0) return;  // empty tensors may carry null pointers: nothing to touch
-  if (p.y == nullptr) fail("y is nullptr for a non-empty [" + std::to_string(p.rows) + ", " + std::to_string(p.cols) + "] output");
+  if (p.y == nullptr)
+    fail("y is nullptr for a non-empty [" + std::to_string(p.rows) + ", " + std::to_string(p.cols) + "] output");
   if (p.rows > 1 && p.ld_y < p.cols) {
     fail("ld_y must be >= cols = " + std::to_string(p.cols) + " when rows > 1, got " + std::to_string(p.ld_y));
   }
   if (p.residual && p.rows > 1 && p.ld_residual < p.cols) {
-    fail("ld_residual must be >= cols = " + std::to_string(p.cols) + " when rows > 1, got " + std::to_string(p.ld_residual));
+    fail("ld_residual must be >= cols = " + std::to_string(p.cols) + " when rows > 1, got " +
+         std::to_string(p.ld_residual));
   }
   if (!p.bias && !p.residual) return;  // y += 0
 

@@ -39,9 +39,11 @@ namespace tpext::kernels {
 enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
 
 struct BiasResidualParams {
-  void* y; int64_t ld_y;                       // [rows, cols] row-major, row stride ld_y elements; updated in place
-  const void* bias;                            // [cols] or nullptr
-  const void* residual; int64_t ld_residual;   // [rows, cols] or nullptr
+  void* y;
+  int64_t ld_y;      // [rows, cols] row-major, row stride ld_y elements; updated in place
+  const void* bias;  // [cols] or nullptr
+  const void* residual;
+  int64_t ld_residual;  // [rows, cols] or nullptr
   int64_t rows, cols;
   DType dtype;
 };

@@ -75,7 +75,11 @@ struct P2PGroup {
 
 // What the device-synchronised kernels report in an abort code.
 enum class P2POp : uint32_t {
-  kAllReduceOneShot = 1, kAllReduceTwoShot = 2, kReduceScatter = 3, kAllGather = 4, kResidualRMSNorm = 5,
+  kAllReduceOneShot = 1,
+  kAllReduceTwoShot = 2,
+  kReduceScatter = 3,
+  kAllGather = 4,
+  kResidualRMSNorm = 5,
 };
 
 #ifdef __CUDACC__
@@ -115,7 +119,7 @@ enum class P2PAlgo : int32_t {
 
 struct P2PAllReduceParams {
   P2PGroup group;
-  void* out;       // [numel], this rank's result (virtual: out[r] given per launch, see below)
+  void* out;  // [numel], this rank's result (virtual: out[r] given per launch, see below)
   int64_t numel;
   DType dtype;
   P2PAlgo algo;
@@ -130,7 +134,7 @@ void launch_p2p_all_reduce_virtual(const P2PAllReduceParams& p, void* const* out
 struct P2PScatterGatherParams {
   P2PGroup group;
   void* out;
-  int64_t numel;   // reduce-scatter: numel of each input (R x the output); all-gather: of each input
+  int64_t numel;  // reduce-scatter: numel of each input (R x the output); all-gather: of each input
   DType dtype;
 };
 
@@ -163,7 +167,7 @@ struct P2PResidualRMSNormParams {
 void launch_p2p_all_reduce_residual_rmsnorm(const P2PResidualRMSNormParams& p, cudaStream_t stream);
 // Virtual ranks: outs[r] / new_residuals[r] receive rank r's outputs (the residual is shared).
 void launch_p2p_all_reduce_residual_rmsnorm_virtual(const P2PResidualRMSNormParams& p, void* const* outs,
-                                                     void* const* new_residuals, cudaStream_t stream);
+                                                    void* const* new_residuals, cudaStream_t stream);
 
 // Backward of out = rms_norm(h) * weight (plus a gradient arriving at h directly, from new_residual):
 //   n = h * rstd,  g = grad_out * weight
@@ -172,11 +176,11 @@ void launch_p2p_all_reduce_residual_rmsnorm_virtual(const P2PResidualRMSNormPara
 // Local (no peers). grad_weight = grad_weight_partial.sum(0) (the caller reduces the
 // rmsnorm_backward_blocks(rows) rows, in fp32, fp64 for kFloat64). grad_h_in may be nullptr.
 struct RMSNormBackwardParams {
-  const void* grad_out;   // [rows, hidden]
-  const void* grad_h_in;  // [rows, hidden] or nullptr
-  const void* h;          // [rows, hidden], the normalised input (new_residual)
-  const void* weight;     // [hidden]
-  void* grad_h;           // [rows, hidden]
+  const void* grad_out;       // [rows, hidden]
+  const void* grad_h_in;      // [rows, hidden] or nullptr
+  const void* h;              // [rows, hidden], the normalised input (new_residual)
+  const void* weight;         // [hidden]
+  void* grad_h;               // [rows, hidden]
   void* grad_weight_partial;  // [rmsnorm_backward_blocks(rows), hidden], fp32 (fp64 for kFloat64)
   int64_t rows, hidden;
   double eps;

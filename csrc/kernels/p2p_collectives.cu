@@ -177,7 +177,9 @@ bool buffers_aligned(const P2PGroup& g) {
 }
 
 template <typename T>
-constexpr int vec_of() { return 16 / static_cast<int>(sizeof(T)); }
+constexpr int vec_of() {
+  return 16 / static_cast<int>(sizeof(T));
+}
 
 // Launches `kernel` for each rank in `ranks` with that rank's group copy and output. Device sync:
 // one rank (this one); virtual: all of them, in rank order, on one stream.
@@ -239,10 +241,14 @@ void all_reduce_impl(const P2PAllReduceParams& p, void* const* outs, cudaStream_
     for (int phase : {kReducePhase, kGatherPhase}) {  // all ranks' phase 1, then all ranks' phase 2
       for_ranks(p.group, false, nullptr, outs, [&](const P2PGroup& g, void* o) {
         T* out = static_cast<T*>(o);
-        if (phase == kReducePhase && vec) two_shot_kernel<T, V, false, kReducePhase><<<grid, kThreads, 0, stream>>>(g, out, p.numel, seg);
-        if (phase == kReducePhase && !vec) two_shot_kernel<T, 1, false, kReducePhase><<<grid, kThreads, 0, stream>>>(g, out, p.numel, seg);
-        if (phase == kGatherPhase && vec) two_shot_kernel<T, V, false, kGatherPhase><<<grid, kThreads, 0, stream>>>(g, out, p.numel, seg);
-        if (phase == kGatherPhase && !vec) two_shot_kernel<T, 1, false, kGatherPhase><<<grid, kThreads, 0, stream>>>(g, out, p.numel, seg);
+        if (phase == kReducePhase && vec)
+          two_shot_kernel<T, V, false, kReducePhase><<<grid, kThreads, 0, stream>>>(g, out, p.numel, seg);
+        if (phase == kReducePhase && !vec)
+          two_shot_kernel<T, 1, false, kReducePhase><<<grid, kThreads, 0, stream>>>(g, out, p.numel, seg);
+        if (phase == kGatherPhase && vec)
+          two_shot_kernel<T, V, false, kGatherPhase><<<grid, kThreads, 0, stream>>>(g, out, p.numel, seg);
+        if (phase == kGatherPhase && !vec)
+          two_shot_kernel<T, 1, false, kGatherPhase><<<grid, kThreads, 0, stream>>>(g, out, p.numel, seg);
         TPEXT_CUDA_CHECK(cudaGetLastError());
       });
     }
@@ -253,8 +259,9 @@ enum class SG { kReduceScatter, kAllGather };
 
 void scatter_gather_impl(SG kind, const P2PScatterGatherParams& p, void* const* outs, cudaStream_t stream) {
   const bool sync = outs == nullptr;
-  const char* fn = kind == SG::kReduceScatter ? (sync ? "launch_p2p_reduce_scatter" : "launch_p2p_reduce_scatter_virtual")
-                                              : (sync ? "launch_p2p_all_gather" : "launch_p2p_all_gather_virtual");
+  const char* fn = kind == SG::kReduceScatter
+                       ? (sync ? "launch_p2p_reduce_scatter" : "launch_p2p_reduce_scatter_virtual")
+                       : (sync ? "launch_p2p_all_gather" : "launch_p2p_all_gather_virtual");
   check_common(fn, p.group, sync, sync ? p.out : (outs ? outs[0] : nullptr), p.numel, p.dtype);
   const int world = p.group.world;
   if (kind == SG::kReduceScatter && p.numel % world != 0) {

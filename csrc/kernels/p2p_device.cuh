@@ -49,9 +49,13 @@ __device__ __forceinline__ float inv_sqrt(float x) { return 1.0f / sqrtf(x); }
 __device__ __forceinline__ double inv_sqrt(double x) { return 1.0 / sqrt(x); }
 
 template <typename T, int N>
-__device__ __forceinline__ Pack<T, N> load_pack(const T* p) { return *reinterpret_cast<const Pack<T, N>*>(p); }
+__device__ __forceinline__ Pack<T, N> load_pack(const T* p) {
+  return *reinterpret_cast<const Pack<T, N>*>(p);
+}
 template <typename T, int N>
-__device__ __forceinline__ void store_pack(T* p, const Pack<T, N>& v) { *reinterpret_cast<Pack<T, N>*>(p) = v; }
+__device__ __forceinline__ void store_pack(T* p, const Pack<T, N>& v) {
+  *reinterpret_cast<Pack<T, N>*>(p) = v;
+}
 
 // acc[k] = sum_{q = 0..R-1} buffers[q][off + k], in that order. Loads of all peers are issued before
 // the adds, so the R remote reads are in flight together (latency, not bandwidth, rules small messages).
@@ -111,7 +115,7 @@ __device__ __forceinline__ void record_abort(const P2PGroup& g, uint32_t code) {
 // The slow path of a wait: 0 once `mine` reaches v, else the abort code to give up with (this rank's
 // abort word when another block or rank set it, or a timeout of this wait).
 __device__ __forceinline__ uint32_t wait_slow(const P2PGroup& g, const uint32_t* mine, uint32_t v, int peer, int k,
-                                           P2POp op) {
+                                              P2POp op) {
   const uint64_t start = global_timer_ns();
   for (uint32_t spins = 1;; ++spins) {
     if (static_cast<int32_t>(ld_acquire_sys(mine) - v) >= 0) return 0;

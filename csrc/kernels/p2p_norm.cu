@@ -41,8 +41,8 @@ unsigned norm_threads(int64_t units, int cap) {
 
 template <typename T, int N, bool kSync, bool kBias, bool kRes>
 __global__ void __launch_bounds__(kNormThreads)
-ar_rmsnorm_kernel(const P2PGroup g, const T* residual, const T* bias, const T* weight, T* out, T* new_res,
-                  int64_t rows, int64_t hidden, double eps) {
+    ar_rmsnorm_kernel(const P2PGroup g, const T* residual, const T* bias, const T* weight, T* out, T* new_res,
+                      int64_t rows, int64_t hidden, double eps) {
   using A = typename AccOf<T>::type;
   constexpr P2POp kOp = P2POp::kResidualRMSNorm;
   __shared__ A scratch[32];
@@ -113,8 +113,8 @@ ar_rmsnorm_kernel(const P2PGroup g, const T* residual, const T* bias, const T* w
 // plain read-modify-writes of its own slots: no atomics, deterministic.
 template <typename T, bool kGradIn>
 __global__ void __launch_bounds__(kBackwardThreads)
-rmsnorm_backward_kernel(const T* grad_out, const T* grad_h_in, const T* h, const T* weight, T* grad_h,
-                        typename AccOf<T>::type* dw_part, int64_t rows, int64_t hidden, double eps) {
+    rmsnorm_backward_kernel(const T* grad_out, const T* grad_h_in, const T* h, const T* weight, T* grad_h,
+                            typename AccOf<T>::type* dw_part, int64_t rows, int64_t hidden, double eps) {
   using A = typename AccOf<T>::type;
   __shared__ A scratch[32];
   A* dw = dw_part + static_cast<int64_t>(blockIdx.x) * hidden;
@@ -150,16 +150,16 @@ void check_dtype(const char* fn, DType dtype) {
 }
 
 template <typename T, int N, bool kSync>
-void launch_norm_rank(const P2PResidualRMSNormParams& p, const P2PGroup& g, void* out, void* new_res,
-                      unsigned grid, unsigned threads, cudaStream_t stream) {
+void launch_norm_rank(const P2PResidualRMSNormParams& p, const P2PGroup& g, void* out, void* new_res, unsigned grid,
+                      unsigned threads, cudaStream_t stream) {
   const T* res = static_cast<const T*>(p.residual);
   const T* bias = static_cast<const T*>(p.bias);
   const T* w = static_cast<const T*>(p.weight);
   T* o = static_cast<T*>(out);
   T* nr = static_cast<T*>(new_res);
   auto k = bias && res ? ar_rmsnorm_kernel<T, N, kSync, true, true>
-         : bias        ? ar_rmsnorm_kernel<T, N, kSync, true, false>
-         : res         ? ar_rmsnorm_kernel<T, N, kSync, false, true>
+           : bias      ? ar_rmsnorm_kernel<T, N, kSync, true, false>
+           : res       ? ar_rmsnorm_kernel<T, N, kSync, false, true>
                        : ar_rmsnorm_kernel<T, N, kSync, false, false>;
   k<<<grid, threads, 0, stream>>>(g, res, bias, w, o, nr, p.rows, p.hidden, p.eps);
   TPEXT_CUDA_CHECK(cudaGetLastError());
@@ -172,7 +172,8 @@ void norm_impl(const P2PResidualRMSNormParams& p, void* const* outs, void* const
   if (g.world < 1 || g.world > kP2PMaxRanks) fail(fn, "world must be in [1, 8], got " + std::to_string(g.world));
   if (sync && (g.rank < 0 || g.rank >= g.world)) fail(fn, "rank must be in [0, world), got " + std::to_string(g.rank));
   if (p.rows < 0 || p.hidden < 0) {
-    fail(fn, "rows and hidden must be >= 0, got rows=" + std::to_string(p.rows) + ", hidden=" + std::to_string(p.hidden));
+    fail(fn,
+         "rows and hidden must be >= 0, got rows=" + std::to_string(p.rows) + ", hidden=" + std::to_string(p.hidden));
   }
   check_dtype(fn, p.dtype);
   if (p.rows == 0 || p.hidden == 0) return;
@@ -193,9 +194,10 @@ void norm_impl(const P2PResidualRMSNormParams& p, void* const* outs, void* const
     void* nr = sync ? p.new_residual : new_residuals[r];
     if (o == nullptr || nr == nullptr) fail(fn, "out / new_residual of rank " + std::to_string(r) + " is nullptr");
     if (!sync && p.residual != nullptr && (nr == p.residual || o == p.residual)) {
-      fail(fn, std::string(nr == p.residual ? "new_residuals[" : "outs[") + std::to_string(r) + "] is the shared "
-               "residual: with virtual ranks the ranks run one after another, and the later ones would read rank " +
-               std::to_string(r) + "'s output");
+      fail(fn, std::string(nr == p.residual ? "new_residuals[" : "outs[") + std::to_string(r) +
+                   "] is the shared "
+                   "residual: with virtual ranks the ranks run one after another, and the later ones would read rank " +
+                   std::to_string(r) + "'s output");
     }
     ptrs_ok = ptrs_ok && aligned16(o) && aligned16(nr);
   }
@@ -253,7 +255,7 @@ void launch_p2p_all_reduce_residual_rmsnorm(const P2PResidualRMSNormParams& p, c
 }
 
 void launch_p2p_all_reduce_residual_rmsnorm_virtual(const P2PResidualRMSNormParams& p, void* const* outs,
-                                                     void* const* new_residuals, cudaStream_t stream) {
+                                                    void* const* new_residuals, cudaStream_t stream) {
   if (outs == nullptr || new_residuals == nullptr) {
     fail("launch_p2p_all_reduce_residual_rmsnorm_virtual", "outs and new_residuals must not be nullptr");
   }
@@ -265,11 +267,13 @@ int64_t rmsnorm_backward_blocks(int64_t rows) { return std::clamp<int64_t>(rows,
 void launch_rmsnorm_backward(const RMSNormBackwardParams& p, cudaStream_t stream) {
   const char* fn = "launch_rmsnorm_backward";
   if (p.rows < 0 || p.hidden < 0) {
-    fail(fn, "rows and hidden must be >= 0, got rows=" + std::to_string(p.rows) + ", hidden=" + std::to_string(p.hidden));
+    fail(fn,
+         "rows and hidden must be >= 0, got rows=" + std::to_string(p.rows) + ", hidden=" + std::to_string(p.hidden));
   }
   check_dtype(fn, p.dtype);
   if (p.hidden == 0) return;
-  if (p.grad_weight_partial == nullptr || p.weight == nullptr) fail(fn, "grad_weight_partial and weight must not be nullptr");
+  if (p.grad_weight_partial == nullptr || p.weight == nullptr)
+    fail(fn, "grad_weight_partial and weight must not be nullptr");
   if (p.rows > 0 && (p.grad_out == nullptr || p.h == nullptr || p.grad_h == nullptr)) {
     fail(fn, "grad_out, h and grad_h must not be nullptr for rows > 0");
   }
@@ -285,8 +289,10 @@ void launch_rmsnorm_backward(const RMSNormBackwardParams& p, cudaStream_t stream
     const T* w = static_cast<const T*>(p.weight);
     T* dh = static_cast<T*>(p.grad_h);
     A* part = static_cast<A*>(p.grad_weight_partial);
-    if (din) rmsnorm_backward_kernel<T, true><<<grid, threads, 0, stream>>>(dy, din, h, w, dh, part, p.rows, p.hidden, p.eps);
-    else rmsnorm_backward_kernel<T, false><<<grid, threads, 0, stream>>>(dy, din, h, w, dh, part, p.rows, p.hidden, p.eps);
+    if (din)
+      rmsnorm_backward_kernel<T, true><<<grid, threads, 0, stream>>>(dy, din, h, w, dh, part, p.rows, p.hidden, p.eps);
+    else
+      rmsnorm_backward_kernel<T, false><<<grid, threads, 0, stream>>>(dy, din, h, w, dh, part, p.rows, p.hidden, p.eps);
     TPEXT_CUDA_CHECK(cudaGetLastError());
   });
 }

@@ -1,7 +1,7 @@
 // The three overlapped GEMM + collective ops: argument checks, flattening of leading dims, output
 // allocation, device guard, the bias/residual epilogue and the group-of-one fast path (one GEMM, no
 // collective); the chunk loops themselves live in csrc/schedule.
-#include "ops/ops.h"
+#include "ops/gemm_collectives.h"
 
 #include <exception>
 #include <functional>
@@ -13,6 +13,7 @@
 #include <c10/util/Exception.h>
 #include <c10/util/accumulate.h>
 
+#include "comm/c10d.h"
 #include "comm/communicator.h"
 #include "ops/epilogue.h"
 #include "schedule/schedule.h"
@@ -20,34 +21,32 @@
 namespace tpext::ops {
 namespace {
 
-// Validates what every op shares (including the plan: chunks and algorithm). Runs before any
+// Validates what every op shares (including the schedule: chunks and algorithm). Runs before any
 // communicator is made or used and depends only on local arguments, so a bad call fails on the rank that made it
 // instead of leaving its peers waiting.
 void check_gemm_args(const char* op, const char* x_name, const at::Tensor& x, const at::Tensor& w,
                      const std::optional<at::Tensor>& bias, int64_t chunks, int64_t algorithm) {
-  TORCH_CHECK(x.dim() >= 2, "tpext.", op, ": ", x_name, " must be [*, K] with at least 2 dims, got shape ",
-              x.sizes());
+  TORCH_CHECK(x.dim() >= 2, "tpext.", op, ": ", x_name, " must be [*, K] with at least 2 dims, got shape ", x.sizes());
   TORCH_CHECK(w.dim() == 2, "tpext.", op, ": w must be 2-D [N, K] (nn.Linear layout), got shape ", w.sizes());
   TORCH_CHECK(x.size(-1) == w.size(1), "tpext.", op, ": ", x_name, "'s last dim K = ", x.size(-1),
               " must equal w.size(1) (w is [N, K]), got ", x_name, " ", x.sizes(), " and w ", w.sizes());
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), "tpext.", op, ": ", x_name,
               " must be a floating-point tensor, got dtype ", x.scalar_type());
-  TORCH_CHECK(w.scalar_type() == x.scalar_type(), "tpext.", op, ": w dtype ", w.scalar_type(), " must match ",
-              x_name, " dtype ", x.scalar_type());
-  TORCH_CHECK(w.device() == x.device(), "tpext.", op, ": w is on ", w.device(), " but ", x_name, " is on ",
-              x.device(), "; all tensors must be on one device");
+  TORCH_CHECK(w.scalar_type() == x.scalar_type(), "tpext.", op, ": w dtype ", w.scalar_type(), " must match ", x_name,
+              " dtype ", x.scalar_type());
+  TORCH_CHECK(w.device() == x.device(), "tpext.", op, ": w is on ", w.device(), " but ", x_name, " is on ", x.device(),
+              "; all tensors must be on one device");
   if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == w.size(0), "tpext.", op, ": bias must be 1-D [N] = [",
-                w.size(0), "] to match w [N, K] = ", w.sizes(), ", got shape ", bias->sizes());
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == w.size(0), "tpext.", op, ": bias must be 1-D [N] = [", w.size(0),
+                "] to match w [N, K] = ", w.sizes(), ", got shape ", bias->sizes());
     TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "tpext.", op, ": bias dtype ", bias->scalar_type(),
                 " must match ", x_name, " dtype ", x.scalar_type());
-    TORCH_CHECK(bias->device() == x.device(), "tpext.", op, ": bias is on ", bias->device(), " but ", x_name,
-                " is on ", x.device(), "; all tensors must be on one device");
+    TORCH_CHECK(bias->device() == x.device(), "tpext.", op, ": bias is on ", bias->device(), " but ", x_name, " is on ",
+                x.device(), "; all tensors must be on one device");
   }
   TORCH_CHECK(chunks >= 1, "tpext.", op, ": chunks must be >= 1 (1 = sequential), got ", chunks);
   TORCH_CHECK(algorithm >= 0 && algorithm < schedule::kNumAlgorithms, "tpext.", op,
-              ": algorithm must be 0 (sequential), 1 (chunked_pipeline) or 2 (chunked_two_streams), got ",
-              algorithm);
+              ": algorithm must be 0 (sequential), 1 (chunked_pipeline) or 2 (chunked_two_streams), got ", algorithm);
   TORCH_CHECK(algorithm != static_cast<int64_t>(schedule::Algorithm::kSequential) || chunks == 1, "tpext.", op,
               ": algorithm 0 (sequential) runs one chunk, so chunks must be 1, got ", chunks);
 }
@@ -55,7 +54,7 @@ void check_gemm_args(const char* op, const char* x_name, const at::Tensor& x, co
 // Runs an op's argument checks. `local_checks` see only this rank's arguments and run before any
 // collective, so a bad call fails on the rank that made it. Under TORCH_DISTRIBUTED_DEBUG=DETAIL the
 // ranks first compare what they cannot see alone (comm::check_ranks_agree): the collective's sizes (rows
-// of x, the width it moves), dtype and plan, and whether each rank's local checks passed, so a rank that
+// of x, the width it moves), dtype and schedule, and whether each rank's local checks passed, so a rank that
 // rejects its arguments does not leave the others waiting in that comparison.
 void check_args(const std::string& group_name, const char* op, const at::Tensor& x, const char* width_name,
                 int64_t width, int64_t chunks, int64_t algorithm, const std::function<void()>& local_checks) {
@@ -68,13 +67,15 @@ void check_args(const std::string& group_name, const char* op, const at::Tensor&
   const int64_t rows = x.dim() >= 1 ? c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1) : 0;
   comm::check_ranks_agree(group_name, op, x.device(),
                           {{"arguments accepted (1) or rejected (0)", rejected ? 0 : 1},
-                           {"rows (leading dims of x flattened)", rows}, {width_name, width},
-                           {"dtype", static_cast<int64_t>(x.scalar_type())}, {"chunks", chunks},
+                           {"rows (leading dims of x flattened)", rows},
+                           {width_name, width},
+                           {"dtype", static_cast<int64_t>(x.scalar_type())},
+                           {"chunks", chunks},
                            {"algorithm", algorithm}});
   if (rejected) std::rethrow_exception(rejected);
 }
 
-schedule::Plan plan_of(int64_t chunks, int64_t algorithm) {
+schedule::Schedule schedule_of(int64_t chunks, int64_t algorithm) {
   return {static_cast<schedule::Algorithm>(algorithm), chunks};
 }
 
@@ -82,12 +83,12 @@ schedule::Plan plan_of(int64_t chunks, int64_t algorithm) {
 void check_residual(const char* op, const std::optional<at::Tensor>& residual, c10::IntArrayRef out_sizes,
                     const at::Tensor& x) {
   if (!residual.has_value()) return;
-  TORCH_CHECK(residual->sizes() == out_sizes, "tpext.", op, ": residual must have the output's shape ",
-              out_sizes, ", got ", residual->sizes());
-  TORCH_CHECK(residual->scalar_type() == x.scalar_type(), "tpext.", op, ": residual dtype ",
-              residual->scalar_type(), " must match x dtype ", x.scalar_type());
-  TORCH_CHECK(residual->device() == x.device(), "tpext.", op, ": residual is on ", residual->device(),
-              " but x is on ", x.device(), "; all tensors must be on one device");
+  TORCH_CHECK(residual->sizes() == out_sizes, "tpext.", op, ": residual must have the output's shape ", out_sizes,
+              ", got ", residual->sizes());
+  TORCH_CHECK(residual->scalar_type() == x.scalar_type(), "tpext.", op, ": residual dtype ", residual->scalar_type(),
+              " must match x dtype ", x.scalar_type());
+  TORCH_CHECK(residual->device() == x.device(), "tpext.", op, ": residual is on ", residual->device(), " but x is on ",
+              x.device(), "; all tensors must be on one device");
 }
 
 // [d0, d1, ..., K] -> [d0 * d1 * ..., K], contiguous (a view whenever the input allows it). The row
@@ -105,8 +106,7 @@ std::vector<int64_t> sizes_like(const at::Tensor& t, int64_t dim0, int64_t last)
 }
 
 // Bias and residual, added once to each finished block of output rows.
-schedule::RowsEpilogue add_epilogue(const std::optional<at::Tensor>& bias,
-                                    const std::optional<at::Tensor>& residual) {
+schedule::RowsEpilogue add_epilogue(const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual) {
   if (!bias.has_value() && !residual.has_value()) return {};
   std::optional<at::Tensor> b, res;
   if (bias.has_value()) b.emplace(bias->contiguous());
@@ -129,10 +129,10 @@ void local_gemm(const at::Tensor& x_rows, const at::Tensor& w, at::Tensor& y_row
 // rank's y_shard), reduced by `schedule_fn` over the group's communicator, or one local GEMM for a
 // group of one; bias and residual added once by the epilogue.
 using ReducingSchedule = void (*)(const at::Tensor&, const at::Tensor&, at::Tensor&, comm::Communicator&,
-                                  const schedule::Plan&, const schedule::RowsEpilogue&);
+                                  const schedule::Schedule&, const schedule::RowsEpilogue&);
 at::Tensor reducing_gemm(at::Tensor out, const at::Tensor& x, const at::Tensor& w,
                          const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
-                         const std::string& group_name, const char* op, const schedule::Plan& plan,
+                         const std::string& group_name, const char* op, const schedule::Schedule& sched,
                          ReducingSchedule schedule_fn) {
   auto comm = comm::make_communicator(group_name, op, x.device());
   if (out.numel() == 0) return out;
@@ -141,7 +141,7 @@ at::Tensor reducing_gemm(at::Tensor out, const at::Tensor& x, const at::Tensor& 
   if (comm->local()) {
     local_gemm(rows_of(x), w, out_rows, epilogue);
   } else {
-    schedule_fn(rows_of(x), w, out_rows, *comm, plan, epilogue);
+    schedule_fn(rows_of(x), w, out_rows, *comm, sched, epilogue);
   }
   return out;
 }
@@ -152,39 +152,38 @@ at::Tensor gemm_all_reduce(const at::Tensor& x, const at::Tensor& w, const std::
                            const std::string& group_name, int64_t chunks, int64_t algorithm,
                            const std::optional<at::Tensor>& residual) {
   c10::DeviceGuard guard(x.device());
-  check_args(group_name, "gemm_all_reduce", x, "N (w.size(0))", w.dim() >= 1 ? w.size(0) : -1, chunks, algorithm,
-             [&] {
-               check_gemm_args("gemm_all_reduce", "x", x, w, bias, chunks, algorithm);
-               check_residual("gemm_all_reduce", residual, sizes_like(x, x.size(0), w.size(0)), x);
-             });
-  return reducing_gemm(at::empty(sizes_like(x, x.size(0), w.size(0)), x.options()), x, w, bias, residual,
-                       group_name, "gemm_all_reduce", plan_of(chunks, algorithm), &schedule::gemm_all_reduce);
+  check_args(group_name, "gemm_all_reduce", x, "N (w.size(0))", w.dim() >= 1 ? w.size(0) : -1, chunks, algorithm, [&] {
+    check_gemm_args("gemm_all_reduce", "x", x, w, bias, chunks, algorithm);
+    check_residual("gemm_all_reduce", residual, sizes_like(x, x.size(0), w.size(0)), x);
+  });
+  return reducing_gemm(at::empty(sizes_like(x, x.size(0), w.size(0)), x.options()), x, w, bias, residual, group_name,
+                       "gemm_all_reduce", schedule_of(chunks, algorithm), &schedule::gemm_all_reduce);
 }
 
-at::Tensor gemm_reduce_scatter(const at::Tensor& x, const at::Tensor& w,
-                               const std::optional<at::Tensor>& bias, const std::string& group_name,
-                               int64_t chunks, int64_t algorithm, const std::optional<at::Tensor>& residual) {
+at::Tensor gemm_reduce_scatter(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                               const std::string& group_name, int64_t chunks, int64_t algorithm,
+                               const std::optional<at::Tensor>& residual) {
   const int64_t world = comm::group_size(group_name, "gemm_reduce_scatter");
   c10::DeviceGuard guard(x.device());
-  check_args(group_name, "gemm_reduce_scatter", x, "N (w.size(0))", w.dim() >= 1 ? w.size(0) : -1, chunks,
-             algorithm, [&] {
-               check_gemm_args("gemm_reduce_scatter", "x", x, w, bias, chunks, algorithm);
-               TORCH_CHECK(x.size(0) % world == 0, "tpext.gemm_reduce_scatter: x.size(0) = ", x.size(0),
-                           " must be divisible by the group size ", world, " (each rank receives x.size(0) / ",
-                           world, " rows), got x ", x.sizes());
-               check_residual("gemm_reduce_scatter", residual, sizes_like(x, x.size(0) / world, w.size(0)), x);
-             });
+  check_args(group_name, "gemm_reduce_scatter", x, "N (w.size(0))", w.dim() >= 1 ? w.size(0) : -1, chunks, algorithm,
+             [&] {
+    check_gemm_args("gemm_reduce_scatter", "x", x, w, bias, chunks, algorithm);
+    TORCH_CHECK(x.size(0) % world == 0, "tpext.gemm_reduce_scatter: x.size(0) = ", x.size(0),
+                " must be divisible by the group size ", world, " (each rank receives x.size(0) / ", world,
+                " rows), got x ", x.sizes());
+    check_residual("gemm_reduce_scatter", residual, sizes_like(x, x.size(0) / world, w.size(0)), x);
+  });
   return reducing_gemm(at::empty(sizes_like(x, x.size(0) / world, w.size(0)), x.options()), x, w, bias, residual,
-                       group_name, "gemm_reduce_scatter", plan_of(chunks, algorithm), &schedule::gemm_reduce_scatter);
+                       group_name, "gemm_reduce_scatter", schedule_of(chunks, algorithm),
+                       &schedule::gemm_reduce_scatter);
 }
 
 std::tuple<at::Tensor, at::Tensor> all_gather_gemm(const at::Tensor& x_shard, const at::Tensor& w,
-                                                   const std::optional<at::Tensor>& bias,
-                                                   const std::string& group_name, int64_t chunks,
-                                                   int64_t algorithm) {
+                                                   const std::optional<at::Tensor>& bias, const std::string& group_name,
+                                                   int64_t chunks, int64_t algorithm) {
   c10::DeviceGuard guard(x_shard.device());
-  check_args(group_name, "all_gather_gemm", x_shard, "K (x_shard.size(-1))",
-             x_shard.dim() >= 1 ? x_shard.size(-1) : -1, chunks, algorithm,
+  check_args(group_name, "all_gather_gemm", x_shard, "K (x_shard.size(-1))", x_shard.dim() >= 1 ? x_shard.size(-1) : -1,
+             chunks, algorithm,
              [&] { check_gemm_args("all_gather_gemm", "x_shard", x_shard, w, bias, chunks, algorithm); });
   auto comm = comm::make_communicator(group_name, "all_gather_gemm", x_shard.device());
   const int64_t world = comm->size();
@@ -202,7 +201,7 @@ std::tuple<at::Tensor, at::Tensor> all_gather_gemm(const at::Tensor& x_shard, co
     x_full_rows.copy_(rows_of(x_shard));  // returned for the weight gradient: the one copy a group of one makes
     local_gemm(x_full_rows, w, y_rows, epilogue);
   } else {
-    schedule::all_gather_gemm(rows_of(x_shard), w, x_full_rows, y_rows, *comm, plan_of(chunks, algorithm),
+    schedule::all_gather_gemm(rows_of(x_shard), w, x_full_rows, y_rows, *comm, schedule_of(chunks, algorithm),
                               epilogue);
   }
   return {y, x_full};

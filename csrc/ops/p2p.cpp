@@ -22,6 +22,7 @@
 #include <c10/core/DeviceGuard.h>
 #include <c10/util/Exception.h>
 
+#include "comm/c10d.h"
 #include "comm/communicator.h"
 #include "comm/p2p.h"
 
@@ -34,7 +35,7 @@
 namespace tpext::ops {
 namespace {
 
-// The kernel of each op, as plan_call takes it (kernels::P2POp values; plain ints so that a CPU build,
+// The kernel of each op, as choose_route takes it (kernels::P2POp values; plain ints so that a CPU build,
 // which has no kernels header, compiles the same calls). All-reduce passes its algorithm (1, 2).
 constexpr int kReduceScatterOp = 3, kAllGatherOp = 4, kNormOp = 5;
 #ifdef TPEXT_WITH_CUDA
@@ -43,12 +44,12 @@ static_assert(kReduceScatterOp == static_cast<int>(kernels::P2POp::kReduceScatte
                   kNormOp == static_cast<int>(kernels::P2POp::kResidualRMSNorm) &&
                   static_cast<int>(kernels::P2POp::kAllReduceOneShot) == 1 &&
                   static_cast<int>(kernels::P2POp::kAllReduceTwoShot) == 2,
-              "plan_call's op numbers are kernels::P2POp's");
+              "choose_route's op numbers are kernels::P2POp's");
 #endif
 
 enum class Path { kC10d, kReference, kKernel };
 
-struct Plan {
+struct Route {
   Path path = Path::kC10d;
 #ifdef TPEXT_WITH_CUDA
   std::shared_ptr<comm::SymmetricBuffers> buffers;  // kKernel only
@@ -61,14 +62,14 @@ struct Plan {
 cudaStream_t stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.get_device()).stream(); }
 #endif
 
-Plan plan_call(const char* op, const at::Tensor& x, const comm::Communicator& c, const std::string& group,
-               int64_t algorithm, int64_t nbytes, [[maybe_unused]] int kernel_op) {
-  if (algorithm == 0 || c.size() == 1) return {};
+Route choose_route(const char* op, const at::Tensor& x, const comm::Communicator& c, const std::string& group,
+                   P2PAlgorithm algorithm, int64_t nbytes, [[maybe_unused]] int kernel_op) {
+  if (algorithm == P2PAlgorithm::kCollective || c.size() == 1) return {};
   if (!x.is_cuda()) {
     comm::warn_fallback_once(group, op,
                              "the tensors are on the CPU; ran the host reference of the P2P kernels instead "
                              "(all-gather over c10d, then the kernels' rank-order sum)");
-    Plan p;
+    Route p;
     p.path = Path::kReference;
     return p;
   }
@@ -79,7 +80,7 @@ Plan plan_call(const char* op, const at::Tensor& x, const comm::Communicator& c,
     TORCH_CHECK(buf->world() == c.size(), "tpext.", op, ": the symmetric buffers of group '", group, "' were made for ",
                 buf->world(), " ranks, the group has ", c.size());
     if (nbytes <= buf->capacity()) {
-      Plan p;
+      Route p;
       p.path = Path::kKernel;
       p.kernel_op = static_cast<kernels::P2POp>(kernel_op);
       if (buf->device() != x.get_device()) {
@@ -117,29 +118,30 @@ std::vector<at::Tensor> gather_parts(comm::Communicator& c, const at::Tensor& xc
 #ifdef TPEXT_WITH_CUDA
 // Stream-ordered copy of this rank's input into its symmetric buffer, then the table for the launch.
 kernels::P2PGroup stage(comm::SymmetricBuffers& buf, const at::Tensor& xc) {
-  TPEXT_CUDA_CHECK(cudaMemcpyAsync(buf.local_data(), xc.data_ptr(), xc.nbytes(), cudaMemcpyDeviceToDevice, stream_of(xc)));
+  TPEXT_CUDA_CHECK(
+      cudaMemcpyAsync(buf.local_data(), xc.data_ptr(), xc.nbytes(), cudaMemcpyDeviceToDevice, stream_of(xc)));
   return buf.table();
 }
 
 // Runs the allocation, staging and launch of a kernel-path call. A failure there is rank-local while
 // the peers may have launched: it is refused to them first (see the top of this file).
 template <typename F>
-void launch_or_refuse(const Plan& plan, F&& f) {
+void launch_or_refuse(const Route& route, F&& f) {
   try {
     f();
   } catch (...) {
-    plan.buffers->refuse(plan.kernel_op);
+    route.buffers->refuse(route.kernel_op);
     throw;
   }
 }
 
 // The reduce-scatter and all-gather kernels take one params shape: x staged, `out` (aligned here) written.
-void launch_scatter_gather(const Plan& plan, at::Tensor& out, const at::Tensor& xc,
+void launch_scatter_gather(const Route& route, at::Tensor& out, const at::Tensor& xc,
                            void (*launch)(const kernels::P2PScatterGatherParams&, cudaStream_t)) {
-  launch_or_refuse(plan, [&] {
+  launch_or_refuse(route, [&] {
     out = p2p_ref::aligned(out);
     kernels::P2PScatterGatherParams p{};
-    p.group = stage(*plan.buffers, xc);
+    p.group = stage(*route.buffers, xc);
     p.out = out.data_ptr();
     p.numel = xc.numel();
     p.dtype = p2p_ref::kernel_dtype(xc.scalar_type());
@@ -153,24 +155,25 @@ void launch_scatter_gather(const Plan& plan, at::Tensor& out, const at::Tensor& 
 at::Tensor p2p_all_reduce(const at::Tensor& x, const std::string& group_name, int64_t algorithm) {
   const char* op = "p2p_all_reduce";
   p2p_ref::check_dtype(op, "x", x);
-  p2p_ref::check_algorithm(op, algorithm);
+  const P2PAlgorithm algo = p2p_ref::check_algorithm(op, algorithm);
   c10::DeviceGuard guard(x.device());
   auto c = comm::make_c10d_communicator(group_name, op);
   at::Tensor xc = x.contiguous();
   if (xc.numel() == 0) return xc.clone();
-  const Plan plan = plan_call(op, x, *c, group_name, algorithm, static_cast<int64_t>(xc.nbytes()), algorithm == 1 ? 1 : 2);
-  if (plan.path == Path::kReference) return p2p_ref::ordered_sum(gather_parts(*c, xc)).to(x.scalar_type());
+  const Route route = choose_route(op, x, *c, group_name, algo, static_cast<int64_t>(xc.nbytes()),
+                                   algo == P2PAlgorithm::kOneShot ? 1 : 2);
+  if (route.path == Path::kReference) return p2p_ref::ordered_sum(gather_parts(*c, xc)).to(x.scalar_type());
 #ifdef TPEXT_WITH_CUDA
-  if (plan.path == Path::kKernel) {
+  if (route.path == Path::kKernel) {
     at::Tensor out;
-    launch_or_refuse(plan, [&] {
+    launch_or_refuse(route, [&] {
       out = p2p_ref::aligned(at::empty_like(xc));
       kernels::P2PAllReduceParams p{};
-      p.group = stage(*plan.buffers, xc);
+      p.group = stage(*route.buffers, xc);
       p.out = out.data_ptr();
       p.numel = xc.numel();
       p.dtype = p2p_ref::kernel_dtype(x.scalar_type());
-      p.algo = algorithm == 1 ? kernels::P2PAlgo::kOneShot : kernels::P2PAlgo::kTwoShot;
+      p.algo = algo == P2PAlgorithm::kOneShot ? kernels::P2PAlgo::kOneShot : kernels::P2PAlgo::kTwoShot;
       kernels::launch_p2p_all_reduce(p, stream_of(x));
     });
     return out;
@@ -184,27 +187,29 @@ at::Tensor p2p_all_reduce(const at::Tensor& x, const std::string& group_name, in
 at::Tensor p2p_reduce_scatter(const at::Tensor& x, const std::string& group_name, int64_t algorithm) {
   const char* op = "p2p_reduce_scatter";
   p2p_ref::check_dtype(op, "x", x);
-  p2p_ref::check_algorithm(op, algorithm);
+  const P2PAlgorithm algo = p2p_ref::check_algorithm(op, algorithm);
   c10::DeviceGuard guard(x.device());
   auto c = comm::make_c10d_communicator(group_name, op);
   const int world = c->size();
-  TORCH_CHECK(x.dim() >= 1 && x.size(0) % world == 0, "tpext.", op, ": x must be [R * m, *] with dim 0 divisible by the ",
-              "group size R = ", world, ", got shape ", x.sizes());
+  TORCH_CHECK(x.dim() >= 1 && x.size(0) % world == 0, "tpext.", op,
+              ": x must be [R * m, *] with dim 0 divisible by the ", "group size R = ", world, ", got shape ",
+              x.sizes());
   at::Tensor xc = x.contiguous();
   std::vector<int64_t> sizes(x.sizes().begin(), x.sizes().end());
   sizes[0] /= world;
   at::Tensor out = at::empty(sizes, x.options());
   if (xc.numel() == 0) return out;
-  const Plan plan = plan_call(op, x, *c, group_name, algorithm, static_cast<int64_t>(xc.nbytes()),
-                              static_cast<int>(kReduceScatterOp));
-  if (plan.path == Path::kReference) {
+  const Route route =
+      choose_route(op, x, *c, group_name, algo, static_cast<int64_t>(xc.nbytes()), static_cast<int>(kReduceScatterOp));
+  if (route.path == Path::kReference) {
     std::vector<at::Tensor> blocks;
-    for (const at::Tensor& part : gather_parts(*c, xc)) blocks.push_back(part.narrow(0, c->rank() * sizes[0], sizes[0]));
+    for (const at::Tensor& part : gather_parts(*c, xc))
+      blocks.push_back(part.narrow(0, c->rank() * sizes[0], sizes[0]));
     return p2p_ref::ordered_sum(blocks).to(x.scalar_type());
   }
 #ifdef TPEXT_WITH_CUDA
-  if (plan.path == Path::kKernel) {
-    launch_scatter_gather(plan, out, xc, &kernels::launch_p2p_reduce_scatter);
+  if (route.path == Path::kKernel) {
+    launch_scatter_gather(route, out, xc, &kernels::launch_p2p_reduce_scatter);
     return out;
   }
 #endif
@@ -215,7 +220,7 @@ at::Tensor p2p_reduce_scatter(const at::Tensor& x, const std::string& group_name
 at::Tensor p2p_all_gather(const at::Tensor& x, const std::string& group_name, int64_t algorithm) {
   const char* op = "p2p_all_gather";
   p2p_ref::check_dtype(op, "x", x);
-  p2p_ref::check_algorithm(op, algorithm);
+  const P2PAlgorithm algo = p2p_ref::check_algorithm(op, algorithm);
   TORCH_CHECK(x.dim() >= 1, "tpext.", op, ": x must be [m, *] with at least 1 dim, got a 0-dim tensor");
   c10::DeviceGuard guard(x.device());
   auto c = comm::make_c10d_communicator(group_name, op);
@@ -225,11 +230,11 @@ at::Tensor p2p_all_gather(const at::Tensor& x, const std::string& group_name, in
   sizes[0] *= world;
   at::Tensor out = at::empty(sizes, x.options());
   if (xc.numel() == 0) return out;
-  [[maybe_unused]] const Plan plan = plan_call(op, x, *c, group_name, algorithm, static_cast<int64_t>(xc.nbytes()),
-                                               static_cast<int>(kAllGatherOp));
+  [[maybe_unused]] const Route route =
+      choose_route(op, x, *c, group_name, algo, static_cast<int64_t>(xc.nbytes()), static_cast<int>(kAllGatherOp));
 #ifdef TPEXT_WITH_CUDA
-  if (plan.path == Path::kKernel) {
-    launch_scatter_gather(plan, out, xc, &kernels::launch_p2p_all_gather);
+  if (route.path == Path::kKernel) {
+    launch_scatter_gather(route, out, xc, &kernels::launch_p2p_all_gather);
     return out;
   }
 #endif
@@ -240,27 +245,29 @@ at::Tensor p2p_all_gather(const at::Tensor& x, const std::string& group_name, in
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> p2p_all_reduce_residual_rmsnorm(
-    const at::Tensor& x, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& bias,
-    const at::Tensor& weight, double eps, const std::string& group_name, int64_t algorithm) {
+std::tuple<at::Tensor, at::Tensor> p2p_all_reduce_residual_rmsnorm(const at::Tensor& x,
+                                                                   const std::optional<at::Tensor>& residual,
+                                                                   const std::optional<at::Tensor>& bias,
+                                                                   const at::Tensor& weight, double eps,
+                                                                   const std::string& group_name, int64_t algorithm) {
   const char* op = "p2p_all_reduce_residual_rmsnorm";
   p2p_ref::check_norm_args(op, x, residual, bias, weight, eps);
-  p2p_ref::check_algorithm(op, algorithm);
+  const P2PAlgorithm algo = p2p_ref::check_algorithm(op, algorithm);
   c10::DeviceGuard guard(x.device());
   auto c = comm::make_c10d_communicator(group_name, op);
   at::Tensor xc = x.contiguous();
   if (xc.numel() == 0) return {at::empty_like(xc), at::empty_like(xc)};
   // The kernel has no two-shot variant: it is one-shot whatever P2P algorithm was asked for.
-  const Plan plan = plan_call(op, x, *c, group_name, algorithm, static_cast<int64_t>(xc.nbytes()),
-                              static_cast<int>(kNormOp));
-  if (plan.path == Path::kReference) {
+  const Route route =
+      choose_route(op, x, *c, group_name, algo, static_cast<int64_t>(xc.nbytes()), static_cast<int>(kNormOp));
+  if (route.path == Path::kReference) {
     return p2p_ref::residual_rmsnorm(p2p_ref::ordered_sum(gather_parts(*c, xc)), residual, bias, weight, eps,
                                      x.scalar_type());
   }
 #ifdef TPEXT_WITH_CUDA
-  if (plan.path == Path::kKernel) {
+  if (route.path == Path::kKernel) {
     at::Tensor out, new_res;
-    launch_or_refuse(plan, [&] {
+    launch_or_refuse(route, [&] {
       out = p2p_ref::aligned(at::empty_like(xc));
       new_res = p2p_ref::aligned(at::empty_like(xc));
       // 16-byte aligned copies where needed: the kernel picks its vector width (and with it the block size
@@ -270,7 +277,7 @@ std::tuple<at::Tensor, at::Tensor> p2p_all_reduce_residual_rmsnorm(
       at::Tensor bias_c = bias.has_value() ? p2p_ref::aligned(bias->contiguous()) : at::Tensor();
       at::Tensor w_c = p2p_ref::aligned(weight.contiguous());
       kernels::P2PResidualRMSNormParams p{};
-      p.group = stage(*plan.buffers, xc);
+      p.group = stage(*route.buffers, xc);
       p.residual = res_c.defined() ? res_c.data_ptr() : nullptr;
       p.bias = bias_c.defined() ? bias_c.data_ptr() : nullptr;
       p.weight = w_c.data_ptr();
@@ -296,10 +303,10 @@ std::tuple<at::Tensor, at::Tensor> p2p_rmsnorm_backward(const at::Tensor& grad_o
                                                         const at::Tensor& h, const at::Tensor& weight, double eps) {
   const char* op = "p2p_rmsnorm_backward";
   p2p_ref::check_norm_args(op, h, std::nullopt, std::nullopt, weight, eps);
-  TORCH_CHECK(grad_out.sizes() == h.sizes() && grad_out.scalar_type() == h.scalar_type() &&
-                  grad_out.device() == h.device(),
-              "tpext.", op, ": grad_out must match h (", h.sizes(), ", ", h.scalar_type(), ", ", h.device(), "), got ",
-              grad_out.sizes(), ", ", grad_out.scalar_type(), ", ", grad_out.device());
+  TORCH_CHECK(
+      grad_out.sizes() == h.sizes() && grad_out.scalar_type() == h.scalar_type() && grad_out.device() == h.device(),
+      "tpext.", op, ": grad_out must match h (", h.sizes(), ", ", h.scalar_type(), ", ", h.device(), "), got ",
+      grad_out.sizes(), ", ", grad_out.scalar_type(), ", ", grad_out.device());
   if (grad_residual.has_value()) {
     TORCH_CHECK(grad_residual->sizes() == h.sizes() && grad_residual->scalar_type() == h.scalar_type() &&
                     grad_residual->device() == h.device(),

@@ -1,10 +1,11 @@
 // The P2P ops (registered in csrc/torch_bindings.cpp) and the host references they share.
 //
-// `algorithm` (decided by tpext/p2p.py): 0 = the group's own collective (c10d: NCCL or gloo), then
-// the epilogue in ATen; 1 = one-shot P2P kernel; 2 = two-shot P2P kernel. With 1 or 2, CPU tensors
-// run the host reference of the kernels (all-gather over c10d, then the kernels' arithmetic: rank-order
-// sum in fp32, fp64 for fp64), and CUDA tensors whose group has no usable symmetric buffers fall back
-// to 0; both say why once per group and reason. Groups of size 1 never communicate.
+// `algorithm` (a P2PAlgorithm value, decided by tpext/p2p.py): kCollective = the group's own collective
+// (c10d: NCCL or gloo), then the epilogue in ATen; kOneShot / kTwoShot = the one-shot / two-shot P2P
+// kernel. With a P2P kernel, CPU tensors run the host reference of the kernels (all-gather over c10d, then
+// the kernels' arithmetic: rank-order sum in fp32, fp64 for fp64), and CUDA tensors whose group has no
+// usable symmetric buffers fall back to kCollective; both say why once per group and reason. Groups of
+// size 1 never communicate.
 #pragma once
 
 #include <optional>
@@ -20,12 +21,22 @@
 
 namespace tpext::ops {
 
+// How a P2P op communicates. The values are the ops' `int algorithm` argument (the schemas keep an int,
+// as they do for schedule::Algorithm); tpext.p2p.P2PAlgorithm mirrors them.
+enum class P2PAlgorithm : int64_t {
+  kCollective = 0,  // the group's collective (c10d), no symmetric buffers
+  kOneShot = 1,     // every rank reads every peer's whole buffer and reduces: one round, latency-bound sizes
+  kTwoShot = 2,     // reduce-scatter then all-gather over the buffers: two rounds, 1/R of the reads each
+};
+
 at::Tensor p2p_all_reduce(const at::Tensor& x, const std::string& group_name, int64_t algorithm);
 at::Tensor p2p_reduce_scatter(const at::Tensor& x, const std::string& group_name, int64_t algorithm);
 at::Tensor p2p_all_gather(const at::Tensor& x, const std::string& group_name, int64_t algorithm);
-std::tuple<at::Tensor, at::Tensor> p2p_all_reduce_residual_rmsnorm(
-    const at::Tensor& x, const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& bias,
-    const at::Tensor& weight, double eps, const std::string& group_name, int64_t algorithm);
+std::tuple<at::Tensor, at::Tensor> p2p_all_reduce_residual_rmsnorm(const at::Tensor& x,
+                                                                   const std::optional<at::Tensor>& residual,
+                                                                   const std::optional<at::Tensor>& bias,
+                                                                   const at::Tensor& weight, double eps,
+                                                                   const std::string& group_name, int64_t algorithm);
 std::tuple<at::Tensor, at::Tensor> p2p_rmsnorm_backward(const at::Tensor& grad_out,
                                                         const std::optional<at::Tensor>& grad_residual,
                                                         const at::Tensor& h, const at::Tensor& weight, double eps);
@@ -51,12 +62,13 @@ std::tuple<at::Tensor, at::Tensor> residual_rmsnorm(at::Tensor acc, const std::o
                                                     double eps, at::ScalarType dtype);
 // Backward of out = rms_norm(h) * weight: (grad_h [+ grad_residual], grad_weight).
 std::tuple<at::Tensor, at::Tensor> rmsnorm_backward(const at::Tensor& grad_out,
-                                                    const std::optional<at::Tensor>& grad_residual,
-                                                    const at::Tensor& h, const at::Tensor& weight, double eps);
+                                                    const std::optional<at::Tensor>& grad_residual, const at::Tensor& h,
+                                                    const at::Tensor& weight, double eps);
 
 // Argument checks, naming the argument, before any collective.
 void check_dtype(const char* op, const char* arg, const at::Tensor& t);
-void check_algorithm(const char* op, int64_t algorithm);
+// `algorithm` as a P2PAlgorithm; raises, naming `op`, when it is none.
+P2PAlgorithm check_algorithm(const char* op, int64_t algorithm);
 void check_norm_args(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& residual,
                      const std::optional<at::Tensor>& bias, const at::Tensor& weight, double eps);
 void check_virtual(const char* op, at::TensorList xs);

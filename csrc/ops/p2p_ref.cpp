@@ -32,8 +32,8 @@ std::tuple<at::Tensor, at::Tensor> residual_rmsnorm(at::Tensor acc, const std::o
 }
 
 std::tuple<at::Tensor, at::Tensor> rmsnorm_backward(const at::Tensor& grad_out,
-                                                    const std::optional<at::Tensor>& grad_residual,
-                                                    const at::Tensor& h, const at::Tensor& weight, double eps) {
+                                                    const std::optional<at::Tensor>& grad_residual, const at::Tensor& h,
+                                                    const at::Tensor& weight, double eps) {
   const auto a = acc_type(h.scalar_type());
   at::Tensor hf = h.to(a);
   at::Tensor dy = grad_out.to(a);
@@ -53,9 +53,12 @@ void check_dtype(const char* op, const char* arg, const at::Tensor& t) {
               " must be float32, float16, bfloat16 or float64, got dtype ", s);
 }
 
-void check_algorithm(const char* op, int64_t algorithm) {
-  TORCH_CHECK(algorithm >= 0 && algorithm <= 2, "tpext.", op,
-              ": algorithm must be 0 (c10d collective), 1 (one-shot P2P) or 2 (two-shot P2P), got ", algorithm);
+P2PAlgorithm check_algorithm(const char* op, int64_t algorithm) {
+  TORCH_CHECK(algorithm >= static_cast<int64_t>(P2PAlgorithm::kCollective) &&
+                  algorithm <= static_cast<int64_t>(P2PAlgorithm::kTwoShot),
+              "tpext.", op, ": algorithm must be 0 (c10d collective), 1 (one-shot P2P) or 2 (two-shot P2P), got ",
+              algorithm);
+  return static_cast<P2PAlgorithm>(algorithm);
 }
 
 namespace {
@@ -72,8 +75,8 @@ void check_norm_args(const char* op, const at::Tensor& x, const std::optional<at
   check_dtype(op, "x", x);
   TORCH_CHECK(x.dim() >= 1, "tpext.", op, ": x must be [*, hidden] with at least 1 dim, got a 0-dim tensor");
   const int64_t hidden = x.size(-1);
-  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == hidden, "tpext.", op, ": weight must be 1-D [hidden] = [",
-              hidden, "] to match x ", x.sizes(), ", got shape ", weight.sizes());
+  TORCH_CHECK(weight.dim() == 1 && weight.size(0) == hidden, "tpext.", op, ": weight must be 1-D [hidden] = [", hidden,
+              "] to match x ", x.sizes(), ", got shape ", weight.sizes());
   check_like(op, "weight", weight, x);
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == hidden, "tpext.", op, ": bias must be 1-D [hidden] = [", hidden,
@@ -112,8 +115,6 @@ kernels::DType kernel_dtype(at::ScalarType t) {
 }
 #endif
 
-at::Tensor aligned(const at::Tensor& t) {
-  return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 ? t : t.clone();
-}
+at::Tensor aligned(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 ? t : t.clone(); }
 
 }  // namespace tpext::ops::p2p_ref

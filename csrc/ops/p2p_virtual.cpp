@@ -56,8 +56,9 @@ cudaStream_t stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDASt
 std::vector<at::Tensor> p2p_virtual_all_reduce(at::TensorList xs_in, int64_t algorithm) {
   const char* op = "p2p_virtual_all_reduce";
   p2p_ref::check_virtual(op, xs_in);
-  TORCH_CHECK(algorithm == 1 || algorithm == 2, "tpext.", op, ": algorithm must be 1 (one-shot) or 2 (two-shot), got ",
-              algorithm);
+  TORCH_CHECK(algorithm == static_cast<int64_t>(P2PAlgorithm::kOneShot) ||
+                  algorithm == static_cast<int64_t>(P2PAlgorithm::kTwoShot),
+              "tpext.", op, ": algorithm must be 1 (one-shot) or 2 (two-shot), got ", algorithm);
   c10::DeviceGuard guard(xs_in[0].device());
   const auto xs = contiguous_all(xs_in);
 #ifdef TPEXT_WITH_CUDA
@@ -69,7 +70,8 @@ std::vector<at::Tensor> p2p_virtual_all_reduce(at::TensorList xs_in, int64_t alg
     p.group = virtual_group(xs, &scratch);
     p.numel = xs[0].numel();
     p.dtype = p2p_ref::kernel_dtype(xs[0].scalar_type());
-    p.algo = algorithm == 1 ? kernels::P2PAlgo::kOneShot : kernels::P2PAlgo::kTwoShot;
+    p.algo = static_cast<P2PAlgorithm>(algorithm) == P2PAlgorithm::kOneShot ? kernels::P2PAlgo::kOneShot
+                                                                            : kernels::P2PAlgo::kTwoShot;
     kernels::launch_p2p_all_reduce_virtual(p, ptrs.data(), stream_of(xs[0]));
     return outs;
   }

@@ -15,7 +15,7 @@
 #endif
 
 #include "comm/virtual.h"
-#include "ops/ops.h"
+#include "ops/gemm_collectives.h"
 
 namespace tpext::ops {
 namespace {
@@ -42,8 +42,8 @@ std::vector<std::vector<at::Tensor>> run_on_virtual_ranks(const std::string& op,
                                                           const std::vector<at::Tensor>& residuals, int64_t chunks,
                                                           int64_t algorithm) {
   const size_t world = xs.size();
-  TORCH_CHECK(op == "gemm_all_reduce" || op == "gemm_reduce_scatter" || op == "all_gather_gemm",
-              "tpext: unknown op '", op, "' for virtual ranks");
+  TORCH_CHECK(op == "gemm_all_reduce" || op == "gemm_reduce_scatter" || op == "all_gather_gemm", "tpext: unknown op '",
+              op, "' for virtual ranks");
   TORCH_CHECK(world >= 1 && ws.size() == world && (biases.empty() || biases.size() == world) &&
                   (residuals.empty() || residuals.size() == world),
               "tpext: virtual ranks need one x, w (and bias / residual, if any) per rank, got ", xs.size(), " x, ",

@@ -19,7 +19,7 @@
 namespace tpext::schedule {
 
 void all_gather_gemm(const at::Tensor& x_shard, const at::Tensor& w, at::Tensor& x_full, at::Tensor& y,
-                     comm::Communicator& comm, const Plan& plan, const RowsEpilogue& epilogue) {
+                     comm::Communicator& comm, const Schedule& sched, const RowsEpilogue& epilogue) {
   const int64_t world = comm.size();
   const int64_t m = x_shard.size(0);
   const at::Tensor w_t = w.t();
@@ -42,7 +42,7 @@ void all_gather_gemm(const at::Tensor& x_shard, const at::Tensor& w, at::Tensor&
     }
   };
 
-  const int64_t c = plan.chunks_for(m);
+  const int64_t c = sched.chunks_for(m);
   if (c == 1) {
     gather_rows({0, m})->wait();
     at::mm_out(y, x_full, w_t);
@@ -55,7 +55,7 @@ void all_gather_gemm(const at::Tensor& x_shard, const at::Tensor& w, at::Tensor&
   for (int64_t j = 0; j < c; ++j) pending.push_back(gather_rows(split_rows(m, c, j)));
   const at::Tensor x_blocks = x_full.view({world, m, x_full.size(1)});
   const at::Tensor y_blocks = y.view({world, m, y.size(1)});
-  ComputeLanes lanes(y.device(), plan.lanes_for(m));
+  ComputeLanes lanes(y.device(), sched.lanes_for(m));
   for (int64_t j = 0; j < c; ++j) {
     const RowRange r = split_rows(m, c, j);
     auto on_lane = lanes.enter(j);

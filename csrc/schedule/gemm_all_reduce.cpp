@@ -16,16 +16,16 @@
 namespace tpext::schedule {
 
 void gemm_all_reduce(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, comm::Communicator& comm,
-                     const Plan& plan, const RowsEpilogue& epilogue) {
+                     const Schedule& sched, const RowsEpilogue& epilogue) {
   const int64_t rows = x.size(0);
-  const int64_t c = plan.chunks_for(rows);
+  const int64_t c = sched.chunks_for(rows);
   const at::Tensor w_t = w.t();
 
   std::vector<at::Tensor> y_chunks;
   std::vector<comm::PendingPtr> pending;
   y_chunks.reserve(c);
   pending.reserve(c);
-  ComputeLanes lanes(y.device(), plan.lanes_for(rows));
+  ComputeLanes lanes(y.device(), sched.lanes_for(rows));
   for (int64_t j = 0; j < c; ++j) {
     const RowRange r = split_rows(rows, c, j);
     auto on_lane = lanes.enter(j);

@@ -17,12 +17,12 @@
 
 namespace tpext::schedule {
 
-void gemm_reduce_scatter(const at::Tensor& x, const at::Tensor& w, at::Tensor& y_shard,
-                         comm::Communicator& comm, const Plan& plan, const RowsEpilogue& epilogue) {
+void gemm_reduce_scatter(const at::Tensor& x, const at::Tensor& w, at::Tensor& y_shard, comm::Communicator& comm,
+                         const Schedule& sched, const RowsEpilogue& epilogue) {
   const int64_t world = comm.size();
   const int64_t m = y_shard.size(0);
   const int64_t n = y_shard.size(1);
-  const int64_t c = plan.chunks_for(m);
+  const int64_t c = sched.chunks_for(m);
   const at::Tensor w_t = w.t();
   const at::Tensor x_blocks = x.view({world, m, x.size(1)});  // block r: the rows destined to rank r
 
@@ -33,7 +33,7 @@ void gemm_reduce_scatter(const at::Tensor& x, const at::Tensor& w, at::Tensor& y
   std::vector<comm::PendingPtr> pending;
   y_chunks.reserve(c);
   pending.reserve(c);
-  ComputeLanes lanes(y_shard.device(), plan.lanes_for(m));
+  ComputeLanes lanes(y_shard.device(), sched.lanes_for(m));
   for (int64_t j = 0; j < c; ++j) {
     const RowRange r = split_rows(m, c, j);
     auto on_lane = lanes.enter(j);

@@ -19,7 +19,7 @@
 
 namespace tpext::schedule {
 
-// How the loop is arranged. Chosen in Python (tpext.planner.Algorithm mirrors the values, which are
+// How the loop is arranged. Chosen in Python (tpext.ops.Algorithm mirrors the values, which are
 // part of the op schemas) and passed down with the chunk count.
 enum class Algorithm : int64_t {
   kSequential = 0,         // one GEMM, then one collective (or the reverse for all-gather); chunks must be 1
@@ -38,8 +38,8 @@ inline const char* algorithm_name(Algorithm a) {
   return "unknown";
 }
 
-// What a schedule executes: the algorithm and the chunk count the op was given (validated by csrc/ops).
-struct Plan {
+// A schedule: the algorithm and the chunk count the op was given (validated by csrc/ops; tpext.ops.Schedule).
+struct Schedule {
   Algorithm algorithm;
   int64_t chunks;
 
@@ -69,14 +69,14 @@ inline void batched_gemm_out(at::Tensor& out, const at::Tensor& x, const at::Ten
 
 // y[M, N] = all_reduce(x[M, K] @ w.T)
 void gemm_all_reduce(const at::Tensor& x, const at::Tensor& w, at::Tensor& y, comm::Communicator& comm,
-                     const Plan& plan, const RowsEpilogue& epilogue);
+                     const Schedule& sched, const RowsEpilogue& epilogue);
 
 // y_shard[M/R, N] = rows [rank*M/R, (rank+1)*M/R) of reduce_scatter_dim0(x[M, K] @ w.T)
-void gemm_reduce_scatter(const at::Tensor& x, const at::Tensor& w, at::Tensor& y_shard,
-                         comm::Communicator& comm, const Plan& plan, const RowsEpilogue& epilogue);
+void gemm_reduce_scatter(const at::Tensor& x, const at::Tensor& w, at::Tensor& y_shard, comm::Communicator& comm,
+                         const Schedule& sched, const RowsEpilogue& epilogue);
 
 // x_full[R*m, K] = all_gather_dim0(x_shard[m, K]);  y[R*m, N] = x_full @ w.T
 void all_gather_gemm(const at::Tensor& x_shard, const at::Tensor& w, at::Tensor& x_full, at::Tensor& y,
-                     comm::Communicator& comm, const Plan& plan, const RowsEpilogue& epilogue);
+                     comm::Communicator& comm, const Schedule& sched, const RowsEpilogue& epilogue);
 
 }  // namespace tpext::schedule

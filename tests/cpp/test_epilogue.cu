@@ -41,17 +41,47 @@ double to_f64(float x) { return x; }
 double to_f64(double x) { return x; }
 double to_f64(__half x) { return static_cast<double>(__half2float(x)); }
 double to_f64(__nv_bfloat16 x) { return static_cast<double>(__bfloat162float(x)); }
-template <typename T> T from_f32(float x) { return static_cast<T>(x); }
-template <> __half from_f32<__half>(float x) { return __float2half_rn(x); }
-template <> __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <typename T>
+T from_f32(float x) {
+  return static_cast<T>(x);
+}
+template <>
+__half from_f32<__half>(float x) {
+  return __float2half_rn(x);
+}
+template <>
+__nv_bfloat16 from_f32<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
 
 // Unit roundoff of the storage type: the tolerance scale. The kernel's error is one rounding of the
 // result (<= eps/2 relative) plus the accumulation error, bounded by eps_acc * (|y| + |b| + |r|).
-template <typename T> struct Traits;
-template <> struct Traits<float> { static constexpr DType kDtype = DType::kFloat32; static constexpr double kEps = 0x1p-23; static constexpr const char* kName = "fp32"; };
-template <> struct Traits<double> { static constexpr DType kDtype = DType::kFloat64; static constexpr double kEps = 0x1p-52; static constexpr const char* kName = "fp64"; };
-template <> struct Traits<__half> { static constexpr DType kDtype = DType::kFloat16; static constexpr double kEps = 0x1p-10; static constexpr const char* kName = "fp16"; };
-template <> struct Traits<__nv_bfloat16> { static constexpr DType kDtype = DType::kBFloat16; static constexpr double kEps = 0x1p-7; static constexpr const char* kName = "bf16"; };
+template <typename T>
+struct Traits;
+template <>
+struct Traits<float> {
+  static constexpr DType kDtype = DType::kFloat32;
+  static constexpr double kEps = 0x1p-23;
+  static constexpr const char* kName = "fp32";
+};
+template <>
+struct Traits<double> {
+  static constexpr DType kDtype = DType::kFloat64;
+  static constexpr double kEps = 0x1p-52;
+  static constexpr const char* kName = "fp64";
+};
+template <>
+struct Traits<__half> {
+  static constexpr DType kDtype = DType::kFloat16;
+  static constexpr double kEps = 0x1p-10;
+  static constexpr const char* kName = "fp16";
+};
+template <>
+struct Traits<__nv_bfloat16> {
+  static constexpr DType kDtype = DType::kBFloat16;
+  static constexpr double kEps = 0x1p-7;
+  static constexpr const char* kName = "bf16";
+};
 
 enum class Layout { kContiguous, kPaddedAligned, kOddStride, kMisalignedBase };
 const char* layout_name(Layout l) {
@@ -64,7 +94,9 @@ const char* layout_name(Layout l) {
   return "?";
 }
 
-struct Case { int64_t rows, cols; };
+struct Case {
+  int64_t rows, cols;
+};
 
 // A device buffer of T holding a (possibly strided, possibly offset) matrix, with its host mirror.
 template <typename T>
@@ -88,8 +120,14 @@ template <typename T>
 bool run_case(const Case& c, Layout layout, bool with_bias, bool with_res, std::mt19937_64& rng) {
   constexpr int kGuard = 37;  // guard elements after each matrix: catches writes past the end
   int64_t ld_y = c.cols, ld_r = c.cols, off = 0;
-  if (layout == Layout::kPaddedAligned) { ld_y = (c.cols + 15) / 16 * 16 + 16; ld_r = ld_y + 32; }
-  if (layout == Layout::kOddStride) { ld_y = c.cols + 1; ld_r = c.cols + 3; }
+  if (layout == Layout::kPaddedAligned) {
+    ld_y = (c.cols + 15) / 16 * 16 + 16;
+    ld_r = ld_y + 32;
+  }
+  if (layout == Layout::kOddStride) {
+    ld_y = c.cols + 1;
+    ld_r = c.cols + 3;
+  }
   if (layout == Layout::kMisalignedBase) off = 1;
 
   Buffer<T> y(off + c.rows * ld_y + kGuard, off, rng);
@@ -98,10 +136,13 @@ bool run_case(const Case& c, Layout layout, bool with_bias, bool with_res, std::
   const std::vector<T> y0 = y.host;
 
   BiasResidualParams p{};
-  p.y = y.at(); p.ld_y = ld_y;
+  p.y = y.at();
+  p.ld_y = ld_y;
   p.bias = with_bias ? b.at() : nullptr;
-  p.residual = with_res ? r.at() : nullptr; p.ld_residual = ld_r;
-  p.rows = c.rows; p.cols = c.cols;
+  p.residual = with_res ? r.at() : nullptr;
+  p.ld_residual = ld_r;
+  p.rows = c.rows;
+  p.cols = c.cols;
   p.dtype = Traits<T>::kDtype;
   tpext::kernels::launch_bias_residual_add(p, nullptr);
   TPEXT_CUDA_CHECK(cudaDeviceSynchronize());
@@ -129,9 +170,9 @@ bool run_case(const Case& c, Layout layout, bool with_bias, bool with_res, std::
   }
   const bool ok = bad == 0 && clobbered == 0;
   std::printf("%s %-4s rows=%-6lld cols=%-8lld %-12s bias=%d res=%d  max_err=%.3f eps*scale  bad=%lld clobbered=%lld\n",
-              ok ? "PASS" : "FAIL", Traits<T>::kName, static_cast<long long>(c.rows),
-              static_cast<long long>(c.cols), layout_name(layout), with_bias, with_res, max_err_ulps,
-              static_cast<long long>(bad), static_cast<long long>(clobbered));
+              ok ? "PASS" : "FAIL", Traits<T>::kName, static_cast<long long>(c.rows), static_cast<long long>(c.cols),
+              layout_name(layout), with_bias, with_res, max_err_ulps, static_cast<long long>(bad),
+              static_cast<long long>(clobbered));
   return ok;
 }
 
@@ -140,8 +181,9 @@ int run_dtype(std::mt19937_64& rng) {
   // Odd widths exercise the element-wise tail; 4096 is a pure vector row; (70000, 3) needs more row
   // blocks than one wave (grid-stride over rows); (2, 1 << 20 | 3) more unit blocks (grid-stride over
   // columns); rows = 0 and cols = 0 must launch nothing and touch nothing.
-  const Case cases[] = {{67, 1}, {67, 3}, {33, 7}, {17, 129}, {5, 4097}, {64, 4096},
-                        {1, 8}, {70000, 3}, {2, (1 << 20) | 3}, {0, 129}, {129, 0}};
+  const Case cases[] = {{67, 1},    {67, 3}, {33, 7},    {17, 129},          {5, 4097},
+                        {64, 4096}, {1, 8},  {70000, 3}, {2, (1 << 20) | 3}, {0, 129},
+                        {129, 0}};
   const Layout layouts[] = {Layout::kContiguous, Layout::kPaddedAligned, Layout::kOddStride, Layout::kMisalignedBase};
   int failures = 0;
   for (const Case& c : cases) {
@@ -169,12 +211,24 @@ int run_argument_checks() {
     }
   };
   const BiasResidualParams good{d, 8, d + 32, d + 16, 8, 2, 8, DType::kFloat32};
-  BiasResidualParams p = good; p.rows = -1; expect_throw("rows < 0", p);
-  p = good; p.cols = -3; expect_throw("cols < 0", p);
-  p = good; p.ld_y = 7; expect_throw("ld_y < cols", p);
-  p = good; p.ld_residual = 4; expect_throw("ld_residual < cols", p);
-  p = good; p.y = nullptr; expect_throw("y == nullptr", p);
-  p = good; p.dtype = static_cast<DType>(7); expect_throw("unknown dtype", p);
+  BiasResidualParams p = good;
+  p.rows = -1;
+  expect_throw("rows < 0", p);
+  p = good;
+  p.cols = -3;
+  expect_throw("cols < 0", p);
+  p = good;
+  p.ld_y = 7;
+  expect_throw("ld_y < cols", p);
+  p = good;
+  p.ld_residual = 4;
+  expect_throw("ld_residual < cols", p);
+  p = good;
+  p.y = nullptr;
+  expect_throw("y == nullptr", p);
+  p = good;
+  p.dtype = static_cast<DType>(7);
+  expect_throw("unknown dtype", p);
   TPEXT_CUDA_CHECK(cudaFree(d));
   return failures;
 }

@@ -39,16 +39,46 @@ double to_f64(float x) { return x; }
 double to_f64(double x) { return x; }
 double to_f64(__half x) { return static_cast<double>(__half2float(x)); }
 double to_f64(__nv_bfloat16 x) { return static_cast<double>(__bfloat162float(x)); }
-template <typename T> T from_f64(double x) { return static_cast<T>(x); }
-template <> __half from_f64<__half>(double x) { return __float2half_rn(static_cast<float>(x)); }
-template <> __nv_bfloat16 from_f64<__nv_bfloat16>(double x) { return __float2bfloat16_rn(static_cast<float>(x)); }
+template <typename T>
+T from_f64(double x) {
+  return static_cast<T>(x);
+}
+template <>
+__half from_f64<__half>(double x) {
+  return __float2half_rn(static_cast<float>(x));
+}
+template <>
+__nv_bfloat16 from_f64<__nv_bfloat16>(double x) {
+  return __float2bfloat16_rn(static_cast<float>(x));
+}
 
 // kEps: unit roundoff x 2 of the storage type; kAcc: of the accumulation type.
-template <typename T> struct Traits;
-template <> struct Traits<float> { static constexpr DType kDtype = DType::kFloat32; static constexpr double kEps = 0x1p-23, kAcc = 0x1p-23; static constexpr const char* kName = "fp32"; };
-template <> struct Traits<double> { static constexpr DType kDtype = DType::kFloat64; static constexpr double kEps = 0x1p-52, kAcc = 0x1p-52; static constexpr const char* kName = "fp64"; };
-template <> struct Traits<__half> { static constexpr DType kDtype = DType::kFloat16; static constexpr double kEps = 0x1p-10, kAcc = 0x1p-23; static constexpr const char* kName = "fp16"; };
-template <> struct Traits<__nv_bfloat16> { static constexpr DType kDtype = DType::kBFloat16; static constexpr double kEps = 0x1p-7, kAcc = 0x1p-23; static constexpr const char* kName = "bf16"; };
+template <typename T>
+struct Traits;
+template <>
+struct Traits<float> {
+  static constexpr DType kDtype = DType::kFloat32;
+  static constexpr double kEps = 0x1p-23, kAcc = 0x1p-23;
+  static constexpr const char* kName = "fp32";
+};
+template <>
+struct Traits<double> {
+  static constexpr DType kDtype = DType::kFloat64;
+  static constexpr double kEps = 0x1p-52, kAcc = 0x1p-52;
+  static constexpr const char* kName = "fp64";
+};
+template <>
+struct Traits<__half> {
+  static constexpr DType kDtype = DType::kFloat16;
+  static constexpr double kEps = 0x1p-10, kAcc = 0x1p-23;
+  static constexpr const char* kName = "fp16";
+};
+template <>
+struct Traits<__nv_bfloat16> {
+  static constexpr DType kDtype = DType::kBFloat16;
+  static constexpr double kEps = 0x1p-7, kAcc = 0x1p-23;
+  static constexpr const char* kName = "bf16";
+};
 
 constexpr int64_t kGuard = 19;  // elements after every buffer: must stay untouched
 
@@ -58,7 +88,8 @@ struct Buf {
   std::vector<T> host;
   T* dev = nullptr;
   int64_t n, offset;
-  Buf(int64_t n_, int64_t off, std::mt19937_64& rng) : host(static_cast<size_t>(n_ + off + kGuard)), n(n_), offset(off) {
+  Buf(int64_t n_, int64_t off, std::mt19937_64& rng)
+      : host(static_cast<size_t>(n_ + off + kGuard)), n(n_), offset(off) {
     std::uniform_real_distribution<double> dist(-1.0, 1.0);
     for (auto& v : host) v = from_f64<T>(dist(rng));
     TPEXT_CUDA_CHECK(cudaMalloc(&dev, sizeof(T) * host.size()));
@@ -162,8 +193,9 @@ int test_collectives(int world, int64_t n, int64_t off, std::mt19937_64& rng) {
     P2PAllReduceParams p{group_of(scratch), nullptr, n, Traits<T>::kDtype, algo};
     launch_p2p_all_reduce_virtual(p, ptrs_of(outs).data(), nullptr);
     TPEXT_CUDA_CHECK(cudaDeviceSynchronize());
-    std::snprintf(what, sizeof(what), "all_reduce %s R=%d n=%lld off=%lld", algo == P2PAlgo::kOneShot ? "one-shot" : "two-shot",
-                  world, static_cast<long long>(n), static_cast<long long>(off));
+    std::snprintf(what, sizeof(what), "all_reduce %s R=%d n=%lld off=%lld",
+                  algo == P2PAlgo::kOneShot ? "one-shot" : "two-shot", world, static_cast<long long>(n),
+                  static_cast<long long>(off));
     if (!check_outputs(what, outs, ref, tol)) ++failures;
   }
   // Reduce-scatter of R blocks of m elements; all-gather of every input.
@@ -178,8 +210,8 @@ int test_collectives(int world, int64_t n, int64_t off, std::mt19937_64& rng) {
       sum_ref(in, r * m, m, &ref, &tol);
       Bufs<T> one;
       one.push_back(std::move(outs[r]));
-      std::snprintf(what, sizeof(what), "reduce_scatter R=%d block %d m=%lld off=%lld", world, r, static_cast<long long>(m),
-                    static_cast<long long>(off));
+      std::snprintf(what, sizeof(what), "reduce_scatter R=%d block %d m=%lld off=%lld", world, r,
+                    static_cast<long long>(m), static_cast<long long>(off));
       if (!check_outputs(what, one, ref, tol)) ++failures;
     }
   }
@@ -193,7 +225,8 @@ int test_collectives(int world, int64_t n, int64_t off, std::mt19937_64& rng) {
     for (int r = 0; r < world; ++r) {
       for (int64_t i = 0; i < n; ++i) ref[r * n + i] = to_f64((*in[r])[i]);
     }
-    std::snprintf(what, sizeof(what), "all_gather R=%d n=%lld off=%lld", world, static_cast<long long>(n), static_cast<long long>(off));
+    std::snprintf(what, sizeof(what), "all_gather R=%d n=%lld off=%lld", world, static_cast<long long>(n),
+                  static_cast<long long>(off));
     if (!check_outputs(what, outs, ref, tol)) ++failures;
   }
   return failures;
@@ -237,8 +270,8 @@ int test_norm(int world, int64_t rows, int64_t hidden, bool bias, bool res, std:
     }
   }
   char what[160];
-  std::snprintf(what, sizeof(what), "rmsnorm R=%d rows=%lld hidden=%lld bias=%d res=%d", world, static_cast<long long>(rows),
-                static_cast<long long>(hidden), bias, res);
+  std::snprintf(what, sizeof(what), "rmsnorm R=%d rows=%lld hidden=%lld bias=%d res=%d", world,
+                static_cast<long long>(rows), static_cast<long long>(hidden), bias, res);
   int failures = check_outputs((std::string(what) + " new_residual").c_str(), new_res, h_ref, h_tol) ? 0 : 1;
   failures += check_outputs((std::string(what) + " out").c_str(), outs, o_ref, o_tol) ? 0 : 1;
   return failures;
@@ -253,8 +286,9 @@ int test_norm_backward(int64_t rows, int64_t hidden, bool grad_in, std::mt19937_
   const int64_t blocks = rmsnorm_backward_blocks(rows);
   A* part = nullptr;
   TPEXT_CUDA_CHECK(cudaMalloc(&part, sizeof(A) * blocks * hidden));
-  RMSNormBackwardParams p{t[0]->at(), grad_in ? t[1]->at() : nullptr, t[2]->at(), w[0]->at(), t[3]->at(), part,
-                          rows, hidden, 1e-6f, Traits<T>::kDtype};
+  RMSNormBackwardParams p{
+      t[0]->at(),       grad_in ? t[1]->at() : nullptr, t[2]->at(), w[0]->at(), t[3]->at(), part, rows, hidden, 1e-6f,
+      Traits<T>::kDtype};
   launch_rmsnorm_backward(p, nullptr);
   TPEXT_CUDA_CHECK(cudaDeviceSynchronize());
   std::vector<A> part_host(blocks * hidden);
@@ -275,7 +309,8 @@ int test_norm_backward(int64_t rows, int64_t hidden, bool grad_in, std::mt19937_
       const double dy = to_f64((*t[0])[i]), nn = to_f64((*t[2])[i]) * rstd, g = dy * to_f64((*w[0])[j]);
       const double din = grad_in ? to_f64((*t[1])[i]) : 0.0;
       dh_ref[i] = rstd * (g - nn * gn / hidden) + din;
-      dh_tol[i] = Traits<T>::kEps * std::fabs(dh_ref[i]) + 256 * Traits<T>::kAcc * (rstd * (std::fabs(g) + std::fabs(nn) * gn_mag / hidden) + std::fabs(din));
+      dh_tol[i] = Traits<T>::kEps * std::fabs(dh_ref[i]) +
+                  256 * Traits<T>::kAcc * (rstd * (std::fabs(g) + std::fabs(nn) * gn_mag / hidden) + std::fabs(din));
       dw_ref[j] += dy * nn;
       dw_mag[j] += std::fabs(dy * nn);
     }
@@ -292,7 +327,8 @@ int test_norm_backward(int64_t rows, int64_t hidden, bool grad_in, std::mt19937_
     for (int64_t b = 0; b < blocks; ++b) s += part_host[b * hidden + j];
     if (!(std::fabs(s - dw_ref[j]) <= 256 * Traits<T>::kAcc * dw_mag[j] + 1e-30)) ++bad;
   }
-  std::printf("%s %-4s %s grad_weight  bad=%lld\n", bad ? "FAIL" : "PASS", Traits<T>::kName, what, static_cast<long long>(bad));
+  std::printf("%s %-4s %s grad_weight  bad=%lld\n", bad ? "FAIL" : "PASS", Traits<T>::kName, what,
+              static_cast<long long>(bad));
   return failures + (bad ? 1 : 0);
 }
 
@@ -301,15 +337,18 @@ int run_dtype(std::mt19937_64& rng) {
   int failures = 0;
   const int64_t vec = 16 / static_cast<int64_t>(sizeof(T));
   // 16 bytes, odd lengths around the vector width, a few KB, and 64 MB per rank.
-  const int64_t sizes[] = {vec, 1, 7, vec + 1, 1000 + 3, (int64_t{1} << 16) + 5, (int64_t{64} << 20) / static_cast<int64_t>(sizeof(T))};
+  const int64_t sizes[] = {
+      vec, 1, 7, vec + 1, 1000 + 3, (int64_t{1} << 16) + 5, (int64_t{64} << 20) / static_cast<int64_t>(sizeof(T))};
   for (int world : {2, 4, 8}) {
     for (int64_t n : sizes) {
-      if (n * static_cast<int64_t>(sizeof(T)) >= (int64_t{64} << 20) && world == 8 && sizeof(T) < 4) continue;  // host time
+      if (n * static_cast<int64_t>(sizeof(T)) >= (int64_t{64} << 20) && world == 8 && sizeof(T) < 4)
+        continue;  // host time
       failures += test_collectives<T>(world, n, 0, rng);
     }
     failures += test_collectives<T>(world, 1000 + 3, 1, rng);  // misaligned: element-wise kernels
     for (int64_t hidden : {13, 128, 4096, 16384 + 8}) {
-      for (int mask = 0; mask < 4; ++mask) failures += test_norm<T>(world, hidden > 4096 ? 3 : 67, hidden, mask & 1, mask & 2, rng);
+      for (int mask = 0; mask < 4; ++mask)
+        failures += test_norm<T>(world, hidden > 4096 ? 3 : 67, hidden, mask & 1, mask & 2, rng);
     }
   }
   for (int64_t hidden : {13, 4096}) {
@@ -337,10 +376,26 @@ int run_argument_checks() {
   g.buffers[1] = d + 16;
   void* outs[2] = {d + 32, d + 48};
   P2PAllReduceParams ar{g, d + 32, 16, DType::kFloat32, P2PAlgo::kOneShot};
-  expect_throw("world = 9", [&] { auto p = ar; p.group.world = 9; launch_p2p_all_reduce_virtual(p, outs, nullptr); });
-  expect_throw("numel < 0", [&] { auto p = ar; p.numel = -1; launch_p2p_all_reduce_virtual(p, outs, nullptr); });
-  expect_throw("bad algo", [&] { auto p = ar; p.algo = static_cast<P2PAlgo>(5); launch_p2p_all_reduce_virtual(p, outs, nullptr); });
-  expect_throw("null buffer", [&] { auto p = ar; p.group.buffers[1] = nullptr; launch_p2p_all_reduce_virtual(p, outs, nullptr); });
+  expect_throw("world = 9", [&] {
+    auto p = ar;
+    p.group.world = 9;
+    launch_p2p_all_reduce_virtual(p, outs, nullptr);
+  });
+  expect_throw("numel < 0", [&] {
+    auto p = ar;
+    p.numel = -1;
+    launch_p2p_all_reduce_virtual(p, outs, nullptr);
+  });
+  expect_throw("bad algo", [&] {
+    auto p = ar;
+    p.algo = static_cast<P2PAlgo>(5);
+    launch_p2p_all_reduce_virtual(p, outs, nullptr);
+  });
+  expect_throw("null buffer", [&] {
+    auto p = ar;
+    p.group.buffers[1] = nullptr;
+    launch_p2p_all_reduce_virtual(p, outs, nullptr);
+  });
   expect_throw("device sync without signals", [&] { launch_p2p_all_reduce(ar, nullptr); });
   P2PGroup synced = g;  // device sync; the signal areas are never touched: every case throws before a launch
   synced.rank = 0;

@@ -5,13 +5,15 @@
 For every tp degree it starts that many local ranks (tpext/commands/launch.py; under torchrun it runs on
 the job's ranks instead), checks every implementation against the dense layer, then times forward and
 forward+backward. Prints one table; writes layers.json and layers.png to bench/results/<device>/ (or
---out), and with --calibration the measured GEMM rate and all-reduce bandwidth for `tpext plan`.
+--out; without matplotlib, which it checks before starting, the JSON alone), and with --calibration
+the measured GEMM rate and all-reduce bandwidth for `tpext plan`.
 The rank side is benchmark_layers.py beside this file; timing and probes are benchmark.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shlex
@@ -137,6 +139,10 @@ def run(args) -> int:
     from tpext.commands.launch import launch, launched_by_torchrun
 
     cfg = _config(args)
+    plot = _can_plot()
+    if not plot:  # said before the minutes of work, not after them
+        print("tpext bench: note: matplotlib is not installed; layers.json will be written and the plot "
+              "skipped (pip install matplotlib for layers.png)", file=sys.stderr)
     load_before = load_average()
     results: dict[int, dict] = {}
     if launched_by_torchrun():
@@ -172,12 +178,7 @@ def run(args) -> int:
     print(f"load average (1 min) on {env['cpu_count']} cores: {load_before[0] if load_before else '?'} before, "
           f"{env['load_average_after'][0] if env['load_average_after'] else '?'} after")
     out_dir = args.out or os.path.join("bench", "results", device)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "layers.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    title = f"{device}, {cfg['dtype']}, {cfg['backend']}"
-    _plot(report["results"], os.path.join(out_dir, "layers.png"), title)
-    print(f"wrote {os.path.join(out_dir, 'layers.json')} and layers.png")
+    print(_write_report(report, out_dir, f"{device}, {cfg['dtype']}, {cfg['backend']}", plot))
     if args.calibration:
         _write_calibration(args.calibration, report, results)
     return 0
@@ -230,6 +231,23 @@ def _probe_lines(probes: dict) -> str:
                      + (f"; all-reduce bus {ar['bus_GBps']:.2f} GB/s" if ar["bus_GBps"] is not None else "")
                      + f"; 4-byte all-reduce {ar['latency_us']:.1f} us")
     return "\n".join(lines)
+
+
+def _can_plot() -> bool:
+    """Whether the optional plotting dependency (matplotlib) can be imported."""
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def _write_report(report: dict, out_dir: str, title: str, plot: bool) -> str:
+    """Writes layers.json (always) and layers.png (when `plot`) to out_dir; returns what was written."""
+    os.makedirs(out_dir, exist_ok=True)
+    json_path = os.path.join(out_dir, "layers.json")
+    with open(json_path, "w") as f:
+        json.dump(report, f, indent=1)
+    if not plot:
+        return f"wrote {json_path}; plot skipped (matplotlib is not installed)"
+    _plot(report["results"], os.path.join(out_dir, "layers.png"), title)
+    return f"wrote {json_path} and layers.png"
 
 
 def _plot(rows: list[dict], path: str, title: str) -> None:
