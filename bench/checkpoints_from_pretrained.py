@@ -55,7 +55,8 @@ def _rank(rank: int, world: int, path: str, init_file: str, out: str, dense_base
     else:
         model = tpext.from_pretrained(cls, path, dtype=torch.float32)
     peak = _status("VmHWM") - before
-    local = sum(t.numel() * t.element_size() for t in {id(t): t for t in model.state_dict().values()}.values())
+    # parameters() and buffers(), not state_dict(): that hands out sharded tensors with their dense shapes
+    local = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     with open(f"{out}.{rank}", "w") as f:
         json.dump({"rank": rank, "peak_rss_above_start_mb": peak / MB, "local_mb": local / MB}, f)
     dist.destroy_process_group()

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tpext.planner import auto_chunks, resolve_chunks
+from tpext.ops.schedule import auto_chunks, resolve_chunks
 from tpext.planner import cost_model as cm
 from tpext.planner.calibration import apply_calibration, load_calibration, write_calibration
 from tpext.planner.estimate import GiB, Workload, estimate

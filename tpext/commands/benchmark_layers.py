@@ -258,7 +258,7 @@ def _quartiles(times: list[float]) -> tuple[float, float]:
 
 
 def _case(spec: Spec, cfg: dict, mesh, device, dtype, rank: int, world: int) -> tuple[list[dict], list[str]]:
-    from tpext.planner import resolve_chunks
+    from tpext.ops.schedule import resolve_chunks
 
     dense = _dense(spec, cfg["seed"]).to(device=device, dtype=dtype)
     g = torch.Generator().manual_seed(cfg["seed"] + 1)

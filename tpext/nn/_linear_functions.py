@@ -2,7 +2,7 @@
 backward its dual, overlapped the same way. Shapes: R = tp size, s = tokens (dim 0, flattened with any
 further leading dims into M rows), K = in_features, N = out_features; "x @ W.T" as in nn.Linear.
 Weight/bias gradients are exact; they are computed locally from the saved or gathered activations.
-`schedule` is a tpext.planner.Schedule (chunks, algorithm), used by the forward op and its dual alike.
+`schedule` is a tpext.ops.Schedule (chunks, algorithm), used by the forward op and its dual alike.
 """
 
 from __future__ import annotations

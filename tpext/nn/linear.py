@@ -21,7 +21,7 @@ from tpext import mappings, p2p, stats
 from tpext.distributed import GroupLike, SharesGroupOnCopy, resolve_group
 from tpext.nn._linear_functions import ColumnLinear, ColumnLinearSP, RowLinear, RowLinearSP, _cat, autocast_inputs
 from tpext.nn.p2p_functions import RowLinearP2P
-from tpext.planner import AlgorithmLike, Schedule, resolve_chunks, resolve_schedule
+from tpext.ops.schedule import AlgorithmLike, Schedule, resolve_chunks, resolve_schedule
 from tpext.sharding import Piece, ShardLayout, piece_segments, set_layout
 
 __all__ = ["ColumnParallelLinear", "RowParallelLinear", "SharedInputColumns", "ColumnParallelConv1D",
@@ -33,7 +33,7 @@ Chunks = Union[int, str]
 class _ParallelLinear(SharesGroupOnCopy, nn.Module):
     """What both layers share: the group, the local weight/bias, init, and the input checks."""
 
-    #: Schedule of the overlapped ops (tpext.planner.Algorithm or "auto"); set on an instance to override
+    #: Schedule of the overlapped ops (tpext.ops.Algorithm or "auto"); set on an instance to override
     #: the planner's choice, like the `chunks` argument overrides its chunk count.
     algorithm: AlgorithmLike = "auto"
     #: The weight is stored as Hugging Face's Conv1D stores it, [in, out] (x @ W + b), and used transposed.

@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass
 
 from tpext.planner import cost_model as cm
-from tpext.planner import resolve_chunks
+from tpext.ops.schedule import resolve_chunks
 from tpext.planner.presets import (
     DTYPE_BYTES,
     NCCL_LL_MULTINODE_INTRA_FACTOR,
