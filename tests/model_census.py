@@ -24,7 +24,6 @@ import json
 import os
 import sys
 import time
-import traceback
 import zlib
 from pathlib import Path
 from typing import Any, Optional
@@ -39,7 +38,7 @@ WRITE_COMMAND = "PYTHONPATH=. python tests/model_census.py --write"
 WORLDS = (2, 4)
 SP_WORLD = 2  # the world whose families are also run with sequence_parallel=True
 BATCH, SEQ = 2, 8  # SEQ divisible by every world size (SP splits it)
-TOL = dict(rtol=1e-4, atol=1e-5)  # fp64 models, but Hugging Face's norms compute in fp32
+TOL = {"rtol": 1e-4, "atol": 1e-5}  # fp64 models, but Hugging Face's norms compute in fp32
 VOCAB = 128  # divisible by every world size: each rank's logits are an even slice
 
 # The tiny config, by every name transformers' configs give each size (a config takes the names it has).
@@ -356,7 +355,7 @@ def markdown(results: dict[str, dict]) -> str:
         "- **crash**: any other exception (never accepted);",
         "- **not buildable**: the tiny dense model does not build or run on CPU (transformers' side).",
         "",
-        f"`tp_plan`: whether the family's config ships Hugging Face's own `base_model_tp_plan`. The reason shown is",
+        "`tp_plan`: whether the family's config ships Hugging Face's own `base_model_tp_plan`. The reason shown is",
         "the first setting's that is not a match.",
         "",
         "## Summary",
