@@ -22,7 +22,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
 from dist import run_ranks
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,13 +29,15 @@ DOCS = ["README.md"] + sorted(f"docs/{p.name}" for p in (ROOT / "docs").glob("*.
 GENERATED = {"docs/model-support.md"}  # written by tests/model_census.py --write; only linked
 README_LINES = 120
 
-_FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```\s*$", re.S | re.M)
+_FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```\s*$", re.DOTALL | re.MULTILINE)
 _RUN = re.compile(r"^python\s+run(?:\s+ranks=(\d+))?\s*$")
 
 
 def code_blocks(text: str) -> list[tuple[str, str, int]]:
     """(info string, code, line number) of each fenced block of a Markdown text."""
-    return [(m.group(1).strip(), m.group(2), text.count("\n", 0, m.start()) + 1) for m in _FENCE.finditer(text)]
+    return [
+        (m.group(1).strip(), m.group(2), text.count("\n", 0, m.start()) + 1) for m in _FENCE.finditer(text)
+    ]
 
 
 def run_blocks() -> list:
@@ -57,7 +58,7 @@ def _exec_block(code: str, name: str, workdir: str) -> None:
     rank_dir = os.getcwd()
     os.chdir(workdir)
     try:
-        exec(compile(code, name, "exec"), {"__name__": "__docs__"})
+        exec(compile(code, name, "exec"), {"__name__": "__docs__"})  # noqa: S102 - the docs blocks are the test
         dist.barrier()  # every rank done before the next block reuses the group
     finally:
         os.chdir(rank_dir)
@@ -83,16 +84,27 @@ def test_page_opens_with_a_run_block(doc: str) -> None:
     assert blocks, f"{doc} has no code block"
     runnable = [line for info, _, line in blocks if _RUN.match(info)]
     if doc == "README.md":
-        assert len(runnable) >= 2, "README.md: the two examples (modules by hand, a Hugging Face model) must run"
+        assert len(runnable) >= 2, (
+            "README.md: the two examples (modules by hand, a Hugging Face model) must run"
+        )
     else:
-        assert _RUN.match(blocks[0][0]), f"{doc}: its first code block (line {blocks[0][2]}) must be a run block"
+        assert _RUN.match(blocks[0][0]), (
+            f"{doc}: its first code block (line {blocks[0][2]}) must be a run block"
+        )
 
 
 def test_readme_budget_and_ci_command() -> None:
     readme = (ROOT / "README.md").read_text()
-    assert readme.count("\n") <= README_LINES, f"README.md has {readme.count(chr(10))} lines, budget {README_LINES}"
-    commands = [c for info, code, _ in code_blocks(readme) if info == "bash"
-                for c in code.splitlines() if "python -m pytest" in c]
+    assert readme.count("\n") <= README_LINES, (
+        f"README.md has {readme.count(chr(10))} lines, budget {README_LINES}"
+    )
+    commands = [
+        c
+        for info, code, _ in code_blocks(readme)
+        if info == "bash"
+        for c in code.splitlines()
+        if "python -m pytest" in c
+    ]
     assert len(commands) == 1, "README.md: one test command in a bash block"
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert commands[0] in ci, ".ci/run must run the README's test command verbatim"
