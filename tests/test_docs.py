@@ -108,3 +108,15 @@ def test_readme_budget_and_ci_command() -> None:
     assert len(commands) == 1, "README.md: one test command in a bash block"
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert commands[0] in ci, ".ci/run must run the README's test command verbatim"
+
+
+_LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_relative_links_exist(doc: str) -> None:
+    page = ROOT / doc
+    missing = [
+        t for t in _LINK.findall(page.read_text()) if "://" not in t and not (page.parent / t).exists()
+    ]
+    assert not missing, f"{doc} links to missing files: {missing}"
