@@ -11,7 +11,8 @@ is executed as it stands, on every rank of a `tests/dist.py` group, in fresh glo
 
 A block passes when it raises nothing on any rank; blocks assert what they claim (``torch.testing``).
 Besides, every docs page must open with a run block (its first code block), the README must stay within
-its line budget, and its test command must be the one `.ci/run` runs.
+its line budget, its test command must be the one `.ci/run` runs, and every relative link of a page must
+point to a file that exists.
 """
 
 from __future__ import annotations
