@@ -4,8 +4,8 @@ The marker: a fenced block whose info string is ``python run`` runs on 2 gloo ra
 picks the world size (1 to 4). Any other block (``python``, ``bash``, ...) is shown, not run. A run block
 is executed as it stands, on every rank of a `tests/dist.py` group, in fresh globals, with:
 
-* the default process group already initialized (gloo), as after ``dist.init_process_group("gloo")``
-  under torchrun, so blocks show that call as a comment;
+* the default process group already initialized (gloo), so a block written for torchrun guards its
+  ``dist.init_process_group("gloo")`` with ``if not dist.is_initialized():``;
 * the working directory set to an empty directory shared by the ranks of that block, so a block may
   write ``ckpt/`` or ``model/`` relative to it.
 
