@@ -369,3 +369,39 @@ def test_hugging_face_models(tmp_path, arch):
     for got in run_ranks(_hf_load, 4, str(tmp_path), arch)[0]:
         for name, tensor in dense.state_dict().items():
             assert torch.equal(got[name], tensor), f"{arch}: {name}"
+
+
+def _hf_writer_save(path: str, packed: bool) -> str:
+    """dcp.save into torch's HuggingFaceStorageWriter at tp=2: refused for packed qkv / gate_up (several chunks
+    of one key on a rank), written and consolidated into the dense safetensors otherwise."""
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    model = tpext.parallelize(_dense(packed, False))
+    writer = HuggingFaceStorageWriter(path, save_distributed=True, enable_consolidation=True)
+    try:
+        dcp.save(get_model_state_dict(model), storage_writer=writer)
+    except BaseException as err:  # noqa: BLE001 - DCP's CheckpointException is a BaseException; its message is the point
+        return str(err)
+    return ""
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_hugging_face_storage_writer_refuses_several_chunks_of_a_key(tmp_path, packed):
+    from safetensors.torch import load_file
+
+    messages = run_ranks(_hf_writer_save, 2, str(tmp_path), packed)
+    dense = _dense(packed, False).state_dict()
+    if packed:
+        for rank, message in enumerate(messages):
+            assert re.search(r"rank \d holds \d chunks of 'model\.layers\.\d\.(self_attn\.qkv_proj|mlp\.gate_up_proj)"
+                             r"\.weight'", message), f"rank {rank}: {message}"
+            assert "dcp.save(state, checkpoint_id=dir)" in message and "tpext.save_checkpoint" in message
+        assert not glob.glob(f"{tmp_path}/**/*.safetensors", recursive=True)  # refused before any file
+        return
+    assert messages == ["", ""], messages
+    saved = {}
+    for f in glob.glob(f"{tmp_path}/*.safetensors"):
+        saved.update(load_file(f))
+    assert set(saved) == set(dense)
+    for name, tensor in dense.items():
+        assert torch.equal(saved[name], tensor), name

@@ -163,6 +163,59 @@ def _rebuild(local, dense_shape, dim, segments, replicas, reduce_ranges, window)
 torch.serialization.add_safe_globals([_rebuild, ShardedState])
 
 
+# ----- safetensors writers keep one tensor per key and rank: refuse a plan that would lose chunks
+
+def _check_one_chunk_per_key(plans: list, writer: Any) -> None:
+    """Raise when a rank's final save plan holds several chunks of one key for a safetensors writer.
+
+    torch's safetensors writers (``HuggingFaceStorageWriter``, ``FileSystemWriter(serialization_format=
+    SAFETENSORS)``) put each rank's tensors into one dict keyed by name, so a second chunk of the same key
+    (a packed qkv / gate_up piece, FSDP2 rows across pieces) would silently replace the first. The plans
+    checked are the deduped global ones, before anything is written.
+    """
+    from torch.distributed.checkpoint.filesystem import SerializationFormat
+
+    if getattr(writer, "serialization_format", None) != SerializationFormat.SAFETENSORS:
+        return
+    if not getattr(writer, "single_file_per_rank", True):
+        return  # one file per write item: nothing is overwritten
+    for rank, plan in enumerate(plans):
+        offsets: dict[str, list] = {}
+        for item in plan.items:
+            if item.type != WriteItemType.BYTE_IO:
+                offsets.setdefault(item.index.fqn, []).append(list(item.index.offset or []))
+        for fqn, where in offsets.items():
+            if len(where) > 1:
+                raise ValueError(
+                    f"tpext: {type(writer).__name__} keeps one tensor per key and rank, but rank {rank} holds "
+                    f"{len(where)} chunks of '{fqn}' (dense offsets {where}; a packed or FSDP2-split tensor-"
+                    "parallel tensor): all but one would be lost. Save with DCP's default writer "
+                    "(dcp.save(state, checkpoint_id=dir)), which keeps every chunk and reshards on load, or "
+                    "write dense Hugging Face safetensors with tpext.save_checkpoint(model, dir) or the "
+                    "parallelized model's save_pretrained(dir)")
+
+
+def _guard_safetensors_writers() -> None:
+    """Wrap the global-plan step of torch's safetensors-capable writers with _check_one_chunk_per_key.
+
+    The global plan is the one place that sees both the storage writer and every rank's final write items;
+    a raise there reaches every rank as DCP's CheckpointException before any file is written. Idempotent.
+    """
+    from torch.distributed.checkpoint import filesystem, hf_storage
+
+    for cls in (filesystem._FileSystemWriter, hf_storage.HuggingFaceStorageWriter):
+        original = cls.__dict__["prepare_global_plan"]
+        if getattr(original, "_tpext_checked", False):
+            continue
+
+        def prepare_global_plan(self, plans, _original=original):
+            _check_one_chunk_per_key(plans, self)
+            return _original(self, plans)
+
+        prepare_global_plan._tpext_checked = True
+        cls.prepare_global_plan = prepare_global_plan
+
+
 # ----- from a module's tensor to a state-dict entry, and back
 
 def _needs_wrapping(layout: ShardLayout) -> bool:
@@ -264,6 +317,7 @@ def install_state_dict_hooks(module: nn.Module) -> None:
     them back (also a dense tensor, sliced). Idempotent; called by tpext.sharding.set_layout."""
     _MODULES.add(module)
     _install_optimizer_step_hook()
+    _guard_safetensors_writers()
     if getattr(module, "_tpext_state_hooks", False):
         return
     module.register_state_dict_post_hook(_state_dict_post_hook)
