@@ -216,6 +216,48 @@ def _guard_safetensors_writers() -> None:
         cls.prepare_global_plan = prepare_global_plan
 
 
+# ----- get_*_state_dict(full_state_dict=True) gathers DTensors and ShardedTensors only: refuse ShardedState
+
+def _first_sharded(state: Any, prefix: str = "") -> str | None:
+    """The key of the first ShardedState in a (nested) state dict, or None."""
+    if isinstance(state, ShardedState):
+        return prefix or "<the state dict>"
+    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, list) else ()
+    for k, v in items:
+        found = _first_sharded(v, f"{prefix}.{k}" if prefix else str(k))
+        if found is not None:
+            return found
+    return None
+
+
+def _guard_full_state_dict() -> None:
+    """Wrap the gather of torch's get_model_state_dict / get_optimizer_state_dict(full_state_dict=True).
+
+    torch gathers DTensors and ShardedTensors there and passes other tensors through, so a ShardedState would
+    come back as this rank's slices under a "full" state dict (and, with cpu_offload, rank 0's slices only).
+    ``_gather_state_dict`` is looked up in torch's state_dict module at call time and is called only on the
+    full_state_dict path. Idempotent.
+    """
+    from torch.distributed.checkpoint import state_dict as torch_state_dict
+
+    original = torch_state_dict._gather_state_dict
+    if getattr(original, "_tpext_checked", False):
+        return
+
+    def _gather_state_dict(state_dict, *args, **kwargs):
+        key = _first_sharded(state_dict)
+        if key is not None:
+            raise ValueError(
+                f"tpext: full_state_dict=True cannot gather '{key}', a tensor-parallel tensor of which this rank "
+                "holds only its slices (torch gathers DTensors and ShardedTensors only). Use "
+                "tpext.gather_state_dict(model) for the dense model state dict, or full_state_dict=False with "
+                "torch.distributed.checkpoint (dcp.save), which writes each rank's slices and reshards on load")
+        return original(state_dict, *args, **kwargs)
+
+    _gather_state_dict._tpext_checked = True
+    torch_state_dict._gather_state_dict = _gather_state_dict
+
+
 # ----- from a module's tensor to a state-dict entry, and back
 
 def _needs_wrapping(layout: ShardLayout) -> bool:
@@ -318,6 +360,7 @@ def install_state_dict_hooks(module: nn.Module) -> None:
     _MODULES.add(module)
     _install_optimizer_step_hook()
     _guard_safetensors_writers()
+    _guard_full_state_dict()
     if getattr(module, "_tpext_state_hooks", False):
         return
     module.register_state_dict_post_hook(_state_dict_post_hook)
