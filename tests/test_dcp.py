@@ -469,6 +469,11 @@ def _common_workflows(path: str) -> dict:
             out[what] = "not refused"
         except ValueError as err:
             out[what] = str(err)
+    copied = copy.deepcopy(model)  # its state_dict() never called: get_optimizer_state_dict must still know it
+    copied_opt = _optimizer(copied.parameters(), "adamw")
+    _step(copied, copied.loss, copied_opt, 1)
+    copied_state = get_optimizer_state_dict(copied, copied_opt)["state"]["model.embed_tokens.weight"]
+    out["deepcopy_optim"] = isinstance(copied_state["exp_avg"], ShardedState)
     cpu = get_model_state_dict(model, options=StateDictOptions(cpu_offload=True))  # not full: slices, on CPU
     out["cpu_offload"] = same_as(cpu) and isinstance(cpu["model.embed_tokens.weight"], ShardedState)
     return out
@@ -477,7 +482,7 @@ def _common_workflows(path: str) -> dict:
 def test_common_state_dict_workflows(tmp_path):
     for rank, out in enumerate(run_ranks(_common_workflows, 2, str(tmp_path))):
         for what in ("deepcopy", "clone", "lossy_told", "self_load", "torch_save", "optim_roundtrip", "compiled",
-                     "compiled_keys", "cpu_offload"):
+                     "compiled_keys", "cpu_offload", "deepcopy_optim"):
             assert out[what] is True, f"rank {rank}: {what}"
         assert "aten.mul_.Tensor on a ShardedState" in out["ema"] and ".local" in out["ema"], out["ema"]
         for what in ("full_model", "full_model_cpu"):

@@ -258,6 +258,30 @@ def _guard_full_state_dict() -> None:
     torch_state_dict._gather_state_dict = _gather_state_dict
 
 
+def _register_modules_of_state_dict_calls() -> None:
+    """Wrap torch's state_dict API's option check, which every get_/set_*_state_dict call makes with the model,
+    to register the model's tensor-parallel modules (copy.deepcopy makes modules that set_layout never saw).
+
+    Without it, get_optimizer_state_dict(copy, optimizer) on a deep copy whose state_dict() was never called
+    would hand out the optimizer state of sharded parameters as plain local tensors under the dense names,
+    which DCP takes for replicas. Idempotent.
+    """
+    from torch.distributed.checkpoint import state_dict as torch_state_dict
+
+    original = torch_state_dict._verify_options
+    if getattr(original, "_tpext_checked", False):
+        return
+
+    def _verify_options(model, *args, **kwargs):
+        for module in model.modules():
+            if getattr(module, "_tpext_layouts", None):
+                _MODULES.add(module)
+        return original(model, *args, **kwargs)
+
+    _verify_options._tpext_checked = True
+    torch_state_dict._verify_options = _verify_options
+
+
 # ----- from a module's tensor to a state-dict entry, and back
 
 def _needs_wrapping(layout: ShardLayout) -> bool:
@@ -361,6 +385,7 @@ def install_state_dict_hooks(module: nn.Module) -> None:
     _install_optimizer_step_hook()
     _guard_safetensors_writers()
     _guard_full_state_dict()
+    _register_modules_of_state_dict_calls()
     if getattr(module, "_tpext_state_hooks", False):
         return
     module.register_state_dict_post_hook(_state_dict_post_hook)
