@@ -476,13 +476,21 @@ def _common_workflows(path: str) -> dict:
     out["deepcopy_optim"] = isinstance(copied_state["exp_avg"], ShardedState)
     cpu = get_model_state_dict(model, options=StateDictOptions(cpu_offload=True))  # not full: slices, on CPU
     out["cpu_offload"] = same_as(cpu) and isinstance(cpu["model.embed_tokens.weight"], ShardedState)
+    resumed = zeroed()  # a fresh model and optimizer (never stepped) resumed from the per-rank files
+    resumed.load_state_dict(loaded["model"])
+    resumed_opt = _optimizer(resumed.parameters(), "adamw")
+    resumed_opt.load_state_dict(torch.load(rank_file)["optim"])  # its own tensors: `opt` holds loaded's
+    _step(resumed, resumed.loss, resumed_opt, 5)
+    _step(model, model.loss, opt, 5)
+    got, want = tpext.gather_state_dict(resumed), tpext.gather_state_dict(model)
+    out["resumed_step"] = all(torch.equal(got[k], v) for k, v in want.items())
     return out
 
 
 def test_common_state_dict_workflows(tmp_path):
     for rank, out in enumerate(run_ranks(_common_workflows, 2, str(tmp_path))):
         for what in ("deepcopy", "clone", "lossy_told", "self_load", "torch_save", "optim_roundtrip", "compiled",
-                     "compiled_keys", "cpu_offload", "deepcopy_optim"):
+                     "compiled_keys", "cpu_offload", "deepcopy_optim", "resumed_step"):
             assert out[what] is True, f"rank {rank}: {what}"
         assert "aten.mul_.Tensor on a ShardedState" in out["ema"] and ".local" in out["ema"], out["ema"]
         for what in ("full_model", "full_model_cpu"):

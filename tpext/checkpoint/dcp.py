@@ -452,9 +452,28 @@ def install_optimizer_hooks(optimizer: torch.optim.Optimizer) -> None:
 _STEP_HOOK = None
 
 
+def _localize_loaded_state(optimizer: torch.optim.Optimizer) -> None:
+    """State loaded before the hooks were installed (``load_state_dict`` of a per-rank save into an optimizer
+    that never stepped) holds ShardedStates: take each back as its parameter's local tensor, checking that
+    it is this rank's slices, as the load pre hook would have."""
+    known = None
+    for p, state in optimizer.state.items():
+        for k, v in list(state.items()):
+            if not isinstance(v, ShardedState):
+                continue
+            known = _param_layouts() if known is None else known
+            found = known.get(id(p))
+            what = f"optimizer state '{k}' of a parameter of shape {list(p.shape)}"
+            if found is None:
+                raise ValueError(f"tpext: {what} is the tensor-parallel slice {v!r}, but that parameter is not "
+                                 "sharded here: a per-rank optimizer save loads only at the same tp size and rank")
+            state[k] = from_state(v, found[0], what, found[1])
+
+
 def _on_step(optimizer, args, kwargs) -> None:
     if not getattr(optimizer, "_tpext_state_hooks", False):
         install_optimizer_hooks(optimizer)
+        _localize_loaded_state(optimizer)
 
 
 def _install_optimizer_step_hook() -> None:
