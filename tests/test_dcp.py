@@ -484,6 +484,16 @@ def _common_workflows(path: str) -> dict:
     _step(model, model.loss, opt, 5)
     got, want = tpext.gather_state_dict(resumed), tpext.gather_state_dict(model)
     out["resumed_step"] = all(torch.equal(got[k], v) for k, v in want.items())
+    dense_model, dense_opt = _dense_run((True, False), "adamw", 1)  # a dense run's optimizer, resumed at tp=2
+    from_dense = tpext.parallelize(_dense(True, False))
+    from_dense.load_state_dict(dense_model.state_dict())
+    from_dense_opt = _optimizer(from_dense.parameters(), "adamw")
+    from_dense_opt.load_state_dict(copy.deepcopy(dense_opt.state_dict()))  # torch aliases loaded tensors
+    _step(from_dense, from_dense.loss, from_dense_opt, 1)
+    _step(dense_model, dense_model.loss, dense_opt, 1)
+    got = tpext.gather_state_dict(from_dense)
+    for k, v in dense_model.state_dict().items():
+        _close(got[k], v, f"resumed from a dense optimizer: {k}")
     return out
 
 

@@ -453,18 +453,21 @@ _STEP_HOOK = None
 
 
 def _localize_loaded_state(optimizer: torch.optim.Optimizer) -> None:
-    """State loaded before the hooks were installed (``load_state_dict`` of a per-rank save into an optimizer
-    that never stepped) holds ShardedStates: take each back as its parameter's local tensor, checking that
-    it is this rank's slices, as the load pre hook would have."""
+    """State loaded before the hooks were installed (``load_state_dict`` into an optimizer that never
+    stepped) may hold ShardedStates (a per-rank save) or dense tensors (a dense run's optimizer): take each
+    back as its parameter's local tensor, checking the slices, as the load pre hook would have."""
     known = None
     for p, state in optimizer.state.items():
         for k, v in list(state.items()):
-            if not isinstance(v, ShardedState):
+            if not isinstance(v, Tensor) or v.dim() == 0 or (tuple(v.shape) == tuple(p.shape)
+                                                              and not isinstance(v, ShardedState)):
                 continue
             known = _param_layouts() if known is None else known
             found = known.get(id(p))
             what = f"optimizer state '{k}' of a parameter of shape {list(p.shape)}"
             if found is None:
+                if not isinstance(v, ShardedState):
+                    continue  # not a tensor-parallel parameter: torch's own checks apply
                 raise ValueError(f"tpext: {what} is the tensor-parallel slice {v!r}, but that parameter is not "
                                  "sharded here: a per-rank optimizer save loads only at the same tp size and rank")
             state[k] = from_state(v, found[0], what, found[1])
