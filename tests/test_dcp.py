@@ -371,13 +371,14 @@ def test_hugging_face_models(tmp_path, arch):
             assert torch.equal(got[name], tensor), f"{arch}: {name}"
 
 
-def _hf_writer_save(path: str, packed: bool) -> str:
+def _hf_writer_save(path: str, packed: bool, distributed: bool = True) -> str:
     """dcp.save into torch's HuggingFaceStorageWriter at tp=2: refused for packed qkv / gate_up (several chunks
-    of one key on a rank), written and consolidated into the dense safetensors otherwise."""
+    of one key on a rank) and without save_distributed (every rank's file has the same name), written and
+    consolidated into the dense safetensors otherwise."""
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
 
     model = tpext.parallelize(_dense(packed, False))
-    writer = HuggingFaceStorageWriter(path, save_distributed=True, enable_consolidation=True)
+    writer = HuggingFaceStorageWriter(path, save_distributed=distributed, enable_consolidation=distributed)
     try:
         dcp.save(get_model_state_dict(model), storage_writer=writer)
     except BaseException as err:  # noqa: BLE001 - DCP's CheckpointException is a BaseException; its message is the point
@@ -399,6 +400,9 @@ def test_hugging_face_storage_writer_refuses_several_chunks_of_a_key(tmp_path, p
         assert not glob.glob(f"{tmp_path}/**/*.safetensors", recursive=True)  # refused before any file
         return
     assert messages == ["", ""], messages
+    for rank, message in enumerate(run_ranks(_hf_writer_save, 2, f"{tmp_path}/collide", packed, False)):
+        assert re.search(r"save_distributed=False\) gives every rank the same file names, but ranks \[0, 1\]",
+                         message), f"rank {rank}: {message}"
     saved = {}
     for f in glob.glob(f"{tmp_path}/*.safetensors"):
         saved.update(load_file(f))

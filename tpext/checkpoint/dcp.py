@@ -179,6 +179,14 @@ def _check_one_chunk_per_key(plans: list, writer: Any) -> None:
         return
     if not getattr(writer, "single_file_per_rank", True):
         return  # one file per write item: nothing is overwritten
+    writing = [rank for rank, plan in enumerate(plans) if any(i.type != WriteItemType.BYTE_IO for i in plan.items)]
+    if getattr(writer, "save_distributed", True) is False and len(writing) > 1:
+        raise ValueError(
+            f"tpext: {type(writer).__name__}(save_distributed=False) gives every rank the same file names, but "
+            f"ranks {writing} all hold tensors to write (tensor-parallel slices, or replicas DCP spread over "
+            "ranks): they would overwrite each other. Pass save_distributed=True (with enable_consolidation=True "
+            "for dense files), save with DCP's default writer (dcp.save(state, checkpoint_id=dir)), or write "
+            "dense Hugging Face safetensors with tpext.save_checkpoint(model, dir)")
     for rank, plan in enumerate(plans):
         offsets: dict[str, list] = {}
         for item in plan.items:
