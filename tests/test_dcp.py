@@ -369,3 +369,145 @@ def test_hugging_face_models(tmp_path, arch):
     for got in run_ranks(_hf_load, 4, str(tmp_path), arch)[0]:
         for name, tensor in dense.state_dict().items():
             assert torch.equal(got[name], tensor), f"{arch}: {name}"
+
+
+def _hf_writer_save(path: str, packed: bool, distributed: bool = True) -> str:
+    """dcp.save into torch's HuggingFaceStorageWriter at tp=2: refused for packed qkv / gate_up (several chunks
+    of one key on a rank) and without save_distributed (every rank's file has the same name), written and
+    consolidated into the dense safetensors otherwise."""
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    model = tpext.parallelize(_dense(packed, False))
+    writer = HuggingFaceStorageWriter(path, save_distributed=distributed, enable_consolidation=distributed)
+    try:
+        dcp.save(get_model_state_dict(model), storage_writer=writer)
+    except BaseException as err:  # noqa: BLE001 - DCP's CheckpointException is a BaseException; its message is the point
+        return str(err)
+    return ""
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_hugging_face_storage_writer_refuses_several_chunks_of_a_key(tmp_path, packed):
+    from safetensors.torch import load_file
+
+    messages = run_ranks(_hf_writer_save, 2, str(tmp_path), packed)
+    dense = _dense(packed, False).state_dict()
+    if packed:
+        for rank, message in enumerate(messages):
+            assert re.search(r"rank \d holds \d chunks of 'model\.layers\.\d\.(self_attn\.qkv_proj|mlp\.gate_up_proj)"
+                             r"\.weight'", message), f"rank {rank}: {message}"
+            assert "dcp.save(state, checkpoint_id=dir)" in message and "tpext.save_checkpoint" in message
+        assert not glob.glob(f"{tmp_path}/**/*.safetensors", recursive=True)  # refused before any file
+        return
+    assert messages == ["", ""], messages
+    for rank, message in enumerate(run_ranks(_hf_writer_save, 2, f"{tmp_path}/collide", packed, False)):
+        assert re.search(r"save_distributed=False\) gives every rank the same file names, but ranks \[0, 1\]",
+                         message), f"rank {rank}: {message}"
+    saved = {}
+    for f in glob.glob(f"{tmp_path}/*.safetensors"):
+        saved.update(load_file(f))
+    assert set(saved) == set(dense)
+    for name, tensor in dense.items():
+        assert torch.equal(saved[name], tensor), name
+
+
+def _common_workflows(path: str) -> dict:
+    """What users do with model.state_dict() besides DCP, at tp=2 on a packed model with AdamW state: each
+    either gives this rank's exact tensors back, or is refused naming the key and the way out."""
+    import copy
+
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    dense = _dense(True, False).state_dict()
+    model = tpext.parallelize(_dense(True, False))
+    opt = _optimizer(model.parameters(), "adamw")
+    _step(model, model.loss, opt, 0)
+    want_optim = _local_optim_state(model, opt)
+
+    def zeroed():
+        fresh = tpext.parallelize(_dense(True, False))
+        with torch.no_grad():
+            for p in fresh.parameters():
+                p.zero_()
+        return fresh
+
+    def same_as(state) -> bool:  # load into a zeroed model, gather, compare with the trained model
+        fresh = zeroed()
+        fresh.load_state_dict(state)
+        got, want = tpext.gather_state_dict(fresh), tpext.gather_state_dict(model)
+        return all(torch.equal(got[k], v) for k, v in want.items())
+
+    out = {"deepcopy": same_as(copy.deepcopy(model.state_dict())),
+           "clone": same_as({k: v.clone() for k, v in model.state_dict().items()}),
+           # the check can fail: a round trip through fp32 loses bits
+           "lossy_told": not same_as({k: v.to(torch.float32).to(torch.float64)
+                                      for k, v in model.state_dict().items()})}
+    before = tpext.gather_state_dict(model)
+    model.load_state_dict(model.state_dict())  # onto itself: unchanged
+    out["self_load"] = all(torch.equal(v, before[k]) for k, v in tpext.gather_state_dict(model).items())
+    rank_file = f"{path}/rank{dist.get_rank()}.pt"
+    torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, rank_file)
+    loaded = torch.load(rank_file)
+    out["torch_save"] = same_as(loaded["model"])
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # the optimizer's own state, through its hooks
+    opt.load_state_dict(loaded["optim"])
+    got_optim = _local_optim_state(model, opt)
+    out["optim_roundtrip"] = all(torch.equal(got_optim[k], v) for k, v in want_optim.items())
+    ema = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        ema["model.embed_tokens.weight"].mul_(0.9)
+    except NotImplementedError as err:
+        out["ema"] = str(err)
+    compiled = torch.compile(zeroed())  # state dicts of the wrapper: the _orig_mod. keys, the same entries
+    compiled.load_state_dict({f"_orig_mod.{k}": v for k, v in model.state_dict().items()})
+    out["compiled"] = all(torch.equal(a, b) for a, b in zip(tpext.gather_state_dict(compiled).values(),
+                                                            tpext.gather_state_dict(model).values()))
+    out["compiled_keys"] = sorted(get_model_state_dict(compiled)) == sorted(dense)
+    full = StateDictOptions(full_state_dict=True)
+    for what, call in [("full_model", lambda: get_model_state_dict(model, options=full)),
+                       ("full_model_cpu", lambda: get_model_state_dict(
+                           model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))),
+                       ("full_optim", lambda: get_optimizer_state_dict(model, opt, options=full))]:
+        try:
+            call()
+            out[what] = "not refused"
+        except ValueError as err:
+            out[what] = str(err)
+    copied = copy.deepcopy(model)  # its state_dict() never called: get_optimizer_state_dict must still know it
+    copied_opt = _optimizer(copied.parameters(), "adamw")
+    _step(copied, copied.loss, copied_opt, 1)
+    copied_state = get_optimizer_state_dict(copied, copied_opt)["state"]["model.embed_tokens.weight"]
+    out["deepcopy_optim"] = isinstance(copied_state["exp_avg"], ShardedState)
+    cpu = get_model_state_dict(model, options=StateDictOptions(cpu_offload=True))  # not full: slices, on CPU
+    out["cpu_offload"] = same_as(cpu) and isinstance(cpu["model.embed_tokens.weight"], ShardedState)
+    resumed = zeroed()  # a fresh model and optimizer (never stepped) resumed from the per-rank files
+    resumed.load_state_dict(loaded["model"])
+    resumed_opt = _optimizer(resumed.parameters(), "adamw")
+    resumed_opt.load_state_dict(torch.load(rank_file)["optim"])  # its own tensors: `opt` holds loaded's
+    _step(resumed, resumed.loss, resumed_opt, 5)
+    _step(model, model.loss, opt, 5)
+    got, want = tpext.gather_state_dict(resumed), tpext.gather_state_dict(model)
+    out["resumed_step"] = all(torch.equal(got[k], v) for k, v in want.items())
+    dense_model, dense_opt = _dense_run((True, False), "adamw", 1)  # a dense run's optimizer, resumed at tp=2
+    from_dense = tpext.parallelize(_dense(True, False))
+    from_dense.load_state_dict(dense_model.state_dict())
+    from_dense_opt = _optimizer(from_dense.parameters(), "adamw")
+    from_dense_opt.load_state_dict(copy.deepcopy(dense_opt.state_dict()))  # torch aliases loaded tensors
+    _step(from_dense, from_dense.loss, from_dense_opt, 1)
+    _step(dense_model, dense_model.loss, dense_opt, 1)
+    got = tpext.gather_state_dict(from_dense)
+    for k, v in dense_model.state_dict().items():
+        _close(got[k], v, f"resumed from a dense optimizer: {k}")
+    return out
+
+
+def test_common_state_dict_workflows(tmp_path):
+    for rank, out in enumerate(run_ranks(_common_workflows, 2, str(tmp_path))):
+        for what in ("deepcopy", "clone", "lossy_told", "self_load", "torch_save", "optim_roundtrip", "compiled",
+                     "compiled_keys", "cpu_offload", "deepcopy_optim", "resumed_step"):
+            assert out[what] is True, f"rank {rank}: {what}"
+        assert "aten.mul_.Tensor on a ShardedState" in out["ema"] and ".local" in out["ema"], out["ema"]
+        for what in ("full_model", "full_model_cpu"):
+            assert re.search(r"full_state_dict=True cannot gather 'model\.[\w.]+weight'", out[what]), out[what]
+            assert "tpext.gather_state_dict(model)" in out[what] and "dcp.save" in out[what]
+        assert "full_state_dict=True cannot gather 'state." in out["full_optim"], out["full_optim"]
