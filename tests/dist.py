@@ -21,8 +21,9 @@ import shutil
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any
 
 _CTX = mp.get_context("spawn")
 _POLL_S = 0.05
@@ -33,7 +34,7 @@ class DistFailure(AssertionError):
 
 
 def _rank_main(rank: int, world_size: int, init_file: str, group_timeout_s: float, backend: str,
-               tasks: "mp.Queue", results: "mp.Queue") -> None:
+               tasks: mp.Queue, results: mp.Queue) -> None:
     import torch
     import torch.distributed as dist
 

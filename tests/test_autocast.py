@@ -16,9 +16,9 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
+from dist import run_ranks
 
 import tpext
-from dist import run_ranks
 from tpext import mappings, ops
 from tpext.models import LlamaConfig, LlamaForCausalLM
 from tpext.nn import ColumnParallelLinear, RowParallelLinear

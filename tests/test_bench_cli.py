@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as tdist
-
 from dist import run_ranks
-from tpext.commands.benchmark_layers import IMPLS, LAYERS, MODES, Spec, _check, _dense, _tpext, check_close
+
 from tpext.cli import main
+from tpext.commands.benchmark_layers import IMPLS, LAYERS, MODES, Spec, _check, _dense, _tpext, check_close
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

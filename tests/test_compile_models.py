@@ -12,9 +12,9 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
+from dist import run_ranks
 
 import tpext
-from dist import run_ranks
 from tpext.models import LlamaConfig, LlamaForCausalLM
 
 TOL = dict(rtol=1e-5, atol=1e-6)

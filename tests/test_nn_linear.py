@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.distributed as tdist
 import torch.nn.functional as F
+from dist import run_ranks
 
 import tpext
-from dist import run_ranks
 from tpext import mappings
 from tpext.distributed import shard_range
 from tpext.nn import ColumnParallelLinear, RowParallelLinear

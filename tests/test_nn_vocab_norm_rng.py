@@ -7,12 +7,20 @@ import pytest
 import torch
 import torch.distributed as tdist
 import torch.nn.functional as F
+from dist import run_ranks
 
 import tpext
-from dist import run_ranks
 from tpext.distributed import shard_range
-from tpext.nn import (ColumnParallelLinear, ColumnParallelRMSNorm, RowParallelLinear, SequenceParallelLayerNorm,
-                      SequenceParallelRMSNorm, VocabParallelEmbedding, shard_norm_features, sum_param_grads)
+from tpext.nn import (
+    ColumnParallelLinear,
+    ColumnParallelRMSNorm,
+    RowParallelLinear,
+    SequenceParallelLayerNorm,
+    SequenceParallelRMSNorm,
+    VocabParallelEmbedding,
+    shard_norm_features,
+    sum_param_grads,
+)
 from tpext.nn.functional import vocab_parallel_cross_entropy
 from tpext.sharding import Piece
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as tdist
+from dist import run_ranks
 
 import tpext
-from dist import run_ranks
 from tpext.commands.benchmark import gemm_calls
 from tpext.ops import Algorithm
 

@@ -13,9 +13,9 @@ import tempfile
 import pytest
 import torch
 import torch.distributed as tdist
+from dist import run_ranks
 
 import tpext
-from dist import run_ranks
 from tpext import p2p
 
 f64, f32, bf16 = torch.float64, torch.float32, torch.bfloat16

@@ -19,7 +19,6 @@ import json
 import os
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Union
 
 import torch
 import torch.distributed as dist
@@ -31,7 +30,7 @@ from tpext.sharding import Entry, ShardLayout, layouts
 
 __all__ = ["checkpoint_files", "gather_state_dict", "load_checkpoint", "save_checkpoint"]
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -25,7 +23,7 @@ class VocabParallelEmbedding(SharesGroupOnCopy, nn.Module):
     [b, s/R, dim] for batch-first ids [b, s] with sequence_dim=1 (s divisible by R).
     """
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: Optional[int] = None, *,
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, *,
                  group: GroupLike = None, sequence_parallel: bool = False, sequence_dim: int = 0, device=None,
                  dtype=None):
         super().__init__()
@@ -44,7 +42,7 @@ class VocabParallelEmbedding(SharesGroupOnCopy, nn.Module):
         self.reset_parameters()
 
     @property
-    def _local_padding_idx(self) -> Optional[int]:
+    def _local_padding_idx(self) -> int | None:
         if self.padding_idx is not None and self.vocab_start <= self.padding_idx < self.vocab_end:
             return self.padding_idx - self.vocab_start
         return None
@@ -56,7 +54,7 @@ class VocabParallelEmbedding(SharesGroupOnCopy, nn.Module):
                 self.weight[self._local_padding_idx].zero_()
 
     @classmethod
-    def from_dense(cls, embedding: nn.Embedding, group: GroupLike = None, **kwargs) -> "VocabParallelEmbedding":
+    def from_dense(cls, embedding: nn.Embedding, group: GroupLike = None, **kwargs) -> VocabParallelEmbedding:
         """Shard an nn.Embedding: this rank keeps rows [vocab_start, vocab_end) of its weight."""
         # On the meta device first: no init, so no RNG draws that depend on this rank's vocabulary share.
         layer = cls(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx, group=group,
@@ -112,7 +110,7 @@ class _VocabParallelLookup(SharesGroupOnCopy, nn.Embedding):
     extra_repr = VocabParallelEmbedding.extra_repr
 
     @property
-    def _local_padding_idx(self) -> Optional[int]:
+    def _local_padding_idx(self) -> int | None:
         return self.padding_idx
 
 

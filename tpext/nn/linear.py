@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,15 +19,20 @@ from torch import Tensor, nn
 
 from tpext import mappings, p2p, stats
 from tpext.distributed import GroupLike, SharesGroupOnCopy, resolve_group
-from tpext.nn._linear_functions import ColumnLinear, ColumnLinearSP, RowLinear, RowLinearSP, _cat, autocast_inputs
+from tpext.nn._linear_functions import (
+    ColumnLinear,
+    ColumnLinearSP,
+    RowLinear,
+    RowLinearSP,
+    _cat,
+    autocast_inputs,
+)
 from tpext.nn.p2p_functions import RowLinearP2P
-from tpext.ops.schedule import AlgorithmLike, Schedule, resolve_chunks, resolve_schedule
+from tpext.ops.schedule import AlgorithmLike, Chunks, Schedule, resolve_chunks, resolve_schedule
 from tpext.sharding import Piece, ShardLayout, piece_segments, set_layout
 
 __all__ = ["ColumnParallelLinear", "RowParallelLinear", "SharedInputColumns", "ColumnParallelConv1D",
            "RowParallelConv1D"]
-
-Chunks = Union[int, str]
 
 
 class _ParallelLinear(SharesGroupOnCopy, nn.Module):
@@ -40,7 +45,7 @@ class _ParallelLinear(SharesGroupOnCopy, nn.Module):
     transposed_weight = False
 
     def __init__(self, in_features: int, out_features: int, bias: bool, group: GroupLike, sharded_dim: int,
-                 sequence_parallel: bool, chunks: Chunks, device, dtype, pieces: Optional[Sequence[Piece]] = None,
+                 sequence_parallel: bool, chunks: Chunks, device, dtype, pieces: Sequence[Piece] | None = None,
                  sequence_dim: int = 0):
         super().__init__()
         self.group = resolve_group(group)
@@ -95,7 +100,7 @@ class _ParallelLinear(SharesGroupOnCopy, nn.Module):
             if self.bias is not None:
                 self.bias.copy_(self._tpext_layouts["bias"].local_from_dense(linear.bias))
 
-    def _params(self) -> tuple[Tensor, Optional[Tensor]]:
+    def _params(self) -> tuple[Tensor, Tensor | None]:
         """The weights as this forward uses them, [out, in] ([out/R, in] or [out, in/R] here). A head
         replicated over several ranks (GQA with more ranks than kv heads) gets only part of its gradient on
         each: those parts are summed here."""
@@ -173,7 +178,7 @@ class ColumnParallelLinear(_ParallelLinear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, group: GroupLike = None,
                  gather_output: bool = False, sequence_parallel: bool = False, chunks: Chunks = "auto",
-                 pieces: Optional[Sequence[Piece]] = None, sequence_dim: int = 0, keep_gathered_input: bool = False,
+                 pieces: Sequence[Piece] | None = None, sequence_dim: int = 0, keep_gathered_input: bool = False,
                  device=None, dtype=None):
         super().__init__(in_features, out_features, bias, group, 0, sequence_parallel, chunks, device, dtype,
                          pieces, sequence_dim)
@@ -184,7 +189,7 @@ class ColumnParallelLinear(_ParallelLinear):
         self.gather_output = gather_output
 
     @classmethod
-    def from_dense(cls, linear: nn.Linear, group: GroupLike = None, **kwargs) -> "ColumnParallelLinear":
+    def from_dense(cls, linear: nn.Linear, group: GroupLike = None, **kwargs) -> ColumnParallelLinear:
         """Shard an nn.Linear: this rank keeps its rows of the weight and bias (rows [start, start + out/R),
         or with `pieces` its rows of every sub-matrix)."""
         return cls._from_dense(linear, group, **kwargs)
@@ -200,12 +205,12 @@ class ColumnParallelLinear(_ParallelLinear):
             return self._column(x, (w,), b)
 
     # Set by SharedInputColumns.attach when this layer shares its input with siblings (q/k/v, gate/up).
-    _siblings: Optional["SharedInputColumns"] = None
+    _siblings: SharedInputColumns | None = None
     # Set by tpext.parallelize under SP on an attention module's projections, whose input a forward pre-hook
     # all-gathers (tpext.parallel.hooks): tells whether a tensor is the full sequence that hook returned.
-    _is_gathered_input: Optional[Callable[[Tensor], bool]] = None
+    _is_gathered_input: Callable[[Tensor], bool] | None = None
 
-    def _column(self, x: Tensor, ws: tuple[Tensor, ...], b: Optional[Tensor]) -> Tensor:
+    def _column(self, x: Tensor, ws: tuple[Tensor, ...], b: Tensor | None) -> Tensor:
         """The column-parallel product of x with the local weight cat(ws) and bias b (this layer's, or
         those of a SharedInputColumns group)."""
         hooked = self._is_gathered_input
@@ -225,7 +230,7 @@ class ColumnParallelLinear(_ParallelLinear):
             y = mappings.gather_from_tp(y, self.out_features, self.group)
         return y
 
-    def _column_sp(self, x_shard: Tensor, ws: tuple[Tensor, ...], b: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    def _column_sp(self, x_shard: Tensor, ws: tuple[Tensor, ...], b: Tensor | None) -> tuple[Tensor, Tensor]:
         """(y, x_full): the sequence-parallel product and the gathered input, both in x_shard's layout."""
         x_shard, b, *ws = autocast_inputs(self._sequence_first(x_shard), b, *ws)
         rows = x_shard.numel() // max(x_shard.shape[-1], 1) * self.tp_size
@@ -253,7 +258,7 @@ class SharedInputColumns:
             raise ValueError("tpext.SharedInputColumns: the layers must share in_features, group, sequence "
                              "parallelism and bias presence, without gather_output")
         self.layers = list(layers)
-        self._x: Optional[Tensor] = None
+        self._x: Tensor | None = None
         self._outputs: dict[int, Tensor] = {}
         self._state: tuple = ()
 
@@ -264,7 +269,7 @@ class SharedInputColumns:
                    and layer.sequence_parallel == first.sequence_parallel and layer.sequence_dim == first.sequence_dim
                    and (layer.bias is None) == (first.bias is None) and not layer.gather_output for layer in layers)
 
-    def __deepcopy__(self, memo: dict) -> "SharedInputColumns":
+    def __deepcopy__(self, memo: dict) -> SharedInputColumns:
         # The copy shares nothing in flight: outputs kept for layers still to be called stay behind.
         new = SharedInputColumns.__new__(SharedInputColumns)
         memo[id(self)] = new
@@ -308,7 +313,7 @@ class SharedInputColumns:
         self._hand_out(y, x_full, skip=None)
         return x_full
 
-    def _weights(self) -> tuple[tuple[Tensor, ...], Optional[Tensor]]:
+    def _weights(self) -> tuple[tuple[Tensor, ...], Tensor | None]:
         params = [layer._params() for layer in self.layers]
         b = torch.cat([p[1] for p in params]) if params[0][1] is not None else None
         return tuple(p[0] for p in params), b
@@ -317,14 +322,14 @@ class SharedInputColumns:
         names = "+".join(getattr(m, "_tpext_stats_name", type(m).__name__) for m in self.layers)
         return stats.module_scope(stats.current_module() or names)
 
-    def _hand_out(self, y: Tensor, x: Tensor, skip: Optional[ColumnParallelLinear]) -> list[Tensor]:
+    def _hand_out(self, y: Tensor, x: Tensor, skip: ColumnParallelLinear | None) -> list[Tensor]:
         """Split y into the layers' outputs and keep those of the layers still to be called with x."""
         outputs = y.split([m.local_weight_shape[0] for m in self.layers], dim=-1)
         self._outputs = {id(m): out for m, out in zip(self.layers, outputs) if m is not skip}
         self._x, self._state = x, self._state_of(x)
         return list(outputs)
 
-    def attach(self) -> "SharedInputColumns":
+    def attach(self) -> SharedInputColumns:
         for layer in self.layers:
             layer._siblings = self
         return self
@@ -343,7 +348,7 @@ class RowParallelLinear(_ParallelLinear):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, group: GroupLike = None,
                  input_is_parallel: bool = True, sequence_parallel: bool = False, chunks: Chunks = "auto",
-                 pieces: Optional[Sequence[Piece]] = None, sequence_dim: int = 0, device=None, dtype=None):
+                 pieces: Sequence[Piece] | None = None, sequence_dim: int = 0, device=None, dtype=None):
         super().__init__(in_features, out_features, bias, group, 1, sequence_parallel, chunks, device, dtype,
                          pieces, sequence_dim)
         if self.replicas > 1 or (self.packed and not input_is_parallel):
@@ -352,7 +357,7 @@ class RowParallelLinear(_ParallelLinear):
         self.input_is_parallel = input_is_parallel
 
     @classmethod
-    def from_dense(cls, linear: nn.Linear, group: GroupLike = None, **kwargs) -> "RowParallelLinear":
+    def from_dense(cls, linear: nn.Linear, group: GroupLike = None, **kwargs) -> RowParallelLinear:
         """Shard an nn.Linear: this rank keeps columns [start, start + in/R) of its weight, all the bias."""
         return cls._from_dense(linear, group, **kwargs)
 
@@ -394,7 +399,7 @@ class ColumnParallelConv1D(ColumnParallelLinear):
     transposed_weight = True
 
     @classmethod
-    def from_dense(cls, conv1d: nn.Module, group: GroupLike = None, **kwargs) -> "ColumnParallelConv1D":
+    def from_dense(cls, conv1d: nn.Module, group: GroupLike = None, **kwargs) -> ColumnParallelConv1D:
         """Shard a Conv1D (weight [in, out]): this rank keeps its columns of the weight and its bias slice."""
         return cls._from_dense(conv1d, group, **kwargs)
 
@@ -406,6 +411,6 @@ class RowParallelConv1D(RowParallelLinear):
     transposed_weight = True
 
     @classmethod
-    def from_dense(cls, conv1d: nn.Module, group: GroupLike = None, **kwargs) -> "RowParallelConv1D":
+    def from_dense(cls, conv1d: nn.Module, group: GroupLike = None, **kwargs) -> RowParallelConv1D:
         """Shard a Conv1D (weight [in, out]): this rank keeps its rows of the weight, all the bias."""
         return cls._from_dense(conv1d, group, **kwargs)

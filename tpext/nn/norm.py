@@ -17,7 +17,7 @@ the squares of its features and one all-reduce of a number per token gives the d
 from __future__ import annotations
 
 import threading
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -32,7 +32,7 @@ from tpext.sharding import Piece, ShardLayout, get_layout, piece_segments, set_l
 __all__ = ["SequenceParallelLayerNorm", "SequenceParallelRMSNorm", "ColumnParallelRMSNorm", "sum_param_grads",
            "shard_norm_features"]
 
-Shape = Union[int, Sequence[int]]
+Shape = int | Sequence[int]
 
 
 class _SPNorm(SharesGroupOnCopy, nn.Module):
@@ -175,7 +175,7 @@ def _feature_layout(shape: Sequence[int], pieces: Sequence[Piece], group: dist.P
     return ShardLayout(tuple(shape), 0, segments, replicas, ranges)
 
 
-def _column_parallel_rms_norm(x: Tensor, weight: Tensor, eps: Optional[float], layout: ShardLayout,
+def _column_parallel_rms_norm(x: Tensor, weight: Tensor, eps: float | None, layout: ShardLayout,
                               group: dist.ProcessGroup, what: str) -> Tensor:
     """RMSNorm of features sharded over `group` (x holds this rank's, laid out as `layout`), in fp32 (fp64
     for fp64 input): x * rsqrt(mean over all features of x^2 + eps) * weight, cast back to x's dtype
@@ -203,7 +203,7 @@ class _ColumnParallelRMS(SharesGroupOnCopy):
     model's own RMSNorm class converted by shard_norm_features)."""
 
     _tpext_group: dist.ProcessGroup
-    _tpext_eps: Optional[float]
+    _tpext_eps: float | None
 
     def forward(self, x: Tensor) -> Tensor:
         with stats.scope_for(self):
@@ -223,8 +223,8 @@ class ColumnParallelRMSNorm(_ColumnParallelRMS, nn.Module):
     in backward). `pieces` as the column layer's (e.g. (Piece(heads, head_dim),), so each rank holds the
     norm weight of its heads; a kv head replicated over several ranks counts once)."""
 
-    def __init__(self, normalized_size: int, eps: Optional[float] = 1e-6, *, group: GroupLike = None,
-                 pieces: Optional[Sequence[Piece]] = None, device=None, dtype=None):
+    def __init__(self, normalized_size: int, eps: float | None = 1e-6, *, group: GroupLike = None,
+                 pieces: Sequence[Piece] | None = None, device=None, dtype=None):
         super().__init__()
         pieces = tuple(pieces) if pieces is not None else (Piece(normalized_size),)
         if sum(p.size for p in pieces) != normalized_size:
@@ -242,7 +242,7 @@ class ColumnParallelRMSNorm(_ColumnParallelRMS, nn.Module):
         return self._tpext_group
 
     @property
-    def eps(self) -> Optional[float]:
+    def eps(self) -> float | None:
         return self._tpext_eps
 
 

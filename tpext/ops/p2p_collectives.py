@@ -9,8 +9,6 @@ host reference and CUDA groups without usable buffers fall back to the collectiv
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -88,8 +86,8 @@ def _(x, group_name, algorithm):
     return x.new_empty((x.shape[0] * group_size(group_name), *x.shape[1:]))
 
 
-def p2p_all_reduce_residual_rmsnorm(x: Tensor, residual: Optional[Tensor], weight: Tensor,
-                                    bias: Optional[Tensor] = None, eps: float = 1e-6, group: GroupLike = None,
+def p2p_all_reduce_residual_rmsnorm(x: Tensor, residual: Tensor | None, weight: Tensor,
+                                    bias: Tensor | None = None, eps: float = 1e-6, group: GroupLike = None,
                                     algorithm: int = 1) -> tuple[Tensor, Tensor]:
     """``(rms_norm(h) * weight, h)`` with ``h = all_reduce(x) + bias + residual``, in one fused pass on
     the P2P path (the decode epilogue). Forward only: `tpext.nn.functional.all_reduce_residual_rmsnorm`
