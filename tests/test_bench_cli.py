@@ -24,6 +24,7 @@ CALIBRATION_KEYS = {"format", "device", "source", "matmul_tflops", "allreduce_bu
                     "collective_latency_us", "memory_GiB", "gpus_per_node"}
 
 
+@pytest.mark.slow  # spawns `python -m tpext bench`
 def test_quick_run_writes_checked_results(tmp_path):
     cal = tmp_path / "cal" / "calibration.json"
     cmd = [sys.executable, "-m", "tpext", "bench", "--quick", "--out", str(tmp_path),
