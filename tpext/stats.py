@@ -77,7 +77,20 @@ _module: contextvars.ContextVar[str] = contextvars.ContextVar("tpext_comm_module
 
 @contextlib.contextmanager
 def comm_stats() -> Iterator[CommStats]:
-    """Count the collectives issued inside the block (forward and backward), nesting allowed."""
+    """Count the collectives tpext issues inside the block, forward and backward; nesting allowed.
+
+    Records nothing under torch.compile (compiled graphs run without the Python accounting).
+
+    Returns:
+        A context manager yielding a CommStats: ``count(kind, phase=, module=)``, ``bytes(...)``,
+        ``by_kind(phase)`` and ``table()``.
+
+    Example:
+        >>> with tpext.comm_stats() as stats:
+        ...     layer(x).sum().backward()
+        >>> stats.count("all_reduce", phase="backward")
+        1
+    """
     stats = CommStats()
     _active.append(stats)
     try:

@@ -17,10 +17,30 @@ __all__ = ["VocabParallelEmbedding", "vocab_parallel_subclass"]
 class VocabParallelEmbedding(SharesGroupOnCopy, nn.Module):
     """nn.Embedding with the vocabulary split over the group (ceil or floor of V/R rows per rank).
 
-    Each rank looks up the ids that fall in its slice (others give zeros), then the partial embeddings
-    are summed: an all-reduce, output [*, dim] replicated; or with sequence_parallel a reduce-scatter
-    along the sequence dim, output this rank's sequence shard: [s/R, *, dim] for ids [s, *], or
-    [b, s/R, dim] for batch-first ids [b, s] with sequence_dim=1 (s divisible by R).
+    Each rank looks up the ids that fall in its slice (others give zeros), then the partial embeddings are
+    summed: an all-reduce (output replicated), or with sequence parallelism a reduce-scatter along the
+    sequence dim (output this rank's sequence shard).
+
+    Args:
+        num_embeddings: V, the vocabulary size, sharded over the group.
+        embedding_dim: the embedding width (not sharded).
+        padding_idx: as nn.Embedding's (its row gets no gradient).
+        group: ProcessGroup, 1-D DeviceMesh or None (the world group).
+        sequence_parallel: reduce-scatter the output along `sequence_dim` (s divisible by R).
+        sequence_dim: 0 for ids [s, *], 1 for batch-first ids [b, s].
+        device, dtype: of the weight, as nn.Embedding's.
+
+    Shapes:
+        ids: [*] in [0, V). Output: [*, dim]; with sequence_parallel [s/R, *, dim], or [b, s/R, dim] with
+        sequence_dim=1.
+
+    Raises:
+        IndexError: an id outside [0, V) (the message gives the range and the min/max seen).
+        ValueError: a sequence length not divisible by R.
+
+    Example:
+        >>> emb = tpext.nn.VocabParallelEmbedding.from_dense(model.embed_tokens)
+        >>> h = emb(input_ids)  # [*, dim], replicated
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, *,

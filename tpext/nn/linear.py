@@ -163,17 +163,41 @@ class _ParallelLinear(SharesGroupOnCopy, nn.Module):
 
 
 class ColumnParallelLinear(_ParallelLinear):
-    """y = x @ W.T + b with W [out_features, in_features] sharded by rows (output features).
+    """Linear layer ``y = x @ W.T + b`` with W [out_features, in_features] sharded by rows (output features).
 
-    Each rank holds weight [out/R, in] and bias [out/R] (uneven R: ceil or floor of out/R).
-    sequence_parallel=False: x is [*, in], replicated; the output is [*, out/R] (this rank's features),
-    or [*, out] with gather_output=True. Backward all-reduces grad_x, overlapped with its GEMM.
-    sequence_parallel=True: x is this rank's sequence shard [s/R, *, in]; the forward all-gathers the
-    sequence overlapped with the GEMM and returns [s, *, out/R]; backward reduce-scatters grad_x (in an
-    attention module converted by tpext.parallelize, a hook has gathered the sequence before the call). The
-    gathered input is not kept for the weight gradient but gathered again in backward (activation memory
-    1/R of it, as Megatron and TransformerEngine do); keep_gathered_input=True keeps it instead, trading
-    R times the memory for one all-gather less per backward.
+    Each rank holds weight [out/R, in] and bias [out/R] (R = group size; uneven R: ceil or floor of out/R).
+    Without sequence parallelism the input is replicated and backward all-reduces grad_x, overlapped with
+    its GEMM. With it, the forward all-gathers the sequence overlapped with the GEMM and backward
+    reduce-scatters grad_x. The gathered input is gathered again in backward rather than kept (activation
+    memory 1/R of it) unless ``keep_gathered_input``.
+
+    Args:
+        in_features: K, the input width (not sharded).
+        out_features: N, the dense output width, sharded over the group.
+        bias: whether the layer has a bias [N/R].
+        group: ProcessGroup, 1-D DeviceMesh or None (the world group).
+        gather_output: return [*, N] (all-gathered) instead of this rank's [*, N/R]; not with
+            sequence_parallel.
+        sequence_parallel: the input is this rank's sequence shard [s/R, *, K] (s divisible by R).
+        chunks: "auto" (`tpext.ops.auto_schedule`) or an int >= 1, the chunks of the overlapped ops.
+        pieces: how the output features split into units (e.g. ``(Piece(heads, head_dim),)``) so each rank
+            holds whole heads; None: one piece of N features.
+        sequence_dim: the sequence dim of a sequence-parallel input (0, or 1 for batch-first [b, s, K]).
+        keep_gathered_input: keep the gathered input for the weight gradient (R times the memory, one
+            all-gather less per backward).
+        device, dtype: of the parameters, as nn.Linear's.
+
+    Shapes:
+        input: [*, K], or [s/R, *, K] with sequence_parallel. Output: [*, N/R] ([*, N] with gather_output),
+        or [s, *, N/R] with sequence_parallel.
+
+    Raises:
+        ValueError: an input of the wrong width or sequence length, or bad sizes/pieces; the message names
+            the layer and what it expected.
+
+    Example:
+        >>> col = tpext.nn.ColumnParallelLinear.from_dense(nn.Linear(512, 2048))  # the world group
+        >>> y_shard = col(x)  # [*, 2048 / R]
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, group: GroupLike = None,
@@ -336,14 +360,36 @@ class SharedInputColumns:
 
 
 class RowParallelLinear(_ParallelLinear):
-    """y = x @ W.T + b with W [out_features, in_features] sharded by columns (input features).
+    """Linear layer ``y = x @ W.T + b`` with W [out_features, in_features] sharded by input features.
 
     Each rank holds weight [out, in/R] (split like the matching column layer's outputs) and the full,
-    replicated bias [out], added once after the reduction.
-    input_is_parallel=True: x is [*, in/R] (a column layer's output); False: x is [*, in] and this
-    layer keeps its own shard of it. sequence_parallel=False: all-reduce overlapped with the GEMM, output
-    [*, out], replicated. sequence_parallel=True: reduce-scatter along dim 0 instead, output this rank's
-    sequence shard [s/R, *, out] (dim 0 of x must be divisible by R).
+    replicated bias [out], added once after the reduction. The reduction (an all-reduce, or with sequence
+    parallelism a reduce-scatter along the sequence dim) is overlapped with the GEMM.
+
+    Args:
+        in_features: K, the dense input width, sharded over the group.
+        out_features: N, the output width (not sharded).
+        bias: whether the layer has a bias [N].
+        group: ProcessGroup, 1-D DeviceMesh or None (the world group).
+        input_is_parallel: the input is already [*, K/R] (a column layer's output); False: it is [*, K]
+            and this layer takes its own shard of it.
+        sequence_parallel: reduce-scatter instead of all-reduce; the output is this rank's sequence shard.
+        chunks: "auto" (`tpext.ops.auto_schedule`) or an int >= 1, the chunks of the overlapped ops.
+        pieces: how the input features split into units, as the matching column layer's.
+        sequence_dim: the sequence dim of the output's shard (0, or 1 for batch-first).
+        device, dtype: of the parameters, as nn.Linear's.
+
+    Shapes:
+        input: [*, K/R] (input_is_parallel) or [*, K]. Output: [*, N], replicated, or [s/R, *, N] with
+        sequence_parallel (s divisible by R).
+
+    Raises:
+        ValueError: an input of the wrong width or a sequence length not divisible by R; the message names
+            the layer and what it expected.
+
+    Example:
+        >>> row = tpext.nn.RowParallelLinear.from_dense(nn.Linear(2048, 512))
+        >>> y = row(col(x))  # [*, 512], the same on every rank
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, group: GroupLike = None,
