@@ -120,10 +120,20 @@ def load_checkpoint(model: nn.Module, path: PathLike, *, strict: bool = True,
     shard of what it reads.
 
     Args:
+        model: a dense or parallelized model, possibly on the meta device; filled in place.
+        path: a .safetensors file, an index .json, or a directory holding either (`checkpoint_files`).
         strict: every checkpoint tensor must belong to the model (False: extra tensors are ignored).
+        device: where a meta-device model is materialised (default: CPU).
+
     Raises:
         CheckpointError: a model tensor missing from the checkpoint, of another dense shape, or (strict)
             a checkpoint tensor the model does not have, naming the key (and the file).
+
+    Example:
+        >>> with torch.device("meta"):
+        ...     model = AutoModelForCausalLM.from_config(config)
+        >>> tpext.parallelize(model)
+        >>> tpext.checkpoint.load_checkpoint(model, "llama-3-8b/", device="cuda")
     """
     from tpext.checkpoint.pretrained import init_hf_buffers, is_hf_model
 

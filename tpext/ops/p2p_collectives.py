@@ -54,6 +54,10 @@ def p2p_reduce_scatter(x: Tensor, group: GroupLike = None, algorithm: int = 1) -
 
     Raises:
         RuntimeError: x.size(0) is not divisible by the group size, or as for `p2p_all_reduce`.
+
+    Example:
+        >>> tpext.p2p.enable()  # once per group, on CUDA
+        >>> y_block = tpext.ops.p2p_reduce_scatter(x)  # [M/R, *]
     """
     return torch.ops.tpext.p2p_reduce_scatter(x, group_name(group), int(algorithm))
 
@@ -77,6 +81,9 @@ def p2p_all_gather(x: Tensor, group: GroupLike = None, algorithm: int = 1) -> Te
 
     Raises:
         RuntimeError: as for `p2p_all_reduce`.
+
+    Example:
+        >>> x_full = tpext.ops.p2p_all_gather(x_shard)  # [R * M, *], after tpext.p2p.enable()
     """
     return torch.ops.tpext.p2p_all_gather(x, group_name(group), int(algorithm))
 
@@ -106,6 +113,9 @@ def p2p_all_reduce_residual_rmsnorm(x: Tensor, residual: Tensor | None, weight: 
     Raises:
         RuntimeError: a shape or dtype does not fit (the message names the argument), or as for
             `p2p_all_reduce`.
+
+    Example:
+        >>> out, residual = tpext.ops.p2p_all_reduce_residual_rmsnorm(o_partial, residual, norm.weight)
     """
     return torch.ops.tpext.p2p_all_reduce_residual_rmsnorm(x, residual, bias, weight, eps, group_name(group),
                                                            int(algorithm))
