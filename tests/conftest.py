@@ -1,6 +1,5 @@
-import pytest
-
 import dist
+import pytest
 
 
 @pytest.fixture(scope="session", autouse=True)

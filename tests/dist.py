@@ -9,6 +9,12 @@ the failing rank's traceback.
 Spawning a rank costs an interpreter start and a torch import (seconds), so ranks are kept in a pool
 per (world_size, group_timeout) and reused by later calls; a failure discards that pool. `fn` must be
 importable by reference (a module-level function); what it returns must be picklable.
+
+``run_cases(fn, world_size, cases)`` runs ``fn(*case)`` for many cases in ONE call on the ranks and returns
+each case's per-rank outcome, so that a module-scoped fixture can pay one round trip per world size while
+parametrized tests assert one case each (each case has its own test id; `case_result` re-raises what that
+case raised on a rank). A case that fails on some ranks only, before its last collective, desynchronizes
+the group: the following cases then fail on the group timeout, and the first failing case is still named.
 """
 
 from __future__ import annotations
@@ -21,8 +27,10 @@ import shutil
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, Callable
+from multiprocessing.reduction import ForkingPickler
+from typing import Any
 
 _CTX = mp.get_context("spawn")
 _POLL_S = 0.05
@@ -33,7 +41,7 @@ class DistFailure(AssertionError):
 
 
 def _rank_main(rank: int, world_size: int, init_file: str, group_timeout_s: float, backend: str,
-               tasks: "mp.Queue", results: "mp.Queue") -> None:
+               tasks: mp.Queue, results: mp.Queue) -> None:
     import torch
     import torch.distributed as dist
 
@@ -51,7 +59,11 @@ def _rank_main(rank: int, world_size: int, init_file: str, group_timeout_s: floa
             break
         fn, args = task
         try:
-            results.put((rank, "ok", fn(*args)))
+            value = fn(*args)
+            # The queue pickles in a feeder thread that swallows errors: an unpicklable result (a tensor
+            # that requires grad) would never arrive and the parent would wait out its timeout. Pickle here.
+            ForkingPickler.dumps(value)
+            results.put((rank, "ok", value))
         except BaseException:  # noqa: BLE001 - relayed to the parent verbatim
             results.put((rank, "error", traceback.format_exc()))
     dist.destroy_process_group()
@@ -146,3 +158,30 @@ def shutdown() -> None:
 
 
 atexit.register(shutdown)
+
+
+def _run_cases(fn: Callable[..., Any], cases: list[tuple]) -> list[tuple[str, Any]]:
+    out = []
+    for case in cases:
+        try:
+            out.append(("ok", fn(*case)))
+        except Exception:  # noqa: BLE001 - returned to the parent, re-raised by case_result
+            out.append(("error", traceback.format_exc()))
+    return out
+
+
+def run_cases(fn: Callable[..., Any], world_size: int, cases: list[tuple], **kwargs: Any) -> dict[tuple, list]:
+    """Run ``fn(*case)`` for every case on `world_size` ranks in one call; return {case: [(status, value)
+    per rank]}, status "ok" (value: what fn returned) or "error" (value: the rank's traceback)."""
+    cases = [tuple(c) for c in cases]
+    per_rank = run_ranks(_run_cases, world_size, fn, cases, **kwargs)
+    return {case: [outcomes[i] for outcomes in per_rank] for i, case in enumerate(cases)}
+
+
+def case_result(results: dict[tuple, list], case: tuple) -> list[Any]:
+    """The per-rank values `run_cases` recorded for `case`; DistFailure naming the rank if one raised."""
+    outcomes = results[tuple(case)]
+    for rank, (status, value) in enumerate(outcomes):
+        if status == "error":
+            raise DistFailure(f"rank {rank} of {len(outcomes)} failed on case {case}:\n{value}")
+    return [value for _, value in outcomes]

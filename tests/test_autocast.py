@@ -16,9 +16,9 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
+from dist import run_ranks
 
 import tpext
-from dist import run_ranks
 from tpext import mappings, ops
 from tpext.models import LlamaConfig, LlamaForCausalLM
 from tpext.nn import ColumnParallelLinear, RowParallelLinear
@@ -53,7 +53,7 @@ def _check_ops() -> None:
     world = dist.get_world_size()
     for name, (op, args, kwargs) in _op_cases(world).items():
         for dtype in LOW:
-            cast = lambda t: t.to(dtype)  # noqa: E731
+            cast = lambda t, dtype=dtype: t.to(dtype)  # noqa: E731
             with torch.autocast("cpu", dtype=dtype):
                 got = op(*args, chunks=3)
             want = op(*map(cast, args), chunks=3)

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as tdist
-
 from dist import run_ranks
-from tpext.commands.benchmark_layers import IMPLS, LAYERS, MODES, Spec, _check, _dense, _tpext, check_close
+
 from tpext.cli import main
+from tpext.commands.benchmark_layers import IMPLS, LAYERS, MODES, Spec, _check, _dense, _tpext, check_close
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -24,6 +24,7 @@ CALIBRATION_KEYS = {"format", "device", "source", "matmul_tflops", "allreduce_bu
                     "collective_latency_us", "memory_GiB", "gpus_per_node"}
 
 
+@pytest.mark.slow  # spawns `python -m tpext bench`
 def test_quick_run_writes_checked_results(tmp_path):
     cal = tmp_path / "cal" / "calibration.json"
     cmd = [sys.executable, "-m", "tpext", "bench", "--quick", "--out", str(tmp_path),

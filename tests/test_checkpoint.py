@@ -11,11 +11,11 @@ import json
 import pytest
 import torch
 import torch.distributed as dist
+from dist import run_ranks
 from safetensors.torch import save_file
 
 import tpext
 import tpext.checkpoint.dense as ckpt
-from dist import run_ranks
 from tpext.models import LlamaConfig, LlamaForCausalLM
 from tpext.sharding import layouts
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as tdist
-
 from dist import run_ranks
+
 from tpext import mappings
 from tpext.nn.functional import vocab_parallel_cross_entropy
 

@@ -12,9 +12,9 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
+from dist import run_ranks
 
 import tpext
-from dist import run_ranks
 from tpext.models import LlamaConfig, LlamaForCausalLM
 
 TOL = dict(rtol=1e-5, atol=1e-6)
@@ -52,7 +52,7 @@ def _check(kind: str) -> None:
     torch.testing.assert_close(logits, ref_logits, **TOL)
     torch.testing.assert_close(loss, ref_loss, **TOL)
     for (name, p), q in zip(compiled_model.named_parameters(), eager.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, **TOL, msg=lambda m: f"{kind}: grad {name}: {m}")
+        torch.testing.assert_close(p.grad, q.grad, **TOL, msg=lambda m, name=name: f"{kind}: grad {name}: {m}")
 
 
 @pytest.mark.parametrize("kind", ["tpext", "hf", "olmo2"])

@@ -22,10 +22,10 @@ import pytest
 import torch
 import torch.distributed as tdist
 import torch.nn.functional as F
-
-import tpext
 from dist import run_ranks
 from test_op_virtual_ranks import check_all_ops
+
+import tpext
 from tpext.ops import Algorithm
 
 pytestmark = [pytest.mark.gpu,

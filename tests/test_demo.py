@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every test here spawns `python -m tpext demo` processes
+
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 

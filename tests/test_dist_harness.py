@@ -8,7 +8,6 @@ import time
 import pytest
 import torch
 import torch.distributed as tdist
-
 from dist import DistFailure, run_ranks
 
 GROUP_TIMEOUT_S = 3.0

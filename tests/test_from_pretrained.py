@@ -20,7 +20,7 @@ import tpext
 from tpext import mappings
 
 transformers = pytest.importorskip("transformers")
-import test_hf_models as hf
+import test_hf_models as hf  # noqa: E402  (after the importorskip above)
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 # (architecture, kv heads, attention implementation); kv 2 so that tp 4 replicates kv heads where GQA is

@@ -6,13 +6,15 @@ uneven feature counts. Plus the comm accounting of a Column -> Row MLP and the e
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.distributed as tdist
 import torch.nn.functional as F
+from dist import case_result, run_cases, run_ranks
 
 import tpext
-from dist import run_ranks
 from tpext import mappings
 from tpext.distributed import shard_range
 from tpext.nn import ColumnParallelLinear, RowParallelLinear
@@ -33,76 +35,85 @@ def _data(world: int, k: int, n: int, seed: int):
     return torch.randn(s, b, k, generator=g, dtype=f64), torch.randn(s, b, n, generator=g, dtype=f64)
 
 
-def _check_column() -> None:
+COLUMN_CASES = list(itertools.product(DIMS, (True, False), (False, True), (False, True)))  # bias, sp, gather
+ROW_CASES = list(itertools.product(DIMS, (True, False), (False, True), (True, False)))  # bias, sp, parallel in
+
+
+def _column_case(dims: tuple[int, int], bias: bool, sp: bool, gather: bool) -> dict[str, tuple]:
+    """{what: (tpext, dense reference)} for the output and every gradient on this rank."""
     rank, world = tdist.get_rank(), tdist.get_world_size()
-    for (k, n) in DIMS:
-        for bias in (True, False):
-            for sp in (False, True):
-                for gather in (False, True):
-                    dense = _dense(k, n, bias, seed=k * n)
-                    x, dy = _data(world, k, n, seed=k + n)
-                    x_d = x.clone().requires_grad_()
-                    (dense(x_d) * dy).sum().backward()
-                    y_ref = dense(x)
+    k, n = dims
+    dense = _dense(k, n, bias, seed=k * n)
+    x, dy = _data(world, k, n, seed=k + n)
+    x_d = x.clone().requires_grad_()
+    (dense(x_d) * dy).sum().backward()
+    y_ref = dense(x)
 
-                    # Under SP, alternate between keeping the gathered input and gathering it again.
-                    layer = ColumnParallelLinear.from_dense(dense, sequence_parallel=sp, gather_output=gather,
-                                                            keep_gathered_input=bias)
-                    start, size = shard_range(n, world, rank)
-                    rows = slice(rank * x.shape[0] // world, (rank + 1) * x.shape[0] // world)
-                    x_in = (x[rows] if sp else x).clone().requires_grad_()
-                    y = layer(x_in)
-                    want = y_ref if gather else y_ref[..., start:start + size]
-                    what = f"column k={k} n={n} bias={bias} sp={sp} gather={gather}"
-                    torch.testing.assert_close(y, want, **TOL, msg=lambda m: f"{what}: forward: {m}")
-                    (y * (dy if gather else dy[..., start:start + size])).sum().backward()
-                    torch.testing.assert_close(x_in.grad, x_d.grad[rows] if sp else x_d.grad, **TOL,
-                                               msg=lambda m: f"{what}: grad_x: {m}")
-                    torch.testing.assert_close(layer.weight.grad, dense.weight.grad[start:start + size], **TOL,
-                                               msg=lambda m: f"{what}: grad_w: {m}")
-                    if bias:
-                        torch.testing.assert_close(layer.bias.grad, dense.bias.grad[start:start + size], **TOL,
-                                                   msg=lambda m: f"{what}: grad_b: {m}")
+    # Under SP, alternate between keeping the gathered input and gathering it again.
+    layer = ColumnParallelLinear.from_dense(dense, sequence_parallel=sp, gather_output=gather,
+                                            keep_gathered_input=bias)
+    start, size = shard_range(n, world, rank)
+    rows = slice(rank * x.shape[0] // world, (rank + 1) * x.shape[0] // world)
+    x_in = (x[rows] if sp else x).clone().requires_grad_()
+    y = layer(x_in)
+    want = y_ref if gather else y_ref[..., start:start + size]
+    (y * (dy if gather else dy[..., start:start + size])).sum().backward()
+    pairs = {"forward": (y.detach(), want.detach()),
+             "grad_x": (x_in.grad, x_d.grad[rows] if sp else x_d.grad),
+             "grad_w": (layer.weight.grad, dense.weight.grad[start:start + size])}
+    if bias:
+        pairs["grad_b"] = (layer.bias.grad, dense.bias.grad[start:start + size])
+    return pairs
 
 
-def _check_row() -> None:
+def _row_case(dims: tuple[int, int], bias: bool, sp: bool, parallel_in: bool) -> dict[str, tuple]:
     rank, world = tdist.get_rank(), tdist.get_world_size()
-    for (k, n) in DIMS:
-        for bias in (True, False):
-            for sp in (False, True):
-                for parallel_in in (True, False):
-                    dense = _dense(k, n, bias, seed=k * n + 1)
-                    x, dy = _data(world, k, n, seed=k + n + 1)
-                    x_d = x.clone().requires_grad_()
-                    (dense(x_d) * dy).sum().backward()
-                    y_ref = dense(x)
+    k, n = dims
+    dense = _dense(k, n, bias, seed=k * n + 1)
+    x, dy = _data(world, k, n, seed=k + n + 1)
+    x_d = x.clone().requires_grad_()
+    (dense(x_d) * dy).sum().backward()
+    y_ref = dense(x)
 
-                    layer = RowParallelLinear.from_dense(dense, sequence_parallel=sp, input_is_parallel=parallel_in)
-                    start, size = shard_range(k, world, rank)
-                    rows = slice(rank * x.shape[0] // world, (rank + 1) * x.shape[0] // world)
-                    x_in = (x[..., start:start + size] if parallel_in else x).clone().requires_grad_()
-                    y = layer(x_in)
-                    what = f"row k={k} n={n} bias={bias} sp={sp} input_is_parallel={parallel_in}"
-                    torch.testing.assert_close(y, y_ref[rows] if sp else y_ref, **TOL,
-                                               msg=lambda m: f"{what}: forward: {m}")
-                    (y * (dy[rows] if sp else dy)).sum().backward()
-                    want_dx = x_d.grad[..., start:start + size] if parallel_in else x_d.grad
-                    torch.testing.assert_close(x_in.grad, want_dx, **TOL, msg=lambda m: f"{what}: grad_x: {m}")
-                    torch.testing.assert_close(layer.weight.grad, dense.weight.grad[:, start:start + size], **TOL,
-                                               msg=lambda m: f"{what}: grad_w: {m}")
-                    if bias:
-                        torch.testing.assert_close(layer.bias.grad, dense.bias.grad, **TOL,
-                                                   msg=lambda m: f"{what}: grad_b: {m}")
+    layer = RowParallelLinear.from_dense(dense, sequence_parallel=sp, input_is_parallel=parallel_in)
+    start, size = shard_range(k, world, rank)
+    rows = slice(rank * x.shape[0] // world, (rank + 1) * x.shape[0] // world)
+    x_in = (x[..., start:start + size] if parallel_in else x).clone().requires_grad_()
+    y = layer(x_in)
+    (y * (dy[rows] if sp else dy)).sum().backward()
+    pairs = {"forward": (y.detach(), (y_ref[rows] if sp else y_ref).detach()),
+             "grad_x": (x_in.grad, x_d.grad[..., start:start + size] if parallel_in else x_d.grad),
+             "grad_w": (layer.weight.grad, dense.weight.grad[:, start:start + size])}
+    if bias:
+        pairs["grad_b"] = (layer.bias.grad, dense.bias.grad)
+    return pairs
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
-def test_column_parallel_linear_matches_dense(world_size):
-    run_ranks(_check_column, world_size)
+def _assert_pairs(per_rank: list[dict[str, tuple]]) -> None:
+    for rank, pairs in enumerate(per_rank):
+        for what, (got, want) in pairs.items():
+            torch.testing.assert_close(got, want, **TOL, msg=lambda m, what=what, rank=rank: f"rank {rank} {what}: {m}")
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 3, 4])
-def test_row_parallel_linear_matches_dense(world_size):
-    run_ranks(_check_row, world_size)
+def _case_id(dims, bias, sp, flag, flag_name) -> str:
+    return f"k{dims[0]}-n{dims[1]}{'-bias' if bias else ''}{'-sp' if sp else ''}{'-' + flag_name if flag else ''}"
+
+
+@pytest.fixture(scope="module", params=[1, 2, 3, 4], ids=lambda w: f"tp{w}")
+def linear_results(request):
+    """Every column and row case in one round trip per world size."""
+    return {"column": run_cases(_column_case, request.param, COLUMN_CASES),
+            "row": run_cases(_row_case, request.param, ROW_CASES)}
+
+
+@pytest.mark.parametrize("case", COLUMN_CASES, ids=[_case_id(*c, "gather") for c in COLUMN_CASES])
+def test_column_parallel_linear_matches_dense(linear_results, case):
+    _assert_pairs(case_result(linear_results["column"], case))
+
+
+@pytest.mark.parametrize("case", ROW_CASES, ids=[_case_id(*c, "parallel_in") for c in ROW_CASES])
+def test_row_parallel_linear_matches_dense(linear_results, case):
+    _assert_pairs(case_result(linear_results["row"], case))
 
 
 def _mlp_comm(sp: bool, keep_gathered: bool = False) -> dict:

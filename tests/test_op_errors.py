@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as tdist
+from dist import run_ranks
 
 import tpext
-from dist import run_ranks
 
 f64 = torch.float64
 
@@ -58,11 +58,11 @@ RESIDUAL_CASES = [
 
 def _check_errors() -> None:
     world = tdist.get_world_size()
-    for case, ops, args, kwargs, pattern in CASES:
+    for _case, ops, args, kwargs, pattern in CASES:
         for name in ops:
             with pytest.raises(RuntimeError, match=rf"tpext\.{name}: {pattern}"):
                 OPS[name](*args, **kwargs)
-    for case, kwargs, pattern in RESIDUAL_CASES:
+    for _case, kwargs, pattern in RESIDUAL_CASES:
         for name, op in REDUCING.items():
             x = _t(4 * world, 8)  # gemm_reduce_scatter's output is [4, 6] on every group size
             if name == "gemm_all_reduce":

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as tdist
+from dist import run_ranks
 
 import tpext
-from dist import run_ranks
 from tpext.nn import RowParallelLinear
 from tpext.ops import Algorithm, Schedule, auto_schedule, default_algorithm, resolve_schedule
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as tdist
+from dist import run_ranks
 
 import tpext
-from dist import run_ranks
 
 f64 = torch.float64
 

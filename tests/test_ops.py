@@ -1,9 +1,10 @@
 """torch.ops.tpext.* against the unsharded fp64 reference, on gloo at world sizes 1-4.
 
 Every rank builds all ranks' inputs from fixed seeds, so it can compute the dense reference itself.
-Each rank function sweeps every chunk count from 1 to 8 (including counts that do not divide the rows
-and counts larger than the rows) and every algorithm that takes it over several shapes, with and without
-bias (and residual, for the reducing ops).
+Each point of the sweep is its own test case (one round trip to the ranks per world size). The sweep
+covers every chunk count from 1 to 8 (including counts that do not divide the rows and counts larger than
+the rows) and every algorithm that takes it over several shapes, with and without bias (and residual,
+for the reducing ops).
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as tdist
+from dist import case_result, run_cases, run_ranks
 
 import tpext
-from dist import run_ranks
 from tpext.commands.benchmark import gemm_calls
 from tpext.ops import Algorithm
 
@@ -50,77 +51,100 @@ AR_SHAPES = [(1,), (7,), (12,), (2, 5), (3, 2, 2)]
 SHARD_SHAPES = [(1,), (5,), (8,), (3, 4)]
 
 
-def _check_gemm_all_reduce() -> list[torch.Tensor]:
+EPILOGUES = ((False, False), (True, False), (True, True))  # (bias, residual)
+
+
+def _reducing_cases(shapes) -> list[tuple]:
+    """(shape index, bias, residual, chunks, algorithm) for every sweep point of a reducing op."""
+    return [(si, with_bias, with_res, chunks, algorithm)
+            for si in range(len(shapes)) for with_bias, with_res in EPILOGUES
+            for chunks, algorithm in _plans(CHUNKS if not with_bias else EPILOGUE_CHUNKS)]
+
+
+AR_CASES = _reducing_cases(AR_SHAPES)
+RS_CASES = _reducing_cases(SHARD_SHAPES)
+AG_CASES = [(si, with_bias, chunks, algorithm) for si in range(len(SHARD_SHAPES)) for with_bias in (False, True)
+            for chunks, algorithm in _plans()]
+
+
+def _id(shape, *flags_and_schedule) -> str:
+    *flags, chunks, algorithm = flags_and_schedule
+    names = ("bias", "residual")
+    extra = "".join(f"-{n}" for n, on in zip(names, flags) if on)
+    return f"x{'x'.join(map(str, shape))}{extra}-chunks{chunks}-{algorithm.name}"
+
+
+def _gemm_all_reduce_case(si: int, with_bias: bool, with_res: bool, chunks: int, algorithm: Algorithm) -> tuple:
+    """(tpext's output, the dense reference) on this rank."""
     rank, world = tdist.get_rank(), tdist.get_world_size()
-    outputs = []
-    for si, lead in enumerate(AR_SHAPES):
-        xs = [_randn(100 * si + r, *lead, K) for r in range(world)]
-        ws = [_randn(1000 + 100 * si + r, N, K) for r in range(world)]
-        bias = _randn(7, N)
-        residual = _randn(11, *lead, N)
-        dense = sum(x @ w.T for x, w in zip(xs, ws))
-        for with_bias, with_res in ((False, False), (True, False), (True, True)):
-            want = dense + (bias if with_bias else 0) + (residual if with_res else 0)
-            for chunks, algorithm in _plans(CHUNKS if not with_bias else EPILOGUE_CHUNKS):
-                y = tpext.ops.gemm_all_reduce(xs[rank], ws[rank], bias if with_bias else None, chunks=chunks,
-                                              algorithm=algorithm, residual=residual if with_res else None)
-                _assert_close(y, want, f"gemm_all_reduce x{lead} bias={with_bias} residual={with_res} "
-                                       f"chunks={chunks} {algorithm.name}")
-                outputs.append(y)
-    return outputs
+    lead = AR_SHAPES[si]
+    xs = [_randn(100 * si + r, *lead, K) for r in range(world)]
+    ws = [_randn(1000 + 100 * si + r, N, K) for r in range(world)]
+    bias = _randn(7, N)
+    residual = _randn(11, *lead, N)
+    want = sum(x @ w.T for x, w in zip(xs, ws)) + (bias if with_bias else 0) + (residual if with_res else 0)
+    y = tpext.ops.gemm_all_reduce(xs[rank], ws[rank], bias if with_bias else None, chunks=chunks,
+                                  algorithm=algorithm, residual=residual if with_res else None)
+    return y, want
 
 
-def _check_gemm_reduce_scatter() -> None:
+def _gemm_reduce_scatter_case(si: int, with_bias: bool, with_res: bool, chunks: int, algorithm: Algorithm) -> tuple:
     rank, world = tdist.get_rank(), tdist.get_world_size()
-    for si, (m, *mid) in enumerate(SHARD_SHAPES):
-        xs = [_randn(200 * si + r, world * m, *mid, K) for r in range(world)]
-        ws = [_randn(2000 + 200 * si + r, N, K) for r in range(world)]
-        bias = _randn(8, N)
-        residual = _randn(12 + rank, m, *mid, N)  # the residual is per rank: it belongs to this shard
-        dense = sum(x @ w.T for x, w in zip(xs, ws))
-        mine = dense[rank * m:(rank + 1) * m]
-        for with_bias, with_res in ((False, False), (True, False), (True, True)):
-            want = mine + (bias if with_bias else 0) + (residual if with_res else 0)
-            for chunks, algorithm in _plans(CHUNKS if not with_bias else EPILOGUE_CHUNKS):
-                y = tpext.ops.gemm_reduce_scatter(xs[rank], ws[rank], bias if with_bias else None, chunks=chunks,
-                                                  algorithm=algorithm, residual=residual if with_res else None)
-                _assert_close(y, want, f"gemm_reduce_scatter m={m} mid={mid} bias={with_bias} "
-                                       f"residual={with_res} chunks={chunks} {algorithm.name}")
+    m, *mid = SHARD_SHAPES[si]
+    xs = [_randn(200 * si + r, world * m, *mid, K) for r in range(world)]
+    ws = [_randn(2000 + 200 * si + r, N, K) for r in range(world)]
+    bias = _randn(8, N)
+    residual = _randn(12 + rank, m, *mid, N)  # the residual is per rank: it belongs to this shard
+    mine = sum(x @ w.T for x, w in zip(xs, ws))[rank * m:(rank + 1) * m]
+    want = mine + (bias if with_bias else 0) + (residual if with_res else 0)
+    y = tpext.ops.gemm_reduce_scatter(xs[rank], ws[rank], bias if with_bias else None, chunks=chunks,
+                                      algorithm=algorithm, residual=residual if with_res else None)
+    return y, want
 
 
-def _check_all_gather_gemm() -> None:
+def _all_gather_gemm_case(si: int, with_bias: bool, chunks: int, algorithm: Algorithm) -> tuple:
+    """(output, reference, gathered input, concatenated shards) on this rank."""
     rank, world = tdist.get_rank(), tdist.get_world_size()
-    for si, (m, *mid) in enumerate(SHARD_SHAPES):
-        shards = [_randn(300 * si + r, m, *mid, K) for r in range(world)]
-        w = _randn(3000 + 300 * si + rank, N, K)  # column shards differ per rank
-        bias = _randn(9 + rank, N)
-        x_full = torch.cat(shards)
-        for with_bias in (False, True):
-            want = x_full @ w.T + (bias if with_bias else 0)
-            for chunks, algorithm in _plans():
-                y, gathered = tpext.ops.all_gather_gemm(shards[rank], w, bias if with_bias else None, chunks=chunks,
-                                                        algorithm=algorithm)
-                what = f"all_gather_gemm m={m} mid={mid} bias={with_bias} chunks={chunks} {algorithm.name}"
-                _assert_close(y, want, what)
-                assert torch.equal(gathered, x_full), f"{what}: gathered input differs from the concatenated shards"
+    m, *mid = SHARD_SHAPES[si]
+    shards = [_randn(300 * si + r, m, *mid, K) for r in range(world)]
+    w = _randn(3000 + 300 * si + rank, N, K)  # column shards differ per rank
+    bias = _randn(9 + rank, N)
+    x_full = torch.cat(shards)
+    y, gathered = tpext.ops.all_gather_gemm(shards[rank], w, bias if with_bias else None, chunks=chunks,
+                                            algorithm=algorithm)
+    return y, x_full @ w.T + (bias if with_bias else 0), gathered, x_full
 
 
-@pytest.mark.parametrize("world_size", WORLD_SIZES)
-def test_gemm_all_reduce(world_size):
-    per_rank = run_ranks(_check_gemm_all_reduce, world_size)
-    # The reduction is the same collective on every rank: results must be bitwise identical.
-    for r in range(1, world_size):
-        assert all(torch.equal(a, b) for a, b in zip(per_rank[0], per_rank[r])), f"rank {r} differs from rank 0"
+@pytest.fixture(scope="module", params=WORLD_SIZES, ids=lambda w: f"tp{w}")
+def op_results(request):
+    """Every case of the three ops in one round trip per world size."""
+    return {
+        "gemm_all_reduce": run_cases(_gemm_all_reduce_case, request.param, AR_CASES),
+        "gemm_reduce_scatter": run_cases(_gemm_reduce_scatter_case, request.param, RS_CASES),
+        "all_gather_gemm": run_cases(_all_gather_gemm_case, request.param, AG_CASES),
+    }
 
 
-@pytest.mark.parametrize("world_size", WORLD_SIZES)
-def test_gemm_reduce_scatter(world_size):
-    run_ranks(_check_gemm_reduce_scatter, world_size)
+@pytest.mark.parametrize("case", AR_CASES, ids=[_id(AR_SHAPES[c[0]], *c[1:]) for c in AR_CASES])
+def test_gemm_all_reduce(op_results, case):
+    per_rank = case_result(op_results["gemm_all_reduce"], case)
+    for rank, (y, want) in enumerate(per_rank):
+        _assert_close(y, want, f"rank {rank}")
+        # The reduction is the same collective on every rank: results must be bitwise identical.
+        assert torch.equal(y, per_rank[0][0]), f"rank {rank} differs from rank 0"
 
 
-@pytest.mark.parametrize("world_size", WORLD_SIZES)
-def test_all_gather_gemm(world_size):
-    run_ranks(_check_all_gather_gemm, world_size)
+@pytest.mark.parametrize("case", RS_CASES, ids=[_id(SHARD_SHAPES[c[0]], *c[1:]) for c in RS_CASES])
+def test_gemm_reduce_scatter(op_results, case):
+    for rank, (y, want) in enumerate(case_result(op_results["gemm_reduce_scatter"], case)):
+        _assert_close(y, want, f"rank {rank}")
+
+
+@pytest.mark.parametrize("case", AG_CASES, ids=[_id(SHARD_SHAPES[c[0]], *c[1:]) for c in AG_CASES])
+def test_all_gather_gemm(op_results, case):
+    for rank, (y, want, gathered, x_full) in enumerate(case_result(op_results["all_gather_gemm"], case)):
+        _assert_close(y, want, f"rank {rank}")
+        assert torch.equal(gathered, x_full), f"rank {rank}: gathered input differs from the concatenated shards"
 
 
 def _check_fp32_and_strided_inputs() -> None:
@@ -150,7 +174,7 @@ def _check_one_gemm_per_chunk() -> None:
         "all_gather_gemm": lambda c, a: tpext.ops.all_gather_gemm(x[:m], w, bias, chunks=c, algorithm=a),
     }
     for chunks, algorithm in _plans((1, 2, 3, 8)):
-        calls = {name: gemm_calls(lambda: op(chunks, algorithm)) for name, op in ops.items()}
+        calls = {name: gemm_calls(lambda op=op, c=chunks, a=algorithm: op(c, a)) for name, op in ops.items()}
         used = min(chunks, m)
         assert calls == dict.fromkeys(ops, used), f"chunks={chunks} {algorithm.name}: GEMM calls {calls}, want {used} each"
 

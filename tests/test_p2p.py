@@ -13,9 +13,9 @@ import tempfile
 import pytest
 import torch
 import torch.distributed as tdist
+from dist import run_ranks
 
 import tpext
-from dist import run_ranks
 from tpext import p2p
 
 f64, f32, bf16 = torch.float64, torch.float32, torch.bfloat16
@@ -56,7 +56,7 @@ def _check_collectives() -> list[bytes]:
             for algo in (p2p.ALGO_C10D, p2p.ALGO_ONE_SHOT, p2p.ALGO_TWO_SHOT):
                 y = tpext.ops.p2p_all_reduce(xs[rank], algorithm=algo)
                 what = f"all_reduce shape={shape} {dtype} algo={algo}"
-                torch.testing.assert_close(y.to(f64), oracle, rtol=tol, atol=tol, msg=lambda m: f"{what}: {m}")
+                torch.testing.assert_close(y.to(f64), oracle, rtol=tol, atol=tol, msg=lambda m, what=what: f"{what}: {m}")
                 if algo != p2p.ALGO_C10D:
                     assert torch.equal(y, _ordered_f32_sum(xs)), f"{what}: not the kernels' rank-order sum"
                     digests.append(y.view(-1).to(f64).numpy().tobytes())
@@ -95,9 +95,9 @@ def _check_fused() -> None:
                         out, h = tpext.ops.p2p_all_reduce_residual_rmsnorm(xs[rank], res, w, bias, eps,
                                                                           algorithm=algo)
                         what = f"hidden={hidden} res={with_res} bias={with_bias} {dtype} algo={algo}"
-                        torch.testing.assert_close(h.to(f64), h_ref, rtol=tol, atol=tol, msg=lambda m: f"{what}: h: {m}")
+                        torch.testing.assert_close(h.to(f64), h_ref, rtol=tol, atol=tol, msg=lambda m, what=what: f"{what}: h: {m}")
                         torch.testing.assert_close(out.to(f64), out_ref, rtol=tol, atol=tol,
-                                                   msg=lambda m: f"{what}: out: {m}")
+                                                   msg=lambda m, what=what: f"{what}: out: {m}")
                         # out is exactly rms_norm of the stored new residual, as an unfused norm would see it
                         acc = f64 if dtype == f64 else f32
                         hf = h.to(acc)
@@ -129,13 +129,13 @@ def _check_fused_autograd() -> None:
             ((out * dout).sum() + (h * dh).sum()).backward()
         for name, mine, ref in zip(("x", "residual", "bias", "weight"), ins, dense):
             torch.testing.assert_close(mine.grad, ref.grad, rtol=1e-10, atol=1e-10,
-                                       msg=lambda m: f"mode={mode} grad_{name}: {m}")
+                                       msg=lambda m, mode=mode, name=name: f"mode={mode} grad_{name}: {m}")
     if world == 1:  # gradcheck perturbs one rank's input at a time: meaningful for a group of one
         for with_res, with_bias in ((True, True), (False, False)):
             args = (xs[0].clone().requires_grad_(), res.clone().requires_grad_() if with_res else None,
                     w.clone().requires_grad_(), eps)
             b = bias.clone().requires_grad_() if with_bias else None
-            assert torch.autograd.gradcheck(lambda x, r, ww, e: all_reduce_residual_rmsnorm(x, r, ww, e, bias=b), args)
+            assert torch.autograd.gradcheck(lambda x, r, ww, e, b=b: all_reduce_residual_rmsnorm(x, r, ww, e, bias=b), args)
         dy, hh = torch.randn(3, hidden, dtype=f64), torch.randn(3, hidden, dtype=f64).requires_grad_()
         ww = w.clone().requires_grad_()
         assert torch.autograd.gradcheck(

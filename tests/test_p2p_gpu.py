@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as tdist
+from dist import run_ranks
 
 import tpext
-from dist import run_ranks
 from tpext import p2p
 
 pytestmark = [

@@ -10,8 +10,14 @@ from tpext.ops.schedule import auto_chunks, resolve_chunks
 from tpext.planner import cost_model as cm
 from tpext.planner.calibration import apply_calibration, load_calibration, write_calibration
 from tpext.planner.estimate import GiB, Workload, estimate
-from tpext.planner.presets import (MODELS, gpu_preset, inter_node_preset, load_hf_config, model_preset,
-                                   resolve_model)
+from tpext.planner.presets import (
+    MODELS,
+    gpu_preset,
+    inter_node_preset,
+    load_hf_config,
+    model_preset,
+    resolve_model,
+)
 
 H100, NDR = gpu_preset("H100"), inter_node_preset("ib-ndr400")
 

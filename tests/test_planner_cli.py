@@ -14,6 +14,7 @@ from tpext.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # spawns `python -m tpext plan`
 def test_plan_command_writes_json_and_png(tmp_path):
     out = tmp_path / "plan"
     proc = subprocess.run(

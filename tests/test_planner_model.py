@@ -65,7 +65,7 @@ def test_without_latency_overlap_never_loses_whatever_the_sms(sms):
             assert layer["overlap_costs_s"]["chunk_latency"] == pytest.approx(0.0, abs=1e-15)
             assert layer["exposed_comm_overlap_s"] <= layer["comm_s"] + 1e-15
             hidden[taken, tp, chunks, sp] = layer["comm_s"] - layer["exposed_comm_overlap_s"]
-    for (taken, *rest), value in hidden.items():
+    for (_taken, *rest), value in hidden.items():
         assert value <= hidden[(0, *rest)] + 1e-15
 
 
@@ -158,9 +158,10 @@ def test_gemm_efficiency_only_slows_a_gemm():
 # ----------------------------------------------------------------- calibration from the bench output
 def _bench_report(tmp_path, *, bf16=650.0, bus=380.0, latency=22.0):
     """A synthetic `tpext bench` report in the tpext-bench-layers/1 format, as a GPU would write it."""
-    probe = lambda scale: {"gemm_n": 8192, "matmul_tflops": {"float32": 50.0, "bfloat16": bf16 * scale},
-                           "allreduce": {"sweep": [{"bytes": 1 << 20, "time_us": 40.0, "bus_GBps": 45.0}],
-                                         "latency_us": latency * scale, "bus_GBps": bus * scale}}
+    def probe(scale):
+        return {"gemm_n": 8192, "matmul_tflops": {"float32": 50.0, "bfloat16": bf16 * scale},
+                               "allreduce": {"sweep": [{"bytes": 1 << 20, "time_us": 40.0, "bus_GBps": 45.0}],
+                                             "latency_us": latency * scale, "bus_GBps": bus * scale}}
     report = {"format": "tpext-bench-layers/1", "command": "python -m tpext bench --calibration x.json",
               "device": "nvidia-h100-80gb-hbm3", "config": {"backend": "nccl", "tp": [2, 8]},
               "environment": {"memory_GiB": 79.1, "local_ranks": 8, "torch": "2.11.0+cu130"},
@@ -277,7 +278,8 @@ def test_moe_under_tp_shards_experts_and_keeps_the_dense_collectives(tmp_path):
         expert = cm.mlp_params(moe, tp, True) - cm.mlp_params(moe, 1, True) / tp
         assert expert == pytest.approx(4096 * 8 * (1 - 1 / tp), rel=1e-9)
         # two experts per token: about twice the dense MLP's GEMM time
-        mlp = lambda r: r["layer"]["gemm_fwd_s"]["mlp_in"] + r["layer"]["gemm_fwd_s"]["mlp_out"]
+        def mlp(r):
+            return r["layer"]["gemm_fwd_s"]["mlp_in"] + r["layer"]["gemm_fwd_s"]["mlp_out"]
         assert 1.9 < mlp(r_moe) / mlp(r_dense) < 2.6
     mem = estimate(moe, h100, NDR, Workload(mode="prefill"), 8)["memory"]["bytes"]["weights"]
     assert mem == cm.params_per_gpu(moe, 8, 1) * 2

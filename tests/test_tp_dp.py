@@ -11,11 +11,11 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
+from dist import run_ranks
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 import tpext
-from dist import run_ranks
 from tpext.models import LlamaConfig, LlamaForCausalLM
 
 CFG = LlamaConfig(hidden_size=64, intermediate_size=96, vocab_size=100, num_hidden_layers=2, num_attention_heads=8,

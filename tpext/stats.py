@@ -17,8 +17,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Optional
 
 import torch
 
@@ -42,17 +42,17 @@ class CommStats:
     def __init__(self) -> None:
         self.records: list[CommRecord] = []
 
-    def _select(self, kind: Optional[str], phase: Optional[str], module: Optional[str]) -> list[CommRecord]:
+    def _select(self, kind: str | None, phase: str | None, module: str | None) -> list[CommRecord]:
         return [r for r in self.records if (kind is None or r.kind == kind) and (phase is None or r.phase == phase)
                 and (module is None or r.module == module)]
 
-    def count(self, kind: Optional[str] = None, *, phase: Optional[str] = None, module: Optional[str] = None) -> int:
+    def count(self, kind: str | None = None, *, phase: str | None = None, module: str | None = None) -> int:
         return len(self._select(kind, phase, module))
 
-    def bytes(self, kind: Optional[str] = None, *, phase: Optional[str] = None, module: Optional[str] = None) -> int:
+    def bytes(self, kind: str | None = None, *, phase: str | None = None, module: str | None = None) -> int:
         return sum(r.nbytes for r in self._select(kind, phase, module))
 
-    def by_kind(self, phase: Optional[str] = None) -> dict[str, int]:
+    def by_kind(self, phase: str | None = None) -> dict[str, int]:
         """{kind: count} for one phase (or both)."""
         return dict(Counter(r.kind for r in self._select(None, phase, None)))
 
@@ -77,7 +77,20 @@ _module: contextvars.ContextVar[str] = contextvars.ContextVar("tpext_comm_module
 
 @contextlib.contextmanager
 def comm_stats() -> Iterator[CommStats]:
-    """Count the collectives issued inside the block (forward and backward), nesting allowed."""
+    """Count the collectives tpext issues inside the block, forward and backward; nesting allowed.
+
+    Records nothing under torch.compile (compiled graphs run without the Python accounting).
+
+    Returns:
+        A context manager yielding a CommStats: ``count(kind, phase=, module=)``, ``bytes(...)``,
+        ``by_kind(phase)`` and ``table()``.
+
+    Example:
+        >>> with tpext.comm_stats() as stats:
+        ...     layer(x).sum().backward()
+        >>> stats.count("all_reduce", phase="backward")
+        1
+    """
     stats = CommStats()
     _active.append(stats)
     try:
@@ -112,7 +125,7 @@ def scope_for(module) -> contextlib.AbstractContextManager:
 
 
 def record(kind: str, numel: int, dtype: torch.dtype, world_size: int, *, backward: bool = False,
-           module: Optional[str] = None) -> None:
+           module: str | None = None) -> None:
     """Account one collective. Called by tpext's own communication paths, never by users."""
     if kind not in KINDS:
         raise ValueError(f"tpext: unknown collective kind {kind!r}; expected one of {KINDS}")

@@ -10,8 +10,13 @@
 """
 
 from tpext.checkpoint.dcp import ShardedState, local_state
-from tpext.checkpoint.dense import (CheckpointError, checkpoint_files, gather_state_dict, load_checkpoint,
-                                    save_checkpoint)
+from tpext.checkpoint.dense import (
+                                    CheckpointError,
+                                    checkpoint_files,
+                                    gather_state_dict,
+                                    load_checkpoint,
+                                    save_checkpoint,
+)
 from tpext.checkpoint.pretrained import from_pretrained
 
 __all__ = ["CheckpointError", "checkpoint_files", "from_pretrained", "gather_state_dict", "load_checkpoint",

@@ -28,7 +28,7 @@ docs/checkpoints.md tells why this design and not DTensor, and what is refused.
 from __future__ import annotations
 
 import weakref
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -39,7 +39,7 @@ from tpext.sharding import ShardLayout
 
 __all__ = ["ShardedState", "install_optimizer_hooks", "install_state_dict_hooks", "local_state"]
 
-Window = Optional[tuple[int, int]]  # (first row, rows) of the tp-local tensor this rank holds (FSDP2), None: all
+Window = tuple[int, int] | None  # (first row, rows) of the tp-local tensor this rank holds (FSDP2), None: all
 Chunk = tuple[tuple[int, ...], tuple[int, ...], int, int, int]  # dense offsets, sizes, local dim, start, length
 
 

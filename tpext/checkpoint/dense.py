@@ -19,7 +19,6 @@ import json
 import os
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Union
 
 import torch
 import torch.distributed as dist
@@ -31,7 +30,7 @@ from tpext.sharding import Entry, ShardLayout, layouts
 
 __all__ = ["checkpoint_files", "gather_state_dict", "load_checkpoint", "save_checkpoint"]
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
@@ -41,7 +40,21 @@ class CheckpointError(ValueError):
 
 
 def checkpoint_files(path: PathLike) -> dict[str, Path]:
-    """{tensor name: file holding it} for a .safetensors file, an index .json, or a directory with either."""
+    """Where each tensor of a dense safetensors checkpoint is stored.
+
+    Args:
+        path: a .safetensors file, a ``model.safetensors.index.json``, or a directory holding either.
+
+    Returns:
+        {tensor name: path of the file holding it}.
+
+    Raises:
+        CheckpointError: the path does not exist, a directory holds neither file, or a .json has no
+            ``weight_map``.
+
+    Example:
+        >>> files = tpext.checkpoint.checkpoint_files("llama-3-8b/")
+    """
     path = Path(path)
     if path.is_dir():
         if (path / INDEX_NAME).is_file():
@@ -107,10 +120,20 @@ def load_checkpoint(model: nn.Module, path: PathLike, *, strict: bool = True,
     shard of what it reads.
 
     Args:
+        model: a dense or parallelized model, possibly on the meta device; filled in place.
+        path: a .safetensors file, an index .json, or a directory holding either (`checkpoint_files`).
         strict: every checkpoint tensor must belong to the model (False: extra tensors are ignored).
+        device: where a meta-device model is materialised (default: CPU).
+
     Raises:
         CheckpointError: a model tensor missing from the checkpoint, of another dense shape, or (strict)
             a checkpoint tensor the model does not have, naming the key (and the file).
+
+    Example:
+        >>> with torch.device("meta"):
+        ...     model = AutoModelForCausalLM.from_config(config)
+        >>> tpext.parallelize(model)
+        >>> tpext.checkpoint.load_checkpoint(model, "llama-3-8b/", device="cuda")
     """
     from tpext.checkpoint.pretrained import init_hf_buffers, is_hf_model
 
@@ -219,10 +242,19 @@ def _full_local(t: Tensor) -> Tensor:
 
 @torch.no_grad()
 def gather_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The dense state dict (dense names, every name of a tied tensor) on every rank.
+    """The dense state dict of a (possibly parallelized) model, on every rank.
 
-    Collective: every rank of the model's groups must call it. Sharded tensors are all-gathered over
-    their module's group, padded to the longest local size, and put back by each rank's layout.
+    Collective: every rank of the model's groups must call it. Sharded tensors are all-gathered over their
+    module's group, padded to the longest local size, and put back by each rank's layout.
+
+    Args:
+        model: a dense or parallelized model.
+
+    Returns:
+        {dense name: dense tensor}, with every name of a tied tensor.
+
+    Example:
+        >>> dense = tpext.checkpoint.gather_state_dict(model)  # == the unsharded model's state_dict()
     """
     entries = layouts(model)
     # Every rank's layouts, once per group (layouts differ per rank: uneven, packed, replicated).
@@ -261,12 +293,23 @@ def gather_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 def save_checkpoint(model: nn.Module, path: PathLike, *, max_shard_bytes: int = 5 * 2**30,
                     metadata: dict[str, str] | None = None) -> None:
-    """Write the dense checkpoint of `model` (Hugging Face layout) from global rank 0; collective over the
-    world group (every rank calls it), and a write error on rank 0 is raised on every rank.
+    """Write the dense checkpoint of `model` (Hugging Face layout) from global rank 0.
 
-    path ending in .safetensors: one file. Otherwise a directory: model.safetensors, or, above
-    max_shard_bytes, model-0000i-of-0000n.safetensors + model.safetensors.index.json.
+    Collective over the world group (every rank calls it); a write error on rank 0 is raised on every rank.
     A tied tensor is written once, under its first name.
+
+    Args:
+        model: a dense or parallelized model.
+        path: ending in .safetensors: one file. Otherwise a directory: model.safetensors, or, above
+            `max_shard_bytes`, model-0000i-of-0000n.safetensors + model.safetensors.index.json.
+        max_shard_bytes: the largest file of a sharded directory checkpoint.
+        metadata: str -> str pairs stored in each file's header.
+
+    Raises:
+        CheckpointError: rank 0 could not write (raised on every rank, naming the path).
+
+    Example:
+        >>> tpext.checkpoint.save_checkpoint(model, "out/")  # load back with load_checkpoint at any tp size
     """
     state = gather_state_dict(model)
     if not dist.is_initialized():

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -19,13 +17,33 @@ __all__ = ["VocabParallelEmbedding", "vocab_parallel_subclass"]
 class VocabParallelEmbedding(SharesGroupOnCopy, nn.Module):
     """nn.Embedding with the vocabulary split over the group (ceil or floor of V/R rows per rank).
 
-    Each rank looks up the ids that fall in its slice (others give zeros), then the partial embeddings
-    are summed: an all-reduce, output [*, dim] replicated; or with sequence_parallel a reduce-scatter
-    along the sequence dim, output this rank's sequence shard: [s/R, *, dim] for ids [s, *], or
-    [b, s/R, dim] for batch-first ids [b, s] with sequence_dim=1 (s divisible by R).
+    Each rank looks up the ids that fall in its slice (others give zeros), then the partial embeddings are
+    summed: an all-reduce (output replicated), or with sequence parallelism a reduce-scatter along the
+    sequence dim (output this rank's sequence shard).
+
+    Args:
+        num_embeddings: V, the vocabulary size, sharded over the group.
+        embedding_dim: the embedding width (not sharded).
+        padding_idx: as nn.Embedding's (its row gets no gradient).
+        group: ProcessGroup, 1-D DeviceMesh or None (the world group).
+        sequence_parallel: reduce-scatter the output along `sequence_dim` (s divisible by R).
+        sequence_dim: 0 for ids [s, *], 1 for batch-first ids [b, s].
+        device, dtype: of the weight, as nn.Embedding's.
+
+    Shapes:
+        ids: [*] in [0, V). Output: [*, dim]; with sequence_parallel [s/R, *, dim], or [b, s/R, dim] with
+        sequence_dim=1.
+
+    Raises:
+        IndexError: an id outside [0, V) (the message gives the range and the min/max seen).
+        ValueError: a sequence length not divisible by R.
+
+    Example:
+        >>> emb = tpext.nn.VocabParallelEmbedding.from_dense(model.embed_tokens)
+        >>> h = emb(input_ids)  # [*, dim], replicated
     """
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: Optional[int] = None, *,
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, *,
                  group: GroupLike = None, sequence_parallel: bool = False, sequence_dim: int = 0, device=None,
                  dtype=None):
         super().__init__()
@@ -44,7 +62,7 @@ class VocabParallelEmbedding(SharesGroupOnCopy, nn.Module):
         self.reset_parameters()
 
     @property
-    def _local_padding_idx(self) -> Optional[int]:
+    def _local_padding_idx(self) -> int | None:
         if self.padding_idx is not None and self.vocab_start <= self.padding_idx < self.vocab_end:
             return self.padding_idx - self.vocab_start
         return None
@@ -56,7 +74,7 @@ class VocabParallelEmbedding(SharesGroupOnCopy, nn.Module):
                 self.weight[self._local_padding_idx].zero_()
 
     @classmethod
-    def from_dense(cls, embedding: nn.Embedding, group: GroupLike = None, **kwargs) -> "VocabParallelEmbedding":
+    def from_dense(cls, embedding: nn.Embedding, group: GroupLike = None, **kwargs) -> VocabParallelEmbedding:
         """Shard an nn.Embedding: this rank keeps rows [vocab_start, vocab_end) of its weight."""
         # On the meta device first: no init, so no RNG draws that depend on this rank's vocabulary share.
         layer = cls(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx, group=group,
@@ -112,7 +130,7 @@ class _VocabParallelLookup(SharesGroupOnCopy, nn.Embedding):
     extra_repr = VocabParallelEmbedding.extra_repr
 
     @property
-    def _local_padding_idx(self) -> Optional[int]:
+    def _local_padding_idx(self) -> int | None:
         return self.padding_idx
 
 

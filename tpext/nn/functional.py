@@ -55,16 +55,32 @@ class _VocabParallelCE(torch.autograd.Function):
 def vocab_parallel_cross_entropy(logits_shard: Tensor, target: Tensor, *, group: GroupLike = None,
                                  ignore_index: int = -100, label_smoothing: float = 0.0,
                                  reduction: str = "mean", vocab_size: int | None = None) -> Tensor:
-    """Cross entropy of vocabulary-sharded logits, equal (value and gradient) to F.cross_entropy on the
-    gathered logits, without ever materialising them.
+    """Cross entropy of vocabulary-sharded logits, without materialising the full logits.
 
-    logits_shard: [*, V_r], this rank's slice of the vocabulary (the layout of a column-parallel lm_head
-    or of VocabParallelEmbedding: shard_sizes(V, R)); target: [*] with ids in [0, V) or ignore_index.
-    reduction: "mean" (over non-ignored tokens), "sum" or "none" (ignored tokens give 0).
-    vocab_size: the full V, if known (a column-parallel lm_head's out_features): this rank's shard is then
-    checked locally, where without it the shard widths are all-reduced to find V and this rank's offset
-    (one more small collective, and a data-dependent step that breaks a torch.compile graph).
-    The loss has the logits' dtype, or fp32 under torch.autocast, as F.cross_entropy's has.
+    Equal, in value and gradient, to F.cross_entropy on the gathered logits. The loss has the logits'
+    dtype, or fp32 under torch.autocast, as F.cross_entropy's has.
+
+    Args:
+        logits_shard: [*, V_r], this rank's slice of the vocabulary (the layout of a column-parallel lm_head
+            or of VocabParallelEmbedding: ``shard_sizes(V, R)``).
+        target: [*], ids in [0, V) or ignore_index.
+        group: ProcessGroup, 1-D DeviceMesh or None (the world group).
+        ignore_index: target value whose tokens contribute nothing.
+        label_smoothing: as F.cross_entropy's.
+        reduction: "mean" (over non-ignored tokens), "sum" or "none" (ignored tokens give 0).
+        vocab_size: the full V if known (a column-parallel lm_head's out_features): the shard is then checked
+            locally; None: the shard widths are all-reduced to find V and this rank's offset (one more small
+            collective, and a data-dependent step that breaks a torch.compile graph).
+
+    Returns:
+        The loss: a scalar, or [*] with reduction="none".
+
+    Raises:
+        ValueError: target not of shape ``logits_shard.shape[:-1]``, or a shard width that does not match
+            `vocab_size` over the group (the message names the rank and both widths).
+
+    Example:
+        >>> loss = vocab_parallel_cross_entropy(lm_head(h), labels, vocab_size=lm_head.out_features)
     """
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"tpext.vocab_parallel_cross_entropy: reduction must be 'mean', 'sum' or 'none', "
@@ -105,15 +121,27 @@ def vocab_parallel_cross_entropy(logits_shard: Tensor, target: Tensor, *, group:
 
 def all_reduce_residual_rmsnorm(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float = 1e-6, *,
                                 bias: Tensor | None = None, group: GroupLike = None) -> tuple[Tensor, Tensor]:
-    """(out, new_residual) of a transformer block's epilogue, in one fused pass:
-    new_residual = all_reduce(x) + bias + residual and out = rms_norm(new_residual) * weight.
+    """A transformer block's epilogue in one fused pass: all-reduce, residual add, RMSNorm.
 
-    x: [*, H], this rank's partial sum (e.g. a row-parallel GEMM's output without bias); residual:
-    [*, H] or None; weight, bias: [H], replicated. Differentiable (RMSNorm backward included). Small
-    CUDA messages on a group where tpext.p2p.enable succeeded use the fused P2P kernel; otherwise the
-    group's all-reduce (NCCL/gloo) followed by the same arithmetic (tpext.p2p decides, by size).
-    The tensors share one dtype; under torch.autocast they are promoted to the widest of theirs, as
-    x + residual would be (a bf16 partial sum into an fp32 residual stream runs in fp32).
+    ``new_residual = all_reduce(x) + bias + residual`` and ``out = rms_norm(new_residual) * weight``.
+    Differentiable (RMSNorm backward included). Small CUDA messages on a group where tpext.p2p.enable
+    succeeded use the fused P2P kernel; otherwise the group's all-reduce followed by the same arithmetic
+    (tpext.p2p decides, by size).
+
+    Args:
+        x: [*, H], this rank's partial sum (e.g. a row-parallel GEMM's output without bias).
+        residual: [*, H] or None.
+        weight: [H], replicated.
+        eps: the RMSNorm epsilon.
+        bias: [H] or None, replicated, added once after the reduction.
+        group: ProcessGroup, 1-D DeviceMesh or None (the world group).
+
+    Returns:
+        (out, new_residual), both [*, H]. The tensors share one dtype; under torch.autocast they are
+        promoted to the widest of theirs, as ``x + residual`` would be.
+
+    Example:
+        >>> h, residual = all_reduce_residual_rmsnorm(o_proj_partial, residual, norm.weight, norm.eps)
     """
     if torch.is_autocast_enabled(x.device.type):
         tensors = (x, residual, weight, bias)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Callable, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,15 +19,20 @@ from torch import Tensor, nn
 
 from tpext import mappings, p2p, stats
 from tpext.distributed import GroupLike, SharesGroupOnCopy, resolve_group
-from tpext.nn._linear_functions import ColumnLinear, ColumnLinearSP, RowLinear, RowLinearSP, _cat, autocast_inputs
+from tpext.nn._linear_functions import (
+    ColumnLinear,
+    ColumnLinearSP,
+    RowLinear,
+    RowLinearSP,
+    _cat,
+    autocast_inputs,
+)
 from tpext.nn.p2p_functions import RowLinearP2P
-from tpext.ops.schedule import AlgorithmLike, Schedule, resolve_chunks, resolve_schedule
+from tpext.ops.schedule import AlgorithmLike, Chunks, Schedule, resolve_chunks, resolve_schedule
 from tpext.sharding import Piece, ShardLayout, piece_segments, set_layout
 
 __all__ = ["ColumnParallelLinear", "RowParallelLinear", "SharedInputColumns", "ColumnParallelConv1D",
            "RowParallelConv1D"]
-
-Chunks = Union[int, str]
 
 
 class _ParallelLinear(SharesGroupOnCopy, nn.Module):
@@ -40,7 +45,7 @@ class _ParallelLinear(SharesGroupOnCopy, nn.Module):
     transposed_weight = False
 
     def __init__(self, in_features: int, out_features: int, bias: bool, group: GroupLike, sharded_dim: int,
-                 sequence_parallel: bool, chunks: Chunks, device, dtype, pieces: Optional[Sequence[Piece]] = None,
+                 sequence_parallel: bool, chunks: Chunks, device, dtype, pieces: Sequence[Piece] | None = None,
                  sequence_dim: int = 0):
         super().__init__()
         self.group = resolve_group(group)
@@ -95,7 +100,7 @@ class _ParallelLinear(SharesGroupOnCopy, nn.Module):
             if self.bias is not None:
                 self.bias.copy_(self._tpext_layouts["bias"].local_from_dense(linear.bias))
 
-    def _params(self) -> tuple[Tensor, Optional[Tensor]]:
+    def _params(self) -> tuple[Tensor, Tensor | None]:
         """The weights as this forward uses them, [out, in] ([out/R, in] or [out, in/R] here). A head
         replicated over several ranks (GQA with more ranks than kv heads) gets only part of its gradient on
         each: those parts are summed here."""
@@ -158,22 +163,46 @@ class _ParallelLinear(SharesGroupOnCopy, nn.Module):
 
 
 class ColumnParallelLinear(_ParallelLinear):
-    """y = x @ W.T + b with W [out_features, in_features] sharded by rows (output features).
+    """Linear layer ``y = x @ W.T + b`` with W [out_features, in_features] sharded by rows (output features).
 
-    Each rank holds weight [out/R, in] and bias [out/R] (uneven R: ceil or floor of out/R).
-    sequence_parallel=False: x is [*, in], replicated; the output is [*, out/R] (this rank's features),
-    or [*, out] with gather_output=True. Backward all-reduces grad_x, overlapped with its GEMM.
-    sequence_parallel=True: x is this rank's sequence shard [s/R, *, in]; the forward all-gathers the
-    sequence overlapped with the GEMM and returns [s, *, out/R]; backward reduce-scatters grad_x (in an
-    attention module converted by tpext.parallelize, a hook has gathered the sequence before the call). The
-    gathered input is not kept for the weight gradient but gathered again in backward (activation memory
-    1/R of it, as Megatron and TransformerEngine do); keep_gathered_input=True keeps it instead, trading
-    R times the memory for one all-gather less per backward.
+    Each rank holds weight [out/R, in] and bias [out/R] (R = group size; uneven R: ceil or floor of out/R).
+    Without sequence parallelism the input is replicated and backward all-reduces grad_x, overlapped with
+    its GEMM. With it, the forward all-gathers the sequence overlapped with the GEMM and backward
+    reduce-scatters grad_x. The gathered input is gathered again in backward rather than kept (activation
+    memory 1/R of it) unless ``keep_gathered_input``.
+
+    Args:
+        in_features: K, the input width (not sharded).
+        out_features: N, the dense output width, sharded over the group.
+        bias: whether the layer has a bias [N/R].
+        group: ProcessGroup, 1-D DeviceMesh or None (the world group).
+        gather_output: return [*, N] (all-gathered) instead of this rank's [*, N/R]; not with
+            sequence_parallel.
+        sequence_parallel: the input is this rank's sequence shard [s/R, *, K] (s divisible by R).
+        chunks: "auto" (`tpext.ops.auto_schedule`) or an int >= 1, the chunks of the overlapped ops.
+        pieces: how the output features split into units (e.g. ``(Piece(heads, head_dim),)``) so each rank
+            holds whole heads; None: one piece of N features.
+        sequence_dim: the sequence dim of a sequence-parallel input (0, or 1 for batch-first [b, s, K]).
+        keep_gathered_input: keep the gathered input for the weight gradient (R times the memory, one
+            all-gather less per backward).
+        device, dtype: of the parameters, as nn.Linear's.
+
+    Shapes:
+        input: [*, K], or [s/R, *, K] with sequence_parallel. Output: [*, N/R] ([*, N] with gather_output),
+        or [s, *, N/R] with sequence_parallel.
+
+    Raises:
+        ValueError: an input of the wrong width or sequence length, or bad sizes/pieces; the message names
+            the layer and what it expected.
+
+    Example:
+        >>> col = tpext.nn.ColumnParallelLinear.from_dense(nn.Linear(512, 2048))  # the world group
+        >>> y_shard = col(x)  # [*, 2048 / R]
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, group: GroupLike = None,
                  gather_output: bool = False, sequence_parallel: bool = False, chunks: Chunks = "auto",
-                 pieces: Optional[Sequence[Piece]] = None, sequence_dim: int = 0, keep_gathered_input: bool = False,
+                 pieces: Sequence[Piece] | None = None, sequence_dim: int = 0, keep_gathered_input: bool = False,
                  device=None, dtype=None):
         super().__init__(in_features, out_features, bias, group, 0, sequence_parallel, chunks, device, dtype,
                          pieces, sequence_dim)
@@ -184,7 +213,7 @@ class ColumnParallelLinear(_ParallelLinear):
         self.gather_output = gather_output
 
     @classmethod
-    def from_dense(cls, linear: nn.Linear, group: GroupLike = None, **kwargs) -> "ColumnParallelLinear":
+    def from_dense(cls, linear: nn.Linear, group: GroupLike = None, **kwargs) -> ColumnParallelLinear:
         """Shard an nn.Linear: this rank keeps its rows of the weight and bias (rows [start, start + out/R),
         or with `pieces` its rows of every sub-matrix)."""
         return cls._from_dense(linear, group, **kwargs)
@@ -200,12 +229,12 @@ class ColumnParallelLinear(_ParallelLinear):
             return self._column(x, (w,), b)
 
     # Set by SharedInputColumns.attach when this layer shares its input with siblings (q/k/v, gate/up).
-    _siblings: Optional["SharedInputColumns"] = None
+    _siblings: SharedInputColumns | None = None
     # Set by tpext.parallelize under SP on an attention module's projections, whose input a forward pre-hook
     # all-gathers (tpext.parallel.hooks): tells whether a tensor is the full sequence that hook returned.
-    _is_gathered_input: Optional[Callable[[Tensor], bool]] = None
+    _is_gathered_input: Callable[[Tensor], bool] | None = None
 
-    def _column(self, x: Tensor, ws: tuple[Tensor, ...], b: Optional[Tensor]) -> Tensor:
+    def _column(self, x: Tensor, ws: tuple[Tensor, ...], b: Tensor | None) -> Tensor:
         """The column-parallel product of x with the local weight cat(ws) and bias b (this layer's, or
         those of a SharedInputColumns group)."""
         hooked = self._is_gathered_input
@@ -225,7 +254,7 @@ class ColumnParallelLinear(_ParallelLinear):
             y = mappings.gather_from_tp(y, self.out_features, self.group)
         return y
 
-    def _column_sp(self, x_shard: Tensor, ws: tuple[Tensor, ...], b: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    def _column_sp(self, x_shard: Tensor, ws: tuple[Tensor, ...], b: Tensor | None) -> tuple[Tensor, Tensor]:
         """(y, x_full): the sequence-parallel product and the gathered input, both in x_shard's layout."""
         x_shard, b, *ws = autocast_inputs(self._sequence_first(x_shard), b, *ws)
         rows = x_shard.numel() // max(x_shard.shape[-1], 1) * self.tp_size
@@ -253,7 +282,7 @@ class SharedInputColumns:
             raise ValueError("tpext.SharedInputColumns: the layers must share in_features, group, sequence "
                              "parallelism and bias presence, without gather_output")
         self.layers = list(layers)
-        self._x: Optional[Tensor] = None
+        self._x: Tensor | None = None
         self._outputs: dict[int, Tensor] = {}
         self._state: tuple = ()
 
@@ -264,7 +293,7 @@ class SharedInputColumns:
                    and layer.sequence_parallel == first.sequence_parallel and layer.sequence_dim == first.sequence_dim
                    and (layer.bias is None) == (first.bias is None) and not layer.gather_output for layer in layers)
 
-    def __deepcopy__(self, memo: dict) -> "SharedInputColumns":
+    def __deepcopy__(self, memo: dict) -> SharedInputColumns:
         # The copy shares nothing in flight: outputs kept for layers still to be called stay behind.
         new = SharedInputColumns.__new__(SharedInputColumns)
         memo[id(self)] = new
@@ -308,7 +337,7 @@ class SharedInputColumns:
         self._hand_out(y, x_full, skip=None)
         return x_full
 
-    def _weights(self) -> tuple[tuple[Tensor, ...], Optional[Tensor]]:
+    def _weights(self) -> tuple[tuple[Tensor, ...], Tensor | None]:
         params = [layer._params() for layer in self.layers]
         b = torch.cat([p[1] for p in params]) if params[0][1] is not None else None
         return tuple(p[0] for p in params), b
@@ -317,33 +346,55 @@ class SharedInputColumns:
         names = "+".join(getattr(m, "_tpext_stats_name", type(m).__name__) for m in self.layers)
         return stats.module_scope(stats.current_module() or names)
 
-    def _hand_out(self, y: Tensor, x: Tensor, skip: Optional[ColumnParallelLinear]) -> list[Tensor]:
+    def _hand_out(self, y: Tensor, x: Tensor, skip: ColumnParallelLinear | None) -> list[Tensor]:
         """Split y into the layers' outputs and keep those of the layers still to be called with x."""
         outputs = y.split([m.local_weight_shape[0] for m in self.layers], dim=-1)
         self._outputs = {id(m): out for m, out in zip(self.layers, outputs) if m is not skip}
         self._x, self._state = x, self._state_of(x)
         return list(outputs)
 
-    def attach(self) -> "SharedInputColumns":
+    def attach(self) -> SharedInputColumns:
         for layer in self.layers:
             layer._siblings = self
         return self
 
 
 class RowParallelLinear(_ParallelLinear):
-    """y = x @ W.T + b with W [out_features, in_features] sharded by columns (input features).
+    """Linear layer ``y = x @ W.T + b`` with W [out_features, in_features] sharded by input features.
 
     Each rank holds weight [out, in/R] (split like the matching column layer's outputs) and the full,
-    replicated bias [out], added once after the reduction.
-    input_is_parallel=True: x is [*, in/R] (a column layer's output); False: x is [*, in] and this
-    layer keeps its own shard of it. sequence_parallel=False: all-reduce overlapped with the GEMM, output
-    [*, out], replicated. sequence_parallel=True: reduce-scatter along dim 0 instead, output this rank's
-    sequence shard [s/R, *, out] (dim 0 of x must be divisible by R).
+    replicated bias [out], added once after the reduction. The reduction (an all-reduce, or with sequence
+    parallelism a reduce-scatter along the sequence dim) is overlapped with the GEMM.
+
+    Args:
+        in_features: K, the dense input width, sharded over the group.
+        out_features: N, the output width (not sharded).
+        bias: whether the layer has a bias [N].
+        group: ProcessGroup, 1-D DeviceMesh or None (the world group).
+        input_is_parallel: the input is already [*, K/R] (a column layer's output); False: it is [*, K]
+            and this layer takes its own shard of it.
+        sequence_parallel: reduce-scatter instead of all-reduce; the output is this rank's sequence shard.
+        chunks: "auto" (`tpext.ops.auto_schedule`) or an int >= 1, the chunks of the overlapped ops.
+        pieces: how the input features split into units, as the matching column layer's.
+        sequence_dim: the sequence dim of the output's shard (0, or 1 for batch-first).
+        device, dtype: of the parameters, as nn.Linear's.
+
+    Shapes:
+        input: [*, K/R] (input_is_parallel) or [*, K]. Output: [*, N], replicated, or [s/R, *, N] with
+        sequence_parallel (s divisible by R).
+
+    Raises:
+        ValueError: an input of the wrong width or a sequence length not divisible by R; the message names
+            the layer and what it expected.
+
+    Example:
+        >>> row = tpext.nn.RowParallelLinear.from_dense(nn.Linear(2048, 512))
+        >>> y = row(col(x))  # [*, 512], the same on every rank
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, group: GroupLike = None,
                  input_is_parallel: bool = True, sequence_parallel: bool = False, chunks: Chunks = "auto",
-                 pieces: Optional[Sequence[Piece]] = None, sequence_dim: int = 0, device=None, dtype=None):
+                 pieces: Sequence[Piece] | None = None, sequence_dim: int = 0, device=None, dtype=None):
         super().__init__(in_features, out_features, bias, group, 1, sequence_parallel, chunks, device, dtype,
                          pieces, sequence_dim)
         if self.replicas > 1 or (self.packed and not input_is_parallel):
@@ -352,7 +403,7 @@ class RowParallelLinear(_ParallelLinear):
         self.input_is_parallel = input_is_parallel
 
     @classmethod
-    def from_dense(cls, linear: nn.Linear, group: GroupLike = None, **kwargs) -> "RowParallelLinear":
+    def from_dense(cls, linear: nn.Linear, group: GroupLike = None, **kwargs) -> RowParallelLinear:
         """Shard an nn.Linear: this rank keeps columns [start, start + in/R) of its weight, all the bias."""
         return cls._from_dense(linear, group, **kwargs)
 
@@ -394,7 +445,7 @@ class ColumnParallelConv1D(ColumnParallelLinear):
     transposed_weight = True
 
     @classmethod
-    def from_dense(cls, conv1d: nn.Module, group: GroupLike = None, **kwargs) -> "ColumnParallelConv1D":
+    def from_dense(cls, conv1d: nn.Module, group: GroupLike = None, **kwargs) -> ColumnParallelConv1D:
         """Shard a Conv1D (weight [in, out]): this rank keeps its columns of the weight and its bias slice."""
         return cls._from_dense(conv1d, group, **kwargs)
 
@@ -406,6 +457,6 @@ class RowParallelConv1D(RowParallelLinear):
     transposed_weight = True
 
     @classmethod
-    def from_dense(cls, conv1d: nn.Module, group: GroupLike = None, **kwargs) -> "RowParallelConv1D":
+    def from_dense(cls, conv1d: nn.Module, group: GroupLike = None, **kwargs) -> RowParallelConv1D:
         """Shard a Conv1D (weight [in, out]): this rank keeps its rows of the weight, all the bias."""
         return cls._from_dense(conv1d, group, **kwargs)

@@ -17,7 +17,7 @@ the squares of its features and one all-reduce of a number per token gives the d
 from __future__ import annotations
 
 import threading
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -32,7 +32,7 @@ from tpext.sharding import Piece, ShardLayout, get_layout, piece_segments, set_l
 __all__ = ["SequenceParallelLayerNorm", "SequenceParallelRMSNorm", "ColumnParallelRMSNorm", "sum_param_grads",
            "shard_norm_features"]
 
-Shape = Union[int, Sequence[int]]
+Shape = int | Sequence[int]
 
 
 class _SPNorm(SharesGroupOnCopy, nn.Module):
@@ -60,7 +60,20 @@ class _SPNorm(SharesGroupOnCopy, nn.Module):
 
 
 class SequenceParallelLayerNorm(_SPNorm):
-    """nn.LayerNorm over a sequence shard, with weight/bias gradients all-reduced over the group."""
+    """nn.LayerNorm over a sequence shard, with weight/bias gradients all-reduced over the group.
+
+    Each rank normalises its own tokens; the gradients of the replicated weight and bias are summed over
+    the group in backward, so every rank holds the full gradient (identical replicas).
+
+    Args:
+        normalized_shape, eps, bias, device, dtype: as nn.LayerNorm's.
+        group: ProcessGroup, 1-D DeviceMesh or None (the world group).
+        sequence_parallel: False: a plain nn.LayerNorm (no gradient all-reduce).
+
+    Example:
+        >>> norm = tpext.nn.SequenceParallelLayerNorm(4096)
+        >>> y_shard = norm(x_shard)  # [s/R, *, 4096]; backward all-reduces grad_w and grad_b
+    """
 
     def __init__(self, normalized_shape: Shape, eps: float = 1e-5, bias: bool = True, *, group: GroupLike = None,
                  sequence_parallel: bool = True, device=None, dtype=None):
@@ -73,7 +86,17 @@ class SequenceParallelLayerNorm(_SPNorm):
 
 
 class SequenceParallelRMSNorm(_SPNorm):
-    """RMSNorm (x / rms(x) * weight) over a sequence shard, weight gradient all-reduced over the group."""
+    """nn.RMSNorm over a sequence shard, with the weight gradient all-reduced over the group.
+
+    Args:
+        normalized_shape, eps, device, dtype: as nn.RMSNorm's (always with a weight).
+        group: ProcessGroup, 1-D DeviceMesh or None (the world group).
+        sequence_parallel: False: a plain nn.RMSNorm (no gradient all-reduce).
+
+    Example:
+        >>> norm = tpext.nn.SequenceParallelRMSNorm(4096)
+        >>> y_shard = norm(x_shard)  # backward all-reduces grad_w once
+    """
 
     def __init__(self, normalized_shape: Shape, eps: float = 1e-6, *, group: GroupLike = None,
                  sequence_parallel: bool = True, device=None, dtype=None):
@@ -143,11 +166,23 @@ class _SumsParamGrads(SharesGroupOnCopy):
 
 
 def sum_param_grads(module: nn.Module, group: GroupLike = None) -> nn.Module:
-    """Make `module` (in place, and return it) sum the gradients of its own parameters over `group`: for a
-    module with replicated weights that each rank applies to different tokens (a norm under sequence
-    parallelism) or to different heads (a per-head q/k norm). A parameter with a tpext.sharding layout
-    has its gradient summed over the ranks holding the same slice only. Names, state dict and arithmetic
-    are unchanged; `isinstance` still holds. A group of size 1 leaves the module as it is."""
+    """Make `module` sum the gradients of its own parameters over `group`, in place.
+
+    For a module with replicated weights that each rank applies to different tokens (a norm under sequence
+    parallelism) or to different heads (a per-head q/k norm). A parameter with a tpext.sharding layout has
+    its gradient summed over the ranks holding the same slice only. Names, state dict and arithmetic are
+    unchanged; `isinstance` still holds.
+
+    Args:
+        module: any module; only its own (not its children's) parameters are affected.
+        group: ProcessGroup, 1-D DeviceMesh or None (the world group).
+
+    Returns:
+        `module` itself (unchanged when the group has size 1).
+
+    Example:
+        >>> norm = tpext.nn.sum_param_grads(block.input_layernorm)  # a model's own norm class, kept
+    """
     pg = resolve_group(group)
     if pg.size() == 1 or isinstance(module, _SumsParamGrads):
         return module
@@ -175,7 +210,7 @@ def _feature_layout(shape: Sequence[int], pieces: Sequence[Piece], group: dist.P
     return ShardLayout(tuple(shape), 0, segments, replicas, ranges)
 
 
-def _column_parallel_rms_norm(x: Tensor, weight: Tensor, eps: Optional[float], layout: ShardLayout,
+def _column_parallel_rms_norm(x: Tensor, weight: Tensor, eps: float | None, layout: ShardLayout,
                               group: dist.ProcessGroup, what: str) -> Tensor:
     """RMSNorm of features sharded over `group` (x holds this rank's, laid out as `layout`), in fp32 (fp64
     for fp64 input): x * rsqrt(mean over all features of x^2 + eps) * weight, cast back to x's dtype
@@ -203,7 +238,7 @@ class _ColumnParallelRMS(SharesGroupOnCopy):
     model's own RMSNorm class converted by shard_norm_features)."""
 
     _tpext_group: dist.ProcessGroup
-    _tpext_eps: Optional[float]
+    _tpext_eps: float | None
 
     def forward(self, x: Tensor) -> Tensor:
         with stats.scope_for(self):
@@ -217,14 +252,34 @@ class _ColumnParallelRMS(SharesGroupOnCopy):
 
 
 class ColumnParallelRMSNorm(_ColumnParallelRMS, nn.Module):
-    """RMSNorm over `normalized_size` features that a ColumnParallelLinear's output shards over the group
-    (a query/key norm over all heads, OLMo2's): each rank holds its features of the weight and of the
-    input, and the mean square is taken over all features (one all-reduce of a number per token, and one
-    in backward). `pieces` as the column layer's (e.g. (Piece(heads, head_dim),), so each rank holds the
-    norm weight of its heads; a kv head replicated over several ranks counts once)."""
+    """RMSNorm over `normalized_size` features that a ColumnParallelLinear's output shards over the group.
 
-    def __init__(self, normalized_size: int, eps: Optional[float] = 1e-6, *, group: GroupLike = None,
-                 pieces: Optional[Sequence[Piece]] = None, device=None, dtype=None):
+    A query/key norm over all heads: each rank holds its features of the weight and of the input, and the
+    mean square is taken over all features (one all-reduce of a number per token in forward, one in
+    backward). Statistics are computed in fp32 and the result cast back.
+
+    Args:
+        normalized_size: the dense number of features.
+        eps: the epsilon; None: that of the compute dtype, as nn.RMSNorm's.
+        group: ProcessGroup, 1-D DeviceMesh or None (the world group).
+        pieces: as the column layer's (e.g. ``(Piece(heads, head_dim),)``), so each rank holds the norm weight
+            of its heads; a kv head replicated over several ranks counts once.
+        device, dtype: of the weight.
+
+    Shapes:
+        input: [*, local features]. Output: the same shape.
+
+    Raises:
+        ValueError: pieces that do not add up to `normalized_size` or would be replicated unevenly, or an
+            input of another width (the message names the expected local width).
+
+    Example:
+        >>> q_norm = tpext.nn.ColumnParallelRMSNorm(4096, pieces=(Piece(32, 128),))
+        >>> q = q_norm(q_proj(x))  # q_proj: a ColumnParallelLinear with the same pieces
+    """
+
+    def __init__(self, normalized_size: int, eps: float | None = 1e-6, *, group: GroupLike = None,
+                 pieces: Sequence[Piece] | None = None, device=None, dtype=None):
         super().__init__()
         pieces = tuple(pieces) if pieces is not None else (Piece(normalized_size),)
         if sum(p.size for p in pieces) != normalized_size:
@@ -242,7 +297,7 @@ class ColumnParallelRMSNorm(_ColumnParallelRMS, nn.Module):
         return self._tpext_group
 
     @property
-    def eps(self) -> Optional[float]:
+    def eps(self) -> float | None:
         return self._tpext_eps
 
 
@@ -260,16 +315,33 @@ def _epsilon(norm: nn.Module):
 
 
 def shard_norm_features(norm: nn.Module, group: GroupLike, pieces: Sequence[Piece]) -> nn.Module:
-    """A copy of `norm` (a model's own module) for this rank's part of features that a column-parallel
-    layer shards as `pieces` (a q/k norm after q_proj / k_proj: (Piece(heads, head_dim),)).
+    """A copy of `norm` (a model's own module) for this rank's part of features that a column layer shards.
 
-    * weight [heads, head_dim], normalising each head on its own (Cohere's): the module's class and code
-      with this rank's rows of its parameters (gradients of replicated kv heads summed over their holders).
-    * weight [features], an RMSNorm over all of them (OLMo2's): the module's class with
-      ColumnParallelRMSNorm's forward (fp32 statistics, weight applied in fp32, cast back).
+    For a q/k norm after q_proj / k_proj sharded as ``(Piece(heads, head_dim),)``:
 
-    A copy of the module is run first on a random input to check that it computes what that assumes;
-    anything else raises ValueError. A group of size 1 returns `norm` as it is."""
+    * weight [heads, head_dim], normalising each head on its own: the module's class and code with this
+      rank's rows of its parameters (gradients of replicated kv heads summed over their holders).
+    * weight [features], an RMSNorm over all of them: the module's class with ColumnParallelRMSNorm's
+      forward (fp32 statistics, weight applied in fp32, cast back).
+
+    A copy of the module is run first on a random input to check that it computes what that assumes.
+
+    Args:
+        norm: the dense norm module.
+        group: ProcessGroup, 1-D DeviceMesh or None (the world group).
+        pieces: the column layer's pieces.
+
+    Returns:
+        The sharded copy, or `norm` itself when the group has size 1.
+
+    Raises:
+        ValueError: the module normalises across heads, is not an RMSNorm (a mean, a bias, 1 + weight, another
+            epsilon than it declares, extra buffers), or its weight does not match the pieces; the message
+            names the module's class and the cause.
+
+    Example:
+        >>> attn.q_norm = tpext.nn.shard_norm_features(attn.q_norm, None, (Piece(32, 128),))
+    """
     pg = resolve_group(group)
     cls = type(norm).__name__
     weight = getattr(norm, "weight", None)

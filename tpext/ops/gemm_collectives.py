@@ -4,7 +4,6 @@ csrc/ops/gemm_collectives.cpp): one typed wrapper per op, its fake kernel right 
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -28,9 +27,9 @@ def _rows(x: Tensor) -> int:
     return math.prod(x.shape[:-1])
 
 
-def gemm_all_reduce(x: Tensor, w: Tensor, bias: Optional[Tensor] = None, group: GroupLike = None,
+def gemm_all_reduce(x: Tensor, w: Tensor, bias: Tensor | None = None, group: GroupLike = None,
                     chunks: Chunks = "auto", algorithm: AlgorithmLike = "auto",
-                    residual: Optional[Tensor] = None) -> Tensor:
+                    residual: Tensor | None = None) -> Tensor:
     """``all_reduce(x @ w.T) + bias + residual``, the GEMM split into row chunks whose all-reduce
     overlaps the next chunk's GEMM. The row-parallel forward.
 
@@ -64,9 +63,9 @@ def _(x, w, bias, group_name, chunks, algorithm=1, residual=None):
     return x.new_empty((*x.shape[:-1], w.shape[0]))
 
 
-def gemm_reduce_scatter(x: Tensor, w: Tensor, bias: Optional[Tensor] = None, group: GroupLike = None,
+def gemm_reduce_scatter(x: Tensor, w: Tensor, bias: Tensor | None = None, group: GroupLike = None,
                         chunks: Chunks = "auto", algorithm: AlgorithmLike = "auto",
-                        residual: Optional[Tensor] = None) -> Tensor:
+                        residual: Tensor | None = None) -> Tensor:
     """This rank's dim-0 block of ``reduce_scatter(x @ w.T) + bias + residual``, overlapped as in
     `gemm_all_reduce`. The row-parallel forward with sequence parallelism.
 
@@ -100,7 +99,7 @@ def _(x, w, bias, group_name, chunks, algorithm=1, residual=None):
     return x.new_empty((x.shape[0] // world, *x.shape[1:-1], w.shape[0]))
 
 
-def all_gather_gemm(x_shard: Tensor, w: Tensor, bias: Optional[Tensor] = None, group: GroupLike = None,
+def all_gather_gemm(x_shard: Tensor, w: Tensor, bias: Tensor | None = None, group: GroupLike = None,
                     chunks: Chunks = "auto", algorithm: AlgorithmLike = "auto") -> tuple[Tensor, Tensor]:
     """``(all_gather(x_shard) @ w.T + bias, all_gather(x_shard))``, each gathered chunk's GEMM overlapping
     the next chunk's gather. The column-parallel forward with sequence parallelism.

@@ -68,7 +68,11 @@ def nccl_comm_info(group: GroupLike = None) -> dict:
 def destroy_nccl_communicators() -> None:
     """Finalize and destroy every NCCL communicator tpext made (all groups). Finalize waits for the peers
     to finalize too; a communicator with an asynchronous NCCL error is aborted instead. Runs at exit; the
-    next op on a group creates a new communicator (collectively). A no-op in a CPU build."""
+    next op on a group creates a new communicator (collectively). A no-op in a CPU build.
+
+    Example:
+        >>> tpext.ops.destroy_nccl_communicators()  # on every rank, before destroy_process_group()
+    """
     if _C.cuda_compiled:
         _C._destroy_nccl_communicators()
 

@@ -9,8 +9,6 @@ host reference and CUDA groups without usable buffers fall back to the collectiv
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -56,6 +54,10 @@ def p2p_reduce_scatter(x: Tensor, group: GroupLike = None, algorithm: int = 1) -
 
     Raises:
         RuntimeError: x.size(0) is not divisible by the group size, or as for `p2p_all_reduce`.
+
+    Example:
+        >>> tpext.p2p.enable()  # once per group, on CUDA
+        >>> y_block = tpext.ops.p2p_reduce_scatter(x)  # [M/R, *]
     """
     return torch.ops.tpext.p2p_reduce_scatter(x, group_name(group), int(algorithm))
 
@@ -79,6 +81,9 @@ def p2p_all_gather(x: Tensor, group: GroupLike = None, algorithm: int = 1) -> Te
 
     Raises:
         RuntimeError: as for `p2p_all_reduce`.
+
+    Example:
+        >>> x_full = tpext.ops.p2p_all_gather(x_shard)  # [R * M, *], after tpext.p2p.enable()
     """
     return torch.ops.tpext.p2p_all_gather(x, group_name(group), int(algorithm))
 
@@ -88,8 +93,8 @@ def _(x, group_name, algorithm):
     return x.new_empty((x.shape[0] * group_size(group_name), *x.shape[1:]))
 
 
-def p2p_all_reduce_residual_rmsnorm(x: Tensor, residual: Optional[Tensor], weight: Tensor,
-                                    bias: Optional[Tensor] = None, eps: float = 1e-6, group: GroupLike = None,
+def p2p_all_reduce_residual_rmsnorm(x: Tensor, residual: Tensor | None, weight: Tensor,
+                                    bias: Tensor | None = None, eps: float = 1e-6, group: GroupLike = None,
                                     algorithm: int = 1) -> tuple[Tensor, Tensor]:
     """``(rms_norm(h) * weight, h)`` with ``h = all_reduce(x) + bias + residual``, in one fused pass on
     the P2P path (the decode epilogue). Forward only: `tpext.nn.functional.all_reduce_residual_rmsnorm`
@@ -108,6 +113,9 @@ def p2p_all_reduce_residual_rmsnorm(x: Tensor, residual: Optional[Tensor], weigh
     Raises:
         RuntimeError: a shape or dtype does not fit (the message names the argument), or as for
             `p2p_all_reduce`.
+
+    Example:
+        >>> out, residual = tpext.ops.p2p_all_reduce_residual_rmsnorm(o_partial, residual, norm.weight)
     """
     return torch.ops.tpext.p2p_all_reduce_residual_rmsnorm(x, residual, bias, weight, eps, group_name(group),
                                                            int(algorithm))

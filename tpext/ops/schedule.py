@@ -13,7 +13,7 @@ both pass through unchanged (the ops validate them).
 from __future__ import annotations
 
 import enum
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 __all__ = ["Algorithm", "AlgorithmLike", "Chunks", "Schedule", "auto_chunks", "auto_schedule",
            "default_algorithm", "resolve_chunks", "resolve_schedule"]
@@ -35,9 +35,9 @@ class Schedule(NamedTuple):
 
 
 #: What users may pass as ``chunks``: an int >= 1 or "auto".
-Chunks = Union[int, str]
+Chunks = int | str
 #: What users may pass as ``algorithm``: an Algorithm, its int, or "auto".
-AlgorithmLike = Union[Algorithm, int, str]
+AlgorithmLike = Algorithm | int | str
 
 # Below this many rows a chunk's GEMM is too thin to be efficient and the per-collective latency is not
 # hidden by anything. CPU: the gloo benchmark (bench/ops_cpu.py) found 2-4 chunks best at 2048 rows.

@@ -4,7 +4,7 @@ R ranks in one process (virtual ranks), on one GPU or on CPU without spawning pr
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -40,6 +40,6 @@ def _(xs):
 
 
 @torch.library.register_fake("tpext_testing::p2p_virtual_all_reduce_residual_rmsnorm")
-def _(xs, residual: Optional[Tensor], bias: Optional[Tensor], weight, eps):
+def _(xs, residual: Tensor | None, bias: Tensor | None, weight, eps):
     like = [torch.empty_like(x, memory_format=torch.contiguous_format) for x in xs]
     return like, [torch.empty_like(x) for x in like]
