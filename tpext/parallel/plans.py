@@ -157,6 +157,11 @@ def _plan_from_names(model: nn.Module, *, sequence_parallel: bool,
             # A router beside experts (and all it holds: Ernie's gate.moe_statics, HunYuan's gate.wg) sees
             # every token and all hidden features: the same on every rank, whatever its own forward does.
             plan[name] = Replicate()
+        elif st.is_attention(module) and (per_head := st.per_head_params(module, config)) and len(per_head) == len(
+                list(module.parameters(recurse=False))):
+            # Its own parameters hold one value per head (GPT-OSS's sinks): parallelize slices them with the
+            # heads its projections keep (left whole when the projections are not sharded).
+            plan[name] = Replicate()
         elif isinstance(module, nn.Linear) and not linear:
             plan[name] = f"{type(module).__name__}: an nn.Linear with a forward of its own"
         elif not st.is_attention(parent) and (attn := st.attention_above(name, modules)) is not None:
