@@ -44,6 +44,8 @@ REPLICATED_HEADS = frozenset({"score", "qa_outputs", "classifier"})
 # Beside a mixture-of-experts module: its router and a shared expert's gate, replicated (they see the
 # block's replicated input; the experts' all-reduce sums the gradients that reach them through the experts).
 MOE_REPLICATED = frozenset({"gate", "router", "shared_expert_gate"})
+# An attention module's own parameters with one value per query head, sliced with its heads.
+PER_HEAD_PARAMS = frozenset({"sinks", "gate_bias"})  # GPT-OSS's sinks, Beam's output-gate bias
 
 
 def heads(attn: nn.Module, config) -> tuple[int, int, int]:
@@ -175,9 +177,10 @@ def attention_above(name: str, modules: dict[str, nn.Module]) -> Optional[str]:
 
 
 def per_head_params(attn: nn.Module, config) -> list[str]:
-    """The names of an attention module's own 1-D parameters with one value per query head (GPT-OSS's
-    attention sinks); [] when it has none or its head counts cannot be told."""
-    own = [(n, p) for n, p in attn.named_parameters(recurse=False)]
+    """The names of an attention module's own parameters known to hold one value per query head (GPT-OSS's
+    `sinks`, Beam's `gate_bias`); [] when it has none or its head counts cannot be told. By name, not by size: DiffLlama's
+    lambdas have head_dim values, which can equal the head count."""
+    own = [(n, p) for n, p in attn.named_parameters(recurse=False) if n in PER_HEAD_PARAMS]
     if not own:
         return []
     try:
