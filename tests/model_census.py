@@ -53,6 +53,7 @@ _TINY = {
     "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_topk": 2,
     "qk_rope_head_dim": 4, "qk_nope_head_dim": 8, "v_head_dim": 8, "kv_lora_rank": 16, "q_lora_rank": 24,
     "rotary_dim": 4, "sliding_window": 4,
+    "hidden_size_global": 64, "encoder_hash_byte_group_vocab": VOCAB,  # BLT: 500002 hash buckets by default
     # linear-attention and state-space mixers (Qwen3-Next, Kimi-Linear, Mamba hybrids)
     "linear_key_head_dim": 8, "linear_value_head_dim": 8, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
     "linear_head_dim": 8, "linear_num_heads": 4, "mamba_d_state": 8, "ssm_state_size": 8, "state_size": 8,
@@ -67,6 +68,15 @@ _TOKEN_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 1, "decoder_
 
 # Per-family settings where the generic tiny config does not build or does not run (one table).
 OVERRIDES: dict[str, dict[str, Any]] = {}
+
+
+VERSIONS_KEY = "_versions"  # the record's torch and transformers versions (not a family)
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    return {"torch": torch.__version__.split("+")[0], "transformers": transformers.__version__}
 
 
 def families() -> list[str]:
@@ -399,7 +409,8 @@ def main(argv: list[str]) -> int:
         if names is not None:
             print("--write needs the whole census (no family names)", file=sys.stderr)
             return 2
-        EXPECTED.write_text(json.dumps(statuses(results), indent=1, sort_keys=True) + "\n")
+        record = {VERSIONS_KEY: versions(), **statuses(results)}
+        EXPECTED.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
         DOC.write_text(markdown(results))
         print(f"wrote {EXPECTED.relative_to(ROOT)} and {DOC.relative_to(ROOT)}")
     else:

@@ -40,7 +40,7 @@ from tpext.parallel import structure as st
 from tpext.parallel.hooks import add_alibi_slices, add_causal_lm_loss, add_dense_save_pretrained, add_sequence_hooks
 from tpext.parallel.plans import PlanLike, auto_plan, style_for
 from tpext.parallel.styles import Site
-from tpext.sharding import get_layout
+from tpext.sharding import ShardLayout, get_layout, set_layout
 
 __all__ = ["parallelize"]
 
@@ -91,6 +91,7 @@ def _set_local_heads(model: nn.Module, converted: dict[str, nn.Module], world: i
             continue
         hq, hkv, d = st.heads(attn, config)  # _check_heads made sure hq divides
         local_q, local_kv = hq // world, max(hkv // world, 1)
+        per_head = st.per_head_params(attn, config) if world > 1 else []
         if (argument := st.alibi_argument(attn)) is not None:
             alibi[name] = (argument, hq, rank * local_q, local_q)
         # hidden_size: older Hugging Face attention reshapes its output to [b, s, self.hidden_size].
@@ -103,6 +104,13 @@ def _set_local_heads(model: nn.Module, converted: dict[str, nn.Module], world: i
         if hasattr(getattr(attn, "config", None), "num_attention_heads"):
             heads = {"num_attention_heads": local_q, "num_key_value_heads": local_kv}
             attn.config = _LocalHeadsConfig(attn.config, heads)
+        for pname in per_head:
+            # One value per query head (GPT-OSS's attention sinks): this rank's heads' values.
+            dense = getattr(attn, pname)
+            local = nn.Parameter(dense.detach().narrow(0, rank * local_q, local_q).clone(),
+                                 requires_grad=dense.requires_grad)
+            setattr(attn, pname, local)
+            set_layout(attn, pname, ShardLayout((hq,), 0, ((rank * local_q, local_q),)))
     return alibi
 
 

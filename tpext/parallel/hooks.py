@@ -106,19 +106,28 @@ class _FullSequenceBlock(SharesGroupOnCopy):
 
     def __init__(self, group, sequence_dim: int, name: str):
         self.group, self.sequence_dim, self.name = group, sequence_dim, name
+        self._shape = None
 
     def gather(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple:
         x, call_with = _hidden_states(module, args, kwargs)
         with stats.module_scope(stats.current_module() or f"{self.name}.gather"):
             x_full = mappings.gather_from_sequence(x, self.group, self.sequence_dim, replicated_grad=True)
+        self._shape = x_full.shape
         return call_with(x_full.contiguous())  # the block's code may view() it
+
+    def _scatter(self, out: Tensor) -> Tensor:
+        # A block that returns its tokens flattened (Llama 4's [b * s, h]) gets them back in its input's
+        # shape first, so the split cuts the sequence and not the features.
+        if self._shape is not None and out.shape != self._shape and out.numel() == self._shape.numel():
+            out = out.reshape(self._shape)
+        return mappings.scatter_to_sequence(out, self.group, self.sequence_dim)
 
     def split(self, module: nn.Module, args: tuple, output):
         with stats.module_scope(stats.current_module() or f"{self.name}.split"):
             if isinstance(output, Tensor):
-                return mappings.scatter_to_sequence(output, self.group, self.sequence_dim)
+                return self._scatter(output)
             if isinstance(output, tuple) and output and isinstance(output[0], Tensor):  # (hidden states, router logits)
-                return (mappings.scatter_to_sequence(output[0], self.group, self.sequence_dim), *output[1:])
+                return (self._scatter(output[0]), *output[1:])
         raise TypeError(f"tpext.parallelize: under sequence parallelism the mixture-of-experts block {self.name} must "
                         f"return its hidden states (or a tuple starting with them), got {type(output).__name__}")
 

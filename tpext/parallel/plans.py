@@ -17,8 +17,10 @@ Whatever neither places is named in an error, never guessed.
 from __future__ import annotations
 
 import fnmatch
+import inspect
 from typing import Mapping, Optional, Union
 
+import torch
 from torch import nn
 
 from tpext.nn.experts import is_experts
@@ -87,6 +89,10 @@ def auto_plan(model: nn.Module, *, sequence_parallel: bool = False, vocab_parall
         >>> plan = tpext.auto_plan(model)
         >>> print(plan)   # 'model.layers.0.self_attn.q_proj': Colwise(...),  # from config.base_model_tp_plan
     """
+    # A model whose forward computes its loss itself (BART's decoder, BERT-style heads), not through Hugging
+    # Face's settable loss_function (which tpext replaces with a vocab-parallel one), would read [*, V/R]
+    # logits as [*, V]: its output layer gathers the full logits instead.
+    vocab_parallel_logits = vocab_parallel_logits and _loss_through_loss_function(model)
     names = _plan_from_names(model, sequence_parallel=sequence_parallel, vocab_parallel_logits=vocab_parallel_logits)
     entries, sources = {}, {}
     model_plan = model_tp_plan(model) if use_model_plan else []
@@ -145,12 +151,19 @@ def _plan_from_names(model: nn.Module, *, sequence_parallel: bool,
         leaf = name.rsplit(".", 1)[-1]
         parent = modules[name.rpartition(".")[0]]
         linear = st.plain_linear(module) or st.is_conv1d(module)
-        if isinstance(module, nn.Linear) and not linear:
-            plan[name] = f"{type(module).__name__}: an nn.Linear with a forward of its own"
-        elif is_experts(module):
+        if is_experts(module):
             plan[name] = Experts()
-        elif leaf in st.MOE_REPLICATED and st.is_moe(parent):
+        elif _in_router(name, modules):
+            # A router beside experts (and all it holds: Ernie's gate.moe_statics, HunYuan's gate.wg) sees
+            # every token and all hidden features: the same on every rank, whatever its own forward does.
             plan[name] = Replicate()
+        elif st.is_attention(module) and (per_head := st.per_head_params(module, config)) and len(per_head) == len(
+                list(module.parameters(recurse=False))):
+            # Its own parameters hold one value per head (GPT-OSS's sinks): parallelize slices them with the
+            # heads its projections keep (left whole when the projections are not sharded).
+            plan[name] = Replicate()
+        elif isinstance(module, nn.Linear) and not linear:
+            plan[name] = f"{type(module).__name__}: an nn.Linear with a forward of its own"
         elif not st.is_attention(parent) and (attn := st.attention_above(name, modules)) is not None:
             # e.g. StableLM's per-head norms in a list: which heads each one serves is the model's code
             plan[name] = (f"{type(module).__name__} nested inside attention module {attn or 'the model'}: "
@@ -186,6 +199,10 @@ def _plan_from_names(model: nn.Module, *, sequence_parallel: bool,
         elif st.is_norm(leaf, module) and st.is_attention(parent):
             plan[name] = (f"{type(module).__name__} with a weight of {getattr(module, 'weight').numel()} "
                           "features: neither one head's, nor all query or key heads'")
+        elif st.is_norm(leaf, module) and st.is_mlp(parent) and (features := _mlp_features(module, parent)):
+            # Between an MLP's column and row layers (BitNet's ffn_sub_norm): over this rank's intermediate
+            # features, its statistic reduced over the group (tpext.nn.shard_norm_features).
+            plan[name] = Colwise((Piece(features),))
         elif st.is_norm(leaf, module):
             plan[name] = SequenceParallel() if sequence_parallel else Replicate()
         elif "act" in leaf.lower() and st.is_mlp(parent) and st.elementwise_with_scalars(module):
@@ -193,3 +210,35 @@ def _plan_from_names(model: nn.Module, *, sequence_parallel: bool,
             # parameters act on this rank's features only, so their gradients are summed over the group.
             plan[name] = Replicate(sum_grads=True)
     return plan
+
+
+def _in_router(name: str, modules: dict[str, nn.Module]) -> bool:
+    """Whether `name` is a router beside experts (st.MOE_REPLICATED in an MoE block) or inside one."""
+    parts = name.split(".")
+    for i in range(1, len(parts) + 1):
+        if parts[i - 1] in st.MOE_REPLICATED and st.is_moe(modules[".".join(parts[:i - 1])]):
+            return True
+    return False
+
+
+def _mlp_features(norm: nn.Module, mlp: nn.Module) -> int:
+    """The intermediate feature count of `mlp` when `norm`'s weight covers exactly those (0 otherwise)."""
+    weight = getattr(norm, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+        return 0
+    for leaf in st.MLP_COLUMNS - {"gate_up_proj"}:
+        column = getattr(mlp, leaf, None)
+        if isinstance(column, nn.Linear) and column.out_features == weight.numel():
+            return weight.numel()
+    return 0
+
+
+def _loss_through_loss_function(model: nn.Module) -> bool:
+    """Whether `model`'s forward takes no labels, or computes its loss through `self.loss_function`."""
+    forward = type(model).forward
+    try:
+        params = inspect.signature(forward).parameters
+        source = inspect.getsource(forward)
+    except (TypeError, OSError, ValueError):
+        return False
+    return "labels" not in params or "self.loss_function" in source

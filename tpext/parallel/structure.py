@@ -20,7 +20,7 @@ from tpext.sharding import Piece
 
 __all__ = ["ATTENTION_INPUTS", "ATTENTION_OUTPUTS", "ATTENTION_PROJECTIONS", "MLP_COLUMNS", "MLP_ROWS", "EMBEDDINGS",
            "POSITION_EMBEDDINGS", "LM_HEADS", "REPLICATED_HEADS", "MOE_REPLICATED", "heads", "is_attention",
-           "attention_pieces", "norm_pieces", "per_head_norm", "attention_above", "is_moe", "is_mlp", "is_norm",
+           "attention_pieces", "norm_pieces", "per_head_norm", "per_head_params", "attention_above", "is_moe", "is_mlp", "is_norm",
            "is_conv1d", "plain_linear", "elementwise_with_scalars", "linear_dims", "alibi_argument",
            "grouped_qkv", "interleaved_blocks"]
 
@@ -44,6 +44,8 @@ REPLICATED_HEADS = frozenset({"score", "qa_outputs", "classifier"})
 # Beside a mixture-of-experts module: its router and a shared expert's gate, replicated (they see the
 # block's replicated input; the experts' all-reduce sums the gradients that reach them through the experts).
 MOE_REPLICATED = frozenset({"gate", "router", "shared_expert_gate"})
+# An attention module's own parameters with one value per query head, sliced with its heads.
+PER_HEAD_PARAMS = frozenset({"sinks", "gate_bias"})  # GPT-OSS's sinks, Beam's output-gate bias
 
 
 def heads(attn: nn.Module, config) -> tuple[int, int, int]:
@@ -53,8 +55,12 @@ def heads(attn: nn.Module, config) -> tuple[int, int, int]:
         ValueError: neither the module nor the config tells them.
     """
 
+    # The module's own config first (a composite model's text attention holds its text config), then the
+    # model's, then its text_config (Gemma 3's, GOT-OCR2's: head counts live there).
+    sources = (attn, getattr(attn, "config", None), config, getattr(config, "text_config", None))
+
     def pick(*names):
-        for obj in (attn, config):
+        for obj in sources:
             for n in names:
                 v = getattr(obj, n, None)
                 if isinstance(v, int) and not isinstance(v, bool):
@@ -168,6 +174,20 @@ def attention_above(name: str, modules: dict[str, nn.Module]) -> Optional[str]:
         if is_attention(modules[ancestor]):
             return ancestor
     return None
+
+
+def per_head_params(attn: nn.Module, config) -> list[str]:
+    """The names of an attention module's own parameters known to hold one value per query head (GPT-OSS's
+    `sinks`, Beam's `gate_bias`); [] when it has none or its head counts cannot be told. By name, not by size: DiffLlama's
+    lambdas have head_dim values, which can equal the head count."""
+    own = [(n, p) for n, p in attn.named_parameters(recurse=False) if n in PER_HEAD_PARAMS]
+    if not own:
+        return []
+    try:
+        hq = heads(attn, config)[0]
+    except ValueError:
+        return []
+    return [n for n, p in own if p.dim() == 1 and p.numel() == hq]
 
 
 def is_moe(module: nn.Module) -> bool:
