@@ -188,6 +188,7 @@ def parallelize(model: nn.Module, group: GroupLike = None, plan: Union[str, Plan
     full_sequence_blocks: list[str] = []
     # Build every replacement first: an error leaves the model untouched.
     converted: dict[str, nn.Module] = {}
+    on_shards: list[str] = []  # converted for the sequence shards: must run after the split
     in_sp_region = not split_at
     for name, module in modules.items():
         in_sp_region = in_sp_region or name == split_at
@@ -202,6 +203,8 @@ def parallelize(model: nn.Module, group: GroupLike = None, plan: Union[str, Plan
         if new is not module:
             new._tpext_stats_name = name  # comm_stats attributes its collectives to this name
             converted[name] = new
+            if sp:
+                on_shards.append(name)
     _retie(model, ties, converted)
     for name, new in converted.items():
         parent_name, _, leaf = name.rpartition(".")
@@ -211,7 +214,7 @@ def parallelize(model: nn.Module, group: GroupLike = None, plan: Union[str, Plan
     if share_inputs:
         _share_inputs(model, converted)
     if split_at:
-        add_sequence_hooks(model, split_at, attention, converted, pg, sequence_dim, full_sequence_blocks)
+        add_sequence_hooks(model, split_at, attention, converted, pg, sequence_dim, full_sequence_blocks, on_shards)
     add_causal_lm_loss(model, converted)
     add_dense_save_pretrained(model)
     return model

@@ -52,6 +52,8 @@ class _SplitSequence(SharesGroupOnCopy):
 
     #: The shape of the last shard this hook made (what _GatherStackOutput recognises as a shard).
     shard_shape: Optional[torch.Size] = None
+    #: Whether the sequence has been split in the current forward of the stack's owner (_StartForward resets it).
+    done: bool = False
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple:
         x, call_with = _hidden_states(module, args, kwargs)
@@ -61,8 +63,38 @@ class _SplitSequence(SharesGroupOnCopy):
                              f"by the tensor-parallel size {world}, got hidden states of shape {tuple(x.shape)}")
         with stats.module_scope(stats.current_module() or self.name):  # its backward's all-gather counts here
             shard = mappings.scatter_to_sequence(x, self.group, dim=dim)
-        self.shard_shape = shard.shape
+        self.shard_shape, self.done = shard.shape, True
         return call_with(shard)
+
+
+class _StartForward:
+    """Forward pre-hook of the decoder stack's owner: a new forward, in which the sequence is not split yet."""
+
+    def __init__(self, split: _SplitSequence):
+        self.split = split
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        self.split.done = False
+
+
+class _CheckRunsOnShards:
+    """Forward pre-hook of a module that parallelize converted for sequence shards because it is registered
+    after the decoder layers (a norm whose gradients are summed over the group, a sequence-parallel head): it
+    must also run after the split. One registered there but called before the layers (BART's
+    layernorm_embedding) sees the whole sequence on every rank, and summing its gradients would count them
+    once per rank; that is an error, not a wrong gradient."""
+
+    def __init__(self, split: _SplitSequence, name: str):
+        self.split, self.name = split, name
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        if not self.split.done:
+            raise ValueError(f"tpext.parallelize: {self.name} runs before the sequence is split at {self.split.name} "
+                             "(it is registered after the decoder layers but called before them), so under "
+                             "sequence_parallel=True it sees the whole sequence on every rank, where it was "
+                             "converted for sequence shards (a norm's gradients summed over the group would be "
+                             "counted once per rank); parallelize with sequence_parallel=False, or plan "
+                             f"{self.name!r} as 'replicate'")
 
 
 class _GatherSequence(SharesGroupOnCopy):
@@ -185,7 +217,11 @@ class _CheckHeadInput:
 
 
 def add_sequence_hooks(model: nn.Module, split_at: str, attention: list[str], converted: dict[str, nn.Module],
-                       group, sequence_dim: int, full_sequence_blocks: list[str]) -> None:
+                       group, sequence_dim: int, full_sequence_blocks: list[str], on_shards: list[str]) -> None:
+    """The hooks of sequence parallelism: split at `split_at`, gather around attention and full-sequence
+    blocks, check the head's input, and check that each module of `on_shards` (converted for sequence
+    shards: a norm whose gradients are summed over the group, a sequence-parallel head) runs after the
+    split."""
     split = _SplitSequence(group, sequence_dim, split_at)
     model.get_submodule(split_at).register_forward_pre_hook(split, with_kwargs=True)
     # The decoder stack (model.layers) and its owner (model): a sequence-parallel column layer outside the
@@ -193,6 +229,10 @@ def add_sequence_hooks(model: nn.Module, split_at: str, attention: list[str], co
     # is gathered.
     stack = split_at.rpartition(".")[0]
     owner = stack.rpartition(".")[0]
+    model.get_submodule(owner).register_forward_pre_hook(_StartForward(split))
+    for name in on_shards:
+        if not name.startswith(stack + "."):  # inside the stack everything runs after the split
+            converted[name].register_forward_pre_hook(_CheckRunsOnShards(split, name))
     heads = [name for name, m in converted.items()
              if isinstance(m, ColumnParallelLinear) and m.sequence_parallel and not name.startswith(stack + ".")]
     if not heads:
