@@ -94,7 +94,7 @@ def main(argv=None) -> int:
         w_t = torch.randn(n, k, device="cuda", dtype=dtype).t()  # nn.Linear layout, as the ops see it
         y_ref, y = torch.empty(m, n, device="cuda", dtype=dtype), torch.empty(m, n, device="cuda", dtype=dtype)
         flops = 2.0 * m * n * k
-        base = time_ms(lambda: torch.mm(x, w_t, out=y_ref), args.warmup, args.repeats)
+        base = time_ms(lambda x=x, w_t=w_t, y_ref=y_ref: torch.mm(x, w_t, out=y_ref), args.warmup, args.repeats)
         variants = [("1 gemm", base)]
         for c in (int(v) for v in args.chunks.split(",")):
             for label, streams in ((f"{c} chunks 1s", [torch.cuda.current_stream()]),
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
                     scale = y_ref.float().abs().max().item()
                     if err > 2e-2 * scale:
                         raise SystemExit(f"gemm_decomposition: {label} differs from the single GEMM by {err:.3e}")
-                variants.append((label, time_ms(lambda s=streams, c=c: chunked(x, w_t, y, c, s), args.warmup,
+                variants.append((label, time_ms(lambda s=streams, c=c, x=x, w_t=w_t, y=y: chunked(x, w_t, y, c, s), args.warmup,
                                                 args.repeats)))
         for label, ms in variants:
             print(f"{m:>6} {n:>6} {k:>6} {label:>14} {ms:8.3f} {flops / ms / 1e9:8.1f} {ms / base:9.3f}")

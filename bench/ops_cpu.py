@@ -71,8 +71,8 @@ def _case(op: str, m: int, k: int, n: int, chunks_list: list[int], reps: int) ->
 
     t_gemm = median_slowest(gemm, reps)
     t_comm = median_slowest(comm, reps)
-    calls = {c: gemm_calls(lambda: run(c)) for c in [1, *chunks_list]}
-    t = {c: median_slowest(lambda: run(c), reps) for c in [1, *chunks_list]}
+    calls = {c: gemm_calls(lambda c=c: run(c)) for c in [1, *chunks_list]}
+    t = {c: median_slowest(lambda c=c: run(c), reps) for c in [1, *chunks_list]}
     best_c = min(chunks_list, key=lambda c: t[c])
     return {
         "op": op, "M": m, "K": k, "N": n, "dtype": "float32", "world_size": world,

@@ -26,7 +26,7 @@ import sys
 import time
 import zlib
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -155,7 +155,7 @@ def _first_line(exc: BaseException) -> str:
     return line if len(line) <= 240 else line[:237] + "..."
 
 
-def dense_run(model: torch.nn.Module) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def dense_run(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     ids, labels = inputs()
     out = model(input_ids=ids, labels=labels)
     loss = getattr(out, "loss", None)
@@ -285,7 +285,7 @@ def _merge(per_rank: list[dict]) -> dict:
     return merged
 
 
-def run_census(names: Optional[list[str]] = None, timeout_s: float = 900.0) -> dict[str, dict]:
+def run_census(names: list[str] | None = None, timeout_s: float = 900.0) -> dict[str, dict]:
     """The census over `names` (default: every family): one world of SP_WORLD ranks and one per other world
     size, every family run in each (no process per family). Returns {family: entry}."""
     from dist import run_ranks

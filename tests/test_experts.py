@@ -14,13 +14,13 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
+from dist import run_ranks
 from torch import nn
 
 import tpext
-from dist import run_ranks
 from tpext.sharding import layouts
 
-E, H, I, TOKENS, TOP_K = 5, 8, 12, 9, 2
+E, H, I, TOKENS, TOP_K = 5, 8, 12, 9, 2  # noqa: E741  (I: the intermediate size, as in the formulas)
 
 
 class Experts(nn.Module):

@@ -30,9 +30,9 @@ import zlib
 
 import pytest
 import torch
+from dist import run_ranks
 
 import tpext
-from dist import run_ranks
 from tpext import mappings
 from tpext.sharding import Piece, layouts
 

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 import model_census
+import pytest
 
 pytest.importorskip("transformers")
 

@@ -9,9 +9,9 @@ import re
 
 import pytest
 import torch
+from dist import run_ranks
 
 import tpext
-from dist import run_ranks
 from tpext.parallel import Colwise, Replicate, Rowwise, Vocab
 
 DOC = pathlib.Path(__file__).resolve().parent.parent / "docs" / "parallelize.md"

@@ -13,9 +13,9 @@ import io
 import pytest
 import torch
 import torch.distributed as dist
+from dist import run_ranks
 
 import tpext
-from dist import run_ranks
 from tpext import mappings
 from tpext.models import LlamaConfig, LlamaForCausalLM
 from tpext.models.llama import LlamaRMSNorm

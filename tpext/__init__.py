@@ -2,17 +2,20 @@
 
 import torch  # noqa: F401  (loads libtorch, which _C links against)
 
-from tpext import _C  # noqa: F401  (loads the extension: registers torch.ops.tpext.*)
-from tpext import ops
-from tpext.stats import comm_stats
-from tpext.distributed import group_name, resolve_group
-from tpext import p2p  # noqa: E402  (after ops)
-from tpext import nn, random  # noqa: E402  (after ops: the modules use them)
-from tpext.sharding import Piece
-from tpext import parallel
-from tpext.parallel import Style, auto_plan, parallelize
-from tpext import models
+from tpext import (  # noqa: E402  (after ops: the modules use them)
+           _C,  # noqa: F401  (loads the extension: registers torch.ops.tpext.*)
+           models,
+           nn,
+           ops,
+           p2p,  # noqa: E402  (after ops)
+           parallel,
+           random,
+)
 from tpext.checkpoint import from_pretrained, gather_state_dict, load_checkpoint, save_checkpoint
+from tpext.distributed import group_name, resolve_group
+from tpext.parallel import Style, auto_plan, parallelize
+from tpext.sharding import Piece
+from tpext.stats import comm_stats
 
 __version__ = "0.1.0"
 

@@ -23,7 +23,7 @@ import contextlib
 import enum
 import logging
 import socket
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -111,7 +111,7 @@ def status(group: GroupLike = None) -> str:
     return _C.p2p_status(resolve_group(group).group_name)
 
 
-def algorithm_for(x: Tensor, group: dist.ProcessGroup, nbytes: Optional[int] = None) -> Optional[P2PAlgorithm]:
+def algorithm_for(x: Tensor, group: dist.ProcessGroup, nbytes: int | None = None) -> P2PAlgorithm | None:
     """What a layer should do with a message shaped like `x` (or of `nbytes`): None = its own
     collective path; otherwise the `algorithm` to pass to a p2p op."""
     if _mode == "never" or group.size() == 1:

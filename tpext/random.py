@@ -13,7 +13,7 @@ afterwards, keeping the advanced TP state for the next fork.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

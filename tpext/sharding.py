@@ -12,8 +12,8 @@ the Parameter, so they survive DDP, FSDP2 and ``module.to()``). A parameter with
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -40,7 +40,7 @@ class ShardLayout:
     reduce_ranges: tuple[Segment, ...] = ()
 
     @staticmethod
-    def replicated(shape: Sequence[int]) -> "ShardLayout":
+    def replicated(shape: Sequence[int]) -> ShardLayout:
         return ShardLayout(tuple(shape))
 
     @property

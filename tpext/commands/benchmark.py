@@ -13,7 +13,7 @@ import platform
 import statistics
 import subprocess
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -24,13 +24,16 @@ __all__ = ["slowest_times", "median_slowest", "gemm_calls", "device_name", "comm
 CALIBRATION_FORMAT = "tpext-calibration/1"
 
 
+CPU = torch.device("cpu")  # the default device of the timers
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def slowest_times(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 3,
-                  device: torch.device = torch.device("cpu")) -> dict[str, list[float]]:
+                  device: torch.device = CPU) -> dict[str, list[float]]:
     """Per timed iteration and per function, the slowest rank's wall time in seconds (`reps` values each).
 
     The functions take turns within each iteration, so a change of machine load during the measurement
@@ -58,7 +61,7 @@ def slowest_times(fns: dict[str, Callable[[], object]], reps: int, warmup: int =
 
 
 def median_slowest(fn: Callable[[], object], reps: int, warmup: int = 3,
-                   device: torch.device = torch.device("cpu")) -> float:
+                   device: torch.device = CPU) -> float:
     """Median over `reps` of the slowest rank's wall time for fn(), in seconds."""
     return statistics.median(slowest_times({"fn": fn}, reps, warmup, device)["fn"])
 
@@ -172,7 +175,7 @@ def probe_matmul_tflops(n: int, dtype: torch.dtype, device: torch.device, reps: 
 
 
 def probe_allreduce(sizes_bytes: list[int], device: torch.device, reps: int, warmup: int = 2,
-                    tiny_reps: Optional[int] = None) -> dict:
+                    tiny_reps: int | None = None) -> dict:
     """All-reduce sweep over fp32 buffers: time and bus bandwidth per size, plus a 4-byte latency.
 
     Bus bandwidth is NCCL-tests' convention: 2 (n - 1) / n * bytes / time, the per-link rate a ring
@@ -182,7 +185,7 @@ def probe_allreduce(sizes_bytes: list[int], device: torch.device, reps: int, war
     sweep = []
     for nbytes in sizes_bytes:
         buf = torch.ones(max(1, nbytes // 4), dtype=torch.float32, device=device)
-        t = median_slowest(lambda: dist.all_reduce(buf), reps, warmup, device)
+        t = median_slowest(lambda buf=buf: dist.all_reduce(buf), reps, warmup, device)
         bus = 2 * (world - 1) / world * buf.numel() * 4 / t / 1e9
         sweep.append({"bytes": buf.numel() * 4, "time_us": 1e6 * t, "bus_GBps": bus})
     tiny = torch.ones(1, dtype=torch.float32, device=device)

@@ -17,8 +17,8 @@ from __future__ import annotations
 import copy
 import os
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.distributed as dist

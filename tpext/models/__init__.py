@@ -1,5 +1,5 @@
 """Small reference models in dense form, used by the demo, the tests and the benchmarks."""
 
-from tpext.models.llama import LlamaConfig, LlamaForCausalLM, PRESETS
+from tpext.models.llama import PRESETS, LlamaConfig, LlamaForCausalLM
 
 __all__ = ["LlamaConfig", "LlamaForCausalLM", "PRESETS"]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, fields
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +29,7 @@ class LlamaConfig:
     num_hidden_layers: int = 2
     num_attention_heads: int = 8
     num_key_value_heads: int = 4
-    head_dim: Optional[int] = None  # hidden_size // num_attention_heads when None
+    head_dim: int | None = None  # hidden_size // num_attention_heads when None
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = False
@@ -50,13 +49,13 @@ class LlamaConfig:
             raise ValueError(f"tpext.models.LlamaConfig: head_dim must be even for RoPE, got {self.head_dim}")
 
     @classmethod
-    def from_dict(cls, d: dict) -> "LlamaConfig":
+    def from_dict(cls, d: dict) -> LlamaConfig:
         """From a Hugging Face config dict (unknown keys ignored)."""
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
     @classmethod
-    def from_json(cls, path: str | os.PathLike) -> "LlamaConfig":
+    def from_json(cls, path: str | os.PathLike) -> LlamaConfig:
         with open(path) as f:
             return cls.from_dict(json.load(f))
 

@@ -4,7 +4,7 @@ is derived from its own class and a tpext mixin, so its forward, names, buffers 
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn

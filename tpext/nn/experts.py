@@ -30,8 +30,6 @@ ranks' outputs (plus the down bias, added once) add up to the dense one.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import inspect
 
 import torch
@@ -111,7 +109,7 @@ def _is_transposed(experts: nn.Module) -> bool:
     return transposed and not plain
 
 
-def _layouts(experts: nn.Module, world: int, rank: int, concatenated: Optional[bool] = None) -> dict[str, ShardLayout]:
+def _layouts(experts: nn.Module, world: int, rank: int, concatenated: bool | None = None) -> dict[str, ShardLayout]:
     """The layouts of this rank's intermediate features in the experts' weights (and in gate_up_proj_bias);
     ValueError for weights that are not the layout Hugging Face's experts declare. concatenated: gate and up
     rows as [gate; up] (True) or interleaved (False); None: as the module declares (default [gate; up])."""
@@ -147,7 +145,7 @@ def _layouts(experts: nn.Module, world: int, rank: int, concatenated: Optional[b
     return layouts
 
 
-def _down_bias_ok(experts: nn.Module) -> Optional[str]:
+def _down_bias_ok(experts: nn.Module) -> str | None:
     """Why the module's down_proj_bias cannot be added once after the reduction, or None (also when it has none)."""
     bias = experts._parameters.get("down_proj_bias")
     if bias is None:
@@ -172,7 +170,7 @@ _INTERMEDIATE_ATTRS = ("intermediate_dim", "intermediate_size")
 _HIDDEN_ATTRS = ("hidden_dim", "hidden_size")
 
 
-def _set_sizes(experts: nn.Module, dense_inter: int, inter: int, hidden: Optional[int] = None) -> None:
+def _set_sizes(experts: nn.Module, dense_inter: int, inter: int, hidden: int | None = None) -> None:
     """Set the size attributes the module may read in forward: its intermediate size (where it holds the dense
     one) to `inter`, and its hidden size to `hidden`."""
     for attr in _INTERMEDIATE_ATTRS:
@@ -183,7 +181,7 @@ def _set_sizes(experts: nn.Module, dense_inter: int, inter: int, hidden: Optiona
             setattr(experts, attr, hidden)
 
 
-def _sums_disagree(experts: nn.Module, world: int, concatenated: Optional[bool]) -> str:
+def _sums_disagree(experts: nn.Module, world: int, concatenated: bool | None) -> str:
     """Run the module's eager forward (the code its other experts implementations reproduce; some need a GPU or
     a package) on copies with random weights and biases, at its intermediate size and hidden size 8: the
     ranks' sliced outputs, plus the down bias once, must add up to the dense output. Returns why not, or ""."""
@@ -231,7 +229,7 @@ def _sums_disagree(experts: nn.Module, world: int, concatenated: Optional[bool])
     return probe_disagrees(dense_and_summed, rtol=1e-4, atol=1e-5, differs="they differ")
 
 
-def _checked_layout(experts: nn.Module, world: int) -> Optional[bool]:
+def _checked_layout(experts: nn.Module, world: int) -> bool | None:
     """The gate/up layout (concatenated or not, None: as declared) whose sums check out; ValueError if none."""
     declared = getattr(experts, "is_concatenated", None) is not None or _input_weight(experts) == "up_proj"
     candidates = (None,) if declared else (True, False)

@@ -30,14 +30,17 @@ lookup; an nn.Linear subclass with its own forward is refused.
 
 from __future__ import annotations
 
-from typing import Union
-
 from torch import nn
 
 from tpext.distributed import GroupLike, resolve_group
 from tpext.nn import ColumnParallelLinear, SharedInputColumns
 from tpext.parallel import structure as st
-from tpext.parallel.hooks import add_alibi_slices, add_causal_lm_loss, add_dense_save_pretrained, add_sequence_hooks
+from tpext.parallel.hooks import (
+    add_alibi_slices,
+    add_causal_lm_loss,
+    add_dense_save_pretrained,
+    add_sequence_hooks,
+)
 from tpext.parallel.plans import PlanLike, auto_plan, style_for
 from tpext.parallel.styles import Site
 from tpext.sharding import ShardLayout, get_layout, set_layout
@@ -132,8 +135,8 @@ class _LocalHeadsConfig:
         setattr(self.__dict__["_tpext_config"], name, value)
 
 
-def parallelize(model: nn.Module, group: GroupLike = None, plan: Union[str, PlanLike] = "auto", *,
-                sequence_parallel: bool = False, sequence_dim: int = 1, chunks: Union[int, str] = "auto",
+def parallelize(model: nn.Module, group: GroupLike = None, plan: str | PlanLike = "auto", *,
+                sequence_parallel: bool = False, sequence_dim: int = 1, chunks: int | str = "auto",
                 share_inputs: bool = True) -> nn.Module:
     """Convert `model` in place to tensor parallelism over `group` and return it. Weights are sharded from
     the dense ones (a meta-device model stays on meta, for tpext.load_checkpoint to fill). State-dict names
@@ -257,7 +260,7 @@ _SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w
 def _share_inputs(model: nn.Module, converted: dict[str, nn.Module]) -> None:
     """q/k/v_proj (and gate/up_proj) become one GEMM over their concatenated weights, so their input is
     gathered once (SP) and its gradient reduced once, as with packed weights; names and weights unchanged."""
-    for name, module in model.named_modules():
+    for module in model.modules():
         for group in _SIBLINGS:
             layers = [getattr(module, leaf, None) for leaf in group]
             if (all(isinstance(m, ColumnParallelLinear) and m in converted.values() for m in layers)

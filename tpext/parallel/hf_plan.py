@@ -27,8 +27,6 @@ ep_*, gather on a module with weights) fall back to the module's name, and say s
 
 from __future__ import annotations
 
-from typing import Optional, Union
-
 from torch import nn
 
 from tpext.nn.experts import is_experts
@@ -62,8 +60,8 @@ def model_tp_plan(model: nn.Module) -> list[tuple[str, str, str]]:
 
 
 def translate(hf_style: str, name: str, module: nn.Module, modules: dict[str, nn.Module],
-              by_name: Union[Style, str, None], *, sequence_parallel: bool,
-              vocab_parallel_logits: bool) -> tuple[Optional[Style], str]:
+              by_name: Style | str | None, *, sequence_parallel: bool,
+              vocab_parallel_logits: bool) -> tuple[Style | None, str]:
     """(the tpext style for `module` under Hugging Face's `hf_style`, "") or (None, why not). Where tpext's
     name reading placed the module with the same kind of style, its entry (with the heads it read) is used."""
     leaf = name.rpartition(".")[2]

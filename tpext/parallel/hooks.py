@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import types
 import weakref
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +51,7 @@ class _SplitSequence(SharesGroupOnCopy):
         self.group, self.sequence_dim, self.name = group, sequence_dim, name
 
     #: The shape of the last shard this hook made (what _GatherStackOutput recognises as a shard).
-    shard_shape: Optional[torch.Size] = None
+    shard_shape: torch.Size | None = None
     #: Whether the sequence has been split in the current forward of the stack's owner (_StartForward resets it).
     done: bool = False
 
@@ -104,10 +104,10 @@ class _GatherSequence(SharesGroupOnCopy):
     one packed qkv_proj) the gather is overlapped with their one GEMM (SharedInputColumns.gather);
     otherwise a plain all-gather, and each projection multiplies the gathered sequence locally."""
 
-    def __init__(self, columns: list[ColumnParallelLinear], shared: Optional[SharedInputColumns], name: str):
+    def __init__(self, columns: list[ColumnParallelLinear], shared: SharedInputColumns | None, name: str):
         self.shared, self.name = shared, name
         self.group, self.sequence_dim = columns[0].group, columns[0].sequence_dim
-        self._gathered: Optional[weakref.ref] = None
+        self._gathered: weakref.ref | None = None
         for layer in columns:
             layer._is_gathered_input = self.is_gathered
 
@@ -268,9 +268,9 @@ class _VocabParallelCausalLMLoss:
     def __init__(self, lm_head: ColumnParallelLinear):
         self.lm_head = lm_head
 
-    def __call__(self, logits: Tensor, labels: Tensor, vocab_size: Optional[int] = None,
-                 num_items_in_batch: Optional[Tensor] = None, ignore_index: int = -100,
-                 shift_labels: Optional[Tensor] = None, **_: object) -> Tensor:
+    def __call__(self, logits: Tensor, labels: Tensor, vocab_size: int | None = None,
+                 num_items_in_batch: Tensor | None = None, ignore_index: int = -100,
+                 shift_labels: Tensor | None = None, **_: object) -> Tensor:
         if vocab_size is not None and vocab_size != self.lm_head.out_features:
             raise ValueError(f"tpext: the loss was asked for a vocabulary of {vocab_size}, but the vocab-parallel "
                              f"lm_head has {self.lm_head.out_features} outputs")
@@ -311,8 +311,8 @@ def add_dense_save_pretrained(model: nn.Module) -> None:
         model.save_pretrained = types.MethodType(_save_pretrained_dense, model)
 
 
-def _save_pretrained_dense(self: nn.Module, save_directory, *args, is_main_process: Optional[bool] = None,
-                           state_dict: Optional[dict] = None, **kwargs):
+def _save_pretrained_dense(self: nn.Module, save_directory, *args, is_main_process: bool | None = None,
+                           state_dict: dict | None = None, **kwargs):
     """Hugging Face's save_pretrained of the dense model: the state dict is gathered over the tensor-parallel
     groups (collective: every rank calls it) and global rank 0 writes it, with the model's config, unless
     is_main_process says otherwise."""

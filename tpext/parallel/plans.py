@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
-from typing import Mapping, Optional, Union
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -26,13 +26,22 @@ from torch import nn
 from tpext.nn.experts import is_experts
 from tpext.parallel import structure as st
 from tpext.parallel.hf_plan import model_tp_plan, translate
-from tpext.parallel.styles import STYLES, Colwise, Experts, Replicate, Rowwise, SequenceParallel, Style, Vocab, \
-    as_style
+from tpext.parallel.styles import (
+    STYLES,
+    Colwise,
+    Experts,
+    Replicate,
+    Rowwise,
+    SequenceParallel,
+    Style,
+    Vocab,
+    as_style,
+)
 from tpext.sharding import Piece
 
 __all__ = ["Plan", "PlanLike", "auto_plan", "style_for", "FROM_NAMES"]
 
-PlanLike = Mapping[str, Union[str, Style]]
+PlanLike = Mapping[str, str | Style]
 #: The source of a plan entry auto_plan read from the module's name and structure.
 FROM_NAMES = "module names"
 
@@ -41,7 +50,7 @@ class Plan(dict):
     """A plan {pattern: style} (a dict), with `sources` {pattern: where the entry came from}. Prints one
     entry a line with its source; edit it as a dict and pass it to tpext.parallelize."""
 
-    def __init__(self, entries=(), sources: Optional[Mapping[str, str]] = None):
+    def __init__(self, entries=(), sources: Mapping[str, str] | None = None):
         super().__init__(entries)
         self.sources: dict[str, str] = dict(sources or {})
 
@@ -56,7 +65,7 @@ class Plan(dict):
     __str__ = __repr__
 
 
-def style_for(name: str, plan: PlanLike) -> Optional[Style]:
+def style_for(name: str, plan: PlanLike) -> Style | None:
     """The style of the first pattern in `plan` that matches `name`, or None."""
     for pattern, entry in plan.items():
         if fnmatch.fnmatchcase(name, pattern):
@@ -139,11 +148,11 @@ def _names(names) -> str:
 
 
 def _plan_from_names(model: nn.Module, *, sequence_parallel: bool,
-                     vocab_parallel_logits: bool) -> dict[str, Union[Style, str]]:
+                     vocab_parallel_logits: bool) -> dict[str, Style | str]:
     """{name: style} for every module with weights that its name and structure place, {name: why not} for
     the others (a str)."""
     config = getattr(model, "config", None)
-    plan: dict[str, Union[Style, str]] = {}
+    plan: dict[str, Style | str] = {}
     modules = dict(model.named_modules())
     for name, module in modules.items():
         if not name or not any(True for _ in module.parameters(recurse=False)):
@@ -197,7 +206,7 @@ def _plan_from_names(model: nn.Module, *, sequence_parallel: bool,
             # Over all heads' features (OLMo2's) or with a weight per head (Cohere's): this rank's heads.
             plan[name] = Colwise(pieces)
         elif st.is_norm(leaf, module) and st.is_attention(parent):
-            plan[name] = (f"{type(module).__name__} with a weight of {getattr(module, 'weight').numel()} "
+            plan[name] = (f"{type(module).__name__} with a weight of {module.weight.numel()} "
                           "features: neither one head's, nor all query or key heads'")
         elif st.is_norm(leaf, module) and st.is_mlp(parent) and (features := _mlp_features(module, parent)):
             # Between an MLP's column and row layers (BitNet's ffn_sub_norm): over this rank's intermediate

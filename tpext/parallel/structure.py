@@ -8,7 +8,6 @@ them; nothing here imports them back.
 from __future__ import annotations
 
 import inspect
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -139,7 +138,7 @@ def grouped_qkv(attn: nn.Module) -> bool:
     return hasattr(attn, "query_key_value") and getattr(attn, "new_decoder_architecture", False) is True
 
 
-def alibi_argument(attn: nn.Module) -> Optional[str]:
+def alibi_argument(attn: nn.Module) -> str | None:
     """The argument through which an attention module's forward takes the model's per-head position biases
     for all heads: BLOOM's `alibi` ([batch * heads, 1, keys]) or MPT's `position_bias` ([heads, 1, keys]),
     or None."""
@@ -157,7 +156,7 @@ def per_head_norm(norm: nn.Module, attn: nn.Module, config) -> bool:
     return weight is None or weight.numel() == heads(attn, config)[2]  # one weight shared by all heads
 
 
-def norm_pieces(norm: nn.Module, attn: nn.Module, config) -> Optional[tuple[Piece, ...]]:
+def norm_pieces(norm: nn.Module, attn: nn.Module, config) -> tuple[Piece, ...] | None:
     """The heads of a norm inside attention whose weight covers all query heads or all kv heads (the
     features of q_proj's or k_proj's output), or None."""
     hq, hkv, d = heads(attn, config)
@@ -166,7 +165,7 @@ def norm_pieces(norm: nn.Module, attn: nn.Module, config) -> Optional[tuple[Piec
     return (Piece(hq, d),) if numel == hq * d else (Piece(hkv, d),) if numel == hkv * d else None
 
 
-def attention_above(name: str, modules: dict[str, nn.Module]) -> Optional[str]:
+def attention_above(name: str, modules: dict[str, nn.Module]) -> str | None:
     """The name of an attention module that holds `name` deeper than as its direct child, or None."""
     parts = name.split(".")
     for depth in range(len(parts) - 2, -1, -1):
@@ -232,7 +231,7 @@ def is_conv1d(module: nn.Module) -> bool:
             and getattr(module, "bias", None) is not None)
 
 
-def linear_dims(module: nn.Module) -> Optional[tuple[int, int]]:
+def linear_dims(module: nn.Module) -> tuple[int, int] | None:
     """(in_features, out_features) of a plain nn.Linear or a Conv1D, or None for anything else."""
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features

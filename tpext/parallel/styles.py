@@ -22,13 +22,18 @@ from __future__ import annotations
 
 from abc import ABCMeta
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional, Union
+from typing import Any, ClassVar
 
 from torch import nn
 
 from tpext.distributed import GroupLike
-from tpext.nn import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding, shard_norm_features, \
-    sum_param_grads
+from tpext.nn import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    shard_norm_features,
+    sum_param_grads,
+)
 from tpext.nn.class_swap import shell_copy
 from tpext.nn.embedding import vocab_parallel_subclass
 from tpext.nn.experts import is_experts, shard_experts
@@ -60,14 +65,14 @@ class Site:
     group: GroupLike
     sequence_parallel: bool = False
     sequence_dim: int = 1
-    chunks: Union[int, str] = "auto"
+    chunks: int | str = "auto"
     config: Any = None
 
     @property
     def leaf(self) -> str:
         return self.name.rpartition(".")[2]
 
-    def refuse(self, style: "Style", module: nn.Module, why: str) -> ValueError:
+    def refuse(self, style: Style, module: nn.Module, why: str) -> ValueError:
         """The error for a style that cannot convert `module` here: names the module, its class, the style,
         and why (say what the style needs and the way out)."""
         return ValueError(f"tpext.parallelize: style {style.kind!r} does not apply to {self.name} "
@@ -146,7 +151,7 @@ class Colwise(Style):
     this rank's heads, tpext.nn.shard_norm_features). gather_output: every rank gets the full output."""
 
     kind: ClassVar[str] = "colwise"
-    pieces: Optional[tuple[Piece, ...]] = None
+    pieces: tuple[Piece, ...] | None = None
     gather_output: bool = False
 
     def convert(self, module: nn.Module, site: Site) -> nn.Module:
@@ -183,7 +188,7 @@ class Rowwise(Style):
     (RowParallelConv1D). Under SP the output is reduce-scattered to this rank's sequence shard."""
 
     kind: ClassVar[str] = "rowwise"
-    pieces: Optional[tuple[Piece, ...]] = None
+    pieces: tuple[Piece, ...] | None = None
 
     def convert(self, module: nn.Module, site: Site) -> nn.Module:
         _refuse_linear_subclass(self, module, site)
@@ -281,7 +286,7 @@ _BY_NAME = {cls.kind: cls for cls in (Colwise, Rowwise, Vocab, SequenceParallel,
 STYLES = tuple(_BY_NAME)
 
 
-def _style_named(kind: str, pieces: Optional[tuple[Piece, ...]] = None, gather_output: bool = False,
+def _style_named(kind: str, pieces: tuple[Piece, ...] | None = None, gather_output: bool = False,
                  sum_grads: bool = False) -> Style:
     if kind not in _BY_NAME:
         raise ValueError(f"tpext.parallelize: unknown style {kind!r}; styles are {', '.join(STYLES)}, or a "
@@ -294,7 +299,7 @@ def _style_named(kind: str, pieces: Optional[tuple[Piece, ...]] = None, gather_o
     return _BY_NAME[kind](**{k: v for k, v in given.items() if k in fields})
 
 
-def as_style(entry: Union[str, Style]) -> Style:
+def as_style(entry: str | Style) -> Style:
     """A plan entry as a Style: a shorthand name, or a Style object as it is.
 
     Raises:

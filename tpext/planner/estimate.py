@@ -8,8 +8,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from tpext.planner import cost_model as cm
 from tpext.ops.schedule import resolve_chunks
+from tpext.planner import cost_model as cm
 from tpext.planner.presets import (
     DTYPE_BYTES,
     NCCL_LL_MULTINODE_INTRA_FACTOR,
