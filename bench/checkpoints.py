@@ -31,8 +31,9 @@ import time
 import torch
 import torch.distributed as dist
 
-DIMS = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_attention_heads=12,
-            num_key_value_heads=4)
+DIMS = dict(
+    vocab_size=32000, hidden_size=768, intermediate_size=2048, num_attention_heads=12, num_key_value_heads=4
+)
 
 
 def _config(layers: int):
@@ -90,7 +91,9 @@ def _rank_main(work: str, layers: int) -> dict:
     out["dcp_save"]["bytes_written"] = _bytes_by_rank(f"{work}/dcp/__{rank}_*.distcp")
 
     out["save_checkpoint"] = _measure(lambda: tpext.save_checkpoint(model, f"{work}/tpext"))
-    out["save_checkpoint"]["bytes_written"] = _bytes_by_rank(f"{work}/tpext/*.safetensors") if rank == 0 else 0
+    out["save_checkpoint"]["bytes_written"] = (
+        _bytes_by_rank(f"{work}/tpext/*.safetensors") if rank == 0 else 0
+    )
 
     def dcp_load():
         state = get_model_state_dict(model)
@@ -108,7 +111,9 @@ def _rank_main(work: str, layers: int) -> dict:
         reload()
         bad = [n for n, p in model.named_parameters() if not torch.equal(p, saved[n])]
         if bad:
-            raise AssertionError(f"rank {rank}: the {name} checkpoint reloads {len(bad)} tensors wrong: {bad[:4]}")
+            raise AssertionError(
+                f"rank {rank}: the {name} checkpoint reloads {len(bad)} tensors wrong: {bad[:4]}"
+            )
     out["params_local"] = sum(t.numel() for t in saved.values())
     dist.barrier()
     return out
@@ -148,12 +153,18 @@ def plot(results: list[dict], path: str) -> None:
     for i, op in enumerate(("dcp_save", "save_checkpoint")):
         x = [j + (i - 0.5) * width for j in range(len(tps))]
         axes[1].bar(x, [max(r[op]["bytes_written_per_rank"]) / 2**20 for r in results], width, label=op)
-    titles = ("time, slowest rank (s)", "bytes written, busiest rank (MiB)", "peak RSS above start, worst rank (MiB)")
+    titles = (
+        "time, slowest rank (s)",
+        "bytes written, busiest rank (MiB)",
+        "peak RSS above start, worst rank (MiB)",
+    )
     for ax, title in zip(axes, titles):
         ax.set_xticks(range(len(tps)), [f"tp={t}" for t in tps])
         ax.set_title(title)
         ax.legend(fontsize=8)
-    fig.suptitle("Checkpoints of a ~100M-parameter Llama (fp32, gloo, one process per rank): DCP vs tpext dense")
+    fig.suptitle(
+        "Checkpoints of a ~100M-parameter Llama (fp32, gloo, one process per rank): DCP vs tpext dense"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -183,19 +194,33 @@ def main() -> None:
                 shutil.rmtree(f"{work}/{sub}", ignore_errors=True)
             results.append(run(tp, args.layers, work))
             r = results[-1]
-            print(f"tp={tp}: " + "  ".join(f"{op} {r[op]['seconds_slowest_rank']:.2f}s "
-                                           f"+{max(r[op]['peak_rss_above_MiB_per_rank']):.0f}MiB"
-                                           for op in ("dcp_save", "save_checkpoint", "dcp_load", "load_checkpoint")),
-                  flush=True)
-            print(f"      bytes written per rank: dcp {r['dcp_save']['bytes_written_per_rank']}, "
-                  f"save_checkpoint {r['save_checkpoint']['bytes_written_per_rank']}", flush=True)
+            print(
+                f"tp={tp}: "
+                + "  ".join(
+                    f"{op} {r[op]['seconds_slowest_rank']:.2f}s "
+                    f"+{max(r[op]['peak_rss_above_MiB_per_rank']):.0f}MiB"
+                    for op in ("dcp_save", "save_checkpoint", "dcp_load", "load_checkpoint")
+                ),
+                flush=True,
+            )
+            print(
+                f"      bytes written per rank: dcp {r['dcp_save']['bytes_written_per_rank']}, "
+                f"save_checkpoint {r['save_checkpoint']['bytes_written_per_rank']}",
+                flush=True,
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     out_dir = os.path.join(args.out, device_name("cpu"))
     os.makedirs(out_dir, exist_ok=True)
-    record = {"bench": "checkpoints", "params": params, "dtype": "float32", "model": {**DIMS, "layers": args.layers},
-              "command": " ".join(["python"] + sys.argv), "environment": environment(torch.device("cpu"), "gloo"),
-              "results": results}
+    record = {
+        "bench": "checkpoints",
+        "params": params,
+        "dtype": "float32",
+        "model": {**DIMS, "layers": args.layers},
+        "command": " ".join(["python"] + sys.argv),
+        "environment": environment(torch.device("cpu"), "gloo"),
+        "results": results,
+    }
     with open(os.path.join(out_dir, "checkpoints.json"), "w") as f:
         json.dump(record, f, indent=2)
     if args.plot:

@@ -76,9 +76,15 @@ def _spawn(world: int, path: str, dense_baseline: bool = False) -> list[dict]:
 def config(layers: int = 8):
     import transformers
 
-    return transformers.LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048,
-                                    num_hidden_layers=layers, num_attention_heads=12, num_key_value_heads=4,
-                                    tie_word_embeddings=False)
+    return transformers.LlamaConfig(
+        vocab_size=32000,
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=layers,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+    )
 
 
 def measure(tp_sizes=(1, 2, 4), layers: int = 8, workdir: str | None = None) -> list[dict]:
@@ -96,10 +102,21 @@ def measure(tp_sizes=(1, 2, 4), layers: int = 8, workdir: str | None = None) -> 
         params = sum(p.numel() for p in dense.parameters())
         del dense, tensors
         rows = []
-        for load, tp in [("dense, then parallelize", max(tp_sizes))] + [("tpext.from_pretrained", tp) for tp in tp_sizes]:
+        for load, tp in [("dense, then parallelize", max(tp_sizes))] + [
+            ("tpext.from_pretrained", tp) for tp in tp_sizes
+        ]:
             for r in _spawn(tp, tmp, dense_baseline=load != "tpext.from_pretrained"):
-                rows.append({"load": load, "tp": tp, **r, "dense_mb": dense_mb, "largest_tensor_mb": largest_mb,
-                             "napkin_mb": r["local_mb"] + largest_mb, "params": params})
+                rows.append(
+                    {
+                        "load": load,
+                        "tp": tp,
+                        **r,
+                        "dense_mb": dense_mb,
+                        "largest_tensor_mb": largest_mb,
+                        "napkin_mb": r["local_mb"] + largest_mb,
+                        "params": params,
+                    }
+                )
     return rows
 
 
@@ -110,16 +127,32 @@ def plot(rows: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     tps = sorted({r["tp"] for r in rows if r["load"] == "tpext.from_pretrained"})
-    worst = [max(r["peak_rss_above_start_mb"] for r in rows if r["tp"] == tp and r["load"] != "dense, then parallelize")
-             for tp in tps]
-    share = [max(r["local_mb"] for r in rows if r["tp"] == tp and r["load"] != "dense, then parallelize") for tp in tps]
-    napkin = [max(r["napkin_mb"] for r in rows if r["tp"] == tp and r["load"] != "dense, then parallelize") for tp in tps]
+    worst = [
+        max(
+            r["peak_rss_above_start_mb"]
+            for r in rows
+            if r["tp"] == tp and r["load"] != "dense, then parallelize"
+        )
+        for tp in tps
+    ]
+    share = [
+        max(r["local_mb"] for r in rows if r["tp"] == tp and r["load"] != "dense, then parallelize")
+        for tp in tps
+    ]
+    napkin = [
+        max(r["napkin_mb"] for r in rows if r["tp"] == tp and r["load"] != "dense, then parallelize")
+        for tp in tps
+    ]
     baseline = max(r["peak_rss_above_start_mb"] for r in rows if r["load"] == "dense, then parallelize")
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(tps, worst, "o-", label="tpext.from_pretrained: peak RSS above start (worst rank)")
     ax.plot(tps, napkin, "s--", label="bound: share + largest dense tensor")
     ax.plot(tps, share, "^:", label="this rank's share of the model")
-    ax.axhline(baseline, color="gray", label=f"transformers from_pretrained + parallelize, tp={max(tps)} (worst rank)")
+    ax.axhline(
+        baseline,
+        color="gray",
+        label=f"transformers from_pretrained + parallelize, tp={max(tps)} (worst rank)",
+    )
     ax.set_xlabel("tensor-parallel size")
     ax.set_ylabel("MiB per rank")
     ax.set_xticks(tps)
@@ -132,15 +165,19 @@ def plot(rows: list[dict], path: str) -> None:
 def main() -> None:
     from tpext.commands.benchmark import commit, device_name
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args()
     rows = measure(tuple(args.tp), args.layers)
     for r in rows:
-        print(f"{r['load']:>22} tp={r['tp']} rank {r['rank']}: peak {r['peak_rss_above_start_mb']:7.1f} MiB above "
-              f"start; share {r['local_mb']:6.1f}, bound share+largest {r['napkin_mb']:6.1f}, dense {r['dense_mb']:.1f}")
+        print(
+            f"{r['load']:>22} tp={r['tp']} rank {r['rank']}: peak {r['peak_rss_above_start_mb']:7.1f} MiB above "
+            f"start; share {r['local_mb']:6.1f}, bound share+largest {r['napkin_mb']:6.1f}, dense {r['dense_mb']:.1f}"
+        )
     out = os.path.join(args.out, device_name())
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "checkpoints-from-pretrained.json"), "w") as f:

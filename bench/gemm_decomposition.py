@@ -29,15 +29,21 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", default="4096x8192x8192,8192x8192x8192,8192x8192x28672,16384x8192x8192",
-                   help="comma-separated MxNxK (rows x out features x in features)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--shapes",
+        default="4096x8192x8192,8192x8192x8192,8192x8192x28672,16384x8192x8192",
+        help="comma-separated MxNxK (rows x out features x in features)",
+    )
     p.add_argument("--chunks", default="2,4,8", help="comma-separated chunk counts")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--out", default=None, help="JSON path (default bench/results/<device>/gemm_decomposition.json)")
+    p.add_argument(
+        "--out", default=None, help="JSON path (default bench/results/<device>/gemm_decomposition.json)"
+    )
     return p.parse_args(argv)
 
 
@@ -59,7 +65,7 @@ def chunked(x, w_t, y, chunks: int, streams) -> None:
     for j in range(chunks):
         begin, size = split_rows(x.shape[0], chunks, j)
         with torch.cuda.stream(streams[j % len(streams)]):
-            torch.mm(x[begin:begin + size], w_t, out=y[begin:begin + size])
+            torch.mm(x[begin : begin + size], w_t, out=y[begin : begin + size])
     for s in streams[1:]:
         caller.wait_stream(s)
 
@@ -92,13 +98,20 @@ def main(argv=None) -> int:
         m, n, k = (int(v) for v in shape.lower().split("x"))
         x = torch.randn(m, k, device="cuda", dtype=dtype)
         w_t = torch.randn(n, k, device="cuda", dtype=dtype).t()  # nn.Linear layout, as the ops see it
-        y_ref, y = torch.empty(m, n, device="cuda", dtype=dtype), torch.empty(m, n, device="cuda", dtype=dtype)
+        y_ref, y = (
+            torch.empty(m, n, device="cuda", dtype=dtype),
+            torch.empty(m, n, device="cuda", dtype=dtype),
+        )
         flops = 2.0 * m * n * k
-        base = time_ms(lambda x=x, w_t=w_t, y_ref=y_ref: torch.mm(x, w_t, out=y_ref), args.warmup, args.repeats)
+        base = time_ms(
+            lambda x=x, w_t=w_t, y_ref=y_ref: torch.mm(x, w_t, out=y_ref), args.warmup, args.repeats
+        )
         variants = [("1 gemm", base)]
         for c in (int(v) for v in args.chunks.split(",")):
-            for label, streams in ((f"{c} chunks 1s", [torch.cuda.current_stream()]),
-                                   (f"{c} chunks 2s", [torch.cuda.current_stream(), side])):
+            for label, streams in (
+                (f"{c} chunks 1s", [torch.cuda.current_stream()]),
+                (f"{c} chunks 2s", [torch.cuda.current_stream(), side]),
+            ):
                 y.zero_()
                 chunked(x, w_t, y, c, streams)
                 torch.cuda.synchronize()
@@ -106,20 +119,50 @@ def main(argv=None) -> int:
                     err = (y.float() - y_ref.float()).abs().max().item()
                     scale = y_ref.float().abs().max().item()
                     if err > 2e-2 * scale:
-                        raise SystemExit(f"gemm_decomposition: {label} differs from the single GEMM by {err:.3e}")
-                variants.append((label, time_ms(lambda s=streams, c=c, x=x, w_t=w_t, y=y: chunked(x, w_t, y, c, s), args.warmup,
-                                                args.repeats)))
+                        raise SystemExit(
+                            f"gemm_decomposition: {label} differs from the single GEMM by {err:.3e}"
+                        )
+                variants.append(
+                    (
+                        label,
+                        time_ms(
+                            lambda s=streams, c=c, x=x, w_t=w_t, y=y: chunked(x, w_t, y, c, s),
+                            args.warmup,
+                            args.repeats,
+                        ),
+                    )
+                )
         for label, ms in variants:
             print(f"{m:>6} {n:>6} {k:>6} {label:>14} {ms:8.3f} {flops / ms / 1e9:8.1f} {ms / base:9.3f}")
-            rows_out.append({"m": m, "n": n, "k": k, "variant": label, "ms": ms, "tflops": flops / ms / 1e9,
-                             "ratio_to_single_gemm": ms / base})
+            rows_out.append(
+                {
+                    "m": m,
+                    "n": n,
+                    "k": k,
+                    "variant": label,
+                    "ms": ms,
+                    "tflops": flops / ms / 1e9,
+                    "ratio_to_single_gemm": ms / base,
+                }
+            )
     out = args.out or os.path.join(device_dir(), "gemm_decomposition.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
-        json.dump({"bench": "gemm_decomposition", "device": torch.cuda.get_device_name(), "dtype": args.dtype,
-                   "torch": torch.__version__, "statistic": "median", "repeats": args.repeats,
-                   "baseline": "one cuBLAS GEMM (torch.mm) of the whole [M, K] x [K, N]",
-                   "napkin": "ratio 1.0: chunking cannot beat the single GEMM", "results": rows_out}, f, indent=1)
+        json.dump(
+            {
+                "bench": "gemm_decomposition",
+                "device": torch.cuda.get_device_name(),
+                "dtype": args.dtype,
+                "torch": torch.__version__,
+                "statistic": "median",
+                "repeats": args.repeats,
+                "baseline": "one cuBLAS GEMM (torch.mm) of the whole [M, K] x [K, N]",
+                "napkin": "ratio 1.0: chunking cannot beat the single GEMM",
+                "results": rows_out,
+            },
+            f,
+            indent=1,
+        )
     print(f"wrote {out}")
     return 0
 

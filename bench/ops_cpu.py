@@ -75,10 +75,21 @@ def _case(op: str, m: int, k: int, n: int, chunks_list: list[int], reps: int) ->
     t = {c: median_slowest(lambda c=c: run(c), reps) for c in [1, *chunks_list]}
     best_c = min(chunks_list, key=lambda c: t[c])
     return {
-        "op": op, "M": m, "K": k, "N": n, "dtype": "float32", "world_size": world,
-        "gemm_gflop": 2 * m * k * n / world ** (op != "gemm_all_reduce" and op != "gemm_reduce_scatter") / 1e9,
+        "op": op,
+        "M": m,
+        "K": k,
+        "N": n,
+        "dtype": "float32",
+        "world_size": world,
+        "gemm_gflop": 2
+        * m
+        * k
+        * n
+        / world ** (op != "gemm_all_reduce" and op != "gemm_reduce_scatter")
+        / 1e9,
         "comm_bytes": comm_bytes,
-        "t_gemm_ms": 1e3 * t_gemm, "t_comm_ms": 1e3 * t_comm,
+        "t_gemm_ms": 1e3 * t_gemm,
+        "t_comm_ms": 1e3 * t_comm,
         "t_ms": {str(c): 1e3 * v for c, v in t.items()},
         "gemm_calls": {str(c): n for c, n in calls.items()},
         "best_chunks": best_c,
@@ -89,12 +100,19 @@ def _case(op: str, m: int, k: int, n: int, chunks_list: list[int], reps: int) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--chunks", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
-    parser.add_argument("--ops", nargs="+", choices=sorted({s[0] for s in SHAPES}), default=None,
-                        help="only the shapes of these ops (default: all)")
+    parser.add_argument(
+        "--ops",
+        nargs="+",
+        choices=sorted({s[0] for s in SHAPES}),
+        default=None,
+        help="only the shapes of these ops (default: all)",
+    )
     parser.add_argument("--name", default="ops_cpu", help="JSON file name, without .json")
     args = parser.parse_args()
     shapes = [s for s in SHAPES if args.ops is None or s[0] in args.ops]
@@ -107,26 +125,50 @@ def main() -> None:
     load_after = load_average()
 
     if rank == 0:
-        head = f"{'op':<20} {'M':>5} {'K':>5} {'N':>5} {'T_gemm':>8} {'T_comm':>8} {'seq c=1':>8} " + \
-               " ".join(f"{'c=' + str(c):>8}" for c in args.chunks) + f" {'speedup':>8} {'napkin':>7}"
-        print(f"tpext ops on gloo, {dist.get_world_size()} ranks, fp32, times in ms "
-              f"(median of {args.reps}, slowest rank); load average {load_before} before, {load_after} after")
+        head = (
+            f"{'op':<20} {'M':>5} {'K':>5} {'N':>5} {'T_gemm':>8} {'T_comm':>8} {'seq c=1':>8} "
+            + " ".join(f"{'c=' + str(c):>8}" for c in args.chunks)
+            + f" {'speedup':>8} {'napkin':>7}"
+        )
+        print(
+            f"tpext ops on gloo, {dist.get_world_size()} ranks, fp32, times in ms "
+            f"(median of {args.reps}, slowest rank); load average {load_before} before, {load_after} after"
+        )
         print(head)
         for r in rows:
-            print(f"{r['op']:<20} {r['M']:>5} {r['K']:>5} {r['N']:>5} {r['t_gemm_ms']:>8.2f} {r['t_comm_ms']:>8.2f} "
-                  f"{r['t_ms']['1']:>8.2f} " + " ".join(f"{r['t_ms'][str(c)]:>8.2f}" for c in args.chunks) +
-                  f" {r['speedup']:>7.2f}x {r['napkin_speedup']:>6.2f}x")
-        print("speedup = T(c=1) / T(best c); napkin = (T_gemm + T_comm) / max(T_gemm, T_comm), "
-              "the best any overlap can do")
-        print("GEMM calls per op: " + "; ".join(
-            f"{r['op']} " + " ".join(f"c={c}: {n}" for c, n in r["gemm_calls"].items()) for r in rows))
+            print(
+                f"{r['op']:<20} {r['M']:>5} {r['K']:>5} {r['N']:>5} {r['t_gemm_ms']:>8.2f} {r['t_comm_ms']:>8.2f} "
+                f"{r['t_ms']['1']:>8.2f} "
+                + " ".join(f"{r['t_ms'][str(c)]:>8.2f}" for c in args.chunks)
+                + f" {r['speedup']:>7.2f}x {r['napkin_speedup']:>6.2f}x"
+            )
+        print(
+            "speedup = T(c=1) / T(best c); napkin = (T_gemm + T_comm) / max(T_gemm, T_comm), "
+            "the best any overlap can do"
+        )
+        print(
+            "GEMM calls per op: "
+            + "; ".join(
+                f"{r['op']} " + " ".join(f"c={c}: {n}" for c, n in r["gemm_calls"].items()) for r in rows
+            )
+        )
         out_dir = os.path.join(args.out, device_name("cpu"))
         os.makedirs(out_dir, exist_ok=True)
         path = os.path.join(out_dir, f"{args.name}.json")
         with open(path, "w") as f:
-            json.dump({"commit": commit(), "torch": torch.__version__, "backend": "gloo",
-                       "world_size": dist.get_world_size(), "reps": args.reps,
-                       "load_average": {"before": load_before, "after": load_after}, "results": rows}, f, indent=1)
+            json.dump(
+                {
+                    "commit": commit(),
+                    "torch": torch.__version__,
+                    "backend": "gloo",
+                    "world_size": dist.get_world_size(),
+                    "reps": args.reps,
+                    "load_average": {"before": load_before, "after": load_after},
+                    "results": rows,
+                },
+                f,
+                indent=1,
+            )
         print(f"wrote {path}")
     dist.destroy_process_group()
 

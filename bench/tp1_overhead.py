@@ -31,7 +31,9 @@ def _step(layer, x):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--reps", type=int, default=50)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args()
@@ -39,7 +41,9 @@ def main() -> None:
     dist.init_process_group("gloo", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
 
     rows = []
-    print(f"{'layer':<22} {'tokens':>6} {'in':>5} {'out':>5} {'nn.Linear ms':>13} {'tpext ms':>9} {'overhead':>9}")
+    print(
+        f"{'layer':<22} {'tokens':>6} {'in':>5} {'out':>5} {'nn.Linear ms':>13} {'tpext ms':>9} {'overhead':>9}"
+    )
     for tokens, k, n in SHAPES:
         dense = torch.nn.Linear(k, n)
         x = torch.randn(tokens, k, requires_grad=True)
@@ -51,13 +55,28 @@ def main() -> None:
             for _ in range(3):
                 _step(dense, x), _step(layer, x)
             for _ in range(reps):
-                t0 = time.perf_counter(); _step(dense, x); t1 = time.perf_counter()  # noqa: E702
-                _step(layer, x); t2 = time.perf_counter()  # noqa: E702
+                t0 = time.perf_counter()
+                _step(dense, x)
+                t1 = time.perf_counter()  # noqa: E702
+                _step(layer, x)
+                t2 = time.perf_counter()  # noqa: E702
                 t_dense.append(t1 - t0), t_tp.append(t2 - t1)
             d, t = statistics.median(t_dense) * 1e3, statistics.median(t_tp) * 1e3
-            rows.append({"layer": cls.__name__, "tokens": tokens, "in": k, "out": n, "reps": reps,
-                         "nn_linear_ms": d, "tpext_ms": t, "overhead": t / d - 1})
-            print(f"{cls.__name__:<22} {tokens:>6} {k:>5} {n:>5} {d:>13.3f} {t:>9.3f} {100 * (t / d - 1):>8.1f}%")
+            rows.append(
+                {
+                    "layer": cls.__name__,
+                    "tokens": tokens,
+                    "in": k,
+                    "out": n,
+                    "reps": reps,
+                    "nn_linear_ms": d,
+                    "tpext_ms": t,
+                    "overhead": t / d - 1,
+                }
+            )
+            print(
+                f"{cls.__name__:<22} {tokens:>6} {k:>5} {n:>5} {d:>13.3f} {t:>9.3f} {100 * (t / d - 1):>8.1f}%"
+            )
     out_dir = os.path.join(args.out, device_name("cpu"))
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "tp1_overhead.json")

@@ -40,15 +40,27 @@ class DistFailure(AssertionError):
     """A rank raised, died, or did not finish in time. The message holds the failing rank's traceback."""
 
 
-def _rank_main(rank: int, world_size: int, init_file: str, group_timeout_s: float, backend: str,
-               tasks: mp.Queue, results: mp.Queue) -> None:
+def _rank_main(
+    rank: int,
+    world_size: int,
+    init_file: str,
+    group_timeout_s: float,
+    backend: str,
+    tasks: mp.Queue,
+    results: mp.Queue,
+) -> None:
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)  # ranks share the machine's cores; one BLAS thread each
     try:
-        dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world_size,
-                                timeout=timedelta(seconds=group_timeout_s))
+        dist.init_process_group(
+            backend,
+            init_method=f"file://{init_file}",
+            rank=rank,
+            world_size=world_size,
+            timeout=timedelta(seconds=group_timeout_s),
+        )
         results.put((rank, "ready", None))
     except BaseException:  # noqa: BLE001 - relayed to the parent verbatim
         results.put((rank, "error", traceback.format_exc()))
@@ -76,9 +88,20 @@ class _RankPool:
         self._results: mp.Queue = _CTX.Queue()
         self._tasks = [_CTX.Queue() for _ in range(world_size)]
         self._procs = [
-            _CTX.Process(target=_rank_main, daemon=True, name=f"tpext-rank{r}",
-                         args=(r, world_size, os.path.join(self._tmp, "rendezvous"), group_timeout_s, backend,
-                               self._tasks[r], self._results))
+            _CTX.Process(
+                target=_rank_main,
+                daemon=True,
+                name=f"tpext-rank{r}",
+                args=(
+                    r,
+                    world_size,
+                    os.path.join(self._tmp, "rendezvous"),
+                    group_timeout_s,
+                    backend,
+                    self._tasks[r],
+                    self._results,
+                ),
+            )
             for r in range(world_size)
         ]
         for p in self._procs:
@@ -99,8 +122,10 @@ class _RankPool:
             except queue.Empty:
                 dead = [(r, p.exitcode) for r, p in enumerate(self._procs) if not p.is_alive()]
                 if dead:
-                    self._fail(f"rank(s) died while {what}: " +
-                               ", ".join(f"rank {r} exit code {code}" for r, code in dead))
+                    self._fail(
+                        f"rank(s) died while {what}: "
+                        + ", ".join(f"rank {r} exit code {code}" for r, code in dead)
+                    )
                 if time.monotonic() > deadline:
                     missing = sorted(set(range(self.world_size)) - set(out))
                     self._fail(f"rank(s) {missing} did not finish within {timeout_s:.0f}s while {what}")
@@ -109,8 +134,11 @@ class _RankPool:
                 # A rank that died makes its peers fail with connection errors, often before its own
                 # exit is visible: look once more, so the root cause is named first.
                 time.sleep(0.5)
-                dead = "".join(f"rank {r} exit code {p.exitcode}; " for r, p in enumerate(self._procs)
-                               if not p.is_alive())
+                dead = "".join(
+                    f"rank {r} exit code {p.exitcode}; "
+                    for r, p in enumerate(self._procs)
+                    if not p.is_alive()
+                )
                 prefix = f"rank(s) died while {what}: {dead}then " if dead else ""
                 self._fail(f"{prefix}rank {rank} of {self.world_size} failed while {what}:\n{payload}")
             assert status == expected, (status, expected)
@@ -137,8 +165,14 @@ class _RankPool:
 _pools: dict[tuple[int, float, str], _RankPool] = {}
 
 
-def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 120.0,
-              group_timeout_s: float = 30.0, backend: str = "gloo") -> list[Any]:
+def run_ranks(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout_s: float = 120.0,
+    group_timeout_s: float = 30.0,
+    backend: str = "gloo",
+) -> list[Any]:
     """Run ``fn(*args)`` on `world_size` ranks; return the results in rank order, or raise DistFailure."""
     key = (world_size, group_timeout_s, backend)
     pool = _pools.get(key)
@@ -170,7 +204,9 @@ def _run_cases(fn: Callable[..., Any], cases: list[tuple]) -> list[tuple[str, An
     return out
 
 
-def run_cases(fn: Callable[..., Any], world_size: int, cases: list[tuple], **kwargs: Any) -> dict[tuple, list]:
+def run_cases(
+    fn: Callable[..., Any], world_size: int, cases: list[tuple], **kwargs: Any
+) -> dict[tuple, list]:
     """Run ``fn(*case)`` for every case on `world_size` ranks in one call; return {case: [(status, value)
     per rank]}, status "ok" (value: what fn returned) or "error" (value: the rank's traceback)."""
     cases = [tuple(c) for c in cases]

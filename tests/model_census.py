@@ -46,24 +46,67 @@ _HIDDEN = ("hidden_size", "n_embd", "d_model", "n_embed", "embed_dim", "dim", "h
 _LAYERS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers", "decoder_layers")
 _HEADS = ("num_attention_heads", "n_head", "num_heads", "n_heads", "decoder_attention_heads")
 _TINY = {
-    **dict.fromkeys(_HIDDEN, 64), **dict.fromkeys(_LAYERS, 2), **dict.fromkeys(_HEADS, 8),
-    "num_key_value_heads": 2, "head_dim": 8, "kv_channels": 8,
-    "intermediate_size": 128, "n_inner": 128, "ffn_dim": 128, "decoder_ffn_dim": 128, "ffn_hidden_size": 128,
-    "moe_intermediate_size": 32, "shared_expert_intermediate_size": 64, "expert_intermediate_size": 32,
-    "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_topk": 2,
-    "qk_rope_head_dim": 4, "qk_nope_head_dim": 8, "v_head_dim": 8, "kv_lora_rank": 16, "q_lora_rank": 24,
-    "rotary_dim": 4, "sliding_window": 4,
-    "hidden_size_global": 64, "encoder_hash_byte_group_vocab": VOCAB,  # BLT: 500002 hash buckets by default
+    **dict.fromkeys(_HIDDEN, 64),
+    **dict.fromkeys(_LAYERS, 2),
+    **dict.fromkeys(_HEADS, 8),
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "kv_channels": 8,
+    "intermediate_size": 128,
+    "n_inner": 128,
+    "ffn_dim": 128,
+    "decoder_ffn_dim": 128,
+    "ffn_hidden_size": 128,
+    "moe_intermediate_size": 32,
+    "shared_expert_intermediate_size": 64,
+    "expert_intermediate_size": 32,
+    "num_experts": 4,
+    "num_local_experts": 4,
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "moe_topk": 2,
+    "qk_rope_head_dim": 4,
+    "qk_nope_head_dim": 8,
+    "v_head_dim": 8,
+    "kv_lora_rank": 16,
+    "q_lora_rank": 24,
+    "rotary_dim": 4,
+    "sliding_window": 4,
+    "hidden_size_global": 64,
+    "encoder_hash_byte_group_vocab": VOCAB,  # BLT: 500002 hash buckets by default
     # linear-attention and state-space mixers (Qwen3-Next, Kimi-Linear, Mamba hybrids)
-    "linear_key_head_dim": 8, "linear_value_head_dim": 8, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
-    "linear_head_dim": 8, "linear_num_heads": 4, "mamba_d_state": 8, "ssm_state_size": 8, "state_size": 8,
-    "mamba_n_heads": 8, "mamba_d_head": 16, "time_step_rank": 8,
-    "vocab_size_per_layer_input": VOCAB, "hidden_size_per_layer_input": 8,
-    "vocab_size": VOCAB, "max_position_embeddings": 64, "n_positions": 64, "n_ctx": 64,
-    "use_cache": False, "tie_word_embeddings": False,
+    "linear_key_head_dim": 8,
+    "linear_value_head_dim": 8,
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+    "linear_head_dim": 8,
+    "linear_num_heads": 4,
+    "mamba_d_state": 8,
+    "ssm_state_size": 8,
+    "state_size": 8,
+    "mamba_n_heads": 8,
+    "mamba_d_head": 16,
+    "time_step_rank": 8,
+    "vocab_size_per_layer_input": VOCAB,
+    "hidden_size_per_layer_input": 8,
+    "vocab_size": VOCAB,
+    "max_position_embeddings": 64,
+    "n_positions": 64,
+    "n_ctx": 64,
+    "use_cache": False,
+    "tie_word_embeddings": False,
 }
-_NO_DROPOUT = ("dropout", "attention_dropout", "hidden_dropout", "hidden_dropout_prob",
-               "attention_probs_dropout_prob", "resid_pdrop", "embd_pdrop", "attn_pdrop", "activation_dropout")
+_NO_DROPOUT = (
+    "dropout",
+    "attention_dropout",
+    "hidden_dropout",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "resid_pdrop",
+    "embd_pdrop",
+    "attn_pdrop",
+    "activation_dropout",
+)
 _TOKEN_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 1, "decoder_start_token_id": 1}
 
 # Per-family settings where the generic tiny config does not build or does not run (one table).
@@ -195,8 +238,9 @@ def _full_logits(logits: torch.Tensor, vocab: int) -> torch.Tensor:
     return torch.cat(pieces, dim=-1)
 
 
-def _check(family: str, dtype: torch.dtype, state: dict, ref_logits, ref_loss, sequence_parallel: bool
-           ) -> tuple[str, str]:
+def _check(
+    family: str, dtype: torch.dtype, state: dict, ref_logits, ref_loss, sequence_parallel: bool
+) -> tuple[str, str]:
     """(outcome, reason) of one family at this world size: a fresh copy of the dense model (built again, with
     the dense weights loaded; some models cannot be deep-copied), parallelized, run forward and backward."""
     import tpext
@@ -267,8 +311,11 @@ def census_rank(names: list[str], with_sp: bool) -> dict[str, dict[str, Any]]:
         entry["cpu_seconds"] = round(time.process_time() - start, 2)
         results[family] = entry
         if rank == 0 and os.environ.get("TPEXT_CENSUS_PROGRESS"):
-            print(f"census tp={world}: {family} {entry[f'tp{world}'][0]} ({entry['cpu_seconds']} s CPU)",
-                  file=sys.stderr, flush=True)
+            print(
+                f"census tp={world}: {family} {entry[f'tp{world}'][0]} ({entry['cpu_seconds']} s CPU)",
+                file=sys.stderr,
+                flush=True,
+            )
     return results
 
 
@@ -293,8 +340,9 @@ def run_census(names: list[str] | None = None, timeout_s: float = 900.0) -> dict
     names = families() if names is None else names
     results: dict[str, dict] = {}
     for world in WORLDS:
-        part = _merge(run_ranks(census_rank, world, names, world == SP_WORLD, timeout_s=timeout_s,
-                                group_timeout_s=60.0))
+        part = _merge(
+            run_ranks(census_rank, world, names, world == SP_WORLD, timeout_s=timeout_s, group_timeout_s=60.0)
+        )
         for family, entry in part.items():
             merged = results.setdefault(family, {})
             seconds = merged.get("cpu_seconds", 0.0) + entry.pop("cpu_seconds", 0.0)
@@ -323,8 +371,11 @@ def summary(results: dict[str, dict]) -> dict[str, Any]:
     """Counts: buildable families, and per setting how many match / are refused / mismatch / crash, over all
     buildable families and over those that ship a TP plan."""
     built = {f: e for f, e in results.items() if e.get("built")}
-    out: dict[str, Any] = {"families": len(results), "buildable": len(built),
-                           "with_tp_plan": sum(bool(e.get("tp_plan")) for e in built.values())}
+    out: dict[str, Any] = {
+        "families": len(results),
+        "buildable": len(built),
+        "with_tp_plan": sum(bool(e.get("tp_plan")) for e in built.values()),
+    }
     for key in _settings():
         counts = {s: 0 for s in _SEVERITY if s != "not buildable"}
         plan_match = 0
@@ -347,7 +398,7 @@ def markdown(results: dict[str, dict]) -> str:
     s = summary(results)
     sp_label = f"SP (tp {SP_WORLD})"
     lines = [
-        "# Model support: `tpext.parallelize(model, plan=\"auto\")` across transformers' causal-LM families",
+        '# Model support: `tpext.parallelize(model, plan="auto")` across transformers\' causal-LM families',
         "",
         f"Generated by `{WRITE_COMMAND}` (transformers {transformers.__version__}, torch {torch.__version__});",
         "do not edit by hand. `tests/test_model_census.py` runs the same census in the suite and fails on any",
@@ -356,7 +407,7 @@ def markdown(results: dict[str, dict]) -> str:
         "Each family registered in `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES` is built from a tiny random config (hidden",
         f"size 64, 2 layers, 8 query and 2 kv heads, vocabulary {VOCAB}; per-family settings in `OVERRIDES` of",
         "`tests/model_census.py`), in fp64 where it runs in fp64, with every weight moved off its initial value.",
-        "It is parallelized with `plan=\"auto\"` and its logits and labels loss are compared with the dense",
+        'It is parallelized with `plan="auto"` and its logits and labels loss are compared with the dense',
         f"model's (rtol {TOL['rtol']}, atol {TOL['atol']}); backward must run. Outcomes:",
         "",
         "- **match**: logits and loss as the dense model's;",
@@ -378,17 +429,26 @@ def markdown(results: dict[str, dict]) -> str:
     for key in _settings():
         c = s[key]
         label = sp_label if key == "sp" else key.replace("tp", "tp ")
-        lines.append(f"| {label} | {c['match']} | {c['refused']} | {c['mismatch']} | {c['crash']} | "
-                     f"{c['match_with_tp_plan']} of {s['with_tp_plan']} |")
-    lines += ["", "## Families", "",
-              f"| family | tp_plan | tp 2 | tp 4 | {sp_label} | reason |", "|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {label} | {c['match']} | {c['refused']} | {c['mismatch']} | {c['crash']} | "
+            f"{c['match_with_tp_plan']} of {s['with_tp_plan']} |"
+        )
+    lines += [
+        "",
+        "## Families",
+        "",
+        f"| family | tp_plan | tp 2 | tp 4 | {sp_label} | reason |",
+        "|---|---|---|---|---|---|",
+    ]
     for family, entry in sorted(results.items()):
         if not entry.get("built"):
             lines.append(f"| {family} | | not buildable | | | {_escape(entry['reason'])} |")
             continue
         reason = next((entry[k][1] for k in _settings() if k in entry and entry[k][0] != "match"), "")
         cells = " | ".join(_cell(entry, k) for k in _settings())
-        lines.append(f"| {family} | {'yes' if entry.get('tp_plan') else 'no'} | {cells} | {_escape(reason)} |")
+        lines.append(
+            f"| {family} | {'yes' if entry.get('tp_plan') else 'no'} | {cells} | {_escape(reason)} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -31,7 +31,9 @@ def _rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return ((a.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
 
 
-def _check_error(what: str, got: torch.Tensor, dense: torch.Tensor, ref: torch.Tensor, floor: float = 0.0) -> None:
+def _check_error(
+    what: str, got: torch.Tensor, dense: torch.Tensor, ref: torch.Tensor, floor: float = 0.0
+) -> None:
     """got (tensor-parallel, autocast) within twice dense's (autocast) error against ref (fp64), or
     within `floor` (for a scalar, whose error is one draw rather than a norm over many)."""
     e_tp, e_dense = _rel_err(got, ref), _rel_err(dense, ref)
@@ -40,13 +42,20 @@ def _check_error(what: str, got: torch.Tensor, dense: torch.Tensor, ref: torch.T
 
 # ---- ops --------------------------------------------------------------------------------------------------
 
+
 def _op_cases(world: int):
     g = torch.Generator().manual_seed(dist.get_rank())
-    x, w, b = torch.randn(4 * world, 3, 16, generator=g), torch.randn(12, 16, generator=g), torch.randn(12, generator=g)
+    x, w, b = (
+        torch.randn(4 * world, 3, 16, generator=g),
+        torch.randn(12, 16, generator=g),
+        torch.randn(12, generator=g),
+    )
     res_ar, res_rs = torch.randn(4 * world, 3, 12, generator=g), torch.randn(4, 3, 12, generator=g)
-    return {"gemm_all_reduce": (ops.gemm_all_reduce, (x, w, b), dict(residual=res_ar)),
-            "gemm_reduce_scatter": (ops.gemm_reduce_scatter, (x, w, b), dict(residual=res_rs)),
-            "all_gather_gemm": (ops.all_gather_gemm, (x, w, b), {})}
+    return {
+        "gemm_all_reduce": (ops.gemm_all_reduce, (x, w, b), dict(residual=res_ar)),
+        "gemm_reduce_scatter": (ops.gemm_reduce_scatter, (x, w, b), dict(residual=res_rs)),
+        "all_gather_gemm": (ops.all_gather_gemm, (x, w, b), {}),
+    }
 
 
 def _check_ops() -> None:
@@ -65,9 +74,14 @@ def _check_ops() -> None:
                 # An fp32 residual is added after the op, in fp32, as linear(...) + residual is under autocast;
                 # one already in the autocast dtype is fused into the op's epilogue.
                 with torch.autocast("cpu", dtype=dtype):
-                    wide, fused = op(*args, chunks=3, residual=residual), op(*args, chunks=3, residual=cast(residual))
+                    wide, fused = (
+                        op(*args, chunks=3, residual=residual),
+                        op(*args, chunks=3, residual=cast(residual)),
+                    )
                 assert wide.dtype == torch.float32 and torch.equal(wide, want + residual), name
-                assert fused.dtype == dtype and torch.equal(fused, op(*map(cast, args), chunks=3, residual=cast(residual)))
+                assert fused.dtype == dtype and torch.equal(
+                    fused, op(*map(cast, args), chunks=3, residual=cast(residual))
+                )
         # fp64 is left alone by autocast, as aten::linear leaves it; so is everything outside autocast.
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = op(*(t.double() for t in args), chunks=2)
@@ -99,6 +113,7 @@ def test_ops_autocast_compiled():
 
 # ---- layers -----------------------------------------------------------------------------------------------
 
+
 def _check_mlp(sp: bool) -> None:
     """Column -> Row MLP, fp32 parameters, under autocast: outputs, grad_x and the parameter gradients."""
     world, rank = dist.get_world_size(), dist.get_rank()
@@ -118,12 +133,12 @@ def _check_mlp(sp: bool) -> None:
         return y, xd.grad, a.weight.grad, a.bias.grad, b.weight.grad, b.bias.grad
 
     ref, dense = dense_step(torch.float64, False), dense_step(torch.float32, True)
-    mine = x[rank * 4:(rank + 1) * 4] if sp else x
+    mine = x[rank * 4 : (rank + 1) * 4] if sp else x
     mine = mine.clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = row(torch.relu(col(mine)))
     assert y.dtype == torch.bfloat16
-    y.backward((dy[rank * 4:(rank + 1) * 4] if sp else dy).to(y.dtype))
+    y.backward((dy[rank * 4 : (rank + 1) * 4] if sp else dy).to(y.dtype))
     if sp:
         y, dx = mappings.gather_from_sequence(y.detach()), mappings.gather_from_sequence(mine.grad)
     else:
@@ -131,7 +146,9 @@ def _check_mlp(sp: bool) -> None:
     assert dx.dtype == torch.float32 and col.weight.grad.dtype == torch.float32
     local = lambda layer, name, t: layer._tpext_layouts[name].local_from_dense(t)  # noqa: E731
     got = (y, dx, col.weight.grad, col.bias.grad, row.weight.grad, row.bias.grad)
-    for i, name in enumerate(["y", "dx", "up.weight.grad", "up.bias.grad", "down.weight.grad", "down.bias.grad"]):
+    for i, name in enumerate(
+        ["y", "dx", "up.weight.grad", "up.bias.grad", "down.weight.grad", "down.bias.grad"]
+    ):
         if i >= 2:  # this rank's shard of the dense gradients
             layer = col if i < 4 else row
             pname = "weight" if i % 2 == 0 else "bias"
@@ -149,18 +166,32 @@ def test_mlp_autocast(world):
 
 # ---- models -----------------------------------------------------------------------------------------------
 
+
 def _check_model(kind: str, sp: bool) -> None:
     world = dist.get_world_size()
     if kind == "tpext":
-        cfg = LlamaConfig(hidden_size=64, intermediate_size=96, vocab_size=100, num_hidden_layers=2,
-                          num_attention_heads=8, num_key_value_heads=4)
+        cfg = LlamaConfig(
+            hidden_size=64,
+            intermediate_size=96,
+            vocab_size=100,
+            num_hidden_layers=2,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+        )
         torch.manual_seed(0)
         dense = LlamaForCausalLM(cfg, dtype=torch.float32)
     else:
         transformers = pytest.importorskip("transformers")
-        config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, vocab_size=100, num_hidden_layers=2,
-                                          num_attention_heads=8, num_key_value_heads=4, use_cache=False,
-                                          max_position_embeddings=64)
+        config = transformers.LlamaConfig(
+            hidden_size=64,
+            intermediate_size=96,
+            vocab_size=100,
+            num_hidden_layers=2,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            use_cache=False,
+            max_position_embeddings=64,
+        )
         torch.manual_seed(0)
         dense = transformers.LlamaForCausalLM(config).float()
     ids = torch.randint(0, 100, (2, 4 * world), generator=torch.Generator().manual_seed(1))

@@ -20,19 +20,38 @@ from tpext.commands.benchmark_layers import IMPLS, LAYERS, MODES, Spec, _check, 
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-CALIBRATION_KEYS = {"format", "device", "source", "matmul_tflops", "allreduce_bus_GBps",
-                    "collective_latency_us", "memory_GiB", "gpus_per_node"}
+CALIBRATION_KEYS = {
+    "format",
+    "device",
+    "source",
+    "matmul_tflops",
+    "allreduce_bus_GBps",
+    "collective_latency_us",
+    "memory_GiB",
+    "gpus_per_node",
+}
 
 
 @pytest.mark.slow  # spawns `python -m tpext bench`
 def test_quick_run_writes_checked_results(tmp_path):
     cal = tmp_path / "cal" / "calibration.json"
-    cmd = [sys.executable, "-m", "tpext", "bench", "--quick", "--out", str(tmp_path),
-           "--calibration", str(cal), "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tpext",
+        "bench",
+        "--quick",
+        "--out",
+        str(tmp_path),
+        "--calibration",
+        str(cal),
+        "--no-progress",
+    ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, \
+    assert proc.returncode == 0, (
         f"tpext bench failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    )
 
     report = json.loads((tmp_path / "layers.json").read_text())
     assert report["format"] == "tpext-bench-layers/1"
@@ -107,11 +126,14 @@ def test_correctness_gate_names_the_wrong_implementation():
     assert not any(m.startswith("good") for m in failures0 + failures1)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--sizes", "65x32", "--tp", "2"], "needs tokens and ffn"),
-    (["--layers", "mlp", "attention"], "unknown attention"),
-    (["--reps", "0"], "--reps must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--sizes", "65x32", "--tp", "2"], "needs tokens and ffn"),
+        (["--layers", "mlp", "attention"], "unknown attention"),
+        (["--reps", "0"], "--reps must be >= 1"),
+    ],
+)
 def test_bad_arguments_are_named(argv, message):
     with pytest.raises(SystemExit) as exc:
         main(["bench", *argv])

@@ -19,8 +19,14 @@ import tpext.checkpoint.dense as ckpt
 from tpext.models import LlamaConfig, LlamaForCausalLM
 from tpext.sharding import layouts
 
-CFG = dict(hidden_size=64, intermediate_size=80, vocab_size=101, num_hidden_layers=2, num_attention_heads=8,
-           num_key_value_heads=2)
+CFG = dict(
+    hidden_size=64,
+    intermediate_size=80,
+    vocab_size=101,
+    num_hidden_layers=2,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+)
 
 
 def _dense(packed: bool = False, tied: bool = False) -> LlamaForCausalLM:
@@ -199,7 +205,9 @@ class _WithBuffer(torch.nn.Module):
 
 
 def test_meta_non_persistent_buffers_are_refused(tmp_path):
-    save_file({"proj.weight": torch.zeros(4, 4), "proj.bias": torch.zeros(4)}, str(tmp_path / "m.safetensors"))
+    save_file(
+        {"proj.weight": torch.zeros(4, 4), "proj.bias": torch.zeros(4)}, str(tmp_path / "m.safetensors")
+    )
     with torch.device("meta"):
         model = _WithBuffer()
     with pytest.raises(ValueError, match=r"non-persistent buffers on the meta device \(inv_freq\)"):

@@ -31,7 +31,9 @@ CASES = {
     "scatter_to_tp": lambda x: mappings.scatter_to_tp(x),
     "scatter_to_tp one row": lambda x: mappings.scatter_to_tp(x[:1, :1]),  # a contiguous shard of [1, 1, 6]
     "gather_from_tp": lambda x: mappings.gather_from_tp(x, 12),
-    "vocab_parallel_cross_entropy": lambda x: vocab_parallel_cross_entropy(x, TARGET, vocab_size=12, reduction="none"),
+    "vocab_parallel_cross_entropy": lambda x: vocab_parallel_cross_entropy(
+        x, TARGET, vocab_size=12, reduction="none"
+    ),
 }
 
 
@@ -51,8 +53,10 @@ def _check(backend: str) -> list[str]:
         if not torch.equal(y_compiled, y_eager):
             wrong.append(f"{name}: output")
         if not torch.allclose(x_compiled.grad, x_eager.grad, rtol=1e-12, atol=1e-12):
-            wrong.append(f"{name}: input gradient (max |compiled - eager| "
-                         f"{(x_compiled.grad - x_eager.grad).abs().max().item():.3g})")
+            wrong.append(
+                f"{name}: input gradient (max |compiled - eager| "
+                f"{(x_compiled.grad - x_eager.grad).abs().max().item():.3g})"
+            )
     return wrong
 
 

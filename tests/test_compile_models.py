@@ -18,8 +18,14 @@ import tpext
 from tpext.models import LlamaConfig, LlamaForCausalLM
 
 TOL = dict(rtol=1e-5, atol=1e-6)
-SMALL = dict(hidden_size=64, intermediate_size=96, vocab_size=100, num_hidden_layers=2, num_attention_heads=8,
-             num_key_value_heads=4)
+SMALL = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    vocab_size=100,
+    num_hidden_layers=2,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+)
 
 
 def _check(kind: str) -> None:
@@ -29,9 +35,13 @@ def _check(kind: str) -> None:
         dense = LlamaForCausalLM(LlamaConfig(**SMALL), dtype=torch.float32)
     else:
         transformers = pytest.importorskip("transformers")
-        config_cls, model_cls = {"hf": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-                                 "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM)}[kind]
-        config = config_cls(**SMALL, use_cache=False, max_position_embeddings=64, pad_token_id=0, eos_token_id=1)
+        config_cls, model_cls = {
+            "hf": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+            "olmo2": (transformers.Olmo2Config, transformers.Olmo2ForCausalLM),
+        }[kind]
+        config = config_cls(
+            **SMALL, use_cache=False, max_position_embeddings=64, pad_token_id=0, eos_token_id=1
+        )
         dense = model_cls(config).float()
     eager = tpext.parallelize(dense, sequence_parallel=True)
     compiled_model = copy.deepcopy(eager)
@@ -52,7 +62,9 @@ def _check(kind: str) -> None:
     torch.testing.assert_close(logits, ref_logits, **TOL)
     torch.testing.assert_close(loss, ref_loss, **TOL)
     for (name, p), q in zip(compiled_model.named_parameters(), eager.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, **TOL, msg=lambda m, name=name: f"{kind}: grad {name}: {m}")
+        torch.testing.assert_close(
+            p.grad, q.grad, **TOL, msg=lambda m, name=name: f"{kind}: grad {name}: {m}"
+        )
 
 
 @pytest.mark.parametrize("kind", ["tpext", "hf", "olmo2"])

@@ -28,8 +28,10 @@ from test_op_virtual_ranks import check_all_ops
 import tpext
 from tpext.ops import Algorithm
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU"),
+]
 
 PLANS = [(1, Algorithm.SEQUENTIAL), (3, Algorithm.CHUNKED_PIPELINE), (4, Algorithm.CHUNKED_TWO_STREAMS)]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -49,16 +51,20 @@ def _check(got: torch.Tensor, ref: torch.Tensor, dense: torch.Tensor, what: str)
     # The floor only serves outputs the dense layer gets exactly right; for any other output it would
     # hide a whole wrong row among a thousand.
     floor = 4 * torch.finfo(got.dtype).eps * ref.abs().mean().item() if dense_rms == 0 else 0.0
-    assert rms <= 2 * dense_rms + floor, f"{what}: RMS error {rms:.3e} > 2 x dense {dense_rms:.3e} + {floor:.1e}"
+    assert rms <= 2 * dense_rms + floor, (
+        f"{what}: RMS error {rms:.3e} > 2 x dense {dense_rms:.3e} + {floor:.1e}"
+    )
     # Elementwise: one rounding more than the dense layer (bias added after the reduction) at most
     # doubles the worst element's error; a wrong element is far outside.
-    assert worst <= 4 * dense_worst + floor, f"{what}: max error {worst:.3e} > 4 x dense {dense_worst:.3e} + {floor:.1e}"
+    assert worst <= 4 * dense_worst + floor, (
+        f"{what}: max error {worst:.3e} > 4 x dense {dense_worst:.3e} + {floor:.1e}"
+    )
 
 
 def _inputs(dtype, m=1000, k=512, n=768, seed=0):
     g = torch.Generator(device="cuda").manual_seed(seed)
     x = torch.randn(m, k, device="cuda", generator=g).to(dtype)
-    w = (torch.randn(n, k, device="cuda", generator=g) / k ** 0.5).to(dtype)
+    w = (torch.randn(n, k, device="cuda", generator=g) / k**0.5).to(dtype)
     b = torch.randn(n, device="cuda", generator=g).to(dtype)
     res = torch.randn(m, n, device="cuda", generator=g).to(dtype)
     return x, w, b, res
@@ -86,8 +92,12 @@ def _check_world1_nccl(dtype_name: str) -> None:
                 extra = {}
                 if with_residual:
                     ref, dense, extra = ref + res.double(), dense + res, {"residual": res}
-                _check(getattr(tpext.ops, op)(x, w, b, **extra, **plan), ref, dense,
-                       f"{op}{'+residual' if with_residual else ''} {what}")
+                _check(
+                    getattr(tpext.ops, op)(x, w, b, **extra, **plan),
+                    ref,
+                    dense,
+                    f"{op}{'+residual' if with_residual else ''} {what}",
+                )
         x, w, b, _ = _inputs(dtype, seed=next(seeds))
         y, gathered = tpext.ops.all_gather_gemm(x, w, b, **plan)
         _check(y, x.double() @ w.double().T + b.double(), F.linear(x, w, b), f"all_gather_gemm {what}")

@@ -50,7 +50,9 @@ def _dense(packed: bool, tied: bool, kv: int = 2) -> LlamaForCausalLM:
 
 
 def _batch(step: int) -> torch.Tensor:
-    return torch.randint(0, CFG["vocab_size"], (BATCH, SEQ), generator=torch.Generator().manual_seed(100 + step))
+    return torch.randint(
+        0, CFG["vocab_size"], (BATCH, SEQ), generator=torch.Generator().manual_seed(100 + step)
+    )
 
 
 def _optimizer(params, kind: str) -> torch.optim.Optimizer:
@@ -61,7 +63,7 @@ def _optimizer(params, kind: str) -> torch.optim.Optimizer:
 
 def _step(model, loss_of, opt, step: int, dp_rank: int = 0, dp: int = 1) -> None:
     rows = BATCH // dp
-    ids = _batch(step)[dp_rank * rows:(dp_rank + 1) * rows]
+    ids = _batch(step)[dp_rank * rows : (dp_rank + 1) * rows]
     loss_of(model(ids), ids).backward()
     opt.step()
     opt.zero_grad()
@@ -171,12 +173,15 @@ def _close(got, want, what):
 
 
 # (packed qkv / gate_up, tied embedding, kv heads), sequence parallel, dp wrapper, optimizer, tp sizes to load at
-@pytest.mark.parametrize("arch,sp,wrapper,kind,tps", [
-    ((False, False, 2), False, "ddp", "adamw", (4,)),
-    ((True, True, 2), True, "ddp", "adamw", (4,)),
-    ((True, False, 2), True, "fsdp2", "adamw", (4,)),
-    ((False, True, 1), False, "ddp", "sgd", (3, 1)),
-])
+@pytest.mark.parametrize(
+    "arch,sp,wrapper,kind,tps",
+    [
+        ((False, False, 2), False, "ddp", "adamw", (4,)),
+        ((True, True, 2), True, "ddp", "adamw", (4,)),
+        ((True, False, 2), True, "fsdp2", "adamw", (4,)),
+        ((False, True, 1), False, "ddp", "sgd", (3, 1)),
+    ],
+)
 def test_save_dp2_tp2_load_other_tp_and_dense(tmp_path, arch, sp, wrapper, kind, tps):
     path, steps = str(tmp_path / "ckpt"), 2
     results = run_ranks(_save_dp_tp, 4, path, arch, sp, wrapper, kind, steps)
@@ -218,7 +223,8 @@ def test_save_dp2_tp2_load_other_tp_and_dense(tmp_path, arch, sp, wrapper, kind,
     # Another tp size: the weights and optimizer state of the checkpoint, in this rank's slices; the next step.
     for tp in tps:
         for rank, (got, optim_local, model_layouts, stepped) in enumerate(
-                run_ranks(_load_tp, tp, path, arch, sp, kind, steps)):
+            run_ranks(_load_tp, tp, path, arch, sp, kind, steps)
+        ):
             for name, tensor in loaded.items():
                 assert torch.equal(got[name], tensor), f"tp={tp} rank {rank}: {name}"
             for (name, k), local in optim_local.items():
@@ -272,7 +278,9 @@ def _per_rank_load(path: str) -> tuple[str, bool]:
 
 def test_per_rank_torch_save_refused_at_another_tp(tmp_path):
     run_ranks(_per_rank_save, 2, str(tmp_path))
-    for message, same in run_ranks(_per_rank_load, 2, str(tmp_path)):  # same tp, same rank: loads, bit for bit
+    for message, same in run_ranks(
+        _per_rank_load, 2, str(tmp_path)
+    ):  # same tp, same rank: loads, bit for bit
         assert message == "" and same
     for rank, (message, _) in enumerate(run_ranks(_per_rank_load, 4, str(tmp_path))):
         assert "model.embed_tokens.weight" in message, f"rank {rank}: {message}"
@@ -306,8 +314,11 @@ def test_other_architecture_names_the_key(tmp_path):
 def test_chunks_of_packed_layout_under_fsdp2_rows():
     # Packed [q 4 | k 2 | v 2] rows, this rank holding q 2..3, k 1, v 1 (local rows 0..3); FSDP2 keeps rows 1..2.
     layout = ShardLayout((8, 3), 0, ((2, 2), (5, 1), (7, 1)))
-    assert _chunks(layout, None) == (((2, 0), (2, 3), 0, 0, 2), ((5, 0), (1, 3), 0, 2, 1),
-                                     ((7, 0), (1, 3), 0, 3, 1))
+    assert _chunks(layout, None) == (
+        ((2, 0), (2, 3), 0, 0, 2),
+        ((5, 0), (1, 3), 0, 2, 1),
+        ((7, 0), (1, 3), 0, 3, 1),
+    )
     assert _chunks(layout, (1, 2)) == (((3, 0), (1, 3), 0, 0, 1), ((5, 0), (1, 3), 0, 1, 1))
     row_parallel = ShardLayout((4, 6), 1, ((3, 3),))  # [out, in/R] under FSDP2's rows 2..3
     assert _chunks(row_parallel, (2, 2)) == (((2, 3), (2, 3), 1, 0, 3),)
@@ -323,7 +334,9 @@ def test_sharded_state_moves_and_refuses_math():
     assert torch.equal(local, dense[3:])
     with pytest.raises(NotImplementedError, match=r"aten.add.Tensor on a ShardedState.*\.local"):
         state + 1
-    with pytest.raises(NotImplementedError, match=r"into a plain tensor: the dense tensor is not on this rank"):
+    with pytest.raises(
+        NotImplementedError, match=r"into a plain tensor: the dense tensor is not on this rank"
+    ):
         torch.zeros(5, 2).copy_(state)
 
 
@@ -343,9 +356,15 @@ def _hf_load(path: str, arch: str) -> list[dict]:
 
     model = tpext.parallelize(_model(arch, 2, "sdpa"))
     readers = [dict(checkpoint_id=f"{path}/dcp")]
-    if arch != "qwen2_moe":  # transformers writes MoE experts one by one, under other names than the fused ones
-        readers.append(dict(storage_reader=HuggingFaceStorageReader(f"{path}/hf"),
-                            planner=DefaultLoadPlanner(allow_partial_load=True)))  # a tied lm_head is not on disk
+    if (
+        arch != "qwen2_moe"
+    ):  # transformers writes MoE experts one by one, under other names than the fused ones
+        readers.append(
+            dict(
+                storage_reader=HuggingFaceStorageReader(f"{path}/hf"),
+                planner=DefaultLoadPlanner(allow_partial_load=True),
+            )
+        )  # a tied lm_head is not on disk
     out = []
     for reader in readers:
         with torch.no_grad():
@@ -394,15 +413,19 @@ def test_hugging_face_storage_writer_refuses_several_chunks_of_a_key(tmp_path, p
     dense = _dense(packed, False).state_dict()
     if packed:
         for rank, message in enumerate(messages):
-            assert re.search(r"rank \d holds \d chunks of 'model\.layers\.\d\.(self_attn\.qkv_proj|mlp\.gate_up_proj)"
-                             r"\.weight'", message), f"rank {rank}: {message}"
+            assert re.search(
+                r"rank \d holds \d chunks of 'model\.layers\.\d\.(self_attn\.qkv_proj|mlp\.gate_up_proj)"
+                r"\.weight'",
+                message,
+            ), f"rank {rank}: {message}"
             assert "dcp.save(state, checkpoint_id=dir)" in message and "tpext.save_checkpoint" in message
         assert not glob.glob(f"{tmp_path}/**/*.safetensors", recursive=True)  # refused before any file
         return
     assert messages == ["", ""], messages
     for rank, message in enumerate(run_ranks(_hf_writer_save, 2, f"{tmp_path}/collide", packed, False)):
-        assert re.search(r"save_distributed=False\) gives every rank the same file names, but ranks \[0, 1\]",
-                         message), f"rank {rank}: {message}"
+        assert re.search(
+            r"save_distributed=False\) gives every rank the same file names, but ranks \[0, 1\]", message
+        ), f"rank {rank}: {message}"
     saved = {}
     for f in glob.glob(f"{tmp_path}/*.safetensors"):
         saved.update(load_file(f))
@@ -437,11 +460,14 @@ def _common_workflows(path: str) -> dict:
         got, want = tpext.gather_state_dict(fresh), tpext.gather_state_dict(model)
         return all(torch.equal(got[k], v) for k, v in want.items())
 
-    out = {"deepcopy": same_as(copy.deepcopy(model.state_dict())),
-           "clone": same_as({k: v.clone() for k, v in model.state_dict().items()}),
-           # the check can fail: a round trip through fp32 loses bits
-           "lossy_told": not same_as({k: v.to(torch.float32).to(torch.float64)
-                                      for k, v in model.state_dict().items()})}
+    out = {
+        "deepcopy": same_as(copy.deepcopy(model.state_dict())),
+        "clone": same_as({k: v.clone() for k, v in model.state_dict().items()}),
+        # the check can fail: a round trip through fp32 loses bits
+        "lossy_told": not same_as(
+            {k: v.to(torch.float32).to(torch.float64) for k, v in model.state_dict().items()}
+        ),
+    }
     before = tpext.gather_state_dict(model)
     model.load_state_dict(model.state_dict())  # onto itself: unchanged
     out["self_load"] = all(torch.equal(v, before[k]) for k, v in tpext.gather_state_dict(model).items())
@@ -460,20 +486,30 @@ def _common_workflows(path: str) -> dict:
         out["ema"] = str(err)
     compiled = torch.compile(zeroed())  # state dicts of the wrapper: the _orig_mod. keys, the same entries
     compiled.load_state_dict({f"_orig_mod.{k}": v for k, v in model.state_dict().items()})
-    out["compiled"] = all(torch.equal(a, b) for a, b in zip(tpext.gather_state_dict(compiled).values(),
-                                                            tpext.gather_state_dict(model).values()))
+    out["compiled"] = all(
+        torch.equal(a, b)
+        for a, b in zip(tpext.gather_state_dict(compiled).values(), tpext.gather_state_dict(model).values())
+    )
     out["compiled_keys"] = sorted(get_model_state_dict(compiled)) == sorted(dense)
     full = StateDictOptions(full_state_dict=True)
-    for what, call in [("full_model", lambda: get_model_state_dict(model, options=full)),
-                       ("full_model_cpu", lambda: get_model_state_dict(
-                           model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))),
-                       ("full_optim", lambda: get_optimizer_state_dict(model, opt, options=full))]:
+    for what, call in [
+        ("full_model", lambda: get_model_state_dict(model, options=full)),
+        (
+            "full_model_cpu",
+            lambda: get_model_state_dict(
+                model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            ),
+        ),
+        ("full_optim", lambda: get_optimizer_state_dict(model, opt, options=full)),
+    ]:
         try:
             call()
             out[what] = "not refused"
         except ValueError as err:
             out[what] = str(err)
-    copied = copy.deepcopy(model)  # its state_dict() never called: get_optimizer_state_dict must still know it
+    copied = copy.deepcopy(
+        model
+    )  # its state_dict() never called: get_optimizer_state_dict must still know it
     copied_opt = _optimizer(copied.parameters(), "adamw")
     _step(copied, copied.loss, copied_opt, 1)
     copied_state = get_optimizer_state_dict(copied, copied_opt)["state"]["model.embed_tokens.weight"]
@@ -503,11 +539,24 @@ def _common_workflows(path: str) -> dict:
 
 def test_common_state_dict_workflows(tmp_path):
     for rank, out in enumerate(run_ranks(_common_workflows, 2, str(tmp_path))):
-        for what in ("deepcopy", "clone", "lossy_told", "self_load", "torch_save", "optim_roundtrip", "compiled",
-                     "compiled_keys", "cpu_offload", "deepcopy_optim", "resumed_step"):
+        for what in (
+            "deepcopy",
+            "clone",
+            "lossy_told",
+            "self_load",
+            "torch_save",
+            "optim_roundtrip",
+            "compiled",
+            "compiled_keys",
+            "cpu_offload",
+            "deepcopy_optim",
+            "resumed_step",
+        ):
             assert out[what] is True, f"rank {rank}: {what}"
         assert "aten.mul_.Tensor on a ShardedState" in out["ema"] and ".local" in out["ema"], out["ema"]
         for what in ("full_model", "full_model_cpu"):
-            assert re.search(r"full_state_dict=True cannot gather 'model\.[\w.]+weight'", out[what]), out[what]
+            assert re.search(r"full_state_dict=True cannot gather 'model\.[\w.]+weight'", out[what]), out[
+                what
+            ]
             assert "tpext.gather_state_dict(model)" in out[what] and "dcp.save" in out[what]
         assert "full_state_dict=True cannot gather 'state." in out["full_optim"], out["full_optim"]

@@ -24,8 +24,17 @@ def test_demo_trains_and_matches_dense():
     text = out.stdout
     assert "loss check: OK" in text
     assert "tp=2 dp=1 sp=True" in text
-    for line in ("memory per rank", "rank 0", "rank 1", "communication of one step", "layer 0", "layer 1",
-                 "forward all_gather", "backward reduce_scatter", "step time"):
+    for line in (
+        "memory per rank",
+        "rank 0",
+        "rank 1",
+        "communication of one step",
+        "layer 0",
+        "layer 1",
+        "forward all_gather",
+        "backward reduce_scatter",
+        "step time",
+    ):
         assert line in text, f"{line!r} missing from the demo output:\n{text}"
 
 

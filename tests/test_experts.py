@@ -26,16 +26,22 @@ E, H, I, TOKENS, TOP_K = 5, 8, 12, 9, 2  # noqa: E741  (I: the intermediate size
 class Experts(nn.Module):
     """The eager loop of Hugging Face's experts, for any of their weight layouts."""
 
-    def __init__(self, *, transposed: bool = False, concatenated: bool = True, across_features: bool = False,
-                 bias: bool = False):
+    def __init__(
+        self,
+        *,
+        transposed: bool = False,
+        concatenated: bool = True,
+        across_features: bool = False,
+        bias: bool = False,
+    ):
         super().__init__()
         self.num_experts, self.is_transposed, self.is_concatenated = E, transposed, concatenated
         self.intermediate_dim = I  # splits gate from up: tpext sets this rank's
         self.across_features = across_features  # normalise the intermediate features: not shardable
         gen = torch.Generator().manual_seed(0)
         up, down = ((E, H, 2 * I), (E, I, H)) if transposed else ((E, 2 * I, H), (E, H, I))
-        self.gate_up_proj = nn.Parameter(torch.randn(up, generator=gen, dtype=torch.float64) / H ** 0.5)
-        self.down_proj = nn.Parameter(torch.randn(down, generator=gen, dtype=torch.float64) / I ** 0.5)
+        self.gate_up_proj = nn.Parameter(torch.randn(up, generator=gen, dtype=torch.float64) / H**0.5)
+        self.down_proj = nn.Parameter(torch.randn(down, generator=gen, dtype=torch.float64) / I**0.5)
         if bias:  # GPT-OSS's: one per expert and feature, before the routing weight
             self.gate_up_proj_bias = nn.Parameter(torch.randn(E, 2 * I, generator=gen, dtype=torch.float64))
             self.down_proj_bias = nn.Parameter(torch.randn(E, H, generator=gen, dtype=torch.float64))
@@ -49,7 +55,7 @@ class Experts(nn.Module):
             if hasattr(self, "gate_up_proj_bias"):
                 gate_up = gate_up + self.gate_up_proj_bias[e]
             if self.is_concatenated:
-                gate, up = gate_up[:, :self.intermediate_dim], gate_up[:, self.intermediate_dim:]
+                gate, up = gate_up[:, : self.intermediate_dim], gate_up[:, self.intermediate_dim :]
             else:
                 gate, up = gate_up[:, 0::2], gate_up[:, 1::2]
             h = F.silu(gate) * up
@@ -81,8 +87,9 @@ def _compare(dense: nn.Module, what: str, routed_only: bool = False) -> None:
     for module in (dense, sharded):
         x, index, weights = (t.requires_grad_(t.is_floating_point()) for t in _inputs())
         if routed_only:  # Llama 4's: every token to every expert, weighted first, expert by expert
-            routed = (x.repeat(E, 1) * weights.new_ones(E * TOKENS, 1).mul(torch.linspace(0.5, 1.5, E * TOKENS,
-                                                                                         dtype=x.dtype)[:, None]))
+            routed = x.repeat(E, 1) * weights.new_ones(E * TOKENS, 1).mul(
+                torch.linspace(0.5, 1.5, E * TOKENS, dtype=x.dtype)[:, None]
+            )
             out = module(routed)
         else:
             out = module(x, index, weights)
@@ -90,12 +97,16 @@ def _compare(dense: nn.Module, what: str, routed_only: bool = False) -> None:
         grads.append((out, x.grad, None if routed_only else weights.grad))
     for name, got, want in zip(("output", "token grads", "routing weight grads"), grads[1], grads[0]):
         torch.testing.assert_close(got, want, msg=lambda m: f"{what}: {name}: {m}")
-    for e in layouts(sharded):  # sharded weights: this rank's slice of the dense gradient; replicated: all of it
+    for e in layouts(
+        sharded
+    ):  # sharded weights: this rank's slice of the dense gradient; replicated: all of it
         want = e.layout.local_from_dense(dense.get_parameter(e.names[0]).grad)
         torch.testing.assert_close(e.tensor.grad, want, msg=lambda m: f"{what}: grad {e.names}: {m}")
         replicated = e.names[0] == "down_proj_bias"  # added once, after the reduction
         if world > 1:
-            assert e.layout.is_sharded != replicated and (e.tensor.shape != e.layout.dense_shape) != replicated, what
+            assert (
+                e.layout.is_sharded != replicated and (e.tensor.shape != e.layout.dense_shape) != replicated
+            ), what
     assert {e.names[0] for e in layouts(sharded)} == {n for n, _ in dense.named_parameters()}, what
 
 
@@ -113,10 +124,16 @@ HF_EXPERTS = {
     "gpt_oss": ("GptOssConfig", "gpt_oss.modeling_gpt_oss.GptOssExperts", {"num_local_experts": E}),
     "llama4": ("Llama4TextConfig", "llama4.modeling_llama4.Llama4TextExperts", {"num_local_experts": E}),
     "phimoe": ("PhimoeConfig", "phimoe.modeling_phimoe.PhimoeExperts", {"num_local_experts": E}),
-    "ernie4_5_moe": ("Ernie4_5_MoeConfig", "ernie4_5_moe.modeling_ernie4_5_moe.Ernie4_5_MoeExperts",
-                     {"moe_num_experts": E, "moe_intermediate_size": I}),
-    "hunyuan_v1_moe": ("HunYuanMoEV1Config", "hunyuan_v1_moe.modeling_hunyuan_v1_moe.HunYuanMoEV1Experts",
-                       {"num_experts": E, "num_local_experts": E}),
+    "ernie4_5_moe": (
+        "Ernie4_5_MoeConfig",
+        "ernie4_5_moe.modeling_ernie4_5_moe.Ernie4_5_MoeExperts",
+        {"moe_num_experts": E, "moe_intermediate_size": I},
+    ),
+    "hunyuan_v1_moe": (
+        "HunYuanMoEV1Config",
+        "hunyuan_v1_moe.modeling_hunyuan_v1_moe.HunYuanMoEV1Experts",
+        {"num_experts": E, "num_local_experts": E},
+    ),
 }
 
 
@@ -159,7 +176,9 @@ def _refusals() -> list[str]:
     messages = []
     with_scale = Experts()
     with_scale.scale = nn.Parameter(torch.zeros(E, H))
-    unused_bias = Experts(bias=True)  # a down bias added after the routing weight: not the weighted sum tpext adds
+    unused_bias = Experts(
+        bias=True
+    )  # a down bias added after the routing weight: not the weighted sum tpext adds
     unused_bias.bias_unweighted = True
     modules = [Experts(across_features=True), with_scale, nn.Linear(4, 4)]
     uneven = Experts()
@@ -176,11 +195,19 @@ def _refusals() -> list[str]:
 
 def test_refusals():
     across, scale, linear, uneven, grouped_mm, unused_bias = run_ranks(_refusals, 2)[0]
-    assert ("cannot shard Experts: its outputs on slices of every expert's intermediate features do not add up to "
-            "its output (they differ); give it the style 'replicate'") in across, across
-    assert "besides ['down_proj', 'gate_up_proj'] it has ['scale'], which tpext does not slice" in scale, scale
-    assert "cannot shard Linear as experts: it needs 3-D down_proj and gate_up_proj (or up_proj)" in linear, linear
+    assert (
+        "cannot shard Experts: its outputs on slices of every expert's intermediate features do not add up to "
+        "its output (they differ); give it the style 'replicate'"
+    ) in across, across
+    assert "besides ['down_proj', 'gate_up_proj'] it has ['scale'], which tpext does not slice" in scale, (
+        scale
+    )
+    assert "cannot shard Linear as experts: it needs 3-D down_proj and gate_up_proj (or up_proj)" in linear, (
+        linear
+    )
     assert "its experts' intermediate size 7 is not divisible by 2" in uneven, uneven
-    assert ("with experts_implementation='grouped_mm': it needs rows of a multiple of 16 bytes, and this rank's 6 "
-            "intermediate features of torch.float32 make 24") in grouped_mm, grouped_mm
+    assert (
+        "with experts_implementation='grouped_mm': it needs rows of a multiple of 16 bytes, and this rank's 6 "
+        "intermediate features of torch.float32 make 24"
+    ) in grouped_mm, grouped_mm
     assert "do not add up to its output (they differ)" in unused_bias, unused_bias

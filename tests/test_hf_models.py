@@ -38,115 +38,277 @@ from tpext.sharding import Piece, layouts
 
 transformers = pytest.importorskip("transformers")
 
-SMALL = dict(hidden_size=64, intermediate_size=96, vocab_size=100, num_hidden_layers=2, num_attention_heads=8,
-             max_position_embeddings=64, use_cache=False)
+SMALL = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    vocab_size=100,
+    num_hidden_layers=2,
+    num_attention_heads=8,
+    max_position_embeddings=64,
+    use_cache=False,
+)
 TOL = dict(rtol=1e-5, atol=1e-6)
 # Gemma2's tied embedding gradient sums the soft-capped logits' and the lookup's fp32 terms in another
 # order at tp 4: single elements differ by ~1.3e-6.
 GRAD_TOL = {"gemma2": dict(rtol=1e-5, atol=3e-6)}
 
 # (architecture, kv heads, sequence_parallel, attention implementation, padded batch)
-CASES = [("llama", 4, False, "sdpa", False), ("llama", 4, True, "sdpa", False), ("llama", 2, True, "eager", True),
-         ("llama", 1, True, "sdpa", False), ("mistral", 2, True, "sdpa", True), ("qwen2", 2, True, "sdpa", False),
-         ("qwen3", 1, True, "eager", False), ("qwen3", 4, False, "sdpa", True), ("gemma", 2, True, "sdpa", True),
-         ("gemma", 4, False, "eager", False), ("cohere", 2, True, "sdpa", False), ("phi3", 2, True, "sdpa", True),
-         ("olmo2", 2, True, "sdpa", True), ("olmo2", 1, False, "eager", False), ("gemma2", 2, True, "eager", True),
-         ("apertus", 2, True, "sdpa", False), ("phi", 2, True, "sdpa", True), ("gpt_neox", 8, True, "eager", True),
-         ("gpt_neox", 8, False, "sdpa", False), ("gptj", 8, False, "eager", True), ("xglm", 8, True, "eager", True),
-         ("mixtral", 2, False, "sdpa", False), ("mixtral", 2, True, "sdpa", True), ("qwen2_moe", 2, True, "sdpa", True),
-         ("qwen3_moe", 4, False, "eager", False), ("olmoe", 2, True, "sdpa", False),
-         ("gpt2", 8, False, "eager", True), ("gpt2", 8, False, "sdpa", False), ("opt", 8, False, "sdpa", True),
-         ("opt", 8, False, "eager", False), ("bloom", 8, True, "eager", True), ("bloom", 8, False, "eager", False),
-         ("gpt_bigcode", 8, False, "eager", True), ("gpt_bigcode", 8, False, "sdpa", False),
-         ("gpt_bigcode_mha", 8, False, "sdpa", True), ("mpt", 8, True, "eager", True), ("mpt", 8, False, "eager", False),
-         ("falcon", 8, True, "sdpa", True), ("falcon", 8, False, "eager", False), ("falcon_new", 8, True, "eager", True),
-         ("falcon_mha", 8, False, "sdpa", False), ("codegen", 16, False, "eager", True)]
+CASES = [
+    ("llama", 4, False, "sdpa", False),
+    ("llama", 4, True, "sdpa", False),
+    ("llama", 2, True, "eager", True),
+    ("llama", 1, True, "sdpa", False),
+    ("mistral", 2, True, "sdpa", True),
+    ("qwen2", 2, True, "sdpa", False),
+    ("qwen3", 1, True, "eager", False),
+    ("qwen3", 4, False, "sdpa", True),
+    ("gemma", 2, True, "sdpa", True),
+    ("gemma", 4, False, "eager", False),
+    ("cohere", 2, True, "sdpa", False),
+    ("phi3", 2, True, "sdpa", True),
+    ("olmo2", 2, True, "sdpa", True),
+    ("olmo2", 1, False, "eager", False),
+    ("gemma2", 2, True, "eager", True),
+    ("apertus", 2, True, "sdpa", False),
+    ("phi", 2, True, "sdpa", True),
+    ("gpt_neox", 8, True, "eager", True),
+    ("gpt_neox", 8, False, "sdpa", False),
+    ("gptj", 8, False, "eager", True),
+    ("xglm", 8, True, "eager", True),
+    ("mixtral", 2, False, "sdpa", False),
+    ("mixtral", 2, True, "sdpa", True),
+    ("qwen2_moe", 2, True, "sdpa", True),
+    ("qwen3_moe", 4, False, "eager", False),
+    ("olmoe", 2, True, "sdpa", False),
+    ("gpt2", 8, False, "eager", True),
+    ("gpt2", 8, False, "sdpa", False),
+    ("opt", 8, False, "sdpa", True),
+    ("opt", 8, False, "eager", False),
+    ("bloom", 8, True, "eager", True),
+    ("bloom", 8, False, "eager", False),
+    ("gpt_bigcode", 8, False, "eager", True),
+    ("gpt_bigcode", 8, False, "sdpa", False),
+    ("gpt_bigcode_mha", 8, False, "sdpa", True),
+    ("mpt", 8, True, "eager", True),
+    ("mpt", 8, False, "eager", False),
+    ("falcon", 8, True, "sdpa", True),
+    ("falcon", 8, False, "eager", False),
+    ("falcon_new", 8, True, "eager", True),
+    ("falcon_mha", 8, False, "sdpa", False),
+    ("codegen", 16, False, "eager", True),
+]
 
 
-_IDS = dict(pad_token_id=0, eos_token_id=1, bos_token_id=1)  # their default token ids are beyond this vocabulary
+_IDS = dict(
+    pad_token_id=0, eos_token_id=1, bos_token_id=1
+)  # their default token ids are beyond this vocabulary
 _SMALL_HEADS = dict(head_dim=8, tie_word_embeddings=True)  # as the small ones
 # architecture: (config class, model class, config settings); kv heads are set where the model has GQA
-ARCHS = {"llama": ("LlamaConfig", "LlamaForCausalLM", {}),
-         "mistral": ("MistralConfig", "MistralForCausalLM", {}),
-         "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
-         "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", _SMALL_HEADS),
-         "gemma": ("GemmaConfig", "GemmaForCausalLM", _SMALL_HEADS),
-         "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {**_SMALL_HEADS, **_IDS}),
-         "cohere": ("CohereConfig", "CohereForCausalLM", {**_IDS, "use_qk_norm": True}),  # a weight per head
-         "phi3": ("Phi3Config", "Phi3ForCausalLM", _IDS),
-         "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", _IDS),
-         "apertus": ("ApertusConfig", "ApertusForCausalLM", _IDS),
-         "phi": ("PhiConfig", "PhiForCausalLM", _IDS),
-         "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", _IDS),
-         # rotary over part of each head, MLP width n_inner
-         "gptj": ("GPTJConfig", "GPTJForCausalLM", {**_IDS, "rotary_dim": 4, "n_inner": SMALL["intermediate_size"]}),
-         # its dropout is on by default
-         "xglm": ("XGLMConfig", "XGLMForCausalLM", {**_IDS, "ffn_dim": SMALL["intermediate_size"], "dropout": 0.0,
-                                                     "attention_dropout": 0.0})}
+ARCHS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", _SMALL_HEADS),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", _SMALL_HEADS),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {**_SMALL_HEADS, **_IDS}),
+    "cohere": ("CohereConfig", "CohereForCausalLM", {**_IDS, "use_qk_norm": True}),  # a weight per head
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", _IDS),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", _IDS),
+    "apertus": ("ApertusConfig", "ApertusForCausalLM", _IDS),
+    "phi": ("PhiConfig", "PhiForCausalLM", _IDS),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", _IDS),
+    # rotary over part of each head, MLP width n_inner
+    "gptj": (
+        "GPTJConfig",
+        "GPTJForCausalLM",
+        {**_IDS, "rotary_dim": 4, "n_inner": SMALL["intermediate_size"]},
+    ),
+    # its dropout is on by default
+    "xglm": (
+        "XGLMConfig",
+        "XGLMForCausalLM",
+        {**_IDS, "ffn_dim": SMALL["intermediate_size"], "dropout": 0.0, "attention_dropout": 0.0},
+    ),
+}
 _MOE = dict(output_router_logits=True, router_aux_loss_coef=0.5, num_experts_per_tok=2)  # the aux loss counts
-ARCHS.update({
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM", {**_MOE, "num_local_experts": 4}),
-    # a shared expert (an MLP) and its sigmoid gate beside the routed experts; the first layer's MLP dense
-    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", {**_MOE, "num_experts": 4, "moe_intermediate_size": 32,
-                                                             "shared_expert_intermediate_size": 48,
-                                                             "mlp_only_layers": [0]}),
-    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {**_MOE, **_SMALL_HEADS, "num_experts": 8,
-                                                             "moe_intermediate_size": 32}),
-    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", {**_MOE, **_IDS, "num_experts": 4}),
-})
+ARCHS.update(
+    {
+        "mixtral": ("MixtralConfig", "MixtralForCausalLM", {**_MOE, "num_local_experts": 4}),
+        # a shared expert (an MLP) and its sigmoid gate beside the routed experts; the first layer's MLP dense
+        "qwen2_moe": (
+            "Qwen2MoeConfig",
+            "Qwen2MoeForCausalLM",
+            {
+                **_MOE,
+                "num_experts": 4,
+                "moe_intermediate_size": 32,
+                "shared_expert_intermediate_size": 48,
+                "mlp_only_layers": [0],
+            },
+        ),
+        "qwen3_moe": (
+            "Qwen3MoeConfig",
+            "Qwen3MoeForCausalLM",
+            {**_MOE, **_SMALL_HEADS, "num_experts": 8, "moe_intermediate_size": 32},
+        ),
+        "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", {**_MOE, **_IDS, "num_experts": 4}),
+    }
+)
 # The classic families: GPT-2 (Conv1D layers, c_attn packed [q | k | v], learned positions wpe), OPT (fc1 / fc2
 # in the decoder layer, learned positions embed_positions); their dropout is on by default.
 _GPT2_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-ARCHS.update({
-    "gpt2": ("GPT2Config", "GPT2LMHeadModel", {**_IDS, **_GPT2_DROPOUT, "n_inner": SMALL["intermediate_size"]}),
-    "opt": ("OPTConfig", "OPTForCausalLM", {**_IDS, "ffn_dim": SMALL["intermediate_size"], "dropout": 0.0,
-                                             "word_embed_proj_dim": SMALL["hidden_size"]}),
-})
-ARCHS["bloom"] = ("BloomConfig", "BloomForCausalLM", {**_IDS, "hidden_dropout": 0.0, "attention_dropout": 0.0})
+ARCHS.update(
+    {
+        "gpt2": (
+            "GPT2Config",
+            "GPT2LMHeadModel",
+            {**_IDS, **_GPT2_DROPOUT, "n_inner": SMALL["intermediate_size"]},
+        ),
+        "opt": (
+            "OPTConfig",
+            "OPTForCausalLM",
+            {
+                **_IDS,
+                "ffn_dim": SMALL["intermediate_size"],
+                "dropout": 0.0,
+                "word_embed_proj_dim": SMALL["hidden_size"],
+            },
+        ),
+    }
+)
+ARCHS["bloom"] = (
+    "BloomConfig",
+    "BloomForCausalLM",
+    {**_IDS, "hidden_dropout": 0.0, "attention_dropout": 0.0},
+)
 # multi_query: c_attn is [q | k | v] with one kv head, replicated on every rank; without it each head's q, k, v
-ARCHS["gpt_bigcode"] = ("GPTBigCodeConfig", "GPTBigCodeForCausalLM", {**_IDS, **_GPT2_DROPOUT,
-                                                                      "n_inner": SMALL["intermediate_size"]})
-ARCHS["gpt_bigcode_mha"] = ("GPTBigCodeConfig", "GPTBigCodeForCausalLM", {**ARCHS["gpt_bigcode"][2],
-                                                                          "multi_query": False})
-ARCHS["mpt"] = ("MptConfig", "MptForCausalLM", {**_IDS, "d_model": SMALL["hidden_size"], "n_heads": 8,
-                                               "n_layers": 2, "max_seq_len": 64, "expansion_ratio": 2})
+ARCHS["gpt_bigcode"] = (
+    "GPTBigCodeConfig",
+    "GPTBigCodeForCausalLM",
+    {**_IDS, **_GPT2_DROPOUT, "n_inner": SMALL["intermediate_size"]},
+)
+ARCHS["gpt_bigcode_mha"] = (
+    "GPTBigCodeConfig",
+    "GPTBigCodeForCausalLM",
+    {**ARCHS["gpt_bigcode"][2], "multi_query": False},
+)
+ARCHS["mpt"] = (
+    "MptConfig",
+    "MptForCausalLM",
+    {
+        **_IDS,
+        "d_model": SMALL["hidden_size"],
+        "n_heads": 8,
+        "n_layers": 2,
+        "max_seq_len": 64,
+        "expansion_ratio": 2,
+    },
+)
 # Falcon: FalconLinear (an nn.Linear subclass computing x @ W.T + b), multi-query query_key_value by default;
 # the new decoder packs each kv head with its query heads (4 kv heads here), the old without multi-query
 # each head's q, k, v together
 _FALCON = {**_IDS, "hidden_dropout": 0.0, "attention_dropout": 0.0}
-ARCHS.update({"falcon": ("FalconConfig", "FalconForCausalLM", _FALCON),
-              "falcon_new": ("FalconConfig", "FalconForCausalLM", {**_FALCON, "new_decoder_architecture": True,
-                                                                    "num_kv_heads": 4}),
-              "falcon_mha": ("FalconConfig", "FalconForCausalLM", {**_FALCON, "multi_query": False})})
+ARCHS.update(
+    {
+        "falcon": ("FalconConfig", "FalconForCausalLM", _FALCON),
+        "falcon_new": (
+            "FalconConfig",
+            "FalconForCausalLM",
+            {**_FALCON, "new_decoder_architecture": True, "num_kv_heads": 4},
+        ),
+        "falcon_mha": ("FalconConfig", "FalconForCausalLM", {**_FALCON, "multi_query": False}),
+    }
+)
 # CodeGen: qkv_proj is 4 blocks of [q | v | k]; 16 heads, so that a block's 4 heads split over 4 ranks
-ARCHS["codegen"] = ("CodeGenConfig", "CodeGenForCausalLM", {**_IDS, "num_attention_heads": 16, "rotary_dim": 4, "n_inner": 96,
-                                                            "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0})
+ARCHS["codegen"] = (
+    "CodeGenConfig",
+    "CodeGenForCausalLM",
+    {
+        **_IDS,
+        "num_attention_heads": 16,
+        "rotary_dim": 4,
+        "n_inner": 96,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+    },
+)
 # The zoo families tpext.parallel learned from the census (ZOO_CASES): BitNet (an RMSNorm between the MLP's
 # column and row layers, over the sharded intermediate features), GPT-OSS (attention sinks, one per head,
 # sliced with the heads; expert biases), PhiMoE and Llama 4 (routers with a forward of their own; Llama 4's
 # shared expert and flattened MoE output), Ernie-4.5-MoE and HunYuan-MoE (routers holding modules), BART's
 # decoder (its own loss over gathered logits).
-ARCHS.update({
-    "bitnet": ("BitNetConfig", "BitNetForCausalLM", _IDS),
-    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", {**_MOE, **_IDS, "num_local_experts": 4, "head_dim": 8}),
-    "phimoe": ("PhimoeConfig", "PhimoeForCausalLM", {**_MOE, **_IDS, "num_local_experts": 4}),
-    "llama4_text": ("Llama4TextConfig", "Llama4ForCausalLM", {**_MOE, **_IDS, "num_local_experts": 4, "head_dim": 8,
-                                                               "intermediate_size_mlp": 96}),
-    "ernie4_5_moe": ("Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM", {**_IDS, "moe_num_experts": 4, "moe_k": 2,
-                                                                       "moe_intermediate_size": 32,
-                                                                       "moe_num_shared_experts": 1}),
-    "hunyuan_v1_moe": ("HunYuanMoEV1Config", "HunYuanMoEV1ForCausalLM", {**_IDS, "num_experts": 4, "moe_topk": 2,
-                                                                         "head_dim": 8}),
-    "bart": ("BartConfig", "BartForCausalLM", {**_IDS, "d_model": 64, "decoder_layers": 2, "decoder_attention_heads": 8,
-                                               "decoder_ffn_dim": 96, "dropout": 0.0, "attention_dropout": 0.0,
-                                               "activation_dropout": 0.0}),
-})
-ZOO_CASES = [("bitnet", 2, True, "eager", False), ("gpt_oss", 2, True, "eager", True),
-             ("phimoe", 2, False, "eager", False), ("llama4_text", 2, True, "eager", False),
-             ("ernie4_5_moe", 2, True, "eager", False), ("hunyuan_v1_moe", 2, False, "eager", False),
-             ("bart", 8, False, "eager", False)]  # under SP an error: see test_bart_under_sequence_parallelism
-_NO_GQA = ("gpt_neox", "gptj", "xglm", "gpt2", "opt", "bloom", "gpt_bigcode", "gpt_bigcode_mha", "mpt", "falcon",
-           "falcon_new", "falcon_mha", "codegen", "bart")  # kv must be the 8 query heads
+ARCHS.update(
+    {
+        "bitnet": ("BitNetConfig", "BitNetForCausalLM", _IDS),
+        "gpt_oss": (
+            "GptOssConfig",
+            "GptOssForCausalLM",
+            {**_MOE, **_IDS, "num_local_experts": 4, "head_dim": 8},
+        ),
+        "phimoe": ("PhimoeConfig", "PhimoeForCausalLM", {**_MOE, **_IDS, "num_local_experts": 4}),
+        "llama4_text": (
+            "Llama4TextConfig",
+            "Llama4ForCausalLM",
+            {**_MOE, **_IDS, "num_local_experts": 4, "head_dim": 8, "intermediate_size_mlp": 96},
+        ),
+        "ernie4_5_moe": (
+            "Ernie4_5_MoeConfig",
+            "Ernie4_5_MoeForCausalLM",
+            {
+                **_IDS,
+                "moe_num_experts": 4,
+                "moe_k": 2,
+                "moe_intermediate_size": 32,
+                "moe_num_shared_experts": 1,
+            },
+        ),
+        "hunyuan_v1_moe": (
+            "HunYuanMoEV1Config",
+            "HunYuanMoEV1ForCausalLM",
+            {**_IDS, "num_experts": 4, "moe_topk": 2, "head_dim": 8},
+        ),
+        "bart": (
+            "BartConfig",
+            "BartForCausalLM",
+            {
+                **_IDS,
+                "d_model": 64,
+                "decoder_layers": 2,
+                "decoder_attention_heads": 8,
+                "decoder_ffn_dim": 96,
+                "dropout": 0.0,
+                "attention_dropout": 0.0,
+                "activation_dropout": 0.0,
+            },
+        ),
+    }
+)
+ZOO_CASES = [
+    ("bitnet", 2, True, "eager", False),
+    ("gpt_oss", 2, True, "eager", True),
+    ("phimoe", 2, False, "eager", False),
+    ("llama4_text", 2, True, "eager", False),
+    ("ernie4_5_moe", 2, True, "eager", False),
+    ("hunyuan_v1_moe", 2, False, "eager", False),
+    ("bart", 8, False, "eager", False),
+]  # under SP an error: see test_bart_under_sequence_parallelism
+_NO_GQA = (
+    "gpt_neox",
+    "gptj",
+    "xglm",
+    "gpt2",
+    "opt",
+    "bloom",
+    "gpt_bigcode",
+    "gpt_bigcode_mha",
+    "mpt",
+    "falcon",
+    "falcon_new",
+    "falcon_mha",
+    "codegen",
+    "bart",
+)  # kv must be the 8 query heads
 
 
 def _model(arch: str, kv: int, attn: str):
@@ -159,18 +321,30 @@ def _model(arch: str, kv: int, attn: str):
     with torch.no_grad():  # norms away from their init (Gemma's scales by 1 + weight, from zeros)
         for name, p in model.named_parameters():
             if "norm" in name or "sinks" in name:
-                p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(zlib.crc32(name.encode()))))
+                p.add_(
+                    0.1
+                    * torch.randn(p.shape, generator=torch.Generator().manual_seed(zlib.crc32(name.encode())))
+                )
     return model
 
 
-def _compare(arch: str, kv: int, sp: bool, attn: str, padded: bool, share_inputs: bool = True,
-             replicate_experts: bool = False) -> None:
+def _compare(
+    arch: str,
+    kv: int,
+    sp: bool,
+    attn: str,
+    padded: bool,
+    share_inputs: bool = True,
+    replicate_experts: bool = False,
+) -> None:
     world = torch.distributed.get_world_size()
     dense = _model(arch, kv, attn)
     plan = tpext.auto_plan(dense, sequence_parallel=sp)
     if replicate_experts:  # experts tpext cannot shard: under SP their block must still see every token
         plan = {name: "replicate" if style.kind == "experts" else style for name, style in plan.items()}
-    model = tpext.parallelize(copy.deepcopy(dense), plan=plan, sequence_parallel=sp, share_inputs=share_inputs)
+    model = tpext.parallelize(
+        copy.deepcopy(dense), plan=plan, sequence_parallel=sp, share_inputs=share_inputs
+    )
     ids = torch.randint(0, SMALL["vocab_size"], (2, 4 * world), generator=torch.Generator().manual_seed(1))
     labels = ids.masked_fill(torch.rand(ids.shape, generator=torch.Generator().manual_seed(2)) < 0.2, -100)
     mask, extra = torch.ones_like(ids), {}
@@ -186,23 +360,31 @@ def _compare(arch: str, kv: int, sp: bool, attn: str, padded: bool, share_inputs
     out = model(input_ids=ids, attention_mask=mask, labels=labels, **extra)
     out.loss.backward()
 
-    what = (f"{arch} tp={world} kv={kv} sp={sp} attn={attn} padded={padded} share_inputs={share_inputs} "
-            f"replicate_experts={replicate_experts}")
+    what = (
+        f"{arch} tp={world} kv={kv} sp={sp} attn={attn} padded={padded} share_inputs={share_inputs} "
+        f"replicate_experts={replicate_experts}"
+    )
     logits = out.logits  # gathered already where the model computes its own loss (BART's decoder)
-    logits = logits if logits.shape[-1] == SMALL["vocab_size"] else mappings.gather_from_tp(logits, SMALL["vocab_size"])
-    torch.testing.assert_close(logits, ref.logits, **TOL,
-                               msg=lambda m: f"{what}: logits: {m}")
+    logits = (
+        logits
+        if logits.shape[-1] == SMALL["vocab_size"]
+        else mappings.gather_from_tp(logits, SMALL["vocab_size"])
+    )
+    torch.testing.assert_close(logits, ref.logits, **TOL, msg=lambda m: f"{what}: logits: {m}")
     torch.testing.assert_close(out.loss, ref.loss, **TOL, msg=lambda m: f"{what}: loss: {m}")
     entries = layouts(model)
     assert len(entries) == len(layouts(dense)), what
     for e in (e for e in entries if isinstance(e.tensor, torch.nn.Parameter)):  # buffers too (xIELU's beta)
         dense_grad = dense.get_parameter(e.names[0]).grad
         if dense_grad is None:  # unused by this forward in the dense model (e.g. an expert no token chose)
-            assert e.tensor.grad is None or not e.tensor.grad.any(), f"{what}: grad {e.names}: none in the dense model"
+            assert e.tensor.grad is None or not e.tensor.grad.any(), (
+                f"{what}: grad {e.names}: none in the dense model"
+            )
             continue
         ref_grad = e.layout.local_from_dense(dense_grad)
-        torch.testing.assert_close(e.tensor.grad, ref_grad, **GRAD_TOL.get(arch, TOL),
-                                   msg=lambda m: f"{what}: grad {e.names}: {m}")
+        torch.testing.assert_close(
+            e.tensor.grad, ref_grad, **GRAD_TOL.get(arch, TOL), msg=lambda m: f"{what}: grad {e.names}: {m}"
+        )
 
 
 def _check_cases() -> None:
@@ -248,8 +430,9 @@ def _generate(arch: str) -> list:
     dense = _model(arch, 2, "sdpa").eval()
     model = tpext.parallelize(copy.deepcopy(dense), plan=tpext.auto_plan(dense, vocab_parallel_logits=False))
     ids = torch.randint(0, SMALL["vocab_size"], (2, 5), generator=torch.Generator().manual_seed(3))
-    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, pad_token_id=0,
-                  use_cache=True)
+    kwargs = dict(
+        attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, pad_token_id=0, use_cache=True
+    )
     with torch.no_grad():
         ref, out = dense.generate(ids, **kwargs), model.generate(ids, **kwargs)
     assert torch.equal(out, ref), f"{arch}: {out.tolist()} != {ref.tolist()}"
@@ -278,8 +461,10 @@ def _sp_errors() -> list[str]:
 def test_sp_errors():
     messages = run_ranks(_sp_errors, 4)[0]
     assert "sequence length (dim 1) divisible by the tensor-parallel size 4" in messages[0], messages[0]
-    assert ("under sequence parallelism lm_head must get the decoder's output shard (2, 2, 64) whole, got "
-            "(2, 1, 64)") in messages[1], messages[1]
+    assert (
+        "under sequence parallelism lm_head must get the decoder's output shard (2, 2, 64) whole, got "
+        "(2, 1, 64)"
+    ) in messages[1], messages[1]
 
 
 def _heads(sp: bool) -> None:
@@ -304,8 +489,12 @@ def _heads(sp: bool) -> None:
                 out.loss = out.last_hidden_state.mean(1).pow(2).sum()
             else:
                 out = m(input_ids=ids, labels=torch.tensor([0, 2]), output_hidden_states=True)
-                torch.testing.assert_close(out.logits, outs[0].logits if outs else out.logits, **TOL,
-                                           msg=lambda msg: f"{what}: logits: {msg}")
+                torch.testing.assert_close(
+                    out.logits,
+                    outs[0].logits if outs else out.logits,
+                    **TOL,
+                    msg=lambda msg: f"{what}: logits: {msg}",
+                )
             out.loss.backward()
             outs.append(out)
         torch.testing.assert_close(outs[1].loss, outs[0].loss, **TOL, msg=lambda m: f"{what}: loss: {m}")
@@ -313,7 +502,9 @@ def _heads(sp: bool) -> None:
             torch.testing.assert_close(h, ref, **TOL, msg=lambda m: f"{what}: hidden state {i}: {m}")
         for e in layouts(model):
             ref_grad = e.layout.local_from_dense(dense.get_parameter(e.names[0]).grad)
-            torch.testing.assert_close(e.tensor.grad, ref_grad, **TOL, msg=lambda m: f"{what}: grad {e.names}: {m}")
+            torch.testing.assert_close(
+                e.tensor.grad, ref_grad, **TOL, msg=lambda m: f"{what}: grad {e.names}: {m}"
+            )
 
 
 @pytest.mark.parametrize("sp", [False, True])
@@ -330,8 +521,11 @@ def test_attention_norm_plans():
     assert plan["model.layers.0.self_attn.q_norm"] == tpext.Style("colwise", (Piece(8, 8),))
     assert plan["model.layers.0.self_attn.k_norm"] == tpext.Style("colwise", (Piece(2, 8),))
     model.model.layers[1].self_attn.k_norm = type(model.model.layers[1].self_attn.k_norm)(24)
-    with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.k_norm \(Olmo2RMSNorm with a weight of 24 "
-                                         r"features: neither one head's, nor all query or key heads'\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"model\.layers\.1\.self_attn\.k_norm \(Olmo2RMSNorm with a weight of 24 "
+        r"features: neither one head's, nor all query or key heads'\)",
+    ):
         tpext.auto_plan(model)
 
 
@@ -341,9 +535,13 @@ def test_moe_plan():
     plan = tpext.auto_plan(_model("qwen2_moe", 2, "sdpa"), sequence_parallel=True)
     layer = "model.layers.1.mlp"
     assert {name: style.kind for name, style in plan.items() if name.startswith(layer)} == {
-        f"{layer}.gate": "replicate", f"{layer}.experts": "experts", f"{layer}.shared_expert_gate": "replicate",
-        f"{layer}.shared_expert.gate_proj": "colwise", f"{layer}.shared_expert.up_proj": "colwise",
-        f"{layer}.shared_expert.down_proj": "rowwise"}
+        f"{layer}.gate": "replicate",
+        f"{layer}.experts": "experts",
+        f"{layer}.shared_expert_gate": "replicate",
+        f"{layer}.shared_expert.gate_proj": "colwise",
+        f"{layer}.shared_expert.up_proj": "colwise",
+        f"{layer}.shared_expert.down_proj": "rowwise",
+    }
     assert plan["model.layers.0.mlp.down_proj"].kind == "rowwise"
 
 
@@ -367,21 +565,34 @@ def test_layouts_tpext_cannot_tell_are_refused():
     """Packed or nested attention weights whose head layout the names do not tell are named, not guessed:
     a packed qkv_proj beside an out_proj (not CodeGen's, whose blocks tpext knows) and StableLM's per-head
     norms in a list."""
-    codegen = transformers.CodeGenForCausalLM(transformers.CodeGenConfig(
-        n_embd=64, n_head=8, n_layer=1, rotary_dim=4, n_inner=96, n_positions=64, vocab_size=100))
-    codegen.transformer.h[0].attn.__class__ = type("OtherAttention", (type(codegen.transformer.h[0].attn),), {})
-    with pytest.raises(ValueError, match=r"transformer\.h\.0\.attn\.qkv_proj: OtherAttention\.qkv_proj: tpext knows a packed qkv_proj's layout"):
+    codegen = transformers.CodeGenForCausalLM(
+        transformers.CodeGenConfig(
+            n_embd=64, n_head=8, n_layer=1, rotary_dim=4, n_inner=96, n_positions=64, vocab_size=100
+        )
+    )
+    codegen.transformer.h[0].attn.__class__ = type(
+        "OtherAttention", (type(codegen.transformer.h[0].attn),), {}
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"transformer\.h\.0\.attn\.qkv_proj: OtherAttention\.qkv_proj: tpext knows a packed qkv_proj's layout",
+    ):
         tpext.auto_plan(codegen)
     stablelm = transformers.StableLmForCausalLM(transformers.StableLmConfig(**SMALL, qk_layernorm=True))
-    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_layernorm\.norms\.0 \(LayerNorm nested "
-                                         r"inside attention module model\.layers\.0\.self_attn: tpext cannot tell"):
+    with pytest.raises(
+        ValueError,
+        match=r"model\.layers\.0\.self_attn\.q_layernorm\.norms\.0 \(LayerNorm nested "
+        r"inside attention module model\.layers\.0\.self_attn: tpext cannot tell",
+    ):
         tpext.auto_plan(stablelm)
 
 
 def _gptj_under_sp() -> list[str]:
     """GPT-J reshapes its decoder stack's output to the full sequence length: under SP that is an error at
     the first place tpext sees it, never a reinterpreted shard."""
-    config = transformers.GPTJConfig(**SMALL, rotary_dim=4, n_inner=96, pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    config = transformers.GPTJConfig(
+        **SMALL, rotary_dim=4, n_inner=96, pad_token_id=0, eos_token_id=1, bos_token_id=1
+    )
     ids = torch.zeros(8, 4, dtype=torch.long)  # 8 x 2 x 64 elements: the reshape to [-1, 4, 64] goes through
     messages = []
     for cls in (transformers.GPTJModel, transformers.GPTJForCausalLM):
@@ -394,9 +605,13 @@ def _gptj_under_sp() -> list[str]:
 
 def test_gptj_under_sequence_parallelism_is_an_error():
     base, causal = run_ranks(_gptj_under_sp, 2)[0]
-    assert ("under sequence parallelism model must return its decoder stack's output shard (8, 2, 64) as "
-            "last_hidden_state, got shape (4, 4, 64): the model reshapes it") in base, base
-    assert "got (4, 4, 64) (a slice, as logits_to_keep or generation takes, or a reshape of it" in causal, causal
+    assert (
+        "under sequence parallelism model must return its decoder stack's output shard (8, 2, 64) as "
+        "last_hidden_state, got shape (4, 4, 64): the model reshapes it"
+    ) in base, base
+    assert "got (4, 4, 64) (a slice, as logits_to_keep or generation takes, or a reshape of it" in causal, (
+        causal
+    )
 
 
 def _bart_under_sp() -> str:
@@ -412,8 +627,10 @@ def _bart_under_sp() -> str:
 
 def test_bart_under_sequence_parallelism_is_an_error():
     message = run_ranks(_bart_under_sp, 2)[0]
-    assert message.startswith("tpext.parallelize: model.decoder.layernorm_embedding runs before the sequence is "
-                              "split at model.decoder.layers.0"), message
+    assert message.startswith(
+        "tpext.parallelize: model.decoder.layernorm_embedding runs before the sequence is "
+        "split at model.decoder.layers.0"
+    ), message
     assert "plan 'model.decoder.layernorm_embedding' as 'replicate'" in message, message
 
 

@@ -24,7 +24,9 @@ pytest.importorskip("transformers")
 _RANK = {"mismatch": 0, "crash": 1, "refused": 2, "match": 3}
 
 
-def compare(expected: dict[str, dict[str, str]], got: dict[str, dict[str, str]]) -> tuple[list[str], list[str]]:
+def compare(
+    expected: dict[str, dict[str, str]], got: dict[str, dict[str, str]]
+) -> tuple[list[str], list[str]]:
     """(failures, changes to record) between the recorded statuses and this run's."""
     failures, changes = [], []
     for family in sorted(set(expected) | set(got)):
@@ -51,12 +53,27 @@ def compare(expected: dict[str, dict[str, str]], got: dict[str, dict[str, str]])
 
 def test_compare_flags_drops_and_silent_errors():
     """The checker itself: drops, mismatches and new crashes fail; improvements are changes to record."""
-    expected = {"a": {"tp2": "match"}, "b": {"tp2": "refused"}, "c": {"tp2": "crash"}, "d": {"tp2": "match"},
-                "e": {"build": "not buildable"}}
-    got = {"a": {"tp2": "refused"}, "b": {"tp2": "match"}, "c": {"tp2": "crash"}, "d": {"tp2": "mismatch"},
-           "e": {"build": "not buildable"}, "f": {"tp2": "crash"}}
+    expected = {
+        "a": {"tp2": "match"},
+        "b": {"tp2": "refused"},
+        "c": {"tp2": "crash"},
+        "d": {"tp2": "match"},
+        "e": {"build": "not buildable"},
+    }
+    got = {
+        "a": {"tp2": "refused"},
+        "b": {"tp2": "match"},
+        "c": {"tp2": "crash"},
+        "d": {"tp2": "mismatch"},
+        "e": {"build": "not buildable"},
+        "f": {"tp2": "crash"},
+    }
     failures, changes = compare(expected, got)
-    assert failures == ["a tp2: dropped from match to refused", "d tp2: mismatch (recorded: match)", "f tp2: crash"]
+    assert failures == [
+        "a tp2: dropped from match to refused",
+        "d tp2: mismatch (recorded: match)",
+        "f tp2: crash",
+    ]
     assert changes == ["b tp2: refused -> match", "f: new family, not recorded ({'tp2': 'crash'})"]
 
 
@@ -69,14 +86,29 @@ def test_model_census_matches_record():
     recorded_with = expected.pop(model_census.VERSIONS_KEY, None)
     if recorded_with != model_census.versions():
         # Other versions: silent errors and crashes still fail; the record's statuses are not this run's.
-        bad = [f"{f} {k}: {v}" for f, e in sorted(got.items()) for k, v in e.items() if v in ("mismatch", "crash")]
-        assert not bad, (f"model census (versions {model_census.versions()}, record made with {recorded_with}): "
-                         "silently wrong or crashed:\n  " + "\n  ".join(bad))
+        bad = [
+            f"{f} {k}: {v}"
+            for f, e in sorted(got.items())
+            for k, v in e.items()
+            if v in ("mismatch", "crash")
+        ]
+        assert not bad, (
+            f"model census (versions {model_census.versions()}, record made with {recorded_with}): "
+            "silently wrong or crashed:\n  " + "\n  ".join(bad)
+        )
         return
     failures, changes = compare(expected, got)
-    how = (f"\nIf the changes are intended, record them: {model_census.WRITE_COMMAND} "
-           "(rewrites tests/model_census_expected.json and docs/model-support.md)")
-    reasons = {f: {k: v[1] for k, v in e.items() if isinstance(v, (list, tuple)) and v[1]} for f, e in results.items()}
-    assert not failures, ("model census: silently wrong, crashed or dropped:\n  " + "\n  ".join(
-        f"{line}  [{reasons.get(line.split()[0], {})}]" for line in failures) + how)
+    how = (
+        f"\nIf the changes are intended, record them: {model_census.WRITE_COMMAND} "
+        "(rewrites tests/model_census_expected.json and docs/model-support.md)"
+    )
+    reasons = {
+        f: {k: v[1] for k, v in e.items() if isinstance(v, (list, tuple)) and v[1]}
+        for f, e in results.items()
+    }
+    assert not failures, (
+        "model census: silently wrong, crashed or dropped:\n  "
+        + "\n  ".join(f"{line}  [{reasons.get(line.split()[0], {})}]" for line in failures)
+        + how
+    )
     assert not changes, "model census: outcomes changed from the record:\n  " + "\n  ".join(changes) + how

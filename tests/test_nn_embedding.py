@@ -34,8 +34,10 @@ def _embedding_case(vocab: int, sp: bool) -> dict[str, tuple[torch.Tensor, torch
     rows = slice(rank * 2, rank * 2 + 2)
     (y * (dy[rows] if sp else dy)).sum().backward()
     start, size = shard_range(vocab, world, rank)
-    return {"output": (y.detach(), (y_ref[rows] if sp else y_ref).detach()),
-            "grad_w": (layer.weight.grad, dense.weight.grad[start:start + size])}
+    return {
+        "output": (y.detach(), (y_ref[rows] if sp else y_ref).detach()),
+        "grad_w": (layer.weight.grad, dense.weight.grad[start : start + size]),
+    }
 
 
 @pytest.fixture(scope="module", params=WORLD_SIZES, ids=lambda w: f"tp{w}")
@@ -47,7 +49,9 @@ def embedding_results(request):
 def test_vocab_parallel_embedding_matches_dense(embedding_results, vocab, sp):
     for rank, pairs in enumerate(case_result(embedding_results, (vocab, sp))):
         for what, (got, want) in pairs.items():
-            torch.testing.assert_close(got, want, **TOL, msg=lambda m, what=what, rank=rank: f"rank {rank} {what}: {m}")
+            torch.testing.assert_close(
+                got, want, **TOL, msg=lambda m, what=what, rank=rank: f"rank {rank} {what}: {m}"
+            )
 
 
 def _out_of_range_ids() -> None:

@@ -35,16 +35,22 @@ def _cross_entropy_case(vocab: int, smoothing: float, reduction: str) -> dict[st
     g, logits, target = _inputs(vocab)
     start, size = shard_range(vocab, world, rank)
     full = logits.clone().requires_grad_()
-    ref = F.cross_entropy(full.view(-1, vocab), target.view(-1), ignore_index=-100, label_smoothing=smoothing,
-                          reduction=reduction)
+    ref = F.cross_entropy(
+        full.view(-1, vocab),
+        target.view(-1),
+        ignore_index=-100,
+        label_smoothing=smoothing,
+        reduction=reduction,
+    )
     ref = ref.view(4, 5) if reduction == "none" else ref
     dloss = torch.randn(ref.shape, generator=g, dtype=f64)
     (ref * dloss).sum().backward()
-    shard = logits[..., start:start + size].clone().requires_grad_()
-    loss = vocab_parallel_cross_entropy(shard, target, label_smoothing=smoothing, reduction=reduction,
-                                        vocab_size=vocab if smoothing else None)
+    shard = logits[..., start : start + size].clone().requires_grad_()
+    loss = vocab_parallel_cross_entropy(
+        shard, target, label_smoothing=smoothing, reduction=reduction, vocab_size=vocab if smoothing else None
+    )
     (loss * dloss).sum().backward()
-    return {"loss": (loss.detach(), ref.detach()), "grad": (shard.grad, full.grad[..., start:start + size])}
+    return {"loss": (loss.detach(), ref.detach()), "grad": (shard.grad, full.grad[..., start : start + size])}
 
 
 @pytest.fixture(scope="module", params=WORLD_SIZES, ids=lambda w: f"tp{w}")
@@ -52,11 +58,15 @@ def cross_entropy_results(request):
     return run_cases(_cross_entropy_case, request.param, CASES)
 
 
-@pytest.mark.parametrize("vocab, smoothing, reduction", CASES, ids=[f"V{v}-smoothing{s}-{r}" for v, s, r in CASES])
+@pytest.mark.parametrize(
+    "vocab, smoothing, reduction", CASES, ids=[f"V{v}-smoothing{s}-{r}" for v, s, r in CASES]
+)
 def test_vocab_parallel_cross_entropy_matches_dense(cross_entropy_results, vocab, smoothing, reduction):
     for rank, pairs in enumerate(case_result(cross_entropy_results, (vocab, smoothing, reduction))):
         for what, (got, want) in pairs.items():
-            torch.testing.assert_close(got, want, **TOL, msg=lambda m, what=what, rank=rank: f"rank {rank} {what}: {m}")
+            torch.testing.assert_close(
+                got, want, **TOL, msg=lambda m, what=what, rank=rank: f"rank {rank} {what}: {m}"
+            )
 
 
 def _cross_entropy_errors() -> None:
@@ -67,8 +77,11 @@ def _cross_entropy_errors() -> None:
     with pytest.raises(ValueError, match=r"target must be logits_shard.shape\[:-1\] = \(4, 5\), got \(4,\)"):
         vocab_parallel_cross_entropy(logits[..., :size], target[:, 0])
     if world > 1:
-        with pytest.raises(ValueError, match=rf"rank {rank}'s shard of V = {vocab + world} over {world} ranks has "
-                                             rf"{size + 1} logits, got {size}"):
+        with pytest.raises(
+            ValueError,
+            match=rf"rank {rank}'s shard of V = {vocab + world} over {world} ranks has "
+            rf"{size + 1} logits, got {size}",
+        ):
             vocab_parallel_cross_entropy(logits[..., :size], target, vocab_size=vocab + world)
 
 

@@ -36,7 +36,9 @@ def _data(world: int, k: int, n: int, seed: int):
 
 
 COLUMN_CASES = list(itertools.product(DIMS, (True, False), (False, True), (False, True)))  # bias, sp, gather
-ROW_CASES = list(itertools.product(DIMS, (True, False), (False, True), (True, False)))  # bias, sp, parallel in
+ROW_CASES = list(
+    itertools.product(DIMS, (True, False), (False, True), (True, False))
+)  # bias, sp, parallel in
 
 
 def _column_case(dims: tuple[int, int], bias: bool, sp: bool, gather: bool) -> dict[str, tuple]:
@@ -50,19 +52,22 @@ def _column_case(dims: tuple[int, int], bias: bool, sp: bool, gather: bool) -> d
     y_ref = dense(x)
 
     # Under SP, alternate between keeping the gathered input and gathering it again.
-    layer = ColumnParallelLinear.from_dense(dense, sequence_parallel=sp, gather_output=gather,
-                                            keep_gathered_input=bias)
+    layer = ColumnParallelLinear.from_dense(
+        dense, sequence_parallel=sp, gather_output=gather, keep_gathered_input=bias
+    )
     start, size = shard_range(n, world, rank)
     rows = slice(rank * x.shape[0] // world, (rank + 1) * x.shape[0] // world)
     x_in = (x[rows] if sp else x).clone().requires_grad_()
     y = layer(x_in)
-    want = y_ref if gather else y_ref[..., start:start + size]
-    (y * (dy if gather else dy[..., start:start + size])).sum().backward()
-    pairs = {"forward": (y.detach(), want.detach()),
-             "grad_x": (x_in.grad, x_d.grad[rows] if sp else x_d.grad),
-             "grad_w": (layer.weight.grad, dense.weight.grad[start:start + size])}
+    want = y_ref if gather else y_ref[..., start : start + size]
+    (y * (dy if gather else dy[..., start : start + size])).sum().backward()
+    pairs = {
+        "forward": (y.detach(), want.detach()),
+        "grad_x": (x_in.grad, x_d.grad[rows] if sp else x_d.grad),
+        "grad_w": (layer.weight.grad, dense.weight.grad[start : start + size]),
+    }
     if bias:
-        pairs["grad_b"] = (layer.bias.grad, dense.bias.grad[start:start + size])
+        pairs["grad_b"] = (layer.bias.grad, dense.bias.grad[start : start + size])
     return pairs
 
 
@@ -78,12 +83,14 @@ def _row_case(dims: tuple[int, int], bias: bool, sp: bool, parallel_in: bool) ->
     layer = RowParallelLinear.from_dense(dense, sequence_parallel=sp, input_is_parallel=parallel_in)
     start, size = shard_range(k, world, rank)
     rows = slice(rank * x.shape[0] // world, (rank + 1) * x.shape[0] // world)
-    x_in = (x[..., start:start + size] if parallel_in else x).clone().requires_grad_()
+    x_in = (x[..., start : start + size] if parallel_in else x).clone().requires_grad_()
     y = layer(x_in)
     (y * (dy[rows] if sp else dy)).sum().backward()
-    pairs = {"forward": (y.detach(), (y_ref[rows] if sp else y_ref).detach()),
-             "grad_x": (x_in.grad, x_d.grad[..., start:start + size] if parallel_in else x_d.grad),
-             "grad_w": (layer.weight.grad, dense.weight.grad[:, start:start + size])}
+    pairs = {
+        "forward": (y.detach(), (y_ref[rows] if sp else y_ref).detach()),
+        "grad_x": (x_in.grad, x_d.grad[..., start : start + size] if parallel_in else x_d.grad),
+        "grad_w": (layer.weight.grad, dense.weight.grad[:, start : start + size]),
+    }
     if bias:
         pairs["grad_b"] = (layer.bias.grad, dense.bias.grad)
     return pairs
@@ -92,7 +99,9 @@ def _row_case(dims: tuple[int, int], bias: bool, sp: bool, parallel_in: bool) ->
 def _assert_pairs(per_rank: list[dict[str, tuple]]) -> None:
     for rank, pairs in enumerate(per_rank):
         for what, (got, want) in pairs.items():
-            torch.testing.assert_close(got, want, **TOL, msg=lambda m, what=what, rank=rank: f"rank {rank} {what}: {m}")
+            torch.testing.assert_close(
+                got, want, **TOL, msg=lambda m, what=what, rank=rank: f"rank {rank} {what}: {m}"
+            )
 
 
 def _case_id(dims, bias, sp, flag, flag_name) -> str:
@@ -102,8 +111,10 @@ def _case_id(dims, bias, sp, flag, flag_name) -> str:
 @pytest.fixture(scope="module", params=[1, 2, 3, 4], ids=lambda w: f"tp{w}")
 def linear_results(request):
     """Every column and row case in one round trip per world size."""
-    return {"column": run_cases(_column_case, request.param, COLUMN_CASES),
-            "row": run_cases(_row_case, request.param, ROW_CASES)}
+    return {
+        "column": run_cases(_column_case, request.param, COLUMN_CASES),
+        "row": run_cases(_row_case, request.param, ROW_CASES),
+    }
 
 
 @pytest.mark.parametrize("case", COLUMN_CASES, ids=[_case_id(*c, "gather") for c in COLUMN_CASES])
@@ -132,9 +143,13 @@ def _mlp_comm(sp: bool, keep_gathered: bool = False) -> dict:
     # Dense check of the whole block too, so the counts belong to a correct computation.
     ref = down(F.gelu(up(x_full)))
     torch.testing.assert_close(y, ref.chunk(world)[tdist.get_rank()] if sp else ref, **TOL)
-    return {"forward": fwd, "backward": stats.by_kind("backward"),
-            "bytes": {k: stats.bytes(k) for k in ("all_reduce", "all_gather", "reduce_scatter")},
-            "modules": sorted({r.module for r in stats.records}), "activation_bytes": s * b * h * 8}
+    return {
+        "forward": fwd,
+        "backward": stats.by_kind("backward"),
+        "bytes": {k: stats.bytes(k) for k in ("all_reduce", "all_gather", "reduce_scatter")},
+        "modules": sorted({r.module for r in stats.records}),
+        "activation_bytes": s * b * h * 8,
+    }
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
@@ -178,12 +193,19 @@ def _check_gather_before_call() -> None:
     c, mem = torch.randn(x.shape, generator=g, dtype=f64), torch.randn(2, 5, 8, generator=g, dtype=f64)
 
     def loss(q, k, x_full, mem, scale):
-        return (q(x_full).square().sum() + k(x_full).sin().sum() + (q(x_full) * 3).sum() + k(mem).cos().sum()
-                + (x_full * c).sum() * scale)
+        return (
+            q(x_full).square().sum()
+            + k(x_full).sin().sum()
+            + (q(x_full) * 3).sum()
+            + k(mem).cos().sum()
+            + (x_full * c).sum() * scale
+        )
 
     x_d, mem_d = x.clone().requires_grad_(), mem.clone().requires_grad_()
     loss(dense_q, dense_k, x_d, mem_d, world * (world + 1) / 2).backward()
-    q, k = (ColumnParallelLinear.from_dense(d, sequence_parallel=True, sequence_dim=1) for d in (dense_q, dense_k))
+    q, k = (
+        ColumnParallelLinear.from_dense(d, sequence_parallel=True, sequence_dim=1) for d in (dense_q, dense_k)
+    )
     shared = SharedInputColumns([q, k]).attach()
     rows = slice(rank * x.shape[1] // world, (rank + 1) * x.shape[1] // world)
     x_shard, mem_r = x[:, rows].clone().requires_grad_(), mem.clone().requires_grad_()
@@ -199,8 +221,8 @@ def _check_gather_before_call() -> None:
     torch.testing.assert_close(mem_r.grad, mem_d.grad, **TOL)
     for layer, dense in ((q, dense_q), (k, dense_k)):
         start, size = shard_range(dense.out_features, world, rank)
-        torch.testing.assert_close(layer.weight.grad, dense.weight.grad[start:start + size], **TOL)
-        torch.testing.assert_close(layer.bias.grad, dense.bias.grad[start:start + size], **TOL)
+        torch.testing.assert_close(layer.weight.grad, dense.weight.grad[start : start + size], **TOL)
+        torch.testing.assert_close(layer.bias.grad, dense.bias.grad[start : start + size], **TOL)
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
@@ -211,22 +233,33 @@ def test_gather_before_call(world_size):
 def _check_errors() -> None:
     world = tdist.get_world_size()
     col = ColumnParallelLinear(8, 12)
-    with pytest.raises(ValueError, match=r"ColumnParallelLinear: input must be \[\*, 8\] \(in_features\), got shape \(4, 7\)"):
+    with pytest.raises(
+        ValueError, match=r"ColumnParallelLinear: input must be \[\*, 8\] \(in_features\), got shape \(4, 7\)"
+    ):
         col(torch.ones(4, 7))
     row = RowParallelLinear(12, 8)
-    with pytest.raises(ValueError, match=r"RowParallelLinear: input must be \[\*, 6\] \(this rank's shard of "
-                                         r"in_features=12 over 2 ranks; is the preceding column-parallel layer"):
+    with pytest.raises(
+        ValueError,
+        match=r"RowParallelLinear: input must be \[\*, 6\] \(this rank's shard of "
+        r"in_features=12 over 2 ranks; is the preceding column-parallel layer",
+    ):
         row(torch.ones(4, 12))  # e.g. the column layer ran on a group of another size
     sp = RowParallelLinear(8, 12, sequence_parallel=True)
-    with pytest.raises(ValueError, match=r"sequence_parallel needs the sequence length \(dim 0\) divisible by the "
-                                         r"tensor-parallel size 2, got 3"):
+    with pytest.raises(
+        ValueError,
+        match=r"sequence_parallel needs the sequence length \(dim 0\) divisible by the "
+        r"tensor-parallel size 2, got 3",
+    ):
         sp(torch.ones(3, 2, 4))
     from torch.distributed.device_mesh import init_device_mesh
+
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("tp",))
     assert ColumnParallelLinear(8, 12, group=mesh).tp_size == world
     with pytest.raises(ValueError, match="chunks must be 'auto' or an int >= 1, got 0"):
         ColumnParallelLinear(8, 12, chunks=0)
-    with pytest.raises(TypeError, match="group must be a torch.distributed.ProcessGroup, a 1-D DeviceMesh or None"):
+    with pytest.raises(
+        TypeError, match="group must be a torch.distributed.ProcessGroup, a 1-D DeviceMesh or None"
+    ):
         RowParallelLinear(8, 12, group=3)
 
 
@@ -236,6 +269,7 @@ def test_bad_input_errors():
 
 def _check_2d_mesh() -> None:
     from torch.distributed.device_mesh import init_device_mesh
+
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
     with pytest.raises(ValueError, match=r"DeviceMesh group must be 1-D, got a 2-D mesh"):
         ColumnParallelLinear(8, 12, group=mesh)

@@ -28,7 +28,10 @@ TOL = {"rtol": 1e-12, "atol": 1e-12}
 def _check_norms() -> dict:
     rank, world = tdist.get_rank(), tdist.get_world_size()
     g = torch.Generator().manual_seed(0)
-    x, dy = torch.randn(2 * world, 3, 6, generator=g, dtype=f64), torch.randn(2 * world, 3, 6, generator=g, dtype=f64)
+    x, dy = (
+        torch.randn(2 * world, 3, 6, generator=g, dtype=f64),
+        torch.randn(2 * world, 3, 6, generator=g, dtype=f64),
+    )
     w, b = torch.randn(6, generator=g, dtype=f64), torch.randn(6, generator=g, dtype=f64)
     rows = slice(2 * rank, 2 * rank + 2)
     counts = {}
@@ -44,11 +47,22 @@ def _check_norms() -> dict:
             return rms(x) * (1 + self.weight)
 
     for name, make, ref_fn in [
-        ("layernorm", lambda: SequenceParallelLayerNorm(6, dtype=f64), lambda x, w, b: F.layer_norm(x, (6,), w, b, 1e-5)),
+        (
+            "layernorm",
+            lambda: SequenceParallelLayerNorm(6, dtype=f64),
+            lambda x, w, b: F.layer_norm(x, (6,), w, b, 1e-5),
+        ),
         ("rmsnorm", lambda: SequenceParallelRMSNorm(6, dtype=f64), lambda x, w, b: rms(x) * w),
-        ("sum_param_grads(nn.LayerNorm)", lambda: sum_param_grads(torch.nn.LayerNorm(6, dtype=f64)),
-         lambda x, w, b: F.layer_norm(x, (6,), w, b, 1e-5)),
-        ("sum_param_grads(1 + weight)", lambda: sum_param_grads(OnePlusWeightNorm()), lambda x, w, b: rms(x) * (1 + w)),
+        (
+            "sum_param_grads(nn.LayerNorm)",
+            lambda: sum_param_grads(torch.nn.LayerNorm(6, dtype=f64)),
+            lambda x, w, b: F.layer_norm(x, (6,), w, b, 1e-5),
+        ),
+        (
+            "sum_param_grads(1 + weight)",
+            lambda: sum_param_grads(OnePlusWeightNorm()),
+            lambda x, w, b: rms(x) * (1 + w),
+        ),
     ]:
         w_ref, b_ref = w.clone().requires_grad_(), b.clone().requires_grad_()
         y_ref = ref_fn(x, w_ref, b_ref)
@@ -56,7 +70,9 @@ def _check_norms() -> dict:
         norm = make()
         if name.startswith("sum_param_grads"):  # the module keeps its class, names and arithmetic
             assert isinstance(norm, (torch.nn.LayerNorm, OnePlusWeightNorm)), name
-            assert list(norm.state_dict()) == (["weight", "bias"] if norm.bias is not None else ["weight"]), name
+            assert list(norm.state_dict()) == (["weight", "bias"] if norm.bias is not None else ["weight"]), (
+                name
+            )
         with torch.no_grad():
             norm.weight.copy_(w)
             if norm.bias is not None:
@@ -67,16 +83,25 @@ def _check_norms() -> dict:
         counts[name] = stats.count("all_reduce", phase="backward")
         torch.testing.assert_close(y, y_ref[rows], **TOL)
         # Each rank saw only its tokens, yet holds the full gradient: identical replicas.
-        torch.testing.assert_close(norm.weight.grad, w_ref.grad, **TOL, msg=lambda m, name=name: f"{name} grad_w: {m}")
+        torch.testing.assert_close(
+            norm.weight.grad, w_ref.grad, **TOL, msg=lambda m, name=name: f"{name} grad_w: {m}"
+        )
         if norm.bias is not None:
-            torch.testing.assert_close(norm.bias.grad, b_ref.grad, **TOL, msg=lambda m, name=name: f"{name} grad_b: {m}")
+            torch.testing.assert_close(
+                norm.bias.grad, b_ref.grad, **TOL, msg=lambda m, name=name: f"{name} grad_b: {m}"
+            )
     return counts
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 4])
 def test_sequence_parallel_norms_all_reduce_their_grads(world_size):
     counts = run_ranks(_check_norms, world_size)[0]
-    want = {"layernorm": 2, "rmsnorm": 1, "sum_param_grads(nn.LayerNorm)": 2, "sum_param_grads(1 + weight)": 1}
+    want = {
+        "layernorm": 2,
+        "rmsnorm": 1,
+        "sum_param_grads(nn.LayerNorm)": 2,
+        "sum_param_grads(1 + weight)": 1,
+    }
     assert counts == (want if world_size > 1 else {name: 0 for name in want})
 
 
@@ -103,8 +128,11 @@ def _check_head_norms() -> dict:
     for name in ("ColumnParallelRMSNorm", "nn.RMSNorm", "per-head weights"):
         torch.manual_seed(1)
         up, down = torch.nn.Linear(8, heads * d, dtype=f64), torch.nn.Linear(heads * d, 6, dtype=f64)
-        dense_norm = (_PerHeadNorm(heads, d) if name == "per-head weights"
-                      else torch.nn.RMSNorm(heads * d, eps=1e-6, dtype=f64))
+        dense_norm = (
+            _PerHeadNorm(heads, d)
+            if name == "per-head weights"
+            else torch.nn.RMSNorm(heads * d, eps=1e-6, dtype=f64)
+        )
         with torch.no_grad():
             dense_norm.weight.copy_(torch.rand(dense_norm.weight.shape, generator=g, dtype=f64) + 0.5)
         pieces = (Piece(heads, d),)
@@ -116,10 +144,15 @@ def _check_head_norms() -> dict:
                 norm.weight.copy_(norm._tpext_layouts["weight"].local_from_dense(dense_norm.weight))
         else:
             norm = shard_norm_features(dense_norm, None, pieces)
-            assert type(norm).__name__ == type(dense_norm).__name__ and isinstance(norm, type(dense_norm)), name
+            assert type(norm).__name__ == type(dense_norm).__name__ and isinstance(norm, type(dense_norm)), (
+                name
+            )
         repr_of[name] = repr(norm)
         xr, xd = x.clone().requires_grad_(), x.clone().requires_grad_()
-        def call(m, h, name=name):  # the per-head norm gets [*, heads, head_dim], as Cohere's attention calls it
+
+        def call(
+            m, h, name=name
+        ):  # the per-head norm gets [*, heads, head_dim], as Cohere's attention calls it
             return m(h.unflatten(-1, (-1, d))).flatten(-2) if name == "per-head weights" else m(h)
 
         y_ref = down(call(dense_norm, up(xr)))
@@ -132,8 +165,12 @@ def _check_head_norms() -> dict:
         for module, dense in ((col, up), (norm, dense_norm), (row, down)):
             layout = getattr(module, "_tpext_layouts", {}).get("weight")
             want = layout.local_from_dense(dense.weight.grad) if layout else dense.weight.grad
-            torch.testing.assert_close(module.weight.grad, want, **TOL,
-                                       msg=lambda m, what=what, module=module: f"{what}: grad {type(module).__name__}: {m}")
+            torch.testing.assert_close(
+                module.weight.grad,
+                want,
+                **TOL,
+                msg=lambda m, what=what, module=module: f"{what}: grad {type(module).__name__}: {m}",
+            )
     return repr_of
 
 
@@ -187,26 +224,29 @@ def _head_norm_errors() -> list[str]:
     # eps=None is that of the compute dtype (fp32), as torch's RMSNorm: bf16 inputs of small values.
     dense = torch.nn.RMSNorm(12, eps=None, dtype=torch.bfloat16)
     x = 0.01 * torch.randn(5, 12, generator=torch.Generator().manual_seed(0)).bfloat16()
-    (start, length), = ColumnParallelRMSNorm(12, pieces=pieces)._tpext_layouts["weight"].segments
+    ((start, length),) = ColumnParallelRMSNorm(12, pieces=pieces)._tpext_layouts["weight"].segments
     mine = slice(start, start + length)
-    torch.testing.assert_close(shard_norm_features(dense, None, pieces)(x[:, mine]), dense(x)[:, mine],
-                               rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(
+        shard_norm_features(dense, None, pieces)(x[:, mine]), dense(x)[:, mine], rtol=1e-2, atol=1e-2
+    )
     return messages
 
 
 def test_norms_of_column_sharded_heads_errors():
     messages = run_ranks(_head_norm_errors, 4)[0]
-    want = ["cannot shard LayerNorm by heads: on this rank's heads alone it does not compute what it computes on "
-            "all of them",
-            "cannot shard LayerNorm over features: it has parameters ['bias', 'weight']",
-            "cannot shard _RMS over features: it does not compute RMSNorm",
-            "cannot shard _RMS over features: it does not compute RMSNorm",
-            "cannot shard _RMS over features: it has parameters ['weight'] and buffers ['shift']",
-            "cannot shard RMSNorm over 12 features ([Piece(units=4, unit_size=3)]): its weight is [10]",
-            "ColumnParallelRMSNorm: input must be [*, 3] (this rank's features of 12), got shape (2, 12)",
-            "ColumnParallelRMSNorm: pieces [Piece(units=4, unit_size=4)] add up to 16, not normalized_size 12",
-            "pieces [Piece(units=2, unit_size=3), Piece(units=1, unit_size=6)] would be replicated over different "
-            "numbers of ranks ([2, 4]) at tp=4"]
+    want = [
+        "cannot shard LayerNorm by heads: on this rank's heads alone it does not compute what it computes on "
+        "all of them",
+        "cannot shard LayerNorm over features: it has parameters ['bias', 'weight']",
+        "cannot shard _RMS over features: it does not compute RMSNorm",
+        "cannot shard _RMS over features: it does not compute RMSNorm",
+        "cannot shard _RMS over features: it has parameters ['weight'] and buffers ['shift']",
+        "cannot shard RMSNorm over 12 features ([Piece(units=4, unit_size=3)]): its weight is [10]",
+        "ColumnParallelRMSNorm: input must be [*, 3] (this rank's features of 12), got shape (2, 12)",
+        "ColumnParallelRMSNorm: pieces [Piece(units=4, unit_size=4)] add up to 16, not normalized_size 12",
+        "pieces [Piece(units=2, unit_size=3), Piece(units=1, unit_size=6)] would be replicated over different "
+        "numbers of ranks ([2, 4]) at tp=4",
+    ]
     for message, expected in zip(messages, want, strict=True):
         assert expected in message, (expected, message)
 
@@ -232,7 +272,9 @@ def _sum_param_grads_wrapped(kind: str) -> list:
     x = torch.full((3, 4), float(rank + 1), dtype=f64)  # each rank its own tokens
     if kind.startswith("fsdp1"):
         solo = [tdist.new_group([r], backend="gloo") for r in range(tdist.get_world_size())][rank]  # dp = 1
-        model = FSDP(model, process_group=solo, device_id=torch.device("cpu"), use_orig_params=kind == "fsdp1_orig")
+        model = FSDP(
+            model, process_group=solo, device_id=torch.device("cpu"), use_orig_params=kind == "fsdp1_orig"
+        )
     if kind == "threads":
         import threading
 

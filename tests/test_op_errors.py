@@ -28,31 +28,99 @@ OPS = {
 
 # (case id, op names it applies to, args (x, w, bias), kwargs, regex the message must match)
 CASES = [
-    ("x_1d", OPS, (_t(8), _t(4, 8), None), {}, r"x(_shard)? must be \[\*, K\] with at least 2 dims, got shape \[8\]"),
-    ("w_3d", OPS, (_t(4, 8), _t(2, 4, 8), None), {}, r"w must be 2-D \[N, K\] \(nn.Linear layout\), got shape \[2, 4, 8\]"),
-    ("k_mismatch", OPS, (_t(4, 8), _t(6, 7), None), {},
-     r"x(_shard)?.s last dim K = 8 must equal w.size\(1\) \(w is \[N, K\]\), got x(_shard)? \[4, 8\] and w \[6, 7\]"),
+    (
+        "x_1d",
+        OPS,
+        (_t(8), _t(4, 8), None),
+        {},
+        r"x(_shard)? must be \[\*, K\] with at least 2 dims, got shape \[8\]",
+    ),
+    (
+        "w_3d",
+        OPS,
+        (_t(4, 8), _t(2, 4, 8), None),
+        {},
+        r"w must be 2-D \[N, K\] \(nn.Linear layout\), got shape \[2, 4, 8\]",
+    ),
+    (
+        "k_mismatch",
+        OPS,
+        (_t(4, 8), _t(6, 7), None),
+        {},
+        r"x(_shard)?.s last dim K = 8 must equal w.size\(1\) \(w is \[N, K\]\), got x(_shard)? \[4, 8\] and w \[6, 7\]",
+    ),
     ("bias_size", OPS, (_t(4, 8), _t(6, 8), _t(5)), {}, r"bias must be 1-D \[N\] = \[6\] .* got shape \[5\]"),
-    ("bias_2d", OPS, (_t(4, 8), _t(6, 8), _t(1, 6)), {}, r"bias must be 1-D \[N\] = \[6\] .* got shape \[1, 6\]"),
-    ("w_dtype", OPS, (_t(4, 8), _t(6, 8, dtype=torch.float32), None), {},
-     r"w dtype Float must match x(_shard)? dtype Double"),
-    ("bias_dtype", OPS, (_t(4, 8), _t(6, 8), _t(6, dtype=torch.float32)), {},
-     r"bias dtype Float must match x(_shard)? dtype Double"),
-    ("int_x", OPS, (_t(4, 8, dtype=torch.int64), _t(6, 8, dtype=torch.int64), None), {},
-     r"x(_shard)? must be a floating-point tensor, got dtype Long"),
-    ("chunks_0", OPS, (_t(4, 8), _t(6, 8), None), {"chunks": 0}, r"chunks must be >= 1 \(1 = sequential\), got 0"),
-    ("chunks_neg", OPS, (_t(4, 8), _t(6, 8), None), {"chunks": -3}, r"chunks must be >= 1 \(1 = sequential\), got -3"),
-    ("algorithm_3", OPS, (_t(4, 8), _t(6, 8), None), {"algorithm": 3},
-     r"algorithm must be 0 \(sequential\), 1 \(chunked_pipeline\) or 2 \(chunked_two_streams\), got 3"),
+    (
+        "bias_2d",
+        OPS,
+        (_t(4, 8), _t(6, 8), _t(1, 6)),
+        {},
+        r"bias must be 1-D \[N\] = \[6\] .* got shape \[1, 6\]",
+    ),
+    (
+        "w_dtype",
+        OPS,
+        (_t(4, 8), _t(6, 8, dtype=torch.float32), None),
+        {},
+        r"w dtype Float must match x(_shard)? dtype Double",
+    ),
+    (
+        "bias_dtype",
+        OPS,
+        (_t(4, 8), _t(6, 8), _t(6, dtype=torch.float32)),
+        {},
+        r"bias dtype Float must match x(_shard)? dtype Double",
+    ),
+    (
+        "int_x",
+        OPS,
+        (_t(4, 8, dtype=torch.int64), _t(6, 8, dtype=torch.int64), None),
+        {},
+        r"x(_shard)? must be a floating-point tensor, got dtype Long",
+    ),
+    (
+        "chunks_0",
+        OPS,
+        (_t(4, 8), _t(6, 8), None),
+        {"chunks": 0},
+        r"chunks must be >= 1 \(1 = sequential\), got 0",
+    ),
+    (
+        "chunks_neg",
+        OPS,
+        (_t(4, 8), _t(6, 8), None),
+        {"chunks": -3},
+        r"chunks must be >= 1 \(1 = sequential\), got -3",
+    ),
+    (
+        "algorithm_3",
+        OPS,
+        (_t(4, 8), _t(6, 8), None),
+        {"algorithm": 3},
+        r"algorithm must be 0 \(sequential\), 1 \(chunked_pipeline\) or 2 \(chunked_two_streams\), got 3",
+    ),
     ("algorithm_neg", OPS, (_t(4, 8), _t(6, 8), None), {"algorithm": -1}, r"algorithm must be 0 .* got -1"),
-    ("sequential_chunks", OPS, (_t(4, 8), _t(6, 8), None), {"chunks": 4, "algorithm": 0},
-     r"algorithm 0 \(sequential\) runs one chunk, so chunks must be 1, got 4"),
+    (
+        "sequential_chunks",
+        OPS,
+        (_t(4, 8), _t(6, 8), None),
+        {"chunks": 4, "algorithm": 0},
+        r"algorithm 0 \(sequential\) runs one chunk, so chunks must be 1, got 4",
+    ),
 ]
 
 REDUCING = {k: OPS[k] for k in ("gemm_all_reduce", "gemm_reduce_scatter")}
 RESIDUAL_CASES = [
-    ("residual_shape", {"residual": _t(4, 5)}, r"residual must have the output's shape \[4, 6\], got \[4, 5\]"),
-    ("residual_dtype", {"residual": _t(4, 6, dtype=torch.float32)}, r"residual dtype Float must match x dtype Double"),
+    (
+        "residual_shape",
+        {"residual": _t(4, 5)},
+        r"residual must have the output's shape \[4, 6\], got \[4, 5\]",
+    ),
+    (
+        "residual_dtype",
+        {"residual": _t(4, 6, dtype=torch.float32)},
+        r"residual dtype Float must match x dtype Double",
+    ),
 ]
 
 
@@ -75,12 +143,18 @@ def _check_errors() -> None:
         tpext.ops.gemm_all_reduce(_t(4, 8), _t(6, 8), chunks="many")
     if world > 1:
         rows = world + 1  # never divisible by world >= 2
-        with pytest.raises(RuntimeError, match=rf"x.size\(0\) = {rows} must be divisible by the group size {world}"):
+        with pytest.raises(
+            RuntimeError, match=rf"x.size\(0\) = {rows} must be divisible by the group size {world}"
+        ):
             tpext.ops.gemm_reduce_scatter(_t(rows, 8), _t(6, 8))
     for name in OPS:
-        with pytest.raises(RuntimeError, match=rf"tpext\.{name}: group_name 'no-such-group' does not name a registered"):
+        with pytest.raises(
+            RuntimeError, match=rf"tpext\.{name}: group_name 'no-such-group' does not name a registered"
+        ):
             getattr(torch.ops.tpext, name)(_t(world, 8), _t(6, 8), None, "no-such-group", 1)
-    with pytest.raises(TypeError, match="group must be a torch.distributed.ProcessGroup, a 1-D DeviceMesh or None"):
+    with pytest.raises(
+        TypeError, match="group must be a torch.distributed.ProcessGroup, a 1-D DeviceMesh or None"
+    ):
         tpext.ops.gemm_all_reduce(_t(4, 8), _t(6, 8), group="world")
     # Nothing above reached a collective: the group is intact and a good call works on every rank.
     y = tpext.ops.gemm_all_reduce(_t(3, 8), _t(6, 8), chunks=2)
@@ -137,23 +211,44 @@ def _check_ranks_disagree() -> None:
     rank, world = tdist.get_rank(), tdist.get_world_size()
     last = world - 1
     cases = [  # (op, args, kwargs on this rank, the difference the message names)
-        ("all_gather_gemm", (_t(2 + (rank == last), 8), _t(6, 8)), dict(chunks=2),
-         rf"rows \(leading dims of x flattened\) = 3 on rank {last} but 2 on rank 0"),
-        ("gemm_all_reduce", (_t(4, 8), _t(6, 8)), dict(chunks=1 + (rank == last)),
-         rf"chunks = 2 on rank {last} but 1 on rank 0"),
-        ("gemm_reduce_scatter", (_t(2 * world, 8, dtype=torch.float32 if rank == last else f64),
-                                 _t(6, 8, dtype=torch.float32 if rank == last else f64)), dict(chunks=1),
-         rf"dtype = Float on rank {last} but Double on rank 0"),
+        (
+            "all_gather_gemm",
+            (_t(2 + (rank == last), 8), _t(6, 8)),
+            dict(chunks=2),
+            rf"rows \(leading dims of x flattened\) = 3 on rank {last} but 2 on rank 0",
+        ),
+        (
+            "gemm_all_reduce",
+            (_t(4, 8), _t(6, 8)),
+            dict(chunks=1 + (rank == last)),
+            rf"chunks = 2 on rank {last} but 1 on rank 0",
+        ),
+        (
+            "gemm_reduce_scatter",
+            (
+                _t(2 * world, 8, dtype=torch.float32 if rank == last else f64),
+                _t(6, 8, dtype=torch.float32 if rank == last else f64),
+            ),
+            dict(chunks=1),
+            rf"dtype = Float on rank {last} but Double on rank 0",
+        ),
         # A rank whose own check fails (rows not divisible by the group) still takes part in the comparison.
-        ("gemm_reduce_scatter", (_t(2 * world - (rank == last), 8), _t(6, 8)), dict(chunks=1),
-         rf"arguments accepted \(1\) or rejected \(0\) = 0 on rank {last} but 1 on rank 0"),
+        (
+            "gemm_reduce_scatter",
+            (_t(2 * world - (rank == last), 8), _t(6, 8)),
+            dict(chunks=1),
+            rf"arguments accepted \(1\) or rejected \(0\) = 0 on rank {last} but 1 on rank 0",
+        ),
     ]
     tdist.set_debug_level(tdist.DebugLevel.DETAIL)
     try:
         for name, args, kwargs, difference in cases:
-            with pytest.raises(RuntimeError, match=rf"tpext\.{name}: the ranks of group .* called it with different "
-                                                   rf"arguments \(checked because TORCH_DISTRIBUTED_DEBUG=DETAIL\):.* "
-                                                   rf"{difference}"):
+            with pytest.raises(
+                RuntimeError,
+                match=rf"tpext\.{name}: the ranks of group .* called it with different "
+                rf"arguments \(checked because TORCH_DISTRIBUTED_DEBUG=DETAIL\):.* "
+                rf"{difference}",
+            ):
                 OPS[name](*args, **kwargs)
         # The same calls with agreeing arguments pass the check and compute.
         y = tpext.ops.gemm_all_reduce(_t(3, 8), _t(6, 8), chunks=2)

@@ -17,11 +17,21 @@ import torch
 import tpext
 
 GEMM_OPS = ("gemm_all_reduce", "gemm_reduce_scatter", "all_gather_gemm")
-P2P_OPS = ("p2p_all_reduce", "p2p_reduce_scatter", "p2p_all_gather", "p2p_all_reduce_residual_rmsnorm",
-           "p2p_rmsnorm_backward")
+P2P_OPS = (
+    "p2p_all_reduce",
+    "p2p_reduce_scatter",
+    "p2p_all_gather",
+    "p2p_all_reduce_residual_rmsnorm",
+    "p2p_rmsnorm_backward",
+)
 # torch.ops.tpext_testing.* (csrc/testing_bindings.cpp): the virtual-rank ops of the tests.
-TESTING_OPS = ("p2p_virtual_all_reduce", "p2p_virtual_reduce_scatter", "p2p_virtual_all_gather",
-               "p2p_virtual_all_reduce_residual_rmsnorm", "run_on_virtual_ranks")
+TESTING_OPS = (
+    "p2p_virtual_all_reduce",
+    "p2p_virtual_reduce_scatter",
+    "p2p_virtual_all_gather",
+    "p2p_virtual_all_reduce_residual_rmsnorm",
+    "run_on_virtual_ranks",
+)
 
 
 def _expected_keys(op: str) -> set[str]:
@@ -41,7 +51,8 @@ def test_the_op_table_lists_every_registered_op(namespace, table):
     registered = _registered(namespace)
     assert registered == set(table), (
         f"{namespace} ops registered but not in this table: {sorted(registered - set(table))}; "
-        f"in the table but not registered: {sorted(set(table) - registered)}")
+        f"in the table but not registered: {sorted(set(table) - registered)}"
+    )
 
 
 def test_no_test_only_op_in_the_public_namespace():
@@ -51,8 +62,9 @@ def test_no_test_only_op_in_the_public_namespace():
 
 @pytest.mark.parametrize("op", GEMM_OPS + P2P_OPS)
 def test_op_has_its_kernels(op):
-    missing = sorted(k for k in _expected_keys(op)
-                     if not torch._C._dispatch_has_kernel_for_dispatch_key(f"tpext::{op}", k))
+    missing = sorted(
+        k for k in _expected_keys(op) if not torch._C._dispatch_has_kernel_for_dispatch_key(f"tpext::{op}", k)
+    )
     assert not missing, f"tpext::{op} has no kernel for {missing} (cuda_compiled={tpext.cuda_compiled})"
 
 
@@ -63,4 +75,3 @@ def test_testing_op_has_its_kernels(op):
     name = f"tpext_testing::{op}"
     missing = sorted(k for k in keys if not torch._C._dispatch_has_kernel_for_dispatch_key(name, k))
     assert not missing, f"{name} has no kernel for {missing} (cuda_compiled={tpext.cuda_compiled})"
-

@@ -18,8 +18,19 @@ def test_planner_re_exports_the_policy():
     # Users call tpext.planner.auto_schedule / .Algorithm: the policy moved beside the ops, the names stay.
     import tpext.planner as planner
     from tpext.ops import schedule
-    for name in ("Algorithm", "AlgorithmLike", "Chunks", "Schedule", "auto_chunks", "auto_schedule",
-                 "default_algorithm", "resolve_chunks", "resolve_schedule", "MIN_ROWS_PER_CHUNK"):
+
+    for name in (
+        "Algorithm",
+        "AlgorithmLike",
+        "Chunks",
+        "Schedule",
+        "auto_chunks",
+        "auto_schedule",
+        "default_algorithm",
+        "resolve_chunks",
+        "resolve_schedule",
+        "MIN_ROWS_PER_CHUNK",
+    ):
         assert getattr(planner, name) is getattr(schedule, name), name
 
 
@@ -49,16 +60,22 @@ def test_explicit_values_override_the_heuristic():
     assert resolve_schedule(3, "auto", 10, 2, "cpu") == Schedule(3, Algorithm.CHUNKED_PIPELINE)
     assert resolve_schedule(3, "auto", 10, 2, "cuda") == Schedule(3, Algorithm.CHUNKED_TWO_STREAMS)
     assert resolve_schedule(1, "auto", 1 << 20, 8, "cuda") == Schedule(1, Algorithm.SEQUENTIAL)
-    assert resolve_schedule("auto", Algorithm.SEQUENTIAL, 1 << 20, 8, "cuda") == Schedule(1, Algorithm.SEQUENTIAL)
-    assert resolve_schedule("auto", Algorithm.CHUNKED_PIPELINE, 8192, 8, "cuda") == Schedule(4, Algorithm.CHUNKED_PIPELINE)
+    assert resolve_schedule("auto", Algorithm.SEQUENTIAL, 1 << 20, 8, "cuda") == Schedule(
+        1, Algorithm.SEQUENTIAL
+    )
+    assert resolve_schedule("auto", Algorithm.CHUNKED_PIPELINE, 8192, 8, "cuda") == Schedule(
+        4, Algorithm.CHUNKED_PIPELINE
+    )
     assert resolve_schedule(5, 2, 10, 2, "cpu") == Schedule(5, 2)
     # Out-of-range ints pass through: the op itself rejects them with its own message (test_op_errors).
     assert resolve_schedule(0, 7, 10, 2, "cpu") == Schedule(0, 7)
     assert default_algorithm(2, "cpu") is Algorithm.CHUNKED_PIPELINE
 
 
-@pytest.mark.parametrize("chunks, algorithm, what", [("many", "auto", "chunks"), (2, "fast", "algorithm"),
-                                                     (2.0, "auto", "chunks"), (True, "auto", "chunks")])
+@pytest.mark.parametrize(
+    "chunks, algorithm, what",
+    [("many", "auto", "chunks"), (2, "fast", "algorithm"), (2.0, "auto", "chunks"), (True, "auto", "chunks")],
+)
 def test_bad_schedule_arguments(chunks, algorithm, what):
     with pytest.raises(ValueError, match=rf"tpext: {what} must be 'auto' or an int, got"):
         resolve_schedule(chunks, algorithm, 10, 2)
@@ -73,14 +90,15 @@ def _check_schedules_reach_the_ops() -> None:
     for algorithm in ("auto", *Algorithm):
         layer.algorithm = algorithm
         torch.testing.assert_close(layer(x), want, rtol=1e-12, atol=1e-12, msg=f"algorithm={algorithm}")
-    w_shard = dense.weight[:, tdist.get_rank() * 4:(tdist.get_rank() + 1) * 4]
-    y = tpext.ops.gemm_all_reduce(x[:, tdist.get_rank() * 4:(tdist.get_rank() + 1) * 4], w_shard, chunks="auto")
+    w_shard = dense.weight[:, tdist.get_rank() * 4 : (tdist.get_rank() + 1) * 4]
+    y = tpext.ops.gemm_all_reduce(
+        x[:, tdist.get_rank() * 4 : (tdist.get_rank() + 1) * 4], w_shard, chunks="auto"
+    )
     torch.testing.assert_close(y, x @ dense.weight.T, rtol=1e-12, atol=1e-12)
     # The wrappers' default is chunks="auto" too (README): the same result.
-    y = tpext.ops.gemm_all_reduce(x[:, tdist.get_rank() * 4:(tdist.get_rank() + 1) * 4], w_shard)
+    y = tpext.ops.gemm_all_reduce(x[:, tdist.get_rank() * 4 : (tdist.get_rank() + 1) * 4], w_shard)
     torch.testing.assert_close(y, x @ dense.weight.T, rtol=1e-12, atol=1e-12)
 
 
 def test_module_override_and_auto_chunks_reach_the_ops():
     run_ranks(_check_schedules_reach_the_ops, 2)
-

@@ -14,8 +14,14 @@ from tpext.ops import Algorithm
 from tpext.ops.testing import run_on_virtual_ranks
 
 K, N = 16, 12
-PLANS = [(1, Algorithm.SEQUENTIAL), (1, Algorithm.CHUNKED_PIPELINE), (3, Algorithm.CHUNKED_PIPELINE),
-         (8, Algorithm.CHUNKED_PIPELINE), (3, Algorithm.CHUNKED_TWO_STREAMS), (5, Algorithm.CHUNKED_TWO_STREAMS)]
+PLANS = [
+    (1, Algorithm.SEQUENTIAL),
+    (1, Algorithm.CHUNKED_PIPELINE),
+    (3, Algorithm.CHUNKED_PIPELINE),
+    (8, Algorithm.CHUNKED_PIPELINE),
+    (3, Algorithm.CHUNKED_TWO_STREAMS),
+    (5, Algorithm.CHUNKED_TWO_STREAMS),
+]
 
 
 def _randn(seed, *shape, device="cpu", dtype=torch.float64):
@@ -23,7 +29,9 @@ def _randn(seed, *shape, device="cpu", dtype=torch.float64):
     return torch.randn(*shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
 
 
-def check_all_ops(world: int, device: str = "cpu", dtype=torch.float64, rel_tol: float = 1e-12, m: int = 7) -> None:
+def check_all_ops(
+    world: int, device: str = "cpu", dtype=torch.float64, rel_tol: float = 1e-12, m: int = 7
+) -> None:
     """Each op on `world` virtual ranks vs the fp64 reference, every plan; shared with the GPU tests."""
     xs = [_randn(r, world * m, 2, K, device=device, dtype=dtype) for r in range(world)]
     ws = [_randn(100 + r, N, K, device=device, dtype=dtype) for r in range(world)]
@@ -42,9 +50,11 @@ def check_all_ops(world: int, device: str = "cpu", dtype=torch.float64, rel_tol:
         for r, (y,) in enumerate(outs):
             close(y, dense + bias.double() + res[r].double(), f"gemm_all_reduce rank {r} {what}")
         res = [_randn(300 + r, m, 2, N, device=device, dtype=dtype) for r in range(world)]
-        outs = run_on_virtual_ranks("gemm_reduce_scatter", xs, ws, [bias] * world, res, chunks, int(algorithm))
+        outs = run_on_virtual_ranks(
+            "gemm_reduce_scatter", xs, ws, [bias] * world, res, chunks, int(algorithm)
+        )
         for r, (y,) in enumerate(outs):
-            want = dense[r * m:(r + 1) * m] + bias.double() + res[r].double()
+            want = dense[r * m : (r + 1) * m] + bias.double() + res[r].double()
             close(y, want, f"gemm_reduce_scatter rank {r} {what}")
         shards = [x[:m] for x in xs]
         outs = run_on_virtual_ranks("all_gather_gemm", shards, ws, [bias] * world, [], chunks, int(algorithm))
@@ -69,6 +79,10 @@ def test_all_reduce_is_bitwise_identical_on_every_rank():
 def test_a_failing_rank_aborts_its_peers_instead_of_hanging():
     xs = [_randn(r, 8, K) for r in range(3)]
     ws = [_randn(10 + r, N, K) for r in range(3)]
-    ws[1] = _randn(11, N, K + 1)  # rank 1 fails its argument check; ranks 0 and 2 wait in the first collective
-    with pytest.raises(RuntimeError, match=r"tpext.gemm_all_reduce: x's last dim K = 16 must equal w.size\(1\)"):
+    ws[1] = _randn(
+        11, N, K + 1
+    )  # rank 1 fails its argument check; ranks 0 and 2 wait in the first collective
+    with pytest.raises(
+        RuntimeError, match=r"tpext.gemm_all_reduce: x's last dim K = 16 must equal w.size\(1\)"
+    ):
         run_on_virtual_ranks("gemm_all_reduce", xs, ws, [], [], 2, int(Algorithm.CHUNKED_PIPELINE))

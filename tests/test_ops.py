@@ -28,7 +28,9 @@ REL_TOL = 1e-12  # fp64: chunked and sequential agree with the reference up to r
 def _plans(chunk_counts=CHUNKS):
     """(chunks, algorithm) pairs: all three algorithms for one chunk, both pipelines for more."""
     for chunks in chunk_counts:
-        algorithms = list(Algorithm) if chunks == 1 else [Algorithm.CHUNKED_PIPELINE, Algorithm.CHUNKED_TWO_STREAMS]
+        algorithms = (
+            list(Algorithm) if chunks == 1 else [Algorithm.CHUNKED_PIPELINE, Algorithm.CHUNKED_TWO_STREAMS]
+        )
         for algorithm in algorithms:
             yield chunks, algorithm
 
@@ -56,15 +58,22 @@ EPILOGUES = ((False, False), (True, False), (True, True))  # (bias, residual)
 
 def _reducing_cases(shapes) -> list[tuple]:
     """(shape index, bias, residual, chunks, algorithm) for every sweep point of a reducing op."""
-    return [(si, with_bias, with_res, chunks, algorithm)
-            for si in range(len(shapes)) for with_bias, with_res in EPILOGUES
-            for chunks, algorithm in _plans(CHUNKS if not with_bias else EPILOGUE_CHUNKS)]
+    return [
+        (si, with_bias, with_res, chunks, algorithm)
+        for si in range(len(shapes))
+        for with_bias, with_res in EPILOGUES
+        for chunks, algorithm in _plans(CHUNKS if not with_bias else EPILOGUE_CHUNKS)
+    ]
 
 
 AR_CASES = _reducing_cases(AR_SHAPES)
 RS_CASES = _reducing_cases(SHARD_SHAPES)
-AG_CASES = [(si, with_bias, chunks, algorithm) for si in range(len(SHARD_SHAPES)) for with_bias in (False, True)
-            for chunks, algorithm in _plans()]
+AG_CASES = [
+    (si, with_bias, chunks, algorithm)
+    for si in range(len(SHARD_SHAPES))
+    for with_bias in (False, True)
+    for chunks, algorithm in _plans()
+]
 
 
 def _id(shape, *flags_and_schedule) -> str:
@@ -74,7 +83,9 @@ def _id(shape, *flags_and_schedule) -> str:
     return f"x{'x'.join(map(str, shape))}{extra}-chunks{chunks}-{algorithm.name}"
 
 
-def _gemm_all_reduce_case(si: int, with_bias: bool, with_res: bool, chunks: int, algorithm: Algorithm) -> tuple:
+def _gemm_all_reduce_case(
+    si: int, with_bias: bool, with_res: bool, chunks: int, algorithm: Algorithm
+) -> tuple:
     """(tpext's output, the dense reference) on this rank."""
     rank, world = tdist.get_rank(), tdist.get_world_size()
     lead = AR_SHAPES[si]
@@ -83,22 +94,36 @@ def _gemm_all_reduce_case(si: int, with_bias: bool, with_res: bool, chunks: int,
     bias = _randn(7, N)
     residual = _randn(11, *lead, N)
     want = sum(x @ w.T for x, w in zip(xs, ws)) + (bias if with_bias else 0) + (residual if with_res else 0)
-    y = tpext.ops.gemm_all_reduce(xs[rank], ws[rank], bias if with_bias else None, chunks=chunks,
-                                  algorithm=algorithm, residual=residual if with_res else None)
+    y = tpext.ops.gemm_all_reduce(
+        xs[rank],
+        ws[rank],
+        bias if with_bias else None,
+        chunks=chunks,
+        algorithm=algorithm,
+        residual=residual if with_res else None,
+    )
     return y, want
 
 
-def _gemm_reduce_scatter_case(si: int, with_bias: bool, with_res: bool, chunks: int, algorithm: Algorithm) -> tuple:
+def _gemm_reduce_scatter_case(
+    si: int, with_bias: bool, with_res: bool, chunks: int, algorithm: Algorithm
+) -> tuple:
     rank, world = tdist.get_rank(), tdist.get_world_size()
     m, *mid = SHARD_SHAPES[si]
     xs = [_randn(200 * si + r, world * m, *mid, K) for r in range(world)]
     ws = [_randn(2000 + 200 * si + r, N, K) for r in range(world)]
     bias = _randn(8, N)
     residual = _randn(12 + rank, m, *mid, N)  # the residual is per rank: it belongs to this shard
-    mine = sum(x @ w.T for x, w in zip(xs, ws))[rank * m:(rank + 1) * m]
+    mine = sum(x @ w.T for x, w in zip(xs, ws))[rank * m : (rank + 1) * m]
     want = mine + (bias if with_bias else 0) + (residual if with_res else 0)
-    y = tpext.ops.gemm_reduce_scatter(xs[rank], ws[rank], bias if with_bias else None, chunks=chunks,
-                                      algorithm=algorithm, residual=residual if with_res else None)
+    y = tpext.ops.gemm_reduce_scatter(
+        xs[rank],
+        ws[rank],
+        bias if with_bias else None,
+        chunks=chunks,
+        algorithm=algorithm,
+        residual=residual if with_res else None,
+    )
     return y, want
 
 
@@ -110,8 +135,9 @@ def _all_gather_gemm_case(si: int, with_bias: bool, chunks: int, algorithm: Algo
     w = _randn(3000 + 300 * si + rank, N, K)  # column shards differ per rank
     bias = _randn(9 + rank, N)
     x_full = torch.cat(shards)
-    y, gathered = tpext.ops.all_gather_gemm(shards[rank], w, bias if with_bias else None, chunks=chunks,
-                                            algorithm=algorithm)
+    y, gathered = tpext.ops.all_gather_gemm(
+        shards[rank], w, bias if with_bias else None, chunks=chunks, algorithm=algorithm
+    )
     return y, x_full @ w.T + (bias if with_bias else 0), gathered, x_full
 
 
@@ -144,7 +170,9 @@ def test_gemm_reduce_scatter(op_results, case):
 def test_all_gather_gemm(op_results, case):
     for rank, (y, want, gathered, x_full) in enumerate(case_result(op_results["all_gather_gemm"], case)):
         _assert_close(y, want, f"rank {rank}")
-        assert torch.equal(gathered, x_full), f"rank {rank}: gathered input differs from the concatenated shards"
+        assert torch.equal(gathered, x_full), (
+            f"rank {rank}: gathered input differs from the concatenated shards"
+        )
 
 
 def _check_fp32_and_strided_inputs() -> None:
@@ -176,7 +204,9 @@ def _check_one_gemm_per_chunk() -> None:
     for chunks, algorithm in _plans((1, 2, 3, 8)):
         calls = {name: gemm_calls(lambda op=op, c=chunks, a=algorithm: op(c, a)) for name, op in ops.items()}
         used = min(chunks, m)
-        assert calls == dict.fromkeys(ops, used), f"chunks={chunks} {algorithm.name}: GEMM calls {calls}, want {used} each"
+        assert calls == dict.fromkeys(ops, used), (
+            f"chunks={chunks} {algorithm.name}: GEMM calls {calls}, want {used} each"
+        )
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
@@ -199,7 +229,9 @@ def _check_empty_rows() -> None:
     y, gathered = tpext.ops.all_gather_gemm(x, w, b, chunks=4)
     assert y.shape == (0, N) and gathered.shape == (0, K)
     # The group is still usable afterwards (no rank skipped or added a collective).
-    y = tpext.ops.gemm_all_reduce(torch.ones(2, K, dtype=torch.float64), torch.ones(N, K, dtype=torch.float64))
+    y = tpext.ops.gemm_all_reduce(
+        torch.ones(2, K, dtype=torch.float64), torch.ones(N, K, dtype=torch.float64)
+    )
     assert torch.equal(y, torch.full((2, N), float(K * world), dtype=torch.float64))
 
 
@@ -223,15 +255,20 @@ def _check_empty_k_and_n() -> None:
         y = tpext.ops.gemm_reduce_scatter(xs[rank], ws[rank], b, chunks=chunks)
         _assert_close(y, dense.chunk(world)[rank], f"gemm_reduce_scatter, K = {k_local} on rank {rank}")
         # K = 0 everywhere: nothing to gather, the output is the bias.
-        y, gathered = tpext.ops.all_gather_gemm(torch.empty(3, 0, dtype=torch.float64),
-                                                torch.empty(N, 0, dtype=torch.float64), b, chunks=chunks)
+        y, gathered = tpext.ops.all_gather_gemm(
+            torch.empty(3, 0, dtype=torch.float64), torch.empty(N, 0, dtype=torch.float64), b, chunks=chunks
+        )
         assert gathered.shape == (3 * world, 0)
         _assert_close(y, b.expand(3 * world, N), "all_gather_gemm, K = 0")
         # N = 0: no output columns, but the gathered input (kept for the weight gradient) is complete.
         shards = [_randn(30 + r, 3, K) for r in range(world)]
-        y, gathered = tpext.ops.all_gather_gemm(shards[rank], torch.empty(0, K, dtype=torch.float64), chunks=chunks)
+        y, gathered = tpext.ops.all_gather_gemm(
+            shards[rank], torch.empty(0, K, dtype=torch.float64), chunks=chunks
+        )
         assert y.shape == (3 * world, 0)
-        assert torch.equal(gathered, torch.cat(shards)), "all_gather_gemm with N = 0 returned an incomplete gather"
+        assert torch.equal(gathered, torch.cat(shards)), (
+            "all_gather_gemm with N = 0 returned an incomplete gather"
+        )
 
 
 def test_empty_k_and_n():

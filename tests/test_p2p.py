@@ -24,8 +24,10 @@ SHAPES = [(7,), (3, 5), (2, 3, 13)]  # odd sizes: no multiple of any vector widt
 
 def _inputs(world: int, shape, dtype, seed: int) -> list[torch.Tensor]:
     """Every rank's input (each rank can build all of them, so each checks against the same oracle)."""
-    return [torch.randn(shape, generator=torch.Generator().manual_seed(seed * 31 + r), dtype=f64).to(dtype)
-            for r in range(world)]
+    return [
+        torch.randn(shape, generator=torch.Generator().manual_seed(seed * 31 + r), dtype=f64).to(dtype)
+        for r in range(world)
+    ]
 
 
 def _ordered_f32_sum(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -56,13 +58,15 @@ def _check_collectives() -> list[bytes]:
             for algo in (p2p.ALGO_C10D, p2p.ALGO_ONE_SHOT, p2p.ALGO_TWO_SHOT):
                 y = tpext.ops.p2p_all_reduce(xs[rank], algorithm=algo)
                 what = f"all_reduce shape={shape} {dtype} algo={algo}"
-                torch.testing.assert_close(y.to(f64), oracle, rtol=tol, atol=tol, msg=lambda m, what=what: f"{what}: {m}")
+                torch.testing.assert_close(
+                    y.to(f64), oracle, rtol=tol, atol=tol, msg=lambda m, what=what: f"{what}: {m}"
+                )
                 if algo != p2p.ALGO_C10D:
                     assert torch.equal(y, _ordered_f32_sum(xs)), f"{what}: not the kernels' rank-order sum"
                     digests.append(y.view(-1).to(f64).numpy().tobytes())
             rows = shape[0] * world
             xs_rs = _inputs(world, (rows, *shape[1:]), dtype, seed=7)
-            want = sum(x.to(f64) for x in xs_rs)[rank * shape[0]:(rank + 1) * shape[0]]
+            want = sum(x.to(f64) for x in xs_rs)[rank * shape[0] : (rank + 1) * shape[0]]
             for algo in (p2p.ALGO_C10D, p2p.ALGO_ONE_SHOT):
                 y = tpext.ops.p2p_reduce_scatter(xs_rs[rank], algorithm=algo)
                 torch.testing.assert_close(y.to(f64), want, rtol=tol, atol=tol)
@@ -92,16 +96,26 @@ def _check_fused() -> None:
                     out_ref, h_ref = _rmsnorm_oracle(xs, res, bias, w, eps)
                     tol = {f64: 1e-12, f32: 1e-5, bf16: 5e-2}[dtype]
                     for algo in (p2p.ALGO_C10D, p2p.ALGO_ONE_SHOT):
-                        out, h = tpext.ops.p2p_all_reduce_residual_rmsnorm(xs[rank], res, w, bias, eps,
-                                                                          algorithm=algo)
+                        out, h = tpext.ops.p2p_all_reduce_residual_rmsnorm(
+                            xs[rank], res, w, bias, eps, algorithm=algo
+                        )
                         what = f"hidden={hidden} res={with_res} bias={with_bias} {dtype} algo={algo}"
-                        torch.testing.assert_close(h.to(f64), h_ref, rtol=tol, atol=tol, msg=lambda m, what=what: f"{what}: h: {m}")
-                        torch.testing.assert_close(out.to(f64), out_ref, rtol=tol, atol=tol,
-                                                   msg=lambda m, what=what: f"{what}: out: {m}")
+                        torch.testing.assert_close(
+                            h.to(f64), h_ref, rtol=tol, atol=tol, msg=lambda m, what=what: f"{what}: h: {m}"
+                        )
+                        torch.testing.assert_close(
+                            out.to(f64),
+                            out_ref,
+                            rtol=tol,
+                            atol=tol,
+                            msg=lambda m, what=what: f"{what}: out: {m}",
+                        )
                         # out is exactly rms_norm of the stored new residual, as an unfused norm would see it
                         acc = f64 if dtype == f64 else f32
                         hf = h.to(acc)
-                        unfused = (hf * torch.rsqrt(hf.square().mean(-1, keepdim=True) + eps) * w.to(acc)).to(dtype)
+                        unfused = (hf * torch.rsqrt(hf.square().mean(-1, keepdim=True) + eps) * w.to(acc)).to(
+                            dtype
+                        )
                         torch.testing.assert_close(out, unfused, rtol=1e-6 if dtype != f64 else 1e-14, atol=0)
 
 
@@ -113,6 +127,7 @@ def test_fused_all_reduce_residual_rmsnorm_matches_the_oracle(world):
 def _check_fused_autograd() -> None:
     rank, world = tdist.get_rank(), tdist.get_world_size()
     from tpext.nn.functional import all_reduce_residual_rmsnorm
+
     hidden, eps = 11, 1e-6
     xs = _inputs(world, (4, hidden), f64, seed=3)
     g = torch.Generator().manual_seed(5)
@@ -128,18 +143,30 @@ def _check_fused_autograd() -> None:
             out, h = all_reduce_residual_rmsnorm(ins[0], ins[1], ins[3], eps, bias=ins[2])
             ((out * dout).sum() + (h * dh).sum()).backward()
         for name, mine, ref in zip(("x", "residual", "bias", "weight"), ins, dense):
-            torch.testing.assert_close(mine.grad, ref.grad, rtol=1e-10, atol=1e-10,
-                                       msg=lambda m, mode=mode, name=name: f"mode={mode} grad_{name}: {m}")
+            torch.testing.assert_close(
+                mine.grad,
+                ref.grad,
+                rtol=1e-10,
+                atol=1e-10,
+                msg=lambda m, mode=mode, name=name: f"mode={mode} grad_{name}: {m}",
+            )
     if world == 1:  # gradcheck perturbs one rank's input at a time: meaningful for a group of one
         for with_res, with_bias in ((True, True), (False, False)):
-            args = (xs[0].clone().requires_grad_(), res.clone().requires_grad_() if with_res else None,
-                    w.clone().requires_grad_(), eps)
+            args = (
+                xs[0].clone().requires_grad_(),
+                res.clone().requires_grad_() if with_res else None,
+                w.clone().requires_grad_(),
+                eps,
+            )
             b = bias.clone().requires_grad_() if with_bias else None
-            assert torch.autograd.gradcheck(lambda x, r, ww, e, b=b: all_reduce_residual_rmsnorm(x, r, ww, e, bias=b), args)
+            assert torch.autograd.gradcheck(
+                lambda x, r, ww, e, b=b: all_reduce_residual_rmsnorm(x, r, ww, e, bias=b), args
+            )
         dy, hh = torch.randn(3, hidden, dtype=f64), torch.randn(3, hidden, dtype=f64).requires_grad_()
         ww = w.clone().requires_grad_()
         assert torch.autograd.gradcheck(
-            lambda h_, w_: torch.ops.tpext.p2p_rmsnorm_backward(dy, None, h_, w_, eps)[0].sum(-1), (hh, ww))
+            lambda h_, w_: torch.ops.tpext.p2p_rmsnorm_backward(dy, None, h_, w_, eps)[0].sum(-1), (hh, ww)
+        )
 
 
 @pytest.mark.parametrize("world", [1, 2])
@@ -149,7 +176,11 @@ def test_fused_autograd_matches_dense_and_gradcheck(world):
 
 def test_p2p_algorithm_values_match_the_op_schema():
     # csrc/ops/p2p.h: P2PAlgorithm kCollective = 0, kOneShot = 1, kTwoShot = 2; the ALGO_* names alias them.
-    assert [(a.name, int(a)) for a in p2p.P2PAlgorithm] == [("COLLECTIVE", 0), ("ONE_SHOT", 1), ("TWO_SHOT", 2)]
+    assert [(a.name, int(a)) for a in p2p.P2PAlgorithm] == [
+        ("COLLECTIVE", 0),
+        ("ONE_SHOT", 1),
+        ("TWO_SHOT", 2),
+    ]
     assert (p2p.ALGO_C10D, p2p.ALGO_ONE_SHOT, p2p.ALGO_TWO_SHOT) == tuple(p2p.P2PAlgorithm)
     assert isinstance(p2p.choose_algorithm(512, world_size=2, p2p_ready=True), p2p.P2PAlgorithm)
 
@@ -162,19 +193,24 @@ def test_policy_picks_p2p_for_small_messages_and_nccl_for_large():
     assert p2p.choose_algorithm(p2p.P2P_MAX_BYTES + 1, world_size=4, p2p_ready=True) == p2p.ALGO_C10D
     assert p2p.choose_algorithm(512, world_size=4, p2p_ready=False) == p2p.ALGO_C10D
     assert p2p.choose_algorithm(512, world_size=1, p2p_ready=True) == p2p.ALGO_C10D
-    with pytest.raises(ValueError, match=r"mode must be one of \('auto', 'always', 'never'\), got 'sometimes'"):
+    with pytest.raises(
+        ValueError, match=r"mode must be one of \('auto', 'always', 'never'\), got 'sometimes'"
+    ):
         p2p.set_mode("sometimes")
 
 
 def _check_policy_and_layers() -> None:
     from tpext.nn import RowParallelLinear
+
     world = tdist.get_world_size()
     pg = tdist.group.WORLD
     x = torch.ones(4, 8)
     assert p2p.algorithm_for(x, pg) is None, "CPU tensors take the layer's own path in auto mode"
     with p2p.mode("always"):  # a group of one never communicates, P2P or not
         assert p2p.algorithm_for(x, pg) == (p2p.ALGO_ONE_SHOT if world > 1 else None)
-        assert p2p.algorithm_for(x, pg, nbytes=10 * p2p.P2P_MAX_BYTES) == (p2p.ALGO_TWO_SHOT if world > 1 else None)
+        assert p2p.algorithm_for(x, pg, nbytes=10 * p2p.P2P_MAX_BYTES) == (
+            p2p.ALGO_TWO_SHOT if world > 1 else None
+        )
     with p2p.mode("never"):
         assert p2p.algorithm_for(x, pg) is None
     # The row-parallel layer through the P2P op: same values and gradients as the dense layer.
@@ -262,7 +298,9 @@ def _check_opcheck() -> None:
         torch.library.opcheck(ops.p2p_reduce_scatter.default, (x, name, algo))
         torch.library.opcheck(ops.p2p_all_gather.default, (x, name, algo))
         torch.library.opcheck(ops.p2p_all_reduce_residual_rmsnorm.default, (x, x, b, w, 1e-6, name, algo))
-        torch.library.opcheck(ops.p2p_all_reduce_residual_rmsnorm.default, (x, None, None, w, 1e-6, name, algo))
+        torch.library.opcheck(
+            ops.p2p_all_reduce_residual_rmsnorm.default, (x, None, None, w, 1e-6, name, algo)
+        )
 
 
 def test_opcheck_group_ops():
@@ -291,8 +329,10 @@ def test_virtual_ops_host_reference(world):
                 assert all(torch.equal(o, _ordered_f32_sum(xs)) for o in outs)
             m = shape[0]
             for r, o in enumerate(torch.ops.tpext_testing.p2p_virtual_reduce_scatter(xs)):
-                assert torch.equal(o, _ordered_f32_sum(xs)[r * m:(r + 1) * m])
-            assert all(torch.equal(o, torch.cat(xs)) for o in torch.ops.tpext_testing.p2p_virtual_all_gather(xs))
+                assert torch.equal(o, _ordered_f32_sum(xs)[r * m : (r + 1) * m])
+            assert all(
+                torch.equal(o, torch.cat(xs)) for o in torch.ops.tpext_testing.p2p_virtual_all_gather(xs)
+            )
     xs = _inputs(world, (5, 19), f64, seed=1)
     res, w = torch.randn(5, 19, dtype=f64), torch.randn(19, dtype=f64)
     outs, hs = torch.ops.tpext_testing.p2p_virtual_all_reduce_residual_rmsnorm(xs, res, None, w, 1e-5)
@@ -307,23 +347,50 @@ def _check_errors() -> None:
     ops = torch.ops.tpext
     x, w = torch.ones(4, 6), torch.ones(6)
     cases = [
-        (lambda: ops.p2p_all_reduce(torch.ones(4, dtype=torch.int32), name, 1),
-         r"p2p_all_reduce: x must be float32, float16, bfloat16 or float64, got dtype Int"),
-        (lambda: ops.p2p_all_reduce(x, name, 3), r"algorithm must be 0 \(c10d collective\), 1 \(one-shot P2P\) or 2"),
-        (lambda: ops.p2p_reduce_scatter(torch.ones(3, 2), name, 1),
-         r"x must be \[R \* m, \*\] with dim 0 divisible by the group size R = 2, got shape \[3, 2\]"),
-        (lambda: ops.p2p_all_reduce_residual_rmsnorm(x, None, None, torch.ones(5), 1e-6, name, 1),
-         r"weight must be 1-D \[hidden\] = \[6\] to match x \[4, 6\], got shape \[5\]"),
-        (lambda: ops.p2p_all_reduce_residual_rmsnorm(x, torch.ones(4, 5), None, w, 1e-6, name, 1),
-         r"residual must have the shape of x \[4, 6\], got shape \[4, 5\]"),
-        (lambda: ops.p2p_all_reduce_residual_rmsnorm(x, None, torch.ones(6, dtype=f64), w, 1e-6, name, 1),
-         r"bias dtype Double must match x dtype Float"),
-        (lambda: ops.p2p_all_reduce_residual_rmsnorm(x, None, None, w, -1.0, name, 1), r"eps must be >= 0, got -1"),
-        (lambda: ops.p2p_rmsnorm_backward(torch.ones(4, 5), None, x, w, 1e-6), r"grad_out must match h \(\[4, 6\]"),
-        (lambda: torch.ops.tpext_testing.p2p_virtual_all_reduce([x, torch.ones(4, 7)], 1),
-         r"every virtual rank's input must match xs\[0\] \(\[4, 6\], Float, cpu\), got xs\[1\] \[4, 7\]"),
-        (lambda: torch.ops.tpext_testing.p2p_virtual_all_reduce([x] * 9, 1), r"xs must hold 1 to 8 tensors .* got 9"),
-        (lambda: ops.p2p_all_reduce(x, "no-such-group", 1), r"group_name 'no-such-group' does not name a registered"),
+        (
+            lambda: ops.p2p_all_reduce(torch.ones(4, dtype=torch.int32), name, 1),
+            r"p2p_all_reduce: x must be float32, float16, bfloat16 or float64, got dtype Int",
+        ),
+        (
+            lambda: ops.p2p_all_reduce(x, name, 3),
+            r"algorithm must be 0 \(c10d collective\), 1 \(one-shot P2P\) or 2",
+        ),
+        (
+            lambda: ops.p2p_reduce_scatter(torch.ones(3, 2), name, 1),
+            r"x must be \[R \* m, \*\] with dim 0 divisible by the group size R = 2, got shape \[3, 2\]",
+        ),
+        (
+            lambda: ops.p2p_all_reduce_residual_rmsnorm(x, None, None, torch.ones(5), 1e-6, name, 1),
+            r"weight must be 1-D \[hidden\] = \[6\] to match x \[4, 6\], got shape \[5\]",
+        ),
+        (
+            lambda: ops.p2p_all_reduce_residual_rmsnorm(x, torch.ones(4, 5), None, w, 1e-6, name, 1),
+            r"residual must have the shape of x \[4, 6\], got shape \[4, 5\]",
+        ),
+        (
+            lambda: ops.p2p_all_reduce_residual_rmsnorm(x, None, torch.ones(6, dtype=f64), w, 1e-6, name, 1),
+            r"bias dtype Double must match x dtype Float",
+        ),
+        (
+            lambda: ops.p2p_all_reduce_residual_rmsnorm(x, None, None, w, -1.0, name, 1),
+            r"eps must be >= 0, got -1",
+        ),
+        (
+            lambda: ops.p2p_rmsnorm_backward(torch.ones(4, 5), None, x, w, 1e-6),
+            r"grad_out must match h \(\[4, 6\]",
+        ),
+        (
+            lambda: torch.ops.tpext_testing.p2p_virtual_all_reduce([x, torch.ones(4, 7)], 1),
+            r"every virtual rank's input must match xs\[0\] \(\[4, 6\], Float, cpu\), got xs\[1\] \[4, 7\]",
+        ),
+        (
+            lambda: torch.ops.tpext_testing.p2p_virtual_all_reduce([x] * 9, 1),
+            r"xs must hold 1 to 8 tensors .* got 9",
+        ),
+        (
+            lambda: ops.p2p_all_reduce(x, "no-such-group", 1),
+            r"group_name 'no-such-group' does not name a registered",
+        ),
     ]
     for fn, pattern in cases:
         with pytest.raises(RuntimeError, match=pattern):

@@ -16,8 +16,10 @@ from tpext import p2p
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(not (torch.cuda.is_available() and tpext.cuda_compiled),
-                       reason="needs a CUDA device and a CUDA build of tpext"),
+    pytest.mark.skipif(
+        not (torch.cuda.is_available() and tpext.cuda_compiled),
+        reason="needs a CUDA device and a CUDA build of tpext",
+    ),
 ]
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -27,7 +29,9 @@ NBYTES = [16, 18, 30, 4 * 1000 + 6, 32 * 1024, (1 << 20) + 2, 64 << 20]
 
 def _inputs(world: int, numel: int, dtype, seed: int, device="cuda"):
     g = torch.Generator(device=device).manual_seed(seed)
-    return [torch.randn(numel, generator=g, device=device, dtype=torch.float32).to(dtype) for _ in range(world)]
+    return [
+        torch.randn(numel, generator=g, device=device, dtype=torch.float32).to(dtype) for _ in range(world)
+    ]
 
 
 @pytest.mark.parametrize("world", [2, 4, 8])
@@ -66,10 +70,13 @@ def test_virtual_fused_rmsnorm_and_backward(world, dtype):
     for rows, hidden in [(1, 4096), (67, 13), (5, 16384 + 8), (3, 8192)]:
         xs = [x.view(rows, hidden) for x in _inputs(world, rows * hidden, dtype, seed=hidden)]
         g = torch.Generator(device="cuda").manual_seed(1)
-        res, bias, w = (torch.randn(s, generator=g, device="cuda").to(dtype) for s in ((rows, hidden), hidden, hidden))
+        res, bias, w = (
+            torch.randn(s, generator=g, device="cuda").to(dtype) for s in ((rows, hidden), hidden, hidden)
+        )
         outs, hs = ops.p2p_virtual_all_reduce_residual_rmsnorm(xs, res, bias, w, 1e-6)
-        out_ref, h_ref = ops.p2p_virtual_all_reduce_residual_rmsnorm([x.cpu() for x in xs], res.cpu(), bias.cpu(),
-                                                                     w.cpu(), 1e-6)
+        out_ref, h_ref = ops.p2p_virtual_all_reduce_residual_rmsnorm(
+            [x.cpu() for x in xs], res.cpu(), bias.cpu(), w.cpu(), 1e-6
+        )
         for o, h in zip(outs, hs):
             assert torch.equal(h, hs[0]) and torch.equal(o, outs[0]), "ranks must agree bitwise"
         assert torch.equal(hs[0].cpu(), h_ref[0]), "new_residual: same arithmetic as the host reference"
@@ -104,7 +111,9 @@ def _ipc_exchange() -> list[float]:
         got = torch.empty(1000, device="cuda")
         tpext._C.p2p_copy_from_peer(name, peer, got)
         torch.cuda.synchronize()
-        assert torch.equal(got, torch.full_like(got, float(peer + 1))), f"rank {rank} read a wrong buffer of {peer}"
+        assert torch.equal(got, torch.full_like(got, float(peer + 1))), (
+            f"rank {rank} read a wrong buffer of {peer}"
+        )
         seen.append(float(got[0]))
     p2p.release()
     assert "no symmetric buffers" in p2p.status()

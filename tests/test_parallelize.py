@@ -28,15 +28,30 @@ TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=1e-
 # (kv heads, sequence_parallel, packed, tied): per tp size, kv heads above, equal to and below tp.
 CASES = {
     1: [(4, False, False, False), (2, True, True, True)],
-    2: [(4, False, False, False), (4, True, True, False), (2, True, False, True), (2, False, True, False),
-        (1, True, False, False), (1, False, True, True)],
-    4: [(8, True, False, False), (8, False, True, True), (4, False, False, True), (4, True, True, False),
-        (2, True, False, False), (2, False, True, True), (1, True, True, False), (1, False, False, True)],
+    2: [
+        (4, False, False, False),
+        (4, True, True, False),
+        (2, True, False, True),
+        (2, False, True, False),
+        (1, True, False, False),
+        (1, False, True, True),
+    ],
+    4: [
+        (8, True, False, False),
+        (8, False, True, True),
+        (4, False, False, True),
+        (4, True, True, False),
+        (2, True, False, False),
+        (2, False, True, True),
+        (1, True, True, False),
+        (1, False, False, True),
+    ],
 }
 
 
-def _compare(kv: int, sp: bool, packed: bool, tied: bool, dtype: torch.dtype, share_inputs: bool = True,
-             **extra) -> None:
+def _compare(
+    kv: int, sp: bool, packed: bool, tied: bool, dtype: torch.dtype, share_inputs: bool = True, **extra
+) -> None:
     world = dist.get_world_size()
     cfg = LlamaConfig(**{**SMALL, **extra}, num_key_value_heads=kv, packed=packed, tie_word_embeddings=tied)
     torch.manual_seed(0)
@@ -48,14 +63,22 @@ def _compare(kv: int, sp: bool, packed: bool, tied: bool, dtype: torch.dtype, sh
     logits = model(ids)
     model.loss(logits, ids).backward()
 
-    what = f"tp={world} kv={kv} sp={sp} packed={packed} tied={tied} share_inputs={share_inputs} {extra} {dtype}"
-    torch.testing.assert_close(mappings.gather_from_tp(logits, cfg.vocab_size), logits_ref, **TOL[dtype],
-                               msg=lambda m: f"{what}: logits: {m}")
+    what = (
+        f"tp={world} kv={kv} sp={sp} packed={packed} tied={tied} share_inputs={share_inputs} {extra} {dtype}"
+    )
+    torch.testing.assert_close(
+        mappings.gather_from_tp(logits, cfg.vocab_size),
+        logits_ref,
+        **TOL[dtype],
+        msg=lambda m: f"{what}: logits: {m}",
+    )
     entries = layouts(model)
     assert len(entries) == len(layouts(dense)), what
     for e in entries:
         ref = e.layout.local_from_dense(dense.get_parameter(e.names[0]).grad)
-        torch.testing.assert_close(e.tensor.grad, ref, **TOL[dtype], msg=lambda m: f"{what}: grad {e.names}: {m}")
+        torch.testing.assert_close(
+            e.tensor.grad, ref, **TOL[dtype], msg=lambda m: f"{what}: grad {e.names}: {m}"
+        )
 
 
 def _check_cases(dtype: torch.dtype) -> None:
@@ -81,7 +104,9 @@ def test_model_matches_dense_fp32(world):
 
 def _comm_counts(sp: bool, share_inputs: bool) -> dict:
     cfg = LlamaConfig(**SMALL, num_key_value_heads=2)
-    model = tpext.parallelize(LlamaForCausalLM(cfg, dtype=f64), sequence_parallel=sp, share_inputs=share_inputs)
+    model = tpext.parallelize(
+        LlamaForCausalLM(cfg, dtype=f64), sequence_parallel=sp, share_inputs=share_inputs
+    )
     ids = torch.randint(0, cfg.vocab_size, (2, 8))
     with tpext.comm_stats() as stats:
         model.loss(model(ids), ids).backward()
@@ -102,9 +127,10 @@ def test_collectives_per_step():
     # all-gathers), the column layers gather their input again for the weight gradient (2 per layer +
     # lm_head), and the norms' weight gradients (2 per layer + the final norm) are all-reduced.
     counts = run_ranks(_comm_counts, 2, True, True)[0]
-    assert counts == {"forward": {"all_gather": 2 * n + 1, "reduce_scatter": 2 * n, "all_reduce": 1 + 2},
-                      "backward": {"reduce_scatter": 2 * n + 1, "all_gather": 2 * (2 * n + 1),
-                                   "all_reduce": 2 * n + 1}}
+    assert counts == {
+        "forward": {"all_gather": 2 * n + 1, "reduce_scatter": 2 * n, "all_reduce": 1 + 2},
+        "backward": {"reduce_scatter": 2 * n + 1, "all_gather": 2 * (2 * n + 1), "all_reduce": 2 * n + 1},
+    }
     # Unshared, gate and up gather on their own; q/k/v still share the gather at the attention input.
     counts = run_ranks(_comm_counts, 2, True, False)[0]
     assert counts["forward"]["all_gather"] == 3 * n + 1 and counts["backward"]["reduce_scatter"] == 3 * n + 1
@@ -112,8 +138,10 @@ def test_collectives_per_step():
 
 def _errors() -> list[str]:
     messages = []
-    for bad in (dict(num_key_value_heads=2, num_attention_heads=6, head_dim=8),   # 6 heads over 4
-                dict(num_key_value_heads=3, num_attention_heads=12, head_dim=8)):  # 3 kv heads over 4
+    for bad in (
+        dict(num_key_value_heads=2, num_attention_heads=6, head_dim=8),  # 6 heads over 4
+        dict(num_key_value_heads=3, num_attention_heads=12, head_dim=8),
+    ):  # 3 kv heads over 4
         cfg = LlamaConfig(**{**SMALL, **bad})
         with pytest.raises(ValueError) as err:
             tpext.parallelize(LlamaForCausalLM(cfg))
@@ -127,7 +155,9 @@ def _errors() -> list[str]:
     with pytest.raises(ValueError, match="style 'rowwise' does not apply to model.embed_tokens"):
         tpext.parallelize(LlamaForCausalLM(LlamaConfig(**SMALL)), plan={"model.embed_tokens": "rowwise"})
     sp_model = tpext.parallelize(LlamaForCausalLM(LlamaConfig(**SMALL)), sequence_parallel=True)
-    with pytest.raises(ValueError, match=r"sequence length \(dim 1\) divisible by the tensor-parallel size 4"):
+    with pytest.raises(
+        ValueError, match=r"sequence length \(dim 1\) divisible by the tensor-parallel size 4"
+    ):
         sp_model(torch.zeros(2, 6, dtype=torch.long))
 
     # Subclasses whose forward does more than the plain layer's are not sharded as if they were plain.
@@ -135,26 +165,37 @@ def _errors() -> list[str]:
         def forward(self, x):
             return super().forward(x) * 2
 
-    class DirectEmbedding(torch.nn.Embedding):  # indexes its weight itself: no place for a vocab-parallel lookup
+    class DirectEmbedding(
+        torch.nn.Embedding
+    ):  # indexes its weight itself: no place for a vocab-parallel lookup
         def forward(self, ids):
             return self.weight[ids] * 2
 
     model = LlamaForCausalLM(LlamaConfig(**SMALL))
     model.model.layers[1].mlp.up_proj.__class__ = ScaledLinear
-    with pytest.raises(ValueError, match=r"could not place: model\.layers\.1\.mlp\.up_proj \(ScaledLinear: an "
-                                         r"nn\.Linear with a forward of its own\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"could not place: model\.layers\.1\.mlp\.up_proj \(ScaledLinear: an "
+        r"nn\.Linear with a forward of its own\)",
+    ):
         tpext.parallelize(model)
     plan = {"*.up_proj": "colwise", "*norm": "sequence_parallel"}
-    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.up_proj is a ScaledLinear, an nn\.Linear subclass "
-                                         r"with a forward of its own"):
+    with pytest.raises(
+        ValueError,
+        match=r"model\.layers\.1\.mlp\.up_proj is a ScaledLinear, an nn\.Linear subclass "
+        r"with a forward of its own",
+    ):
         tpext.parallelize(model, plan=plan, sequence_parallel=True)
     # The layer-0 norms, converted before the error, were copies: the model is as it was.
     assert type(model.model.layers[0].post_attention_layernorm) is type(model.model.norm) is LlamaRMSNorm
     model = LlamaForCausalLM(LlamaConfig(**SMALL))
     model.model.embed_tokens.__class__ = DirectEmbedding
-    with pytest.raises(ValueError, match=r"model\.embed_tokens: tpext: cannot shard the vocabulary of a "
-                                         r"DirectEmbedding: DirectEmbedding\.forward does not look up through "
-                                         r"nn\.Embedding\.forward"):
+    with pytest.raises(
+        ValueError,
+        match=r"model\.embed_tokens: tpext: cannot shard the vocabulary of a "
+        r"DirectEmbedding: DirectEmbedding\.forward does not look up through "
+        r"nn\.Embedding\.forward",
+    ):
         tpext.parallelize(model)
     return messages
 
@@ -171,14 +212,25 @@ def _custom_plan(kv: int) -> list:
     cfg = LlamaConfig(**SMALL, num_key_value_heads=kv)
     torch.manual_seed(0)
     dense = LlamaForCausalLM(cfg, dtype=f64)
-    plan = {"*.q_proj": "colwise", "*.k_proj": "colwise", "*.v_proj": "colwise", "*.o_proj": "rowwise",
-            "*.mlp.gate_proj": "colwise", "*.mlp.up_proj": "colwise", "*.down_proj": "rowwise",
-            "model.embed_tokens": "vocab", "lm_head": "vocab"}
+    plan = {
+        "*.q_proj": "colwise",
+        "*.k_proj": "colwise",
+        "*.v_proj": "colwise",
+        "*.o_proj": "rowwise",
+        "*.mlp.gate_proj": "colwise",
+        "*.mlp.up_proj": "colwise",
+        "*.down_proj": "rowwise",
+        "model.embed_tokens": "vocab",
+        "lm_head": "vocab",
+    }
     model = tpext.parallelize(copy.deepcopy(dense), plan=plan)
     ids = torch.randint(0, cfg.vocab_size, (2, 6))
     loss, loss_ref = model.loss(model(ids), ids), dense.loss(dense(ids), ids)
-    return [float(loss - loss_ref), model.model.layers[0].self_attn.num_heads,
-            model.model.layers[0].self_attn.num_key_value_heads]
+    return [
+        float(loss - loss_ref),
+        model.model.layers[0].self_attn.num_heads,
+        model.model.layers[0].self_attn.num_key_value_heads,
+    ]
 
 
 @pytest.mark.parametrize("world,kv", [(2, 4), (4, 2)])
@@ -191,8 +243,11 @@ def test_auto_plan_is_data():
     model = LlamaForCausalLM(LlamaConfig(**SMALL, num_key_value_heads=2, packed=True))
     plan = tpext.auto_plan(model)
     assert plan["model.layers.0.self_attn.qkv_proj"] == tpext.Style(
-        "colwise", (tpext.Piece(8, 8), tpext.Piece(2, 8), tpext.Piece(2, 8)))
-    assert plan["model.layers.1.mlp.gate_up_proj"] == tpext.Style("colwise", (tpext.Piece(96), tpext.Piece(96)))
+        "colwise", (tpext.Piece(8, 8), tpext.Piece(2, 8), tpext.Piece(2, 8))
+    )
+    assert plan["model.layers.1.mlp.gate_up_proj"] == tpext.Style(
+        "colwise", (tpext.Piece(96), tpext.Piece(96))
+    )
     assert plan["model.layers.1.self_attn.o_proj"].kind == "rowwise"
     assert plan["model.embed_tokens"].kind == plan["lm_head"].kind == "vocab"
     assert plan["model.norm"].kind == "replicate"
@@ -219,8 +274,9 @@ def _edge_cases() -> dict:
     model.loss(model(ids), ids).backward()
     emb = model.model.embed_tokens
     out["tied"] = model.lm_head.weight is emb.weight
-    out["tied_grad_err"] = float((emb.weight.grad - dense.model.embed_tokens.weight.grad[
-        emb.vocab_start:emb.vocab_end]).abs().max())
+    out["tied_grad_err"] = float(
+        (emb.weight.grad - dense.model.embed_tokens.weight.grad[emb.vocab_start : emb.vocab_end]).abs().max()
+    )
 
     # More ranks than query heads: a clear error, and the model is left as it was.
     small = LlamaForCausalLM(LlamaConfig(**{**SMALL, "num_attention_heads": 2, "num_key_value_heads": 1}))
@@ -288,11 +344,18 @@ def _deepcopy() -> None:
     dense.loss(ref, ids).backward()
     torch.testing.assert_close(mappings.gather_from_tp(logits, SMALL["vocab_size"]), ref, **TOL[f64])
     for e in layouts(twin):
-        torch.testing.assert_close(e.tensor.grad, e.layout.local_from_dense(dense.get_parameter(e.names[0]).grad),
-                                   **TOL[f64], msg=lambda m: f"grad {e.names}: {m}")
+        torch.testing.assert_close(
+            e.tensor.grad,
+            e.layout.local_from_dense(dense.get_parameter(e.names[0]).grad),
+            **TOL[f64],
+            msg=lambda m: f"grad {e.names}: {m}",
+        )
     assert all(p.grad is None for p in model.parameters())
-    with pytest.raises(TypeError, match=r"tpext: a \w+ holds a process group and cannot be pickled \(torch.save of "
-                                        r"a tensor-parallel model\); save its weights with tpext.save_checkpoint"):
+    with pytest.raises(
+        TypeError,
+        match=r"tpext: a \w+ holds a process group and cannot be pickled \(torch.save of "
+        r"a tensor-parallel model\); save its weights with tpext.save_checkpoint",
+    ):
         torch.save(model, io.BytesIO())
     shallow = copy.copy(model.model.layers[0].self_attn.q_proj)
     assert shallow.weight is q_orig.weight and shallow.group is q_orig.group

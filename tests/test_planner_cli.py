@@ -18,9 +18,32 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_plan_command_writes_json_and_png(tmp_path):
     out = tmp_path / "plan"
     proc = subprocess.run(
-        [sys.executable, "-m", "tpext", "plan", "--model", "llama-7b", "--gpu", "H100", "--tp", "1", "2", "4",
-         "--gpus", "8", "--seq", "2048", "--sp", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "tpext",
+            "plan",
+            "--model",
+            "llama-7b",
+            "--gpu",
+            "H100",
+            "--tp",
+            "1",
+            "2",
+            "4",
+            "--gpus",
+            "8",
+            "--seq",
+            "2048",
+            "--sp",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "llama-7b on H100" in proc.stdout and "tok/s/GPU" in proc.stdout
     doc = json.loads((out / "plan.json").read_text())
@@ -35,9 +58,9 @@ def test_plan_command_writes_json_and_png(tmp_path):
     rs = doc["configs"][2]["comm_per_layer"]["reduce_scatter"]
     assert rs["count"] == 4 and rs["payload_bytes"] == 2048 * 4096 * 2
     assert doc["configs"][0]["relative_throughput"]["no_overlap"] == 1
-    assert doc["inputs"]["nccl_model"]["protocols"]["simple"]["base_us"] == 8.4       # every constant recorded
+    assert doc["inputs"]["nccl_model"]["protocols"]["simple"]["base_us"] == 8.4  # every constant recorded
     assert doc["inputs"]["gpu"]["gemm_efficiency"] == 0.80
-    for c in doc["configs"]:   # both columns relative to the baseline without overlap: overlap never below
+    for c in doc["configs"]:  # both columns relative to the baseline without overlap: overlap never below
         assert c["relative_throughput"]["overlap"] >= c["relative_throughput"]["no_overlap"]
         assert c["overlap_gain"] >= 1.0
         assert set(c["overlap_costs_per_layer_us"]) == {"chunk_latency", "nccl_sms"}
@@ -54,13 +77,19 @@ def test_plan_reports_what_does_not_fit(tmp_path, capsys):
     assert "over by" in doc["configs"][0]["not_fitting_reason"]
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["--model", "llama-9b"], "unknown model preset 'llama-9b'; known: llama-3b, llama-7b"),
-    (["--model", "llama-7b", "--tp", "3"], "TP=3 does not divide the 32 attention heads"),
-    (["--model", "llama-70b", "--tp", "16"], "useful TP is at most the kv head count (8)"),
-    (["--model", "llama-7b", "--tp", "4", "--gpus", "6"], "--gpus 6 is not a multiple of TP * PP = 4 * 1"),
-    (["--calibration", "/nonexistent/cal.json"], "calibration /nonexistent/cal.json: cannot read it"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--model", "llama-9b"], "unknown model preset 'llama-9b'; known: llama-3b, llama-7b"),
+        (["--model", "llama-7b", "--tp", "3"], "TP=3 does not divide the 32 attention heads"),
+        (["--model", "llama-70b", "--tp", "16"], "useful TP is at most the kv head count (8)"),
+        (
+            ["--model", "llama-7b", "--tp", "4", "--gpus", "6"],
+            "--gpus 6 is not a multiple of TP * PP = 4 * 1",
+        ),
+        (["--calibration", "/nonexistent/cal.json"], "calibration /nonexistent/cal.json: cannot read it"),
+    ],
+)
 def test_plan_errors(argv, message, capsys):
     assert main(["plan", *argv]) == 2
     captured = capsys.readouterr()
@@ -69,7 +98,10 @@ def test_plan_errors(argv, message, capsys):
 
 def test_bad_config_json_names_the_missing_key(tmp_path, capsys):
     cfg = tmp_path / "config.json"
-    cfg.write_text(json.dumps({"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
-                               "num_hidden_layers": 2}))
+    cfg.write_text(
+        json.dumps(
+            {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_hidden_layers": 2}
+        )
+    )
     assert main(["plan", "--model", str(cfg), "--tp", "1"]) == 2
     assert "missing the key 'vocab_size'" in capsys.readouterr().err

@@ -23,27 +23,47 @@ NDR = inter_node_preset("ib-ndr400")
 
 
 # ------------------------------------------------------------------------------- soundness properties
-GRID = list(itertools.product(("llama-3b", "llama3-8b", "llama3-70b", "gpt3-175b"), (1, 2, 4, 8, 16),
-                              ("H100", "H200", "A100"), (False, True), ("train", "prefill", "decode")))
+GRID = list(
+    itertools.product(
+        ("llama-3b", "llama3-8b", "llama3-70b", "gpt3-175b"),
+        (1, 2, 4, 8, 16),
+        ("H100", "H200", "A100"),
+        (False, True),
+        ("train", "prefill", "decode"),
+    )
+)
 
 
 @pytest.mark.parametrize("model,tp,gpu,sp,mode", GRID)
 def test_auto_overlap_is_never_slower_than_no_overlap(model, tp, gpu, sp, mode):
-    w = Workload(mode=mode, seq=2048, micro_batch=2, sequence_parallel=sp and mode != "decode",
-                 allow_kv_replication=True)
+    w = Workload(
+        mode=mode,
+        seq=2048,
+        micro_batch=2,
+        sequence_parallel=sp and mode != "decode",
+        allow_kv_replication=True,
+    )
     r = estimate(model_preset(model), gpu_preset(gpu), NDR, w, tp)
     assert r["step_s"]["overlap"] <= r["step_s"]["no_overlap"] * (1 + 1e-12)
     assert r["layer"]["exposed_comm_overlap_s"] <= r["layer"]["comm_s"] * (1 + 1e-12)
-    assert r["layer"]["exposed_comm_overlap_s"] >= -1e-15         # overlap never hides more than the comm
+    assert r["layer"]["exposed_comm_overlap_s"] >= -1e-15  # overlap never hides more than the comm
     if tp == 1:
         assert r["layer"]["comm_s"] == 0 and r["step_s"]["overlap"] == r["step_s"]["no_overlap"]
 
 
-@pytest.mark.parametrize("model,tp,gpu,sp,mode,chunks", [
-    (m, tp, g, sp, mode, c) for (m, tp, g, sp, mode), c in itertools.product(GRID[::3], (2, 8)) if tp > 1])
+@pytest.mark.parametrize(
+    "model,tp,gpu,sp,mode,chunks",
+    [(m, tp, g, sp, mode, c) for (m, tp, g, sp, mode), c in itertools.product(GRID[::3], (2, 8)) if tp > 1],
+)
 def test_explicit_chunks_lose_at_most_the_named_costs(model, tp, gpu, sp, mode, chunks):
-    w = Workload(mode=mode, seq=2048, micro_batch=2, sequence_parallel=sp and mode != "decode",
-                 allow_kv_replication=True, chunks=chunks)
+    w = Workload(
+        mode=mode,
+        seq=2048,
+        micro_batch=2,
+        sequence_parallel=sp and mode != "decode",
+        allow_kv_replication=True,
+        chunks=chunks,
+    )
     layer = estimate(model_preset(model), gpu_preset(gpu), NDR, w, tp)["layer"]
     costs = layer["overlap_costs_s"]
     assert costs["nccl_sms"] >= 0
@@ -70,17 +90,30 @@ def test_without_latency_overlap_never_loses_whatever_the_sms(sms):
 
 
 def test_a_slower_explicit_schedule_is_explained(capsys):
-    assert main(["plan", "--model", "llama-7b", "--tp", "8", "--chunks", "8", "--mode", "decode", "--mbs", "16"]) == 0
+    assert (
+        main(["plan", "--model", "llama-7b", "--tp", "8", "--chunks", "8", "--mode", "decode", "--mbs", "16"])
+        == 0
+    )
     out = capsys.readouterr().out
-    assert re.search(r"TP=8: overlap with --chunks 8 is slower than none by \d+ us per layer: splitting each "
-                     r"collective adds \d+ us of latency, more than the GEMMs beside it hide",
-                     out)
+    assert re.search(
+        r"TP=8: overlap with --chunks 8 is slower than none by \d+ us per layer: splitting each "
+        r"collective adds \d+ us of latency, more than the GEMMs beside it hide",
+        out,
+    )
     assert main(["plan", "--model", "llama-7b", "--tp", "8", "--mode", "decode", "--mbs", "16"]) == 0
-    assert "slower than none" not in capsys.readouterr().out       # auto: never slower, nothing to explain
+    assert "slower than none" not in capsys.readouterr().out  # auto: never slower, nothing to explain
 
 
-@pytest.mark.parametrize("gemm,comm,lat,chunks,f", itertools.product(
-    (0.0, 1e-5, 1e-4, 1e-3), (1e-6, 1e-4, 1e-3), (0.0, 5e-6, 5e-5), (1, 2, 4, 8), (0.0, 16 / 132, 0.5, 0.9)))
+@pytest.mark.parametrize(
+    "gemm,comm,lat,chunks,f",
+    itertools.product(
+        (0.0, 1e-5, 1e-4, 1e-3),
+        (1e-6, 1e-4, 1e-3),
+        (0.0, 5e-6, 5e-5),
+        (1, 2, 4, 8),
+        (0.0, 16 / 132, 0.5, 0.9),
+    ),
+)
 def test_overlap_loses_only_what_its_named_costs_explain(gemm, comm, lat, chunks, f):
     """An explicit chunk count may be slower than sequential, but by no more than its named cost: one
     collective latency per extra chunk. The SMs the collective takes from the GEMM beside it (f < 1) only
@@ -89,8 +122,8 @@ def test_overlap_loses_only_what_its_named_costs_explain(gemm, comm, lat, chunks
     t = cm.overlapped_time_s(gemm, comm / chunks + lat, chunks, f)
     assert t <= sequential + (chunks - 1) * lat + 1e-15
     if lat == 0 and f == 0:
-        assert t <= sequential + 1e-15                             # free chunks: never slower
-    assert t >= max(gemm, comm) - 1e-15                            # and never better than the napkin
+        assert t <= sequential + 1e-15  # free chunks: never slower
+    assert t >= max(gemm, comm) - 1e-15  # and never better than the napkin
     assert cm.overlapped_time_s(gemm, comm + lat, 1, f) == pytest.approx(sequential)
 
 
@@ -106,24 +139,27 @@ def test_sm_cost_hand_computed():
 @pytest.mark.parametrize("n,nodes", ((2, 1), (4, 1), (8, 1), (16, 2), (32, 4)))
 def test_nccl_model_bounds(kind, n, nodes):
     bus = 400.0
-    times = [sum(cm.nccl_ring_time_s(kind, p, n, nodes, bus, NCCL_PROTOCOLS, net_step_us=9.6))
-             for p in (1e3, 1e5, 1e7, 1e9)]
-    assert times == sorted(times)                                   # more bytes never faster
+    times = [
+        sum(cm.nccl_ring_time_s(kind, p, n, nodes, bus, NCCL_PROTOCOLS, net_step_us=9.6))
+        for p in (1e3, 1e5, 1e7, 1e9)
+    ]
+    assert times == sorted(times)  # more bytes never faster
     for p, t in zip((1e3, 1e5, 1e7, 1e9), times):
-        assert t >= cm.collective_wire_bytes_per_gpu(kind, p, n) / (bus * 1e9)   # bus bandwidth bound
+        assert t >= cm.collective_wire_bytes_per_gpu(kind, p, n) / (bus * 1e9)  # bus bandwidth bound
     # a 1 GB message nearly reaches the bus bandwidth: the Simple protocol's latency is a small share
     assert times[-1] <= 1.15 * cm.collective_wire_bytes_per_gpu(kind, 1e9, n) / (bus * 1e9)
 
 
 def test_nccl_model_hand_computed():
-    p = 4096 * 3200 * 2                                   # one [T, h] activation of llama-3b at seq 4096
+    p = 4096 * 3200 * 2  # one [T, h] activation of llama-3b at seq 4096
     # 8 GPUs, one node: Simple wins; latency 8.4 + 14 steps x 3.4 us; 2 (n-1)/n of the payload at 460 GB/s
     bw, lat = cm.nccl_ring_time_s("all_reduce", p, 8, 1, 460.0, NCCL_PROTOCOLS)
     assert (bw, lat) == (pytest.approx(1.75 * p / 460e9), pytest.approx(56e-6))
     # 16 GPUs on two nodes: 28 NVLink steps + 2 network steps, x1.9 for a multi-node Simple all-reduce;
     # bus bandwidth min(460, 8 NICs x 50 GB/s)
-    bw, lat = cm.nccl_ring_time_s("all_reduce", p, 16, 2, 400.0, NCCL_PROTOCOLS, net_step_us=9.6,
-                                  multinode_ring_factor=1.9)
+    bw, lat = cm.nccl_ring_time_s(
+        "all_reduce", p, 16, 2, 400.0, NCCL_PROTOCOLS, net_step_us=9.6, multinode_ring_factor=1.9
+    )
     assert (bw, lat) == (pytest.approx(1.875 * p / 400e9), pytest.approx((8.4 + 28 * 3.4 + 2 * 9.6) * 1.9e-6))
     # a 4 KB all-reduce takes LL: 3.6 + 14 x 0.47 us, at a quarter of the bandwidth
     bw, lat = cm.nccl_ring_time_s("all_reduce", 4096, 8, 1, 460.0, NCCL_PROTOCOLS)
@@ -146,7 +182,7 @@ def test_wave_efficiency_is_a_fraction(m, n):
     e = cm.wave_efficiency(m, n, 132)
     assert 0 < e <= 1
     assert cm.wave_efficiency(m, n, 0) == 1.0
-    assert cm.wave_efficiency(128 * 132, 128, 132) == 1.0           # whole waves: nothing idle
+    assert cm.wave_efficiency(128 * 132, 128, 132) == 1.0  # whole waves: nothing idle
 
 
 def test_gemm_efficiency_only_slows_a_gemm():
@@ -158,14 +194,27 @@ def test_gemm_efficiency_only_slows_a_gemm():
 # ----------------------------------------------------------------- calibration from the bench output
 def _bench_report(tmp_path, *, bf16=650.0, bus=380.0, latency=22.0):
     """A synthetic `tpext bench` report in the tpext-bench-layers/1 format, as a GPU would write it."""
+
     def probe(scale):
-        return {"gemm_n": 8192, "matmul_tflops": {"float32": 50.0, "bfloat16": bf16 * scale},
-                               "allreduce": {"sweep": [{"bytes": 1 << 20, "time_us": 40.0, "bus_GBps": 45.0}],
-                                             "latency_us": latency * scale, "bus_GBps": bus * scale}}
-    report = {"format": "tpext-bench-layers/1", "command": "python -m tpext bench --calibration x.json",
-              "device": "nvidia-h100-80gb-hbm3", "config": {"backend": "nccl", "tp": [2, 8]},
-              "environment": {"memory_GiB": 79.1, "local_ranks": 8, "torch": "2.11.0+cu130"},
-              "probes": {"2": probe(0.5), "8": probe(1.0)}, "results": []}
+        return {
+            "gemm_n": 8192,
+            "matmul_tflops": {"float32": 50.0, "bfloat16": bf16 * scale},
+            "allreduce": {
+                "sweep": [{"bytes": 1 << 20, "time_us": 40.0, "bus_GBps": 45.0}],
+                "latency_us": latency * scale,
+                "bus_GBps": bus * scale,
+            },
+        }
+
+    report = {
+        "format": "tpext-bench-layers/1",
+        "command": "python -m tpext bench --calibration x.json",
+        "device": "nvidia-h100-80gb-hbm3",
+        "config": {"backend": "nccl", "tp": [2, 8]},
+        "environment": {"memory_GiB": 79.1, "local_ranks": 8, "torch": "2.11.0+cu130"},
+        "probes": {"2": probe(0.5), "8": probe(1.0)},
+        "results": [],
+    }
     path = tmp_path / "layers.json"
     path.write_text(json.dumps(report))
     return path
@@ -174,7 +223,7 @@ def _bench_report(tmp_path, *, bf16=650.0, bus=380.0, latency=22.0):
 def test_bench_report_feeds_straight_in(tmp_path):
     cal = load_calibration(_bench_report(tmp_path))
     assert cal.device == "nvidia-h100-80gb-hbm3" and cal.gpus_per_node == 8
-    assert cal.matmul_tflops["bfloat16"] == 650.0 and cal.allreduce_bus_GBps == 380.0   # the largest group
+    assert cal.matmul_tflops["bfloat16"] == 650.0 and cal.allreduce_bus_GBps == 380.0  # the largest group
     assert cal.collective_latency_us == 22.0 and cal.memory_GiB == 79.1
     h100 = gpu_preset("H100")
     gpu = apply_calibration(h100, cal)
@@ -241,16 +290,44 @@ def test_rows_and_errors():
 
 
 # ------------------------------------------------------------------------------------------- MoE
-MIXTRAL = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32, "num_key_value_heads": 8,
-           "num_hidden_layers": 32, "vocab_size": 32000, "num_local_experts": 8, "num_experts_per_tok": 2}
-QWEN_MOE = {"hidden_size": 2048, "intermediate_size": 5632, "moe_intermediate_size": 1408,
-            "shared_expert_intermediate_size": 5632, "num_experts": 60, "num_experts_per_tok": 4,
-            "num_hidden_layers": 24, "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": 151936,
-            "decoder_sparse_step": 1, "mlp_only_layers": []}
-DEEPSEEK_MOE = {"hidden_size": 2048, "intermediate_size": 10944, "moe_intermediate_size": 1408,
-                "n_routed_experts": 64, "n_shared_experts": 2, "num_experts_per_tok": 6, "num_hidden_layers": 28,
-                "first_k_dense_replace": 1, "moe_layer_freq": 1, "num_attention_heads": 16,
-                "num_key_value_heads": 16, "vocab_size": 102400}
+MIXTRAL = {
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "num_hidden_layers": 32,
+    "vocab_size": 32000,
+    "num_local_experts": 8,
+    "num_experts_per_tok": 2,
+}
+QWEN_MOE = {
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "moe_intermediate_size": 1408,
+    "shared_expert_intermediate_size": 5632,
+    "num_experts": 60,
+    "num_experts_per_tok": 4,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 16,
+    "vocab_size": 151936,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+}
+DEEPSEEK_MOE = {
+    "hidden_size": 2048,
+    "intermediate_size": 10944,
+    "moe_intermediate_size": 1408,
+    "n_routed_experts": 64,
+    "n_shared_experts": 2,
+    "num_experts_per_tok": 6,
+    "num_hidden_layers": 28,
+    "first_k_dense_replace": 1,
+    "moe_layer_freq": 1,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 16,
+    "vocab_size": 102400,
+}
 
 
 def _config(tmp_path, cfg, name="config.json"):
@@ -269,17 +346,19 @@ def test_moe_configs_have_their_published_parameter_counts(tmp_path, cfg, billio
 
 def test_moe_under_tp_shards_experts_and_keeps_the_dense_collectives(tmp_path):
     moe = resolve_model(_config(tmp_path, MIXTRAL))
-    dense = model_preset("llama3-8b")                # same attention and hidden size, one dense MLP
+    dense = model_preset("llama3-8b")  # same attention and hidden size, one dense MLP
     h100 = gpu_preset("H100")
     for tp in (2, 4, 8):
         r_moe, r_dense = (estimate(m, h100, NDR, Workload(seq=4096), tp) for m in (moe, dense))
-        assert r_moe["layer"]["collectives"] == r_dense["layer"]["collectives"]     # all-reduce of [T, h]
+        assert r_moe["layer"]["collectives"] == r_dense["layer"]["collectives"]  # all-reduce of [T, h]
         # expert weights shard by TP: 8 experts x 3 x 4096 x 14336 / tp, router replicated
         expert = cm.mlp_params(moe, tp, True) - cm.mlp_params(moe, 1, True) / tp
         assert expert == pytest.approx(4096 * 8 * (1 - 1 / tp), rel=1e-9)
+
         # two experts per token: about twice the dense MLP's GEMM time
         def mlp(r):
             return r["layer"]["gemm_fwd_s"]["mlp_in"] + r["layer"]["gemm_fwd_s"]["mlp_out"]
+
         assert 1.9 < mlp(r_moe) / mlp(r_dense) < 2.6
     mem = estimate(moe, h100, NDR, Workload(mode="prefill"), 8)["memory"]["bytes"]["weights"]
     assert mem == cm.params_per_gpu(moe, 8, 1) * 2
@@ -293,11 +372,14 @@ def test_moe_leading_dense_layers(tmp_path):
     assert (r["layer"]["dense_layers_in_stage"], r["layer"]["moe_layers_in_stage"]) == (1, 27)
 
 
-@pytest.mark.parametrize("extra,message", [
-    ({"kv_lora_rank": 512}, "multi-head latent attention"),
-    ({"decoder_sparse_step": 2}, "interleaved with dense ones"),
-    ({"num_experts_per_tok": None}, "needs 'num_experts_per_tok' as a positive int"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        ({"kv_lora_rank": 512}, "multi-head latent attention"),
+        ({"decoder_sparse_step": 2}, "interleaved with dense ones"),
+        ({"num_experts_per_tok": None}, "needs 'num_experts_per_tok' as a positive int"),
+    ],
+)
 def test_moe_configs_not_modelled_are_refused_with_the_reason(tmp_path, extra, message, capsys):
     path = _config(tmp_path, {**QWEN_MOE, **extra})
     with pytest.raises(ValueError, match=message):

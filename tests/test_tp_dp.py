@@ -18,8 +18,15 @@ from torch.distributed.fsdp import fully_shard
 import tpext
 from tpext.models import LlamaConfig, LlamaForCausalLM
 
-CFG = LlamaConfig(hidden_size=64, intermediate_size=96, vocab_size=100, num_hidden_layers=2, num_attention_heads=8,
-                  num_key_value_heads=2, tie_word_embeddings=True)
+CFG = LlamaConfig(
+    hidden_size=64,
+    intermediate_size=96,
+    vocab_size=100,
+    num_hidden_layers=2,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    tie_word_embeddings=True,
+)
 STEPS, BATCH, SEQ = 5, 4, 8
 
 
@@ -59,7 +66,7 @@ def _tp_dp(wrapper: str, sp: bool, ckpt_dir: str) -> tuple[list[float], list[flo
         fully_shard(model, mesh=mesh["dp"])
     dp_rank, dp = mesh["dp"].get_local_rank(), mesh["dp"].size()
     rows = BATCH // dp
-    local = [ids[dp_rank * rows:(dp_rank + 1) * rows] for ids in _batches()]
+    local = [ids[dp_rank * rows : (dp_rank + 1) * rows] for ids in _batches()]
     losses = _train(model, loss_of, local, mesh["dp"].get_group())
     gathered, want = tpext.gather_state_dict(model), trained.state_dict()
     assert gathered.keys() == want.keys()
@@ -83,4 +90,6 @@ def test_tp_dp_loss_curve_matches_dense(wrapper, sp, tmp_path):
     for rank, (losses, reference, weight_err) in enumerate(run_ranks(_tp_dp, 4, wrapper, sp, str(tmp_path))):
         assert losses == pytest.approx(reference, rel=1e-10), f"rank {rank}: {losses} vs dense {reference}"
         assert reference[-1] < reference[0]  # it trains
-        assert weight_err < 1e-8, f"rank {rank}: trained weights differ from dense by {weight_err:.1e} (relative)"
+        assert weight_err < 1e-8, (
+            f"rank {rank}: trained weights differ from dense by {weight_err:.1e} (relative)"
+        )

@@ -47,8 +47,9 @@ def demangle(names):
 
 
 def main(directory):
-    logs = sorted(os.path.join(d, f) for d, _, fs in os.walk(directory)
-                  for f in fs if f.endswith(".ptxas.log"))
+    logs = sorted(
+        os.path.join(d, f) for d, _, fs in os.walk(directory) for f in fs if f.endswith(".ptxas.log")
+    )
     if not logs:
         sys.exit(f"ptxas_spills: no *.ptxas.log under {directory} (configure with -DTPEXT_PTXAS_VERBOSE=ON)")
     limit = int(os.environ.get("TPEXT_MAX_SPILL_BYTES", "32"))
@@ -62,14 +63,20 @@ def main(directory):
                 spilling.append((source, name, arch, k))
     names = demangle([name for _, name, _, _ in spilling])
     for (source, _, arch, k), name in zip(spilling, names):
-        print(f"  SPILL {source} [{arch}] {k['regs']} registers, {k['stores']} B spill stores, "
-              f"{k['loads']} B spill loads, {k['stack']} B stack: {name}")
+        print(
+            f"  SPILL {source} [{arch}] {k['regs']} registers, {k['stores']} B spill stores, "
+            f"{k['loads']} B spill loads, {k['stack']} B stack: {name}"
+        )
     over = [k for _, _, _, k in spilling if k["stores"] + k["loads"] > limit]
-    print(f"cuda_compile_check: ptxas -v: {total} kernels in {len(logs)} objects, "
-          f"{len(spilling)} with register spills, {len(over)} over {limit} bytes")
+    print(
+        f"cuda_compile_check: ptxas -v: {total} kernels in {len(logs)} objects, "
+        f"{len(spilling)} with register spills, {len(over)} over {limit} bytes"
+    )
     if over and os.environ.get("TPEXT_ALLOW_SPILLS") != "1":
-        sys.exit(f"cuda_compile_check: {len(over)} kernels spill more than {limit} bytes (above); fix "
-                 "their launch bounds or register use, or set TPEXT_ALLOW_SPILLS=1 to report without failing")
+        sys.exit(
+            f"cuda_compile_check: {len(over)} kernels spill more than {limit} bytes (above); fix "
+            "their launch bounds or register use, or set TPEXT_ALLOW_SPILLS=1 to report without failing"
+        )
 
 
 if __name__ == "__main__":

@@ -14,9 +14,15 @@ from collections.abc import Sequence
 
 #: subcommand -> (module, one-line help)
 COMMANDS = {
-    "demo": ("tpext.commands.demo", "train the reference model with tensor parallelism and check it against the dense one"),
+    "demo": (
+        "tpext.commands.demo",
+        "train the reference model with tensor parallelism and check it against the dense one",
+    ),
     "bench": ("tpext.commands.bench", "benchmark tpext's layers against PyTorch's own tensor parallelism"),
-    "plan": ("tpext.commands.plan", "predict memory, communication and throughput of tensor-parallel configurations"),
+    "plan": (
+        "tpext.commands.plan",
+        "predict memory, communication and throughput of tensor-parallel configurations",
+    ),
 }
 
 

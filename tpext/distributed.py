@@ -50,10 +50,12 @@ class SharesGroupOnCopy:
     refused with the ways to save that work: a process group means nothing in another process."""
 
     def __reduce_ex__(self, protocol):
-        raise TypeError(f"tpext: a {type(self).__name__} holds a process group and cannot be pickled (torch.save of "
-                        "a tensor-parallel model); save its weights with tpext.save_checkpoint(model, path) (the "
-                        "dense safetensors), model.save_pretrained(dir) (Hugging Face models) or "
-                        "torch.distributed.checkpoint on model.state_dict(), and parallelize again on load")
+        raise TypeError(
+            f"tpext: a {type(self).__name__} holds a process group and cannot be pickled (torch.save of "
+            "a tensor-parallel model); save its weights with tpext.save_checkpoint(model, path) (the "
+            "dense safetensors), model.save_pretrained(dir) (Hugging Face models) or "
+            "torch.distributed.checkpoint on model.state_dict(), and parallelize again on load"
+        )
 
     def __copy__(self):
         new = type(self).__new__(type(self))

@@ -32,9 +32,17 @@ from tpext import stats
 from tpext.distributed import GroupLike, resolve_group, shard_range, shard_sizes
 
 __all__ = [
-    "copy_to_tp", "reduce_from_tp", "scatter_to_sequence", "gather_from_sequence",
-    "reduce_scatter_to_sequence", "scatter_to_tp", "gather_from_tp",
-    "sum_replica_grads", "all_reduce", "all_gather_dim0", "reduce_scatter_dim0",
+    "copy_to_tp",
+    "reduce_from_tp",
+    "scatter_to_sequence",
+    "gather_from_sequence",
+    "reduce_scatter_to_sequence",
+    "scatter_to_tp",
+    "gather_from_tp",
+    "sum_replica_grads",
+    "all_reduce",
+    "all_gather_dim0",
+    "reduce_scatter_dim0",
 ]
 
 
@@ -45,8 +53,15 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", dist.reduce_scat
 
 # ---- plain collectives with accounting (used by the Functions below and by tpext.nn) ----------------
 
-def all_reduce(x: Tensor, group: dist.ProcessGroup, *, backward: bool = False, module: str | None = None,
-               op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> Tensor:
+
+def all_reduce(
+    x: Tensor,
+    group: dist.ProcessGroup,
+    *,
+    backward: bool = False,
+    module: str | None = None,
+    op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM,
+) -> Tensor:
     """In-place all-reduce of a contiguous tensor; returns it."""
     x = x.contiguous()
     stats.record("all_reduce", x.numel(), x.dtype, group.size(), backward=backward, module=module)
@@ -62,8 +77,9 @@ def check_dim0_divisible(x: Tensor, world: int, what: str) -> None:
         )
 
 
-def all_gather_dim0(x: Tensor, group: dist.ProcessGroup, *, backward: bool = False,
-                    module: str | None = None) -> Tensor:
+def all_gather_dim0(
+    x: Tensor, group: dist.ProcessGroup, *, backward: bool = False, module: str | None = None
+) -> Tensor:
     world = group.size()
     out = x.new_empty((world * x.shape[0], *x.shape[1:]))
     stats.record("all_gather", out.numel(), x.dtype, world, backward=backward, module=module)
@@ -71,8 +87,9 @@ def all_gather_dim0(x: Tensor, group: dist.ProcessGroup, *, backward: bool = Fal
     return out
 
 
-def reduce_scatter_dim0(x: Tensor, group: dist.ProcessGroup, *, backward: bool = False,
-                        module: str | None = None) -> Tensor:
+def reduce_scatter_dim0(
+    x: Tensor, group: dist.ProcessGroup, *, backward: bool = False, module: str | None = None
+) -> Tensor:
     world = group.size()
     check_dim0_divisible(x, world, "reduce-scatter")
     out = x.new_empty((x.shape[0] // world, *x.shape[1:]))
@@ -112,23 +129,29 @@ def _last_dim_shard(x: Tensor, group: dist.ProcessGroup) -> Tensor:
     return _contiguous(x.narrow(-1, start, size))
 
 
-def _all_gather_last_dim(x: Tensor, group: dist.ProcessGroup, full: int, *, backward: bool,
-                         module: str | None) -> Tensor:
+def _all_gather_last_dim(
+    x: Tensor, group: dist.ProcessGroup, full: int, *, backward: bool, module: str | None
+) -> Tensor:
     """All-gather of uneven last-dim shards (sizes from shard_sizes(full, R)): padded to the largest."""
     world = group.size()
     sizes = shard_sizes(full, world)
     if x.shape[-1] != sizes[group.rank()]:
-        raise ValueError(f"tpext: last dim {x.shape[-1]} is not this rank's shard of {full} (want "
-                         f"{sizes[group.rank()]}, shard sizes {sizes})")
+        raise ValueError(
+            f"tpext: last dim {x.shape[-1]} is not this rank's shard of {full} (want "
+            f"{sizes[group.rank()]}, shard sizes {sizes})"
+        )
     padded = torch.nn.functional.pad(x, (0, sizes[0] - x.shape[-1])).contiguous()
     buf = padded.new_empty((world * padded.shape[0], *padded.shape[1:]))
-    stats.record("all_gather", math.prod(x.shape[:-1]) * full, x.dtype, world, backward=backward, module=module)
+    stats.record(
+        "all_gather", math.prod(x.shape[:-1]) * full, x.dtype, world, backward=backward, module=module
+    )
     _all_gather_single(buf, padded, group=group)
     buf = buf.view(world, *padded.shape)
     return torch.cat([buf[r].narrow(-1, 0, sizes[r]) for r in range(world)], dim=-1)
 
 
 # ---- the autograd pairs ------------------------------------------------------------------------------
+
 
 class _CopyToTP(torch.autograd.Function):
     @staticmethod
@@ -277,12 +300,16 @@ def scatter_to_sequence(x: Tensor, group: GroupLike = None, dim: int = 0) -> Ten
     return _apply(_ScatterToSequence, x, group, dim=dim)
 
 
-def gather_from_sequence(x: Tensor, group: GroupLike = None, dim: int = 0, *, replicated_grad: bool = False) -> Tensor:
+def gather_from_sequence(
+    x: Tensor, group: GroupLike = None, dim: int = 0, *, replicated_grad: bool = False
+) -> Tensor:
     """The full sequence from every rank's shard. Backward: the gradient each rank sends is a partial sum
     (tensor-parallel consumers, such as a column-parallel layer) and is reduce-scattered; or, with
     replicated_grad=True, it is the whole gradient (consumers with replicated weights, every rank computing
     the same thing) and each rank keeps its block."""
-    return _apply(_GatherFromSequenceReplicatedGrad if replicated_grad else _GatherFromSequence, x, group, dim=dim)
+    return _apply(
+        _GatherFromSequenceReplicatedGrad if replicated_grad else _GatherFromSequence, x, group, dim=dim
+    )
 
 
 def reduce_scatter_to_sequence(x: Tensor, group: GroupLike = None, dim: int = 0) -> Tensor:

@@ -33,9 +33,22 @@ from tpext import _C
 from tpext.distributed import GroupLike, resolve_group
 
 __all__ = [
-    "P2PAlgorithm", "ALGO_C10D", "ALGO_ONE_SHOT", "ALGO_TWO_SHOT", "ONE_SHOT_MAX_BYTES", "P2P_MAX_BYTES", "MAX_RANKS",
-    "DEFAULT_TIMEOUT_S", "choose_algorithm", "algorithm_for", "enable", "release", "status", "check",
-    "set_mode", "mode",
+    "P2PAlgorithm",
+    "ALGO_C10D",
+    "ALGO_ONE_SHOT",
+    "ALGO_TWO_SHOT",
+    "ONE_SHOT_MAX_BYTES",
+    "P2P_MAX_BYTES",
+    "MAX_RANKS",
+    "DEFAULT_TIMEOUT_S",
+    "choose_algorithm",
+    "algorithm_for",
+    "enable",
+    "release",
+    "status",
+    "check",
+    "set_mode",
+    "mode",
 ]
 
 log = logging.getLogger("tpext.p2p")
@@ -45,12 +58,16 @@ class P2PAlgorithm(enum.IntEnum):
     """The `algorithm` argument of the p2p ops; mirrors ``tpext::ops::P2PAlgorithm`` (csrc/ops/p2p.h)."""
 
     COLLECTIVE = 0  # the group's own collective (NCCL, or gloo on CPU)
-    ONE_SHOT = 1    # every rank reads every peer's whole buffer: one round, for latency-bound sizes
-    TWO_SHOT = 2    # reduce-scatter then all-gather over the buffers: two rounds, 1/R of the reads each
+    ONE_SHOT = 1  # every rank reads every peer's whole buffer: one round, for latency-bound sizes
+    TWO_SHOT = 2  # reduce-scatter then all-gather over the buffers: two rounds, 1/R of the reads each
 
 
 # The names the layers and tests used before the enum (the same values).
-ALGO_C10D, ALGO_ONE_SHOT, ALGO_TWO_SHOT = P2PAlgorithm.COLLECTIVE, P2PAlgorithm.ONE_SHOT, P2PAlgorithm.TWO_SHOT
+ALGO_C10D, ALGO_ONE_SHOT, ALGO_TWO_SHOT = (
+    P2PAlgorithm.COLLECTIVE,
+    P2PAlgorithm.ONE_SHOT,
+    P2PAlgorithm.TWO_SHOT,
+)
 MAX_RANKS = 8
 
 # Message-size thresholds, in bytes of one rank's input. PROVISIONAL: not yet measured on a GPU. They
@@ -166,8 +183,9 @@ def _group_obstacle(infos: list) -> str:
     return ""
 
 
-def enable(group: GroupLike = None, capacity_bytes: int = P2P_MAX_BYTES,
-           timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
+def enable(
+    group: GroupLike = None, capacity_bytes: int = P2P_MAX_BYTES, timeout_s: float = DEFAULT_TIMEOUT_S
+) -> bool:
     """Collective over `group`: allocate this rank's symmetric buffer on the current CUDA device,
     exchange the CUDA IPC handles through the group, map every peer's buffer.
 

@@ -55,7 +55,9 @@ class RNGStatesTracker:
     @contextlib.contextmanager
     def fork(self, name: str = TP_RNG) -> Iterator[None]:
         if name not in self._states:
-            raise RuntimeError(f"tpext: RNG state {name!r} is not set; call tpext.random.model_parallel_seed(seed)")
+            raise RuntimeError(
+                f"tpext: RNG state {name!r} is not set; call tpext.random.model_parallel_seed(seed)"
+            )
         saved = _get_state()
         _set_state(self._states[name])
         try:

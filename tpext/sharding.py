@@ -110,8 +110,9 @@ class Piece:
         return self.units * self.unit_size
 
 
-def piece_segments(pieces: Sequence[Piece], world: int, rank: int,
-                   what: str) -> tuple[tuple[Segment, ...], int, tuple[Segment, ...]]:
+def piece_segments(
+    pieces: Sequence[Piece], world: int, rank: int, what: str
+) -> tuple[tuple[Segment, ...], int, tuple[Segment, ...]]:
     """Segments of `rank` for a dim made of `pieces`, how many ranks hold a replicated one (1: none),
     and the dense ranges of the replicated pieces (whose gradients are summed over their holders).
 
@@ -135,7 +136,8 @@ def piece_segments(pieces: Sequence[Piece], world: int, rank: int,
             raise ValueError(
                 f"tpext: cannot shard {what} over {world} ranks: it has {p.units} heads of {p.unit_size}, and "
                 f"{world} neither divides {p.units} (shard the heads) nor is a multiple of it (replicate each "
-                f"head over {world}/{p.units} ranks); pick a tensor-parallel size that does")
+                f"head over {world}/{p.units} ranks); pick a tensor-parallel size that does"
+            )
         offset += p.size
     return tuple(segments), replicas, tuple(reduce_ranges)
 
@@ -181,7 +183,9 @@ class Entry:
     local_name: str
     tensor: Tensor
     layout: ShardLayout
-    owners: list[tuple[nn.Module, str]]  # (module, attribute) of every name, the first being (module, local_name)
+    owners: list[
+        tuple[nn.Module, str]
+    ]  # (module, attribute) of every name, the first being (module, local_name)
 
 
 def layouts(model: nn.Module) -> list[Entry]:
@@ -190,16 +194,20 @@ def layouts(model: nn.Module) -> list[Entry]:
     entries: dict[int, Entry] = {}
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     for mod_name, module in model.named_modules(remove_duplicate=False):
-        persistent = [(n, b) for n, b in module.named_buffers(recurse=False)
-                      if n not in getattr(module, "_non_persistent_buffers_set", set())]
+        persistent = [
+            (n, b)
+            for n, b in module.named_buffers(recurse=False)
+            if n not in getattr(module, "_non_persistent_buffers_set", set())
+        ]
         for name, tensor in list(module.named_parameters(recurse=False)) + persistent:
             if tensor is None:
                 continue
             fqn = _strip_wrappers(f"{mod_name}.{name}" if mod_name else name, ddp)
             entry = entries.get(id(tensor))
             if entry is None:
-                entries[id(tensor)] = Entry([fqn], module, name, tensor, get_layout(module, name, tensor),
-                                            [(module, name)])
+                entries[id(tensor)] = Entry(
+                    [fqn], module, name, tensor, get_layout(module, name, tensor), [(module, name)]
+                )
             elif fqn not in entry.names:
                 entry.names.append(fqn)
                 entry.owners.append((module, name))

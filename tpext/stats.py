@@ -29,8 +29,8 @@ KINDS = ("all_reduce", "all_gather", "reduce_scatter")
 
 @dataclass(frozen=True)
 class CommRecord:
-    kind: str    # one of KINDS
-    phase: str   # "forward" or "backward"
+    kind: str  # one of KINDS
+    phase: str  # "forward" or "backward"
     nbytes: int  # bytes of the full (unsharded) tensor
     module: str  # the tpext module that issued it ("" outside any)
     world_size: int
@@ -43,8 +43,13 @@ class CommStats:
         self.records: list[CommRecord] = []
 
     def _select(self, kind: str | None, phase: str | None, module: str | None) -> list[CommRecord]:
-        return [r for r in self.records if (kind is None or r.kind == kind) and (phase is None or r.phase == phase)
-                and (module is None or r.module == module)]
+        return [
+            r
+            for r in self.records
+            if (kind is None or r.kind == kind)
+            and (phase is None or r.phase == phase)
+            and (module is None or r.module == module)
+        ]
 
     def count(self, kind: str | None = None, *, phase: str | None = None, module: str | None = None) -> int:
         return len(self._select(kind, phase, module))
@@ -124,14 +129,26 @@ def scope_for(module) -> contextlib.AbstractContextManager:
     return module_scope(current_module() or getattr(module, "_tpext_stats_name", type(module).__name__))
 
 
-def record(kind: str, numel: int, dtype: torch.dtype, world_size: int, *, backward: bool = False,
-           module: str | None = None) -> None:
+def record(
+    kind: str,
+    numel: int,
+    dtype: torch.dtype,
+    world_size: int,
+    *,
+    backward: bool = False,
+    module: str | None = None,
+) -> None:
     """Account one collective. Called by tpext's own communication paths, never by users."""
     if kind not in KINDS:
         raise ValueError(f"tpext: unknown collective kind {kind!r}; expected one of {KINDS}")
     if not _active or torch.compiler.is_compiling():
         return
-    rec = CommRecord(kind, "backward" if backward else "forward", numel * dtype.itemsize,
-                     current_module() if module is None else module, world_size)
+    rec = CommRecord(
+        kind,
+        "backward" if backward else "forward",
+        numel * dtype.itemsize,
+        current_module() if module is None else module,
+        world_size,
+    )
     for stats in _active:
         stats.records.append(rec)

@@ -11,13 +11,21 @@
 
 from tpext.checkpoint.dcp import ShardedState, local_state
 from tpext.checkpoint.dense import (
-                                    CheckpointError,
-                                    checkpoint_files,
-                                    gather_state_dict,
-                                    load_checkpoint,
-                                    save_checkpoint,
+    CheckpointError,
+    checkpoint_files,
+    gather_state_dict,
+    load_checkpoint,
+    save_checkpoint,
 )
 from tpext.checkpoint.pretrained import from_pretrained
 
-__all__ = ["CheckpointError", "checkpoint_files", "from_pretrained", "gather_state_dict", "load_checkpoint",
-           "save_checkpoint", "ShardedState", "local_state"]
+__all__ = [
+    "CheckpointError",
+    "checkpoint_files",
+    "from_pretrained",
+    "gather_state_dict",
+    "load_checkpoint",
+    "save_checkpoint",
+    "ShardedState",
+    "local_state",
+]

@@ -40,7 +40,9 @@ from tpext.sharding import ShardLayout
 __all__ = ["ShardedState", "install_optimizer_hooks", "install_state_dict_hooks", "local_state"]
 
 Window = tuple[int, int] | None  # (first row, rows) of the tp-local tensor this rank holds (FSDP2), None: all
-Chunk = tuple[tuple[int, ...], tuple[int, ...], int, int, int]  # dense offsets, sizes, local dim, start, length
+Chunk = tuple[
+    tuple[int, ...], tuple[int, ...], int, int, int
+]  # dense offsets, sizes, local dim, start, length
 
 
 def _chunks(layout: ShardLayout, window: Window) -> tuple[Chunk, ...]:
@@ -77,15 +79,18 @@ class ShardedState(Tensor):
 
     @staticmethod
     def __new__(cls, local: Tensor, layout: ShardLayout, window: Window = None) -> ShardedState:
-        t = Tensor._make_wrapper_subclass(cls, layout.dense_shape, dtype=local.dtype, device=local.device,
-                                          requires_grad=False)
+        t = Tensor._make_wrapper_subclass(
+            cls, layout.dense_shape, dtype=local.dtype, device=local.device, requires_grad=False
+        )
         t.local, t.shard_layout, t.window = local, layout, window
         return t
 
     def __repr__(self) -> str:
         lay = self.shard_layout
-        return (f"ShardedState(dense={list(lay.dense_shape)}, dim={lay.dim}, segments={list(lay.segments)}, "
-                f"window={self.window}, local={list(self.local.shape)})")
+        return (
+            f"ShardedState(dense={list(lay.dense_shape)}, dim={lay.dim}, segments={list(lay.segments)}, "
+            f"window={self.window}, local={list(self.local.shape)})"
+        )
 
     # ----- DCP's protocol for tensors that know their chunks (the one DTensor implements)
     def _views(self):
@@ -94,28 +99,49 @@ class ShardedState(Tensor):
 
     def __create_write_items__(self, fqn: str, obj: Any) -> list[WriteItem]:
         props = TensorProperties.create_from_tensor(self.local)
-        return [WriteItem(index=MetadataIndex(fqn, torch.Size(offsets)), type=WriteItemType.SHARD,
-                          tensor_data=TensorWriteData(
-                              chunk=ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes)),
-                              properties=props, size=self.size()))
-                for offsets, sizes, _ in self._views()]
+        return [
+            WriteItem(
+                index=MetadataIndex(fqn, torch.Size(offsets)),
+                type=WriteItemType.SHARD,
+                tensor_data=TensorWriteData(
+                    chunk=ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes)),
+                    properties=props,
+                    size=self.size(),
+                ),
+            )
+            for offsets, sizes, _ in self._views()
+        ]
 
     def __create_chunk_list__(self) -> list[ChunkStorageMetadata]:
-        return [ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
-                for offsets, sizes, _ in self._views()]
+        return [
+            ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes))
+            for offsets, sizes, _ in self._views()
+        ]
 
     def __get_tensor_shard__(self, index: MetadataIndex) -> Tensor:
         for offsets, _, view in self._views():
             if torch.Size(offsets) == index.offset:
                 return view  # a view of the local tensor: DCP's load copies straight into it
-        raise ValueError(f"tpext: no chunk of '{index.fqn}' at offset {list(index.offset or [])} on this rank "
-                         f"(it holds {[list(o) for o, _, _ in self._views()]})")
+        raise ValueError(
+            f"tpext: no chunk of '{index.fqn}' at offset {list(index.offset or [])} on this rank "
+            f"(it holds {[list(o) for o, _, _ in self._views()]})"
+        )
 
     # ----- pickling (per-rank torch.save): the slices travel with their layout, so a load at another tp fails
     def __reduce_ex__(self, protocol):
         lay = self.shard_layout
-        return (_rebuild, (self.local, lay.dense_shape, lay.dim, lay.segments, lay.replicas, lay.reduce_ranges,
-                           self.window))
+        return (
+            _rebuild,
+            (
+                self.local,
+                lay.dense_shape,
+                lay.dim,
+                lay.segments,
+                lay.replicas,
+                lay.reduce_ranges,
+                self.window,
+            ),
+        )
 
     # ----- the few operations a state dict goes through
     @classmethod
@@ -123,12 +149,15 @@ class ShardedState(Tensor):
         kwargs = kwargs or {}
         aten = torch.ops.aten
         me = args[0]
-        if not isinstance(me, ShardedState):  # e.g. dense.copy_(sharded): the dense tensor is not on this rank
+        if not isinstance(
+            me, ShardedState
+        ):  # e.g. dense.copy_(sharded): the dense tensor is not on this rank
             other = next(a for a in args if isinstance(a, ShardedState))
             raise NotImplementedError(
                 f"tpext: {func} with a ShardedState argument (this rank's slices of a tensor-parallel tensor, "
                 f"dense shape {list(other.shape)}) into a plain tensor: the dense tensor is not on this rank. Use "
-                "tpext.gather_state_dict(model) for dense tensors, or torch.distributed.checkpoint to load")
+                "tpext.gather_state_dict(model) for dense tensors, or torch.distributed.checkpoint to load"
+            )
         if func in (aten.detach.default, aten.alias.default, aten.clone.default, aten._to_copy.default):
             return ShardedState(func(me.local, *args[1:], **kwargs), me.shard_layout, me.window)
         if func is aten.new_empty.default:  # async_save's staging: new_empty, then sets .local itself
@@ -137,7 +166,9 @@ class ShardedState(Tensor):
             src = args[1]
             if isinstance(src, ShardedState):
                 if (src.shard_layout, src.window) != (me.shard_layout, me.window):
-                    raise ValueError(f"tpext: cannot copy_ a ShardedState of other slices ({src!r}) into {me!r}")
+                    raise ValueError(
+                        f"tpext: cannot copy_ a ShardedState of other slices ({src!r}) into {me!r}"
+                    )
                 me.local.copy_(src.local)
             else:  # the dense tensor: take this rank's slices of it
                 for offsets, sizes, view in me._views():
@@ -151,19 +182,25 @@ class ShardedState(Tensor):
             f"tpext: {func} on a ShardedState (a state-dict entry of a tensor-parallel tensor, dense shape "
             f"{list(me.shard_layout.dense_shape)}, holding only this rank's slices). Use .local for this rank's "
             "tensor, tpext.gather_state_dict(model) for the dense one, or torch.distributed.checkpoint to save or "
-            "load it")
+            "load it"
+        )
 
 
 def _rebuild(local, dense_shape, dim, segments, replicas, reduce_ranges, window) -> ShardedState:
-    return ShardedState(local, ShardLayout(tuple(dense_shape), dim, tuple(map(tuple, segments)), replicas,
-                                           tuple(map(tuple, reduce_ranges))),
-                        None if window is None else tuple(window))
+    return ShardedState(
+        local,
+        ShardLayout(
+            tuple(dense_shape), dim, tuple(map(tuple, segments)), replicas, tuple(map(tuple, reduce_ranges))
+        ),
+        None if window is None else tuple(window),
+    )
 
 
 torch.serialization.add_safe_globals([_rebuild, ShardedState])
 
 
 # ----- safetensors writers keep one tensor per key and rank: refuse a plan that would lose chunks
+
 
 def _check_one_chunk_per_key(plans: list, writer: Any) -> None:
     """Raise when a rank's final save plan holds several chunks of one key for a safetensors writer.
@@ -179,14 +216,17 @@ def _check_one_chunk_per_key(plans: list, writer: Any) -> None:
         return
     if not getattr(writer, "single_file_per_rank", True):
         return  # one file per write item: nothing is overwritten
-    writing = [rank for rank, plan in enumerate(plans) if any(i.type != WriteItemType.BYTE_IO for i in plan.items)]
+    writing = [
+        rank for rank, plan in enumerate(plans) if any(i.type != WriteItemType.BYTE_IO for i in plan.items)
+    ]
     if getattr(writer, "save_distributed", True) is False and len(writing) > 1:
         raise ValueError(
             f"tpext: {type(writer).__name__}(save_distributed=False) gives every rank the same file names, but "
             f"ranks {writing} all hold tensors to write (tensor-parallel slices, or replicas DCP spread over "
             "ranks): they would overwrite each other. Pass save_distributed=True (with enable_consolidation=True "
             "for dense files), save with DCP's default writer (dcp.save(state, checkpoint_id=dir)), or write "
-            "dense Hugging Face safetensors with tpext.save_checkpoint(model, dir)")
+            "dense Hugging Face safetensors with tpext.save_checkpoint(model, dir)"
+        )
     for rank, plan in enumerate(plans):
         offsets: dict[str, list] = {}
         for item in plan.items:
@@ -200,7 +240,8 @@ def _check_one_chunk_per_key(plans: list, writer: Any) -> None:
                     "parallel tensor): all but one would be lost. Save with DCP's default writer "
                     "(dcp.save(state, checkpoint_id=dir)), which keeps every chunk and reshards on load, or "
                     "write dense Hugging Face safetensors with tpext.save_checkpoint(model, dir) or the "
-                    "parallelized model's save_pretrained(dir)")
+                    "parallelized model's save_pretrained(dir)"
+                )
 
 
 def _guard_safetensors_writers() -> None:
@@ -225,6 +266,7 @@ def _guard_safetensors_writers() -> None:
 
 
 # ----- get_*_state_dict(full_state_dict=True) gathers DTensors and ShardedTensors only: refuse ShardedState
+
 
 def _first_sharded(state: Any, prefix: str = "") -> str | None:
     """The key of the first ShardedState in a (nested) state dict, or None."""
@@ -259,7 +301,8 @@ def _guard_full_state_dict() -> None:
                 f"tpext: full_state_dict=True cannot gather '{key}', a tensor-parallel tensor of which this rank "
                 "holds only its slices (torch gathers DTensors and ShardedTensors only). Use "
                 "tpext.gather_state_dict(model) for the dense model state dict, or full_state_dict=False with "
-                "torch.distributed.checkpoint (dcp.save), which writes each rank's slices and reshards on load")
+                "torch.distributed.checkpoint (dcp.save), which writes each rank's slices and reshards on load"
+            )
         return original(state_dict, *args, **kwargs)
 
     _gather_state_dict._tpext_checked = True
@@ -292,6 +335,7 @@ def _register_modules_of_state_dict_calls() -> None:
 
 # ----- from a module's tensor to a state-dict entry, and back
 
+
 def _needs_wrapping(layout: ShardLayout) -> bool:
     """A sharded layout that is not the whole dense tensor (tp=1 keeps plain tensors)."""
     return layout.is_sharded and layout.local_shape != layout.dense_shape
@@ -304,13 +348,17 @@ def _window(tensor: Tensor, layout: ShardLayout, key: str) -> Window:
     if not isinstance(tensor, DTensor):
         return None
     if tuple(tensor.shape) != layout.local_shape:
-        raise ValueError(f"tpext: '{key}' is a DTensor of global shape {list(tensor.shape)}, its tensor-parallel "
-                         f"layout says {list(layout.local_shape)}: the DTensor must span data parallel only")
+        raise ValueError(
+            f"tpext: '{key}' is a DTensor of global shape {list(tensor.shape)}, its tensor-parallel "
+            f"layout says {list(layout.local_shape)}: the DTensor must span data parallel only"
+        )
     if all(isinstance(p, Replicate) for p in tensor.placements):
         return None
     if [p for p in tensor.placements if not isinstance(p, Replicate)] != [Shard(0)]:
-        raise ValueError(f"tpext: '{key}' is a DTensor with placements {tensor.placements}; checkpoints of "
-                         "tensor-parallel tensors support data-parallel Shard(0) (FSDP2) or Replicate only")
+        raise ValueError(
+            f"tpext: '{key}' is a DTensor with placements {tensor.placements}; checkpoints of "
+            "tensor-parallel tensors support data-parallel Shard(0) (FSDP2) or Replicate only"
+        )
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
@@ -333,10 +381,12 @@ def from_state(value: Any, layout: ShardLayout, key: str, current: Tensor) -> An
     """A state-dict entry ready for `current`'s own load: its local tensor (as a DTensor under FSDP2)."""
     if not _needs_wrapping(layout):
         if isinstance(value, ShardedState):
-            raise ValueError(f"tpext: '{key}' in the state dict is the tensor-parallel slice {value!r}, but this "
-                             f"model holds the whole tensor {list(layout.dense_shape)}: a per-rank save cannot "
-                             "be loaded at another tensor-parallel size; save with torch.distributed.checkpoint "
-                             "(dcp.save), which reshards on load")
+            raise ValueError(
+                f"tpext: '{key}' in the state dict is the tensor-parallel slice {value!r}, but this "
+                f"model holds the whole tensor {list(layout.dense_shape)}: a per-rank save cannot "
+                "be loaded at another tensor-parallel size; save with torch.distributed.checkpoint "
+                "(dcp.save), which reshards on load"
+            )
         return value
     window = _window(current, layout, key)
     if isinstance(value, ShardedState):
@@ -347,10 +397,14 @@ def from_state(value: Any, layout: ShardLayout, key: str, current: Tensor) -> An
                 f"{value.window}) of the dense {list(saved.dense_shape)}, this rank "
                 f"holds {list(layout.segments)} (dim {layout.dim}, rows {window}) of {list(layout.dense_shape)}: "
                 "a per-rank save (torch.save(model.state_dict())) loads only at the same tensor-parallel size and "
-                "rank; save with torch.distributed.checkpoint (dcp.save), which reshards on load")
+                "rank; save with torch.distributed.checkpoint (dcp.save), which reshards on load"
+            )
         local = value.local
-    elif (isinstance(value, Tensor) and tuple(value.shape) == layout.dense_shape
-          and tuple(current.shape) != layout.dense_shape):
+    elif (
+        isinstance(value, Tensor)
+        and tuple(value.shape) == layout.dense_shape
+        and tuple(current.shape) != layout.dense_shape
+    ):
         local = layout.local_from_dense(value)  # a dense state dict: take this rank's slices
         if window is not None:
             local = local.narrow(0, window[0], window[1])
@@ -359,8 +413,14 @@ def from_state(value: Any, layout: ShardLayout, key: str, current: Tensor) -> An
     if hasattr(current, "device_mesh"):
         from torch.distributed.tensor import DTensor
 
-        return DTensor.from_local(local.to(current.device), current.device_mesh, current.placements,
-                                  shape=current.shape, stride=current.stride(), run_check=False)
+        return DTensor.from_local(
+            local.to(current.device),
+            current.device_mesh,
+            current.placements,
+            shape=current.shape,
+            stride=current.stride(),
+            run_check=False,
+        )
     return local
 
 
@@ -377,8 +437,16 @@ def _state_dict_post_hook(module: nn.Module, state_dict: dict, prefix: str, loca
             state_dict[key] = to_state(state_dict[key], layout, key)
 
 
-def _load_pre_hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata, strict, missing_keys,
-                   unexpected_keys, error_msgs) -> None:
+def _load_pre_hook(
+    module: nn.Module,
+    state_dict: dict,
+    prefix: str,
+    local_metadata,
+    strict,
+    missing_keys,
+    unexpected_keys,
+    error_msgs,
+) -> None:
     for name, layout in getattr(module, "_tpext_layouts", {}).items():
         key = prefix + name
         current = module._parameters.get(name, module._buffers.get(name))
@@ -403,6 +471,7 @@ def install_state_dict_hooks(module: nn.Module) -> None:
 
 # ----- optimizer hooks: the state of a sharded parameter travels with the parameter's layout
 
+
 def _param_layouts() -> dict[int, tuple[ShardLayout, Tensor]]:
     out = {}
     for module in list(_MODULES):
@@ -421,8 +490,12 @@ def _optim_state_dict_post_hook(optimizer: torch.optim.Optimizer, state_dict: di
         found = known.get(id(params[pid]))
         if found is not None:  # new dicts: the packed state's dicts are the optimizer's own
             layout, p = found
-            state = {k: to_state(v, layout, f"optimizer state '{k}' of parameter {pid}", like=p)
-                     if isinstance(v, Tensor) and v.dim() > 0 else v for k, v in state.items()}
+            state = {
+                k: to_state(v, layout, f"optimizer state '{k}' of parameter {pid}", like=p)
+                if isinstance(v, Tensor) and v.dim() > 0
+                else v
+                for k, v in state.items()
+            }
         out[pid] = state
     return {**state_dict, "state": out}
 
@@ -442,8 +515,10 @@ def _optim_load_pre_hook(optimizer: torch.optim.Optimizer, state_dict: dict) -> 
             if found is not None and isinstance(v, Tensor) and v.dim() > 0:
                 entry[k] = from_state(v, found[0], what, found[1])
             elif isinstance(v, ShardedState):
-                raise ValueError(f"tpext: {what} is the tensor-parallel slice {v!r}, but that parameter is not "
-                                 "sharded here: a per-rank optimizer save loads only at the same tp size and rank")
+                raise ValueError(
+                    f"tpext: {what} is the tensor-parallel slice {v!r}, but that parameter is not "
+                    "sharded here: a per-rank optimizer save loads only at the same tp size and rank"
+                )
     return {**state_dict, "state": state}
 
 
@@ -467,8 +542,11 @@ def _localize_loaded_state(optimizer: torch.optim.Optimizer) -> None:
     known = None
     for p, state in optimizer.state.items():
         for k, v in list(state.items()):
-            if not isinstance(v, Tensor) or v.dim() == 0 or (tuple(v.shape) == tuple(p.shape)
-                                                              and not isinstance(v, ShardedState)):
+            if (
+                not isinstance(v, Tensor)
+                or v.dim() == 0
+                or (tuple(v.shape) == tuple(p.shape) and not isinstance(v, ShardedState))
+            ):
                 continue
             known = _param_layouts() if known is None else known
             found = known.get(id(p))
@@ -476,8 +554,10 @@ def _localize_loaded_state(optimizer: torch.optim.Optimizer) -> None:
             if found is None:
                 if not isinstance(v, ShardedState):
                     continue  # not a tensor-parallel parameter: torch's own checks apply
-                raise ValueError(f"tpext: {what} is the tensor-parallel slice {v!r}, but that parameter is not "
-                                 "sharded here: a per-rank optimizer save loads only at the same tp size and rank")
+                raise ValueError(
+                    f"tpext: {what} is the tensor-parallel slice {v!r}, but that parameter is not "
+                    "sharded here: a per-rank optimizer save loads only at the same tp size and rank"
+                )
             state[k] = from_state(v, found[0], what, found[1])
 
 

@@ -78,8 +78,10 @@ def checkpoint_files(path: PathLike) -> dict[str, Path]:
 def _read_local(source, layout: ShardLayout, opener) -> Tensor:
     """This rank's part of a dense checkpoint tensor: only its slices are read from the files."""
     if tuple(source.shape) != layout.dense_shape:
-        raise CheckpointError(f"tpext: checkpoint tensor {source.what} has shape {list(source.shape)}, the model "
-                              f"expects the dense shape {list(layout.dense_shape)} (in {source.where})")
+        raise CheckpointError(
+            f"tpext: checkpoint tensor {source.what} has shape {list(source.shape)}, the model "
+            f"expects the dense shape {list(layout.dense_shape)} (in {source.where})"
+        )
     if not layout.is_sharded:
         return source.read(tuple(slice(None) for _ in source.shape), opener)
     parts = [source.read(layout.index(start, length), opener) for start, length in layout.segments]
@@ -104,8 +106,9 @@ def _sources(model: nn.Module, files: dict[str, Path], model_keys: set[str]):
 
 
 @torch.no_grad()
-def load_checkpoint(model: nn.Module, path: PathLike, *, strict: bool = True,
-                    device: str | torch.device | None = None) -> None:
+def load_checkpoint(
+    model: nn.Module, path: PathLike, *, strict: bool = True, device: str | torch.device | None = None
+) -> None:
     """Fill `model` (dense or parallelized, possibly on the meta device) from a dense checkpoint.
 
     Every rank reads only its own slices, one model tensor at a time (each file is opened for that
@@ -147,30 +150,39 @@ def load_checkpoint(model: nn.Module, path: PathLike, *, strict: bool = True,
     sources, unexpected, refused = _sources(model, files, model_keys)
     bad = [f"{n}: {refused[n]}" for e in entries for n in e.names if n in refused]
     if bad:
-        raise CheckpointError(f"tpext: checkpoint {path}: cannot read {'; '.join(bad[:4])}"
-                              f"{' ...' if len(bad) > 4 else ''}; load the dense model with its own "
-                              "from_pretrained, then tpext.parallelize it")
+        raise CheckpointError(
+            f"tpext: checkpoint {path}: cannot read {'; '.join(bad[:4])}"
+            f"{' ...' if len(bad) > 4 else ''}; load the dense model with its own "
+            "from_pretrained, then tpext.parallelize it"
+        )
     missing = [e.names for e in entries if not any(n in sources for n in e.names)]
     if missing:
         shown = ", ".join(" / ".join(names) for names in missing[:8])
-        raise CheckpointError(f"tpext: checkpoint {path} is missing {len(missing)} tensor(s) of the model: {shown}"
-                              + (" ..." if len(missing) > 8 else ""))
+        raise CheckpointError(
+            f"tpext: checkpoint {path} is missing {len(missing)} tensor(s) of the model: {shown}"
+            + (" ..." if len(missing) > 8 else "")
+        )
     if strict and unexpected:
-        raise CheckpointError(f"tpext: checkpoint {path} has tensor(s) the model does not: "
-                              f"{', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''} "
-                              "(pass strict=False to ignore them)")
+        raise CheckpointError(
+            f"tpext: checkpoint {path} has tensor(s) the model does not: "
+            f"{', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''} "
+            "(pass strict=False to ignore them)"
+        )
     for e in entries:
         source = sources[next(n for n in e.names if n in sources)]
         with _Opener() as opener:  # the files of this tensor only: closed (unmapped) before the next one
             local = _read_local(source, e.layout, opener)
         if tuple(local.shape) != tuple(e.tensor.shape):
-            raise CheckpointError(f"tpext: checkpoint tensor {source.what} ({source.where}) gives this rank a "
-                                  f"{list(local.shape)} slice, the model's local tensor is {list(e.tensor.shape)}")
+            raise CheckpointError(
+                f"tpext: checkpoint tensor {source.what} ({source.where}) gives this rank a "
+                f"{list(local.shape)} slice, the model's local tensor is {list(e.tensor.shape)}"
+            )
         if hasattr(e.tensor, "device_mesh"):  # a DTensor (FSDP2): keep this rank's data-parallel shard
             from torch.distributed.tensor import distribute_tensor
 
-            local = distribute_tensor(local.to(e.tensor.device), e.tensor.device_mesh, e.tensor.placements,
-                                      src_data_rank=None)  # every rank holds it already: no scatter
+            local = distribute_tensor(
+                local.to(e.tensor.device), e.tensor.device_mesh, e.tensor.placements, src_data_rank=None
+            )  # every rank holds it already: no scatter
         e.tensor.copy_(local)  # converts dtype and device, one slice at a time
         del local
     if lost:
@@ -192,9 +204,12 @@ class _Opener(ExitStack):
 
 def _meta_buffers(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     """(module name, module, buffer name) of every non-persistent buffer on the meta device."""
-    return [(mod, module, name) for mod, module in model.named_modules()
-            for name, buf in module.named_buffers(recurse=False)
-            if buf is not None and buf.is_meta and name in getattr(module, "_non_persistent_buffers_set", set())]
+    return [
+        (mod, module, name)
+        for mod, module in model.named_modules()
+        for name, buf in module.named_buffers(recurse=False)
+        if buf is not None and buf.is_meta and name in getattr(module, "_non_persistent_buffers_set", set())
+    ]
 
 
 def _materialize(model: nn.Module, entries: list[Entry], device, allow_lost: bool = False) -> list:
@@ -205,14 +220,20 @@ def _materialize(model: nn.Module, entries: list[Entry], device, allow_lost: boo
     lost = _meta_buffers(model)
     if lost and not allow_lost:
         names = [f"{m}.{b}" if m else b for m, _, b in lost]
-        raise CheckpointError(f"tpext: the model has non-persistent buffers on the meta device ({', '.join(names[:4])}"
-                              f"{' ...' if len(names) > 4 else ''}); no checkpoint holds them, so loading cannot "
-                              "initialise them: create those modules (or their buffers) on a real device")
+        raise CheckpointError(
+            f"tpext: the model has non-persistent buffers on the meta device ({', '.join(names[:4])}"
+            f"{' ...' if len(names) > 4 else ''}); no checkpoint holds them, so loading cannot "
+            "initialise them: create those modules (or their buffers) on a real device"
+        )
     # to_empty replaces every tensor; the ones already on a real device (a rotary module created there, as
     # the error above asks) are put back as they were.
-    real = [(tensors, name, t) for module in model.modules()
-            for tensors in (module._parameters, module._buffers) for name, t in tensors.items()
-            if t is not None and not t.is_meta]
+    real = [
+        (tensors, name, t)
+        for module in model.modules()
+        for tensors in (module._parameters, module._buffers)
+        for name, t in tensors.items()
+        if t is not None and not t.is_meta
+    ]
     model.to_empty(device=device or "cpu")
     for tensors, name, t in real:
         tensors[name] = t
@@ -291,8 +312,13 @@ def gather_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return out
 
 
-def save_checkpoint(model: nn.Module, path: PathLike, *, max_shard_bytes: int = 5 * 2**30,
-                    metadata: dict[str, str] | None = None) -> None:
+def save_checkpoint(
+    model: nn.Module,
+    path: PathLike,
+    *,
+    max_shard_bytes: int = 5 * 2**30,
+    metadata: dict[str, str] | None = None,
+) -> None:
     """Write the dense checkpoint of `model` (Hugging Face layout) from global rank 0.
 
     Collective over the world group (every rank calls it); a write error on rank 0 is raised on every rank.
@@ -322,7 +348,9 @@ def save_checkpoint(model: nn.Module, path: PathLike, *, max_shard_bytes: int = 
         except Exception as exc:  # noqa: BLE001 - re-raised on every rank below
             error = f"{type(exc).__name__}: {exc}"
     status = [error]
-    dist.broadcast_object_list(status, src=0)  # every rank learns the outcome, so none waits for a writer that died
+    dist.broadcast_object_list(
+        status, src=0
+    )  # every rank learns the outcome, so none waits for a writer that died
     if status[0] is not None:
         raise RuntimeError(f"tpext.save_checkpoint: rank 0 could not write {path}: {status[0]}")
 

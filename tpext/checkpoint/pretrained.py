@@ -79,8 +79,10 @@ class Stacked(Source):
     def __init__(self, parts: list[Source], dim: int):
         shapes = {p.shape for p in parts}
         if len(shapes) != 1:
-            raise ValueError(f"tpext: cannot stack {parts[0].what} ... ({len(parts)} tensors): their shapes differ "
-                             f"({sorted(shapes)})")
+            raise ValueError(
+                f"tpext: cannot stack {parts[0].what} ... ({len(parts)} tensors): their shapes differ "
+                f"({sorted(shapes)})"
+            )
         shape = list(parts[0].shape)
         shape.insert(dim, len(parts))
         self.parts, self.dim, self.shape = parts, dim, tuple(shape)
@@ -89,7 +91,7 @@ class Stacked(Source):
 
     def read(self, index, opener):
         start, stop = _bounds(index[self.dim], self.shape[self.dim])
-        rest = tuple(index[:self.dim]) + tuple(index[self.dim + 1:])
+        rest = tuple(index[: self.dim]) + tuple(index[self.dim + 1 :])
         return torch.stack([p.read(rest, opener) for p in self.parts[start:stop]], self.dim)
 
 
@@ -97,10 +99,12 @@ class Concatenated(Source):
     """torch.cat(parts, dim): e.g. gate and up projections fused into gate_up (transformers' Concatenate)."""
 
     def __init__(self, parts: list[Source], dim: int):
-        others = {p.shape[:dim] + p.shape[dim + 1:] for p in parts}
+        others = {p.shape[:dim] + p.shape[dim + 1 :] for p in parts}
         if len(others) != 1:
-            raise ValueError(f"tpext: cannot concatenate {', '.join(p.what for p in parts)} along dim {dim}: "
-                             "their other dims differ")
+            raise ValueError(
+                f"tpext: cannot concatenate {', '.join(p.what for p in parts)} along dim {dim}: "
+                "their other dims differ"
+            )
         shape = list(parts[0].shape)
         shape[dim] = sum(p.shape[dim] for p in parts)
         self.parts, self.dim, self.shape = parts, dim, tuple(shape)
@@ -132,8 +136,9 @@ def _natural_key(key: str) -> list:
     return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in key.split(".")]
 
 
-def hf_sources(model: nn.Module, shapes: dict[str, tuple[Path, tuple[int, ...]]],
-               model_keys: set[str]) -> tuple[dict[str, Source], list[str], dict[str, str]]:
+def hf_sources(
+    model: nn.Module, shapes: dict[str, tuple[Path, tuple[int, ...]]], model_keys: set[str]
+) -> tuple[dict[str, Source], list[str], dict[str, str]]:
     """Map checkpoint tensors to the model's keys the way transformers does when it loads `model`.
 
     shapes: {checkpoint key: (file, shape)}. Returns ({model key: Source}, checkpoint keys that map to no
@@ -170,7 +175,9 @@ def hf_sources(model: nn.Module, shapes: dict[str, tuple[Path, tuple[int, ...]]]
         if target not in model_keys:
             unexpected.extend(k for keys in per_pattern.values() for k in keys)
             continue
-        parts = {p: [FileTensor(shapes[k][0], k, shapes[k][1]) for k in keys] for p, keys in per_pattern.items()}
+        parts = {
+            p: [FileTensor(shapes[k][0], k, shapes[k][1]) for k in keys] for p, keys in per_pattern.items()
+        }
         merged: list[Source] | None = None
         try:
             for op in converter.operations:
@@ -179,11 +186,15 @@ def hf_sources(model: nn.Module, shapes: dict[str, tuple[Path, tuple[int, ...]]]
                 elif isinstance(op, Concatenate) and merged is not None:
                     merged = [Concatenated(merged, op.dim)]
                 else:
-                    raise ValueError(f"transformers converts it with {type(op).__name__}, which tpext cannot read "
-                                     "by slices (it reads stacked and concatenated tensors)")
+                    raise ValueError(
+                        f"transformers converts it with {type(op).__name__}, which tpext cannot read "
+                        "by slices (it reads stacked and concatenated tensors)"
+                    )
             if merged is None or len(merged) != 1:
-                raise ValueError(f"its conversion {[type(op).__name__ for op in converter.operations]} does not "
-                                 "give one tensor")
+                raise ValueError(
+                    f"its conversion {[type(op).__name__ for op in converter.operations]} does not "
+                    "give one tensor"
+                )
             sources[target] = merged[0]
         except ValueError as exc:
             refused[target] = f"{exc}"
@@ -191,7 +202,9 @@ def hf_sources(model: nn.Module, shapes: dict[str, tuple[Path, tuple[int, ...]]]
 
 
 @torch.no_grad()
-def init_hf_buffers(model: nn.Module, loaded: list[Tensor], buffers: list[tuple[str, nn.Module, str]]) -> None:
+def init_hf_buffers(
+    model: nn.Module, loaded: list[Tensor], buffers: list[tuple[str, nn.Module, str]]
+) -> None:
     """Initialise non-persistent buffers (no checkpoint holds them) with the model's own `_init_weights`,
     as transformers' from_pretrained does after loading: loaded tensors are marked ``_is_hf_initialized``
     so the init functions leave them alone. A buffer the model's init does not write (it was filled with
@@ -215,13 +228,18 @@ def init_hf_buffers(model: nn.Module, loaded: list[Tensor], buffers: list[tuple[
     with hf_init.guard_torch_init_functions():
         for mod_name in dict.fromkeys(m for m, _, _ in buffers):
             owners[mod_name]._init_weights(modules[mod_name])
-    left = [f"{m}.{b}" if m else b for m, module, b in buffers
-            if getattr(module, b).is_floating_point() and torch.isnan(getattr(module, b)).any()]
+    left = [
+        f"{m}.{b}" if m else b
+        for m, module, b in buffers
+        if getattr(module, b).is_floating_point() and torch.isnan(getattr(module, b)).any()
+    ]
     if left:
-        raise ValueError(f"tpext: the non-persistent buffer(s) {', '.join(left)} are in no checkpoint and "
-                         f"{type(model).__name__}._init_weights does not initialise them; build the model on a "
-                         "real device (then tpext.parallelize and tpext.load_checkpoint), or initialise those "
-                         "buffers yourself")
+        raise ValueError(
+            f"tpext: the non-persistent buffer(s) {', '.join(left)} are in no checkpoint and "
+            f"{type(model).__name__}._init_weights does not initialise them; build the model on a "
+            "real device (then tpext.parallelize and tpext.load_checkpoint), or initialise those "
+            "buffers yourself"
+        )
 
 
 def _hf_build(model_class, path: Path, dtype, config):
@@ -249,19 +267,25 @@ def _tpext_llama_config(path: Path):
 
     file = path / "config.json"
     if not file.is_file():
-        raise FileNotFoundError(f"tpext.from_pretrained: {file} does not exist; tpext.models.LlamaForCausalLM "
-                                "reads its LlamaConfig from config.json (json.dump(config.to_dict(), f))")
+        raise FileNotFoundError(
+            f"tpext.from_pretrained: {file} does not exist; tpext.models.LlamaForCausalLM "
+            "reads its LlamaConfig from config.json (json.dump(config.to_dict(), f))"
+        )
     d = json.loads(file.read_text())
     rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
-        raise ValueError(f"tpext.from_pretrained: {file} asks for rope_type {rope.get('rope_type', rope.get('type'))!r}"
-                         "; tpext.models.LlamaForCausalLM computes the default RoPE only: load it with its "
-                         "Hugging Face class instead")
+        raise ValueError(
+            f"tpext.from_pretrained: {file} asks for rope_type {rope.get('rope_type', rope.get('type'))!r}"
+            "; tpext.models.LlamaForCausalLM computes the default RoPE only: load it with its "
+            "Hugging Face class instead"
+        )
     if "rope_theta" in rope and "rope_theta" not in d:
         d["rope_theta"] = rope["rope_theta"]
     if d.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"tpext.from_pretrained: {file} has hidden_act {d['hidden_act']!r}; tpext.models."
-                         "LlamaForCausalLM uses silu: load it with its Hugging Face class instead")
+        raise ValueError(
+            f"tpext.from_pretrained: {file} has hidden_act {d['hidden_act']!r}; tpext.models."
+            "LlamaForCausalLM uses silu: load it with its Hugging Face class instead"
+        )
     return LlamaConfig.from_dict(d)
 
 
@@ -273,9 +297,19 @@ def _resolve_dtype(dtype, config_dtype) -> torch.dtype:
     return dtype if dtype is not None else torch.get_default_dtype()
 
 
-def from_pretrained(model_class, path: PathLike, *, group=None, dtype: torch.dtype | str | None = None,
-                    device: str | torch.device | None = None, sequence_parallel: bool = False,
-                    plan="auto", strict: bool = True, config=None, **parallelize_kwargs) -> nn.Module:
+def from_pretrained(
+    model_class,
+    path: PathLike,
+    *,
+    group=None,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+    sequence_parallel: bool = False,
+    plan="auto",
+    strict: bool = True,
+    config=None,
+    **parallelize_kwargs,
+) -> nn.Module:
     """Load a pretrained model tensor-parallel, each rank reading only its slices of the checkpoint.
 
     Builds the model on the meta device, `tpext.parallelize`s it, then `tpext.load_checkpoint`s the
@@ -315,9 +349,11 @@ def from_pretrained(model_class, path: PathLike, *, group=None, dtype: torch.dty
 
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"tpext.from_pretrained: {path} is not a directory (config.json + safetensors, "
-                                "as save_pretrained writes; download a hub model first, e.g. with "
-                                "huggingface_hub.snapshot_download)")
+        raise FileNotFoundError(
+            f"tpext.from_pretrained: {path} is not a directory (config.json + safetensors, "
+            "as save_pretrained writes; download a hub model first, e.g. with "
+            "huggingface_hub.snapshot_download)"
+        )
     if isinstance(model_class, type) and issubclass(model_class, TpextLlama):
         config = config or _tpext_llama_config(path)
         model = model_class(config, device="meta", dtype=_resolve_dtype(dtype, None))
@@ -328,9 +364,11 @@ def from_pretrained(model_class, path: PathLike, *, group=None, dtype: torch.dty
             config = AutoConfig.from_pretrained(path)
         model = _hf_build(model_class, path, _resolve_dtype(dtype, getattr(config, "dtype", None)), config)
     else:
-        raise TypeError(f"tpext.from_pretrained: {model_class!r} is neither a Hugging Face model class nor "
-                        "tpext.models.LlamaForCausalLM; for another model build it under torch.device('meta'), "
-                        "then tpext.parallelize(model) and tpext.load_checkpoint(model, path)")
+        raise TypeError(
+            f"tpext.from_pretrained: {model_class!r} is neither a Hugging Face model class nor "
+            "tpext.models.LlamaForCausalLM; for another model build it under torch.device('meta'), "
+            "then tpext.parallelize(model) and tpext.load_checkpoint(model, path)"
+        )
     tpext.parallelize(model, group, plan, sequence_parallel=sequence_parallel, **parallelize_kwargs)
     load_checkpoint(model, path, strict=strict, device=device)
     if is_hf_model(model):

@@ -18,8 +18,19 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-__all__ = ["slowest_times", "median_slowest", "gemm_calls", "device_name", "commit", "environment", "load_average",
-           "memory_gib", "probe_matmul_tflops", "probe_allreduce", "CALIBRATION_FORMAT"]
+__all__ = [
+    "slowest_times",
+    "median_slowest",
+    "gemm_calls",
+    "device_name",
+    "commit",
+    "environment",
+    "load_average",
+    "memory_gib",
+    "probe_matmul_tflops",
+    "probe_allreduce",
+    "CALIBRATION_FORMAT",
+]
 
 CALIBRATION_FORMAT = "tpext-calibration/1"
 
@@ -32,8 +43,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def slowest_times(fns: dict[str, Callable[[], object]], reps: int, warmup: int = 3,
-                  device: torch.device = CPU) -> dict[str, list[float]]:
+def slowest_times(
+    fns: dict[str, Callable[[], object]], reps: int, warmup: int = 3, device: torch.device = CPU
+) -> dict[str, list[float]]:
     """Per timed iteration and per function, the slowest rank's wall time in seconds (`reps` values each).
 
     The functions take turns within each iteration, so a change of machine load during the measurement
@@ -60,8 +72,7 @@ def slowest_times(fns: dict[str, Callable[[], object]], reps: int, warmup: int =
     return times
 
 
-def median_slowest(fn: Callable[[], object], reps: int, warmup: int = 3,
-                   device: torch.device = CPU) -> float:
+def median_slowest(fn: Callable[[], object], reps: int, warmup: int = 3, device: torch.device = CPU) -> float:
     """Median over `reps` of the slowest rank's wall time for fn(), in seconds."""
     return statistics.median(slowest_times({"fn": fn}, reps, warmup, device)["fn"])
 
@@ -112,8 +123,9 @@ def commit() -> str:
     """`git rev-parse HEAD` of the checkout tpext is imported from ("unknown" outside a git checkout)."""
     here = os.path.dirname(os.path.abspath(__file__))
     try:
-        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=here, text=True,
-                                       stderr=subprocess.DEVNULL).strip()
+        return subprocess.check_output(
+            ["git", "rev-parse", "HEAD"], cwd=here, text=True, stderr=subprocess.DEVNULL
+        ).strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -133,10 +145,15 @@ def memory_gib(device: torch.device) -> float:
 def environment(device: torch.device, backend: str) -> dict:
     """What a result depends on besides its configuration."""
     env = {
-        "torch": torch.__version__, "backend": backend, "device": str(device.type),
+        "torch": torch.__version__,
+        "backend": backend,
+        "device": str(device.type),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model(),
-        "threads_per_rank": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-        "memory_GiB": round(memory_gib(device), 2), "commit": commit(), "python": platform.python_version(),
+        "threads_per_rank": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "memory_GiB": round(memory_gib(device), 2),
+        "commit": commit(),
+        "python": platform.python_version(),
     }
     if device.type == "cuda":
         env["cuda"] = torch.version.cuda
@@ -163,8 +180,9 @@ def _cpu_model() -> str:
 # bandwidth, so a GEMM timed alone on an idle machine would overstate what a rank gets.
 
 
-def probe_matmul_tflops(n: int, dtype: torch.dtype, device: torch.device, reps: int,
-                        warmup: int = 2) -> float:
+def probe_matmul_tflops(
+    n: int, dtype: torch.dtype, device: torch.device, reps: int, warmup: int = 2
+) -> float:
     """Achieved dense GEMM rate of one rank, [n, n] @ [n, n], TFLOP/s (median of the slowest rank)."""
     g = torch.Generator(device=device).manual_seed(0)
     a = torch.randn(n, n, generator=g, device=device).to(dtype)
@@ -174,8 +192,9 @@ def probe_matmul_tflops(n: int, dtype: torch.dtype, device: torch.device, reps: 
     return 2 * n**3 / t / 1e12
 
 
-def probe_allreduce(sizes_bytes: list[int], device: torch.device, reps: int, warmup: int = 2,
-                    tiny_reps: int | None = None) -> dict:
+def probe_allreduce(
+    sizes_bytes: list[int], device: torch.device, reps: int, warmup: int = 2, tiny_reps: int | None = None
+) -> dict:
     """All-reduce sweep over fp32 buffers: time and bus bandwidth per size, plus a 4-byte latency.
 
     Bus bandwidth is NCCL-tests' convention: 2 (n - 1) / n * bytes / time, the per-link rate a ring
@@ -190,5 +209,8 @@ def probe_allreduce(sizes_bytes: list[int], device: torch.device, reps: int, war
         sweep.append({"bytes": buf.numel() * 4, "time_us": 1e6 * t, "bus_GBps": bus})
     tiny = torch.ones(1, dtype=torch.float32, device=device)
     latency = median_slowest(lambda: dist.all_reduce(tiny), tiny_reps or 4 * reps, warmup, device)
-    return {"sweep": sweep, "latency_us": 1e6 * latency,
-            "bus_GBps": max(s["bus_GBps"] for s in sweep) if world > 1 else None}
+    return {
+        "sweep": sweep,
+        "latency_us": 1e6 * latency,
+        "bus_GBps": max(s["bus_GBps"] for s in sweep) if world > 1 else None,
+    }

@@ -96,8 +96,9 @@ def _tpext(dense: nn.Module, spec: Spec, chunks) -> nn.Module:
     cls = {"column": ColumnParallelLinear, "row": RowParallelLinear}
     if isinstance(dense, nn.Sequential):
         kw = {"sequence_parallel": spec.sp, "chunks": chunks}
-        return nn.Sequential(cls["column"].from_dense(dense[0], **kw), nn.GELU(),
-                             cls["row"].from_dense(dense[2], **kw))
+        return nn.Sequential(
+            cls["column"].from_dense(dense[0], **kw), nn.GELU(), cls["row"].from_dense(dense[2], **kw)
+        )
     return cls[spec.kinds[0]].from_dense(dense, sequence_parallel=spec.sp, chunks=chunks)
 
 
@@ -105,8 +106,10 @@ def _torch_tp(dense: nn.Module, spec: Spec, mesh) -> nn.Module:
     from torch.distributed.tensor import Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-    style = {"column": ColwiseParallel(input_layouts=Shard(0)) if spec.sp else ColwiseParallel(),
-             "row": RowwiseParallel(output_layouts=Shard(0)) if spec.sp else RowwiseParallel()}
+    style = {
+        "column": ColwiseParallel(input_layouts=Shard(0)) if spec.sp else ColwiseParallel(),
+        "row": RowwiseParallel(output_layouts=Shard(0)) if spec.sp else RowwiseParallel(),
+    }
     plan = style[spec.kinds[0]] if len(spec.kinds) == 1 else {"0": style["column"], "2": style["row"]}
     return parallelize_module(copy.deepcopy(dense), mesh, plan)
 
@@ -142,8 +145,9 @@ def check_close(got: Tensor, ref64: Tensor, dense_err: float) -> tuple[float, fl
     layer's own error in the same dtype plus two ulps of the largest reference value (a dense layer
     that happens to be exact must not make an equally rounded result fail)."""
     if got.shape != ref64.shape:
-        raise ValueError(f"tpext bench: result shape {tuple(got.shape)} != reference shape "
-                         f"{tuple(ref64.shape)}")
+        raise ValueError(
+            f"tpext bench: result shape {tuple(got.shape)} != reference shape {tuple(ref64.shape)}"
+        )
     err = (got.double() - ref64).abs().max().item() if got.numel() else 0.0
     ulp = torch.finfo(got.dtype).eps * (ref64.abs().max().item() if ref64.numel() else 0.0)
     return err, 2 * dense_err + 2 * ulp
@@ -161,14 +165,19 @@ def _run_once(model: nn.Module, x: Tensor, dy: Tensor, names: list[str]) -> dict
     return out
 
 
-def _check(spec: Spec, dense: nn.Module, impls: dict[str, nn.Module], x: Tensor, dy: Tensor, rank: int,
-           world: int) -> tuple[dict[str, float], list[str]]:
+def _check(
+    spec: Spec, dense: nn.Module, impls: dict[str, nn.Module], x: Tensor, dy: Tensor, rank: int, world: int
+) -> tuple[dict[str, float], list[str]]:
     """Worst error/tolerance ratio per implementation on this rank, and a message per failed tensor."""
     dims = spec.param_shard_dims()
     ref = _run_once(copy.deepcopy(dense).double(), x.double(), dy.double(), list(dims))
     dense_out = _run_once(dense, x, dy, list(dims))
-    sharding = {"y (no_grad)": _LAYOUT_DIM[spec.y_layout], "y": _LAYOUT_DIM[spec.y_layout],
-                "grad x": _LAYOUT_DIM[spec.x_layout], **{f"grad {n}": d for n, d in dims.items()}}
+    sharding = {
+        "y (no_grad)": _LAYOUT_DIM[spec.y_layout],
+        "y": _LAYOUT_DIM[spec.y_layout],
+        "grad x": _LAYOUT_DIM[spec.x_layout],
+        **{f"grad {n}": d for n, d in dims.items()},
+    }
     x_loc = _shard(x, sharding["grad x"], rank, world)
     dy_loc = _shard(dy, sharding["y"], rank, world)
     ratios, failures = {}, []
@@ -183,7 +192,8 @@ def _check(spec: Spec, dense: nn.Module, impls: dict[str, nn.Module], x: Tensor,
                 failures.append(
                     f"{name} on {spec.layer} T={spec.tokens} h={spec.hidden} tp={world}, rank {rank}: {what} "
                     f"differs from the dense layer: max error {err:.3g} > tolerance {tol:.3g} (2x the dense "
-                    f"layer's own error {dense_err:.3g} + 2 ulps)")
+                    f"layer's own error {dense_err:.3g} + 2 ulps)"
+                )
         ratios[name] = worst
     return ratios, failures
 
@@ -193,9 +203,11 @@ def _check(spec: Spec, dense: nn.Module, impls: dict[str, nn.Module], x: Tensor,
 
 def _step(model: nn.Module, x: Tensor, dy: Tensor, mode: str):
     if mode == "fwd":
+
         def fwd():
             with torch.no_grad():
                 _local(model(x))
+
         return fwd
     x = x.detach().clone().requires_grad_()
     params = list(model.parameters())
@@ -210,6 +222,7 @@ def _step(model: nn.Module, x: Tensor, dy: Tensor, mode: str):
         _local(x.grad)
         for p in params:
             _local(p.grad)
+
     return fwd_bwd
 
 
@@ -264,8 +277,11 @@ def _case(spec: Spec, cfg: dict, mesh, device, dtype, rank: int, world: int) -> 
     g = torch.Generator().manual_seed(cfg["seed"] + 1)
     x = torch.randn(spec.tokens, spec.in_features, generator=g).to(device=device, dtype=dtype)
     dy = torch.randn(spec.tokens, spec.out_features, generator=g).to(device=device, dtype=dtype)
-    impls = {"tpext": _tpext(dense, spec, cfg["chunks"]), "tpext_seq": _tpext(dense, spec, 1),
-             "torch_tp": _torch_tp(dense, spec, mesh)}
+    impls = {
+        "tpext": _tpext(dense, spec, cfg["chunks"]),
+        "tpext_seq": _tpext(dense, spec, 1),
+        "torch_tp": _torch_tp(dense, spec, mesh),
+    }
     ratios, failures = _check(spec, dense, impls, x, dy, rank, world)
     failed = torch.tensor([float(bool(failures))], device=device)
     dist.all_reduce(failed, op=dist.ReduceOp.MAX)  # every rank stops together, so none waits on a peer
@@ -278,22 +294,37 @@ def _case(spec: Spec, cfg: dict, mesh, device, dtype, rank: int, world: int) -> 
     for mode in MODES:
         # The implementations and the napkin parts take turns in every iteration: same machine state.
         fns = {name: _step(m, x_loc, dy_loc, mode) for name, m in impls.items()}
-        times = slowest_times({**fns, **_napkin_parts(spec, mode, dtype, device)}, cfg["reps"], cfg["warmup"],
-                              device)
+        times = slowest_times(
+            {**fns, **_napkin_parts(spec, mode, dtype, device)}, cfg["reps"], cfg["warmup"], device
+        )
         ms = {name: 1e3 * statistics.median(times[name]) for name in fns}
         quartiles = {name: [1e3 * q for q in _quartiles(times[name])] for name in fns}
         t_gemm = statistics.median(times["gemm"])
         t_comm = statistics.median(times["comm"]) if "comm" in times else 0.0
         flops = layer_flops(spec, mode)
-        rows.append({
-            "layer": spec.layer, "tokens": spec.tokens, "hidden": spec.hidden, "ffn": spec.ffn, "tp": world,
-            "mode": mode, "dtype": str(dtype).removeprefix("torch."), "chunks": chunks, "gflop": flops / 1e9,
-            "ms": ms, "ms_quartiles": quartiles, "gflops": {k: flops / v / 1e6 for k, v in ms.items()},
-            "speedup_vs_torch_tp": ms["torch_tp"] / ms["tpext"],
-            "speedup_vs_seq": ms["tpext_seq"] / ms["tpext"],
-            "t_gemm_ms": 1e3 * t_gemm, "t_comm_ms": 1e3 * t_comm, "napkin_ms": 1e3 * max(t_gemm, t_comm),
-            "correct": {k: True for k in impls}, "max_error_ratio": ratios,
-        })
+        rows.append(
+            {
+                "layer": spec.layer,
+                "tokens": spec.tokens,
+                "hidden": spec.hidden,
+                "ffn": spec.ffn,
+                "tp": world,
+                "mode": mode,
+                "dtype": str(dtype).removeprefix("torch."),
+                "chunks": chunks,
+                "gflop": flops / 1e9,
+                "ms": ms,
+                "ms_quartiles": quartiles,
+                "gflops": {k: flops / v / 1e6 for k, v in ms.items()},
+                "speedup_vs_torch_tp": ms["torch_tp"] / ms["tpext"],
+                "speedup_vs_seq": ms["tpext_seq"] / ms["tpext"],
+                "t_gemm_ms": 1e3 * t_gemm,
+                "t_comm_ms": 1e3 * t_comm,
+                "napkin_ms": 1e3 * max(t_gemm, t_comm),
+                "correct": {k: True for k in impls},
+                "max_error_ratio": ratios,
+            }
+        )
     return rows, []
 
 
@@ -318,15 +349,19 @@ def _work(cfg: dict) -> dict:
     from tpext.commands.benchmark import environment
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cfg["backend"] == "nccl" \
+    device = (
+        torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if cfg["backend"] == "nccl"
         else torch.device("cpu")
+    )
     dtype = getattr(torch, cfg["dtype"])
     mesh = init_device_mesh(device.type, (world,))
     cases = [Spec(layer, t, h, h * cfg["ffn_mult"]) for t, h in cfg["sizes"] for layer in cfg["layers"]]
     rows, failures = [], []
     show = rank == 0 and cfg["progress"]
-    with tqdm(total=len(cases) + 1, desc=f"tpext bench tp={world}", disable=not show, unit="case",
-              leave=False) as bar:
+    with tqdm(
+        total=len(cases) + 1, desc=f"tpext bench tp={world}", disable=not show, unit="case", leave=False
+    ) as bar:
         for spec in cases:
             bar.set_postfix_str(f"{spec.layer} {spec.tokens}x{spec.hidden}")
             case_rows, failures = _case(spec, cfg, mesh, device, dtype, rank, world)
@@ -341,12 +376,18 @@ def _work(cfg: dict) -> dict:
         probes = {
             "gemm_n": n,
             "allreduce": probe_allreduce(cfg["probe"]["allreduce_bytes"], device, reps, warmup),
-            "matmul_tflops": {d: probe_matmul_tflops(n, getattr(torch, d), device, reps, warmup)
-                              if d in dtypes else None for d in ("float32", "bfloat16")},
+            "matmul_tflops": {
+                d: probe_matmul_tflops(n, getattr(torch, d), device, reps, warmup) if d in dtypes else None
+                for d in ("float32", "bfloat16")
+            },
         }
         bar.update()
     env = environment(device, cfg["backend"]) if rank == 0 else None
     if env is not None:
         env["local_ranks"] = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    return {"rows": rows if rank == 0 else [], "probes": probes if rank == 0 else None, "environment": env,
-            "failures": []}
+    return {
+        "rows": rows if rank == 0 else [],
+        "probes": probes if rank == 0 else None,
+        "environment": env,
+        "failures": [],
+    }

@@ -26,21 +26,35 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--nproc", type=int, default=2, help="ranks to launch (ignored under torchrun; default 2)")
-    parser.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: all ranks); the "
-                        "remaining factor is data parallel (DDP)")
+    parser.add_argument(
+        "--nproc", type=int, default=2, help="ranks to launch (ignored under torchrun; default 2)"
+    )
+    parser.add_argument(
+        "--tp",
+        type=int,
+        default=None,
+        help="tensor-parallel size (default: all ranks); the remaining factor is data parallel (DDP)",
+    )
     parser.add_argument("--sp", action="store_true", help="sequence parallelism")
     parser.add_argument("--model", choices=sorted(PRESETS), default="tiny", help="reference model preset")
-    parser.add_argument("--kv-heads", type=int, default=None, help="override the preset's kv head count (GQA)")
+    parser.add_argument(
+        "--kv-heads", type=int, default=None, help="override the preset's kv head count (GQA)"
+    )
     parser.add_argument("--packed", action="store_true", help="packed qkv_proj / gate_up_proj weights")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch", type=int, default=4, help="global batch (sequences per step)")
     parser.add_argument("--seq", type=int, default=64, help="sequence length")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--rtol", type=float, default=None,
-                        help="loss-curve tolerance, relative (default 1e-4 for fp32, 1e-10 fp64, 3e-2 bf16)")
-    parser.add_argument("--backend", choices=["gloo", "nccl"], default=None, help="default: nccl with GPUs, else gloo")
+    parser.add_argument(
+        "--rtol",
+        type=float,
+        default=None,
+        help="loss-curve tolerance, relative (default 1e-4 for fp32, 1e-10 fp64, 3e-2 bf16)",
+    )
+    parser.add_argument(
+        "--backend", choices=["gloo", "nccl"], default=None, help="default: nccl with GPUs, else gloo"
+    )
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -56,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 # ---- the job, on every rank ---------------------------------------------------------------------------
+
 
 def _config(args) -> LlamaConfig:
     base = PRESETS[args.model].to_dict()
@@ -158,13 +173,19 @@ def _comm_table(records) -> list[str]:
         cell = rows[_layer_of(r.module)][f"{r.phase} {r.kind}"]
         cell[0] += 1
         cell[1] += r.nbytes
-    kinds = sorted({k for cols in rows.values() for k in cols}, key=lambda k: (not k.startswith("forward"), k))
+    kinds = sorted(
+        {k for cols in rows.values() for k in cols}, key=lambda k: (not k.startswith("forward"), k)
+    )
     lines = ["  " + f"{'where':<22}" + "".join(f"{k:>26}" for k in kinds)]
-    for where in sorted(rows, key=lambda w: (not w.startswith("layer"), int(w.split()[1]) if w.startswith("layer")
-                                             else 0, w)):
+    for where in sorted(
+        rows, key=lambda w: (not w.startswith("layer"), int(w.split()[1]) if w.startswith("layer") else 0, w)
+    ):
         cells = [rows[where].get(k) for k in kinds]
-        lines.append("  " + f"{where:<22}" + "".join(
-            f"{(f'{c[0]} x, {c[1] / 1024:,.1f} KiB' if c else '-'):>26}" for c in cells))
+        lines.append(
+            "  "
+            + f"{where:<22}"
+            + "".join(f"{(f'{c[0]} x, {c[1] / 1024:,.1f} KiB' if c else '-'):>26}" for c in cells)
+        )
     return lines
 
 
@@ -177,13 +198,19 @@ def _worker(args) -> int:
     from tpext.commands.launch import init_worker
 
     rank, world = init_worker(args.backend)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if dist.get_backend() == "nccl"
+        else torch.device("cpu")
+    )
     tp = args.tp or world
     if world % tp:
         raise SystemExit(f"tpext demo: --tp {tp} must divide the number of ranks {world}")
     dp = world // tp
     dtype = DTYPES[args.dtype]
-    rtol = args.rtol if args.rtol is not None else {torch.float32: 1e-4, torch.float64: 1e-10}.get(dtype, 3e-2)
+    rtol = (
+        args.rtol if args.rtol is not None else {torch.float32: 1e-4, torch.float64: 1e-10}.get(dtype, 3e-2)
+    )
     cfg = _config(args)
     if args.batch % dp:
         raise SystemExit(f"tpext demo: --batch {args.batch} must be divisible by the data-parallel size {dp}")
@@ -207,21 +234,26 @@ def _worker(args) -> int:
 
     batches = _batches(args, cfg.vocab_size, device)
     rows = args.batch // dp
-    local = [ids[dp_rank * rows:(dp_rank + 1) * rows] for ids in batches]
+    local = [ids[dp_rank * rows : (dp_rank + 1) * rows] for ids in batches]
     progress = None
     if rank == 0:
         from tqdm import tqdm
 
-        print(f"tpext demo: {world} rank(s) on {dist.get_backend()}, tp={tp} dp={dp} sp={args.sp}, model "
-              f"'{args.model}' ({sum(p.numel() for p in reference.parameters()) / 1e6:.2f} M params, "
-              f"{cfg.num_hidden_layers} layers, {cfg.num_attention_heads} heads / {cfg.num_key_value_heads} kv, "
-              f"{'packed' if cfg.packed else 'unpacked'}), {args.dtype}, batch {args.batch} x seq {args.seq}",
-              flush=True)
+        print(
+            f"tpext demo: {world} rank(s) on {dist.get_backend()}, tp={tp} dp={dp} sp={args.sp}, model "
+            f"'{args.model}' ({sum(p.numel() for p in reference.parameters()) / 1e6:.2f} M params, "
+            f"{cfg.num_hidden_layers} layers, {cfg.num_attention_heads} heads / {cfg.num_key_value_heads} kv, "
+            f"{'packed' if cfg.packed else 'unpacked'}), {args.dtype}, batch {args.batch} x seq {args.seq}",
+            flush=True,
+        )
         # disable=None: a bar on a terminal, nothing in a log file.
-        progress = tqdm(total=2 * args.steps, desc="train (tp, then dense)", unit="step", leave=False, disable=None)
+        progress = tqdm(
+            total=2 * args.steps, desc="train (tp, then dense)", unit="step", leave=False, disable=None
+        )
     tp_losses, tp_times, tp_act, comm = _train(model, loss_of, local, dp_group, device, args.lr, progress)
-    dense_losses, dense_times, dense_act, _ = _train(reference, reference.loss, batches, None, device, args.lr,
-                                                     progress)
+    dense_losses, dense_times, dense_act, _ = _train(
+        reference, reference.loss, batches, None, device, args.lr, progress
+    )
     if progress is not None:
         progress.close()
 
@@ -231,14 +263,38 @@ def _worker(args) -> int:
     worst = max(abs(a - b) / max(abs(b), 1e-30) for a, b in zip(tp_losses, dense_losses))
     ok = worst <= rtol
     if rank == 0:
-        _report(args, tp_losses, dense_losses, tp_times, dense_times, everyone, _param_bytes(reference), dense_act,
-                comm, worst, rtol, ok)
+        _report(
+            args,
+            tp_losses,
+            dense_losses,
+            tp_times,
+            dense_times,
+            everyone,
+            _param_bytes(reference),
+            dense_act,
+            comm,
+            worst,
+            rtol,
+            ok,
+        )
     dist.destroy_process_group()
     return 0 if ok else 1
 
 
-def _report(args, tp_losses, dense_losses, tp_times, dense_times, everyone, dense_params, dense_act, comm, worst,
-            rtol, ok) -> None:
+def _report(
+    args,
+    tp_losses,
+    dense_losses,
+    tp_times,
+    dense_times,
+    everyone,
+    dense_params,
+    dense_act,
+    comm,
+    worst,
+    rtol,
+    ok,
+) -> None:
     print("\nloss per step (tensor-parallel vs dense):")
     for i, (a, b) in enumerate(zip(tp_losses, dense_losses)):
         print(f"  step {i + 1:>2}: {a:.6f}  {b:.6f}  (rel diff {abs(a - b) / max(abs(b), 1e-30):.1e})")
@@ -248,11 +304,15 @@ def _report(args, tp_losses, dense_losses, tp_times, dense_times, everyone, dens
         print(f"  rank {r['rank']:<3}{_mib(r['params']):>14}{_mib(r['act']):>14}")
     print("\ncommunication of one step on rank 0 (calls, bytes of the full tensors):")
     print("\n".join(_comm_table(comm)))
-    print(f"\nstep time (median of {len(tp_times) - 1} after the first): tensor-parallel "
-          f"{statistics.median(tp_times[1:] or tp_times) * 1e3:.1f} ms, dense (whole batch, one rank) "
-          f"{statistics.median(dense_times[1:] or dense_times) * 1e3:.1f} ms")
+    print(
+        f"\nstep time (median of {len(tp_times) - 1} after the first): tensor-parallel "
+        f"{statistics.median(tp_times[1:] or tp_times) * 1e3:.1f} ms, dense (whole batch, one rank) "
+        f"{statistics.median(dense_times[1:] or dense_times) * 1e3:.1f} ms"
+    )
     verdict = "OK" if ok else "FAILED"
-    print(f"\nloss check: {verdict}: largest relative difference {worst:.2e} (tolerance {rtol:.0e})", flush=True)
+    print(
+        f"\nloss check: {verdict}: largest relative difference {worst:.2e} (tolerance {rtol:.0e})", flush=True
+    )
 
 
 if __name__ == "__main__":  # pragma: no cover - use `python -m tpext demo`

@@ -43,10 +43,15 @@ def launch(fn: Callable[..., Any], nproc: int, *args: Any, max_restarts: int = 0
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     config = LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=nproc,
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
         run_id=f"tpext-{uuid.uuid4().hex[:8]}",
-        rdzv_backend="c10d", rdzv_endpoint="localhost:0",  # what `torchrun --standalone` uses
-        max_restarts=max_restarts, monitor_interval=0.1, start_method="spawn",
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",  # what `torchrun --standalone` uses
+        max_restarts=max_restarts,
+        monitor_interval=0.1,
+        start_method="spawn",
     )
     return elastic_launch(config, fn)(*args)
 

@@ -30,55 +30,99 @@ def _reference(value: str):
     try:
         return int(tp), float(rel)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be TP=RELATIVE_THROUGHPUT such as 16=0.45, "
-                                         f"got {value!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"must be TP=RELATIVE_THROUGHPUT such as 16=0.45, got {value!r}"
+        ) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from tpext.planner.presets import GPUS, INTER_NODE_LINKS, MODELS
 
     g = parser.add_argument_group("model and hardware")
-    g.add_argument("--model", default="llama-7b",
-                   help=f"preset ({', '.join(MODELS)}) or a Hugging Face config.json path "
-                        f"(default: llama-7b)")
-    g.add_argument("--gpu", default="H100",
-                   help=f"GPU preset, public curves ({', '.join(GPUS)}; default H100)")
-    g.add_argument("--calibration", metavar="PATH",
-                   help="calibration file written by the benchmarks, or a `tpext bench` report "
-                        "(layers.json): its measured figures replace the preset's")
-    g.add_argument("--inter-node", default="ib-ndr400",
-                   help=f"network between nodes ({', '.join(INTER_NODE_LINKS)}; default ib-ndr400)")
-    g.add_argument("--gpus-per-node", type=int, default=None,
-                   help="GPUs sharing NVLink (default: the calibration's, else 8)")
-    g.add_argument("--nvlink-GBps", type=float,
-                   help="override the intra-node bus bandwidth, GB/s per direction")
+    g.add_argument(
+        "--model",
+        default="llama-7b",
+        help=f"preset ({', '.join(MODELS)}) or a Hugging Face config.json path (default: llama-7b)",
+    )
+    g.add_argument(
+        "--gpu", default="H100", help=f"GPU preset, public curves ({', '.join(GPUS)}; default H100)"
+    )
+    g.add_argument(
+        "--calibration",
+        metavar="PATH",
+        help="calibration file written by the benchmarks, or a `tpext bench` report "
+        "(layers.json): its measured figures replace the preset's",
+    )
+    g.add_argument(
+        "--inter-node",
+        default="ib-ndr400",
+        help=f"network between nodes ({', '.join(INTER_NODE_LINKS)}; default ib-ndr400)",
+    )
+    g.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=None,
+        help="GPUs sharing NVLink (default: the calibration's, else 8)",
+    )
+    g.add_argument(
+        "--nvlink-GBps", type=float, help="override the intra-node bus bandwidth, GB/s per direction"
+    )
     g.add_argument("--inter-node-GBps", type=float, help="override the inter-node bandwidth per GPU, GB/s")
-    g.add_argument("--matmul-efficiency", type=float, default=1.0,
-                   help="a further factor on every GEMM and attention rate, on top of the public "
-                        "curves (default 1.0: the curves as given)")
+    g.add_argument(
+        "--matmul-efficiency",
+        type=float,
+        default=1.0,
+        help="a further factor on every GEMM and attention rate, on top of the public "
+        "curves (default 1.0: the curves as given)",
+    )
 
     w = parser.add_argument_group("workload")
-    w.add_argument("--mode", choices=("train", "prefill", "decode"), default="train",
-                   help="training step, inference prefill, or inference decode of one token per sequence")
+    w.add_argument(
+        "--mode",
+        choices=("train", "prefill", "decode"),
+        default="train",
+        help="training step, inference prefill, or inference decode of one token per sequence",
+    )
     w.add_argument("--seq", type=int, default=4096, help="sequence length (decode: the KV-cache context)")
-    w.add_argument("--mbs", "--micro-batch", dest="mbs", type=int, default=1,
-                   help="sequences per micro-batch")
+    w.add_argument(
+        "--mbs", "--micro-batch", dest="mbs", type=int, default=1, help="sequences per micro-batch"
+    )
     w.add_argument("--dtype", default="bf16", help="bf16, fp16 or fp32 (default bf16)")
     w.add_argument("--sp", action="store_true", help="sequence parallelism on")
-    w.add_argument("--keep-gathered-inputs", action="store_true",
-                   help="SP: column layers keep their gathered input for the weight gradient (more memory, "
-                        "one all-gather less per GEMM group in backward)")
+    w.add_argument(
+        "--keep-gathered-inputs",
+        action="store_true",
+        help="SP: column layers keep their gathered input for the weight gradient (more memory, "
+        "one all-gather less per GEMM group in backward)",
+    )
     w.add_argument("--recompute", choices=("none", "full"), default="none", help="activation recomputation")
-    w.add_argument("--zero", type=int, default=0, choices=(0, 1, 2, 3),
-                   help="shard optimizer (1), + grads (2), + weights (3) over DP")
-    w.add_argument("--microbatches", type=int, default=1,
-                   help="micro-batches per optimizer step per replica (gradient accumulation / pipeline)")
-    w.add_argument("--chunks", type=_chunks, default="auto",
-                   help="chunks of the overlapped schedule, or auto")
-    w.add_argument("--allow-kv-replication", action="store_true",
-                   help="accept TP above the kv head count (kv heads replicated) instead of an error")
-    w.add_argument("--reserve-gib", type=float, default=0.0,
-                   help="memory per GPU kept for the framework (CUDA context, allocator slack)")
+    w.add_argument(
+        "--zero",
+        type=int,
+        default=0,
+        choices=(0, 1, 2, 3),
+        help="shard optimizer (1), + grads (2), + weights (3) over DP",
+    )
+    w.add_argument(
+        "--microbatches",
+        type=int,
+        default=1,
+        help="micro-batches per optimizer step per replica (gradient accumulation / pipeline)",
+    )
+    w.add_argument(
+        "--chunks", type=_chunks, default="auto", help="chunks of the overlapped schedule, or auto"
+    )
+    w.add_argument(
+        "--allow-kv-replication",
+        action="store_true",
+        help="accept TP above the kv head count (kv heads replicated) instead of an error",
+    )
+    w.add_argument(
+        "--reserve-gib",
+        type=float,
+        default=0.0,
+        help="memory per GPU kept for the framework (CUDA context, allocator slack)",
+    )
 
     p = parser.add_argument_group("parallelism")
     p.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4, 8], help="TP degrees to compare")
@@ -90,8 +134,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--out", metavar="DIR", help="write plan.json and plan.png there")
     o.add_argument("--json", metavar="PATH", help="JSON output path (default DIR/plan.json with --out)")
     o.add_argument("--png", metavar="PATH", help="PNG output path (default DIR/plan.png with --out)")
-    o.add_argument("--reference", type=_reference, nargs="+", metavar="TP=REL",
-                   help="measured relative throughputs to plot beside the prediction")
+    o.add_argument(
+        "--reference",
+        type=_reference,
+        nargs="+",
+        metavar="TP=REL",
+        help="measured relative throughputs to plot beside the prediction",
+    )
     o.add_argument("--reference-label", default="reference", help="legend label of --reference")
 
 
@@ -129,11 +178,23 @@ def build(args) -> dict:
 
     model = resolve_model(args.model)
     gpu, link, gpus_per_node = _hardware(args)
-    base = dict(mode=args.mode, seq=args.seq, micro_batch=args.mbs, dtype=canonical_dtype(args.dtype),
-                sequence_parallel=args.sp, keep_gathered_inputs=args.keep_gathered_inputs, pp=args.pp, microbatches=args.microbatches, zero=args.zero,
-                recompute=args.recompute == "full", chunks=args.chunks, gpus_per_node=gpus_per_node,
-                allow_kv_replication=args.allow_kv_replication, matmul_efficiency=args.matmul_efficiency,
-                reserve_GiB=args.reserve_gib)
+    base = dict(
+        mode=args.mode,
+        seq=args.seq,
+        micro_batch=args.mbs,
+        dtype=canonical_dtype(args.dtype),
+        sequence_parallel=args.sp,
+        keep_gathered_inputs=args.keep_gathered_inputs,
+        pp=args.pp,
+        microbatches=args.microbatches,
+        zero=args.zero,
+        recompute=args.recompute == "full",
+        chunks=args.chunks,
+        gpus_per_node=gpus_per_node,
+        allow_kv_replication=args.allow_kv_replication,
+        matmul_efficiency=args.matmul_efficiency,
+        reserve_GiB=args.reserve_gib,
+    )
     configs, errors, baseline = [], [], None
     notes = ["figures are predictions of the cost model in docs/planner.md, not measurements"]
     for tp in args.tp:
@@ -150,25 +211,34 @@ def build(args) -> dict:
         baseline = baseline or result
         configs.append(summarize(result, baseline))
         layer = result["layer"]
-        if layer["exposed_comm_overlap_s"] > layer["comm_s"]:   # only an explicit --chunks gets here
+        if layer["exposed_comm_overlap_s"] > layer["comm_s"]:  # only an explicit --chunks gets here
             c = layer["overlap_costs_s"]
-            notes.append(f"TP={tp}: overlap with --chunks {args.chunks} is slower than none by "
-                         f"{(layer['exposed_comm_overlap_s'] - layer['comm_s']) * 1e6:.0f} us per layer: "
-                         f"splitting each collective adds {c['chunk_latency'] * 1e6:.0f} us of latency, more "
-                         f"than the GEMMs beside it hide (NCCL's SMs take up to {c['nccl_sms'] * 1e6:.0f} us "
-                         f"of that); --chunks auto never picks a slower schedule")
+            notes.append(
+                f"TP={tp}: overlap with --chunks {args.chunks} is slower than none by "
+                f"{(layer['exposed_comm_overlap_s'] - layer['comm_s']) * 1e6:.0f} us per layer: "
+                f"splitting each collective adds {c['chunk_latency'] * 1e6:.0f} us of latency, more "
+                f"than the GEMMs beside it hide (NCCL's SMs take up to {c['nccl_sms'] * 1e6:.0f} us "
+                f"of that); --chunks auto never picks a slower schedule"
+            )
     doc = {
         "format": FORMAT,
         "command": _command_line(),
-        "inputs": {"model": dataclasses.asdict(model), "gpu": dataclasses.asdict(gpu),
-                   "inter_node": dataclasses.asdict(link), "workload": {**base, "gpus": args.gpus},
-                   "nccl_model": nccl_model()},
-        "configs": configs, "errors": errors,
+        "inputs": {
+            "model": dataclasses.asdict(model),
+            "gpu": dataclasses.asdict(gpu),
+            "inter_node": dataclasses.asdict(link),
+            "workload": {**base, "gpus": args.gpus},
+            "nccl_model": nccl_model(),
+        },
+        "configs": configs,
+        "errors": errors,
         "notes": notes,
     }
     if args.reference:
-        doc["reference"] = {"label": args.reference_label,
-                            "relative_throughput": {str(tp): rel for tp, rel in args.reference}}
+        doc["reference"] = {
+            "label": args.reference_label,
+            "relative_throughput": {str(tp): rel for tp, rel in args.reference},
+        }
     return doc
 
 

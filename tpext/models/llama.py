@@ -43,8 +43,10 @@ class LlamaConfig:
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"tpext.models.LlamaConfig: num_attention_heads ({self.num_attention_heads}) must be a "
-                             f"multiple of num_key_value_heads ({self.num_key_value_heads})")
+            raise ValueError(
+                f"tpext.models.LlamaConfig: num_attention_heads ({self.num_attention_heads}) must be a "
+                f"multiple of num_key_value_heads ({self.num_key_value_heads})"
+            )
         if self.head_dim % 2:
             raise ValueError(f"tpext.models.LlamaConfig: head_dim must be even for RoPE, got {self.head_dim}")
 
@@ -65,10 +67,22 @@ class LlamaConfig:
 
 #: Shapes for the demo, tests and benches. "tiny" trains in seconds on 2 CPU ranks.
 PRESETS = {
-    "tiny": LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=344, num_hidden_layers=2,
-                        num_attention_heads=8, num_key_value_heads=4),
-    "small": LlamaConfig(vocab_size=4096, hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=4),
+    "tiny": LlamaConfig(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=344,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+    ),
+    "small": LlamaConfig(
+        vocab_size=4096,
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+    ),
 }
 
 
@@ -185,7 +199,9 @@ class LlamaModel(nn.Module):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, **factory)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, **factory) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, **factory) for _ in range(config.num_hidden_layers)
+        )
         self.norm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps, **factory)
 
     def forward(self, input_ids: Tensor) -> Tensor:
@@ -232,5 +248,7 @@ class LlamaForCausalLM(nn.Module):
         if getattr(lm_head, "tp_size", 1) > 1 and not getattr(lm_head, "gather_output", True):
             from tpext.nn.functional import vocab_parallel_cross_entropy
 
-            return vocab_parallel_cross_entropy(logits, target, group=lm_head.group, vocab_size=lm_head.out_features)
+            return vocab_parallel_cross_entropy(
+                logits, target, group=lm_head.group, vocab_size=lm_head.out_features
+            )
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))

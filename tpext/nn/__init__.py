@@ -5,15 +5,23 @@ from tpext.nn.embedding import VocabParallelEmbedding
 from tpext.nn.experts import shard_experts
 from tpext.nn.linear import ColumnParallelLinear, RowParallelLinear, SharedInputColumns
 from tpext.nn.norm import (
-                           ColumnParallelRMSNorm,
-                           SequenceParallelLayerNorm,
-                           SequenceParallelRMSNorm,
-                           shard_norm_features,
-                           sum_param_grads,
+    ColumnParallelRMSNorm,
+    SequenceParallelLayerNorm,
+    SequenceParallelRMSNorm,
+    shard_norm_features,
+    sum_param_grads,
 )
 
 __all__ = [
-    "ColumnParallelLinear", "RowParallelLinear", "SharedInputColumns", "VocabParallelEmbedding",
-    "SequenceParallelLayerNorm", "SequenceParallelRMSNorm", "ColumnParallelRMSNorm", "sum_param_grads",
-    "shard_norm_features", "shard_experts", "functional",
+    "ColumnParallelLinear",
+    "RowParallelLinear",
+    "SharedInputColumns",
+    "VocabParallelEmbedding",
+    "SequenceParallelLayerNorm",
+    "SequenceParallelRMSNorm",
+    "ColumnParallelRMSNorm",
+    "sum_param_grads",
+    "shard_norm_features",
+    "shard_experts",
+    "functional",
 ]

@@ -32,8 +32,10 @@ def autocast_inputs(x: Tensor, *tensors: Tensor | None) -> tuple:
     if not torch.is_autocast_enabled(device):
         return (x, *tensors)
     dtype = torch.get_autocast_dtype(device)
-    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
-                 for t in (x, *tensors))
+    return tuple(
+        t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
+        for t in (x, *tensors)
+    )
 
 
 def _cat(ws: tuple[Tensor, ...]) -> Tensor:
@@ -56,10 +58,10 @@ def _wgrads(dy: Tensor, x: Tensor, ws: tuple[Tensor, ...], needs: tuple[bool, ..
 class ColumnLinear(torch.autograd.Function):
     """Column-parallel linear, replicated input (no sequence parallelism).
 
-        x [*, K] (replicated), W [N/R, K] = cat(ws), b [N/R]
-        forward  y [*, N/R]  = x @ W.T + b                       local, no communication
-        dgrad    dx [*, K]   = all_reduce(dy @ W)                gemm_all_reduce(dy, W.T), overlapped
-        wgrad    dW [N/R, K] = dy.T @ x;   db = sum(dy)
+    x [*, K] (replicated), W [N/R, K] = cat(ws), b [N/R]
+    forward  y [*, N/R]  = x @ W.T + b                       local, no communication
+    dgrad    dx [*, K]   = all_reduce(dy @ W)                gemm_all_reduce(dy, W.T), overlapped
+    wgrad    dW [N/R, K] = dy.T @ x;   db = sum(dy)
     """
 
     @staticmethod
@@ -74,7 +76,9 @@ class ColumnLinear(torch.autograd.Function):
         x, *ws = ctx.saved_tensors
         dx = None
         if ctx.needs_input_grad[0]:
-            stats.record("all_reduce", x.numel(), dy.dtype, ctx.group.size(), backward=True, module=ctx.module)
+            stats.record(
+                "all_reduce", x.numel(), dy.dtype, ctx.group.size(), backward=True, module=ctx.module
+            )
             dx = ops.gemm_all_reduce(dy.contiguous(), _cat(ws).t(), None, ctx.group, *ctx.schedule)
         return (dx, _bgrad(dy, ctx.has_bias), None, None, *_wgrads(dy, x, ws, ctx.needs_input_grad[4:]))
 
@@ -101,7 +105,12 @@ class ColumnLinearSP(torch.autograd.Function):
         y, x_full = ops.all_gather_gemm(x_shard, _cat(ws), b, group, *schedule)
         stats.record("all_gather", x_full.numel(), x_full.dtype, group.size())
         ctx.save_for_backward(x_full if keep_gathered else x_shard, *ws)
-        ctx.group, ctx.schedule, ctx.has_bias, ctx.keep_gathered = group, schedule, b is not None, keep_gathered
+        ctx.group, ctx.schedule, ctx.has_bias, ctx.keep_gathered = (
+            group,
+            schedule,
+            b is not None,
+            keep_gathered,
+        )
         ctx.module = stats.current_module()
         ctx.set_materialize_grads(False)  # an unused x_full gets None, not a zero tensor to reduce-scatter
         return y, x_full
@@ -111,8 +120,14 @@ class ColumnLinearSP(torch.autograd.Function):
         x_saved, *ws = ctx.saved_tensors
         dx = None
         if ctx.needs_input_grad[0] and dy is not None:
-            stats.record("reduce_scatter", dy.shape[:-1].numel() * ws[0].shape[1], dy.dtype, ctx.group.size(),
-                         backward=True, module=ctx.module)
+            stats.record(
+                "reduce_scatter",
+                dy.shape[:-1].numel() * ws[0].shape[1],
+                dy.dtype,
+                ctx.group.size(),
+                backward=True,
+                module=ctx.module,
+            )
             dx = ops.gemm_reduce_scatter(dy.contiguous(), _cat(ws).t(), None, ctx.group, *ctx.schedule)
         if ctx.needs_input_grad[0] and dx_full is not None:
             dx_other = mappings.reduce_scatter_dim0(dx_full, ctx.group, backward=True, module=ctx.module)
@@ -129,10 +144,10 @@ class ColumnLinearSP(torch.autograd.Function):
 class RowLinear(torch.autograd.Function):
     """Row-parallel linear, tensor-parallel input (no sequence parallelism).
 
-        x [*, K/R], W [N, K/R], b [N] (replicated, added once after the reduction)
-        forward  y [*, N]     = all_reduce(x @ W.T) + b          gemm_all_reduce, overlapped
-        dgrad    dx [*, K/R]  = dy @ W                           local (dy is replicated)
-        wgrad    dW [N, K/R]  = dy.T @ x;   db = sum(dy)         identical on every rank
+    x [*, K/R], W [N, K/R], b [N] (replicated, added once after the reduction)
+    forward  y [*, N]     = all_reduce(x @ W.T) + b          gemm_all_reduce, overlapped
+    dgrad    dx [*, K/R]  = dy @ W                           local (dy is replicated)
+    wgrad    dW [N, K/R]  = dy.T @ x;   db = sum(dy)         identical on every rank
     """
 
     @staticmethod
@@ -154,11 +169,11 @@ class RowLinear(torch.autograd.Function):
 class RowLinearSP(torch.autograd.Function):
     """Row-parallel linear, sequence-parallel output.
 
-        x [s, *, K/R], W [N, K/R], b [N] (replicated, added once after the reduction)
-        forward  y_shard [s/R, *, N] = reduce_scatter(x @ W.T) + b          gemm_reduce_scatter, overlapped
-        dgrad    dy_full [s, *, N]   = all_gather(dy_shard)
-                 dx [s, *, K/R]      = dy_full @ W                          all_gather_gemm(dy, W.T), overlapped
-        wgrad    dW [N, K/R] = dy_full.T @ x;   db = sum(dy_full)           identical on every rank
+    x [s, *, K/R], W [N, K/R], b [N] (replicated, added once after the reduction)
+    forward  y_shard [s/R, *, N] = reduce_scatter(x @ W.T) + b          gemm_reduce_scatter, overlapped
+    dgrad    dy_full [s, *, N]   = all_gather(dy_shard)
+             dx [s, *, K/R]      = dy_full @ W                          all_gather_gemm(dy, W.T), overlapped
+    wgrad    dW [N, K/R] = dy_full.T @ x;   db = sum(dy_full)           identical on every rank
     """
 
     @staticmethod
@@ -173,8 +188,14 @@ class RowLinearSP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy_shard):
         x, w = ctx.saved_tensors
-        stats.record("all_gather", dy_shard.numel() * ctx.group.size(), dy_shard.dtype, ctx.group.size(),
-                          backward=True, module=ctx.module)
+        stats.record(
+            "all_gather",
+            dy_shard.numel() * ctx.group.size(),
+            dy_shard.dtype,
+            ctx.group.size(),
+            backward=True,
+            module=ctx.module,
+        )
         # The gathered dy is needed for the weight gradient whatever needs_input_grad says.
         dx, dy_full = ops.all_gather_gemm(dy_shard.contiguous(), w.t(), None, ctx.group, *ctx.schedule)
         dw = _wgrad(dy_full, x) if ctx.needs_input_grad[1] else None

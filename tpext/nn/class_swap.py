@@ -19,7 +19,9 @@ def derived_class(cls: type, mixin: type, *, wraps: bool) -> type:
     key = (cls, mixin, wraps)
     if key not in _DERIVED:
         bases = (mixin, cls) if wraps else (cls, mixin)
-        _DERIVED[key] = type(cls.__name__, bases, {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
+        _DERIVED[key] = type(
+            cls.__name__, bases, {"__module__": cls.__module__, "__qualname__": cls.__qualname__}
+        )
     return _DERIVED[key]
 
 
@@ -44,13 +46,19 @@ def probe_copy(module: nn.Module) -> nn.Module:
         own = dict(module.named_buffers())
         for name, b in probe.named_buffers():
             if own[name].is_meta:
-                b.copy_(torch.rand(b.shape, generator=gen) + 0.5 if b.is_floating_point() else torch.zeros(b.shape))
+                b.copy_(
+                    torch.rand(b.shape, generator=gen) + 0.5
+                    if b.is_floating_point()
+                    else torch.zeros(b.shape)
+                )
             else:
                 b.copy_(own[name])
     return probe.float()
 
 
-def probe_disagrees(run: Callable[[], tuple[Tensor, Tensor]], *, rtol: float, atol: float, differs: str) -> str:
+def probe_disagrees(
+    run: Callable[[], tuple[Tensor, Tensor]], *, rtol: float, atol: float, differs: str
+) -> str:
     """Why a probe's (got, want), computed by `run` without autograd, disagree: "" when they are close,
     `differs` when they are not, or the exception `run` raised (the module cannot run that way)."""
     try:

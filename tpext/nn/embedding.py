@@ -43,13 +43,24 @@ class VocabParallelEmbedding(SharesGroupOnCopy, nn.Module):
         >>> h = emb(input_ids)  # [*, dim], replicated
     """
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None, *,
-                 group: GroupLike = None, sequence_parallel: bool = False, sequence_dim: int = 0, device=None,
-                 dtype=None):
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        padding_idx: int | None = None,
+        *,
+        group: GroupLike = None,
+        sequence_parallel: bool = False,
+        sequence_dim: int = 0,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         if padding_idx is not None and not -num_embeddings <= padding_idx < num_embeddings:
-            raise ValueError(f"tpext.VocabParallelEmbedding: padding_idx must be in [-{num_embeddings}, "
-                             f"{num_embeddings}), got {padding_idx}")
+            raise ValueError(
+                f"tpext.VocabParallelEmbedding: padding_idx must be in [-{num_embeddings}, "
+                f"{num_embeddings}), got {padding_idx}"
+            )
         self.group = resolve_group(group)
         self.tp_size, self.tp_rank = self.group.size(), self.group.rank()
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
@@ -58,7 +69,9 @@ class VocabParallelEmbedding(SharesGroupOnCopy, nn.Module):
         self.vocab_start, local = shard_range(num_embeddings, self.tp_size, self.tp_rank)
         self.vocab_end = self.vocab_start + local
         self.weight = nn.Parameter(torch.empty(local, embedding_dim, device=device, dtype=dtype))
-        set_layout(self, "weight", ShardLayout((num_embeddings, embedding_dim), 0, ((self.vocab_start, local),)))
+        set_layout(
+            self, "weight", ShardLayout((num_embeddings, embedding_dim), 0, ((self.vocab_start, local),))
+        )
         self.reset_parameters()
 
     @property
@@ -77,12 +90,19 @@ class VocabParallelEmbedding(SharesGroupOnCopy, nn.Module):
     def from_dense(cls, embedding: nn.Embedding, group: GroupLike = None, **kwargs) -> VocabParallelEmbedding:
         """Shard an nn.Embedding: this rank keeps rows [vocab_start, vocab_end) of its weight."""
         # On the meta device first: no init, so no RNG draws that depend on this rank's vocabulary share.
-        layer = cls(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx, group=group,
-                    device="meta", dtype=embedding.weight.dtype, **kwargs)
+        layer = cls(
+            embedding.num_embeddings,
+            embedding.embedding_dim,
+            embedding.padding_idx,
+            group=group,
+            device="meta",
+            dtype=embedding.weight.dtype,
+            **kwargs,
+        )
         if not embedding.weight.is_meta:  # a meta-device model is loaded later, from a checkpoint
             layer.to_empty(device=embedding.weight.device)
             with torch.no_grad():
-                layer.weight.copy_(embedding.weight[layer.vocab_start:layer.vocab_end])
+                layer.weight.copy_(embedding.weight[layer.vocab_start : layer.vocab_end])
         return layer
 
     def _check_ids(self, ids: Tensor) -> None:
@@ -90,17 +110,27 @@ class VocabParallelEmbedding(SharesGroupOnCopy, nn.Module):
             raise TypeError(f"tpext.VocabParallelEmbedding: ids must be int32/int64, got {ids.dtype}")
         # A host-side range check (CPU only: on CUDA it would synchronise; skipped under torch.compile,
         # where it would be a data-dependent branch).
-        if (ids.device.type == "cpu" and ids.numel() and not torch.compiler.is_compiling()
-                and (ids.min() < 0 or ids.max() >= self.num_embeddings)):
-            raise IndexError(f"tpext.VocabParallelEmbedding: ids must be in [0, {self.num_embeddings}), got "
-                             f"min {ids.min().item()} max {ids.max().item()}")
+        if (
+            ids.device.type == "cpu"
+            and ids.numel()
+            and not torch.compiler.is_compiling()
+            and (ids.min() < 0 or ids.max() >= self.num_embeddings)
+        ):
+            raise IndexError(
+                f"tpext.VocabParallelEmbedding: ids must be in [0, {self.num_embeddings}), got "
+                f"min {ids.min().item()} max {ids.max().item()}"
+            )
 
     def forward(self, ids: Tensor) -> Tensor:
         self._check_ids(ids)
-        if self.sequence_parallel and (ids.dim() <= self.sequence_dim or ids.shape[self.sequence_dim] % self.tp_size):
-            raise ValueError(f"tpext.VocabParallelEmbedding: sequence_parallel needs the sequence length (dim "
-                             f"{self.sequence_dim}) divisible by the tensor-parallel size {self.tp_size}, got ids "
-                             f"of shape {tuple(ids.shape)}")
+        if self.sequence_parallel and (
+            ids.dim() <= self.sequence_dim or ids.shape[self.sequence_dim] % self.tp_size
+        ):
+            raise ValueError(
+                f"tpext.VocabParallelEmbedding: sequence_parallel needs the sequence length (dim "
+                f"{self.sequence_dim}) divisible by the tensor-parallel size {self.tp_size}, got ids "
+                f"of shape {tuple(ids.shape)}"
+            )
         with stats.scope_for(self):
             if self.tp_size == 1:
                 return F.embedding(ids, self.weight, self.padding_idx)
@@ -113,9 +143,11 @@ class VocabParallelEmbedding(SharesGroupOnCopy, nn.Module):
             return mappings.reduce_from_tp(partial, self.group)
 
     def extra_repr(self) -> str:
-        return (f"{self.num_embeddings}, {self.embedding_dim}, padding_idx={self.padding_idx}, "
-                f"tp={self.tp_rank}/{self.tp_size}, vocab=[{self.vocab_start}, {self.vocab_end}), "
-                f"sequence_parallel={self.sequence_parallel}")
+        return (
+            f"{self.num_embeddings}, {self.embedding_dim}, padding_idx={self.padding_idx}, "
+            f"tp={self.tp_rank}/{self.tp_size}, vocab=[{self.vocab_start}, {self.vocab_end}), "
+            f"sequence_parallel={self.sequence_parallel}"
+        )
 
 
 class _VocabParallelLookup(SharesGroupOnCopy, nn.Embedding):
@@ -160,16 +192,28 @@ def vocab_parallel_subclass(embedding: nn.Embedding, group: GroupLike = None, **
     except _LookupCalled:
         reached = True
     except Exception as exc:
-        raise ValueError(f"tpext: cannot shard the vocabulary of a {cls.__name__}: calling {name} with ids "
-                         f"alone failed ({type(exc).__name__}: {exc})") from exc
+        raise ValueError(
+            f"tpext: cannot shard the vocabulary of a {cls.__name__}: calling {name} with ids "
+            f"alone failed ({type(exc).__name__}: {exc})"
+        ) from exc
     if not reached:
-        raise ValueError(f"tpext: cannot shard the vocabulary of a {cls.__name__}: {name} does not look up "
-                         "through nn.Embedding.forward (super().forward), so it would index this rank's rows "
-                         "with global ids; keep it replicated")
+        raise ValueError(
+            f"tpext: cannot shard the vocabulary of a {cls.__name__}: {name} does not look up "
+            "through nn.Embedding.forward (super().forward), so it would index this rank's rows "
+            "with global ids; keep it replicated"
+        )
     lookup = VocabParallelEmbedding.from_dense(embedding, group, **kwargs)
     new = shell_copy(embedding)
     new.__class__ = derived_class(cls, _VocabParallelLookup, wraps=False)
-    for attr in ("group", "tp_size", "tp_rank", "vocab_start", "vocab_end", "sequence_parallel", "sequence_dim"):
+    for attr in (
+        "group",
+        "tp_size",
+        "tp_rank",
+        "vocab_start",
+        "vocab_end",
+        "sequence_parallel",
+        "sequence_dim",
+    ):
         new.__dict__[attr] = getattr(lookup, attr)
     new.__dict__["padding_idx"] = lookup._local_padding_idx
     new._parameters["weight"] = lookup.weight

@@ -55,14 +55,16 @@ class _ShardedExperts(SharesGroupOnCopy):
         # (hidden_states, top_k_index, top_k_weights) for most; (hidden_states,) for Llama 4's, whose
         # tokens come weighted by their routing weights.
         args = list(args)
-        for name in _forward_params(self)[1 + len(args):]:  # routing arguments passed by name: positional
+        for name in _forward_params(self)[1 + len(args) :]:  # routing arguments passed by name: positional
             if name not in kwargs:
                 break
             args.append(kwargs.pop(name))
         index, weights = (args[0], args[1]) if len(args) >= 2 else (None, None)
         with stats.scope_for(self):
-            local_args = (mappings.copy_to_tp(hidden_states, self._tpext_group),
-                          *(mappings.copy_to_tp(a, self._tpext_group) if a is weights else a for a in args))
+            local_args = (
+                mappings.copy_to_tp(hidden_states, self._tpext_group),
+                *(mappings.copy_to_tp(a, self._tpext_group) if a is weights else a for a in args),
+            )
         bias = self._parameters.get("down_proj_bias")
         if bias is None:
             partial = super().forward(*local_args, **kwargs)
@@ -93,7 +95,9 @@ def is_experts(module: nn.Module) -> bool:
     up_proj), one matrix per expert."""
     params = dict(module.named_parameters(recurse=False))
     up, down = params.get(_input_weight(module)), params.get("down_proj")
-    return up is not None and down is not None and up.dim() == down.dim() == 3 and up.shape[0] == down.shape[0]
+    return (
+        up is not None and down is not None and up.dim() == down.dim() == 3 and up.shape[0] == down.shape[0]
+    )
 
 
 def _is_transposed(experts: nn.Module) -> bool:
@@ -109,7 +113,9 @@ def _is_transposed(experts: nn.Module) -> bool:
     return transposed and not plain
 
 
-def _layouts(experts: nn.Module, world: int, rank: int, concatenated: bool | None = None) -> dict[str, ShardLayout]:
+def _layouts(
+    experts: nn.Module, world: int, rank: int, concatenated: bool | None = None
+) -> dict[str, ShardLayout]:
     """The layouts of this rank's intermediate features in the experts' weights (and in gate_up_proj_bias);
     ValueError for weights that are not the layout Hugging Face's experts declare. concatenated: gate and up
     rows as [gate; up] (True) or interleaved (False); None: as the module declares (default [gate; up])."""
@@ -120,11 +126,15 @@ def _layouts(experts: nn.Module, world: int, rank: int, concatenated: bool | Non
     inter = down.shape[down_dim]
     gated = up_name == "gate_up_proj"
     if up.shape[up_dim] != (2 if gated else 1) * inter or up.shape[3 - up_dim] != down.shape[3 - down_dim]:
-        raise ValueError(f"tpext: cannot shard {cls}: {up_name} {list(up.shape)} and down_proj {list(down.shape)} "
-                         f"are not [E, {'2I' if gated else 'I'}, H] and [E, H, I]{' transposed' if transposed else ''}")
+        raise ValueError(
+            f"tpext: cannot shard {cls}: {up_name} {list(up.shape)} and down_proj {list(down.shape)} "
+            f"are not [E, {'2I' if gated else 'I'}, H] and [E, H, I]{' transposed' if transposed else ''}"
+        )
     if inter % world:
-        raise ValueError(f"tpext: cannot shard {cls} over {world} ranks: its experts' intermediate size {inter} is "
-                         f"not divisible by {world}; pick a tensor-parallel size that divides it")
+        raise ValueError(
+            f"tpext: cannot shard {cls} over {world} ranks: its experts' intermediate size {inter} is "
+            f"not divisible by {world}; pick a tensor-parallel size that divides it"
+        )
     start, count = shard_range(inter, world, rank)
     if concatenated is None:
         concatenated = bool(getattr(experts, "is_concatenated", True))
@@ -134,13 +144,17 @@ def _layouts(experts: nn.Module, world: int, rank: int, concatenated: bool | Non
         up_segments = ((start, count), (inter + start, count))
     else:  # gate and up rows interleaved: this rank's pairs
         up_segments = ((2 * start, 2 * count),)
-    layouts = {up_name: ShardLayout(tuple(up.shape), up_dim, up_segments),
-               "down_proj": ShardLayout(tuple(down.shape), down_dim, ((start, count),))}
+    layouts = {
+        up_name: ShardLayout(tuple(up.shape), up_dim, up_segments),
+        "down_proj": ShardLayout(tuple(down.shape), down_dim, ((start, count),)),
+    }
     bias = experts._parameters.get(f"{up_name}_bias")
     if bias is not None:
         if tuple(bias.shape) != (up.shape[0], up.shape[up_dim]):
-            raise ValueError(f"tpext: cannot shard {cls}: {up_name}_bias {list(bias.shape)} is not "
-                             f"[E, {'2I' if gated else 'I'}] = {[up.shape[0], up.shape[up_dim]]}")
+            raise ValueError(
+                f"tpext: cannot shard {cls}: {up_name}_bias {list(bias.shape)} is not "
+                f"[E, {'2I' if gated else 'I'}] = {[up.shape[0], up.shape[up_dim]]}"
+            )
         layouts[f"{up_name}_bias"] = ShardLayout(tuple(bias.shape), 1, up_segments)
     return layouts
 
@@ -191,8 +205,10 @@ def _sums_disagree(experts: nn.Module, world: int, concatenated: bool | None) ->
     n_experts, hidden, inter = up.shape[0], 8, down.shape[1 if transposed else 2]
     gen = torch.Generator().manual_seed(0)
     up_rows = (2 if up_name == "gate_up_proj" else 1) * inter
-    small = {up_name: (n_experts, hidden, up_rows) if transposed else (n_experts, up_rows, hidden),
-             "down_proj": (n_experts, inter, hidden) if transposed else (n_experts, hidden, inter)}
+    small = {
+        up_name: (n_experts, hidden, up_rows) if transposed else (n_experts, up_rows, hidden),
+        "down_proj": (n_experts, inter, hidden) if transposed else (n_experts, hidden, inter),
+    }
     if f"{up_name}_bias" in experts._parameters:
         small[f"{up_name}_bias"] = (n_experts, up_rows)
     if "down_proj_bias" in experts._parameters:
@@ -204,7 +220,9 @@ def _sums_disagree(experts: nn.Module, world: int, concatenated: bool | None) ->
     index = torch.stack([torch.randperm(n_experts, generator=gen)[:top_k] for _ in range(tokens)])
     weights = torch.rand(tokens, top_k, generator=gen)
     args = (x,) if routed_only else (x, index, weights)
-    eager = getattr(type(experts).forward, "__wrapped__", type(experts).forward)  # under @use_experts_implementation
+    eager = getattr(
+        type(experts).forward, "__wrapped__", type(experts).forward
+    )  # under @use_experts_implementation
 
     def copy_with(params: dict[str, Tensor], local_inter: int) -> nn.Module:
         new = shell_copy(experts)
@@ -217,7 +235,10 @@ def _sums_disagree(experts: nn.Module, world: int, concatenated: bool | None) ->
         probe = copy_with(dense, inter)
         ranks = []
         for r in range(world):
-            local = {n: lay.local_from_dense(dense[n]) for n, lay in _layouts(probe, world, r, concatenated).items()}
+            local = {
+                n: lay.local_from_dense(dense[n])
+                for n, lay in _layouts(probe, world, r, concatenated).items()
+            }
             if "down_proj_bias" in dense:
                 local["down_proj_bias"] = torch.zeros_like(dense["down_proj_bias"])
             ranks.append(copy_with(local, inter // world))
@@ -239,10 +260,12 @@ def _checked_layout(experts: nn.Module, world: int) -> bool | None:
         if not why:
             return concatenated
         reasons.append(why)
-    raise ValueError(f"tpext: cannot shard {type(experts).__name__}: its outputs on slices of every expert's "
-                     f"intermediate features do not add up to its output ({reasons[0]}"
-                     f"{'' if declared else ', with gate and up rows concatenated or interleaved'}); "
-                     "give it the style 'replicate'")
+    raise ValueError(
+        f"tpext: cannot shard {type(experts).__name__}: its outputs on slices of every expert's "
+        f"intermediate features do not add up to its output ({reasons[0]}"
+        f"{'' if declared else ', with gate and up rows concatenated or interleaved'}); "
+        "give it the style 'replicate'"
+    )
 
 
 def _check_grouped_mm(experts: nn.Module, local_inter: int, world: int) -> None:
@@ -251,12 +274,14 @@ def _check_grouped_mm(experts: nn.Module, local_inter: int, world: int) -> None:
     config = getattr(experts, "config", None)
     itemsize = experts.down_proj.element_size()
     if getattr(config, "_experts_implementation", None) == "grouped_mm" and (local_inter * itemsize) % 16:
-        raise ValueError(f"tpext: cannot shard {type(experts).__name__} over {world} ranks with "
-                         f"experts_implementation='grouped_mm': it needs rows of a multiple of 16 bytes, and this "
-                         f"rank's {local_inter} intermediate features of {experts.down_proj.dtype} make "
-                         f"{local_inter * itemsize}; pick a tensor-parallel size that leaves a multiple of "
-                         f"{16 // itemsize} features per rank, or load the model with "
-                         "experts_implementation='batched_mm' (or 'eager')")
+        raise ValueError(
+            f"tpext: cannot shard {type(experts).__name__} over {world} ranks with "
+            f"experts_implementation='grouped_mm': it needs rows of a multiple of 16 bytes, and this "
+            f"rank's {local_inter} intermediate features of {experts.down_proj.dtype} make "
+            f"{local_inter * itemsize}; pick a tensor-parallel size that leaves a multiple of "
+            f"{16 // itemsize} features per rank, or load the model with "
+            "experts_implementation='batched_mm' (or 'eager')"
+        )
 
 
 def shard_experts(experts: nn.Module, group: GroupLike = None) -> nn.Module:
@@ -283,20 +308,26 @@ def shard_experts(experts: nn.Module, group: GroupLike = None) -> nn.Module:
     pg = resolve_group(group)
     cls = type(experts).__name__
     if not is_experts(experts):
-        raise ValueError(f"tpext: cannot shard {cls} as experts: it needs 3-D down_proj and gate_up_proj (or "
-                         "up_proj) parameters, one matrix per expert")
+        raise ValueError(
+            f"tpext: cannot shard {cls} as experts: it needs 3-D down_proj and gate_up_proj (or "
+            "up_proj) parameters, one matrix per expert"
+        )
     if pg.size() == 1:
         return experts
     layouts = _layouts(experts, pg.size(), pg.rank())
     others = sorted(n for n, _ in experts.named_parameters() if n not in layouts and n != "down_proj_bias")
     buffers = sorted(n for n, _ in experts.named_buffers())
     if others or buffers or getattr(experts, "has_post_expert_norm", False):
-        raise ValueError(f"tpext: cannot shard {cls}: besides {sorted(layouts)} it has "
-                         f"{others + buffers or 'a norm after each expert'}, which tpext does not slice (a norm "
-                         "over the whole output would need the reduced output); give it the style 'replicate'")
+        raise ValueError(
+            f"tpext: cannot shard {cls}: besides {sorted(layouts)} it has "
+            f"{others + buffers or 'a norm after each expert'}, which tpext does not slice (a norm "
+            "over the whole output would need the reduced output); give it the style 'replicate'"
+        )
     if getattr(experts, "has_bias", False) and "down_proj_bias" not in experts._parameters:
-        raise ValueError(f"tpext: cannot shard {cls}: it declares biases (has_bias) but holds no down_proj_bias "
-                         "parameter tpext can add after the reduction; give it the style 'replicate'")
+        raise ValueError(
+            f"tpext: cannot shard {cls}: it declares biases (has_bias) but holds no down_proj_bias "
+            "parameter tpext can add after the reduction; give it the style 'replicate'"
+        )
     why = _down_bias_ok(experts)
     if why:
         raise ValueError(f"tpext: cannot shard {cls}: {why}; give it the style 'replicate'")
@@ -309,7 +340,9 @@ def shard_experts(experts: nn.Module, group: GroupLike = None) -> nn.Module:
     new._tpext_group = pg
     for name, layout in layouts.items():
         p = experts._parameters[name]
-        new._parameters[name] = nn.Parameter(layout.local_from_dense(p.detach()).clone(), requires_grad=p.requires_grad)
+        new._parameters[name] = nn.Parameter(
+            layout.local_from_dense(p.detach()).clone(), requires_grad=p.requires_grad
+        )
         set_layout(new, name, layout)
     _set_sizes(new, down.dense_shape[down.dim], down.local_shape[down.dim])
     return new

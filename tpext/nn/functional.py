@@ -52,9 +52,16 @@ class _VocabParallelCE(torch.autograd.Function):
         return grad.to(ctx.dtype), None, None, None, None, None, None
 
 
-def vocab_parallel_cross_entropy(logits_shard: Tensor, target: Tensor, *, group: GroupLike = None,
-                                 ignore_index: int = -100, label_smoothing: float = 0.0,
-                                 reduction: str = "mean", vocab_size: int | None = None) -> Tensor:
+def vocab_parallel_cross_entropy(
+    logits_shard: Tensor,
+    target: Tensor,
+    *,
+    group: GroupLike = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    vocab_size: int | None = None,
+) -> Tensor:
     """Cross entropy of vocabulary-sharded logits, without materialising the full logits.
 
     Equal, in value and gradient, to F.cross_entropy on the gathered logits. The loss has the logits'
@@ -83,35 +90,52 @@ def vocab_parallel_cross_entropy(logits_shard: Tensor, target: Tensor, *, group:
         >>> loss = vocab_parallel_cross_entropy(lm_head(h), labels, vocab_size=lm_head.out_features)
     """
     if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"tpext.vocab_parallel_cross_entropy: reduction must be 'mean', 'sum' or 'none', "
-                         f"got {reduction!r}")
+        raise ValueError(
+            f"tpext.vocab_parallel_cross_entropy: reduction must be 'mean', 'sum' or 'none', "
+            f"got {reduction!r}"
+        )
     if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"tpext.vocab_parallel_cross_entropy: label_smoothing must be in [0, 1], got "
-                         f"{label_smoothing}")
+        raise ValueError(
+            f"tpext.vocab_parallel_cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}"
+        )
     if logits_shard.shape[:-1] != target.shape:
-        raise ValueError(f"tpext.vocab_parallel_cross_entropy: target must be logits_shard.shape[:-1] = "
-                         f"{tuple(logits_shard.shape[:-1])}, got {tuple(target.shape)}")
-    if torch.is_autocast_enabled(logits_shard.device.type) and logits_shard.dtype in (torch.float16, torch.bfloat16):
-        logits_shard = logits_shard.float()  # autocast runs cross entropy in fp32: the loss comes back in fp32
+        raise ValueError(
+            f"tpext.vocab_parallel_cross_entropy: target must be logits_shard.shape[:-1] = "
+            f"{tuple(logits_shard.shape[:-1])}, got {tuple(target.shape)}"
+        )
+    if torch.is_autocast_enabled(logits_shard.device.type) and logits_shard.dtype in (
+        torch.float16,
+        torch.bfloat16,
+    ):
+        logits_shard = (
+            logits_shard.float()
+        )  # autocast runs cross entropy in fp32: the loss comes back in fp32
     pg = resolve_group(group)
     world, rank = pg.size(), pg.rank()
     if vocab_size is not None:
         vocab_start, width = shard_range(vocab_size, world, rank)
         if logits_shard.shape[-1] != width:
-            raise ValueError(f"tpext.vocab_parallel_cross_entropy: rank {rank}'s shard of V = {vocab_size} over "
-                             f"{world} ranks has {width} logits, got {logits_shard.shape[-1]}")
+            raise ValueError(
+                f"tpext.vocab_parallel_cross_entropy: rank {rank}'s shard of V = {vocab_size} over "
+                f"{world} ranks has {width} logits, got {logits_shard.shape[-1]}"
+            )
     else:
         # The full vocabulary size and this rank's offset, from every rank's shard width.
-        widths = torch.zeros(world, dtype=torch.int64, device=logits_shard.device)  # NCCL reduces device tensors
+        widths = torch.zeros(
+            world, dtype=torch.int64, device=logits_shard.device
+        )  # NCCL reduces device tensors
         widths[rank] = logits_shard.shape[-1]
         if world > 1:
             mappings.all_reduce(widths, pg)
         vocab_size, vocab_start = int(widths.sum()), int(widths[:rank].sum())
         if widths.tolist() != shard_sizes(vocab_size, world):
-            raise ValueError(f"tpext.vocab_parallel_cross_entropy: the vocabulary shards {widths.tolist()} are "
-                             f"not the near-even split {shard_sizes(vocab_size, world)} of V = {vocab_size}")
-    loss = _VocabParallelCE.apply(logits_shard, target, pg, vocab_start, vocab_size, ignore_index,
-                                  label_smoothing)
+            raise ValueError(
+                f"tpext.vocab_parallel_cross_entropy: the vocabulary shards {widths.tolist()} are "
+                f"not the near-even split {shard_sizes(vocab_size, world)} of V = {vocab_size}"
+            )
+    loss = _VocabParallelCE.apply(
+        logits_shard, target, pg, vocab_start, vocab_size, ignore_index, label_smoothing
+    )
     if reduction == "sum":
         return loss.sum()
     if reduction == "mean":
@@ -119,8 +143,15 @@ def vocab_parallel_cross_entropy(logits_shard: Tensor, target: Tensor, *, group:
     return loss
 
 
-def all_reduce_residual_rmsnorm(x: Tensor, residual: Tensor | None, weight: Tensor, eps: float = 1e-6, *,
-                                bias: Tensor | None = None, group: GroupLike = None) -> tuple[Tensor, Tensor]:
+def all_reduce_residual_rmsnorm(
+    x: Tensor,
+    residual: Tensor | None,
+    weight: Tensor,
+    eps: float = 1e-6,
+    *,
+    bias: Tensor | None = None,
+    group: GroupLike = None,
+) -> tuple[Tensor, Tensor]:
     """A transformer block's epilogue in one fused pass: all-reduce, residual add, RMSNorm.
 
     ``new_residual = all_reduce(x) + bias + residual`` and ``out = rms_norm(new_residual) * weight``.
@@ -151,5 +182,6 @@ def all_reduce_residual_rmsnorm(x: Tensor, residual: Tensor | None, weight: Tens
         x, residual, weight, bias = (t.to(dtype) if t is not None else None for t in tensors)
     pg = resolve_group(group)
     algorithm = p2p.algorithm_for(x, pg)
-    return AllReduceResidualRMSNorm.apply(x, residual, weight, bias, eps, pg,
-                                          p2p.ALGO_C10D if algorithm is None else algorithm)
+    return AllReduceResidualRMSNorm.apply(
+        x, residual, weight, bias, eps, pg, p2p.ALGO_C10D if algorithm is None else algorithm
+    )

@@ -31,8 +31,13 @@ from tpext.nn.p2p_functions import RowLinearP2P
 from tpext.ops.schedule import AlgorithmLike, Chunks, Schedule, resolve_chunks, resolve_schedule
 from tpext.sharding import Piece, ShardLayout, piece_segments, set_layout
 
-__all__ = ["ColumnParallelLinear", "RowParallelLinear", "SharedInputColumns", "ColumnParallelConv1D",
-           "RowParallelConv1D"]
+__all__ = [
+    "ColumnParallelLinear",
+    "RowParallelLinear",
+    "SharedInputColumns",
+    "ColumnParallelConv1D",
+    "RowParallelConv1D",
+]
 
 
 class _ParallelLinear(SharesGroupOnCopy, nn.Module):
@@ -44,9 +49,20 @@ class _ParallelLinear(SharesGroupOnCopy, nn.Module):
     #: The weight is stored as Hugging Face's Conv1D stores it, [in, out] (x @ W + b), and used transposed.
     transposed_weight = False
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, group: GroupLike, sharded_dim: int,
-                 sequence_parallel: bool, chunks: Chunks, device, dtype, pieces: Sequence[Piece] | None = None,
-                 sequence_dim: int = 0):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        group: GroupLike,
+        sharded_dim: int,
+        sequence_parallel: bool,
+        chunks: Chunks,
+        device,
+        dtype,
+        pieces: Sequence[Piece] | None = None,
+        sequence_dim: int = 0,
+    ):
         super().__init__()
         self.group = resolve_group(group)
         self.tp_size, self.tp_rank = self.group.size(), self.group.rank()
@@ -59,22 +75,30 @@ class _ParallelLinear(SharesGroupOnCopy, nn.Module):
         # whole heads; see tpext.sharding.piece_segments.
         pieces = tuple(pieces) if pieces is not None else (Piece(full[sharded_dim]),)
         if sum(p.size for p in pieces) != full[sharded_dim]:
-            raise ValueError(f"tpext.{type(self).__name__}: pieces {list(pieces)} add up to "
-                             f"{sum(p.size for p in pieces)}, not the sharded dim's {full[sharded_dim]}")
+            raise ValueError(
+                f"tpext.{type(self).__name__}: pieces {list(pieces)} add up to "
+                f"{sum(p.size for p in pieces)}, not the sharded dim's {full[sharded_dim]}"
+            )
         segments, self.replicas, reduce_ranges = piece_segments(
-            pieces, self.tp_size, self.tp_rank, f"{type(self).__name__}({in_features}, {out_features})")
+            pieces, self.tp_size, self.tp_rank, f"{type(self).__name__}({in_features}, {out_features})"
+        )
         self.packed = len(pieces) > 1
         self.shard_start = segments[0][0]
-        weight_layout = (ShardLayout(full[::-1], 1 - sharded_dim, segments, self.replicas, reduce_ranges)
-                         if self.transposed_weight else ShardLayout(full, sharded_dim, segments, self.replicas,
-                                                                    reduce_ranges))
+        weight_layout = (
+            ShardLayout(full[::-1], 1 - sharded_dim, segments, self.replicas, reduce_ranges)
+            if self.transposed_weight
+            else ShardLayout(full, sharded_dim, segments, self.replicas, reduce_ranges)
+        )
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(weight_layout.local_shape, **factory))
         set_layout(self, "weight", weight_layout)
         # The column layer's bias is sharded with its outputs; the row layer's is replicated.
         if bias:
-            bias_layout = (ShardLayout((out_features,), 0, segments, self.replicas, reduce_ranges)
-                           if sharded_dim == 0 else ShardLayout.replicated((out_features,)))
+            bias_layout = (
+                ShardLayout((out_features,), 0, segments, self.replicas, reduce_ranges)
+                if sharded_dim == 0
+                else ShardLayout.replicated((out_features,))
+            )
             self.bias = nn.Parameter(torch.empty(bias_layout.local_shape, **factory))
             set_layout(self, "bias", bias_layout)
         else:
@@ -85,9 +109,18 @@ class _ParallelLinear(SharesGroupOnCopy, nn.Module):
     def _from_dense(cls, linear: nn.Module, group: GroupLike, **kwargs):
         # Built on the meta device, so no init runs: an init would draw from the global RNG a number of
         # values that depends on the shard size, leaving ranks with uneven shards in different RNG states.
-        in_features, out_features = linear.weight.shape[::-1] if not cls.transposed_weight else linear.weight.shape
-        layer = cls(in_features, out_features, linear.bias is not None, group=group, device="meta",
-                    dtype=linear.weight.dtype, **kwargs)
+        in_features, out_features = (
+            linear.weight.shape[::-1] if not cls.transposed_weight else linear.weight.shape
+        )
+        layer = cls(
+            in_features,
+            out_features,
+            linear.bias is not None,
+            group=group,
+            device="meta",
+            dtype=linear.weight.dtype,
+            **kwargs,
+        )
         if not linear.weight.is_meta:  # a meta-device model is filled later, from a checkpoint
             layer.to_empty(device=linear.weight.device)
             layer._load_dense(linear)
@@ -108,8 +141,11 @@ class _ParallelLinear(SharesGroupOnCopy, nn.Module):
             w, b = self.weight, self.bias
         else:
             w = mappings.sum_replica_grads(self.weight, self._tpext_layouts["weight"], self.group)
-            b = (mappings.sum_replica_grads(self.bias, self._tpext_layouts["bias"], self.group)
-                 if self.bias is not None else None)
+            b = (
+                mappings.sum_replica_grads(self.bias, self._tpext_layouts["bias"], self.group)
+                if self.bias is not None
+                else None
+            )
         # A Conv1D's [in, out] weight: the ops take [out, in] rows, so a transposed copy per call (the
         # gradient flows back through it into the stored layout).
         return (w.t().contiguous() if self.transposed_weight else w), b
@@ -130,36 +166,44 @@ class _ParallelLinear(SharesGroupOnCopy, nn.Module):
 
     def _check_features(self, x: Tensor, want: int, what: str) -> None:
         if x.dim() < 1 or x.shape[-1] != want:
-            raise ValueError(f"tpext.{type(self).__name__}: input must be [*, {want}] ({what}), got shape "
-                             f"{tuple(x.shape)}")
+            raise ValueError(
+                f"tpext.{type(self).__name__}: input must be [*, {want}] ({what}), got shape {tuple(x.shape)}"
+            )
 
     def _sequence_first(self, x: Tensor) -> Tensor:
         """Under SP the sequence dim (0, or 1 for batch-first [b, s, h]) moves to dim 0 for the ops."""
         if x.dim() < 2 or self.sequence_dim >= x.dim() - 1:
-            raise ValueError(f"tpext.{type(self).__name__}: with sequence_parallel the input must have the "
-                             f"sequence in dim {self.sequence_dim} and features last, got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"tpext.{type(self).__name__}: with sequence_parallel the input must have the "
+                f"sequence in dim {self.sequence_dim} and features last, got shape {tuple(x.shape)}"
+            )
         return x.movedim(self.sequence_dim, 0) if self.sequence_dim else x
 
     def _check_sequence(self, x: Tensor, rows: int) -> None:
         if rows % self.tp_size != 0:
-            raise ValueError(f"tpext.{type(self).__name__}: sequence_parallel needs the sequence length "
-                             f"(dim {self.sequence_dim}) divisible by the tensor-parallel size {self.tp_size}, "
-                             f"got {rows} (input shape {tuple(x.shape)})")
+            raise ValueError(
+                f"tpext.{type(self).__name__}: sequence_parallel needs the sequence length "
+                f"(dim {self.sequence_dim}) divisible by the tensor-parallel size {self.tp_size}, "
+                f"got {rows} (input shape {tuple(x.shape)})"
+            )
 
     def _schedule(self, rows: int, x: Tensor) -> Schedule:
         """The (chunks, algorithm) schedule the ops get for `rows` rows of GEMM output from input x."""
         # What the collectives move per row: the input features of a column layer (its dgrad, and the
         # gathered input under SP), the output features of a row layer.
         features = self.in_features if isinstance(self, ColumnParallelLinear) else self.out_features
-        return resolve_schedule(self.chunks, self.algorithm, rows, self.tp_size, x.device.type,
-                                features * x.element_size())
+        return resolve_schedule(
+            self.chunks, self.algorithm, rows, self.tp_size, x.device.type, features * x.element_size()
+        )
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"{'weight stored [in, out], ' if self.transposed_weight else ''}"
-                f"tp={self.tp_rank}/{self.tp_size}, sequence_parallel={self.sequence_parallel}, "
-                f"{'packed, ' if self.packed else ''}{f'replicas={self.replicas}, ' if self.replicas > 1 else ''}"
-                f"local weight={tuple(self.weight.shape)}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"{'weight stored [in, out], ' if self.transposed_weight else ''}"
+            f"tp={self.tp_rank}/{self.tp_size}, sequence_parallel={self.sequence_parallel}, "
+            f"{'packed, ' if self.packed else ''}{f'replicas={self.replicas}, ' if self.replicas > 1 else ''}"
+            f"local weight={tuple(self.weight.shape)}"
+        )
 
 
 class ColumnParallelLinear(_ParallelLinear):
@@ -200,16 +244,41 @@ class ColumnParallelLinear(_ParallelLinear):
         >>> y_shard = col(x)  # [*, 2048 / R]
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, group: GroupLike = None,
-                 gather_output: bool = False, sequence_parallel: bool = False, chunks: Chunks = "auto",
-                 pieces: Sequence[Piece] | None = None, sequence_dim: int = 0, keep_gathered_input: bool = False,
-                 device=None, dtype=None):
-        super().__init__(in_features, out_features, bias, group, 0, sequence_parallel, chunks, device, dtype,
-                         pieces, sequence_dim)
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        group: GroupLike = None,
+        gather_output: bool = False,
+        sequence_parallel: bool = False,
+        chunks: Chunks = "auto",
+        pieces: Sequence[Piece] | None = None,
+        sequence_dim: int = 0,
+        keep_gathered_input: bool = False,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__(
+            in_features,
+            out_features,
+            bias,
+            group,
+            0,
+            sequence_parallel,
+            chunks,
+            device,
+            dtype,
+            pieces,
+            sequence_dim,
+        )
         self.keep_gathered_input = keep_gathered_input
         if gather_output and (self.packed or self.replicas > 1):
-            raise ValueError("tpext.ColumnParallelLinear: gather_output needs a plain (one-piece, unreplicated) "
-                             "output sharding; gather packed outputs piece by piece instead")
+            raise ValueError(
+                "tpext.ColumnParallelLinear: gather_output needs a plain (one-piece, unreplicated) "
+                "output sharding; gather packed outputs piece by piece instead"
+            )
         self.gather_output = gather_output
 
     @classmethod
@@ -238,7 +307,9 @@ class ColumnParallelLinear(_ParallelLinear):
         """The column-parallel product of x with the local weight cat(ws) and bias b (this layer's, or
         those of a SharedInputColumns group)."""
         hooked = self._is_gathered_input
-        if self.sequence_parallel and hooked is None:  # x is a sequence shard: any length gathers to R times it
+        if (
+            self.sequence_parallel and hooked is None
+        ):  # x is a sequence shard: any length gathers to R times it
             y, _ = self._column_sp(x, ws, b)
         else:
             gathered = self.sequence_parallel and hooked(x)
@@ -279,8 +350,10 @@ class SharedInputColumns:
 
     def __init__(self, layers: Sequence[ColumnParallelLinear]):
         if not self.can_share(layers):
-            raise ValueError("tpext.SharedInputColumns: the layers must share in_features, group, sequence "
-                             "parallelism and bias presence, without gather_output")
+            raise ValueError(
+                "tpext.SharedInputColumns: the layers must share in_features, group, sequence "
+                "parallelism and bias presence, without gather_output"
+            )
         self.layers = list(layers)
         self._x: Tensor | None = None
         self._outputs: dict[int, Tensor] = {}
@@ -289,9 +362,15 @@ class SharedInputColumns:
     @staticmethod
     def can_share(layers: Sequence[ColumnParallelLinear]) -> bool:
         first = layers[0]
-        return all(layer.in_features == first.in_features and layer.group is first.group
-                   and layer.sequence_parallel == first.sequence_parallel and layer.sequence_dim == first.sequence_dim
-                   and (layer.bias is None) == (first.bias is None) and not layer.gather_output for layer in layers)
+        return all(
+            layer.in_features == first.in_features
+            and layer.group is first.group
+            and layer.sequence_parallel == first.sequence_parallel
+            and layer.sequence_dim == first.sequence_dim
+            and (layer.bias is None) == (first.bias is None)
+            and not layer.gather_output
+            for layer in layers
+        )
 
     def __deepcopy__(self, memo: dict) -> SharedInputColumns:
         # The copy shares nothing in flight: outputs kept for layers still to be called stay behind.
@@ -392,14 +471,39 @@ class RowParallelLinear(_ParallelLinear):
         >>> y = row(col(x))  # [*, 512], the same on every rank
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, group: GroupLike = None,
-                 input_is_parallel: bool = True, sequence_parallel: bool = False, chunks: Chunks = "auto",
-                 pieces: Sequence[Piece] | None = None, sequence_dim: int = 0, device=None, dtype=None):
-        super().__init__(in_features, out_features, bias, group, 1, sequence_parallel, chunks, device, dtype,
-                         pieces, sequence_dim)
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        group: GroupLike = None,
+        input_is_parallel: bool = True,
+        sequence_parallel: bool = False,
+        chunks: Chunks = "auto",
+        pieces: Sequence[Piece] | None = None,
+        sequence_dim: int = 0,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__(
+            in_features,
+            out_features,
+            bias,
+            group,
+            1,
+            sequence_parallel,
+            chunks,
+            device,
+            dtype,
+            pieces,
+            sequence_dim,
+        )
         if self.replicas > 1 or (self.packed and not input_is_parallel):
-            raise ValueError("tpext.RowParallelLinear: input features must be sharded, not replicated, and a "
-                             "packed input needs input_is_parallel=True")
+            raise ValueError(
+                "tpext.RowParallelLinear: input features must be sharded, not replicated, and a "
+                "packed input needs input_is_parallel=True"
+            )
         self.input_is_parallel = input_is_parallel
 
     @classmethod
@@ -410,10 +514,13 @@ class RowParallelLinear(_ParallelLinear):
     def forward(self, x: Tensor) -> Tensor:
         with stats.scope_for(self):
             if self.input_is_parallel:
-                self._check_features(x, self.local_weight_shape[1],
-                                     f"this rank's shard of in_features={self.in_features} over "
-                                     f"{self.tp_size} ranks; is the preceding column-parallel layer on "
-                                     "another group or tensor-parallel size?")
+                self._check_features(
+                    x,
+                    self.local_weight_shape[1],
+                    f"this rank's shard of in_features={self.in_features} over "
+                    f"{self.tp_size} ranks; is the preceding column-parallel layer on "
+                    "another group or tensor-parallel size?",
+                )
             else:
                 self._check_features(x, self.in_features, "in_features")
                 x = mappings.scatter_to_tp(x, self.group)

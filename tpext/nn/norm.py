@@ -29,22 +29,39 @@ from tpext.distributed import GroupLike, SharesGroupOnCopy, resolve_group
 from tpext.nn.class_swap import derived_class, probe_copy, probe_disagrees, shell_copy
 from tpext.sharding import Piece, ShardLayout, get_layout, piece_segments, set_layout
 
-__all__ = ["SequenceParallelLayerNorm", "SequenceParallelRMSNorm", "ColumnParallelRMSNorm", "sum_param_grads",
-           "shard_norm_features"]
+__all__ = [
+    "SequenceParallelLayerNorm",
+    "SequenceParallelRMSNorm",
+    "ColumnParallelRMSNorm",
+    "sum_param_grads",
+    "shard_norm_features",
+]
 
 Shape = int | Sequence[int]
 
 
 class _SPNorm(SharesGroupOnCopy, nn.Module):
-    def __init__(self, normalized_shape: Shape, eps: float, bias: bool, group: GroupLike, sequence_parallel: bool,
-                 device, dtype):
+    def __init__(
+        self,
+        normalized_shape: Shape,
+        eps: float,
+        bias: bool,
+        group: GroupLike,
+        sequence_parallel: bool,
+        device,
+        dtype,
+    ):
         super().__init__()
-        self.normalized_shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+        self.normalized_shape = (
+            (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
+        )
         self.eps = eps
         self.group = resolve_group(group)
         self.sequence_parallel = sequence_parallel
         self.weight = nn.Parameter(torch.ones(self.normalized_shape, device=device, dtype=dtype))
-        self.bias = nn.Parameter(torch.zeros(self.normalized_shape, device=device, dtype=dtype)) if bias else None
+        self.bias = (
+            nn.Parameter(torch.zeros(self.normalized_shape, device=device, dtype=dtype)) if bias else None
+        )
 
     def _params(self):
         """The weights as this forward uses them: gradients summed over the group under SP."""
@@ -55,8 +72,10 @@ class _SPNorm(SharesGroupOnCopy, nn.Module):
         return w, b
 
     def extra_repr(self) -> str:
-        return (f"{self.normalized_shape}, eps={self.eps}, bias={self.bias is not None}, "
-                f"sequence_parallel={self.sequence_parallel}")
+        return (
+            f"{self.normalized_shape}, eps={self.eps}, bias={self.bias is not None}, "
+            f"sequence_parallel={self.sequence_parallel}"
+        )
 
 
 class SequenceParallelLayerNorm(_SPNorm):
@@ -75,8 +94,17 @@ class SequenceParallelLayerNorm(_SPNorm):
         >>> y_shard = norm(x_shard)  # [s/R, *, 4096]; backward all-reduces grad_w and grad_b
     """
 
-    def __init__(self, normalized_shape: Shape, eps: float = 1e-5, bias: bool = True, *, group: GroupLike = None,
-                 sequence_parallel: bool = True, device=None, dtype=None):
+    def __init__(
+        self,
+        normalized_shape: Shape,
+        eps: float = 1e-5,
+        bias: bool = True,
+        *,
+        group: GroupLike = None,
+        sequence_parallel: bool = True,
+        device=None,
+        dtype=None,
+    ):
         super().__init__(normalized_shape, eps, bias, group, sequence_parallel, device, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -98,8 +126,16 @@ class SequenceParallelRMSNorm(_SPNorm):
         >>> y_shard = norm(x_shard)  # backward all-reduces grad_w once
     """
 
-    def __init__(self, normalized_shape: Shape, eps: float = 1e-6, *, group: GroupLike = None,
-                 sequence_parallel: bool = True, device=None, dtype=None):
+    def __init__(
+        self,
+        normalized_shape: Shape,
+        eps: float = 1e-6,
+        *,
+        group: GroupLike = None,
+        sequence_parallel: bool = True,
+        device=None,
+        dtype=None,
+    ):
         super().__init__(normalized_shape, eps, False, group, sequence_parallel, device, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -128,7 +164,9 @@ class _SumsParamGrads(SharesGroupOnCopy):
     def forward(self, *args, **kwargs):
         if not self._tpext_param_names:  # sharded weights that no other rank holds: nothing to sum
             return super().forward(*args, **kwargs)
-        if torch.compiler.is_compiling():  # the graph inlines the swap as functional ops: nothing shared changes
+        if (
+            torch.compiler.is_compiling()
+        ):  # the graph inlines the swap as functional ops: nothing shared changes
             return self._forward_swapped(args, kwargs)
         with _SWAP_LOCK, stats.scope_for(self):
             return self._forward_swapped(args, kwargs)
@@ -189,42 +227,54 @@ def sum_param_grads(module: nn.Module, group: GroupLike = None) -> nn.Module:
     module.__class__ = derived_class(type(module), _SumsParamGrads, wraps=True)
     module._tpext_group = pg
     layouts = {name: get_layout(module, name, p) for name, p in module.named_parameters(recurse=False)}
-    module._tpext_param_names = tuple(name for name, lay in layouts.items() if not lay.is_sharded or lay.replicas > 1)
+    module._tpext_param_names = tuple(
+        name for name, lay in layouts.items() if not lay.is_sharded or lay.replicas > 1
+    )
     return module
 
 
-def _feature_layout(shape: Sequence[int], pieces: Sequence[Piece], group: dist.ProcessGroup,
-                    what: str) -> ShardLayout:
+def _feature_layout(
+    shape: Sequence[int], pieces: Sequence[Piece], group: dist.ProcessGroup, what: str
+) -> ShardLayout:
     """The layout of a norm weight over column-sharded features: [features] split as `pieces`, or
     [heads, head_dim] (one piece of heads) split by rows."""
     segments, replicas, ranges = piece_segments(pieces, group.size(), group.rank(), what)
     world = group.size()
-    factors = {world // p.units for p in pieces if p.unit_size > 1 and p.units % world and world % p.units == 0}
+    factors = {
+        world // p.units for p in pieces if p.unit_size > 1 and p.units % world and world % p.units == 0
+    }
     if len(factors) > 1:  # the sum of squares weighs a replicated feature by 1 / layout.replicas
-        raise ValueError(f"tpext: {what}: pieces {list(pieces)} would be replicated over different numbers of "
-                         f"ranks ({sorted(factors)}) at tp={world}; give them head counts that tp divides, or "
-                         "one count for all")
+        raise ValueError(
+            f"tpext: {what}: pieces {list(pieces)} would be replicated over different numbers of "
+            f"ranks ({sorted(factors)}) at tp={world}; give them head counts that tp divides, or "
+            "one count for all"
+        )
     if len(shape) == 2:  # rows are heads: the feature segments in units of head_dim
         d = pieces[0].unit_size
         segments, ranges = (tuple((s // d, n // d) for s, n in seg) for seg in (segments, ranges))
     return ShardLayout(tuple(shape), 0, segments, replicas, ranges)
 
 
-def _column_parallel_rms_norm(x: Tensor, weight: Tensor, eps: float | None, layout: ShardLayout,
-                              group: dist.ProcessGroup, what: str) -> Tensor:
+def _column_parallel_rms_norm(
+    x: Tensor, weight: Tensor, eps: float | None, layout: ShardLayout, group: dist.ProcessGroup, what: str
+) -> Tensor:
     """RMSNorm of features sharded over `group` (x holds this rank's, laid out as `layout`), in fp32 (fp64
     for fp64 input): x * rsqrt(mean over all features of x^2 + eps) * weight, cast back to x's dtype
     (OLMo2's arithmetic)."""
     local, dense = layout.local_shape[0], layout.dense_shape[0]
     if x.dim() < 1 or x.shape[-1] != local:
-        raise ValueError(f"tpext.{what}: input must be [*, {local}] (this rank's features of {dense}), got shape "
-                         f"{tuple(x.shape)}")
+        raise ValueError(
+            f"tpext.{what}: input must be [*, {local}] (this rank's features of {dense}), got shape "
+            f"{tuple(x.shape)}"
+        )
     h = x.to(torch.promote_types(x.dtype, torch.float32))
     squares = h.square()
     total = squares.sum(-1, keepdim=True)
     if layout.replicas > 1:  # features that several ranks hold count once in the dense sum
         for offset, _, length in layout.reduce_slots():
-            total = total - (1 - 1 / layout.replicas) * squares.narrow(-1, offset, length).sum(-1, keepdim=True)
+            total = total - (1 - 1 / layout.replicas) * squares.narrow(-1, offset, length).sum(
+                -1, keepdim=True
+            )
         weight = mappings.sum_replica_grads(weight, layout, group)
     # Forward: the dense sum of squares on every rank. Backward: every rank's heads used it, so its
     # gradient is the sum of theirs.
@@ -242,13 +292,21 @@ class _ColumnParallelRMS(SharesGroupOnCopy):
 
     def forward(self, x: Tensor) -> Tensor:
         with stats.scope_for(self):
-            return _column_parallel_rms_norm(x, self.weight, self._tpext_eps, self._tpext_layouts["weight"],
-                                             self._tpext_group, type(self).__name__)
+            return _column_parallel_rms_norm(
+                x,
+                self.weight,
+                self._tpext_eps,
+                self._tpext_layouts["weight"],
+                self._tpext_group,
+                type(self).__name__,
+            )
 
     def extra_repr(self) -> str:
         layout = self._tpext_layouts["weight"]
-        return (f"{layout.dense_shape[0]} features over tp={self._tpext_group.size()}, local={layout.local_shape[0]}, "
-                f"eps={self._tpext_eps}{f', replicas={layout.replicas}' if layout.replicas > 1 else ''}")
+        return (
+            f"{layout.dense_shape[0]} features over tp={self._tpext_group.size()}, local={layout.local_shape[0]}, "
+            f"eps={self._tpext_eps}{f', replicas={layout.replicas}' if layout.replicas > 1 else ''}"
+        )
 
 
 class ColumnParallelRMSNorm(_ColumnParallelRMS, nn.Module):
@@ -278,17 +336,28 @@ class ColumnParallelRMSNorm(_ColumnParallelRMS, nn.Module):
         >>> q = q_norm(q_proj(x))  # q_proj: a ColumnParallelLinear with the same pieces
     """
 
-    def __init__(self, normalized_size: int, eps: float | None = 1e-6, *, group: GroupLike = None,
-                 pieces: Sequence[Piece] | None = None, device=None, dtype=None):
+    def __init__(
+        self,
+        normalized_size: int,
+        eps: float | None = 1e-6,
+        *,
+        group: GroupLike = None,
+        pieces: Sequence[Piece] | None = None,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         pieces = tuple(pieces) if pieces is not None else (Piece(normalized_size),)
         if sum(p.size for p in pieces) != normalized_size:
-            raise ValueError(f"tpext.ColumnParallelRMSNorm: pieces {list(pieces)} add up to "
-                             f"{sum(p.size for p in pieces)}, not normalized_size {normalized_size}")
+            raise ValueError(
+                f"tpext.ColumnParallelRMSNorm: pieces {list(pieces)} add up to "
+                f"{sum(p.size for p in pieces)}, not normalized_size {normalized_size}"
+            )
         self._tpext_group = resolve_group(group)
         self._tpext_eps = eps
-        layout = _feature_layout((normalized_size,), pieces, self._tpext_group,
-                                 f"ColumnParallelRMSNorm({normalized_size})")
+        layout = _feature_layout(
+            (normalized_size,), pieces, self._tpext_group, f"ColumnParallelRMSNorm({normalized_size})"
+        )
         set_layout(self, "weight", layout)
         self.weight = nn.Parameter(torch.ones(layout.local_shape, device=device, dtype=dtype))
 
@@ -351,24 +420,38 @@ def shard_norm_features(norm: nn.Module, group: GroupLike, pieces: Sequence[Piec
     if pg.size() == 1:
         return norm
     layout = _feature_layout(weight.shape, pieces, pg, f"the weight of {cls}")
-    if weight.dim() == 2 and len(pieces) == 1 and tuple(weight.shape) == (pieces[0].units, pieces[0].unit_size):
+    if (
+        weight.dim() == 2
+        and len(pieces) == 1
+        and tuple(weight.shape) == (pieces[0].units, pieces[0].unit_size)
+    ):
         return _head_rows(norm, layout, pg)
     if weight.dim() == 1 and weight.numel() == features:
         return _sharded_rms(norm, layout, pg)
-    raise ValueError(f"tpext: cannot shard {cls} over {features} features ({list(pieces)}): its weight is "
-                     f"{list(weight.shape)}, neither [{features}] nor [heads, head_dim]")
+    raise ValueError(
+        f"tpext: cannot shard {cls} over {features} features ({list(pieces)}): its weight is "
+        f"{list(weight.shape)}, neither [{features}] nor [heads, head_dim]"
+    )
 
 
 def _head_rows(norm: nn.Module, layout: ShardLayout, pg: dist.ProcessGroup) -> nn.Module:
     """`norm` with this rank's rows (heads) of its [heads, head_dim] parameters, its own code unchanged."""
     cls, params = type(norm).__name__, dict(norm.named_parameters(recurse=False))
     if any(p.shape != norm.weight.shape for p in params.values()):
-        raise ValueError(f"tpext: cannot shard {cls} by heads: its parameters "
-                         f"{ {n: list(p.shape) for n, p in params.items()} } are not all [heads, head_dim]")
-    per_head = [name for name, b in norm.named_buffers(recurse=False) if b.dim() and b.shape[0] == norm.weight.shape[0]]
+        raise ValueError(
+            f"tpext: cannot shard {cls} by heads: its parameters "
+            f"{ {n: list(p.shape) for n, p in params.items()} } are not all [heads, head_dim]"
+        )
+    per_head = [
+        name
+        for name, b in norm.named_buffers(recurse=False)
+        if b.dim() and b.shape[0] == norm.weight.shape[0]
+    ]
     if per_head:
-        raise ValueError(f"tpext: cannot shard {cls} by heads: its buffers {per_head} look per head; tpext "
-                         "slices only its parameters")
+        raise ValueError(
+            f"tpext: cannot shard {cls} by heads: its buffers {per_head} look per head; tpext "
+            "slices only its parameters"
+        )
 
     def local_heads(t: Tensor) -> Tensor:  # [tokens, heads, head_dim] -> this rank's heads
         return torch.cat([t.narrow(1, start, length) for start, length in layout.segments], 1)
@@ -378,14 +461,22 @@ def _head_rows(norm: nn.Module, layout: ShardLayout, pg: dist.ProcessGroup) -> n
     for name in params:
         rows._parameters[name] = nn.Parameter(layout.local_from_dense(probe._parameters[name].detach()))
     x = _probe_input(norm.weight.shape)
-    why = probe_disagrees(lambda: (rows.forward(local_heads(x)), local_heads(probe.forward(x))), rtol=1e-5, atol=1e-6,
-                          differs="it normalises across heads?")
+    why = probe_disagrees(
+        lambda: (rows.forward(local_heads(x)), local_heads(probe.forward(x))),
+        rtol=1e-5,
+        atol=1e-6,
+        differs="it normalises across heads?",
+    )
     if why:
-        raise ValueError(f"tpext: cannot shard {cls} by heads: on this rank's heads alone it does not compute "
-                         f"what it computes on all of them ({why})")
+        raise ValueError(
+            f"tpext: cannot shard {cls} by heads: on this rank's heads alone it does not compute "
+            f"what it computes on all of them ({why})"
+        )
     new = shell_copy(norm)
     for name, p in params.items():
-        new._parameters[name] = nn.Parameter(layout.local_from_dense(p.detach()).clone(), requires_grad=p.requires_grad)
+        new._parameters[name] = nn.Parameter(
+            layout.local_from_dense(p.detach()).clone(), requires_grad=p.requires_grad
+        )
         set_layout(new, name, layout)
     return sum_param_grads(new, pg)
 
@@ -396,9 +487,11 @@ def _sharded_rms(norm: nn.Module, layout: ShardLayout, pg: dist.ProcessGroup) ->
     cls, params = type(norm).__name__, dict(norm.named_parameters(recurse=False))
     buffers = sorted(name for name, _ in norm.named_buffers(recurse=False))
     if set(params) != {"weight"} or buffers:
-        raise ValueError(f"tpext: cannot shard {cls} over features: it has parameters {sorted(params)}"
-                         f"{f' and buffers {buffers}' if buffers else ''}; only an RMSNorm with a weight alone "
-                         "can be computed from sharded features")
+        raise ValueError(
+            f"tpext: cannot shard {cls} over features: it has parameters {sorted(params)}"
+            f"{f' and buffers {buffers}' if buffers else ''}; only an RMSNorm with a weight alone "
+            "can be computed from sharded features"
+        )
     try:
         eps = _epsilon(norm)
     except ValueError as exc:
@@ -407,17 +500,22 @@ def _sharded_rms(norm: nn.Module, layout: ShardLayout, pg: dist.ProcessGroup) ->
     x = _probe_input(norm.weight.shape)
 
     def rms_norm() -> tuple[Tensor, Tensor]:
-        rms = torch.rsqrt(x.square().mean(-1, keepdim=True) + (torch.finfo(x.dtype).eps if eps is None else eps))
+        rms = torch.rsqrt(
+            x.square().mean(-1, keepdim=True) + (torch.finfo(x.dtype).eps if eps is None else eps)
+        )
         return probe.forward(x), probe.weight * x * rms
 
     why = probe_disagrees(rms_norm, rtol=1e-5, atol=1e-6, differs="it differs")
     if why:
-        raise ValueError(f"tpext: cannot shard {cls} over features: it does not compute RMSNorm "
-                         f"(x * rsqrt(mean(x^2) + eps) * weight) on its features ({why})")
+        raise ValueError(
+            f"tpext: cannot shard {cls} over features: it does not compute RMSNorm "
+            f"(x * rsqrt(mean(x^2) + eps) * weight) on its features ({why})"
+        )
     new = shell_copy(norm)
     new.__class__ = derived_class(type(norm), _ColumnParallelRMS, wraps=True)
     new._tpext_group, new._tpext_eps = pg, eps
-    new._parameters["weight"] = nn.Parameter(layout.local_from_dense(norm.weight.detach()).clone(),
-                                             requires_grad=norm.weight.requires_grad)
+    new._parameters["weight"] = nn.Parameter(
+        layout.local_from_dense(norm.weight.detach()).clone(), requires_grad=norm.weight.requires_grad
+    )
     set_layout(new, "weight", layout)
     return new

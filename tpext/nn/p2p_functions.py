@@ -16,10 +16,10 @@ __all__ = ["RowLinearP2P", "AllReduceResidualRMSNorm"]
 class RowLinearP2P(torch.autograd.Function):
     """Row-parallel linear whose all-reduce is a P2P op (small messages: decode).
 
-        x [*, K/R], W [N, K/R], b [N] (replicated, added once after the reduction)
-        forward  y [*, N]    = p2p_all_reduce(x @ W.T) + b       P2P kernel (or its fallback)
-        dgrad    dx [*, K/R] = dy @ W                            local (dy is replicated)
-        wgrad    dW [N, K/R] = dy.T @ x;   db = sum(dy)
+    x [*, K/R], W [N, K/R], b [N] (replicated, added once after the reduction)
+    forward  y [*, N]    = p2p_all_reduce(x @ W.T) + b       P2P kernel (or its fallback)
+    dgrad    dx [*, K/R] = dy @ W                            local (dy is replicated)
+    wgrad    dW [N, K/R] = dy.T @ x;   db = sum(dy)
     """
 
     @staticmethod
@@ -39,12 +39,12 @@ class RowLinearP2P(torch.autograd.Function):
 class AllReduceResidualRMSNorm(torch.autograd.Function):
     """(out, h) = (rms_norm(h) * weight, h), h = all_reduce(x) + bias + residual, fused.
 
-        x [*, H] (this rank's partial sum), residual [*, H], weight [H], bias [H]: all but x replicated
-        forward  h   = all_reduce(x) + bias + residual                   one P2P kernel (or fallback)
-                 out = h * rstd * weight,  rstd = 1 / sqrt(mean(h^2) + eps)
-        backward dh  = rstd * (dout * w - n * mean(dout * w * n)) + dh_in,  n = h * rstd  (local)
-                 dx = dresidual = dh    (all-reduce's dual is the identity: dh is replicated)
-                 dweight = sum(dout * n);  dbias = sum(dh)                 identical on every rank
+    x [*, H] (this rank's partial sum), residual [*, H], weight [H], bias [H]: all but x replicated
+    forward  h   = all_reduce(x) + bias + residual                   one P2P kernel (or fallback)
+             out = h * rstd * weight,  rstd = 1 / sqrt(mean(h^2) + eps)
+    backward dh  = rstd * (dout * w - n * mean(dout * w * n)) + dh_in,  n = h * rstd  (local)
+             dx = dresidual = dh    (all-reduce's dual is the identity: dh is replicated)
+             dweight = sum(dout * n);  dbias = sum(dh)                 identical on every rank
     """
 
     @staticmethod
@@ -58,6 +58,8 @@ class AllReduceResidualRMSNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dh_in):
         h, weight = ctx.saved_tensors
-        dh, dweight = torch.ops.tpext.p2p_rmsnorm_backward(dout.contiguous(), dh_in.contiguous(), h, weight, ctx.eps)
+        dh, dweight = torch.ops.tpext.p2p_rmsnorm_backward(
+            dout.contiguous(), dh_in.contiguous(), h, weight, ctx.eps
+        )
         dbias = dh.reshape(-1, dh.shape[-1]).sum(0) if ctx.has_bias else None
         return dh, (dh if ctx.has_residual else None), dweight, dbias, None, None, None

@@ -14,12 +14,19 @@ from tpext.ops.schedule import AlgorithmLike, Chunks, Schedule, resolve_schedule
 __all__ = ["gemm_all_reduce", "gemm_reduce_scatter", "all_gather_gemm"]
 
 
-def schedule_for(chunks: Chunks, algorithm: AlgorithmLike, out_rows: int, group: GroupLike, width: int,
-                 like: Tensor) -> Schedule:
+def schedule_for(
+    chunks: Chunks, algorithm: AlgorithmLike, out_rows: int, group: GroupLike, width: int, like: Tensor
+) -> Schedule:
     """The schedule of an op whose output has `out_rows` rows and whose collective moves `width`
     elements of like's dtype per row ("auto" parts filled in by `resolve_schedule`)."""
-    chunks, algorithm = resolve_schedule(chunks, algorithm, out_rows, resolve_group(group).size(),
-                                         like.device.type, width * like.element_size())
+    chunks, algorithm = resolve_schedule(
+        chunks,
+        algorithm,
+        out_rows,
+        resolve_group(group).size(),
+        like.device.type,
+        width * like.element_size(),
+    )
     return Schedule(chunks, int(algorithm))
 
 
@@ -27,9 +34,15 @@ def _rows(x: Tensor) -> int:
     return math.prod(x.shape[:-1])
 
 
-def gemm_all_reduce(x: Tensor, w: Tensor, bias: Tensor | None = None, group: GroupLike = None,
-                    chunks: Chunks = "auto", algorithm: AlgorithmLike = "auto",
-                    residual: Tensor | None = None) -> Tensor:
+def gemm_all_reduce(
+    x: Tensor,
+    w: Tensor,
+    bias: Tensor | None = None,
+    group: GroupLike = None,
+    chunks: Chunks = "auto",
+    algorithm: AlgorithmLike = "auto",
+    residual: Tensor | None = None,
+) -> Tensor:
     """``all_reduce(x @ w.T) + bias + residual``, the GEMM split into row chunks whose all-reduce
     overlaps the next chunk's GEMM. The row-parallel forward.
 
@@ -63,9 +76,15 @@ def _(x, w, bias, group_name, chunks, algorithm=1, residual=None):
     return x.new_empty((*x.shape[:-1], w.shape[0]))
 
 
-def gemm_reduce_scatter(x: Tensor, w: Tensor, bias: Tensor | None = None, group: GroupLike = None,
-                        chunks: Chunks = "auto", algorithm: AlgorithmLike = "auto",
-                        residual: Tensor | None = None) -> Tensor:
+def gemm_reduce_scatter(
+    x: Tensor,
+    w: Tensor,
+    bias: Tensor | None = None,
+    group: GroupLike = None,
+    chunks: Chunks = "auto",
+    algorithm: AlgorithmLike = "auto",
+    residual: Tensor | None = None,
+) -> Tensor:
     """This rank's dim-0 block of ``reduce_scatter(x @ w.T) + bias + residual``, overlapped as in
     `gemm_all_reduce`. The row-parallel forward with sequence parallelism.
 
@@ -93,14 +112,21 @@ def _(x, w, bias, group_name, chunks, algorithm=1, residual=None):
     world = group_size(group_name)
     torch._check(
         x.shape[0] % world == 0,
-        lambda: (f"tpext.gemm_reduce_scatter: x.size(0) = {x.shape[0]} must be divisible by the group size "
-                 f"{world}"),
+        lambda: (
+            f"tpext.gemm_reduce_scatter: x.size(0) = {x.shape[0]} must be divisible by the group size {world}"
+        ),
     )
     return x.new_empty((x.shape[0] // world, *x.shape[1:-1], w.shape[0]))
 
 
-def all_gather_gemm(x_shard: Tensor, w: Tensor, bias: Tensor | None = None, group: GroupLike = None,
-                    chunks: Chunks = "auto", algorithm: AlgorithmLike = "auto") -> tuple[Tensor, Tensor]:
+def all_gather_gemm(
+    x_shard: Tensor,
+    w: Tensor,
+    bias: Tensor | None = None,
+    group: GroupLike = None,
+    chunks: Chunks = "auto",
+    algorithm: AlgorithmLike = "auto",
+) -> tuple[Tensor, Tensor]:
     """``(all_gather(x_shard) @ w.T + bias, all_gather(x_shard))``, each gathered chunk's GEMM overlapping
     the next chunk's gather. The column-parallel forward with sequence parallelism.
 
@@ -120,8 +146,9 @@ def all_gather_gemm(x_shard: Tensor, w: Tensor, bias: Tensor | None = None, grou
     Example:
         >>> y, x_full = tpext.ops.all_gather_gemm(x_shard, w, group=tp_group)
     """
-    schedule = schedule_for(chunks, algorithm, _rows(x_shard) * resolve_group(group).size(), group,
-                            x_shard.shape[-1], x_shard)  # gathers x
+    schedule = schedule_for(
+        chunks, algorithm, _rows(x_shard) * resolve_group(group).size(), group, x_shard.shape[-1], x_shard
+    )  # gathers x
     return torch.ops.tpext.all_gather_gemm(x_shard, w, bias, group_name(group), *schedule)
 
 

@@ -7,18 +7,26 @@ import atexit
 from tpext import _C
 from tpext.distributed import GroupLike, group_name
 
-__all__ = ["set_nccl_options", "nccl_options", "nccl_comm_info", "destroy_nccl_communicators",
-           "abort_nccl_communicators"]
+__all__ = [
+    "set_nccl_options",
+    "nccl_options",
+    "nccl_comm_info",
+    "destroy_nccl_communicators",
+    "abort_nccl_communicators",
+]
 
 
 def _require_cuda_build(what: str) -> None:
     if not _C.cuda_compiled:
-        raise RuntimeError(f"tpext.ops.{what}: this tpext build has no CUDA support (built against a CPU "
-                           "torch or with TPEXT_FORCE_CPU=1); the NCCL communicator exists only in CUDA builds")
+        raise RuntimeError(
+            f"tpext.ops.{what}: this tpext build has no CUDA support (built against a CPU "
+            "torch or with TPEXT_FORCE_CPU=1); the NCCL communicator exists only in CUDA builds"
+        )
 
 
-def set_nccl_options(group: GroupLike = None, *, max_ctas: int = 0, cga_cluster_size: int = 0,
-                     local_fast_path: bool = True) -> None:
+def set_nccl_options(
+    group: GroupLike = None, *, max_ctas: int = 0, cga_cluster_size: int = 0, local_fast_path: bool = True
+) -> None:
     """Options of tpext's NCCL communicator for `group` (CUDA tensors). Call on every rank with the same
     values, before the ops; a changed setting drops the cached communicator and the next op re-creates it.
 

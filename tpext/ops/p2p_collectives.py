@@ -65,8 +65,10 @@ def p2p_reduce_scatter(x: Tensor, group: GroupLike = None, algorithm: int = 1) -
 @torch.library.register_fake("tpext::p2p_reduce_scatter")
 def _(x, group_name, algorithm):
     world = group_size(group_name)
-    torch._check(x.dim() >= 1 and x.shape[0] % world == 0,
-                 lambda: f"tpext.p2p_reduce_scatter: x.size(0) must be divisible by the group size {world}")
+    torch._check(
+        x.dim() >= 1 and x.shape[0] % world == 0,
+        lambda: f"tpext.p2p_reduce_scatter: x.size(0) must be divisible by the group size {world}",
+    )
     return x.new_empty((x.shape[0] // world, *x.shape[1:]))
 
 
@@ -93,9 +95,15 @@ def _(x, group_name, algorithm):
     return x.new_empty((x.shape[0] * group_size(group_name), *x.shape[1:]))
 
 
-def p2p_all_reduce_residual_rmsnorm(x: Tensor, residual: Tensor | None, weight: Tensor,
-                                    bias: Tensor | None = None, eps: float = 1e-6, group: GroupLike = None,
-                                    algorithm: int = 1) -> tuple[Tensor, Tensor]:
+def p2p_all_reduce_residual_rmsnorm(
+    x: Tensor,
+    residual: Tensor | None,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    eps: float = 1e-6,
+    group: GroupLike = None,
+    algorithm: int = 1,
+) -> tuple[Tensor, Tensor]:
     """``(rms_norm(h) * weight, h)`` with ``h = all_reduce(x) + bias + residual``, in one fused pass on
     the P2P path (the decode epilogue). Forward only: `tpext.nn.functional.all_reduce_residual_rmsnorm`
     is the differentiable form.
@@ -117,14 +125,17 @@ def p2p_all_reduce_residual_rmsnorm(x: Tensor, residual: Tensor | None, weight: 
     Example:
         >>> out, residual = tpext.ops.p2p_all_reduce_residual_rmsnorm(o_partial, residual, norm.weight)
     """
-    return torch.ops.tpext.p2p_all_reduce_residual_rmsnorm(x, residual, bias, weight, eps, group_name(group),
-                                                           int(algorithm))
+    return torch.ops.tpext.p2p_all_reduce_residual_rmsnorm(
+        x, residual, bias, weight, eps, group_name(group), int(algorithm)
+    )
 
 
 @torch.library.register_fake("tpext::p2p_all_reduce_residual_rmsnorm")
 def _(x, residual, bias, weight, eps, group_name, algorithm):
-    return (torch.empty_like(x, memory_format=torch.contiguous_format),
-            torch.empty_like(x, memory_format=torch.contiguous_format))
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+    )
 
 
 @torch.library.register_fake("tpext::p2p_rmsnorm_backward")

@@ -15,15 +15,24 @@ from __future__ import annotations
 import enum
 from typing import NamedTuple
 
-__all__ = ["Algorithm", "AlgorithmLike", "Chunks", "Schedule", "auto_chunks", "auto_schedule",
-           "default_algorithm", "resolve_chunks", "resolve_schedule"]
+__all__ = [
+    "Algorithm",
+    "AlgorithmLike",
+    "Chunks",
+    "Schedule",
+    "auto_chunks",
+    "auto_schedule",
+    "default_algorithm",
+    "resolve_chunks",
+    "resolve_schedule",
+]
 
 
 class Algorithm(enum.IntEnum):
     """How the chunk loop of a GEMM op is arranged (the ops' ``algorithm`` argument)."""
 
-    SEQUENTIAL = 0           # one GEMM, one collective; chunks must be 1
-    CHUNKED_PIPELINE = 1     # row chunks; collective of chunk i overlaps the GEMM of chunk i+1
+    SEQUENTIAL = 0  # one GEMM, one collective; chunks must be 1
+    CHUNKED_PIPELINE = 1  # row chunks; collective of chunk i overlaps the GEMM of chunk i+1
     CHUNKED_TWO_STREAMS = 2  # as CHUNKED_PIPELINE, chunk GEMMs over two CUDA streams (CPU: same as 1)
 
 
@@ -141,8 +150,14 @@ def _check_auto(value, what: str) -> None:
         raise ValueError(f"tpext: {what} must be 'auto' or an int, got {value!r}")
 
 
-def resolve_schedule(chunks: Chunks, algorithm: AlgorithmLike, rows: int, world_size: int,
-                     device_type: str = "cpu", row_bytes: int = 0) -> Schedule:
+def resolve_schedule(
+    chunks: Chunks,
+    algorithm: AlgorithmLike,
+    rows: int,
+    world_size: int,
+    device_type: str = "cpu",
+    row_bytes: int = 0,
+) -> Schedule:
     """Fill in whatever is "auto"; explicit ints pass through (the op checks their ranges).
 
     Args:

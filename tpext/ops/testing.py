@@ -12,16 +12,23 @@ from torch import Tensor
 __all__ = ["run_on_virtual_ranks"]
 
 
-def run_on_virtual_ranks(op: str, xs: Sequence[Tensor], ws: Sequence[Tensor], biases: Sequence[Tensor] = (),
-                         residuals: Sequence[Tensor] = (), chunks: int = 1,
-                         algorithm: int = 1) -> list[tuple[Tensor, ...]]:
+def run_on_virtual_ranks(
+    op: str,
+    xs: Sequence[Tensor],
+    ws: Sequence[Tensor],
+    biases: Sequence[Tensor] = (),
+    residuals: Sequence[Tensor] = (),
+    chunks: int = 1,
+    algorithm: int = 1,
+) -> list[tuple[Tensor, ...]]:
     """`op` ("gemm_all_reduce", "gemm_reduce_scatter" or "all_gather_gemm") on len(xs) virtual ranks, one
     thread (and CUDA stream) each: rank r gets xs[r], ws[r], biases[r], residuals[r] (empty: none).
     Returns each rank's outputs as a tuple (y,), or (y, x_full) for all_gather_gemm."""
-    flat = torch.ops.tpext_testing.run_on_virtual_ranks(op, list(xs), list(ws), list(biases), list(residuals),
-                                                        int(chunks), int(algorithm))
+    flat = torch.ops.tpext_testing.run_on_virtual_ranks(
+        op, list(xs), list(ws), list(biases), list(residuals), int(chunks), int(algorithm)
+    )
     per_rank = len(flat) // len(xs)
-    return [tuple(flat[r * per_rank:(r + 1) * per_rank]) for r in range(len(xs))]
+    return [tuple(flat[r * per_rank : (r + 1) * per_rank]) for r in range(len(xs))]
 
 
 @torch.library.register_fake("tpext_testing::p2p_virtual_all_reduce")

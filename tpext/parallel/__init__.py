@@ -13,16 +13,30 @@ Imports run one way: api -> plans -> hf_plan -> styles -> structure -> tpext.nn 
 from tpext.parallel.api import parallelize
 from tpext.parallel.plans import FROM_NAMES, Plan, PlanLike, auto_plan
 from tpext.parallel.styles import (
-           STYLES,
-           Colwise,
-           Experts,
-           Replicate,
-           Rowwise,
-           SequenceParallel,
-           Site,
-           Style,
-           Vocab,
+    STYLES,
+    Colwise,
+    Experts,
+    Replicate,
+    Rowwise,
+    SequenceParallel,
+    Site,
+    Style,
+    Vocab,
 )
 
-__all__ = ["parallelize", "auto_plan", "Plan", "PlanLike", "FROM_NAMES", "Style", "Site", "Colwise", "Rowwise",
-           "Vocab", "SequenceParallel", "Replicate", "Experts", "STYLES"]
+__all__ = [
+    "parallelize",
+    "auto_plan",
+    "Plan",
+    "PlanLike",
+    "FROM_NAMES",
+    "Style",
+    "Site",
+    "Colwise",
+    "Rowwise",
+    "Vocab",
+    "SequenceParallel",
+    "Replicate",
+    "Experts",
+    "STYLES",
+]

@@ -67,22 +67,29 @@ def _check_heads(model: nn.Module, attention: list[str], world: int) -> None:
         attn = model.get_submodule(name)
         hq, hkv, _ = st.heads(attn, config)
         if st.grouped_qkv(attn) and hkv % world:
-            raise ValueError(f"tpext.parallelize: {name or 'the model'} packs each of its {hkv} kv heads with its "
-                             f"query heads (query_key_value), and {hkv} is not divisible by the tensor-parallel "
-                             f"size {world}; each rank must hold whole groups: pick a size that divides {hkv}")
+            raise ValueError(
+                f"tpext.parallelize: {name or 'the model'} packs each of its {hkv} kv heads with its "
+                f"query heads (query_key_value), and {hkv} is not divisible by the tensor-parallel "
+                f"size {world}; each rank must hold whole groups: pick a size that divides {hkv}"
+            )
         blocks = st.interleaved_blocks(attn)
         if blocks and (hq // blocks) % world:
-            raise ValueError(f"tpext.parallelize: {name or 'the model'} interleaves its {hq} query heads in "
-                             f"{blocks} blocks of [q | v | k] (qkv_proj), and the {hq // blocks} heads of a block "
-                             f"are not divisible by the tensor-parallel size {world}; each rank takes its heads "
-                             f"of every block: pick a size that divides {hq // blocks}")
+            raise ValueError(
+                f"tpext.parallelize: {name or 'the model'} interleaves its {hq} query heads in "
+                f"{blocks} blocks of [q | v | k] (qkv_proj), and the {hq // blocks} heads of a block "
+                f"are not divisible by the tensor-parallel size {world}; each rank takes its heads "
+                f"of every block: pick a size that divides {hq // blocks}"
+            )
         if hq % world:
-            raise ValueError(f"tpext.parallelize: {name or 'the model'} has {hq} query heads, not divisible by the "
-                             f"tensor-parallel size {world}; each rank must hold whole query heads")
+            raise ValueError(
+                f"tpext.parallelize: {name or 'the model'} has {hq} query heads, not divisible by the "
+                f"tensor-parallel size {world}; each rank must hold whole query heads"
+            )
 
 
-def _set_local_heads(model: nn.Module, converted: dict[str, nn.Module], world: int,
-                     rank: int) -> dict[str, tuple[int, int, int]]:
+def _set_local_heads(
+    model: nn.Module, converted: dict[str, nn.Module], world: int, rank: int
+) -> dict[str, tuple[int, int, int]]:
     """Attention modules whose projections were sharded compute with their local head counts. Returns, for
     attention with per-head position biases (ALiBi), {name: (argument, all heads, this rank's first head,
     its head count)}."""
@@ -98,10 +105,18 @@ def _set_local_heads(model: nn.Module, converted: dict[str, nn.Module], world: i
         if (argument := st.alibi_argument(attn)) is not None:
             alibi[name] = (argument, hq, rank * local_q, local_q)
         # hidden_size: older Hugging Face attention reshapes its output to [b, s, self.hidden_size].
-        for attr, value in (("num_heads", local_q), ("num_attention_heads", local_q), ("n_heads", local_q),
-                            ("n_head", local_q), ("hidden_size", local_q * d),
-                            ("embed_dim", local_q * d), ("split_size", local_q * d),
-                            ("num_key_value_heads", local_kv), ("num_kv_heads", local_kv), ("num_key_value_groups", local_q // local_kv)):
+        for attr, value in (
+            ("num_heads", local_q),
+            ("num_attention_heads", local_q),
+            ("n_heads", local_q),
+            ("n_head", local_q),
+            ("hidden_size", local_q * d),
+            ("embed_dim", local_q * d),
+            ("split_size", local_q * d),
+            ("num_key_value_heads", local_kv),
+            ("num_kv_heads", local_kv),
+            ("num_key_value_groups", local_q // local_kv),
+        ):
             if hasattr(attn, attr):
                 setattr(attn, attr, value)
         if hasattr(getattr(attn, "config", None), "num_attention_heads"):
@@ -110,8 +125,9 @@ def _set_local_heads(model: nn.Module, converted: dict[str, nn.Module], world: i
         for pname in per_head:
             # One value per query head (GPT-OSS's attention sinks): this rank's heads' values.
             dense = getattr(attn, pname)
-            local = nn.Parameter(dense.detach().narrow(0, rank * local_q, local_q).clone(),
-                                 requires_grad=dense.requires_grad)
+            local = nn.Parameter(
+                dense.detach().narrow(0, rank * local_q, local_q).clone(), requires_grad=dense.requires_grad
+            )
             setattr(attn, pname, local)
             set_layout(attn, pname, ShardLayout((hq,), 0, ((rank * local_q, local_q),)))
     return alibi
@@ -135,9 +151,16 @@ class _LocalHeadsConfig:
         setattr(self.__dict__["_tpext_config"], name, value)
 
 
-def parallelize(model: nn.Module, group: GroupLike = None, plan: str | PlanLike = "auto", *,
-                sequence_parallel: bool = False, sequence_dim: int = 1, chunks: int | str = "auto",
-                share_inputs: bool = True) -> nn.Module:
+def parallelize(
+    model: nn.Module,
+    group: GroupLike = None,
+    plan: str | PlanLike = "auto",
+    *,
+    sequence_parallel: bool = False,
+    sequence_dim: int = 1,
+    chunks: int | str = "auto",
+    share_inputs: bool = True,
+) -> nn.Module:
     """Convert `model` in place to tensor parallelism over `group` and return it. Weights are sharded from
     the dense ones (a meta-device model stays on meta, for tpext.load_checkpoint to fill). State-dict names
     are unchanged.
@@ -168,14 +191,20 @@ def parallelize(model: nn.Module, group: GroupLike = None, plan: str | PlanLike 
     """
     pg = resolve_group(group)
     # Every tpext module declares its layouts (tpext.sharding) or its group.
-    already = [n for n, m in model.named_modules() if vars(m).get("_tpext_layouts") or vars(m).get("_tpext_group")]
+    already = [
+        n for n, m in model.named_modules() if vars(m).get("_tpext_layouts") or vars(m).get("_tpext_group")
+    ]
     if already:
-        raise ValueError(f"tpext.parallelize: the model is already parallelized ({already[0]} is a "
-                         f"{type(model.get_submodule(already[0])).__name__}); parallelize the dense model once")
+        raise ValueError(
+            f"tpext.parallelize: the model is already parallelized ({already[0]} is a "
+            f"{type(model.get_submodule(already[0])).__name__}); parallelize the dense model once"
+        )
     if plan == "auto":
         plan = auto_plan(model, sequence_parallel=sequence_parallel)
     elif isinstance(plan, str):
-        raise ValueError(f"tpext.parallelize: plan must be 'auto' or a dict of pattern -> style, got {plan!r}")
+        raise ValueError(
+            f"tpext.parallelize: plan must be 'auto' or a dict of pattern -> style, got {plan!r}"
+        )
     attention = _sharded_attention(model, plan)
     _check_heads(model, attention, pg.size())
     # Under SP the sequence is split at the input of the first decoder layer (the first sharded attention
@@ -200,7 +229,11 @@ def parallelize(model: nn.Module, group: GroupLike = None, plan: str | PlanLike 
         style = style_for(name, plan) if name else None
         if style is None or any(name.startswith(c + ".") for c in converted):
             continue
-        sp = sequence_parallel and in_sp_region and not any(name.startswith(b + ".") for b in full_sequence_blocks)
+        sp = (
+            sequence_parallel
+            and in_sp_region
+            and not any(name.startswith(b + ".") for b in full_sequence_blocks)
+        )
         site = Site(name, modules[name.rpartition(".")[0]], pg, sp, sequence_dim, chunks, config)
         new = style.convert(module, site)
         if new is not module:
@@ -217,7 +250,9 @@ def parallelize(model: nn.Module, group: GroupLike = None, plan: str | PlanLike 
     if share_inputs:
         _share_inputs(model, converted)
     if split_at:
-        add_sequence_hooks(model, split_at, attention, converted, pg, sequence_dim, full_sequence_blocks, on_shards)
+        add_sequence_hooks(
+            model, split_at, attention, converted, pg, sequence_dim, full_sequence_blocks, on_shards
+        )
     add_causal_lm_loss(model, converted)
     add_dense_save_pretrained(model)
     return model
@@ -244,9 +279,11 @@ def _retie(model: nn.Module, ties: list[list[tuple[str, str]]], converted: dict[
         for (module, p_name), (m_name, _) in zip(owners[1:], group[1:]):
             layout = get_layout(module, p_name, getattr(module, p_name))
             if layout != want:
-                raise ValueError(f"tpext.parallelize: {group[0][0]}.{group[0][1]} and {m_name}.{p_name} are tied in "
-                                 f"the dense model but the plan shards them differently ({want} vs {layout}); "
-                                 "give both the same sharding (e.g. 'vocab' for an embedding and its lm_head)")
+                raise ValueError(
+                    f"tpext.parallelize: {group[0][0]}.{group[0][1]} and {m_name}.{p_name} are tied in "
+                    f"the dense model but the plan shards them differently ({want} vs {layout}); "
+                    "give both the same sharding (e.g. 'vocab' for an embedding and its lm_head)"
+                )
         plans.append((first, owners[1:]))
     for first, owners in plans:
         for module, p_name in owners:
@@ -263,7 +300,7 @@ def _share_inputs(model: nn.Module, converted: dict[str, nn.Module]) -> None:
     for module in model.modules():
         for group in _SIBLINGS:
             layers = [getattr(module, leaf, None) for leaf in group]
-            if (all(isinstance(m, ColumnParallelLinear) and m in converted.values() for m in layers)
-                    and SharedInputColumns.can_share(layers)):  # e.g. q with a bias and k without cannot
+            if all(
+                isinstance(m, ColumnParallelLinear) and m in converted.values() for m in layers
+            ) and SharedInputColumns.can_share(layers):  # e.g. q with a bias and k without cannot
                 SharedInputColumns(layers).attach()
-

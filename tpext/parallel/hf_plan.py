@@ -37,8 +37,9 @@ from tpext.sharding import Piece
 __all__ = ["model_tp_plan", "translate", "COLWISE", "ROWWISE"]
 
 COLWISE = frozenset({"colwise", "local_colwise", "colwise_gather_output", "colwise_rep", "packed_colwise"})
-ROWWISE = frozenset({"rowwise", "local_rowwise", "rowwise_split_input", "rowwise_rep", "packed_rowwise",
-                     "all_reduce"})
+ROWWISE = frozenset(
+    {"rowwise", "local_rowwise", "rowwise_split_input", "rowwise_rep", "packed_rowwise", "all_reduce"}
+)
 _REPLICATE = frozenset({"replicate", "local", "local_params", "ep_router", "moe_identity_expert"})
 _EXPERTS = frozenset({"moe_tp_experts", "local_packed_rowwise"})
 
@@ -49,31 +50,51 @@ def model_tp_plan(model: nn.Module) -> list[tuple[str, str, str]]:
     out = []
     head = getattr(type(model), "_tp_plan", None)  # the instance's holds the base model's too, expanded
     if isinstance(head, dict):
-        out += [(pattern, style, "model._tp_plan") for pattern, style in head.items() if isinstance(style, str)]
+        out += [
+            (pattern, style, "model._tp_plan") for pattern, style in head.items() if isinstance(style, str)
+        ]
     base = getattr(getattr(model, "config", None), "base_model_tp_plan", None)
     if isinstance(base, dict):
         prefix = getattr(model, "base_model_prefix", "") or ""
         under = f"{prefix}." if prefix and hasattr(model, prefix) else ""
-        out += [(under + pattern, style, "config.base_model_tp_plan") for pattern, style in base.items()
-                if isinstance(style, str)]
+        out += [
+            (under + pattern, style, "config.base_model_tp_plan")
+            for pattern, style in base.items()
+            if isinstance(style, str)
+        ]
     return out
 
 
-def translate(hf_style: str, name: str, module: nn.Module, modules: dict[str, nn.Module],
-              by_name: Style | str | None, *, sequence_parallel: bool,
-              vocab_parallel_logits: bool) -> tuple[Style | None, str]:
+def translate(
+    hf_style: str,
+    name: str,
+    module: nn.Module,
+    modules: dict[str, nn.Module],
+    by_name: Style | str | None,
+    *,
+    sequence_parallel: bool,
+    vocab_parallel_logits: bool,
+) -> tuple[Style | None, str]:
     """(the tpext style for `module` under Hugging Face's `hf_style`, "") or (None, why not). Where tpext's
     name reading placed the module with the same kind of style, its entry (with the heads it read) is used."""
     leaf = name.rpartition(".")[2]
     parent = modules[name.rpartition(".")[0]]
     linear = st.plain_linear(module) or st.is_conv1d(module)
-    if hf_style in COLWISE | ROWWISE and isinstance(module, nn.Linear) and leaf in st.LM_HEADS and hf_style in COLWISE:
+    if (
+        hf_style in COLWISE | ROWWISE
+        and isinstance(module, nn.Linear)
+        and leaf in st.LM_HEADS
+        and hf_style in COLWISE
+    ):
         return Vocab(gather_output=not vocab_parallel_logits), ""
     if hf_style in COLWISE | ROWWISE:
         kind = Colwise if hf_style in COLWISE else Rowwise
         if not linear:
-            return None, (f"is for linear layers, and this is a {type(module).__name__}" if not isinstance(
-                module, nn.Linear) else "is for plain linear layers, and this one has a forward of its own")
+            return None, (
+                f"is for linear layers, and this is a {type(module).__name__}"
+                if not isinstance(module, nn.Linear)
+                else "is for plain linear layers, and this one has a forward of its own"
+            )
         if type(by_name) is kind:
             return by_name, ""
         pieces = None

@@ -39,8 +39,10 @@ def _hidden_states(module: nn.Module, args: tuple, kwargs: dict) -> tuple[Tensor
         return args[0], lambda x: ((x, *args[1:]), kwargs)
     if "hidden_states" in kwargs:
         return kwargs["hidden_states"], lambda x: (args, {**kwargs, "hidden_states": x})
-    raise TypeError(f"tpext.parallelize: under sequence parallelism {type(module).__name__} must be called with "
-                    "its activations as the first positional argument or as hidden_states=")
+    raise TypeError(
+        f"tpext.parallelize: under sequence parallelism {type(module).__name__} must be called with "
+        "its activations as the first positional argument or as hidden_states="
+    )
 
 
 class _SplitSequence(SharesGroupOnCopy):
@@ -59,8 +61,10 @@ class _SplitSequence(SharesGroupOnCopy):
         x, call_with = _hidden_states(module, args, kwargs)
         world, dim = self.group.size(), self.sequence_dim
         if x.dim() <= dim or x.shape[dim] % world:
-            raise ValueError(f"tpext.parallelize: sequence_parallel needs the sequence length (dim {dim}) divisible "
-                             f"by the tensor-parallel size {world}, got hidden states of shape {tuple(x.shape)}")
+            raise ValueError(
+                f"tpext.parallelize: sequence_parallel needs the sequence length (dim {dim}) divisible "
+                f"by the tensor-parallel size {world}, got hidden states of shape {tuple(x.shape)}"
+            )
         with stats.module_scope(stats.current_module() or self.name):  # its backward's all-gather counts here
             shard = mappings.scatter_to_sequence(x, self.group, dim=dim)
         self.shard_shape, self.done = shard.shape, True
@@ -89,12 +93,14 @@ class _CheckRunsOnShards:
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
         if not self.split.done:
-            raise ValueError(f"tpext.parallelize: {self.name} runs before the sequence is split at {self.split.name} "
-                             "(it is registered after the decoder layers but called before them), so under "
-                             "sequence_parallel=True it sees the whole sequence on every rank, where it was "
-                             "converted for sequence shards (a norm's gradients summed over the group would be "
-                             "counted once per rank); parallelize with sequence_parallel=False, or plan "
-                             f"{self.name!r} as 'replicate'")
+            raise ValueError(
+                f"tpext.parallelize: {self.name} runs before the sequence is split at {self.split.name} "
+                "(it is registered after the decoder layers but called before them), so under "
+                "sequence_parallel=True it sees the whole sequence on every rank, where it was "
+                "converted for sequence shards (a norm's gradients summed over the group would be "
+                "counted once per rank); parallelize with sequence_parallel=False, or plan "
+                f"{self.name!r} as 'replicate'"
+            )
 
 
 class _GatherSequence(SharesGroupOnCopy):
@@ -158,10 +164,14 @@ class _FullSequenceBlock(SharesGroupOnCopy):
         with stats.module_scope(stats.current_module() or f"{self.name}.split"):
             if isinstance(output, Tensor):
                 return self._scatter(output)
-            if isinstance(output, tuple) and output and isinstance(output[0], Tensor):  # (hidden states, router logits)
+            if (
+                isinstance(output, tuple) and output and isinstance(output[0], Tensor)
+            ):  # (hidden states, router logits)
                 return (self._scatter(output[0]), *output[1:])
-        raise TypeError(f"tpext.parallelize: under sequence parallelism the mixture-of-experts block {self.name} must "
-                        f"return its hidden states (or a tuple starting with them), got {type(output).__name__}")
+        raise TypeError(
+            f"tpext.parallelize: under sequence parallelism the mixture-of-experts block {self.name} must "
+            f"return its hidden states (or a tuple starting with them), got {type(output).__name__}"
+        )
 
 
 class _GatherStackOutput(SharesGroupOnCopy):
@@ -178,17 +188,27 @@ class _GatherStackOutput(SharesGroupOnCopy):
     def _gather(self, value):
         if isinstance(value, Tensor):
             if value.shape == self.split.shard_shape and value.is_floating_point():
-                return mappings.gather_from_sequence(value, self.group, self.sequence_dim, replicated_grad=True)
+                return mappings.gather_from_sequence(
+                    value, self.group, self.sequence_dim, replicated_grad=True
+                )
             return value
         if isinstance(value, (tuple, list)) and not hasattr(value, "_fields"):
             return type(value)(self._gather(v) for v in value)
-        if isinstance(value, dict):  # Hugging Face's ModelOutput is an ordered dict (setting an item sets the field)
+        if isinstance(
+            value, dict
+        ):  # Hugging Face's ModelOutput is an ordered dict (setting an item sets the field)
             last = value.get("last_hidden_state")
-            if isinstance(last, Tensor) and self.split.shard_shape is not None and last.shape != self.split.shard_shape:
-                raise ValueError(f"tpext.parallelize: under sequence parallelism {self.name.rpartition('.')[0]} must "
-                                 f"return its decoder stack's output shard {tuple(self.split.shard_shape)} as "
-                                 f"last_hidden_state, got shape {tuple(last.shape)}: the model reshapes it (GPT-J's "
-                                 "does); parallelize it without sequence_parallel")
+            if (
+                isinstance(last, Tensor)
+                and self.split.shard_shape is not None
+                and last.shape != self.split.shard_shape
+            ):
+                raise ValueError(
+                    f"tpext.parallelize: under sequence parallelism {self.name.rpartition('.')[0]} must "
+                    f"return its decoder stack's output shard {tuple(self.split.shard_shape)} as "
+                    f"last_hidden_state, got shape {tuple(last.shape)}: the model reshapes it (GPT-J's "
+                    "does); parallelize it without sequence_parallel"
+                )
             for key in ("last_hidden_state", "hidden_states"):
                 if value.get(key) is not None:
                     value[key] = self._gather(value[key])
@@ -210,14 +230,24 @@ class _CheckHeadInput:
     def __call__(self, module: nn.Module, args: tuple) -> None:
         x = args[0] if args else None
         if isinstance(x, Tensor) and self.split.shard_shape is not None and x.shape != self.split.shard_shape:
-            raise ValueError(f"tpext.parallelize: under sequence parallelism {self.name} must get the decoder's "
-                             f"output shard {tuple(self.split.shard_shape)} whole, got {tuple(x.shape)} (a slice, "
-                             "as logits_to_keep or generation takes, or a reshape of it, as GPT-J's model does); "
-                             "generate with, or parallelize such a model, without sequence_parallel")
+            raise ValueError(
+                f"tpext.parallelize: under sequence parallelism {self.name} must get the decoder's "
+                f"output shard {tuple(self.split.shard_shape)} whole, got {tuple(x.shape)} (a slice, "
+                "as logits_to_keep or generation takes, or a reshape of it, as GPT-J's model does); "
+                "generate with, or parallelize such a model, without sequence_parallel"
+            )
 
 
-def add_sequence_hooks(model: nn.Module, split_at: str, attention: list[str], converted: dict[str, nn.Module],
-                       group, sequence_dim: int, full_sequence_blocks: list[str], on_shards: list[str]) -> None:
+def add_sequence_hooks(
+    model: nn.Module,
+    split_at: str,
+    attention: list[str],
+    converted: dict[str, nn.Module],
+    group,
+    sequence_dim: int,
+    full_sequence_blocks: list[str],
+    on_shards: list[str],
+) -> None:
     """The hooks of sequence parallelism: split at `split_at`, gather around attention and full-sequence
     blocks, check the head's input, and check that each module of `on_shards` (converted for sequence
     shards: a norm whose gradients are summed over the group, a sequence-parallel head) runs after the
@@ -233,17 +263,25 @@ def add_sequence_hooks(model: nn.Module, split_at: str, attention: list[str], co
     for name in on_shards:
         if not name.startswith(stack + "."):  # inside the stack everything runs after the split
             converted[name].register_forward_pre_hook(_CheckRunsOnShards(split, name))
-    heads = [name for name, m in converted.items()
-             if isinstance(m, ColumnParallelLinear) and m.sequence_parallel and not name.startswith(stack + ".")]
+    heads = [
+        name
+        for name, m in converted.items()
+        if isinstance(m, ColumnParallelLinear) and m.sequence_parallel and not name.startswith(stack + ".")
+    ]
     if not heads:
-        model.get_submodule(owner).register_forward_hook(_GatherStackOutput(split, f"{owner or 'model'}.gather"))
+        model.get_submodule(owner).register_forward_hook(
+            _GatherStackOutput(split, f"{owner or 'model'}.gather")
+        )
     for name in heads:
         converted[name].register_forward_pre_hook(_CheckHeadInput(split, name))
     for name in attention:
         if any(name.startswith(block + ".") for block in full_sequence_blocks):
             continue  # inside a block that runs on the full sequence (Gemma4's experts beside attention)
-        columns = [converted[p] for leaf in ATTENTION_INPUTS
-                   if (p := f"{name}.{leaf}" if name else leaf) in converted]
+        columns = [
+            converted[p]
+            for leaf in ATTENTION_INPUTS
+            if (p := f"{name}.{leaf}" if name else leaf) in converted
+        ]
         columns = [m for m in columns if isinstance(m, ColumnParallelLinear)]
         if not columns:
             continue
@@ -268,21 +306,38 @@ class _VocabParallelCausalLMLoss:
     def __init__(self, lm_head: ColumnParallelLinear):
         self.lm_head = lm_head
 
-    def __call__(self, logits: Tensor, labels: Tensor, vocab_size: int | None = None,
-                 num_items_in_batch: Tensor | None = None, ignore_index: int = -100,
-                 shift_labels: Tensor | None = None, **_: object) -> Tensor:
+    def __call__(
+        self,
+        logits: Tensor,
+        labels: Tensor,
+        vocab_size: int | None = None,
+        num_items_in_batch: Tensor | None = None,
+        ignore_index: int = -100,
+        shift_labels: Tensor | None = None,
+        **_: object,
+    ) -> Tensor:
         if vocab_size is not None and vocab_size != self.lm_head.out_features:
-            raise ValueError(f"tpext: the loss was asked for a vocabulary of {vocab_size}, but the vocab-parallel "
-                             f"lm_head has {self.lm_head.out_features} outputs")
+            raise ValueError(
+                f"tpext: the loss was asked for a vocabulary of {vocab_size}, but the vocab-parallel "
+                f"lm_head has {self.lm_head.out_features} outputs"
+            )
         if shift_labels is None:
             shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
         reduction = "mean" if num_items_in_batch is None else "sum"
-        loss = vocab_parallel_cross_entropy(logits.float(), shift_labels.to(logits.device), group=self.lm_head.group,
-                                            ignore_index=ignore_index, reduction=reduction,
-                                            vocab_size=self.lm_head.out_features)
+        loss = vocab_parallel_cross_entropy(
+            logits.float(),
+            shift_labels.to(logits.device),
+            group=self.lm_head.group,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            vocab_size=self.lm_head.out_features,
+        )
         if num_items_in_batch is not None:
-            loss = loss / (num_items_in_batch.to(loss.device) if isinstance(num_items_in_batch, Tensor)
-                           else num_items_in_batch)
+            loss = loss / (
+                num_items_in_batch.to(loss.device)
+                if isinstance(num_items_in_batch, Tensor)
+                else num_items_in_batch
+            )
         return loss
 
 
@@ -298,8 +353,14 @@ def add_causal_lm_loss(model: nn.Module, converted: dict[str, nn.Module]) -> Non
     prop = getattr(type(model), "loss_function", None)
     # Not a masked-LM or other head's loss; None: Hugging Face falls back to the causal-LM loss (GPT-2's).
     causal = getattr(model, "loss_type", None) in (*_CAUSAL_LOSS_TYPES, None)
-    if (isinstance(head, ColumnParallelLinear) and not head.gather_output and head.tp_size > 1 and causal
-            and isinstance(prop, property) and prop.fset is not None):
+    if (
+        isinstance(head, ColumnParallelLinear)
+        and not head.gather_output
+        and head.tp_size > 1
+        and causal
+        and isinstance(prop, property)
+        and prop.fset is not None
+    ):
         model.loss_function = _VocabParallelCausalLMLoss(head)
 
 
@@ -311,21 +372,30 @@ def add_dense_save_pretrained(model: nn.Module) -> None:
         model.save_pretrained = types.MethodType(_save_pretrained_dense, model)
 
 
-def _save_pretrained_dense(self: nn.Module, save_directory, *args, is_main_process: bool | None = None,
-                           state_dict: dict | None = None, **kwargs):
+def _save_pretrained_dense(
+    self: nn.Module,
+    save_directory,
+    *args,
+    is_main_process: bool | None = None,
+    state_dict: dict | None = None,
+    **kwargs,
+):
     """Hugging Face's save_pretrained of the dense model: the state dict is gathered over the tensor-parallel
     groups (collective: every rank calls it) and global rank 0 writes it, with the model's config, unless
     is_main_process says otherwise."""
     from tpext.checkpoint import gather_state_dict
 
     if state_dict is not None:
-        raise ValueError("tpext: save_pretrained of a tensor-parallel model gathers the dense state dict itself; "
-                         "pass no state_dict (or call type(model).save_pretrained with a dense one)")
+        raise ValueError(
+            "tpext: save_pretrained of a tensor-parallel model gathers the dense state dict itself; "
+            "pass no state_dict (or call type(model).save_pretrained with a dense one)"
+        )
     dense = gather_state_dict(self)
     if is_main_process is None:
         is_main_process = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
-    return type(self).save_pretrained(self, save_directory, *args, is_main_process=is_main_process,
-                                      state_dict=dense, **kwargs)
+    return type(self).save_pretrained(
+        self, save_directory, *args, is_main_process=is_main_process, state_dict=dense, **kwargs
+    )
 
 
 class _SliceAlibi:
@@ -341,17 +411,23 @@ class _SliceAlibi:
         if bias is None:
             if self.argument in kwargs:  # the model runs without position biases
                 return None
-            raise TypeError(f"tpext.parallelize: {self.name} takes position biases for all heads; tpext gives it "
-                            f"its heads' slice, and needs them passed as {self.argument}= (as Hugging Face's "
-                            "models do)")
+            raise TypeError(
+                f"tpext.parallelize: {self.name} takes position biases for all heads; tpext gives it "
+                f"its heads' slice, and needs them passed as {self.argument}= (as Hugging Face's "
+                "models do)"
+            )
         if self.argument == "alibi" and bias.shape[0] % self.heads == 0:  # [batch * heads, ...], batch-major
             rows, *rest = bias.shape
-            mine = bias.reshape(rows // self.heads, self.heads, *rest)[:, self.start:self.start + self.count]
+            mine = bias.reshape(rows // self.heads, self.heads, *rest)[
+                :, self.start : self.start + self.count
+            ]
             return args, {**kwargs, self.argument: mine.reshape(-1, *rest)}
         if bias.dim() >= 3 and bias.shape[-3] == self.heads:  # [heads, q, k] or [batch, heads, q, k]
             return args, {**kwargs, self.argument: bias.narrow(-3, self.start, self.count)}
-        raise ValueError(f"tpext.parallelize: {self.name}: {self.argument} of shape {tuple(bias.shape)} has no "
-                         f"dim of its {self.heads} heads where tpext looks for it; parallelize its MLPs only")
+        raise ValueError(
+            f"tpext.parallelize: {self.name}: {self.argument} of shape {tuple(bias.shape)} has no "
+            f"dim of its {self.heads} heads where tpext looks for it; parallelize its MLPs only"
+        )
 
 
 def add_alibi_slices(model: nn.Module, alibi: dict[str, tuple[str, int, int, int]]) -> None:

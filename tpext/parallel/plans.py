@@ -58,8 +58,12 @@ class Plan(dict):
         if not self:
             return "Plan({})"
         width = max(len(repr(k)) for k in self)
-        lines = [f"    {k!r:<{width}}: {v!r},  # from {self.sources[k]}" if k in self.sources
-                 else f"    {k!r:<{width}}: {v!r}," for k, v in self.items()]
+        lines = [
+            f"    {k!r:<{width}}: {v!r},  # from {self.sources[k]}"
+            if k in self.sources
+            else f"    {k!r:<{width}}: {v!r},"
+            for k, v in self.items()
+        ]
         return "Plan({\n" + "\n".join(lines) + "\n})"
 
     __str__ = __repr__
@@ -73,8 +77,13 @@ def style_for(name: str, plan: PlanLike) -> Style | None:
     return None
 
 
-def auto_plan(model: nn.Module, *, sequence_parallel: bool = False, vocab_parallel_logits: bool = True,
-              use_model_plan: bool = True) -> Plan:
+def auto_plan(
+    model: nn.Module,
+    *,
+    sequence_parallel: bool = False,
+    vocab_parallel_logits: bool = True,
+    use_model_plan: bool = True,
+) -> Plan:
     """The plan for `model`: its own tensor-parallel plan first, then its module names (see the module's
     docstring), with exact names (no wildcards), so it can be printed, edited and passed back.
 
@@ -102,7 +111,9 @@ def auto_plan(model: nn.Module, *, sequence_parallel: bool = False, vocab_parall
     # Face's settable loss_function (which tpext replaces with a vocab-parallel one), would read [*, V/R]
     # logits as [*, V]: its output layer gathers the full logits instead.
     vocab_parallel_logits = vocab_parallel_logits and _loss_through_loss_function(model)
-    names = _plan_from_names(model, sequence_parallel=sequence_parallel, vocab_parallel_logits=vocab_parallel_logits)
+    names = _plan_from_names(
+        model, sequence_parallel=sequence_parallel, vocab_parallel_logits=vocab_parallel_logits
+    )
     entries, sources = {}, {}
     model_plan = model_tp_plan(model) if use_model_plan else []
     modules = dict(model.named_modules())
@@ -110,21 +121,36 @@ def auto_plan(model: nn.Module, *, sequence_parallel: bool = False, vocab_parall
     for name, module in modules.items():
         if not name or (not any(True for _ in module.parameters(recurse=False)) and not is_experts(module)):
             continue
-        found = next(((pattern, hf_style, source) for pattern, hf_style, source in model_plan
-                      if fnmatch.fnmatchcase(name, pattern)), None)
+        found = next(
+            (
+                (pattern, hf_style, source)
+                for pattern, hf_style, source in model_plan
+                if fnmatch.fnmatchcase(name, pattern)
+            ),
+            None,
+        )
         by_name = names.get(name)
         if found is not None:
             pattern, hf_style, source = found
-            style, why = translate(hf_style, name, module, modules, by_name, sequence_parallel=sequence_parallel,
-                                   vocab_parallel_logits=vocab_parallel_logits)
+            style, why = translate(
+                hf_style,
+                name,
+                module,
+                modules,
+                by_name,
+                sequence_parallel=sequence_parallel,
+                vocab_parallel_logits=vocab_parallel_logits,
+            )
             if style is not None:
                 entries[name], sources[name] = style, f"{source} ({pattern!r}: {hf_style!r})"
                 continue
             if by_name is None or isinstance(by_name, str):
-                raise ValueError(f"tpext.parallelize: {name} ({type(module).__name__}): the model's plan "
-                                 f"({source}, {pattern!r}) gives it {hf_style!r}, which {why}; and its name "
-                                 "places it nowhere either. Pass plan={pattern: style} for it (tpext.auto_plan "
-                                 "with use_model_plan=False shows the rest)")
+                raise ValueError(
+                    f"tpext.parallelize: {name} ({type(module).__name__}): the model's plan "
+                    f"({source}, {pattern!r}) gives it {hf_style!r}, which {why}; and its name "
+                    "places it nowhere either. Pass plan={pattern: style} for it (tpext.auto_plan "
+                    "with use_model_plan=False shows the rest)"
+                )
             entries[name], sources[name] = by_name, f"{FROM_NAMES} ({source}'s {hf_style!r} {why})"
         elif isinstance(by_name, Style):
             entries[name], sources[name] = by_name, FROM_NAMES
@@ -133,13 +159,28 @@ def auto_plan(model: nn.Module, *, sequence_parallel: bool = False, vocab_parall
     if unplaced:
         raise ValueError(
             "tpext.parallelize: plan='auto' reads the model's own plan (config.base_model_tp_plan, the class's "
-            "_tp_plan) and these names: attention " + _names(st.ATTENTION_PROJECTIONS) + "; MLP columns "
-            + _names(st.MLP_COLUMNS) + ", rows " + _names(st.MLP_ROWS) + "; embeddings " + _names(st.EMBEDDINGS)
-            + ", positions " + _names(st.POSITION_EMBEDDINGS) + "; heads " + _names(st.LM_HEADS)
-            + ", replicated " + _names(st.REPLICATED_HEADS) + "; *norm; experts with 3-D weights beside "
-            + _names(st.MOE_REPLICATED) + "; MLP activations with scalar parameters. It could not place: "
-            + ", ".join(unplaced) + ". Pass plan={pattern: style} (styles: " + ", ".join(STYLES)
-            + ", or a tpext.Style), e.g. start from tpext.auto_plan on a model without them and add entries.")
+            "_tp_plan) and these names: attention "
+            + _names(st.ATTENTION_PROJECTIONS)
+            + "; MLP columns "
+            + _names(st.MLP_COLUMNS)
+            + ", rows "
+            + _names(st.MLP_ROWS)
+            + "; embeddings "
+            + _names(st.EMBEDDINGS)
+            + ", positions "
+            + _names(st.POSITION_EMBEDDINGS)
+            + "; heads "
+            + _names(st.LM_HEADS)
+            + ", replicated "
+            + _names(st.REPLICATED_HEADS)
+            + "; *norm; experts with 3-D weights beside "
+            + _names(st.MOE_REPLICATED)
+            + "; MLP activations with scalar parameters. It could not place: "
+            + ", ".join(unplaced)
+            + ". Pass plan={pattern: style} (styles: "
+            + ", ".join(STYLES)
+            + ", or a tpext.Style), e.g. start from tpext.auto_plan on a model without them and add entries."
+        )
     return Plan(entries, sources)
 
 
@@ -147,8 +188,9 @@ def _names(names) -> str:
     return "/".join(sorted(names))
 
 
-def _plan_from_names(model: nn.Module, *, sequence_parallel: bool,
-                     vocab_parallel_logits: bool) -> dict[str, Style | str]:
+def _plan_from_names(
+    model: nn.Module, *, sequence_parallel: bool, vocab_parallel_logits: bool
+) -> dict[str, Style | str]:
     """{name: style} for every module with weights that its name and structure place, {name: why not} for
     the others (a str)."""
     config = getattr(model, "config", None)
@@ -166,8 +208,11 @@ def _plan_from_names(model: nn.Module, *, sequence_parallel: bool,
             # A router beside experts (and all it holds: Ernie's gate.moe_statics, HunYuan's gate.wg) sees
             # every token and all hidden features: the same on every rank, whatever its own forward does.
             plan[name] = Replicate()
-        elif st.is_attention(module) and (per_head := st.per_head_params(module, config)) and len(per_head) == len(
-                list(module.parameters(recurse=False))):
+        elif (
+            st.is_attention(module)
+            and (per_head := st.per_head_params(module, config))
+            and len(per_head) == len(list(module.parameters(recurse=False)))
+        ):
             # Its own parameters hold one value per head (GPT-OSS's sinks): parallelize slices them with the
             # heads its projections keep (left whole when the projections are not sharded).
             plan[name] = Replicate()
@@ -175,14 +220,18 @@ def _plan_from_names(model: nn.Module, *, sequence_parallel: bool,
             plan[name] = f"{type(module).__name__}: an nn.Linear with a forward of its own"
         elif not st.is_attention(parent) and (attn := st.attention_above(name, modules)) is not None:
             # e.g. StableLM's per-head norms in a list: which heads each one serves is the model's code
-            plan[name] = (f"{type(module).__name__} nested inside attention module {attn or 'the model'}: "
-                          "tpext cannot tell which heads it serves")
+            plan[name] = (
+                f"{type(module).__name__} nested inside attention module {attn or 'the model'}: "
+                "tpext cannot tell which heads it serves"
+            )
         elif linear and leaf in st.ATTENTION_PROJECTIONS and st.is_attention(parent):
             kind = Rowwise if leaf in st.ATTENTION_OUTPUTS else Colwise
             try:
                 plan[name] = kind(st.attention_pieces(leaf, parent, config))
             except ValueError as exc:
-                raise ValueError(f"tpext.parallelize: {name}: {str(exc).removeprefix('tpext.parallelize: ')}") from exc
+                raise ValueError(
+                    f"tpext.parallelize: {name}: {str(exc).removeprefix('tpext.parallelize: ')}"
+                ) from exc
         elif linear and leaf == "gate_up_proj":
             half = st.linear_dims(module)[1] // 2
             plan[name] = Colwise((Piece(half), Piece(half)))
@@ -193,21 +242,30 @@ def _plan_from_names(model: nn.Module, *, sequence_parallel: bool,
         elif isinstance(module, nn.Embedding) and leaf in st.EMBEDDINGS:
             plan[name] = Vocab()
         elif isinstance(module, nn.Embedding) and leaf in st.POSITION_EMBEDDINGS:
-            plan[name] = Replicate()  # runs before the decoder stack, on the whole sequence, the same on every rank
+            plan[name] = (
+                Replicate()
+            )  # runs before the decoder stack, on the whole sequence, the same on every rank
         elif isinstance(module, nn.Linear) and leaf in st.LM_HEADS:
             plan[name] = Vocab(gather_output=not vocab_parallel_logits)
         elif isinstance(module, nn.Linear) and leaf in st.REPLICATED_HEADS:
             plan[name] = Replicate()
-        elif st.is_norm(leaf, module) and st.is_attention(parent) and st.per_head_norm(module, parent, config):
+        elif (
+            st.is_norm(leaf, module) and st.is_attention(parent) and st.per_head_norm(module, parent, config)
+        ):
             # Inside attention (Qwen3's q_norm / k_norm): it normalises each head, so this rank's heads only.
             plan[name] = Replicate(sum_grads=True)
-        elif st.is_norm(leaf, module) and st.is_attention(parent) and (
-                pieces := st.norm_pieces(module, parent, config)):
+        elif (
+            st.is_norm(leaf, module)
+            and st.is_attention(parent)
+            and (pieces := st.norm_pieces(module, parent, config))
+        ):
             # Over all heads' features (OLMo2's) or with a weight per head (Cohere's): this rank's heads.
             plan[name] = Colwise(pieces)
         elif st.is_norm(leaf, module) and st.is_attention(parent):
-            plan[name] = (f"{type(module).__name__} with a weight of {module.weight.numel()} "
-                          "features: neither one head's, nor all query or key heads'")
+            plan[name] = (
+                f"{type(module).__name__} with a weight of {module.weight.numel()} "
+                "features: neither one head's, nor all query or key heads'"
+            )
         elif st.is_norm(leaf, module) and st.is_mlp(parent) and (features := _mlp_features(module, parent)):
             # Between an MLP's column and row layers (BitNet's ffn_sub_norm): over this rank's intermediate
             # features, its statistic reduced over the group (tpext.nn.shard_norm_features).
@@ -225,7 +283,7 @@ def _in_router(name: str, modules: dict[str, nn.Module]) -> bool:
     """Whether `name` is a router beside experts (st.MOE_REPLICATED in an MoE block) or inside one."""
     parts = name.split(".")
     for i in range(1, len(parts) + 1):
-        if parts[i - 1] in st.MOE_REPLICATED and st.is_moe(modules[".".join(parts[:i - 1])]):
+        if parts[i - 1] in st.MOE_REPLICATED and st.is_moe(modules[".".join(parts[: i - 1])]):
             return True
     return False
 

@@ -17,11 +17,35 @@ from tpext.nn.class_swap import probe_copy, probe_disagrees
 from tpext.nn.experts import is_experts
 from tpext.sharding import Piece
 
-__all__ = ["ATTENTION_INPUTS", "ATTENTION_OUTPUTS", "ATTENTION_PROJECTIONS", "MLP_COLUMNS", "MLP_ROWS", "EMBEDDINGS",
-           "POSITION_EMBEDDINGS", "LM_HEADS", "REPLICATED_HEADS", "MOE_REPLICATED", "heads", "is_attention",
-           "attention_pieces", "norm_pieces", "per_head_norm", "per_head_params", "attention_above", "is_moe", "is_mlp", "is_norm",
-           "is_conv1d", "plain_linear", "elementwise_with_scalars", "linear_dims", "alibi_argument",
-           "grouped_qkv", "interleaved_blocks"]
+__all__ = [
+    "ATTENTION_INPUTS",
+    "ATTENTION_OUTPUTS",
+    "ATTENTION_PROJECTIONS",
+    "MLP_COLUMNS",
+    "MLP_ROWS",
+    "EMBEDDINGS",
+    "POSITION_EMBEDDINGS",
+    "LM_HEADS",
+    "REPLICATED_HEADS",
+    "MOE_REPLICATED",
+    "heads",
+    "is_attention",
+    "attention_pieces",
+    "norm_pieces",
+    "per_head_norm",
+    "per_head_params",
+    "attention_above",
+    "is_moe",
+    "is_mlp",
+    "is_norm",
+    "is_conv1d",
+    "plain_linear",
+    "elementwise_with_scalars",
+    "linear_dims",
+    "alibi_argument",
+    "grouped_qkv",
+    "interleaved_blocks",
+]
 
 # The input projections of an attention module, by name: separate q/k/v, a packed qkv_proj, query_key_value
 # (GPT-NeoX's: each head's q, k and v rows together; BLOOM's the same), GPT-2's c_attn Conv1D ([q | k | v]),
@@ -30,7 +54,9 @@ ATTENTION_INPUTS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value",
 # Its output projection (GPT-2's c_proj, which is also the MLP's row layer: told apart by the parent).
 ATTENTION_OUTPUTS = ("o_proj", "dense", "out_proj", "c_proj")
 ATTENTION_PROJECTIONS = frozenset(ATTENTION_INPUTS) | frozenset(ATTENTION_OUTPUTS)
-MLP_COLUMNS = frozenset({"gate_proj", "up_proj", "gate_up_proj", "c_fc", "fc1", "fc_in", "dense_h_to_4h", "w1", "w3"})
+MLP_COLUMNS = frozenset(
+    {"gate_proj", "up_proj", "gate_up_proj", "c_fc", "fc1", "fc_in", "dense_h_to_4h", "w1", "w3"}
+)
 MLP_ROWS = frozenset({"down_proj", "c_proj", "fc2", "fc_out", "dense_4h_to_h", "w2"})
 EMBEDDINGS = frozenset({"embed_tokens", "embed_in", "wte", "tok_embeddings", "word_embeddings"})
 # Learned absolute positions: replicated (they run before the first decoder layer, on the whole sequence).
@@ -67,22 +93,29 @@ def heads(attn: nn.Module, config) -> tuple[int, int, int]:
         return None
 
     hq = pick("num_heads", "num_attention_heads", "n_head", "n_heads")
-    hkv = pick("num_key_value_heads", "kv_heads", "num_kv_heads") or (hq // g if hq and (g := pick("num_key_value_groups")) else hq)
+    hkv = pick("num_key_value_heads", "kv_heads", "num_kv_heads") or (
+        hq // g if hq and (g := pick("num_key_value_groups")) else hq
+    )
     d = pick("head_dim")
     if d is None and hq:
         h = pick("hidden_size", "embed_dim", "n_embd")
         d = h // hq if h else None
     if not (hq and hkv and d):
-        raise ValueError(f"tpext.parallelize: cannot tell the head counts of attention module "
-                         f"{type(attn).__name__}: it needs num_heads (or num_attention_heads), "
-                         "num_key_value_heads and head_dim attributes, or a model config with them")
+        raise ValueError(
+            f"tpext.parallelize: cannot tell the head counts of attention module "
+            f"{type(attn).__name__}: it needs num_heads (or num_attention_heads), "
+            "num_key_value_heads and head_dim attributes, or a model config with them"
+        )
     return hq, hkv, d
 
 
 def is_attention(module: nn.Module) -> bool:
     """Whether `module` holds an attention module's input and output projections, by name."""
-    return (any(hasattr(module, p) for p in ATTENTION_OUTPUTS) and any(hasattr(module, p) for p in ATTENTION_INPUTS)
-            and not any(hasattr(module, c) for c in ("c_fc",)))  # GPT-2's MLP has a c_proj too, and no c_attn
+    return (
+        any(hasattr(module, p) for p in ATTENTION_OUTPUTS)
+        and any(hasattr(module, p) for p in ATTENTION_INPUTS)
+        and not any(hasattr(module, c) for c in ("c_fc",))
+    )  # GPT-2's MLP has a c_proj too, and no c_attn
 
 
 def attention_pieces(leaf: str, attn: nn.Module, config) -> tuple[Piece, ...]:
@@ -102,28 +135,39 @@ def attention_pieces(leaf: str, attn: nn.Module, config) -> tuple[Piece, ...]:
         per_block = Piece(hq // blocks, d)
         return (per_block,) * (3 * blocks if leaf == "qkv_proj" else blocks)
     if leaf == "qkv_proj" and not hasattr(attn, "o_proj"):
-        raise ValueError(f"tpext.parallelize: {type(attn).__name__}.qkv_proj: tpext knows a packed qkv_proj's layout "
-                         "([q | k | v] rows) beside an o_proj (Phi3's); other models pack theirs differently "
-                         "(CodeGen's interleaves blocks); give it a plan with the pieces of its layout")
+        raise ValueError(
+            f"tpext.parallelize: {type(attn).__name__}.qkv_proj: tpext knows a packed qkv_proj's layout "
+            "([q | k | v] rows) beside an o_proj (Phi3's); other models pack theirs differently "
+            "(CodeGen's interleaves blocks); give it a plan with the pieces of its layout"
+        )
     if leaf == "query_key_value" and getattr(attn, "new_decoder_architecture", False) is True:
         # Falcon's new decoder: per kv head, its group's query heads, then its k and v
         return (Piece(hkv, (hq // hkv + 2) * d),)
     if leaf == "query_key_value" and getattr(attn, "multi_query", False) is True:
         return (Piece(hq, d), Piece(1, d), Piece(1, d))  # Falcon's multi-query: [q | k | v], one kv head
     if leaf == "query_key_value" and hkv != hq:
-        raise ValueError(f"tpext.parallelize: {type(attn).__name__}.query_key_value with {hq} query and {hkv} kv "
-                         "heads: tpext knows its layout (each head's q, k and v rows together, GPT-NeoX's) only "
-                         "with as many kv heads as query heads; give it a plan with the pieces of its layout")
+        raise ValueError(
+            f"tpext.parallelize: {type(attn).__name__}.query_key_value with {hq} query and {hkv} kv "
+            "heads: tpext knows its layout (each head's q, k and v rows together, GPT-NeoX's) only "
+            "with as many kv heads as query heads; give it a plan with the pieces of its layout"
+        )
     if leaf in ATTENTION_OUTPUTS:
         return (Piece(hq, d),)
-    return {"q_proj": (Piece(hq, d),), "k_proj": (Piece(hkv, d),), "v_proj": (Piece(hkv, d),),
-            "qkv_proj": (Piece(hq, d), Piece(hkv, d), Piece(hkv, d)),
-            # GPT-2's [q | k | v]; GPT-BigCode's the same with one kv head (multi-query), or each head's q, k
-            # and v together without it (its multi_query=False)
-            "c_attn": ((Piece(hq, 3 * d),) if getattr(attn, "multi_query", None) is False
-                       else (Piece(hq, d), Piece(hkv, d), Piece(hkv, d))),
-            "Wqkv": (Piece(hq, d), Piece(hkv, d), Piece(hkv, d)),
-            "query_key_value": (Piece(hq, 3 * d),)}[leaf]
+    return {
+        "q_proj": (Piece(hq, d),),
+        "k_proj": (Piece(hkv, d),),
+        "v_proj": (Piece(hkv, d),),
+        "qkv_proj": (Piece(hq, d), Piece(hkv, d), Piece(hkv, d)),
+        # GPT-2's [q | k | v]; GPT-BigCode's the same with one kv head (multi-query), or each head's q, k
+        # and v together without it (its multi_query=False)
+        "c_attn": (
+            (Piece(hq, 3 * d),)
+            if getattr(attn, "multi_query", None) is False
+            else (Piece(hq, d), Piece(hkv, d), Piece(hkv, d))
+        ),
+        "Wqkv": (Piece(hq, d), Piece(hkv, d), Piece(hkv, d)),
+        "query_key_value": (Piece(hq, 3 * d),),
+    }[leaf]
 
 
 def interleaved_blocks(attn: nn.Module) -> int:
@@ -217,8 +261,12 @@ def plain_linear(module: nn.Module) -> bool:
     if cls not in _PLAIN_LINEAR:
         probe = probe_copy(module)
         x = torch.randn(3, module.in_features, generator=torch.Generator().manual_seed(0))
-        _PLAIN_LINEAR[cls] = not probe_disagrees(lambda: (probe.forward(x), F.linear(x, probe.weight, probe.bias)),
-                                                 rtol=1e-5, atol=1e-6, differs="differs")
+        _PLAIN_LINEAR[cls] = not probe_disagrees(
+            lambda: (probe.forward(x), F.linear(x, probe.weight, probe.bias)),
+            rtol=1e-5,
+            atol=1e-6,
+            differs="differs",
+        )
     return _PLAIN_LINEAR[cls]
 
 
@@ -226,9 +274,14 @@ def is_conv1d(module: nn.Module) -> bool:
     """A Hugging Face Conv1D (GPT-2's linear layer with a transposed weight [in, out]: x @ W + b), by its class
     name and attributes, so transformers need not be imported."""
     weight = getattr(module, "weight", None)
-    return (type(module).__name__ == "Conv1D" and isinstance(getattr(module, "nf", None), int)
-            and isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.shape[1] == module.nf
-            and getattr(module, "bias", None) is not None)
+    return (
+        type(module).__name__ == "Conv1D"
+        and isinstance(getattr(module, "nf", None), int)
+        and isinstance(weight, torch.Tensor)
+        and weight.dim() == 2
+        and weight.shape[1] == module.nf
+        and getattr(module, "bias", None) is not None
+    )
 
 
 def linear_dims(module: nn.Module) -> tuple[int, int] | None:
@@ -250,7 +303,9 @@ def elementwise_with_scalars(module: nn.Module) -> bool:
     try:
         with torch.no_grad():
             full = probe.forward(x)
-            return all(torch.allclose(full[:, half], probe.forward(x[:, half]), rtol=1e-6, atol=1e-7)
-                       for half in (slice(0, 4), slice(4, 8)))
+            return all(
+                torch.allclose(full[:, half], probe.forward(x[:, half]), rtol=1e-6, atol=1e-7)
+                for half in (slice(0, 4), slice(4, 8))
+            )
     except Exception:  # not a function of one tensor of features
         return False

@@ -41,8 +41,18 @@ from tpext.nn.linear import ColumnParallelConv1D, RowParallelConv1D
 from tpext.parallel import structure
 from tpext.sharding import Piece
 
-__all__ = ["Site", "Style", "Colwise", "Rowwise", "Vocab", "SequenceParallel", "Replicate", "Experts", "STYLES",
-           "as_style"]
+__all__ = [
+    "Site",
+    "Style",
+    "Colwise",
+    "Rowwise",
+    "Vocab",
+    "SequenceParallel",
+    "Replicate",
+    "Experts",
+    "STYLES",
+    "as_style",
+]
 
 
 @dataclass(frozen=True)
@@ -75,8 +85,10 @@ class Site:
     def refuse(self, style: Style, module: nn.Module, why: str) -> ValueError:
         """The error for a style that cannot convert `module` here: names the module, its class, the style,
         and why (say what the style needs and the way out)."""
-        return ValueError(f"tpext.parallelize: style {style.kind!r} does not apply to {self.name} "
-                          f"({type(module).__name__}): {why}")
+        return ValueError(
+            f"tpext.parallelize: style {style.kind!r} does not apply to {self.name} "
+            f"({type(module).__name__}): {why}"
+        )
 
 
 class _StyleMeta(ABCMeta):
@@ -109,8 +121,9 @@ class Style(metaclass=_StyleMeta):
     def __repr__(self) -> str:
         """The class and the fields that differ from their defaults: Colwise(pieces=(Piece(8, 128),))."""
         fields = getattr(self, "__dataclass_fields__", {})
-        shown = [f"{k}={getattr(self, k)!r}" for k, f in fields.items()
-                 if f.repr and getattr(self, k) != f.default]
+        shown = [
+            f"{k}={getattr(self, k)!r}" for k, f in fields.items() if f.repr and getattr(self, k) != f.default
+        ]
         return f"{type(self).__name__}({', '.join(shown)})"
 
     def convert(self, module: nn.Module, site: Site) -> nn.Module:
@@ -127,19 +140,27 @@ def _checked(site: Site, fn, *args, **kwargs) -> nn.Module:
     try:
         return fn(*args, **kwargs)
     except ValueError as exc:
-        raise ValueError(f"tpext.parallelize: {site.name}: {str(exc).removeprefix('tpext.parallelize: ')}") from exc
+        raise ValueError(
+            f"tpext.parallelize: {site.name}: {str(exc).removeprefix('tpext.parallelize: ')}"
+        ) from exc
 
 
 def _refuse_linear_subclass(style: Style, module: nn.Module, site: Site) -> None:
     if isinstance(module, nn.Linear) and not structure.plain_linear(module):
-        raise ValueError(f"tpext.parallelize: {site.name} is a {type(module).__name__}, an nn.Linear subclass with "
-                         "a forward of its own (a quantized or adapter layer?); tpext shards plain nn.Linear layers, "
-                         "whose forward is x @ W.T + b. Give it the style 'replicate', or parallelize the plain model")
+        raise ValueError(
+            f"tpext.parallelize: {site.name} is a {type(module).__name__}, an nn.Linear subclass with "
+            "a forward of its own (a quantized or adapter layer?); tpext shards plain nn.Linear layers, "
+            "whose forward is x @ W.T + b. Give it the style 'replicate', or parallelize the plain model"
+        )
 
 
 def _head_pieces(module: nn.Module, site: Site, pieces):
     """pieces, or on an attention projection the heads its attention module has: never cut a head."""
-    if pieces is None and site.leaf in structure.ATTENTION_PROJECTIONS and structure.is_attention(site.parent):
+    if (
+        pieces is None
+        and site.leaf in structure.ATTENTION_PROJECTIONS
+        and structure.is_attention(site.parent)
+    ):
         return _checked(site, structure.attention_pieces, site.leaf, site.parent, site.config)
     return pieces
 
@@ -156,30 +177,48 @@ class Colwise(Style):
 
     def convert(self, module: nn.Module, site: Site) -> nn.Module:
         _refuse_linear_subclass(self, module, site)
-        common = dict(sequence_parallel=site.sequence_parallel, sequence_dim=site.sequence_dim, chunks=site.chunks,
-                      gather_output=self.gather_output)
+        common = dict(
+            sequence_parallel=site.sequence_parallel,
+            sequence_dim=site.sequence_dim,
+            chunks=site.chunks,
+            gather_output=self.gather_output,
+        )
         if isinstance(module, nn.Linear):
-            return ColumnParallelLinear.from_dense(module, site.group, pieces=_head_pieces(module, site, self.pieces),
-                                                   **common)
+            return ColumnParallelLinear.from_dense(
+                module, site.group, pieces=_head_pieces(module, site, self.pieces), **common
+            )
         if structure.is_conv1d(module):
-            return ColumnParallelConv1D.from_dense(module, site.group, pieces=_head_pieces(module, site, self.pieces),
-                                                   **common)
+            return ColumnParallelConv1D.from_dense(
+                module, site.group, pieces=_head_pieces(module, site, self.pieces), **common
+            )
         if isinstance(module, nn.Embedding):
-            raise site.refuse(self, module, "an embedding's weight is [vocab, hidden]; shard its vocabulary with "
-                                            "'vocab', or give it 'replicate'")
+            raise site.refuse(
+                self,
+                module,
+                "an embedding's weight is [vocab, hidden]; shard its vocabulary with "
+                "'vocab', or give it 'replicate'",
+            )
         if structure.is_norm(site.leaf, module) and getattr(module, "weight", None) is not None:
             pieces = self.pieces
             if pieces is None and structure.is_attention(site.parent):
                 pieces = structure.norm_pieces(module, site.parent, site.config)
             if pieces is None:
-                raise site.refuse(self, module, "a norm is colwise only after a colwise layer whose heads it "
-                                                "normalises, and this one's weight covers neither all query nor "
-                                                "all kv heads of an attention module it sits in; give it "
-                                                "Colwise(pieces=(Piece(heads, head_dim),)), 'replicate' or "
-                                                "'sequence_parallel'")
+                raise site.refuse(
+                    self,
+                    module,
+                    "a norm is colwise only after a colwise layer whose heads it "
+                    "normalises, and this one's weight covers neither all query nor "
+                    "all kv heads of an attention module it sits in; give it "
+                    "Colwise(pieces=(Piece(heads, head_dim),)), 'replicate' or "
+                    "'sequence_parallel'",
+                )
             return _checked(site, shard_norm_features, module, site.group, pieces)
-        raise site.refuse(self, module, "colwise takes an nn.Linear, a Conv1D, or a norm of a colwise layer's "
-                                        "heads; write a Style for this layer type (docs/parallelize.md)")
+        raise site.refuse(
+            self,
+            module,
+            "colwise takes an nn.Linear, a Conv1D, or a norm of a colwise layer's "
+            "heads; write a Style for this layer type (docs/parallelize.md)",
+        )
 
 
 @dataclass(frozen=True, repr=False)
@@ -192,19 +231,31 @@ class Rowwise(Style):
 
     def convert(self, module: nn.Module, site: Site) -> nn.Module:
         _refuse_linear_subclass(self, module, site)
-        common = dict(sequence_parallel=site.sequence_parallel, sequence_dim=site.sequence_dim, chunks=site.chunks,
-                      pieces=_head_pieces(module, site, self.pieces))
+        common = dict(
+            sequence_parallel=site.sequence_parallel,
+            sequence_dim=site.sequence_dim,
+            chunks=site.chunks,
+            pieces=_head_pieces(module, site, self.pieces),
+        )
         if isinstance(module, nn.Linear):
             return RowParallelLinear.from_dense(module, site.group, **common)
         if structure.is_conv1d(module):
             return RowParallelConv1D.from_dense(module, site.group, **common)
         if isinstance(module, nn.Embedding):
-            raise site.refuse(self, module, "an embedding's weight is [vocab, hidden] and its input is token ids, "
-                                            "not features; shard its vocabulary with 'vocab', or give it "
-                                            "'replicate'")
-        raise site.refuse(self, module, "rowwise takes an nn.Linear or a Conv1D whose input features a colwise "
-                                        "layer before it shards; write a Style for this layer type "
-                                        "(docs/parallelize.md)")
+            raise site.refuse(
+                self,
+                module,
+                "an embedding's weight is [vocab, hidden] and its input is token ids, "
+                "not features; shard its vocabulary with 'vocab', or give it "
+                "'replicate'",
+            )
+        raise site.refuse(
+            self,
+            module,
+            "rowwise takes an nn.Linear or a Conv1D whose input features a colwise "
+            "layer before it shards; write a Style for this layer type "
+            "(docs/parallelize.md)",
+        )
 
 
 @dataclass(frozen=True, repr=False)
@@ -224,8 +275,9 @@ class Vocab(Style):
             return _checked(site, vocab_parallel_subclass, module, site.group, **common)
         if isinstance(module, nn.Linear):
             _refuse_linear_subclass(self, module, site)
-            return ColumnParallelLinear.from_dense(module, site.group, chunks=site.chunks,
-                                                   gather_output=self.gather_output, **common)
+            return ColumnParallelLinear.from_dense(
+                module, site.group, chunks=site.chunks, gather_output=self.gather_output, **common
+            )
         raise site.refuse(self, module, "vocab takes an nn.Embedding or an nn.Linear output layer (lm_head)")
 
 
@@ -238,13 +290,21 @@ class SequenceParallel(Style):
 
     def convert(self, module: nn.Module, site: Site) -> nn.Module:
         if not any(True for _ in module.parameters(recurse=False)):
-            raise site.refuse(self, module, "sequence_parallel takes a module with parameters of its own (a norm "
-                                            "with a weight); one without needs no plan entry")
+            raise site.refuse(
+                self,
+                module,
+                "sequence_parallel takes a module with parameters of its own (a norm "
+                "with a weight); one without needs no plan entry",
+            )
         if isinstance(module, (nn.Linear, nn.Embedding)) or structure.is_conv1d(module):
-            raise site.refuse(self, module, "its weight would be replicated and applied to sequence shards, which "
-                                            "is right only for modules acting on each token's features alone "
-                                            "(norms); shard it with 'colwise' / 'rowwise' / 'vocab', or give "
-                                            "it 'replicate'")
+            raise site.refuse(
+                self,
+                module,
+                "its weight would be replicated and applied to sequence shards, which "
+                "is right only for modules acting on each token's features alone "
+                "(norms); shard it with 'colwise' / 'rowwise' / 'vocab', or give "
+                "it 'replicate'",
+            )
         return sum_param_grads(shell_copy(module), site.group) if site.sequence_parallel else module
 
 
@@ -275,9 +335,13 @@ class Experts(Style):
 
     def convert(self, module: nn.Module, site: Site) -> nn.Module:
         if not is_experts(module):
-            raise site.refuse(self, module, "experts takes a module with 3-D expert weights (gate_up_proj "
-                                            "[E, 2I, H] and down_proj [E, H, I]); shard an MLP's nn.Linear "
-                                            "layers with 'colwise' / 'rowwise'")
+            raise site.refuse(
+                self,
+                module,
+                "experts takes a module with 3-D expert weights (gate_up_proj "
+                "[E, 2I, H] and down_proj [E, H, I]); shard an MLP's nn.Linear "
+                "layers with 'colwise' / 'rowwise'",
+            )
         return _checked(site, shard_experts, module, site.group)
 
 
@@ -286,11 +350,14 @@ _BY_NAME = {cls.kind: cls for cls in (Colwise, Rowwise, Vocab, SequenceParallel,
 STYLES = tuple(_BY_NAME)
 
 
-def _style_named(kind: str, pieces: tuple[Piece, ...] | None = None, gather_output: bool = False,
-                 sum_grads: bool = False) -> Style:
+def _style_named(
+    kind: str, pieces: tuple[Piece, ...] | None = None, gather_output: bool = False, sum_grads: bool = False
+) -> Style:
     if kind not in _BY_NAME:
-        raise ValueError(f"tpext.parallelize: unknown style {kind!r}; styles are {', '.join(STYLES)}, or a "
-                         "tpext.Style object")
+        raise ValueError(
+            f"tpext.parallelize: unknown style {kind!r}; styles are {', '.join(STYLES)}, or a "
+            "tpext.Style object"
+        )
     given = {"pieces": pieces, "gather_output": gather_output, "sum_grads": sum_grads}
     fields = _BY_NAME[kind].__dataclass_fields__
     extra = [k for k, v in given.items() if v not in (None, False) and k not in fields]
@@ -309,5 +376,7 @@ def as_style(entry: str | Style) -> Style:
         return entry
     if isinstance(entry, str):
         return _style_named(entry)
-    raise ValueError(f"tpext.parallelize: a plan entry must be a style name ({', '.join(STYLES)}) or a tpext.Style, "
-                     f"got {type(entry).__name__} {entry!r}")
+    raise ValueError(
+        f"tpext.parallelize: a plan entry must be a style name ({', '.join(STYLES)}) or a tpext.Style, "
+        f"got {type(entry).__name__} {entry!r}"
+    )

@@ -22,5 +22,12 @@ from tpext.ops.schedule import (  # noqa: F401  (re-exports: the policy's old ho
     resolve_schedule,
 )
 
-__all__ = ["Algorithm", "Schedule", "auto_chunks", "auto_schedule", "default_algorithm", "resolve_chunks",
-           "resolve_schedule"]
+__all__ = [
+    "Algorithm",
+    "Schedule",
+    "auto_chunks",
+    "auto_schedule",
+    "default_algorithm",
+    "resolve_chunks",
+    "resolve_schedule",
+]

@@ -25,12 +25,27 @@ from pathlib import Path
 
 from tpext.planner.presets import DTYPE_BYTES, GPUSpec
 
-__all__ = ["FORMAT", "BENCH_FORMAT", "Calibration", "load_calibration", "write_calibration", "apply_calibration",
-           "from_bench_report"]
+__all__ = [
+    "FORMAT",
+    "BENCH_FORMAT",
+    "Calibration",
+    "load_calibration",
+    "write_calibration",
+    "apply_calibration",
+    "from_bench_report",
+]
 
 FORMAT = "tpext-calibration/1"
-REQUIRED = ("format", "device", "source", "matmul_tflops", "allreduce_bus_GBps", "collective_latency_us",
-            "memory_GiB", "gpus_per_node")
+REQUIRED = (
+    "format",
+    "device",
+    "source",
+    "matmul_tflops",
+    "allreduce_bus_GBps",
+    "collective_latency_us",
+    "memory_GiB",
+    "gpus_per_node",
+)
 
 
 @dataclass(frozen=True)
@@ -48,8 +63,12 @@ class Calibration:
 def _number(value, key: str, where: str, *, nullable: bool = True) -> float | None:
     if value is None and nullable:
         return None
-    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-            or value <= 0):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value <= 0
+    ):
         expected = "a positive number or null" if nullable else "a positive number"
         raise ValueError(f"tpext calibration {where}: {key!r} must be {expected}, got {value!r}")
     return float(value)
@@ -61,32 +80,41 @@ def validate(data, where: str = "<object>") -> Calibration:
         raise ValueError(f"tpext calibration {where}: expected a JSON object, got {type(data).__name__}")
     for key in REQUIRED:
         if key not in data:
-            raise ValueError(f"tpext calibration {where}: missing required key {key!r} "
-                             f"(required: {', '.join(REQUIRED)})")
+            raise ValueError(
+                f"tpext calibration {where}: missing required key {key!r} (required: {', '.join(REQUIRED)})"
+            )
     if data["format"] != FORMAT:
         raise ValueError(f"tpext calibration {where}: 'format' must be {FORMAT!r}, got {data['format']!r}")
     for key in ("device", "source"):
         if not isinstance(data[key], str) or not data[key]:
-            raise ValueError(f"tpext calibration {where}: {key!r} must be a non-empty string, "
-                             f"got {data[key]!r}")
+            raise ValueError(
+                f"tpext calibration {where}: {key!r} must be a non-empty string, got {data[key]!r}"
+            )
     tflops = data["matmul_tflops"]
     if not isinstance(tflops, dict):
-        raise ValueError(f"tpext calibration {where}: 'matmul_tflops' must be an object {{dtype: TFLOP/s}}, "
-                         f"got {tflops!r}")
+        raise ValueError(
+            f"tpext calibration {where}: 'matmul_tflops' must be an object {{dtype: TFLOP/s}}, got {tflops!r}"
+        )
     matmul = {}
     for dtype, value in tflops.items():
         if dtype not in DTYPE_BYTES:
-            raise ValueError(f"tpext calibration {where}: 'matmul_tflops' has unknown dtype {dtype!r} "
-                             f"(known: {', '.join(DTYPE_BYTES)})")
+            raise ValueError(
+                f"tpext calibration {where}: 'matmul_tflops' has unknown dtype {dtype!r} "
+                f"(known: {', '.join(DTYPE_BYTES)})"
+            )
         matmul[dtype] = _number(value, f"matmul_tflops.{dtype}", where)
     gpn = data["gpus_per_node"]
     if isinstance(gpn, bool) or not isinstance(gpn, int) or gpn < 1:
         raise ValueError(f"tpext calibration {where}: 'gpus_per_node' must be an int >= 1, got {gpn!r}")
     return Calibration(
-        device=data["device"], source=data["source"], matmul_tflops=matmul,
+        device=data["device"],
+        source=data["source"],
+        matmul_tflops=matmul,
         allreduce_bus_GBps=_number(data["allreduce_bus_GBps"], "allreduce_bus_GBps", where),
         collective_latency_us=_number(data["collective_latency_us"], "collective_latency_us", where),
-        memory_GiB=_number(data["memory_GiB"], "memory_GiB", where), gpus_per_node=gpn, path=where,
+        memory_GiB=_number(data["memory_GiB"], "memory_GiB", where),
+        gpus_per_node=gpn,
+        path=where,
     )
 
 
@@ -99,19 +127,29 @@ def from_bench_report(report: dict, where: str = "<bench report>") -> dict:
     --calibration` writes them."""
     probes = report.get("probes")
     if not isinstance(probes, dict) or not probes:
-        raise ValueError(f"tpext calibration {where}: a {BENCH_FORMAT} report needs a non-empty 'probes' "
-                         f"object {{tp: probes}}")
+        raise ValueError(
+            f"tpext calibration {where}: a {BENCH_FORMAT} report needs a non-empty 'probes' "
+            f"object {{tp: probes}}"
+        )
     try:
         n = max(probes, key=int)
         p, env = probes[n], report["environment"]
-        return {"format": FORMAT, "device": report["device"], "source": report["command"],
-                "matmul_tflops": p["matmul_tflops"], "allreduce_bus_GBps": p["allreduce"]["bus_GBps"],
-                "collective_latency_us": p["allreduce"]["latency_us"], "memory_GiB": env["memory_GiB"],
-                "gpus_per_node": env["local_ranks"]}
+        return {
+            "format": FORMAT,
+            "device": report["device"],
+            "source": report["command"],
+            "matmul_tflops": p["matmul_tflops"],
+            "allreduce_bus_GBps": p["allreduce"]["bus_GBps"],
+            "collective_latency_us": p["allreduce"]["latency_us"],
+            "memory_GiB": env["memory_GiB"],
+            "gpus_per_node": env["local_ranks"],
+        }
     except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"tpext calibration {where}: a {BENCH_FORMAT} report lacks {e} (expected probes."
-                         f"<tp>.matmul_tflops / allreduce.bus_GBps / allreduce.latency_us, environment."
-                         f"memory_GiB / local_ranks, device, command)") from e
+        raise ValueError(
+            f"tpext calibration {where}: a {BENCH_FORMAT} report lacks {e} (expected probes."
+            f"<tp>.matmul_tflops / allreduce.bus_GBps / allreduce.latency_us, environment."
+            f"memory_GiB / local_ranks, device, command)"
+        ) from e
 
 
 def load_calibration(path: str | Path) -> Calibration:
@@ -126,13 +164,30 @@ def load_calibration(path: str | Path) -> Calibration:
     return validate(data, str(path))
 
 
-def write_calibration(path: str | Path, *, device: str, source: str, matmul_tflops: dict,
-                      allreduce_bus_GBps: float | None, collective_latency_us: float | None,
-                      memory_GiB: float | None, gpus_per_node: int, **extra) -> Path:
+def write_calibration(
+    path: str | Path,
+    *,
+    device: str,
+    source: str,
+    matmul_tflops: dict,
+    allreduce_bus_GBps: float | None,
+    collective_latency_us: float | None,
+    memory_GiB: float | None,
+    gpus_per_node: int,
+    **extra,
+) -> Path:
     """Write a calibration file (validated first, so a bad one is never written). `extra` keys are kept."""
-    data = {"format": FORMAT, "device": device, "source": source, "matmul_tflops": dict(matmul_tflops),
-            "allreduce_bus_GBps": allreduce_bus_GBps, "collective_latency_us": collective_latency_us,
-            "memory_GiB": memory_GiB, "gpus_per_node": gpus_per_node, **extra}
+    data = {
+        "format": FORMAT,
+        "device": device,
+        "source": source,
+        "matmul_tflops": dict(matmul_tflops),
+        "allreduce_bus_GBps": allreduce_bus_GBps,
+        "collective_latency_us": collective_latency_us,
+        "memory_GiB": memory_GiB,
+        "gpus_per_node": gpus_per_node,
+        **extra,
+    }
     validate(data, str(path))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

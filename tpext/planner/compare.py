@@ -13,8 +13,15 @@ from dataclasses import dataclass, field, replace
 from tpext.planner.estimate import Workload, estimate
 from tpext.planner.presets import ModelSpec, gpu_preset, inter_node_preset, model_preset
 
-__all__ = ["CASES", "TARGET_POINTS", "Case", "comparison_markdown", "comparison_rows", "matched_efficiency",
-           "predict"]
+__all__ = [
+    "CASES",
+    "TARGET_POINTS",
+    "Case",
+    "comparison_markdown",
+    "comparison_rows",
+    "matched_efficiency",
+    "predict",
+]
 
 #: the issue's target: every row of the seed's and the Playbook's tables within this many points
 TARGET_POINTS = 8.0
@@ -33,8 +40,12 @@ def _gpt2_style(name: str, hidden: int, heads: int, layers: int) -> ModelSpec:
     return ModelSpec(name, hidden, 4 * hidden, heads, heads, layers, 51200, True, gated_mlp=False)
 
 
-_MEGATRON = {1: _gpt2_style("gpt2-1.2b", 1536, 16, 40), 2: _gpt2_style("gpt2-2.5b", 1920, 20, 54),
-             4: _gpt2_style("gpt2-4.2b", 2304, 24, 64), 8: _gpt2_style("gpt2-8.3b", 3072, 32, 72)}
+_MEGATRON = {
+    1: _gpt2_style("gpt2-1.2b", 1536, 16, 40),
+    2: _gpt2_style("gpt2-2.5b", 1920, 20, 54),
+    4: _gpt2_style("gpt2-4.2b", 2304, 24, 64),
+    8: _gpt2_style("gpt2-8.3b", 3072, 32, 72),
+}
 
 
 @dataclass(frozen=True)
@@ -47,12 +58,12 @@ class Case:
     source: str
     config: str
     metric: str
-    published: dict                      # tp -> published value (fraction)
-    model: str | dict = "llama-3b"       # preset, or {tp: ModelSpec}
+    published: dict  # tp -> published value (fraction)
+    model: str | dict = "llama-3b"  # preset, or {tp: ModelSpec}
     gpu: str = "H100"
     workload: dict = field(default_factory=dict)
-    per_tp: dict = field(default_factory=dict)   # tp -> workload overrides
-    in_target: bool = False              # rows held to TARGET_POINTS
+    per_tp: dict = field(default_factory=dict)  # tp -> workload overrides
+    in_target: bool = False  # rows held to TARGET_POINTS
     forward_only: bool = False
     absolute: dict = field(default_factory=dict)  # tp -> published tokens/s per GPU, where given
 
@@ -63,35 +74,69 @@ def _rel(values: dict) -> dict:
 
 
 CASES = (
-    Case("seed", "seed tutorial (Tazi et al., ch. 4) table, shared/seeds/000",
-         "model ASSUMED llama-7b (the simulator's default 7B), seq 4096, mbs 1, no SP, relative to TP=1",
-         "relative", {1: 1.0, 4: 0.90, 8: 0.80, 16: 0.45, 32: 0.25}, model="llama-7b",
-         workload={"seq": 4096, "micro_batch": 1}, in_target=True),
-    Case("playbook-tp", "Ultra-Scale Playbook, tp_scaling.html (tokens/s/GPU 13923 ... 2146)",
-         "3B (ASSUMED OpenLLaMA-3B shapes: 32 heads divide TP=32), seq 4096 ASSUMED, max micro-batch per TP "
-         "3/8/12/16/20 (published), no SP, relative to TP=2",
-         "relative", _rel(_PLAYBOOK_TP), workload={"seq": 4096},
-         per_tp={tp: {"micro_batch": b} for tp, b in _PLAYBOOK_TP_MBS.items()}, in_target=True,
-         absolute=_PLAYBOOK_TP),
-    Case("playbook-sp", "Ultra-Scale Playbook, tp_sp_scaling.html (tokens/s/GPU 14167 ... 3610)",
-         "as above with SP, max micro-batch per TP 4/10/20/40/100 (published)",
-         "relative", _rel(_PLAYBOOK_SP), workload={"seq": 4096, "sequence_parallel": True},
-         per_tp={tp: {"micro_batch": b} for tp, b in _PLAYBOOK_SP_MBS.items()}, in_target=True,
-         absolute=_PLAYBOOK_SP),
-    Case("megatron-2019", "Megatron-LM (Shoeybi et al. 2019) fig. 5: model-parallel weak scaling",
-         "V100 DGX-2H, fp16, GPT-2 1.2B/2.5B/4.2B/8.3B at TP 1/2/4/8 (table 1), seq 1024, batch 8",
-         "weak_scaling", {1: 1.0, 2: 0.95, 4: 0.82, 8: 0.77}, model=_MEGATRON, gpu="V100",
-         workload={"seq": 1024, "micro_batch": 8, "dtype": "float16"}),
-    Case("async-tp-8b", "PyTorch async-TP post (discuss.pytorch.org/t/209487): up to ~29% forward speedup",
-         "Llama3 8B, TP=8 on H100, SP, seq 8192 ASSUMED, mbs 1 ASSUMED; forward pass only",
-         "overlap_gain", {8: 1.29}, model="llama3-8b",
-         workload={"seq": 8192, "micro_batch": 1, "sequence_parallel": True, "mode": "prefill"},
-         forward_only=True),
-    Case("async-tp-70b", "PyTorch async-TP post: up to ~20% forward speedup",
-         "Llama3 70B, TP=8 on H100, SP, seq 8192 ASSUMED, mbs 1 ASSUMED; forward pass only",
-         "overlap_gain", {8: 1.20}, model="llama3-70b",
-         workload={"seq": 8192, "micro_batch": 1, "sequence_parallel": True, "mode": "prefill"},
-         forward_only=True),
+    Case(
+        "seed",
+        "seed tutorial (Tazi et al., ch. 4) table, shared/seeds/000",
+        "model ASSUMED llama-7b (the simulator's default 7B), seq 4096, mbs 1, no SP, relative to TP=1",
+        "relative",
+        {1: 1.0, 4: 0.90, 8: 0.80, 16: 0.45, 32: 0.25},
+        model="llama-7b",
+        workload={"seq": 4096, "micro_batch": 1},
+        in_target=True,
+    ),
+    Case(
+        "playbook-tp",
+        "Ultra-Scale Playbook, tp_scaling.html (tokens/s/GPU 13923 ... 2146)",
+        "3B (ASSUMED OpenLLaMA-3B shapes: 32 heads divide TP=32), seq 4096 ASSUMED, max micro-batch per TP "
+        "3/8/12/16/20 (published), no SP, relative to TP=2",
+        "relative",
+        _rel(_PLAYBOOK_TP),
+        workload={"seq": 4096},
+        per_tp={tp: {"micro_batch": b} for tp, b in _PLAYBOOK_TP_MBS.items()},
+        in_target=True,
+        absolute=_PLAYBOOK_TP,
+    ),
+    Case(
+        "playbook-sp",
+        "Ultra-Scale Playbook, tp_sp_scaling.html (tokens/s/GPU 14167 ... 3610)",
+        "as above with SP, max micro-batch per TP 4/10/20/40/100 (published)",
+        "relative",
+        _rel(_PLAYBOOK_SP),
+        workload={"seq": 4096, "sequence_parallel": True},
+        per_tp={tp: {"micro_batch": b} for tp, b in _PLAYBOOK_SP_MBS.items()},
+        in_target=True,
+        absolute=_PLAYBOOK_SP,
+    ),
+    Case(
+        "megatron-2019",
+        "Megatron-LM (Shoeybi et al. 2019) fig. 5: model-parallel weak scaling",
+        "V100 DGX-2H, fp16, GPT-2 1.2B/2.5B/4.2B/8.3B at TP 1/2/4/8 (table 1), seq 1024, batch 8",
+        "weak_scaling",
+        {1: 1.0, 2: 0.95, 4: 0.82, 8: 0.77},
+        model=_MEGATRON,
+        gpu="V100",
+        workload={"seq": 1024, "micro_batch": 8, "dtype": "float16"},
+    ),
+    Case(
+        "async-tp-8b",
+        "PyTorch async-TP post (discuss.pytorch.org/t/209487): up to ~29% forward speedup",
+        "Llama3 8B, TP=8 on H100, SP, seq 8192 ASSUMED, mbs 1 ASSUMED; forward pass only",
+        "overlap_gain",
+        {8: 1.29},
+        model="llama3-8b",
+        workload={"seq": 8192, "micro_batch": 1, "sequence_parallel": True, "mode": "prefill"},
+        forward_only=True,
+    ),
+    Case(
+        "async-tp-70b",
+        "PyTorch async-TP post: up to ~20% forward speedup",
+        "Llama3 70B, TP=8 on H100, SP, seq 8192 ASSUMED, mbs 1 ASSUMED; forward pass only",
+        "overlap_gain",
+        {8: 1.20},
+        model="llama3-70b",
+        workload={"seq": 8192, "micro_batch": 1, "sequence_parallel": True, "mode": "prefill"},
+        forward_only=True,
+    ),
 )
 
 
@@ -102,15 +147,25 @@ def _model(case: Case, tp: int) -> ModelSpec:
 def _flops_per_token(model: ModelSpec, seq: int) -> float:
     """Training FLOPs per token: 6 x matmul parameters + causal attention (fwd + bwd: 3 x 2 s h)."""
     mlp = (3 if model.gated_mlp else 2) * model.hidden * model.intermediate
-    attn = 2 * model.hidden * model.heads * model.head_dim + 2 * model.hidden * model.kv_heads * model.head_dim
-    return 6 * (model.layers * (mlp + attn) + model.hidden * model.vocab) + 6 * model.layers * seq * model.hidden
+    attn = (
+        2 * model.hidden * model.heads * model.head_dim + 2 * model.hidden * model.kv_heads * model.head_dim
+    )
+    return (
+        6 * (model.layers * (mlp + attn) + model.hidden * model.vocab) + 6 * model.layers * seq * model.hidden
+    )
 
 
 def _raw(case: Case, gpu, link, matmul_efficiency: float = 1.0) -> dict:
     raw = {}
     for tp in case.published:
-        w = Workload(**{**case.workload, **case.per_tp.get(tp, {}), "allow_kv_replication": True,
-                        "matmul_efficiency": matmul_efficiency})
+        w = Workload(
+            **{
+                **case.workload,
+                **case.per_tp.get(tp, {}),
+                "allow_kv_replication": True,
+                "matmul_efficiency": matmul_efficiency,
+            }
+        )
         r = estimate(_model(case, tp), gpu, link, w, tp)
         if case.metric == "overlap_gain":
             raw[tp] = r["step_s"]["no_overlap"] / r["step_s"]["overlap"]
@@ -157,19 +212,32 @@ def comparison_rows(cases=CASES) -> list[dict]:
         eff = matched_efficiency(case)
         matched = predict(case, matmul_efficiency=eff) if eff is not None else {}
         for tp, pub in case.published.items():
-            rows.append({"case": case.name, "tp": tp, "published": pub, "predicted": pred[tp],
-                         "error_points": 100 * (pred[tp] - pub), "in_target": case.in_target,
-                         "metric": case.metric, "matched_efficiency": eff,
-                         "predicted_matched": matched.get(tp),
-                         "error_points_matched": 100 * (matched[tp] - pub) if matched else None})
+            rows.append(
+                {
+                    "case": case.name,
+                    "tp": tp,
+                    "published": pub,
+                    "predicted": pred[tp],
+                    "error_points": 100 * (pred[tp] - pub),
+                    "in_target": case.in_target,
+                    "metric": case.metric,
+                    "matched_efficiency": eff,
+                    "predicted_matched": matched.get(tp),
+                    "error_points_matched": 100 * (matched[tp] - pub) if matched else None,
+                }
+            )
     return rows
 
 
 def comparison_markdown(cases=CASES) -> str:
     """The comparison table of docs/planner.md (percent; gains as speedups)."""
-    lines = [("| case | TP | published | predicted | error (points) | compute matched: predicted (error) "
-              "| config and source |"),
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        (
+            "| case | TP | published | predicted | error (points) | compute matched: predicted (error) "
+            "| config and source |"
+        ),
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     by_name = {c.name: c for c in cases}
     seen = set()
     for r in comparison_rows(cases):
@@ -182,8 +250,13 @@ def comparison_markdown(cases=CASES) -> str:
         seen.add(case.name)
         fmt = (lambda v: f"{v:.2f}x") if r["metric"] == "overlap_gain" else (lambda v: f"{100 * v:.0f}%")
         flag = "" if not r["in_target"] or abs(r["error_points"]) <= TARGET_POINTS else " (over target)"
-        matched = (f"{fmt(r['predicted_matched'])} ({r['error_points_matched']:+.0f})"
-                   if r["predicted_matched"] is not None else "-")
-        lines.append(f"| {r['case']} | {r['tp']} | {fmt(r['published'])} | {fmt(r['predicted'])} | "
-                     f"{r['error_points']:+.0f}{flag} | {matched} | {note} |")
+        matched = (
+            f"{fmt(r['predicted_matched'])} ({r['error_points_matched']:+.0f})"
+            if r["predicted_matched"] is not None
+            else "-"
+        )
+        lines.append(
+            f"| {r['case']} | {r['tp']} | {fmt(r['published'])} | {fmt(r['predicted'])} | "
+            f"{r['error_points']:+.0f}{flag} | {matched} | {note} |"
+        )
     return "\n".join(lines)

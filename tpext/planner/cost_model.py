@@ -10,12 +10,32 @@ from __future__ import annotations
 import math
 
 __all__ = [
-    "shard_size", "column_shard_output_bytes", "allreduce_bytes_per_layer", "largest_activation_elems",
-    "ring_allreduce_time_s", "ring_reduce_scatter_time_s", "ring_allgather_time_s",
+    "shard_size",
+    "column_shard_output_bytes",
+    "allreduce_bytes_per_layer",
+    "largest_activation_elems",
+    "ring_allreduce_time_s",
+    "ring_reduce_scatter_time_s",
+    "ring_allgather_time_s",
     "collective_wire_bytes_per_gpu",
-    "kv_heads_per_gpu", "check_tp", "layer_params", "mlp_params", "mlp_width", "moe_layer_counts", "model_params", "params_per_gpu", "weights_bytes",
-    "training_state_bytes_per_param", "layer_activation_bytes", "logits_bytes", "kv_cache_bytes",
-    "gemm_time_s", "pipelined_time_s", "pipeline_bubble_fraction", "wave_efficiency", "nccl_ring_time_s",
+    "kv_heads_per_gpu",
+    "check_tp",
+    "layer_params",
+    "mlp_params",
+    "mlp_width",
+    "moe_layer_counts",
+    "model_params",
+    "params_per_gpu",
+    "weights_bytes",
+    "training_state_bytes_per_param",
+    "layer_activation_bytes",
+    "logits_bytes",
+    "kv_cache_bytes",
+    "gemm_time_s",
+    "pipelined_time_s",
+    "pipeline_bubble_fraction",
+    "wave_efficiency",
+    "nccl_ring_time_s",
     "overlapped_time_s",
 ]
 
@@ -84,17 +104,20 @@ def check_tp(heads: int, kv_heads: int, tp: int, *, allow_kv_replication: bool =
     if tp < 1:
         raise ValueError(f"tpext plan: TP degree must be >= 1, got {tp}")
     if heads % tp:
-        raise ValueError(f"tpext plan: TP={tp} does not divide the {heads} attention heads "
-                         f"(each GPU must own whole heads)")
+        raise ValueError(
+            f"tpext plan: TP={tp} does not divide the {heads} attention heads (each GPU must own whole heads)"
+        )
     if tp > kv_heads:
         if not allow_kv_replication:
             raise ValueError(
                 f"tpext plan: TP={tp} exceeds the {kv_heads} key/value heads: with GQA the useful TP is at "
                 f"most the kv head count ({kv_heads}); beyond it every kv head is replicated on "
-                f"{tp // kv_heads} GPUs (pass --allow-kv-replication to model that)")
+                f"{tp // kv_heads} GPUs (pass --allow-kv-replication to model that)"
+            )
         if tp % kv_heads:
-            raise ValueError(f"tpext plan: TP={tp} must be a multiple of the {kv_heads} kv heads to "
-                             f"replicate them")
+            raise ValueError(
+                f"tpext plan: TP={tp} must be a multiple of the {kv_heads} kv heads to replicate them"
+            )
     elif kv_heads % tp:
         raise ValueError(f"tpext plan: TP={tp} does not divide the {kv_heads} key/value heads")
 
@@ -107,7 +130,9 @@ def mlp_params(model, tp: int = 1, moe_layer: bool = False) -> int:
     mats = 3 if model.gated_mlp else 2
     if not moe_layer:
         return mats * model.hidden * shard_size(model.intermediate, tp)
-    width = model.experts * shard_size(model.expert_intermediate, tp) + shard_size(model.shared_intermediate, tp)
+    width = model.experts * shard_size(model.expert_intermediate, tp) + shard_size(
+        model.shared_intermediate, tp
+    )
     return mats * model.hidden * width + model.hidden * model.experts
 
 
@@ -139,14 +164,22 @@ def embedding_params(model, tp: int = 1, pp: int = 1) -> int:
 
 def model_params(model) -> int:
     dense, moe = moe_layer_counts(model)
-    return dense * layer_params(model) + moe * layer_params(model, 1, True) + embedding_params(model) + model.hidden
+    return (
+        dense * layer_params(model)
+        + moe * layer_params(model, 1, True)
+        + embedding_params(model)
+        + model.hidden
+    )
 
 
 def params_per_gpu(model, tp: int, pp: int) -> int:
     """Parameters on the most loaded GPU: ceil(layers / pp) layers plus the embedding or the head."""
-    dense, moe = moe_layer_counts(model, math.ceil(model.layers / pp))   # a stage of MoE layers, if any
-    return (dense * layer_params(model, tp) + moe * layer_params(model, tp, True)
-            + embedding_params(model, tp, pp))
+    dense, moe = moe_layer_counts(model, math.ceil(model.layers / pp))  # a stage of MoE layers, if any
+    return (
+        dense * layer_params(model, tp)
+        + moe * layer_params(model, tp, True)
+        + embedding_params(model, tp, pp)
+    )
 
 
 def weights_bytes(params: float, dtype_bytes: int) -> float:
@@ -162,8 +195,15 @@ def training_state_bytes_per_param(dtype_bytes: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- activations
-def layer_activation_bytes(model, tokens: int, tp: int, dtype_bytes: int, sequence_parallel: bool,
-                           keep_gathered_inputs: bool = False, moe_layer: bool = False) -> int:
+def layer_activation_bytes(
+    model,
+    tokens: int,
+    tp: int,
+    dtype_bytes: int,
+    sequence_parallel: bool,
+    keep_gathered_inputs: bool = False,
+    moe_layer: bool = False,
+) -> int:
     """Bytes one layer saves for backward (no recomputation; flash attention: no [s, s] scores).
 
     Replicated-region tensors [tokens, hidden]: the two norm inputs (residual stream) and the two norm
@@ -179,9 +219,11 @@ def layer_activation_bytes(model, tokens: int, tp: int, dtype_bytes: int, sequen
     replicated = (2 * rows_sp + 2 * rows_norm_out) * h
     q_local = (model.heads // tp) * d
     kv_local = kv_heads_per_gpu(model.kv_heads, tp) * d
-    sharded = tokens * (2 * q_local + 2 * kv_local + (3 if model.gated_mlp else 2) * mlp_width(model, tp, moe_layer))
+    sharded = tokens * (
+        2 * q_local + 2 * kv_local + (3 if model.gated_mlp else 2) * mlp_width(model, tp, moe_layer)
+    )
     stats_fp32 = rows_sp * 2 + tokens * (model.heads // tp)
-    if moe_layer:   # fp32 router logits and the routed copies of each token's input to its k experts
+    if moe_layer:  # fp32 router logits and the routed copies of each token's input to its k experts
         stats_fp32 += tokens * model.experts
         sharded += tokens * model.experts_per_token * h
     return (replicated + sharded) * dtype_bytes + 4 * stats_fp32
@@ -192,8 +234,9 @@ def mlp_width(model, tp: int, moe_layer: bool = False) -> int:
     experts' shards plus the shared experts' shard."""
     if not moe_layer:
         return shard_size(model.intermediate, tp)
-    return (model.experts_per_token * shard_size(model.expert_intermediate, tp)
-            + shard_size(model.shared_intermediate, tp))
+    return model.experts_per_token * shard_size(model.expert_intermediate, tp) + shard_size(
+        model.shared_intermediate, tp
+    )
 
 
 def logits_bytes(tokens: int, vocab: int, tp: int) -> int:
@@ -225,8 +268,17 @@ def wave_efficiency(m: int, n: int, sms: int) -> float:
     return best
 
 
-def gemm_time_s(m: int, k: int, n: int, dtype_bytes: int, tflops: float, hbm_GBps: float, *, sms: int = 0,
-                efficiency: float = 1.0) -> float:
+def gemm_time_s(
+    m: int,
+    k: int,
+    n: int,
+    dtype_bytes: int,
+    tflops: float,
+    hbm_GBps: float,
+    *,
+    sms: int = 0,
+    efficiency: float = 1.0,
+) -> float:
     """Roofline of one [m, k] x [k, n] GEMM: the larger of its FLOP time and its HBM traffic time
     (reading both operands and writing the output once). The FLOP rate is the spec figure times the
     measured fraction cuBLAS reaches on large shapes (`efficiency`) times the wave efficiency on `sms`."""
@@ -236,10 +288,19 @@ def gemm_time_s(m: int, k: int, n: int, dtype_bytes: int, tflops: float, hbm_GBp
     return max(flops / rate, traffic / (hbm_GBps * GB))
 
 
-def nccl_ring_time_s(kind: str, payload_bytes: float, n: int, nodes: int, bus_GBps: float,
-                     protocols: dict, *, nvlink_step_scale: float = 1.0, net_step_us: float | None = None,
-                     multinode_ring_factor: float = 1.0, ll_multinode_intra_factor: float = 1.0
-                     ) -> tuple[float, float]:
+def nccl_ring_time_s(
+    kind: str,
+    payload_bytes: float,
+    n: int,
+    nodes: int,
+    bus_GBps: float,
+    protocols: dict,
+    *,
+    nvlink_step_scale: float = 1.0,
+    net_step_us: float | None = None,
+    multinode_ring_factor: float = 1.0,
+    ll_multinode_intra_factor: float = 1.0,
+) -> tuple[float, float]:
     """(bandwidth seconds, latency seconds) of one ring collective under NCCL's cost model, with the
     protocol NCCL would pick (the fastest): latency = base + intra-node steps x NVLink step + inter-node
     steps x network step; bandwidth = wire bytes / (bus bandwidth x the protocol's fraction).
@@ -263,7 +324,7 @@ def nccl_ring_time_s(kind: str, payload_bytes: float, n: int, nodes: int, bus_GB
         if nodes > 1 and name == "simple" and kind == "all_reduce":
             lat *= multinode_ring_factor
         if name == "ll" and nodes == 1 and kind != "all_reduce":
-            fraction = max(fraction, 1 / 3)      # NCCL: LL reaches a third for intra-node RS / AG
+            fraction = max(fraction, 1 / 3)  # NCCL: LL reaches a third for intra-node RS / AG
         bw_s = wire / (bus_GBps * fraction * GB)
         if best is None or bw_s + lat * 1e-6 < sum(best):
             best = (bw_s, lat * 1e-6)

@@ -71,8 +71,9 @@ class Workload:
         if self.zero not in (0, 1, 2, 3):
             raise ValueError(f"tpext plan: zero stage must be 0, 1, 2 or 3, got {self.zero!r}")
         if not 0 < self.matmul_efficiency <= 1:
-            raise ValueError(f"tpext plan: matmul efficiency must be in (0, 1], "
-                             f"got {self.matmul_efficiency!r}")
+            raise ValueError(
+                f"tpext plan: matmul efficiency must be in (0, 1], got {self.matmul_efficiency!r}"
+            )
 
 
 class _Net:
@@ -81,8 +82,9 @@ class _Net:
     def __init__(self, gpu: GPUSpec, link: LinkSpec, gpus_per_node: int):
         self.gpu, self.link, self.gpn = gpu, link, gpus_per_node
 
-    def time_s(self, kind: str, payload: float, n: int,
-               members_per_node: int | None = None) -> tuple[float, float]:
+    def time_s(
+        self, kind: str, payload: float, n: int, members_per_node: int | None = None
+    ) -> tuple[float, float]:
         """(bandwidth seconds, latency seconds) of one collective over n GPUs, `members_per_node` of them
         on each node (default: as many as fit). Inside a node the bus bandwidth is the NVLink figure;
         across nodes a ring runs one ring per NIC, so it is at most members_per_node x the NIC figure."""
@@ -91,14 +93,23 @@ class _Net:
         g = members_per_node or min(n, self.gpn)
         nodes = -(-n // g)
         bus = self.gpu.nvlink_GBps if nodes == 1 else min(self.gpu.nvlink_GBps, g * self.link.per_gpu_GBps)
-        if nodes == 1 and self.gpu.measured_latency_us is not None:   # calibrated: its own latency
-            return (cm.collective_wire_bytes_per_gpu(kind, payload, n) / (bus * cm.GB),
-                    self.gpu.measured_latency_us * 1e-6)
+        if nodes == 1 and self.gpu.measured_latency_us is not None:  # calibrated: its own latency
+            return (
+                cm.collective_wire_bytes_per_gpu(kind, payload, n) / (bus * cm.GB),
+                self.gpu.measured_latency_us * 1e-6,
+            )
         return cm.nccl_ring_time_s(
-            kind, payload, n, nodes, bus, NCCL_PROTOCOLS,
-            nvlink_step_scale=self.gpu.intra_latency_us / NVLINK_LATENCY_US, net_step_us=self.link.latency_us,
+            kind,
+            payload,
+            n,
+            nodes,
+            bus,
+            NCCL_PROTOCOLS,
+            nvlink_step_scale=self.gpu.intra_latency_us / NVLINK_LATENCY_US,
+            net_step_us=self.link.latency_us,
             multinode_ring_factor=NCCL_MULTINODE_RING_LATENCY_FACTOR,
-            ll_multinode_intra_factor=NCCL_LL_MULTINODE_INTRA_FACTOR)
+            ll_multinode_intra_factor=NCCL_LL_MULTINODE_INTRA_FACTOR,
+        )
 
     @property
     def sm_fraction(self) -> float:
@@ -117,8 +128,11 @@ def _mlp_shapes(model: ModelSpec, T: int, tp: int, moe_layer: bool) -> dict:
     active = min(model.experts, T * model.experts_per_token)
     rows = -(-T * model.experts_per_token // active)
     e_local = cm.shard_size(model.expert_intermediate, tp)
-    shapes = {"gate_up": (active, rows, h, mats * e_local), "down": (active, rows, e_local, h),
-              "router": (1, T, h, model.experts)}
+    shapes = {
+        "gate_up": (active, rows, h, mats * e_local),
+        "down": (active, rows, e_local, h),
+        "router": (1, T, h, model.experts),
+    }
     if model.shared_intermediate:
         s_local = cm.shard_size(model.shared_intermediate, tp)
         shapes.update(shared_gate_up=(1, T, h, mats * s_local), shared_down=(1, T, s_local, h))
@@ -138,9 +152,12 @@ def _layer(model: ModelSpec, gpu: GPUSpec, w: Workload, tp: int, net: _Net, moe_
     q_local = (model.heads // tp) * d
     kv_local = cm.kv_heads_per_gpu(model.kv_heads, tp) * d
     i_local = cm.mlp_width(model, tp, moe_layer)
-    shapes = {"qkv": (1, T, h, q_local + 2 * kv_local), "o_proj": (1, T, q_local, h),
-              **_mlp_shapes(model, T, tp, moe_layer)}
-    measured = w.dtype in gpu.measured_dtypes   # a calibrated rate is already what cuBLAS reaches
+    shapes = {
+        "qkv": (1, T, h, q_local + 2 * kv_local),
+        "o_proj": (1, T, q_local, h),
+        **_mlp_shapes(model, T, tp, moe_layer),
+    }
+    measured = w.dtype in gpu.measured_dtypes  # a calibrated rate is already what cuBLAS reaches
     gemm_eff = 1.0 if measured else gpu.gemm_efficiency
     eff = {"sms": gpu.sms, "efficiency": gemm_eff}
     fwd = {k: c * cm.gemm_time_s(m, kk, n, b, tflops, hbm, **eff) for k, (c, m, kk, n) in shapes.items()}
@@ -155,29 +172,42 @@ def _layer(model: ModelSpec, gpu: GPUSpec, w: Workload, tp: int, net: _Net, moe_
         attn_flops = 4.0 * w.micro_batch * w.seq * q_local
         attn_bytes = 2.0 * w.micro_batch * w.seq * kv_local * b
     else:
-        attn_flops = 4.0 * w.micro_batch * w.seq * w.seq * q_local * 0.5   # causal: half the score matrix
+        attn_flops = 4.0 * w.micro_batch * w.seq * w.seq * q_local * 0.5  # causal: half the score matrix
         attn_bytes = (2 * q_local + 2 * kv_local) * T * b
     # flash attention's published fraction is of the spec peak; a measured GEMM rate stands for spec x MAMF
     attn_tflops = tflops * gpu.attention_efficiency / (gpu.gemm_efficiency if measured else 1.0)
     attn_fwd = max(attn_flops / (attn_tflops * 1e12), attn_bytes / (hbm * 1e9))
     rows_sp = cm.shard_size(T, tp) if w.sequence_parallel else T
-    elem_bytes = b * (ELEMENTWISE_PASSES_PER_LAYER * rows_sp * h
-                      + T * (3 * i_local + 2 * (q_local + kv_local)))   # + SwiGLU, RoPE on the shards
+    elem_bytes = b * (
+        ELEMENTWISE_PASSES_PER_LAYER * rows_sp * h + T * (3 * i_local + 2 * (q_local + kv_local))
+    )  # + SwiGLU, RoPE on the shards
     elem_fwd = elem_bytes / (hbm * 1e9)
 
     gemm_names = list(shapes)
     compute_fwd = sum(fwd[k] for k in gemm_names) + attn_fwd + elem_fwd
     compute_bwd = 0.0
     if w.mode == "train":
-        compute_bwd = (sum(dgrad[k] + wgrad[k] for k in gemm_names) + ATTENTION_BACKWARD_FLOP_RATIO * attn_fwd
-                       + 2 * elem_fwd + (compute_fwd if w.recompute else 0.0))
+        compute_bwd = (
+            sum(dgrad[k] + wgrad[k] for k in gemm_names)
+            + ATTENTION_BACKWARD_FLOP_RATIO * attn_fwd
+            + 2 * elem_fwd
+            + (compute_fwd if w.recompute else 0.0)
+        )
 
     # (kind, partner GEMM time) of each collective; every payload is the full [T, h] activation.
     if w.sequence_parallel:
-        fwd_colls = [("all_gather", fwd["qkv"]), ("reduce_scatter", fwd["o_proj"]),
-                     ("all_gather", fwd["mlp_in"]), ("reduce_scatter", fwd["mlp_out"])]
-        bwd_colls = [("reduce_scatter", dgrad["qkv"]), ("all_gather", dgrad["o_proj"]),
-                     ("reduce_scatter", dgrad["mlp_in"]), ("all_gather", dgrad["mlp_out"])]
+        fwd_colls = [
+            ("all_gather", fwd["qkv"]),
+            ("reduce_scatter", fwd["o_proj"]),
+            ("all_gather", fwd["mlp_in"]),
+            ("reduce_scatter", fwd["mlp_out"]),
+        ]
+        bwd_colls = [
+            ("reduce_scatter", dgrad["qkv"]),
+            ("all_gather", dgrad["o_proj"]),
+            ("reduce_scatter", dgrad["mlp_in"]),
+            ("all_gather", dgrad["mlp_out"]),
+        ]
         if not w.keep_gathered_inputs:  # the column layers gather their input again for wgrad, not overlapped
             bwd_colls += [("all_gather", 0.0), ("all_gather", 0.0)]
     else:
@@ -214,17 +244,29 @@ def _layer(model: ModelSpec, gpu: GPUSpec, w: Workload, tp: int, net: _Net, moe_
         # (a latency per piece), and each overlapped stage gives f of its collective's time to NCCL's SMs.
         costs["chunk_latency"] += best * chunk_s(best) - (bw_s + lat_s)
         costs["nccl_sms"] += (best - 1) * net.sm_fraction * chunk_s(best)
-        e = by_kind.setdefault(kind, {"count": 0, "payload_bytes": payload, "wire_bytes_per_gpu": 0.0,
-                                      "time_s": 0.0})
+        e = by_kind.setdefault(
+            kind, {"count": 0, "payload_bytes": payload, "wire_bytes_per_gpu": 0.0, "time_s": 0.0}
+        )
         e["count"] += 1
         e["wire_bytes_per_gpu"] += cm.collective_wire_bytes_per_gpu(kind, payload, tp)
         e["time_s"] += bw_s + lat_s
-    return {"tokens": T, "chunks": chunks_used, "compute_fwd_s": compute_fwd, "compute_bwd_s": compute_bwd,
-            "compute_s": compute_fwd + compute_bwd, "comm_s": comm_s,
-            "exposed_comm_overlap_s": exposed_overlap_s, "overlap_costs_s": costs, "collectives": by_kind,
-            "gemm_fwd_s": fwd,
-            "attention_fwd_s": attn_fwd, "elementwise_fwd_s": elem_fwd,
-            "tflops_used": tflops, "gemm_efficiency": gemm_eff, "moe_layer": moe_layer}
+    return {
+        "tokens": T,
+        "chunks": chunks_used,
+        "compute_fwd_s": compute_fwd,
+        "compute_bwd_s": compute_bwd,
+        "compute_s": compute_fwd + compute_bwd,
+        "comm_s": comm_s,
+        "exposed_comm_overlap_s": exposed_overlap_s,
+        "overlap_costs_s": costs,
+        "collectives": by_kind,
+        "gemm_fwd_s": fwd,
+        "attention_fwd_s": attn_fwd,
+        "elementwise_fwd_s": elem_fwd,
+        "tflops_used": tflops,
+        "gemm_efficiency": gemm_eff,
+        "moe_layer": moe_layer,
+    }
 
 
 _LAYER_SUMS = ("compute_fwd_s", "compute_bwd_s", "compute_s", "comm_s", "exposed_comm_overlap_s")
@@ -247,11 +289,19 @@ def _stage_layer(model: ModelSpec, gpu: GPUSpec, w: Workload, tp: int, net: _Net
 def _head(model: ModelSpec, gpu: GPUSpec, w: Workload, tp: int, net: _Net, tflops: float) -> dict:
     """Embedding, LM head and vocabulary-parallel cross entropy, once per micro-batch."""
     b = DTYPE_BYTES[w.dtype]
-    rows = w.micro_batch if w.mode != "train" else w.micro_batch * w.seq   # serving needs last-token logits
+    rows = w.micro_batch if w.mode != "train" else w.micro_batch * w.seq  # serving needs last-token logits
     T = w.micro_batch if w.mode == "decode" else w.micro_batch * w.seq
     v_local = cm.shard_size(model.vocab, tp)
-    fwd = cm.gemm_time_s(rows, model.hidden, v_local, b, tflops, gpu.hbm_GBps, sms=gpu.sms,
-                         efficiency=1.0 if w.dtype in gpu.measured_dtypes else gpu.gemm_efficiency)
+    fwd = cm.gemm_time_s(
+        rows,
+        model.hidden,
+        v_local,
+        b,
+        tflops,
+        gpu.hbm_GBps,
+        sms=gpu.sms,
+        efficiency=1.0 if w.dtype in gpu.measured_dtypes else gpu.gemm_efficiency,
+    )
     compute = fwd * (3 if w.mode == "train" else 1)
     comm = 0.0
     if tp > 1:
@@ -260,13 +310,13 @@ def _head(model: ModelSpec, gpu: GPUSpec, w: Workload, tp: int, net: _Net, tflop
         # (tpext.parallelize) and all-gathers its gradient there in backward.
         comm += sum(net.time_s("all_reduce", T * model.hidden * b, tp))
         if w.mode == "train":
-            comm += sum(net.time_s(kind, T * model.hidden * b, tp))        # head input gradient
+            comm += sum(net.time_s(kind, T * model.hidden * b, tp))  # head input gradient
             if w.sequence_parallel:
                 comm += sum(net.time_s("all_gather", T * model.hidden * b, tp))
-            comm += 3 * sum(net.time_s("all_reduce", rows * 4, tp))        # CE: max, sum-exp, target logit
+            comm += 3 * sum(net.time_s("all_reduce", rows * 4, tp))  # CE: max, sum-exp, target logit
         if w.sequence_parallel:
             comm += sum(net.time_s("all_gather", rows * model.hidden * b, tp))
-            if w.mode == "train" and not w.keep_gathered_inputs:   # lm_head's input, gathered again for wgrad
+            if w.mode == "train" and not w.keep_gathered_inputs:  # lm_head's input, gathered again for wgrad
                 comm += sum(net.time_s("all_gather", rows * model.hidden * b, tp))
     return {"compute_s": compute, "comm_s": comm}
 
@@ -275,8 +325,13 @@ def _memory(model: ModelSpec, w: Workload, tp: int, capacity_GiB: float) -> dict
     b = DTYPE_BYTES[w.dtype]
     params = cm.params_per_gpu(model, tp, w.pp)
     layers = math.ceil(model.layers / w.pp)
-    mem = {"weights": cm.weights_bytes(params, b), "grads": 0.0, "optimizer": 0.0, "activations": 0.0,
-           "kv_cache": 0.0}
+    mem = {
+        "weights": cm.weights_bytes(params, b),
+        "grads": 0.0,
+        "optimizer": 0.0,
+        "activations": 0.0,
+        "kv_cache": 0.0,
+    }
     T = w.micro_batch if w.mode == "decode" else w.micro_batch * w.seq
     if w.mode == "train":
         per = cm.training_state_bytes_per_param(b)
@@ -284,9 +339,11 @@ def _memory(model: ModelSpec, w: Workload, tp: int, capacity_GiB: float) -> dict
         mem["grads"] = params * per["grads"] / (w.dp if w.zero >= 2 else 1)
         mem["optimizer"] = params * per["optimizer"] / (w.dp if w.zero >= 1 else 1)
         dense, moe = cm.moe_layer_counts(model, layers)
-        acts = [cm.layer_activation_bytes(model, T, tp, b, w.sequence_parallel, w.keep_gathered_inputs, m)
-                for m in (False, True)]
-        in_flight = min(w.pp, w.microbatches)   # 1F1B: the first stage holds pp micro-batches
+        acts = [
+            cm.layer_activation_bytes(model, T, tp, b, w.sequence_parallel, w.keep_gathered_inputs, m)
+            for m in (False, True)
+        ]
+        in_flight = min(w.pp, w.microbatches)  # 1F1B: the first stage holds pp micro-batches
         if w.recompute:
             rows = cm.shard_size(T, tp) if w.sequence_parallel else T
             stored = layers * rows * model.hidden * b * in_flight + acts[moe > 0]
@@ -296,19 +353,30 @@ def _memory(model: ModelSpec, w: Workload, tp: int, capacity_GiB: float) -> dict
     else:
         mem["kv_cache"] = cm.kv_cache_bytes(model, w.micro_batch, w.seq, tp, layers, b)
         i_local = cm.mlp_width(model, tp, model.moe)
-        mem["activations"] = (T * (2 * model.hidden + 3 * i_local) * b
-                              + cm.logits_bytes(w.micro_batch, model.vocab, tp))
+        mem["activations"] = T * (2 * model.hidden + 3 * i_local) * b + cm.logits_bytes(
+            w.micro_batch, model.vocab, tp
+        )
     total = sum(mem.values()) + w.reserve_GiB * GiB
     capacity = capacity_GiB * GiB
     dominant = max(mem, key=mem.get)
-    out = {"bytes": mem, "total_bytes": total, "capacity_bytes": capacity, "fits": total <= capacity,
-           "dominant": dominant, "params_per_gpu": params}
+    out = {
+        "bytes": mem,
+        "total_bytes": total,
+        "capacity_bytes": capacity,
+        "fits": total <= capacity,
+        "dominant": dominant,
+        "params_per_gpu": params,
+    }
     if not out["fits"]:
-        out["reason"] = (f"needs {total / GiB:.1f} GiB per GPU of {capacity_GiB:.1f} GiB "
-                         f"(over by {(total - capacity) / GiB:.1f} GiB); largest term: {dominant} "
-                         f"{mem[dominant] / GiB:.1f} GiB ({mem[dominant] / total:.0%}); try "
-                         + REMEDIES[dominant].format(sp="" if w.sequence_parallel else "--sp, ",
-                                                     recompute="" if w.recompute else "--recompute full, "))
+        out["reason"] = (
+            f"needs {total / GiB:.1f} GiB per GPU of {capacity_GiB:.1f} GiB "
+            f"(over by {(total - capacity) / GiB:.1f} GiB); largest term: {dominant} "
+            f"{mem[dominant] / GiB:.1f} GiB ({mem[dominant] / total:.0%}); try "
+            + REMEDIES[dominant].format(
+                sp="" if w.sequence_parallel else "--sp, ",
+                recompute="" if w.recompute else "--recompute full, ",
+            )
+        )
     return out
 
 
@@ -316,8 +384,10 @@ def estimate(model: ModelSpec, gpu: GPUSpec, link: LinkSpec, w: Workload, tp: in
     """Predicted figures of one TP degree (DP, PP and the rest from `w`), for one GPU of the slowest stage."""
     cm.check_tp(model.heads, model.kv_heads, tp, allow_kv_replication=w.allow_kv_replication)
     if tp > w.gpus_per_node and tp % w.gpus_per_node:
-        raise ValueError(f"tpext plan: TP={tp} spans nodes of {w.gpus_per_node} GPUs but does not fill whole "
-                         f"nodes (use a multiple of {w.gpus_per_node})")
+        raise ValueError(
+            f"tpext plan: TP={tp} spans nodes of {w.gpus_per_node} GPUs but does not fill whole "
+            f"nodes (use a multiple of {w.gpus_per_node})"
+        )
     net = _Net(gpu, link, w.gpus_per_node)
     layer = _stage_layer(model, gpu, w, tp, net)
     head = _head(model, gpu, w, tp, net, layer["tflops_used"])
@@ -327,9 +397,17 @@ def estimate(model: ModelSpec, gpu: GPUSpec, link: LinkSpec, w: Workload, tp: in
     compute = layers * layer["compute_s"] + head["compute_s"]
     stage_no_overlap = compute + layers * layer["comm_s"] + head["comm_s"]
     stage_overlap = compute + layers * layer["exposed_comm_overlap_s"] + head["comm_s"]
-    out = {"tp": tp, "dp": w.dp, "pp": w.pp, "gpus": tp * w.dp * w.pp, "memory": mem, "layer": layer,
-           "head": head, "compute_s": compute,
-           "exposed_comm_s": {"no_overlap": stage_no_overlap - compute, "overlap": stage_overlap - compute}}
+    out = {
+        "tp": tp,
+        "dp": w.dp,
+        "pp": w.pp,
+        "gpus": tp * w.dp * w.pp,
+        "memory": mem,
+        "layer": layer,
+        "head": head,
+        "compute_s": compute,
+        "exposed_comm_s": {"no_overlap": stage_no_overlap - compute, "overlap": stage_overlap - compute},
+    }
 
     tokens = layer["tokens"]
     dp_exposed = {"no_overlap": 0.0, "overlap": 0.0}
@@ -338,9 +416,9 @@ def estimate(model: ModelSpec, gpu: GPUSpec, link: LinkSpec, w: Workload, tp: in
         grad_bytes = mem["params_per_gpu"] * DTYPE_BYTES[w.dtype]
         dp_comm = 0.0
         if w.dp > 1:
-            per_node = max(1, min(w.dp, w.gpus_per_node // tp))    # DP ranks are tp apart (TP innermost)
+            per_node = max(1, min(w.dp, w.gpus_per_node // tp))  # DP ranks are tp apart (TP innermost)
             dp_comm = sum(net.time_s("all_reduce", grad_bytes, w.dp, per_node))
-            dp_comm *= 1.5 if w.zero >= 3 else 1.0                  # + parameter all-gathers
+            dp_comm *= 1.5 if w.zero >= 3 else 1.0  # + parameter all-gathers
         backward = layers * layer["compute_bwd_s"]
         dp_exposed = {k: max(0.0, dp_comm - backward) for k in dp_exposed}
         out["dp_grad_sync_s"] = dp_comm
@@ -349,7 +427,7 @@ def estimate(model: ModelSpec, gpu: GPUSpec, link: LinkSpec, w: Workload, tp: in
         step_s = {k: (m + w.pp - 1) * v + dp_exposed[k] for k, v in steps.items()}
         tokens_per_step = m * tokens
     else:
-        step_s = {"no_overlap": stage_no_overlap, "overlap": stage_overlap}   # steady-state pipeline
+        step_s = {"no_overlap": stage_no_overlap, "overlap": stage_overlap}  # steady-state pipeline
         tokens_per_step = tokens
     out["step_s"] = step_s
     out["tokens_per_s_per_gpu"] = {k: tokens_per_step / (v * tp * w.pp) for k, v in step_s.items()}

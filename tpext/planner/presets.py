@@ -14,21 +14,38 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
-    "DTYPE_BYTES", "ModelSpec", "GPUSpec", "LinkSpec", "MODELS", "GPUS", "INTER_NODE_LINKS",
-    "model_preset", "gpu_preset", "inter_node_preset", "load_hf_config", "resolve_model", "nccl_model",
+    "DTYPE_BYTES",
+    "ModelSpec",
+    "GPUSpec",
+    "LinkSpec",
+    "MODELS",
+    "GPUS",
+    "INTER_NODE_LINKS",
+    "model_preset",
+    "gpu_preset",
+    "inter_node_preset",
+    "load_hf_config",
+    "resolve_model",
+    "nccl_model",
 ]
 
 #: bytes per element of the dtypes the planner knows (names as torch spells them, plus short forms)
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16",
-                 "float": "float32"}
+DTYPE_ALIASES = {
+    "fp32": "float32",
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "half": "float16",
+    "float": "float32",
+}
 
 
 def canonical_dtype(name: str) -> str:
     name = DTYPE_ALIASES.get(name, name)
     if name not in DTYPE_BYTES:
-        raise ValueError(f"tpext plan: dtype must be one of {sorted(DTYPE_BYTES) + sorted(DTYPE_ALIASES)}, "
-                         f"got {name!r}")
+        raise ValueError(
+            f"tpext plan: dtype must be one of {sorted(DTYPE_BYTES) + sorted(DTYPE_ALIASES)}, got {name!r}"
+        )
     return name
 
 
@@ -110,7 +127,7 @@ class GPUSpec:
     attention_efficiency: float = 1.0
     nccl_sms: int = 0
     measured_latency_us: float | None = None
-    measured_dtypes: tuple = ()   # dtypes whose matmul_tflops a calibration measured (achieved, not spec)
+    measured_dtypes: tuple = ()  # dtypes whose matmul_tflops a calibration measured (achieved, not spec)
 
 
 # NCCL's own cost model of a ring collective (NVIDIA/nccl src/graph/tuning.cc, the ncclTopoTuneModel
@@ -131,11 +148,16 @@ NVLINK_LATENCY_US = NCCL_PROTOCOLS["simple"][1]
 
 def nccl_model() -> dict:
     """The NCCL cost-model constants in use, for a plan's recorded inputs."""
-    return {"protocols": {k: dict(zip(("base_us", "nvlink_step_us", "net_step_us", "bandwidth_fraction"), v))
-                          for k, v in NCCL_PROTOCOLS.items()},
-            "multinode_ring_latency_factor": NCCL_MULTINODE_RING_LATENCY_FACTOR,
-            "ll_multinode_intra_factor": NCCL_LL_MULTINODE_INTRA_FACTOR,
-            "source": "NVIDIA/nccl src/graph/tuning.cc (ncclTopoTuneModel)"}
+    return {
+        "protocols": {
+            k: dict(zip(("base_us", "nvlink_step_us", "net_step_us", "bandwidth_fraction"), v))
+            for k, v in NCCL_PROTOCOLS.items()
+        },
+        "multinode_ring_latency_factor": NCCL_MULTINODE_RING_LATENCY_FACTOR,
+        "ll_multinode_intra_factor": NCCL_LL_MULTINODE_INTRA_FACTOR,
+        "source": "NVIDIA/nccl src/graph/tuning.cc (ncclTopoTuneModel)",
+    }
+
 
 # Spec sheets: NVIDIA H100 Tensor Core GPU data sheet (SXM5 80GB: 989 TFLOP/s dense BF16/FP16, 67 TFLOP/s
 # FP32, 3.35 TB/s HBM3, 132 SMs); H200 data sheet (SXM 141GB, 4.8 TB/s HBM3e, same chip and NVLink as
@@ -153,18 +175,54 @@ def nccl_model() -> dict:
 # direction. NCCL channels: NCCL runs one SM per channel; 16 channels on NVLink nodes (ASSUMED, the order of
 # NCCL's default channel count on NVSwitch systems) are taken from a GEMM running beside a collective.
 GPUS = {
-    "H100": GPUSpec("H100", 80.0, {"bfloat16": 989.0, "float16": 989.0, "float32": 67.0}, 3350.0, 460.0,
-                    intra_latency_us=NVLINK_LATENCY_US, sms=132, gemm_efficiency=0.80,
-                    attention_efficiency=0.35, nccl_sms=16),
-    "H200": GPUSpec("H200", 141.0, {"bfloat16": 989.0, "float16": 989.0, "float32": 67.0}, 4800.0, 460.0,
-                    intra_latency_us=NVLINK_LATENCY_US, sms=132, gemm_efficiency=0.80,
-                    attention_efficiency=0.35, nccl_sms=16),
-    "A100": GPUSpec("A100", 80.0, {"bfloat16": 312.0, "float16": 312.0, "float32": 19.5}, 2039.0, 230.0,
-                    intra_latency_us=NVLINK_LATENCY_US, sms=108, gemm_efficiency=0.86,
-                    attention_efficiency=0.50, nccl_sms=16),
-    "V100": GPUSpec("V100", 32.0, {"float16": 125.0, "float32": 15.7}, 900.0, 150.0,
-                    intra_latency_us=NVLINK_LATENCY_US, sms=80, gemm_efficiency=0.86,
-                    attention_efficiency=0.86, nccl_sms=16),
+    "H100": GPUSpec(
+        "H100",
+        80.0,
+        {"bfloat16": 989.0, "float16": 989.0, "float32": 67.0},
+        3350.0,
+        460.0,
+        intra_latency_us=NVLINK_LATENCY_US,
+        sms=132,
+        gemm_efficiency=0.80,
+        attention_efficiency=0.35,
+        nccl_sms=16,
+    ),
+    "H200": GPUSpec(
+        "H200",
+        141.0,
+        {"bfloat16": 989.0, "float16": 989.0, "float32": 67.0},
+        4800.0,
+        460.0,
+        intra_latency_us=NVLINK_LATENCY_US,
+        sms=132,
+        gemm_efficiency=0.80,
+        attention_efficiency=0.35,
+        nccl_sms=16,
+    ),
+    "A100": GPUSpec(
+        "A100",
+        80.0,
+        {"bfloat16": 312.0, "float16": 312.0, "float32": 19.5},
+        2039.0,
+        230.0,
+        intra_latency_us=NVLINK_LATENCY_US,
+        sms=108,
+        gemm_efficiency=0.86,
+        attention_efficiency=0.50,
+        nccl_sms=16,
+    ),
+    "V100": GPUSpec(
+        "V100",
+        32.0,
+        {"float16": 125.0, "float32": 15.7},
+        900.0,
+        150.0,
+        intra_latency_us=NVLINK_LATENCY_US,
+        sms=80,
+        gemm_efficiency=0.86,
+        attention_efficiency=0.86,
+        nccl_sms=16,
+    ),
 }
 
 
@@ -228,26 +286,37 @@ def load_hf_config(path: str | Path) -> ModelSpec:
         raise ValueError(f"tpext plan: model config {path} must hold a JSON object, got {type(cfg).__name__}")
     for key in HF_REQUIRED:
         if key not in cfg:
-            raise ValueError(f"tpext plan: model config {path} is missing the key {key!r} "
-                             f"(required: {', '.join(HF_REQUIRED)})")
+            raise ValueError(
+                f"tpext plan: model config {path} is missing the key {key!r} "
+                f"(required: {', '.join(HF_REQUIRED)})"
+            )
     heads = cfg["num_attention_heads"]
     values = {k: cfg[k] for k in HF_REQUIRED}
     values["num_key_value_heads"] = cfg.get("num_key_value_heads") or heads
     for key, value in values.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"tpext plan: model config {path}: {key!r} must be a positive int, "
-                             f"got {value!r}")
+            raise ValueError(
+                f"tpext plan: model config {path}: {key!r} must be a positive int, got {value!r}"
+            )
     if values["hidden_size"] % heads:
-        raise ValueError(f"tpext plan: model config {path}: hidden_size {values['hidden_size']} is not a "
-                         f"multiple of num_attention_heads {heads}")
+        raise ValueError(
+            f"tpext plan: model config {path}: hidden_size {values['hidden_size']} is not a "
+            f"multiple of num_attention_heads {heads}"
+        )
     if heads % values["num_key_value_heads"]:
-        raise ValueError(f"tpext plan: model config {path}: num_attention_heads {heads} is not a multiple of "
-                         f"num_key_value_heads {values['num_key_value_heads']}")
+        raise ValueError(
+            f"tpext plan: model config {path}: num_attention_heads {heads} is not a multiple of "
+            f"num_key_value_heads {values['num_key_value_heads']}"
+        )
     return ModelSpec(
-        name=(cfg.get("_name_or_path") or (path.parent.name if path.stem == "config" else path.stem)
-              or "model"),
-        hidden=values["hidden_size"], intermediate=values["intermediate_size"], heads=heads,
-        kv_heads=values["num_key_value_heads"], layers=values["num_hidden_layers"],
+        name=(
+            cfg.get("_name_or_path") or (path.parent.name if path.stem == "config" else path.stem) or "model"
+        ),
+        hidden=values["hidden_size"],
+        intermediate=values["intermediate_size"],
+        heads=heads,
+        kv_heads=values["num_key_value_heads"],
+        layers=values["num_hidden_layers"],
         vocab=values["vocab_size"],
         tied_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         **_moe_fields(cfg, path, values["num_hidden_layers"], values["intermediate_size"]),
@@ -268,7 +337,8 @@ def _moe_fields(cfg: dict, path: Path, layers: int, intermediate: int) -> dict:
         raise ValueError(
             f"tpext plan: model config {path} uses multi-head latent attention (kv_lora_rank / q_lora_rank, "
             f"DeepSeek-V2/V3): its compressed K/V projections are not modelled (their sharding under TP "
-            f"differs from Llama attention); plan a Llama-style approximation with a config without them")
+            f"differs from Llama attention); plan a Llama-style approximation with a config without them"
+        )
     key = next((k for k in EXPERT_COUNT_KEYS if cfg.get(k)), None)
     if key is None:
         return {}
@@ -276,8 +346,10 @@ def _moe_fields(cfg: dict, path: Path, layers: int, intermediate: int) -> dict:
     k = cfg.get("num_experts_per_tok")
     for name, value in ((key, experts), ("num_experts_per_tok", k)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"tpext plan: model config {path}: a MoE config needs {name!r} as a positive "
-                             f"int, got {value!r}")
+            raise ValueError(
+                f"tpext plan: model config {path}: a MoE config needs {name!r} as a positive "
+                f"int, got {value!r}"
+            )
     expert_i = cfg.get("moe_intermediate_size") or intermediate
     shared = cfg.get("shared_expert_intermediate_size") or 0
     if cfg.get("n_shared_experts"):
@@ -286,14 +358,21 @@ def _moe_fields(cfg: dict, path: Path, layers: int, intermediate: int) -> dict:
     step = cfg.get("decoder_sparse_step") or cfg.get("moe_layer_freq") or 1
     only_mlp = cfg.get("mlp_only_layers") or []
     if step != 1 or only_mlp and sorted(only_mlp) != list(range(len(only_mlp))):
-        raise ValueError(f"tpext plan: model config {path}: MoE layers interleaved with dense ones "
-                         f"(decoder_sparse_step / moe_layer_freq = {step}, mlp_only_layers = {only_mlp}) are "
-                         f"not modelled; only leading dense layers are (first_k_dense_replace)")
+        raise ValueError(
+            f"tpext plan: model config {path}: MoE layers interleaved with dense ones "
+            f"(decoder_sparse_step / moe_layer_freq = {step}, mlp_only_layers = {only_mlp}) are "
+            f"not modelled; only leading dense layers are (first_k_dense_replace)"
+        )
     dense = max(dense, len(only_mlp))
     if dense >= layers:
         return {}
-    return {"experts": experts, "experts_per_token": k, "expert_intermediate": expert_i,
-            "shared_intermediate": shared, "dense_layers": dense}
+    return {
+        "experts": experts,
+        "experts_per_token": k,
+        "expert_intermediate": expert_i,
+        "shared_intermediate": shared,
+        "dense_layers": dense,
+    }
 
 
 def resolve_model(name_or_path: str) -> ModelSpec:

@@ -18,18 +18,30 @@ def summarize(result: dict, baseline: dict | None) -> dict:
     """One configuration's estimate -> the JSON entry (GiB, ms, us; relative to `baseline`'s throughput)."""
     mem, layer = result["memory"], result["layer"]
     entry = {
-        "tp": result["tp"], "dp": result["dp"], "pp": result["pp"], "gpus": result["gpus"],
+        "tp": result["tp"],
+        "dp": result["dp"],
+        "pp": result["pp"],
+        "gpus": result["gpus"],
         "fits": mem["fits"],
         "memory_GiB": {k: mem["bytes"][k] / GiB for k in MEMORY_TERMS},
-        "memory_total_GiB": mem["total_bytes"] / GiB, "memory_capacity_GiB": mem["capacity_bytes"] / GiB,
-        "memory_dominant": mem["dominant"], "params_per_gpu": mem["params_per_gpu"],
+        "memory_total_GiB": mem["total_bytes"] / GiB,
+        "memory_capacity_GiB": mem["capacity_bytes"] / GiB,
+        "memory_dominant": mem["dominant"],
+        "params_per_gpu": mem["params_per_gpu"],
         "comm_per_layer": {
-            kind: {"count": c["count"], "payload_bytes": c["payload_bytes"],
-                   "wire_bytes_per_gpu": c["wire_bytes_per_gpu"], "time_us": c["time_s"] * 1e6}
-            for kind, c in layer["collectives"].items()},
+            kind: {
+                "count": c["count"],
+                "payload_bytes": c["payload_bytes"],
+                "wire_bytes_per_gpu": c["wire_bytes_per_gpu"],
+                "time_us": c["time_s"] * 1e6,
+            }
+            for kind, c in layer["collectives"].items()
+        },
         "comm_per_layer_us": layer["comm_s"] * 1e6,
-        "exposed_comm_per_layer_us": {"no_overlap": layer["comm_s"] * 1e6,
-                                      "overlap": layer["exposed_comm_overlap_s"] * 1e6},
+        "exposed_comm_per_layer_us": {
+            "no_overlap": layer["comm_s"] * 1e6,
+            "overlap": layer["exposed_comm_overlap_s"] * 1e6,
+        },
         "chunks": layer["chunks"],
         "overlap_costs_per_layer_us": {k: v * 1e6 for k, v in layer["overlap_costs_s"].items()},
         "compute_per_layer_us": layer["compute_s"] * 1e6,
@@ -66,29 +78,86 @@ def format_table(doc: dict) -> str:
         f"{w['mode']}, seq {w['seq']} x micro-batch {w['micro_batch']}, {w['dtype']}, "
         f"SP {'on' if w['sequence_parallel'] else 'off'}, {w['gpus_per_node']} GPUs/node, "
         f"inter-node {inp['inter_node']['name']} {inp['inter_node']['per_gpu_GBps']:g} GB/s per GPU",
-        ("memory per GPU in GiB (W weights, G grads, O optimizer, A activations, KV cache); bytes each GPU "
-         "sends per layer and the time of those collectives; times per micro-batch of the slowest pipeline "
-         "stage; rel / rel+ovl = tokens/s per GPU without / with overlap, both relative to the first TP's "
-         "without overlap; gain = with / without overlap at the same TP"),
+        (
+            "memory per GPU in GiB (W weights, G grads, O optimizer, A activations, KV cache); bytes each GPU "
+            "sends per layer and the time of those collectives; times per micro-batch of the slowest pipeline "
+            "stage; rel / rel+ovl = tokens/s per GPU without / with overlap, both relative to the first TP's "
+            "without overlap; gain = with / without overlap at the same TP"
+        ),
     ]
-    head = ["TP", "DP", "PP", "W", "G", "O", "A", "KV", "total", "fits", "collectives/layer",
-            "sent/GPU/layer", "compute", "exposed", "exposed+ovl", "tok/s/GPU", "rel", "rel+ovl", "gain"]
-    units = ["", "", "", "", "", "", "", "", "", "", "count x payload", "MB (us)", "ms", "ms", "ms", "", "",
-             "", ""]
+    head = [
+        "TP",
+        "DP",
+        "PP",
+        "W",
+        "G",
+        "O",
+        "A",
+        "KV",
+        "total",
+        "fits",
+        "collectives/layer",
+        "sent/GPU/layer",
+        "compute",
+        "exposed",
+        "exposed+ovl",
+        "tok/s/GPU",
+        "rel",
+        "rel+ovl",
+        "gain",
+    ]
+    units = [
+        "",
+        "",
+        "",
+        "",
+        "",
+        "",
+        "",
+        "",
+        "",
+        "",
+        "count x payload",
+        "MB (us)",
+        "ms",
+        "ms",
+        "ms",
+        "",
+        "",
+        "",
+        "",
+    ]
     rows = []
     for c in doc["configs"]:
         m = c["memory_GiB"]
         mb = sum(k["wire_bytes_per_gpu"] for k in c["comm_per_layer"].values()) / 1e6
         rel = c.get("relative_throughput", {})
-        colls = " + ".join(f"{k['count']} {ABBREV[kind]} x {k['payload_bytes'] / 1e6:.3g} MB"
-                           for kind, k in c["comm_per_layer"].items()) or "-"
-        rows.append([c["tp"], c["dp"], c["pp"], *(f"{m[k]:.1f}" for k in MEMORY_TERMS),
-                     f"{c['memory_total_GiB']:.1f}", "yes" if c["fits"] else "NO", colls,
-                     f"{mb:.1f} ({c['comm_per_layer_us']:.0f})", f"{c['compute_ms']:.2f}",
-                     f"{c['exposed_comm_ms']['no_overlap']:.2f}", f"{c['exposed_comm_ms']['overlap']:.2f}",
-                     f"{c['tokens_per_s_per_gpu']['no_overlap']:.0f}",
-                     f"{rel.get('no_overlap', float('nan')):.0%}", f"{rel.get('overlap', float('nan')):.0%}",
-                     f"{c['overlap_gain']:.2f}x"])
+        colls = (
+            " + ".join(
+                f"{k['count']} {ABBREV[kind]} x {k['payload_bytes'] / 1e6:.3g} MB"
+                for kind, k in c["comm_per_layer"].items()
+            )
+            or "-"
+        )
+        rows.append(
+            [
+                c["tp"],
+                c["dp"],
+                c["pp"],
+                *(f"{m[k]:.1f}" for k in MEMORY_TERMS),
+                f"{c['memory_total_GiB']:.1f}",
+                "yes" if c["fits"] else "NO",
+                colls,
+                f"{mb:.1f} ({c['comm_per_layer_us']:.0f})",
+                f"{c['compute_ms']:.2f}",
+                f"{c['exposed_comm_ms']['no_overlap']:.2f}",
+                f"{c['exposed_comm_ms']['overlap']:.2f}",
+                f"{c['tokens_per_s_per_gpu']['no_overlap']:.0f}",
+                f"{rel.get('no_overlap', float('nan')):.0%}",
+                f"{rel.get('overlap', float('nan')):.0%}",
+                f"{c['overlap_gain']:.2f}x",
+            ]
+        )
     widths = [max(len(str(r[i])) for r in [head, units, *rows]) for i in range(len(head))]
     lines += [_row(head, widths), _row(units, widths)] + [_row(r, widths) for r in rows]
     for c in doc["configs"]:
@@ -128,8 +197,14 @@ def write_png(doc: dict, path: str | Path) -> Path:
             bottom = [b + v for b, v in zip(bottom, vals)]
     for i, c in enumerate(configs):
         if not c["fits"]:
-            ax_mem.annotate("does not fit", (i, c["memory_total_GiB"]), ha="center", va="bottom", fontsize=8,
-                            color="firebrick")
+            ax_mem.annotate(
+                "does not fit",
+                (i, c["memory_total_GiB"]),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+                color="firebrick",
+            )
     if configs:
         ax_mem.axhline(configs[0]["memory_capacity_GiB"], color="k", ls="--", lw=1, label="GPU memory")
     ax_mem.set_ylabel("GiB per GPU")
@@ -137,8 +212,12 @@ def write_png(doc: dict, path: str | Path) -> Path:
     ax_mem.legend(fontsize=8)
     tps = [c["tp"] for c in configs]
     for key, style in (("no_overlap", "o-"), ("overlap", "s--")):
-        ax_tp.plot(tps, [c.get("relative_throughput", {}).get(key, float("nan")) for c in configs], style,
-                   label=f"predicted, {key.replace('_', ' ')}")
+        ax_tp.plot(
+            tps,
+            [c.get("relative_throughput", {}).get(key, float("nan")) for c in configs],
+            style,
+            label=f"predicted, {key.replace('_', ' ')}",
+        )
     for tp, rel in doc.get("reference", {}).get("relative_throughput", {}).items():
         ax_tp.plot([int(tp)], [rel], "k*", ms=10)
     if doc.get("reference"):
@@ -154,8 +233,11 @@ def write_png(doc: dict, path: str | Path) -> Path:
     ax_tp.set_title("predicted throughput")
     ax_tp.legend(fontsize=8)
     inp = doc["inputs"]
-    fig.suptitle(f"{inp['model']['name']} on {inp['gpu']['name']}, {inp['workload']['mode']}, "
-                 f"seq {inp['workload']['seq']}, mbs {inp['workload']['micro_batch']}", fontsize=10)
+    fig.suptitle(
+        f"{inp['model']['name']} on {inp['gpu']['name']}, {inp['workload']['mode']}, "
+        f"seq {inp['workload']['seq']}, mbs {inp['workload']['micro_batch']}",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
