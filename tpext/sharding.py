@@ -12,13 +12,24 @@ the Parameter, so they survive DDP, FSDP2 and ``module.to()``). A parameter with
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["ShardLayout", "Piece", "Entry", "piece_segments", "layouts", "set_layout", "get_layout"]
+__all__ = [
+    "ShardLayout",
+    "Piece",
+    "Entry",
+    "piece_segments",
+    "layouts",
+    "set_layout",
+    "get_layout",
+    "on_set_layout",
+    "gather_state_dict",
+]
 
 Segment = tuple[int, int]  # (start in the dense tensor, length) along the layout's dim
 
@@ -142,19 +153,29 @@ def piece_segments(
     return tuple(segments), replicas, tuple(reduce_ranges)
 
 
-def set_layout(module: nn.Module, name: str, layout: ShardLayout) -> None:
-    """Record that `module`'s tensor `name` is `layout` of its dense tensor.
+#: Called with each module that gets a layout (tpext.checkpoint.dcp registers its state-dict hooks here, so
+#: this module, below the checkpoints, never imports them).
+_LAYOUT_OBSERVERS: list[Callable[[nn.Module], None]] = []
 
-    Also makes the module's state dict speak dense (tpext.checkpoint.dcp): ``state_dict()`` hands a sharded
-    tensor out as a ShardedState (dense shape, this rank's slices, for torch.distributed.checkpoint) and
-    ``load_state_dict()`` takes it back, so the modules keep plain local tensors and forward is untouched.
+
+def on_set_layout(observer: Callable[[nn.Module], None]) -> None:
+    """Call `observer(module)` whenever `set_layout` records a layout on `module` (once per observer)."""
+    if observer not in _LAYOUT_OBSERVERS:
+        _LAYOUT_OBSERVERS.append(observer)
+
+
+def set_layout(module: nn.Module, name: str, layout: ShardLayout) -> None:
+    """Record that `module`'s tensor `name` is `layout` of its dense tensor, and tell the observers.
+
+    tpext.checkpoint.dcp observes it: the module's ``state_dict()`` then hands a sharded tensor out as a
+    ShardedState (dense shape, this rank's slices, for torch.distributed.checkpoint) and ``load_state_dict()``
+    takes it back, so the modules keep plain local tensors and forward is untouched.
     """
     if not hasattr(module, "_tpext_layouts"):
         module._tpext_layouts = {}
     module._tpext_layouts[name] = layout
-    from tpext.checkpoint.dcp import install_state_dict_hooks  # here: tpext.checkpoint imports this module
-
-    install_state_dict_hooks(module)
+    for observer in _LAYOUT_OBSERVERS:
+        observer(module)
 
 
 def get_layout(module: nn.Module, name: str, tensor: Tensor) -> ShardLayout:
@@ -212,3 +233,67 @@ def layouts(model: nn.Module) -> list[Entry]:
                 entry.names.append(fqn)
                 entry.owners.append((module, name))
     return list(entries.values())
+
+
+def _group_of(e: Entry):
+    """The group a sharded tensor is split over: tpext's modules' `group`, or `_tpext_group` of a model's
+    own module that tpext converted (a q/k norm holding this rank's heads)."""
+    group = getattr(e.module, "_tpext_group", None)
+    return group if group is not None else getattr(e.module, "group", None)
+
+
+def _full_local(t: Tensor) -> Tensor:
+    """The tensor-parallel local tensor, whole: a DTensor (FSDP2 sharding over data parallel) is gathered."""
+    full = getattr(t, "full_tensor", None)
+    return (full() if callable(full) else t).detach()
+
+
+@torch.no_grad()
+def gather_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The dense state dict of a (possibly parallelized) model, on every rank.
+
+    Collective: every rank of the model's groups must call it. Sharded tensors are all-gathered over their
+    module's group, padded to the longest local size, and put back by each rank's layout.
+
+    Args:
+        model: a dense or parallelized model.
+
+    Returns:
+        {dense name: dense tensor}, with every name of a tied tensor.
+
+    Example:
+        >>> dense = tpext.checkpoint.gather_state_dict(model)  # == the unsharded model's state_dict()
+    """
+    entries = layouts(model)
+    # Every rank's layouts, once per group (layouts differ per rank: uneven, packed, replicated).
+    all_layouts: dict[int, list[list[ShardLayout]]] = {}
+    for e in entries:
+        pg = _group_of(e)
+        if e.layout.is_sharded and id(pg) not in all_layouts:
+            mine = [x.layout for x in entries if x.layout.is_sharded and _group_of(x) is pg]
+            gathered: list = [None] * pg.size()
+            dist.all_gather_object(gathered, mine, group=pg)
+            all_layouts[id(pg)] = gathered
+    cursor: dict[int, int] = {}
+    out: dict[str, Tensor] = {}
+    for e in entries:
+        local = _full_local(e.tensor)
+        if not e.layout.is_sharded or _group_of(e).size() == 1:
+            dense = local.clone()
+        else:
+            pg = _group_of(e)
+            i = cursor.get(id(pg), 0)
+            cursor[id(pg)] = i + 1
+            rank_layouts = [per_rank[i] for per_rank in all_layouts[id(pg)]]
+            dim = e.layout.dim
+            longest = max(lay.local_shape[dim] for lay in rank_layouts)
+            pad = [0, 0] * (local.dim() - 1 - dim) + [0, longest - local.shape[dim]]
+            padded = torch.nn.functional.pad(local, pad).contiguous()
+            pieces = [torch.empty_like(padded) for _ in range(pg.size())]
+            dist.all_gather(pieces, padded, group=pg)
+            dense = local.new_empty(e.layout.dense_shape)
+            for lay, piece in zip(rank_layouts, pieces):
+                lay.scatter_into(dense, piece.narrow(dim, 0, lay.local_shape[dim]))
+        for name in e.names:
+            out[name] = dense
+    return out

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
-from tpext.sharding import ShardLayout
+from tpext.sharding import ShardLayout, on_set_layout
 
 __all__ = ["ShardedState", "install_optimizer_hooks", "install_state_dict_hooks", "local_state"]
 
@@ -456,7 +456,7 @@ def _load_pre_hook(
 
 def install_state_dict_hooks(module: nn.Module) -> None:
     """Make `module.state_dict()` hand out its sharded tensors as ShardedState and `load_state_dict` take
-    them back (also a dense tensor, sliced). Idempotent; called by tpext.sharding.set_layout."""
+    them back (also a dense tensor, sliced). Idempotent; called by tpext.sharding.set_layout (observed)."""
     _MODULES.add(module)
     _install_optimizer_step_hook()
     _guard_safetensors_writers()
@@ -467,6 +467,9 @@ def install_state_dict_hooks(module: nn.Module) -> None:
     module.register_state_dict_post_hook(_state_dict_post_hook)
     module.register_load_state_dict_pre_hook(_load_pre_hook)
     module._tpext_state_hooks = True
+
+
+on_set_layout(install_state_dict_hooks)  # every module that gets a layout from now on
 
 
 # ----- optimizer hooks: the state of a sharded parameter travels with the parameter's layout

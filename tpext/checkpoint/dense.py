@@ -7,7 +7,7 @@ one tensor-parallel size loads at any other, because nothing in it depends on th
 * `load_checkpoint(model, path)`: every rank reads only its own slices of each tensor (safetensors
   ``get_slice``; the layouts come from tpext.sharding), straight into the local parameters. A model built
   on the meta device is materialised first, so the dense weights never exist in memory.
-* `gather_state_dict(model)`: the dense state dict with the dense names, on every rank.
+* `gather_state_dict(model)` (from tpext.sharding): the dense state dict with the dense names, on every rank.
 * `save_checkpoint(model, path)`: gather, then rank 0 writes (sharded files + index above
   `max_shard_bytes`). The gather holds the dense model on every rank: fine for the models one node
   trains; beyond that save per-rank shards with torch.distributed.checkpoint.
@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from tpext.sharding import Entry, ShardLayout, layouts
+from tpext.sharding import Entry, ShardLayout, gather_state_dict, layouts
 
 __all__ = ["checkpoint_files", "gather_state_dict", "load_checkpoint", "save_checkpoint"]
 
@@ -246,70 +246,6 @@ def _materialize(model: nn.Module, entries: list[Entry], device, allow_lost: boo
         if buf.is_floating_point():
             buf.fill_(float("nan"))
     return lost
-
-
-def _group_of(e: Entry):
-    """The group a sharded tensor is split over: tpext's modules' `group`, or `_tpext_group` of a model's
-    own module that tpext converted (a q/k norm holding this rank's heads)."""
-    group = getattr(e.module, "_tpext_group", None)
-    return group if group is not None else getattr(e.module, "group", None)
-
-
-def _full_local(t: Tensor) -> Tensor:
-    """The tensor-parallel local tensor, whole: a DTensor (FSDP2 sharding over data parallel) is gathered."""
-    full = getattr(t, "full_tensor", None)
-    return (full() if callable(full) else t).detach()
-
-
-@torch.no_grad()
-def gather_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The dense state dict of a (possibly parallelized) model, on every rank.
-
-    Collective: every rank of the model's groups must call it. Sharded tensors are all-gathered over their
-    module's group, padded to the longest local size, and put back by each rank's layout.
-
-    Args:
-        model: a dense or parallelized model.
-
-    Returns:
-        {dense name: dense tensor}, with every name of a tied tensor.
-
-    Example:
-        >>> dense = tpext.checkpoint.gather_state_dict(model)  # == the unsharded model's state_dict()
-    """
-    entries = layouts(model)
-    # Every rank's layouts, once per group (layouts differ per rank: uneven, packed, replicated).
-    all_layouts: dict[int, list[list[ShardLayout]]] = {}
-    for e in entries:
-        pg = _group_of(e)
-        if e.layout.is_sharded and id(pg) not in all_layouts:
-            mine = [x.layout for x in entries if x.layout.is_sharded and _group_of(x) is pg]
-            gathered: list = [None] * pg.size()
-            dist.all_gather_object(gathered, mine, group=pg)
-            all_layouts[id(pg)] = gathered
-    cursor: dict[int, int] = {}
-    out: dict[str, Tensor] = {}
-    for e in entries:
-        local = _full_local(e.tensor)
-        if not e.layout.is_sharded or _group_of(e).size() == 1:
-            dense = local.clone()
-        else:
-            pg = _group_of(e)
-            i = cursor.get(id(pg), 0)
-            cursor[id(pg)] = i + 1
-            rank_layouts = [per_rank[i] for per_rank in all_layouts[id(pg)]]
-            dim = e.layout.dim
-            longest = max(lay.local_shape[dim] for lay in rank_layouts)
-            pad = [0, 0] * (local.dim() - 1 - dim) + [0, longest - local.shape[dim]]
-            padded = torch.nn.functional.pad(local, pad).contiguous()
-            pieces = [torch.empty_like(padded) for _ in range(pg.size())]
-            dist.all_gather(pieces, padded, group=pg)
-            dense = local.new_empty(e.layout.dense_shape)
-            for lay, piece in zip(rank_layouts, pieces):
-                lay.scatter_into(dense, piece.narrow(dim, 0, lay.local_shape[dim]))
-        for name in e.names:
-            out[name] = dense
-    return out
 
 
 def save_checkpoint(

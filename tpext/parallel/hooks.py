@@ -28,6 +28,7 @@ from tpext.distributed import SharesGroupOnCopy
 from tpext.nn import ColumnParallelLinear, SharedInputColumns
 from tpext.nn.functional import vocab_parallel_cross_entropy
 from tpext.parallel.structure import ATTENTION_INPUTS, LM_HEADS
+from tpext.sharding import gather_state_dict
 
 __all__ = ["add_sequence_hooks", "add_causal_lm_loss", "add_dense_save_pretrained", "add_alibi_slices"]
 
@@ -383,7 +384,6 @@ def _save_pretrained_dense(
     """Hugging Face's save_pretrained of the dense model: the state dict is gathered over the tensor-parallel
     groups (collective: every rank calls it) and global rank 0 writes it, with the model's config, unless
     is_main_process says otherwise."""
-    from tpext.checkpoint import gather_state_dict
 
     if state_dict is not None:
         raise ValueError(
