@@ -60,5 +60,6 @@ PY
 
 test_start=$SECONDS
 log "running the test suite against the CUDA build: python -m pytest $*"
-"$py" -m pytest -p no:cacheprovider "$@"
+# The venv's bin first: the console-script test must find this build's `tpext`, not another install's.
+PATH="$venv/bin:$PATH" "$py" -m pytest -p no:cacheprovider "$@"
 log "suite done in $((SECONDS - test_start)) s; OK in $((SECONDS - start)) s"
