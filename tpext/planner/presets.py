@@ -9,6 +9,7 @@ with its source below); the few figures with no published measurement are marked
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,31 +175,22 @@ def nccl_model() -> dict:
 # 8xA100 SXM4 230-250 GB/s (lower ends used; H200 quoted as H100). V100 NVSwitch: spec 150 GB/s per
 # direction. NCCL channels: NCCL runs one SM per channel; 16 channels on NVLink nodes (ASSUMED, the order of
 # NCCL's default channel count on NVSwitch systems) are taken from a GEMM running beside a collective.
+_H100 = GPUSpec(
+    "H100",
+    80.0,
+    {"bfloat16": 989.0, "float16": 989.0, "float32": 67.0},
+    3350.0,
+    460.0,
+    intra_latency_us=NVLINK_LATENCY_US,
+    sms=132,
+    gemm_efficiency=0.80,
+    attention_efficiency=0.35,
+    nccl_sms=16,
+)
 GPUS = {
-    "H100": GPUSpec(
-        "H100",
-        80.0,
-        {"bfloat16": 989.0, "float16": 989.0, "float32": 67.0},
-        3350.0,
-        460.0,
-        intra_latency_us=NVLINK_LATENCY_US,
-        sms=132,
-        gemm_efficiency=0.80,
-        attention_efficiency=0.35,
-        nccl_sms=16,
-    ),
-    "H200": GPUSpec(
-        "H200",
-        141.0,
-        {"bfloat16": 989.0, "float16": 989.0, "float32": 67.0},
-        4800.0,
-        460.0,
-        intra_latency_us=NVLINK_LATENCY_US,
-        sms=132,
-        gemm_efficiency=0.80,
-        attention_efficiency=0.35,
-        nccl_sms=16,
-    ),
+    "H100": _H100,
+    # H200: H100's chip (the same compute, SMs and efficiencies) with more, faster HBM.
+    "H200": dataclasses.replace(_H100, name="H200", memory_GiB=141.0, hbm_GBps=4800.0),
     "A100": GPUSpec(
         "A100",
         80.0,
