@@ -1,17 +1,11 @@
-"""Sequence-parallel LayerNorm and RMSNorm.
+"""Norms under tensor parallelism: sequence-parallel LayerNorm / RMSNorm, the gradient rule for replicated
+norm weights (`sum_param_grads`), and RMSNorm over column-sharded features (`ColumnParallelRMSNorm`,
+`shard_norm_features`).
 
-Under sequence parallelism each rank normalises only its sequence shard, but the weights are replicated:
-every rank's weight gradient covers only its tokens, so the gradients must be summed over the group.
-These modules do that themselves (the weights pass through copy_to_tp, whose backward all-reduces), so
-the replicas stay identical without any hook or step for the user to remember. `sum_param_grads` gives
-any existing norm module (a model's own class, with its own arithmetic) the same gradient rule.
-
-Norms of a column-parallel layer's output (q/k norms inside sharded attention) see only this rank's heads.
-A norm of each head on its own with one shared weight (Qwen3's) needs only summed gradients. A norm
-with a weight per head (Cohere's, weight [heads, head_dim]) keeps its code with this rank's rows of the
-weight. A norm over all heads' features together (OLMo2's) is ColumnParallelRMSNorm: each rank sums
-the squares of its features and one all-reduce of a number per token gives the dense statistic.
-`shard_norm_features` picks between the last two, checking first that the module computes what it assumes.
+Under sequence parallelism each rank normalises only its tokens while the weights are replicated, so the
+weight gradients are summed over the group in backward (the weights pass through copy_to_tp). A norm of a
+column-parallel layer's output sees only this rank's features: an RMSNorm over all of them all-reduces one
+sum of squares per token. docs/modules.md says which models' norms take which path.
 """
 
 from __future__ import annotations
@@ -154,8 +148,7 @@ class _SumsParamGrads(SharesGroupOnCopy):
     with the module's own parameters read through stand-ins whose backward sums their gradients over the
     ranks that hold the same values: every rank of the group for a replicated parameter (copy_to_tp), the
     ranks holding the same slice for a sharded one (sum_replica_grads: a kv head's norm weight when kv heads
-    are replicated). Whatever the module computes (Hugging Face's RMSNorm in fp32, Gemma's (1 + weight),
-    Cohere's mean-centred norm) stays exactly as it was; only the gradients change. A parameter that a
+    are replicated). The module's arithmetic is unchanged; only the gradients change. A parameter that a
     wrapper keeps as a plain tensor attribute during forward (FSDP1's views) is read through it too."""
 
     _tpext_group: dist.ProcessGroup
@@ -259,8 +252,7 @@ def _column_parallel_rms_norm(
     x: Tensor, weight: Tensor, eps: float | None, layout: ShardLayout, group: dist.ProcessGroup, what: str
 ) -> Tensor:
     """RMSNorm of features sharded over `group` (x holds this rank's, laid out as `layout`), in fp32 (fp64
-    for fp64 input): x * rsqrt(mean over all features of x^2 + eps) * weight, cast back to x's dtype
-    (OLMo2's arithmetic)."""
+    for fp64 input): x * rsqrt(mean over all features of x^2 + eps) * weight, cast back to x's dtype."""
     local, dense = layout.local_shape[0], layout.dense_shape[0]
     if x.dim() < 1 or x.shape[-1] != local:
         raise ValueError(
