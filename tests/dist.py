@@ -33,6 +33,17 @@ from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 _CTX = mp.get_context("spawn")
+
+#: The tiny Llama several tests build: keyword arguments of tpext.models.LlamaConfig and of
+#: transformers.LlamaConfig alike (override a field with ``dict(SMALL_LLAMA, num_key_value_heads=2)``).
+SMALL_LLAMA = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    vocab_size=100,
+    num_hidden_layers=2,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+)
 _POLL_S = 0.05
 
 

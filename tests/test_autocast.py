@@ -16,7 +16,7 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
-from dist import case_result, run_cases, run_ranks
+from dist import SMALL_LLAMA, case_result, run_cases, run_ranks
 
 import tpext
 from tpext import mappings, ops
@@ -184,28 +184,11 @@ def test_mlp_autocast(mlp_results, sp):
 def _check_model(kind: str, sp: bool) -> None:
     world = dist.get_world_size()
     if kind == "tpext":
-        cfg = LlamaConfig(
-            hidden_size=64,
-            intermediate_size=96,
-            vocab_size=100,
-            num_hidden_layers=2,
-            num_attention_heads=8,
-            num_key_value_heads=4,
-        )
         torch.manual_seed(0)
-        dense = LlamaForCausalLM(cfg, dtype=torch.float32)
+        dense = LlamaForCausalLM(LlamaConfig(**SMALL_LLAMA), dtype=torch.float32)
     else:
         transformers = pytest.importorskip("transformers")
-        config = transformers.LlamaConfig(
-            hidden_size=64,
-            intermediate_size=96,
-            vocab_size=100,
-            num_hidden_layers=2,
-            num_attention_heads=8,
-            num_key_value_heads=4,
-            use_cache=False,
-            max_position_embeddings=64,
-        )
+        config = transformers.LlamaConfig(**SMALL_LLAMA, use_cache=False, max_position_embeddings=64)
         torch.manual_seed(0)
         dense = transformers.LlamaForCausalLM(config).float()
     ids = torch.randint(0, 100, (2, 4 * world), generator=torch.Generator().manual_seed(1))

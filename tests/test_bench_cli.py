@@ -26,19 +26,10 @@ from tpext.commands.benchmark_layers import (
     dense_layer,
     tpext_layer,
 )
+from tpext.planner.calibration import REQUIRED
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-CALIBRATION_KEYS = {
-    "format",
-    "device",
-    "source",
-    "matmul_tflops",
-    "allreduce_bus_GBps",
-    "collective_latency_us",
-    "memory_GiB",
-    "gpus_per_node",
-}
 
 
 @pytest.mark.slow  # spawns `python -m tpext bench`
@@ -87,7 +78,7 @@ def test_quick_run_writes_checked_results(tmp_path):
     assert (tmp_path / "layers.png").read_bytes()[:8] == PNG_MAGIC
 
     calibration = json.loads(cal.read_text())
-    assert set(calibration) == CALIBRATION_KEYS
+    assert set(calibration) == set(REQUIRED)
     assert calibration["format"] == "tpext-calibration/1"
     assert calibration["device"] == report["device"] and calibration["device"].startswith("cpu-")
     assert calibration["source"] == report["command"]
