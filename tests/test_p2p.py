@@ -94,8 +94,12 @@ def _collective_case(op: str, shape: tuple, dtype: torch.dtype, algo: p2p.P2PAlg
 
 
 @pytest.fixture(scope="module", params=[1, 2, 4], ids=lambda w: f"tp{w}")
-def collective_results(request):
-    return run_cases(_collective_case, request.param, COLLECTIVE_CASES)
+def p2p_results(request):
+    """The collective and the fused-norm cases, one round trip each per world size."""
+    return {
+        "collectives": run_cases(_collective_case, request.param, COLLECTIVE_CASES),
+        "fused": run_cases(_fused_case, request.param, FUSED_CASES),
+    }
 
 
 @pytest.mark.parametrize(
@@ -103,8 +107,8 @@ def collective_results(request):
     COLLECTIVE_CASES,
     ids=[f"{op}-{_shape_id(s)}-{DTYPE_NAMES[d]}-{a.name}" for op, s, d, a in COLLECTIVE_CASES],
 )
-def test_collectives_match_the_oracle_and_agree_bitwise(collective_results, case):
-    digests = case_result(collective_results, case)
+def test_collectives_match_the_oracle_and_agree_bitwise(p2p_results, case):
+    digests = case_result(p2p_results["collectives"], case)
     assert all(d == digests[0] for d in digests), "the P2P paths must give every rank the same bits"
 
 
@@ -138,11 +142,6 @@ def _fused_case(hidden: int, with_res: bool, with_bias: bool, dtype: torch.dtype
     torch.testing.assert_close(out, unfused, rtol=1e-6 if dtype != f64 else 1e-14, atol=0)
 
 
-@pytest.fixture(scope="module", params=[1, 2, 4], ids=lambda w: f"tp{w}")
-def fused_results(request):
-    return run_cases(_fused_case, request.param, FUSED_CASES)
-
-
 @pytest.mark.parametrize(
     "case",
     FUSED_CASES,
@@ -151,8 +150,8 @@ def fused_results(request):
         for h, r, b, d, a in FUSED_CASES
     ],
 )
-def test_fused_all_reduce_residual_rmsnorm_matches_the_oracle(fused_results, case):
-    case_result(fused_results, case)
+def test_fused_all_reduce_residual_rmsnorm_matches_the_oracle(p2p_results, case):
+    case_result(p2p_results["fused"], case)
 
 
 def _fused_autograd_data(world: int):

@@ -51,14 +51,8 @@ class RowParallelConv1D(RowParallelLinear):
     def from_dense(cls, conv1d: nn.Module, group: GroupLike = None, **kwargs) -> RowParallelConv1D:
         """Shard a Conv1D (weight [in, out]): this rank keeps its rows of the weight, all the bias.
 
-        Args:
-            conv1d: the dense Conv1D, the same on every rank.
-            group: ProcessGroup, 1-D DeviceMesh or None (the world group).
-            **kwargs: RowParallelLinear's keyword arguments (input_is_parallel, sequence_parallel, chunks,
-                pieces, sequence_dim).
-
-        Returns:
-            The sharded layer, on the Conv1D's device and dtype.
+        Args and Returns as for `ColumnParallelConv1D.from_dense`, with RowParallelLinear's keyword arguments
+        (input_is_parallel, sequence_parallel, chunks, pieces, sequence_dim).
 
         Example:
             >>> block.mlp.c_proj = RowParallelConv1D.from_dense(block.mlp.c_proj)
