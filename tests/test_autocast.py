@@ -22,7 +22,7 @@ import tpext
 from tpext import mappings, ops
 from tpext.models import LlamaConfig, LlamaForCausalLM
 from tpext.nn import ColumnParallelLinear, RowParallelLinear
-from tpext.sharding import layouts
+from tpext.sharding import get_layout, layouts
 
 LOW = (torch.bfloat16, torch.float16)
 
@@ -154,7 +154,7 @@ def _check_mlp(sp: bool) -> None:
     else:
         dx = mine.grad
     assert dx.dtype == torch.float32 and col.weight.grad.dtype == torch.float32
-    local = lambda layer, name, t: layer._tpext_layouts[name].local_from_dense(t)  # noqa: E731
+    local = lambda layer, name, t: get_layout(layer, name, getattr(layer, name)).local_from_dense(t)  # noqa: E731
     got = (y, dx, col.weight.grad, col.bias.grad, row.weight.grad, row.bias.grad)
     for i, name in enumerate(
         ["y", "dx", "up.weight.grad", "up.bias.grad", "down.weight.grad", "down.bias.grad"]

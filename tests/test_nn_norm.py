@@ -19,7 +19,7 @@ from tpext.nn import (
     shard_norm_features,
     sum_param_grads,
 )
-from tpext.sharding import Piece
+from tpext.sharding import Piece, get_layout
 
 f64 = torch.float64
 TOL = {"rtol": 1e-12, "atol": 1e-12}
@@ -147,7 +147,7 @@ def _head_norm_case(name: str) -> str:
     if name == "ColumnParallelRMSNorm":
         norm = ColumnParallelRMSNorm(heads * d, eps=1e-6, pieces=pieces, dtype=f64)
         with torch.no_grad():
-            norm.weight.copy_(norm._tpext_layouts["weight"].local_from_dense(dense_norm.weight))
+            norm.weight.copy_(get_layout(norm, "weight", norm.weight).local_from_dense(dense_norm.weight))
     else:
         norm = shard_norm_features(dense_norm, None, pieces)
         assert type(norm).__name__ == type(dense_norm).__name__ and isinstance(norm, type(dense_norm)), name
@@ -163,8 +163,7 @@ def _head_norm_case(name: str) -> str:
     torch.testing.assert_close(y, y_ref, **TOL, msg=lambda m: f"output: {m}")
     torch.testing.assert_close(xd.grad, xr.grad, **TOL, msg=lambda m: f"grad x: {m}")
     for module, dense in ((col, up), (norm, dense_norm), (row, down)):
-        layout = getattr(module, "_tpext_layouts", {}).get("weight")
-        want = layout.local_from_dense(dense.weight.grad) if layout else dense.weight.grad
+        want = get_layout(module, "weight", module.weight).local_from_dense(dense.weight.grad)
         torch.testing.assert_close(
             module.weight.grad,
             want,
@@ -255,7 +254,8 @@ def _head_norm_error_case(case: str) -> str | None:
     if case == "eps_none":
         dense = torch.nn.RMSNorm(12, eps=None, dtype=torch.bfloat16)
         x = 0.01 * torch.randn(5, 12, generator=torch.Generator().manual_seed(0)).bfloat16()
-        ((start, length),) = ColumnParallelRMSNorm(12, pieces=_PIECES)._tpext_layouts["weight"].segments
+        sharded = ColumnParallelRMSNorm(12, pieces=_PIECES)
+        ((start, length),) = get_layout(sharded, "weight", sharded.weight).segments
         mine = slice(start, start + length)
         torch.testing.assert_close(
             shard_norm_features(dense, None, _PIECES)(x[:, mine]), dense(x)[:, mine], rtol=1e-2, atol=1e-2
