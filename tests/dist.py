@@ -33,6 +33,17 @@ from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 _CTX = mp.get_context("spawn")
+
+#: The tiny Llama several tests build: keyword arguments of tpext.models.LlamaConfig and of
+#: transformers.LlamaConfig alike (override a field with ``dict(SMALL_LLAMA, num_key_value_heads=2)``).
+SMALL_LLAMA = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    vocab_size=100,
+    num_hidden_layers=2,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+)
 _POLL_S = 0.05
 
 
@@ -221,3 +232,49 @@ def case_result(results: dict[tuple, list], case: tuple) -> list[Any]:
         if status == "error":
             raise DistFailure(f"rank {rank} of {len(outcomes)} failed on case {case}:\n{value}")
     return [value for _, value in outcomes]
+
+
+class CaseBatches:
+    """Cases that differ by world size, run one `run_cases` call per world size, at the first test that
+    needs that world size.
+
+    Hold one in a module-scoped fixture and parametrize the tests over ``pairs()`` (world size, case): each
+    case keeps its own test id, and the ranks are visited once per world size however many cases there are.
+
+    Args:
+        fn: module-level function run as ``fn(*case)`` on every rank.
+        cases_by_world: {world_size: [case, ...]}; a case is a hashable, picklable tuple.
+        **kwargs: passed on to `run_cases` (timeouts, backend).
+
+    Example:
+        >>> CASES = {1: [("a",), ("b",)], 2: [("a",)]}
+        >>> @pytest.fixture(scope="module")
+        ... def batches():
+        ...     return CaseBatches(_case, CASES)
+        >>> @pytest.mark.parametrize(("world", "case"), CaseBatches.pairs(CASES))
+        ... def test_case(batches, world, case):
+        ...     per_rank = batches.result(world, case)
+    """
+
+    def __init__(self, fn: Callable[..., Any], cases_by_world: dict[int, list[tuple]], **kwargs: Any):
+        self._fn, self._cases, self._kwargs = fn, cases_by_world, kwargs
+        self._results: dict[int, dict[tuple, list] | DistFailure] = {}
+
+    @staticmethod
+    def pairs(cases_by_world: dict[int, list[tuple]]) -> list[tuple[int, tuple]]:
+        """Every (world size, case) pair, world sizes in order."""
+        return [(w, tuple(c)) for w in sorted(cases_by_world) for c in cases_by_world[w]]
+
+    def result(self, world_size: int, case: tuple) -> list[Any]:
+        """`case_result` of `case` at `world_size`, running all of that world size's cases on first use."""
+        if world_size not in self._results:
+            try:
+                self._results[world_size] = run_cases(
+                    self._fn, world_size, self._cases[world_size], **self._kwargs
+                )
+            except DistFailure as e:  # the ranks are gone: every case of this size fails with the cause
+                self._results[world_size] = e
+        results = self._results[world_size]
+        if isinstance(results, DistFailure):
+            raise results
+        return case_result(results, case)

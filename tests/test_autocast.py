@@ -16,13 +16,13 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
-from dist import run_ranks
+from dist import SMALL_LLAMA, case_result, run_cases, run_ranks
 
 import tpext
 from tpext import mappings, ops
 from tpext.models import LlamaConfig, LlamaForCausalLM
 from tpext.nn import ColumnParallelLinear, RowParallelLinear
-from tpext.sharding import layouts
+from tpext.sharding import get_layout, layouts
 
 LOW = (torch.bfloat16, torch.float16)
 
@@ -58,39 +58,49 @@ def _op_cases(world: int):
     }
 
 
-def _check_ops() -> None:
-    world = dist.get_world_size()
-    for name, (op, args, kwargs) in _op_cases(world).items():
-        for dtype in LOW:
-            cast = lambda t, dtype=dtype: t.to(dtype)  # noqa: E731
-            with torch.autocast("cpu", dtype=dtype):
-                got = op(*args, chunks=3)
-            want = op(*map(cast, args), chunks=3)
-            for g, r in zip(*(t if isinstance(t, tuple) else (t,) for t in (got, want))):
-                assert g.dtype == dtype, f"{name} under autocast({dtype}): output {g.dtype}"
-                assert torch.equal(g, r), f"{name} under autocast({dtype}) differs from the op on cast inputs"
-            if "residual" in kwargs:
-                residual = kwargs["residual"]
-                # An fp32 residual is added after the op, in fp32, as linear(...) + residual is under autocast;
-                # one already in the autocast dtype is fused into the op's epilogue.
-                with torch.autocast("cpu", dtype=dtype):
-                    wide, fused = (
-                        op(*args, chunks=3, residual=residual),
-                        op(*args, chunks=3, residual=cast(residual)),
-                    )
-                assert wide.dtype == torch.float32 and torch.equal(wide, want + residual), name
-                assert fused.dtype == dtype and torch.equal(
-                    fused, op(*map(cast, args), chunks=3, residual=cast(residual))
-                )
+OP_NAMES = ("gemm_all_reduce", "gemm_reduce_scatter", "all_gather_gemm")
+OP_CASES = [(name, dtype) for name in OP_NAMES for dtype in (*LOW, torch.float64)]
+
+
+def _op_case(name: str, dtype: torch.dtype) -> None:
+    """One op under autocast(dtype) as on cast inputs; for float64, that autocast leaves fp64 inputs alone."""
+    op, args, kwargs = _op_cases(dist.get_world_size())[name]
+    if dtype == torch.float64:
         # fp64 is left alone by autocast, as aten::linear leaves it; so is everything outside autocast.
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = op(*(t.double() for t in args), chunks=2)
         assert (out[0] if isinstance(out, tuple) else out).dtype == torch.float64, name
+        return
+    cast = lambda t: t.to(dtype)  # noqa: E731
+    with torch.autocast("cpu", dtype=dtype):
+        got = op(*args, chunks=3)
+    want = op(*map(cast, args), chunks=3)
+    for g, r in zip(*(t if isinstance(t, tuple) else (t,) for t in (got, want))):
+        assert g.dtype == dtype, f"{name} under autocast({dtype}): output {g.dtype}"
+        assert torch.equal(g, r), f"{name} under autocast({dtype}) differs from the op on cast inputs"
+    if "residual" in kwargs:
+        residual = kwargs["residual"]
+        # An fp32 residual is added after the op, in fp32, as linear(...) + residual is under autocast;
+        # one already in the autocast dtype is fused into the op's epilogue.
+        with torch.autocast("cpu", dtype=dtype):
+            wide, fused = (
+                op(*args, chunks=3, residual=residual),
+                op(*args, chunks=3, residual=cast(residual)),
+            )
+        assert wide.dtype == torch.float32 and torch.equal(wide, want + residual), name
+        assert fused.dtype == dtype and torch.equal(
+            fused, op(*map(cast, args), chunks=3, residual=cast(residual))
+        )
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_ops_follow_linear_autocast_policy(world):
-    run_ranks(_check_ops, world)
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"tp{w}")
+def op_results(request):
+    return run_cases(_op_case, request.param, OP_CASES)
+
+
+@pytest.mark.parametrize("case", OP_CASES, ids=[f"{n}-{str(d).removeprefix('torch.')}" for n, d in OP_CASES])
+def test_ops_follow_linear_autocast_policy(op_results, case):
+    case_result(op_results, case)
 
 
 def _check_ops_compiled() -> None:
@@ -144,7 +154,7 @@ def _check_mlp(sp: bool) -> None:
     else:
         dx = mine.grad
     assert dx.dtype == torch.float32 and col.weight.grad.dtype == torch.float32
-    local = lambda layer, name, t: layer._tpext_layouts[name].local_from_dense(t)  # noqa: E731
+    local = lambda layer, name, t: get_layout(layer, name, getattr(layer, name)).local_from_dense(t)  # noqa: E731
     got = (y, dx, col.weight.grad, col.bias.grad, row.weight.grad, row.bias.grad)
     for i, name in enumerate(
         ["y", "dx", "up.weight.grad", "up.bias.grad", "down.weight.grad", "down.bias.grad"]
@@ -158,10 +168,14 @@ def _check_mlp(sp: bool) -> None:
         _check_error(f"tp={world} sp={sp} {name}", got[i], d, r)
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_mlp_autocast(world):
-    run_ranks(_check_mlp, world, False)
-    run_ranks(_check_mlp, world, True)
+@pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"tp{w}")
+def mlp_results(request):
+    return run_cases(_check_mlp, request.param, [(False,), (True,)])
+
+
+@pytest.mark.parametrize("sp", [False, True], ids=["no_sp", "sp"])
+def test_mlp_autocast(mlp_results, sp):
+    case_result(mlp_results, (sp,))
 
 
 # ---- models -----------------------------------------------------------------------------------------------
@@ -170,28 +184,11 @@ def test_mlp_autocast(world):
 def _check_model(kind: str, sp: bool) -> None:
     world = dist.get_world_size()
     if kind == "tpext":
-        cfg = LlamaConfig(
-            hidden_size=64,
-            intermediate_size=96,
-            vocab_size=100,
-            num_hidden_layers=2,
-            num_attention_heads=8,
-            num_key_value_heads=4,
-        )
         torch.manual_seed(0)
-        dense = LlamaForCausalLM(cfg, dtype=torch.float32)
+        dense = LlamaForCausalLM(LlamaConfig(**SMALL_LLAMA), dtype=torch.float32)
     else:
         transformers = pytest.importorskip("transformers")
-        config = transformers.LlamaConfig(
-            hidden_size=64,
-            intermediate_size=96,
-            vocab_size=100,
-            num_hidden_layers=2,
-            num_attention_heads=8,
-            num_key_value_heads=4,
-            use_cache=False,
-            max_position_embeddings=64,
-        )
+        config = transformers.LlamaConfig(**SMALL_LLAMA, use_cache=False, max_position_embeddings=64)
         torch.manual_seed(0)
         dense = transformers.LlamaForCausalLM(config).float()
     ids = torch.randint(0, 100, (2, 4 * world), generator=torch.Generator().manual_seed(1))

@@ -16,20 +16,20 @@ import torch.distributed as tdist
 from dist import run_ranks
 
 from tpext.cli import main
-from tpext.commands.benchmark_layers import IMPLS, LAYERS, MODES, Spec, _check, _dense, _tpext, check_close
+from tpext.commands.benchmark_layers import (
+    IMPLS,
+    LAYERS,
+    MODES,
+    Spec,
+    check_close,
+    check_layer,
+    dense_layer,
+    tpext_layer,
+)
+from tpext.planner.calibration import REQUIRED
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-CALIBRATION_KEYS = {
-    "format",
-    "device",
-    "source",
-    "matmul_tflops",
-    "allreduce_bus_GBps",
-    "collective_latency_us",
-    "memory_GiB",
-    "gpus_per_node",
-}
 
 
 @pytest.mark.slow  # spawns `python -m tpext bench`
@@ -78,7 +78,7 @@ def test_quick_run_writes_checked_results(tmp_path):
     assert (tmp_path / "layers.png").read_bytes()[:8] == PNG_MAGIC
 
     calibration = json.loads(cal.read_text())
-    assert set(calibration) == CALIBRATION_KEYS
+    assert set(calibration) == set(REQUIRED)
     assert calibration["format"] == "tpext-calibration/1"
     assert calibration["device"] == report["device"] and calibration["device"].startswith("cpu-")
     assert calibration["source"] == report["command"]
@@ -106,14 +106,14 @@ def test_check_close_tolerance():
 def _check_catches_wrong_shard():
     rank, world = tdist.get_rank(), tdist.get_world_size()
     spec = Spec("mlp_sp", tokens=8, hidden=4, ffn=12)
-    dense = _dense(spec, seed=0)
-    good, broken = _tpext(dense, spec, "auto"), _tpext(dense, spec, "auto")
+    dense = dense_layer(spec, seed=0)
+    good, broken = tpext_layer(dense, spec, "auto"), tpext_layer(dense, spec, "auto")
     if rank == 1:  # one rank's shard of the second weight is off by a little
         with torch.no_grad():
             broken[2].weight[0, 0] += 1e-3
     g = torch.Generator().manual_seed(1)
     x, dy = torch.randn(8, 4, generator=g), torch.randn(8, 4, generator=g)
-    return _check(spec, dense, {"good": good, "broken": broken}, x, dy, rank, world)
+    return check_layer(spec, dense, {"good": good, "broken": broken}, x, dy, rank, world)
 
 
 def test_correctness_gate_names_the_wrong_implementation():

@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 import torch.distributed as dist
-from dist import run_ranks
+from dist import SMALL_LLAMA, run_ranks
 from safetensors.torch import save_file
 
 import tpext
@@ -19,14 +19,7 @@ import tpext.checkpoint.dense as ckpt
 from tpext.models import LlamaConfig, LlamaForCausalLM
 from tpext.sharding import layouts
 
-CFG = dict(
-    hidden_size=64,
-    intermediate_size=80,
-    vocab_size=101,
-    num_hidden_layers=2,
-    num_attention_heads=8,
-    num_key_value_heads=2,
-)
+CFG = dict(SMALL_LLAMA, intermediate_size=80, vocab_size=101, num_key_value_heads=2)
 
 
 def _dense(packed: bool = False, tied: bool = False) -> LlamaForCausalLM:

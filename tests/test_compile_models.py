@@ -12,20 +12,13 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
-from dist import run_ranks
+from dist import SMALL_LLAMA, run_ranks
 
 import tpext
 from tpext.models import LlamaConfig, LlamaForCausalLM
 
 TOL = dict(rtol=1e-5, atol=1e-6)
-SMALL = dict(
-    hidden_size=64,
-    intermediate_size=96,
-    vocab_size=100,
-    num_hidden_layers=2,
-    num_attention_heads=8,
-    num_key_value_heads=4,
-)
+SMALL = SMALL_LLAMA
 
 
 def _check(kind: str) -> None:

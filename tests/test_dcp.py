@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from dist import run_ranks
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, HuggingFaceStorageReader
+from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
@@ -33,7 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import init_device_mesh
 
 import tpext
-from tpext.checkpoint.dcp import ShardedState, _chunks
+from tpext.checkpoint import ShardedState
 from tpext.models import LlamaConfig, LlamaForCausalLM
 from tpext.sharding import ShardLayout, layouts
 
@@ -311,17 +312,38 @@ def test_other_architecture_names_the_key(tmp_path):
     assert all(re.search(norm_weight, m) for m in qk_norm), qk_norm[0]
 
 
+def _assert_chunks(layout: ShardLayout, window, want) -> None:
+    """ShardedState's DCP chunk protocol: the chunks it lists (dense offsets, sizes), and for each the view
+    of the local tensor it hands out, ``local.narrow(dim, start, length)``: want is a tuple of
+    (offsets, sizes, dim, start, length)."""
+    rows = window[1] if window is not None else layout.local_shape[0]
+    shape = (rows, *layout.local_shape[1:])
+    local = torch.arange(float(torch.Size(shape).numel())).view(shape)  # every element tells where it sits
+    state = ShardedState(local, layout, window)
+    listed = [(tuple(c.offsets), tuple(c.sizes)) for c in state.__create_chunk_list__()]
+    assert listed == [(offsets, sizes) for offsets, sizes, *_ in want]
+    for offsets, _, dim, start, length in want:
+        view = state.__get_tensor_shard__(MetadataIndex("w", torch.Size(offsets)))
+        expected = local.narrow(dim, start, length)
+        assert torch.equal(view, expected), (offsets, view, expected)
+        assert view.data_ptr() == expected.data_ptr(), "DCP's load must copy straight into the local tensor"
+
+
 def test_chunks_of_packed_layout_under_fsdp2_rows():
     # Packed [q 4 | k 2 | v 2] rows, this rank holding q 2..3, k 1, v 1 (local rows 0..3); FSDP2 keeps rows 1..2.
     layout = ShardLayout((8, 3), 0, ((2, 2), (5, 1), (7, 1)))
-    assert _chunks(layout, None) == (
-        ((2, 0), (2, 3), 0, 0, 2),
-        ((5, 0), (1, 3), 0, 2, 1),
-        ((7, 0), (1, 3), 0, 3, 1),
+    _assert_chunks(
+        layout,
+        None,
+        (
+            ((2, 0), (2, 3), 0, 0, 2),
+            ((5, 0), (1, 3), 0, 2, 1),
+            ((7, 0), (1, 3), 0, 3, 1),
+        ),
     )
-    assert _chunks(layout, (1, 2)) == (((3, 0), (1, 3), 0, 0, 1), ((5, 0), (1, 3), 0, 1, 1))
+    _assert_chunks(layout, (1, 2), (((3, 0), (1, 3), 0, 0, 1), ((5, 0), (1, 3), 0, 1, 1)))
     row_parallel = ShardLayout((4, 6), 1, ((3, 3),))  # [out, in/R] under FSDP2's rows 2..3
-    assert _chunks(row_parallel, (2, 2)) == (((2, 3), (2, 3), 1, 0, 3),)
+    _assert_chunks(row_parallel, (2, 2), (((2, 3), (2, 3), 1, 0, 3),))
 
 
 def test_sharded_state_moves_and_refuses_math():

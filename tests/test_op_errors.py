@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as tdist
-from dist import run_ranks
+from dist import CaseBatches, case_result, run_cases, run_ranks
 
 import tpext
 
@@ -124,46 +124,78 @@ RESIDUAL_CASES = [
 ]
 
 
-def _check_errors() -> None:
+ERROR_CASES = (
+    [(case, name) for case, ops, *_ in CASES for name in ops]
+    + [(case, name) for case, *_ in RESIDUAL_CASES for name in REDUCING]
+    + [("algorithm_str", "gemm_all_reduce"), ("chunks_str", "gemm_all_reduce")]
+    + [("unknown_group", name) for name in OPS]
+    + [("group_type", "gemm_all_reduce")]
+)
+# Last: nothing above reached a collective, so the group is intact and a good call works on every rank.
+GROUP_INTACT = ("group_intact", "gemm_all_reduce")
+ERROR_CASES_BY_WORLD = {
+    1: [*ERROR_CASES, GROUP_INTACT],
+    # rows not divisible by the group size: only a group of 2 or more can be given such rows
+    2: [*ERROR_CASES, ("rows_not_divisible", "gemm_reduce_scatter"), GROUP_INTACT],
+    3: [*ERROR_CASES, ("rows_not_divisible", "gemm_reduce_scatter"), GROUP_INTACT],
+}
+_TABLE = {case: (args, kwargs, pattern) for case, _, args, kwargs, pattern in CASES}
+_RESIDUAL_TABLE = {case: (kwargs, pattern) for case, kwargs, pattern in RESIDUAL_CASES}
+
+
+def _error_case(case: str, name: str) -> None:
     world = tdist.get_world_size()
-    for _case, ops, args, kwargs, pattern in CASES:
-        for name in ops:
-            with pytest.raises(RuntimeError, match=rf"tpext\.{name}: {pattern}"):
-                OPS[name](*args, **kwargs)
-    for _case, kwargs, pattern in RESIDUAL_CASES:
-        for name, op in REDUCING.items():
-            x = _t(4 * world, 8)  # gemm_reduce_scatter's output is [4, 6] on every group size
-            if name == "gemm_all_reduce":
-                x = _t(4, 8)
-            with pytest.raises(RuntimeError, match=rf"tpext\.{name}: {pattern}"):
-                op(x, _t(6, 8), **kwargs)
-    with pytest.raises(ValueError, match=r"tpext: algorithm must be 'auto' or an int, got 'fast'"):
-        tpext.ops.gemm_all_reduce(_t(4, 8), _t(6, 8), algorithm="fast")
-    with pytest.raises(ValueError, match=r"tpext: chunks must be 'auto' or an int, got 'many'"):
-        tpext.ops.gemm_all_reduce(_t(4, 8), _t(6, 8), chunks="many")
-    if world > 1:
+    if case in _TABLE:
+        args, kwargs, pattern = _TABLE[case]
+        with pytest.raises(RuntimeError, match=rf"tpext\.{name}: {pattern}"):
+            OPS[name](*args, **kwargs)
+    elif case in _RESIDUAL_TABLE:
+        kwargs, pattern = _RESIDUAL_TABLE[case]
+        x = _t(4 * world, 8)  # gemm_reduce_scatter's output is [4, 6] on every group size
+        if name == "gemm_all_reduce":
+            x = _t(4, 8)
+        with pytest.raises(RuntimeError, match=rf"tpext\.{name}: {pattern}"):
+            OPS[name](x, _t(6, 8), **kwargs)
+    elif case == "algorithm_str":
+        with pytest.raises(ValueError, match=r"tpext: algorithm must be 'auto' or an int, got 'fast'"):
+            tpext.ops.gemm_all_reduce(_t(4, 8), _t(6, 8), algorithm="fast")
+    elif case == "chunks_str":
+        with pytest.raises(ValueError, match=r"tpext: chunks must be 'auto' or an int, got 'many'"):
+            tpext.ops.gemm_all_reduce(_t(4, 8), _t(6, 8), chunks="many")
+    elif case == "rows_not_divisible":
         rows = world + 1  # never divisible by world >= 2
         with pytest.raises(
             RuntimeError, match=rf"x.size\(0\) = {rows} must be divisible by the group size {world}"
         ):
             tpext.ops.gemm_reduce_scatter(_t(rows, 8), _t(6, 8))
-    for name in OPS:
+    elif case == "unknown_group":
         with pytest.raises(
             RuntimeError, match=rf"tpext\.{name}: group_name 'no-such-group' does not name a registered"
         ):
             getattr(torch.ops.tpext, name)(_t(world, 8), _t(6, 8), None, "no-such-group", 1)
-    with pytest.raises(
-        TypeError, match="group must be a torch.distributed.ProcessGroup, a 1-D DeviceMesh or None"
-    ):
-        tpext.ops.gemm_all_reduce(_t(4, 8), _t(6, 8), group="world")
-    # Nothing above reached a collective: the group is intact and a good call works on every rank.
-    y = tpext.ops.gemm_all_reduce(_t(3, 8), _t(6, 8), chunks=2)
-    assert torch.equal(y, torch.full((3, 6), 8.0 * world, dtype=f64))
+    elif case == "group_type":
+        with pytest.raises(
+            TypeError, match="group must be a torch.distributed.ProcessGroup, a 1-D DeviceMesh or None"
+        ):
+            tpext.ops.gemm_all_reduce(_t(4, 8), _t(6, 8), group="world")
+    else:
+        assert case == "group_intact", case
+        y = tpext.ops.gemm_all_reduce(_t(3, 8), _t(6, 8), chunks=2)
+        assert torch.equal(y, torch.full((3, 6), 8.0 * world, dtype=f64))
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_bad_input_raises_clear_errors(world_size):
-    run_ranks(_check_errors, world_size)
+@pytest.fixture(scope="module")
+def error_batches():
+    return CaseBatches(_error_case, ERROR_CASES_BY_WORLD)
+
+
+@pytest.mark.parametrize(
+    ("world_size", "case"),
+    CaseBatches.pairs(ERROR_CASES_BY_WORLD),
+    ids=lambda v: f"tp{v}" if isinstance(v, int) else "-".join(v),
+)
+def test_bad_input_raises_clear_errors(error_batches, world_size, case):
+    error_batches.result(world_size, case)
 
 
 def _check_mesh_groups() -> None:
@@ -182,15 +214,15 @@ def test_device_mesh_groups():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device for a cross-device call")
-def test_device_mismatch():
-    run_ranks(_check_device_mismatch, 1)
+@pytest.mark.parametrize("name", list(OPS))
+def test_device_mismatch(name):
+    run_ranks(_check_device_mismatch, 1, name)
 
 
-def _check_device_mismatch() -> None:
+def _check_device_mismatch(name: str) -> None:
     x, w = _t(4, 8), _t(6, 8).cuda()
-    for name in OPS:
-        with pytest.raises(RuntimeError, match=rf"tpext\.{name}: w is on cuda:0 but x(_shard)? is on cpu"):
-            OPS[name](x, w)
+    with pytest.raises(RuntimeError, match=rf"tpext\.{name}: w is on cuda:0 but x(_shard)? is on cpu"):
+        OPS[name](x, w)
 
 
 def _check_direct_call_with_grad() -> None:
@@ -205,25 +237,26 @@ def test_direct_call_with_grad_inputs_runs_and_names_the_missing_backward():
     run_ranks(_check_direct_call_with_grad, 2)
 
 
-def _check_ranks_disagree() -> None:
-    """Arguments that differ between ranks would hang or abort inside the collective; under torch's
-    TORCH_DISTRIBUTED_DEBUG=DETAIL the ops compare them first and every rank raises the same error."""
+def _disagreeing_call(case: str) -> tuple:
+    """(op, args, kwargs on this rank, the difference the message names) for one way the ranks disagree."""
     rank, world = tdist.get_rank(), tdist.get_world_size()
     last = world - 1
-    cases = [  # (op, args, kwargs on this rank, the difference the message names)
-        (
+    if case == "rows":
+        return (
             "all_gather_gemm",
             (_t(2 + (rank == last), 8), _t(6, 8)),
             dict(chunks=2),
             rf"rows \(leading dims of x flattened\) = 3 on rank {last} but 2 on rank 0",
-        ),
-        (
+        )
+    if case == "chunks":
+        return (
             "gemm_all_reduce",
             (_t(4, 8), _t(6, 8)),
             dict(chunks=1 + (rank == last)),
             rf"chunks = 2 on rank {last} but 1 on rank 0",
-        ),
-        (
+        )
+    if case == "dtype":
+        return (
             "gemm_reduce_scatter",
             (
                 _t(2 * world, 8, dtype=torch.float32 if rank == last else f64),
@@ -231,32 +264,46 @@ def _check_ranks_disagree() -> None:
             ),
             dict(chunks=1),
             rf"dtype = Float on rank {last} but Double on rank 0",
-        ),
-        # A rank whose own check fails (rows not divisible by the group) still takes part in the comparison.
-        (
-            "gemm_reduce_scatter",
-            (_t(2 * world - (rank == last), 8), _t(6, 8)),
-            dict(chunks=1),
-            rf"arguments accepted \(1\) or rejected \(0\) = 0 on rank {last} but 1 on rank 0",
-        ),
-    ]
+        )
+    # A rank whose own check fails (rows not divisible by the group) still takes part in the comparison.
+    assert case == "one_rank_rejects", case
+    return (
+        "gemm_reduce_scatter",
+        (_t(2 * world - (rank == last), 8), _t(6, 8)),
+        dict(chunks=1),
+        rf"arguments accepted \(1\) or rejected \(0\) = 0 on rank {last} but 1 on rank 0",
+    )
+
+
+DISAGREE_CASES = ["rows", "chunks", "dtype", "one_rank_rejects", "agreeing"]
+
+
+def _ranks_disagree_case(case: str) -> None:
+    """Arguments that differ between ranks would hang or abort inside the collective; under torch's
+    TORCH_DISTRIBUTED_DEBUG=DETAIL the ops compare them first and every rank raises the same error."""
     tdist.set_debug_level(tdist.DebugLevel.DETAIL)
     try:
-        for name, args, kwargs, difference in cases:
-            with pytest.raises(
-                RuntimeError,
-                match=rf"tpext\.{name}: the ranks of group .* called it with different "
-                rf"arguments \(checked because TORCH_DISTRIBUTED_DEBUG=DETAIL\):.* "
-                rf"{difference}",
-            ):
-                OPS[name](*args, **kwargs)
-        # The same calls with agreeing arguments pass the check and compute.
-        y = tpext.ops.gemm_all_reduce(_t(3, 8), _t(6, 8), chunks=2)
-        assert torch.equal(y, torch.full((3, 6), 8.0 * world, dtype=f64))
+        if case == "agreeing":  # the same calls with agreeing arguments pass the check and compute
+            y = tpext.ops.gemm_all_reduce(_t(3, 8), _t(6, 8), chunks=2)
+            assert torch.equal(y, torch.full((3, 6), 8.0 * tdist.get_world_size(), dtype=f64))
+            return
+        name, args, kwargs, difference = _disagreeing_call(case)
+        with pytest.raises(
+            RuntimeError,
+            match=rf"tpext\.{name}: the ranks of group .* called it with different "
+            rf"arguments \(checked because TORCH_DISTRIBUTED_DEBUG=DETAIL\):.* "
+            rf"{difference}",
+        ):
+            OPS[name](*args, **kwargs)
     finally:
         tdist.set_debug_level(tdist.DebugLevel.OFF)
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
-def test_ranks_that_disagree_raise_under_distributed_debug(world_size):
-    run_ranks(_check_ranks_disagree, world_size)
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"tp{w}")
+def disagree_results(request):
+    return run_cases(_ranks_disagree_case, request.param, [(c,) for c in DISAGREE_CASES])
+
+
+@pytest.mark.parametrize("case", DISAGREE_CASES)
+def test_ranks_that_disagree_raise_under_distributed_debug(disagree_results, case):
+    case_result(disagree_results, (case,))

@@ -19,18 +19,10 @@ def test_planner_re_exports_the_policy():
     import tpext.planner as planner
     from tpext.ops import schedule
 
-    for name in (
-        "Algorithm",
-        "AlgorithmLike",
-        "Chunks",
-        "Schedule",
-        "auto_chunks",
-        "auto_schedule",
-        "default_algorithm",
-        "resolve_chunks",
-        "resolve_schedule",
-        "MIN_ROWS_PER_CHUNK",
-    ):
+    assert "auto_schedule" in schedule.__all__ and "Algorithm" in schedule.__all__
+    for name in schedule.__all__:
+        assert getattr(tpext.ops, name) is getattr(schedule, name), name
+    for name in (*schedule.__all__, "MIN_ROWS_PER_CHUNK"):
         assert getattr(planner, name) is getattr(schedule, name), name
 
 

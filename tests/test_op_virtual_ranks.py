@@ -29,10 +29,20 @@ def _randn(seed, *shape, device="cpu", dtype=torch.float64):
     return torch.randn(*shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
 
 
+OP_NAMES = ("gemm_all_reduce", "gemm_reduce_scatter", "all_gather_gemm")
+
+
 def check_all_ops(
-    world: int, device: str = "cpu", dtype=torch.float64, rel_tol: float = 1e-12, m: int = 7
+    world: int,
+    device: str = "cpu",
+    dtype=torch.float64,
+    rel_tol: float = 1e-12,
+    m: int = 7,
+    plans=PLANS,
+    ops=OP_NAMES,
 ) -> None:
-    """Each op on `world` virtual ranks vs the fp64 reference, every plan; shared with the GPU tests."""
+    """Each op in `ops` on `world` virtual ranks vs the fp64 reference, every plan in `plans` (all of both
+    by default); shared with the GPU tests."""
     xs = [_randn(r, world * m, 2, K, device=device, dtype=dtype) for r in range(world)]
     ws = [_randn(100 + r, N, K, device=device, dtype=dtype) for r in range(world)]
     bias = _randn(7, N, device=device, dtype=dtype)
@@ -43,30 +53,43 @@ def check_all_ops(
         err = (got.double() - want).abs().max().item()
         assert err <= rel_tol * scale, f"{what}: max abs error {err:.3e} > {rel_tol:.0e} x {scale:.3g}"
 
-    for chunks, algorithm in PLANS:
+    for chunks, algorithm in plans:
         what = f"world={world} chunks={chunks} {algorithm.name}"
-        res = [_randn(200 + r, world * m, 2, N, device=device, dtype=dtype) for r in range(world)]
-        outs = run_on_virtual_ranks("gemm_all_reduce", xs, ws, [bias] * world, res, chunks, int(algorithm))
-        for r, (y,) in enumerate(outs):
-            close(y, dense + bias.double() + res[r].double(), f"gemm_all_reduce rank {r} {what}")
-        res = [_randn(300 + r, m, 2, N, device=device, dtype=dtype) for r in range(world)]
-        outs = run_on_virtual_ranks(
-            "gemm_reduce_scatter", xs, ws, [bias] * world, res, chunks, int(algorithm)
-        )
-        for r, (y,) in enumerate(outs):
-            want = dense[r * m : (r + 1) * m] + bias.double() + res[r].double()
-            close(y, want, f"gemm_reduce_scatter rank {r} {what}")
-        shards = [x[:m] for x in xs]
-        outs = run_on_virtual_ranks("all_gather_gemm", shards, ws, [bias] * world, [], chunks, int(algorithm))
-        x_full = torch.cat(shards)
-        for r, (y, gathered) in enumerate(outs):
-            assert torch.equal(gathered, x_full), f"all_gather_gemm rank {r} {what}: gathered input differs"
-            close(y, x_full.double() @ ws[r].double().T + bias.double(), f"all_gather_gemm rank {r} {what}")
+        if "gemm_all_reduce" in ops:
+            res = [_randn(200 + r, world * m, 2, N, device=device, dtype=dtype) for r in range(world)]
+            outs = run_on_virtual_ranks(
+                "gemm_all_reduce", xs, ws, [bias] * world, res, chunks, int(algorithm)
+            )
+            for r, (y,) in enumerate(outs):
+                close(y, dense + bias.double() + res[r].double(), f"gemm_all_reduce rank {r} {what}")
+        if "gemm_reduce_scatter" in ops:
+            res = [_randn(300 + r, m, 2, N, device=device, dtype=dtype) for r in range(world)]
+            outs = run_on_virtual_ranks(
+                "gemm_reduce_scatter", xs, ws, [bias] * world, res, chunks, int(algorithm)
+            )
+            for r, (y,) in enumerate(outs):
+                want = dense[r * m : (r + 1) * m] + bias.double() + res[r].double()
+                close(y, want, f"gemm_reduce_scatter rank {r} {what}")
+        if "all_gather_gemm" in ops:
+            shards = [x[:m] for x in xs]
+            outs = run_on_virtual_ranks(
+                "all_gather_gemm", shards, ws, [bias] * world, [], chunks, int(algorithm)
+            )
+            x_full = torch.cat(shards)
+            for r, (y, gathered) in enumerate(outs):
+                assert torch.equal(gathered, x_full), (
+                    f"all_gather_gemm rank {r} {what}: gathered input differs"
+                )
+                close(
+                    y, x_full.double() @ ws[r].double().T + bias.double(), f"all_gather_gemm rank {r} {what}"
+                )
 
 
-@pytest.mark.parametrize("world", [1, 2, 3, 4])
-def test_virtual_ranks_match_fp64(world):
-    check_all_ops(world)
+@pytest.mark.parametrize("op", OP_NAMES)
+@pytest.mark.parametrize("plan", PLANS, ids=[f"chunks{c}-{a.name}" for c, a in PLANS])
+@pytest.mark.parametrize("world", [1, 2, 3, 4], ids=lambda w: f"tp{w}")
+def test_virtual_ranks_match_fp64(world, plan, op):
+    check_all_ops(world, plans=[plan], ops=[op])
 
 
 def test_all_reduce_is_bitwise_identical_on_every_rank():

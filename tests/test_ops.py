@@ -83,6 +83,13 @@ def _id(shape, *flags_and_schedule) -> str:
     return f"x{'x'.join(map(str, shape))}{extra}-chunks{chunks}-{algorithm.name}"
 
 
+def _epilogue(with_bias: bool, with_res: bool, bias_seed: int, residual_seed: int, *residual_shape: int):
+    """(bias or None, residual or None, what they add to the reference) of a sweep point."""
+    bias = _randn(bias_seed, N) if with_bias else None
+    residual = _randn(residual_seed, *residual_shape, N) if with_res else None
+    return bias, residual, sum(t for t in (bias, residual) if t is not None)
+
+
 def _gemm_all_reduce_case(
     si: int, with_bias: bool, with_res: bool, chunks: int, algorithm: Algorithm
 ) -> tuple:
@@ -91,18 +98,11 @@ def _gemm_all_reduce_case(
     lead = AR_SHAPES[si]
     xs = [_randn(100 * si + r, *lead, K) for r in range(world)]
     ws = [_randn(1000 + 100 * si + r, N, K) for r in range(world)]
-    bias = _randn(7, N)
-    residual = _randn(11, *lead, N)
-    want = sum(x @ w.T for x, w in zip(xs, ws)) + (bias if with_bias else 0) + (residual if with_res else 0)
+    bias, residual, added = _epilogue(with_bias, with_res, 7, 11, *lead)
     y = tpext.ops.gemm_all_reduce(
-        xs[rank],
-        ws[rank],
-        bias if with_bias else None,
-        chunks=chunks,
-        algorithm=algorithm,
-        residual=residual if with_res else None,
+        xs[rank], ws[rank], bias, chunks=chunks, algorithm=algorithm, residual=residual
     )
-    return y, want
+    return y, sum(x @ w.T for x, w in zip(xs, ws)) + added
 
 
 def _gemm_reduce_scatter_case(
@@ -112,19 +112,12 @@ def _gemm_reduce_scatter_case(
     m, *mid = SHARD_SHAPES[si]
     xs = [_randn(200 * si + r, world * m, *mid, K) for r in range(world)]
     ws = [_randn(2000 + 200 * si + r, N, K) for r in range(world)]
-    bias = _randn(8, N)
-    residual = _randn(12 + rank, m, *mid, N)  # the residual is per rank: it belongs to this shard
-    mine = sum(x @ w.T for x, w in zip(xs, ws))[rank * m : (rank + 1) * m]
-    want = mine + (bias if with_bias else 0) + (residual if with_res else 0)
+    # the residual is per rank: it belongs to this shard
+    bias, residual, added = _epilogue(with_bias, with_res, 8, 12 + rank, m, *mid)
     y = tpext.ops.gemm_reduce_scatter(
-        xs[rank],
-        ws[rank],
-        bias if with_bias else None,
-        chunks=chunks,
-        algorithm=algorithm,
-        residual=residual if with_res else None,
+        xs[rank], ws[rank], bias, chunks=chunks, algorithm=algorithm, residual=residual
     )
-    return y, want
+    return y, sum(x @ w.T for x, w in zip(xs, ws))[rank * m : (rank + 1) * m] + added
 
 
 def _all_gather_gemm_case(si: int, with_bias: bool, chunks: int, algorithm: Algorithm) -> tuple:

@@ -13,7 +13,7 @@ import tempfile
 import pytest
 import torch
 import torch.distributed as tdist
-from dist import run_ranks
+from dist import CaseBatches, case_result, run_cases, run_ranks
 
 import tpext
 from tpext import p2p
@@ -47,121 +47,159 @@ def _rmsnorm_oracle(parts, residual, bias, weight, eps):
     return h * torch.rsqrt(h.square().mean(-1, keepdim=True) + eps) * weight.to(f64), h
 
 
-def _check_collectives() -> list[bytes]:
+COLLECTIVE_ALGOS = {
+    "all_reduce": (p2p.ALGO_C10D, p2p.ALGO_ONE_SHOT, p2p.ALGO_TWO_SHOT),
+    "reduce_scatter": (p2p.ALGO_C10D, p2p.ALGO_ONE_SHOT),
+    "all_gather": (p2p.ALGO_C10D, p2p.ALGO_ONE_SHOT),
+}
+DTYPES = (f64, f32, bf16)
+DTYPE_NAMES = {f64: "f64", f32: "f32", bf16: "bf16"}
+COLLECTIVE_CASES = [
+    (op, shape, dtype, algo)
+    for op, algos in COLLECTIVE_ALGOS.items()
+    for shape in SHAPES
+    for dtype in DTYPES
+    for algo in algos
+]
+
+
+def _shape_id(shape) -> str:
+    return "x".join(map(str, shape))
+
+
+def _collective_case(op: str, shape: tuple, dtype: torch.dtype, algo: p2p.P2PAlgorithm) -> bytes | None:
+    """One P2P collective vs the fp64 oracle; the all-reduce's bits (P2P paths) for the cross-rank check."""
     rank, world = tdist.get_rank(), tdist.get_world_size()
-    digests = []
-    for shape in SHAPES:
-        for dtype in (f64, f32, bf16):
-            xs = _inputs(world, shape, dtype, seed=len(shape))
-            oracle = sum(x.to(f64) for x in xs)
-            tol = {f64: 1e-12, f32: 1e-5, bf16: 2e-2}[dtype]
-            for algo in (p2p.ALGO_C10D, p2p.ALGO_ONE_SHOT, p2p.ALGO_TWO_SHOT):
-                y = tpext.ops.p2p_all_reduce(xs[rank], algorithm=algo)
-                what = f"all_reduce shape={shape} {dtype} algo={algo}"
-                torch.testing.assert_close(
-                    y.to(f64), oracle, rtol=tol, atol=tol, msg=lambda m, what=what: f"{what}: {m}"
-                )
-                if algo != p2p.ALGO_C10D:
-                    assert torch.equal(y, _ordered_f32_sum(xs)), f"{what}: not the kernels' rank-order sum"
-                    digests.append(y.view(-1).to(f64).numpy().tobytes())
-            rows = shape[0] * world
-            xs_rs = _inputs(world, (rows, *shape[1:]), dtype, seed=7)
-            want = sum(x.to(f64) for x in xs_rs)[rank * shape[0] : (rank + 1) * shape[0]]
-            for algo in (p2p.ALGO_C10D, p2p.ALGO_ONE_SHOT):
-                y = tpext.ops.p2p_reduce_scatter(xs_rs[rank], algorithm=algo)
-                torch.testing.assert_close(y.to(f64), want, rtol=tol, atol=tol)
-                g = tpext.ops.p2p_all_gather(xs[rank], algorithm=algo)
-                assert torch.equal(g, torch.cat(xs, 0)), f"all_gather shape={shape} {dtype} algo={algo}"
-    return digests
+    xs = _inputs(world, shape, dtype, seed=len(shape))
+    tol = {f64: 1e-12, f32: 1e-5, bf16: 2e-2}[dtype]
+    what = f"{op} shape={shape} {dtype} algo={algo}"
+    if op == "all_reduce":
+        oracle = sum(x.to(f64) for x in xs)
+        y = tpext.ops.p2p_all_reduce(xs[rank], algorithm=algo)
+        torch.testing.assert_close(y.to(f64), oracle, rtol=tol, atol=tol, msg=lambda m: f"{what}: {m}")
+        if algo == p2p.ALGO_C10D:
+            return None
+        assert torch.equal(y, _ordered_f32_sum(xs)), f"{what}: not the kernels' rank-order sum"
+        return y.view(-1).to(f64).numpy().tobytes()
+    if op == "reduce_scatter":
+        rows = shape[0] * world
+        xs_rs = _inputs(world, (rows, *shape[1:]), dtype, seed=7)
+        want = sum(x.to(f64) for x in xs_rs)[rank * shape[0] : (rank + 1) * shape[0]]
+        y = tpext.ops.p2p_reduce_scatter(xs_rs[rank], algorithm=algo)
+        torch.testing.assert_close(y.to(f64), want, rtol=tol, atol=tol, msg=lambda m: f"{what}: {m}")
+        return None
+    g = tpext.ops.p2p_all_gather(xs[rank], algorithm=algo)
+    assert torch.equal(g, torch.cat(xs, 0)), what
+    return None
 
 
-@pytest.mark.parametrize("world", [1, 2, 4])
-def test_collectives_match_the_oracle_and_agree_bitwise(world):
-    digests = run_ranks(_check_collectives, world)
+@pytest.fixture(scope="module", params=[1, 2, 4], ids=lambda w: f"tp{w}")
+def p2p_results(request):
+    """The collective and the fused-norm cases, one round trip each per world size."""
+    return {
+        "collectives": run_cases(_collective_case, request.param, COLLECTIVE_CASES),
+        "fused": run_cases(_fused_case, request.param, FUSED_CASES),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    COLLECTIVE_CASES,
+    ids=[f"{op}-{_shape_id(s)}-{DTYPE_NAMES[d]}-{a.name}" for op, s, d, a in COLLECTIVE_CASES],
+)
+def test_collectives_match_the_oracle_and_agree_bitwise(p2p_results, case):
+    digests = case_result(p2p_results["collectives"], case)
     assert all(d == digests[0] for d in digests), "the P2P paths must give every rank the same bits"
 
 
-def _check_fused() -> None:
+FUSED_CASES = [
+    (hidden, with_res, with_bias, dtype, algo)
+    for hidden in (13, 64)
+    for with_res in (True, False)
+    for with_bias in (True, False)
+    for dtype in DTYPES
+    for algo in (p2p.ALGO_C10D, p2p.ALGO_ONE_SHOT)
+]
+
+
+def _fused_case(hidden: int, with_res: bool, with_bias: bool, dtype: torch.dtype, algo) -> None:
     rank, world = tdist.get_rank(), tdist.get_world_size()
     eps = 1e-6
-    for hidden in (13, 64):
-        for with_res in (True, False):
-            for with_bias in (True, False):
-                for dtype in (f64, f32, bf16):
-                    xs = _inputs(world, (3, 2, hidden), dtype, seed=hidden)
-                    g = torch.Generator().manual_seed(hidden + 1)
-                    res = torch.randn(3, 2, hidden, generator=g, dtype=f64).to(dtype) if with_res else None
-                    bias = torch.randn(hidden, generator=g, dtype=f64).to(dtype) if with_bias else None
-                    w = torch.randn(hidden, generator=g, dtype=f64).to(dtype)
-                    out_ref, h_ref = _rmsnorm_oracle(xs, res, bias, w, eps)
-                    tol = {f64: 1e-12, f32: 1e-5, bf16: 5e-2}[dtype]
-                    for algo in (p2p.ALGO_C10D, p2p.ALGO_ONE_SHOT):
-                        out, h = tpext.ops.p2p_all_reduce_residual_rmsnorm(
-                            xs[rank], res, w, bias, eps, algorithm=algo
-                        )
-                        what = f"hidden={hidden} res={with_res} bias={with_bias} {dtype} algo={algo}"
-                        torch.testing.assert_close(
-                            h.to(f64), h_ref, rtol=tol, atol=tol, msg=lambda m, what=what: f"{what}: h: {m}"
-                        )
-                        torch.testing.assert_close(
-                            out.to(f64),
-                            out_ref,
-                            rtol=tol,
-                            atol=tol,
-                            msg=lambda m, what=what: f"{what}: out: {m}",
-                        )
-                        # out is exactly rms_norm of the stored new residual, as an unfused norm would see it
-                        acc = f64 if dtype == f64 else f32
-                        hf = h.to(acc)
-                        unfused = (hf * torch.rsqrt(hf.square().mean(-1, keepdim=True) + eps) * w.to(acc)).to(
-                            dtype
-                        )
-                        torch.testing.assert_close(out, unfused, rtol=1e-6 if dtype != f64 else 1e-14, atol=0)
+    xs = _inputs(world, (3, 2, hidden), dtype, seed=hidden)
+    g = torch.Generator().manual_seed(hidden + 1)
+    res = torch.randn(3, 2, hidden, generator=g, dtype=f64).to(dtype) if with_res else None
+    bias = torch.randn(hidden, generator=g, dtype=f64).to(dtype) if with_bias else None
+    w = torch.randn(hidden, generator=g, dtype=f64).to(dtype)
+    out_ref, h_ref = _rmsnorm_oracle(xs, res, bias, w, eps)
+    tol = {f64: 1e-12, f32: 1e-5, bf16: 5e-2}[dtype]
+    out, h = tpext.ops.p2p_all_reduce_residual_rmsnorm(xs[rank], res, w, bias, eps, algorithm=algo)
+    torch.testing.assert_close(h.to(f64), h_ref, rtol=tol, atol=tol, msg=lambda m: f"h: {m}")
+    torch.testing.assert_close(out.to(f64), out_ref, rtol=tol, atol=tol, msg=lambda m: f"out: {m}")
+    # out is exactly rms_norm of the stored new residual, as an unfused norm would see it
+    acc = f64 if dtype == f64 else f32
+    hf = h.to(acc)
+    unfused = (hf * torch.rsqrt(hf.square().mean(-1, keepdim=True) + eps) * w.to(acc)).to(dtype)
+    torch.testing.assert_close(out, unfused, rtol=1e-6 if dtype != f64 else 1e-14, atol=0)
 
 
-@pytest.mark.parametrize("world", [1, 2, 4])
-def test_fused_all_reduce_residual_rmsnorm_matches_the_oracle(world):
-    run_ranks(_check_fused, world)
+@pytest.mark.parametrize(
+    "case",
+    FUSED_CASES,
+    ids=[
+        f"hidden{h}{'-residual' if r else ''}{'-bias' if b else ''}-{DTYPE_NAMES[d]}-{a.name}"
+        for h, r, b, d, a in FUSED_CASES
+    ],
+)
+def test_fused_all_reduce_residual_rmsnorm_matches_the_oracle(p2p_results, case):
+    case_result(p2p_results["fused"], case)
 
 
-def _check_fused_autograd() -> None:
-    rank, world = tdist.get_rank(), tdist.get_world_size()
-    from tpext.nn.functional import all_reduce_residual_rmsnorm
-
-    hidden, eps = 11, 1e-6
+def _fused_autograd_data(world: int):
+    hidden = 11
     xs = _inputs(world, (4, hidden), f64, seed=3)
     g = torch.Generator().manual_seed(5)
     res, bias, w = (torch.randn(s, generator=g, dtype=f64) for s in ((4, hidden), (hidden,), (hidden,)))
     dout, dh = torch.randn(4, hidden, generator=g, dtype=f64), torch.randn(4, hidden, generator=g, dtype=f64)
-    # Dense oracle: autograd through the fp64 formula of the summed inputs.
-    dense = [t.clone().requires_grad_() for t in (sum(xs), res, bias, w)]
-    out_ref, h_ref = _rmsnorm_oracle([dense[0]], dense[1], dense[2], dense[3], eps)
-    ((out_ref * dout).sum() + (h_ref * dh).sum()).backward()
-    for mode in ("always", "never"):  # the P2P reference op and the c10d path
+    return xs, res, bias, w, dout, dh
+
+
+def _fused_autograd_case(kind: str, *args) -> None:
+    """("dense", mode): gradients vs autograd through the fp64 formula, with the P2P reference op ("always")
+    or the c10d path ("never"); ("gradcheck", residual, bias) and ("gradcheck_rmsnorm_backward",): gradcheck,
+    meaningful for a group of one (it perturbs one rank's input at a time)."""
+    from tpext.nn.functional import all_reduce_residual_rmsnorm
+
+    rank, world = tdist.get_rank(), tdist.get_world_size()
+    eps = 1e-6
+    xs, res, bias, w, dout, dh = _fused_autograd_data(world)
+    if kind == "dense":
+        (mode,) = args
+        # Dense oracle: autograd through the fp64 formula of the summed inputs.
+        dense = [t.clone().requires_grad_() for t in (sum(xs), res, bias, w)]
+        out_ref, h_ref = _rmsnorm_oracle([dense[0]], dense[1], dense[2], dense[3], eps)
+        ((out_ref * dout).sum() + (h_ref * dh).sum()).backward()
         with p2p.mode(mode):
             ins = [t.clone().requires_grad_() for t in (xs[rank], res, bias, w)]
             out, h = all_reduce_residual_rmsnorm(ins[0], ins[1], ins[3], eps, bias=ins[2])
             ((out * dout).sum() + (h * dh).sum()).backward()
         for name, mine, ref in zip(("x", "residual", "bias", "weight"), ins, dense):
             torch.testing.assert_close(
-                mine.grad,
-                ref.grad,
-                rtol=1e-10,
-                atol=1e-10,
-                msg=lambda m, mode=mode, name=name: f"mode={mode} grad_{name}: {m}",
+                mine.grad, ref.grad, rtol=1e-10, atol=1e-10, msg=lambda m, name=name: f"grad_{name}: {m}"
             )
-    if world == 1:  # gradcheck perturbs one rank's input at a time: meaningful for a group of one
-        for with_res, with_bias in ((True, True), (False, False)):
-            args = (
-                xs[0].clone().requires_grad_(),
-                res.clone().requires_grad_() if with_res else None,
-                w.clone().requires_grad_(),
-                eps,
-            )
-            b = bias.clone().requires_grad_() if with_bias else None
-            assert torch.autograd.gradcheck(
-                lambda x, r, ww, e, b=b: all_reduce_residual_rmsnorm(x, r, ww, e, bias=b), args
-            )
+    elif kind == "gradcheck":
+        with_res, with_bias = args
+        inputs = (
+            xs[0].clone().requires_grad_(),
+            res.clone().requires_grad_() if with_res else None,
+            w.clone().requires_grad_(),
+            eps,
+        )
+        b = bias.clone().requires_grad_() if with_bias else None
+        assert torch.autograd.gradcheck(
+            lambda x, r, ww, e: all_reduce_residual_rmsnorm(x, r, ww, e, bias=b), inputs
+        )
+    else:
+        hidden = w.shape[0]
         dy, hh = torch.randn(3, hidden, dtype=f64), torch.randn(3, hidden, dtype=f64).requires_grad_()
         ww = w.clone().requires_grad_()
         assert torch.autograd.gradcheck(
@@ -169,9 +207,30 @@ def _check_fused_autograd() -> None:
         )
 
 
-@pytest.mark.parametrize("world", [1, 2])
-def test_fused_autograd_matches_dense_and_gradcheck(world):
-    run_ranks(_check_fused_autograd, world)
+_DENSE_CASES = [("dense", "always"), ("dense", "never")]
+FUSED_AUTOGRAD_CASES = {
+    1: [
+        *_DENSE_CASES,
+        ("gradcheck", True, True),
+        ("gradcheck", False, False),
+        ("gradcheck_rmsnorm_backward",),
+    ],
+    2: _DENSE_CASES,
+}
+
+
+@pytest.fixture(scope="module")
+def fused_autograd_batches():
+    return CaseBatches(_fused_autograd_case, FUSED_AUTOGRAD_CASES)
+
+
+@pytest.mark.parametrize(
+    ("world", "case"),
+    CaseBatches.pairs(FUSED_AUTOGRAD_CASES),
+    ids=lambda v: f"tp{v}" if isinstance(v, int) else "-".join(map(str, v)),
+)
+def test_fused_autograd_matches_dense_and_gradcheck(fused_autograd_batches, world, case):
+    fused_autograd_batches.result(world, case)
 
 
 def test_p2p_algorithm_values_match_the_op_schema():
@@ -287,24 +346,37 @@ def test_enable_without_p2p_falls_back_and_logs_the_reason_once():
         assert len(m) == 1 and _fallback_reason() in m[0], m
 
 
-def _check_opcheck() -> None:
+OPCHECK_OPS = ("all_reduce", "reduce_scatter", "all_gather", "rmsnorm", "rmsnorm_no_residual_bias")
+OPCHECK_CASES = [(algo, op) for algo in (0, 1) for op in OPCHECK_OPS]
+
+
+def _opcheck_case(algo: int, op: str) -> None:
     name = tpext.group_name()
     world = tdist.get_world_size()
     x = torch.randn(2 * world, 5, dtype=f64)
     w, b = torch.randn(5, dtype=f64), torch.randn(5, dtype=f64)
     ops = torch.ops.tpext
-    for algo in (0, 1):
-        torch.library.opcheck(ops.p2p_all_reduce.default, (x, name, algo))
-        torch.library.opcheck(ops.p2p_reduce_scatter.default, (x, name, algo))
-        torch.library.opcheck(ops.p2p_all_gather.default, (x, name, algo))
-        torch.library.opcheck(ops.p2p_all_reduce_residual_rmsnorm.default, (x, x, b, w, 1e-6, name, algo))
-        torch.library.opcheck(
-            ops.p2p_all_reduce_residual_rmsnorm.default, (x, None, None, w, 1e-6, name, algo)
-        )
+    calls = {
+        "all_reduce": (ops.p2p_all_reduce.default, (x, name, algo)),
+        "reduce_scatter": (ops.p2p_reduce_scatter.default, (x, name, algo)),
+        "all_gather": (ops.p2p_all_gather.default, (x, name, algo)),
+        "rmsnorm": (ops.p2p_all_reduce_residual_rmsnorm.default, (x, x, b, w, 1e-6, name, algo)),
+        "rmsnorm_no_residual_bias": (
+            ops.p2p_all_reduce_residual_rmsnorm.default,
+            (x, None, None, w, 1e-6, name, algo),
+        ),
+    }
+    torch.library.opcheck(*calls[op])
 
 
-def test_opcheck_group_ops():
-    run_ranks(_check_opcheck, 2)
+@pytest.fixture(scope="module")
+def opcheck_results():
+    return run_cases(_opcheck_case, 2, OPCHECK_CASES)
+
+
+@pytest.mark.parametrize("case", OPCHECK_CASES, ids=[f"algo{a}-{op}" for a, op in OPCHECK_CASES])
+def test_opcheck_group_ops(opcheck_results, case):
+    case_result(opcheck_results, case)
 
 
 def test_opcheck_local_and_virtual_ops():
@@ -319,20 +391,22 @@ def test_opcheck_local_and_virtual_ops():
     torch.library.opcheck(testing.p2p_virtual_all_reduce_residual_rmsnorm.default, (xs, xs[0], w, w, 1e-6))
 
 
-@pytest.mark.parametrize("world", [2, 3, 8])
-def test_virtual_ops_host_reference(world):
-    for shape in SHAPES:
-        for dtype in (f64, bf16):
-            xs = _inputs(world, (world * shape[0], *shape[1:]), dtype, seed=world)
-            for algo in (p2p.P2PAlgorithm.ONE_SHOT, p2p.P2PAlgorithm.TWO_SHOT):
-                outs = torch.ops.tpext_testing.p2p_virtual_all_reduce(xs, algo)
-                assert all(torch.equal(o, _ordered_f32_sum(xs)) for o in outs)
-            m = shape[0]
-            for r, o in enumerate(torch.ops.tpext_testing.p2p_virtual_reduce_scatter(xs)):
-                assert torch.equal(o, _ordered_f32_sum(xs)[r * m : (r + 1) * m])
-            assert all(
-                torch.equal(o, torch.cat(xs)) for o in torch.ops.tpext_testing.p2p_virtual_all_gather(xs)
-            )
+@pytest.mark.parametrize("dtype", [f64, bf16], ids=DTYPE_NAMES.get)
+@pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
+@pytest.mark.parametrize("world", [2, 3, 8], ids=lambda w: f"tp{w}")
+def test_virtual_ops_host_reference(world, shape, dtype):
+    xs = _inputs(world, (world * shape[0], *shape[1:]), dtype, seed=world)
+    for algo in (p2p.P2PAlgorithm.ONE_SHOT, p2p.P2PAlgorithm.TWO_SHOT):
+        outs = torch.ops.tpext_testing.p2p_virtual_all_reduce(xs, algo)
+        assert all(torch.equal(o, _ordered_f32_sum(xs)) for o in outs), algo.name
+    m = shape[0]
+    for r, o in enumerate(torch.ops.tpext_testing.p2p_virtual_reduce_scatter(xs)):
+        assert torch.equal(o, _ordered_f32_sum(xs)[r * m : (r + 1) * m])
+    assert all(torch.equal(o, torch.cat(xs)) for o in torch.ops.tpext_testing.p2p_virtual_all_gather(xs))
+
+
+@pytest.mark.parametrize("world", [2, 3, 8], ids=lambda w: f"tp{w}")
+def test_virtual_fused_rmsnorm_host_reference(world):
     xs = _inputs(world, (5, 19), f64, seed=1)
     res, w = torch.randn(5, 19, dtype=f64), torch.randn(19, dtype=f64)
     outs, hs = torch.ops.tpext_testing.p2p_virtual_all_reduce_residual_rmsnorm(xs, res, None, w, 1e-5)
@@ -342,64 +416,93 @@ def test_virtual_ops_host_reference(world):
         torch.testing.assert_close(h, h_ref, rtol=1e-12, atol=1e-12)
 
 
-def _check_errors() -> None:
+def _error_calls() -> dict[str, tuple]:
+    """{case: (call, the message's pattern)} on this rank (the calls need the group's name)."""
     name = tpext.group_name()
     ops = torch.ops.tpext
     x, w = torch.ones(4, 6), torch.ones(6)
-    cases = [
-        (
+    return {
+        "int_dtype": (
             lambda: ops.p2p_all_reduce(torch.ones(4, dtype=torch.int32), name, 1),
             r"p2p_all_reduce: x must be float32, float16, bfloat16 or float64, got dtype Int",
         ),
-        (
+        "algorithm_3": (
             lambda: ops.p2p_all_reduce(x, name, 3),
             r"algorithm must be 0 \(c10d collective\), 1 \(one-shot P2P\) or 2",
         ),
-        (
+        "reduce_scatter_rows": (
             lambda: ops.p2p_reduce_scatter(torch.ones(3, 2), name, 1),
             r"x must be \[R \* m, \*\] with dim 0 divisible by the group size R = 2, got shape \[3, 2\]",
         ),
-        (
+        "weight_shape": (
             lambda: ops.p2p_all_reduce_residual_rmsnorm(x, None, None, torch.ones(5), 1e-6, name, 1),
             r"weight must be 1-D \[hidden\] = \[6\] to match x \[4, 6\], got shape \[5\]",
         ),
-        (
+        "residual_shape": (
             lambda: ops.p2p_all_reduce_residual_rmsnorm(x, torch.ones(4, 5), None, w, 1e-6, name, 1),
             r"residual must have the shape of x \[4, 6\], got shape \[4, 5\]",
         ),
-        (
+        "bias_dtype": (
             lambda: ops.p2p_all_reduce_residual_rmsnorm(x, None, torch.ones(6, dtype=f64), w, 1e-6, name, 1),
             r"bias dtype Double must match x dtype Float",
         ),
-        (
+        "negative_eps": (
             lambda: ops.p2p_all_reduce_residual_rmsnorm(x, None, None, w, -1.0, name, 1),
             r"eps must be >= 0, got -1",
         ),
-        (
+        "grad_out_shape": (
             lambda: ops.p2p_rmsnorm_backward(torch.ones(4, 5), None, x, w, 1e-6),
             r"grad_out must match h \(\[4, 6\]",
         ),
-        (
+        "virtual_shapes_differ": (
             lambda: torch.ops.tpext_testing.p2p_virtual_all_reduce([x, torch.ones(4, 7)], 1),
             r"every virtual rank's input must match xs\[0\] \(\[4, 6\], Float, cpu\), got xs\[1\] \[4, 7\]",
         ),
-        (
+        "virtual_too_many": (
             lambda: torch.ops.tpext_testing.p2p_virtual_all_reduce([x] * 9, 1),
             r"xs must hold 1 to 8 tensors .* got 9",
         ),
-        (
+        "unknown_group": (
             lambda: ops.p2p_all_reduce(x, "no-such-group", 1),
             r"group_name 'no-such-group' does not name a registered",
         ),
-    ]
-    for fn, pattern in cases:
-        with pytest.raises(RuntimeError, match=pattern):
-            fn()
-    assert torch.equal(ops.p2p_all_reduce(x, name, 1), x * 2)  # nobody was left waiting in a collective
+    }
 
 
-def test_error_messages_name_the_argument():
-    run_ranks(_check_errors, 2)
+ERROR_CASES = [
+    "int_dtype",
+    "algorithm_3",
+    "reduce_scatter_rows",
+    "weight_shape",
+    "residual_shape",
+    "bias_dtype",
+    "negative_eps",
+    "grad_out_shape",
+    "virtual_shapes_differ",
+    "virtual_too_many",
+    "unknown_group",
+    "group_still_usable",  # last: after every error above, nobody was left waiting in a collective
+]
+
+
+def _error_case(case: str) -> None:
+    if case == "group_still_usable":
+        x = torch.ones(4, 6)
+        assert torch.equal(torch.ops.tpext.p2p_all_reduce(x, tpext.group_name(), 1), x * 2)
+        return
+    fn, pattern = _error_calls()[case]
+    with pytest.raises(RuntimeError, match=pattern):
+        fn()
+
+
+@pytest.fixture(scope="module")
+def error_results():
+    return run_cases(_error_case, 2, [(c,) for c in ERROR_CASES])
+
+
+@pytest.mark.parametrize("case", ERROR_CASES)
+def test_error_messages_name_the_argument(error_results, case):
+    case_result(error_results, (case,))
 
 
 def _info(max_blocks: int, timeout_s: float) -> tuple:
@@ -418,10 +521,10 @@ def test_enable_agrees_grid_cap_and_timeout_over_ranks():
     assert "occupancy 0" in p2p._group_obstacle([_info(64, 60.0), _info(0, 60.0)])
 
 
-def test_enable_refuses_a_non_positive_timeout_before_any_exchange():
-    for bad in (0, -1.0, float("nan")):
-        with pytest.raises(ValueError, match="timeout_s must be > 0"):
-            p2p.enable(None, timeout_s=bad)  # raises before resolving the group: no process group needed
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan")])
+def test_enable_refuses_a_non_positive_timeout_before_any_exchange(bad):
+    with pytest.raises(ValueError, match="timeout_s must be > 0"):
+        p2p.enable(None, timeout_s=bad)  # raises before resolving the group: no process group needed
 
 
 def _check_check_and_drain() -> None:

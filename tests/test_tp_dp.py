@@ -11,22 +11,14 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
-from dist import run_ranks
+from dist import SMALL_LLAMA, run_ranks
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 import tpext
 from tpext.models import LlamaConfig, LlamaForCausalLM
 
-CFG = LlamaConfig(
-    hidden_size=64,
-    intermediate_size=96,
-    vocab_size=100,
-    num_hidden_layers=2,
-    num_attention_heads=8,
-    num_key_value_heads=2,
-    tie_word_embeddings=True,
-)
+CFG = LlamaConfig(**dict(SMALL_LLAMA, num_key_value_heads=2), tie_word_embeddings=True)
 STEPS, BATCH, SEQ = 5, 4, 8
 
 

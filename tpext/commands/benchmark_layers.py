@@ -27,7 +27,19 @@ from torch import Tensor, nn
 from tpext.commands.benchmark import probe_allreduce, probe_matmul_tflops, slowest_times
 from tpext.mappings import _all_gather_single, _reduce_scatter_single
 
-__all__ = ["LAYERS", "IMPLS", "MODES", "worker", "check_close", "layer_flops"]
+__all__ = [
+    "LAYERS",
+    "IMPLS",
+    "MODES",
+    "Spec",
+    "worker",
+    "check_close",
+    "check_layer",
+    "dense_layer",
+    "layer_flops",
+    "tpext_layer",
+    "torch_tp_layer",
+]
 
 LAYERS = ("column", "row", "column_sp", "row_sp", "mlp", "mlp_sp")
 IMPLS = ("tpext", "tpext_seq", "torch_tp")
@@ -83,14 +95,44 @@ def layer_flops(spec: Spec, mode: str) -> float:
 # ---- the three implementations, built from one dense layer ------------------------------------------
 
 
-def _dense(spec: Spec, seed: int) -> nn.Module:
+def dense_layer(spec: Spec, seed: int) -> nn.Module:
+    """The unsharded layer of `spec`, seeded: what every implementation is built from and checked against.
+
+    Args:
+        spec: the layer and its sizes.
+        seed: seeds torch's global generator before the weights are drawn (the same on every rank).
+
+    Returns:
+        ``nn.Linear(in_features, out_features)`` for a single linear, or ``nn.Sequential(Linear, GELU,
+        Linear)`` (hidden -> ffn -> hidden) for ``mlp`` / ``mlp_sp``; fp32 on the CPU.
+
+    Example:
+        >>> dense = dense_layer(Spec("mlp_sp", tokens=8, hidden=4, ffn=12), seed=0)
+    """
     torch.manual_seed(seed)  # the same on every rank: every implementation shards these weights
     if spec.kinds == ("column", "row"):
         return nn.Sequential(nn.Linear(spec.hidden, spec.ffn), nn.GELU(), nn.Linear(spec.ffn, spec.hidden))
     return nn.Linear(spec.in_features, spec.out_features)
 
 
-def _tpext(dense: nn.Module, spec: Spec, chunks) -> nn.Module:
+def tpext_layer(dense: nn.Module, spec: Spec, chunks: int | str) -> nn.Module:
+    """tpext's layers sharded from `dense`: this rank's ColumnParallelLinear / RowParallelLinear (GELU
+    between them for an MLP), sequence-parallel for the ``*_sp`` layers.
+
+    Args:
+        dense: the layer from `dense_layer` (the same on every rank).
+        spec: the layer it is.
+        chunks: the layers' ``chunks`` (an int, or ``"auto"``); 1 is tpext's sequential schedule.
+
+    Returns:
+        The sharded module, on `dense`'s device and dtype.
+
+    Raises:
+        RuntimeError: without an initialized default process group.
+
+    Example:
+        >>> layer = tpext_layer(dense, spec, "auto")  # on every rank of the group
+    """
     from tpext.nn import ColumnParallelLinear, RowParallelLinear
 
     cls = {"column": ColumnParallelLinear, "row": RowParallelLinear}
@@ -102,7 +144,21 @@ def _tpext(dense: nn.Module, spec: Spec, chunks) -> nn.Module:
     return cls[spec.kinds[0]].from_dense(dense, sequence_parallel=spec.sp, chunks=chunks)
 
 
-def _torch_tp(dense: nn.Module, spec: Spec, mesh) -> nn.Module:
+def torch_tp_layer(dense: nn.Module, spec: Spec, mesh) -> nn.Module:
+    """PyTorch's tensor parallelism of a copy of `dense`: `parallelize_module` with ColwiseParallel /
+    RowwiseParallel (``input_layouts=Shard(0)`` / ``output_layouts=Shard(0)`` for the ``*_sp`` layers).
+
+    Args:
+        dense: the layer from `dense_layer` (left unchanged).
+        spec: the layer it is.
+        mesh: the 1-D DeviceMesh of the tensor-parallel group.
+
+    Returns:
+        The parallelized copy (DTensor parameters).
+
+    Example:
+        >>> layer = torch_tp_layer(dense, spec, init_device_mesh("cpu", (2,)))
+    """
     from torch.distributed.tensor import Shard
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
@@ -165,10 +221,30 @@ def _run_once(model: nn.Module, x: Tensor, dy: Tensor, names: list[str]) -> dict
     return out
 
 
-def _check(
+def check_layer(
     spec: Spec, dense: nn.Module, impls: dict[str, nn.Module], x: Tensor, dy: Tensor, rank: int, world: int
 ) -> tuple[dict[str, float], list[str]]:
-    """Worst error/tolerance ratio per implementation on this rank, and a message per failed tensor."""
+    """The bench's correctness gate: every implementation's output (with and without grad), input gradient
+    and parameter gradients on this rank, against the fp64 dense layer's shard, within `check_close`'s
+    tolerance (twice the dense layer's own error in the same dtype).
+
+    Args:
+        spec: the layer.
+        dense: the layer from `dense_layer` the implementations were built from.
+        impls: {name: this rank's sharded module} (from `tpext_layer`, `torch_tp_layer`).
+        x: the full input [tokens, in_features], the same on every rank.
+        dy: the full output gradient [tokens, out_features], the same on every rank.
+        rank: this rank.
+        world: the group size.
+
+    Returns:
+        ({name: worst error / tolerance over its tensors on this rank}, [one message per tensor over its
+        tolerance, naming the implementation, the layer, the rank and the tensor]).
+
+    Example:
+        >>> ratios, failures = check_layer(spec, dense, {"tpext": layer}, x, dy, rank, world)
+        >>> assert not failures and ratios["tpext"] <= 1
+    """
     dims = spec.param_shard_dims()
     ref = _run_once(copy.deepcopy(dense).double(), x.double(), dy.double(), list(dims))
     dense_out = _run_once(dense, x, dy, list(dims))
@@ -273,16 +349,16 @@ def _quartiles(times: list[float]) -> tuple[float, float]:
 def _case(spec: Spec, cfg: dict, mesh, device, dtype, rank: int, world: int) -> tuple[list[dict], list[str]]:
     from tpext.ops.schedule import resolve_chunks
 
-    dense = _dense(spec, cfg["seed"]).to(device=device, dtype=dtype)
+    dense = dense_layer(spec, cfg["seed"]).to(device=device, dtype=dtype)
     g = torch.Generator().manual_seed(cfg["seed"] + 1)
     x = torch.randn(spec.tokens, spec.in_features, generator=g).to(device=device, dtype=dtype)
     dy = torch.randn(spec.tokens, spec.out_features, generator=g).to(device=device, dtype=dtype)
     impls = {
-        "tpext": _tpext(dense, spec, cfg["chunks"]),
-        "tpext_seq": _tpext(dense, spec, 1),
-        "torch_tp": _torch_tp(dense, spec, mesh),
+        "tpext": tpext_layer(dense, spec, cfg["chunks"]),
+        "tpext_seq": tpext_layer(dense, spec, 1),
+        "torch_tp": torch_tp_layer(dense, spec, mesh),
     }
-    ratios, failures = _check(spec, dense, impls, x, dy, rank, world)
+    ratios, failures = check_layer(spec, dense, impls, x, dy, rank, world)
     failed = torch.tensor([float(bool(failures))], device=device)
     dist.all_reduce(failed, op=dist.ReduceOp.MAX)  # every rank stops together, so none waits on a peer
     if failed.item():

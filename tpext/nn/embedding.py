@@ -88,7 +88,21 @@ class VocabParallelEmbedding(SharesGroupOnCopy, nn.Module):
 
     @classmethod
     def from_dense(cls, embedding: nn.Embedding, group: GroupLike = None, **kwargs) -> VocabParallelEmbedding:
-        """Shard an nn.Embedding: this rank keeps rows [vocab_start, vocab_end) of its weight."""
+        """Shard an nn.Embedding: this rank keeps rows [vocab_start, vocab_end) of its weight.
+
+        Args:
+            embedding: the dense embedding, the same on every rank (on the meta device: the layer stays
+                there, to be loaded from a checkpoint).
+            group: ProcessGroup, 1-D DeviceMesh or None (the world group).
+            **kwargs: the constructor's keyword arguments (sequence_parallel, sequence_dim).
+
+        Returns:
+            A VocabParallelEmbedding with `embedding`'s padding_idx, dtype and device and this rank's rows
+            of its weight.
+
+        Example:
+            >>> emb = tpext.nn.VocabParallelEmbedding.from_dense(model.embed_tokens, sequence_parallel=True)
+        """
         # On the meta device first: no init, so no RNG draws that depend on this rank's vocabulary share.
         layer = cls(
             embedding.num_embeddings,
@@ -154,7 +168,7 @@ class _VocabParallelLookup(SharesGroupOnCopy, nn.Embedding):
     """Stands in for nn.Embedding's lookup under a subclass of it (vocab_parallel_subclass): the
     subclass's forward runs as written and its super().forward() is VocabParallelEmbedding's.
     padding_idx is the local row of the padding token (None where another rank holds it), as code that
-    initialises `weight[padding_idx]` (nn.Embedding's reset_parameters, Hugging Face's init) needs."""
+    initialises `weight[padding_idx]` needs."""
 
     forward = VocabParallelEmbedding.forward
     _check_ids = VocabParallelEmbedding._check_ids
@@ -176,12 +190,29 @@ class _ProbeLookup(nn.Embedding):
 
 
 def vocab_parallel_subclass(embedding: nn.Embedding, group: GroupLike = None, **kwargs) -> nn.Embedding:
-    """A vocabulary-parallel copy of an instance of an nn.Embedding subclass whose forward adds to the
-    lookup (Gemma's scaled embedding: super().forward(ids) * scale): a new module of the same class, with
-    this rank's rows of the weight, whose forward runs the subclass's code around VocabParallelEmbedding's
-    lookup and reduction. Names, buffers and isinstance are kept. Raises if the subclass's forward does
-    not go through nn.Embedding.forward (it would index the local rows with global ids). kwargs as for
-    VocabParallelEmbedding.from_dense."""
+    """A vocabulary-parallel copy of an instance of an nn.Embedding subclass whose forward adds to the lookup
+    (e.g. ``super().forward(ids) * scale``).
+
+    The copy is of the same class, with this rank's rows of the weight; its forward runs the subclass's code
+    around VocabParallelEmbedding's lookup and reduction. Names, buffers and isinstance are kept.
+
+    Args:
+        embedding: the dense module, an instance of a subclass of nn.Embedding.
+        group: ProcessGroup, 1-D DeviceMesh or None (the world group).
+        **kwargs: as for VocabParallelEmbedding.from_dense (sequence_parallel, sequence_dim).
+
+    Returns:
+        The sharded copy; `embedding` is left unchanged.
+
+    Raises:
+        ValueError: the subclass's forward fails on ids alone, or does not look up through
+            nn.Embedding.forward (it would index this rank's rows with global ids); the message names the
+            class.
+
+    Example:
+        >>> from tpext.nn.embedding import vocab_parallel_subclass
+        >>> model.embed_tokens = vocab_parallel_subclass(model.embed_tokens, sequence_parallel=True)
+    """
     cls = type(embedding)
     name = f"{cls.__name__}.forward"
     probe = shell_copy(embedding)

@@ -31,13 +31,7 @@ from tpext.nn.p2p_functions import RowLinearP2P
 from tpext.ops.schedule import AlgorithmLike, Chunks, Schedule, resolve_chunks, resolve_schedule
 from tpext.sharding import Piece, ShardLayout, piece_segments, set_layout
 
-__all__ = [
-    "ColumnParallelLinear",
-    "RowParallelLinear",
-    "SharedInputColumns",
-    "ColumnParallelConv1D",
-    "RowParallelConv1D",
-]
+__all__ = ["ColumnParallelLinear", "RowParallelLinear", "SharedInputColumns"]
 
 
 class _ParallelLinear(SharesGroupOnCopy, nn.Module):
@@ -541,29 +535,10 @@ class RowParallelLinear(_ParallelLinear):
             return RowLinear.apply(x, w, b, self.group, self._schedule(rows, x))
 
 
-class ColumnParallelConv1D(ColumnParallelLinear):
-    """ColumnParallelLinear for a Hugging Face Conv1D (GPT-2's layers: y = x @ W + b, W [in, out]).
+def __getattr__(name: str):
+    """The Conv1D layers, defined in tpext.nn.conv1d, as they were importable from here before."""
+    if name in ("ColumnParallelConv1D", "RowParallelConv1D"):
+        from tpext.nn import conv1d
 
-    The weight keeps Conv1D's orientation and name, so state dicts and checkpoints read as the dense
-    model's: this rank holds weight [in, out/R] (or its columns of every piece) and bias [out/R]. The ops
-    multiply by its transpose, a copy made per call.
-    """
-
-    transposed_weight = True
-
-    @classmethod
-    def from_dense(cls, conv1d: nn.Module, group: GroupLike = None, **kwargs) -> ColumnParallelConv1D:
-        """Shard a Conv1D (weight [in, out]): this rank keeps its columns of the weight and its bias slice."""
-        return cls._from_dense(conv1d, group, **kwargs)
-
-
-class RowParallelConv1D(RowParallelLinear):
-    """RowParallelLinear for a Hugging Face Conv1D: this rank holds weight [in/R, out] (Conv1D's
-    orientation, the dense names) and the full bias, added once after the reduction."""
-
-    transposed_weight = True
-
-    @classmethod
-    def from_dense(cls, conv1d: nn.Module, group: GroupLike = None, **kwargs) -> RowParallelConv1D:
-        """Shard a Conv1D (weight [in, out]): this rank keeps its rows of the weight, all the bias."""
-        return cls._from_dense(conv1d, group, **kwargs)
+        return getattr(conv1d, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

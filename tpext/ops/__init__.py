@@ -14,7 +14,7 @@ testing (fake kernels of the test-only torch.ops.tpext_testing.* ops).
 """
 
 from tpext import _C  # noqa: F401  (registers the op schemas before the fake kernels below)
-from tpext.ops import testing  # noqa: F401  (fake kernels of torch.ops.tpext_testing.*)
+from tpext.ops import schedule, testing  # noqa: F401  (testing: fake kernels of torch.ops.tpext_testing.*)
 from tpext.ops.gemm_collectives import all_gather_gemm, gemm_all_reduce, gemm_reduce_scatter
 from tpext.ops.nccl import (
     abort_nccl_communicators,
@@ -29,17 +29,7 @@ from tpext.ops.p2p_collectives import (
     p2p_all_reduce_residual_rmsnorm,
     p2p_reduce_scatter,
 )
-from tpext.ops.schedule import (
-    Algorithm,
-    AlgorithmLike,
-    Chunks,
-    Schedule,
-    auto_chunks,
-    auto_schedule,
-    default_algorithm,
-    resolve_chunks,
-    resolve_schedule,
-)
+from tpext.ops.schedule import *  # noqa: F403  (the schedule policy's names, its __all__)
 
 __all__ = [
     "gemm_all_reduce",
@@ -54,13 +44,5 @@ __all__ = [
     "nccl_comm_info",
     "destroy_nccl_communicators",
     "abort_nccl_communicators",
-    "Algorithm",
-    "AlgorithmLike",
-    "Chunks",
-    "Schedule",
-    "auto_chunks",
-    "auto_schedule",
-    "default_algorithm",
-    "resolve_chunks",
-    "resolve_schedule",
+    *schedule.__all__,
 ]

@@ -30,8 +30,19 @@ def schedule_for(
     return Schedule(chunks, int(algorithm))
 
 
-def _rows(x: Tensor) -> int:
-    return math.prod(x.shape[:-1])
+def _call(
+    op: str, x: Tensor, w: Tensor, bias: Tensor | None, group: GroupLike, chunks, algorithm, *extra
+) -> Tensor | tuple[Tensor, Tensor]:
+    """torch.ops.tpext.<op> with the group's name and the resolved schedule. The schedule is sized by the
+    output's rows (after the gather for all_gather_gemm) and what the collective moves per row: the
+    input's K for the gather, the output's N for the reductions."""
+    rows = math.prod(x.shape[:-1])
+    if op == "all_gather_gemm":
+        rows, width = rows * resolve_group(group).size(), x.shape[-1]
+    else:
+        width = w.shape[0]
+    schedule = schedule_for(chunks, algorithm, rows, group, width, x)
+    return getattr(torch.ops.tpext, op)(x, w, bias, group_name(group), *schedule, *extra)
 
 
 def gemm_all_reduce(
@@ -67,8 +78,7 @@ def gemm_all_reduce(
     Example:
         >>> y = tpext.ops.gemm_all_reduce(x, w, bias, chunks=4)  # group=None: the world group
     """
-    schedule = schedule_for(chunks, algorithm, _rows(x), group, w.shape[0], x)  # all-reduces [M, N]
-    return torch.ops.tpext.gemm_all_reduce(x, w, bias, group_name(group), *schedule, residual)
+    return _call("gemm_all_reduce", x, w, bias, group, chunks, algorithm, residual)
 
 
 @torch.library.register_fake("tpext::gemm_all_reduce")
@@ -103,8 +113,7 @@ def gemm_reduce_scatter(
     Example:
         >>> y_shard = tpext.ops.gemm_reduce_scatter(x, w, group=tp_group)
     """
-    schedule = schedule_for(chunks, algorithm, _rows(x), group, w.shape[0], x)  # reduce-scatters [M, N]
-    return torch.ops.tpext.gemm_reduce_scatter(x, w, bias, group_name(group), *schedule, residual)
+    return _call("gemm_reduce_scatter", x, w, bias, group, chunks, algorithm, residual)
 
 
 @torch.library.register_fake("tpext::gemm_reduce_scatter")
@@ -146,10 +155,7 @@ def all_gather_gemm(
     Example:
         >>> y, x_full = tpext.ops.all_gather_gemm(x_shard, w, group=tp_group)
     """
-    schedule = schedule_for(
-        chunks, algorithm, _rows(x_shard) * resolve_group(group).size(), group, x_shard.shape[-1], x_shard
-    )  # gathers x
-    return torch.ops.tpext.all_gather_gemm(x_shard, w, bias, group_name(group), *schedule)
+    return _call("all_gather_gemm", x_shard, w, bias, group, chunks, algorithm)
 
 
 @torch.library.register_fake("tpext::all_gather_gemm")

@@ -35,9 +35,9 @@ from tpext.nn import (
     sum_param_grads,
 )
 from tpext.nn.class_swap import shell_copy
+from tpext.nn.conv1d import ColumnParallelConv1D, RowParallelConv1D
 from tpext.nn.embedding import vocab_parallel_subclass
 from tpext.nn.experts import is_experts, shard_experts
-from tpext.nn.linear import ColumnParallelConv1D, RowParallelConv1D
 from tpext.parallel import structure
 from tpext.sharding import Piece
 

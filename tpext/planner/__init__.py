@@ -6,28 +6,13 @@ ops, in tpext/ops/schedule.py. Its names are re-exported here, where users found
 ``tpext.planner.Algorithm``, ``tpext.planner.auto_schedule`` and the rest keep working.
 """
 
-from tpext.ops.schedule import (  # noqa: F401  (re-exports: the policy's old home)
+from tpext.ops import schedule as _schedule
+from tpext.ops.schedule import *  # noqa: F403  (re-exports, the policy's old home: its __all__)
+from tpext.ops.schedule import (  # noqa: F401  (and its constants)
     MAX_AUTO_CHUNKS,
     MIN_BYTES_PER_CHUNK_CPU,
     MIN_ROWS_PER_CHUNK,
     MIN_ROWS_PER_CHUNK_CUDA,
-    Algorithm,
-    AlgorithmLike,
-    Chunks,
-    Schedule,
-    auto_chunks,
-    auto_schedule,
-    default_algorithm,
-    resolve_chunks,
-    resolve_schedule,
 )
 
-__all__ = [
-    "Algorithm",
-    "Schedule",
-    "auto_chunks",
-    "auto_schedule",
-    "default_algorithm",
-    "resolve_chunks",
-    "resolve_schedule",
-]
+__all__ = list(_schedule.__all__)

@@ -27,6 +27,7 @@ from tpext.planner.presets import DTYPE_BYTES, GPUSpec
 
 __all__ = [
     "FORMAT",
+    "REQUIRED",
     "BENCH_FORMAT",
     "Calibration",
     "load_calibration",
@@ -36,6 +37,7 @@ __all__ = [
 ]
 
 FORMAT = "tpext-calibration/1"
+#: The keys every calibration file holds (`load_calibration` refuses a file without one of them).
 REQUIRED = (
     "format",
     "device",

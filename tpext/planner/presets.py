@@ -175,47 +175,39 @@ def nccl_model() -> dict:
 # 8xA100 SXM4 230-250 GB/s (lower ends used; H200 quoted as H100). V100 NVSwitch: spec 150 GB/s per
 # direction. NCCL channels: NCCL runs one SM per channel; 16 channels on NVLink nodes (ASSUMED, the order of
 # NCCL's default channel count on NVSwitch systems) are taken from a GEMM running beside a collective.
-_H100 = GPUSpec(
-    "H100",
-    80.0,
-    {"bfloat16": 989.0, "float16": 989.0, "float32": 67.0},
-    3350.0,
-    460.0,
-    intra_latency_us=NVLINK_LATENCY_US,
-    sms=132,
-    gemm_efficiency=0.80,
-    attention_efficiency=0.35,
-    nccl_sms=16,
-)
+
+
+def _nvlink_gpu(
+    name: str, memory_GiB: float, matmul_tflops: dict, hbm_GBps: float, nvlink_GBps: float, **fractions
+) -> GPUSpec:
+    """A GPU of an NVLink/NVSwitch node: NVLink's per-step latency and 16 NCCL channels (above); `fractions`
+    are its sms, gemm_efficiency and attention_efficiency."""
+    return GPUSpec(
+        name,
+        memory_GiB,
+        matmul_tflops,
+        hbm_GBps,
+        nvlink_GBps,
+        intra_latency_us=NVLINK_LATENCY_US,
+        nccl_sms=16,
+        **fractions,
+    )
+
+
+# fmt: off
+# name, memory GiB, dense TFLOP/s per dtype, HBM GB/s, all-reduce GB/s; SMs, GEMM and attention fractions
+_H100 = _nvlink_gpu("H100", 80.0, {"bfloat16": 989.0, "float16": 989.0, "float32": 67.0}, 3350.0, 460.0,
+                    sms=132, gemm_efficiency=0.80, attention_efficiency=0.35)
 GPUS = {
     "H100": _H100,
     # H200: H100's chip (the same compute, SMs and efficiencies) with more, faster HBM.
     "H200": dataclasses.replace(_H100, name="H200", memory_GiB=141.0, hbm_GBps=4800.0),
-    "A100": GPUSpec(
-        "A100",
-        80.0,
-        {"bfloat16": 312.0, "float16": 312.0, "float32": 19.5},
-        2039.0,
-        230.0,
-        intra_latency_us=NVLINK_LATENCY_US,
-        sms=108,
-        gemm_efficiency=0.86,
-        attention_efficiency=0.50,
-        nccl_sms=16,
-    ),
-    "V100": GPUSpec(
-        "V100",
-        32.0,
-        {"float16": 125.0, "float32": 15.7},
-        900.0,
-        150.0,
-        intra_latency_us=NVLINK_LATENCY_US,
-        sms=80,
-        gemm_efficiency=0.86,
-        attention_efficiency=0.86,
-        nccl_sms=16,
-    ),
+    "A100": _nvlink_gpu("A100", 80.0, {"bfloat16": 312.0, "float16": 312.0, "float32": 19.5},
+                        2039.0, 230.0, sms=108, gemm_efficiency=0.86, attention_efficiency=0.50),
+    "V100": _nvlink_gpu("V100", 32.0, {"float16": 125.0, "float32": 15.7},
+                        900.0, 150.0, sms=80, gemm_efficiency=0.86, attention_efficiency=0.86),
 }
+# fmt: on
 
 
 @dataclass(frozen=True)
