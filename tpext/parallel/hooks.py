@@ -521,6 +521,18 @@ def add_sequence_hooks(
             shared = SharedInputColumns(columns).attach()
         elif shared is not None and shared.layers != columns:
             shared = None
+        # Other column layers of the attention module that read its input (Laguna's g_proj, Beam's
+        # gate_proj: a gate per head) multiply the gathered sequence locally too.
+        prefix = f"{name}." if name else ""
+        columns += [
+            m
+            for p, m in converted.items()
+            if p.startswith(prefix)
+            and "." not in p[len(prefix) :]
+            and p[len(prefix) :] not in ATTENTION_INPUTS
+            and isinstance(m, ColumnParallelLinear)
+            and m.sequence_parallel
+        ]
         hook = _GatherSequence(columns, shared, f"{name}.gather" if name else "gather")
         model.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=True)
     for name in full_sequence_blocks:
