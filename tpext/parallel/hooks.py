@@ -17,6 +17,7 @@ loss on the vocabulary-sharded logits of a vocab-parallel lm_head; for models wi
 
 from __future__ import annotations
 
+import functools
 import itertools
 import types
 import weakref
@@ -63,6 +64,8 @@ class _SplitSequence(SharesGroupOnCopy):
     shard_shape: torch.Size | None = None
     #: Whether the sequence has been split in the current forward of the stack's owner (_StartForward resets it).
     done: bool = False
+    #: Whether the last decoder layer has run in the current forward (_EndStack).
+    stack_done: bool = False
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple:
         x, call_with = _hidden_states(module, args, kwargs)
@@ -85,7 +88,52 @@ class _StartForward:
         self.split = split
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
-        self.split.done = False
+        self.split.done = self.split.stack_done = False
+
+
+class _EndStack:
+    """Forward hook of the last decoder layer under SP: what runs after it in the stack's owner runs on
+    the decoder stack's output shards."""
+
+    def __init__(self, split: _SplitSequence):
+        self.split = split
+
+    def __call__(self, module: nn.Module, args: tuple, output) -> None:
+        self.split.stack_done = True
+
+
+_SHARD_AWARE: dict[type, Callable] = {}
+
+
+def _shard_aware_forward(cls: type) -> Callable:
+    """`_forward_on_shards` with the signature of cls.forward (what Hugging Face's generate inspects)."""
+    if cls not in _SHARD_AWARE:
+
+        @functools.wraps(cls.forward)
+        def forward(self, *args, **kwargs):
+            return _forward_on_shards(self, *args, **kwargs)
+
+        _SHARD_AWARE[cls] = forward
+    return _SHARD_AWARE[cls]
+
+
+def _forward_on_shards(self: nn.Module, *args, **kwargs):
+    """The forward of the decoder stack's owner under SP: a shape error its own code raises after the decoder
+    layers (GPT-BigCode views the stack's output as the full sequence) is a tpext.parallelize error."""
+    split = self.__dict__["_tpext_split"]
+    try:
+        return type(self).forward(self, *args, **kwargs)
+    except RuntimeError as exc:
+        text = str(exc)
+        if not split.stack_done or not ("shape" in text or "size" in text):
+            raise
+        owner = split.name.rpartition(".")[0].rpartition(".")[0] or "the model"
+        raise ValueError(
+            f"tpext.parallelize: under sequence parallelism the code of {owner} ({type(self).__name__}) "
+            "after its decoder layers expects the full sequence, not their output shard "
+            f"{tuple(split.shard_shape or ())}; parallelize it with sequence_parallel=False "
+            f"({text.splitlines()[0] if text else type(exc).__name__})"
+        ) from exc
 
 
 class _CheckRunsOnShards:
@@ -491,6 +539,12 @@ def add_sequence_hooks(
     stack = split_at.rpartition(".")[0]
     owner = stack.rpartition(".")[0]
     model.get_submodule(owner).register_forward_pre_hook(_StartForward(split))
+    layers = list(model.get_submodule(stack).children()) if stack else []
+    if layers:
+        layers[-1].register_forward_hook(_EndStack(split))
+        owner_module = model.get_submodule(owner)
+        owner_module._tpext_split = split
+        owner_module.forward = types.MethodType(_shard_aware_forward(type(owner_module)), owner_module)
     for name in on_shards:
         if not name.startswith(stack + "."):  # inside the stack everything runs after the split
             converted[name].register_forward_pre_hook(_CheckRunsOnShards(split, name))
