@@ -328,8 +328,9 @@ def _inside(name: str, block: str) -> bool:
     return name.startswith(block + ".") if block else True
 
 
-# Relative error that a sum of partial outputs may show against the dense output, by dtype.
-_SUM_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
+# Relative error that a sum of partial outputs may show against the dense output, by dtype (fp64 models'
+# blocks may combine their outputs in fp32: Hunyuan's enable_moe_fp32_combine).
+_SUM_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4}
 
 
 def partial_sums_reason(model: nn.Module, block_name: str, converted: dict[str, nn.Module]) -> str:
