@@ -10,6 +10,8 @@ its output is a partial sum over its features, weighted per token by the routing
 all-reduce (copy_to_tp / reduce_from_tp around the module's own forward, the tokens and the routing
 weights passing through copy_to_tp) gives the dense output and the dense gradients of the tokens and
 of the routing weights. The router stays replicated: every rank routes the same tokens the same way.
+Under SP, inside a mixture-of-experts block that reduces its output once (tpext.parallel.hooks), the module
+returns its partial sum instead, unreduced (`_tpext_partial_output`).
 
 Also accepted:
   * expert biases (GPT-OSS's): gate_up_proj_bias [E, 2I] (up_proj_bias [E, I]) is sliced with its

@@ -334,13 +334,26 @@ _SUM_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4}
 
 
 def partial_sums_reason(model: nn.Module, block_name: str, converted: dict[str, nn.Module]) -> str:
-    """Why the (still dense) block `block_name` cannot run with partial outputs reduced once at its output,
-    or "" if it can: every module of it that `converted` replaces must be a column layer, a row layer on
-    its column layers' output or a sharded experts module, and the block's output must be a sum of its
-    row layers' and experts modules' outputs (times factors that do not depend on them, such as a
-    shared-expert gate): checked on its own forward, with those outputs replaced by random a and by o - a,
-    whose results must add up to the block's output with o (with random weights on a copy, for a model on
-    meta)."""
+    """Why the (still dense) block `block_name` cannot run with partial outputs reduced once at its output.
+
+    Every module of it that `converted` replaces must be a column layer, a row layer on its column layers'
+    output or a sharded experts module, and the block's output must be a sum of its row layers' and experts
+    modules' outputs, times factors that do not depend on them (a shared-expert gate): checked on the block's
+    own forward, those outputs replaced by random a and by o - a, whose results must add up to the block's
+    output with o (on a copy with random weights for a model on meta).
+
+    Args:
+        model: the dense model, its modules not replaced yet.
+        block_name: the block's name in `model`.
+        converted: {name: replacement} of the modules parallelize converts.
+
+    Returns:
+        "" where it can, else the reason (the block then keeps its layers' own all-reduce).
+
+    Example:
+        >>> partial_sums_reason(model, "model.layers.0.mlp", converted)
+        ''
+    """
     producers = []
     for name, new in converted.items():
         if not _inside(name, block_name):
