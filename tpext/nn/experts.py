@@ -10,6 +10,8 @@ its output is a partial sum over its features, weighted per token by the routing
 all-reduce (copy_to_tp / reduce_from_tp around the module's own forward, the tokens and the routing
 weights passing through copy_to_tp) gives the dense output and the dense gradients of the tokens and
 of the routing weights. The router stays replicated: every rank routes the same tokens the same way.
+Under SP, inside a mixture-of-experts block that reduces its output once (tpext.parallel.hooks), the module
+returns its partial sum instead, unreduced (`_tpext_partial_output`).
 
 Also accepted:
   * expert biases (GPT-OSS's): gate_up_proj_bias [E, 2I] (up_proj_bias [E, I]) is sliced with its
@@ -50,6 +52,11 @@ class _ShardedExperts(SharesGroupOnCopy):
     reduce_from_tp."""
 
     _tpext_group: dist.ProcessGroup
+    #: True: return this rank's partial sum, unreduced, for a caller that reduces the block's output once
+    #: (a mixture-of-experts block under SP, tpext.parallel.hooks): the tokens and routing weights enter
+    #: without copy_to_tp (their gradients stay partial sums too), and the down bias term is added on rank 0
+    #: only, its gradient summed over the group.
+    _tpext_partial_output: bool = False
 
     def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
         # (hidden_states, top_k_index, top_k_weights) for most; (hidden_states,) for Llama 4's, whose
@@ -60,6 +67,8 @@ class _ShardedExperts(SharesGroupOnCopy):
                 break
             args.append(kwargs.pop(name))
         index, weights = (args[0], args[1]) if len(args) >= 2 else (None, None)
+        if self._tpext_partial_output:
+            return self._partial_forward(hidden_states, index, weights, args, kwargs)
         with stats.scope_for(self):
             local_args = (
                 mappings.copy_to_tp(hidden_states, self._tpext_group),
@@ -79,6 +88,22 @@ class _ShardedExperts(SharesGroupOnCopy):
         if bias is not None:  # once, after the reduction: sum_k w[t, k] * b[idx[t, k]]
             out = out + (weights.unsqueeze(-1) * bias[index]).sum(-2).to(out.dtype)
         return out
+
+    def _partial_forward(self, hidden_states: Tensor, index, weights, args: list, kwargs: dict) -> Tensor:
+        """This rank's partial sum of the output (plus, on rank 0, the routing-weighted down bias)."""
+        bias = self._parameters.get("down_proj_bias")
+        if bias is None:
+            return super().forward(hidden_states, *args, **kwargs)
+        self.__dict__["down_proj_bias"] = torch.zeros_like(bias)
+        try:
+            partial = super().forward(hidden_states, *args, **kwargs)
+        finally:
+            del self.__dict__["down_proj_bias"]
+        with stats.scope_for(self):
+            bias = mappings.copy_to_tp(bias, self._tpext_group)  # backward: rank 0's gradient, summed
+        if self._tpext_group.rank() != 0:
+            bias = bias * 0  # every rank runs the same graph (and the same backward collectives)
+        return partial + (weights.unsqueeze(-1) * bias[index]).sum(-2).to(partial.dtype)
 
     def extra_repr(self) -> str:
         inner = super().extra_repr()

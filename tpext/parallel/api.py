@@ -19,8 +19,9 @@ are taken to run before it, on the whole sequence (not sequence-parallel). A voc
 gathers the decoder stack's output itself (the hidden states the model returns are then sequence
 shards); without one (a base model, a replicated classification head) the stack's output is gathered
 back to the full sequence. A mixture-of-experts block (the parent of an experts module with 3-D weights)
-runs on the full sequence too, gathered at its input and split at its output; what it holds is converted
-without SP.
+runs on the full sequence too, gathered at its input: where its output is a sum of its experts' and row
+layers' outputs (checked on its forward), each rank's partial sum is reduce-scattered at its output;
+otherwise what it holds is converted without SP and its output is split.
 
 Converted norms keep their own class and code (tpext.nn.sum_param_grads), except a q/k RMSNorm over
 all heads' features (OLMo2's), which keeps its class and computes its statistic over the group (checked
@@ -40,6 +41,7 @@ from tpext.parallel.hooks import (
     add_causal_lm_loss,
     add_dense_save_pretrained,
     add_sequence_hooks,
+    partial_sums_reason,
 )
 from tpext.parallel.plans import PlanLike, auto_plan, style_for
 from tpext.parallel.styles import Site
@@ -241,6 +243,8 @@ def parallelize(
             converted[name] = new
             if sp:
                 on_shards.append(name)
+    # A block whose output is a sum of its layers' partial outputs reduces it once, at its output.
+    partial_blocks = {n for n in full_sequence_blocks if not partial_sums_reason(model, n, converted)}
     _retie(model, ties, converted)
     for name, new in converted.items():
         parent_name, _, leaf = name.rpartition(".")
@@ -251,7 +255,15 @@ def parallelize(
         _share_inputs(model, converted)
     if split_at:
         add_sequence_hooks(
-            model, split_at, attention, converted, pg, sequence_dim, full_sequence_blocks, on_shards
+            model,
+            split_at,
+            attention,
+            converted,
+            pg,
+            sequence_dim,
+            full_sequence_blocks,
+            on_shards,
+            partial_blocks,
         )
     add_causal_lm_loss(model, converted)
     add_dense_save_pretrained(model)
