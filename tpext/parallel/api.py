@@ -34,6 +34,7 @@ from torch import nn
 
 from tpext.distributed import GroupLike, resolve_group
 from tpext.nn import ColumnParallelLinear, SharedInputColumns
+from tpext.parallel import mla
 from tpext.parallel import structure as st
 from tpext.parallel.hooks import (
     add_alibi_slices,
@@ -54,7 +55,7 @@ def _sharded_attention(model: nn.Module, plan: PlanLike) -> list[str]:
     names = []
     for name, attn in model.named_modules():
         projections = [f"{name}.{p}" if name else p for p in st.ATTENTION_PROJECTIONS if hasattr(attn, p)]
-        if st.is_attention(attn) and any(style_for(p, plan) for p in projections):
+        if (st.is_attention(attn) or mla.is_mla(attn)) and any(style_for(p, plan) for p in projections):
             names.append(name)
     return names
 
@@ -97,7 +98,7 @@ def _set_local_heads(
     alibi = {}
     for name, attn in model.named_modules():
         projections = [f"{name}.{p}" if name else p for p in st.ATTENTION_PROJECTIONS]
-        if not any(p in converted for p in projections) or not st.is_attention(attn):
+        if not any(p in converted for p in projections) or not (st.is_attention(attn) or mla.is_mla(attn)):
             continue
         hq, hkv, d = st.heads(attn, config)  # _check_heads made sure hq divides
         local_q, local_kv = hq // world, max(hkv // world, 1)
@@ -241,6 +242,9 @@ def parallelize(
             converted[name] = new
             if sp:
                 on_shards.append(name)
+    for name in attention:  # MLA: its shared rotary key's gradient summed (tpext.parallel.mla)
+        if mla.is_mla(attn := model.get_submodule(name)):
+            mla.check_converted(name, attn, converted, pg.size())
     _retie(model, ties, converted)
     for name, new in converted.items():
         parent_name, _, leaf = name.rpartition(".")
