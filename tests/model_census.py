@@ -109,8 +109,21 @@ _NO_DROPOUT = (
 )
 _TOKEN_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 1, "decoder_start_token_id": 1}
 
+# Multi-head latent attention (DeepSeek-V2's MLA and its kin): every head's keys and values come from the
+# latent (kv heads = query heads), rotary over qk_rope_head_dim features (head_dim, where the config reads it
+# for the rotary embedding); query / key and value heads of different sizes (8 + 4 and 6).
+_MLA = {
+    "num_key_value_heads": 8,
+    "qk_nope_head_dim": 8,
+    "qk_rope_head_dim": 4,
+    "head_dim": 4,
+    "v_head_dim": 6,
+}
+
 # Per-family settings where the generic tiny config does not build or does not run (one table).
-OVERRIDES: dict[str, dict[str, Any]] = {}
+OVERRIDES: dict[str, dict[str, Any]] = {
+    **dict.fromkeys(("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "longcat_flash"), _MLA),
+}
 
 
 VERSIONS_KEY = "_versions"  # the record's torch and transformers versions (not a family)
