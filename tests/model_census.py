@@ -122,7 +122,11 @@ _MLA = {
 
 # Per-family settings where the generic tiny config does not build or does not run (one table).
 OVERRIDES: dict[str, dict[str, Any]] = {
-    **dict.fromkeys(("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "longcat_flash"), _MLA),
+    **dict.fromkeys(("deepseek_v2", "glm4_moe_lite", "longcat_flash"), _MLA),
+    # the second layer a mixture of experts (4 experts in 2 groups); DeepSeek-V3.2's indexer keeps 4 tokens
+    "deepseek_v3": {**_MLA, "first_k_dense_replace": 1, "n_group": 2, "topk_group": 1},
+    "deepseek_v32": {**_MLA, "first_k_dense_replace": 1, "n_group": 2, "topk_group": 1, "index_topk": 4},
+    "hy_v4": {"index_topk": 4},
 }
 
 
