@@ -122,7 +122,9 @@ _MLA = {
 
 # Per-family settings where the generic tiny config does not build or does not run (one table).
 OVERRIDES: dict[str, dict[str, Any]] = {
-    **dict.fromkeys(("deepseek_v2", "glm4_moe_lite", "longcat_flash"), _MLA),
+    **dict.fromkeys(("deepseek_v2", "glm4_moe_lite", "longcat_flash", "minicpm3", "youtu"), _MLA),
+    "axk1": {**_MLA, "n_group": 2, "topk_group": 1},
+    "glm_moe_dsa": {**_MLA, "mlp_layer_types": ["dense", "sparse"], "index_topk": 4},
     # the second layer a mixture of experts (4 experts in 2 groups); DeepSeek-V3.2's indexer keeps 4 tokens
     "deepseek_v3": {**_MLA, "first_k_dense_replace": 1, "n_group": 2, "topk_group": 1},
     "deepseek_v32": {**_MLA, "first_k_dense_replace": 1, "n_group": 2, "topk_group": 1, "index_topk": 4},
