@@ -162,3 +162,42 @@ def test_replicated_kv_a_proj_is_refused():
         message
     )
     assert "MLAKvAProj(qk_rope_head_dim)" in message, message
+
+
+def _attention_collectives(sp: bool) -> list[tuple[str, str, str, int]]:
+    """(phase, collective, module, bytes) of the first layer's attention, one forward and backward."""
+    model = tpext.parallelize(_model("deepseek_v3-q_lora"), sequence_parallel=sp)
+    ids, labels = _inputs()
+    with tpext.comm_stats() as stats:
+        model(input_ids=ids, labels=labels).loss.backward()
+    attn = "model.layers.0.self_attn"
+    return sorted(
+        (r.phase, r.kind, r.module.removeprefix(attn + "."), r.nbytes)
+        for r in stats.records
+        if r.module.startswith(attn)
+    )
+
+
+@pytest.mark.parametrize("sp", [False, True], ids=["nosp", "sp"])
+def test_mla_collectives(sp):
+    """One forward and backward of an MLA attention at tp 2: o_proj's all-reduce (or its reduce-scatter and the
+    gather under SP), and backward the all-reduces of the latents' gradients (q: 24, kv: 16 features) and of
+    the shared rotary key's (4), never of the hidden states' ([2, 8, 64] fp64: 8192 bytes). Under SP the
+    gathered sequence's gradient is not reduce-scattered: only replicated down projections read it."""
+    latents = [
+        ("backward", "all_reduce", "kv_a_proj_with_mqa", 2 * 8 * 4 * 8),
+        ("backward", "all_reduce", "kv_b_proj", 2 * 8 * 16 * 8),
+        ("backward", "all_reduce", "q_b_proj", 2 * 8 * 24 * 8),
+    ]
+    hidden = 2 * 8 * 64 * 8
+    if sp:
+        want = [
+            ("backward", "all_gather", "o_proj", hidden),
+            *latents,
+            ("forward", "all_gather", "gather", hidden),
+            ("forward", "reduce_scatter", "o_proj", hidden),
+        ]
+    else:
+        want = [*latents, ("forward", "all_reduce", "o_proj", hidden)]
+    got = run_ranks(_attention_collectives, 2, sp)
+    assert got[0] == sorted(want) and got[1] == got[0], got
