@@ -60,8 +60,19 @@ class MLADims(NamedTuple):
 
 
 def is_mla(module: nn.Module) -> bool:
-    """Whether `module` is an MLA attention module: it holds kv_a_proj_with_mqa, kv_b_proj and o_proj (linear
-    layers, or their tensor-parallel replacements)."""
+    """Whether `module` is an MLA attention module.
+
+    Args:
+        module: any module.
+
+    Returns:
+        True when it holds kv_a_proj_with_mqa, kv_b_proj and o_proj (linear layers, or their tensor-parallel
+        replacements).
+
+    Example:
+        >>> mla.is_mla(model.model.layers[0].self_attn)  # a DeepseekV3Attention
+        True
+    """
     return all(
         isinstance(getattr(module, n, None), nn.Module) for n in ("kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
     )
@@ -127,11 +138,23 @@ def dims(attn: nn.Module, config=None) -> MLADims:
 
 
 def plan_entries(modules: dict[str, nn.Module], config=None) -> dict[str, Style]:
-    """{module name: style} for every MLA attention module among `modules` (a model's named_modules) and what
-    it holds (see the module's docstring). Modules of an MLA attention this does not know are left out.
+    """The plan entries of every MLA attention module among `modules` and what it holds (see the module's
+    docstring); modules of an MLA attention this does not know are left out.
+
+    Args:
+        modules: {name: module} of a model (dict(model.named_modules())).
+        config: the model's config (head sizes the modules lack).
+
+    Returns:
+        {module name: style}.
 
     Raises:
-        ValueError: an MLA attention module whose sizes cannot be read (`dims`).
+        ValueError: an MLA attention module whose sizes cannot be read or disagree with its projections
+            (`dims`).
+
+    Example:
+        >>> mla.plan_entries(dict(model.named_modules()), model.config)["model.layers.0.self_attn.kv_b_proj"]
+        Colwise(pieces=(Piece(units=8, unit_size=14),))
     """
     plan: dict[str, Style] = {}
     for name, attn in modules.items():
@@ -169,11 +192,21 @@ def plan_entries(modules: dict[str, nn.Module], config=None) -> dict[str, Style]
 
 
 def check_converted(name: str, attn: nn.Module, converted: dict[str, nn.Module], world: int) -> None:
-    """An MLA attention module whose heads a plan shards must sum the gradient of its shared rotary key over
-    the group: its kv_a_proj_with_mqa converted by MLAKvAProj.
+    """Checks that an MLA attention module whose heads a plan shards sums the gradient of its shared rotary
+    key over the group: its kv_a_proj_with_mqa converted by MLAKvAProj. Called by parallelize before any
+    module is replaced.
+
+    Args:
+        name: the attention module's name in the model.
+        attn: the dense attention module.
+        converted: {module name: its replacement} of the plan.
+        world: the tensor-parallel size.
 
     Raises:
         ValueError: the heads are sharded and kv_a_proj_with_mqa is not an MLAKvAProj's.
+
+    Example:
+        >>> mla.check_converted("model.layers.0.self_attn", attn, converted, 2)  # None, or ValueError
     """
     prefix = f"{name}." if name else ""
     if world == 1 or not any(prefix + p in converted for p in ("q_proj", "q_b_proj", "kv_b_proj", "o_proj")):
