@@ -109,8 +109,27 @@ _NO_DROPOUT = (
 )
 _TOKEN_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 1, "decoder_start_token_id": 1}
 
+# Multi-head latent attention (DeepSeek-V2's MLA and its kin): every head's keys and values come from the
+# latent (kv heads = query heads), rotary over qk_rope_head_dim features (head_dim, where the config reads it
+# for the rotary embedding); query / key and value heads of different sizes (8 + 4 and 6).
+_MLA = {
+    "num_key_value_heads": 8,
+    "qk_nope_head_dim": 8,
+    "qk_rope_head_dim": 4,
+    "head_dim": 4,
+    "v_head_dim": 6,
+}
+
 # Per-family settings where the generic tiny config does not build or does not run (one table).
-OVERRIDES: dict[str, dict[str, Any]] = {}
+OVERRIDES: dict[str, dict[str, Any]] = {
+    **dict.fromkeys(("deepseek_v2", "glm4_moe_lite", "longcat_flash", "minicpm3", "youtu"), _MLA),
+    "axk1": {**_MLA, "n_group": 2, "topk_group": 1},
+    "glm_moe_dsa": {**_MLA, "mlp_layer_types": ["dense", "sparse"], "index_topk": 4},
+    # the second layer a mixture of experts (4 experts in 2 groups); DeepSeek-V3.2's indexer keeps 4 tokens
+    "deepseek_v3": {**_MLA, "first_k_dense_replace": 1, "n_group": 2, "topk_group": 1},
+    "deepseek_v32": {**_MLA, "first_k_dense_replace": 1, "n_group": 2, "topk_group": 1, "index_topk": 4},
+    "hy_v4": {"index_topk": 4},
+}
 
 
 VERSIONS_KEY = "_versions"  # the record's torch and transformers versions (not a family)

@@ -5,9 +5,10 @@
     plans.py      plans as data, auto_plan (the model's own TP plan first, then module names)
     hf_plan.py    a Hugging Face model's own plan, translated into tpext styles
     structure.py  reading a model: attention, heads, packed layouts, norms, mixture-of-experts blocks
+    mla.py        multi-head latent attention (DeepSeek-V2/V3's): its heads, and MLAKvAProj
     hooks.py      what parallelize attaches besides converted modules (SP hooks, the loss, save_pretrained)
 
-Imports run one way: api -> plans -> hf_plan -> styles -> structure -> tpext.nn / tpext.sharding.
+Imports run one way: api -> plans -> hf_plan -> mla -> styles -> structure -> tpext.nn / tpext.sharding.
 """
 
 from tpext.parallel.api import parallelize

@@ -35,6 +35,7 @@ from torch import nn
 
 from tpext.distributed import GroupLike, resolve_group
 from tpext.nn import ColumnParallelLinear, SharedInputColumns
+from tpext.parallel import mla
 from tpext.parallel import structure as st
 from tpext.parallel.hooks import (
     add_alibi_slices,
@@ -56,7 +57,7 @@ def _sharded_attention(model: nn.Module, plan: PlanLike) -> list[str]:
     names = []
     for name, attn in model.named_modules():
         projections = [f"{name}.{p}" if name else p for p in st.ATTENTION_PROJECTIONS if hasattr(attn, p)]
-        if st.is_attention(attn) and any(style_for(p, plan) for p in projections):
+        if (st.is_attention(attn) or mla.is_mla(attn)) and any(style_for(p, plan) for p in projections):
             names.append(name)
     return names
 
@@ -99,7 +100,7 @@ def _set_local_heads(
     alibi = {}
     for name, attn in model.named_modules():
         projections = [f"{name}.{p}" if name else p for p in st.ATTENTION_PROJECTIONS]
-        if not any(p in converted for p in projections) or not st.is_attention(attn):
+        if not any(p in converted for p in projections) or not (st.is_attention(attn) or mla.is_mla(attn)):
             continue
         hq, hkv, d = st.heads(attn, config)  # _check_heads made sure hq divides
         local_q, local_kv = hq // world, max(hkv // world, 1)
@@ -243,6 +244,9 @@ def parallelize(
             converted[name] = new
             if sp:
                 on_shards.append(name)
+    for name in attention:  # MLA: its shared rotary key's gradient summed (tpext.parallel.mla)
+        if mla.is_mla(attn := model.get_submodule(name)):
+            mla.check_converted(name, attn, converted, pg.size())
     # A block whose output is a sum of its layers' partial outputs reduces it once, at its output.
     partial_blocks = {n for n in full_sequence_blocks if not partial_sums_reason(model, n, converted)}
     _retie(model, ties, converted)

@@ -14,6 +14,7 @@ layers keep local tensors, so several of them are the same tpext style:
     replicated_with_grad_allreduce                                                 -> Replicate(sum_grads=True)
     moe_tp_experts, local_packed_rowwise on experts                                -> Experts
     ep_router, moe_identity_expert                                                 -> Replicate (the router)
+    mla_kv_a_proj (an MLA attention's kv_a_proj_with_mqa)                          -> mla.MLAKvAProj
 
 A colwise layer whose output Hugging Face gathers (colwise_gather_output) and the rowwise_split_input layer
 that splits it again are a round trip: tpext keeps the features sharded between them, the same product.
@@ -21,7 +22,7 @@ On an output layer (lm_head) the gather follows auto_plan's vocab_parallel_logit
 reads vocabulary-sharded logits. The heads of a packed or head-structured projection (packed_colwise's
 parts) come from tpext's reading of the attention module, never from an even split.
 
-Styles tpext has no layer for (embedding_colwise, mla_kv_a_proj, expert parallelism's grouped_gemm /
+Styles tpext has no layer for (embedding_colwise, expert parallelism's grouped_gemm /
 ep_*, gather on a module with weights) fall back to the module's name, and say so in the plan's sources.
 """
 
@@ -31,6 +32,7 @@ from torch import nn
 
 from tpext.nn.experts import is_experts
 from tpext.parallel import structure as st
+from tpext.parallel.mla import MLAKvAProj
 from tpext.parallel.styles import Colwise, Experts, Replicate, Rowwise, SequenceParallel, Style, Vocab
 from tpext.sharding import Piece
 
@@ -115,6 +117,10 @@ def translate(
     if hf_style in _REPLICATE:
         # Under SP a norm sees sequence shards: replicated as it is, its weight gradients would be partial.
         return (by_name if isinstance(by_name, SequenceParallel) else Replicate()), ""
+    if hf_style == "mla_kv_a_proj":  # the heads' sizes come from tpext's reading of the MLA attention
+        if isinstance(by_name, MLAKvAProj):
+            return by_name, ""
+        return None, "is for an MLA attention's kv_a_proj_with_mqa, and tpext read no MLA attention here"
     if hf_style in _EXPERTS:
         return (Experts(), "") if is_experts(module) else (None, "is for experts with 3-D weights")
     return None, "has no tpext equivalent"

@@ -34,6 +34,7 @@ from tpext.nn._linear_functions import autocast_inputs
 from tpext.nn.class_swap import derived_class, probe_copy
 from tpext.nn.experts import _is_transposed, _ShardedExperts
 from tpext.nn.functional import vocab_parallel_cross_entropy
+from tpext.parallel import mla
 from tpext.parallel.structure import ATTENTION_INPUTS, LM_HEADS
 from tpext.sharding import gather_state_dict
 
@@ -163,14 +164,32 @@ class _GatherSequence(SharesGroupOnCopy):
     attention code that takes the sequence length from its input (Hugging Face's does) sees the dense
     shapes; o_proj reduce-scatters its output back to a shard. With q/k/v in one SharedInputColumns (or
     one packed qkv_proj) the gather is overlapped with their one GEMM (SharedInputColumns.gather);
-    otherwise a plain all-gather, and each projection multiplies the gathered sequence locally."""
+    otherwise a plain all-gather, and each projection multiplies the gathered sequence locally.
 
-    def __init__(self, columns: list[ColumnParallelLinear], shared: SharedInputColumns | None, name: str):
+    The column layers send partial gradients into the gathered sequence, which its backward sums
+    (reduce-scatter); a column layer called with another input (an MLA up projection reading a latent)
+    treats it as replicated. `readers`, modules with replicated weights that read the gathered sequence
+    (an MLA attention's down projections), compute the same on every rank: their gradient is whole, and
+    they get the gathered values through `_ReplicatedRead`, whose backward keeps this rank's block of it
+    (counted once, not once per rank)."""
+
+    def __init__(
+        self,
+        columns: list[ColumnParallelLinear],
+        shared: SharedInputColumns | None,
+        name: str,
+        group,
+        sequence_dim: int,
+        readers: list[nn.Module] = (),
+    ):
         self.shared, self.name = shared, name
-        self.group, self.sequence_dim = columns[0].group, columns[0].sequence_dim
+        self.group, self.sequence_dim = group, sequence_dim
         self._gathered: weakref.ref | None = None
+        self._shard: weakref.ref | None = None
         for layer in columns:
             layer._is_gathered_input = self.is_gathered
+        for module in readers:
+            module.register_forward_pre_hook(self.replicated_read, with_kwargs=True)
 
     def is_gathered(self, x: Tensor) -> bool:
         """Whether x is the sequence this hook gathered last (a projection called with another tensor, such
@@ -184,8 +203,35 @@ class _GatherSequence(SharesGroupOnCopy):
         else:
             with stats.module_scope(stats.current_module() or self.name):
                 x_full = mappings.gather_from_sequence(x, self.group, dim=self.sequence_dim)
-        self._gathered = weakref.ref(x_full)
+        self._gathered, self._shard = weakref.ref(x_full), weakref.ref(x)
         return call_with(x_full)
+
+    def replicated_read(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+        """Forward pre-hook of a reader with replicated weights: the gathered sequence, as `_ReplicatedRead`."""
+        x, call_with = _hidden_states(module, args, kwargs)
+        shard = self._shard() if self._shard is not None else None
+        if not self.is_gathered(x) or shard is None or not torch.is_grad_enabled():
+            return None
+        return call_with(_ReplicatedRead.apply(shard, x.detach(), self.group, self.sequence_dim))
+
+
+class _ReplicatedRead(torch.autograd.Function):
+    """x_full's values (the sequence gathered from x_shard), read by a module with replicated weights that
+    every rank runs alike. Backward: its gradient is whole on every rank, and x_shard keeps its own block of
+    it along `dim` (no collective).
+
+        forward:  x_shard [.., s/R, ..], x_full [.., s, ..] -> x_full
+        backward: grad [.., s, ..] -> grad's block r [.., s/R, ..] for x_shard
+    """
+
+    @staticmethod
+    def forward(ctx, x_shard: Tensor, x_full: Tensor, group, dim: int) -> Tensor:
+        ctx.dim, ctx.start, ctx.length = dim, group.rank() * x_shard.shape[dim], x_shard.shape[dim]
+        return x_full.view_as(x_full)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad.narrow(ctx.dim, ctx.start, ctx.length).contiguous(), None, None, None
 
 
 class _FullSequenceBlock(SharesGroupOnCopy):
@@ -582,27 +628,24 @@ def add_sequence_hooks(
             if (p := f"{name}.{leaf}" if name else leaf) in converted
         ]
         columns = [m for m in columns if isinstance(m, ColumnParallelLinear)]
-        if not columns:
+        attn = model.get_submodule(name)
+        latent = mla.is_mla(attn)
+        if not columns and not latent:
             continue
-        shared = columns[0]._siblings
+        shared = columns[0]._siblings if columns else None
         if len(columns) == 1 and shared is None:  # a packed qkv_proj: its own gather + GEMM
             shared = SharedInputColumns(columns).attach()
         elif shared is not None and shared.layers != columns:
             shared = None
-        # Other column layers of the attention module that read its input (Laguna's g_proj, Beam's
-        # gate_proj: a gate per head) multiply the gathered sequence locally too.
-        prefix = f"{name}." if name else ""
-        columns += [
-            m
-            for p, m in converted.items()
-            if p.startswith(prefix)
-            and "." not in p[len(prefix) :]
-            and p[len(prefix) :] not in ATTENTION_INPUTS
-            and isinstance(m, ColumnParallelLinear)
-            and m.sequence_parallel
-        ]
-        hook = _GatherSequence(columns, shared, f"{name}.gather" if name else "gather")
-        model.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=True)
+        # MLA: its up projections (and output gate) are column layers too, their input the latents or the
+        # gathered sequence; its down projections read the gathered sequence with replicated weights.
+        others = [m for m in attn.children() if isinstance(m, ColumnParallelLinear) and m not in columns]
+        readers = [getattr(attn, leaf) for leaf in mla.REPLICATED_READERS if latent and hasattr(attn, leaf)]
+        readers = [m for m in readers if isinstance(m, nn.Module) and not isinstance(m, ColumnParallelLinear)]
+        hook = _GatherSequence(
+            columns + others, shared, f"{name}.gather" if name else "gather", group, sequence_dim, readers
+        )
+        attn.register_forward_pre_hook(hook, with_kwargs=True)
     for name in full_sequence_blocks:
         partial = name in partial_blocks
         if partial:

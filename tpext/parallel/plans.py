@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from tpext.nn.experts import is_experts
+from tpext.parallel import mla
 from tpext.parallel import structure as st
 from tpext.parallel.hf_plan import model_tp_plan, translate
 from tpext.parallel.styles import (
@@ -196,13 +197,16 @@ def _plan_from_names(
     config = getattr(model, "config", None)
     plan: dict[str, Style | str] = {}
     modules = dict(model.named_modules())
+    latent_attention = mla.plan_entries(modules, config)  # MLA: heads of its own sizes (tpext.parallel.mla)
     for name, module in modules.items():
         if not name or not any(True for _ in module.parameters(recurse=False)):
             continue
         leaf = name.rsplit(".", 1)[-1]
         parent = modules[name.rpartition(".")[0]]
         linear = st.plain_linear(module) or st.is_conv1d(module)
-        if is_experts(module):
+        if name in latent_attention:
+            plan[name] = latent_attention[name]
+        elif is_experts(module):
             plan[name] = Experts()
         elif _in_router(name, modules):
             # A router beside experts (and all it holds: Ernie's gate.moe_statics, HunYuan's gate.wg) sees
