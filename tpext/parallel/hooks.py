@@ -248,11 +248,13 @@ def add_sequence_hooks(
     sequence_dim: int,
     full_sequence_blocks: list[str],
     on_shards: list[str],
+    replicated_blocks: list[str] | tuple[str, ...] = (),
 ) -> None:
     """The hooks of sequence parallelism: split at `split_at`, gather around attention and full-sequence
     blocks, check the head's input, and check that each module of `on_shards` (converted for sequence
     shards: a norm whose gradients are summed over the group, a sequence-parallel head) runs after the
-    split."""
+    split. `replicated_blocks` (replicated whole, their output the dense block's on every rank) run on the
+    full sequence with a plain split of their output."""
     split = _SplitSequence(group, sequence_dim, split_at)
     model.get_submodule(split_at).register_forward_pre_hook(split, with_kwargs=True)
     # The decoder stack (model.layers) and its owner (model): a sequence-parallel column layer outside the
@@ -276,7 +278,7 @@ def add_sequence_hooks(
     for name in heads:
         converted[name].register_forward_pre_hook(_CheckHeadInput(split, name))
     for name in attention:
-        if any(name.startswith(block + ".") for block in full_sequence_blocks):
+        if any(name.startswith(block + ".") for block in [*full_sequence_blocks, *replicated_blocks]):
             continue  # inside a block that runs on the full sequence (Gemma4's experts beside attention)
         columns = [
             converted[p]
@@ -294,6 +296,10 @@ def add_sequence_hooks(
         hook = _GatherSequence(columns, shared, f"{name}.gather" if name else "gather")
         model.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=True)
     for name in full_sequence_blocks:
+        block, hook = model.get_submodule(name), _FullSequenceBlock(group, sequence_dim, name)
+        block.register_forward_pre_hook(hook.gather, with_kwargs=True)
+        block.register_forward_hook(hook.split)
+    for name in replicated_blocks:  # the same output on every rank: the plain split
         block, hook = model.get_submodule(name), _FullSequenceBlock(group, sequence_dim, name)
         block.register_forward_pre_hook(hook.gather, with_kwargs=True)
         block.register_forward_hook(hook.split)
