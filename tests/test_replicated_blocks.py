@@ -234,3 +234,37 @@ def test_blocks_that_cannot_be_replicated_are_refused():
         "sharded layer layers.0.fc1 (colwise)" in layer
     )
     assert "could not place: odd (Conv1d)" in outside
+
+
+class _GatedMLP(torch.nn.Module):
+    """fc1 packs the gate and up features (Moshi's): its output is twice fc2's input."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(8, 32), torch.nn.Linear(16, 8)
+
+    def forward(self, x):
+        gate, up = self.fc1(x).chunk(2, dim=-1)
+        return self.fc2(torch.nn.functional.silu(gate) * up)
+
+
+class _GatedLayer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mlp = _GatedMLP()
+
+    def forward(self, x):
+        return x + self.mlp(x)
+
+
+def test_packed_mlp_columns_are_not_split_evenly():
+    """An MLP column layer whose output is not its row layer's input packs features in a layout the names do
+    not tell: not split as a plain column (which would cut the gate from its up features); its MLP block is
+    replicated, naming why."""
+    plan = tpext.auto_plan(_Model(_GatedLayer))
+    assert plan["layers.0.mlp"] == tpext.parallel.Replicate(full_sequence=True)
+    assert (
+        "fc1 (Linear with 32 output features beside fc2 taking 16: a packed layout"
+        in plan.sources["layers.0.mlp"]
+    )
+    assert not [name for name in plan if ".mlp." in name]

@@ -20,7 +20,10 @@ gathers the decoder stack's output itself (the hidden states the model returns a
 shards); without one (a base model, a replicated classification head) the stack's output is gathered
 back to the full sequence. A mixture-of-experts block (the parent of an experts module with 3-D weights)
 runs on the full sequence too, gathered at its input and split at its output; what it holds is converted
-without SP.
+without SP. So does a block replicated whole (`Replicate(full_sequence=True)`, which auto_plan gives a
+decoder layer's block it cannot shard: a Mamba mixer): its output is the dense block's on every rank, so it
+is split, and its gradients need no sum. With no sharded attention there is no split point: the model runs
+without SP (parallelize warns).
 
 Converted norms keep their own class and code (tpext.nn.sum_param_grads), except a q/k RMSNorm over
 all heads' features (OLMo2's), which keeps its class and computes its statistic over the group (checked
@@ -239,6 +242,13 @@ def parallelize(
         if name in moe_blocks and in_sp_region and not whole and not in_replicated:
             full_sequence_blocks.append(name)
         if whole and split_at and in_sp_region and not in_replicated:
+            if not name.startswith(split_at.rpartition(".")[0] + "."):
+                raise ValueError(
+                    f"tpext.parallelize: {name} ({type(module).__name__}) is replicated whole and registered "
+                    f"after the first decoder layer {split_at} but outside its decoder stack, so under "
+                    "sequence_parallel=True tpext cannot tell whether it sees the full sequence or this "
+                    "rank's shard; parallelize with sequence_parallel=False"
+                )
             if not any(name.startswith(b + ".") for b in full_sequence_blocks):
                 replicated_blocks.append(name)
         if style is None or any(name.startswith(c + ".") for c in converted):

@@ -312,6 +312,8 @@ def _plan_from_names(
         elif linear and leaf == "gate_up_proj":
             half = st.linear_dims(module)[1] // 2
             plan[name] = Colwise((Piece(half), Piece(half)))
+        elif linear and leaf in st.MLP_COLUMNS and (why := _packed_column(module, parent)):
+            plan[name] = why
         elif linear and leaf in st.MLP_COLUMNS:
             plan[name] = Colwise()
         elif linear and leaf in st.MLP_ROWS:
@@ -354,6 +356,20 @@ def _plan_from_names(
             # parameters act on this rank's features only, so their gradients are summed over the group.
             plan[name] = Replicate(sum_grads=True)
     return plan
+
+
+def _packed_column(column: nn.Module, mlp: nn.Module) -> str:
+    """Why an MLP's column layer cannot be split evenly: its output features are not the input features of
+    the row layer beside it (Moshi's fc1 packs gate and up, in a layout the names do not tell); "" otherwise."""
+    out = st.linear_dims(column)[1]
+    for leaf in st.MLP_ROWS:
+        dims = st.linear_dims(getattr(mlp, leaf, None)) if hasattr(mlp, leaf) else None
+        if dims is not None and dims[0] != out:
+            return (
+                f"{type(column).__name__} with {out} output features beside {leaf} taking {dims[0]}: "
+                "a packed layout the names do not tell"
+            )
+    return ""
 
 
 def _in_router(name: str, modules: dict[str, nn.Module]) -> bool:
