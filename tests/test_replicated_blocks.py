@@ -268,3 +268,47 @@ def test_packed_mlp_columns_are_not_split_evenly():
         in plan.sources["layers.0.mlp"]
     )
     assert not [name for name in plan if ".mlp." in name]
+
+
+def _block_returning_a_weight(sp: bool) -> str:
+    """GPT-NeoX-Japanese's last attention returns its dense_bias beside its output, and the layer adds it:
+    replicated, it matches without SP; under SP the bias would be added to each rank's shard (a partial
+    gradient), so the first forward is an error naming the block."""
+    config = transformers.GPTNeoXJapaneseConfig(
+        hidden_size=64,
+        num_attention_heads=8,
+        num_hidden_layers=2,
+        intermediate_multiple_size=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        attention_dropout=0.0,
+        use_cache=False,
+        bos_token_id=1,
+        eos_token_id=1,
+    )
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    dense = transformers.GPTNeoXJapaneseForCausalLM(config).to(f64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = tpext.parallelize(copy.deepcopy(dense), sequence_parallel=sp)
+    ids = torch.randint(2, VOCAB, (2, 8), generator=torch.Generator().manual_seed(1))
+    try:
+        out = model(input_ids=ids, labels=ids)
+    except ValueError as exc:
+        return str(exc)
+    ref = dense(input_ids=ids, labels=ids)
+    torch.testing.assert_close(out.loss, ref.loss, **TOL)
+    return "matches"
+
+
+@pytest.mark.parametrize("sp", [False, True], ids=["nosp", "sp"])
+def test_block_returning_a_weight_under_sp_is_an_error(sp):
+    said = run_ranks(_block_returning_a_weight, 2, sp)[0]
+    if not sp:
+        assert said == "matches"
+    else:
+        assert said.startswith(
+            "tpext.parallelize: gpt_neox_japanese.layers.1.attention (GPTNeoXJapaneseAttention) is replicated whole"
+        ), said
+        assert "returns a tensor that carries a gradient (output 2, shape (64,))" in said, said

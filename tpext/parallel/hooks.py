@@ -302,7 +302,35 @@ def add_sequence_hooks(
     for name in replicated_blocks:  # the same output on every rank: the plain split
         block, hook = model.get_submodule(name), _FullSequenceBlock(group, sequence_dim, name)
         block.register_forward_pre_hook(hook.gather, with_kwargs=True)
+        block.register_forward_hook(_CheckReplicatedOutputs(name, sequence_dim), with_kwargs=True)
         block.register_forward_hook(hook.split)
+
+
+class _CheckReplicatedOutputs:
+    """Forward hook of a block replicated whole under SP, before its output is split: besides its hidden
+    states it must return no tensor that carries a gradient and has no dim of the sequence's length. Such a
+    tensor (GPT-NeoX-Japanese's attention returns its dense_bias, which its layer adds) is the same on every
+    rank, but its caller may apply it to this rank's sequence shard, so its gradient would hold this rank's
+    tokens only; that is an error, not a partial gradient. A tensor over the sequence (attention weights)
+    would not fit a shard (a shape error, not a wrong number)."""
+
+    def __init__(self, name: str, sequence_dim: int):
+        self.name, self.sequence_dim = name, sequence_dim
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        extra = output[1:] if isinstance(output, (tuple, list)) else ()
+        if not extra:
+            return
+        length = _hidden_states(module, args, kwargs)[0].shape[self.sequence_dim]
+        for i, value in enumerate(extra, 1):
+            if isinstance(value, Tensor) and value.requires_grad and length not in value.shape:
+                raise ValueError(
+                    f"tpext.parallelize: {self.name} ({type(module).__name__}) is replicated whole and, under "
+                    f"sequence parallelism, run on the full sequence; besides its hidden states it returns a "
+                    f"tensor that carries a gradient (output {i}, shape {tuple(value.shape)}), which its caller "
+                    "may apply to this rank's sequence shard, so its gradient would be partial; parallelize "
+                    "with sequence_parallel=False"
+                )
 
 
 class _VocabParallelCausalLMLoss:
