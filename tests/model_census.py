@@ -110,7 +110,14 @@ _NO_DROPOUT = (
 _TOKEN_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 1, "decoder_start_token_id": 1}
 
 # Per-family settings where the generic tiny config does not build or does not run (one table).
-OVERRIDES: dict[str, dict[str, Any]] = {}
+OVERRIDES: dict[str, dict[str, Any]] = {
+    # hybrids: an attention layer first, so that under SP the sequence is split there and the replicated
+    # mixer after it runs on the full sequence (with mixers only there is no split point)
+    "bamba": {"attn_layer_indices": [0]},
+    "jamba": {"attn_layer_offset": 0, "attn_layer_period": 2},
+    "granitemoehybrid": {"layer_types": ["attention", "mamba"]},
+    "recurrent_gemma": {"block_types": ["attention", "recurrent"]},
+}
 
 
 VERSIONS_KEY = "_versions"  # the record's torch and transformers versions (not a family)
