@@ -7,7 +7,9 @@ sequence split and after it (where they run on the full sequence): Bamba (Mamba-
 Nemotron-H (Mamba-2, attention and MLP blocks), Jamba (Mamba mixers beside mixture-of-experts blocks, which
 run on the full sequence under SP too) and RecurrentGemma (recurrent blocks). Also: a model with no sharded
 attention under SP (no split point: it runs without SP, and says so), the one warning per parallelize
-call, and a block that cannot be replicated (its layer passes sharded features between its children).
+call, and the errors: a block that cannot be replicated (its layer passes sharded features between its
+children), a packed MLP column layer, and under SP a block outside the decoder stack or one that returns a
+weight besides its hidden states (GPT-NeoX-Japanese's attention and its dense_bias).
 """
 
 from __future__ import annotations
@@ -312,3 +314,27 @@ def test_block_returning_a_weight_under_sp_is_an_error(sp):
             "tpext.parallelize: gpt_neox_japanese.layers.1.attention (GPTNeoXJapaneseAttention) is replicated whole"
         ), said
         assert "returns a tensor that carries a gradient (output 2, shape (64,))" in said, said
+
+
+def _outside_the_stack() -> str:
+    config = transformers.LlamaConfig(
+        **{k: v for k, v in _COMMON.items() if k != "head_dim"}, num_hidden_layers=1
+    )
+    model = transformers.LlamaForCausalLM(config)
+    # a list of blocks registered after the decoder stack, not in it (a second tower, say)
+    model.model.towers = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Conv1d(64, 64, 1))])
+    assert tpext.auto_plan(model)["model.towers.0.0"] == tpext.parallel.Replicate(full_sequence=True)
+    with pytest.raises(ValueError) as err:
+        tpext.parallelize(model, sequence_parallel=True)
+    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear  # unchanged
+    return str(err.value)
+
+
+def test_replicated_block_outside_the_decoder_stack_under_sp_is_an_error():
+    """Under SP tpext cannot tell whether a replicated block outside the decoder stack, registered after its
+    split point, sees shards: an error naming it, before anything is replaced."""
+    said = run_ranks(_outside_the_stack, 2)[0]
+    assert said.startswith(
+        "tpext.parallelize: model.towers.0.0 (Conv1d) is replicated whole and registered after the first "
+        "decoder layer model.layers.0 but outside its decoder stack"
+    ), said
