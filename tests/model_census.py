@@ -129,6 +129,12 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "deepseek_v3": {**_MLA, "first_k_dense_replace": 1, "n_group": 2, "topk_group": 1},
     "deepseek_v32": {**_MLA, "first_k_dense_replace": 1, "n_group": 2, "topk_group": 1, "index_topk": 4},
     "hy_v4": {"index_topk": 4},
+    # hybrids: an attention layer first, so that under SP the sequence is split there and the replicated
+    # mixer after it runs on the full sequence (with mixers only there is no split point)
+    "bamba": {"attn_layer_indices": [0]},
+    "jamba": {"attn_layer_offset": 0, "attn_layer_period": 2},
+    "granitemoehybrid": {"layer_types": ["attention", "mamba"]},
+    "recurrent_gemma": {"block_types": ["attention", "recurrent"]},
 }
 
 

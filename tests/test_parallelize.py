@@ -173,12 +173,12 @@ def _errors() -> list[str]:
 
     model = LlamaForCausalLM(LlamaConfig(**SMALL))
     model.model.layers[1].mlp.up_proj.__class__ = ScaledLinear
-    with pytest.raises(
-        ValueError,
-        match=r"could not place: model\.layers\.1\.mlp\.up_proj \(ScaledLinear: an "
-        r"nn\.Linear with a forward of its own\)",
-    ):
-        tpext.parallelize(model)
+    # plan="auto" replicates the MLP around it whole (a block of its decoder layer), naming why
+    plan = tpext.auto_plan(model)
+    assert plan["model.layers.1.mlp"] == tpext.parallel.Replicate(full_sequence=True)
+    assert (
+        "up_proj (ScaledLinear: an nn.Linear with a forward of its own)" in plan.sources["model.layers.1.mlp"]
+    )
     plan = {"*.up_proj": "colwise", "*norm": "sequence_parallel"}
     with pytest.raises(
         ValueError,

@@ -21,7 +21,10 @@ shards); without one (a base model, a replicated classification head) the stack'
 back to the full sequence. A mixture-of-experts block (the parent of an experts module with 3-D weights)
 runs on the full sequence too, gathered at its input: where its output is a sum of its experts' and row
 layers' outputs (checked on its forward), each rank's partial sum is reduce-scattered at its output;
-otherwise what it holds is converted without SP and its output is split.
+otherwise what it holds is converted without SP and its output is split. So does a block replicated whole
+(`Replicate(full_sequence=True)`, which auto_plan gives a decoder layer's block it cannot shard: a Mamba
+mixer): its output is the dense block's on every rank, so it is split, and its gradients need no sum. With
+no sharded attention there is no split point: the model runs without SP (parallelize warns).
 
 Converted norms keep their own class and code (tpext.nn.sum_param_grads), except a q/k RMSNorm over
 all heads' features (OLMo2's), which keeps its class and computes its statistic over the group (checked
@@ -30,6 +33,8 @@ lookup; an nn.Linear subclass with its own forward is refused.
 """
 
 from __future__ import annotations
+
+import warnings
 
 from torch import nn
 
@@ -44,8 +49,8 @@ from tpext.parallel.hooks import (
     add_sequence_hooks,
     partial_sums_reason,
 )
-from tpext.parallel.plans import PlanLike, auto_plan, style_for
-from tpext.parallel.styles import Site
+from tpext.parallel.plans import REPLICATED, PlanLike, auto_plan, style_for
+from tpext.parallel.styles import Replicate, Site
 from tpext.sharding import ShardLayout, get_layout, set_layout
 
 __all__ = ["parallelize"]
@@ -214,6 +219,10 @@ def parallelize(
     # module's parent): what runs before it, the embedding and the model-level code that takes positions
     # and the attention mask from its output's shape, sees the full sequence as in the dense model.
     split_at = attention[0].rpartition(".")[0] if sequence_parallel and pg.size() > 1 and attention else ""
+    # Without a sharded attention module (a pure Mamba model) there is no split point: the whole model runs
+    # without SP (its norms and MLPs converted for the full sequence), and parallelize warns.
+    no_split = sequence_parallel and pg.size() > 1 and not attention
+    sequence_parallel = sequence_parallel and not no_split
     ties = _ties(model)
     config = getattr(model, "config", None)
     modules = dict(model.named_modules())
@@ -221,21 +230,36 @@ def parallelize(
     # token) runs on the full sequence: what it holds is converted without SP.
     moe_blocks = {name for name, module in modules.items() if st.is_moe(module)} if split_at else set()
     full_sequence_blocks: list[str] = []
+    # Under SP a replicated block that mixes the sequence (Replicate(full_sequence=True): a Mamba mixer) runs
+    # on the full sequence too; its output is the dense block's on every rank, so it is split (not reduced).
+    replicated_blocks: list[str] = []
     # Build every replacement first: an error leaves the model untouched.
     converted: dict[str, nn.Module] = {}
     on_shards: list[str] = []  # converted for the sequence shards: must run after the split
     in_sp_region = not split_at
     for name, module in modules.items():
         in_sp_region = in_sp_region or name == split_at
-        if name in moe_blocks and in_sp_region:
-            full_sequence_blocks.append(name)
         style = style_for(name, plan) if name else None
+        whole = isinstance(style, Replicate) and style.full_sequence
+        in_replicated = any(name.startswith(b + ".") for b in replicated_blocks)
+        if name in moe_blocks and in_sp_region and not whole and not in_replicated:
+            full_sequence_blocks.append(name)
+        if whole and split_at and in_sp_region and not in_replicated:
+            if not name.startswith(split_at.rpartition(".")[0] + "."):
+                raise ValueError(
+                    f"tpext.parallelize: {name} ({type(module).__name__}) is replicated whole and registered "
+                    f"after the first decoder layer {split_at} but outside its decoder stack, so under "
+                    "sequence_parallel=True tpext cannot tell whether it sees the full sequence or this "
+                    "rank's shard; parallelize with sequence_parallel=False"
+                )
+            if not any(name.startswith(b + ".") for b in full_sequence_blocks):
+                replicated_blocks.append(name)
         if style is None or any(name.startswith(c + ".") for c in converted):
             continue
         sp = (
             sequence_parallel
             and in_sp_region
-            and not any(name.startswith(b + ".") for b in full_sequence_blocks)
+            and not any(name.startswith(b + ".") for b in full_sequence_blocks + replicated_blocks)
         )
         site = Site(name, modules[name.rpartition(".")[0]], pg, sp, sequence_dim, chunks, config)
         new = style.convert(module, site)
@@ -268,10 +292,38 @@ def parallelize(
             full_sequence_blocks,
             on_shards,
             partial_blocks,
+            replicated_blocks=replicated_blocks,
         )
+    _warn_replicated(model, plan, bool(split_at), no_split)
     add_causal_lm_loss(model, converted)
     add_dense_save_pretrained(model)
     return model
+
+
+def _warn_replicated(model: nn.Module, plan: PlanLike, split: bool, no_split: bool) -> None:
+    """One warning per parallelize call: the blocks auto_plan replicated (their weights and compute repeated
+    on every rank), and under SP a model with no sharded attention to split the sequence at."""
+    lines = []
+    sources = getattr(plan, "sources", {})
+    blocks = [name for name in plan if str(sources.get(name, "")).startswith(REPLICATED + ":")]
+    if blocks:
+        total = sum(p.numel() for p in model.parameters())
+        held = sum(p.numel() for b in blocks for p in model.get_submodule(b).parameters())
+        lines.append(
+            f"{len(blocks)} block(s) replicated, not sharded: their weights ({held} parameters, "
+            f"{100 * held / max(total, 1):.0f}% of the model's) and their compute are repeated on every rank"
+            + (", and under sequence parallelism each runs on the full sequence" if split else "")
+            + ":"
+        )
+        lines += [f"  {name}: {sources[name].removeprefix(REPLICATED + ': ')}" for name in blocks]
+    if no_split:
+        lines.append(
+            "sequence_parallel=True has no effect: no sharded attention module to split the sequence at "
+            "(the sequence is split at the first decoder layer with one); the model runs without sequence "
+            "parallelism"
+        )
+    if lines:
+        warnings.warn("tpext.parallelize: " + "\n".join(lines), stacklevel=3)
 
 
 def _ties(model: nn.Module) -> list[list[tuple[str, str]]]:

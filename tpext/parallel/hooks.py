@@ -585,12 +585,15 @@ def add_sequence_hooks(
     full_sequence_blocks: list[str],
     on_shards: list[str],
     partial_blocks: Collection[str] = (),
+    replicated_blocks: list[str] | tuple[str, ...] = (),
 ) -> None:
     """The hooks of sequence parallelism: split at `split_at`, gather around attention and full-sequence
     blocks, check the head's input, and check that each module of `on_shards` (converted for sequence
     shards: a norm whose gradients are summed over the group, a sequence-parallel head) runs after the
     split. The full-sequence blocks in `partial_blocks` (those `partial_sums_reason` accepts) reduce-scatter
-    their partial outputs; the others split their replicated output."""
+    their partial outputs; the others split their replicated output. `replicated_blocks` (replicated whole,
+    their output the dense block's on every rank) run on the full sequence with a plain split of their
+    output."""
     split = _SplitSequence(group, sequence_dim, split_at)
     model.get_submodule(split_at).register_forward_pre_hook(split, with_kwargs=True)
     # The decoder stack (model.layers) and its owner (model): a sequence-parallel column layer outside the
@@ -620,7 +623,7 @@ def add_sequence_hooks(
     for name in heads:
         converted[name].register_forward_pre_hook(_CheckHeadInput(split, name))
     for name in attention:
-        if any(name.startswith(block + ".") for block in full_sequence_blocks):
+        if any(name.startswith(block + ".") for block in [*full_sequence_blocks, *replicated_blocks]):
             continue  # inside a block that runs on the full sequence (Gemma4's experts beside attention)
         columns = [
             converted[p]
@@ -654,6 +657,38 @@ def add_sequence_hooks(
         hook = _FullSequenceBlock(group, sequence_dim, name, partial_output=partial)
         block.register_forward_pre_hook(hook.gather, with_kwargs=True)
         block.register_forward_hook(hook.split)
+    for name in replicated_blocks:  # the same output on every rank: the plain split
+        block, hook = model.get_submodule(name), _FullSequenceBlock(group, sequence_dim, name)
+        block.register_forward_pre_hook(hook.gather, with_kwargs=True)
+        block.register_forward_hook(_CheckReplicatedOutputs(name, sequence_dim), with_kwargs=True)
+        block.register_forward_hook(hook.split)
+
+
+class _CheckReplicatedOutputs:
+    """Forward hook of a block replicated whole under SP, before its output is split: besides its hidden
+    states it must return no tensor that carries a gradient and has no dim of the sequence's length. Such a
+    tensor (GPT-NeoX-Japanese's attention returns its dense_bias, which its layer adds) is the same on every
+    rank, but its caller may apply it to this rank's sequence shard, so its gradient would hold this rank's
+    tokens only; that is an error, not a partial gradient. A tensor over the sequence (attention weights)
+    would not fit a shard (a shape error, not a wrong number)."""
+
+    def __init__(self, name: str, sequence_dim: int):
+        self.name, self.sequence_dim = name, sequence_dim
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        extra = output[1:] if isinstance(output, (tuple, list)) else ()
+        if not extra:
+            return
+        length = _hidden_states(module, args, kwargs)[0].shape[self.sequence_dim]
+        for i, value in enumerate(extra, 1):
+            if isinstance(value, Tensor) and value.requires_grad and length not in value.shape:
+                raise ValueError(
+                    f"tpext.parallelize: {self.name} ({type(module).__name__}) is replicated whole and, under "
+                    f"sequence parallelism, run on the full sequence; besides its hidden states it returns a "
+                    f"tensor that carries a gradient (output {i}, shape {tuple(value.shape)}), which its caller "
+                    "may apply to this rank's sequence shard, so its gradient would be partial; parallelize "
+                    "with sequence_parallel=False"
+                )
 
 
 class _VocabParallelCausalLMLoss:

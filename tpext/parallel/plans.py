@@ -40,11 +40,13 @@ from tpext.parallel.styles import (
 )
 from tpext.sharding import Piece
 
-__all__ = ["Plan", "PlanLike", "auto_plan", "style_for", "FROM_NAMES"]
+__all__ = ["Plan", "PlanLike", "auto_plan", "style_for", "FROM_NAMES", "REPLICATED"]
 
 PlanLike = Mapping[str, str | Style]
 #: The source of a plan entry auto_plan read from the module's name and structure.
 FROM_NAMES = "module names"
+#: The source of a decoder-layer block auto_plan replicates whole (what it holds cannot be sharded).
+REPLICATED = "replicated"
 
 
 class Plan(dict):
@@ -88,6 +90,12 @@ def auto_plan(
     """The plan for `model`: its own tensor-parallel plan first, then its module names (see the module's
     docstring), with exact names (no wildcards), so it can be printed, edited and passed back.
 
+    A block of a decoder layer (a child of one element of the model's layer list, beside its attention and
+    MLP: a Mamba mixer, a linear-attention or recurrent block) that holds a module neither source places is
+    replicated whole: `Replicate(full_sequence=True)`, nothing under it planned, its source
+    "replicated: <what it holds>". It computes the dense block on every rank (weights and compute repeated);
+    under SP it runs on the full sequence. tpext.parallelize warns once listing such blocks.
+
     Args:
         model: the dense model.
         sequence_parallel: norms get SequenceParallel (else Replicate).
@@ -101,8 +109,9 @@ def auto_plan(
         A Plan: {module name: style}, with `plan.sources[name]` saying where each entry came from.
 
     Raises:
-        ValueError: listing every module with weights that neither source places, or naming a model-plan
-            entry tpext cannot honour.
+        ValueError: listing every module with weights that neither source places outside a decoder layer's
+            block (or inside a block that cannot be replicated: a layer with column- or row-parallel layers
+            of its own), or naming a model-plan entry tpext cannot honour outside such a block.
 
     Example:
         >>> plan = tpext.auto_plan(model)
@@ -145,6 +154,10 @@ def auto_plan(
             if style is not None:
                 entries[name], sources[name] = style, f"{source} ({pattern!r}: {hf_style!r})"
                 continue
+            if (by_name is None or isinstance(by_name, str)) and _layer_block(name, modules):
+                # inside a decoder layer's block: the block is replicated (below), or refused with this reason
+                unplaced.append((name, f"{type(module).__name__}: {source}'s {hf_style!r} {why}"))
+                continue
             if by_name is None or isinstance(by_name, str):
                 raise ValueError(
                     f"tpext.parallelize: {name} ({type(module).__name__}): the model's plan "
@@ -156,7 +169,15 @@ def auto_plan(
         elif isinstance(by_name, Style):
             entries[name], sources[name] = by_name, FROM_NAMES
         else:
-            unplaced.append(f"{name} ({by_name or type(module).__name__})")
+            unplaced.append((name, by_name or type(module).__name__))
+    # A decoder layer's block (its mixer beside attention and the MLP) that holds what cannot be placed is
+    # replicated whole; anything else that cannot be placed is an error.
+    blocks, unplaced = _replicated_blocks(unplaced, modules, entries)
+    for block, reason in blocks.items():
+        for name in [n for n in entries if n.startswith(block + ".")]:
+            del entries[name], sources[name]
+        entries[block], sources[block] = Replicate(full_sequence=True), f"{REPLICATED}: {reason}"
+    entries = {name: entries[name] for name in modules if name in entries}  # module order
     if unplaced:
         raise ValueError(
             "tpext.parallelize: plan='auto' reads the model's own plan (config.base_model_tp_plan, the class's "
@@ -176,13 +197,69 @@ def auto_plan(
             + _names(st.REPLICATED_HEADS)
             + "; *norm; experts with 3-D weights beside "
             + _names(st.MOE_REPLICATED)
-            + "; MLP activations with scalar parameters. It could not place: "
-            + ", ".join(unplaced)
+            + "; MLP activations with scalar parameters; a decoder layer's block (beside its attention "
+            "and MLP) that holds what none of these place is replicated whole. It could not place: "
+            + ", ".join(f"{name} ({why})" for name, why in unplaced)
             + ". Pass plan={pattern: style} (styles: "
             + ", ".join(STYLES)
             + ", or a tpext.Style), e.g. start from tpext.auto_plan on a model without them and add entries."
         )
     return Plan(entries, sources)
+
+
+def _layer_block(name: str, modules: dict[str, nn.Module]) -> str:
+    """The decoder-layer block that holds `name` (or is it): a child of one element of the model's outermost
+    layer list (model.layers.0.mamba for model.layers.0.mamba.conv1d); "" for a module outside one, and for
+    a layer itself."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1):
+        if isinstance(modules[".".join(parts[:i])], nn.ModuleList) and parts[i].isdigit():
+            return ".".join(parts[: i + 2])
+    return ""
+
+
+def _replicated_blocks(
+    unplaced: list[tuple[str, str]], modules: dict[str, nn.Module], entries: dict[str, Style]
+) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """({block: why it is replicated}, what stays unplaced) for the unplaced (name, why) pairs.
+
+    A block runs between two points of the residual stream, which is replicated (without SP; under SP the
+    block is gathered to the full sequence): run whole on every rank, it computes the dense block's output
+    and, from the replicated output gradient, the dense gradients of its input and its weights. That
+    holds when nothing sharded flows into or out of it past the layer's sharded children (attention, MLPs,
+    which return full features): a layer with a column- or row-parallel layer of its own (an MLP written
+    in the layer) passes sharded features between its children, and its blocks are refused."""
+    by_block: dict[str, list[tuple[str, str]]] = {}
+    rest = []
+    for name, why in unplaced:
+        block = _layer_block(name, modules)
+        (by_block.setdefault(block, []) if block else rest).append((name, why))
+    blocks = {}
+    for block, inside in by_block.items():
+        layer = block.rpartition(".")[0]
+        sharded = [
+            n
+            for n, style in entries.items()
+            if n.rpartition(".")[0] == layer and n != block and isinstance(style, (Colwise, Rowwise))
+        ]
+        if sharded:
+            rest += [
+                (
+                    name,
+                    f"{why}; its block {block} cannot be replicated: layer {layer} has its own sharded "
+                    f"layer {sharded[0]} ({entries[sharded[0]].kind}), whose sharded features the block "
+                    "may read or feed",
+                )
+                for name, why in inside
+            ]
+            continue
+        names = ", ".join(
+            f"{'its own weights' if name == block else name.removeprefix(block + '.')} ({why})"
+            for name, why in inside[:3]
+        )
+        more = f" and {len(inside) - 3} more" if len(inside) > 3 else ""
+        blocks[block] = f"holds what tpext cannot shard: {names}{more}"
+    return blocks, rest
 
 
 def _names(names) -> str:
@@ -239,6 +316,8 @@ def _plan_from_names(
         elif linear and leaf == "gate_up_proj":
             half = st.linear_dims(module)[1] // 2
             plan[name] = Colwise((Piece(half), Piece(half)))
+        elif linear and leaf in st.MLP_COLUMNS and (why := _packed_column(module, parent)):
+            plan[name] = why
         elif linear and leaf in st.MLP_COLUMNS:
             plan[name] = Colwise()
         elif linear and leaf in st.MLP_ROWS:
@@ -281,6 +360,20 @@ def _plan_from_names(
             # parameters act on this rank's features only, so their gradients are summed over the group.
             plan[name] = Replicate(sum_grads=True)
     return plan
+
+
+def _packed_column(column: nn.Module, mlp: nn.Module) -> str:
+    """Why an MLP's column layer cannot be split evenly: its output features are not the input features of
+    the row layer beside it (Moshi's fc1 packs gate and up, in a layout the names do not tell); "" otherwise."""
+    out = st.linear_dims(column)[1]
+    for leaf in st.MLP_ROWS:
+        dims = st.linear_dims(getattr(mlp, leaf, None)) if hasattr(mlp, leaf) else None
+        if dims is not None and dims[0] != out:
+            return (
+                f"{type(column).__name__} with {out} output features beside {leaf} taking {dims[0]}: "
+                "a packed layout the names do not tell"
+            )
+    return ""
 
 
 def _in_router(name: str, modules: dict[str, nn.Module]) -> bool:

@@ -313,10 +313,13 @@ class Replicate(Style):
     """Left as it is, its weights replicated on every rank. sum_grads=True: its replicated weights see only
     this rank's heads or features (a per-head q_norm / k_norm, a learned activation between an MLP's
     layers), so their gradients are summed over the group. (Under SP a module with weights that sees
-    sequence shards must be SequenceParallel, or its gradients are partial.)"""
+    sequence shards must be SequenceParallel, or its gradients are partial.) full_sequence=True: a block
+    that mixes the sequence (a state-space mixer), run under SP on the full sequence (its input gathered,
+    its output split to this rank's shard); what it holds is converted without SP."""
 
     kind: ClassVar[str] = "replicate"
     sum_grads: bool = False
+    full_sequence: bool = False
 
     def convert(self, module: nn.Module, site: Site) -> nn.Module:
         if self.sum_grads and any(True for _ in module.parameters(recurse=False)):

@@ -1,0 +1,340 @@
+"""Decoder-layer blocks that tpext cannot shard (state-space and linear-attention mixers, recurrent blocks)
+are replicated whole by plan="auto" instead of refusing the model.
+
+Checked against the dense model (fp64): logits, the labels loss and every parameter gradient, at tp 2 and 4,
+with and without sequence parallelism, for Hugging Face hybrids whose replicated blocks sit before the
+sequence split and after it (where they run on the full sequence): Bamba (Mamba-2 mixers beside attention),
+Nemotron-H (Mamba-2, attention and MLP blocks), Jamba (Mamba mixers beside mixture-of-experts blocks, which
+run on the full sequence under SP too) and RecurrentGemma (recurrent blocks). Also: a model with no sharded
+attention under SP (no split point: it runs without SP, and says so), the one warning per parallelize
+call, and the errors: a block that cannot be replicated (its layer passes sharded features between its
+children), a packed MLP column layer, and under SP a block outside the decoder stack or one that returns a
+weight besides its hidden states (GPT-NeoX-Japanese's attention and its dense_bias).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from dist import case_result, run_cases, run_ranks
+
+import tpext
+from tpext import mappings
+from tpext.sharding import layouts
+
+transformers = pytest.importorskip("transformers")
+
+f64 = torch.float64
+VOCAB = 128
+TOL = dict(rtol=1e-5, atol=1e-7)  # fp64 models, but Hugging Face's norms compute in fp32
+_COMMON = dict(
+    hidden_size=64,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    head_dim=8,
+    intermediate_size=128,
+    vocab_size=VOCAB,
+    max_position_embeddings=64,
+    use_cache=False,
+    tie_word_embeddings=False,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=1,
+)
+_MAMBA2 = dict(mamba_n_heads=8, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=1)
+# family: (model class, config class, config, the blocks plan="auto" replicates)
+FAMILIES = {
+    "bamba": (
+        "BambaForCausalLM",
+        "BambaConfig",
+        dict(num_hidden_layers=3, attn_layer_indices=[1], **_MAMBA2),
+        ["model.layers.0.mamba", "model.layers.2.mamba"],
+    ),
+    "nemotron_h": (
+        "NemotronHForCausalLM",
+        "NemotronHConfig",
+        dict(
+            layers_block_type=["mamba", "attention", "mamba", "mlp"],
+            mamba_num_heads=8,
+            mamba_head_dim=16,
+            ssm_state_size=8,
+            n_groups=1,
+        ),
+        ["model.layers.0.mixer", "model.layers.2.mixer"],
+    ),
+    "jamba": (
+        "JambaForCausalLM",
+        "JambaConfig",
+        dict(
+            num_hidden_layers=3,
+            attn_layer_period=3,
+            attn_layer_offset=1,
+            expert_layer_period=2,
+            expert_layer_offset=0,
+            num_experts=4,
+            num_experts_per_tok=2,
+            mamba_d_state=8,
+            mamba_dt_rank=8,
+            use_mamba_kernels=False,
+        ),
+        ["model.layers.0.mamba", "model.layers.2.mamba"],
+    ),
+    "recurrent_gemma": (
+        "RecurrentGemmaForCausalLM",
+        "RecurrentGemmaConfig",
+        dict(num_hidden_layers=3, block_types=["recurrent", "attention", "recurrent"], lru_width=64),
+        ["model.layers.0.temporal_block", "model.layers.2.temporal_block"],
+    ),
+    # Mamba-2 mixers and MLPs only: no sharded attention, so no point to split the sequence at
+    "bamba_no_attention": (
+        "BambaForCausalLM",
+        "BambaConfig",
+        dict(num_hidden_layers=2, attn_layer_indices=[], **_MAMBA2),
+        ["model.layers.0.mamba", "model.layers.1.mamba"],
+    ),
+}
+CASES = [(family, sp) for family in FAMILIES for sp in (False, True)]
+
+
+def _model(family: str) -> torch.nn.Module:
+    """The family's tiny fp64 model, every weight moved off its init, the same on every rank."""
+    model_cls, config_cls, settings, _ = FAMILIES[family]
+    config = getattr(transformers, config_cls)(**_COMMON, **settings)
+    config._attn_implementation = "eager"
+    config._experts_implementation = "eager"
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(config).to(f64)
+    with torch.no_grad():
+        for i, p in enumerate(model.parameters()):
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i), dtype=f64))
+    return model
+
+
+def _compare(family: str, sp: bool) -> list[str]:
+    """Logits, loss and every gradient against the dense model; returns the warnings parallelize gave."""
+    world = torch.distributed.get_world_size()
+    dense = _model(family)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = tpext.parallelize(copy.deepcopy(dense), sequence_parallel=sp)
+    said = [str(w.message) for w in caught if str(w.message).startswith("tpext.parallelize:")]
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(2, VOCAB, (2, 4 * world), generator=gen)
+    labels = ids.masked_fill(torch.rand(ids.shape, generator=gen) < 0.2, -100)
+    ref = dense(input_ids=ids, labels=labels)
+    ref.loss.backward()
+    out = model(input_ids=ids, labels=labels)
+    out.loss.backward()
+
+    what = f"{family} tp={world} sp={sp}"
+    logits = out.logits if out.logits.shape[-1] == VOCAB else mappings.gather_from_tp(out.logits, VOCAB)
+    torch.testing.assert_close(logits, ref.logits, **TOL, msg=lambda m: f"{what}: logits: {m}")
+    torch.testing.assert_close(out.loss, ref.loss, **TOL, msg=lambda m: f"{what}: loss: {m}")
+    entries = layouts(model)
+    assert len(entries) == len(layouts(dense)), what
+    for e in (e for e in entries if isinstance(e.tensor, torch.nn.Parameter)):
+        dense_grad = dense.get_parameter(e.names[0]).grad
+        if dense_grad is None:  # unused by this forward in the dense model (an expert no token chose)
+            assert e.tensor.grad is None or not e.tensor.grad.any(), f"{what}: grad {e.names}"
+            continue
+        torch.testing.assert_close(
+            e.tensor.grad,
+            e.layout.local_from_dense(dense_grad),
+            **TOL,
+            msg=lambda m: f"{what}: grad {e.names}: {m}",
+        )
+    return said
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"tp{w}")
+def results(request):
+    return run_cases(_compare, request.param, CASES, timeout_s=600.0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family, sp", CASES, ids=[f"{f}-{'sp' if sp else 'nosp'}" for f, sp in CASES])
+def test_replicated_blocks_match_dense(results, family, sp):
+    """The model matches the dense one, and parallelize says once which blocks it replicated and what that
+    costs (and, with no split point, that SP has no effect)."""
+    blocks = FAMILIES[family][3]
+    for said in case_result(results, (family, sp)):
+        assert len(said) == 1, said
+        assert "block(s) replicated, not sharded" in said[0] and "repeated on every rank" in said[0]
+        assert all(f"\n  {block}: holds what tpext cannot shard" in said[0] for block in blocks), said[0]
+        no_split = sp and family == "bamba_no_attention"
+        assert ("sequence_parallel=True has no effect" in said[0]) == no_split, said[0]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_auto_plan_replicates_the_block_whole(family):
+    """Each block is one Replicate(full_sequence=True) entry, nothing under it is planned, and its source
+    names what it holds that tpext cannot shard."""
+    model = _model(family)
+    plan = tpext.auto_plan(model)
+    blocks = [name for name, style in plan.items() if style == tpext.parallel.Replicate(full_sequence=True)]
+    assert blocks == FAMILIES[family][3]
+    for block in blocks:
+        assert plan.sources[block].startswith("replicated: holds what tpext cannot shard: ")
+        assert not [name for name in plan if name.startswith(block + ".")]
+    assert f"'{blocks[0]}'" in repr(plan) and "# from replicated: holds" in repr(plan)
+
+
+class _Layer(torch.nn.Module):
+    """A layer with its MLP written in it (fc1 / fc2 its own children) and a mixer beside them."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
+        self.mixer = torch.nn.Conv1d(16, 16, 3, padding=1)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return x + self.fc2(self.mixer(h.transpose(1, 2)).transpose(1, 2))
+
+
+class _Model(torch.nn.Module):
+    def __init__(self, layer=_Layer):
+        super().__init__()
+        self.embed_tokens = torch.nn.Embedding(32, 8)
+        self.layers = torch.nn.ModuleList([layer(), layer()])
+        self.lm_head = torch.nn.Linear(8, 32, bias=False)
+
+    def forward(self, ids):
+        x = self.embed_tokens(ids)
+        for layer in self.layers:
+            x = layer(x)
+        return self.lm_head(x)
+
+
+def _refusals() -> list[str]:
+    messages = []
+    model = _Model()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError) as err:
+        tpext.parallelize(model)
+    messages.append(str(err.value))
+    assert all(torch.equal(t, before[k]) for k, t in model.state_dict().items())  # unchanged
+    assert type(model.layers[0].fc1) is torch.nn.Linear
+    model = _Model(torch.nn.Identity)
+    model.odd = torch.nn.Conv1d(8, 8, 1)  # outside any decoder layer: not a block
+    with pytest.raises(ValueError) as err:
+        tpext.parallelize(model)
+    messages.append(str(err.value))
+    return messages
+
+
+def test_blocks_that_cannot_be_replicated_are_refused():
+    """A mixer beside its layer's own column / row layers may read their sharded features: refused, naming
+    the layer's sharded layer; a module outside any decoder layer stays an error. The model is unchanged."""
+    layer, outside = run_ranks(_refusals, 2)[0]
+    assert layer.startswith("tpext.parallelize:")
+    assert (
+        "layers.0.mixer (Conv1d; its block layers.0.mixer cannot be replicated: layer layers.0 has its own "
+        "sharded layer layers.0.fc1 (colwise)" in layer
+    )
+    assert "could not place: odd (Conv1d)" in outside
+
+
+class _GatedMLP(torch.nn.Module):
+    """fc1 packs the gate and up features (Moshi's): its output is twice fc2's input."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(8, 32), torch.nn.Linear(16, 8)
+
+    def forward(self, x):
+        gate, up = self.fc1(x).chunk(2, dim=-1)
+        return self.fc2(torch.nn.functional.silu(gate) * up)
+
+
+class _GatedLayer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mlp = _GatedMLP()
+
+    def forward(self, x):
+        return x + self.mlp(x)
+
+
+def test_packed_mlp_columns_are_not_split_evenly():
+    """An MLP column layer whose output is not its row layer's input packs features in a layout the names do
+    not tell: not split as a plain column (which would cut the gate from its up features); its MLP block is
+    replicated, naming why."""
+    plan = tpext.auto_plan(_Model(_GatedLayer))
+    assert plan["layers.0.mlp"] == tpext.parallel.Replicate(full_sequence=True)
+    assert (
+        "fc1 (Linear with 32 output features beside fc2 taking 16: a packed layout"
+        in plan.sources["layers.0.mlp"]
+    )
+    assert not [name for name in plan if ".mlp." in name]
+
+
+def _block_returning_a_weight(sp: bool) -> str:
+    """GPT-NeoX-Japanese's last attention returns its dense_bias beside its output, and the layer adds it:
+    replicated, it matches without SP; under SP the bias would be added to each rank's shard (a partial
+    gradient), so the first forward is an error naming the block."""
+    config = transformers.GPTNeoXJapaneseConfig(
+        hidden_size=64,
+        num_attention_heads=8,
+        num_hidden_layers=2,
+        intermediate_multiple_size=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        attention_dropout=0.0,
+        use_cache=False,
+        bos_token_id=1,
+        eos_token_id=1,
+    )
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    dense = transformers.GPTNeoXJapaneseForCausalLM(config).to(f64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = tpext.parallelize(copy.deepcopy(dense), sequence_parallel=sp)
+    ids = torch.randint(2, VOCAB, (2, 8), generator=torch.Generator().manual_seed(1))
+    try:
+        out = model(input_ids=ids, labels=ids)
+    except ValueError as exc:
+        return str(exc)
+    ref = dense(input_ids=ids, labels=ids)
+    torch.testing.assert_close(out.loss, ref.loss, **TOL)
+    return "matches"
+
+
+@pytest.mark.parametrize("sp", [False, True], ids=["nosp", "sp"])
+def test_block_returning_a_weight_under_sp_is_an_error(sp):
+    said = run_ranks(_block_returning_a_weight, 2, sp)[0]
+    if not sp:
+        assert said == "matches"
+    else:
+        assert said.startswith(
+            "tpext.parallelize: gpt_neox_japanese.layers.1.attention (GPTNeoXJapaneseAttention) is replicated whole"
+        ), said
+        assert "returns a tensor that carries a gradient (output 2, shape (64,))" in said, said
+
+
+def _outside_the_stack() -> str:
+    config = transformers.LlamaConfig(
+        **{k: v for k, v in _COMMON.items() if k != "head_dim"}, num_hidden_layers=1
+    )
+    model = transformers.LlamaForCausalLM(config)
+    # a list of blocks registered after the decoder stack, not in it (a second tower, say)
+    model.model.towers = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Conv1d(64, 64, 1))])
+    assert tpext.auto_plan(model)["model.towers.0.0"] == tpext.parallel.Replicate(full_sequence=True)
+    with pytest.raises(ValueError) as err:
+        tpext.parallelize(model, sequence_parallel=True)
+    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear  # unchanged
+    return str(err.value)
+
+
+def test_replicated_block_outside_the_decoder_stack_under_sp_is_an_error():
+    """Under SP tpext cannot tell whether a replicated block outside the decoder stack, registered after its
+    split point, sees shards: an error naming it, before anything is replaced."""
+    said = run_ranks(_outside_the_stack, 2)[0]
+    assert said.startswith(
+        "tpext.parallelize: model.towers.0.0 (Conv1d) is replicated whole and registered after the first "
+        "decoder layer model.layers.0 but outside its decoder stack"
+    ), said
