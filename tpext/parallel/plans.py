@@ -196,11 +196,22 @@ def _plan_from_names(
     config = getattr(model, "config", None)
     plan: dict[str, Style | str] = {}
     modules = dict(model.named_modules())
+    # The model's own word embedding and output layer (Hugging Face's get_input_embeddings /
+    # get_output_embeddings), whatever their names; an embedding tied to the output layer is the vocabulary's.
+    embedding, output = (
+        _model_layer(model, "get_input_embeddings"),
+        _model_layer(model, "get_output_embeddings"),
+    )
+    tied = getattr(output, "weight", None)
+    embeddings_holder = _embeddings_holder(model, embedding, modules)
+    first_attention = next((i for i, m in enumerate(modules.values()) if st.is_attention(m)), None)
+    order = {n: i for i, n in enumerate(modules)}
     for name, module in modules.items():
         if not name or not any(True for _ in module.parameters(recurse=False)):
             continue
         leaf = name.rsplit(".", 1)[-1]
-        parent = modules[name.rpartition(".")[0]]
+        parent_name = name.rpartition(".")[0]
+        parent = modules[parent_name]
         linear = st.plain_linear(module) or st.is_conv1d(module)
         if is_experts(module):
             plan[name] = Experts()
@@ -224,14 +235,20 @@ def _plan_from_names(
                 f"{type(module).__name__} nested inside attention module {attn or 'the model'}: "
                 "tpext cannot tell which heads it serves"
             )
+        elif linear and (attn := st.split_attention_output(name, modules)) is not None:
+            # BERT's attention.output.dense: its input features are the heads of attention.self beside it
+            plan[name] = Rowwise(_attention_pieces(name, "dense", attn, config))
+        elif linear and (part := st.split_mlp_part(name, modules)) is not None:
+            plan[name] = Colwise() if part == st.SPLIT_MLP[0] else Rowwise()
+        elif st.is_self_attention(parent) and getattr(config, "attention_type", None) == "block_sparse":
+            plan[name] = (
+                f"{type(module).__name__} in {type(parent).__name__}: block-sparse attention (BigBird's), "
+                "which the model rebuilds from its config in forward; tpext shards full attention: build it "
+                "with attention_type='original_full'"
+            )
         elif linear and leaf in st.ATTENTION_PROJECTIONS and st.is_attention(parent):
             kind = Rowwise if leaf in st.ATTENTION_OUTPUTS else Colwise
-            try:
-                plan[name] = kind(st.attention_pieces(leaf, parent, config))
-            except ValueError as exc:
-                raise ValueError(
-                    f"tpext.parallelize: {name}: {str(exc).removeprefix('tpext.parallelize: ')}"
-                ) from exc
+            plan[name] = kind(_attention_pieces(name, leaf, parent, config))
         elif linear and leaf == "gate_up_proj":
             half = st.linear_dims(module)[1] // 2
             plan[name] = Colwise((Piece(half), Piece(half)))
@@ -239,14 +256,53 @@ def _plan_from_names(
             plan[name] = Colwise()
         elif linear and leaf in st.MLP_ROWS:
             plan[name] = Rowwise()
-        elif isinstance(module, nn.Embedding) and leaf in st.EMBEDDINGS:
+        elif isinstance(module, nn.Embedding) and (
+            leaf in st.EMBEDDINGS or module is embedding or (tied is not None and module.weight is tied)
+        ):
             plan[name] = Vocab()
         elif isinstance(module, nn.Embedding) and leaf in st.POSITION_EMBEDDINGS:
             plan[name] = (
                 Replicate()
             )  # runs before the decoder stack, on the whole sequence, the same on every rank
-        elif isinstance(module, nn.Linear) and leaf in st.LM_HEADS:
-            plan[name] = Vocab(gather_output=not vocab_parallel_logits)
+        elif (
+            sequence_parallel
+            and module is output
+            and (why := _output_under_sp(module, order[name], first_attention, config)) is not None
+        ):
+            plan[name] = why
+        elif isinstance(module, nn.Linear) and (leaf in st.LM_HEADS or module is output):
+            # Vocabulary-sharded logits only where tpext's loss finds the layer (a top-level lm_head); a
+            # nested one (BERT's cls.predictions.decoder) gathers them for the model's own loss.
+            plan[name] = Vocab(gather_output=not (vocab_parallel_logits and name in st.LM_HEADS))
+        elif linear and leaf == "dense" and parent_name.rpartition(".")[2] in st.HEAD_TRANSFORMS:
+            # Between the last layer and the output layer, on the stack's output: under SP its sequence shards
+            plan[name] = Replicate(sum_grads=sequence_parallel)
+        elif (
+            output is not None
+            and any(m is output for m in module.modules())
+            and all(
+                p.dim() == 1 and p.numel() == output.out_features for p in module.parameters(recurse=False)
+            )
+        ):
+            # The output layer's holder, with a vocabulary bias of its own (BERT's cls.predictions.bias, which
+            # Hugging Face ties to decoder.bias): tied, parallelize gives it the decoder's local bias.
+            plan[name] = Replicate()
+        elif st.is_pooler(name, module):
+            # BERT's pooler: the first token of the stack's output, which under SP is this rank's shard's
+            plan[name] = (
+                f"{type(module).__name__}, a pooler of the first token of the stack's output, which under "
+                "sequence parallelism is each rank's own shard: parallelize without sequence_parallel, or "
+                "build the model without its pooler (add_pooling_layer=False)"
+                if sequence_parallel
+                else Replicate()
+            )
+        elif (linear and leaf in st.EMBEDDING_PROJECTIONS) or (
+            embeddings_holder and parent_name == embeddings_holder and not st.is_norm(leaf, module)
+        ):
+            # Beside the word embedding in a module that holds no attention (BERT's embeddings: RoCBert's
+            # pronunciation and shape embeddings and their projection), or projecting the embeddings to the
+            # hidden size: it runs before the first layer, on the whole sequence, the same on every rank.
+            plan[name] = Replicate()
         elif isinstance(module, nn.Linear) and leaf in st.REPLICATED_HEADS:
             plan[name] = Replicate()
         elif (
@@ -277,6 +333,55 @@ def _plan_from_names(
             # parameters act on this rank's features only, so their gradients are summed over the group.
             plan[name] = Replicate(sum_grads=True)
     return plan
+
+
+def _attention_pieces(name: str, leaf: str, attn: nn.Module, config) -> tuple[Piece, ...]:
+    """st.attention_pieces, its error naming the module."""
+    try:
+        return st.attention_pieces(leaf, attn, config)
+    except ValueError as exc:
+        raise ValueError(
+            f"tpext.parallelize: {name}: {str(exc).removeprefix('tpext.parallelize: ')}"
+        ) from exc
+
+
+def _output_under_sp(output: nn.Module, index: int, first_attention: int | None, config) -> str | None:
+    """Why the model's output layer cannot be the sequence-parallel head (it gathers the stack's output
+    shards), or None: registered before the layers (tpext takes such modules to run before them), or fed
+    something narrower or wider than the layers' output (a head transform to the embedding width)."""
+    hidden = getattr(config, "hidden_size", None)
+    if first_attention is not None and index < first_attention:
+        where = "registered before the layers (tpext takes such modules to run before them, on the whole sequence)"
+    elif isinstance(hidden, int) and isinstance(output, nn.Linear) and output.in_features != hidden:
+        where = (
+            f"fed {output.in_features} features where the layers output {hidden}, so not the stack's output "
+            "shards as they are"
+        )
+    else:
+        return None
+    return (
+        f"{type(output).__name__}, the output layer, {where}: under sequence parallelism it cannot gather the "
+        "sequence; parallelize without sequence_parallel"
+    )
+
+
+def _model_layer(model: nn.Module, getter: str) -> nn.Module | None:
+    """The module a Hugging Face model's get_input_embeddings / get_output_embeddings returns, or None."""
+    try:
+        layer = getattr(model, getter)()
+    except Exception:  # noqa: BLE001 - not a Hugging Face model, or one whose getter is not implemented
+        return None
+    return layer if isinstance(layer, nn.Module) else None
+
+
+def _embeddings_holder(model: nn.Module, embedding: nn.Module | None, modules: dict[str, nn.Module]) -> str:
+    """The name of the module that holds the word embedding when it holds no attention (BERT's embeddings,
+    which runs before the first layer as a whole), else ""."""
+    name = next((n for n, m in modules.items() if embedding is not None and m is embedding), "")
+    holder = name.rpartition(".")[0]
+    if not name or not holder or any(st.is_attention(m) for m in modules[holder].modules()):
+        return ""
+    return holder
 
 
 def _in_router(name: str, modules: dict[str, nn.Module]) -> bool:
