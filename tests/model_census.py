@@ -1,9 +1,9 @@
 """The model-zoo census: every causal-LM family the pinned transformers registers, built from a tiny random
 config, parallelized with `tpext.parallelize(model, plan="auto")` at tp 2 and 4 (and with sequence
-parallelism), its logits and loss compared with the dense model's (fp64).
+parallelism), its logits, loss and every parameter gradient compared with the dense model's (fp64).
 
 Outcomes, per family and setting:
-  match          logits and loss as the dense model's (and backward runs)
+  match          logits, loss and every gradient as the dense model's
   refused        tpext raised a ValueError naming the cause (its first line is the reason)
   mismatch       it ran, and the numbers differ: silently wrong
   crash          any other exception, in parallelize, forward or backward
@@ -198,11 +198,24 @@ def _first_line(exc: BaseException) -> str:
     return line if len(line) <= 240 else line[:237] + "..."
 
 
-def dense_run(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+def dense_run(model: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+    """(logits, labels loss, {parameter name: gradient of the loss}) of the dense model; every name of a tied
+    parameter is a key. No loss: no gradients (a parallelized model's logits may be this rank's vocabulary
+    slice, so no other objective is the same on both)."""
     ids, labels = inputs()
+    model.zero_grad(set_to_none=True)
     out = model(input_ids=ids, labels=labels)
     loss = getattr(out, "loss", None)
-    return out.logits.detach(), (loss.detach() if loss is not None else None)
+    grads = {}
+    if loss is not None:
+        loss.backward()
+        grads = {
+            name: p.grad.detach().clone()
+            for name, p in model.named_parameters(remove_duplicate=False)
+            if p.grad is not None
+        }
+        model.zero_grad(set_to_none=True)
+    return out.logits.detach(), (loss.detach() if loss is not None else None), grads
 
 
 # ---- the census, on every rank of a world (tests/dist.py) ----
@@ -211,7 +224,7 @@ _SEVERITY = ("match", "not buildable", "refused", "mismatch", "crash")
 
 
 def _build_and_run(family: str):
-    """(dense model, its logits and loss); fp64 where the family runs in it, fp32 otherwise."""
+    """(dense model, its logits, loss and gradients); fp64 where the family runs in it, fp32 otherwise."""
     try:
         dense = build(family)
         return (dense, *dense_run(dense))
@@ -239,10 +252,11 @@ def _full_logits(logits: torch.Tensor, vocab: int) -> torch.Tensor:
 
 
 def _check(
-    family: str, dtype: torch.dtype, state: dict, ref_logits, ref_loss, sequence_parallel: bool
+    family: str, dtype: torch.dtype, state: dict, ref_logits, ref_loss, ref_grads, sequence_parallel: bool
 ) -> tuple[str, str]:
     """(outcome, reason) of one family at this world size: a fresh copy of the dense model (built again, with
-    the dense weights loaded; some models cannot be deep-copied), parallelized, run forward and backward."""
+    the dense weights loaded; some models cannot be deep-copied), parallelized, run forward and backward;
+    its logits, loss and every parameter's gradient (this rank's slice of the dense one) compared."""
     import tpext
 
     model = build(family, dtype)
@@ -257,6 +271,7 @@ def _check(
     try:
         out = model(input_ids=ids, labels=labels)
         loss = getattr(out, "loss", None)
+        # backward must run; without a loss there is no objective the same on both (logits may be a slice)
         (loss if loss is not None else out.logits.float().pow(2).mean()).backward()
         logits = _full_logits(out.logits.detach(), ref_logits.shape[-1])
     except ValueError as exc:
@@ -274,6 +289,35 @@ def _check(
         return "mismatch", f"loss is {'missing' if loss is None else 'there'}, the dense model's not"
     if loss is not None and not torch.allclose(loss.detach().to(ref_loss.dtype), ref_loss, **TOL):
         return "mismatch", f"loss {loss.item():.6g}, dense {ref_loss.item():.6g}"
+    return _compare_grads(model, ref_grads)
+
+
+def _compare_grads(model: torch.nn.Module, ref_grads: dict[str, torch.Tensor]) -> tuple[str, str]:
+    """("match", "") when every parameter's gradient is this rank's slice of the dense gradient (by its
+    tpext.sharding layout: a replicated parameter's is the whole), else ("mismatch", the first that is not)."""
+    from tpext.sharding import layouts
+
+    for e in layouts(model):
+        if not isinstance(e.tensor, torch.nn.Parameter) or not e.tensor.requires_grad:
+            continue
+        grad, ref = e.tensor.grad, ref_grads.get(e.names[0])
+        if ref is None:  # unused by the dense forward (an expert no token chose)
+            if grad is not None and grad.any():
+                return "mismatch", f"grad {e.names[0]}: nonzero, none in the dense model"
+            continue
+        if grad is None:
+            return "mismatch", f"grad {e.names[0]}: none, the dense model has one"
+        want = e.layout.local_from_dense(ref)
+        if grad.shape != want.shape:
+            return (
+                "mismatch",
+                f"grad {e.names[0]}: shape {tuple(grad.shape)}, dense slice {tuple(want.shape)}",
+            )
+        # relative to the gradient's own scale: a tensor's entries are sums over different token counts
+        atol = TOL["atol"] * max(1.0, want.abs().max().item())
+        if not torch.allclose(grad.to(want.dtype), want, rtol=TOL["rtol"], atol=atol):
+            err = (grad.to(want.dtype) - want).abs().max().item()
+            return "mismatch", f"grad {e.names[0]} differs by up to {err:.3g}"
     return "match", ""
 
 
@@ -292,7 +336,7 @@ def census_rank(names: list[str], with_sp: bool) -> dict[str, dict[str, Any]]:
         start = time.process_time()
         entry: dict[str, Any] = {}
         try:
-            dense, ref_logits, ref_loss = _build_and_run(family)
+            dense, ref_logits, ref_loss, ref_grads = _build_and_run(family)
         except Exception as exc:  # noqa: BLE001 - transformers' side: reported as not buildable
             results[family] = {"built": False, "reason": _first_line(exc)}
             continue
@@ -303,9 +347,9 @@ def census_rank(names: list[str], with_sp: bool) -> dict[str, dict[str, Any]]:
         state = _state(dense)
         del dense
         try:
-            entry[f"tp{world}"] = _check(family, dtype, state, ref_logits, ref_loss, False)
+            entry[f"tp{world}"] = _check(family, dtype, state, ref_logits, ref_loss, ref_grads, False)
             if with_sp and entry[f"tp{world}"][0] == "match":  # SP where the family runs at all
-                entry["sp"] = _check(family, dtype, state, ref_logits, ref_loss, True)
+                entry["sp"] = _check(family, dtype, state, ref_logits, ref_loss, ref_grads, True)
         except Exception as exc:  # noqa: BLE001 - the census itself must go on
             entry[f"tp{world}"] = ("crash", "in the census: " + _first_line(exc))
         entry["cpu_seconds"] = round(time.process_time() - start, 2)
@@ -407,10 +451,12 @@ def markdown(results: dict[str, dict]) -> str:
         "Each family registered in `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES` is built from a tiny random config (hidden",
         f"size 64, 2 layers, 8 query and 2 kv heads, vocabulary {VOCAB}; per-family settings in `OVERRIDES` of",
         "`tests/model_census.py`), in fp64 where it runs in fp64, with every weight moved off its initial value.",
-        'It is parallelized with `plan="auto"` and its logits and labels loss are compared with the dense',
-        f"model's (rtol {TOL['rtol']}, atol {TOL['atol']}); backward must run. Outcomes:",
+        'It is parallelized with `plan="auto"`; its logits, labels loss and every parameter\'s gradient (each',
+        "rank's slice of the dense gradient) are compared with the dense model's (rtol "
+        f"{TOL['rtol']}, atol {TOL['atol']},",
+        "for gradients scaled by the gradient's largest entry where that is above 1). Outcomes:",
         "",
-        "- **match**: logits and loss as the dense model's;",
+        "- **match**: logits, loss and every gradient as the dense model's;",
         "- **refused**: tpext raised an error naming the module and the cause (the reason column: its first line);",
         "- **mismatch**: silently different numbers (never accepted);",
         "- **crash**: any other exception (never accepted);",

@@ -1,7 +1,7 @@
 """The model-zoo census (tests/model_census.py) against its recorded outcomes (tests/model_census_expected.json).
 
 Every causal-LM family of the pinned transformers, tiny, `plan="auto"`, at tp 2 and 4 and under SP, vs the
-dense model. Fails on any silent mismatch, on any crash the record does not already hold, on any family
+dense model: logits, the labels loss and every parameter's gradient. Fails on any silent mismatch, on any crash the record does not already hold, on any family
 whose outcome drops (match -> refused, refused -> crash), and on any change at all that the record does not
 hold yet (an improvement is recorded by regenerating the file; the message prints the command). One world
 per tp size runs every family (no process per family).
@@ -76,6 +76,27 @@ def test_compare_flags_drops_and_silent_errors():
         "f tp2: crash",
     ]
     assert changes == ["b tp2: refused -> match", "f: new family, not recorded ({'tp2': 'crash'})"]
+
+
+@pytest.mark.parametrize("change", ["none", "scaled", "missing", "extra"])
+def test_gradient_check_flags_wrong_gradients(change):
+    """The census's gradient comparison: a wrong, missing or unexpected gradient is a mismatch."""
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)).double()
+    model(torch.randn(5, 4, dtype=torch.float64)).sum().backward()
+    ref = {name: p.grad.clone() for name, p in model.named_parameters()}
+    if change == "scaled":
+        ref["1.weight"] *= 1.01
+    elif change == "missing":
+        model[0].bias.grad = None
+    elif change == "extra":
+        del ref["0.weight"]
+    outcome, reason = model_census._compare_grads(model, ref)
+    if change == "none":
+        assert (outcome, reason) == ("match", "")
+    else:
+        assert outcome == "mismatch" and reason.startswith("grad "), reason
 
 
 @pytest.mark.slow
