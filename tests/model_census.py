@@ -110,7 +110,15 @@ _NO_DROPOUT = (
 _TOKEN_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 1, "decoder_start_token_id": 1}
 
 # Per-family settings where the generic tiny config does not build or does not run (one table).
-OVERRIDES: dict[str, dict[str, Any]] = {}
+OVERRIDES: dict[str, dict[str, Any]] = {
+    # BigBird: 8 tokens are too few for block-sparse attention (the model itself falls back to full attention,
+    # rebuilding its attention modules in forward)
+    "big_bird": {"attention_type": "original_full"},
+    # Whisper: num_key_value_heads is an alias of encoder_attention_heads; the decoder's heads are the 8 query heads
+    "whisper": {"num_key_value_heads": 8},
+    # X-MOD: a forward needs a language (its adapters are per language)
+    "xmod": {"default_language": "en_XX"},
+}
 
 
 VERSIONS_KEY = "_versions"  # the record's torch and transformers versions (not a family)

@@ -214,6 +214,13 @@ def parallelize(
     # sharded attention module): what runs before it, the embedding and the model-level code that takes positions
     # and the attention mask from its output's shape, sees the full sequence as in the dense model.
     split_at = _first_layer(attention[0]) if sequence_parallel and pg.size() > 1 and attention else ""
+    if split_at and isinstance(model.get_submodule(split_at), (nn.ModuleList, nn.ModuleDict)):
+        raise ValueError(
+            f"tpext.parallelize: under sequence parallelism the sequence is split at the input of the layer "
+            f"that holds the first attention module, and {attention[0]} sits in a list of attention modules "
+            f"({split_at}, beside lists of the layer's other parts, as XLM's) with no layer module around it; "
+            "parallelize without sequence_parallel"
+        )
     ties = _ties(model)
     config = getattr(model, "config", None)
     modules = dict(model.named_modules())

@@ -205,6 +205,9 @@ def _plan_from_names(
     tied = getattr(output, "weight", None)
     embeddings_holder = _embeddings_holder(model, embedding, modules)
     first_attention = next((i for i, m in enumerate(modules.values()) if st.is_attention(m)), None)
+    reshaping = next(
+        (type(m).__name__ for m in modules.values() if type(m).__name__ in st.SEQUENCE_FROM_INPUT), ""
+    )
     order = {n: i for i, n in enumerate(modules)}
     for name, module in modules.items():
         if not name or not any(True for _ in module.parameters(recurse=False)):
@@ -246,10 +249,29 @@ def _plan_from_names(
                 "which the model rebuilds from its config in forward; tpext shards full attention: build it "
                 "with attention_type='original_full'"
             )
+        elif linear and leaf in st.ATTENTION_PROJECTIONS and type(parent).__name__ in st.WIDTH_FROM_INPUT:
+            plan[name] = (
+                f"{type(module).__name__} in {type(parent).__name__}, which reshapes its output to its "
+                "input's width rather than its heads': tpext cannot shard its heads; plan its MLPs only"
+            )
+        elif (
+            sequence_parallel
+            and linear
+            and leaf in st.ATTENTION_INPUTS
+            and st.is_attention(parent)
+            and st.separate_inputs(parent)
+        ):
+            plan[name] = (
+                f"{type(module).__name__} in {type(parent).__name__}, whose forward takes query, key and value "
+                "as separate activations: under sequence parallelism tpext gathers only the first; "
+                "parallelize without sequence_parallel"
+            )
         elif linear and leaf in st.ATTENTION_PROJECTIONS and st.is_attention(parent):
             kind = Rowwise if leaf in st.ATTENTION_OUTPUTS else Colwise
             plan[name] = kind(_attention_pieces(name, leaf, parent, config))
-        elif linear and leaf == "gate_up_proj":
+        elif linear and (part := st.sequential_mlp_part(name, modules)) is not None:
+            plan[name] = Colwise() if part == "column" else Rowwise()
+        elif linear and leaf in st.PACKED_MLP_COLUMNS:
             half = st.linear_dims(module)[1] // 2
             plan[name] = Colwise((Piece(half), Piece(half)))
         elif linear and leaf in st.MLP_COLUMNS:
@@ -267,7 +289,7 @@ def _plan_from_names(
         elif (
             sequence_parallel
             and module is output
-            and (why := _output_under_sp(module, order[name], first_attention, config)) is not None
+            and (why := _output_under_sp(module, order[name], first_attention, config, reshaping)) is not None
         ):
             plan[name] = why
         elif isinstance(module, nn.Linear) and (leaf in st.LM_HEADS or module is output):
@@ -287,6 +309,14 @@ def _plan_from_names(
             # The output layer's holder, with a vocabulary bias of its own (BERT's cls.predictions.bias, which
             # Hugging Face ties to decoder.bias): tied, parallelize gives it the decoder's local bias.
             plan[name] = Replicate()
+        elif any(part in st.ADAPTER_HOLDERS for part in name.split(".")[:-1]):
+            plan[name] = (
+                f"{type(module).__name__} in a per-language adapter, which picks its tokens by the full "
+                "sequence's language ids: under sequence parallelism each rank holds a shard; parallelize "
+                "without sequence_parallel"
+                if sequence_parallel
+                else Replicate()
+            )
         elif st.is_pooler(name, module):
             # BERT's pooler: the first token of the stack's output, which under SP is this rank's shard's
             plan[name] = (
@@ -345,12 +375,17 @@ def _attention_pieces(name: str, leaf: str, attn: nn.Module, config) -> tuple[Pi
         ) from exc
 
 
-def _output_under_sp(output: nn.Module, index: int, first_attention: int | None, config) -> str | None:
+def _output_under_sp(
+    output: nn.Module, index: int, first_attention: int | None, config, reshaping: str
+) -> str | None:
     """Why the model's output layer cannot be the sequence-parallel head (it gathers the stack's output
-    shards), or None: registered before the layers (tpext takes such modules to run before them), or fed
-    something narrower or wider than the layers' output (a head transform to the embedding width)."""
+    shards), or None: registered before the layers (tpext takes such modules to run before them), fed
+    something narrower or wider than the layers' output (a head transform to the embedding width), or the
+    model reshapes the stack's output to its input's shape (`reshaping`: its class)."""
     hidden = getattr(config, "hidden_size", None)
-    if first_attention is not None and index < first_attention:
+    if reshaping:
+        where = f"fed the stack's output after {reshaping} views it to the input's shape (a shard under SP)"
+    elif first_attention is not None and index < first_attention:
         where = "registered before the layers (tpext takes such modules to run before them, on the whole sequence)"
     elif isinstance(hidden, int) and isinstance(output, nn.Linear) and output.in_features != hidden:
         where = (
@@ -398,7 +433,7 @@ def _mlp_features(norm: nn.Module, mlp: nn.Module) -> int:
     weight = getattr(norm, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
         return 0
-    for leaf in st.MLP_COLUMNS - {"gate_up_proj"}:
+    for leaf in st.MLP_COLUMNS - st.PACKED_MLP_COLUMNS:
         column = getattr(mlp, leaf, None)
         if isinstance(column, nn.Linear) and column.out_features == weight.numel():
             return weight.numel()

@@ -22,6 +22,7 @@ __all__ = [
     "ATTENTION_OUTPUTS",
     "ATTENTION_PROJECTIONS",
     "MLP_COLUMNS",
+    "PACKED_MLP_COLUMNS",
     "MLP_ROWS",
     "QUERY_KEY_VALUE",
     "SPLIT_ATTENTION",
@@ -32,6 +33,9 @@ __all__ = [
     "LM_HEADS",
     "HEAD_TRANSFORMS",
     "POOLERS",
+    "ADAPTER_HOLDERS",
+    "WIDTH_FROM_INPUT",
+    "SEQUENCE_FROM_INPUT",
     "REPLICATED_HEADS",
     "MOE_REPLICATED",
     "heads",
@@ -39,6 +43,7 @@ __all__ = [
     "is_self_attention",
     "split_attention_output",
     "split_mlp_part",
+    "sequential_mlp_part",
     "is_pooler",
     "attention_pieces",
     "norm_pieces",
@@ -53,6 +58,7 @@ __all__ = [
     "elementwise_with_scalars",
     "linear_dims",
     "alibi_argument",
+    "separate_inputs",
     "grouped_qkv",
     "interleaved_blocks",
 ]
@@ -74,17 +80,32 @@ ATTENTION_INPUTS = (
     "Wqkv",
 )
 # Its output projection (GPT-2's c_proj, which is also the MLP's row layer: told apart by the parent; XLM's
-# out_lin).
-ATTENTION_OUTPUTS = ("o_proj", "dense", "out_proj", "c_proj", "out_lin")
+# out_lin; ModernBERT's Wo, its MLP's row layer's name too).
+ATTENTION_OUTPUTS = ("o_proj", "dense", "out_proj", "c_proj", "out_lin", "Wo")
 # BERT's attention is split over two modules: `self` holds query / key / value, `output` the output projection
 # `dense` (and the residual's LayerNorm); its MLP too: `intermediate.dense` (column), `output.dense` (row).
 SPLIT_ATTENTION = ("self", "output")
 SPLIT_MLP = ("intermediate", "output")
 ATTENTION_PROJECTIONS = frozenset(ATTENTION_INPUTS) | frozenset(ATTENTION_OUTPUTS)
+# An MLP's column and row layers (XLM's lin1 / lin2, ModernBERT's Wi / Wo); packed: gate and up in one layer,
+# two equal halves (ModernBERT's Wi too).
 MLP_COLUMNS = frozenset(
-    {"gate_proj", "up_proj", "gate_up_proj", "c_fc", "fc1", "fc_in", "dense_h_to_4h", "w1", "w3"}
+    {
+        "gate_proj",
+        "up_proj",
+        "gate_up_proj",
+        "c_fc",
+        "fc1",
+        "fc_in",
+        "dense_h_to_4h",
+        "w1",
+        "w3",
+        "lin1",
+        "Wi",
+    }
 )
-MLP_ROWS = frozenset({"down_proj", "c_proj", "fc2", "fc_out", "dense_4h_to_h", "w2"})
+PACKED_MLP_COLUMNS = frozenset({"gate_up_proj", "Wi"})
+MLP_ROWS = frozenset({"down_proj", "c_proj", "fc2", "fc_out", "dense_4h_to_h", "w2", "lin2", "Wo"})
 # The vocabulary embedding, by name (besides the model's get_input_embeddings(), and an embedding tied to the
 # output layer: plans.py reads those from the model).
 EMBEDDINGS = frozenset(
@@ -96,7 +117,10 @@ POSITION_EMBEDDINGS = frozenset(
     {"wpe", "embed_positions", "position_embeddings", "positions_embed", "token_type_embeddings"}
 )
 # Projections of the embeddings to the hidden size, before the first layer (ELECTRA's, RemBERT's): replicated.
-EMBEDDING_PROJECTIONS = frozenset({"embeddings_project", "embedding_hidden_mapping_in"})
+# Fuyu's vision_embed_tokens projects image patches into the text embedding's sequence the same way.
+EMBEDDING_PROJECTIONS = frozenset(
+    {"embeddings_project", "embedding_hidden_mapping_in", "vision_embed_tokens"}
+)
 # A language model's output layer, by name (embed_out: older GPT-NeoX; BioGPT's and TrOCR's
 # output_projection, Whisper's proj_out), besides the model's get_output_embeddings().
 LM_HEADS = ("lm_head", "embed_out", "output", "output_projection", "proj_out")
@@ -104,6 +128,14 @@ LM_HEADS = ("lm_head", "embed_out", "output", "output_projection", "proj_out")
 # cls.predictions.transform.dense, RoBERTa's lm_head.dense, ELECTRA's generator_predictions.dense), by its
 # parent's name: replicated (under SP it sees sequence shards, so its gradients are summed over the group).
 HEAD_TRANSFORMS = frozenset({"transform", "lm_head", "predictions", "generator_predictions"})
+# X-MOD's per-language adapters (a small MLP per language, run on the tokens of that language after the layer's
+# output): replicated; under SP they would get a shard's tokens against the full sequence's language ids.
+ADAPTER_HOLDERS = frozenset({"adapter_modules"})
+# Model code that takes a size tpext changes from an activation's shape, by class name (refused): TrOCR's
+# attention reshapes its output to its input's width, not its heads'; OpenAI GPT's model views its stack's
+# output to the input's shape, which under SP is a sequence shard.
+WIDTH_FROM_INPUT = frozenset({"TrOCRAttention"})
+SEQUENCE_FROM_INPUT = frozenset({"OpenAIGPTModel"})
 # BERT's pooler (a module of its own with `dense`, or BigBird's nn.Linear): it reads the first token of the
 # stack's output.
 POOLERS = frozenset({"pooler"})
@@ -262,6 +294,16 @@ def grouped_qkv(attn: nn.Module) -> bool:
     return hasattr(attn, "query_key_value") and getattr(attn, "new_decoder_architecture", False) is True
 
 
+def separate_inputs(attn: nn.Module) -> bool:
+    """Whether an attention module's forward takes its query, key and value inputs as separate activations
+    (CTRL's forward(v, k, q, ...)), which under SP tpext does not gather (it gathers the first one)."""
+    try:
+        params = list(inspect.signature(type(attn).forward).parameters)[1:3]
+    except (TypeError, ValueError):
+        return False
+    return len(params) == 2 and all(p in ("q", "k", "v", "query", "key", "value") for p in params)
+
+
 def alibi_argument(attn: nn.Module) -> str | None:
     """The argument through which an attention module's forward takes the model's per-head position biases
     for all heads: BLOOM's `alibi` ([batch * heads, 1, keys]) or MPT's `position_bias` ([heads, 1, keys]),
@@ -316,6 +358,23 @@ def per_head_params(attn: nn.Module, config) -> list[str]:
 def is_moe(module: nn.Module) -> bool:
     """Whether `module` is a mixture-of-experts block: it holds an experts module with 3-D weights."""
     return any(is_experts(child) for child in module.children())
+
+
+def sequential_mlp_part(name: str, modules: dict[str, nn.Module]) -> str | None:
+    """For a layer of an MLP written as an nn.Sequential (CTRL's ffn: Linear, activation, Linear), which end it
+    is ("column": the first, "row": the last); None for any other module. Only parameterless modules may sit
+    between the two, and the MLP must map the hidden size to itself."""
+    holder = modules.get(name.rpartition(".")[0])
+    if not isinstance(holder, nn.Sequential) or len(holder) < 2:
+        return None
+    first, last = holder[0], holder[len(holder) - 1]
+    middle = [m for m in list(holder)[1:-1] if any(True for _ in m.parameters())]
+    if not (isinstance(first, nn.Linear) and isinstance(last, nn.Linear)) or middle:
+        return None
+    if (first.in_features, first.out_features) != (last.out_features, last.in_features):
+        return None
+    module = modules[name]
+    return "column" if module is first else "row" if module is last else None
 
 
 def is_pooler(name: str, module: nn.Module) -> bool:
