@@ -327,12 +327,46 @@ ARCHS.update({arch: (cfg, cls, {**_ENCODER, **extra}) for arch, (cfg, cls, extra
 # CamemBERT and XLM-RoBERTa register their head before the layers, ELECTRA, RemBERT and RoFormer narrow or
 # widen the stack's output before the output layer.
 _ENCODERS_WITHOUT_SP = ("big_bird", "camembert", "xlm-roberta", "electra", "rembert", "roformer")
+# Classic names: BioGPT's output_projection, OpenAI GPT's tokens_embed / positions_embed, CTRL's Wq / Wk / Wv /
+# dense and its nn.Sequential MLP, XLM's q_lin / k_lin / v_lin / out_lin and lin1 / lin2 (under SP refused),
+# ModernBERT's Wo and packed Wi, Whisper's decoder with its proj_out.
+_GPT_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, **_IDS)
+CLASSICS = {
+    "biogpt": (
+        "BioGptConfig",
+        "BioGptForCausalLM",
+        {**_IDS, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "activation_dropout": 0.0},
+    ),
+    "openai-gpt": ("OpenAIGPTConfig", "OpenAIGPTLMHeadModel", {**_GPT_DROPOUT, "attn_pdrop": 0.0}),
+    "ctrl": ("CTRLConfig", "CTRLLMHeadModel", {**_GPT_DROPOUT, "dff": SMALL["intermediate_size"]}),
+    "xlm": (
+        "XLMConfig",
+        "XLMWithLMHeadModel",
+        {**_IDS, "dropout": 0.0, "attention_dropout": 0.0, "causal": True},
+    ),
+    "modernbert-decoder": ("ModernBertDecoderConfig", "ModernBertDecoderForCausalLM", _IDS),
+    "whisper": (
+        "WhisperConfig",
+        "WhisperForCausalLM",
+        {
+            **_IDS,
+            "decoder_layers": 2,
+            "decoder_attention_heads": 8,
+            "encoder_attention_heads": 8,
+            "decoder_ffn_dim": SMALL["intermediate_size"],
+            "dropout": 0.0,
+        },
+    ),
+}
+ARCHS.update(CLASSICS)
 # (architecture, kv heads, sequence_parallel, attention implementation, padded batch)
 ENCODER_CASES = [
     *((arch, 8, False, "eager", True) for arch in ENCODERS),
     *((arch, 8, True, "eager", False) for arch in ENCODERS if arch not in _ENCODERS_WITHOUT_SP),
     ("bert", 8, True, "sdpa", True),
     ("roberta", 8, False, "sdpa", False),
+    *((arch, 8, False, "eager", True) for arch in CLASSICS),
+    *((arch, 8, True, "eager", False) for arch in ("biogpt", "modernbert-decoder", "whisper")),
 ]
 ZOO_CASES = [
     ("bitnet", 2, True, "eager", False),
@@ -359,6 +393,7 @@ _NO_GQA = (
     "codegen",
     "bart",
     *ENCODERS,
+    *CLASSICS,
 )  # kv must be the 8 query heads
 
 
@@ -375,7 +410,7 @@ def _model(arch: str, kv: int, attn: str):
             if (
                 "norm" in name
                 or "sinks" in name
-                or (arch in ENCODERS and ("Norm" in name or name.endswith("bias")))
+                or (arch in {**ENCODERS, **CLASSICS} and ("Norm" in name or name.endswith("bias")))
             ):
                 p.add_(
                     0.1
@@ -483,11 +518,17 @@ def test_encoder_families_match_dense(encoder_results, case):
             r"generator_lm_head \(Linear, the output layer, fed 32 features where the layers output 64",
         ),
         ("roformer", r"cls\.predictions\.decoder \(Linear, the output layer, fed 32 features"),
+        ("ctrl", r"Wq \(Linear in MultiHeadAttention, whose forward takes query, key and value as separate"),
+        (
+            "openai-gpt",
+            r"lm_head \(Linear, the output layer, fed the stack's output after OpenAIGPTModel views it",
+        ),
     ],
 )
 def test_encoder_refusals_under_sequence_parallelism(arch, message):
-    """Encoders whose head cannot take the stack's output shards are refused under SP, naming the module and
-    the cause."""
+    """Encoders whose head cannot take the stack's output shards, CTRL's attention (q, k and v passed
+    separately) and OpenAI GPT (its model reshapes the stack's output) are refused under SP, naming the module
+    and the cause."""
     with pytest.raises(ValueError, match=message):
         tpext.auto_plan(_model(arch, 8, "eager"), sequence_parallel=True)
 
@@ -504,6 +545,32 @@ def test_block_sparse_attention_is_refused():
     assert tpext.auto_plan(_model("big_bird", 8, "eager"))[
         "bert.encoder.layer.0.attention.self.query"
     ].kind == ("colwise")
+
+
+def _xlm_under_sp() -> str:
+    """XLM keeps its attention modules in a list beside lists of its norms and MLPs: no layer module to split
+    the sequence at."""
+    with pytest.raises(ValueError) as err:
+        tpext.parallelize(_model("xlm", 8, "eager"), sequence_parallel=True)
+    return str(err.value)
+
+
+def test_xlm_under_sequence_parallelism_is_an_error():
+    message = run_ranks(_xlm_under_sp, 2)[0]
+    assert (
+        "transformer.attentions.0 sits in a list of attention modules (transformer.attentions" in message
+    ), message
+
+
+def test_trocr_attention_is_refused():
+    """TrOCR's attention reshapes its output to its input's width: its projections are named, not sharded."""
+    config = transformers.TrOCRConfig(
+        d_model=64, decoder_layers=1, decoder_attention_heads=8, decoder_ffn_dim=96, vocab_size=100
+    )
+    with pytest.raises(
+        ValueError, match=r"self_attn\.k_proj \(Linear in TrOCRAttention, which reshapes its output"
+    ):
+        tpext.auto_plan(transformers.TrOCRForCausalLM(config))
 
 
 def _loss_installed() -> list[bool]:
