@@ -358,6 +358,12 @@ CLASSICS = {
         },
     ),
 }
+# GPT-NeoX-Japanese: its last attention module holds the output bias the layer adds after the reduction
+CLASSICS["gpt_neox_japanese"] = (
+    "GPTNeoXJapaneseConfig",
+    "GPTNeoXJapaneseForCausalLM",
+    {**_IDS, "hidden_dropout": 0.0, "attention_dropout": 0.0},
+)
 ARCHS.update(CLASSICS)
 # (architecture, kv heads, sequence_parallel, attention implementation, padded batch)
 ENCODER_CASES = [
@@ -520,6 +526,10 @@ def test_encoder_families_match_dense(encoder_results, case):
         ("roformer", r"cls\.predictions\.decoder \(Linear, the output layer, fed 32 features"),
         ("ctrl", r"Wq \(Linear in MultiHeadAttention, whose forward takes query, key and value as separate"),
         (
+            "gpt_neox_japanese",
+            r"layers\.1\.attention \(GPTNeoXJapaneseAttention with an output bias of its own",
+        ),
+        (
             "openai-gpt",
             r"lm_head \(Linear, the output layer, fed the stack's output after OpenAIGPTModel views it",
         ),
@@ -527,8 +537,8 @@ def test_encoder_families_match_dense(encoder_results, case):
 )
 def test_encoder_refusals_under_sequence_parallelism(arch, message):
     """Encoders whose head cannot take the stack's output shards, CTRL's attention (q, k and v passed
-    separately) and OpenAI GPT (its model reshapes the stack's output) are refused under SP, naming the module
-    and the cause."""
+    separately), GPT-NeoX-Japanese's output bias and OpenAI GPT (its model reshapes the stack's output) are
+    refused under SP, naming the module and the cause."""
     with pytest.raises(ValueError, match=message):
         tpext.auto_plan(_model(arch, 8, "eager"), sequence_parallel=True)
 

@@ -230,6 +230,18 @@ def _plan_from_names(
             # Its own parameters hold one value per head (GPT-OSS's sinks): parallelize slices them with the
             # heads its projections keep (left whole when the projections are not sharded).
             plan[name] = Replicate()
+        elif st.is_attention(module) and all(
+            n in st.OUTPUT_BIASES for n, _ in module.named_parameters(recurse=False)
+        ):
+            # Added to the output projection's reduced output by the layer: the same on every rank. Under SP it
+            # meets sequence shards, and its gradients would need summing over the group, which would take
+            # converting the attention module itself.
+            plan[name] = (
+                f"{type(module).__name__} with an output bias of its own, added to sequence shards under "
+                "sequence parallelism (its gradients partial): parallelize without sequence_parallel"
+                if sequence_parallel
+                else Replicate()
+            )
         elif isinstance(module, nn.Linear) and not linear:
             plan[name] = f"{type(module).__name__}: an nn.Linear with a forward of its own"
         elif not st.is_attention(parent) and (attn := st.attention_above(name, modules)) is not None:

@@ -38,6 +38,7 @@ __all__ = [
     "SEQUENCE_FROM_INPUT",
     "REPLICATED_HEADS",
     "MOE_REPLICATED",
+    "OUTPUT_BIASES",
     "heads",
     "is_attention",
     "is_self_attention",
@@ -147,6 +148,9 @@ REPLICATED_HEADS = frozenset({"score", "qa_outputs", "classifier"})
 MOE_REPLICATED = frozenset({"gate", "router", "shared_expert_gate"})
 # An attention module's own parameters with one value per query head, sliced with its heads.
 PER_HEAD_PARAMS = frozenset({"sinks", "gate_bias"})  # GPT-OSS's sinks, Beam's output-gate bias
+# An attention module's own bias of its output, which the layer adds after the output projection's reduction
+# (GPT-NeoX-Japanese's dense_bias): replicated.
+OUTPUT_BIASES = frozenset({"dense_bias"})
 
 
 def heads(attn: nn.Module, config) -> tuple[int, int, int]:
