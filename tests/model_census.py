@@ -135,6 +135,13 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "jamba": {"attn_layer_offset": 0, "attn_layer_period": 2},
     "granitemoehybrid": {"layer_types": ["attention", "mamba"]},
     "recurrent_gemma": {"block_types": ["attention", "recurrent"]},
+    # BigBird: 8 tokens are too few for block-sparse attention (the model itself falls back to full attention,
+    # rebuilding its attention modules in forward)
+    "big_bird": {"attention_type": "original_full"},
+    # Whisper: num_key_value_heads is an alias of encoder_attention_heads; the decoder's heads are the 8 query heads
+    "whisper": {"num_key_value_heads": 8},
+    # X-MOD: a forward needs a language (its adapters are per language)
+    "xmod": {"default_language": "en_XX"},
 }
 
 

@@ -30,7 +30,7 @@ import zlib
 
 import pytest
 import torch
-from dist import run_ranks
+from dist import case_result, run_cases, run_ranks
 
 import tpext
 from tpext import mappings
@@ -284,6 +284,96 @@ ARCHS.update(
         ),
     }
 )
+# BERT-style encoders registered for causal LM: attention split over attention.self (query / key / value) and
+# attention.output (dense), the MLP over intermediate.dense and output.dense, token types and positions before
+# the layers, a masked-LM style head (a dense transform and a norm before the output layer, which computes its
+# loss over gathered logits) with the output layer tied to the word embeddings and its bias to its holder's.
+# ELECTRA and RoFormer project a narrower embedding to the hidden size, RemBERT between its embedding and the
+# layers; RoCBert adds pronunciation and shape embeddings; RoFormer rotates q and k; RoBERTa-PreLayerNorm,
+# XLM-RoBERTa-XL and Megatron-BERT normalise before attention; BigBird with full attention keeps a pooler.
+_ENCODER = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, is_decoder=True, **_IDS)
+ENCODERS = {
+    "bert": ("BertConfig", "BertLMHeadModel", {}),
+    "bert-generation": ("BertGenerationConfig", "BertGenerationDecoder", {}),
+    "big_bird": ("BigBirdConfig", "BigBirdForCausalLM", {"attention_type": "original_full"}),
+    "camembert": ("CamembertConfig", "CamembertForCausalLM", {}),
+    "data2vec-text": ("Data2VecTextConfig", "Data2VecTextForCausalLM", {}),
+    "electra": ("ElectraConfig", "ElectraForCausalLM", {"embedding_size": 32}),
+    "ernie": ("ErnieConfig", "ErnieForCausalLM", {}),
+    "megatron-bert": ("MegatronBertConfig", "MegatronBertForCausalLM", {}),
+    "rembert": (
+        "RemBertConfig",
+        "RemBertForCausalLM",
+        {"input_embedding_size": 32, "output_embedding_size": 48},
+    ),
+    "roberta": ("RobertaConfig", "RobertaForCausalLM", {}),
+    "roberta-prelayernorm": ("RobertaPreLayerNormConfig", "RobertaPreLayerNormForCausalLM", {}),
+    "roc_bert": (
+        "RoCBertConfig",
+        "RoCBertForCausalLM",
+        {
+            "pronunciation_vocab_size": 20,
+            "shape_vocab_size": 30,
+            "pronunciation_embed_dim": 16,
+            "shape_embed_dim": 16,
+        },
+    ),
+    "roformer": ("RoFormerConfig", "RoFormerForCausalLM", {"embedding_size": 32}),
+    "xlm-roberta": ("XLMRobertaConfig", "XLMRobertaForCausalLM", {}),
+    "xlm-roberta-xl": ("XLMRobertaXLConfig", "XLMRobertaXLForCausalLM", {}),
+}
+ARCHS.update({arch: (cfg, cls, {**_ENCODER, **extra}) for arch, (cfg, cls, extra) in ENCODERS.items()})
+# Refused under SP (test_encoder_refusals): BigBird's pooler reads the first token of each rank's shard,
+# CamemBERT and XLM-RoBERTa register their head before the layers, ELECTRA, RemBERT and RoFormer narrow or
+# widen the stack's output before the output layer.
+_ENCODERS_WITHOUT_SP = ("big_bird", "camembert", "xlm-roberta", "electra", "rembert", "roformer")
+# Classic names: BioGPT's output_projection, OpenAI GPT's tokens_embed / positions_embed, CTRL's Wq / Wk / Wv /
+# dense and its nn.Sequential MLP, XLM's q_lin / k_lin / v_lin / out_lin and lin1 / lin2 (under SP refused),
+# ModernBERT's Wo and packed Wi, Whisper's decoder with its proj_out.
+_GPT_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, **_IDS)
+CLASSICS = {
+    "biogpt": (
+        "BioGptConfig",
+        "BioGptForCausalLM",
+        {**_IDS, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0, "activation_dropout": 0.0},
+    ),
+    "openai-gpt": ("OpenAIGPTConfig", "OpenAIGPTLMHeadModel", {**_GPT_DROPOUT, "attn_pdrop": 0.0}),
+    "ctrl": ("CTRLConfig", "CTRLLMHeadModel", {**_GPT_DROPOUT, "dff": SMALL["intermediate_size"]}),
+    "xlm": (
+        "XLMConfig",
+        "XLMWithLMHeadModel",
+        {**_IDS, "dropout": 0.0, "attention_dropout": 0.0, "causal": True},
+    ),
+    "modernbert-decoder": ("ModernBertDecoderConfig", "ModernBertDecoderForCausalLM", _IDS),
+    "whisper": (
+        "WhisperConfig",
+        "WhisperForCausalLM",
+        {
+            **_IDS,
+            "decoder_layers": 2,
+            "decoder_attention_heads": 8,
+            "encoder_attention_heads": 8,
+            "decoder_ffn_dim": SMALL["intermediate_size"],
+            "dropout": 0.0,
+        },
+    ),
+}
+# GPT-NeoX-Japanese: its last attention module holds the output bias the layer adds after the reduction
+CLASSICS["gpt_neox_japanese"] = (
+    "GPTNeoXJapaneseConfig",
+    "GPTNeoXJapaneseForCausalLM",
+    {**_IDS, "hidden_dropout": 0.0, "attention_dropout": 0.0},
+)
+ARCHS.update(CLASSICS)
+# (architecture, kv heads, sequence_parallel, attention implementation, padded batch)
+ENCODER_CASES = [
+    *((arch, 8, False, "eager", True) for arch in ENCODERS),
+    *((arch, 8, True, "eager", False) for arch in ENCODERS if arch not in _ENCODERS_WITHOUT_SP),
+    ("bert", 8, True, "sdpa", True),
+    ("roberta", 8, False, "sdpa", False),
+    *((arch, 8, False, "eager", True) for arch in CLASSICS),
+    *((arch, 8, True, "eager", False) for arch in ("biogpt", "modernbert-decoder", "whisper")),
+]
 ZOO_CASES = [
     ("bitnet", 2, True, "eager", False),
     ("gpt_oss", 2, True, "eager", True),
@@ -308,6 +398,8 @@ _NO_GQA = (
     "falcon_mha",
     "codegen",
     "bart",
+    *ENCODERS,
+    *CLASSICS,
 )  # kv must be the 8 query heads
 
 
@@ -320,7 +412,12 @@ def _model(arch: str, kv: int, attn: str):
     model = model_cls(config).float()
     with torch.no_grad():  # norms away from their init (Gemma's scales by 1 + weight, from zeros)
         for name, p in model.named_parameters():
-            if "norm" in name or "sinks" in name:
+            # BERT's LayerNorms and zero biases too
+            if (
+                "norm" in name
+                or "sinks" in name
+                or (arch in {**ENCODERS, **CLASSICS} and ("Norm" in name or name.endswith("bias")))
+            ):
                 p.add_(
                     0.1
                     * torch.randn(p.shape, generator=torch.Generator().manual_seed(zlib.crc32(name.encode())))
@@ -403,6 +500,87 @@ def _check_zoo_cases() -> None:
 def test_zoo_families_match_dense(world):
     """Logits, loss and every gradient of the zoo families (ZOO_CASES) against the dense model."""
     run_ranks(_check_zoo_cases, world)
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"tp{w}")
+def encoder_results(request):
+    return run_cases(_compare, request.param, ENCODER_CASES)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ENCODER_CASES, ids=lambda c: f"{c[0]}-sp{c[2]}-{c[3]}-padded{c[4]}")
+def test_encoder_families_match_dense(encoder_results, case):
+    """Logits, loss and every gradient of the BERT-style encoders (ENCODER_CASES) against the dense model."""
+    case_result(encoder_results, case)
+
+
+@pytest.mark.parametrize(
+    "arch, message",
+    [
+        ("big_bird", r"bert\.pooler \(Linear, a pooler of the first token of the stack's output"),
+        ("camembert", r"lm_head\.decoder \(Linear, the output layer, registered before the layers"),
+        (
+            "electra",
+            r"generator_lm_head \(Linear, the output layer, fed 32 features where the layers output 64",
+        ),
+        ("roformer", r"cls\.predictions\.decoder \(Linear, the output layer, fed 32 features"),
+        ("ctrl", r"Wq \(Linear in MultiHeadAttention, whose forward takes query, key and value as separate"),
+        (
+            "gpt_neox_japanese",
+            r"layers\.1\.attention \(GPTNeoXJapaneseAttention with an output bias of its own",
+        ),
+        (
+            "openai-gpt",
+            r"lm_head \(Linear, the output layer, fed the stack's output after OpenAIGPTModel views it",
+        ),
+    ],
+)
+def test_encoder_refusals_under_sequence_parallelism(arch, message):
+    """Encoders whose head cannot take the stack's output shards, CTRL's attention (q, k and v passed
+    separately), GPT-NeoX-Japanese's output bias and OpenAI GPT (its model reshapes the stack's output) are
+    refused under SP, naming the module and the cause."""
+    with pytest.raises(ValueError, match=message):
+        tpext.auto_plan(_model(arch, 8, "eager"), sequence_parallel=True)
+
+
+def test_block_sparse_attention_is_refused():
+    """BigBird's block-sparse attention (its default) is rebuilt from the config in forward: refused, naming the
+    way out; its full attention is planned."""
+    config_name, model_name, settings = ARCHS["big_bird"]
+    config = getattr(transformers, config_name)(**{**SMALL, **settings, "attention_type": "block_sparse"})
+    with pytest.raises(
+        ValueError, match=r"query \(Linear in BigBirdBlockSparseAttention: block-sparse attention"
+    ):
+        tpext.auto_plan(getattr(transformers, model_name)(config))
+    assert tpext.auto_plan(_model("big_bird", 8, "eager"))[
+        "bert.encoder.layer.0.attention.self.query"
+    ].kind == ("colwise")
+
+
+def _xlm_under_sp() -> str:
+    """XLM keeps its attention modules in a list beside lists of its norms and MLPs: no layer module to split
+    the sequence at."""
+    with pytest.raises(ValueError) as err:
+        tpext.parallelize(_model("xlm", 8, "eager"), sequence_parallel=True)
+    return str(err.value)
+
+
+def test_xlm_under_sequence_parallelism_is_an_error():
+    message = run_ranks(_xlm_under_sp, 2)[0]
+    assert (
+        "transformer.attentions.0 sits in a list of attention modules (transformer.attentions" in message
+    ), message
+
+
+def test_trocr_attention_is_refused():
+    """TrOCR's attention reshapes its output to its input's width: its projections are named, not sharded."""
+    config = transformers.TrOCRConfig(
+        d_model=64, decoder_layers=1, decoder_attention_heads=8, decoder_ffn_dim=96, vocab_size=100
+    )
+    with pytest.raises(
+        ValueError, match=r"self_attn\.k_proj \(Linear in TrOCRAttention, which reshapes its output"
+    ):
+        tpext.auto_plan(transformers.TrOCRForCausalLM(config))
 
 
 def _loss_installed() -> list[bool]:

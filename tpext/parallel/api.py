@@ -112,7 +112,8 @@ def _set_local_heads(
         per_head = st.per_head_params(attn, config) if world > 1 else []
         if (argument := st.alibi_argument(attn)) is not None:
             alibi[name] = (argument, hq, rank * local_q, local_q)
-        # hidden_size: older Hugging Face attention reshapes its output to [b, s, self.hidden_size].
+        # hidden_size: older Hugging Face attention reshapes its output to [b, s, self.hidden_size] (BERT's
+        # to all_head_size, CTRL's to d_model_size).
         for attr, value in (
             ("num_heads", local_q),
             ("num_attention_heads", local_q),
@@ -121,6 +122,8 @@ def _set_local_heads(
             ("hidden_size", local_q * d),
             ("embed_dim", local_q * d),
             ("split_size", local_q * d),
+            ("all_head_size", local_q * d),
+            ("d_model_size", local_q * d),
             ("num_key_value_heads", local_kv),
             ("num_kv_heads", local_kv),
             ("num_key_value_groups", local_q // local_kv),
@@ -215,10 +218,17 @@ def parallelize(
         )
     attention = _sharded_attention(model, plan)
     _check_heads(model, attention, pg.size())
-    # Under SP the sequence is split at the input of the first decoder layer (the first sharded attention
-    # module's parent): what runs before it, the embedding and the model-level code that takes positions
+    # Under SP the sequence is split at the input of the first decoder layer (the layer holding the first
+    # sharded attention module): what runs before it, the embedding and the model-level code that takes positions
     # and the attention mask from its output's shape, sees the full sequence as in the dense model.
-    split_at = attention[0].rpartition(".")[0] if sequence_parallel and pg.size() > 1 and attention else ""
+    split_at = _first_layer(attention[0]) if sequence_parallel and pg.size() > 1 and attention else ""
+    if split_at and isinstance(model.get_submodule(split_at), (nn.ModuleList, nn.ModuleDict)):
+        raise ValueError(
+            f"tpext.parallelize: under sequence parallelism the sequence is split at the input of the layer "
+            f"that holds the first attention module, and {attention[0]} sits in a list of attention modules "
+            f"({split_at}, beside lists of the layer's other parts, as XLM's) with no layer module around it; "
+            "parallelize without sequence_parallel"
+        )
     # Without a sharded attention module (a pure Mamba model) there is no split point: the whole model runs
     # without SP (its norms and MLPs converted for the full sequence), and parallelize warns.
     no_split = sequence_parallel and pg.size() > 1 and not attention
@@ -300,6 +310,16 @@ def parallelize(
     return model
 
 
+def _first_layer(attention: str) -> str:
+    """The decoder layer that holds the attention module `attention`: its nearest ancestor in a list of
+    layers (BERT's bert.encoder.layer.0 for bert.encoder.layer.0.attention.self), else its parent."""
+    parts = attention.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        if parts[i - 1].isdigit():
+            return ".".join(parts[:i])
+    return attention.rpartition(".")[0]
+
+
 def _warn_replicated(model: nn.Module, plan: PlanLike, split: bool, no_split: bool) -> None:
     """One warning per parallelize call: the blocks auto_plan replicated (their weights and compute repeated
     on every rank), and under SP a model with no sharded attention to split the sequence at."""
@@ -341,6 +361,14 @@ def _retie(model: nn.Module, ties: list[list[tuple[str, str]]], converted: dict[
     of them. All groups are checked before any is tied, so an error changes nothing."""
     plans = []
     for group in ties:
+        # A module the plan leaves as it is that holds a converted owner of the parameter (BERT's
+        # cls.predictions, whose bias is its decoder's) shares that owner's local parameter and layout.
+        held = [
+            (m, p)
+            for m, p in group
+            if m not in converted and any(c in converted and c.startswith(f"{m}.") for c, _ in group)
+        ]
+        group = [g for g in group if g not in held]
         owners = [(converted.get(m) or model.get_submodule(m), p) for m, p in group]
         first = getattr(*owners[0])
         want = get_layout(owners[0][0], owners[0][1], first)
@@ -352,14 +380,18 @@ def _retie(model: nn.Module, ties: list[list[tuple[str, str]]], converted: dict[
                     f"the dense model but the plan shards them differently ({want} vs {layout}); "
                     "give both the same sharding (e.g. 'vocab' for an embedding and its lm_head)"
                 )
-        plans.append((first, owners[1:]))
-    for first, owners in plans:
+        plans.append((first, want, owners[1:], [(model.get_submodule(m), p) for m, p in held]))
+    for first, want, owners, holders in plans:
         for module, p_name in owners:
             setattr(module, p_name, first)
+        for module, p_name in holders:
+            setattr(module, p_name, first)
+            set_layout(module, p_name, want)
 
 
-# Column-parallel siblings that read the same input in the Llama family's forward.
-_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1", "w3"))
+# Column-parallel siblings that read the same input in the Llama family's forward (and BERT's query / key /
+# value, ...).
+_SIBLINGS = (*st.QUERY_KEY_VALUE, ("gate_proj", "up_proj"), ("w1", "w3"))
 
 
 def _share_inputs(model: nn.Module, converted: dict[str, nn.Module]) -> None:

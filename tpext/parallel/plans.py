@@ -275,11 +275,25 @@ def _plan_from_names(
     plan: dict[str, Style | str] = {}
     modules = dict(model.named_modules())
     latent_attention = mla.plan_entries(modules, config)  # MLA: heads of its own sizes (tpext.parallel.mla)
+    # The model's own word embedding and output layer (Hugging Face's get_input_embeddings /
+    # get_output_embeddings), whatever their names; an embedding tied to the output layer is the vocabulary's.
+    embedding, output = (
+        _model_layer(model, "get_input_embeddings"),
+        _model_layer(model, "get_output_embeddings"),
+    )
+    tied = getattr(output, "weight", None)
+    embeddings_holder = _embeddings_holder(model, embedding, modules)
+    first_attention = next((i for i, m in enumerate(modules.values()) if st.is_attention(m)), None)
+    reshaping = next(
+        (type(m).__name__ for m in modules.values() if type(m).__name__ in st.SEQUENCE_FROM_INPUT), ""
+    )
+    order = {n: i for i, n in enumerate(modules)}
     for name, module in modules.items():
         if not name or not any(True for _ in module.parameters(recurse=False)):
             continue
         leaf = name.rsplit(".", 1)[-1]
-        parent = modules[name.rpartition(".")[0]]
+        parent_name = name.rpartition(".")[0]
+        parent = modules[parent_name]
         linear = st.plain_linear(module) or st.is_conv1d(module)
         if name in latent_attention:
             plan[name] = latent_attention[name]
@@ -297,6 +311,18 @@ def _plan_from_names(
             # Its own parameters hold one value per head (GPT-OSS's sinks): parallelize slices them with the
             # heads its projections keep (left whole when the projections are not sharded).
             plan[name] = Replicate()
+        elif st.is_attention(module) and all(
+            n in st.OUTPUT_BIASES for n, _ in module.named_parameters(recurse=False)
+        ):
+            # Added to the output projection's reduced output by the layer: the same on every rank. Under SP it
+            # meets sequence shards, and its gradients would need summing over the group, which would take
+            # converting the attention module itself.
+            plan[name] = (
+                f"{type(module).__name__} with an output bias of its own, added to sequence shards under "
+                "sequence parallelism (its gradients partial): parallelize without sequence_parallel"
+                if sequence_parallel
+                else Replicate()
+            )
         elif isinstance(module, nn.Linear) and not linear:
             plan[name] = f"{type(module).__name__}: an nn.Linear with a forward of its own"
         elif not st.is_attention(parent) and (attn := st.attention_above(name, modules)) is not None:
@@ -305,15 +331,40 @@ def _plan_from_names(
                 f"{type(module).__name__} nested inside attention module {attn or 'the model'}: "
                 "tpext cannot tell which heads it serves"
             )
+        elif linear and (attn := st.split_attention_output(name, modules)) is not None:
+            # BERT's attention.output.dense: its input features are the heads of attention.self beside it
+            plan[name] = Rowwise(_attention_pieces(name, "dense", attn, config))
+        elif linear and (part := st.split_mlp_part(name, modules)) is not None:
+            plan[name] = Colwise() if part == st.SPLIT_MLP[0] else Rowwise()
+        elif st.is_self_attention(parent) and getattr(config, "attention_type", None) == "block_sparse":
+            plan[name] = (
+                f"{type(module).__name__} in {type(parent).__name__}: block-sparse attention (BigBird's), "
+                "which the model rebuilds from its config in forward; tpext shards full attention: build it "
+                "with attention_type='original_full'"
+            )
+        elif linear and leaf in st.ATTENTION_PROJECTIONS and type(parent).__name__ in st.WIDTH_FROM_INPUT:
+            plan[name] = (
+                f"{type(module).__name__} in {type(parent).__name__}, which reshapes its output to its "
+                "input's width rather than its heads': tpext cannot shard its heads; plan its MLPs only"
+            )
+        elif (
+            sequence_parallel
+            and linear
+            and leaf in st.ATTENTION_INPUTS
+            and st.is_attention(parent)
+            and st.separate_inputs(parent)
+        ):
+            plan[name] = (
+                f"{type(module).__name__} in {type(parent).__name__}, whose forward takes query, key and value "
+                "as separate activations: under sequence parallelism tpext gathers only the first; "
+                "parallelize without sequence_parallel"
+            )
         elif linear and leaf in st.ATTENTION_PROJECTIONS and st.is_attention(parent):
             kind = Rowwise if leaf in st.ATTENTION_OUTPUTS else Colwise
-            try:
-                plan[name] = kind(st.attention_pieces(leaf, parent, config))
-            except ValueError as exc:
-                raise ValueError(
-                    f"tpext.parallelize: {name}: {str(exc).removeprefix('tpext.parallelize: ')}"
-                ) from exc
-        elif linear and leaf == "gate_up_proj":
+            plan[name] = kind(_attention_pieces(name, leaf, parent, config))
+        elif linear and (part := st.sequential_mlp_part(name, modules)) is not None:
+            plan[name] = Colwise() if part == "column" else Rowwise()
+        elif linear and leaf in st.PACKED_MLP_COLUMNS:
             half = st.linear_dims(module)[1] // 2
             plan[name] = Colwise((Piece(half), Piece(half)))
         elif linear and leaf in st.MLP_COLUMNS and (why := _packed_column(module, parent)):
@@ -322,14 +373,61 @@ def _plan_from_names(
             plan[name] = Colwise()
         elif linear and leaf in st.MLP_ROWS:
             plan[name] = Rowwise()
-        elif isinstance(module, nn.Embedding) and leaf in st.EMBEDDINGS:
+        elif isinstance(module, nn.Embedding) and (
+            leaf in st.EMBEDDINGS or module is embedding or (tied is not None and module.weight is tied)
+        ):
             plan[name] = Vocab()
         elif isinstance(module, nn.Embedding) and leaf in st.POSITION_EMBEDDINGS:
             plan[name] = (
                 Replicate()
             )  # runs before the decoder stack, on the whole sequence, the same on every rank
-        elif isinstance(module, nn.Linear) and leaf in st.LM_HEADS:
-            plan[name] = Vocab(gather_output=not vocab_parallel_logits)
+        elif (
+            sequence_parallel
+            and module is output
+            and (why := _output_under_sp(module, order[name], first_attention, config, reshaping)) is not None
+        ):
+            plan[name] = why
+        elif isinstance(module, nn.Linear) and (leaf in st.LM_HEADS or module is output):
+            # Vocabulary-sharded logits only where tpext's loss finds the layer (a top-level lm_head); a
+            # nested one (BERT's cls.predictions.decoder) gathers them for the model's own loss.
+            plan[name] = Vocab(gather_output=not (vocab_parallel_logits and name in st.LM_HEADS))
+        elif linear and leaf == "dense" and parent_name.rpartition(".")[2] in st.HEAD_TRANSFORMS:
+            # Between the last layer and the output layer, on the stack's output: under SP its sequence shards
+            plan[name] = Replicate(sum_grads=sequence_parallel)
+        elif (
+            output is not None
+            and any(m is output for m in module.modules())
+            and all(
+                p.dim() == 1 and p.numel() == output.out_features for p in module.parameters(recurse=False)
+            )
+        ):
+            # The output layer's holder, with a vocabulary bias of its own (BERT's cls.predictions.bias, which
+            # Hugging Face ties to decoder.bias): tied, parallelize gives it the decoder's local bias.
+            plan[name] = Replicate()
+        elif any(part in st.ADAPTER_HOLDERS for part in name.split(".")[:-1]):
+            plan[name] = (
+                f"{type(module).__name__} in a per-language adapter, which picks its tokens by the full "
+                "sequence's language ids: under sequence parallelism each rank holds a shard; parallelize "
+                "without sequence_parallel"
+                if sequence_parallel
+                else Replicate()
+            )
+        elif st.is_pooler(name, module):
+            # BERT's pooler: the first token of the stack's output, which under SP is this rank's shard's
+            plan[name] = (
+                f"{type(module).__name__}, a pooler of the first token of the stack's output, which under "
+                "sequence parallelism is each rank's own shard: parallelize without sequence_parallel, or "
+                "build the model without its pooler (add_pooling_layer=False)"
+                if sequence_parallel
+                else Replicate()
+            )
+        elif (linear and leaf in st.EMBEDDING_PROJECTIONS) or (
+            embeddings_holder and parent_name == embeddings_holder and not st.is_norm(leaf, module)
+        ):
+            # Beside the word embedding in a module that holds no attention (BERT's embeddings: RoCBert's
+            # pronunciation and shape embeddings and their projection), or projecting the embeddings to the
+            # hidden size: it runs before the first layer, on the whole sequence, the same on every rank.
+            plan[name] = Replicate()
         elif isinstance(module, nn.Linear) and leaf in st.REPLICATED_HEADS:
             plan[name] = Replicate()
         elif (
@@ -376,6 +474,60 @@ def _packed_column(column: nn.Module, mlp: nn.Module) -> str:
     return ""
 
 
+def _attention_pieces(name: str, leaf: str, attn: nn.Module, config) -> tuple[Piece, ...]:
+    """st.attention_pieces, its error naming the module."""
+    try:
+        return st.attention_pieces(leaf, attn, config)
+    except ValueError as exc:
+        raise ValueError(
+            f"tpext.parallelize: {name}: {str(exc).removeprefix('tpext.parallelize: ')}"
+        ) from exc
+
+
+def _output_under_sp(
+    output: nn.Module, index: int, first_attention: int | None, config, reshaping: str
+) -> str | None:
+    """Why the model's output layer cannot be the sequence-parallel head (it gathers the stack's output
+    shards), or None: registered before the layers (tpext takes such modules to run before them), fed
+    something narrower or wider than the layers' output (a head transform to the embedding width), or the
+    model reshapes the stack's output to its input's shape (`reshaping`: its class)."""
+    hidden = getattr(config, "hidden_size", None)
+    if reshaping:
+        where = f"fed the stack's output after {reshaping} views it to the input's shape (a shard under SP)"
+    elif first_attention is not None and index < first_attention:
+        where = "registered before the layers (tpext takes such modules to run before them, on the whole sequence)"
+    elif isinstance(hidden, int) and isinstance(output, nn.Linear) and output.in_features != hidden:
+        where = (
+            f"fed {output.in_features} features where the layers output {hidden}, so not the stack's output "
+            "shards as they are"
+        )
+    else:
+        return None
+    return (
+        f"{type(output).__name__}, the output layer, {where}: under sequence parallelism it cannot gather the "
+        "sequence; parallelize without sequence_parallel"
+    )
+
+
+def _model_layer(model: nn.Module, getter: str) -> nn.Module | None:
+    """The module a Hugging Face model's get_input_embeddings / get_output_embeddings returns, or None."""
+    try:
+        layer = getattr(model, getter)()
+    except Exception:  # noqa: BLE001 - not a Hugging Face model, or one whose getter is not implemented
+        return None
+    return layer if isinstance(layer, nn.Module) else None
+
+
+def _embeddings_holder(model: nn.Module, embedding: nn.Module | None, modules: dict[str, nn.Module]) -> str:
+    """The name of the module that holds the word embedding when it holds no attention (BERT's embeddings,
+    which runs before the first layer as a whole), else ""."""
+    name = next((n for n, m in modules.items() if embedding is not None and m is embedding), "")
+    holder = name.rpartition(".")[0]
+    if not name or not holder or any(st.is_attention(m) for m in modules[holder].modules()):
+        return ""
+    return holder
+
+
 def _in_router(name: str, modules: dict[str, nn.Module]) -> bool:
     """Whether `name` is a router beside experts (st.MOE_REPLICATED in an MoE block) or inside one."""
     parts = name.split(".")
@@ -390,7 +542,7 @@ def _mlp_features(norm: nn.Module, mlp: nn.Module) -> int:
     weight = getattr(norm, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
         return 0
-    for leaf in st.MLP_COLUMNS - {"gate_up_proj"}:
+    for leaf in st.MLP_COLUMNS - st.PACKED_MLP_COLUMNS:
         column = getattr(mlp, leaf, None)
         if isinstance(column, nn.Linear) and column.out_features == weight.numel():
             return weight.numel()

@@ -22,14 +22,30 @@ __all__ = [
     "ATTENTION_OUTPUTS",
     "ATTENTION_PROJECTIONS",
     "MLP_COLUMNS",
+    "PACKED_MLP_COLUMNS",
     "MLP_ROWS",
+    "QUERY_KEY_VALUE",
+    "SPLIT_ATTENTION",
+    "SPLIT_MLP",
     "EMBEDDINGS",
     "POSITION_EMBEDDINGS",
+    "EMBEDDING_PROJECTIONS",
     "LM_HEADS",
+    "HEAD_TRANSFORMS",
+    "POOLERS",
+    "ADAPTER_HOLDERS",
+    "WIDTH_FROM_INPUT",
+    "SEQUENCE_FROM_INPUT",
     "REPLICATED_HEADS",
     "MOE_REPLICATED",
+    "OUTPUT_BIASES",
     "heads",
     "is_attention",
+    "is_self_attention",
+    "split_attention_output",
+    "split_mlp_part",
+    "sequential_mlp_part",
+    "is_pooler",
     "attention_pieces",
     "norm_pieces",
     "per_head_norm",
@@ -43,26 +59,87 @@ __all__ = [
     "elementwise_with_scalars",
     "linear_dims",
     "alibi_argument",
+    "separate_inputs",
     "grouped_qkv",
     "interleaved_blocks",
 ]
 
-# The input projections of an attention module, by name: separate q/k/v, a packed qkv_proj, query_key_value
-# (GPT-NeoX's: each head's q, k and v rows together; BLOOM's the same), GPT-2's c_attn Conv1D ([q | k | v]),
-# MPT's Wqkv ([q | k | v]).
-ATTENTION_INPUTS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "c_attn", "Wqkv")
-# Its output projection (GPT-2's c_proj, which is also the MLP's row layer: told apart by the parent).
-ATTENTION_OUTPUTS = ("o_proj", "dense", "out_proj", "c_proj")
-ATTENTION_PROJECTIONS = frozenset(ATTENTION_INPUTS) | frozenset(ATTENTION_OUTPUTS)
-MLP_COLUMNS = frozenset(
-    {"gate_proj", "up_proj", "gate_up_proj", "c_fc", "fc1", "fc_in", "dense_h_to_4h", "w1", "w3"}
+# The input projections of an attention module, by name: separate q/k/v (BERT's query / key / value, CTRL's
+# Wq / Wk / Wv, XLM's q_lin / k_lin / v_lin), a packed qkv_proj, query_key_value (GPT-NeoX's: each head's q,
+# k and v rows together; BLOOM's the same), GPT-2's c_attn Conv1D ([q | k | v]), MPT's Wqkv ([q | k | v]).
+QUERY_KEY_VALUE = (
+    ("q_proj", "k_proj", "v_proj"),
+    ("query", "key", "value"),
+    ("Wq", "Wk", "Wv"),
+    ("q_lin", "k_lin", "v_lin"),
 )
-MLP_ROWS = frozenset({"down_proj", "c_proj", "fc2", "fc_out", "dense_4h_to_h", "w2"})
-EMBEDDINGS = frozenset({"embed_tokens", "embed_in", "wte", "tok_embeddings", "word_embeddings"})
-# Learned absolute positions: replicated (they run before the first decoder layer, on the whole sequence).
-POSITION_EMBEDDINGS = frozenset({"wpe", "embed_positions", "position_embeddings"})
-# A language model's output layer, by name (embed_out: older GPT-NeoX).
-LM_HEADS = ("lm_head", "embed_out", "output")
+ATTENTION_INPUTS = (
+    *(name for triple in QUERY_KEY_VALUE for name in triple),
+    "qkv_proj",
+    "query_key_value",
+    "c_attn",
+    "Wqkv",
+)
+# Its output projection (GPT-2's c_proj, which is also the MLP's row layer: told apart by the parent; XLM's
+# out_lin; ModernBERT's Wo, its MLP's row layer's name too).
+ATTENTION_OUTPUTS = ("o_proj", "dense", "out_proj", "c_proj", "out_lin", "Wo")
+# BERT's attention is split over two modules: `self` holds query / key / value, `output` the output projection
+# `dense` (and the residual's LayerNorm); its MLP too: `intermediate.dense` (column), `output.dense` (row).
+SPLIT_ATTENTION = ("self", "output")
+SPLIT_MLP = ("intermediate", "output")
+ATTENTION_PROJECTIONS = frozenset(ATTENTION_INPUTS) | frozenset(ATTENTION_OUTPUTS)
+# An MLP's column and row layers (XLM's lin1 / lin2, ModernBERT's Wi / Wo); packed: gate and up in one layer,
+# two equal halves (ModernBERT's Wi too).
+MLP_COLUMNS = frozenset(
+    {
+        "gate_proj",
+        "up_proj",
+        "gate_up_proj",
+        "c_fc",
+        "fc1",
+        "fc_in",
+        "dense_h_to_4h",
+        "w1",
+        "w3",
+        "lin1",
+        "Wi",
+    }
+)
+PACKED_MLP_COLUMNS = frozenset({"gate_up_proj", "Wi"})
+MLP_ROWS = frozenset({"down_proj", "c_proj", "fc2", "fc_out", "dense_4h_to_h", "w2", "lin2", "Wo"})
+# The vocabulary embedding, by name (besides the model's get_input_embeddings(), and an embedding tied to the
+# output layer: plans.py reads those from the model).
+EMBEDDINGS = frozenset(
+    {"embed_tokens", "embed_in", "wte", "tok_embeddings", "word_embeddings", "tokens_embed"}
+)
+# Learned absolute positions and BERT's token types: replicated (they run before the first decoder layer, on
+# the whole sequence).
+POSITION_EMBEDDINGS = frozenset(
+    {"wpe", "embed_positions", "position_embeddings", "positions_embed", "token_type_embeddings"}
+)
+# Projections of the embeddings to the hidden size, before the first layer (ELECTRA's, RemBERT's): replicated.
+# Fuyu's vision_embed_tokens projects image patches into the text embedding's sequence the same way.
+EMBEDDING_PROJECTIONS = frozenset(
+    {"embeddings_project", "embedding_hidden_mapping_in", "vision_embed_tokens"}
+)
+# A language model's output layer, by name (embed_out: older GPT-NeoX; BioGPT's and TrOCR's
+# output_projection, Whisper's proj_out), besides the model's get_output_embeddings().
+LM_HEADS = ("lm_head", "embed_out", "output", "output_projection", "proj_out")
+# The dense layer of a masked-LM style head between the last layer and the output layer (BERT's
+# cls.predictions.transform.dense, RoBERTa's lm_head.dense, ELECTRA's generator_predictions.dense), by its
+# parent's name: replicated (under SP it sees sequence shards, so its gradients are summed over the group).
+HEAD_TRANSFORMS = frozenset({"transform", "lm_head", "predictions", "generator_predictions"})
+# X-MOD's per-language adapters (a small MLP per language, run on the tokens of that language after the layer's
+# output): replicated; under SP they would get a shard's tokens against the full sequence's language ids.
+ADAPTER_HOLDERS = frozenset({"adapter_modules"})
+# Model code that takes a size tpext changes from an activation's shape, by class name (refused): TrOCR's
+# attention reshapes its output to its input's width, not its heads'; OpenAI GPT's model views its stack's
+# output to the input's shape, which under SP is a sequence shard.
+WIDTH_FROM_INPUT = frozenset({"TrOCRAttention"})
+SEQUENCE_FROM_INPUT = frozenset({"OpenAIGPTModel"})
+# BERT's pooler (a module of its own with `dense`, or BigBird's nn.Linear): it reads the first token of the
+# stack's output.
+POOLERS = frozenset({"pooler"})
 # Small task heads (sequence / token classification, question answering): replicated; under SP they read
 # the full sequence, gathered at the decoder stack's output.
 REPLICATED_HEADS = frozenset({"score", "qa_outputs", "classifier"})
@@ -71,6 +148,9 @@ REPLICATED_HEADS = frozenset({"score", "qa_outputs", "classifier"})
 MOE_REPLICATED = frozenset({"gate", "router", "shared_expert_gate"})
 # An attention module's own parameters with one value per query head, sliced with its heads.
 PER_HEAD_PARAMS = frozenset({"sinks", "gate_bias"})  # GPT-OSS's sinks, Beam's output-gate bias
+# An attention module's own bias of its output, which the layer adds after the output projection's reduction
+# (GPT-NeoX-Japanese's dense_bias): replicated.
+OUTPUT_BIASES = frozenset({"dense_bias"})
 
 
 def heads(attn: nn.Module, config) -> tuple[int, int, int]:
@@ -96,7 +176,7 @@ def heads(attn: nn.Module, config) -> tuple[int, int, int]:
     hkv = pick("num_key_value_heads", "kv_heads", "num_kv_heads") or (
         hq // g if hq and (g := pick("num_key_value_groups")) else hq
     )
-    d = pick("head_dim")
+    d = pick("head_dim", "attention_head_size")  # attention_head_size: BERT's
     if d is None and hq:
         h = pick("hidden_size", "embed_dim", "n_embd")
         d = h // hq if h else None
@@ -110,12 +190,46 @@ def heads(attn: nn.Module, config) -> tuple[int, int, int]:
 
 
 def is_attention(module: nn.Module) -> bool:
-    """Whether `module` holds an attention module's input and output projections, by name."""
+    """Whether `module` holds an attention module's input and output projections, by name, or is the half of
+    a split attention that holds its query, key and value (BERT's `attention.self`, `is_self_attention`)."""
     return (
         any(hasattr(module, p) for p in ATTENTION_OUTPUTS)
         and any(hasattr(module, p) for p in ATTENTION_INPUTS)
         and not any(hasattr(module, c) for c in ("c_fc",))
-    )  # GPT-2's MLP has a c_proj too, and no c_attn
+    ) or is_self_attention(module)  # GPT-2's MLP has a c_proj too, and no c_attn
+
+
+def is_self_attention(module: nn.Module) -> bool:
+    """Whether `module` is the query/key/value half of an attention split over two modules (BERT's
+    `attention.self`): query, key and value layers (nn.Linear, or what parallelize made of them) and no output
+    projection of its own; the output projection is `dense` in its sibling `output` (`split_attention_output`)."""
+    return all(isinstance(getattr(module, p, None), nn.Module) for p in QUERY_KEY_VALUE[1]) and not any(
+        hasattr(module, p) for p in ATTENTION_OUTPUTS
+    )
+
+
+def split_attention_output(name: str, modules: dict[str, nn.Module]) -> nn.Module | None:
+    """For the output projection of a split attention (BERT's `attention.output.dense`), the attention module
+    whose heads its input features are (`attention.self`); None for any other module."""
+    holder, _, leaf = name.rpartition(".")
+    owner, _, part = holder.rpartition(".")
+    if (leaf, part) != ("dense", SPLIT_ATTENTION[1]) or owner not in modules:
+        return None
+    attn = getattr(modules[owner], SPLIT_ATTENTION[0], None)
+    return attn if isinstance(attn, nn.Module) and is_self_attention(attn) else None
+
+
+def split_mlp_part(name: str, modules: dict[str, nn.Module]) -> str | None:
+    """For a layer of an MLP split over two modules (BERT's `intermediate.dense` and `output.dense`, siblings
+    in the layer), which half it is ("intermediate": column, "output": row); None for any other module."""
+    holder, _, leaf = name.rpartition(".")
+    owner, _, part = holder.rpartition(".")
+    if leaf != "dense" or part not in SPLIT_MLP or owner not in modules:
+        return None
+    halves = [getattr(modules[owner], p, None) for p in SPLIT_MLP]
+    if all(isinstance(getattr(h, "dense", None), nn.Linear) for h in halves):
+        return part
+    return None
 
 
 def attention_pieces(leaf: str, attn: nn.Module, config) -> tuple[Piece, ...]:
@@ -154,9 +268,6 @@ def attention_pieces(leaf: str, attn: nn.Module, config) -> tuple[Piece, ...]:
     if leaf in ATTENTION_OUTPUTS:
         return (Piece(hq, d),)
     return {
-        "q_proj": (Piece(hq, d),),
-        "k_proj": (Piece(hkv, d),),
-        "v_proj": (Piece(hkv, d),),
         "qkv_proj": (Piece(hq, d), Piece(hkv, d), Piece(hkv, d)),
         # GPT-2's [q | k | v]; GPT-BigCode's the same with one kv head (multi-query), or each head's q, k
         # and v together without it (its multi_query=False)
@@ -167,6 +278,11 @@ def attention_pieces(leaf: str, attn: nn.Module, config) -> tuple[Piece, ...]:
         ),
         "Wqkv": (Piece(hq, d), Piece(hkv, d), Piece(hkv, d)),
         "query_key_value": (Piece(hq, 3 * d),),
+        **{
+            leaf_name: (Piece(hq if i == 0 else hkv, d),)
+            for triple in QUERY_KEY_VALUE
+            for i, leaf_name in enumerate(triple)
+        },
     }[leaf]
 
 
@@ -180,6 +296,16 @@ def grouped_qkv(attn: nn.Module) -> bool:
     """Whether an attention module packs each kv head with its group of query heads (Falcon's new decoder):
     its kv heads cannot be replicated over ranks, each group must stay whole."""
     return hasattr(attn, "query_key_value") and getattr(attn, "new_decoder_architecture", False) is True
+
+
+def separate_inputs(attn: nn.Module) -> bool:
+    """Whether an attention module's forward takes its query, key and value inputs as separate activations
+    (CTRL's forward(v, k, q, ...)), which under SP tpext does not gather (it gathers the first one)."""
+    try:
+        params = list(inspect.signature(type(attn).forward).parameters)[1:3]
+    except (TypeError, ValueError):
+        return False
+    return len(params) == 2 and all(p in ("q", "k", "v", "query", "key", "value") for p in params)
 
 
 def alibi_argument(attn: nn.Module) -> str | None:
@@ -236,6 +362,31 @@ def per_head_params(attn: nn.Module, config) -> list[str]:
 def is_moe(module: nn.Module) -> bool:
     """Whether `module` is a mixture-of-experts block: it holds an experts module with 3-D weights."""
     return any(is_experts(child) for child in module.children())
+
+
+def sequential_mlp_part(name: str, modules: dict[str, nn.Module]) -> str | None:
+    """For a layer of an MLP written as an nn.Sequential (CTRL's ffn: Linear, activation, Linear), which end it
+    is ("column": the first, "row": the last); None for any other module. Only parameterless modules may sit
+    between the two, and the MLP must map the hidden size to itself."""
+    holder = modules.get(name.rpartition(".")[0])
+    if not isinstance(holder, nn.Sequential) or len(holder) < 2:
+        return None
+    first, last = holder[0], holder[len(holder) - 1]
+    middle = [m for m in list(holder)[1:-1] if any(True for _ in m.parameters())]
+    if not (isinstance(first, nn.Linear) and isinstance(last, nn.Linear)) or middle:
+        return None
+    if (first.in_features, first.out_features) != (last.out_features, last.in_features):
+        return None
+    module = modules[name]
+    return "column" if module is first else "row" if module is last else None
+
+
+def is_pooler(name: str, module: nn.Module) -> bool:
+    """Whether `module` is a pooler's linear layer (`pooler` itself, or its `dense`), by name."""
+    parts = name.split(".")
+    return isinstance(module, nn.Linear) and (
+        parts[-1] in POOLERS or (len(parts) > 1 and parts[-1] == "dense" and parts[-2] in POOLERS)
+    )
 
 
 def is_mlp(module: nn.Module) -> bool:
