@@ -166,3 +166,28 @@ def test_block_not_a_sum_falls_back(world):
         for block, (kinds, _) in per_rank[0][1].items():
             # its experts (and shared expert) all-reduce their own outputs; the output is split, not reduced
             assert "all_reduce" in kinds and "reduce_scatter" not in kinds, f"{case}: {block}: {kinds}"
+
+
+def _meta_partial(limit: int) -> bool:
+    """Whether Qwen2-MoE's block, built on the meta device, reduces once (its shared expert's column layer
+    then takes the gathered sequence as sequence-parallel) when a meta block of up to `limit` weights is
+    probed."""
+    import tpext.parallel.hooks as hooks
+
+    config_name, model_name, settings = FAMILIES["qwen2_moe"]
+    config = getattr(transformers, config_name)(**{**_SMALL, **settings}, attn_implementation="eager")
+    with torch.device("meta"):
+        model = getattr(transformers, model_name)(config)
+    before, hooks._META_PROBE_LIMIT = hooks._META_PROBE_LIMIT, limit
+    try:
+        tpext.parallelize(model, sequence_parallel=True)
+    finally:
+        hooks._META_PROBE_LIMIT = before
+    return model.model.layers[0].mlp.shared_expert.gate_proj.sequence_parallel
+
+
+def test_meta_block_probed_only_up_to_its_limit():
+    """A block on meta is probed on a CPU copy only up to the size limit; past it, it keeps the all-reduce."""
+    cases = [(1 << 26,), (16,)]
+    results = run_cases(_meta_partial, 2, cases, timeout_s=300)
+    assert [results[c][0] for c in cases] == [("ok", True), ("ok", False)], results

@@ -377,6 +377,8 @@ def _inside(name: str, block: str) -> bool:
 # Relative error that a sum of partial outputs may show against the dense output, by dtype (fp64 models'
 # blocks may combine their outputs in fp32: Hunyuan's enable_moe_fp32_combine).
 _SUM_TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4}
+# A block on the meta device is probed on a CPU fp32 copy with random weights: at most this many (256 MiB).
+_META_PROBE_LIMIT = 1 << 26
 
 
 def partial_sums_reason(model: nn.Module, block_name: str, converted: dict[str, nn.Module]) -> str:
@@ -386,7 +388,8 @@ def partial_sums_reason(model: nn.Module, block_name: str, converted: dict[str, 
     output or a sharded experts module, and the block's output must be a sum of its row layers' and experts
     modules' outputs, times factors that do not depend on them (a shared-expert gate): checked on the block's
     own forward, those outputs replaced by random a and by o - a, whose results must add up to the block's
-    output with o (on a copy with random weights for a model on meta).
+    output with o (on a CPU copy with random weights for a model on meta, of at most `_META_PROBE_LIMIT`
+    weights: a larger block on meta is not probed and keeps the all-reduce).
 
     Args:
         model: the dense model, its modules not replaced yet.
@@ -417,8 +420,16 @@ def partial_sums_reason(model: nn.Module, block_name: str, converted: dict[str, 
     if not producers:
         return "no layer in it has a partial output"
     block = model.get_submodule(block_name)
-    tensors = itertools.chain(block.parameters(), block.buffers())
-    probe = probe_copy(block) if any(t.is_meta for t in tensors) else block
+    tensors = list(itertools.chain(block.parameters(), block.buffers()))
+    probe = block
+    if any(t.is_meta for t in tensors):
+        size = sum(t.numel() for t in tensors)
+        if size > _META_PROBE_LIMIT:
+            return (
+                f"it is on the meta device with {size} weights, more than tpext copies to the CPU to probe "
+                f"its forward ({_META_PROBE_LIMIT}); parallelize the model with its weights to have it probed"
+            )
+        probe = probe_copy(block)
     try:
         return _output_not_a_sum(probe, producers)
     except Exception as exc:  # noqa: BLE001 - a block that cannot run on a plain input: not probed
