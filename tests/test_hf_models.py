@@ -524,11 +524,6 @@ def test_encoder_families_match_dense(encoder_results, case):
             r"generator_lm_head \(Linear, the output layer, fed 32 features where the layers output 64",
         ),
         ("roformer", r"cls\.predictions\.decoder \(Linear, the output layer, fed 32 features"),
-        ("ctrl", r"Wq \(Linear in MultiHeadAttention, whose forward takes query, key and value as separate"),
-        (
-            "gpt_neox_japanese",
-            r"layers\.1\.attention \(GPTNeoXJapaneseAttention with an output bias of its own",
-        ),
         (
             "openai-gpt",
             r"lm_head \(Linear, the output layer, fed the stack's output after OpenAIGPTModel views it",
@@ -536,22 +531,40 @@ def test_encoder_families_match_dense(encoder_results, case):
     ],
 )
 def test_encoder_refusals_under_sequence_parallelism(arch, message):
-    """Encoders whose head cannot take the stack's output shards, CTRL's attention (q, k and v passed
-    separately), GPT-NeoX-Japanese's output bias and OpenAI GPT (its model reshapes the stack's output) are
-    refused under SP, naming the module and the cause."""
+    """Encoders whose head cannot take the stack's output shards and OpenAI GPT (its model reshapes the stack's
+    output) are refused under SP, naming the module and the cause."""
     with pytest.raises(ValueError, match=message):
         tpext.auto_plan(_model(arch, 8, "eager"), sequence_parallel=True)
 
 
-def test_block_sparse_attention_is_refused():
-    """BigBird's block-sparse attention (its default) is rebuilt from the config in forward: refused, naming the
-    way out; its full attention is planned."""
+@pytest.mark.parametrize(
+    "arch, block, reason",
+    [
+        (
+            "ctrl",
+            "transformer.h.0.multi_head_attention",
+            "whose forward takes query, key and value as separate",
+        ),
+        ("gpt_neox_japanese", "gpt_neox_japanese.layers.1.attention", "with an output bias of its own"),
+    ],
+)
+def test_attention_unshardable_under_sp_is_replicated(arch, block, reason):
+    """Under SP, CTRL's attention (q, k and v passed separately) and GPT-NeoX-Japanese's (an output bias of
+    its own) cannot take sequence shards: auto_plan replicates the block whole, saying why."""
+    plan = tpext.auto_plan(_model(arch, 8, "eager"), sequence_parallel=True)
+    assert plan[block] == tpext.parallel.Replicate(full_sequence=True)
+    assert reason in plan.sources[block]
+
+
+def test_block_sparse_attention_is_replicated():
+    """BigBird's block-sparse attention (its default) is rebuilt from the config in forward: replicated whole,
+    saying why; its full attention is sharded."""
     config_name, model_name, settings = ARCHS["big_bird"]
     config = getattr(transformers, config_name)(**{**SMALL, **settings, "attention_type": "block_sparse"})
-    with pytest.raises(
-        ValueError, match=r"query \(Linear in BigBirdBlockSparseAttention: block-sparse attention"
-    ):
-        tpext.auto_plan(getattr(transformers, model_name)(config))
+    plan = tpext.auto_plan(getattr(transformers, model_name)(config))
+    block = "bert.encoder.layer.0.attention"
+    assert plan[block] == tpext.parallel.Replicate(full_sequence=True)
+    assert "block-sparse attention (BigBird's)" in plan.sources[block]
     assert tpext.auto_plan(_model("big_bird", 8, "eager"))[
         "bert.encoder.layer.0.attention.self.query"
     ].kind == ("colwise")
