@@ -303,6 +303,7 @@ def parallelize(
             on_shards,
             partial_blocks,
             replicated_blocks=replicated_blocks,
+            before_split=_replicated_outside(plan),
         )
     _warn_replicated(model, plan, bool(split_at), no_split)
     add_causal_lm_loss(model, converted)
@@ -320,19 +321,46 @@ def _first_layer(attention: str) -> str:
     return attention.rpartition(".")[0]
 
 
+def _replicated_outside(plan: PlanLike) -> list[str]:
+    """The modules auto_plan replicated whole outside the decoder layers (Replicate(), source "replicated:",
+    nothing planned under them): under SP they must run before the split."""
+    sources = getattr(plan, "sources", {})
+    return [
+        name
+        for name, style in plan.items()
+        if str(sources.get(name, "")).startswith(REPLICATED + ":")
+        and isinstance(style, Replicate)
+        and not style.full_sequence
+        and not any(other.startswith(name + ".") for other in plan)
+    ]
+
+
 def _warn_replicated(model: nn.Module, plan: PlanLike, split: bool, no_split: bool) -> None:
-    """One warning per parallelize call: the blocks auto_plan replicated (their weights and compute repeated
-    on every rank), and under SP a model with no sharded attention to split the sequence at."""
+    """One warning per parallelize call: the blocks and modules auto_plan replicated (their weights and
+    compute repeated on every rank), and under SP a model with no sharded attention to split the sequence
+    at."""
     lines = []
     sources = getattr(plan, "sources", {})
     blocks = [name for name in plan if str(sources.get(name, "")).startswith(REPLICATED + ":")]
     if blocks:
         total = sum(p.numel() for p in model.parameters())
-        held = sum(p.numel() for b in blocks for p in model.get_submodule(b).parameters())
+        # a module with planned children (a decoder layer's own scales) holds its own parameters only
+        held = sum(
+            p.numel()
+            for b in blocks
+            for p in model.get_submodule(b).parameters(
+                recurse=not any(other.startswith(b + ".") for other in plan)
+            )
+        )
         lines.append(
-            f"{len(blocks)} block(s) replicated, not sharded: their weights ({held} parameters, "
+            f"{len(blocks)} module(s) replicated, not sharded: their weights ({held} parameters, "
             f"{100 * held / max(total, 1):.0f}% of the model's) and their compute are repeated on every rank"
-            + (", and under sequence parallelism each runs on the full sequence" if split else "")
+            + (
+                ", and under sequence parallelism a decoder layer's block runs on the full sequence, and "
+                "a module outside the layers must run before the sequence is split"
+                if split
+                else ""
+            )
             + ":"
         )
         lines += [f"  {name}: {sources[name].removeprefix(REPLICATED + ': ')}" for name in blocks]

@@ -159,6 +159,45 @@ class _CheckRunsOnShards:
             )
 
 
+class _CheckRunsBeforeSplit:
+    """Forward pre-hook of a module replicated outside the decoder layers under SP (a vision or audio tower,
+    a per-layer embedding, a mixer beside the layers): it must run before the sequence is split, on the
+    full sequence, where its replicated weights get the dense gradient. Called after the split it would see
+    this rank's shard, and its gradients would hold this rank's tokens only; that is an error, not a
+    partial gradient."""
+
+    def __init__(self, split: _SplitSequence, name: str):
+        self.split, self.name = split, name
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        if self.split.done:
+            raise ValueError(
+                f"tpext.parallelize: {self.name} ({type(module).__name__}) is replicated outside the decoder "
+                f"layers and runs after the sequence is split at {self.split.name}, so under "
+                "sequence_parallel=True it sees this rank's sequence shard and its replicated weights would "
+                "get partial gradients; parallelize with sequence_parallel=False, or plan it yourself"
+            )
+
+
+def _called(name: str, module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of what the model calls for `module`: itself, or for a list or dict of modules (which
+    has no forward) the modules it holds."""
+    if not isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+        return [(name, module)]
+    return [pair for leaf, child in module.named_children() for pair in _called(f"{name}.{leaf}", child)]
+
+
+class _EndForward:
+    """Forward hook of the model parallelize was given: its forward is over, so a module called on its own
+    afterwards (a vision tower) is not after the split."""
+
+    def __init__(self, split: _SplitSequence):
+        self.split = split
+
+    def __call__(self, module: nn.Module, args: tuple, output) -> None:
+        self.split.done = self.split.stack_done = False
+
+
 class _GatherSequence(SharesGroupOnCopy):
     """Forward pre-hook of an attention module under SP: the module is called with the full sequence, so
     attention code that takes the sequence length from its input (Hugging Face's does) sees the dense
@@ -586,6 +625,7 @@ def add_sequence_hooks(
     on_shards: list[str],
     partial_blocks: Collection[str] = (),
     replicated_blocks: list[str] | tuple[str, ...] = (),
+    before_split: list[str] | tuple[str, ...] = (),
 ) -> None:
     """The hooks of sequence parallelism: split at `split_at`, gather around attention and full-sequence
     blocks, check the head's input, and check that each module of `on_shards` (converted for sequence
@@ -593,7 +633,8 @@ def add_sequence_hooks(
     split. The full-sequence blocks in `partial_blocks` (those `partial_sums_reason` accepts) reduce-scatter
     their partial outputs; the others split their replicated output. `replicated_blocks` (replicated whole,
     their output the dense block's on every rank) run on the full sequence with a plain split of their
-    output."""
+    output. The modules of `before_split` (replicated outside the decoder layers) must run before the
+    split in each forward of `model`."""
     split = _SplitSequence(group, sequence_dim, split_at)
     model.get_submodule(split_at).register_forward_pre_hook(split, with_kwargs=True)
     # The decoder stack (model.layers) and its owner (model): a sequence-parallel column layer outside the
@@ -608,6 +649,13 @@ def add_sequence_hooks(
         owner_module = model.get_submodule(owner)
         owner_module._tpext_split = split
         owner_module.forward = types.MethodType(_shard_aware_forward(type(owner_module)), owner_module)
+    if before_split:
+        if model is not model.get_submodule(owner):  # a tower runs in the model's forward, before the owner's
+            model.register_forward_pre_hook(_StartForward(split))
+        model.register_forward_hook(_EndForward(split))
+    for name in before_split:
+        for target, module in _called(name, model.get_submodule(name)):
+            module.register_forward_pre_hook(_CheckRunsBeforeSplit(split, target))
     for name in on_shards:
         if not name.startswith(stack + "."):  # inside the stack everything runs after the split
             converted[name].register_forward_pre_hook(_CheckRunsOnShards(split, name))
