@@ -275,7 +275,8 @@ OWN_PARAMETERS = "its own parameters"
 
 def _decoder_stack(model: nn.Module, modules: dict[str, nn.Module]) -> str:
     """The name of the language model's layer list: the nn.ModuleList beside the model's word embedding
-    (model.language_model.layers beside model.language_model.embed_tokens), "" when there is none."""
+    (model.language_model.layers beside model.language_model.embed_tokens; of several, the one with
+    attention modules), "" when there is none."""
     getter = getattr(model, "get_input_embeddings", None)
     try:
         embedding = getter() if callable(getter) else None
@@ -291,6 +292,8 @@ def _decoder_stack(model: nn.Module, modules: dict[str, nn.Module]) -> str:
         for n, m in modules.items()
         if isinstance(m, nn.ModuleList) and n.startswith(prefix) and "." not in n[len(prefix) :] and len(m)
     ]
+    if len(lists) > 1:  # the decoder layers are the list with attention (not a list of towers beside it)
+        lists = [n for n in lists if any(st.is_attention(m) for m in modules[n].modules())]
     return lists[0] if len(lists) == 1 else ""
 
 
