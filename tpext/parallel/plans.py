@@ -94,7 +94,13 @@ def auto_plan(
     MLP: a Mamba mixer, a linear-attention or recurrent block) that holds a module neither source places is
     replicated whole: `Replicate(full_sequence=True)`, nothing under it planned, its source
     "replicated: <what it holds>". It computes the dense block on every rank (weights and compute repeated);
-    under SP it runs on the full sequence. tpext.parallelize warns once listing such blocks.
+    under SP it runs on the full sequence. Outside the blocks, where the model has a decoder stack beside its
+    word embedding: a module outside the decoder layers that holds what neither source places (a vision or
+    audio tower, a projector, a per-layer embedding) is replicated whole, `Replicate()`, nothing under it
+    planned (under SP it must run before the sequence is split, checked at forward); a decoder layer's own
+    parameters of at most 1-D (residual scales) are replicated with `Replicate()` on the layer, and refused
+    under SP, where they would meet sequence shards. Their source is "replicated: <why>".
+    tpext.parallelize warns once listing every replicated block and module.
 
     Args:
         model: the dense model.
@@ -109,9 +115,10 @@ def auto_plan(
         A Plan: {module name: style}, with `plan.sources[name]` saying where each entry came from.
 
     Raises:
-        ValueError: listing every module with weights that neither source places outside a decoder layer's
-            block (or inside a block that cannot be replicated: a layer with column- or row-parallel layers
-            of its own), or naming a model-plan entry tpext cannot honour outside such a block.
+        ValueError: listing every module with weights that neither source places and that cannot be
+            replicated (inside a block whose layer has column- or row-parallel layers of its own; a layer's
+            own parameters under SP; outside the decoder layers of a model with no decoder stack beside its
+            word embedding), or naming a model-plan entry tpext cannot honour outside such a block.
 
     Example:
         >>> plan = tpext.auto_plan(model)
