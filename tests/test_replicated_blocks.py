@@ -230,7 +230,8 @@ def test_outside_the_layers_refused_under_sp():
 
 def _llama_with_tower(where: str) -> torch.nn.Module:
     """Llama with a tower beside its decoder stack (model.towers), applied to the first decoder layer's
-    input (before the sequence is split there under SP) or to the last one's output (after the split)."""
+    input (before the sequence is split there under SP), to the final norm's output (after the split) or to
+    the first layer's attention output (inside a layer)."""
     config = transformers.LlamaConfig(
         **{k: v for k, v in _COMMON.items() if k != "head_dim"}, num_hidden_layers=2
     )
@@ -257,8 +258,10 @@ def _llama_with_tower(where: str) -> torch.nn.Module:
 
     if where == "before":
         model.model.layers[0].register_forward_pre_hook(before, with_kwargs=True)
-    else:
-        model.model.layers[-1].register_forward_hook(after)
+    elif where == "after":  # on the final norm's output
+        model.model.norm.register_forward_hook(after)
+    else:  # inside a layer, between its attention and its MLP
+        model.model.layers[0].self_attn.register_forward_hook(after)
     return model
 
 
@@ -283,7 +286,7 @@ def _tower(where: str, sp: bool) -> str:
     return "matches"
 
 
-TOWER_CASES = [("before", False), ("before", True), ("after", False), ("after", True)]
+TOWER_CASES = [(where, sp) for where in ("before", "after", "inside") for sp in (False, True)]
 
 
 @pytest.mark.parametrize(
@@ -291,10 +294,16 @@ TOWER_CASES = [("before", False), ("before", True), ("after", False), ("after", 
 )
 def test_tower_outside_the_layers(where, sp):
     """A module replicated outside the decoder layers matches the dense model where it sees replicated
-    activations: always without SP, and under SP before the sequence is split. Under SP after the split it
-    would see this rank's shard (its gradients partial): the forward is an error naming it."""
+    activations: outside the layers without SP, and under SP before the sequence is split. Under SP after
+    the split it would see this rank's shard (its gradients partial), and inside a layer it may read sharded
+    features: the forward is an error naming it."""
     said = run_ranks(_tower, 2, where, sp)[0]
-    if where == "after" and sp:
+    if where == "inside" and not sp:
+        assert said.startswith(
+            "tpext.parallelize: model.towers.0 (Sequential) is replicated as a module outside the decoder "
+            "layers, but it runs inside one of them (model.layers)"
+        ), said
+    elif where != "before" and sp:
         assert said.startswith(
             "tpext.parallelize: model.towers.0 (Sequential) is replicated outside the decoder layers and runs "
             "after the sequence is split"

@@ -25,7 +25,7 @@ otherwise what it holds is converted without SP and its output is split. So does
 (`Replicate(full_sequence=True)`, which auto_plan gives a decoder layer's block it cannot shard: a Mamba
 mixer): its output is the dense block's on every rank, so it is split, and its gradients need no sum. A
 module auto_plan replicates outside the decoder layers (a vision tower) must run before the split in each
-forward: called after it, it is an error. With no sharded attention there is no split point: the model runs
+forward: called after it, it is an error (with or without SP, so is one called inside a decoder layer). With no sharded attention there is no split point: the model runs
 without SP (parallelize warns).
 
 Converted norms keep their own class and code (tpext.nn.sum_param_grads), except a q/k RMSNorm over
@@ -48,10 +48,11 @@ from tpext.parallel.hooks import (
     add_alibi_slices,
     add_causal_lm_loss,
     add_dense_save_pretrained,
+    add_outside_layer_checks,
     add_sequence_hooks,
     partial_sums_reason,
 )
-from tpext.parallel.plans import REPLICATED, PlanLike, auto_plan, style_for
+from tpext.parallel.plans import REPLICATED, PlanLike, _decoder_stack, auto_plan, style_for
 from tpext.parallel.styles import Replicate, Site
 from tpext.sharding import ShardLayout, get_layout, set_layout
 
@@ -238,6 +239,7 @@ def parallelize(
     ties = _ties(model)
     config = getattr(model, "config", None)
     modules = dict(model.named_modules())
+    decoder_stack = _decoder_stack(model, modules)  # read before the embedding is replaced
     # Under SP a mixture-of-experts block (its experts sharded or replicated, its router must see every
     # token) runs on the full sequence: what it holds is converted without SP.
     moe_blocks = {name for name, module in modules.items() if st.is_moe(module)} if split_at else set()
@@ -307,6 +309,7 @@ def parallelize(
             replicated_blocks=replicated_blocks,
             before_split=_replicated_outside(plan),
         )
+    add_outside_layer_checks(model, decoder_stack, _replicated_outside(plan))
     _warn_replicated(model, plan, bool(split_at), no_split)
     add_causal_lm_loss(model, converted)
     add_dense_save_pretrained(model)

@@ -187,6 +187,56 @@ def _called(name: str, module: nn.Module) -> list[tuple[str, nn.Module]]:
     return [pair for leaf, child in module.named_children() for pair in _called(f"{name}.{leaf}", child)]
 
 
+class _InLayers:
+    """How many decoder layers are running now: forward pre-hook and hook of each layer of the stack, reset
+    at the start of each forward of the model (a layer that raised leaves no count behind)."""
+
+    depth: int = 0
+
+    def enter(self, module: nn.Module, args: tuple) -> None:
+        self.depth += 1
+
+    def leave(self, module: nn.Module, args: tuple, output) -> None:
+        self.depth = max(self.depth - 1, 0)
+
+    def reset(self, module: nn.Module, args: tuple) -> None:
+        self.depth = 0
+
+
+class _CheckOutsideLayers:
+    """Forward pre-hook of a module replicated outside the decoder layers: replicating it is right because
+    it reads replicated activations, which holds outside the layers. Called inside a decoder layer (a module
+    the model shares between its layers) it may read features sharded over the group; that is an error, not
+    a wrong number."""
+
+    def __init__(self, layers: _InLayers, name: str, stack: str):
+        self.layers, self.name, self.stack = layers, name, stack
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        if self.layers.depth:
+            raise ValueError(
+                f"tpext.parallelize: {self.name} ({type(module).__name__}) is replicated as a module outside "
+                f"the decoder layers, but it runs inside one of them ({self.stack}), where it may read "
+                "features sharded over the group; plan it yourself (plan={pattern: style}, starting from "
+                "tpext.auto_plan)"
+            )
+
+
+def add_outside_layer_checks(model: nn.Module, stack: str, names: list[str]) -> None:
+    """Check at forward that each module of `names` (replicated by auto_plan outside the decoder layers)
+    runs outside the layers of the decoder stack `stack`."""
+    if not names or not stack:
+        return
+    layers = _InLayers()
+    model.register_forward_pre_hook(layers.reset)
+    for layer in model.get_submodule(stack).children():
+        layer.register_forward_pre_hook(layers.enter)
+        layer.register_forward_hook(layers.leave)
+    for name in names:
+        for target, module in _called(name, model.get_submodule(name)):
+            module.register_forward_pre_hook(_CheckOutsideLayers(layers, target, stack))
+
+
 class _EndForward:
     """Forward hook of the model parallelize was given: its forward is over, so a module called on its own
     afterwards (a vision tower) is not after the split."""
