@@ -52,7 +52,14 @@ from tpext.parallel.hooks import (
     add_sequence_hooks,
     partial_sums_reason,
 )
-from tpext.parallel.plans import REPLICATED, PlanLike, _decoder_stack, auto_plan, style_for
+from tpext.parallel.plans import (
+    LAYER_PARAMETERS,
+    REPLICATED,
+    PlanLike,
+    _decoder_stack,
+    auto_plan,
+    style_for,
+)
 from tpext.parallel.styles import Replicate, Site
 from tpext.sharding import ShardLayout, get_layout, set_layout
 
@@ -308,6 +315,11 @@ def parallelize(
             partial_blocks,
             replicated_blocks=replicated_blocks,
             before_split=_replicated_outside(plan),
+            layer_params=[
+                n
+                for n in plan
+                if str(_sources_of(plan).get(n, "")).startswith(f"{REPLICATED}: {LAYER_PARAMETERS}")
+            ],
         )
     add_outside_layer_checks(model, decoder_stack, _replicated_outside(plan))
     _warn_replicated(model, plan, bool(split_at), no_split)
@@ -324,6 +336,11 @@ def _first_layer(attention: str) -> str:
         if parts[i - 1].isdigit():
             return ".".join(parts[:i])
     return attention.rpartition(".")[0]
+
+
+def _sources_of(plan: PlanLike) -> dict[str, str]:
+    """{name: where its entry came from} of an auto_plan Plan ({} for a plain dict)."""
+    return getattr(plan, "sources", {})
 
 
 def _replicated_outside(plan: PlanLike) -> list[str]:

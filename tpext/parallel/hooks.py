@@ -676,6 +676,7 @@ def add_sequence_hooks(
     partial_blocks: Collection[str] = (),
     replicated_blocks: list[str] | tuple[str, ...] = (),
     before_split: list[str] | tuple[str, ...] = (),
+    layer_params: list[str] | tuple[str, ...] = (),
 ) -> None:
     """The hooks of sequence parallelism: split at `split_at`, gather around attention and full-sequence
     blocks, check the head's input, and check that each module of `on_shards` (converted for sequence
@@ -684,7 +685,8 @@ def add_sequence_hooks(
     their partial outputs; the others split their replicated output. `replicated_blocks` (replicated whole,
     their output the dense block's on every rank) run on the full sequence with a plain split of their
     output. The modules of `before_split` (replicated outside the decoder layers) must run before the
-    split in each forward of `model`."""
+    split in each forward of `model`. The decoder layers of `layer_params` (their own replicated scales)
+    that run on sequence shards sum their own parameters' gradients over the group."""
     split = _SplitSequence(group, sequence_dim, split_at)
     model.get_submodule(split_at).register_forward_pre_hook(split, with_kwargs=True)
     # The decoder stack (model.layers) and its owner (model): a sequence-parallel column layer outside the
@@ -703,6 +705,17 @@ def add_sequence_hooks(
         if model is not model.get_submodule(owner):  # a tower runs in the model's forward, before the owner's
             model.register_forward_pre_hook(_StartForward(split))
         model.register_forward_hook(_EndForward(split))
+    first = next((i for i, m in enumerate(layers) if m is model.get_submodule(split_at)), 0)
+    for name in layer_params:
+        index = next((i for i, m in enumerate(layers) if m is model.get_submodule(name)), None)
+        if index is None:
+            raise ValueError(
+                f"tpext.parallelize: {name} has replicated parameters of its own and is not a layer of the "
+                f"decoder stack {stack} the sequence is split in, so under sequence_parallel=True tpext cannot "
+                "tell whether it sees shards; parallelize with sequence_parallel=False"
+            )
+        if index >= first:  # it runs on this rank's shard: each rank's gradient holds its tokens' share
+            sum_param_grads(model.get_submodule(name), group)
     for name in before_split:
         for target, module in _called(name, model.get_submodule(name)):
             module.register_forward_pre_hook(_CheckRunsBeforeSplit(split, target))

@@ -98,8 +98,8 @@ def auto_plan(
     word embedding: a module outside the decoder layers that holds what neither source places (a vision or
     audio tower, a projector, a per-layer embedding) is replicated whole, `Replicate()`, nothing under it
     planned (under SP it must run before the sequence is split, checked at forward); a decoder layer's own
-    parameters of at most 1-D (residual scales) are replicated with `Replicate()` on the layer, and refused
-    under SP, where they would meet sequence shards. Their source is "replicated: <why>".
+    parameters of at most 1-D (residual scales) are replicated with `Replicate()` on the layer (under SP
+    tpext.parallelize sums their gradients over the group). Their source is "replicated: <why>".
     tpext.parallelize warns once listing every replicated block and module.
 
     Args:
@@ -117,8 +117,8 @@ def auto_plan(
     Raises:
         ValueError: listing every module with weights that neither source places and that cannot be
             replicated (inside a block whose layer has column- or row-parallel layers of its own; a layer's
-            own parameters under SP; outside the decoder layers of a model with no decoder stack beside its
-            word embedding), or naming a model-plan entry tpext cannot honour outside such a block.
+            own weight of more than 1-D; under SP the own parameters of a module that holds the decoder
+            stack; outside the decoder layers of a model with no decoder stack beside its word embedding), or naming a model-plan entry tpext cannot honour outside such a block.
 
     Example:
         >>> plan = tpext.auto_plan(model)
@@ -278,6 +278,8 @@ def _replicated_blocks(
 #: The start of the reason of a replicated entry that holds only the module's own parameters (its children
 #: planned as they are): a decoder layer's own scales, the base model's own parameters.
 OWN_PARAMETERS = "its own parameters"
+#: The start of the reason of a decoder layer's own replicated parameters (summed over the group under SP).
+LAYER_PARAMETERS = f"{OWN_PARAMETERS} (a decoder layer"
 
 
 def _decoder_stack(model: nn.Module, modules: dict[str, nn.Module]) -> str:
@@ -321,9 +323,11 @@ def _replicated_outside(
       - a module outside the stack (a tower, a projector, a per-layer embedding, a mixer beside the layers):
         the largest module that holds it and not the stack, whole (nothing under it planned). Under SP it
         must run before the sequence is split (on the full sequence), which a forward check enforces;
-      - the own parameters of a decoder layer (residual scales, at most 1-D) or of a module that holds the
-        stack (its children planned as they are). Under SP they meet sequence shards, where their
-        gradients would be partial: refused.
+      - the own parameters of a decoder layer (residual scales, at most 1-D; its children planned as they
+        are): applied to each token, so under SP, where the layer runs on this rank's shard, parallelize
+        sums their gradients over the group;
+      - the own parameters of a module that holds the stack, without SP (under SP they may meet sequence
+        shards, where their gradients would be partial: refused).
     Without a decoder stack beside the word embedding nothing is replicated."""
     stack = _decoder_stack(model, modules)
     if not stack:
@@ -364,7 +368,12 @@ def _replicated_outside(
             f"shard: {names}{more}"
         )
     for name, inside in own.items():
-        if sequence_parallel:
+        if name.rpartition(".")[0] == stack:  # a decoder layer's own scales, applied to its tokens
+            regions[name] = (
+                f"{LAYER_PARAMETERS}; {inside[0][1]}), applied to each token of the residual stream (under "
+                "sequence parallelism their gradients are summed over the group)"
+            )
+        elif sequence_parallel:
             rest += [
                 (
                     n,
@@ -375,12 +384,10 @@ def _replicated_outside(
                 for n, why in inside
             ]
         else:
-            what = (
-                "a decoder layer"
-                if name.rpartition(".")[0] == stack
-                else f"it holds the decoder layers ({stack})"
+            regions[name] = (
+                f"{OWN_PARAMETERS} (it holds the decoder layers ({stack}); {inside[0][1]}), applied to "
+                "replicated activations"
             )
-            regions[name] = f"{OWN_PARAMETERS} ({what}; {inside[0][1]}), applied to replicated activations"
     return regions, rest
 
 
