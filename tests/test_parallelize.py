@@ -147,8 +147,8 @@ def _errors() -> list[str]:
             tpext.parallelize(LlamaForCausalLM(cfg))
         messages.append(str(err.value))
     model = LlamaForCausalLM(LlamaConfig(**SMALL))
-    model.model.extra = torch.nn.Linear(4, 4)
-    with pytest.raises(ValueError, match=r"could not place: model\.extra \(Linear\)"):
+    model.model.layers[0].extra = torch.nn.Parameter(torch.ones(4, 4))  # a layer's own weight: not a scale
+    with pytest.raises(ValueError, match=r"could not place: model\.layers\.0 \(LlamaDecoderLayer"):
         tpext.parallelize(model)
     with pytest.raises(ValueError, match="unknown style 'columnwise'"):
         tpext.parallelize(LlamaForCausalLM(LlamaConfig(**SMALL)), plan={"*q_proj": "columnwise"})

@@ -20,6 +20,7 @@ import warnings
 import pytest
 import torch
 from dist import case_result, run_cases, run_ranks
+from model_census import build as census_build
 
 import tpext
 from tpext import mappings
@@ -30,6 +31,7 @@ transformers = pytest.importorskip("transformers")
 f64 = torch.float64
 VOCAB = 128
 TOL = dict(rtol=1e-5, atol=1e-7)  # fp64 models, but Hugging Face's norms compute in fp32
+CENSUS_TOL = dict(rtol=1e-4, atol=1e-5)  # the model census's (its Gemma models compute more in fp32)
 _COMMON = dict(
     hidden_size=64,
     num_attention_heads=8,
@@ -97,10 +99,24 @@ FAMILIES = {
     ),
 }
 CASES = [(family, sp) for family in FAMILIES for sp in (False, True)]
+# Families with modules outside the decoder layers that plan="auto" replicates, as the model census builds
+# them (tests/model_census.py): family: (the sequence-parallel settings it matches in, the replicated modules).
+# Gemma 3's vision tower and projector run before the decoder stack (on image inputs); Gemma 4's per-layer
+# embeddings read the token ids and the embeddings (under SP the model calls a norm registered after the
+# layers before them: refused); Doge's decoder layers hold their own residual scales, applied to each token
+# (under SP their gradients are summed over the group).
+OUTSIDE = {
+    "gemma3": ((False, True), ["model.vision_tower", "model.multi_modal_projector"]),
+    "gemma4_text": ((False,), ["model.embed_tokens_per_layer", "model.per_layer_model_projection"]),
+    "doge": ((False, True), ["model.layers.0", "model.layers.1"]),
+}
+OUTSIDE_CASES = [(family, sp) for family, (sps, _) in OUTSIDE.items() for sp in sps]
 
 
 def _model(family: str) -> torch.nn.Module:
     """The family's tiny fp64 model, every weight moved off its init, the same on every rank."""
+    if family in OUTSIDE:
+        return census_build(family)
     model_cls, config_cls, settings, _ = FAMILIES[family]
     config = getattr(transformers, config_cls)(**_COMMON, **settings)
     config._attn_implementation = "eager"
@@ -130,9 +146,10 @@ def _compare(family: str, sp: bool) -> list[str]:
     out.loss.backward()
 
     what = f"{family} tp={world} sp={sp}"
+    tol = CENSUS_TOL if family in OUTSIDE else TOL
     logits = out.logits if out.logits.shape[-1] == VOCAB else mappings.gather_from_tp(out.logits, VOCAB)
-    torch.testing.assert_close(logits, ref.logits, **TOL, msg=lambda m: f"{what}: logits: {m}")
-    torch.testing.assert_close(out.loss, ref.loss, **TOL, msg=lambda m: f"{what}: loss: {m}")
+    torch.testing.assert_close(logits, ref.logits, **tol, msg=lambda m: f"{what}: logits: {m}")
+    torch.testing.assert_close(out.loss, ref.loss, **tol, msg=lambda m: f"{what}: loss: {m}")
     entries = layouts(model)
     assert len(entries) == len(layouts(dense)), what
     for e in (e for e in entries if isinstance(e.tensor, torch.nn.Parameter)):
@@ -143,7 +160,7 @@ def _compare(family: str, sp: bool) -> list[str]:
         torch.testing.assert_close(
             e.tensor.grad,
             e.layout.local_from_dense(dense_grad),
-            **TOL,
+            **tol,
             msg=lambda m: f"{what}: grad {e.names}: {m}",
         )
     return said
@@ -162,10 +179,138 @@ def test_replicated_blocks_match_dense(results, family, sp):
     blocks = FAMILIES[family][3]
     for said in case_result(results, (family, sp)):
         assert len(said) == 1, said
-        assert "block(s) replicated, not sharded" in said[0] and "repeated on every rank" in said[0]
+        assert "module(s) replicated, not sharded" in said[0] and "repeated on every rank" in said[0]
         assert all(f"\n  {block}: holds what tpext cannot shard" in said[0] for block in blocks), said[0]
         no_split = sp and family == "bamba_no_attention"
         assert ("sequence_parallel=True has no effect" in said[0]) == no_split, said[0]
+
+
+@pytest.fixture(scope="module")
+def outside_results():
+    return run_cases(_compare, 2, OUTSIDE_CASES, timeout_s=600.0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "family, sp", OUTSIDE_CASES, ids=[f"{f}-{'sp' if sp else 'nosp'}" for f, sp in OUTSIDE_CASES]
+)
+def test_outside_the_layers_match_dense(outside_results, family, sp):
+    """Modules outside the decoder layers' blocks (towers, projectors, per-layer embeddings, a layer's own
+    scales) are replicated: logits, loss and every gradient match the dense model at tp 2, and parallelize
+    names each one in its one warning."""
+    for said in case_result(outside_results, (family, sp)):
+        assert len(said) == 1, said
+        assert "module(s) replicated, not sharded" in said[0], said[0]
+        assert all(f"\n  {name}: " in said[0] for name in OUTSIDE[family][1]), said[0]
+
+
+@pytest.mark.parametrize("family", list(OUTSIDE))
+def test_auto_plan_replicates_outside_the_layers(family):
+    """Each module is one Replicate() entry whose source says why; a tower's modules are not planned."""
+    plan = tpext.auto_plan(census_build(family))
+    for name in OUTSIDE[family][1]:
+        assert plan[name] == tpext.parallel.Replicate(), name
+        assert plan.sources[name].startswith("replicated: "), plan.sources[name]
+    assert not [name for name in plan if name.startswith("model.vision_tower.")]
+
+
+def _refused(family: str) -> str:
+    with pytest.raises(ValueError) as err:
+        tpext.parallelize(census_build(family))
+    return str(err.value)
+
+
+def test_parameters_of_a_model_without_a_stack_beside_its_embedding_are_refused():
+    """HRM's base model holds a parameter of its own and two decoder stacks (L_module, H_module), none beside
+    its word embedding: where its parameter meets the activations is the model's code, so it stays an error
+    naming it."""
+    said = run_ranks(_refused, 2, "hrm_text")[0]
+    assert said.startswith("tpext.parallelize:"), said
+    assert "could not place: model (HrmTextModel)" in said, said
+
+
+def _llama_with_tower(where: str) -> torch.nn.Module:
+    """Llama with a tower beside its decoder stack (model.towers), applied to the first decoder layer's
+    input (before the sequence is split there under SP), to the final norm's output (after the split) or to
+    the first layer's attention output (inside a layer)."""
+    config = transformers.LlamaConfig(
+        **{k: v for k, v in _COMMON.items() if k != "head_dim"}, num_hidden_layers=2
+    )
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    model.model.towers = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Conv1d(64, 64, 1))])
+    model = model.to(f64)
+    with torch.no_grad():
+        for i, p in enumerate(model.parameters()):
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i), dtype=f64))
+    tower = model.model.towers[0]
+
+    def mix(x):
+        return x + tower(x.transpose(1, 2)).transpose(1, 2)
+
+    def before(module, args, kwargs):  # before the split: parallelize's own hook comes after this one
+        if args:
+            return (mix(args[0]), *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": mix(kwargs["hidden_states"])}
+
+    def after(module, args, output):
+        return (mix(output[0]), *output[1:]) if isinstance(output, tuple) else mix(output)
+
+    if where == "before":
+        model.model.layers[0].register_forward_pre_hook(before, with_kwargs=True)
+    elif where == "after":  # on the final norm's output
+        model.model.norm.register_forward_hook(after)
+    else:  # inside a layer, between its attention and its MLP
+        model.model.layers[0].self_attn.register_forward_hook(after)
+    return model
+
+
+def _tower(where: str, sp: bool) -> str:
+    dense = _llama_with_tower(where)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = tpext.parallelize(_llama_with_tower(where), sequence_parallel=sp)
+    assert type(model.model.towers[0][0]) is torch.nn.Conv1d
+    ids = torch.randint(2, VOCAB, (2, 8), generator=torch.Generator().manual_seed(1))
+    try:
+        out = model(input_ids=ids, labels=ids)
+    except ValueError as exc:
+        return str(exc)
+    out.loss.backward()
+    ref = dense(input_ids=ids, labels=ids)
+    ref.loss.backward()
+    torch.testing.assert_close(out.loss, ref.loss, **TOL)
+    for e in (e for e in layouts(model) if isinstance(e.tensor, torch.nn.Parameter)):
+        dense_grad = dense.get_parameter(e.names[0]).grad
+        torch.testing.assert_close(e.tensor.grad, e.layout.local_from_dense(dense_grad), **TOL)
+    return "matches"
+
+
+TOWER_CASES = [(where, sp) for where in ("before", "after", "inside") for sp in (False, True)]
+
+
+@pytest.mark.parametrize(
+    "where, sp", TOWER_CASES, ids=[f"{w}-{'sp' if sp else 'nosp'}" for w, sp in TOWER_CASES]
+)
+def test_tower_outside_the_layers(where, sp):
+    """A module replicated outside the decoder layers matches the dense model where it sees replicated
+    activations: outside the layers without SP, and under SP before the sequence is split. Under SP after
+    the split it would see this rank's shard (its gradients partial), and inside a layer it may read sharded
+    features: the forward is an error naming it."""
+    said = run_ranks(_tower, 2, where, sp)[0]
+    if where == "inside" and not sp:
+        assert said.startswith(
+            "tpext.parallelize: model.towers.0 (Sequential) is replicated as a module outside the decoder "
+            "layers, but it runs inside one of them (model.layers)"
+        ), said
+    elif where != "before" and sp:
+        assert said.startswith(
+            "tpext.parallelize: model.towers.0 (Sequential) is replicated outside the decoder layers and runs "
+            "after the sequence is split"
+        ), said
+    else:
+        assert said == "matches", said
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -323,9 +468,11 @@ def _outside_the_stack() -> str:
     model = transformers.LlamaForCausalLM(config)
     # a list of blocks registered after the decoder stack, not in it (a second tower, say)
     model.model.towers = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Conv1d(64, 64, 1))])
-    assert tpext.auto_plan(model)["model.towers.0.0"] == tpext.parallel.Replicate(full_sequence=True)
+    plan = dict(tpext.auto_plan(model))
+    assert plan.pop("model.towers") == tpext.parallel.Replicate()  # a module outside the layers
+    plan["model.towers.0.0"] = tpext.parallel.Replicate(full_sequence=True)  # given as a block
     with pytest.raises(ValueError) as err:
-        tpext.parallelize(model, sequence_parallel=True)
+        tpext.parallelize(model, plan=plan, sequence_parallel=True)
     assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear  # unchanged
     return str(err.value)
 

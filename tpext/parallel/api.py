@@ -23,8 +23,10 @@ runs on the full sequence too, gathered at its input: where its output is a sum 
 layers' outputs (checked on its forward), each rank's partial sum is reduce-scattered at its output;
 otherwise what it holds is converted without SP and its output is split. So does a block replicated whole
 (`Replicate(full_sequence=True)`, which auto_plan gives a decoder layer's block it cannot shard: a Mamba
-mixer): its output is the dense block's on every rank, so it is split, and its gradients need no sum. With
-no sharded attention there is no split point: the model runs without SP (parallelize warns).
+mixer): its output is the dense block's on every rank, so it is split, and its gradients need no sum. A
+module auto_plan replicates outside the decoder layers (a vision tower) must run before the split in each
+forward: called after it, it is an error (with or without SP, so is one called inside a decoder layer). With no sharded attention there is no split point: the model runs
+without SP (parallelize warns).
 
 Converted norms keep their own class and code (tpext.nn.sum_param_grads), except a q/k RMSNorm over
 all heads' features (OLMo2's), which keeps its class and computes its statistic over the group (checked
@@ -46,10 +48,18 @@ from tpext.parallel.hooks import (
     add_alibi_slices,
     add_causal_lm_loss,
     add_dense_save_pretrained,
+    add_outside_layer_checks,
     add_sequence_hooks,
     partial_sums_reason,
 )
-from tpext.parallel.plans import REPLICATED, PlanLike, auto_plan, style_for
+from tpext.parallel.plans import (
+    LAYER_PARAMETERS,
+    REPLICATED,
+    PlanLike,
+    _decoder_stack,
+    auto_plan,
+    style_for,
+)
 from tpext.parallel.styles import Replicate, Site
 from tpext.sharding import ShardLayout, get_layout, set_layout
 
@@ -236,6 +246,7 @@ def parallelize(
     ties = _ties(model)
     config = getattr(model, "config", None)
     modules = dict(model.named_modules())
+    decoder_stack = _decoder_stack(model, modules)  # read before the embedding is replaced
     # Under SP a mixture-of-experts block (its experts sharded or replicated, its router must see every
     # token) runs on the full sequence: what it holds is converted without SP.
     moe_blocks = {name for name, module in modules.items() if st.is_moe(module)} if split_at else set()
@@ -303,7 +314,14 @@ def parallelize(
             on_shards,
             partial_blocks,
             replicated_blocks=replicated_blocks,
+            before_split=_replicated_outside(plan),
+            layer_params=[
+                n
+                for n in plan
+                if str(_sources_of(plan).get(n, "")).startswith(f"{REPLICATED}: {LAYER_PARAMETERS}")
+            ],
         )
+    add_outside_layer_checks(model, decoder_stack, _replicated_outside(plan))
     _warn_replicated(model, plan, bool(split_at), no_split)
     add_causal_lm_loss(model, converted)
     add_dense_save_pretrained(model)
@@ -320,19 +338,51 @@ def _first_layer(attention: str) -> str:
     return attention.rpartition(".")[0]
 
 
+def _sources_of(plan: PlanLike) -> dict[str, str]:
+    """{name: where its entry came from} of an auto_plan Plan ({} for a plain dict)."""
+    return getattr(plan, "sources", {})
+
+
+def _replicated_outside(plan: PlanLike) -> list[str]:
+    """The modules auto_plan replicated whole outside the decoder layers (Replicate(), source "replicated:",
+    nothing planned under them): under SP they must run before the split."""
+    sources = getattr(plan, "sources", {})
+    return [
+        name
+        for name, style in plan.items()
+        if str(sources.get(name, "")).startswith(REPLICATED + ":")
+        and isinstance(style, Replicate)
+        and not style.full_sequence
+        and not any(other.startswith(name + ".") for other in plan)
+    ]
+
+
 def _warn_replicated(model: nn.Module, plan: PlanLike, split: bool, no_split: bool) -> None:
-    """One warning per parallelize call: the blocks auto_plan replicated (their weights and compute repeated
-    on every rank), and under SP a model with no sharded attention to split the sequence at."""
+    """One warning per parallelize call: the blocks and modules auto_plan replicated (their weights and
+    compute repeated on every rank), and under SP a model with no sharded attention to split the sequence
+    at."""
     lines = []
     sources = getattr(plan, "sources", {})
     blocks = [name for name in plan if str(sources.get(name, "")).startswith(REPLICATED + ":")]
     if blocks:
         total = sum(p.numel() for p in model.parameters())
-        held = sum(p.numel() for b in blocks for p in model.get_submodule(b).parameters())
+        # a module with planned children (a decoder layer's own scales) holds its own parameters only
+        held = sum(
+            p.numel()
+            for b in blocks
+            for p in model.get_submodule(b).parameters(
+                recurse=not any(other.startswith(b + ".") for other in plan)
+            )
+        )
         lines.append(
-            f"{len(blocks)} block(s) replicated, not sharded: their weights ({held} parameters, "
+            f"{len(blocks)} module(s) replicated, not sharded: their weights ({held} parameters, "
             f"{100 * held / max(total, 1):.0f}% of the model's) and their compute are repeated on every rank"
-            + (", and under sequence parallelism each runs on the full sequence" if split else "")
+            + (
+                ", and under sequence parallelism a decoder layer's block runs on the full sequence, and "
+                "a module outside the layers must run before the sequence is split"
+                if split
+                else ""
+            )
             + ":"
         )
         lines += [f"  {name}: {sources[name].removeprefix(REPLICATED + ': ')}" for name in blocks]

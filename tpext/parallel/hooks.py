@@ -159,6 +159,95 @@ class _CheckRunsOnShards:
             )
 
 
+class _CheckRunsBeforeSplit:
+    """Forward pre-hook of a module replicated outside the decoder layers under SP (a vision or audio tower,
+    a per-layer embedding, a mixer beside the layers): it must run before the sequence is split, on the
+    full sequence, where its replicated weights get the dense gradient. Called after the split it would see
+    this rank's shard, and its gradients would hold this rank's tokens only; that is an error, not a
+    partial gradient."""
+
+    def __init__(self, split: _SplitSequence, name: str):
+        self.split, self.name = split, name
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        if self.split.done:
+            raise ValueError(
+                f"tpext.parallelize: {self.name} ({type(module).__name__}) is replicated outside the decoder "
+                f"layers and runs after the sequence is split at {self.split.name}, so under "
+                "sequence_parallel=True it sees this rank's sequence shard and its replicated weights would "
+                "get partial gradients; parallelize with sequence_parallel=False, or plan it yourself"
+            )
+
+
+def _called(name: str, module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of what the model calls for `module`: itself, or for a list or dict of modules (which
+    has no forward) the modules it holds."""
+    if not isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+        return [(name, module)]
+    return [pair for leaf, child in module.named_children() for pair in _called(f"{name}.{leaf}", child)]
+
+
+class _InLayers:
+    """How many decoder layers are running now: forward pre-hook and hook of each layer of the stack, reset
+    at the start of each forward of the model (a layer that raised leaves no count behind)."""
+
+    depth: int = 0
+
+    def enter(self, module: nn.Module, args: tuple) -> None:
+        self.depth += 1
+
+    def leave(self, module: nn.Module, args: tuple, output) -> None:
+        self.depth = max(self.depth - 1, 0)
+
+    def reset(self, module: nn.Module, args: tuple) -> None:
+        self.depth = 0
+
+
+class _CheckOutsideLayers:
+    """Forward pre-hook of a module replicated outside the decoder layers: replicating it is right because
+    it reads replicated activations, which holds outside the layers. Called inside a decoder layer (a module
+    the model shares between its layers) it may read features sharded over the group; that is an error, not
+    a wrong number."""
+
+    def __init__(self, layers: _InLayers, name: str, stack: str):
+        self.layers, self.name, self.stack = layers, name, stack
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        if self.layers.depth:
+            raise ValueError(
+                f"tpext.parallelize: {self.name} ({type(module).__name__}) is replicated as a module outside "
+                f"the decoder layers, but it runs inside one of them ({self.stack}), where it may read "
+                "features sharded over the group; plan it yourself (plan={pattern: style}, starting from "
+                "tpext.auto_plan)"
+            )
+
+
+def add_outside_layer_checks(model: nn.Module, stack: str, names: list[str]) -> None:
+    """Check at forward that each module of `names` (replicated by auto_plan outside the decoder layers)
+    runs outside the layers of the decoder stack `stack`."""
+    if not names or not stack:
+        return
+    layers = _InLayers()
+    model.register_forward_pre_hook(layers.reset)
+    for layer in model.get_submodule(stack).children():
+        layer.register_forward_pre_hook(layers.enter)
+        layer.register_forward_hook(layers.leave)
+    for name in names:
+        for target, module in _called(name, model.get_submodule(name)):
+            module.register_forward_pre_hook(_CheckOutsideLayers(layers, target, stack))
+
+
+class _EndForward:
+    """Forward hook of the model parallelize was given: its forward is over, so a module called on its own
+    afterwards (a vision tower) is not after the split."""
+
+    def __init__(self, split: _SplitSequence):
+        self.split = split
+
+    def __call__(self, module: nn.Module, args: tuple, output) -> None:
+        self.split.done = self.split.stack_done = False
+
+
 class _GatherSequence(SharesGroupOnCopy):
     """Forward pre-hook of an attention module under SP: the module is called with the full sequence, so
     attention code that takes the sequence length from its input (Hugging Face's does) sees the dense
@@ -597,6 +686,8 @@ def add_sequence_hooks(
     on_shards: list[str],
     partial_blocks: Collection[str] = (),
     replicated_blocks: list[str] | tuple[str, ...] = (),
+    before_split: list[str] | tuple[str, ...] = (),
+    layer_params: list[str] | tuple[str, ...] = (),
 ) -> None:
     """The hooks of sequence parallelism: split at `split_at`, gather around attention and full-sequence
     blocks, check the head's input, and check that each module of `on_shards` (converted for sequence
@@ -604,7 +695,9 @@ def add_sequence_hooks(
     split. The full-sequence blocks in `partial_blocks` (those `partial_sums_reason` accepts) reduce-scatter
     their partial outputs; the others split their replicated output. `replicated_blocks` (replicated whole,
     their output the dense block's on every rank) run on the full sequence with a plain split of their
-    output."""
+    output. The modules of `before_split` (replicated outside the decoder layers) must run before the
+    split in each forward of `model`. The decoder layers of `layer_params` (their own replicated scales)
+    that run on sequence shards sum their own parameters' gradients over the group."""
     split = _SplitSequence(group, sequence_dim, split_at)
     model.get_submodule(split_at).register_forward_pre_hook(split, with_kwargs=True)
     # The decoder stack (model.layers) and its owner (model): a sequence-parallel column layer outside the
@@ -619,6 +712,24 @@ def add_sequence_hooks(
         owner_module = model.get_submodule(owner)
         owner_module._tpext_split = split
         owner_module.forward = types.MethodType(_shard_aware_forward(type(owner_module)), owner_module)
+    if before_split:
+        if model is not model.get_submodule(owner):  # a tower runs in the model's forward, before the owner's
+            model.register_forward_pre_hook(_StartForward(split))
+        model.register_forward_hook(_EndForward(split))
+    first = next((i for i, m in enumerate(layers) if m is model.get_submodule(split_at)), 0)
+    for name in layer_params:
+        index = next((i for i, m in enumerate(layers) if m is model.get_submodule(name)), None)
+        if index is None:
+            raise ValueError(
+                f"tpext.parallelize: {name} has replicated parameters of its own and is not a layer of the "
+                f"decoder stack {stack} the sequence is split in, so under sequence_parallel=True tpext cannot "
+                "tell whether it sees shards; parallelize with sequence_parallel=False"
+            )
+        if index >= first:  # it runs on this rank's shard: each rank's gradient holds its tokens' share
+            sum_param_grads(model.get_submodule(name), group)
+    for name in before_split:
+        for target, module in _called(name, model.get_submodule(name)):
+            module.register_forward_pre_hook(_CheckRunsBeforeSplit(split, target))
     for name in on_shards:
         if not name.startswith(stack + "."):  # inside the stack everything runs after the split
             converted[name].register_forward_pre_hook(_CheckRunsOnShards(split, name))

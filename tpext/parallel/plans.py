@@ -94,7 +94,13 @@ def auto_plan(
     MLP: a Mamba mixer, a linear-attention or recurrent block) that holds a module neither source places is
     replicated whole: `Replicate(full_sequence=True)`, nothing under it planned, its source
     "replicated: <what it holds>". It computes the dense block on every rank (weights and compute repeated);
-    under SP it runs on the full sequence. tpext.parallelize warns once listing such blocks.
+    under SP it runs on the full sequence. Outside the blocks, where the model has a decoder stack beside its
+    word embedding: a module outside the decoder layers that holds what neither source places (a vision or
+    audio tower, a projector, a per-layer embedding) is replicated whole, `Replicate()`, nothing under it
+    planned (under SP it must run before the sequence is split, checked at forward); a decoder layer's own
+    parameters of at most 1-D (residual scales) are replicated with `Replicate()` on the layer (under SP
+    tpext.parallelize sums their gradients over the group). Their source is "replicated: <why>".
+    tpext.parallelize warns once listing every replicated block and module.
 
     Args:
         model: the dense model.
@@ -109,9 +115,10 @@ def auto_plan(
         A Plan: {module name: style}, with `plan.sources[name]` saying where each entry came from.
 
     Raises:
-        ValueError: listing every module with weights that neither source places outside a decoder layer's
-            block (or inside a block that cannot be replicated: a layer with column- or row-parallel layers
-            of its own), or naming a model-plan entry tpext cannot honour outside such a block.
+        ValueError: listing every module with weights that neither source places and that cannot be
+            replicated (inside a block whose layer has column- or row-parallel layers of its own; a layer's
+            own weight of more than 1-D; under SP the own parameters of a module that holds the decoder
+            stack; outside the decoder layers of a model with no decoder stack beside its word embedding), or naming a model-plan entry tpext cannot honour outside such a block.
 
     Example:
         >>> plan = tpext.auto_plan(model)
@@ -172,11 +179,17 @@ def auto_plan(
             unplaced.append((name, by_name or type(module).__name__))
     # A decoder layer's block (its mixer beside attention and the MLP) that holds what cannot be placed is
     # replicated whole; anything else that cannot be placed is an error.
+    outside, unplaced = _replicated_outside(unplaced, model, modules, sequence_parallel=sequence_parallel)
     blocks, unplaced = _replicated_blocks(unplaced, modules, entries)
     for block, reason in blocks.items():
         for name in [n for n in entries if n.startswith(block + ".")]:
             del entries[name], sources[name]
         entries[block], sources[block] = Replicate(full_sequence=True), f"{REPLICATED}: {reason}"
+    for region, reason in outside.items():
+        if not reason.startswith(OWN_PARAMETERS):  # a whole module: nothing under it is planned
+            for name in [n for n in entries if n.startswith(region + ".")]:
+                del entries[name], sources[name]
+        entries[region], sources[region] = Replicate(), f"{REPLICATED}: {reason}"
     entries = {name: entries[name] for name in modules if name in entries}  # module order
     if unplaced:
         raise ValueError(
@@ -260,6 +273,122 @@ def _replicated_blocks(
         more = f" and {len(inside) - 3} more" if len(inside) > 3 else ""
         blocks[block] = f"holds what tpext cannot shard: {names}{more}"
     return blocks, rest
+
+
+#: The start of the reason of a replicated entry that holds only the module's own parameters (its children
+#: planned as they are): a decoder layer's own scales, the base model's own parameters.
+OWN_PARAMETERS = "its own parameters"
+#: The start of the reason of a decoder layer's own replicated parameters (summed over the group under SP).
+LAYER_PARAMETERS = f"{OWN_PARAMETERS} (a decoder layer"
+
+
+def _decoder_stack(model: nn.Module, modules: dict[str, nn.Module]) -> str:
+    """The name of the language model's layer list: the nn.ModuleList beside the model's word embedding
+    (model.language_model.layers beside model.language_model.embed_tokens; of several, the one with
+    attention modules), "" when there is none."""
+    getter = getattr(model, "get_input_embeddings", None)
+    try:
+        embedding = getter() if callable(getter) else None
+    except (AttributeError, NotImplementedError):
+        embedding = None
+    name = next((n for n, m in modules.items() if embedding is not None and m is embedding), "")
+    if not name:
+        return ""
+    holder = name.rpartition(".")[0]
+    prefix = f"{holder}." if holder else ""
+    lists = [
+        n
+        for n, m in modules.items()
+        if isinstance(m, nn.ModuleList) and n.startswith(prefix) and "." not in n[len(prefix) :] and len(m)
+    ]
+    if len(lists) > 1:  # the decoder layers are the list with attention (not a list of towers beside it)
+        lists = [n for n in lists if any(st.is_attention(m) for m in modules[n].modules())]
+    return lists[0] if len(lists) == 1 else ""
+
+
+def _replicated_outside(
+    unplaced: list[tuple[str, str]],
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    *,
+    sequence_parallel: bool,
+) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """({module: why it is replicated}, what stays unplaced) for the unplaced (name, why) pairs outside the
+    decoder stack's layers' blocks.
+
+    Without SP everything outside the decoder stack's blocks reads replicated activations (token ids, the
+    embeddings, the residual stream between layers, a vision or audio tower's inputs), so run as it is on
+    every rank it computes the dense output and, from the replicated output gradient, the dense gradients.
+    Replicated are:
+      - a module outside the stack (a tower, a projector, a per-layer embedding, a mixer beside the layers):
+        the largest module that holds it and not the stack, whole (nothing under it planned). Under SP it
+        must run before the sequence is split (on the full sequence), which a forward check enforces;
+      - the own parameters of a decoder layer (residual scales, at most 1-D; its children planned as they
+        are): applied to each token, so under SP, where the layer runs on this rank's shard, parallelize
+        sums their gradients over the group;
+      - the own parameters of a module that holds the stack, without SP (under SP they may meet sequence
+        shards, where their gradients would be partial: refused).
+    Without a decoder stack beside the word embedding nothing is replicated."""
+    stack = _decoder_stack(model, modules)
+    if not stack:
+        return {}, unplaced
+    found: dict[str, list[tuple[str, str]]] = {}
+    own: dict[str, list[tuple[str, str]]] = {}
+    rest = []
+    for name, why in unplaced:
+        parent, _, leaf = name.rpartition(".")
+        if parent == stack and leaf.isdigit():  # a decoder layer itself: its own parameters
+            params = list(modules[name].parameters(recurse=False))
+            if all(p.dim() <= 1 for p in params):
+                own.setdefault(name, []).append((name, why))
+            else:
+                rest.append((name, f"{why}; a decoder layer with a weight of its own (not a 1-D scale)"))
+            continue
+        if name.startswith(stack + "."):
+            rest.append((name, why))  # inside a layer: its block (_replicated_blocks)
+            continue
+        if stack.startswith(name + ".") or not name:
+            own.setdefault(name, []).append((name, why))  # holds the stack: its own parameters
+            continue
+        parts = name.split(".")
+        region = next(
+            ".".join(parts[:i])
+            for i in range(1, len(parts) + 1)
+            if not stack.startswith(".".join(parts[:i]) + ".")
+        )
+        found.setdefault(region, []).append((name, why))
+    regions = {}
+    for region, inside in found.items():
+        names = ", ".join(
+            f"{'itself' if n == region else n.removeprefix(region + '.')} ({why})" for n, why in inside[:3]
+        )
+        more = f" and {len(inside) - 3} more" if len(inside) > 3 else ""
+        regions[region] = (
+            f"outside the decoder layers ({stack}), reads replicated activations; holds what tpext cannot "
+            f"shard: {names}{more}"
+        )
+    for name, inside in own.items():
+        if name.rpartition(".")[0] == stack:  # a decoder layer's own scales, applied to its tokens
+            regions[name] = (
+                f"{LAYER_PARAMETERS}; {inside[0][1]}), applied to each token of the residual stream (under "
+                "sequence parallelism their gradients are summed over the group)"
+            )
+        elif sequence_parallel:
+            rest += [
+                (
+                    n,
+                    f"{why}; its own parameters would be replicated, but under sequence parallelism they may "
+                    "meet this rank's sequence shard, where their gradients would be partial: parallelize "
+                    "without sequence_parallel",
+                )
+                for n, why in inside
+            ]
+        else:
+            regions[name] = (
+                f"{OWN_PARAMETERS} (it holds the decoder layers ({stack}); {inside[0][1]}), applied to "
+                "replicated activations"
+            )
+    return regions, rest
 
 
 def _names(names) -> str:
