@@ -10,6 +10,7 @@ import zlib
 import pytest
 import torch
 import torch.distributed as tdist
+from checks import assert_grads_match
 from dist import case_result, run_cases, run_ranks
 
 import tpext
@@ -92,25 +93,8 @@ def _compare(arch: str, sp: bool) -> int:
     logits = mappings.gather_from_tp(out.logits, VOCAB)
     torch.testing.assert_close(logits, ref.logits, **TOL, msg=lambda m: f"{what}: logits: {m}")
     torch.testing.assert_close(out.loss, ref.loss, **TOL, msg=lambda m: f"{what}: loss: {m}")
-    entries = [e for e in layouts(model) if isinstance(e.tensor, torch.nn.Parameter)]
-    assert len(entries) == len(list(dense.parameters())), what
-    compared = 0
-    for e in entries:
-        dense_grad = dense.get_parameter(e.names[0]).grad
-        if dense_grad is None:  # an expert no token chose
-            assert e.tensor.grad is None or not e.tensor.grad.any(), (
-                f"{what}: {e.names}: none in the dense model"
-            )
-            continue
-        assert e.tensor.grad is not None, f"{what}: {e.names}: no gradient"
-        torch.testing.assert_close(
-            e.tensor.grad,
-            e.layout.local_from_dense(dense_grad),
-            **TOL,
-            msg=lambda m: f"{what}: grad {e.names}: {m}",
-        )
-        compared += 1
-    return compared
+    assert len(layouts(model)) == len(layouts(dense)), what
+    return assert_grads_match(model, dense, what, **TOL)
 
 
 @pytest.fixture(scope="module", params=WORLD_SIZES, ids=lambda w: f"tp{w}")

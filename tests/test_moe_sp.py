@@ -16,11 +16,11 @@ import copy
 
 import pytest
 import torch
+from checks import assert_grads_match
 from dist import run_cases
 
 import tpext
 from tpext import mappings
-from tpext.sharding import layouts
 
 transformers = pytest.importorskip("transformers")
 
@@ -103,17 +103,7 @@ def _compare(family: str, wrap=None) -> dict:
     logits = out.logits if out.logits.shape[-1] == VOCAB else mappings.gather_from_tp(out.logits, VOCAB)
     torch.testing.assert_close(logits, ref.logits, **TOL, msg=lambda m: f"{what}: logits: {m}")
     torch.testing.assert_close(out.loss, ref.loss, **TOL, msg=lambda m: f"{what}: loss: {m}")
-    for e in layouts(model):
-        dense_grad = dense.get_parameter(e.names[0]).grad
-        if dense_grad is None:  # an expert no token chose
-            assert e.tensor.grad is None or not e.tensor.grad.any(), f"{what}: grad {e.names}"
-            continue
-        torch.testing.assert_close(
-            e.tensor.grad,
-            e.layout.local_from_dense(dense_grad),
-            **TOL,
-            msg=lambda m: f"{what}: grad {e.names}: {m}",
-        )
+    assert_grads_match(model, dense, what, **TOL)
     counts = {}
     for block in _moe_blocks(dense):
         inside = [r for r in stats.records if r.phase == "forward" and r.module.startswith(block + ".")]

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from checks import assert_grads_match
 from dist import run_cases
 
 import tpext
 from tpext import mappings
-from tpext.sharding import layouts
 
 pytest.importorskip("transformers")
 
@@ -46,17 +46,7 @@ def _compare(family: str) -> None:
     logits = out.logits if out.logits.shape[-1] == vocab else mappings.gather_from_tp(out.logits, vocab)
     torch.testing.assert_close(logits, ref.logits, **TOL, msg=lambda m: f"{what}: logits: {m}")
     torch.testing.assert_close(out.loss, ref.loss, **TOL, msg=lambda m: f"{what}: loss: {m}")
-    for e in layouts(model):
-        dense_grad = dense.get_parameter(e.names[0]).grad
-        if dense_grad is None:
-            assert e.tensor.grad is None or not e.tensor.grad.any(), f"{what}: grad {e.names}"
-            continue
-        torch.testing.assert_close(
-            e.tensor.grad,
-            e.layout.local_from_dense(dense_grad),
-            **TOL,
-            msg=lambda m: f"{what}: grad {e.names}: {m}",
-        )
+    assert_grads_match(model, dense, what, **TOL)
 
 
 @pytest.mark.slow
