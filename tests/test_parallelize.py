@@ -13,6 +13,7 @@ import io
 import pytest
 import torch
 import torch.distributed as dist
+from checks import assert_grads_match
 from dist import run_ranks
 
 import tpext
@@ -74,11 +75,7 @@ def _compare(
     )
     entries = layouts(model)
     assert len(entries) == len(layouts(dense)), what
-    for e in entries:
-        ref = e.layout.local_from_dense(dense.get_parameter(e.names[0]).grad)
-        torch.testing.assert_close(
-            e.tensor.grad, ref, **TOL[dtype], msg=lambda m: f"{what}: grad {e.names}: {m}"
-        )
+    assert assert_grads_match(model, dense, what, **TOL[dtype]) == len(entries), what
 
 
 def _check_cases(dtype: torch.dtype) -> None:
@@ -343,13 +340,7 @@ def _deepcopy() -> None:
     ref = dense(ids)
     dense.loss(ref, ids).backward()
     torch.testing.assert_close(mappings.gather_from_tp(logits, SMALL["vocab_size"]), ref, **TOL[f64])
-    for e in layouts(twin):
-        torch.testing.assert_close(
-            e.tensor.grad,
-            e.layout.local_from_dense(dense.get_parameter(e.names[0]).grad),
-            **TOL[f64],
-            msg=lambda m: f"grad {e.names}: {m}",
-        )
+    assert_grads_match(twin, dense, "twin", **TOL[f64])
     assert all(p.grad is None for p in model.parameters())
     with pytest.raises(
         TypeError,
