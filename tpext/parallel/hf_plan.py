@@ -82,12 +82,9 @@ def translate(
     leaf = name.rpartition(".")[2]
     parent = modules[name.rpartition(".")[0]]
     linear = st.plain_linear(module) or st.is_conv1d(module)
-    if (
-        hf_style in COLWISE | ROWWISE
-        and isinstance(module, nn.Linear)
-        and leaf in st.LM_HEADS
-        and hf_style in COLWISE
-    ):
+    if hf_style in COLWISE | ROWWISE and isinstance(module, nn.Linear) and leaf in st.LM_HEADS:
+        # The output layer, however the model's plan splits it (Inkling's rowwise_split_input splits its
+        # input features, which tpext's row-parallel layer would take as already split): the logits.
         return Vocab(gather_output=not vocab_parallel_logits), ""
     if hf_style in COLWISE | ROWWISE:
         kind = Colwise if hf_style in COLWISE else Rowwise

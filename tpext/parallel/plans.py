@@ -611,11 +611,14 @@ def _mlp_features(norm: nn.Module, mlp: nn.Module) -> int:
 
 
 def _loss_through_loss_function(model: nn.Module) -> bool:
-    """Whether `model`'s forward takes no labels, or computes its loss through `self.loss_function`."""
+    """Whether `model`'s forward takes no labels, or computes its loss through `self.loss_function` without
+    reading the vocabulary size from the logits."""
     forward = type(model).forward
     try:
         params = inspect.signature(forward).parameters
         source = inspect.getsource(forward)
     except (TypeError, OSError, ValueError):
         return False
-    return "labels" not in params or "self.loss_function" in source
+    # A forward that reads the vocabulary from the logits' width (Inkling's vocab_size=logits.shape[-1], and
+    # its slice to the unpadded vocabulary) would take this rank's slice for the whole.
+    return "labels" not in params or ("self.loss_function" in source and "logits.shape[-1]" not in source)
