@@ -135,8 +135,8 @@ def test_xmod_adapters_are_refused_under_sp():
     their block replicated (whose layer shards the MLP that feeds it)."""
     message = run_ranks(_xmod_under_sp, 2)[0]
     assert message.startswith(
-        "tpext.parallelize: tpext cannot run these, and replicating the block that holds them would not "
-        "help: roberta.encoder.layer.0.output.adapter_modules.en_XX.dense1 (Linear in a per-language adapter"
+        "tpext.parallelize: under sequence parallelism tpext cannot run "
+        "roberta.encoder.layer.0.output.adapter_modules.en_XX.dense1 (Linear in a per-language adapter"
     ), message
 
 

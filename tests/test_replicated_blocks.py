@@ -314,8 +314,8 @@ def test_block_returning_a_weight_under_sp_is_an_error(sp):
         assert said == "matches"
     else:
         assert said.startswith(
-            "tpext.parallelize: tpext cannot run these, and replicating the block that holds them would not "
-            "help: gpt_neox_japanese.layers.1.attention (GPTNeoXJapaneseAttention with an output bias of its own"
+            "tpext.parallelize: under sequence parallelism tpext cannot run gpt_neox_japanese.layers.1.attention "
+            "(GPTNeoXJapaneseAttention with an output bias of its own"
         ), said
 
 

@@ -289,10 +289,9 @@ def _plan_from_names(
         (type(m).__name__ for m in modules.values() if type(m).__name__ in st.SEQUENCE_FROM_INPUT), ""
     )
     order = {n: i for i, n in enumerate(modules)}
-    # Modules inside a decoder layer's block that replicating the block would not make right: under SP (the
-    # block would still meet sequence shards), or with randomness of its own on each rank (BigBird's
-    # block-sparse attention draws its random blocks with numpy).
-    refusals: list[str] = []
+    # Modules tpext cannot run under SP, though it can without: replicating the block that holds them would
+    # not help (the block would still see sequence shards, or the module its layer's sharded features).
+    sp_refusals: list[str] = []
     for name, module in modules.items():
         if not name or not any(True for _ in module.parameters(recurse=False)):
             continue
@@ -329,7 +328,7 @@ def _plan_from_names(
                     if sequence_parallel
                     else Replicate()
                 )
-                refusals += [name] if sequence_parallel else []
+                sp_refusals += [name] if sequence_parallel else []
             elif isinstance(module, nn.Linear) and not linear:
                 plan[name] = f"{type(module).__name__}: an nn.Linear with a forward of its own"
             elif not st.is_attention(parent) and (attn := st.attention_above(name, modules)) is not None:
@@ -349,7 +348,6 @@ def _plan_from_names(
                     "which the model rebuilds from its config in forward; tpext shards full attention: build it "
                     "with attention_type='original_full'"
                 )
-                refusals.append(name)
             elif linear and leaf in st.ATTENTION_PROJECTIONS and type(parent).__name__ in st.WIDTH_FROM_INPUT:
                 plan[name] = (
                     f"{type(module).__name__} in {type(parent).__name__}, which reshapes its output to its "
@@ -367,7 +365,7 @@ def _plan_from_names(
                     "as separate activations: under sequence parallelism tpext gathers only the first; "
                     "parallelize without sequence_parallel"
                 )
-                refusals.append(name)
+                sp_refusals.append(name)
             elif linear and leaf in st.ATTENTION_PROJECTIONS and st.is_attention(parent):
                 kind = Rowwise if leaf in st.ATTENTION_OUTPUTS else Colwise
                 plan[name] = kind(_attention_pieces(module, leaf, parent, config))
@@ -423,7 +421,7 @@ def _plan_from_names(
                     if sequence_parallel
                     else Replicate()
                 )
-                refusals += [name] if sequence_parallel else []
+                sp_refusals += [name] if sequence_parallel else []
             elif st.is_pooler(name, module):
                 # BERT's pooler: the first token of the stack's output, which under SP is this rank's shard's
                 plan[name] = (
@@ -481,10 +479,9 @@ def _plan_from_names(
             if not _layer_block(name, modules):
                 raise ValueError(f"tpext.parallelize: {name} ({type(module).__name__}): {why}") from exc
             plan[name] = f"{type(module).__name__}: {why}"
-    if refused := [n for n in refusals if _layer_block(n, modules)]:
+    if refused := [n for n in sp_refusals if _layer_block(n, modules)]:
         raise ValueError(
-            "tpext.parallelize: tpext cannot run these, and replicating the block that holds them would not "
-            "help: "
+            "tpext.parallelize: under sequence parallelism tpext cannot run "
             + "; ".join(f"{n} ({plan[n]})" for n in refused[:3])
             + (f"; and {len(refused) - 3} more" if len(refused) > 3 else "")
         )
