@@ -18,8 +18,8 @@ layers keep local tensors, so several of them are the same tpext style:
 
 A colwise layer whose output Hugging Face gathers (colwise_gather_output) and the rowwise_split_input layer
 that splits it again are a round trip: tpext keeps the features sharded between them, the same product.
-On an output layer (lm_head) the gather follows auto_plan's vocab_parallel_logits instead: tpext's loss
-reads vocabulary-sharded logits. The heads of a packed or head-structured projection (packed_colwise's
+On an output layer (lm_head) any colwise or rowwise style is tpext's Vocab, whose gather follows auto_plan's
+vocab_parallel_logits: tpext's loss reads vocabulary-sharded logits. The heads of a packed or head-structured projection (packed_colwise's
 parts) come from tpext's reading of the attention module, never from an even split.
 
 Styles tpext has no layer for (embedding_colwise, expert parallelism's grouped_gemm /
@@ -83,8 +83,9 @@ def translate(
     parent = modules[name.rpartition(".")[0]]
     linear = st.plain_linear(module) or st.is_conv1d(module)
     if hf_style in COLWISE | ROWWISE and isinstance(module, nn.Linear) and leaf in st.LM_HEADS:
-        # The output layer, however the model's plan splits it (Inkling's rowwise_split_input splits its
-        # input features, which tpext's row-parallel layer would take as already split): the logits.
+        # An output layer, colwise (vocabulary-sharded logits) or rowwise (its input split, the full logits
+        # all-reduced: Inkling 2's rowwise_split_input): tpext's vocabulary-parallel head either way, the
+        # same product without an all-reduce of [tokens, vocab].
         return Vocab(gather_output=not vocab_parallel_logits), ""
     if hf_style in COLWISE | ROWWISE:
         kind = Colwise if hf_style in COLWISE else Rowwise
