@@ -753,9 +753,9 @@ def test_zoo_plans():
 
 
 def test_layouts_tpext_cannot_tell_are_refused():
-    """Packed or nested attention weights whose head layout the names do not tell are named, not guessed:
-    a packed qkv_proj beside an out_proj (not CodeGen's, whose blocks tpext knows) and StableLM's per-head
-    norms in a list."""
+    """Packed or nested attention weights whose head layout the names do not tell are named, not guessed,
+    and their attention replicated whole: a packed qkv_proj beside an out_proj (not CodeGen's, whose blocks
+    tpext knows) and StableLM's per-head norms in a list."""
     codegen = transformers.CodeGenForCausalLM(
         transformers.CodeGenConfig(
             n_embd=64, n_head=8, n_layer=1, rotary_dim=4, n_inner=96, n_positions=64, vocab_size=100
@@ -764,11 +764,12 @@ def test_layouts_tpext_cannot_tell_are_refused():
     codegen.transformer.h[0].attn.__class__ = type(
         "OtherAttention", (type(codegen.transformer.h[0].attn),), {}
     )
-    with pytest.raises(
-        ValueError,
-        match=r"transformer\.h\.0\.attn\.qkv_proj: OtherAttention\.qkv_proj: tpext knows a packed qkv_proj's layout",
-    ):
-        tpext.auto_plan(codegen)
+    plan = tpext.auto_plan(codegen)
+    assert plan["transformer.h.0.attn"] == tpext.parallel.Replicate(full_sequence=True)
+    assert (
+        "qkv_proj (Linear: OtherAttention.qkv_proj: tpext knows a packed qkv_proj's layout"
+        in plan.sources["transformer.h.0.attn"]
+    )
     stablelm = transformers.StableLmForCausalLM(transformers.StableLmConfig(**SMALL, qk_layernorm=True))
     plan = tpext.auto_plan(stablelm)  # its attention is replicated whole, naming why
     assert plan["model.layers.0.self_attn"] == tpext.parallel.Replicate(full_sequence=True)

@@ -97,6 +97,8 @@ def translate(
             )
         if type(by_name) is kind:
             return by_name, ""
+        if isinstance(by_name, str) and leaf in st.ATTENTION_PROJECTIONS and st.is_attention(parent):
+            return None, f"needs the heads' layout, which tpext cannot read: {by_name}"
         pieces = None
         if leaf in st.ATTENTION_PROJECTIONS and st.is_attention(parent):
             pieces = st.attention_pieces(leaf, parent, getattr(_root(modules), "config", None))

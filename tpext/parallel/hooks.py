@@ -791,8 +791,10 @@ class _CheckReplicatedOutputs:
     states it must return no tensor that carries a gradient and has no dim of the sequence's length. Such a
     tensor (GPT-NeoX-Japanese's attention returns its dense_bias, which its layer adds) is the same on every
     rank, but its caller may apply it to this rank's sequence shard, so its gradient would hold this rank's
-    tokens only; that is an error, not a partial gradient. A tensor over the sequence (attention weights)
-    would not fit a shard (a shape error, not a wrong number)."""
+    tokens only; that is an error, not a partial gradient. Hidden states over the full sequence (its length
+    and the input's features) besides the first output are an error too: only the first output is split, so
+    its caller would meet them beside sequence shards (HY-V4's hyper-connections return (mixing weights,
+    hidden states))."""
 
     def __init__(self, name: str, sequence_dim: int):
         self.name, self.sequence_dim = name, sequence_dim
@@ -801,8 +803,22 @@ class _CheckReplicatedOutputs:
         extra = output[1:] if isinstance(output, (tuple, list)) else ()
         if not extra:
             return
-        length = _hidden_states(module, args, kwargs)[0].shape[self.sequence_dim]
+        hidden = _hidden_states(module, args, kwargs)[0]
+        length = hidden.shape[self.sequence_dim]
         for i, value in enumerate(extra, 1):
+            if (  # hidden states over the full sequence (not attention weights: their last dim is keys)
+                isinstance(value, Tensor)
+                and value.dim() > self.sequence_dim
+                and value.shape[self.sequence_dim] == length
+                and value.shape[-1] == hidden.shape[-1]
+            ):
+                raise ValueError(
+                    f"tpext.parallelize: {self.name} ({type(module).__name__}) is replicated whole and, under "
+                    "sequence parallelism, run on the full sequence; besides its first output, which tpext "
+                    f"splits back to this rank's shard, it returns a tensor over the full sequence (output "
+                    f"{i}, shape {tuple(value.shape)}), which its caller would meet beside sequence shards; "
+                    "parallelize with sequence_parallel=False"
+                )
             if isinstance(value, Tensor) and value.requires_grad and length not in value.shape:
                 raise ValueError(
                     f"tpext.parallelize: {self.name} ({type(module).__name__}) is replicated whole and, under "

@@ -23,6 +23,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from tpext.nn.experts import _layouts as _expert_layouts
 from tpext.nn.experts import is_experts
 from tpext.parallel import mla
 from tpext.parallel import structure as st
@@ -417,6 +418,9 @@ def _plan_from_names(
         (type(m).__name__ for m in modules.values() if type(m).__name__ in st.SEQUENCE_FROM_INPUT), ""
     )
     order = {n: i for i, n in enumerate(modules)}
+    # Modules tpext cannot run under SP, though it can without: replicating the block that holds them would
+    # not help (the block would still see sequence shards, or the module its layer's sharded features).
+    sp_refusals: list[str] = []
     for name, module in modules.items():
         if not name or not any(True for _ in module.parameters(recurse=False)):
             continue
@@ -424,168 +428,192 @@ def _plan_from_names(
         parent_name = name.rpartition(".")[0]
         parent = modules[parent_name]
         linear = st.plain_linear(module) or st.is_conv1d(module)
-        if name in latent_attention:
-            plan[name] = latent_attention[name]
-        elif is_experts(module):
-            plan[name] = Experts()
-        elif _in_router(name, modules):
-            # A router beside experts (and all it holds: Ernie's gate.moe_statics, HunYuan's gate.wg) sees
-            # every token and all hidden features: the same on every rank, whatever its own forward does.
-            plan[name] = Replicate()
-        elif (
-            st.is_attention(module)
-            and (per_head := st.per_head_params(module, config))
-            and len(per_head) == len(list(module.parameters(recurse=False)))
-        ):
-            # Its own parameters hold one value per head (GPT-OSS's sinks): parallelize slices them with the
-            # heads its projections keep (left whole when the projections are not sharded).
-            plan[name] = Replicate()
-        elif st.is_attention(module) and all(
-            n in st.OUTPUT_BIASES for n, _ in module.named_parameters(recurse=False)
-        ):
-            # Added to the output projection's reduced output by the layer: the same on every rank. Under SP it
-            # meets sequence shards, and its gradients would need summing over the group, which would take
-            # converting the attention module itself.
-            plan[name] = (
-                f"{type(module).__name__} with an output bias of its own, added to sequence shards under "
-                "sequence parallelism (its gradients partial): parallelize without sequence_parallel"
-                if sequence_parallel
-                else Replicate()
-            )
-        elif isinstance(module, nn.Linear) and not linear:
-            plan[name] = f"{type(module).__name__}: an nn.Linear with a forward of its own"
-        elif not st.is_attention(parent) and (attn := st.attention_above(name, modules)) is not None:
-            # e.g. StableLM's per-head norms in a list: which heads each one serves is the model's code
-            plan[name] = (
-                f"{type(module).__name__} nested inside attention module {attn or 'the model'}: "
-                "tpext cannot tell which heads it serves"
-            )
-        elif linear and (attn := st.split_attention_output(name, modules)) is not None:
-            # BERT's attention.output.dense: its input features are the heads of attention.self beside it
-            plan[name] = Rowwise(_attention_pieces(name, "dense", attn, config))
-        elif linear and (part := st.split_mlp_part(name, modules)) is not None:
-            plan[name] = Colwise() if part == st.SPLIT_MLP[0] else Rowwise()
-        elif st.is_self_attention(parent) and getattr(config, "attention_type", None) == "block_sparse":
-            plan[name] = (
-                f"{type(module).__name__} in {type(parent).__name__}: block-sparse attention (BigBird's), "
-                "which the model rebuilds from its config in forward; tpext shards full attention: build it "
-                "with attention_type='original_full'"
-            )
-        elif linear and leaf in st.ATTENTION_PROJECTIONS and type(parent).__name__ in st.WIDTH_FROM_INPUT:
-            plan[name] = (
-                f"{type(module).__name__} in {type(parent).__name__}, which reshapes its output to its "
-                "input's width rather than its heads': tpext cannot shard its heads; plan its MLPs only"
-            )
-        elif (
-            sequence_parallel
-            and linear
-            and leaf in st.ATTENTION_INPUTS
-            and st.is_attention(parent)
-            and st.separate_inputs(parent)
-        ):
-            plan[name] = (
-                f"{type(module).__name__} in {type(parent).__name__}, whose forward takes query, key and value "
-                "as separate activations: under sequence parallelism tpext gathers only the first; "
-                "parallelize without sequence_parallel"
-            )
-        elif linear and leaf in st.ATTENTION_PROJECTIONS and st.is_attention(parent):
-            kind = Rowwise if leaf in st.ATTENTION_OUTPUTS else Colwise
-            plan[name] = kind(_attention_pieces(name, leaf, parent, config))
-        elif linear and (part := st.sequential_mlp_part(name, modules)) is not None:
-            plan[name] = Colwise() if part == "column" else Rowwise()
-        elif linear and leaf in st.PACKED_MLP_COLUMNS:
-            half = st.linear_dims(module)[1] // 2
-            plan[name] = Colwise((Piece(half), Piece(half)))
-        elif linear and leaf in st.MLP_COLUMNS and (why := _packed_column(module, parent)):
-            plan[name] = why
-        elif linear and leaf in st.MLP_COLUMNS:
-            plan[name] = Colwise()
-        elif linear and leaf in st.MLP_ROWS:
-            plan[name] = Rowwise()
-        elif isinstance(module, nn.Embedding) and (
-            leaf in st.EMBEDDINGS or module is embedding or (tied is not None and module.weight is tied)
-        ):
-            plan[name] = Vocab()
-        elif isinstance(module, nn.Embedding) and leaf in st.POSITION_EMBEDDINGS:
-            plan[name] = (
-                Replicate()
-            )  # runs before the decoder stack, on the whole sequence, the same on every rank
-        elif (
-            sequence_parallel
-            and module is output
-            and (why := _output_under_sp(module, order[name], first_attention, config, reshaping)) is not None
-        ):
-            plan[name] = why
-        elif isinstance(module, nn.Linear) and (leaf in st.LM_HEADS or module is output):
-            # Vocabulary-sharded logits only where tpext's loss finds the layer (a top-level lm_head); a
-            # nested one (BERT's cls.predictions.decoder) gathers them for the model's own loss.
-            plan[name] = Vocab(gather_output=not (vocab_parallel_logits and name in st.LM_HEADS))
-        elif linear and leaf == "dense" and parent_name.rpartition(".")[2] in st.HEAD_TRANSFORMS:
-            # Between the last layer and the output layer, on the stack's output: under SP its sequence shards
-            plan[name] = Replicate(sum_grads=sequence_parallel)
-        elif (
-            output is not None
-            and any(m is output for m in module.modules())
-            and all(
-                p.dim() == 1 and p.numel() == output.out_features for p in module.parameters(recurse=False)
-            )
-        ):
-            # The output layer's holder, with a vocabulary bias of its own (BERT's cls.predictions.bias, which
-            # Hugging Face ties to decoder.bias): tied, parallelize gives it the decoder's local bias.
-            plan[name] = Replicate()
-        elif any(part in st.ADAPTER_HOLDERS for part in name.split(".")[:-1]):
-            plan[name] = (
-                f"{type(module).__name__} in a per-language adapter, which picks its tokens by the full "
-                "sequence's language ids: under sequence parallelism each rank holds a shard; parallelize "
-                "without sequence_parallel"
-                if sequence_parallel
-                else Replicate()
-            )
-        elif st.is_pooler(name, module):
-            # BERT's pooler: the first token of the stack's output, which under SP is this rank's shard's
-            plan[name] = (
-                f"{type(module).__name__}, a pooler of the first token of the stack's output, which under "
-                "sequence parallelism is each rank's own shard: parallelize without sequence_parallel, or "
-                "build the model without its pooler (add_pooling_layer=False)"
-                if sequence_parallel
-                else Replicate()
-            )
-        elif (linear and leaf in st.EMBEDDING_PROJECTIONS) or (
-            embeddings_holder and parent_name == embeddings_holder and not st.is_norm(leaf, module)
-        ):
-            # Beside the word embedding in a module that holds no attention (BERT's embeddings: RoCBert's
-            # pronunciation and shape embeddings and their projection), or projecting the embeddings to the
-            # hidden size: it runs before the first layer, on the whole sequence, the same on every rank.
-            plan[name] = Replicate()
-        elif isinstance(module, nn.Linear) and leaf in st.REPLICATED_HEADS:
-            plan[name] = Replicate()
-        elif (
-            st.is_norm(leaf, module) and st.is_attention(parent) and st.per_head_norm(module, parent, config)
-        ):
-            # Inside attention (Qwen3's q_norm / k_norm): it normalises each head, so this rank's heads only.
-            plan[name] = Replicate(sum_grads=True)
-        elif (
-            st.is_norm(leaf, module)
-            and st.is_attention(parent)
-            and (pieces := st.norm_pieces(module, parent, config))
-        ):
-            # Over all heads' features (OLMo2's) or with a weight per head (Cohere's): this rank's heads.
-            plan[name] = Colwise(pieces)
-        elif st.is_norm(leaf, module) and st.is_attention(parent):
-            plan[name] = (
-                f"{type(module).__name__} with a weight of {module.weight.numel()} "
-                "features: neither one head's, nor all query or key heads'"
-            )
-        elif st.is_norm(leaf, module) and st.is_mlp(parent) and (features := _mlp_features(module, parent)):
-            # Between an MLP's column and row layers (BitNet's ffn_sub_norm): over this rank's intermediate
-            # features, its statistic reduced over the group (tpext.nn.shard_norm_features).
-            plan[name] = Colwise((Piece(features),))
-        elif st.is_norm(leaf, module):
-            plan[name] = SequenceParallel() if sequence_parallel else Replicate()
-        elif "act" in leaf.lower() and st.is_mlp(parent) and st.elementwise_with_scalars(module):
-            # A learned activation between the MLP's column and row layers (Apertus's xIELU): its scalar
-            # parameters act on this rank's features only, so their gradients are summed over the group.
-            plan[name] = Replicate(sum_grads=True)
+        try:
+            if name in latent_attention:
+                plan[name] = latent_attention[name]
+            elif is_experts(module):
+                plan[name] = _experts_style(module)
+            elif _in_router(name, modules):
+                # A router beside experts (and all it holds: Ernie's gate.moe_statics, HunYuan's gate.wg) sees
+                # every token and all hidden features: the same on every rank, whatever its own forward does.
+                plan[name] = Replicate()
+            elif (
+                st.is_attention(module)
+                and (per_head := st.per_head_params(module, config))
+                and len(per_head) == len(list(module.parameters(recurse=False)))
+            ):
+                # Its own parameters hold one value per head (GPT-OSS's sinks): parallelize slices them with the
+                # heads its projections keep (left whole when the projections are not sharded).
+                plan[name] = Replicate()
+            elif st.is_attention(module) and all(
+                n in st.OUTPUT_BIASES for n, _ in module.named_parameters(recurse=False)
+            ):
+                # Added to the output projection's reduced output by the layer: the same on every rank. Under SP it
+                # meets sequence shards, and its gradients would need summing over the group, which would take
+                # converting the attention module itself.
+                plan[name] = (
+                    f"{type(module).__name__} with an output bias of its own, added to sequence shards under "
+                    "sequence parallelism (its gradients partial): parallelize without sequence_parallel"
+                    if sequence_parallel
+                    else Replicate()
+                )
+                sp_refusals += [name] if sequence_parallel else []
+            elif isinstance(module, nn.Linear) and not linear:
+                plan[name] = f"{type(module).__name__}: an nn.Linear with a forward of its own"
+            elif not st.is_attention(parent) and (attn := st.attention_above(name, modules)) is not None:
+                # e.g. StableLM's per-head norms in a list: which heads each one serves is the model's code
+                plan[name] = (
+                    f"{type(module).__name__} nested inside attention module {attn or 'the model'}: "
+                    "tpext cannot tell which heads it serves"
+                )
+            elif linear and (attn := st.split_attention_output(name, modules)) is not None:
+                # BERT's attention.output.dense: its input features are the heads of attention.self beside it
+                plan[name] = Rowwise(_attention_pieces(module, "dense", attn, config))
+            elif linear and (part := st.split_mlp_part(name, modules)) is not None:
+                plan[name] = Colwise() if part == st.SPLIT_MLP[0] else Rowwise()
+            elif st.is_self_attention(parent) and getattr(config, "attention_type", None) == "block_sparse":
+                plan[name] = (
+                    f"{type(module).__name__} in {type(parent).__name__}: block-sparse attention (BigBird's), "
+                    "which the model rebuilds from its config in forward; tpext shards full attention: build it "
+                    "with attention_type='original_full'"
+                )
+            elif linear and leaf in st.ATTENTION_PROJECTIONS and type(parent).__name__ in st.WIDTH_FROM_INPUT:
+                plan[name] = (
+                    f"{type(module).__name__} in {type(parent).__name__}, which reshapes its output to its "
+                    "input's width rather than its heads': tpext cannot shard its heads; plan its MLPs only"
+                )
+            elif (
+                sequence_parallel
+                and linear
+                and leaf in st.ATTENTION_INPUTS
+                and st.is_attention(parent)
+                and st.separate_inputs(parent)
+            ):
+                plan[name] = (
+                    f"{type(module).__name__} in {type(parent).__name__}, whose forward takes query, key and value "
+                    "as separate activations: under sequence parallelism tpext gathers only the first; "
+                    "parallelize without sequence_parallel"
+                )
+                sp_refusals.append(name)
+            elif linear and leaf in st.ATTENTION_PROJECTIONS and st.is_attention(parent):
+                kind = Rowwise if leaf in st.ATTENTION_OUTPUTS else Colwise
+                plan[name] = kind(_attention_pieces(module, leaf, parent, config))
+            elif linear and (part := st.sequential_mlp_part(name, modules)) is not None:
+                plan[name] = Colwise() if part == "column" else Rowwise()
+            elif linear and leaf in st.PACKED_MLP_COLUMNS:
+                half = st.linear_dims(module)[1] // 2
+                plan[name] = Colwise((Piece(half), Piece(half)))
+            elif linear and leaf in st.MLP_COLUMNS and (why := _packed_column(module, parent)):
+                plan[name] = why
+            elif linear and leaf in st.MLP_COLUMNS:
+                plan[name] = Colwise()
+            elif linear and leaf in st.MLP_ROWS:
+                plan[name] = Rowwise()
+            elif isinstance(module, nn.Embedding) and (
+                leaf in st.EMBEDDINGS or module is embedding or (tied is not None and module.weight is tied)
+            ):
+                plan[name] = Vocab()
+            elif isinstance(module, nn.Embedding) and leaf in st.POSITION_EMBEDDINGS:
+                plan[name] = (
+                    Replicate()
+                )  # runs before the decoder stack, on the whole sequence, the same on every rank
+            elif (
+                sequence_parallel
+                and module is output
+                and (why := _output_under_sp(module, order[name], first_attention, config, reshaping))
+                is not None
+            ):
+                plan[name] = why
+            elif isinstance(module, nn.Linear) and (leaf in st.LM_HEADS or module is output):
+                # Vocabulary-sharded logits only where tpext's loss finds the layer (a top-level lm_head); a
+                # nested one (BERT's cls.predictions.decoder) gathers them for the model's own loss.
+                plan[name] = Vocab(gather_output=not (vocab_parallel_logits and name in st.LM_HEADS))
+            elif linear and leaf == "dense" and parent_name.rpartition(".")[2] in st.HEAD_TRANSFORMS:
+                # Between the last layer and the output layer, on the stack's output: under SP its sequence shards
+                plan[name] = Replicate(sum_grads=sequence_parallel)
+            elif (
+                output is not None
+                and any(m is output for m in module.modules())
+                and all(
+                    p.dim() == 1 and p.numel() == output.out_features
+                    for p in module.parameters(recurse=False)
+                )
+            ):
+                # The output layer's holder, with a vocabulary bias of its own (BERT's cls.predictions.bias, which
+                # Hugging Face ties to decoder.bias): tied, parallelize gives it the decoder's local bias.
+                plan[name] = Replicate()
+            elif any(part in st.ADAPTER_HOLDERS for part in name.split(".")[:-1]):
+                plan[name] = (
+                    f"{type(module).__name__} in a per-language adapter, which picks its tokens by the full "
+                    "sequence's language ids: under sequence parallelism each rank holds a shard; parallelize "
+                    "without sequence_parallel"
+                    if sequence_parallel
+                    else Replicate()
+                )
+                sp_refusals += [name] if sequence_parallel else []
+            elif st.is_pooler(name, module):
+                # BERT's pooler: the first token of the stack's output, which under SP is this rank's shard's
+                plan[name] = (
+                    f"{type(module).__name__}, a pooler of the first token of the stack's output, which under "
+                    "sequence parallelism is each rank's own shard: parallelize without sequence_parallel, or "
+                    "build the model without its pooler (add_pooling_layer=False)"
+                    if sequence_parallel
+                    else Replicate()
+                )
+            elif (linear and leaf in st.EMBEDDING_PROJECTIONS) or (
+                embeddings_holder and parent_name == embeddings_holder and not st.is_norm(leaf, module)
+            ):
+                # Beside the word embedding in a module that holds no attention (BERT's embeddings: RoCBert's
+                # pronunciation and shape embeddings and their projection), or projecting the embeddings to the
+                # hidden size: it runs before the first layer, on the whole sequence, the same on every rank.
+                plan[name] = Replicate()
+            elif isinstance(module, nn.Linear) and leaf in st.REPLICATED_HEADS:
+                plan[name] = Replicate()
+            elif (
+                st.is_norm(leaf, module)
+                and st.is_attention(parent)
+                and st.per_head_norm(module, parent, config)
+            ):
+                # Inside attention (Qwen3's q_norm / k_norm): it normalises each head, so this rank's heads only.
+                plan[name] = Replicate(sum_grads=True)
+            elif (
+                st.is_norm(leaf, module)
+                and st.is_attention(parent)
+                and (pieces := st.norm_pieces(module, parent, config))
+            ):
+                # Over all heads' features (OLMo2's) or with a weight per head (Cohere's): this rank's heads.
+                plan[name] = Colwise(pieces)
+            elif st.is_norm(leaf, module) and st.is_attention(parent):
+                plan[name] = (
+                    f"{type(module).__name__} with a weight of {module.weight.numel()} "
+                    "features: neither one head's, nor all query or key heads'"
+                )
+            elif (
+                st.is_norm(leaf, module) and st.is_mlp(parent) and (features := _mlp_features(module, parent))
+            ):
+                # Between an MLP's column and row layers (BitNet's ffn_sub_norm): over this rank's intermediate
+                # features, its statistic reduced over the group (tpext.nn.shard_norm_features).
+                plan[name] = Colwise((Piece(features),))
+            elif st.is_norm(leaf, module):
+                plan[name] = SequenceParallel() if sequence_parallel else Replicate()
+            elif "act" in leaf.lower() and st.is_mlp(parent) and st.elementwise_with_scalars(module):
+                # A learned activation between the MLP's column and row layers (Apertus's xIELU): its scalar
+                # parameters act on this rank's features only, so their gradients are summed over the group.
+                plan[name] = Replicate(sum_grads=True)
+        except ValueError as exc:
+            # A module tpext cannot shard (a layout it does not know, head counts it cannot read): inside a
+            # decoder layer's block it is unplaced (auto_plan replicates the block where that is sound),
+            # elsewhere an error naming it.
+            why = str(exc).removeprefix("tpext.parallelize: ").removeprefix("tpext: ")
+            if not _layer_block(name, modules):
+                raise ValueError(f"tpext.parallelize: {name} ({type(module).__name__}): {why}") from exc
+            plan[name] = f"{type(module).__name__}: {why}"
+    if refused := [n for n in sp_refusals if _layer_block(n, modules)]:
+        raise ValueError(
+            "tpext.parallelize: under sequence parallelism tpext cannot run "
+            + "; ".join(f"{n} ({plan[n]})" for n in refused[:3])
+            + (f"; and {len(refused) - 3} more" if len(refused) > 3 else "")
+        )
     return plan
 
 
@@ -603,14 +631,47 @@ def _packed_column(column: nn.Module, mlp: nn.Module) -> str:
     return ""
 
 
-def _attention_pieces(name: str, leaf: str, attn: nn.Module, config) -> tuple[Piece, ...]:
-    """st.attention_pieces, its error naming the module."""
-    try:
-        return st.attention_pieces(leaf, attn, config)
-    except ValueError as exc:
+def _experts_style(experts: nn.Module) -> Experts:
+    """Experts(), for experts whose weights tpext.nn.shard_experts slices: checked here, where the block that
+    holds them can still be replicated instead.
+
+    Raises:
+        ValueError: weights not in the layout Hugging Face's experts declare, or parameters or buffers
+            besides them (InklingSharedExperts' separate gate_proj), which shard_experts does not slice.
+    """
+    layouts = _expert_layouts(experts, 1, 0)
+    others = sorted(n for n, _ in experts.named_parameters() if n not in layouts and n != "down_proj_bias")
+    others += sorted(n for n, _ in experts.named_buffers())
+    if others or getattr(experts, "has_post_expert_norm", False):
         raise ValueError(
-            f"tpext.parallelize: {name}: {str(exc).removeprefix('tpext.parallelize: ')}"
-        ) from exc
+            f"tpext: cannot shard {type(experts).__name__}: besides {sorted(layouts)} it has "
+            f"{others or 'a norm after each expert'}, which tpext does not slice"
+        )
+    return Experts()
+
+
+def _attention_pieces(module: nn.Module, leaf: str, attn: nn.Module, config) -> tuple[Piece, ...]:
+    """st.attention_pieces for the projection `module` (`leaf` of attention `attn`), checked against its
+    sharded dim (output features of an input projection, input features of an output projection).
+
+    Raises:
+        ValueError: st.attention_pieces's, or pieces that do not add up to the sharded dim (head counts the
+            config tells differently from the module's own layout).
+    """
+    pieces = st.attention_pieces(leaf, attn, config)
+    dims = st.linear_dims(module)
+    if dims is not None:
+        features = dims[0] if leaf in st.ATTENTION_OUTPUTS else dims[1]
+        total = sum(p.size for p in pieces)
+        if total != features:
+            hq, hkv, d = st.heads(attn, config)
+            raise ValueError(
+                f"tpext.parallelize: {type(attn).__name__}.{leaf} has {features} "
+                f"{'input' if leaf in st.ATTENTION_OUTPUTS else 'output'} features, but the head counts "
+                f"tpext reads ({hq} query, {hkv} kv heads of {d}) make {pieces} = {total}: a head layout "
+                "tpext cannot tell; give it a plan with the pieces of its layout"
+            )
+    return pieces
 
 
 def _output_under_sp(
@@ -679,11 +740,14 @@ def _mlp_features(norm: nn.Module, mlp: nn.Module) -> int:
 
 
 def _loss_through_loss_function(model: nn.Module) -> bool:
-    """Whether `model`'s forward takes no labels, or computes its loss through `self.loss_function`."""
+    """Whether `model`'s forward takes no labels, or computes its loss through `self.loss_function` without
+    reading the vocabulary size from the logits."""
     forward = type(model).forward
     try:
         params = inspect.signature(forward).parameters
         source = inspect.getsource(forward)
     except (TypeError, OSError, ValueError):
         return False
-    return "labels" not in params or "self.loss_function" in source
+    # A forward that reads the vocabulary from the logits' width (Inkling's vocab_size=logits.shape[-1], and
+    # its slice to the unpadded vocabulary) would take this rank's slice for the whole.
+    return "labels" not in params or ("self.loss_function" in source and "logits.shape[-1]" not in source)

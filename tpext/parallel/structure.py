@@ -173,9 +173,14 @@ def heads(attn: nn.Module, config) -> tuple[int, int, int]:
         return None
 
     hq = pick("num_heads", "num_attention_heads", "n_head", "n_heads")
-    hkv = pick("num_key_value_heads", "kv_heads", "num_kv_heads") or (
-        hq // g if hq and (g := pick("num_key_value_groups")) else hq
-    )
+    kv_names = ("num_key_value_heads", "kv_heads", "num_kv_heads")
+    own_groups = getattr(attn, "num_key_value_groups", None)
+    if hq and not any(hasattr(attn, n) for n in kv_names) and isinstance(own_groups, int) and own_groups > 0:
+        # The module's own grouping before the config's kv heads: MiMo-V2-Flash's sliding-window layers hold
+        # twice the config's kv heads (and num_key_value_groups to match), its other layers the config's.
+        hkv = hq // own_groups
+    else:
+        hkv = pick(*kv_names) or (hq // g if hq and (g := pick("num_key_value_groups")) else hq)
     d = pick("head_dim", "attention_head_size")  # attention_head_size: BERT's
     if d is None and hq:
         h = pick("hidden_size", "embed_dim", "n_embd")
