@@ -488,3 +488,20 @@ def test_replicated_block_outside_the_decoder_stack_under_sp_is_an_error():
         "tpext.parallelize: model.towers.0.0 (Conv1d) is replicated whole and registered after the first "
         "decoder layer model.layers.0 but outside its decoder stack"
     ), said
+
+
+def test_block_holding_one_half_of_a_split_mlp_is_refused():
+    """BERT's MLP is split over two children of its layer (intermediate's columns, output's rows): a block
+    that holds what tpext cannot shard beside one half (an unknown module in output) is not replicated,
+    since its row layer reads intermediate's sharded features; the error names the half it holds."""
+    config = transformers.BertConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=64
+    )
+    model = transformers.BertModel(config)
+    model.encoder.layer[0].output.odd = torch.nn.Conv1d(4, 4, 1)
+    with pytest.raises(ValueError) as err:
+        tpext.auto_plan(model)
+    assert (
+        "its block encoder.layer.0.output cannot be replicated: it holds encoder.layer.0.output.dense "
+        "(rowwise) without a layer of the other kind" in str(err.value)
+    ), str(err.value)

@@ -242,7 +242,9 @@ def _replicated_blocks(
     and, from the replicated output gradient, the dense gradients of its input and its weights. That
     holds when nothing sharded flows into or out of it past the layer's sharded children (attention, MLPs,
     which return full features): a layer with a column- or row-parallel layer of its own (an MLP written
-    in the layer) passes sharded features between its children, and its blocks are refused."""
+    in the layer) passes sharded features between its children, and so does a block that holds column
+    layers without row layers or the reverse (BERT's output, whose row layer reads intermediate's columns):
+    such blocks are refused."""
     by_block: dict[str, list[tuple[str, str]]] = {}
     rest = []
     for name, why in unplaced:
@@ -256,13 +258,27 @@ def _replicated_blocks(
             for n, style in entries.items()
             if n.rpartition(".")[0] == layer and n != block and isinstance(style, (Colwise, Rowwise))
         ]
-        if sharded:
+        # Its own column or row layers without their other half (BERT's output.dense, the row layer of
+        # intermediate.dense beside it): replicated, it would read or feed the other half's sharded features.
+        kinds = {type(style) for n, style in entries.items() if n.startswith(block + ".")} & {
+            Colwise,
+            Rowwise,
+        }
+        half = next(
+            (n for n, style in entries.items() if n.startswith(block + ".") and type(style) in kinds),
+            None,
+        )
+        if sharded or len(kinds) == 1:
+            cause = (
+                f"layer {layer} has its own sharded layer {sharded[0]} ({entries[sharded[0]].kind})"
+                if sharded
+                else f"it holds {half} ({entries[half].kind}) without a layer of the other kind"
+            )
             rest += [
                 (
                     name,
-                    f"{why}; its block {block} cannot be replicated: layer {layer} has its own sharded "
-                    f"layer {sharded[0]} ({entries[sharded[0]].kind}), whose sharded features the block "
-                    "may read or feed",
+                    f"{why}; its block {block} cannot be replicated: {cause}, whose sharded features "
+                    "the block may read or feed",
                 )
                 for name, why in inside
             ]
