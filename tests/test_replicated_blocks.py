@@ -493,7 +493,7 @@ def test_replicated_block_outside_the_decoder_stack_under_sp_is_an_error():
 def test_block_holding_one_half_of_a_split_mlp_is_refused():
     """BERT's MLP is split over two children of its layer (intermediate's columns, output's rows): a block
     that holds what tpext cannot shard beside one half (an unknown module in output) is not replicated,
-    since its row layer reads intermediate's sharded features; the error names the half it holds."""
+    since its row layer reads intermediate's sharded features; the error names the other half."""
     config = transformers.BertConfig(
         hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=64
     )
@@ -502,6 +502,6 @@ def test_block_holding_one_half_of_a_split_mlp_is_refused():
     with pytest.raises(ValueError) as err:
         tpext.auto_plan(model)
     assert (
-        "its block encoder.layer.0.output cannot be replicated: it holds encoder.layer.0.output.dense "
-        "(rowwise) without a layer of the other kind" in str(err.value)
+        "its block encoder.layer.0.output cannot be replicated: encoder.layer.0.intermediate.dense has "
+        "colwise layers whose other half is in the block" in str(err.value)
     ), str(err.value)

@@ -242,8 +242,8 @@ def _replicated_blocks(
     and, from the replicated output gradient, the dense gradients of its input and its weights. That
     holds when nothing sharded flows into or out of it past the layer's sharded children (attention, MLPs,
     which return full features): a layer with a column- or row-parallel layer of its own (an MLP written
-    in the layer) passes sharded features between its children, and so does a block that holds column
-    layers without row layers or the reverse (BERT's output, whose row layer reads intermediate's columns):
+    in the layer) passes sharded features between its children, and so does a block that holds the other
+    half of a sibling's column or row layers (BERT's output, whose row layer reads intermediate's columns):
     such blocks are refused."""
     by_block: dict[str, list[tuple[str, str]]] = {}
     rest = []
@@ -258,21 +258,14 @@ def _replicated_blocks(
             for n, style in entries.items()
             if n.rpartition(".")[0] == layer and n != block and isinstance(style, (Colwise, Rowwise))
         ]
-        # Its own column or row layers without their other half (BERT's output.dense, the row layer of
-        # intermediate.dense beside it): replicated, it would read or feed the other half's sharded features.
-        kinds = {type(style) for n, style in entries.items() if n.startswith(block + ".")} & {
-            Colwise,
-            Rowwise,
-        }
-        half = next(
-            (n for n, style in entries.items() if n.startswith(block + ".") and type(style) in kinds),
-            None,
-        )
-        if sharded or len(kinds) == 1:
+        # A sibling whose column layers' row layers (or the reverse) are in the block (BERT's intermediate,
+        # whose row layer is output.dense): replicated, the block would read or feed its sharded features.
+        halves = _halves_outside(block, layer, modules, entries, set(by_block))
+        if sharded or halves:
             cause = (
                 f"layer {layer} has its own sharded layer {sharded[0]} ({entries[sharded[0]].kind})"
                 if sharded
-                else f"it holds {half} ({entries[half].kind}) without a layer of the other kind"
+                else f"{halves} has {entries[halves].kind} layers whose other half is in the block"
             )
             rest += [
                 (
@@ -290,6 +283,29 @@ def _replicated_blocks(
         more = f" and {len(inside) - 3} more" if len(inside) > 3 else ""
         blocks[block] = f"holds what tpext cannot shard: {names}{more}"
     return blocks, rest
+
+
+def _halves_outside(
+    block: str, layer: str, modules: dict[str, nn.Module], entries: dict[str, Style], blocks: set[str]
+) -> str:
+    """A column- or row-parallel layer in `layer` outside `block` whose other half is not outside it too
+    (so it is in the block), or "". Each child of the layer beside the block holds column and row layers
+    (attention, an MLP), or none, or one kind only (BERT's intermediate, output): those must pair up among
+    themselves. Children in `blocks` are replicated too (their layers are not sharded)."""
+    prefix = f"{layer}." if layer else ""
+    one_kind: dict[type, str] = {}
+    for child in (n for n in modules if n.startswith(prefix) and "." not in n[len(prefix) :]):
+        if child == block or child in blocks:
+            continue
+        inside = [
+            n
+            for n, style in entries.items()
+            if (n == child or n.startswith(child + ".")) and type(style) in (Colwise, Rowwise)
+        ]
+        kinds = {type(entries[n]) for n in inside}
+        if len(kinds) == 1:
+            one_kind.setdefault(kinds.pop(), inside[0])
+    return next(iter(one_kind.values())) if len(one_kind) == 1 else ""
 
 
 #: The start of the reason of a replicated entry that holds only the module's own parameters (its children
