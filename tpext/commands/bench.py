@@ -247,20 +247,10 @@ def run(args) -> int:
 def _write_calibration(path: str, report: dict, results: dict) -> None:
     """The planner's inputs, from the probes of the largest group measured (the closest to the groups
     the planner sizes); format tpext-calibration/1, read by tpext.planner."""
-    from tpext.commands.benchmark import CALIBRATION_FORMAT
+    from tpext.planner.calibration import _from_probes
 
     n = max(results)
-    probes, env = results[n][0]["probes"], results[n][0]["environment"]
-    calibration = {
-        "format": CALIBRATION_FORMAT,
-        "device": report["device"],
-        "source": report["command"],
-        "matmul_tflops": probes["matmul_tflops"],
-        "allreduce_bus_GBps": probes["allreduce"]["bus_GBps"],
-        "collective_latency_us": probes["allreduce"]["latency_us"],
-        "memory_GiB": env["memory_GiB"],
-        "gpus_per_node": env["local_ranks"],
-    }
+    calibration = _from_probes(report, results[n][0]["probes"], results[n][0]["environment"])
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(calibration, f, indent=1)

@@ -11,33 +11,12 @@
 Imports run one way: api -> plans -> hf_plan -> mla -> styles -> structure -> tpext.nn / tpext.sharding.
 """
 
+from tpext.parallel import plans, styles
 from tpext.parallel.api import parallelize
-from tpext.parallel.plans import FROM_NAMES, Plan, PlanLike, auto_plan
-from tpext.parallel.styles import (
-    STYLES,
-    Colwise,
-    Experts,
-    Replicate,
-    Rowwise,
-    SequenceParallel,
-    Site,
-    Style,
-    Vocab,
-)
+from tpext.parallel.plans import *  # noqa: F403 - the names of plans.__all__
+from tpext.parallel.styles import *  # noqa: F403 - the names of styles.__all__
 
-__all__ = [
-    "parallelize",
-    "auto_plan",
-    "Plan",
-    "PlanLike",
-    "FROM_NAMES",
-    "Style",
-    "Site",
-    "Colwise",
-    "Rowwise",
-    "Vocab",
-    "SequenceParallel",
-    "Replicate",
-    "Experts",
-    "STYLES",
-]
+#: Names of plans.__all__ and styles.__all__ that tpext.parallel leaves in their modules (helpers of parallelize).
+_NOT_EXPORTED = {"style_for", "REPLICATED", "as_style"}
+
+__all__ = ["parallelize", *(name for name in plans.__all__ + styles.__all__ if name not in _NOT_EXPORTED)]

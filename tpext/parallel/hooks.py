@@ -159,7 +159,24 @@ class _CheckRunsOnShards:
             )
 
 
-class _CheckRunsBeforeSplit:
+class _ReplicatedCheck:
+    """Forward pre-hook of a replicated module named `name`: raises a ValueError naming the module, its class
+    and what `_misuse` returns (why replicating it is wrong where it runs now), when that is not None."""
+
+    name: str
+
+    def _misuse(self) -> str | None:
+        raise NotImplementedError
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        misuse = self._misuse()
+        if misuse is not None:
+            raise ValueError(
+                f"tpext.parallelize: {self.name} ({type(module).__name__}) is replicated {misuse}"
+            )
+
+
+class _CheckRunsBeforeSplit(_ReplicatedCheck):
     """Forward pre-hook of a module replicated outside the decoder layers under SP (a vision or audio tower,
     a per-layer embedding, a mixer beside the layers): it must run before the sequence is split, on the
     full sequence, where its replicated weights get the dense gradient. Called after the split it would see
@@ -169,14 +186,14 @@ class _CheckRunsBeforeSplit:
     def __init__(self, split: _SplitSequence, name: str):
         self.split, self.name = split, name
 
-    def __call__(self, module: nn.Module, args: tuple) -> None:
-        if self.split.done:
-            raise ValueError(
-                f"tpext.parallelize: {self.name} ({type(module).__name__}) is replicated outside the decoder "
-                f"layers and runs after the sequence is split at {self.split.name}, so under "
-                "sequence_parallel=True it sees this rank's sequence shard and its replicated weights would "
-                "get partial gradients; parallelize with sequence_parallel=False, or plan it yourself"
-            )
+    def _misuse(self) -> str | None:
+        if not self.split.done:
+            return None
+        return (
+            f"outside the decoder layers and runs after the sequence is split at {self.split.name}, so under "
+            "sequence_parallel=True it sees this rank's sequence shard and its replicated weights would "
+            "get partial gradients; parallelize with sequence_parallel=False, or plan it yourself"
+        )
 
 
 def _called(name: str, module: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -203,7 +220,7 @@ class _InLayers:
         self.depth = 0
 
 
-class _CheckOutsideLayers:
+class _CheckOutsideLayers(_ReplicatedCheck):
     """Forward pre-hook of a module replicated outside the decoder layers: replicating it is right because
     it reads replicated activations, which holds outside the layers. Called inside a decoder layer (a module
     the model shares between its layers) it may read features sharded over the group; that is an error, not
@@ -212,14 +229,14 @@ class _CheckOutsideLayers:
     def __init__(self, layers: _InLayers, name: str, stack: str):
         self.layers, self.name, self.stack = layers, name, stack
 
-    def __call__(self, module: nn.Module, args: tuple) -> None:
-        if self.layers.depth:
-            raise ValueError(
-                f"tpext.parallelize: {self.name} ({type(module).__name__}) is replicated as a module outside "
-                f"the decoder layers, but it runs inside one of them ({self.stack}), where it may read "
-                "features sharded over the group; plan it yourself (plan={pattern: style}, starting from "
-                "tpext.auto_plan)"
-            )
+    def _misuse(self) -> str | None:
+        if not self.layers.depth:
+            return None
+        return (
+            f"as a module outside the decoder layers, but it runs inside one of them ({self.stack}), where it "
+            "may read features sharded over the group; plan it yourself (plan={pattern: style}, starting "
+            "from tpext.auto_plan)"
+        )
 
 
 def add_outside_layer_checks(model: nn.Module, stack: str, names: list[str]) -> None:

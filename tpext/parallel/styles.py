@@ -154,6 +154,11 @@ def _refuse_linear_subclass(style: Style, module: nn.Module, site: Site) -> None
         )
 
 
+def _linear_kwargs(site: Site) -> dict[str, Any]:
+    """The keyword arguments a parallel linear or Conv1D takes from its site (SP, sequence dim, chunks)."""
+    return dict(sequence_parallel=site.sequence_parallel, sequence_dim=site.sequence_dim, chunks=site.chunks)
+
+
 def _head_pieces(module: nn.Module, site: Site, pieces):
     """pieces, or on an attention projection the heads its attention module has: never cut a head."""
     if (
@@ -177,12 +182,7 @@ class Colwise(Style):
 
     def convert(self, module: nn.Module, site: Site) -> nn.Module:
         _refuse_linear_subclass(self, module, site)
-        common = dict(
-            sequence_parallel=site.sequence_parallel,
-            sequence_dim=site.sequence_dim,
-            chunks=site.chunks,
-            gather_output=self.gather_output,
-        )
+        common = dict(_linear_kwargs(site), gather_output=self.gather_output)
         if isinstance(module, nn.Linear):
             return ColumnParallelLinear.from_dense(
                 module, site.group, pieces=_head_pieces(module, site, self.pieces), **common
@@ -231,12 +231,7 @@ class Rowwise(Style):
 
     def convert(self, module: nn.Module, site: Site) -> nn.Module:
         _refuse_linear_subclass(self, module, site)
-        common = dict(
-            sequence_parallel=site.sequence_parallel,
-            sequence_dim=site.sequence_dim,
-            chunks=site.chunks,
-            pieces=_head_pieces(module, site, self.pieces),
-        )
+        common = dict(_linear_kwargs(site), pieces=_head_pieces(module, site, self.pieces))
         if isinstance(module, nn.Linear):
             return RowParallelLinear.from_dense(module, site.group, **common)
         if structure.is_conv1d(module):

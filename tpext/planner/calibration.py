@@ -123,6 +123,21 @@ def validate(data, where: str = "<object>") -> Calibration:
 BENCH_FORMAT = "tpext-bench-layers/1"
 
 
+def _from_probes(report: dict, probes: dict, env: dict) -> dict:
+    """Calibration data (format tpext-calibration/1) from one group's probes and environment, with the
+    device and command of the `tpext bench` report they belong to."""
+    return {
+        "format": FORMAT,
+        "device": report["device"],
+        "source": report["command"],
+        "matmul_tflops": probes["matmul_tflops"],
+        "allreduce_bus_GBps": probes["allreduce"]["bus_GBps"],
+        "collective_latency_us": probes["allreduce"]["latency_us"],
+        "memory_GiB": env["memory_GiB"],
+        "gpus_per_node": env["local_ranks"],
+    }
+
+
 def from_bench_report(report: dict, where: str = "<bench report>") -> dict:
     """A `tpext bench` report (layers.json, format tpext-bench-layers/1) -> calibration data: the probes
     of the largest group measured (the closest to the groups the planner sizes), as `tpext bench
@@ -135,17 +150,7 @@ def from_bench_report(report: dict, where: str = "<bench report>") -> dict:
         )
     try:
         n = max(probes, key=int)
-        p, env = probes[n], report["environment"]
-        return {
-            "format": FORMAT,
-            "device": report["device"],
-            "source": report["command"],
-            "matmul_tflops": p["matmul_tflops"],
-            "allreduce_bus_GBps": p["allreduce"]["bus_GBps"],
-            "collective_latency_us": p["allreduce"]["latency_us"],
-            "memory_GiB": env["memory_GiB"],
-            "gpus_per_node": env["local_ranks"],
-        }
+        return _from_probes(report, probes[n], report["environment"])
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(
             f"tpext calibration {where}: a {BENCH_FORMAT} report lacks {e} (expected probes."
