@@ -463,6 +463,29 @@ def summary(results: dict[str, dict]) -> dict[str, Any]:
     return out
 
 
+#: Coverage plan="auto" must reach at every tp size (not under SP): the share of buildable families that
+#: match, and of those that ship a TP plan.
+TARGETS = {"all": 0.80, "with_tp_plan": 0.95}
+
+
+def below_targets(results: dict[str, dict]) -> list[str]:
+    """The tp sizes whose coverage misses TARGETS, each as a line saying by how much ([] when none)."""
+    s = summary(results)
+    misses = []
+    for world in WORLDS:
+        counts = s[f"tp{world}"]
+        for what, total, matched in (
+            ("all", s["buildable"], counts["match"]),
+            ("with_tp_plan", s["with_tp_plan"], counts["match_with_tp_plan"]),
+        ):
+            if total and matched < TARGETS[what] * total:
+                misses.append(
+                    f"tp {world}: {matched} of {total} families ({what}) match, "
+                    f"under the target {TARGETS[what]:.0%}"
+                )
+    return misses
+
+
 def _cell(entry: dict, key: str) -> str:
     return entry[key][0] if key in entry else "-"
 

@@ -99,6 +99,24 @@ def test_gradient_check_flags_wrong_gradients(change):
         assert outcome == "mismatch" and reason.startswith("grad "), reason
 
 
+def test_targets_flag_low_coverage():
+    """The coverage check itself: a tp size where too few families match is named."""
+    results = {
+        f"f{i}": {"built": True, "tp_plan": i < 2, "tp2": ("match", ""), "tp4": ("match", "")}
+        for i in range(10)
+    }
+    assert model_census.below_targets(results) == []
+    results["f0"]["tp4"] = ("refused", "why")
+    assert model_census.below_targets(results) == [
+        "tp 4: 1 of 2 families (with_tp_plan) match, under the target 95%"
+    ]
+    for i in range(1, 4):
+        results[f"f{i}"]["tp2"] = ("refused", "why")
+    assert (
+        model_census.below_targets(results)[0] == "tp 2: 7 of 10 families (all) match, under the target 80%"
+    )
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 def test_model_census_matches_record():
@@ -121,6 +139,9 @@ def test_model_census_matches_record():
         )
         return
     failures, changes = compare(expected, got)
+    assert not model_census.below_targets(results), (
+        "model census: coverage under its targets:\n  " + "\n  ".join(model_census.below_targets(results))
+    )
     how = (
         f"\nIf the changes are intended, record them: {model_census.WRITE_COMMAND} "
         "(rewrites tests/model_census_expected.json and docs/model-support.md)"
