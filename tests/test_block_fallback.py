@@ -16,12 +16,12 @@ import warnings
 
 import pytest
 import torch
+from checks import assert_grads_match
 from dist import case_result, run_cases, run_ranks
 from model_census import VOCAB, build, inputs
 
 import tpext
 from tpext import mappings
-from tpext.sharding import layouts
 
 pytest.importorskip("transformers")
 
@@ -52,17 +52,7 @@ def _compare(family: str, sp: bool) -> None:
     logits = out.logits if out.logits.shape[-1] == VOCAB else mappings.gather_from_tp(out.logits, VOCAB)
     torch.testing.assert_close(logits, ref.logits, **TOL, msg=lambda m: f"{what}: logits: {m}")
     torch.testing.assert_close(out.loss, ref.loss, **TOL, msg=lambda m: f"{what}: loss: {m}")
-    for e in (e for e in layouts(model) if isinstance(e.tensor, torch.nn.Parameter)):
-        dense_grad = dense.get_parameter(e.names[0]).grad
-        if dense_grad is None:  # unused by this forward in the dense model (an expert no token chose)
-            assert e.tensor.grad is None or not e.tensor.grad.any(), f"{what}: grad {e.names}"
-            continue
-        torch.testing.assert_close(
-            e.tensor.grad,
-            e.layout.local_from_dense(dense_grad),
-            **TOL,
-            msg=lambda m: f"{what}: grad {e.names}: {m}",
-        )
+    assert_grads_match(model, dense, what, **TOL)
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"tp{w}")

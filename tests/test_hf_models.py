@@ -30,6 +30,7 @@ import zlib
 
 import pytest
 import torch
+from checks import assert_grads_match
 from dist import case_result, run_cases, run_ranks
 
 import tpext
@@ -471,17 +472,7 @@ def _compare(
     torch.testing.assert_close(out.loss, ref.loss, **TOL, msg=lambda m: f"{what}: loss: {m}")
     entries = layouts(model)
     assert len(entries) == len(layouts(dense)), what
-    for e in (e for e in entries if isinstance(e.tensor, torch.nn.Parameter)):  # buffers too (xIELU's beta)
-        dense_grad = dense.get_parameter(e.names[0]).grad
-        if dense_grad is None:  # unused by this forward in the dense model (e.g. an expert no token chose)
-            assert e.tensor.grad is None or not e.tensor.grad.any(), (
-                f"{what}: grad {e.names}: none in the dense model"
-            )
-            continue
-        ref_grad = e.layout.local_from_dense(dense_grad)
-        torch.testing.assert_close(
-            e.tensor.grad, ref_grad, **GRAD_TOL.get(arch, TOL), msg=lambda m: f"{what}: grad {e.names}: {m}"
-        )
+    assert_grads_match(model, dense, what, **GRAD_TOL.get(arch, TOL))
 
 
 def _check_cases() -> None:

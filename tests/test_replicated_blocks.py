@@ -19,6 +19,7 @@ import warnings
 
 import pytest
 import torch
+from checks import assert_grads_match
 from dist import case_result, run_cases, run_ranks
 from model_census import build as census_build
 
@@ -152,17 +153,7 @@ def _compare(family: str, sp: bool) -> list[str]:
     torch.testing.assert_close(out.loss, ref.loss, **tol, msg=lambda m: f"{what}: loss: {m}")
     entries = layouts(model)
     assert len(entries) == len(layouts(dense)), what
-    for e in (e for e in entries if isinstance(e.tensor, torch.nn.Parameter)):
-        dense_grad = dense.get_parameter(e.names[0]).grad
-        if dense_grad is None:  # unused by this forward in the dense model (an expert no token chose)
-            assert e.tensor.grad is None or not e.tensor.grad.any(), f"{what}: grad {e.names}"
-            continue
-        torch.testing.assert_close(
-            e.tensor.grad,
-            e.layout.local_from_dense(dense_grad),
-            **tol,
-            msg=lambda m: f"{what}: grad {e.names}: {m}",
-        )
+    assert_grads_match(model, dense, what, **tol)
     return said
 
 
@@ -281,9 +272,7 @@ def _tower(where: str, sp: bool) -> str:
     ref = dense(input_ids=ids, labels=ids)
     ref.loss.backward()
     torch.testing.assert_close(out.loss, ref.loss, **TOL)
-    for e in (e for e in layouts(model) if isinstance(e.tensor, torch.nn.Parameter)):
-        dense_grad = dense.get_parameter(e.names[0]).grad
-        torch.testing.assert_close(e.tensor.grad, e.layout.local_from_dense(dense_grad), **TOL)
+    assert_grads_match(model, dense, where, **TOL)
     return "matches"
 
 
