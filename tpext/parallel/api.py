@@ -302,6 +302,7 @@ def parallelize(
     add_alibi_slices(model, alibi)
     if share_inputs:
         _share_inputs(model, converted)
+    before_split = _replicated_before_split(plan)
     if split_at:
         add_sequence_hooks(
             model,
@@ -314,14 +315,14 @@ def parallelize(
             on_shards,
             partial_blocks,
             replicated_blocks=replicated_blocks,
-            before_split=_replicated_outside(plan),
+            before_split=before_split,
             layer_params=[
                 n
                 for n in plan
                 if str(_sources_of(plan).get(n, "")).startswith(f"{REPLICATED}: {LAYER_PARAMETERS}")
             ],
         )
-    add_outside_layer_checks(model, decoder_stack, _replicated_outside(plan))
+    add_outside_layer_checks(model, decoder_stack, before_split)
     _warn_replicated(model, plan, bool(split_at), no_split)
     add_causal_lm_loss(model, converted)
     add_dense_save_pretrained(model)
@@ -343,10 +344,10 @@ def _sources_of(plan: PlanLike) -> dict[str, str]:
     return getattr(plan, "sources", {})
 
 
-def _replicated_outside(plan: PlanLike) -> list[str]:
+def _replicated_before_split(plan: PlanLike) -> list[str]:
     """The modules auto_plan replicated whole outside the decoder layers (Replicate(), source "replicated:",
     nothing planned under them): under SP they must run before the split."""
-    sources = getattr(plan, "sources", {})
+    sources = _sources_of(plan)
     return [
         name
         for name, style in plan.items()
@@ -362,7 +363,7 @@ def _warn_replicated(model: nn.Module, plan: PlanLike, split: bool, no_split: bo
     compute repeated on every rank), and under SP a model with no sharded attention to split the sequence
     at."""
     lines = []
-    sources = getattr(plan, "sources", {})
+    sources = _sources_of(plan)
     blocks = [name for name in plan if str(sources.get(name, "")).startswith(REPLICATED + ":")]
     if blocks:
         total = sum(p.numel() for p in model.parameters())

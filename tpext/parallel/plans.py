@@ -319,11 +319,7 @@ def _decoder_stack(model: nn.Module, modules: dict[str, nn.Module]) -> str:
     """The name of the language model's layer list: the nn.ModuleList beside the model's word embedding
     (model.language_model.layers beside model.language_model.embed_tokens; of several, the one with
     attention modules), "" when there is none."""
-    getter = getattr(model, "get_input_embeddings", None)
-    try:
-        embedding = getter() if callable(getter) else None
-    except (AttributeError, NotImplementedError):
-        embedding = None
+    embedding = _model_layer(model, "get_input_embeddings")
     name = next((n for n, m in modules.items() if embedding is not None and m is embedding), "")
     if not name:
         return ""
