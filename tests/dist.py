@@ -234,6 +234,40 @@ def case_result(results: dict[tuple, list], case: tuple) -> list[Any]:
     return [value for _, value in outcomes]
 
 
+def cases_fixture(fn: Callable[..., Any], cases: list[tuple], world_sizes=(2, 4), **kwargs: Any):
+    """A module-scoped pytest fixture, parametrized over `world_sizes` (ids "tp2", "tp4"), whose value is
+    ``run_cases(fn, world_size, cases, **kwargs)``: one round trip per world size for all the cases.
+
+    Args:
+        fn: module-level function run as ``fn(*case)`` on every rank.
+        cases: the cases, hashable, picklable tuples.
+        world_sizes: the world sizes.
+        **kwargs: passed on to `run_cases` (timeouts, backend).
+
+    Returns:
+        The fixture: assign it to a module-level name, which is the fixture's name.
+
+    Example:
+        >>> results = cases_fixture(_compare, CASES, timeout_s=600.0)
+    """
+    import pytest
+
+    @pytest.fixture(scope="module", params=list(world_sizes), ids=lambda w: f"tp{w}")
+    def fixture(request):
+        return run_cases(fn, request.param, cases, **kwargs)
+
+    return fixture
+
+
+def sp_ids(cases: list[tuple]) -> list[str]:
+    """Test ids of (name, sequence_parallel) cases: "llama-sp", "llama-nosp".
+
+    Example:
+        >>> @pytest.mark.parametrize("family, sp", CASES, ids=sp_ids(CASES))
+    """
+    return [f"{name}-{'sp' if sp else 'nosp'}" for name, sp in cases]
+
+
 class CaseBatches:
     """Cases that differ by world size, run one `run_cases` call per world size, at the first test that
     needs that world size.

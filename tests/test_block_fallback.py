@@ -16,12 +16,11 @@ import warnings
 
 import pytest
 import torch
-from checks import assert_grads_match
-from dist import case_result, run_cases, run_ranks
-from model_census import VOCAB, build, inputs
+from checks import assert_lm_matches, lm_step
+from dist import case_result, cases_fixture, run_ranks, sp_ids
+from model_census import build, inputs
 
 import tpext
-from tpext import mappings
 
 pytest.importorskip("transformers")
 
@@ -44,24 +43,15 @@ def _compare(family: str, sp: bool) -> None:
         warnings.simplefilter("ignore")
         tpext.parallelize(model, sequence_parallel=sp)
     ids, labels = inputs()
-    ref = dense(input_ids=ids, labels=labels)
-    ref.loss.backward()
-    out = model(input_ids=ids, labels=labels)
-    out.loss.backward()
-    what = f"{family} tp={world} sp={sp}"
-    logits = out.logits if out.logits.shape[-1] == VOCAB else mappings.gather_from_tp(out.logits, VOCAB)
-    torch.testing.assert_close(logits, ref.logits, **TOL, msg=lambda m: f"{what}: logits: {m}")
-    torch.testing.assert_close(out.loss, ref.loss, **TOL, msg=lambda m: f"{what}: loss: {m}")
-    assert_grads_match(model, dense, what, **TOL)
+    ref, out = lm_step(dense, input_ids=ids, labels=labels), lm_step(model, input_ids=ids, labels=labels)
+    assert_lm_matches(model, dense, out, ref, f"{family} tp={world} sp={sp}", **TOL)
 
 
-@pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"tp{w}")
-def results(request):
-    return run_cases(_compare, request.param, CASES, timeout_s=600.0)
+results = cases_fixture(_compare, CASES, timeout_s=600.0)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family, sp", CASES, ids=[f"{f}-{'sp' if sp else 'nosp'}" for f, sp in CASES])
+@pytest.mark.parametrize("family, sp", CASES, ids=sp_ids(CASES))
 def test_blocks_that_cannot_be_sharded_match_dense(results, family, sp):
     case_result(results, (family, sp))
 

@@ -5,43 +5,35 @@ from __future__ import annotations
 
 import copy
 import itertools
-import zlib
 
 import pytest
 import torch
 import torch.distributed as tdist
-from checks import assert_grads_match
-from dist import case_result, run_cases, run_ranks
+from checks import TINY_HF, assert_lm_matches, lm_inputs, lm_step, tiny_hf_model
+from dist import case_result, cases_fixture, run_ranks, sp_ids
 
 import tpext
-from tpext import mappings
 from tpext.parallel import Colwise, Replicate, Rowwise
 from tpext.parallel.mla import MLAKvAProj
-from tpext.sharding import Piece, layouts
+from tpext.sharding import Piece
 
 transformers = pytest.importorskip("transformers")
 
 TOL = dict(rtol=1e-5, atol=1e-6)  # fp64 models; Hugging Face's loss and norms compute in fp32
-VOCAB, BATCH, SEQ = 128, 2, 8  # SEQ divisible by every world size (SP splits it)
+VOCAB, BATCH, SEQ = TINY_HF["vocab_size"], 2, 8  # SEQ divisible by every world size (SP splits it)
 # 8 heads of query / key 8 + 4 (nope + rope) and value 6 features; latents of 24 (q) and 16 (kv) features.
 MLA = dict(
-    hidden_size=64,
+    TINY_HF,
     num_hidden_layers=2,
-    num_attention_heads=8,
     num_key_value_heads=8,
     q_lora_rank=24,
     kv_lora_rank=16,
     qk_nope_head_dim=8,
     qk_rope_head_dim=4,
     v_head_dim=6,
-    intermediate_size=128,
     moe_intermediate_size=32,
     n_routed_experts=4,
     num_experts_per_tok=2,
-    vocab_size=VOCAB,
-    max_position_embeddings=64,
-    use_cache=False,
-    tie_word_embeddings=False,
 )
 # (family, variant): DeepSeek-V3 with q's low-rank projections (q_a_proj, q_b_proj), its second layer a
 # mixture of experts; DeepSeek-V2 with one q_proj (q_lora_rank=None) beside the kv latent, both layers MoE.
@@ -58,25 +50,9 @@ WORLD_SIZES = [2, 4]
 
 
 def _model(arch: str) -> torch.nn.Module:
-    """The tiny dense model, fp64, every weight moved off its init (norm scales are not ones), the same on
-    every rank."""
+    """The tiny dense model, fp64, every weight moved off its init, the same on every rank."""
     config_name, model_name, extra = ARCHS[arch]
-    config = getattr(transformers, config_name)(**{**MLA, **extra})
-    config._attn_implementation = "eager"
-    config._experts_implementation = "eager"
-    torch.manual_seed(0)
-    model = getattr(transformers, model_name)(config).double()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-            p.add_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    return model
-
-
-def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen)
-    return ids, ids.masked_fill(torch.rand(ids.shape, generator=gen) < 0.2, -100)
+    return tiny_hf_model(config_name, model_name, {**MLA, **extra})
 
 
 def _compare(arch: str, sp: bool) -> int:
@@ -84,26 +60,16 @@ def _compare(arch: str, sp: bool) -> int:
     (this rank's slice, by its layout). Returns how many gradients were compared."""
     dense = _model(arch)
     model = tpext.parallelize(copy.deepcopy(dense), plan="auto", sequence_parallel=sp)
-    ids, labels = _inputs()
-    ref = dense(input_ids=ids, labels=labels)
-    ref.loss.backward()
-    out = model(input_ids=ids, labels=labels)
-    out.loss.backward()
-    what = f"{arch} tp={tdist.get_world_size()} sp={sp}"
-    logits = mappings.gather_from_tp(out.logits, VOCAB)
-    torch.testing.assert_close(logits, ref.logits, **TOL, msg=lambda m: f"{what}: logits: {m}")
-    torch.testing.assert_close(out.loss, ref.loss, **TOL, msg=lambda m: f"{what}: loss: {m}")
-    assert len(layouts(model)) == len(layouts(dense)), what
-    return assert_grads_match(model, dense, what, **TOL)
+    ids, labels = lm_inputs(VOCAB, BATCH, SEQ)
+    ref, out = lm_step(dense, input_ids=ids, labels=labels), lm_step(model, input_ids=ids, labels=labels)
+    return assert_lm_matches(model, dense, out, ref, f"{arch} tp={tdist.get_world_size()} sp={sp}", **TOL)
 
 
-@pytest.fixture(scope="module", params=WORLD_SIZES, ids=lambda w: f"tp{w}")
-def mla_results(request):
-    return run_cases(_compare, request.param, CASES, timeout_s=300.0)
+mla_results = cases_fixture(_compare, CASES, WORLD_SIZES, timeout_s=300.0)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch, sp", CASES, ids=[f"{a}-{'sp' if sp else 'nosp'}" for a, sp in CASES])
+@pytest.mark.parametrize("arch, sp", CASES, ids=sp_ids(CASES))
 def test_mla_matches_dense(mla_results, arch, sp):
     """Logits, loss and every parameter gradient (q/kv down projections and their norms replicated, the up
     projections and o_proj by heads, the shared rotary key's gradient summed) against the dense model."""
@@ -151,7 +117,7 @@ def test_replicated_kv_a_proj_is_refused():
 def _attention_collectives(sp: bool) -> list[tuple[str, str, str, int]]:
     """(phase, collective, module, bytes) of the first layer's attention, one forward and backward."""
     model = tpext.parallelize(_model("deepseek_v3-q_lora"), sequence_parallel=sp)
-    ids, labels = _inputs()
+    ids, labels = lm_inputs(VOCAB, BATCH, SEQ)
     with tpext.comm_stats() as stats:
         model(input_ids=ids, labels=labels).loss.backward()
     attn = "model.layers.0.self_attn"

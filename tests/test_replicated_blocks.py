@@ -19,34 +19,28 @@ import warnings
 
 import pytest
 import torch
-from checks import assert_grads_match
-from dist import case_result, run_cases, run_ranks
+from checks import (
+    TINY_HF,
+    TOKEN_IDS,
+    assert_grads_match,
+    assert_lm_matches,
+    lm_inputs,
+    lm_step,
+    perturb_,
+    tiny_hf_model,
+)
+from dist import case_result, cases_fixture, run_cases, run_ranks, sp_ids
 from model_census import build as census_build
 
 import tpext
-from tpext import mappings
-from tpext.sharding import layouts
 
 transformers = pytest.importorskip("transformers")
 
 f64 = torch.float64
-VOCAB = 128
+VOCAB = TINY_HF["vocab_size"]
 TOL = dict(rtol=1e-5, atol=1e-7)  # fp64 models, but Hugging Face's norms compute in fp32
 CENSUS_TOL = dict(rtol=1e-4, atol=1e-5)  # the model census's (its Gemma models compute more in fp32)
-_COMMON = dict(
-    hidden_size=64,
-    num_attention_heads=8,
-    num_key_value_heads=2,
-    head_dim=8,
-    intermediate_size=128,
-    vocab_size=VOCAB,
-    max_position_embeddings=64,
-    use_cache=False,
-    tie_word_embeddings=False,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=1,
-)
+_COMMON = dict(TINY_HF, num_key_value_heads=2, head_dim=8, **TOKEN_IDS)
 _MAMBA2 = dict(mamba_n_heads=8, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=1)
 # family: (model class, config class, config, the blocks plan="auto" replicates)
 FAMILIES = {
@@ -119,15 +113,7 @@ def _model(family: str) -> torch.nn.Module:
     if family in OUTSIDE:
         return census_build(family)
     model_cls, config_cls, settings, _ = FAMILIES[family]
-    config = getattr(transformers, config_cls)(**_COMMON, **settings)
-    config._attn_implementation = "eager"
-    config._experts_implementation = "eager"
-    torch.manual_seed(0)
-    model = getattr(transformers, model_cls)(config).to(f64)
-    with torch.no_grad():
-        for i, p in enumerate(model.parameters()):
-            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i), dtype=f64))
-    return model
+    return tiny_hf_model(config_cls, model_cls, {**_COMMON, **settings})
 
 
 def _compare(family: str, sp: bool) -> list[str]:
@@ -138,32 +124,18 @@ def _compare(family: str, sp: bool) -> list[str]:
         warnings.simplefilter("always")
         model = tpext.parallelize(copy.deepcopy(dense), sequence_parallel=sp)
     said = [str(w.message) for w in caught if str(w.message).startswith("tpext.parallelize:")]
-    gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(2, VOCAB, (2, 4 * world), generator=gen)
-    labels = ids.masked_fill(torch.rand(ids.shape, generator=gen) < 0.2, -100)
-    ref = dense(input_ids=ids, labels=labels)
-    ref.loss.backward()
-    out = model(input_ids=ids, labels=labels)
-    out.loss.backward()
-
-    what = f"{family} tp={world} sp={sp}"
+    ids, labels = lm_inputs(VOCAB, 2, 4 * world)
+    ref, out = lm_step(dense, input_ids=ids, labels=labels), lm_step(model, input_ids=ids, labels=labels)
     tol = CENSUS_TOL if family in OUTSIDE else TOL
-    logits = out.logits if out.logits.shape[-1] == VOCAB else mappings.gather_from_tp(out.logits, VOCAB)
-    torch.testing.assert_close(logits, ref.logits, **tol, msg=lambda m: f"{what}: logits: {m}")
-    torch.testing.assert_close(out.loss, ref.loss, **tol, msg=lambda m: f"{what}: loss: {m}")
-    entries = layouts(model)
-    assert len(entries) == len(layouts(dense)), what
-    assert_grads_match(model, dense, what, **tol)
+    assert_lm_matches(model, dense, out, ref, f"{family} tp={world} sp={sp}", **tol)
     return said
 
 
-@pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"tp{w}")
-def results(request):
-    return run_cases(_compare, request.param, CASES, timeout_s=600.0)
+results = cases_fixture(_compare, CASES, timeout_s=600.0)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family, sp", CASES, ids=[f"{f}-{'sp' if sp else 'nosp'}" for f, sp in CASES])
+@pytest.mark.parametrize("family, sp", CASES, ids=sp_ids(CASES))
 def test_replicated_blocks_match_dense(results, family, sp):
     """The model matches the dense one, and parallelize says once which blocks it replicated and what that
     costs (and, with no split point, that SP has no effect)."""
@@ -182,9 +154,7 @@ def outside_results():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "family, sp", OUTSIDE_CASES, ids=[f"{f}-{'sp' if sp else 'nosp'}" for f, sp in OUTSIDE_CASES]
-)
+@pytest.mark.parametrize("family, sp", OUTSIDE_CASES, ids=sp_ids(OUTSIDE_CASES))
 def test_outside_the_layers_match_dense(outside_results, family, sp):
     """Modules outside the decoder layers' blocks (towers, projectors, per-layer embeddings, a layer's own
     scales) are replicated: logits, loss and every gradient match the dense model at tp 2, and parallelize
@@ -231,10 +201,7 @@ def _llama_with_tower(where: str) -> torch.nn.Module:
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config)
     model.model.towers = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Conv1d(64, 64, 1))])
-    model = model.to(f64)
-    with torch.no_grad():
-        for i, p in enumerate(model.parameters()):
-            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i), dtype=f64))
+    perturb_(model.to(f64))
     tower = model.model.towers[0]
 
     def mix(x):
@@ -279,9 +246,7 @@ def _tower(where: str, sp: bool) -> str:
 TOWER_CASES = [(where, sp) for where in ("before", "after", "inside") for sp in (False, True)]
 
 
-@pytest.mark.parametrize(
-    "where, sp", TOWER_CASES, ids=[f"{w}-{'sp' if sp else 'nosp'}" for w, sp in TOWER_CASES]
-)
+@pytest.mark.parametrize("where, sp", TOWER_CASES, ids=sp_ids(TOWER_CASES))
 def test_tower_outside_the_layers(where, sp):
     """A module replicated outside the decoder layers matches the dense model where it sees replicated
     activations: outside the layers without SP, and under SP before the sequence is split. Under SP after
