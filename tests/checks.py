@@ -61,7 +61,7 @@ def tiny_hf_model(
     **perturb: Any,
 ) -> torch.nn.Module:
     """A Hugging Face model from a tiny config, built from seed 0 and moved off its init by `perturb_`: the
-    same on every rank. Experts run their eager loop (grouped_mm takes no fp64).
+    same on every rank. In fp64 experts run their eager loop.
 
     Args:
         config_cls, model_cls: the transformers classes, or their names.
@@ -84,7 +84,8 @@ def tiny_hf_model(
         model_cls = getattr(transformers, model_cls)
     config = config_cls(**settings)
     config._attn_implementation = attn
-    config._experts_implementation = "eager"
+    if dtype == torch.float64:
+        config._experts_implementation = "eager"  # grouped_mm takes no fp64
     torch.manual_seed(0)
     return perturb_(model_cls(config).to(dtype), **perturb)
 

@@ -26,12 +26,11 @@ for token, and heads with replicated weights (sequence classification) and base 
 from __future__ import annotations
 
 import copy
-import zlib
 
 import pytest
 import torch
-from checks import assert_grads_match
-from dist import case_result, run_cases, run_ranks
+from checks import assert_lm_matches, lm_step, tiny_hf_model
+from dist import SMALL_LLAMA, case_result, run_cases, run_ranks
 
 import tpext
 from tpext import mappings
@@ -39,14 +38,9 @@ from tpext.sharding import Piece, layouts
 
 transformers = pytest.importorskip("transformers")
 
-SMALL = dict(
-    hidden_size=64,
-    intermediate_size=96,
-    vocab_size=100,
-    num_hidden_layers=2,
-    num_attention_heads=8,
-    max_position_embeddings=64,
-    use_cache=False,
+# the tiny Llama's sizes; kv heads are set per case where the model has GQA
+SMALL = {k: v for k, v in SMALL_LLAMA.items() if k != "num_key_value_heads"} | dict(
+    max_position_embeddings=64, use_cache=False
 )
 TOL = dict(rtol=1e-5, atol=1e-6)
 # Gemma2's tied embedding gradient sums the soft-capped logits' and the lookup's fp32 terms in another
@@ -406,24 +400,17 @@ _NO_GQA = (
 
 def _model(arch: str, kv: int, attn: str):
     config_name, model_name, settings = ARCHS[arch]
-    config_cls, model_cls = getattr(transformers, config_name), getattr(transformers, model_name)
     extra = dict(settings) if arch in _NO_GQA else dict(settings, num_key_value_heads=kv)
-    config = config_cls(**{**SMALL, **extra}, attn_implementation=attn)
-    torch.manual_seed(0)
-    model = model_cls(config).float()
-    with torch.no_grad():  # norms away from their init (Gemma's scales by 1 + weight, from zeros)
-        for name, p in model.named_parameters():
-            # BERT's LayerNorms and zero biases too
-            if (
-                "norm" in name
-                or "sinks" in name
-                or (arch in {**ENCODERS, **CLASSICS} and ("Norm" in name or name.endswith("bias")))
-            ):
-                p.add_(
-                    0.1
-                    * torch.randn(p.shape, generator=torch.Generator().manual_seed(zlib.crc32(name.encode())))
-                )
-    return model
+
+    def moved(name: str) -> bool:  # norms away from their init (Gemma's scales by 1 + weight, from zeros)
+        if "norm" in name or "sinks" in name:
+            return True
+        # BERT's LayerNorms and zero biases too
+        return arch in {**ENCODERS, **CLASSICS} and ("Norm" in name or name.endswith("bias"))
+
+    return tiny_hf_model(
+        config_name, model_name, {**SMALL, **extra}, torch.float32, attn, scale=0.1, pick=moved
+    )
 
 
 def _compare(
@@ -450,29 +437,13 @@ def _compare(
         mask[1, -3:] = 0
         labels[1, -3:] = -100
         extra = {"num_items_in_batch": torch.tensor(7)}
-    # The same random draws in both (PhiMoE's router samples its experts in training, replicated on every rank)
-    torch.manual_seed(5)
-    ref = dense(input_ids=ids, attention_mask=mask, labels=labels, **extra)
-    ref.loss.backward()
-    torch.manual_seed(5)
-    out = model(input_ids=ids, attention_mask=mask, labels=labels, **extra)
-    out.loss.backward()
-
+    inputs = dict(input_ids=ids, attention_mask=mask, labels=labels, **extra)
+    ref, out = lm_step(dense, **inputs), lm_step(model, **inputs)  # PhiMoE's router samples: the same draws
     what = (
         f"{arch} tp={world} kv={kv} sp={sp} attn={attn} padded={padded} share_inputs={share_inputs} "
         f"replicate_experts={replicate_experts}"
     )
-    logits = out.logits  # gathered already where the model computes its own loss (BART's decoder)
-    logits = (
-        logits
-        if logits.shape[-1] == SMALL["vocab_size"]
-        else mappings.gather_from_tp(logits, SMALL["vocab_size"])
-    )
-    torch.testing.assert_close(logits, ref.logits, **TOL, msg=lambda m: f"{what}: logits: {m}")
-    torch.testing.assert_close(out.loss, ref.loss, **TOL, msg=lambda m: f"{what}: loss: {m}")
-    entries = layouts(model)
-    assert len(entries) == len(layouts(dense)), what
-    assert_grads_match(model, dense, what, **GRAD_TOL.get(arch, TOL))
+    assert_lm_matches(model, dense, out, ref, what, GRAD_TOL.get(arch), **TOL)
 
 
 def _check_cases() -> None:
