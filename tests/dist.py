@@ -282,10 +282,8 @@ class CaseBatches:
 
     Example:
         >>> CASES = {1: [("a",), ("b",)], 2: [("a",)]}
-        >>> @pytest.fixture(scope="module")
-        ... def batches():
-        ...     return CaseBatches(_case, CASES)
-        >>> @pytest.mark.parametrize(("world", "case"), CaseBatches.pairs(CASES))
+        >>> batches = CaseBatches.fixture(_case, CASES)
+        >>> @pytest.mark.parametrize(("world", "case"), CaseBatches.pairs(CASES), ids=CaseBatches.id)
         ... def test_case(batches, world, case):
         ...     per_rank = batches.result(world, case)
     """
@@ -298,6 +296,23 @@ class CaseBatches:
     def pairs(cases_by_world: dict[int, list[tuple]]) -> list[tuple[int, tuple]]:
         """Every (world size, case) pair, world sizes in order."""
         return [(w, tuple(c)) for w in sorted(cases_by_world) for c in cases_by_world[w]]
+
+    @staticmethod
+    def id(value: int | tuple) -> str:
+        """The test id of a `pairs` element: "tp2" for a world size, a case's fields joined by "-"."""
+        return f"tp{value}" if isinstance(value, int) else "-".join(map(str, value))
+
+    @classmethod
+    def fixture(cls, fn: Callable[..., Any], cases_by_world: dict[int, list[tuple]], **kwargs: Any):
+        """A module-scoped pytest fixture whose value is ``CaseBatches(fn, cases_by_world, **kwargs)``;
+        assign it to a module-level name, which is the fixture's name."""
+        import pytest
+
+        @pytest.fixture(scope="module")
+        def batches():
+            return cls(fn, cases_by_world, **kwargs)
+
+        return batches
 
     def result(self, world_size: int, case: tuple) -> list[Any]:
         """`case_result` of `case` at `world_size`, running all of that world size's cases on first use."""

@@ -184,16 +184,10 @@ def _error_case(case: str, name: str) -> None:
         assert torch.equal(y, torch.full((3, 6), 8.0 * world, dtype=f64))
 
 
-@pytest.fixture(scope="module")
-def error_batches():
-    return CaseBatches(_error_case, ERROR_CASES_BY_WORLD)
+error_batches = CaseBatches.fixture(_error_case, ERROR_CASES_BY_WORLD)
 
 
-@pytest.mark.parametrize(
-    ("world_size", "case"),
-    CaseBatches.pairs(ERROR_CASES_BY_WORLD),
-    ids=lambda v: f"tp{v}" if isinstance(v, int) else "-".join(v),
-)
+@pytest.mark.parametrize(("world_size", "case"), CaseBatches.pairs(ERROR_CASES_BY_WORLD), ids=CaseBatches.id)
 def test_bad_input_raises_clear_errors(error_batches, world_size, case):
     error_batches.result(world_size, case)
 

@@ -219,16 +219,10 @@ FUSED_AUTOGRAD_CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def fused_autograd_batches():
-    return CaseBatches(_fused_autograd_case, FUSED_AUTOGRAD_CASES)
+fused_autograd_batches = CaseBatches.fixture(_fused_autograd_case, FUSED_AUTOGRAD_CASES)
 
 
-@pytest.mark.parametrize(
-    ("world", "case"),
-    CaseBatches.pairs(FUSED_AUTOGRAD_CASES),
-    ids=lambda v: f"tp{v}" if isinstance(v, int) else "-".join(map(str, v)),
-)
+@pytest.mark.parametrize(("world", "case"), CaseBatches.pairs(FUSED_AUTOGRAD_CASES), ids=CaseBatches.id)
 def test_fused_autograd_matches_dense_and_gradcheck(fused_autograd_batches, world, case):
     fused_autograd_batches.result(world, case)
 
