@@ -34,16 +34,22 @@ GRID = list(
 )
 
 
-@pytest.mark.parametrize("model,tp,gpu,sp,mode", GRID)
-def test_auto_overlap_is_never_slower_than_no_overlap(model, tp, gpu, sp, mode):
+def _estimate(model: str, tp: int, gpu: str, sp: bool, mode: str, **workload) -> dict:
+    """The estimate of one GRID point: seq 2048, micro-batch 2, SP where the mode has a sequence to split."""
     w = Workload(
         mode=mode,
         seq=2048,
         micro_batch=2,
         sequence_parallel=sp and mode != "decode",
         allow_kv_replication=True,
+        **workload,
     )
-    r = estimate(model_preset(model), gpu_preset(gpu), NDR, w, tp)
+    return estimate(model_preset(model), gpu_preset(gpu), NDR, w, tp)
+
+
+@pytest.mark.parametrize("model,tp,gpu,sp,mode", GRID)
+def test_auto_overlap_is_never_slower_than_no_overlap(model, tp, gpu, sp, mode):
+    r = _estimate(model, tp, gpu, sp, mode)
     assert r["step_s"]["overlap"] <= r["step_s"]["no_overlap"] * (1 + 1e-12)
     assert r["layer"]["exposed_comm_overlap_s"] <= r["layer"]["comm_s"] * (1 + 1e-12)
     assert r["layer"]["exposed_comm_overlap_s"] >= -1e-15  # overlap never hides more than the comm
@@ -56,15 +62,7 @@ def test_auto_overlap_is_never_slower_than_no_overlap(model, tp, gpu, sp, mode):
     [(m, tp, g, sp, mode, c) for (m, tp, g, sp, mode), c in itertools.product(GRID[::3], (2, 8)) if tp > 1],
 )
 def test_explicit_chunks_lose_at_most_the_named_costs(model, tp, gpu, sp, mode, chunks):
-    w = Workload(
-        mode=mode,
-        seq=2048,
-        micro_batch=2,
-        sequence_parallel=sp and mode != "decode",
-        allow_kv_replication=True,
-        chunks=chunks,
-    )
-    layer = estimate(model_preset(model), gpu_preset(gpu), NDR, w, tp)["layer"]
+    layer = _estimate(model, tp, gpu, sp, mode, chunks=chunks)["layer"]
     costs = layer["overlap_costs_s"]
     assert costs["nccl_sms"] >= 0
     # the loss against no overlap is bounded by the one cost that can make it: splitting the collective
