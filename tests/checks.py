@@ -12,17 +12,6 @@ import torch
 from tpext import mappings
 from tpext.sharding import layouts
 
-#: The tiny sizes of the Hugging Face models the tests configure by hand (keyword arguments of their configs;
-#: override a field with ``dict(TINY_HF, num_key_value_heads=2)``).
-TINY_HF = dict(
-    hidden_size=64,
-    num_attention_heads=8,
-    intermediate_size=128,
-    vocab_size=128,
-    max_position_embeddings=64,
-    use_cache=False,
-    tie_word_embeddings=False,
-)
 #: Special token ids inside the tiny vocabularies (the configs' defaults are beyond them).
 TOKEN_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=1)
 

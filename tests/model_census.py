@@ -24,11 +24,11 @@ import json
 import os
 import sys
 import time
-import zlib
 from pathlib import Path
 from typing import Any
 
 import torch
+from checks import perturb_
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPECTED = ROOT / "tests" / "model_census_expected.json"
@@ -95,6 +95,20 @@ _TINY = {
     "n_ctx": 64,
     "use_cache": False,
     "tie_word_embeddings": False,
+}
+#: The tiny config by its usual names only, for the tests that configure a model by hand (override a field with
+#: ``dict(TINY_HF, num_key_value_heads=8)``).
+TINY_HF = {
+    name: _TINY[name]
+    for name in (
+        "hidden_size",
+        "num_attention_heads",
+        "intermediate_size",
+        "vocab_size",
+        "max_position_embeddings",
+        "use_cache",
+        "tie_word_embeddings",
+    )
 }
 _NO_DROPOUT = (
     "dropout",
@@ -195,12 +209,7 @@ def build(family: str, dtype: torch.dtype = torch.float64) -> torch.nn.Module:
     config._experts_implementation = "eager"  # grouped_mm takes no fp64
     model_cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[family])
     torch.manual_seed(0)
-    model = model_cls(config).to(dtype).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-            p.add_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    return model
+    return perturb_(model_cls(config).to(dtype).eval())
 
 
 def has_tp_plan(model: torch.nn.Module) -> bool:

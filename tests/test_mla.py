@@ -9,8 +9,9 @@ import itertools
 import pytest
 import torch
 import torch.distributed as tdist
-from checks import TINY_HF, assert_lm_matches, lm_inputs, lm_step, tiny_hf_model
+from checks import assert_lm_matches, lm_inputs, lm_step, tiny_hf_model
 from dist import case_result, cases_fixture, run_ranks, sp_ids
+from model_census import TINY_HF
 
 import tpext
 from tpext.parallel import Colwise, Replicate, Rowwise

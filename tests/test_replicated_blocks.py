@@ -20,7 +20,6 @@ import warnings
 import pytest
 import torch
 from checks import (
-    TINY_HF,
     TOKEN_IDS,
     assert_grads_match,
     assert_lm_matches,
@@ -30,6 +29,7 @@ from checks import (
     tiny_hf_model,
 )
 from dist import case_result, cases_fixture, run_cases, run_ranks, sp_ids
+from model_census import TINY_HF
 from model_census import build as census_build
 
 import tpext
@@ -375,21 +375,10 @@ def _block_returning_a_weight(sp: bool) -> str:
     """GPT-NeoX-Japanese's last attention returns its dense_bias beside its output, and the layer adds it:
     replicated, it matches without SP; under SP the bias would be added to each rank's shard (a partial
     gradient), so auto_plan refuses it, naming the attention module."""
-    config = transformers.GPTNeoXJapaneseConfig(
-        hidden_size=64,
-        num_attention_heads=8,
-        num_hidden_layers=2,
-        intermediate_multiple_size=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        attention_dropout=0.0,
-        use_cache=False,
-        bos_token_id=1,
-        eos_token_id=1,
+    settings = dict(
+        TINY_HF, num_hidden_layers=2, intermediate_multiple_size=2, attention_dropout=0.0, **TOKEN_IDS
     )
-    config._attn_implementation = "eager"
-    torch.manual_seed(0)
-    dense = transformers.GPTNeoXJapaneseForCausalLM(config).to(f64)
+    dense = tiny_hf_model("GPTNeoXJapaneseConfig", "GPTNeoXJapaneseForCausalLM", settings)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
