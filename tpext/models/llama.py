@@ -65,24 +65,11 @@ class LlamaConfig:
         return asdict(self)
 
 
-#: Shapes for the demo, tests and benches. "tiny" trains in seconds on 2 CPU ranks.
+#: Shapes for the demo, tests and benches, with the default 8 query and 4 kv heads. "tiny" trains in seconds
+#: on 2 CPU ranks.
 PRESETS = {
-    "tiny": LlamaConfig(
-        vocab_size=512,
-        hidden_size=128,
-        intermediate_size=344,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-    ),
-    "small": LlamaConfig(
-        vocab_size=4096,
-        hidden_size=512,
-        intermediate_size=1376,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-    ),
+    "tiny": LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=344, num_hidden_layers=2),
+    "small": LlamaConfig(vocab_size=4096, hidden_size=512, intermediate_size=1376, num_hidden_layers=4),
 }
 
 

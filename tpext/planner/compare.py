@@ -73,6 +73,22 @@ def _rel(values: dict) -> dict:
     return {tp: v / first for tp, v in values.items()}
 
 
+def _playbook(name: str, page: str, config: str, tokens: dict, micro_batches: dict, workload: dict) -> Case:
+    """One of the Playbook's tables: tokens/s per GPU relative to the first TP, seq 4096, each TP at its
+    published micro-batch."""
+    return Case(
+        name,
+        f"Ultra-Scale Playbook, {page}",
+        config,
+        "relative",
+        _rel(tokens),
+        workload={"seq": 4096, **workload},
+        per_tp={tp: {"micro_batch": b} for tp, b in micro_batches.items()},
+        in_target=True,
+        absolute=tokens,
+    )
+
+
 CASES = (
     Case(
         "seed",
@@ -84,28 +100,22 @@ CASES = (
         workload={"seq": 4096, "micro_batch": 1},
         in_target=True,
     ),
-    Case(
+    _playbook(
         "playbook-tp",
-        "Ultra-Scale Playbook, tp_scaling.html (tokens/s/GPU 13923 ... 2146)",
+        "tp_scaling.html (tokens/s/GPU 13923 ... 2146)",
         "3B (ASSUMED OpenLLaMA-3B shapes: 32 heads divide TP=32), seq 4096 ASSUMED, max micro-batch per TP "
         "3/8/12/16/20 (published), no SP, relative to TP=2",
-        "relative",
-        _rel(_PLAYBOOK_TP),
-        workload={"seq": 4096},
-        per_tp={tp: {"micro_batch": b} for tp, b in _PLAYBOOK_TP_MBS.items()},
-        in_target=True,
-        absolute=_PLAYBOOK_TP,
+        _PLAYBOOK_TP,
+        _PLAYBOOK_TP_MBS,
+        {},
     ),
-    Case(
+    _playbook(
         "playbook-sp",
-        "Ultra-Scale Playbook, tp_sp_scaling.html (tokens/s/GPU 14167 ... 3610)",
+        "tp_sp_scaling.html (tokens/s/GPU 14167 ... 3610)",
         "as above with SP, max micro-batch per TP 4/10/20/40/100 (published)",
-        "relative",
-        _rel(_PLAYBOOK_SP),
-        workload={"seq": 4096, "sequence_parallel": True},
-        per_tp={tp: {"micro_batch": b} for tp, b in _PLAYBOOK_SP_MBS.items()},
-        in_target=True,
-        absolute=_PLAYBOOK_SP,
+        _PLAYBOOK_SP,
+        _PLAYBOOK_SP_MBS,
+        {"sequence_parallel": True},
     ),
     Case(
         "megatron-2019",
