@@ -219,7 +219,7 @@ def test_hf_config(tmp_path):
     )
     del cfg["num_attention_heads"]
     path.write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match=f"{path} is missing the key 'num_attention_heads'"):
+    with pytest.raises(ValueError, match=f"{path}: missing required key 'num_attention_heads'"):
         load_hf_config(path)
 
 

@@ -104,4 +104,4 @@ def test_bad_config_json_names_the_missing_key(tmp_path, capsys):
         )
     )
     assert main(["plan", "--model", str(cfg), "--tp", "1"]) == 2
-    assert "missing the key 'vocab_size'" in capsys.readouterr().err
+    assert "missing required key 'vocab_size'" in capsys.readouterr().err

@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from tpext.planner.presets import DTYPE_BYTES, GPUSpec
+from tpext.planner.presets import DTYPE_BYTES, GPUSpec, require_object
 
 __all__ = [
     "FORMAT",
@@ -78,13 +78,7 @@ def _number(value, key: str, where: str, *, nullable: bool = True) -> float | No
 
 def validate(data, where: str = "<object>") -> Calibration:
     """`data` (a parsed calibration file) -> Calibration, or ValueError naming the key and `where`."""
-    if not isinstance(data, dict):
-        raise ValueError(f"tpext calibration {where}: expected a JSON object, got {type(data).__name__}")
-    for key in REQUIRED:
-        if key not in data:
-            raise ValueError(
-                f"tpext calibration {where}: missing required key {key!r} (required: {', '.join(REQUIRED)})"
-            )
+    require_object(data, REQUIRED, f"tpext calibration {where}")
     if data["format"] != FORMAT:
         raise ValueError(f"tpext calibration {where}: 'format' must be {FORMAT!r}, got {data['format']!r}")
     for key in ("device", "source"):

@@ -254,6 +254,33 @@ def inter_node_preset(name: str) -> LinkSpec:
 HF_REQUIRED = ("hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
 
 
+def require_object(data, required: tuple[str, ...], where: str) -> dict:
+    """`data` (parsed JSON) when it is an object holding every key of `required`.
+
+    Args:
+        data: the parsed JSON.
+        required: the keys it must hold.
+        where: what and where it is, the messages' prefix ("tpext plan: model config PATH").
+
+    Returns:
+        `data`.
+
+    Raises:
+        ValueError: `data` is no object, or lacks a key; the message names the first one missing and all
+            of `required`.
+
+    Example:
+        >>> require_object({"a": 1}, ("a",), "tpext plan: model config c.json")
+        {'a': 1}
+    """
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(data).__name__}")
+    for key in required:
+        if key not in data:
+            raise ValueError(f"{where}: missing required key {key!r} (required: {', '.join(required)})")
+    return data
+
+
 def load_hf_config(path: str | Path) -> ModelSpec:
     """A Hugging Face config.json of a Llama-style model (gated MLP assumed), dense or MoE (Mixtral,
     Qwen-MoE, DeepSeek-MoE keys; see _moe_fields).
@@ -266,14 +293,7 @@ def load_hf_config(path: str | Path) -> ModelSpec:
         cfg = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"tpext plan: cannot read model config {path}: {e}") from e
-    if not isinstance(cfg, dict):
-        raise ValueError(f"tpext plan: model config {path} must hold a JSON object, got {type(cfg).__name__}")
-    for key in HF_REQUIRED:
-        if key not in cfg:
-            raise ValueError(
-                f"tpext plan: model config {path} is missing the key {key!r} "
-                f"(required: {', '.join(HF_REQUIRED)})"
-            )
+    require_object(cfg, HF_REQUIRED, f"tpext plan: model config {path}")
     heads = cfg["num_attention_heads"]
     values = {k: cfg[k] for k in HF_REQUIRED}
     values["num_key_value_heads"] = cfg.get("num_key_value_heads") or heads
