@@ -17,6 +17,8 @@
 #include "common/cuda_check.h"
 #include "kernels/epilogue.h"
 
+#include "kernel_test.cuh"
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -33,55 +35,11 @@
 
 using tpext::kernels::BiasResidualParams;
 using tpext::kernels::DType;
+using tpext::testing::from_f64;
+using tpext::testing::to_f64;
+using tpext::testing::Traits;
 
 namespace {
-
-// Host conversions (the cuda_fp16 / cuda_bf16 conversions are host-callable too).
-double to_f64(float x) { return x; }
-double to_f64(double x) { return x; }
-double to_f64(__half x) { return static_cast<double>(__half2float(x)); }
-double to_f64(__nv_bfloat16 x) { return static_cast<double>(__bfloat162float(x)); }
-template <typename T>
-T from_f32(float x) {
-  return static_cast<T>(x);
-}
-template <>
-__half from_f32<__half>(float x) {
-  return __float2half_rn(x);
-}
-template <>
-__nv_bfloat16 from_f32<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-
-// Unit roundoff of the storage type: the tolerance scale. The kernel's error is one rounding of the
-// result (<= eps/2 relative) plus the accumulation error, bounded by eps_acc * (|y| + |b| + |r|).
-template <typename T>
-struct Traits;
-template <>
-struct Traits<float> {
-  static constexpr DType kDtype = DType::kFloat32;
-  static constexpr double kEps = 0x1p-23;
-  static constexpr const char* kName = "fp32";
-};
-template <>
-struct Traits<double> {
-  static constexpr DType kDtype = DType::kFloat64;
-  static constexpr double kEps = 0x1p-52;
-  static constexpr const char* kName = "fp64";
-};
-template <>
-struct Traits<__half> {
-  static constexpr DType kDtype = DType::kFloat16;
-  static constexpr double kEps = 0x1p-10;
-  static constexpr const char* kName = "fp16";
-};
-template <>
-struct Traits<__nv_bfloat16> {
-  static constexpr DType kDtype = DType::kBFloat16;
-  static constexpr double kEps = 0x1p-7;
-  static constexpr const char* kName = "bf16";
-};
 
 enum class Layout { kContiguous, kPaddedAligned, kOddStride, kMisalignedBase };
 const char* layout_name(Layout l) {
@@ -106,7 +64,7 @@ struct Buffer {
   int64_t offset = 0;  // elements before the matrix start (misaligns it when odd)
   Buffer(int64_t n, int64_t off, std::mt19937_64& rng) : host(static_cast<size_t>(n)), offset(off) {
     std::uniform_real_distribution<float> dist(-2.0f, 2.0f);
-    for (auto& v : host) v = from_f32<T>(dist(rng));
+    for (auto& v : host) v = from_f64<T>(dist(rng));
     TPEXT_CUDA_CHECK(cudaMalloc(&dev, sizeof(T) * std::max<int64_t>(n, 1)));
     TPEXT_CUDA_CHECK(cudaMemcpy(dev, host.data(), sizeof(T) * n, cudaMemcpyHostToDevice));
   }
@@ -148,6 +106,8 @@ bool run_case(const Case& c, Layout layout, bool with_bias, bool with_res, std::
   TPEXT_CUDA_CHECK(cudaDeviceSynchronize());
   TPEXT_CUDA_CHECK(cudaMemcpy(y.host.data(), y.dev, sizeof(T) * y.host.size(), cudaMemcpyDeviceToHost));
 
+  // The kernel's error is one rounding of the result (<= eps/2 relative) plus the accumulation error,
+  // bounded by eps_acc * (|y| + |b| + |r|).
   const double eps = Traits<T>::kEps;
   double max_err_ulps = 0.0;  // worst |err| in units of eps * |ref|-ish scale, for the log line
   int64_t bad = 0, clobbered = 0;
@@ -236,23 +196,9 @@ int run_argument_checks() {
 }  // namespace
 
 int main() {
-  int devices = 0;
-  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
-    std::printf("test_epilogue: no CUDA device, nothing run\n");
-    return 1;  // a test binary run where it cannot test must not report success
-  }
-  try {
+  return tpext::testing::test_main("test_epilogue", "case", [] {
     std::mt19937_64 rng(20240607);
-    int failures = run_argument_checks();
-    failures += run_dtype<float>(rng);
-    failures += run_dtype<__half>(rng);
-    failures += run_dtype<__nv_bfloat16>(rng);
-    failures += run_dtype<double>(rng);
-    std::printf("test_epilogue: %s (%d failing case%s)\n", failures ? "FAILED" : "OK", failures,
-                failures == 1 ? "" : "s");
-    return failures ? 1 : 0;
-  } catch (const std::exception& e) {
-    std::printf("test_epilogue: error: %s\n", e.what());
-    return 2;
-  }
+    const int failures = run_argument_checks();
+    return failures + tpext::testing::sum_over_dtypes([&](auto t) { return run_dtype<decltype(t)>(rng); });
+  });
 }

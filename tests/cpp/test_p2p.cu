@@ -15,6 +15,8 @@
 #include "common/cuda_check.h"
 #include "kernels/p2p.h"
 
+#include "kernel_test.cuh"
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -32,53 +34,11 @@
 #include <vector>
 
 using namespace tpext::kernels;
+using tpext::testing::from_f64;
+using tpext::testing::to_f64;
+using tpext::testing::Traits;
 
 namespace {
-
-double to_f64(float x) { return x; }
-double to_f64(double x) { return x; }
-double to_f64(__half x) { return static_cast<double>(__half2float(x)); }
-double to_f64(__nv_bfloat16 x) { return static_cast<double>(__bfloat162float(x)); }
-template <typename T>
-T from_f64(double x) {
-  return static_cast<T>(x);
-}
-template <>
-__half from_f64<__half>(double x) {
-  return __float2half_rn(static_cast<float>(x));
-}
-template <>
-__nv_bfloat16 from_f64<__nv_bfloat16>(double x) {
-  return __float2bfloat16_rn(static_cast<float>(x));
-}
-
-// kEps: unit roundoff x 2 of the storage type; kAcc: of the accumulation type.
-template <typename T>
-struct Traits;
-template <>
-struct Traits<float> {
-  static constexpr DType kDtype = DType::kFloat32;
-  static constexpr double kEps = 0x1p-23, kAcc = 0x1p-23;
-  static constexpr const char* kName = "fp32";
-};
-template <>
-struct Traits<double> {
-  static constexpr DType kDtype = DType::kFloat64;
-  static constexpr double kEps = 0x1p-52, kAcc = 0x1p-52;
-  static constexpr const char* kName = "fp64";
-};
-template <>
-struct Traits<__half> {
-  static constexpr DType kDtype = DType::kFloat16;
-  static constexpr double kEps = 0x1p-10, kAcc = 0x1p-23;
-  static constexpr const char* kName = "fp16";
-};
-template <>
-struct Traits<__nv_bfloat16> {
-  static constexpr DType kDtype = DType::kBFloat16;
-  static constexpr double kEps = 0x1p-7, kAcc = 0x1p-23;
-  static constexpr const char* kName = "bf16";
-};
 
 constexpr int64_t kGuard = 19;  // elements after every buffer: must stay untouched
 
@@ -426,22 +386,9 @@ int run_argument_checks() {
 }  // namespace
 
 int main() {
-  int devices = 0;
-  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
-    std::printf("test_p2p: no CUDA device, nothing run\n");
-    return 1;  // a test binary run where it cannot test must not report success
-  }
-  try {
+  return tpext::testing::test_main("test_p2p", "case", [] {
     std::mt19937_64 rng(20251121);
-    int failures = run_argument_checks();
-    failures += run_dtype<float>(rng);
-    failures += run_dtype<__half>(rng);
-    failures += run_dtype<__nv_bfloat16>(rng);
-    failures += run_dtype<double>(rng);
-    std::printf("test_p2p: %s (%d failing case%s)\n", failures ? "FAILED" : "OK", failures, failures == 1 ? "" : "s");
-    return failures ? 1 : 0;
-  } catch (const std::exception& e) {
-    std::printf("test_p2p: error: %s\n", e.what());
-    return 2;
-  }
+    const int failures = run_argument_checks();
+    return failures + tpext::testing::sum_over_dtypes([&](auto t) { return run_dtype<decltype(t)>(rng); });
+  });
 }

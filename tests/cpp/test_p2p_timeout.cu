@@ -11,6 +11,8 @@
 #include "common/cuda_check.h"
 #include "kernels/p2p.h"
 
+#include "kernel_test.cuh"
+
 #include <cuda_runtime.h>
 
 #include <chrono>
@@ -92,12 +94,7 @@ double one_shot_seconds(const P2PGroup& g, void* out, int64_t numel) {
 }  // namespace
 
 int main() {
-  int devices = 0;
-  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
-    std::printf("test_p2p_timeout: no CUDA device, nothing run\n");
-    return 1;
-  }
-  try {
+  return tpext::testing::test_main("test_p2p_timeout", "check", [] {
     const int cap = p2p_max_coresident_blocks(0);
     std::printf("test_p2p_timeout: p2p_max_coresident_blocks(0) = %d\n", cap);
     expect(cap >= 1 && cap <= kP2PMaxBlocks, "co-resident grid cap within [1, kP2PMaxBlocks]");
@@ -125,11 +122,6 @@ int main() {
       expect(s < 1.0, "a launch after a peer's refusal returns at once");
       expect(*static_cast<volatile uint32_t*>(grp.host_abort) == refusal, "the host word holds the peer's refusal");
     }
-    std::printf("test_p2p_timeout: %s (%d failing check%s)\n", failures ? "FAILED" : "OK", failures,
-                failures == 1 ? "" : "s");
-    return failures ? 1 : 0;
-  } catch (const std::exception& e) {
-    std::printf("test_p2p_timeout: error: %s\n", e.what());
-    return 2;
-  }
+    return failures;
+  });
 }
