@@ -20,6 +20,7 @@
 //        bench/epilogue_bw.cu -o build/epilogue_bw
 #include "common/cuda_check.h"
 #include "kernels/epilogue.h"
+#include "kernels/numeric.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -39,6 +40,8 @@
 
 using tpext::kernels::BiasResidualParams;
 using tpext::kernels::DType;
+using tpext::kernels::numeric::from_acc;
+using tpext::kernels::numeric::to_acc;
 
 namespace {
 
@@ -58,27 +61,11 @@ __host__ __device__ inline float gen(uint32_t tensor, uint64_t i) {
   return static_cast<float>(z >> 40) * 0x1p-23f - 1.0f;  // 24 random bits
 }
 
-__device__ inline double dev_f64(float x) { return x; }
-__device__ inline double dev_f64(__half x) { return __half2float(x); }
-__device__ inline double dev_f64(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <typename T>
-__device__ inline T dev_from_f32(float x) {
-  return x;
-}
-template <>
-__device__ inline __half dev_from_f32<__half>(float x) {
-  return __float2half_rn(x);
-}
-template <>
-__device__ inline __nv_bfloat16 dev_from_f32<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
-}
-
 template <typename T>
 __global__ void init_kernel(T* p, int64_t n, uint32_t tensor) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    p[i] = dev_from_f32<T>(gen(tensor, i));
+    p[i] = from_acc<T>(gen(tensor, i));
   }
 }
 
@@ -88,11 +75,11 @@ __global__ void verify_kernel(const T* y, int64_t rows, int64_t cols, double eps
   const int64_t n = rows * cols;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const double y0 = dev_f64(dev_from_f32<T>(gen(0, i)));
-    const double r = dev_f64(dev_from_f32<T>(gen(1, i)));
-    const double b = dev_f64(dev_from_f32<T>(gen(2, i % cols)));
+    const double y0 = to_acc(from_acc<T>(gen(0, i)));
+    const double r = to_acc(from_acc<T>(gen(1, i)));
+    const double b = to_acc(from_acc<T>(gen(2, i % cols)));
     const double ref = y0 + b + r;
-    const double err = fabs(dev_f64(y[i]) - ref);
+    const double err = fabs(to_acc(y[i]) - ref);
     if (!(err <= eps * (fabs(ref) + fabs(y0) + fabs(b) + fabs(r)))) atomicAdd(bad, 1ull);
   }
 }
