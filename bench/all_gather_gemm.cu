@@ -50,19 +50,13 @@ class AllGatherGemm final : public Op {
                                ", got " + std::to_string(s.m));
     }
     shard_ = s.m / world;
-    const DtypeInfo& dt = rk.dtype();
-    x_.assign(world, nullptr), w_.assign(world, nullptr), gathered_.assign(world, nullptr);
-    out_.assign(world, nullptr), out_seq_.assign(world, nullptr);
-    for (int r = 0; r < world; ++r) {
-      x_[r] = rk.alloc(r, shard_ * s.k * dt.size);
-      w_[r] = rk.alloc(r, s.n * s.k * dt.size);
-      gathered_[r] = rk.alloc(r, s.m * s.k * dt.size);
-      out_[r] = rk.alloc(r, s.m * s.n * dt.size);
-      out_seq_[r] = rk.alloc(r, s.m * s.n * dt.size);
-      rk.set_device(r);
-      fill_inputs(dt, x_[r], shard_ * s.k, 2 * r, rk.ctx(r).lanes[0]);
-      fill_inputs(dt, w_[r], s.n * s.k, 2 * r + 1, rk.ctx(r).lanes[0]);
-    }
+    x_ = rk.alloc_each(shard_ * s.k);
+    w_ = rk.alloc_each(s.n * s.k);
+    gathered_ = rk.alloc_each(s.m * s.k);
+    out_ = rk.alloc_each(s.m * s.n);
+    out_seq_ = rk.alloc_each(s.m * s.n);
+    rk.fill_each(x_, shard_ * s.k, 2, 0);
+    rk.fill_each(w_, s.n * s.k, 2, 1);
   }
 
   int64_t chunk_rows() const override { return shard_; }
@@ -158,8 +152,7 @@ class AllGatherGemm final : public Op {
  private:
   // `rows` rows of a (row stride k) from row a_row, times w_r^T, into y (row stride n).
   GemmArgs gemm_rows(int r, void* a, int64_t a_row, int64_t rows, void* y) const {
-    const DtypeInfo& dt = rk_->dtype();
-    return {advance(a, a_row * s_.k, dt), s_.k, w_[r], s_.k, y, s_.n, rows, s_.n, s_.k};
+    return linear_rows(rk_->dtype(), a, a_row, w_[r], y, 0, rows, s_.n, s_.k);
   }
 
   // First row of rank q's rows `rows` in the gather buffer, in the chosen layout.

@@ -35,16 +35,10 @@ class AllReduce final : public Op {
   void setup(Ranks& rk, const Shape& s) override {
     rk_ = &rk;
     s_ = s;
-    const DtypeInfo& dt = rk.dtype();
-    const int world = rk.world();
-    in_.assign(world, nullptr), out_.assign(world, nullptr), out_seq_.assign(world, nullptr);
-    for (int r = 0; r < world; ++r) {
-      in_[r] = rk.alloc(r, s.m * s.n * dt.size);
-      out_[r] = rk.alloc(r, s.m * s.n * dt.size);
-      out_seq_[r] = rk.alloc(r, s.m * s.n * dt.size);
-      rk.set_device(r);
-      fill_inputs(dt, in_[r], s.m * s.n, r, rk.ctx(r).lanes[0]);
-    }
+    in_ = rk.alloc_each(s.m * s.n);
+    out_ = rk.alloc_each(s.m * s.n);
+    out_seq_ = rk.alloc_each(s.m * s.n);
+    rk.fill_each(in_, s.m * s.n, 1, 0);
   }
 
   int64_t chunk_rows() const override { return s_.m; }

@@ -32,20 +32,13 @@ class GemmAllReduce final : public Op {
   void setup(Ranks& rk, const Shape& s) override {
     rk_ = &rk;
     s_ = s;
-    const DtypeInfo& dt = rk.dtype();
-    const int world = rk.world();
-    x_.assign(world, nullptr), w_.assign(world, nullptr), part_.assign(world, nullptr);
-    out_.assign(world, nullptr), out_seq_.assign(world, nullptr);
-    for (int r = 0; r < world; ++r) {
-      x_[r] = rk.alloc(r, s.m * s.k * dt.size);
-      w_[r] = rk.alloc(r, s.n * s.k * dt.size);
-      part_[r] = rk.alloc(r, s.m * s.n * dt.size);
-      out_[r] = rk.alloc(r, s.m * s.n * dt.size);
-      out_seq_[r] = rk.alloc(r, s.m * s.n * dt.size);
-      rk.set_device(r);
-      fill_inputs(dt, x_[r], s.m * s.k, 2 * r, rk.ctx(r).lanes[0]);
-      fill_inputs(dt, w_[r], s.n * s.k, 2 * r + 1, rk.ctx(r).lanes[0]);
-    }
+    x_ = rk.alloc_each(s.m * s.k);
+    w_ = rk.alloc_each(s.n * s.k);
+    part_ = rk.alloc_each(s.m * s.n);
+    out_ = rk.alloc_each(s.m * s.n);
+    out_seq_ = rk.alloc_each(s.m * s.n);
+    rk.fill_each(x_, s.m * s.k, 2, 0);
+    rk.fill_each(w_, s.n * s.k, 2, 1);
   }
 
   int64_t chunk_rows() const override { return s_.m; }
@@ -104,16 +97,7 @@ class GemmAllReduce final : public Op {
  private:
   // Rows [begin, begin + rows) of P_r = x_r @ w_r^T, written into the collective's buffer.
   GemmArgs gemm_rows(int r, int64_t begin, int64_t rows) const {
-    const DtypeInfo& dt = rk_->dtype();
-    return {advance(x_[r], begin * s_.k, dt),
-            s_.k,
-            w_[r],
-            s_.k,
-            advance(part_[r], begin * s_.n, dt),
-            s_.n,
-            rows,
-            s_.n,
-            s_.k};
+    return linear_rows(rk_->dtype(), x_[r], begin, w_[r], part_[r], begin, rows, s_.n, s_.k);
   }
 
   Ranks* rk_ = nullptr;

@@ -43,19 +43,13 @@ class GemmReduceScatter final : public Op {
                                std::to_string(s.m));
     }
     shard_ = s.m / world;
-    const DtypeInfo& dt = rk.dtype();
-    x_.assign(world, nullptr), w_.assign(world, nullptr), send_.assign(world, nullptr);
-    out_.assign(world, nullptr), out_seq_.assign(world, nullptr);
-    for (int r = 0; r < world; ++r) {
-      x_[r] = rk.alloc(r, s.m * s.k * dt.size);
-      w_[r] = rk.alloc(r, s.n * s.k * dt.size);
-      send_[r] = rk.alloc(r, s.m * s.n * dt.size);
-      out_[r] = rk.alloc(r, shard_ * s.n * dt.size);
-      out_seq_[r] = rk.alloc(r, shard_ * s.n * dt.size);
-      rk.set_device(r);
-      fill_inputs(dt, x_[r], s.m * s.k, 2 * r, rk.ctx(r).lanes[0]);
-      fill_inputs(dt, w_[r], s.n * s.k, 2 * r + 1, rk.ctx(r).lanes[0]);
-    }
+    x_ = rk.alloc_each(s.m * s.k);
+    w_ = rk.alloc_each(s.n * s.k);
+    send_ = rk.alloc_each(s.m * s.n);
+    out_ = rk.alloc_each(shard_ * s.n);
+    out_seq_ = rk.alloc_each(shard_ * s.n);
+    rk.fill_each(x_, s.m * s.k, 2, 0);
+    rk.fill_each(w_, s.n * s.k, 2, 1);
   }
 
   int64_t chunk_rows() const override { return shard_; }
@@ -124,16 +118,7 @@ class GemmReduceScatter final : public Op {
  private:
   // `rows` rows of P_r from x_r's row x_row, written at row send_row of rank r's send buffer.
   GemmArgs gemm_rows(int r, int64_t x_row, int64_t send_row, int64_t rows) const {
-    const DtypeInfo& dt = rk_->dtype();
-    return {advance(x_[r], x_row * s_.k, dt),
-            s_.k,
-            w_[r],
-            s_.k,
-            advance(send_[r], send_row * s_.n, dt),
-            s_.n,
-            rows,
-            s_.n,
-            s_.k};
+    return linear_rows(rk_->dtype(), x_[r], x_row, w_[r], send_[r], send_row, rows, s_.n, s_.k);
   }
 
   Ranks* rk_ = nullptr;

@@ -24,6 +24,13 @@ struct GemmArgs {
   int64_t m, n, k;
 };
 
+// `rows` rows of y = x @ w^T, x [*, k] and y [*, n] contiguous row-major, w [n, k]: x's rows from row
+// x_row, written from row y_row of y.
+inline GemmArgs linear_rows(const DtypeInfo& dt, void* x, int64_t x_row, const void* w, void* y, int64_t y_row,
+                            int64_t rows, int64_t n, int64_t k) {
+  return {advance(x, x_row * k, dt), k, w, k, advance(y, y_row * n, dt), n, rows, n, k};
+}
+
 inline int as_int(int64_t v, const char* what) {
   if (v < 0 || v > INT_MAX)
     throw std::runtime_error(std::string("gemm: ") + what + " = " + std::to_string(v) + " does not fit cuBLAS's int");

@@ -129,6 +129,21 @@ class Ranks {
     allocs_.emplace_back(ctx(r).device, p);
     return p;
   }
+  // One buffer of `elems` elements of the bench dtype per rank.
+  std::vector<void*> alloc_each(int64_t elems) {
+    std::vector<void*> bufs(static_cast<size_t>(world()));
+    for (int r = 0; r < world(); ++r) bufs[r] = alloc(r, static_cast<size_t>(elems) * dt_.size);
+    return bufs;
+  }
+  // Rank r's bufs[r] (elems elements) filled with bench inputs (fill_inputs) of tensor id stride * r + offset,
+  // on the rank's first lane.
+  void fill_each(const std::vector<void*>& bufs, int64_t elems, uint32_t stride, uint32_t offset) {
+    for (int r = 0; r < world(); ++r) {
+      set_device(r);
+      fill_inputs(dt_, bufs[r], elems, stride * static_cast<uint32_t>(r) + offset, ctx(r).lanes[0]);
+    }
+  }
+
   void release() {
     sync_noexcept();
     for (auto& [dev, p] : allocs_) {
