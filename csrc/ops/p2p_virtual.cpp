@@ -49,6 +49,20 @@ std::vector<at::Tensor> empties(const at::Tensor& like, at::IntArrayRef sizes, s
 }
 
 cudaStream_t stream_of(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.get_device()).stream(); }
+
+// Runs a virtual-rank kernel on the R inputs xs: `p` with the scratch group, numel and dtype filled in,
+// launched as launch(p, outs, stream) into R fresh outputs of `sizes`, which it returns.
+template <typename Params, typename Launch>
+std::vector<at::Tensor> run_virtual(const std::vector<at::Tensor>& xs, at::IntArrayRef sizes, Params p, Launch launch) {
+  std::vector<at::Tensor> scratch;
+  std::vector<void*> ptrs;
+  auto outs = empties(xs[0], sizes, xs.size(), &ptrs);
+  p.group = virtual_group(xs, &scratch);
+  p.numel = xs[0].numel();
+  p.dtype = p2p_ref::kernel_dtype(xs[0].scalar_type());
+  launch(p, ptrs.data(), stream_of(xs[0]));
+  return outs;
+}
 #endif
 
 }  // namespace
@@ -63,17 +77,10 @@ std::vector<at::Tensor> p2p_virtual_all_reduce(at::TensorList xs_in, int64_t alg
   const auto xs = contiguous_all(xs_in);
 #ifdef TPEXT_WITH_CUDA
   if (xs[0].is_cuda()) {
-    std::vector<at::Tensor> scratch;
-    std::vector<void*> ptrs;
-    auto outs = empties(xs[0], xs[0].sizes(), xs.size(), &ptrs);
     kernels::P2PAllReduceParams p{};
-    p.group = virtual_group(xs, &scratch);
-    p.numel = xs[0].numel();
-    p.dtype = p2p_ref::kernel_dtype(xs[0].scalar_type());
     p.algo = static_cast<P2PAlgorithm>(algorithm) == P2PAlgorithm::kOneShot ? kernels::P2PAlgo::kOneShot
                                                                             : kernels::P2PAlgo::kTwoShot;
-    kernels::launch_p2p_all_reduce_virtual(p, ptrs.data(), stream_of(xs[0]));
-    return outs;
+    return run_virtual(xs, xs[0].sizes(), p, kernels::launch_p2p_all_reduce_virtual);
   }
 #endif
   return copies(p2p_ref::ordered_sum(xs).to(xs[0].scalar_type()), xs.size());
@@ -91,15 +98,7 @@ std::vector<at::Tensor> p2p_virtual_reduce_scatter(at::TensorList xs_in) {
   sizes[0] /= world;
 #ifdef TPEXT_WITH_CUDA
   if (xs[0].is_cuda()) {
-    std::vector<at::Tensor> scratch;
-    std::vector<void*> ptrs;
-    auto outs = empties(xs[0], sizes, xs.size(), &ptrs);
-    kernels::P2PScatterGatherParams p{};
-    p.group = virtual_group(xs, &scratch);
-    p.numel = xs[0].numel();
-    p.dtype = p2p_ref::kernel_dtype(xs[0].scalar_type());
-    kernels::launch_p2p_reduce_scatter_virtual(p, ptrs.data(), stream_of(xs[0]));
-    return outs;
+    return run_virtual(xs, sizes, kernels::P2PScatterGatherParams{}, kernels::launch_p2p_reduce_scatter_virtual);
   }
 #endif
   at::Tensor sum = p2p_ref::ordered_sum(xs).to(xs[0].scalar_type());
@@ -118,15 +117,7 @@ std::vector<at::Tensor> p2p_virtual_all_gather(at::TensorList xs_in) {
   sizes[0] *= static_cast<int64_t>(xs.size());
 #ifdef TPEXT_WITH_CUDA
   if (xs[0].is_cuda()) {
-    std::vector<at::Tensor> scratch;
-    std::vector<void*> ptrs;
-    auto outs = empties(xs[0], sizes, xs.size(), &ptrs);
-    kernels::P2PScatterGatherParams p{};
-    p.group = virtual_group(xs, &scratch);
-    p.numel = xs[0].numel();
-    p.dtype = p2p_ref::kernel_dtype(xs[0].scalar_type());
-    kernels::launch_p2p_all_gather_virtual(p, ptrs.data(), stream_of(xs[0]));
-    return outs;
+    return run_virtual(xs, sizes, kernels::P2PScatterGatherParams{}, kernels::launch_p2p_all_gather_virtual);
   }
 #endif
   return copies(at::cat(xs, 0), xs.size());
