@@ -8,7 +8,7 @@
 // in flight. With c = 1 the chunk is all of P, computed by one GEMM: the sequential algorithm.
 #include "schedule/schedule.h"
 
-#include <vector>
+#include <utility>
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
@@ -22,21 +22,13 @@ void gemm_reduce_scatter(const at::Tensor& x, const at::Tensor& w, at::Tensor& y
   const int64_t world = comm.size();
   const int64_t m = y_shard.size(0);
   const int64_t n = y_shard.size(1);
-  const int64_t c = sched.chunks_for(m);
   const at::Tensor w_t = w.t();
   const at::Tensor x_blocks = x.view({world, m, x.size(1)});  // block r: the rows destined to rank r
 
   // One allocation for every chunk's send buffer, on the caller's stream and before the lanes fork
   // (lanes.h): chunk j's buffer is rows [R*b, R*(b+h)), contiguous.
   at::Tensor sends = at::empty({world * m, n}, y_shard.options());
-  std::vector<at::Tensor> y_chunks;
-  std::vector<comm::PendingPtr> pending;
-  y_chunks.reserve(c);
-  pending.reserve(c);
-  ComputeLanes lanes(y_shard.device(), sched.lanes_for(m));
-  for (int64_t j = 0; j < c; ++j) {
-    const RowRange r = split_rows(m, c, j);
-    auto on_lane = lanes.enter(j);
+  reduce_chunks(m, sched, y_shard.device(), epilogue, [&](const RowRange& r) {
     at::Tensor send = sends.narrow(0, world * r.begin, world * r.size);
     if (r.size == m) {
       at::mm_out(send, x, w_t);  // one chunk: the blocks are already in rank order
@@ -44,14 +36,10 @@ void gemm_reduce_scatter(const at::Tensor& x, const at::Tensor& w, at::Tensor& y
       at::Tensor send_blocks = send.view({world, r.size, n});
       batched_gemm_out(send_blocks, x_blocks.narrow(1, r.begin, r.size), w_t);
     }
-    y_chunks.push_back(y_shard.narrow(0, r.begin, r.size));
-    pending.push_back(comm.reduce_scatter(y_chunks.back(), send));
-  }
-  for (int64_t j = 0; j < c; ++j) {
-    pending[j]->wait();
-    if (epilogue) epilogue(y_chunks[j], split_rows(m, c, j).begin);
-  }
-  lanes.join();
+    at::Tensor y_chunk = y_shard.narrow(0, r.begin, r.size);
+    comm::PendingPtr pending = comm.reduce_scatter(y_chunk, send);
+    return std::make_pair(y_chunk, std::move(pending));
+  });
 }
 
 }  // namespace tpext::schedule

@@ -9,6 +9,8 @@
 
 #include <cstdint>
 #include <functional>
+#include <utility>
+#include <vector>
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/bmm.h>
@@ -65,6 +67,29 @@ using RowsEpilogue = std::function<void(at::Tensor& rows, int64_t first_row)>;
 // CUDA where a loop of mm would make B. Each element is one dot product over K, as in mm.
 inline void batched_gemm_out(at::Tensor& out, const at::Tensor& x, const at::Tensor& w_t) {
   at::bmm_out(out, x, w_t.unsqueeze(0).expand({x.size(0), w_t.size(0), w_t.size(1)}));
+}
+
+// The chunk loop of the GEMM + reduction ops (gemm_all_reduce, gemm_reduce_scatter). For chunk j, rows
+// r = split_rows(rows, c, j): issue(r) runs the chunk's GEMM on lane j % lanes and starts its reduction,
+// returning the output rows the reduction writes and the pending collective; the next chunk's GEMM does not
+// wait for it. Then the reductions are waited for in chunk order, each one's rows handed to `epilogue`
+// (first row: r.begin) on the caller's stream. Buffers issue() uses must be allocated before the call (lanes.h).
+template <typename Issue>
+void reduce_chunks(int64_t rows, const Schedule& sched, const c10::Device& device, const RowsEpilogue& epilogue,
+                   Issue&& issue) {
+  const int64_t c = sched.chunks_for(rows);
+  std::vector<std::pair<at::Tensor, comm::PendingPtr>> chunks;
+  chunks.reserve(c);
+  ComputeLanes lanes(device, sched.lanes_for(rows));
+  for (int64_t j = 0; j < c; ++j) {
+    auto on_lane = lanes.enter(j);
+    chunks.push_back(issue(split_rows(rows, c, j)));
+  }
+  for (int64_t j = 0; j < c; ++j) {
+    chunks[j].second->wait();
+    if (epilogue) epilogue(chunks[j].first, split_rows(rows, c, j).begin);
+  }
+  lanes.join();
 }
 
 // y[M, N] = all_reduce(x[M, K] @ w.T)
