@@ -6,9 +6,13 @@
     hf_plan.py    a Hugging Face model's own plan, translated into tpext styles
     structure.py  reading a model: attention, heads, packed layouts, norms, mixture-of-experts blocks
     mla.py        multi-head latent attention (DeepSeek-V2/V3's): its heads, and MLAKvAProj
-    hooks.py      what parallelize attaches besides converted modules (SP hooks, the loss, save_pretrained)
+    sequence.py   sequence parallelism: the split before the decoder layers, the gathers around attention
+    full_sequence.py  blocks that run on the full sequence under SP (MoE, replicated), partial sums reduced once
+    replicated.py the checks that a replicated module runs where replicating it is right
+    hf_hooks.py   for Hugging Face's model contracts: the vocab-parallel loss, dense save_pretrained, ALiBi
 
-Imports run one way: api -> plans -> hf_plan -> mla -> styles -> structure -> tpext.nn / tpext.sharding.
+Imports run one way: api -> plans -> hf_plan -> mla -> styles -> structure -> tpext.nn / tpext.sharding;
+api -> sequence -> full_sequence / replicated -> structure; api -> hf_hooks.
 """
 
 from tpext.parallel import plans, styles

@@ -8,6 +8,7 @@ them; nothing here imports them back.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +63,7 @@ __all__ = [
     "separate_inputs",
     "grouped_qkv",
     "interleaved_blocks",
+    "hidden_states_arg",
 ]
 
 # The input projections of an attention module, by name: separate q/k/v (BERT's query / key / value, CTRL's
@@ -465,3 +467,18 @@ def elementwise_with_scalars(module: nn.Module) -> bool:
             )
     except Exception:  # not a function of one tensor of features
         return False
+
+
+def hidden_states_arg(
+    module: nn.Module, args: tuple, kwargs: dict
+) -> tuple[torch.Tensor, Callable[[torch.Tensor], tuple]]:
+    """The activation a decoder layer or attention module is called with (its first positional argument,
+    or hidden_states=), and how to call it with another one instead."""
+    if args:
+        return args[0], lambda x: ((x, *args[1:]), kwargs)
+    if "hidden_states" in kwargs:
+        return kwargs["hidden_states"], lambda x: (args, {**kwargs, "hidden_states": x})
+    raise TypeError(
+        f"tpext.parallelize: under sequence parallelism {type(module).__name__} must be called with "
+        "its activations as the first positional argument or as hidden_states="
+    )
