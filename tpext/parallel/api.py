@@ -47,14 +47,12 @@ from tpext.parallel import structure as st
 from tpext.parallel.full_sequence import partial_sums_reason
 from tpext.parallel.hf_hooks import add_alibi_slices, add_causal_lm_loss, add_dense_save_pretrained
 from tpext.parallel.plans import (
-    LAYER_PARAMETERS,
     REPLICATED,
     PlanLike,
-    _decoder_stack,
     auto_plan,
     style_for,
 )
-from tpext.parallel.replicated import add_outside_layer_checks
+from tpext.parallel.replicated import LAYER_PARAMETERS, add_outside_layer_checks
 from tpext.parallel.sequence import add_sequence_hooks
 from tpext.parallel.styles import Replicate, Site
 from tpext.sharding import ShardLayout, get_layout, set_layout
@@ -242,7 +240,7 @@ def parallelize(
     ties = _ties(model)
     config = getattr(model, "config", None)
     modules = dict(model.named_modules())
-    decoder_stack = _decoder_stack(model, modules)  # read before the embedding is replaced
+    decoder_stack = st.decoder_stack(model, modules)  # read before the embedding is replaced
     # Under SP a mixture-of-experts block (its experts sharded or replicated, its router must see every
     # token) runs on the full sequence: what it holds is converted without SP.
     moe_blocks = {name for name, module in modules.items() if st.is_moe(module)} if split_at else set()

@@ -1,9 +1,16 @@
-"""Checks that a module replicated by auto_plan runs where replicating it is right.
+"""Replicated modules: which ones auto_plan replicates whole, and the checks that they run where that is right.
 
-A module replicated outside the decoder layers reads replicated activations only while it runs outside
-them; under sequence parallelism it must also run before the sequence is split. A block replicated whole
-under SP returns its output to be split back to this rank's shard, and nothing besides it that its caller
-would meet beside sequence shards. Each check raises a ValueError naming the module, not a wrong gradient.
+At plan time (`replicated_blocks`, `replicated_outside`): a decoder layer's block that holds what tpext
+cannot shard (a Mamba mixer, a linear-attention or recurrent block), a module outside the decoder layers
+(a vision or audio tower, a projector, a per-layer embedding) and a decoder layer's own scales are
+replicated, each with the reason why; a block that would read or feed a sibling's sharded features is
+refused instead.
+
+At forward (hooks parallelize attaches): a module replicated outside the decoder layers reads replicated
+activations only while it runs outside them; under sequence parallelism it must also run before the
+sequence is split. A block replicated whole under SP returns its output to be split back to this rank's
+shard, and nothing besides it that its caller would meet beside sequence shards. Each check raises a
+ValueError naming the module, not a wrong gradient.
 """
 
 from __future__ import annotations
@@ -11,8 +18,186 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from tpext.parallel import structure as st
+from tpext.parallel.styles import Colwise, Rowwise, Style
 
-__all__ = ["add_outside_layer_checks", "runs_before_split", "check_replicated_outputs"]
+__all__ = [
+    "replicated_blocks",
+    "replicated_outside",
+    "OWN_PARAMETERS",
+    "LAYER_PARAMETERS",
+    "add_outside_layer_checks",
+    "runs_before_split",
+    "check_replicated_outputs",
+]
+
+
+def replicated_blocks(
+    unplaced: list[tuple[str, str]], modules: dict[str, nn.Module], entries: dict[str, Style]
+) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """({block: why it is replicated}, what stays unplaced) for the unplaced (name, why) pairs.
+
+    A block runs between two points of the residual stream, which is replicated (without SP; under SP the
+    block is gathered to the full sequence): run whole on every rank, it computes the dense block's output
+    and, from the replicated output gradient, the dense gradients of its input and its weights. That
+    holds when nothing sharded flows into or out of it past the layer's sharded children (attention, MLPs,
+    which return full features): a layer with a column- or row-parallel layer of its own (an MLP written
+    in the layer) passes sharded features between its children, and so does a block that holds the other
+    half of a sibling's column or row layers (BERT's output, whose row layer reads intermediate's columns):
+    such blocks are refused."""
+    by_block: dict[str, list[tuple[str, str]]] = {}
+    rest = []
+    for name, why in unplaced:
+        block = st.layer_block(name, modules)
+        (by_block.setdefault(block, []) if block else rest).append((name, why))
+    blocks = {}
+    for block, inside in by_block.items():
+        layer = block.rpartition(".")[0]
+        sharded = [
+            n
+            for n, style in entries.items()
+            if n.rpartition(".")[0] == layer and n != block and isinstance(style, (Colwise, Rowwise))
+        ]
+        # A sibling whose column layers' row layers (or the reverse) are in the block (BERT's intermediate,
+        # whose row layer is output.dense): replicated, the block would read or feed its sharded features.
+        halves = _halves_outside(block, layer, modules, entries, set(by_block))
+        if sharded or halves:
+            cause = (
+                f"layer {layer} has its own sharded layer {sharded[0]} ({entries[sharded[0]].kind})"
+                if sharded
+                else f"{halves} has {entries[halves].kind} layers whose other half is in the block"
+            )
+            rest += [
+                (
+                    name,
+                    f"{why}; its block {block} cannot be replicated: {cause}, whose sharded features "
+                    "the block may read or feed",
+                )
+                for name, why in inside
+            ]
+            continue
+        names = ", ".join(
+            f"{'its own weights' if name == block else name.removeprefix(block + '.')} ({why})"
+            for name, why in inside[:3]
+        )
+        more = f" and {len(inside) - 3} more" if len(inside) > 3 else ""
+        blocks[block] = f"holds what tpext cannot shard: {names}{more}"
+    return blocks, rest
+
+
+def _halves_outside(
+    block: str, layer: str, modules: dict[str, nn.Module], entries: dict[str, Style], blocks: set[str]
+) -> str:
+    """A column- or row-parallel layer in `layer` outside `block` whose other half is not outside it too
+    (so it is in the block), or "". Each child of the layer beside the block holds column and row layers
+    (attention, an MLP), or none, or one kind only (BERT's intermediate, output): those must pair up among
+    themselves. Children in `blocks` are replicated too (their layers are not sharded)."""
+    prefix = f"{layer}." if layer else ""
+    one_kind: dict[type, str] = {}
+    for child in (n for n in modules if n.startswith(prefix) and "." not in n[len(prefix) :]):
+        if child == block or child in blocks:
+            continue
+        inside = [
+            n
+            for n, style in entries.items()
+            if (n == child or n.startswith(child + ".")) and type(style) in (Colwise, Rowwise)
+        ]
+        kinds = {type(entries[n]) for n in inside}
+        if len(kinds) == 1:
+            one_kind.setdefault(kinds.pop(), inside[0])
+    return next(iter(one_kind.values())) if len(one_kind) == 1 else ""
+
+
+#: The start of the reason of a replicated entry that holds only the module's own parameters (its children
+
+
+OWN_PARAMETERS = "its own parameters"
+#: The start of the reason of a decoder layer's own replicated parameters (summed over the group under SP).
+LAYER_PARAMETERS = f"{OWN_PARAMETERS} (a decoder layer"
+
+
+def replicated_outside(
+    unplaced: list[tuple[str, str]],
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    *,
+    sequence_parallel: bool,
+) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """({module: why it is replicated}, what stays unplaced) for the unplaced (name, why) pairs outside the
+    decoder stack's layers' blocks.
+
+    Without SP everything outside the decoder stack's blocks reads replicated activations (token ids, the
+    embeddings, the residual stream between layers, a vision or audio tower's inputs), so run as it is on
+    every rank it computes the dense output and, from the replicated output gradient, the dense gradients.
+    Replicated are:
+      - a module outside the stack (a tower, a projector, a per-layer embedding, a mixer beside the layers):
+        the largest module that holds it and not the stack, whole (nothing under it planned). Under SP it
+        must run before the sequence is split (on the full sequence), which a forward check enforces;
+      - the own parameters of a decoder layer (residual scales, at most 1-D; its children planned as they
+        are): applied to each token, so under SP, where the layer runs on this rank's shard, parallelize
+        sums their gradients over the group;
+      - the own parameters of a module that holds the stack, without SP (under SP they may meet sequence
+        shards, where their gradients would be partial: refused).
+    Without a decoder stack beside the word embedding nothing is replicated."""
+    stack = st.decoder_stack(model, modules)
+    if not stack:
+        return {}, unplaced
+    found: dict[str, list[tuple[str, str]]] = {}
+    own: dict[str, list[tuple[str, str]]] = {}
+    rest = []
+    for name, why in unplaced:
+        parent, _, leaf = name.rpartition(".")
+        if parent == stack and leaf.isdigit():  # a decoder layer itself: its own parameters
+            params = list(modules[name].parameters(recurse=False))
+            if all(p.dim() <= 1 for p in params):
+                own.setdefault(name, []).append((name, why))
+            else:
+                rest.append((name, f"{why}; a decoder layer with a weight of its own (not a 1-D scale)"))
+            continue
+        if name.startswith(stack + "."):
+            rest.append((name, why))  # inside a layer: its block (replicated_blocks)
+            continue
+        if stack.startswith(name + ".") or not name:
+            own.setdefault(name, []).append((name, why))  # holds the stack: its own parameters
+            continue
+        parts = name.split(".")
+        region = next(
+            ".".join(parts[:i])
+            for i in range(1, len(parts) + 1)
+            if not stack.startswith(".".join(parts[:i]) + ".")
+        )
+        found.setdefault(region, []).append((name, why))
+    regions = {}
+    for region, inside in found.items():
+        names = ", ".join(
+            f"{'itself' if n == region else n.removeprefix(region + '.')} ({why})" for n, why in inside[:3]
+        )
+        more = f" and {len(inside) - 3} more" if len(inside) > 3 else ""
+        regions[region] = (
+            f"outside the decoder layers ({stack}), reads replicated activations; holds what tpext cannot "
+            f"shard: {names}{more}"
+        )
+    for name, inside in own.items():
+        if name.rpartition(".")[0] == stack:  # a decoder layer's own scales, applied to its tokens
+            regions[name] = (
+                f"{LAYER_PARAMETERS}; {inside[0][1]}), applied to each token of the residual stream (under "
+                "sequence parallelism their gradients are summed over the group)"
+            )
+        elif sequence_parallel:
+            rest += [
+                (
+                    n,
+                    f"{why}; its own parameters would be replicated, but under sequence parallelism they may "
+                    "meet this rank's sequence shard, where their gradients would be partial: parallelize "
+                    "without sequence_parallel",
+                )
+                for n, why in inside
+            ]
+        else:
+            regions[name] = (
+                f"{OWN_PARAMETERS} (it holds the decoder layers ({stack}); {inside[0][1]}), applied to "
+                "replicated activations"
+            )
+    return regions, rest
 
 
 class _ReplicatedCheck:
