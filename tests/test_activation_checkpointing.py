@@ -57,6 +57,10 @@ def _against_dense(family: str, sp: bool, reentrant: bool) -> int:
     return assert_grads_match(model, dense, what, rtol=1e-5, atol=1e-6)
 
 
+def _case_id(family: str, sp: bool, reentrant: bool) -> str:
+    return f"{family}-{'sp' if sp else 'no-sp'}-{'reentrant' if reentrant else 'non-reentrant'}"
+
+
 @pytest.fixture(scope="module")
 def batches():
     return CaseBatches(_against_dense, _CASES)
@@ -66,7 +70,7 @@ def batches():
 @pytest.mark.parametrize(
     ("world", "case"),
     CaseBatches.pairs(_CASES),
-    ids=lambda v: "-".join(f"{x}" for x in v) if isinstance(v, tuple) else f"tp{v}",
+    ids=lambda v: _case_id(*v) if isinstance(v, tuple) else f"tp{v}",
 )
 def test_checkpointed_layers_keep_the_dense_gradients(batches, world, case):
     assert all(n > 10 for n in batches.result(world, case))  # every rank compared its gradients
