@@ -55,6 +55,7 @@ from tpext.parallel.plans import (
 from tpext.parallel.replicated import LAYER_PARAMETERS, add_outside_layer_checks
 from tpext.parallel.sequence import add_sequence_hooks
 from tpext.parallel.styles import Replicate, Site
+from tpext.parallel.wrappers import check_data_parallel_wrappers
 from tpext.random import check_rng_in_step
 from tpext.sharding import ShardLayout, get_layout, set_layout
 
@@ -322,6 +323,7 @@ def parallelize(
     add_causal_lm_loss(model, converted)
     add_dense_save_pretrained(model)
     check_rng_in_step(model, pg, type(model).__name__)  # dropout's masks drawn alike on every rank
+    check_data_parallel_wrappers(model, pg, type(model).__name__)  # DDP / FSDP2 over the dp group only
     return model
 
 
