@@ -26,7 +26,7 @@ from tpext.commands.benchmark_layers import (
     dense_layer,
     tpext_layer,
 )
-from tpext.planner.calibration import REQUIRED
+from tpext.planner.calibration import REQUIRED, from_bench_report
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -86,6 +86,7 @@ def test_quick_run_writes_checked_results(tmp_path):
     assert calibration["matmul_tflops"]["float32"] > 0 and calibration["matmul_tflops"]["bfloat16"] is None
     assert calibration["allreduce_bus_GBps"] > 0 and calibration["collective_latency_us"] > 0
     assert calibration["memory_GiB"] > 0 and calibration["gpus_per_node"] == 2
+    assert calibration == from_bench_report(report)  # what the planner reads from the report itself
 
 
 def test_check_close_tolerance():

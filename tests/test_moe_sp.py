@@ -162,17 +162,17 @@ def _meta_partial(limit: int) -> bool:
     """Whether Qwen2-MoE's block, built on the meta device, reduces once (its shared expert's column layer
     then takes the gathered sequence as sequence-parallel) when a meta block of up to `limit` weights is
     probed."""
-    import tpext.parallel.hooks as hooks
+    import tpext.parallel.full_sequence as full_sequence
 
     config_name, model_name, settings = FAMILIES["qwen2_moe"]
     config = getattr(transformers, config_name)(**{**_SMALL, **settings}, attn_implementation="eager")
     with torch.device("meta"):
         model = getattr(transformers, model_name)(config)
-    before, hooks._META_PROBE_LIMIT = hooks._META_PROBE_LIMIT, limit
+    before, full_sequence._META_PROBE_LIMIT = full_sequence._META_PROBE_LIMIT, limit
     try:
         tpext.parallelize(model, sequence_parallel=True)
     finally:
-        hooks._META_PROBE_LIMIT = before
+        full_sequence._META_PROBE_LIMIT = before
     return model.model.layers[0].mlp.shared_expert.gate_proj.sequence_parallel
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
-from dist import run_ranks
+from dist import CaseBatches, run_ranks
 
 import tpext
 
@@ -27,3 +28,62 @@ def test_rng_tracker():
     torch.manual_seed(1234)
     first, second = torch.rand(4), torch.rand(4)
     assert torch.equal(r0[0], first) and torch.equal(r0[2], second)
+
+
+# (seeds: "alike" or "by rank", training mode, dropout probability) -> whether the first forward raises.
+_RNG_CASES = {
+    ("alike", True, 0.1): False,
+    ("by rank", True, 0.1): True,  # replicated activations would get a different mask on each rank
+    ("by rank", False, 0.1): False,  # eval: no mask drawn
+    ("by rank", True, 0.0): False,  # no dropout: nothing drawn, nothing to agree on
+}
+
+
+def _parallelized_dropout(seeds: str, training: bool, p: float) -> tuple[str, float]:
+    """A GPT-2 (dropout p everywhere) parallelized at tp 2 and run twice after seeding the default generator
+    as `seeds` says: ("ok", the largest difference of its hidden states across ranks) or ("raised", message)."""
+    import torch.distributed as dist
+    import transformers
+
+    config = transformers.GPT2Config(
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        vocab_size=64,
+        n_positions=16,
+        resid_pdrop=p,
+        embd_pdrop=p,
+        attn_pdrop=p,
+    )
+    torch.manual_seed(0)
+    model = tpext.parallelize(transformers.GPT2Model(config))
+    model.train(training)
+    torch.manual_seed(1 + (dist.get_rank() if seeds == "by rank" else 0))
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    try:
+        spread = 0.0
+        for _ in range(2):
+            hidden = model(ids).last_hidden_state.detach()
+            gathered = [torch.empty_like(hidden) for _ in range(dist.get_world_size())]
+            dist.all_gather(gathered, hidden)
+            spread = max(spread, max((g - hidden).abs().max().item() for g in gathered))
+    except ValueError as exc:
+        return "raised", str(exc)
+    return "ok", spread
+
+
+@pytest.mark.parametrize(("seeds", "training", "p"), list(_RNG_CASES), ids=lambda v: str(v).replace(" ", "-"))
+def test_dropout_needs_the_same_rng_state_on_every_rank(rng_batches, seeds, training, p):
+    """Dropout in a parallelized model draws from the default generators: seeded alike, every rank gets the
+    same replicated activations; seeded by rank, the first training forward that draws a mask raises."""
+    for status, value in rng_batches.result(2, (seeds, training, p)):
+        if _RNG_CASES[(seeds, training, p)]:
+            assert status == "raised", value
+            assert "differ across the ranks" in value and "model_parallel_seed" in value, value
+        else:
+            assert status == "ok" and value == 0.0, value
+
+
+@pytest.fixture(scope="module")
+def rng_batches():
+    return CaseBatches(_parallelized_dropout, {2: list(_RNG_CASES)})

@@ -20,7 +20,24 @@ GroupLike = Union[dist.ProcessGroup, "DeviceMesh", None]
 
 
 def resolve_group(group: GroupLike = None) -> dist.ProcessGroup:
-    """Return the ProcessGroup that `group` denotes (None: the default group)."""
+    """The ProcessGroup that `group` denotes.
+
+    Args:
+        group: a ProcessGroup, a 1-D DeviceMesh (its group), or None (the default group).
+
+    Returns:
+        The torch.distributed.ProcessGroup.
+
+    Raises:
+        RuntimeError: None while torch.distributed is not initialized.
+        ValueError: a DeviceMesh of more than one dim (pass its tensor-parallel sub-mesh, mesh["tp"]).
+        TypeError: anything else.
+
+    Example:
+        >>> tp = tpext.resolve_group(mesh["tp"])
+        >>> tp.size()
+        2
+    """
     if group is None:
         if not dist.is_initialized():
             raise RuntimeError(
@@ -77,7 +94,20 @@ class SharesGroupOnCopy:
 
 
 def group_name(group: GroupLike = None) -> str:
-    """The name under which `group` is registered with c10d (what the C++ ops resolve)."""
+    """The name under which `group` is registered with c10d: what the C++ ops take as `group_name`.
+
+    Args:
+        group: as for `resolve_group`.
+
+    Returns:
+        The group's c10d name.
+
+    Raises:
+        As `resolve_group`.
+
+    Example:
+        >>> torch.ops.tpext.all_gather_gemm(x_shard, w, None, tpext.group_name(), 1)  # the raw op
+    """
     return resolve_group(group).group_name
 
 

@@ -72,6 +72,17 @@ class ShardedState(Tensor):
     Not a tensor to compute with: it only moves (detach, clone, .to(), copy_ from another ShardedState of
     the same slices or from the dense tensor) and answers DCP's chunk protocol. ``.local`` is this rank's
     tensor; ``.shard_layout`` its `ShardLayout`; ``.window`` the rows of it this rank holds under FSDP2.
+    Made by the state-dict hooks of a parallelized model, not by users.
+
+    Args:
+        local: this rank's tensor.
+        layout: where it sits in the dense tensor (its segments along one dim).
+        window: under FSDP2, the (start, length) rows of `local` this rank holds; None for all of them.
+
+    Example:
+        >>> entry = model.state_dict()["model.layers.0.mlp.up_proj.weight"]
+        >>> entry.shape, entry.local.shape   # dense, and this rank's rows
+        (torch.Size([1024, 256]), torch.Size([512, 256]))
     """
 
     local: Tensor

@@ -36,7 +36,18 @@ SINGLE_NAME = "model.safetensors"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model: the message names the key."""
+    """A checkpoint that does not fit the model: the message names the key and the way out.
+
+    A ValueError, raised by `load_checkpoint` (and `tpext.from_pretrained`, which loads through it) and
+    `checkpoint_files`: a missing file or index, a missing or unexpected key, a shape that is not the dense
+    one, a tensor left on the meta device.
+
+    Example:
+        >>> try:
+        ...     tpext.load_checkpoint(model, "ckpt/")
+        ... except tpext.checkpoint.CheckpointError as err:
+        ...     print(err)  # names the key
+    """
 
 
 def checkpoint_files(path: PathLike) -> dict[str, Path]:

@@ -217,8 +217,8 @@ def run(args) -> int:
         return 1
 
     device = device_name(cfg["device_type"])
-    env = {
-        **results[cfg["tp"][0]][0]["environment"],
+    env = {  # the largest group's (its local ranks: the devices that share the link the planner sizes)
+        **results[max(results)][0]["environment"],
         "load_average_before": load_before,
         "load_average_after": load_average(),
     }
@@ -240,17 +240,17 @@ def run(args) -> int:
     out_dir = args.out or os.path.join("bench", "results", device)
     print(_write_report(report, out_dir, f"{device}, {cfg['dtype']}, {cfg['backend']}", plot))
     if args.calibration:
-        _write_calibration(args.calibration, report, results)
+        _write_calibration(args.calibration, report)
     return 0
 
 
-def _write_calibration(path: str, report: dict, results: dict) -> None:
-    """The planner's inputs, from the probes of the largest group measured (the closest to the groups
-    the planner sizes); format tpext-calibration/1, read by tpext.planner."""
-    from tpext.planner.calibration import _from_probes
+def _write_calibration(path: str, report: dict) -> None:
+    """The planner's inputs, read from the report as tpext.planner reads a report given as calibration (the
+    probes of the largest group measured, the closest to the groups the planner sizes); format
+    tpext-calibration/1."""
+    from tpext.planner.calibration import from_bench_report
 
-    n = max(results)
-    calibration = _from_probes(report, results[n][0]["probes"], results[n][0]["environment"])
+    calibration = from_bench_report(report)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(calibration, f, indent=1)

@@ -10,7 +10,7 @@ its output is a partial sum over its features, weighted per token by the routing
 all-reduce (copy_to_tp / reduce_from_tp around the module's own forward, the tokens and the routing
 weights passing through copy_to_tp) gives the dense output and the dense gradients of the tokens and
 of the routing weights. The router stays replicated: every rank routes the same tokens the same way.
-Under SP, inside a mixture-of-experts block that reduces its output once (tpext.parallel.hooks), the module
+Under SP, inside a mixture-of-experts block that reduces its output once (tpext.parallel.full_sequence), the module
 returns its partial sum instead, unreduced (`_tpext_partial_output`).
 
 Also accepted:
@@ -53,7 +53,7 @@ class _ShardedExperts(SharesGroupOnCopy):
 
     _tpext_group: dist.ProcessGroup
     #: True: return this rank's partial sum, unreduced, for a caller that reduces the block's output once
-    #: (a mixture-of-experts block under SP, tpext.parallel.hooks): the tokens and routing weights enter
+    #: (a mixture-of-experts block under SP, tpext.parallel.full_sequence): the tokens and routing weights enter
     #: without copy_to_tp (their gradients stay partial sums too), and the down bias term is added on rank 0
     #: only, its gradient summed over the group.
     _tpext_partial_output: bool = False

@@ -294,7 +294,7 @@ class ColumnParallelLinear(_ParallelLinear):
     # Set by SharedInputColumns.attach when this layer shares its input with siblings (q/k/v, gate/up).
     _siblings: SharedInputColumns | None = None
     # Set by tpext.parallelize under SP on an attention module's projections, whose input a forward pre-hook
-    # all-gathers (tpext.parallel.hooks): tells whether a tensor is the full sequence that hook returned.
+    # all-gathers (tpext.parallel.sequence): tells whether a tensor is the full sequence that hook returned.
     _is_gathered_input: Callable[[Tensor], bool] | None = None
 
     def _column(self, x: Tensor, ws: tuple[Tensor, ...], b: Tensor | None) -> Tensor:
@@ -398,7 +398,7 @@ class SharedInputColumns:
     def gather(self, x_shard: Tensor) -> Tensor:
         """Under SP: all-gather x_shard overlapped with the one GEMM of every layer, keep each layer's output
         for its call with the gathered input, and return that input, the full sequence, for code that takes
-        shapes from it (Hugging Face attention does; tpext.parallel.hooks). Gradients that each rank sends into
+        shapes from it (Hugging Face attention does; tpext.parallel.sequence). Gradients that each rank sends into
         the returned tensor, from the layers or from other code, are partial: they are summed over the
         ranks (reduce-scatter) into x_shard's, the dual of the gather."""
         first = self.layers[0]

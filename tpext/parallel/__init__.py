@@ -3,12 +3,18 @@
     api.py        parallelize: finds each module's style, converts, ties, attaches the hooks
     styles.py     the styles (objects that convert one module and check it first) and their shorthands
     plans.py      plans as data, auto_plan (the model's own TP plan first, then module names)
+    names.py      the plan read from module names and structure (auto_plan's second source)
     hf_plan.py    a Hugging Face model's own plan, translated into tpext styles
     structure.py  reading a model: attention, heads, packed layouts, norms, mixture-of-experts blocks
     mla.py        multi-head latent attention (DeepSeek-V2/V3's): its heads, and MLAKvAProj
-    hooks.py      what parallelize attaches besides converted modules (SP hooks, the loss, save_pretrained)
+    sequence.py   sequence parallelism: the split before the decoder layers, the gathers around attention
+    full_sequence.py  blocks that run on the full sequence under SP (MoE, replicated), partial sums reduced once
+    replicated.py which modules auto_plan replicates whole, and the checks that they run where that is right
+    wrappers.py   the check that a DDP / FSDP2 wrapper holds no two ranks of the tensor-parallel group
+    hf_hooks.py   for Hugging Face's model contracts: the vocab-parallel loss, dense save_pretrained, ALiBi
 
-Imports run one way: api -> plans -> hf_plan -> mla -> styles -> structure -> tpext.nn / tpext.sharding.
+Imports run one way: api -> plans -> hf_plan / names -> mla -> styles -> structure -> tpext.nn / tpext.sharding;
+plans -> replicated -> styles; api -> sequence -> full_sequence / replicated; api -> hf_hooks / wrappers.
 """
 
 from tpext.parallel import plans, styles

@@ -13,7 +13,7 @@ Sequence parallelism (sequence_parallel=True): between the row-parallel output a
 column-parallel input, activations are sequence shards; for batch-first [b, s, h] models the sharded
 dim is 1 (`sequence_dim`), and s must be divisible by the tensor-parallel size. The sequence is split
 at the input of the first decoder layer and each attention module is called with the full sequence,
-gathered by its q/k/v projections (tpext.parallel.hooks), so model code that takes shapes from its
+gathered by its q/k/v projections (tpext.parallel.sequence), so model code that takes shapes from its
 activations (Hugging Face's) sees the dense ones. Modules registered before the first decoder layer
 are taken to run before it, on the whole sequence (not sequence-parallel). A vocab-parallel lm_head
 gathers the decoder stack's output itself (the hidden states the model returns are then sequence
@@ -44,23 +44,19 @@ from tpext.distributed import GroupLike, resolve_group
 from tpext.nn import ColumnParallelLinear, SharedInputColumns
 from tpext.parallel import mla
 from tpext.parallel import structure as st
-from tpext.parallel.hooks import (
-    add_alibi_slices,
-    add_causal_lm_loss,
-    add_dense_save_pretrained,
-    add_outside_layer_checks,
-    add_sequence_hooks,
-    partial_sums_reason,
-)
+from tpext.parallel.full_sequence import partial_sums_reason
+from tpext.parallel.hf_hooks import add_alibi_slices, add_causal_lm_loss, add_dense_save_pretrained
 from tpext.parallel.plans import (
-    LAYER_PARAMETERS,
     REPLICATED,
     PlanLike,
-    _decoder_stack,
     auto_plan,
     style_for,
 )
+from tpext.parallel.replicated import LAYER_PARAMETERS, add_outside_layer_checks
+from tpext.parallel.sequence import add_sequence_hooks
 from tpext.parallel.styles import Replicate, Site
+from tpext.parallel.wrappers import check_data_parallel_wrappers
+from tpext.random import check_rng_in_step
 from tpext.sharding import ShardLayout, get_layout, set_layout
 
 __all__ = ["parallelize"]
@@ -246,7 +242,7 @@ def parallelize(
     ties = _ties(model)
     config = getattr(model, "config", None)
     modules = dict(model.named_modules())
-    decoder_stack = _decoder_stack(model, modules)  # read before the embedding is replaced
+    decoder_stack = st.decoder_stack(model, modules)  # read before the embedding is replaced
     # Under SP a mixture-of-experts block (its experts sharded or replicated, its router must see every
     # token) runs on the full sequence: what it holds is converted without SP.
     moe_blocks = {name for name, module in modules.items() if st.is_moe(module)} if split_at else set()
@@ -326,6 +322,8 @@ def parallelize(
     _warn_replicated(model, plan, bool(split_at), no_split)
     add_causal_lm_loss(model, converted)
     add_dense_save_pretrained(model)
+    check_rng_in_step(model, pg, type(model).__name__)  # dropout's masks drawn alike on every rank
+    check_data_parallel_wrappers(model, pg, type(model).__name__)  # DDP / FSDP2 over the dp group only
     return model
 
 

@@ -18,7 +18,7 @@ families add: an output gate per head (gate_proj, v features a head: column-para
 indexer (replicated: it reads the hidden states and the q latent, both whole on every rank), one value per
 head on the attention module itself (sinks: sliced with the heads by parallelize).
 
-Under sequence parallelism the attention module reads the gathered sequence (tpext.parallel.hooks): the
+Under sequence parallelism the attention module reads the gathered sequence (tpext.parallel.sequence): the
 replicated down projections compute on it alike on every rank, so their input gradient is whole, not partial,
 and each rank keeps its own block of it (`REPLICATED_READERS`).
 """

@@ -8,6 +8,7 @@ them; nothing here imports them back.
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +63,10 @@ __all__ = [
     "separate_inputs",
     "grouped_qkv",
     "interleaved_blocks",
+    "hidden_states_arg",
+    "layer_block",
+    "decoder_stack",
+    "model_layer",
 ]
 
 # The input projections of an attention module, by name: separate q/k/v (BERT's query / key / value, CTRL's
@@ -465,3 +470,58 @@ def elementwise_with_scalars(module: nn.Module) -> bool:
             )
     except Exception:  # not a function of one tensor of features
         return False
+
+
+def hidden_states_arg(
+    module: nn.Module, args: tuple, kwargs: dict
+) -> tuple[torch.Tensor, Callable[[torch.Tensor], tuple]]:
+    """The activation a decoder layer or attention module is called with (its first positional argument,
+    or hidden_states=), and how to call it with another one instead."""
+    if args:
+        return args[0], lambda x: ((x, *args[1:]), kwargs)
+    if "hidden_states" in kwargs:
+        return kwargs["hidden_states"], lambda x: (args, {**kwargs, "hidden_states": x})
+    raise TypeError(
+        f"tpext.parallelize: under sequence parallelism {type(module).__name__} must be called with "
+        "its activations as the first positional argument or as hidden_states="
+    )
+
+
+def layer_block(name: str, modules: dict[str, nn.Module]) -> str:
+    """The decoder-layer block that holds `name` (or is it): a child of one element of the model's outermost
+    layer list (model.layers.0.mamba for model.layers.0.mamba.conv1d); "" for a module outside one, and for
+    a layer itself."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1):
+        if isinstance(modules[".".join(parts[:i])], nn.ModuleList) and parts[i].isdigit():
+            return ".".join(parts[: i + 2])
+    return ""
+
+
+def decoder_stack(model: nn.Module, modules: dict[str, nn.Module]) -> str:
+    """The name of the language model's layer list: the nn.ModuleList beside the model's word embedding
+    (model.language_model.layers beside model.language_model.embed_tokens; of several, the one with
+    attention modules), "" when there is none."""
+    embedding = model_layer(model, "get_input_embeddings")
+    name = next((n for n, m in modules.items() if embedding is not None and m is embedding), "")
+    if not name:
+        return ""
+    holder = name.rpartition(".")[0]
+    prefix = f"{holder}." if holder else ""
+    lists = [
+        n
+        for n, m in modules.items()
+        if isinstance(m, nn.ModuleList) and n.startswith(prefix) and "." not in n[len(prefix) :] and len(m)
+    ]
+    if len(lists) > 1:  # the decoder layers are the list with attention (not a list of towers beside it)
+        lists = [n for n in lists if any(is_attention(m) for m in modules[n].modules())]
+    return lists[0] if len(lists) == 1 else ""
+
+
+def model_layer(model: nn.Module, getter: str) -> nn.Module | None:
+    """The module a Hugging Face model's get_input_embeddings / get_output_embeddings returns, or None."""
+    try:
+        layer = getattr(model, getter)()
+    except Exception:  # noqa: BLE001 - not a Hugging Face model, or one whose getter is not implemented
+        return None
+    return layer if isinstance(layer, nn.Module) else None
