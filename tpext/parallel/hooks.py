@@ -34,7 +34,7 @@ from tpext.nn._linear_functions import autocast_inputs
 from tpext.nn.class_swap import derived_class, probe_copy
 from tpext.nn.experts import _is_transposed, _ShardedExperts
 from tpext.nn.functional import vocab_parallel_cross_entropy
-from tpext.parallel import mla
+from tpext.parallel import mamba, mla
 from tpext.parallel.structure import ATTENTION_INPUTS, LM_HEADS
 from tpext.sharding import gather_state_dict
 
@@ -705,6 +705,7 @@ def add_sequence_hooks(
     replicated_blocks: list[str] | tuple[str, ...] = (),
     before_split: list[str] | tuple[str, ...] = (),
     layer_params: list[str] | tuple[str, ...] = (),
+    mixers: list[str] | tuple[str, ...] = (),
 ) -> None:
     """The hooks of sequence parallelism: split at `split_at`, gather around attention and full-sequence
     blocks, check the head's input, and check that each module of `on_shards` (converted for sequence
@@ -714,7 +715,8 @@ def add_sequence_hooks(
     their output the dense block's on every rank) run on the full sequence with a plain split of their
     output. The modules of `before_split` (replicated outside the decoder layers) must run before the
     split in each forward of `model`. The decoder layers of `layer_params` (their own replicated scales)
-    that run on sequence shards sum their own parameters' gradients over the group."""
+    that run on sequence shards sum their own parameters' gradients over the group. The Mamba-2 mixers of
+    `mixers` (sharded by heads, tpext.parallel.mamba) read the gathered sequence, as attention does."""
     split = _SplitSequence(group, sequence_dim, split_at)
     model.get_submodule(split_at).register_forward_pre_hook(split, with_kwargs=True)
     # The decoder stack (model.layers) and its owner (model): a sequence-parallel column layer outside the
@@ -788,6 +790,14 @@ def add_sequence_hooks(
             columns + others, shared, f"{name}.gather" if name else "gather", group, sequence_dim, readers
         )
         attn.register_forward_pre_hook(hook, with_kwargs=True)
+    for name in mixers:  # its column layer reads the gathered sequence; its row layer reduce-scatters
+        if any(name.startswith(block + ".") for block in [*full_sequence_blocks, *replicated_blocks]):
+            continue
+        column = getattr(model.get_submodule(name), mamba.COLUMN)
+        hook = _GatherSequence(
+            [column], SharedInputColumns([column]).attach(), f"{name}.gather", group, sequence_dim
+        )
+        model.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=True)
     for name in full_sequence_blocks:
         partial = name in partial_blocks
         if partial:

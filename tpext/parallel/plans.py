@@ -25,7 +25,7 @@ from torch import nn
 
 from tpext.nn.experts import _layouts as _expert_layouts
 from tpext.nn.experts import is_experts
-from tpext.parallel import mla
+from tpext.parallel import mamba, mla
 from tpext.parallel import structure as st
 from tpext.parallel.hf_plan import model_tp_plan, translate
 from tpext.parallel.styles import (
@@ -87,6 +87,7 @@ def auto_plan(
     sequence_parallel: bool = False,
     vocab_parallel_logits: bool = True,
     use_model_plan: bool = True,
+    tp_size: int | None = None,
 ) -> Plan:
     """The plan for `model`: its own tensor-parallel plan first, then its module names (see the module's
     docstring), with exact names (no wildcards), so it can be printed, edited and passed back.
@@ -111,6 +112,8 @@ def auto_plan(
             rank (generation code).
         use_model_plan: read the model's own plan (config.base_model_tp_plan, the class's _tp_plan); False
             reads module names only.
+        tp_size: the tensor-parallel size, where known (parallelize passes it): a Mamba-2 mixer whose heads
+            and groups it does not divide is replicated (tpext.parallel.mamba); None plans it sharded.
 
     Returns:
         A Plan: {module name: style}, with `plan.sources[name]` saying where each entry came from.
@@ -130,7 +133,7 @@ def auto_plan(
     # logits as [*, V]: its output layer gathers the full logits instead.
     vocab_parallel_logits = vocab_parallel_logits and _loss_through_loss_function(model)
     names = _plan_from_names(
-        model, sequence_parallel=sequence_parallel, vocab_parallel_logits=vocab_parallel_logits
+        model, sequence_parallel=sequence_parallel, vocab_parallel_logits=vocab_parallel_logits, tp_size=tp_size
     )
     entries, sources = {}, {}
     model_plan = model_tp_plan(model) if use_model_plan else []
@@ -425,7 +428,7 @@ def _names(names) -> str:
 
 
 def _plan_from_names(
-    model: nn.Module, *, sequence_parallel: bool, vocab_parallel_logits: bool
+    model: nn.Module, *, sequence_parallel: bool, vocab_parallel_logits: bool, tp_size: int | None = None
 ) -> dict[str, Style | str]:
     """{name: style} for every module with weights that its name and structure place, {name: why not} for
     the others (a str)."""
@@ -433,6 +436,7 @@ def _plan_from_names(
     plan: dict[str, Style | str] = {}
     modules = dict(model.named_modules())
     latent_attention = mla.plan_entries(modules, config)  # MLA: heads of its own sizes (tpext.parallel.mla)
+    mixers = mamba.plan_entries(modules, tp_size)  # Mamba-2 mixers, by heads (tpext.parallel.mamba)
     # The model's own word embedding and output layer (Hugging Face's get_input_embeddings /
     # get_output_embeddings), whatever their names; an embedding tied to the output layer is the vocabulary's.
     embedding, output = (
@@ -459,6 +463,8 @@ def _plan_from_names(
         try:
             if name in latent_attention:
                 plan[name] = latent_attention[name]
+            elif name in mixers:
+                plan[name] = mixers[name]
             elif is_experts(module):
                 plan[name] = _experts_style(module)
             elif _in_router(name, modules):
