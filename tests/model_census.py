@@ -138,8 +138,7 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "nemotron_h": {"mamba_num_heads": 8, "mamba_head_dim": 16, "n_groups": 4},
     "mamba2": {"head_dim": 16, "n_groups": 4},
     "falcon_h1": {"mamba_d_ssm": None, "mamba_n_groups": 4},  # d_ssm 1024 by default, not 8 heads of 16
-    # Zamba's layer types default to dozens of layers; a hybrid (shared attention and a mixer) first
-    "zamba": {"layers_block_type": ["hybrid", "linear_attention"]},
+    # Zamba2's layer types default to dozens of layers; a hybrid (shared attention and a mixer) first
     "zamba2": {"layers_block_type": ["hybrid", "linear_attention"], "mamba_ngroups": 4},
     "recurrent_gemma": {"block_types": ["attention", "recurrent"]},
     # BigBird: 8 tokens are too few for block-sparse attention (the model itself falls back to full attention,

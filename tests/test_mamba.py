@@ -27,7 +27,10 @@ TOL = dict(rtol=1e-5, atol=1e-6)  # fp64 models; Hugging Face's loss and norms c
 VOCAB, BATCH, SEQ = 128, 2, 8  # the census's tiny models (tests/model_census.py): SEQ divisible by 2 and 4
 # Families with a Mamba-2 mixer, from the census's tiny config: 8 heads of 16 in 4 groups, state 8.
 FAMILIES = ["bamba", "falcon_h1", "granitemoehybrid", "mamba2", "nemotron_h", "zamba2"]
-CASES = list(itertools.product(FAMILIES, (False, True)))  # (family, sequence_parallel)
+# (family, sequence_parallel, padded): padded, the first sequence's last two tokens are padding (an
+# attention mask the mixers apply to their input and their convolution's output)
+CASES = [(f, sp, False) for f, sp in itertools.product(FAMILIES, (False, True))]
+CASES += [("mamba2", True, True), ("bamba", True, True), ("falcon_h1", False, True)]
 WORLD_SIZES = [2, 4]
 
 
@@ -41,7 +44,7 @@ def _sharded_mixers(model: torch.nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if type(m).__name__.endswith(("Mixer", "MambaLayer"))]
 
 
-def _compare(family: str, sp: bool) -> int:
+def _compare(family: str, sp: bool, padded: bool) -> int:
     """Asserts logits, loss and every parameter gradient of the tensor-parallel model equal the dense one's
     (this rank's slice, by its layout), and that every mixer's in_proj is sharded. Returns how many
     gradients were compared."""
@@ -49,7 +52,7 @@ def _compare(family: str, sp: bool) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the blocks the census models replicate besides their mixers
         model = tpext.parallelize(copy.deepcopy(dense), plan="auto", sequence_parallel=sp)
-    what = f"{family} tp={tdist.get_world_size()} sp={sp}"
+    what = f"{family} tp={tdist.get_world_size()} sp={sp} padded={padded}"
     mixers = [n for n in _sharded_mixers(dense) if hasattr(dense.get_submodule(n), "A_log")]
     assert mixers, what
     for name in mixers:
@@ -58,9 +61,14 @@ def _compare(family: str, sp: bool) -> int:
         )
         assert layout.is_sharded, f"{what}: {name}.in_proj is not sharded"
     ids, labels = _inputs()
-    ref = dense(input_ids=ids, labels=labels)
+    kwargs = dict(input_ids=ids, labels=labels)
+    if padded:
+        mask = torch.ones_like(ids)
+        mask[0, -2:] = 0
+        kwargs.update(attention_mask=mask, labels=labels.masked_fill(mask == 0, -100))
+    ref = dense(**kwargs)
     ref.loss.backward()
-    out = model(input_ids=ids, labels=labels)
+    out = model(**kwargs)
     out.loss.backward()
     logits = mappings.gather_from_tp(out.logits, VOCAB) if out.logits.shape[-1] != VOCAB else out.logits
     torch.testing.assert_close(logits, ref.logits, **TOL, msg=lambda m: f"{what}: logits: {m}")
@@ -75,11 +83,15 @@ def mamba_results(request):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family, sp", CASES, ids=[f"{f}-{'sp' if sp else 'nosp'}" for f, sp in CASES])
-def test_mamba_matches_dense(mamba_results, family, sp):
+@pytest.mark.parametrize(
+    "family, sp, padded",
+    CASES,
+    ids=[f"{f}-{'sp' if sp else 'nosp'}{'-padded' if padded else ''}" for f, sp, padded in CASES],
+)
+def test_mamba_matches_dense(mamba_results, family, sp, padded):
     """Logits, loss and every parameter gradient (in_proj's five pieces, conv1d's channels, dt_bias, A_log,
     D and the gated norm by heads and groups, out_proj row-parallel) against the dense model."""
-    compared = case_result(mamba_results, (family, sp))
+    compared = case_result(mamba_results, (family, sp, padded))
     assert compared[0] > 10 and len(set(compared)) == 1, compared
 
 
@@ -160,5 +172,5 @@ def test_generate_matches_dense(family):
 
 def test_overrides_build_sharded_mixers():
     """The census's tiny configs give the Mamba-2 families 4 groups, so tp 2 and 4 shard them."""
-    for family in ("bamba", "granitemoehybrid", "mamba2", "falcon_h1", "zamba2"):
-        assert any("group" in k for k in OVERRIDES[family]), family
+    for family in ("bamba", "granitemoehybrid", "mamba2", "falcon_h1", "zamba2", "nemotron_h"):
+        assert any("groups" in k for k in OVERRIDES[family]), family

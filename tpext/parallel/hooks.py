@@ -798,6 +798,7 @@ def add_sequence_hooks(
             [column], SharedInputColumns([column]).attach(), f"{name}.gather", group, sequence_dim
         )
         model.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=True)
+        column._is_gathered_input = mamba.reads_gathered_sequence  # also once scaled or masked by the mixer
     for name in full_sequence_blocks:
         partial = name in partial_blocks
         if partial:

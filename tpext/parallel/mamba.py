@@ -46,6 +46,7 @@ __all__ = [
     "plan_entries",
     "check_converted",
     "set_local_sizes",
+    "reads_gathered_sequence",
     "COLUMN",
 ]
 
@@ -289,6 +290,24 @@ def check_converted(modules: dict[str, nn.Module], styles: dict[str, Style | Non
                 "'replicate'"
             )
     return mixers
+
+
+def reads_gathered_sequence(x: torch.Tensor) -> bool:
+    """Whether a sharded mixer's in_proj, under SP, reads the full sequence its mixer's hook gathered: always.
+    The mixer computes in_proj's input from the gathered sequence token by token (Falcon-H1 scales it by
+    ssm_in_multiplier; padding masks zero tokens), so in_proj's partial input gradient reaches the gathered
+    sequence, whose backward sums it over the group, and must not be reduced by in_proj itself.
+
+    Args:
+        x: in_proj's input.
+
+    Returns:
+        True.
+
+    Example:
+        >>> mixer.in_proj._is_gathered_input = mamba.reads_gathered_sequence
+    """
+    return True
 
 
 class _Unfused:
