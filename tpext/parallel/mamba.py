@@ -185,9 +185,15 @@ def dims(mixer: nn.Module) -> Mamba2Dims:
     return d
 
 
-def split_reason(d: Mamba2Dims, world: int) -> str:
-    """Why a mixer of `d` cannot be sharded over `world` ranks by heads, or "" when it can."""
-    if world > 1 and (d.heads % world or d.groups % world):
+def split_reason(d: Mamba2Dims, world: int | None) -> str:
+    """Why a mixer of `d` cannot be sharded over `world` ranks by heads, or "" when it can (world None: over
+    some size above 1, so it needs more than one group)."""
+    if world is None and d.groups == 1:
+        return (
+            "its heads in one group, which every head reads: it cannot be split by groups over any "
+            "tensor-parallel size"
+        )
+    if world is not None and world > 1 and (d.heads % world or d.groups % world):
         return (
             f"{d.heads} heads in {d.groups} groups, not both divisible by the tensor-parallel size {world}: "
             "each rank must hold whole groups with their heads"
@@ -202,7 +208,8 @@ def plan_entries(modules: dict[str, nn.Module], world: int | None = None) -> dic
 
     Args:
         modules: {name: module} of a model (dict(model.named_modules())).
-        world: the tensor-parallel size (None: not known yet, checked when the mixer is converted).
+        world: the tensor-parallel size (None: not known yet; a mixer of more than one group is planned
+            sharded, and the size checked when it is converted).
 
     Returns:
         {module name: style, or why it cannot be sharded}.
@@ -220,7 +227,7 @@ def plan_entries(modules: dict[str, nn.Module], world: int | None = None) -> dic
         except ValueError as exc:
             plan[name] = f"{type(mixer).__name__}: {str(exc).removeprefix('tpext.parallelize: ')}"
             continue
-        if why := split_reason(d, world or 1):
+        if why := split_reason(d, world):
             plan[name] = f"{type(mixer).__name__}, a Mamba-2 mixer with {why}"
             continue
         prefix = f"{name}." if name else ""

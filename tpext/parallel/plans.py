@@ -113,7 +113,8 @@ def auto_plan(
         use_model_plan: read the model's own plan (config.base_model_tp_plan, the class's _tp_plan); False
             reads module names only.
         tp_size: the tensor-parallel size, where known (parallelize passes it): a Mamba-2 mixer whose heads
-            and groups it does not divide is replicated (tpext.parallel.mamba); None plans it sharded.
+            and groups it does not divide is replicated (tpext.parallel.mamba); None shards a mixer of more
+            than one group (its size checked when it is converted).
 
     Returns:
         A Plan: {module name: style}, with `plan.sources[name]` saying where each entry came from.
@@ -133,7 +134,10 @@ def auto_plan(
     # logits as [*, V]: its output layer gathers the full logits instead.
     vocab_parallel_logits = vocab_parallel_logits and _loss_through_loss_function(model)
     names = _plan_from_names(
-        model, sequence_parallel=sequence_parallel, vocab_parallel_logits=vocab_parallel_logits, tp_size=tp_size
+        model,
+        sequence_parallel=sequence_parallel,
+        vocab_parallel_logits=vocab_parallel_logits,
+        tp_size=tp_size,
     )
     entries, sources = {}, {}
     model_plan = model_tp_plan(model) if use_model_plan else []
