@@ -174,3 +174,38 @@ def test_overrides_build_sharded_mixers():
     """The census's tiny configs give the Mamba-2 families 4 groups, so tp 2 and 4 shard them."""
     for family in ("bamba", "granitemoehybrid", "mamba2", "falcon_h1", "zamba2", "nemotron_h"):
         assert any("groups" in k for k in OVERRIDES[family]), family
+
+
+def _mixer_collectives(sp: bool) -> list[tuple[str, str, str, int]]:
+    """(phase, collective, module, bytes) of the second layer's mixer, one forward and backward."""
+    model = tpext.parallelize(build("mamba2", torch.float64), sequence_parallel=sp)
+    ids, labels = _inputs()
+    with tpext.comm_stats() as stats:
+        model(input_ids=ids, labels=labels).loss.backward()
+    mixer = "backbone.layers.1.mixer"
+    return sorted(
+        (r.phase, r.kind, r.module.removeprefix(mixer + "."), r.nbytes)
+        for r in stats.records
+        if r.module.startswith(mixer)
+    )
+
+
+@pytest.mark.parametrize("sp", [False, True], ids=["nosp", "sp"])
+def test_mixer_collectives(sp):
+    """One forward and backward of a sharded mixer at tp 2: out_proj's all-reduce and in_proj's input gradient
+    all-reduce ([2, 8, 64] fp64: 8192 bytes each); under SP the gather of the sequence and out_proj's
+    reduce-scatter, their duals in backward, and in_proj's input gathered again for its weight gradient
+    (tpext keeps only the shard). Nothing else: conv1d, the scan and the norm stay local."""
+    hidden = BATCH * SEQ * 64 * 8
+    if sp:
+        want = [
+            ("backward", "all_gather", "in_proj", hidden),  # its input again, for the weight gradient
+            ("backward", "all_gather", "out_proj", hidden),
+            ("backward", "reduce_scatter", "in_proj", hidden),
+            ("forward", "all_gather", "in_proj", hidden),
+            ("forward", "reduce_scatter", "out_proj", hidden),
+        ]
+    else:
+        want = [("backward", "all_reduce", "in_proj", hidden), ("forward", "all_reduce", "out_proj", hidden)]
+    got = run_ranks(_mixer_collectives, 2, sp)
+    assert got[0] == sorted(want) and got[1] == got[0], got
