@@ -1,5 +1,5 @@
-"""Mamba-2 mixers (Mamba2's and the hybrids') sharded by heads under plan="auto", with and without sequence
-parallelism: logits, loss and every parameter gradient against the dense model (fp64, tp 2 and 4); a mixer
+"""Mamba-2 mixers (Mamba2's and the hybrids') sharded by heads, Mamba-1 mixers by channels, under plan="auto",
+with and without sequence parallelism: logits, loss and every parameter gradient against the dense model (fp64, tp 2 and 4); a mixer
 whose groups do not split falls back to replication; greedy generation as the dense model's."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from model_census import OVERRIDES, build
 
 import tpext
 from tpext import mappings
-from tpext.parallel import Colwise, Rowwise
+from tpext.parallel import Colwise, Replicate, Rowwise
 from tpext.parallel.mamba import GroupedNorm, MambaConv, MambaMixer
 from tpext.sharding import Piece, layouts
 
@@ -25,8 +25,10 @@ transformers = pytest.importorskip("transformers")
 
 TOL = dict(rtol=1e-5, atol=1e-6)  # fp64 models; Hugging Face's loss and norms compute in fp32
 VOCAB, BATCH, SEQ = 128, 2, 8  # the census's tiny models (tests/model_census.py): SEQ divisible by 2 and 4
-# Families with a Mamba-2 mixer, from the census's tiny config: 8 heads of 16 in 4 groups, state 8.
+# Families with a Mamba-2 mixer, from the census's tiny config: 8 heads of 16 in 4 groups, state 8; and with a
+# Mamba-1 mixer: 128 channels, state 8 (Jamba's beside mixture-of-experts blocks).
 FAMILIES = ["bamba", "falcon_h1", "granitemoehybrid", "mamba2", "nemotron_h", "zamba2"]
+FAMILIES += ["falcon_mamba", "jamba", "mamba"]
 # (family, sequence_parallel, padded): padded, the first sequence's last two tokens are padding (an
 # attention mask the mixers apply to their input and their convolution's output)
 CASES = [(f, sp, False) for f, sp in itertools.product(FAMILIES, (False, True))]
@@ -89,8 +91,9 @@ def mamba_results(request):
     ids=[f"{f}-{'sp' if sp else 'nosp'}{'-padded' if padded else ''}" for f, sp, padded in CASES],
 )
 def test_mamba_matches_dense(mamba_results, family, sp, padded):
-    """Logits, loss and every parameter gradient (in_proj's five pieces, conv1d's channels, dt_bias, A_log,
-    D and the gated norm by heads and groups, out_proj row-parallel) against the dense model."""
+    """Logits, loss and every parameter gradient (Mamba-2: in_proj's five pieces, conv1d's channels, dt_bias,
+    A_log, D and the gated norm by heads and groups; Mamba-1: in_proj, conv1d, dt_proj, A_log and D by
+    channels, x_proj row-parallel with its output whole; out_proj row-parallel) against the dense model."""
     compared = case_result(mamba_results, (family, sp, padded))
     assert compared[0] > 10 and len(set(compared)) == 1, compared
 
@@ -162,7 +165,7 @@ def _generate(family: str) -> tuple[list[list[int]], list[list[int]]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["mamba2", "bamba"])
+@pytest.mark.parametrize("family", ["mamba2", "bamba", "mamba"])
 def test_generate_matches_dense(family):
     """The mixers' caches hold this rank's heads (Hugging Face's cache takes its shapes from the states it
     is given): greedy generation gives the dense model's tokens."""
@@ -209,3 +212,20 @@ def test_mixer_collectives(sp):
         want = [("backward", "all_reduce", "in_proj", hidden), ("forward", "all_reduce", "out_proj", hidden)]
     got = run_ranks(_mixer_collectives, 2, sp)
     assert got[0] == sorted(want) and got[1] == got[0], got
+
+
+def test_auto_plan_reads_mamba1_channels():
+    """A Mamba-1 mixer by its 128 channels: in_proj packs x and z, x_proj row-parallel with its output
+    gradient summed, dt_proj's rows sliced; Jamba's norms of dt, B and C replicated with summed gradients."""
+    from tpext.parallel.mamba import Mamba1Mixer, MambaXProj, SlicedRows
+
+    plan = tpext.auto_plan(build("jamba"), tp_size=2)
+    mixer = "model.layers.1.mamba"
+    channels = Piece(128)
+    assert plan[mixer] == Mamba1Mixer(128, 8)
+    assert plan[mixer + ".in_proj"] == Colwise((channels, channels))
+    assert plan[mixer + ".conv1d"] == MambaConv((channels,))
+    assert plan[mixer + ".x_proj"] == MambaXProj(128)
+    assert plan[mixer + ".dt_proj"] == SlicedRows((channels,))
+    assert plan[mixer + ".out_proj"] == Rowwise((channels,))
+    assert plan[mixer + ".dt_layernorm"] == Replicate(sum_grads=True)

@@ -31,9 +31,12 @@ from typing import ClassVar, NamedTuple
 import torch
 from torch import nn
 
+from tpext import mappings, stats
 from tpext.distributed import resolve_group
+from tpext.nn import RowParallelLinear
 from tpext.nn.class_swap import derived_class, shell_copy
-from tpext.parallel.styles import Colwise, Rowwise, Site, Style
+from tpext.parallel import structure as st
+from tpext.parallel.styles import Colwise, Replicate, Rowwise, Site, Style
 from tpext.sharding import Piece, ShardLayout, piece_segments, set_layout
 
 __all__ = [
@@ -41,7 +44,12 @@ __all__ = [
     "MambaMixer",
     "MambaConv",
     "GroupedNorm",
+    "Mamba1Mixer",
+    "MambaXProj",
+    "SlicedRows",
     "is_mamba2",
+    "is_mamba1",
+    "mamba1_dims",
     "dims",
     "plan_entries",
     "check_converted",
@@ -220,6 +228,8 @@ def plan_entries(modules: dict[str, nn.Module], world: int | None = None) -> dic
     """
     plan: dict[str, Style | str] = {}
     for name, mixer in modules.items():
+        if is_mamba1(mixer):
+            plan.update(_mamba1_entries(name, mixer, world))
         if not is_mamba2(mixer):
             continue
         try:
@@ -242,7 +252,12 @@ def plan_entries(modules: dict[str, nn.Module], world: int | None = None) -> dic
 
 
 def _mixers(modules: dict[str, nn.Module], styles: dict[str, Style | None]) -> list[str]:
-    return [n for n, m in modules.items() if isinstance(styles.get(n), MambaMixer) and is_mamba2(m)]
+    return [
+        n
+        for n, m in modules.items()
+        if (isinstance(styles.get(n), MambaMixer) and is_mamba2(m))
+        or (isinstance(styles.get(n), Mamba1Mixer) and is_mamba1(m))
+    ]
 
 
 def check_converted(modules: dict[str, nn.Module], styles: dict[str, Style | None], world: int) -> list[str]:
@@ -268,33 +283,37 @@ def check_converted(modules: dict[str, nn.Module], styles: dict[str, Style | Non
     """
     mixers = _mixers(modules, styles)
     for name, mixer in modules.items():
-        if not is_mamba2(mixer) or world == 1:
+        first = is_mamba1(mixer)
+        if not (first or is_mamba2(mixer)) or world == 1:
             continue
         prefix = f"{name}." if name else ""
-        leaves = ("in_proj", "conv1d", "norm", "out_proj")
+        # the style each layer needs when the mixer is sharded
+        needs = {"in_proj": Colwise, "conv1d": MambaConv, "out_proj": Rowwise}
+        needs.update({"x_proj": MambaXProj, "dt_proj": SlicedRows} if first else {"norm": GroupedNorm})
         sharded = [
             leaf
-            for leaf in leaves
-            if isinstance(styles.get(prefix + leaf), (Colwise, Rowwise, MambaConv, GroupedNorm))
+            for leaf in needs
+            if isinstance(
+                styles.get(prefix + leaf), (Colwise, Rowwise, MambaConv, GroupedNorm, MambaXProj, SlicedRows)
+            )
         ]
-        whole = name in mixers
-        if whole and not (
-            isinstance(styles.get(prefix + "in_proj"), Colwise)
-            and isinstance(styles.get(prefix + "out_proj"), Rowwise)
-            and isinstance(styles.get(prefix + "conv1d"), MambaConv)
+        whole, kind = name in mixers, "Mamba1Mixer" if first else "MambaMixer"
+        if whole and not all(
+            isinstance(styles.get(prefix + leaf), style)
+            for leaf, style in needs.items()
+            if leaf != "norm" or any(True for _ in mixer.norm.parameters())
         ):
             raise ValueError(
-                f"tpext.parallelize: {name or 'the model'} ({type(mixer).__name__}) is planned MambaMixer, but "
-                "its in_proj, conv1d and out_proj are not Colwise, MambaConv and Rowwise by its heads; plan them "
-                "as tpext.parallel.mamba.plan_entries does (plan='auto' does)"
+                f"tpext.parallelize: {name or 'the model'} ({type(mixer).__name__}) is planned {kind}, but its "
+                f"layers are not {', '.join(f'{leaf} {style.__name__}' for leaf, style in needs.items())}; plan "
+                "them as tpext.parallel.mamba.plan_entries does (plan='auto' does)"
             )
         if sharded and not whole:
             raise ValueError(
-                f"tpext.parallelize: {prefix}{sharded[0]} of Mamba-2 mixer {name or 'the model'} "
+                f"tpext.parallelize: {prefix}{sharded[0]} of Mamba mixer {name or 'the model'} "
                 f"({type(mixer).__name__}) is sharded, but the mixer itself is not planned "
-                "tpext.parallel.mamba.MambaMixer, which gives it its local head counts; without it the mixer "
-                "would read its dense sizes. Plan the whole mixer (plan='auto' does), or give its block "
-                "'replicate'"
+                f"tpext.parallel.mamba.{kind}, which gives it its local sizes; without it the mixer would read "
+                "its dense sizes. Plan the whole mixer (plan='auto' does), or give its block 'replicate'"
             )
     return mixers
 
@@ -351,6 +370,9 @@ def set_local_sizes(model: nn.Module, mixers: list[str], world: int, rank: int) 
         return
     for name in mixers:
         mixer = model.get_submodule(name)
+        if mixer.A_log.dim() == 2:  # a Mamba-1 mixer (its layers converted: is_mamba1 reads the dense ones)
+            _mamba1_local(mixer, world, rank)
+            continue
         d = Mamba2Dims(mixer.num_heads, mixer.head_dim, mixer.n_groups, mixer.ssm_state_size)
         heads, groups = d.heads // world, d.groups // world
         for pname in _PER_HEAD:
@@ -477,4 +499,233 @@ class GroupedNorm(Style):
         new = shell_copy(module)
         new.weight = _sliced(weight, segments)
         set_layout(new, "weight", ShardLayout(tuple(weight.shape), 0, segments))
+        return new
+
+
+# ---- Mamba-1 mixers (Mamba's, Falcon-Mamba's, Jamba's): sharded by channels.
+# in_proj packs [x | z], each of `intermediate` channels; the depthwise conv1d, A_log [channels, state] and D
+# are per channel; x_proj reads every channel and returns [dt (dt_rank) | B | C (state each)], which every
+# channel reads; dt_proj projects dt back to the channels. Each rank keeps a slice of the channels: in_proj is
+# column-parallel, conv1d, A_log, D and dt_proj's rows (a plain layer, its weight also read directly by the
+# mixer's code) sliced; x_proj is row-parallel and its output whole (all-reduced, even under SP: the mixer runs
+# on the gathered sequence), and since each rank's channels read all of it, its gradient is summed over the
+# group (MambaXProj); the norms of dt, B and C (Jamba's, Falcon-Mamba's) act on that whole output, their
+# gradients partial (Replicate(sum_grads=True)); out_proj is row-parallel.
+
+_MAMBA1_LINEARS = ("in_proj", "x_proj", "dt_proj", "out_proj")
+
+
+def is_mamba1(module: nn.Module) -> bool:
+    """Whether `module` is a Mamba-1 mixer.
+
+    Args:
+        module: any module.
+
+    Returns:
+        True when it holds in_proj, x_proj, dt_proj and out_proj (linear layers or their tensor-parallel
+        replacements), a depthwise nn.Conv1d conv1d, and parameters A_log (2-D) and D of its own.
+
+    Example:
+        >>> mamba.is_mamba1(model.backbone.layers[0].mixer)  # a MambaMixer
+        True
+    """
+    params = dict(module.named_parameters(recurse=False))
+    return (
+        all(isinstance(getattr(module, n, None), nn.Linear) for n in _MAMBA1_LINEARS)
+        and isinstance(getattr(module, "conv1d", None), nn.Conv1d)
+        and set(params) == {"A_log", "D"}
+        and params["A_log"].dim() == 2
+    )
+
+
+def mamba1_dims(mixer: nn.Module) -> tuple[int, int]:
+    """(channels, state) of a Mamba-1 mixer, checked against its layers' shapes.
+
+    Args:
+        mixer: a Mamba-1 mixer (`is_mamba1`).
+
+    Returns:
+        (intermediate channels, state size).
+
+    Raises:
+        ValueError: the layers' shapes disagree.
+
+    Example:
+        >>> mamba.mamba1_dims(model.backbone.layers[0].mixer)
+        (128, 8)
+    """
+    channels, state = mixer.A_log.shape
+    expected = {
+        ("in_proj", "out_features"): 2 * channels,
+        ("x_proj", "in_features"): channels,
+        ("dt_proj", "out_features"): channels,
+        ("out_proj", "in_features"): channels,
+        ("conv1d", "in_channels"): channels,
+        ("conv1d", "groups"): channels,
+    }
+    for (leaf, attr), want in expected.items():
+        got = getattr(getattr(mixer, leaf), attr)
+        if got != want:
+            raise ValueError(
+                f"tpext.parallelize: Mamba-1 mixer {type(mixer).__name__}.{leaf} has {attr}={got}, expected "
+                f"{want} for {channels} channels: a layout tpext cannot tell; give its block 'replicate'"
+            )
+    if tuple(mixer.D.shape) != (channels,):
+        raise ValueError(
+            f"tpext.parallelize: Mamba-1 mixer {type(mixer).__name__}.D has shape {tuple(mixer.D.shape)}, "
+            f"expected ({channels},); give its block 'replicate'"
+        )
+    return channels, state
+
+
+def _mamba1_entries(name: str, mixer: nn.Module, world: int | None) -> dict[str, Style | str]:
+    cls = type(mixer).__name__
+    try:
+        channels, state = mamba1_dims(mixer)
+    except ValueError as exc:
+        return {name: f"{cls}: {str(exc).removeprefix('tpext.parallelize: ')}"}
+    prefix = f"{name}." if name else ""
+    known = {"conv1d", *_MAMBA1_LINEARS}
+    norms, others = [], []
+    for leaf, child in mixer.named_children():
+        if leaf in known or not any(True for _ in child.parameters()):
+            continue
+        (norms if leaf.endswith("layernorm") and not any(True for _ in child.children()) else others).append(
+            leaf
+        )
+    if others:
+        return {name: f"{cls}, a Mamba-1 mixer with layers tpext does not slice ({', '.join(others)})"}
+    if world is not None and world > 1 and channels % world:
+        return {
+            name: f"{cls}, a Mamba-1 mixer of {channels} channels, not divisible by the tensor-parallel size "
+            f"{world}"
+        }
+    plan: dict[str, Style | str] = {
+        name: Mamba1Mixer(channels, state),
+        prefix + "in_proj": Colwise((Piece(channels), Piece(channels))),
+        prefix + "conv1d": MambaConv((Piece(channels),)),
+        prefix + "x_proj": MambaXProj(channels),
+        prefix + "dt_proj": SlicedRows((Piece(channels),)),
+        prefix + "out_proj": Rowwise((Piece(channels),)),
+    }
+    plan.update({prefix + leaf: Replicate(sum_grads=True) for leaf in norms})
+    return plan
+
+
+def _mamba1_local(mixer: nn.Module, world: int, rank: int) -> None:
+    channels, state = mixer.A_log.shape
+    segments = piece_segments((Piece(channels),), world, rank, "A_log")[0]
+    for pname in ("A_log", "D"):
+        dense = getattr(mixer, pname)
+        setattr(mixer, pname, _sliced(dense, segments))
+        set_layout(mixer, pname, ShardLayout(tuple(dense.shape), 0, segments))
+    if isinstance(getattr(mixer, "intermediate_size", None), int):
+        mixer.intermediate_size = sum(n for _, n in segments)
+    mixer.__class__ = derived_class(type(mixer), _Unfused, wraps=True)
+
+
+@dataclass(frozen=True, repr=False)
+class Mamba1Mixer(Style):
+    """A Mamba-1 mixer sharded by its `channels` (state `state`): its layers are planned beside it (in_proj
+    Colwise, conv1d MambaConv, x_proj MambaXProj, dt_proj SlicedRows, out_proj Rowwise, by `plan_entries`);
+    the mixer itself is checked here, and its A_log and D sliced once its layers are converted
+    (`set_local_sizes`).
+
+    Example:
+        >>> plan = {"backbone.layers.0.mixer": tpext.parallel.mamba.Mamba1Mixer(128, 8), ...}
+    """
+
+    kind: ClassVar[str] = "mamba1_mixer"
+    channels: int = 0
+    state: int = 0
+
+    def convert(self, module: nn.Module, site: Site) -> nn.Module:
+        if not is_mamba1(module):
+            raise site.refuse(
+                self, module, "it takes a Mamba-1 mixer (in_proj, conv1d, x_proj, dt_proj, out_proj)"
+            )
+        try:
+            dims1 = mamba1_dims(module)
+        except ValueError as exc:
+            raise site.refuse(self, module, str(exc).removeprefix("tpext.parallelize: ")) from exc
+        if dims1 != (self.channels, self.state):
+            raise site.refuse(self, module, f"the mixer has {dims1} channels and state, the plan says {self}")
+        world = resolve_group(site.group).size()
+        if self.channels % world:
+            raise site.refuse(self, module, f"{self.channels} channels do not divide by {world}")
+        return module
+
+
+class _WholeOutputGrads:
+    """Wraps a row-parallel x_proj (MambaXProj): its all-reduced output is read by every rank's channels,
+    so backward its gradient is summed over the group."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        with stats.scope_for(self):
+            return mappings.copy_to_tp(y, self.group)
+
+
+@dataclass(frozen=True, repr=False)
+class MambaXProj(Style):
+    """A Mamba-1 mixer's x_proj: row-parallel over the mixer's `channels` (its output, dt, B and C, whole on
+    every rank, even under SP, where the mixer runs on the gathered sequence), its output gradient summed
+    over the group since every rank's channels read all of it.
+
+    Example:
+        >>> plan = {"*.mixer.x_proj": tpext.parallel.mamba.MambaXProj(128)}
+    """
+
+    kind: ClassVar[str] = "mamba_x_proj"
+    channels: int = 0
+
+    def convert(self, module: nn.Module, site: Site) -> nn.Module:
+        if not (isinstance(module, nn.Linear) and st.plain_linear(module)):
+            raise site.refuse(self, module, "it takes a plain nn.Linear (x @ W.T + b)")
+        if module.in_features != self.channels:
+            raise site.refuse(
+                self, module, f"its {module.in_features} input features are not {self.channels}"
+            )
+        pg = resolve_group(site.group)
+        if pg.size() == 1:
+            return module
+        new = RowParallelLinear.from_dense(
+            module,
+            pg,
+            sequence_parallel=False,
+            sequence_dim=site.sequence_dim,
+            chunks=site.chunks,
+            pieces=(Piece(self.channels),),
+        )
+        new.__class__ = derived_class(type(new), _WholeOutputGrads, wraps=True)
+        return new
+
+
+@dataclass(frozen=True, repr=False)
+class SlicedRows(Style):
+    """A module kept as it is (its class and forward), its weight's and bias's rows (dim 0) sliced as
+    `pieces`: a layer whose output features this rank's channels read and whose input is whole (a Mamba-1
+    mixer's dt_proj; the sum of its input's gradient over the group is the layer before's, MambaXProj).
+
+    Example:
+        >>> plan = {"*.mixer.dt_proj": tpext.parallel.mamba.SlicedRows((Piece(128),))}
+    """
+
+    kind: ClassVar[str] = "sliced_rows"
+    pieces: tuple[Piece, ...] = ()
+
+    def convert(self, module: nn.Module, site: Site) -> nn.Module:
+        rows = sum(p.size for p in self.pieces)
+        params = dict(module.named_parameters(recurse=False))
+        if not isinstance(module, nn.Linear) or any(p.shape[0] != rows for p in params.values()):
+            raise site.refuse(self, module, f"it takes an nn.Linear of {rows} output features")
+        pg = resolve_group(site.group)
+        if pg.size() == 1:
+            return module
+        segments, replicas, _ = piece_segments(self.pieces, pg.size(), pg.rank(), site.name)
+        new = shell_copy(module)
+        for pname, dense in params.items():
+            setattr(new, pname, _sliced(dense, segments))
+            set_layout(new, pname, ShardLayout(tuple(dense.shape), 0, segments))
+        new.out_features = sum(n for _, n in segments)
         return new
