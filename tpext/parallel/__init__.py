@@ -6,7 +6,7 @@
     hf_plan.py    a Hugging Face model's own plan, translated into tpext styles
     structure.py  reading a model: attention, heads, packed layouts, norms, mixture-of-experts blocks
     mla.py        multi-head latent attention (DeepSeek-V2/V3's): its heads, and MLAKvAProj
-    mamba.py      Mamba-2 mixers: sharded by heads (MambaMixer, MambaConv, GroupedNorm)
+    mamba.py      Mamba mixers: Mamba-2 by heads (MambaMixer, MambaConv, GroupedNorm), Mamba-1 by channels
     hooks.py      what parallelize attaches besides converted modules (SP hooks, the loss, save_pretrained)
 
 Imports run one way: api -> plans -> hf_plan -> mla, mamba -> styles -> structure -> tpext.nn / tpext.sharding.

@@ -23,10 +23,12 @@ runs on the full sequence too, gathered at its input: where its output is a sum 
 layers' outputs (checked on its forward), each rank's partial sum is reduce-scattered at its output;
 otherwise what it holds is converted without SP and its output is split. So does a block replicated whole
 (`Replicate(full_sequence=True)`, which auto_plan gives a decoder layer's block it cannot shard: a Mamba
-mixer): its output is the dense block's on every rank, so it is split, and its gradients need no sum. A
-module auto_plan replicates outside the decoder layers (a vision tower) must run before the split in each
-forward: called after it, it is an error (with or without SP, so is one called inside a decoder layer). With no sharded attention there is no split point: the model runs
-without SP (parallelize warns).
+mixer whose heads tp does not divide): its output is the dense block's on every rank, so it is split, and
+its gradients need no sum. A module auto_plan replicates outside the decoder layers (a vision tower) must
+run before the split in each forward: called after it, it is an error (with or without SP, so is one
+called inside a decoder layer). A sharded Mamba mixer (tpext.parallel.mamba) reads the gathered sequence
+as attention does. With no sharded attention or mixer there is no split point: the model runs without SP
+(parallelize warns).
 
 Converted norms keep their own class and code (tpext.nn.sum_param_grads), except a q/k RMSNorm over
 all heads' features (OLMo2's), which keeps its class and computes its statistic over the group (checked

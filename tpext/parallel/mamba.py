@@ -1,5 +1,6 @@
 """Mamba-2 mixers (Mamba2's, and the hybrids' copies: Bamba, Nemotron-H, GraniteMoeHybrid, Falcon-H1,
-Zamba2), read and parallelized by heads.
+Zamba2), read and parallelized by heads; Mamba-1 mixers (Mamba's, Falcon-Mamba's, Jamba's) by channels
+(below, before their styles).
 
 A Mamba-2 mixer projects the hidden states once, packed, convolves part of it along the sequence, runs the
 selective scan per head, normalises per group and projects back:

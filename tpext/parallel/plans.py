@@ -93,8 +93,8 @@ def auto_plan(
     docstring), with exact names (no wildcards), so it can be printed, edited and passed back.
 
     A block of a decoder layer (a child of one element of the model's layer list, beside its attention and
-    MLP: a Mamba mixer, a linear-attention or recurrent block) that holds a module neither source places is
-    replicated whole: `Replicate(full_sequence=True)`, nothing under it planned, its source
+    MLP: a Mamba mixer tp cannot split, a linear-attention or recurrent block) that holds a module neither
+    source places is replicated whole: `Replicate(full_sequence=True)`, nothing under it planned, its source
     "replicated: <what it holds>". It computes the dense block on every rank (weights and compute repeated);
     under SP it runs on the full sequence. Outside the blocks, where the model has a decoder stack beside its
     word embedding: a module outside the decoder layers that holds what neither source places (a vision or
