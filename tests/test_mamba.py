@@ -229,3 +229,34 @@ def test_auto_plan_reads_mamba1_channels():
     assert plan[mixer + ".dt_proj"] == SlicedRows((channels,))
     assert plan[mixer + ".out_proj"] == Rowwise((channels,))
     assert plan[mixer + ".dt_layernorm"] == Replicate(sum_grads=True)
+
+
+def _from_checkpoint(family: str, path: str) -> None:
+    """A meta-device model, parallelized, filled from the dense checkpoint: the dense logits (its deep copy's
+    too), and the dense state dict gathered back."""
+    dense = build(family)
+    with torch.device("meta"):
+        meta = type(dense)(dense.config).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = tpext.parallelize(meta, plan="auto")
+    tpext.load_checkpoint(model, path)
+    ids, _ = _inputs()
+    logits = mappings.gather_from_tp(model(input_ids=ids).logits, VOCAB)
+    torch.testing.assert_close(logits, dense(input_ids=ids).logits, **TOL)
+    twin = copy.deepcopy(model)  # shares the group, copies the sliced mixers
+    torch.testing.assert_close(mappings.gather_from_tp(twin(input_ids=ids).logits, VOCAB), logits)
+    gathered = tpext.gather_state_dict(model)
+    state = dense.state_dict()
+    assert gathered.keys() == state.keys()
+    assert all(torch.equal(gathered[k], v) for k, v in state.items())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["mamba2", "bamba", "jamba"])
+def test_meta_model_loads_dense_checkpoint(family, tmp_path):
+    """Every sharded mixer parameter (in_proj's pieces, conv1d, dt_bias / A_log / D, the norm, x_proj,
+    dt_proj) is read from its slices of the dense checkpoint and gathered back whole."""
+    path = tmp_path / "ckpt"
+    build(family).save_pretrained(path)
+    run_ranks(_from_checkpoint, 2, family, str(path), timeout_s=300.0)

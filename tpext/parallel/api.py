@@ -304,7 +304,7 @@ def parallelize(
         parent_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
     alibi = _set_local_heads(model, converted, pg.size(), pg.rank())
-    mamba.set_local_sizes(model, mixers, pg.size(), pg.rank())
+    mamba.set_local_sizes(model, mixers, pg)
     add_alibi_slices(model, alibi)
     if share_inputs:
         _share_inputs(model, converted)

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from tpext import mappings, stats
-from tpext.distributed import resolve_group
+from tpext.distributed import SharesGroupOnCopy, resolve_group
 from tpext.nn import RowParallelLinear
 from tpext.nn.class_swap import derived_class, shell_copy
 from tpext.parallel import structure as st
@@ -337,8 +337,15 @@ def reads_gathered_sequence(x: torch.Tensor) -> bool:
     return True
 
 
-class _Unfused:
-    """Wraps a sharded Mamba-2 mixer's own class: forward runs with the mixer's `training` flag off, so its
+class _HoldsGroup(SharesGroupOnCopy):
+    """Wraps the class of a module whose parameters tpext sliced (MambaConv, GroupedNorm, SlicedRows): it
+    holds its group (`_tpext_group`, which gather_state_dict reads) and shares it on copy."""
+
+    _tpext_group: torch.distributed.ProcessGroup
+
+
+class _Unfused(_HoldsGroup):
+    """Wraps a sharded Mamba mixer's own class: forward runs with the mixer's `training` flag off, so its
     unfused path runs (Hugging Face's fused training kernel applies out_proj's weight itself, which would
     skip the row layer's reduction). The flag gates only that kernel in the mixer's own code; its children
     keep theirs."""
@@ -352,7 +359,7 @@ class _Unfused:
             self.training = training
 
 
-def set_local_sizes(model: nn.Module, mixers: list[str], world: int, rank: int) -> None:
+def set_local_sizes(model: nn.Module, mixers: list[str], group: torch.distributed.ProcessGroup) -> None:
     """Gives every sharded Mamba-2 mixer its local sizes, after its layers were replaced: num_heads,
     intermediate_size, n_groups, conv_dim (and a Falcon-H1 norm's n_groups) for this rank's heads; this rank's
     values of dt_bias, A_log and D (their layouts recorded) and of its in_proj-sized buffers (Falcon-H1's
@@ -361,18 +368,19 @@ def set_local_sizes(model: nn.Module, mixers: list[str], world: int, rank: int) 
     Args:
         model: the model, its mixers' layers converted.
         mixers: the names of the mixers sharded by heads (`check_converted`).
-        world: the tensor-parallel size.
-        rank: this rank in the group.
+        group: the tensor-parallel group.
 
     Example:
-        >>> mamba.set_local_sizes(model, ["backbone.layers.0.mixer"], 2, 0)
+        >>> mamba.set_local_sizes(model, ["backbone.layers.0.mixer"], group)
     """
+    world, rank = group.size(), group.rank()
     if world == 1:
         return
     for name in mixers:
         mixer = model.get_submodule(name)
         if mixer.A_log.dim() == 2:  # a Mamba-1 mixer (its layers converted: is_mamba1 reads the dense ones)
             _mamba1_local(mixer, world, rank)
+            mixer._tpext_group = group
             continue
         d = Mamba2Dims(mixer.num_heads, mixer.head_dim, mixer.n_groups, mixer.ssm_state_size)
         heads, groups = d.heads // world, d.groups // world
@@ -396,6 +404,15 @@ def set_local_sizes(model: nn.Module, mixers: list[str], world: int, rank: int) 
         if isinstance(getattr(getattr(mixer, "norm", None), "n_groups", None), int):
             mixer.norm.n_groups = groups
         mixer.__class__ = derived_class(type(mixer), _Unfused, wraps=True)
+        mixer._tpext_group = group
+
+
+def _group_copy(module: nn.Module, group) -> nn.Module:
+    """A shell copy of `module` (its class wrapped by _HoldsGroup) holding `group`, for its slices."""
+    new = shell_copy(module)
+    new.__class__ = derived_class(type(module), _HoldsGroup, wraps=True)
+    new._tpext_group = group
+    return new
 
 
 def _sliced(dense: torch.Tensor, segments, dim: int = 0) -> nn.Parameter:
@@ -462,7 +479,7 @@ class MambaConv(Style):
         segments, replicas, _ = piece_segments(self.pieces, pg.size(), pg.rank(), site.name)
         if replicas > 1:
             raise site.refuse(self, module, f"its pieces {self.pieces} do not split over {pg.size()} ranks")
-        new = shell_copy(module)
+        new = _group_copy(module, pg)
         local = sum(n for _, n in segments)
         new.weight = _sliced(module.weight, segments)
         set_layout(new, "weight", ShardLayout(tuple(module.weight.shape), 0, segments))
@@ -497,7 +514,7 @@ class GroupedNorm(Style):
         segments, replicas, _ = piece_segments(self.pieces, pg.size(), pg.rank(), site.name)
         if replicas > 1:
             raise site.refuse(self, module, f"its groups {self.pieces} do not split over {pg.size()} ranks")
-        new = shell_copy(module)
+        new = _group_copy(module, pg)
         new.weight = _sliced(weight, segments)
         set_layout(new, "weight", ShardLayout(tuple(weight.shape), 0, segments))
         return new
@@ -724,7 +741,7 @@ class SlicedRows(Style):
         if pg.size() == 1:
             return module
         segments, replicas, _ = piece_segments(self.pieces, pg.size(), pg.rank(), site.name)
-        new = shell_copy(module)
+        new = _group_copy(module, pg)
         for pname, dense in params.items():
             setattr(new, pname, _sliced(dense, segments))
             set_layout(new, pname, ShardLayout(tuple(dense.shape), 0, segments))
