@@ -194,7 +194,7 @@ def dims(mixer: nn.Module) -> Mamba2Dims:
     return d
 
 
-def split_reason(d: Mamba2Dims, world: int | None) -> str:
+def _split_reason(d: Mamba2Dims, world: int | None) -> str:
     """Why a mixer of `d` cannot be sharded over `world` ranks by heads, or "" when it can (world None: over
     some size above 1, so it needs more than one group)."""
     if world is None and d.groups == 1:
@@ -238,7 +238,7 @@ def plan_entries(modules: dict[str, nn.Module], world: int | None = None) -> dic
         except ValueError as exc:
             plan[name] = f"{type(mixer).__name__}: {str(exc).removeprefix('tpext.parallelize: ')}"
             continue
-        if why := split_reason(d, world):
+        if why := _split_reason(d, world):
             plan[name] = f"{type(mixer).__name__}, a Mamba-2 mixer with {why}"
             continue
         prefix = f"{name}." if name else ""
@@ -448,7 +448,7 @@ class MambaMixer(Style):
             raise site.refuse(self, module, str(exc).removeprefix("tpext.parallelize: ")) from exc
         if d != Mamba2Dims(self.heads, self.head_dim, self.groups, self.state):
             raise site.refuse(self, module, f"the mixer has {d}, the plan says {self}")
-        if why := split_reason(d, resolve_group(site.group).size()):
+        if why := _split_reason(d, resolve_group(site.group).size()):
             raise site.refuse(self, module, f"{why}; give its block 'replicate'")
         return module
 
