@@ -145,9 +145,15 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "hy_v4": {"index_topk": 4},
     # hybrids: an attention layer first, so that under SP the sequence is split there and the replicated
     # mixer after it runs on the full sequence (with mixers only there is no split point)
-    "bamba": {"attn_layer_indices": [0]},
+    # Mamba-2 mixers in 4 groups (8 heads of 16), so that tp 2 and 4 shard them by heads
+    "bamba": {"attn_layer_indices": [0], "mamba_n_groups": 4},
     "jamba": {"attn_layer_offset": 0, "attn_layer_period": 2},
-    "granitemoehybrid": {"layer_types": ["attention", "mamba"]},
+    "granitemoehybrid": {"layer_types": ["attention", "mamba"], "mamba_n_groups": 4},
+    "nemotron_h": {"mamba_num_heads": 8, "mamba_head_dim": 16, "n_groups": 4},
+    "mamba2": {"head_dim": 16, "n_groups": 4},
+    "falcon_h1": {"mamba_d_ssm": None, "mamba_n_groups": 4},  # d_ssm 1024 by default, not 8 heads of 16
+    # Zamba2's layer types default to dozens of layers; a hybrid (shared attention and a mixer) first
+    "zamba2": {"layers_block_type": ["hybrid", "linear_attention"], "mamba_ngroups": 4},
     "recurrent_gemma": {"block_types": ["attention", "recurrent"]},
     # BigBird: 8 tokens are too few for block-sparse attention (the model itself falls back to full attention,
     # rebuilding its attention modules in forward)

@@ -3,9 +3,9 @@ are replicated whole by plan="auto" instead of refusing the model.
 
 Checked against the dense model (fp64): logits, the labels loss and every parameter gradient, at tp 2 and 4,
 with and without sequence parallelism, for Hugging Face hybrids whose replicated blocks sit before the
-sequence split and after it (where they run on the full sequence): Bamba (Mamba-2 mixers beside attention),
-Nemotron-H (Mamba-2, attention and MLP blocks), Jamba (Mamba mixers beside mixture-of-experts blocks, which
-run on the full sequence under SP too) and RecurrentGemma (recurrent blocks). Also: a model with no sharded
+sequence split and after it (where they run on the full sequence): Bamba (Mamba-2 mixers of one group, which
+tp cannot split, beside attention), Nemotron-H (Mamba-2, attention and MLP blocks) and RecurrentGemma
+(recurrent blocks); Mamba mixers tp can split are sharded instead (tests/test_mamba.py). Also: a model with no sharded
 attention under SP (no split point: it runs without SP, and says so), the one warning per parallelize
 call, and the errors: a block that cannot be replicated (its layer passes sharded features between its
 children), a packed MLP column layer, and under SP a block outside the decoder stack or one that returns a
@@ -61,23 +61,6 @@ FAMILIES = {
             n_groups=1,
         ),
         ["model.layers.0.mixer", "model.layers.2.mixer"],
-    ),
-    "jamba": (
-        "JambaForCausalLM",
-        "JambaConfig",
-        dict(
-            num_hidden_layers=3,
-            attn_layer_period=3,
-            attn_layer_offset=1,
-            expert_layer_period=2,
-            expert_layer_offset=0,
-            num_experts=4,
-            num_experts_per_tok=2,
-            mamba_d_state=8,
-            mamba_dt_rank=8,
-            use_mamba_kernels=False,
-        ),
-        ["model.layers.0.mamba", "model.layers.2.mamba"],
     ),
     "recurrent_gemma": (
         "RecurrentGemmaForCausalLM",

@@ -7,14 +7,16 @@
     hf_plan.py    a Hugging Face model's own plan, translated into tpext styles
     structure.py  reading a model: attention, heads, packed layouts, norms, mixture-of-experts blocks
     mla.py        multi-head latent attention (DeepSeek-V2/V3's): its heads, and MLAKvAProj
+    mamba.py      Mamba mixers: Mamba-2 by heads (MambaMixer, MambaConv, GroupedNorm), Mamba-1 by channels
     sequence.py   sequence parallelism: the split before the decoder layers, the gathers around attention
     full_sequence.py  blocks that run on the full sequence under SP (MoE, replicated), partial sums reduced once
     replicated.py which modules auto_plan replicates whole, and the checks that they run where that is right
     wrappers.py   the check that a DDP / FSDP2 wrapper holds no two ranks of the tensor-parallel group
     hf_hooks.py   for Hugging Face's model contracts: the vocab-parallel loss, dense save_pretrained, ALiBi
 
-Imports run one way: api -> plans -> hf_plan / names -> mla -> styles -> structure -> tpext.nn / tpext.sharding;
-plans -> replicated -> styles; api -> sequence -> full_sequence / replicated; api -> hf_hooks / wrappers.
+Imports run one way: api -> plans -> hf_plan / names -> mla, mamba -> styles -> structure -> tpext.nn /
+tpext.sharding; plans -> replicated -> styles; api -> sequence -> full_sequence / replicated, mamba;
+api -> hf_hooks / wrappers.
 """
 
 from tpext.parallel import plans, styles

@@ -23,10 +23,12 @@ runs on the full sequence too, gathered at its input: where its output is a sum 
 layers' outputs (checked on its forward), each rank's partial sum is reduce-scattered at its output;
 otherwise what it holds is converted without SP and its output is split. So does a block replicated whole
 (`Replicate(full_sequence=True)`, which auto_plan gives a decoder layer's block it cannot shard: a Mamba
-mixer): its output is the dense block's on every rank, so it is split, and its gradients need no sum. A
-module auto_plan replicates outside the decoder layers (a vision tower) must run before the split in each
-forward: called after it, it is an error (with or without SP, so is one called inside a decoder layer). With no sharded attention there is no split point: the model runs
-without SP (parallelize warns).
+mixer whose heads tp does not divide): its output is the dense block's on every rank, so it is split, and
+its gradients need no sum. A module auto_plan replicates outside the decoder layers (a vision tower) must
+run before the split in each forward: called after it, it is an error (with or without SP, so is one
+called inside a decoder layer). A sharded Mamba mixer (tpext.parallel.mamba) reads the gathered sequence
+as attention does. With no sharded attention or mixer there is no split point: the model runs without SP
+(parallelize warns).
 
 Converted norms keep their own class and code (tpext.nn.sum_param_grads), except a q/k RMSNorm over
 all heads' features (OLMo2's), which keeps its class and computes its statistic over the group (checked
@@ -42,7 +44,7 @@ from torch import nn
 
 from tpext.distributed import GroupLike, resolve_group
 from tpext.nn import ColumnParallelLinear, SharedInputColumns
-from tpext.parallel import mla
+from tpext.parallel import mamba, mla
 from tpext.parallel import structure as st
 from tpext.parallel.full_sequence import partial_sums_reason
 from tpext.parallel.hf_hooks import add_alibi_slices, add_causal_lm_loss, add_dense_save_pretrained
@@ -217,17 +219,21 @@ def parallelize(
             f"{type(model.get_submodule(already[0])).__name__}); parallelize the dense model once"
         )
     if plan == "auto":
-        plan = auto_plan(model, sequence_parallel=sequence_parallel)
+        plan = auto_plan(model, sequence_parallel=sequence_parallel, tp_size=pg.size())
     elif isinstance(plan, str):
         raise ValueError(
             f"tpext.parallelize: plan must be 'auto' or a dict of pattern -> style, got {plan!r}"
         )
     attention = _sharded_attention(model, plan)
     _check_heads(model, attention, pg.size())
+    # Mamba-2 mixers sharded by heads (tpext.parallel.mamba): planned whole, read under SP like attention.
+    modules = dict(model.named_modules())
+    mixers = mamba.check_converted(modules, {n: style_for(n, plan) for n in modules if n}, pg.size())
     # Under SP the sequence is split at the input of the first decoder layer (the layer holding the first
-    # sharded attention module): what runs before it, the embedding and the model-level code that takes positions
-    # and the attention mask from its output's shape, sees the full sequence as in the dense model.
-    split_at = _first_layer(attention[0]) if sequence_parallel and pg.size() > 1 and attention else ""
+    # sharded attention module or mixer): what runs before it, the embedding and the model-level code that takes
+    # positions and the attention mask from its output's shape, sees the full sequence as in the dense model.
+    first = min(attention[:1] + mixers[:1], key=list(modules).index, default="")
+    split_at = _first_layer(first) if sequence_parallel and pg.size() > 1 and first else ""
     if split_at and isinstance(model.get_submodule(split_at), (nn.ModuleList, nn.ModuleDict)):
         raise ValueError(
             f"tpext.parallelize: under sequence parallelism the sequence is split at the input of the layer "
@@ -237,11 +243,10 @@ def parallelize(
         )
     # Without a sharded attention module (a pure Mamba model) there is no split point: the whole model runs
     # without SP (its norms and MLPs converted for the full sequence), and parallelize warns.
-    no_split = sequence_parallel and pg.size() > 1 and not attention
+    no_split = sequence_parallel and pg.size() > 1 and not first
     sequence_parallel = sequence_parallel and not no_split
     ties = _ties(model)
     config = getattr(model, "config", None)
-    modules = dict(model.named_modules())
     decoder_stack = st.decoder_stack(model, modules)  # read before the embedding is replaced
     # Under SP a mixture-of-experts block (its experts sharded or replicated, its router must see every
     # token) runs on the full sequence: what it holds is converted without SP.
@@ -295,6 +300,7 @@ def parallelize(
         parent_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, leaf, new)
     alibi = _set_local_heads(model, converted, pg.size(), pg.rank())
+    mamba.set_local_sizes(model, mixers, pg)
     add_alibi_slices(model, alibi)
     if share_inputs:
         _share_inputs(model, converted)
@@ -312,6 +318,7 @@ def parallelize(
             partial_blocks,
             replicated_blocks=replicated_blocks,
             before_split=before_split,
+            mixers=mixers,
             layer_params=[
                 n
                 for n in plan

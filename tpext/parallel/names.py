@@ -13,7 +13,7 @@ from torch import nn
 
 from tpext.nn.experts import _layouts as _expert_layouts
 from tpext.nn.experts import is_experts
-from tpext.parallel import mla
+from tpext.parallel import mamba, mla
 from tpext.parallel import structure as st
 from tpext.parallel.styles import (
     Colwise,
@@ -30,7 +30,7 @@ __all__ = ["plan_from_names"]
 
 
 def plan_from_names(
-    model: nn.Module, *, sequence_parallel: bool, vocab_parallel_logits: bool
+    model: nn.Module, *, sequence_parallel: bool, vocab_parallel_logits: bool, tp_size: int | None = None
 ) -> dict[str, Style | str]:
     """{name: style} for every module with weights that its name and structure place, {name: why not} for
     the others (a str)."""
@@ -38,6 +38,7 @@ def plan_from_names(
     plan: dict[str, Style | str] = {}
     modules = dict(model.named_modules())
     latent_attention = mla.plan_entries(modules, config)  # MLA: heads of its own sizes (tpext.parallel.mla)
+    mixers = mamba.plan_entries(modules, tp_size)  # Mamba mixers, by heads or channels (tpext.parallel.mamba)
     # The model's own word embedding and output layer (Hugging Face's get_input_embeddings /
     # get_output_embeddings), whatever their names; an embedding tied to the output layer is the vocabulary's.
     embedding, output = (
@@ -64,6 +65,8 @@ def plan_from_names(
         try:
             if name in latent_attention:
                 plan[name] = latent_attention[name]
+            elif name in mixers:
+                plan[name] = mixers[name]
             elif is_experts(module):
                 plan[name] = _experts_style(module)
             elif _in_router(name, modules):

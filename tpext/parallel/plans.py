@@ -80,13 +80,14 @@ def auto_plan(
     sequence_parallel: bool = False,
     vocab_parallel_logits: bool = True,
     use_model_plan: bool = True,
+    tp_size: int | None = None,
 ) -> Plan:
     """The plan for `model`: its own tensor-parallel plan first, then its module names (see the module's
     docstring), with exact names (no wildcards), so it can be printed, edited and passed back.
 
     A block of a decoder layer (a child of one element of the model's layer list, beside its attention and
-    MLP: a Mamba mixer, a linear-attention or recurrent block) that holds a module neither source places is
-    replicated whole: `Replicate(full_sequence=True)`, nothing under it planned, its source
+    MLP: a Mamba mixer tp cannot split, a linear-attention or recurrent block) that holds a module neither
+    source places is replicated whole: `Replicate(full_sequence=True)`, nothing under it planned, its source
     "replicated: <what it holds>". It computes the dense block on every rank (weights and compute repeated);
     under SP it runs on the full sequence. Outside the blocks, where the model has a decoder stack beside its
     word embedding: a module outside the decoder layers that holds what neither source places (a vision or
@@ -104,6 +105,9 @@ def auto_plan(
             rank (generation code).
         use_model_plan: read the model's own plan (config.base_model_tp_plan, the class's _tp_plan); False
             reads module names only.
+        tp_size: the tensor-parallel size, where known (parallelize passes it): a Mamba-2 mixer whose heads
+            and groups it does not divide is replicated (tpext.parallel.mamba); None shards a mixer of more
+            than one group (its size checked when it is converted).
 
     Returns:
         A Plan: {module name: style}, with `plan.sources[name]` saying where each entry came from.
@@ -123,7 +127,10 @@ def auto_plan(
     # logits as [*, V]: its output layer gathers the full logits instead.
     vocab_parallel_logits = vocab_parallel_logits and _loss_through_loss_function(model)
     names = plan_from_names(
-        model, sequence_parallel=sequence_parallel, vocab_parallel_logits=vocab_parallel_logits
+        model,
+        sequence_parallel=sequence_parallel,
+        vocab_parallel_logits=vocab_parallel_logits,
+        tp_size=tp_size,
     )
     entries, sources = {}, {}
     model_plan = model_tp_plan(model) if use_model_plan else []

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from tpext import mappings, stats
 from tpext.distributed import SharesGroupOnCopy
 from tpext.nn import ColumnParallelLinear, SharedInputColumns, sum_param_grads
-from tpext.parallel import mla
+from tpext.parallel import mamba, mla
 from tpext.parallel import structure as st
 from tpext.parallel.full_sequence import FullSequenceBlock, reduce_once
 from tpext.parallel.replicated import check_replicated_outputs, runs_before_split
@@ -302,6 +302,7 @@ def add_sequence_hooks(
     replicated_blocks: list[str] | tuple[str, ...] = (),
     before_split: list[str] | tuple[str, ...] = (),
     layer_params: list[str] | tuple[str, ...] = (),
+    mixers: list[str] | tuple[str, ...] = (),
 ) -> None:
     """The hooks of sequence parallelism: split at `split_at`, gather around attention and full-sequence
     blocks, check the head's input, and check that each module of `on_shards` (converted for sequence
@@ -311,7 +312,9 @@ def add_sequence_hooks(
     their output the dense block's on every rank) run on the full sequence with a plain split of their
     output. The modules of `before_split` (replicated outside the decoder layers) must run before the
     split in each forward of `model`. The decoder layers of `layer_params` (their own replicated scales)
-    that run on sequence shards sum their own parameters' gradients over the group."""
+    that run on sequence shards sum their own parameters' gradients over the group. The Mamba mixers of
+    `mixers` (sharded by heads or channels, tpext.parallel.mamba) read the gathered sequence, as attention
+    does."""
     split = _SplitSequence(group, sequence_dim, split_at)
     model.get_submodule(split_at).register_forward_pre_hook(split, with_kwargs=True)
     # The decoder stack (model.layers) and its owner (model): a sequence-parallel column layer outside the
@@ -384,6 +387,15 @@ def add_sequence_hooks(
             columns + others, shared, f"{name}.gather" if name else "gather", group, sequence_dim, readers
         )
         attn.register_forward_pre_hook(hook, with_kwargs=True)
+    for name in mixers:  # its column layer reads the gathered sequence; its row layer reduce-scatters
+        if any(name.startswith(block + ".") for block in [*full_sequence_blocks, *replicated_blocks]):
+            continue
+        column = getattr(model.get_submodule(name), mamba.COLUMN)
+        hook = _GatherSequence(
+            [column], SharedInputColumns([column]).attach(), f"{name}.gather", group, sequence_dim
+        )
+        model.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=True)
+        column._is_gathered_input = mamba.reads_gathered_sequence  # also once scaled or masked by the mixer
     for name in full_sequence_blocks:
         partial = name in partial_blocks
         if partial:
