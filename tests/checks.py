@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+import tpext
 from tpext import mappings
 from tpext.sharding import layouts
 
@@ -179,3 +180,23 @@ def assert_grads_match(model: torch.nn.Module, dense: torch.nn.Module, what: str
         )
         compared += 1
     return compared
+
+
+def collectives_under(model: torch.nn.Module, prefix: str, **inputs: Any) -> list[tuple[str, str, str, int]]:
+    """The collectives tpext issues for the modules under `prefix` in one forward with labels and the
+    backward of its loss, as `tpext.comm_stats` records them.
+
+    Returns:
+        Sorted (phase, collective, module name below `prefix`, bytes) tuples.
+
+    Example:
+        >>> collectives_under(model, "model.layers.0.self_attn", input_ids=ids, labels=labels)
+        [('backward', 'all_reduce', 'q_proj', 8192), ...]
+    """
+    with tpext.comm_stats() as stats:
+        model(**inputs).loss.backward()
+    return sorted(
+        (r.phase, r.kind, r.module.removeprefix(prefix + "."), r.nbytes)
+        for r in stats.records
+        if r.module.startswith(prefix)
+    )

@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 import transformers
-from checks import assert_grads_match
+from checks import assert_lm_matches, lm_inputs, lm_step, tiny_hf_model
 from dist import SMALL_LLAMA, CaseBatches, run_ranks
 
 import tpext
@@ -29,41 +29,32 @@ _CASES = {
 
 def _model(family: str, **overrides) -> torch.nn.Module:
     config_cls, model_cls, extra = _FAMILIES[family]
-    config = config_cls(
-        **SMALL_LLAMA, **extra, **overrides, attn_implementation="eager", experts_implementation="eager"
-    )
-    torch.manual_seed(0)
-    return model_cls(config).double()
+    return tiny_hf_model(config_cls, model_cls, {**SMALL_LLAMA, **extra, **overrides})
 
 
-def _step(model: torch.nn.Module, reentrant: bool | None) -> torch.Tensor:
-    """One training forward and backward of the labels loss, checkpointing every decoder layer unless
-    `reentrant` is None."""
-    model.train()
+def _step(model: torch.nn.Module, reentrant: bool | None):
+    """`lm_step` in training mode, checkpointing every decoder layer unless `reentrant` is None."""
     if reentrant is not None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
-    ids = torch.randint(0, SMALL_LLAMA["vocab_size"], (2, 8), generator=torch.Generator().manual_seed(0))
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    return loss.detach()
+    ids, labels = lm_inputs(SMALL_LLAMA["vocab_size"], 2, 8)
+    return lm_step(model, input_ids=ids, labels=labels)
 
 
 def _against_dense(family: str, sp: bool, reentrant: bool) -> int:
-    """Both checkpointed: the parallelized model's loss and every gradient against the dense model's."""
+    """Both checkpointed: the parallelized model's logits, loss and every gradient against the dense model's."""
     dense = _model(family)
     model = tpext.parallelize(copy.deepcopy(dense), sequence_parallel=sp)
-    what = f"{family} sp={sp} reentrant={reentrant}"
-    torch.testing.assert_close(_step(model, reentrant), _step(dense, reentrant), msg=what)
-    return assert_grads_match(model, dense, what, rtol=1e-5, atol=1e-6)
+    out, ref = _step(model, reentrant), _step(dense, reentrant)
+    return assert_lm_matches(
+        model, dense, out, ref, f"{family} sp={sp} reentrant={reentrant}", rtol=1e-5, atol=1e-6
+    )
 
 
 def _case_id(family: str, sp: bool, reentrant: bool) -> str:
     return f"{family}-{'sp' if sp else 'no-sp'}-{'reentrant' if reentrant else 'non-reentrant'}"
 
 
-@pytest.fixture(scope="module")
-def batches():
-    return CaseBatches(_against_dense, _CASES)
+batches = CaseBatches.fixture(_against_dense, _CASES)
 
 
 @pytest.mark.slow
@@ -82,7 +73,6 @@ def _dropout_recomputed(sp: bool) -> float:
     grads = []
     for reentrant in (None, False):
         model = tpext.parallelize(_model("llama", attention_dropout=0.3), sequence_parallel=sp)
-        torch.manual_seed(1)
         _step(model, reentrant)
         grads.append([p.grad for p in model.parameters()])
     return max((a - b).abs().max().item() for a, b in zip(*grads))

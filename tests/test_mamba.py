@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 import torch.distributed as tdist
-from checks import assert_grads_match
+from checks import assert_grads_match, collectives_under
 from dist import case_result, run_cases, run_ranks
 from model_census import OVERRIDES, build
 
@@ -183,14 +183,7 @@ def _mixer_collectives(sp: bool) -> list[tuple[str, str, str, int]]:
     """(phase, collective, module, bytes) of the second layer's mixer, one forward and backward."""
     model = tpext.parallelize(build("mamba2", torch.float64), sequence_parallel=sp)
     ids, labels = _inputs()
-    with tpext.comm_stats() as stats:
-        model(input_ids=ids, labels=labels).loss.backward()
-    mixer = "backbone.layers.1.mixer"
-    return sorted(
-        (r.phase, r.kind, r.module.removeprefix(mixer + "."), r.nbytes)
-        for r in stats.records
-        if r.module.startswith(mixer)
-    )
+    return collectives_under(model, "backbone.layers.1.mixer", input_ids=ids, labels=labels)
 
 
 @pytest.mark.parametrize("sp", [False, True], ids=["nosp", "sp"])

@@ -9,7 +9,7 @@ import itertools
 import pytest
 import torch
 import torch.distributed as tdist
-from checks import assert_lm_matches, lm_inputs, lm_step, tiny_hf_model
+from checks import assert_lm_matches, collectives_under, lm_inputs, lm_step, tiny_hf_model
 from dist import case_result, cases_fixture, run_ranks, sp_ids
 from model_census import TINY_HF
 
@@ -119,14 +119,7 @@ def _attention_collectives(sp: bool) -> list[tuple[str, str, str, int]]:
     """(phase, collective, module, bytes) of the first layer's attention, one forward and backward."""
     model = tpext.parallelize(_model("deepseek_v3-q_lora"), sequence_parallel=sp)
     ids, labels = lm_inputs(VOCAB, BATCH, SEQ)
-    with tpext.comm_stats() as stats:
-        model(input_ids=ids, labels=labels).loss.backward()
-    attn = "model.layers.0.self_attn"
-    return sorted(
-        (r.phase, r.kind, r.module.removeprefix(attn + "."), r.nbytes)
-        for r in stats.records
-        if r.module.startswith(attn)
-    )
+    return collectives_under(model, "model.layers.0.self_attn", input_ids=ids, labels=labels)
 
 
 @pytest.mark.parametrize("sp", [False, True], ids=["nosp", "sp"])

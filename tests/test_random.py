@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from checks import lm_inputs, tiny_hf_model
 from dist import CaseBatches, run_ranks
 
 import tpext
@@ -43,23 +44,13 @@ def _parallelized_dropout(seeds: str, training: bool, p: float) -> tuple[str, fl
     """A GPT-2 (dropout p everywhere) parallelized at tp 2 and run twice after seeding the default generator
     as `seeds` says: ("ok", the largest difference of its hidden states across ranks) or ("raised", message)."""
     import torch.distributed as dist
-    import transformers
 
-    config = transformers.GPT2Config(
-        n_embd=32,
-        n_layer=2,
-        n_head=4,
-        vocab_size=64,
-        n_positions=16,
-        resid_pdrop=p,
-        embd_pdrop=p,
-        attn_pdrop=p,
-    )
-    torch.manual_seed(0)
-    model = tpext.parallelize(transformers.GPT2Model(config))
+    settings = dict(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=16)
+    settings.update(resid_pdrop=p, embd_pdrop=p, attn_pdrop=p)
+    model = tpext.parallelize(tiny_hf_model("GPT2Config", "GPT2Model", settings, torch.float32))
     model.train(training)
     torch.manual_seed(1 + (dist.get_rank() if seeds == "by rank" else 0))
-    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    ids, _ = lm_inputs(64, 2, 8)
     try:
         spread = 0.0
         for _ in range(2):
@@ -72,6 +63,9 @@ def _parallelized_dropout(seeds: str, training: bool, p: float) -> tuple[str, fl
     return "ok", spread
 
 
+rng_batches = CaseBatches.fixture(_parallelized_dropout, {2: list(_RNG_CASES)})
+
+
 @pytest.mark.parametrize(("seeds", "training", "p"), list(_RNG_CASES), ids=lambda v: str(v).replace(" ", "-"))
 def test_dropout_needs_the_same_rng_state_on_every_rank(rng_batches, seeds, training, p):
     """Dropout in a parallelized model draws from the default generators: seeded alike, every rank gets the
@@ -82,8 +76,3 @@ def test_dropout_needs_the_same_rng_state_on_every_rank(rng_batches, seeds, trai
             assert "differ across the ranks" in value and "model_parallel_seed" in value, value
         else:
             assert status == "ok" and value == 0.0, value
-
-
-@pytest.fixture(scope="module")
-def rng_batches():
-    return CaseBatches(_parallelized_dropout, {2: list(_RNG_CASES)})

@@ -39,9 +39,7 @@ def _wrapped_forward(wrapper: str, over: str) -> tuple[str, str]:
     return "ok", ""
 
 
-@pytest.fixture(scope="module")
-def batches():
-    return CaseBatches(_wrapped_forward, {4: list(_CASES)})
+batches = CaseBatches.fixture(_wrapped_forward, {4: list(_CASES)})
 
 
 @pytest.mark.slow

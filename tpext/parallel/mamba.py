@@ -26,6 +26,7 @@ reduce-scatters its output back to this rank's shard.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple
 
@@ -51,6 +52,7 @@ __all__ = [
     "is_mamba2",
     "is_mamba1",
     "mamba1_dims",
+    "Mamba1Dims",
     "dims",
     "plan_entries",
     "check_converted",
@@ -420,8 +422,40 @@ def _sliced(dense: torch.Tensor, segments, dim: int = 0) -> nn.Parameter:
     return nn.Parameter(torch.cat(parts, dim).clone(), requires_grad=dense.requires_grad)
 
 
+class _Mixer(NamedTuple):
+    """A kind of mixer a mixer style takes: what it is called, how to tell one, how to read its sizes."""
+
+    takes: str
+    is_mixer: Callable[[nn.Module], bool]
+    read: Callable[[nn.Module], tuple]
+
+
+class _MixerStyle(Style):
+    """What both mixer styles check before they keep the module as it is (its layers are planned beside it):
+    that it is the style's `mixer`, of the sizes the style's fields say (named as the fields of the tuple
+    `mixer.read` returns), and that the group's size splits them (`_split_reason`, "" where it does)."""
+
+    mixer: ClassVar[_Mixer]
+
+    def _split_reason(self, read: tuple, world: int) -> str:
+        raise NotImplementedError
+
+    def convert(self, module: nn.Module, site: Site) -> nn.Module:
+        if not self.mixer.is_mixer(module):
+            raise site.refuse(self, module, f"it takes {self.mixer.takes}")
+        try:
+            read = self.mixer.read(module)
+        except ValueError as exc:
+            raise site.refuse(self, module, str(exc).removeprefix("tpext.parallelize: ")) from exc
+        if read != type(read)(*(getattr(self, field) for field in read._fields)):
+            raise site.refuse(self, module, f"the mixer has {read}, the plan says {self}")
+        if why := self._split_reason(read, resolve_group(site.group).size()):
+            raise site.refuse(self, module, why)
+        return module
+
+
 @dataclass(frozen=True, repr=False)
-class MambaMixer(Style):
+class MambaMixer(_MixerStyle):
     """A Mamba-2 mixer sharded by heads: `heads` of `head_dim` features in `groups` groups of `state` (each
     rank keeps heads / R heads and groups / R groups). Its layers are planned beside it (in_proj Colwise,
     conv1d MambaConv, norm GroupedNorm, out_proj Rowwise, by `plan_entries`); the mixer itself is checked
@@ -437,20 +471,25 @@ class MambaMixer(Style):
     groups: int = 0
     state: int = 0
 
-    def convert(self, module: nn.Module, site: Site) -> nn.Module:
-        if not is_mamba2(module):
-            raise site.refuse(
-                self, module, "it takes a Mamba-2 mixer (in_proj, conv1d, out_proj, dt_bias, A_log, D)"
-            )
-        try:
-            d = dims(module)
-        except ValueError as exc:
-            raise site.refuse(self, module, str(exc).removeprefix("tpext.parallelize: ")) from exc
-        if d != Mamba2Dims(self.heads, self.head_dim, self.groups, self.state):
-            raise site.refuse(self, module, f"the mixer has {d}, the plan says {self}")
-        if why := _split_reason(d, resolve_group(site.group).size()):
-            raise site.refuse(self, module, f"{why}; give its block 'replicate'")
-        return module
+    mixer: ClassVar = _Mixer(
+        "a Mamba-2 mixer (in_proj, conv1d, out_proj, dt_bias, A_log, D)", is_mamba2, dims
+    )
+
+    def _split_reason(self, read: Mamba2Dims, world: int) -> str:
+        why = _split_reason(read, world)
+        return f"{why}; give its block 'replicate'" if why else ""
+
+
+def _segments_here(style: Style, module: nn.Module, site: Site, what: str) -> tuple[nn.Module, list] | None:
+    """A copy of `module` holding the site's group, and this rank's segments of `style.pieces` (its `what`),
+    which must not be replicated over the group; None for a group of one (nothing to shard)."""
+    pg = resolve_group(site.group)
+    if pg.size() == 1:
+        return None
+    segments, replicas, _ = piece_segments(style.pieces, pg.size(), pg.rank(), site.name)
+    if replicas > 1:
+        raise site.refuse(style, module, f"its {what} {style.pieces} do not split over {pg.size()} ranks")
+    return _group_copy(module, pg), segments
 
 
 @dataclass(frozen=True, repr=False)
@@ -473,13 +512,9 @@ class MambaConv(Style):
             and module.weight.shape[1] == 1
         ):
             raise site.refuse(self, module, f"it takes a depthwise nn.Conv1d of {channels} channels")
-        pg = resolve_group(site.group)
-        if pg.size() == 1:
+        if (here := _segments_here(self, module, site, "pieces")) is None:
             return module
-        segments, replicas, _ = piece_segments(self.pieces, pg.size(), pg.rank(), site.name)
-        if replicas > 1:
-            raise site.refuse(self, module, f"its pieces {self.pieces} do not split over {pg.size()} ranks")
-        new = _group_copy(module, pg)
+        new, segments = here
         local = sum(n for _, n in segments)
         new.weight = _sliced(module.weight, segments)
         set_layout(new, "weight", ShardLayout(tuple(module.weight.shape), 0, segments))
@@ -508,13 +543,9 @@ class GroupedNorm(Style):
         features = sum(p.size for p in self.pieces)
         if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (features,):
             raise site.refuse(self, module, f"it takes a norm with a weight of {features} features")
-        pg = resolve_group(site.group)
-        if pg.size() == 1:
+        if (here := _segments_here(self, module, site, "groups")) is None:
             return module
-        segments, replicas, _ = piece_segments(self.pieces, pg.size(), pg.rank(), site.name)
-        if replicas > 1:
-            raise site.refuse(self, module, f"its groups {self.pieces} do not split over {pg.size()} ranks")
-        new = _group_copy(module, pg)
+        new, segments = here
         new.weight = _sliced(weight, segments)
         set_layout(new, "weight", ShardLayout(tuple(weight.shape), 0, segments))
         return new
@@ -556,21 +587,28 @@ def is_mamba1(module: nn.Module) -> bool:
     )
 
 
-def mamba1_dims(mixer: nn.Module) -> tuple[int, int]:
+class Mamba1Dims(NamedTuple):
+    """A Mamba-1 mixer's sizes: its intermediate channels and its state."""
+
+    channels: int
+    state: int
+
+
+def mamba1_dims(mixer: nn.Module) -> Mamba1Dims:
     """(channels, state) of a Mamba-1 mixer, checked against its layers' shapes.
 
     Args:
         mixer: a Mamba-1 mixer (`is_mamba1`).
 
     Returns:
-        (intermediate channels, state size).
+        Mamba1Dims(intermediate channels, state size).
 
     Raises:
         ValueError: the layers' shapes disagree.
 
     Example:
         >>> mamba.mamba1_dims(model.backbone.layers[0].mixer)
-        (128, 8)
+        Mamba1Dims(channels=128, state=8)
     """
     channels, state = mixer.A_log.shape
     expected = {
@@ -593,7 +631,7 @@ def mamba1_dims(mixer: nn.Module) -> tuple[int, int]:
             f"tpext.parallelize: Mamba-1 mixer {type(mixer).__name__}.D has shape {tuple(mixer.D.shape)}, "
             f"expected ({channels},); give its block 'replicate'"
         )
-    return channels, state
+    return Mamba1Dims(channels, state)
 
 
 def _mamba1_entries(name: str, mixer: nn.Module, world: int | None) -> dict[str, Style | str]:
@@ -643,7 +681,7 @@ def _mamba1_local(mixer: nn.Module, world: int, rank: int) -> None:
 
 
 @dataclass(frozen=True, repr=False)
-class Mamba1Mixer(Style):
+class Mamba1Mixer(_MixerStyle):
     """A Mamba-1 mixer sharded by its `channels` (state `state`): its layers are planned beside it (in_proj
     Colwise, conv1d MambaConv, x_proj MambaXProj, dt_proj SlicedRows, out_proj Rowwise, by `plan_entries`);
     the mixer itself is checked here, and its A_log and D sliced once its layers are converted
@@ -657,21 +695,12 @@ class Mamba1Mixer(Style):
     channels: int = 0
     state: int = 0
 
-    def convert(self, module: nn.Module, site: Site) -> nn.Module:
-        if not is_mamba1(module):
-            raise site.refuse(
-                self, module, "it takes a Mamba-1 mixer (in_proj, conv1d, x_proj, dt_proj, out_proj)"
-            )
-        try:
-            dims1 = mamba1_dims(module)
-        except ValueError as exc:
-            raise site.refuse(self, module, str(exc).removeprefix("tpext.parallelize: ")) from exc
-        if dims1 != (self.channels, self.state):
-            raise site.refuse(self, module, f"the mixer has {dims1} channels and state, the plan says {self}")
-        world = resolve_group(site.group).size()
-        if self.channels % world:
-            raise site.refuse(self, module, f"{self.channels} channels do not divide by {world}")
-        return module
+    mixer: ClassVar = _Mixer(
+        "a Mamba-1 mixer (in_proj, conv1d, x_proj, dt_proj, out_proj)", is_mamba1, mamba1_dims
+    )
+
+    def _split_reason(self, read: Mamba1Dims, world: int) -> str:
+        return f"{read.channels} channels do not divide by {world}" if read.channels % world else ""
 
 
 class _WholeOutputGrads:
