@@ -151,7 +151,14 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "granitemoehybrid": {"layer_types": ["attention", "mamba"], "mamba_n_groups": 4},
     "nemotron_h": {"mamba_num_heads": 8, "mamba_head_dim": 16, "n_groups": 4},
     "mamba2": {"head_dim": 16, "n_groups": 4},
-    "falcon_h1": {"mamba_d_ssm": None, "mamba_n_groups": 4},  # d_ssm 1024 by default, not 8 heads of 16
+    # d_ssm 1024 by default, not 8 heads of 16; its gated norm on and its multipliers off 1 (mup_vector sliced)
+    "falcon_h1": {
+        "mamba_d_ssm": None,
+        "mamba_n_groups": 4,
+        "mamba_rms_norm": True,
+        "ssm_multipliers": [0.5, 1.5, 0.25, 2.0, 0.75],
+        "ssm_in_multiplier": 0.7,
+    },
     # Zamba2's layer types default to dozens of layers; a hybrid (shared attention and a mixer) first
     "zamba2": {"layers_block_type": ["hybrid", "linear_attention"], "mamba_ngroups": 4},
     "recurrent_gemma": {"block_types": ["attention", "recurrent"]},

@@ -165,7 +165,7 @@ def _generate(family: str) -> tuple[list[list[int]], list[list[int]]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["mamba2", "bamba", "mamba"])
+@pytest.mark.parametrize("family", ["mamba2", "bamba", "falcon_h1", "mamba"])
 def test_generate_matches_dense(family):
     """The mixers' caches hold this rank's heads (Hugging Face's cache takes its shapes from the states it
     is given): greedy generation gives the dense model's tokens."""
@@ -205,6 +205,32 @@ def test_mixer_collectives(sp):
         want = [("backward", "all_reduce", "in_proj", hidden), ("forward", "all_reduce", "out_proj", hidden)]
     got = run_ranks(_mixer_collectives, 2, sp)
     assert got[0] == sorted(want) and got[1] == got[0], got
+
+
+# (family, module, its style in an otherwise automatic plan, what the error says): plans tpext refuses.
+_WRONG_PLANS = {
+    "in_proj-plain-colwise": ("mamba2", "backbone.layers.0.mixer.in_proj", "colwise", "plan_entries does"),
+    "norm-not-summed": ("jamba", "model.layers.1.mamba.dt_layernorm", "replicate", "plan_entries does"),
+    "mixer-replicated": ("mamba2", "backbone.layers.0.mixer", "replicate", "the mixer itself is not planned"),
+}
+
+
+def _wrong_plan(family: str, name: str, style: str) -> str:
+    plan = tpext.auto_plan(build(family), tp_size=2)
+    plan[name] = style
+    with pytest.raises(ValueError, match="tpext.parallelize") as err:
+        tpext.parallelize(build(family), plan=plan)
+    return str(err.value)
+
+
+@pytest.mark.parametrize("case", list(_WRONG_PLANS))
+def test_mixer_planned_otherwise_is_refused(case):
+    """A mixer's layer planned otherwise than sharding the mixer needs (in_proj without its five pieces, a
+    Mamba-1 norm whose gradient would stay partial) or sharded beside an unsharded mixer: an error naming the
+    module, before anything is converted, not a wrong output."""
+    family, name, style, says = _WRONG_PLANS[case]
+    messages = run_ranks(_wrong_plan, 2, family, name, style)
+    assert all(says in m and name.rpartition(".")[0] in m for m in messages), messages
 
 
 def test_auto_plan_reads_mamba1_channels():

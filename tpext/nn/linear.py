@@ -423,7 +423,8 @@ class SharedInputColumns:
         """Split y into the layers' outputs and keep those of the layers still to be called with x."""
         outputs = y.split([m.local_weight_shape[0] for m in self.layers], dim=-1)
         self._outputs = {id(m): out for m, out in zip(self.layers, outputs) if m is not skip}
-        self._x, self._state = x, self._state_of(x)
+        # x is kept only while a layer's output waits for it (not beyond a lone layer's call)
+        self._x, self._state = (x, self._state_of(x)) if self._outputs else (None, None)
         return list(outputs)
 
     def attach(self) -> SharedInputColumns:

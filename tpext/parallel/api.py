@@ -241,8 +241,9 @@ def parallelize(
             f"({split_at}, beside lists of the layer's other parts, as XLM's) with no layer module around it; "
             "parallelize without sequence_parallel"
         )
-    # Without a sharded attention module (a pure Mamba model) there is no split point: the whole model runs
-    # without SP (its norms and MLPs converted for the full sequence), and parallelize warns.
+    # Without a sharded attention module or mixer (a model whose mixers are all replicated) there is no split
+    # point: the whole model runs without SP (its norms and MLPs converted for the full sequence), and
+    # parallelize warns.
     no_split = sequence_parallel and pg.size() > 1 and not first
     sequence_parallel = sequence_parallel and not no_split
     ties = _ties(model)

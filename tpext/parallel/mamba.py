@@ -58,6 +58,7 @@ __all__ = [
     "check_converted",
     "set_local_sizes",
     "reads_gathered_sequence",
+    "scales_input",
     "COLUMN",
 ]
 
@@ -264,9 +265,10 @@ def _mixers(modules: dict[str, nn.Module], styles: dict[str, Style | None]) -> l
 
 
 def check_converted(modules: dict[str, nn.Module], styles: dict[str, Style | None], world: int) -> list[str]:
-    """Checks that every Mamba-2 mixer whose layers a plan shards is planned as a whole: MambaMixer on the
-    mixer (which gives it its local sizes), its in_proj column-parallel and its out_proj row-parallel by the
-    same heads. Called by parallelize before any module is replaced.
+    """Checks that every Mamba mixer whose layers a plan shards is planned as a whole: MambaMixer (Mamba1Mixer)
+    on the mixer, which gives it its local sizes, and each of its layers exactly the style `plan_entries`
+    gives it (the same pieces, the same summed gradients). Called by parallelize before any module is
+    replaced.
 
     Args:
         modules: {name: module} of the dense model.
@@ -277,8 +279,8 @@ def check_converted(modules: dict[str, nn.Module], styles: dict[str, Style | Non
         The names of the mixers sharded by heads (MambaMixer in the plan), in module order.
 
     Raises:
-        ValueError: a mixer's in_proj, conv1d, norm or out_proj is sharded without MambaMixer on the mixer,
-            or the reverse.
+        ValueError: a mixer's layer is sharded without MambaMixer (Mamba1Mixer) on the mixer, or one of its
+            layers is planned otherwise than sharding the mixer needs.
 
     Example:
         >>> mamba.check_converted(modules, {n: style_for(n, plan) for n in modules}, 2)
@@ -290,35 +292,41 @@ def check_converted(modules: dict[str, nn.Module], styles: dict[str, Style | Non
         if not (first or is_mamba2(mixer)) or world == 1:
             continue
         prefix = f"{name}." if name else ""
-        # the style each layer needs when the mixer is sharded
-        needs = {"in_proj": Colwise, "conv1d": MambaConv, "out_proj": Rowwise}
-        needs.update({"x_proj": MambaXProj, "dt_proj": SlicedRows} if first else {"norm": GroupedNorm})
+        kind = "Mamba1Mixer" if first else "MambaMixer"
+        if name in mixers:  # every layer of it planned exactly as sharding the mixer needs
+            needed = plan_entries(
+                {n: m for n, m in modules.items() if n == name or n.startswith(prefix)}, world
+            )
+            wrong = next(
+                (n for n, s in needed.items() if not isinstance(s, str) and styles.get(n) != s), None
+            )
+            if wrong is not None:
+                raise ValueError(
+                    f"tpext.parallelize: {name or 'the model'} ({type(mixer).__name__}) is planned {kind}, but "
+                    f"{wrong} is planned {styles.get(wrong)!r} where sharding the mixer needs {needed[wrong]!r}; "
+                    "plan its layers as tpext.parallel.mamba.plan_entries does (plan='auto' does)"
+                )
+            continue
         sharded = [
-            leaf
-            for leaf in needs
-            if isinstance(
-                styles.get(prefix + leaf), (Colwise, Rowwise, MambaConv, GroupedNorm, MambaXProj, SlicedRows)
-            )
+            n
+            for n, style in styles.items()
+            if n.startswith(prefix)
+            and n.count(".") == prefix.count(".")
+            and isinstance(style, (Colwise, Rowwise, MambaConv, GroupedNorm, MambaXProj, SlicedRows))
         ]
-        whole, kind = name in mixers, "Mamba1Mixer" if first else "MambaMixer"
-        if whole and not all(
-            isinstance(styles.get(prefix + leaf), style)
-            for leaf, style in needs.items()
-            if leaf != "norm" or any(True for _ in mixer.norm.parameters())
-        ):
+        if sharded:
             raise ValueError(
-                f"tpext.parallelize: {name or 'the model'} ({type(mixer).__name__}) is planned {kind}, but its "
-                f"layers are not {', '.join(f'{leaf} {style.__name__}' for leaf, style in needs.items())}; plan "
-                "them as tpext.parallel.mamba.plan_entries does (plan='auto' does)"
-            )
-        if sharded and not whole:
-            raise ValueError(
-                f"tpext.parallelize: {prefix}{sharded[0]} of Mamba mixer {name or 'the model'} "
+                f"tpext.parallelize: {sharded[0]} of Mamba mixer {name or 'the model'} "
                 f"({type(mixer).__name__}) is sharded, but the mixer itself is not planned "
                 f"tpext.parallel.mamba.{kind}, which gives it its local sizes; without it the mixer would read "
                 "its dense sizes. Plan the whole mixer (plan='auto' does), or give its block 'replicate'"
             )
     return mixers
+
+
+def scales_input(mixer: nn.Module) -> bool:
+    """Whether the mixer scales its input before in_proj reads it (Falcon-H1's ssm_in_multiplier)."""
+    return hasattr(mixer, "ssm_in_multiplier")
 
 
 def reads_gathered_sequence(x: torch.Tensor) -> bool:
@@ -766,11 +774,9 @@ class SlicedRows(Style):
         params = dict(module.named_parameters(recurse=False))
         if not isinstance(module, nn.Linear) or any(p.shape[0] != rows for p in params.values()):
             raise site.refuse(self, module, f"it takes an nn.Linear of {rows} output features")
-        pg = resolve_group(site.group)
-        if pg.size() == 1:
+        if (here := _segments_here(self, module, site, "rows")) is None:
             return module
-        segments, replicas, _ = piece_segments(self.pieces, pg.size(), pg.rank(), site.name)
-        new = _group_copy(module, pg)
+        new, segments = here
         for pname, dense in params.items():
             setattr(new, pname, _sliced(dense, segments))
             set_layout(new, pname, ShardLayout(tuple(dense.shape), 0, segments))

@@ -206,6 +206,21 @@ class _GatherSequence(SharesGroupOnCopy):
         return call_with(_ReplicatedRead.apply(shard, x.detach(), self.group, self.sequence_dim))
 
 
+class _MixerGather(_GatherSequence):
+    """Forward pre-hook of a sharded Mamba mixer under SP: the sequence gathered overlapped with in_proj's GEMM
+    where the mixer hands its input to in_proj as it is, and a plain all-gather where it scales it first
+    (`scales`: Falcon-H1's ssm_in_multiplier) or masks it (an attention_mask passed), which would leave that
+    GEMM unused and compute it again on the new input."""
+
+    def __init__(self, column: ColumnParallelLinear, name: str, group, sequence_dim: int, *, scales: bool):
+        super().__init__([column], SharedInputColumns([column]).attach(), name, group, sequence_dim)
+        self.overlapped, self.scales = self.shared, scales
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple:
+        self.shared = None if self.scales or kwargs.get("attention_mask") is not None else self.overlapped
+        return super().__call__(module, args, kwargs)
+
+
 class _ReplicatedRead(torch.autograd.Function):
     """x_full's values (the sequence gathered from x_shard), read by a module with replicated weights that
     every rank runs alike. Backward: its gradient is whole on every rank, and x_shard keeps its own block of
@@ -390,11 +405,10 @@ def add_sequence_hooks(
     for name in mixers:  # its column layer reads the gathered sequence; its row layer reduce-scatters
         if any(name.startswith(block + ".") for block in [*full_sequence_blocks, *replicated_blocks]):
             continue
-        column = getattr(model.get_submodule(name), mamba.COLUMN)
-        hook = _GatherSequence(
-            [column], SharedInputColumns([column]).attach(), f"{name}.gather", group, sequence_dim
-        )
-        model.get_submodule(name).register_forward_pre_hook(hook, with_kwargs=True)
+        mixer = model.get_submodule(name)
+        column = getattr(mixer, mamba.COLUMN)
+        hook = _MixerGather(column, f"{name}.gather", group, sequence_dim, scales=mamba.scales_input(mixer))
+        mixer.register_forward_pre_hook(hook, with_kwargs=True)
         column._is_gathered_input = mamba.reads_gathered_sequence  # also once scaled or masked by the mixer
     for name in full_sequence_blocks:
         partial = name in partial_blocks
