@@ -18,6 +18,12 @@ class ColumnParallelConv1D(ColumnParallelLinear):
     The weight keeps Conv1D's orientation and name, so state dicts and checkpoints read as the dense
     model's: this rank holds weight [in, out/R] (or its columns of every piece) and bias [out/R]. The ops
     multiply by its transpose, a copy made per call.
+
+    Args:
+        As `ColumnParallelLinear`'s; made from a model's Conv1D with `from_dense`.
+
+    Example:
+        >>> attn.c_attn = ColumnParallelConv1D.from_dense(attn.c_attn, pieces=qkv_pieces)
     """
 
     transposed_weight = True
@@ -43,7 +49,14 @@ class ColumnParallelConv1D(ColumnParallelLinear):
 
 class RowParallelConv1D(RowParallelLinear):
     """RowParallelLinear for a Hugging Face Conv1D: this rank holds weight [in/R, out] (Conv1D's
-    orientation, the dense names) and the full bias, added once after the reduction."""
+    orientation, the dense names) and the full bias, added once after the reduction.
+
+    Args:
+        As `RowParallelLinear`'s; made from a model's Conv1D with `from_dense`.
+
+    Example:
+        >>> mlp.c_proj = RowParallelConv1D.from_dense(mlp.c_proj)
+    """
 
     transposed_weight = True
 

@@ -340,6 +340,17 @@ class SharedInputColumns:
     others, called next with the same x, take their slice. A layer called with another input, after x or
     any weight changed in place (an optimizer step; not seen inside a torch.compile graph), or under another
     grad / autocast mode, computes afresh.
+
+    Args:
+        layers: column-parallel layers with the same in_features, group, sequence parallelism, sequence dim
+            and bias presence, none with gather_output.
+
+    Raises:
+        ValueError: layers that cannot share their input (`can_share`).
+
+    Example:
+        >>> SharedInputColumns([attn.q_proj, attn.k_proj, attn.v_proj]).attach()  # tpext.parallelize does this
+        >>> q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)             # one GEMM (one gather under SP)
     """
 
     def __init__(self, layers: Sequence[ColumnParallelLinear]):

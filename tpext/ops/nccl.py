@@ -50,11 +50,17 @@ def set_nccl_options(
 def nccl_options(group: GroupLike = None) -> dict:
     """The options set for `group` (the defaults if none were).
 
+    Args:
+        group: ProcessGroup, 1-D DeviceMesh or None (the world group).
+
     Returns:
         {"max_ctas": int, "cga_cluster_size": int, "local_fast_path": bool}.
 
     Raises:
         RuntimeError: a CPU build.
+
+    Example:
+        >>> tpext.ops.nccl_options(tp_group)["max_ctas"]
     """
     _require_cuda_build("nccl_options")
     return _C._nccl_options(group_name(group))
@@ -63,11 +69,17 @@ def nccl_options(group: GroupLike = None) -> dict:
 def nccl_comm_info(group: GroupLike = None) -> dict:
     """Whether `group`'s NCCL communicator exists, and its rank, size, device and creation options.
 
+    Args:
+        group: ProcessGroup, 1-D DeviceMesh or None (the world group).
+
     Returns:
         {"created": bool, "rank": int, "size": int, "device": int, "options": dict as `nccl_options`}.
 
     Raises:
         RuntimeError: a CPU build.
+
+    Example:
+        >>> tpext.ops.nccl_comm_info(tp_group)["created"]   # False until the first op on the group
     """
     _require_cuda_build("nccl_comm_info")
     return _C._nccl_comm_info(group_name(group))

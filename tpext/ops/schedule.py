@@ -29,7 +29,11 @@ __all__ = [
 
 
 class Algorithm(enum.IntEnum):
-    """How the chunk loop of a GEMM op is arranged (the ops' ``algorithm`` argument)."""
+    """How the chunk loop of a GEMM op is arranged (the ops' ``algorithm`` argument).
+
+    Example:
+        >>> tpext.ops.gemm_all_reduce(x, w, chunks=4, algorithm=tpext.ops.Algorithm.CHUNKED_PIPELINE)
+    """
 
     SEQUENTIAL = 0  # one GEMM, one collective; chunks must be 1
     CHUNKED_PIPELINE = 1  # row chunks; collective of chunk i overlaps the GEMM of chunk i+1
@@ -37,7 +41,16 @@ class Algorithm(enum.IntEnum):
 
 
 class Schedule(NamedTuple):
-    """A resolved schedule, as the ops receive it."""
+    """A resolved schedule, as the ops receive it.
+
+    Args:
+        chunks: the chunk count (>= 1).
+        algorithm: an `Algorithm`, or a raw int passed through for the op to validate.
+
+    Example:
+        >>> tpext.ops.auto_schedule(4096, world_size=2)
+        Schedule(chunks=4, algorithm=<Algorithm.CHUNKED_PIPELINE: 1>)
+    """
 
     chunks: int
     algorithm: int  # an Algorithm, or a raw int passed through for the op to validate
@@ -99,6 +112,10 @@ def default_algorithm(chunks: int, device_type: str = "cpu") -> Algorithm:
 
     Returns:
         ``SEQUENTIAL`` for one chunk, else ``CHUNKED_TWO_STREAMS`` on CUDA and ``CHUNKED_PIPELINE`` on CPU.
+
+    Example:
+        >>> tpext.ops.default_algorithm(4, "cuda")
+        <Algorithm.CHUNKED_TWO_STREAMS: 2>
     """
     if chunks == 1:
         return Algorithm.SEQUENTIAL
@@ -135,6 +152,10 @@ def resolve_chunks(chunks: Chunks, rows: int, world_size: int, device_type: str 
 
     Raises:
         ValueError: `chunks` is neither "auto" nor an int >= 1.
+
+    Example:
+        >>> tpext.ops.resolve_chunks(3, rows=4096, world_size=2)
+        3
     """
     if chunks == "auto":
         return auto_chunks(rows, world_size, device_type)
