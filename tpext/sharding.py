@@ -111,6 +111,14 @@ class Piece:
 
     A plain layer is one piece of (features, 1). A packed QKV weight is three pieces: (Hq, d), (Hkv, d),
     (Hkv, d). Each piece is sharded over the group independently, in whole units.
+
+    Args:
+        units: how many blocks (heads, groups, experts' rows) the piece holds; each rank keeps whole ones.
+        unit_size: the rows (features) of one block.
+
+    Example:
+        >>> qkv = (tpext.Piece(32, 128), tpext.Piece(8, 128), tpext.Piece(8, 128))  # Hq, Hkv, Hkv heads of 128
+        >>> tpext.parallelize(model, plan={"*.qkv_proj": tpext.parallel.Colwise(qkv), "*.o_proj": "rowwise"})
     """
 
     units: int
