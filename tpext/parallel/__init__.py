@@ -7,14 +7,16 @@
     hf_plan.py    a Hugging Face model's own plan, translated into tpext styles
     structure.py  reading a model: attention, heads, packed layouts, norms, mixture-of-experts blocks
     mla.py        multi-head latent attention (DeepSeek-V2/V3's): its heads, and MLAKvAProj
-    mamba.py      Mamba mixers: Mamba-2 by heads (MambaMixer, MambaConv, GroupedNorm), Mamba-1 by channels
+    mamba.py      Mamba-2 mixers by heads (MambaMixer, GroupedNorm), and the entry points for all mixers
+    mamba1.py     Mamba-1 mixers by channels (Mamba1Mixer, MambaXProj, SlicedRows)
+    mixers.py     what both share: the sharded classes, slicing, the mixer check, MambaConv
     sequence.py   sequence parallelism: the split before the decoder layers, the gathers around attention
     full_sequence.py  blocks that run on the full sequence under SP (MoE, replicated), partial sums reduced once
     replicated.py which modules auto_plan replicates whole, and the checks that they run where that is right
     wrappers.py   the check that a DDP / FSDP2 wrapper holds no two ranks of the tensor-parallel group
     hf_hooks.py   for Hugging Face's model contracts: the vocab-parallel loss, dense save_pretrained, ALiBi
 
-Imports run one way: api -> plans -> hf_plan / names -> mla, mamba -> styles -> structure -> tpext.nn /
+Imports run one way: api -> plans -> hf_plan / names -> mla, mamba -> mamba1 -> mixers -> styles -> structure -> tpext.nn /
 tpext.sharding; plans -> replicated -> styles; api -> sequence -> full_sequence / replicated, mamba;
 api -> hf_hooks / wrappers.
 """

@@ -24,7 +24,7 @@ from tpext.nn.class_swap import derived_class, probe_copy
 from tpext.nn.experts import _is_transposed, _ShardedExperts
 from tpext.parallel import structure as st
 
-__all__ = ["FullSequenceBlock", "partial_sums_reason", "reduce_once"]
+__all__ = ["FullSequenceBlock", "partial_sums_reason", "reduce_once", "always_gathered"]
 
 
 class FullSequenceBlock(SharesGroupOnCopy):
@@ -157,9 +157,15 @@ class _PartialRowOutput:
             return F.linear(x, w, b)
 
 
-def _whole_input(x: Tensor) -> bool:
-    """A column layer inside a block that reduces its output once: every input is replicated (computed from
-    the gathered sequence), its gradient a partial sum that the block's gather reduce-scatters."""
+def always_gathered(x: Tensor) -> bool:
+    """`_is_gathered_input` of a column layer whose every input is computed from a gathered sequence (inside a
+    block that reduces its output once; a Mamba mixer's in_proj, whose input the mixer may scale or mask):
+    its input gradient is a partial sum that the gather's backward reduce-scatters, never reduced by the
+    layer itself.
+
+    Example:
+        >>> column._is_gathered_input = always_gathered
+    """
     return True
 
 
@@ -296,7 +302,7 @@ def reduce_once(block_name: str, model: nn.Module, converted: dict[str, nn.Modul
         if isinstance(new, ColumnParallelLinear):
             # The input is the gathered sequence (or computed from it): the gradient, a partial sum, is
             # reduce-scattered by the block's gather.
-            new.sequence_parallel, new._is_gathered_input = True, _whole_input
+            new.sequence_parallel, new._is_gathered_input = True, always_gathered
         elif isinstance(new, RowParallelLinear):
             new.__class__ = derived_class(type(new), _PartialRowOutput, wraps=True)
         elif isinstance(new, _ShardedExperts):

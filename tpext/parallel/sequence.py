@@ -27,7 +27,7 @@ from tpext.distributed import SharesGroupOnCopy
 from tpext.nn import ColumnParallelLinear, SharedInputColumns, sum_param_grads
 from tpext.parallel import mamba, mla
 from tpext.parallel import structure as st
-from tpext.parallel.full_sequence import FullSequenceBlock, reduce_once
+from tpext.parallel.full_sequence import FullSequenceBlock, always_gathered, reduce_once
 from tpext.parallel.replicated import check_replicated_outputs, runs_before_split
 from tpext.parallel.structure import ATTENTION_INPUTS
 
@@ -409,7 +409,7 @@ def add_sequence_hooks(
         column = getattr(mixer, mamba.COLUMN)
         hook = _MixerGather(column, f"{name}.gather", group, sequence_dim, scales=mamba.scales_input(mixer))
         mixer.register_forward_pre_hook(hook, with_kwargs=True)
-        column._is_gathered_input = mamba.reads_gathered_sequence  # also once scaled or masked by the mixer
+        column._is_gathered_input = always_gathered  # also once scaled or masked by the mixer
     for name in full_sequence_blocks:
         partial = name in partial_blocks
         if partial:
